@@ -1,0 +1,5 @@
+import sys
+
+from stepserve.cli import main
+
+sys.exit(main())

@@ -1,0 +1,68 @@
+"""The attention interface: write this step's K/V into the paged cache, attend over the pages."""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+
+@dataclass
+class AttentionMetadata:
+    """Per-step batch layout, built once by the model runner and shared by every layer.
+
+    Tokens of all sequences are packed along one axis (T tokens, B sequences, sequence b owning
+    ``query_start_loc[b]:query_start_loc[b+1]``); sequence b's new tokens sit at the end of its
+    context of ``seq_lens[b]`` tokens.
+    """
+
+    slot_mapping: torch.Tensor  # [T] int64: cache slot (block * block_size + offset) of each token
+    positions: torch.Tensor  # [T] int64: position of each token in its sequence
+    query_start_loc: torch.Tensor  # [B + 1] int32: where each sequence's tokens start
+    seq_lens: torch.Tensor  # [B] int32: context length including this step's tokens
+    block_tables: torch.Tensor  # [B, max_blocks] int32: block ids, padded with the null block 0
+    max_query_len: int  # longest run of new tokens in one sequence
+    max_seq_len: int  # longest context in the batch
+    block_size: int  # tokens per block
+    is_decode: bool  # every sequence has exactly one new token
+    extras: dict | None = None  # backend-private tensors, built once per step by the backend
+
+
+class AttentionBackend(Protocol):
+    name: str
+
+    def prepare(self, meta: AttentionMetadata) -> None:
+        """Build backend-private per-step data once, before the layers run."""
+
+    def forward(
+        self,
+        q: torch.Tensor,  # [T, H, D]
+        k: torch.Tensor,  # [T, Hkv, D]
+        v: torch.Tensor,  # [T, Hkv, D]
+        kv_cache: torch.Tensor,  # [2, num_blocks, block_size, Hkv, D]
+        meta: AttentionMetadata,
+        scale: float,
+    ) -> torch.Tensor:  # [T, H, D]
+        ...
+
+
+_REGISTRY = {
+    "sdpa": "stepserve.attention.sdpa:SdpaBackend",
+    "triton": "stepserve.attention.triton_backend:TritonBackend",
+}
+
+
+def get_backend(name: str) -> AttentionBackend:
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown attention backend {name!r}; choose one of {', '.join(_REGISTRY)}")
+    module, cls = _REGISTRY[name].split(":")
+    return getattr(importlib.import_module(module), cls)()
+
+
+def write_kv(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    """Store this step's keys and values at their slots."""
+    num_slots = kv_cache.shape[1] * kv_cache.shape[2]
+    kv_cache[0].view(num_slots, *k.shape[1:]).index_copy_(0, slot_mapping, k)
+    kv_cache[1].view(num_slots, *v.shape[1:]).index_copy_(0, slot_mapping, v)

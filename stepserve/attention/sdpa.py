@@ -1,0 +1,43 @@
+"""The reference backend: PyTorch SDPA over K/V pages gathered from the cache.
+
+Obviously correct rather than fast: every sequence's pages are gathered into a padded batch and
+one masked SDPA call covers prefill chunks and decode alike. Fast backends are tested against it.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from stepserve.attention.base import AttentionMetadata, write_kv
+
+
+class SdpaBackend:
+    name = "sdpa"
+
+    def prepare(self, meta: AttentionMetadata) -> None:
+        qsl = meta.query_start_loc.long()
+        q_lens = qsl[1:] - qsl[:-1]
+        offsets = torch.arange(meta.max_query_len, device=qsl.device)
+        valid = offsets[None, :] < q_lens[:, None]  # [B, max_q]
+        index = torch.where(valid, qsl[:-1, None] + offsets[None, :], 0)  # padded rows read token 0
+        q_pos = torch.where(valid, meta.seq_lens.long()[:, None] - q_lens[:, None] + offsets[None, :], 0)
+        kv_len = meta.block_tables.shape[1] * meta.block_size
+        keys = torch.arange(kv_len, device=qsl.device)
+        # Causal within the context; a padded query row sees key 0 only, so it never turns NaN.
+        mask = keys[None, None, :] <= q_pos[:, :, None]  # [B, max_q, kv_len]
+        meta.extras = {"index": index, "valid": valid, "mask": mask[:, None]}
+
+    def forward(self, q, k, v, kv_cache, meta, scale):
+        write_kv(k, v, kv_cache, meta.slot_mapping)
+        ex = meta.extras
+        num_blocks, block_size, num_kv_heads, head_dim = kv_cache.shape[1:]
+        batch = meta.block_tables.shape[0]
+        tables = meta.block_tables.long()
+        keys = kv_cache[0][tables].view(batch, -1, num_kv_heads, head_dim).transpose(1, 2)
+        values = kv_cache[1][tables].view(batch, -1, num_kv_heads, head_dim).transpose(1, 2)
+        queries = q[ex["index"]].transpose(1, 2)  # [B, H, max_q, D]
+        out = F.scaled_dot_product_attention(
+            queries, keys, values, attn_mask=ex["mask"], scale=scale, enable_gqa=num_kv_heads != q.shape[1]
+        )
+        return out.transpose(1, 2)[ex["valid"]]  # back to [T, H, D]

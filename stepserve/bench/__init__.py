@@ -1,0 +1,1 @@
+"""Benchmarks: offline throughput, online serving, side by side with peers. Figures, never tests."""

@@ -1,0 +1,98 @@
+"""The ``stepserve`` command: generate, serve, bench."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from stepserve.config import CacheConfig, ModelConfig, SchedulerConfig, add_dataclass_args, engine_config_from_args
+
+# KServe huggingfaceserver's spellings for the flags it has.
+KSERVE_ALIASES = {"model": "--model_dir"}
+
+
+def add_engine_args(parser: argparse.ArgumentParser) -> None:
+    add_dataclass_args(parser, ModelConfig, KSERVE_ALIASES)
+    parser.add_argument("--model_id", "--model-id", dest="model", help="alias of --model (a local path: no hub is reached)")
+    add_dataclass_args(parser, CacheConfig)
+    add_dataclass_args(parser, SchedulerConfig)
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from stepserve.engine.llm import LLM
+    from stepserve.sampling import SamplingParams
+
+    config = engine_config_from_args(args)
+    from stepserve.bench.throughput import _flatten
+
+    llm = LLM(**_flatten(config))
+    params = SamplingParams(temperature=args.temperature, max_tokens=args.max_tokens, seed=args.sampling_seed)
+    if args.chat:
+        out = llm.chat([{"role": "user", "content": args.prompt}], params)
+    else:
+        out = llm.generate(args.prompt, params)
+    completion = out[0].outputs[0]
+    print(completion.text)
+    print(f"[{len(completion.token_ids)} tokens, finish_reason={completion.finish_reason}]", file=sys.stderr)
+    return 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    if args.bench == "throughput":
+        from stepserve.bench import throughput
+
+        throughput.run(args, engine_config_from_args(args))
+        return 0
+    from stepserve.bench import serve
+
+    return serve.main(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="stepserve", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    gen = sub.add_parser("generate", help="generate one completion offline")
+    add_engine_args(gen)
+    gen.add_argument("--prompt", required=True)
+    gen.add_argument("--chat", action="store_true", help="apply the chat template")
+    gen.add_argument("--max-tokens", "--max_tokens", dest="max_tokens", type=int, default=None)
+    gen.add_argument("--temperature", type=float, default=0.0)
+    gen.add_argument("--sampling-seed", dest="sampling_seed", type=int, default=None)
+    gen.set_defaults(func=_generate)
+
+    try:
+        from stepserve.server.cli import add_serve_parser
+    except ImportError:
+        add_serve_parser = None
+    if add_serve_parser is not None:
+        add_serve_parser(sub, add_engine_args)
+
+    bench = sub.add_parser("bench", help="benchmarks")
+    bench_sub = bench.add_subparsers(dest="bench", required=True)
+    tp = bench_sub.add_parser("throughput", help="offline throughput of the engine")
+    add_engine_args(tp)
+    from stepserve.bench.throughput import add_args
+
+    add_args(tp)
+    tp.set_defaults(func=_bench)
+    try:
+        from stepserve.bench.serve import add_args as add_serve_bench_args
+    except ImportError:
+        add_serve_bench_args = None
+    if add_serve_bench_args is not None:
+        sv = bench_sub.add_parser("serve", help="load an OpenAI-compatible server")
+        add_serve_bench_args(sv)
+        sv.set_defaults(func=_bench)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

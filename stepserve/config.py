@@ -1,0 +1,117 @@
+"""Frozen configuration, grouped by concern and validated once; CLI flags come from the fields.
+
+Facts learned at run time (the model's context length, the number of KV blocks) are return
+values of the code that learns them, never mutations of these objects.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from dataclasses import dataclass, field
+
+from stepserve.errors import InvalidRequestError
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+class ConfigError(InvalidRequestError):
+    """A configuration value is invalid; the message says what to change."""
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    model: str | None = field(default=None, metadata={"help": "model directory, .gguf file, or none for the embedded SmolLM2-135M-Instruct"})
+    dtype: str = field(default="auto", metadata={"help": "weights and activations: auto (bfloat16 on GPU, float32 on CPU), float32, bfloat16, float16"})
+    device: str = field(default="auto", metadata={"help": "auto, cpu or cuda"})
+    max_model_len: int | None = field(default=None, metadata={"help": "context length; default: the model's"})
+    seed: int = field(default=0, metadata={"help": "seed of the engine's generator for unseeded requests"})
+    enforce_eager: bool = field(default=False, metadata={"help": "no CUDA graphs or compiled paths"})
+
+    def __post_init__(self) -> None:
+        _require(self.dtype in DTYPES, f"dtype={self.dtype!r}: choose one of {', '.join(DTYPES)}")
+        _require(self.device in DEVICES, f"device={self.device!r}: choose one of {', '.join(DEVICES)}")
+        _require(self.max_model_len is None or self.max_model_len >= 2, f"max_model_len={self.max_model_len}: use at least 2")
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    block_size: int = field(default=16, metadata={"help": "tokens per KV cache block"})
+    num_blocks: int | None = field(default=None, metadata={"help": "KV cache blocks; default: sized from memory"})
+    cpu_kv_cache_gib: float = field(default=2.0, metadata={"help": "KV cache size on CPU, GiB"})
+    gpu_memory_utilization: float = field(default=0.9, metadata={"help": "share of GPU memory stepserve may use"})
+    enable_prefix_caching: bool = field(default=True, metadata={"help": "reuse KV blocks of shared prompt prefixes"})
+
+    def __post_init__(self) -> None:
+        _require(self.block_size in (1, 2, 4, 8, 16, 32, 64, 128), f"block_size={self.block_size}: use a power of two up to 128")
+        _require(self.num_blocks is None or self.num_blocks >= 1, f"num_blocks={self.num_blocks}: use at least 1")
+        _require(self.cpu_kv_cache_gib > 0, f"cpu_kv_cache_gib={self.cpu_kv_cache_gib}: must be positive")
+        _require(0 < self.gpu_memory_utilization <= 1, f"gpu_memory_utilization={self.gpu_memory_utilization}: use a value in (0, 1]")
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    max_num_seqs: int = field(default=256, metadata={"help": "requests computed together at most"})
+    max_num_batched_tokens: int = field(default=4096, metadata={"help": "tokens per scheduler pass at most (prefill chunks)"})
+    num_scheduler_steps: int = field(default=1, metadata={"help": "decode steps per scheduler pass (multi-step)"})
+    adaptive_steps: bool = field(default=True, metadata={"help": "run single steps while requests wait, so their prefill is not held back"})
+
+    def __post_init__(self) -> None:
+        _require(self.max_num_seqs >= 1, f"max_num_seqs={self.max_num_seqs}: use at least 1")
+        _require(self.max_num_batched_tokens >= 1, f"max_num_batched_tokens={self.max_num_batched_tokens}: use at least 1")
+        _require(1 <= self.num_scheduler_steps <= 64, f"num_scheduler_steps={self.num_scheduler_steps}: use 1 to 64")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+
+    @classmethod
+    def from_kwargs(cls, **kwargs) -> EngineConfig:
+        """Build from flat keyword arguments (``LLM(max_model_len=..., block_size=...)``)."""
+        groups = {"model": ModelConfig, "cache": CacheConfig, "scheduler": SchedulerConfig}
+        parts = {}
+        for name, group in groups.items():
+            names = {f.name for f in dataclasses.fields(group)}
+            parts[name] = group(**{k: kwargs.pop(k) for k in list(kwargs) if k in names})
+        _require(not kwargs, f"unknown engine options: {', '.join(sorted(kwargs))}")
+        return cls(**parts)
+
+
+ENGINE_GROUPS = (ModelConfig, CacheConfig, SchedulerConfig)
+
+
+def add_dataclass_args(parser: argparse.ArgumentParser, group_cls: type, aliases: dict[str, str] | None = None) -> None:
+    """Add one flag per field, spelled with '-' and with '_' (and any KServe alias)."""
+    aliases = aliases or {}
+    for f in dataclasses.fields(group_cls):
+        names = {f"--{f.name.replace('_', '-')}", f"--{f.name}"}
+        if f.name in aliases:
+            names.add(aliases[f.name])
+        help_ = f.metadata.get("help", "")
+        default = f.default
+        if isinstance(default, bool):
+            parser.add_argument(*sorted(names), dest=f.name, action=argparse.BooleanOptionalAction, default=default, help=help_)
+            continue
+        kind = {int: int, float: float}.get(type(default), str)
+        if f.type in ("int | None",):
+            kind = int
+        if f.type in ("float | None",):
+            kind = float
+        parser.add_argument(*sorted(names), dest=f.name, type=kind, default=default, help=help_)
+
+
+def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
+    values = vars(args)
+    parts = []
+    for group in ENGINE_GROUPS:
+        parts.append(group(**{f.name: values[f.name] for f in dataclasses.fields(group) if f.name in values}))
+    return EngineConfig(*parts)

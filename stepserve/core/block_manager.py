@@ -1,0 +1,165 @@
+"""Paged KV cache bookkeeping: fixed-size blocks, reference counts and prefix caching.
+
+Prefix caching: every full block gets a hash chained from its parent's hash and its tokens.
+A hit is verified against the block's stored tokens and parent hash, so a hash collision can
+never hand a request another prompt's KV. Free blocks sit in an LRU (an ordered dict: O(1)
+removal on a hit, O(1) eviction at the front); a free block keeps its hash until evicted.
+Block 0 is the null block: never allocated, it backs padding and slots past a request's end.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+NULL_BLOCK = 0
+
+
+@dataclass
+class _Block:
+    block_id: int
+    ref_count: int = 0
+    hash: int | None = None  # set while the block is registered in the prefix cache
+    parent_hash: int | None = None  # hash of the block before it in its prompt
+    tokens: tuple[int, ...] = ()  # the tokens whose KV it holds, to verify hits
+
+
+@dataclass(frozen=True)
+class PrefixStats:
+    queries: int  # prompt tokens looked up in the prefix cache
+    hits: int  # of those, tokens found
+
+
+def chain_hash(parent: int | None, tokens: tuple[int, ...]) -> int:
+    return hash((parent, tokens))
+
+
+class BlockManager:
+    """Owns the block tables of all requests. Pure Python, no torch."""
+
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True) -> None:
+        if num_blocks < 2:
+            raise ValueError(f"num_blocks={num_blocks}: the KV cache needs at least 2 blocks (one is the null block)")
+        self.block_size = block_size
+        self.enable_prefix_caching = enable_prefix_caching
+        self._blocks = [_Block(i) for i in range(num_blocks)]
+        self._free: OrderedDict[int, None] = OrderedDict((i, None) for i in range(1, num_blocks))
+        self._cached: dict[int, int] = {}  # block hash -> block id
+        self._tables: dict[str, list[int]] = {}
+        self._hashes: dict[str, list[int]] = {}  # hashes of each request's registered full blocks
+        self._queries = 0
+        self._hits = 0
+
+    @property
+    def num_usable_blocks(self) -> int:
+        return len(self._blocks) - 1
+
+    @property
+    def num_free_blocks(self) -> int:
+        return len(self._free)
+
+    @property
+    def usage(self) -> float:
+        """Share of usable blocks held by requests (free cached blocks count as free)."""
+        return 1.0 - len(self._free) / self.num_usable_blocks
+
+    @property
+    def prefix_stats(self) -> PrefixStats:
+        return PrefixStats(self._queries, self._hits)
+
+    def block_ids(self, request_id: str) -> list[int]:
+        """The request's block table (the live list: callers must not change it)."""
+        return self._tables[request_id]
+
+    def blocks_needed(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
+
+    def find_cached_prefix(self, token_ids: Sequence[int]) -> list[int]:
+        """Block ids of the longest cached prefix, capped so the last token is always computed."""
+        if not self.enable_prefix_caching:
+            return []
+        bs = self.block_size
+        max_blocks = (len(token_ids) - 1) // bs
+        found: list[int] = []
+        parent = None
+        for i in range(max_blocks):
+            tokens = tuple(token_ids[i * bs : (i + 1) * bs])
+            h = chain_hash(parent, tokens)
+            block_id = self._cached.get(h)
+            if block_id is None:
+                break
+            block = self._blocks[block_id]
+            if block.tokens != tokens or block.parent_hash != parent:
+                break
+            found.append(block_id)
+            parent = h
+        return found
+
+    def record_prefix_lookup(self, num_tokens: int, num_hit_tokens: int) -> None:
+        """Count one admitted request's lookup (called once per admission, not per attempt)."""
+        self._queries += num_tokens
+        self._hits += num_hit_tokens
+
+    def allocate(self, request_id: str, num_tokens: int, cached_prefix: Sequence[int] = ()) -> bool:
+        """Grow the request's table to hold ``num_tokens`` slots; all or nothing.
+
+        ``cached_prefix`` (from ``find_cached_prefix``) starts a new table with shared blocks.
+        Returns False, changing nothing, when too few blocks are free.
+        """
+        table = self._tables.get(request_id, [])
+        reused_free = sum(1 for b in cached_prefix if self._blocks[b].ref_count == 0)
+        need = self.blocks_needed(num_tokens) - len(table) - len(cached_prefix)
+        if need > len(self._free) - reused_free:
+            return False
+        for block_id in cached_prefix:
+            self._take(block_id)
+        table = self._tables.setdefault(request_id, table)
+        table.extend(cached_prefix)
+        if cached_prefix:
+            self._hashes[request_id] = [self._blocks[b].hash for b in cached_prefix]
+        for _ in range(max(need, 0)):
+            block_id, _ = self._free.popitem(last=False)
+            self._evict(block_id)
+            self._blocks[block_id].ref_count = 1
+            table.append(block_id)
+        return True
+
+    def free(self, request_id: str) -> None:
+        """Release the request's blocks; tail blocks go first in the LRU, so prefixes live longest."""
+        for block_id in reversed(self._tables.pop(request_id, [])):
+            block = self._blocks[block_id]
+            block.ref_count -= 1
+            if block.ref_count == 0:
+                self._free[block_id] = None
+        self._hashes.pop(request_id, None)
+
+    def cache_full_blocks(self, request_id: str, token_ids: Sequence[int], num_computed: int) -> None:
+        """Register the request's newly completed full blocks in the prefix cache."""
+        if not self.enable_prefix_caching:
+            return
+        bs = self.block_size
+        table = self._tables[request_id]
+        hashes = self._hashes.setdefault(request_id, [])
+        for i in range(len(hashes), min(num_computed // bs, len(table))):
+            parent = hashes[-1] if hashes else None
+            tokens = tuple(token_ids[i * bs : (i + 1) * bs])
+            h = chain_hash(parent, tokens)
+            hashes.append(h)
+            block = self._blocks[table[i]]
+            if block.hash is None and h not in self._cached:
+                block.hash, block.parent_hash, block.tokens = h, parent, tokens
+                self._cached[h] = block.block_id
+
+    def _take(self, block_id: int) -> None:
+        block = self._blocks[block_id]
+        if block.ref_count == 0:
+            del self._free[block_id]
+        block.ref_count += 1
+
+    def _evict(self, block_id: int) -> None:
+        block = self._blocks[block_id]
+        if block.hash is not None:
+            if self._cached.get(block.hash) == block_id:
+                del self._cached[block.hash]
+            block.hash, block.parent_hash, block.tokens = None, None, ()

@@ -1,0 +1,83 @@
+"""Typed messages that cross the engine's boundaries (front <-> core, core <-> worker)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from stepserve.sampling import SamplingParams
+
+
+@dataclass(frozen=True)
+class EngineCoreRequest:
+    """A fully resolved request, as the front end hands it to the core."""
+
+    request_id: str  # unique among in-flight requests
+    prompt_token_ids: tuple[int, ...]  # the tokenized prompt, never empty
+    params: SamplingParams  # resolved: max_tokens is an int
+    arrival_time: float = 0.0  # time.monotonic() when the front end received it
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """The log-probability of one generated token and its most likely alternatives."""
+
+    token_id: int  # the token that was generated
+    logprob: float  # its log-probability under the model
+    top: tuple[tuple[int, float], ...] = ()  # (token id, logprob) of the top alternatives, best first
+
+
+@dataclass(frozen=True)
+class EngineCoreOutput:
+    """What one request produced in one engine step: only the new tokens."""
+
+    request_id: str  # the request these tokens belong to
+    new_token_ids: tuple[int, ...]  # tokens accepted this step (after the stop check)
+    new_logprobs: tuple[TokenLogprob, ...] | None = None  # one per new token when requested
+    finish_reason: str | None = None  # "stop", "length" or "abort" once finished
+    stop_token_id: int | None = None  # the EOS or stop token that ended it, if any
+    num_prompt_tokens: int = 0  # prompt length, for usage
+    num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
+    error: str | None = None  # why the engine aborted this request, if it did
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass(frozen=True)
+class ScheduledRequest:
+    """One request in a scheduler pass, with everything the model runner needs for it."""
+
+    request_id: str  # the request
+    token_ids: Sequence[int]  # read-only view of all its tokens so far: prompt, then outputs
+    start: int  # tokens whose KV is already cached; the first position computed now
+    num_new_tokens: int  # tokens whose KV the first step computes (a prefill chunk or 1)
+    block_ids: Sequence[int]  # read-only view of its block table, covering every slot written
+    params: SamplingParams  # how to sample it
+    num_prompt_tokens: int  # where the prompt ends in token_ids (penalties tell them apart)
+    sample: bool  # False while a prompt chunk stops short of the prompt's end
+    num_steps: int  # tokens that may still be accepted this pass (<= the pass's num_steps)
+
+
+@dataclass(frozen=True)
+class SchedulerOutput:
+    """The scheduler's decision for one pass; the model runner's only input."""
+
+    requests: tuple[ScheduledRequest, ...]  # in batch order
+    num_steps: int  # decode steps in this pass (1 whenever a prompt chunk is in it)
+    finished_request_ids: tuple[str, ...] = ()  # gone since the last pass: drop their worker state
+    num_batched_tokens: int = 0  # tokens computed by the first step
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.requests
+
+
+@dataclass(frozen=True)
+class ModelRunnerOutput:
+    """What the worker computed for one pass, aligned with ``SchedulerOutput.requests``."""
+
+    sampled_token_ids: tuple[tuple[int, ...], ...]  # num_steps tokens per request, () when not sampled
+    logprobs: tuple[tuple[TokenLogprob, ...] | None, ...] = ()  # per request, when requested
+    errors: dict[str, str] = field(default_factory=dict)  # request id -> why it failed in the worker

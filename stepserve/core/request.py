@@ -1,0 +1,71 @@
+"""The engine's view of one request: tokens, how many are computed, and the stop rule."""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Collection
+
+from stepserve.core.outputs import EngineCoreRequest
+from stepserve.sampling import SamplingParams
+
+
+class RequestStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+class FinishReason(str, enum.Enum):
+    STOP = "stop"
+    LENGTH = "length"
+    ABORT = "abort"
+
+
+class Request:
+    """A request inside the core. There are no phases: ``num_computed_tokens`` against
+    ``num_tokens`` says what is left, so prefill chunks, prefix hits and decode are one rule."""
+
+    def __init__(self, msg: EngineCoreRequest) -> None:
+        self.request_id = msg.request_id
+        self.params: SamplingParams = msg.params
+        self.max_tokens: int = msg.params.max_tokens  # resolved by the front end
+        self.arrival_time = msg.arrival_time
+        self.num_prompt_tokens = len(msg.prompt_token_ids)
+        self.token_ids: list[int] = list(msg.prompt_token_ids)
+        self.num_computed_tokens = 0
+        self.num_cached_tokens = 0
+        self.num_preemptions = 0
+        self.status = RequestStatus.WAITING
+        self.finish_reason: FinishReason | None = None
+        self.stop_token_id: int | None = None
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def remaining_tokens(self) -> int:
+        """New tokens this request may still produce."""
+        return self.max_tokens - self.num_output_tokens
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is RequestStatus.FINISHED
+
+
+def check_stop(request: Request, eos_token_ids: Collection[int], max_model_len: int) -> FinishReason | None:
+    """The one place that decides whether the token just appended ends the request
+    (DESIGN invariant 4). EOS and stop tokens count only once ``min_tokens`` are out."""
+    token = request.token_ids[-1]
+    params = request.params
+    if request.num_output_tokens > params.min_tokens:  # the sampler masks them before that
+        if (not params.ignore_eos and token in eos_token_ids) or token in params.stop_token_ids:
+            request.stop_token_id = token
+            return FinishReason.STOP
+    if request.num_output_tokens >= request.max_tokens or request.num_tokens >= max_model_len:
+        return FinishReason.LENGTH
+    return None

@@ -1,0 +1,236 @@
+"""Continuous batching with chunked prefill, preemption by recompute and multi-step decode.
+
+One pass: running requests first (in admission order), then waiting ones while the token
+budget, ``max_num_seqs`` and free blocks allow. A pass in which every request decodes runs
+``num_scheduler_steps`` steps; any prompt chunk makes it a single step. When requests wait and
+could be admitted, the pass is shortened to one step so their prefill is not held back.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Collection, Iterable
+
+from stepserve.config import SchedulerConfig
+from stepserve.core.block_manager import BlockManager
+from stepserve.core.outputs import (
+    EngineCoreOutput,
+    EngineCoreRequest,
+    ModelRunnerOutput,
+    ScheduledRequest,
+    SchedulerOutput,
+)
+from stepserve.core.request import FinishReason, Request, RequestStatus, check_stop
+
+
+class Scheduler:
+    """Decides which requests compute how many tokens each pass, and applies the results."""
+
+    def __init__(
+        self,
+        config: SchedulerConfig,
+        block_manager: BlockManager,
+        max_model_len: int,
+        eos_token_ids: Collection[int],
+    ) -> None:
+        self.config = config
+        self.blocks = block_manager
+        self.max_model_len = max_model_len
+        self.eos_token_ids = frozenset(eos_token_ids)
+        self.requests: dict[str, Request] = {}
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self._finished_ids: list[str] = []
+        self.num_preemptions = 0
+
+    # -- requests in and out -------------------------------------------------------------
+
+    def add(self, msg: EngineCoreRequest) -> None:
+        request = Request(msg)
+        self.requests[request.request_id] = request
+        self.waiting.append(request)
+
+    def abort(self, request_ids: Iterable[str]) -> list[EngineCoreOutput]:
+        """Finish the given requests with ``abort`` and free their blocks; unknown ids are ignored."""
+        outputs = []
+        for request_id in request_ids:
+            request = self.requests.get(request_id)
+            if request is None:
+                continue
+            if request.status is RequestStatus.WAITING:
+                self.waiting.remove(request)
+            else:
+                self.running.remove(request)
+            outputs.append(self._finish(request, FinishReason.ABORT))
+        return outputs
+
+    @property
+    def has_unfinished(self) -> bool:
+        return bool(self.requests)
+
+    # -- schedule ------------------------------------------------------------------------
+
+    def schedule(self) -> SchedulerOutput:
+        num_steps = self._num_steps()
+        budget = self.config.max_num_batched_tokens
+        scheduled: list[ScheduledRequest] = []
+        budget = self._schedule_running(scheduled, budget, num_steps)
+        if num_steps == 1:
+            self._schedule_waiting(scheduled, budget)
+        finished = tuple(self._finished_ids)
+        if scheduled:  # an empty pass never reaches the worker: keep the ids for the next one
+            self._finished_ids = []
+        return SchedulerOutput(
+            requests=tuple(scheduled),
+            num_steps=num_steps,
+            finished_request_ids=finished,
+            num_batched_tokens=sum(s.num_new_tokens for s in scheduled),
+        )
+
+    def _num_steps(self) -> int:
+        steps = self.config.num_scheduler_steps
+        if steps == 1 or not self.running:
+            return 1
+        if any(r.num_tokens - r.num_computed_tokens != 1 for r in self.running):
+            return 1  # a prompt chunk is in flight: prefills run as single steps
+        if self.config.adaptive_steps and self._can_admit():
+            return 1
+        return steps
+
+    def _can_admit(self) -> bool:
+        if not self.waiting or len(self.running) >= self.config.max_num_seqs:
+            return False
+        head = self.waiting[0]
+        return self.blocks.num_free_blocks >= self.blocks.blocks_needed(head.num_tokens)
+
+    def _schedule_running(self, scheduled: list[ScheduledRequest], budget: int, num_steps: int) -> int:
+        i = 0
+        while i < len(self.running) and budget > 0:
+            request = self.running[i]
+            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+            steps = min(num_steps, request.remaining_tokens)
+            # Slots for the chunk plus the lookahead steps' inputs; never past the request's end.
+            slots = request.num_computed_tokens + num_new + steps - 1
+            if not self._allocate_or_preempt(request, slots):
+                break  # the request itself was preempted; everything after it is gone too
+            scheduled.append(self._scheduled(request, num_new, steps))
+            budget -= num_new
+            i += 1
+        return budget
+
+    def _allocate_or_preempt(self, request: Request, num_slots: int) -> bool:
+        while not self.blocks.allocate(request.request_id, num_slots):
+            victim = self.running.pop()  # the latest admitted has the lowest priority
+            self._preempt(victim)
+            if victim is request:
+                return False
+        return True
+
+    def _preempt(self, request: Request) -> None:
+        """Recompute later: free the blocks, keep the tokens, go to the front of the queue."""
+        self.blocks.free(request.request_id)
+        request.num_computed_tokens = 0
+        request.num_preemptions += 1
+        request.status = RequestStatus.WAITING
+        self.waiting.appendleft(request)
+        self._finished_ids.append(request.request_id)  # the worker drops its per-request state
+        self.num_preemptions += 1
+
+    def _schedule_waiting(self, scheduled: list[ScheduledRequest], budget: int) -> None:
+        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            request = self.waiting[0]
+            prefix = self.blocks.find_cached_prefix(request.token_ids)
+            num_computed = len(prefix) * self.blocks.block_size
+            num_new = min(request.num_tokens - num_computed, budget)
+            if not self.blocks.allocate(request.request_id, num_computed + num_new, prefix):
+                break
+            if request.num_preemptions == 0:
+                self.blocks.record_prefix_lookup(request.num_tokens, num_computed)
+                request.num_cached_tokens = num_computed
+            request.num_computed_tokens = num_computed
+            request.status = RequestStatus.RUNNING
+            self.waiting.popleft()
+            self.running.append(request)
+            scheduled.append(self._scheduled(request, num_new, 1))
+            budget -= num_new
+
+    def _scheduled(self, request: Request, num_new: int, steps: int) -> ScheduledRequest:
+        return ScheduledRequest(
+            request_id=request.request_id,
+            token_ids=request.token_ids,
+            start=request.num_computed_tokens,
+            num_new_tokens=num_new,
+            block_ids=self.blocks.block_ids(request.request_id),
+            params=request.params,
+            num_prompt_tokens=request.num_prompt_tokens,
+            sample=request.num_computed_tokens + num_new == request.num_tokens,
+            num_steps=steps,
+        )
+
+    # -- update --------------------------------------------------------------------------
+
+    def update(self, sched: SchedulerOutput, result: ModelRunnerOutput) -> list[EngineCoreOutput]:
+        """Apply a pass's results: advance computed counts, accept tokens up to a stop."""
+        outputs = []
+        logprobs = result.logprobs or (None,) * len(sched.requests)
+        for s, tokens, lps in zip(sched.requests, result.sampled_token_ids, logprobs):
+            request = self.requests.get(s.request_id)
+            if request is None or request.status is not RequestStatus.RUNNING:
+                continue  # aborted or preempted while the pass ran
+            if s.request_id in result.errors:
+                outputs.append(self._finish(request, FinishReason.ABORT, result.errors[s.request_id]))
+                continue
+            request.num_computed_tokens += s.num_new_tokens
+            output = self._accept(request, tokens, lps) if s.sample else None
+            if not request.is_finished:
+                self.blocks.cache_full_blocks(request.request_id, request.token_ids, request.num_computed_tokens)
+            if output is not None:
+                outputs.append(output)
+        self.running = [r for r in self.running if not r.is_finished]
+        return outputs
+
+    def _accept(self, request: Request, tokens: tuple[int, ...], lps) -> EngineCoreOutput:
+        accepted: list[int] = []
+        reason = None
+        for k, token in enumerate(tokens):
+            if k > 0:
+                request.num_computed_tokens += 1  # step k's input token had its KV written
+            request.token_ids.append(token)
+            accepted.append(token)
+            reason = check_stop(request, self.eos_token_ids, self.max_model_len)
+            if reason is not None:
+                break  # tokens after a stop are discarded (DESIGN invariant 4)
+        new_lps = tuple(lps[: len(accepted)]) if lps is not None else None
+        if reason is not None:
+            return self._finish(request, reason, new_tokens=tuple(accepted), new_logprobs=new_lps)
+        return EngineCoreOutput(
+            request.request_id,
+            tuple(accepted),
+            new_lps,
+            num_prompt_tokens=request.num_prompt_tokens,
+            num_cached_tokens=request.num_cached_tokens,
+        )
+
+    def _finish(
+        self,
+        request: Request,
+        reason: FinishReason,
+        error: str | None = None,
+        new_tokens: tuple[int, ...] = (),
+        new_logprobs=None,
+    ) -> EngineCoreOutput:
+        request.status = RequestStatus.FINISHED
+        request.finish_reason = reason
+        self.blocks.free(request.request_id)
+        del self.requests[request.request_id]
+        self._finished_ids.append(request.request_id)
+        return EngineCoreOutput(
+            request.request_id,
+            new_tokens,
+            new_logprobs,
+            finish_reason=reason.value,
+            stop_token_id=request.stop_token_id,
+            num_prompt_tokens=request.num_prompt_tokens,
+            num_cached_tokens=request.num_cached_tokens,
+            error=error,
+        )

@@ -1,0 +1,96 @@
+"""The offline API, shaped like vLLM's: ``LLM(...).generate(prompts, params)`` and ``.chat``."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+
+from stepserve.config import EngineConfig
+from stepserve.core.outputs import EngineCoreRequest
+from stepserve.engine.builder import build_engine
+from stepserve.engine.output_processor import RequestOutput, RequestState
+from stepserve.errors import InvalidRequestError
+from stepserve.models.tokenizer import apply_chat_template
+from stepserve.sampling import SamplingParams
+
+Prompt = str | Sequence[int]
+
+
+class LLM:
+    """Runs the engine in-process. ``model=None`` is the embedded SmolLM2-135M-Instruct; engine
+    options (``num_scheduler_steps``, ``max_model_len``, ``block_size``, ...) are keywords."""
+
+    def __init__(self, model: str | None = None, **engine_options) -> None:
+        self.config = EngineConfig.from_kwargs(model=model, **engine_options)
+        self.core, self.tokenizer, self.info = build_engine(self.config)
+        self._counter = 0
+
+    def generate(
+        self,
+        prompts: Prompt | Sequence[Prompt],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+    ) -> list[RequestOutput]:
+        """Complete each prompt (text or token ids); one RequestOutput per prompt, in order."""
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        token_lists = [self._tokenize(p) for p in prompts]
+        texts = [p if isinstance(p, str) else None for p in prompts]
+        return self._run(texts, token_lists, sampling_params)
+
+    def chat(
+        self,
+        messages: list[dict] | list[list[dict]],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        add_generation_prompt: bool = True,
+    ) -> list[RequestOutput]:
+        """Apply the model's chat template to each conversation, then generate."""
+        conversations = [messages] if messages and isinstance(messages[0], dict) else messages
+        token_lists = [apply_chat_template(self.tokenizer, c, add_generation_prompt) for c in conversations]
+        return self._run([None] * len(token_lists), token_lists, sampling_params)
+
+    def _tokenize(self, prompt: Prompt) -> list[int]:
+        if isinstance(prompt, str):
+            return self.tokenizer.encode(prompt)
+        return [int(t) for t in prompt]
+
+    def _run(self, texts, token_lists, sampling_params) -> list[RequestOutput]:
+        params_list = self._params_per_prompt(sampling_params, len(token_lists))
+        # Resolve and validate everything before anything enters the engine (invariant 1).
+        resolved = [p.resolve(len(ids), self.info.max_model_len) for p, ids in zip(params_list, token_lists)]
+        states: dict[str, RequestState] = {}
+        groups: list[list[RequestState]] = []
+        for ids, params in zip(token_lists, resolved):
+            groups.append(self._add(ids, params, states))
+        self._drain(states)
+        return [
+            RequestOutput(g[0].request_id.rsplit("-", 1)[0], text, list(ids), [s.completion() for s in g], g[0].num_cached_tokens)
+            for g, text, ids in zip(groups, texts, token_lists)
+        ]
+
+    def _params_per_prompt(self, sampling_params, count: int) -> list[SamplingParams]:
+        if sampling_params is None:
+            return [SamplingParams()] * count
+        if isinstance(sampling_params, SamplingParams):
+            return [sampling_params] * count
+        if len(sampling_params) != count:
+            raise InvalidRequestError(f"got {len(sampling_params)} sampling params for {count} prompts", "sampling_params")
+        return list(sampling_params)
+
+    def _add(self, ids: list[int], params: SamplingParams, states: dict[str, RequestState]) -> list[RequestState]:
+        base = f"llm{self._counter}"
+        self._counter += 1
+        group = []
+        for i in range(params.n):
+            child = params if params.seed is None else params.replace(seed=params.seed + i)
+            request_id = f"{base}-{i}"
+            self.core.add_request(EngineCoreRequest(request_id, tuple(ids), child, time.monotonic()))
+            states[request_id] = RequestState.create(request_id, i, child, self.tokenizer, ids)
+            group.append(states[request_id])
+        return group
+
+    def _drain(self, states: dict[str, RequestState]) -> None:
+        while self.core.has_unfinished:
+            for out in self.core.step():
+                _, must_abort = states[out.request_id].update(out)
+                if must_abort:
+                    self.core.abort([out.request_id])

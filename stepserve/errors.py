@@ -1,0 +1,43 @@
+"""The error taxonomy: each kind of failure has one type and one path to the client.
+
+- ``InvalidRequestError`` (a ``ValueError``): bad input, HTTP 400, raised before the engine sees it.
+- ``ModelNotFoundError``: the request names a model this server does not serve, HTTP 404.
+- ``EngineDeadError``: the engine core died or is restarting, HTTP 503 ``engine_unavailable``.
+- ``QueueFullError``: admission control refused the request, HTTP 429 with ``Retry-After``.
+- ``RequestAbortedError``: one request failed inside the engine; the others go on.
+"""
+
+from __future__ import annotations
+
+
+class StepserveError(Exception):
+    """Base class of every error stepserve raises on purpose."""
+
+
+class InvalidRequestError(StepserveError, ValueError):
+    """A request parameter is invalid; ``param`` names it for the client."""
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+
+
+class ModelNotFoundError(StepserveError):
+    """The request asks for a model that is not served here."""
+
+    def __init__(self, model: str, served: list[str]) -> None:
+        super().__init__(f"The model `{model}` does not exist. Served models: {', '.join(served)}.")
+        self.model = model
+
+
+class EngineDeadError(StepserveError):
+    """The engine core is not running; in-flight and new requests fail fast."""
+
+
+class QueueFullError(StepserveError):
+    """Too many requests are waiting; the client should retry later."""
+
+
+class RequestAbortedError(StepserveError):
+    """The engine aborted this one request (an error while computing it)."""

@@ -1,0 +1,1 @@
+"""Models: one Llama-family implementation, the weight readers, the loader and the tokenizer."""

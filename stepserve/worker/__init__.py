@@ -1,0 +1,1 @@
+"""What computes: the model runner (inputs, multi-step, KV cache) and the sampler. Torch, no asyncio."""

@@ -1,0 +1,172 @@
+"""Batched sampling: greedy, temperature, top-k, top-p, min-p, penalties, logit bias, seeds, logprobs.
+
+All rows are handled with tensor ops (no per-row Python, no host sync) except drawing seeded
+noise, which needs each request's own generator.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from stepserve.core.outputs import ScheduledRequest
+
+
+@dataclass
+class SamplingBatch:
+    """Per-pass sampling tensors for B rows; counts and min-token masks advance step by step."""
+
+    temperature: torch.Tensor  # [B] float, 1.0 on greedy rows (never divided by zero)
+    greedy: torch.Tensor  # [B] bool
+    all_greedy: bool  # every row greedy: argmax only
+    top_k: torch.Tensor | None  # [B] int64, vocab size where disabled
+    top_p: torch.Tensor | None  # [B] float
+    min_p: torch.Tensor | None  # [B] float
+    presence: torch.Tensor | None  # [B] float; the three penalties are set together or not at all
+    frequency: torch.Tensor | None  # [B] float
+    repetition: torch.Tensor | None  # [B] float
+    output_counts: torch.Tensor | None  # [B, V] int: occurrences of each token in the outputs
+    prompt_mask: torch.Tensor | None  # [B, V] bool: tokens present in the prompt
+    bias: torch.Tensor | None  # [B, V] float logit bias
+    stop_mask: torch.Tensor | None  # [B, V] bool: EOS and stop tokens, masked below min_tokens
+    min_left: torch.Tensor | None  # [B] int: outputs still to come before stop tokens may appear
+    generators: list[torch.Generator | None]  # per row; None draws from the shared generator
+    num_logprobs: int  # top alternatives to return; -1 for none
+
+
+def build_sampling_batch(
+    requests: Sequence[ScheduledRequest],
+    generators: list[torch.Generator | None],
+    eos_token_ids: Collection[int],
+    vocab_size: int,
+    device: torch.device,
+) -> SamplingBatch:
+    params = [r.params for r in requests]
+    b = len(params)
+    f32 = lambda xs: torch.tensor(xs, dtype=torch.float32, device=device)  # noqa: E731
+    greedy = [p.greedy for p in params]
+    batch = SamplingBatch(
+        temperature=f32([1.0 if g else p.temperature for p, g in zip(params, greedy)]),
+        greedy=torch.tensor(greedy, device=device),
+        all_greedy=all(greedy),
+        top_k=None, top_p=None, min_p=None, presence=None, frequency=None, repetition=None,
+        output_counts=None, prompt_mask=None, bias=None, stop_mask=None, min_left=None,
+        generators=generators,
+        num_logprobs=max((p.logprobs for p in params if p.logprobs is not None), default=-1),
+    )
+    if any(p.top_k > 0 for p in params):
+        batch.top_k = torch.tensor([p.top_k if p.top_k > 0 else vocab_size for p in params], device=device)
+    if any(p.top_p < 1.0 for p in params):
+        batch.top_p = f32([p.top_p for p in params])
+    if any(p.min_p > 0 for p in params):
+        batch.min_p = f32([p.min_p for p in params])
+    if any(p.presence_penalty or p.frequency_penalty or p.repetition_penalty != 1.0 for p in params):
+        _add_penalties(batch, requests, vocab_size, device)
+    if any(p.logit_bias for p in params):
+        batch.bias = torch.zeros(b, vocab_size, device=device)
+        for row, p in enumerate(params):
+            for token, value in p.logit_bias:
+                if 0 <= token < vocab_size:
+                    batch.bias[row, token] += value
+    if any(p.min_tokens > 0 for p in params):
+        _add_min_tokens(batch, requests, eos_token_ids, vocab_size, device)
+    return batch
+
+
+def _add_penalties(batch: SamplingBatch, requests, vocab_size: int, device) -> None:
+    params = [r.params for r in requests]
+    batch.presence = torch.tensor([p.presence_penalty for p in params], device=device)
+    batch.frequency = torch.tensor([p.frequency_penalty for p in params], device=device)
+    batch.repetition = torch.tensor([p.repetition_penalty for p in params], device=device)
+    batch.output_counts = torch.zeros(len(params), vocab_size, dtype=torch.int32, device=device)
+    batch.prompt_mask = torch.zeros(len(params), vocab_size, dtype=torch.bool, device=device)
+    for row, r in enumerate(requests):
+        prompt = torch.tensor(r.token_ids[: r.num_prompt_tokens], dtype=torch.long, device=device)
+        batch.prompt_mask[row, prompt] = True
+        outputs = r.token_ids[r.num_prompt_tokens :]
+        if outputs:
+            ids = torch.tensor(outputs, dtype=torch.long, device=device)
+            batch.output_counts[row].scatter_add_(0, ids, torch.ones_like(ids, dtype=torch.int32))
+
+
+def _add_min_tokens(batch: SamplingBatch, requests, eos_token_ids, vocab_size: int, device) -> None:
+    batch.stop_mask = torch.zeros(len(requests), vocab_size, dtype=torch.bool, device=device)
+    left = []
+    for row, r in enumerate(requests):
+        p = r.params
+        stops = set(p.stop_token_ids) | (set() if p.ignore_eos else set(eos_token_ids))
+        ids = [t for t in stops if 0 <= t < vocab_size]
+        if ids:
+            batch.stop_mask[row, ids] = True
+        left.append(p.min_tokens - (len(r.token_ids) - r.num_prompt_tokens))
+    batch.min_left = torch.tensor(left, device=device)
+
+
+def apply_logits_processors(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+    if batch.bias is not None:
+        logits = logits + batch.bias
+    if batch.output_counts is not None:
+        seen = batch.prompt_mask | (batch.output_counts > 0)
+        rep = batch.repetition[:, None]
+        logits = torch.where(seen, torch.where(logits > 0, logits / rep, logits * rep), logits)
+        logits = logits - batch.frequency[:, None] * batch.output_counts
+        logits = logits - batch.presence[:, None] * (batch.output_counts > 0)
+    if batch.stop_mask is not None:
+        masked = batch.stop_mask & (batch.min_left > 0)[:, None]
+        logits = logits.masked_fill(masked, float("-inf"))
+    return logits
+
+
+def _mask_top_k_top_p(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    if batch.top_k is not None:
+        kth = sorted_logits.gather(1, (batch.top_k - 1).clamp(min=0)[:, None])
+        sorted_logits = sorted_logits.masked_fill(sorted_logits < kth, float("-inf"))
+    if batch.top_p is not None:
+        probs = sorted_logits.softmax(dim=-1)
+        mass_before = probs.cumsum(dim=-1) - probs  # the most likely token always survives
+        sorted_logits = sorted_logits.masked_fill(mass_before > batch.top_p[:, None], float("-inf"))
+    return torch.full_like(logits, float("-inf")).scatter(1, order, sorted_logits)
+
+
+def _noise(shape, generators, shared: torch.Generator | None, device) -> torch.Tensor:
+    q = torch.empty(shape, device=device).exponential_(generator=shared)
+    for row, gen in enumerate(generators):
+        if gen is not None:
+            q[row].exponential_(generator=gen)
+    return q
+
+
+def sample(logits: torch.Tensor, batch: SamplingBatch, shared: torch.Generator | None = None) -> torch.Tensor:
+    """Token ids [B] from float32 logits [B, V] after the logits processors."""
+    greedy_tokens = logits.argmax(dim=-1)
+    if batch.all_greedy:
+        return greedy_tokens
+    scaled = logits / batch.temperature[:, None]
+    if batch.top_k is not None or batch.top_p is not None:
+        scaled = _mask_top_k_top_p(scaled, batch)
+    probs = scaled.softmax(dim=-1)
+    if batch.min_p is not None:
+        floor = batch.min_p[:, None] * probs.max(dim=-1, keepdim=True).values
+        probs = probs.masked_fill(probs < floor, 0.0)
+    # Exponential race: argmax(p / E) with E ~ Exp(1) draws from p, one row at a time if needed.
+    sampled = (probs / _noise(probs.shape, batch.generators, shared, probs.device)).argmax(dim=-1)
+    return torch.where(batch.greedy, greedy_tokens, sampled)
+
+
+def advance(batch: SamplingBatch, tokens: torch.Tensor) -> None:
+    """Account for the tokens just sampled before the next step of a multi-step pass."""
+    if batch.output_counts is not None:
+        batch.output_counts.scatter_add_(1, tokens[:, None], torch.ones_like(tokens[:, None], dtype=torch.int32))
+    if batch.min_left is not None:
+        batch.min_left -= 1
+
+
+def top_logprobs(raw_logits: torch.Tensor, tokens: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Log-probabilities of the chosen tokens [B] and the top-k alternatives [B, k] (ids, values)."""
+    logprobs = raw_logits.log_softmax(dim=-1)
+    chosen = logprobs.gather(1, tokens[:, None]).squeeze(1)
+    values, ids = logprobs.topk(max(k, 1), dim=-1)
+    return chosen, ids[:, :k], values[:, :k]
