@@ -13,6 +13,7 @@ from stepserve.config import ConfigError, EngineConfig
 from stepserve.core.block_manager import BlockManager
 from stepserve.core.engine_core import EngineCore
 from stepserve.core.scheduler import Scheduler
+from stepserve.models.gguf_cache import converted_source
 from stepserve.models.loader import load_model, read_hf_config, resolve_source
 from stepserve.models.tokenizer import eos_token_ids, load_tokenizer
 from stepserve.worker.runner import ModelRunner, allocate_kv_cache, kv_cache_bytes_per_block
@@ -75,6 +76,8 @@ def build_engine(config: EngineConfig) -> tuple[EngineCore, object, ModelInfo]:
     """Returns the core, the tokenizer and what was learned while building them."""
     start = time.monotonic()
     source = resolve_source(config.model.model)
+    if source.gguf_file is not None:
+        source = converted_source(source)
     hf_config = read_hf_config(source)
     device = pick_device(config.model.device)
     dtype = pick_dtype(config.model.dtype, device)

@@ -41,6 +41,19 @@ def test_greedy_equals_transformers(fixture, request):
     assert ours == reference_greedy(model_dir, prompt_ids, NEW_TOKENS)
 
 
+def test_sharded_checkpoint_with_index(tmp_path):
+    from tiny_models import write_tiny_model
+
+    model_dir = write_tiny_model(tmp_path / "sharded", "llama", seed=3, num_hidden_layers=3)
+    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir)
+    model.save_pretrained(model_dir, max_shard_size="100KB")
+    assert (model_dir / "model.safetensors.index.json").exists()
+    llm = LLM(model=str(model_dir), num_blocks=128, block_size=8)
+    prompt_ids = [llm.tokenizer.encode(p) for p in PROMPTS[:4]]
+    ours = [o.outputs[0].token_ids for o in llm.generate(prompt_ids, SamplingParams(temperature=0, max_tokens=32, ignore_eos=True))]
+    assert ours == reference_greedy(model_dir, prompt_ids, 32)
+
+
 @pytest.mark.slow
 def test_embedded_gguf_equals_transformers():
     llm = LLM(max_model_len=512)
