@@ -1,0 +1,200 @@
+"""The async front of the engine: per-request output queues, detokenization, stop strings, n>1.
+
+Routes call ``AsyncEngine.generate`` with resolved prompts and iterate over ``Update``s. One
+task (``_handle_outputs``) reads every output batch from the ``CoreClient``, runs each through
+its completion's ``RequestState`` (detokenizer and stop strings) and puts the result on the
+queue of the HTTP request it belongs to. When the consumer goes away (a client disconnect
+cancels it), ``generate``'s ``finally`` aborts what is left, so the core frees its KV blocks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass, field
+
+from stepserve.core.engine_core import EngineStats
+from stepserve.core.outputs import EngineCoreOutput, EngineCoreRequest
+from stepserve.engine.core_client import CoreClient, CoreOutputs
+from stepserve.engine.output_processor import Delta, RequestState
+from stepserve.errors import EngineDeadError, RequestAbortedError
+from stepserve.sampling import SamplingParams
+
+log = logging.getLogger("stepserve.requests")
+
+
+@dataclass(frozen=True)
+class PromptInput:
+    """One prompt of a request, ready for the engine."""
+
+    token_ids: tuple[int, ...]  # the tokenized prompt, never empty
+    params: SamplingParams  # resolved (max_tokens is an int); n completions are made of it
+
+
+@dataclass(frozen=True)
+class Update:
+    """What one completion gained; ``state`` holds everything it has so far."""
+
+    state: RequestState  # the completion's accumulated text, tokens, logprobs; ``index`` is its choice
+    delta: Delta  # the new part
+
+
+@dataclass(frozen=True)
+class FinishedRequest:
+    """Timings and counts of one finished engine request, for metrics."""
+
+    request_id: str  # the engine request (one completion)
+    num_prompt_tokens: int  # its prompt length
+    num_generation_tokens: int  # tokens it generated
+    finish_reason: str  # "stop", "length" or "abort"
+    arrival_time: float  # time.monotonic() when the HTTP request arrived
+    first_token_time: float | None  # when its first token reached the front
+    finish_time: float  # when it finished
+
+
+@dataclass
+class _Child:
+    """Front-side bookkeeping of one engine request."""
+
+    state: RequestState
+    queue: asyncio.Queue
+    arrival_time: float
+    first_token_time: float | None = None
+    finished: bool = field(default=False)
+
+
+class AsyncEngine:
+    """Feeds a ``CoreClient`` and fans its outputs out to the requests waiting for them."""
+
+    def __init__(self, client: CoreClient, tokenizer, on_finish: Callable[[FinishedRequest], None] | None = None) -> None:
+        self.client = client
+        self.tokenizer = tokenizer
+        self._on_finish = on_finish
+        self._children: dict[str, _Child] = {}
+        self._handler = asyncio.get_running_loop().create_task(self._handle_outputs())
+
+    @property
+    def is_ready(self) -> bool:
+        return self.client.is_alive and not self._handler.done()
+
+    def stats(self) -> EngineStats:
+        return self.client.stats()
+
+    async def shutdown(self) -> None:
+        self._handler.cancel()
+        await asyncio.to_thread(self.client.shutdown)
+
+    # -- requests ------------------------------------------------------------------------
+
+    async def generate(self, request_id: str, prompts: Sequence[PromptInput]) -> AsyncIterator[Update]:
+        """Run ``n`` completions of each prompt; choice ``p * n + i`` is completion i of prompt p.
+
+        Raises ``RequestAbortedError`` if the engine failed one of them and ``EngineDeadError``
+        if the engine died; either way the rest of the request is aborted.
+        """
+        if not self.is_ready:
+            raise EngineDeadError("the engine is not running")
+        queue: asyncio.Queue = asyncio.Queue()
+        arrival = time.monotonic()
+        children = self._add(request_id, prompts, queue, arrival)
+        ids = [c.state.request_id for c in children]
+        pending, reasons = set(ids), []
+        try:
+            while pending:
+                item = await queue.get()
+                if isinstance(item, Exception):
+                    raise item
+                if item.delta.finish_reason is not None:
+                    pending.discard(item.state.request_id)
+                    reasons.append(item.delta.finish_reason)
+                yield item
+        finally:
+            self._release(ids)
+            self._log(request_id, prompts, children, reasons, arrival, bool(pending))
+
+    def _add(self, request_id: str, prompts: Sequence[PromptInput], queue: asyncio.Queue, arrival: float) -> list[_Child]:
+        children = []
+        for p, prompt in enumerate(prompts):
+            n = prompt.params.n
+            for i in range(n):
+                params = prompt.params if prompt.params.seed is None else prompt.params.replace(seed=prompt.params.seed + i)
+                child_id = f"{request_id}-{p * n + i}"
+                state = RequestState.create(child_id, p * n + i, params, self.tokenizer, prompt.token_ids)
+                children.append(_Child(state, queue, arrival))
+                self._children[child_id] = children[-1]
+                self.client.add_request(EngineCoreRequest(child_id, prompt.token_ids, params, arrival))
+        return children
+
+    def _release(self, ids: list[str]) -> None:
+        """Forget the request's completions and abort the ones still running in the core."""
+        unfinished = [i for i in ids if i in self._children]
+        for child_id in unfinished:
+            del self._children[child_id]
+        self.client.abort(unfinished)
+
+    @staticmethod
+    def _log(request_id: str, prompts, children: list[_Child], reasons: list[str], arrival: float, cut_short: bool) -> None:
+        """The one log line per finished request (DESIGN invariant 5)."""
+        prompt_tokens = sum(len(p.token_ids) for p in prompts)
+        output_tokens = sum(len(c.state.token_ids) for c in children)
+        outcome = "abort" if cut_short else ",".join(sorted(set(reasons)))
+        log.info(
+            "request %s finished: prompt_tokens=%d output_tokens=%d completions=%d finish_reason=%s latency=%.3fs",
+            request_id, prompt_tokens, output_tokens, len(children), outcome, time.monotonic() - arrival,
+        )
+
+    # -- outputs -------------------------------------------------------------------------
+
+    async def _handle_outputs(self) -> None:
+        while True:
+            batch = await self.client.get_outputs()
+            try:
+                self._dispatch(batch)
+            except Exception:  # never let one bad batch stop every request's outputs
+                log.exception("output handling failed")
+
+    def _dispatch(self, batch: CoreOutputs) -> None:
+        if batch.engine_error is not None:
+            self._fail_all(EngineDeadError(batch.engine_error))
+            return
+        to_abort = []
+        for out in batch.outputs:
+            child = self._children.get(out.request_id)
+            if child is not None and self._process(child, out):
+                to_abort.append(out.request_id)
+        self.client.abort(to_abort)
+
+    def _process(self, child: _Child, out: EngineCoreOutput) -> bool:
+        """Apply one output to its completion; True when the core must abort it."""
+        try:
+            delta, must_abort = child.state.update(out)
+        except Exception as exc:  # detokenizer trouble fails this request alone (invariant 2)
+            log.exception("request %s failed in the front", out.request_id)
+            self._finish(child, "abort")
+            child.queue.put_nowait(RequestAbortedError(f"request failed while decoding its output: {exc}"))
+            return not out.finished
+        if out.new_token_ids and child.first_token_time is None:
+            child.first_token_time = time.monotonic()
+        if delta.error is not None:
+            self._finish(child, "abort")
+            child.queue.put_nowait(RequestAbortedError(f"the engine aborted the request: {delta.error}"))
+            return False
+        if delta.finish_reason is not None:
+            self._finish(child, delta.finish_reason)
+        child.queue.put_nowait(Update(child.state, delta))
+        return must_abort
+
+    def _finish(self, child: _Child, reason: str) -> None:
+        self._children.pop(child.state.request_id, None)
+        if self._on_finish is not None:
+            self._on_finish(FinishedRequest(
+                child.state.request_id, child.state.num_prompt_tokens, len(child.state.token_ids), reason,
+                child.arrival_time, child.first_token_time, time.monotonic(),
+            ))
+
+    def _fail_all(self, error: Exception) -> None:
+        for child in list(self._children.values()):
+            self._finish(child, "abort")
+            child.queue.put_nowait(error)

@@ -1,0 +1,1 @@
+"""The HTTP server: OpenAI and KServe protocols on the async engine."""

@@ -1,0 +1,231 @@
+"""The FastAPI app: routes, the one exception -> HTTP mapping, SSE framing, disconnects.
+
+Every POST route goes through ``_serve``: read the raw body, run the protocol handler while
+watching for the client to go away (a disconnect cancels the handler, whose ``finally`` aborts
+the engine request and frees its KV blocks), and turn any exception into a response through
+``http_error``. A client error is a 4xx there, never a 500.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import aclosing, asynccontextmanager
+from dataclasses import dataclass, field
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from stepserve.core.engine_core import EngineCore
+from stepserve.engine.async_engine import AsyncEngine
+from stepserve.engine.builder import ModelInfo
+from stepserve.engine.core_client import ThreadCoreClient
+from stepserve.errors import EngineDeadError, InvalidRequestError, ModelNotFoundError, QueueFullError, RequestAbortedError
+from stepserve.server import kserve, openai
+from stepserve.server.config import ServerConfig
+from stepserve.server.context import ServingContext
+from stepserve.server.metrics import CONTENT_TYPE, ServerMetrics
+from stepserve.server.schemas import ChatCompletionRequest, CompletionRequest, KServeV1Request, KServeV2Request, parse_body
+
+log = logging.getLogger("stepserve.server")
+
+Handler = Callable[[ServingContext, bytes], Awaitable[dict | AsyncIterator[dict]]]
+
+
+@dataclass(frozen=True)
+class HttpError:
+    """An exception as the client sees it."""
+
+    status: int  # HTTP status
+    type: str  # OpenAI error type
+    message: str  # what went wrong, for a person
+    param: str | None = None  # the request parameter at fault, if one is
+    headers: dict[str, str] = field(default_factory=dict)  # e.g. Retry-After
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.status}}
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
+
+
+def http_error(exc: Exception) -> HttpError:
+    """The one mapping from exception types to HTTP statuses."""
+    if isinstance(exc, InvalidRequestError):
+        return HttpError(400, "invalid_request_error", exc.message, exc.param)
+    if isinstance(exc, ModelNotFoundError):
+        return HttpError(404, "not_found_error", str(exc), "model")
+    if isinstance(exc, QueueFullError):
+        return HttpError(429, "queue_full", str(exc) or "too many requests are waiting", headers={"Retry-After": "1"})
+    if isinstance(exc, EngineDeadError):
+        return HttpError(503, "engine_unavailable", str(exc) or "the engine is not running", headers={"Retry-After": "1"})
+    if isinstance(exc, RequestAbortedError):
+        return HttpError(500, "request_aborted", str(exc))
+    if isinstance(exc, StarletteHTTPException):
+        return HttpError(exc.status_code, "not_found_error" if exc.status_code == 404 else "invalid_request_error", str(exc.detail))
+    log.error("unexpected error while handling a request", exc_info=exc)
+    return HttpError(500, "internal_error", f"internal error: {type(exc).__name__}")
+
+
+# -- running a handler --------------------------------------------------------------------
+
+
+class _ClientGone(Exception):
+    """The client disconnected before the response was ready."""
+
+
+async def _wait_for_disconnect(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _until_disconnect(request: Request, work: Awaitable):
+    """``work``'s result, or ``_ClientGone`` after cancelling it if the client left first."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_wait_for_disconnect(request))
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+        if not task.done():
+            task.cancel()
+    if task.cancelled():
+        raise _ClientGone()
+    return task.result()
+
+
+async def _sse(chunks: AsyncIterator[dict]) -> AsyncIterator[str]:
+    """Frame chunks as server-sent events; an error becomes an error event; always [DONE]."""
+    async with aclosing(chunks):
+        try:
+            async for chunk in chunks:
+                yield f"data: {json.dumps(chunk)}\n\n"
+        except Exception as exc:
+            yield f"data: {json.dumps(http_error(exc).body())}\n\n"
+    yield "data: [DONE]\n\n"
+
+
+async def _serve(request: Request, handler: Handler) -> Response:
+    try:
+        raw = await request.body()
+        result = await _until_disconnect(request, handler(request.app.state.ctx, raw))
+    except _ClientGone:
+        return Response(status_code=499)
+    except Exception as exc:
+        return http_error(exc).response()
+    if isinstance(result, dict):
+        return JSONResponse(result)
+    return StreamingResponse(_sse(result), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+
+def _ctx(request: Request) -> ServingContext:
+    return request.app.state.ctx
+
+
+# -- routes -------------------------------------------------------------------------------
+
+
+def _openai_routes(app: FastAPI, prefix: str) -> None:
+    @app.post(prefix + "/completions")
+    async def completions(request: Request) -> Response:
+        return await _serve(request, lambda ctx, raw: openai.complete(ctx, parse_body(CompletionRequest, raw)))
+
+    @app.post(prefix + "/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        return await _serve(request, lambda ctx, raw: openai.chat(ctx, parse_body(ChatCompletionRequest, raw)))
+
+    @app.get(prefix + "/models")
+    async def models(request: Request) -> dict:
+        ctx = _ctx(request)
+        card = {"id": ctx.model_name, "object": "model", "created": app.state.started, "owned_by": "stepserve", "max_model_len": ctx.max_model_len}
+        return {"object": "list", "data": [card]}
+
+
+def _kserve_routes(app: FastAPI) -> None:
+    @app.post("/v1/models/{name}:predict")
+    async def v1_predict(name: str, request: Request) -> Response:
+        return await _serve(request, lambda ctx, raw: kserve.v1_predict(ctx, name, parse_body(KServeV1Request, raw)))
+
+    @app.get("/v1/models/{name}")
+    async def v1_model(name: str, request: Request) -> Response:
+        return _guard(lambda: _ctx(request).check_model(name) or {"name": name, "ready": _ctx(request).engine.is_ready})
+
+    @app.post("/v2/models/{name}/infer")
+    async def v2_infer(name: str, request: Request) -> Response:
+        return await _serve(request, lambda ctx, raw: kserve.v2_infer(ctx, name, parse_body(KServeV2Request, raw)))
+
+    @app.get("/v2/models/{name}")
+    async def v2_metadata(name: str, request: Request) -> Response:
+        return _guard(lambda: kserve.v2_metadata(_ctx(request), name))
+
+    @app.get("/v2/models/{name}/ready")
+    async def v2_model_ready(name: str, request: Request) -> Response:
+        return _guard(lambda: _ready_body(_ctx(request), name))
+
+    @app.get("/v2")
+    async def v2_server() -> dict:
+        return {"name": "stepserve", "version": "0.1.0", "extensions": []}
+
+
+def _guard(build: Callable[[], dict]) -> Response:
+    try:
+        return JSONResponse(build())
+    except Exception as exc:
+        return http_error(exc).response()
+
+
+def _ready_body(ctx: ServingContext, name: str) -> dict:
+    ctx.check_model(name)
+    if not ctx.engine.is_ready:
+        raise EngineDeadError("the engine is not ready")
+    return {"name": name, "ready": True}
+
+
+def _health_routes(app: FastAPI) -> None:
+    @app.get("/v2/health/live")
+    async def live() -> dict:
+        return {"live": True}  # the process answers; engine trouble shows in readiness
+
+    @app.get("/v2/health/ready")
+    async def ready(request: Request) -> Response:
+        is_ready = _ctx(request).engine.is_ready
+        return JSONResponse({"ready": is_ready}, status_code=200 if is_ready else 503)
+
+    @app.get("/health")
+    async def health(request: Request) -> Response:
+        return Response(status_code=200 if _ctx(request).engine.is_ready else 503)
+
+    @app.get("/metrics")
+    async def metrics(request: Request) -> Response:
+        return Response(request.app.state.metrics.render(), media_type=CONTENT_TYPE)
+
+
+def create_app(core: EngineCore, tokenizer, info: ModelInfo, config: ServerConfig) -> FastAPI:
+    """The app; the engine thread starts with the server and stops with it."""
+    model_name = config.model_name or info.name
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        client = ThreadCoreClient(core)
+        app.state.metrics = ServerMetrics(model_name, client.stats)
+        engine = AsyncEngine(client, tokenizer, app.state.metrics.observe)
+        app.state.ctx = ServingContext(engine, tokenizer, model_name, info.max_model_len, len(tokenizer), config)
+        app.state.started = int(time.time())
+        yield
+        await engine.shutdown()
+
+    app = FastAPI(title="stepserve", lifespan=lifespan)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_exception(request: Request, exc: StarletteHTTPException) -> Response:
+        return http_error(exc).response()
+
+    _openai_routes(app, "/v1")
+    _openai_routes(app, "/openai/v1")
+    _kserve_routes(app)
+    _health_routes(app)
+    return app

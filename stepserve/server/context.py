@@ -1,0 +1,54 @@
+"""What every route needs: the engine, the tokenizer, the served name, the limits."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from stepserve.engine.async_engine import AsyncEngine, PromptInput
+from stepserve.errors import InvalidRequestError, ModelNotFoundError
+from stepserve.models.tokenizer import apply_chat_template
+from stepserve.sampling import SamplingParams
+from stepserve.server.config import ServerConfig
+
+
+@dataclass(frozen=True)
+class ServingContext:
+    engine: AsyncEngine  # the async front of the engine
+    tokenizer: object  # the model's transformers tokenizer
+    model_name: str  # the name clients use
+    max_model_len: int  # the context length in use
+    vocab_size: int  # token ids must be below this
+    config: ServerConfig  # max_tokens defaults and limits
+
+    def check_model(self, name: str | None) -> None:
+        """Refuse a request for another model (404); an omitted model means this one."""
+        if name is not None and name != self.model_name:
+            raise ModelNotFoundError(name, [self.model_name])
+
+    def check_token_ids(self, ids, param: str) -> None:
+        for token in ids:
+            if not 0 <= token < self.vocab_size:
+                raise InvalidRequestError(f"token id {token} is outside the vocabulary [0, {self.vocab_size})", param)
+
+    def encode(self, text: str) -> tuple[int, ...]:
+        return tuple(self.tokenizer.encode(text))
+
+    def encode_chat(self, messages: list[dict], add_generation_prompt: bool) -> tuple[int, ...]:
+        try:
+            return tuple(apply_chat_template(self.tokenizer, messages, add_generation_prompt))
+        except Exception as exc:  # the template rejected the conversation: the client's to fix
+            raise InvalidRequestError(f"the chat template could not render these messages: {exc}", "messages") from None
+
+    def decode_token(self, token_id: int) -> str:
+        return self.tokenizer.decode([token_id])
+
+    def prompt_input(self, ids: tuple[int, ...], params: SamplingParams, omitted_default: int | None) -> PromptInput:
+        """Resolve ``max_tokens`` for this prompt (DESIGN invariant 1) and pair them."""
+        resolved = params.resolve(
+            len(ids),
+            self.max_model_len,
+            omitted_default=omitted_default,
+            default_max_tokens=self.config.default_max_tokens,
+            max_tokens_limit=self.config.max_tokens_limit,
+        )
+        return PromptInput(ids, resolved)

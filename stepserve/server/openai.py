@@ -1,0 +1,299 @@
+"""The OpenAI protocol: requests become resolved prompts, engine updates become responses.
+
+``complete`` and ``chat`` validate everything (DESIGN invariant 1) before the engine sees a
+token, then return either a response body or, for ``stream=true``, an async iterator of chunk
+bodies that the app frames as server-sent events.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from contextlib import aclosing
+
+from stepserve.core.outputs import TokenLogprob
+from stepserve.engine.async_engine import PromptInput, Update
+from stepserve.engine.output_processor import RequestState
+from stepserve.errors import InvalidRequestError
+from stepserve.sampling import SamplingParams
+from stepserve.server.context import ServingContext
+from stepserve.server.schemas import ChatCompletionRequest, ChatMessage, CompletionRequest, _SamplingFields
+
+ROLES = ("system", "developer", "user", "assistant", "tool")
+COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's documented default on /v1/completions
+
+Chunks = AsyncIterator[dict]
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+# -- request -> SamplingParams ------------------------------------------------------------
+
+
+def sampling_params(ctx: ServingContext, req: _SamplingFields, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
+    """The request's SamplingParams, ``max_tokens`` still unresolved; 400 on any bad value."""
+    if req.stream_options is not None and not req.stream:
+        raise InvalidRequestError("stream_options is only allowed when stream is true", "stream_options")
+    ctx.check_token_ids(req.stop_token_ids or (), "stop_token_ids")
+    ctx.check_token_ids(_bias_ids(req.logit_bias), "logit_bias")
+    return SamplingParams(
+        n=req.n,
+        temperature=1.0 if req.temperature is None else req.temperature,
+        top_p=1.0 if req.top_p is None else req.top_p,
+        top_k=req.top_k,
+        min_p=req.min_p,
+        presence_penalty=req.presence_penalty,
+        frequency_penalty=req.frequency_penalty,
+        repetition_penalty=req.repetition_penalty,
+        seed=req.seed,
+        stop=req.stop,
+        stop_token_ids=tuple(req.stop_token_ids or ()),
+        ignore_eos=req.ignore_eos,
+        max_tokens=max_tokens,
+        min_tokens=req.min_tokens,
+        logprobs=logprobs,
+        logit_bias=req.logit_bias,
+        skip_special_tokens=req.skip_special_tokens,
+    )
+
+
+def _bias_ids(bias: dict[str, float] | None) -> list[int]:
+    try:
+        return [int(key) for key in bias or {}]
+    except ValueError:
+        raise InvalidRequestError("logit_bias keys must be token ids", "logit_bias") from None
+
+
+def _renamed(exc: InvalidRequestError, names: dict[str, str]) -> InvalidRequestError:
+    """The same error, naming the parameter as this route's client spelled it."""
+    param = names.get(exc.param, exc.param)
+    message = exc.message.replace(f"(parameter={exc.param})", f"(parameter={param})")
+    return InvalidRequestError(message, param)
+
+
+def _usage(prompts: Sequence[PromptInput], states: Sequence[RequestState]) -> dict:
+    prompt_tokens = sum(len(p.token_ids) for p in prompts)
+    completion_tokens = sum(len(s.token_ids) for s in states)
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "total_tokens": prompt_tokens + completion_tokens}
+
+
+async def _collect(ctx: ServingContext, request_id: str, prompts: Sequence[PromptInput]) -> list[RequestState]:
+    """Run a request to the end; its completions' states in choice order."""
+    states: dict[int, RequestState] = {}
+    async with aclosing(ctx.engine.generate(request_id, prompts)) as updates:
+        async for update in updates:
+            states[update.state.index] = update.state
+    return [states[i] for i in sorted(states)]
+
+
+# -- /v1/completions ----------------------------------------------------------------------
+
+
+def completion_prompts(ctx: ServingContext, req: CompletionRequest) -> list[tuple[str, PromptInput]]:
+    """(prompt text, resolved prompt) for each prompt of the request."""
+    if req.suffix is not None:
+        raise InvalidRequestError("suffix is not supported", "suffix")
+    params = sampling_params(ctx, req, req.max_tokens, req.logprobs)
+    items = [req.prompt] if isinstance(req.prompt, str) or _is_ids(req.prompt) else list(req.prompt)
+    if not items:
+        raise InvalidRequestError("prompt must not be empty", "prompt")
+    out = []
+    for item in items:
+        ids = ctx.encode(item) if isinstance(item, str) else tuple(item)
+        ctx.check_token_ids(ids, "prompt")
+        text = item if isinstance(item, str) else ctx.tokenizer.decode(ids)
+        out.append((text, ctx.prompt_input(ids, params, COMPLETIONS_DEFAULT_MAX_TOKENS)))
+    return out
+
+
+def _is_ids(prompt) -> bool:
+    return bool(prompt) and isinstance(prompt[0], int)
+
+
+async def complete(ctx: ServingContext, req: CompletionRequest) -> dict | Chunks:
+    ctx.check_model(req.model)
+    prompts = completion_prompts(ctx, req)
+    request_id = new_id("cmpl")
+    if req.stream:
+        return _completion_chunks(ctx, req, request_id, prompts)
+    inputs = [p for _, p in prompts]
+    states = await _collect(ctx, request_id, inputs)
+    choices = [_completion_choice(ctx, req, prompts, s) for s in states]
+    return _completion_body(ctx, request_id, choices) | {"usage": _usage(inputs, states)}
+
+
+def _completion_body(ctx: ServingContext, request_id: str, choices: list[dict]) -> dict:
+    return {"id": request_id, "object": "text_completion", "created": int(time.time()), "model": ctx.model_name, "choices": choices}
+
+
+def _completion_choice(ctx: ServingContext, req: CompletionRequest, prompts, state: RequestState) -> dict:
+    prompt_text = prompts[state.index // req.n][0] if req.echo else ""
+    logprobs = None
+    if req.logprobs is not None:
+        logprobs = _completion_logprobs(ctx, state.logprobs, len(prompt_text))
+        if req.echo:
+            logprobs = _merge_logprobs(_echo_logprobs(ctx, prompts[state.index // req.n][1].token_ids), logprobs)
+    return {
+        "index": state.index,
+        "text": prompt_text + state.text,
+        "logprobs": logprobs,
+        "finish_reason": state.finish_reason,
+        "stop_reason": state.stop_reason,
+    }
+
+
+def _completion_logprobs(ctx: ServingContext, logprobs: Sequence[TokenLogprob], offset: int) -> dict:
+    """The completions format: parallel lists of tokens, their logprobs, alternatives, offsets."""
+    out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+    for lp in logprobs:
+        token = ctx.decode_token(lp.token_id)
+        top = {ctx.decode_token(t): v for t, v in lp.top}
+        top.setdefault(token, lp.logprob)
+        out["tokens"].append(token)
+        out["token_logprobs"].append(lp.logprob)
+        out["top_logprobs"].append(top)
+        out["text_offset"].append(offset)
+        offset += len(token)
+    return out
+
+
+def _echo_logprobs(ctx: ServingContext, prompt_ids: Sequence[int]) -> dict:
+    """Echoed prompt tokens; their logprobs are null (the engine computes none for prompts)."""
+    tokens = [ctx.decode_token(t) for t in prompt_ids]
+    offsets = [sum(len(t) for t in tokens[:i]) for i in range(len(tokens))]
+    return {"tokens": tokens, "token_logprobs": [None] * len(tokens), "top_logprobs": [None] * len(tokens), "text_offset": offsets}
+
+
+def _merge_logprobs(first: dict, second: dict) -> dict:
+    return {key: first[key] + second[key] for key in first}
+
+
+async def _completion_chunks(ctx: ServingContext, req: CompletionRequest, request_id: str, prompts) -> Chunks:
+    inputs = [p for _, p in prompts]
+    offsets: dict[int, int] = {}
+    states: dict[int, RequestState] = {}
+    async with aclosing(ctx.engine.generate(request_id, inputs)) as updates:
+        async for update in updates:
+            states[update.state.index] = update.state
+            yield _completion_body(ctx, request_id, [_completion_chunk_choice(ctx, req, prompts, update, offsets)])
+    if req.stream_options is not None and req.stream_options.include_usage:
+        usage = _usage(inputs, [states[i] for i in sorted(states)])
+        yield _completion_body(ctx, request_id, []) | {"usage": usage}
+
+
+def _completion_chunk_choice(ctx: ServingContext, req: CompletionRequest, prompts, update: Update, offsets: dict[int, int]) -> dict:
+    """One stream chunk's choice; ``offsets`` holds each choice's characters sent so far."""
+    index, delta = update.state.index, update.delta
+    echo = prompts[index // req.n][0] if req.echo and index not in offsets else ""
+    start = offsets.get(index, 0)
+    offsets[index] = start + len(echo) + len(delta.text)
+    logprobs = _completion_logprobs(ctx, delta.logprobs, start + len(echo)) if req.logprobs is not None else None
+    stop_reason = update.state.stop_reason if delta.finish_reason else None
+    return {"index": index, "text": echo + delta.text, "logprobs": logprobs, "finish_reason": delta.finish_reason, "stop_reason": stop_reason}
+
+
+# -- /v1/chat/completions -----------------------------------------------------------------
+
+
+def _message_dict(index: int, message: ChatMessage) -> dict:
+    if message.role not in ROLES:
+        raise InvalidRequestError(
+            f"messages[{index}].role={message.role!r} is not one of {', '.join(ROLES)}", "messages"
+        )
+    content = message.content
+    if isinstance(content, list):
+        content = "".join(part.text for part in content)
+    out = {"role": message.role, "content": content or ""}
+    for key in ("name", "tool_calls", "tool_call_id"):
+        if getattr(message, key) is not None:
+            out[key] = getattr(message, key)
+    return out
+
+
+def chat_prompt(ctx: ServingContext, req: ChatCompletionRequest) -> PromptInput:
+    """The conversation rendered and resolved; errors name the chat spelling of parameters."""
+    if not req.messages:
+        raise InvalidRequestError("messages must contain at least one message", "messages")
+    messages = [_message_dict(i, m) for i, m in enumerate(req.messages)]
+    if req.top_logprobs is not None and not req.logprobs:
+        raise InvalidRequestError("top_logprobs needs logprobs=true", "top_logprobs")
+    alias = req.max_completion_tokens is not None
+    names = {"prompt": "messages", "logprobs": "top_logprobs", "max_tokens": "max_completion_tokens" if alias else "max_tokens"}
+    try:
+        max_tokens = req.max_completion_tokens if alias else req.max_tokens
+        params = sampling_params(ctx, req, max_tokens, (req.top_logprobs or 0) if req.logprobs else None)
+        ids = ctx.encode_chat(messages, req.add_generation_prompt)
+        return ctx.prompt_input(ids, params, None)
+    except InvalidRequestError as exc:
+        raise _renamed(exc, names) from None
+
+
+async def chat(ctx: ServingContext, req: ChatCompletionRequest) -> dict | Chunks:
+    ctx.check_model(req.model)
+    prompt = chat_prompt(ctx, req)
+    request_id = new_id("chatcmpl")
+    if req.stream:
+        return _chat_chunks(ctx, req, request_id, prompt)
+    states = await _collect(ctx, request_id, [prompt])
+    choices = [_chat_choice(ctx, req, s) for s in states]
+    return _chat_body(ctx, request_id, "chat.completion", choices) | {"usage": _usage([prompt], states)}
+
+
+def _chat_body(ctx: ServingContext, request_id: str, kind: str, choices: list[dict]) -> dict:
+    return {"id": request_id, "object": kind, "created": int(time.time()), "model": ctx.model_name, "choices": choices}
+
+
+def _chat_choice(ctx: ServingContext, req: ChatCompletionRequest, state: RequestState) -> dict:
+    return {
+        "index": state.index,
+        "message": {"role": "assistant", "content": state.text},
+        "logprobs": _chat_logprobs(ctx, state.logprobs) if req.logprobs else None,
+        "finish_reason": state.finish_reason,
+        "stop_reason": state.stop_reason,
+    }
+
+
+def _chat_logprobs(ctx: ServingContext, logprobs: Sequence[TokenLogprob]) -> dict:
+    """The chat format: one entry per token with its bytes and top alternatives."""
+    def entry(token_id: int, logprob: float) -> dict:
+        token = ctx.decode_token(token_id)
+        return {"token": token, "logprob": logprob, "bytes": list(token.encode("utf-8"))}
+
+    return {"content": [entry(lp.token_id, lp.logprob) | {"top_logprobs": [entry(t, v) for t, v in lp.top]} for lp in logprobs]}
+
+
+async def _chat_chunks(ctx: ServingContext, req: ChatCompletionRequest, request_id: str, prompt: PromptInput) -> Chunks:
+    include_usage = req.stream_options is not None and req.stream_options.include_usage
+    extra = {"usage": None} if include_usage else {}
+
+    def chunk(choice: dict) -> dict:
+        return _chat_body(ctx, request_id, "chat.completion.chunk", [choice]) | extra
+
+    for index in range(req.n):  # the role comes first, once per choice
+        yield chunk({"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None})
+    states: dict[int, RequestState] = {}
+    async with aclosing(ctx.engine.generate(request_id, [prompt])) as updates:
+        async for update in updates:
+            states[update.state.index] = update.state
+            for choice in _chat_chunk_choices(ctx, req, update):
+                yield chunk(choice)
+    if include_usage:
+        usage = _usage([prompt], [states[i] for i in sorted(states)])
+        yield _chat_body(ctx, request_id, "chat.completion.chunk", []) | {"usage": usage}
+
+
+def _chat_chunk_choices(ctx: ServingContext, req: ChatCompletionRequest, update: Update) -> list[dict]:
+    index, delta = update.state.index, update.delta
+    choices = []
+    if delta.text or (req.logprobs and delta.logprobs):
+        logprobs = _chat_logprobs(ctx, delta.logprobs) if req.logprobs else None
+        choices.append({"index": index, "delta": {"content": delta.text}, "logprobs": logprobs, "finish_reason": None})
+    if delta.finish_reason is not None:
+        choices.append({
+            "index": index, "delta": {}, "logprobs": None,
+            "finish_reason": delta.finish_reason, "stop_reason": update.state.stop_reason,
+        })
+    return choices

@@ -1,0 +1,125 @@
+"""Request bodies of the OpenAI and KServe routes, and how a raw body becomes one.
+
+Bodies are parsed by hand (``parse_body``) instead of by FastAPI, so malformed JSON and wrong
+types are a 400 in the OpenAI error shape that names the parameter, never FastAPI's 422.
+Range checks live in ``SamplingParams``; these models only fix the types.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError
+
+from stepserve.errors import InvalidRequestError
+
+_SEED_BOUND = 2**63 - 2**20  # child requests add their index to the seed; torch takes 64 bits
+
+Model = TypeVar("Model", bound=BaseModel)
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="ignore", frozen=True)  # unknown fields are ignored, as vLLM does
+
+
+class StreamOptions(_Body):
+    include_usage: StrictBool = False  # send a final chunk with usage
+
+
+class _SamplingFields(_Body):
+    """Sampling parameters shared by completions, chat and the KServe ``parameters``."""
+
+    model: str | None = None
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    n: int = Field(default=1, ge=1, le=128)
+    stop: str | list[str] | None = None
+    seed: int | None = Field(default=None, ge=-_SEED_BOUND, le=_SEED_BOUND)
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: dict[str, float] | None = None
+    stream: StrictBool = False
+    stream_options: StreamOptions | None = None
+    user: str | None = None
+    # vLLM's extensions
+    top_k: int = 0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    ignore_eos: StrictBool = False
+    min_tokens: int = 0
+    stop_token_ids: list[int] | None = None
+    skip_special_tokens: StrictBool = True
+
+
+class CompletionRequest(_SamplingFields):
+    prompt: str | list[str] | list[int] | list[list[int]]
+    logprobs: int | None = None  # top alternatives per token
+    echo: StrictBool = False  # return the prompt before the completion
+    suffix: str | None = None  # not supported; refused when set
+
+
+class TextPart(_Body):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(_Body):
+    role: str
+    content: str | list[TextPart] | None = None
+    name: str | None = None
+    tool_calls: list[dict] | None = None
+    tool_call_id: str | None = None
+
+
+class ChatCompletionRequest(_SamplingFields):
+    messages: list[ChatMessage]
+    max_completion_tokens: int | None = None  # OpenAI's newer name; wins over max_tokens
+    logprobs: StrictBool = False  # return the chosen tokens' logprobs
+    top_logprobs: int | None = None  # alternatives per token, needs logprobs
+    add_generation_prompt: StrictBool = True  # end the template with the assistant's turn
+
+
+class KServeV2Tensor(_Body):
+    name: str
+    shape: list[int]
+    datatype: str
+    data: list
+
+
+class KServeV2Request(_Body):
+    id: str | None = None
+    inputs: list[KServeV2Tensor]
+    parameters: dict = Field(default_factory=dict)
+
+
+class KServeV1Request(_Body):
+    instances: list[str | dict]
+    parameters: dict = Field(default_factory=dict)
+
+
+def decode_json(raw: bytes) -> dict:
+    """The body as a JSON object, or a 400."""
+    try:
+        body = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InvalidRequestError(f"the request body is not valid JSON: {exc}", param="body") from None
+    if not isinstance(body, dict):
+        raise InvalidRequestError("the request body must be a JSON object", param="body")
+    return body
+
+
+def validate(model: type[Model], body: dict) -> Model:
+    """``model`` built from ``body``, or a 400 naming the first bad top-level field."""
+    try:
+        return model.model_validate(body)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        param = str(first["loc"][0]) if first["loc"] else None
+        where = ".".join(str(part) for part in first["loc"])
+        raise InvalidRequestError(f"{where}: {first['msg']} (parameter={param})", param=param) from None
+
+
+def parse_body(model: type[Model], raw: bytes) -> Model:
+    return validate(model, decode_json(raw))

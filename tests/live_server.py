@@ -1,0 +1,57 @@
+"""A stepserve server in a subprocess on a free loopback port, for the server tests."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class LiveServer:
+    url: str  # http://127.0.0.1:PORT
+    process: subprocess.Popen
+    log_path: Path  # the server's stdout and stderr
+
+    def log(self) -> str:
+        return self.log_path.read_text()
+
+    def stop(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+
+def start_server(args: list[str], log_path: Path, timeout: float = 180.0) -> LiveServer:
+    """Start ``stepserve serve ARGS`` and wait until it reports ready."""
+    port = free_port()
+    command = [sys.executable, "-m", "stepserve", "serve", "--host", "127.0.0.1", "--http_port", str(port), *args]
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+    server = LiveServer(f"http://127.0.0.1:{port}", process, log_path)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"the server exited with {process.returncode}:\n{server.log()}")
+        try:
+            if httpx.get(server.url + "/v2/health/ready", timeout=2).status_code == 200:
+                return server
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    server.stop()
+    raise RuntimeError(f"the server did not become ready in {timeout}s:\n{server.log()}")
