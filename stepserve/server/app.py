@@ -15,14 +15,13 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from stepserve.core.engine_core import EngineCore
 from stepserve.engine.async_engine import AsyncEngine
-from stepserve.engine.builder import ModelInfo
 from stepserve.engine.core_client import ThreadCoreClient
 from stepserve.errors import EngineDeadError, InvalidRequestError, ModelNotFoundError, QueueFullError, RequestAbortedError
 from stepserve.server import kserve, openai
@@ -30,6 +29,10 @@ from stepserve.server.config import ServerConfig
 from stepserve.server.context import ServingContext
 from stepserve.server.metrics import CONTENT_TYPE, ServerMetrics
 from stepserve.server.schemas import ChatCompletionRequest, CompletionRequest, KServeV1Request, KServeV2Request, parse_body
+
+if TYPE_CHECKING:  # the server imports no torch; the builder does
+    from stepserve.core.engine_core import EngineCore
+    from stepserve.engine.builder import ModelInfo
 
 log = logging.getLogger("stepserve.server")
 

@@ -6,7 +6,6 @@ from dataclasses import dataclass
 
 from stepserve.engine.async_engine import AsyncEngine, PromptInput
 from stepserve.errors import InvalidRequestError, ModelNotFoundError
-from stepserve.models.tokenizer import apply_chat_template
 from stepserve.sampling import SamplingParams
 from stepserve.server.config import ServerConfig
 
@@ -34,6 +33,8 @@ class ServingContext:
         return tuple(self.tokenizer.encode(text))
 
     def encode_chat(self, messages: list[dict], add_generation_prompt: bool) -> tuple[int, ...]:
+        from stepserve.models.tokenizer import apply_chat_template  # models/ imports torch; the server does not
+
         try:
             return tuple(apply_chat_template(self.tokenizer, messages, add_generation_prompt))
         except Exception as exc:  # the template rejected the conversation: the client's to fix
