@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import socket
 import subprocess
 import sys
@@ -55,3 +56,14 @@ def start_server(args: list[str], log_path: Path, timeout: float = 180.0) -> Liv
         time.sleep(0.2)
     server.stop()
     raise RuntimeError(f"the server did not become ready in {timeout}s:\n{server.log()}")
+
+
+def read_metric(http: httpx.Client, name: str, **labels) -> float:
+    """The value of the /metrics sample with exactly these labels (0 when absent)."""
+    for line in http.get("/metrics").text.splitlines():
+        match = re.fullmatch(r"(\S+?)(?:\{(.*)\})? (\S+)", line)
+        if line.startswith("#") or not match or match[1] != name:
+            continue
+        if dict(re.findall(r'(\w+)="([^"]*)"', match[2] or "")) == labels:
+            return float(match[3])
+    return 0.0

@@ -129,10 +129,10 @@ class AsyncEngine:
 
     def _release(self, ids: list[str]) -> None:
         """Forget the request's completions and abort the ones still running in the core."""
-        unfinished = [i for i in ids if i in self._children]
-        for child_id in unfinished:
-            del self._children[child_id]
-        self.client.abort(unfinished)
+        unfinished = [self._children[i] for i in ids if i in self._children]
+        for child in unfinished:
+            self._finish(child, "abort")
+        self.client.abort([c.state.request_id for c in unfinished])
 
     @staticmethod
     def _log(request_id: str, prompts, children: list[_Child], reasons: list[str], arrival: float, cut_short: bool) -> None:

@@ -1,0 +1,80 @@
+"""The KServe incident over HTTP on the embedded model with --num-scheduler-steps 8: requests
+without max_tokens succeed, and so do the 50 after them; a streaming client that disconnects
+has its request aborted and its KV blocks freed."""
+
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import openai
+import pytest
+from live_server import read_metric, start_server
+
+MODEL = "smollm2"
+QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    args = ["--model_name", MODEL, "--num-scheduler-steps", "8", "--max-model-len", "512", "--num-blocks", "256"]
+    live = start_server(args, tmp_path_factory.mktemp("logs") / "server.log")
+    yield live
+    live.stop()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def http(server):
+    with httpx.Client(base_url=server.url, timeout=300) as client:
+        yield client
+
+
+def ask(client):
+    return client.chat.completions.create(model=MODEL, messages=QUESTION, temperature=0)
+
+
+def complete(client):
+    return client.completions.create(model=MODEL, prompt="The capital of France is", temperature=0, extra_body={"ignore_eos": True})
+
+
+def test_chat_without_max_tokens_ends_at_eos(client):
+    out = ask(client)
+    choice = out.choices[0]
+    assert choice.finish_reason == "stop" and "Paris" in choice.message.content
+    assert "<|im_end|>" not in choice.message.content
+    assert out.usage.completion_tokens < 512 - out.usage.prompt_tokens
+
+
+def test_completion_without_max_tokens_gets_16_and_never_overshoots(client):
+    out = complete(client)
+    assert out.choices[0].finish_reason == "length" and out.usage.completion_tokens == 16
+
+
+def test_50_more_requests_succeed(client, server):
+    with ThreadPoolExecutor(8) as pool:
+        outs = list(pool.map(lambda i: ask(client) if i % 2 else complete(client), range(50)))
+    chats, completions = outs[1::2], outs[0::2]
+    assert all(o.choices[0].finish_reason == "stop" and "Paris" in o.choices[0].message.content for o in chats)
+    assert all(o.usage.completion_tokens == 16 for o in completions)
+    assert "Traceback" not in server.log()
+
+
+def test_disconnected_stream_is_aborted_and_frees_its_blocks(http, server):
+    aborted = read_metric(http, "stepserve:request_success_total", finished_reason="abort", model_name=MODEL)
+    body = {"model": MODEL, "prompt": "Tell me a long story.", "max_tokens": 400, "ignore_eos": True, "stream": True}
+    with http.stream("POST", "/v1/completions", json=body) as response:
+        lines = response.iter_lines()
+        assert sum(1 for _, line in zip(range(6), lines) if line.startswith("data:")) >= 3
+        assert read_metric(http, "stepserve:kv_cache_usage_perc", model_name=MODEL) > 0
+        assert read_metric(http, "stepserve:num_requests_running", model_name=MODEL) == 1
+    deadline = time.monotonic() + 30
+    while read_metric(http, "stepserve:kv_cache_usage_perc", model_name=MODEL) > 0 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert read_metric(http, "stepserve:kv_cache_usage_perc", model_name=MODEL) == 0
+    assert read_metric(http, "stepserve:num_requests_running", model_name=MODEL) == 0
+    assert read_metric(http, "stepserve:request_success_total", finished_reason="abort", model_name=MODEL) == aborted + 1
+    assert "finish_reason=abort" in server.log()
