@@ -74,6 +74,12 @@ def _renamed(exc: InvalidRequestError, names: dict[str, str]) -> InvalidRequestE
     return InvalidRequestError(message, param)
 
 
+def _stop_reason(state: RequestState) -> str | int | None:
+    """The stop string or stop token id that ended the completion; None for EOS (as vLLM)."""
+    reason = state.stop_reason
+    return None if isinstance(reason, int) and reason not in state.params.stop_token_ids else reason
+
+
 def _usage(prompts: Sequence[PromptInput], states: Sequence[RequestState]) -> dict:
     prompt_tokens = sum(len(p.token_ids) for p in prompts)
     completion_tokens = sum(len(s.token_ids) for s in states)
@@ -141,7 +147,7 @@ def _completion_choice(ctx: ServingContext, req: CompletionRequest, prompts, sta
         "text": prompt_text + state.text,
         "logprobs": logprobs,
         "finish_reason": state.finish_reason,
-        "stop_reason": state.stop_reason,
+        "stop_reason": _stop_reason(state),
     }
 
 
@@ -191,7 +197,7 @@ def _completion_chunk_choice(ctx: ServingContext, req: CompletionRequest, prompt
     start = offsets.get(index, 0)
     offsets[index] = start + len(echo) + len(delta.text)
     logprobs = _completion_logprobs(ctx, delta.logprobs, start + len(echo)) if req.logprobs is not None else None
-    stop_reason = update.state.stop_reason if delta.finish_reason else None
+    stop_reason = _stop_reason(update.state) if delta.finish_reason else None
     return {"index": index, "text": echo + delta.text, "logprobs": logprobs, "finish_reason": delta.finish_reason, "stop_reason": stop_reason}
 
 
@@ -252,7 +258,7 @@ def _chat_choice(ctx: ServingContext, req: ChatCompletionRequest, state: Request
         "message": {"role": "assistant", "content": state.text},
         "logprobs": _chat_logprobs(ctx, state.logprobs) if req.logprobs else None,
         "finish_reason": state.finish_reason,
-        "stop_reason": state.stop_reason,
+        "stop_reason": _stop_reason(state),
     }
 
 
@@ -294,6 +300,6 @@ def _chat_chunk_choices(ctx: ServingContext, req: ChatCompletionRequest, update:
     if delta.finish_reason is not None:
         choices.append({
             "index": index, "delta": {}, "logprobs": None,
-            "finish_reason": delta.finish_reason, "stop_reason": update.state.stop_reason,
+            "finish_reason": delta.finish_reason, "stop_reason": _stop_reason(update.state),
         })
     return choices
