@@ -150,3 +150,50 @@ def test_finished_ids_reach_the_worker_even_after_idle_passes():
     add(core, "b", [1], 2)
     drain(core)
     assert "a" in {rid for p in worker.passes for rid in p.finished_request_ids}
+
+
+class FaultyWorker(CountingWorker):
+    """Raises whenever a request whose prompt starts with ``poison`` is in the pass."""
+
+    def __init__(self, poison=None, always=False):
+        super().__init__()
+        self.poison, self.always = poison, always
+
+    def execute(self, sched):
+        if self.always or any(r.token_ids[0] == self.poison for r in sched.requests):
+            raise RuntimeError("injected fault")
+        return super().execute(sched)
+
+
+def test_a_faulty_request_fails_alone():
+    core, _ = make_core()
+    core.worker = FaultyWorker(poison=13)
+    add(core, "good", [1, 2], 5)
+    add(core, "bad", [13, 2], 5)
+    add(core, "good2", [3], 5)
+    res = drain(core)
+    assert res["bad"] == ([], "abort")
+    assert res["good"] == ([3, 4, 5, 6, 7], "length") and res["good2"] == ([4, 5, 6, 7, 8], "length")
+    assert core.stats().kv_cache_usage == 0.0
+
+
+def test_a_broken_worker_is_an_engine_fault():
+    from stepserve.core.engine_core import EngineFaultError
+
+    core, _ = make_core()
+    core.worker = FaultyWorker(always=True)
+    add(core, "a", [1], 5)
+    add(core, "b", [2], 5)
+    with pytest.raises(EngineFaultError):
+        drain(core)
+
+
+def test_single_request_failures_in_a_row_are_an_engine_fault():
+    from stepserve.core.engine_core import EngineFaultError
+
+    core, _ = make_core()
+    core.worker = FaultyWorker(always=True)
+    with pytest.raises(EngineFaultError):
+        for i in range(5):
+            add(core, f"r{i}", [1], 5)
+            drain(core)
