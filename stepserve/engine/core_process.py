@@ -1,0 +1,112 @@
+"""The engine core in its own process (DESIGN invariant 3).
+
+The front and the core exchange small typed messages over a pipe: the front sends ``AddRequest``
+and ``AbortRequests``; the core answers ``CoreReady`` once built, then ``CoreStepOutputs`` (only
+new token ids and finishes) after every step. If the core hits a fatal error it sends
+``CoreFatal`` with the traceback before exiting; if it is killed, the pipe's EOF says so.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import signal
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from stepserve.config import EngineConfig
+from stepserve.core.engine_core import EngineCore, EngineStats
+from stepserve.core.outputs import EngineCoreOutput, EngineCoreRequest
+
+_IDLE_POLL_S = 0.5  # how long an idle core waits for a command before looking again
+
+
+@dataclass(frozen=True)
+class AddRequest:
+    request: EngineCoreRequest  # resolved by the front
+
+
+@dataclass(frozen=True)
+class AbortRequests:
+    request_ids: tuple[str, ...]  # finish these and free their blocks
+
+
+@dataclass(frozen=True)
+class Shutdown:
+    """Stop stepping and exit 0."""
+
+
+@dataclass(frozen=True)
+class CoreReady:
+    info: object  # the builder's ModelInfo
+    pid: int  # the core's process id
+
+
+@dataclass(frozen=True)
+class CoreStepOutputs:
+    outputs: tuple[EngineCoreOutput, ...]  # new tokens and finishes since the last message
+    stats: EngineStats  # a snapshot after the step
+
+
+@dataclass(frozen=True)
+class CoreFatal:
+    traceback: str  # why the core is exiting
+
+
+CoreFactory = Callable[[], tuple[EngineCore, object]]  # builds (core, info) inside the core process
+
+
+def build_core(config: EngineConfig) -> tuple[EngineCore, object]:
+    from stepserve.engine.builder import build_engine
+
+    core, _tokenizer, info = build_engine(config)
+    return core, info
+
+
+def core_factory(config: EngineConfig) -> CoreFactory:
+    """A picklable factory for the spawned process."""
+    return functools.partial(build_core, config)
+
+
+def core_main(conn, factory: CoreFactory) -> None:
+    """Entry point of the core process."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the front's to handle
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s[core]: %(message)s")
+    try:
+        core, info = factory()
+        conn.send(CoreReady(info, os.getpid()))
+        _loop(conn, core)
+    except BaseException:  # noqa: BLE001 - the sentinel must go out whatever happened
+        try:
+            conn.send(CoreFatal(traceback.format_exc()))
+        finally:
+            os._exit(1)
+    os._exit(0)
+
+
+def _loop(conn, core: EngineCore) -> None:
+    while True:
+        outputs: list[EngineCoreOutput] = []
+        wait = 0 if core.has_unfinished else _IDLE_POLL_S
+        while conn.poll(wait):
+            message = conn.recv()
+            if isinstance(message, Shutdown):
+                return
+            outputs.extend(_apply(core, message))
+            wait = 0
+        if core.has_unfinished:
+            outputs.extend(core.step())
+        if outputs:
+            conn.send(CoreStepOutputs(tuple(outputs), core.stats()))
+
+
+def _apply(core: EngineCore, message) -> list[EngineCoreOutput]:
+    if isinstance(message, AbortRequests):
+        return core.abort(message.request_ids)
+    try:
+        core.add_request(message.request)
+    except Exception as exc:  # the front validated it; still, one bad request fails alone
+        return [EngineCoreOutput(message.request.request_id, (), finish_reason="abort", error=str(exc))]
+    return []

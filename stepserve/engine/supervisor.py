@@ -1,0 +1,199 @@
+"""Runs the engine core in its own process and brings it back when it dies (DESIGN invariant 3).
+
+``SupervisedCoreClient`` is a ``CoreClient``: the async front cannot tell it from the in-thread
+client. Death is detected two ways: the ``CoreFatal`` sentinel the core sends from its error
+handler, and the pipe's EOF when the process is gone (kill -9, OOM). On death every in-flight
+request fails at once (one ``engine_error`` batch), readiness turns false, and a restart is
+scheduled with exponential backoff. When the restart budget is spent, liveness fails too and
+Kubernetes takes over.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import multiprocessing
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from stepserve.core.engine_core import EngineStats
+from stepserve.core.outputs import EngineCoreRequest
+from stepserve.engine.core_client import CoreOutputs
+from stepserve.engine.core_process import (
+    AbortRequests,
+    AddRequest,
+    CoreFactory,
+    CoreFatal,
+    CoreReady,
+    CoreStepOutputs,
+    Shutdown,
+    core_main,
+)
+from stepserve.errors import EngineDeadError
+
+log = logging.getLogger("stepserve.supervisor")
+
+EMPTY_STATS = EngineStats(0, 0, 0.0, 0, 0, 0)
+
+
+@dataclass(frozen=True)
+class RestartPolicy:
+    max_restarts: int = 5  # restarts allowed before liveness fails
+    backoff_s: float = 1.0  # wait before the first restart; doubled for each one after
+    max_backoff_s: float = 30.0  # the longest wait between restarts
+
+
+class _CoreProcess:
+    """One spawned core and the thread that reads its pipe."""
+
+    def __init__(self, factory: CoreFactory, on_message: Callable, on_exit: Callable) -> None:
+        ctx = multiprocessing.get_context("spawn")
+        self.conn, child = ctx.Pipe()
+        self.process = ctx.Process(target=core_main, args=(child, factory), name="stepserve-core", daemon=True)
+        self.process.start()
+        child.close()
+        self._on_message, self._on_exit = on_message, on_exit
+        self._lock = threading.Lock()
+        self._reader = threading.Thread(target=self._read, name="stepserve-core-reader", daemon=True)
+        self._reader.start()
+
+    def send(self, message) -> None:
+        with self._lock:
+            self.conn.send(message)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        try:
+            self.send(Shutdown())
+        except OSError:
+            pass
+        self.process.join(timeout)
+        if self.process.is_alive():
+            self.process.kill()
+            self.process.join(5)
+
+    def _read(self) -> None:
+        try:
+            while True:
+                message = self.conn.recv()
+                self._on_message(self, message)
+                if isinstance(message, CoreFatal):
+                    break
+        except (EOFError, OSError):
+            pass  # the process is gone
+        self.process.join(10)
+        self._on_exit(self, self.process.exitcode)
+
+
+class SupervisedCoreClient:
+    """A ``CoreClient`` over a core process that is restarted when it dies.
+
+    Must be created inside the running event loop.
+    """
+
+    def __init__(self, factory: CoreFactory, policy: RestartPolicy = RestartPolicy(), on_restart: Callable[[], None] | None = None) -> None:
+        self._factory = factory
+        self.policy = policy
+        self._on_restart = on_restart
+        self._loop = asyncio.get_running_loop()
+        self._outputs: asyncio.Queue[CoreOutputs] = asyncio.Queue()
+        self._stats = EMPTY_STATS
+        self._state = "starting"  # starting, ready, restarting, failed, stopped
+        self.restarts = 0
+        self.info = None
+        self.core_pid: int | None = None
+        self.ready = threading.Event()
+        self._core = self._spawn()
+
+    # -- CoreClient ----------------------------------------------------------------------
+
+    def add_request(self, request: EngineCoreRequest) -> None:
+        if self._state != "ready":
+            raise EngineDeadError("the engine is restarting")
+        try:
+            self._core.send(AddRequest(request))
+        except OSError as exc:
+            raise EngineDeadError(f"the engine is not reachable: {exc}") from None
+
+    def abort(self, request_ids: Sequence[str]) -> None:
+        if request_ids and self._state == "ready":
+            try:
+                self._core.send(AbortRequests(tuple(request_ids)))
+            except OSError:
+                pass  # a dead core holds no blocks
+
+    async def get_outputs(self) -> CoreOutputs:
+        return await self._outputs.get()
+
+    def stats(self) -> EngineStats:
+        return self._stats
+
+    @property
+    def is_alive(self) -> bool:
+        """Readiness: a core is up and taking requests."""
+        return self._state == "ready"
+
+    @property
+    def is_live(self) -> bool:
+        """Liveness: false only once the restart budget is spent."""
+        return self._state != "failed"
+
+    def shutdown(self) -> None:
+        self._state = "stopped"
+        self._core.stop()
+
+    # -- the core's side (reader threads) ------------------------------------------------
+
+    def _spawn(self) -> _CoreProcess:
+        self.ready.clear()
+        return _CoreProcess(self._factory, self._on_message, self._on_exit)
+
+    def _on_message(self, proc: _CoreProcess, message) -> None:
+        if proc is not self._core:
+            return
+        if isinstance(message, CoreStepOutputs):
+            self._stats = message.stats
+            self._publish(CoreOutputs(message.outputs))
+        elif isinstance(message, CoreReady):
+            self.info, self.core_pid = message.info, message.pid
+            if self._state != "stopped":
+                self._state = "ready"
+            self.ready.set()
+            log.info("engine core ready (pid %d, restarts so far: %d)", message.pid, self.restarts)
+        elif isinstance(message, CoreFatal):
+            log.error("engine core failed (pid %s):\n%s", self.core_pid, message.traceback.rstrip())
+
+    def _on_exit(self, proc: _CoreProcess, exitcode: int | None) -> None:
+        if proc is not self._core or self._state == "stopped":
+            return
+        was_starting = self._state == "starting"
+        self._state = "restarting"
+        self._stats = EMPTY_STATS
+        log.error("engine core (pid %s) exited with code %s; failing in-flight requests", self.core_pid, exitcode)
+        self._publish(CoreOutputs((), engine_error="the engine core died and is restarting; retry shortly"))
+        if was_starting and self.restarts == 0 and self.info is None:
+            log.error("the engine core failed before it was ever ready")
+        delay = min(self.policy.backoff_s * 2**self.restarts, self.policy.max_backoff_s)
+        timer = threading.Timer(delay, self._restart)
+        timer.daemon = True
+        timer.start()
+
+    def _restart(self) -> None:
+        if self._state == "stopped":
+            return
+        if self.restarts >= self.policy.max_restarts:
+            self._state = "failed"
+            log.critical("engine restart budget (%d) spent: liveness now fails", self.policy.max_restarts)
+            return
+        self.restarts += 1
+        log.warning("restarting the engine core (restart %d of %d)", self.restarts, self.policy.max_restarts)
+        if self._on_restart is not None:
+            self._loop.call_soon_threadsafe(self._on_restart)
+        self._state = "starting"
+        self._core = self._spawn()
+
+    def _publish(self, batch: CoreOutputs) -> None:
+        try:
+            self._loop.call_soon_threadsafe(self._outputs.put_nowait, batch)
+        except RuntimeError:
+            pass  # the event loop closed during shutdown
