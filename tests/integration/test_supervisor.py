@@ -1,0 +1,79 @@
+"""The engine core in its own process: outputs cross the pipe, kill -9 is detected, restarts."""
+
+import asyncio
+import functools
+import os
+import signal
+import time
+
+import pytest
+
+from stepserve.config import EngineConfig
+from stepserve.core.outputs import EngineCoreRequest
+from stepserve.engine.core_process import core_factory
+from stepserve.engine.supervisor import RestartPolicy, SupervisedCoreClient
+from stepserve.sampling import SamplingParams
+
+
+def tiny_config(model_dir) -> EngineConfig:
+    return EngineConfig.from_kwargs(model=str(model_dir), num_blocks=256, block_size=4, max_model_len=128)
+
+
+async def wait_for(predicate, timeout=60.0):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        await asyncio.sleep(0.05)
+
+
+async def collect(client, request_id):
+    tokens = []
+    while True:
+        batch = await asyncio.wait_for(client.get_outputs(), 30)
+        if batch.engine_error:
+            return tokens, batch.engine_error
+        for out in batch.outputs:
+            if out.request_id == request_id:
+                tokens += out.new_token_ids
+                if out.finished:
+                    return tokens, out.finish_reason
+
+
+def request(rid, max_tokens=8):
+    return EngineCoreRequest(rid, (72, 105), SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True))
+
+
+def test_kill_is_detected_and_the_core_comes_back(tiny_llama):
+    async def scenario():
+        restarts = []
+        client = SupervisedCoreClient(core_factory(tiny_config(tiny_llama)), RestartPolicy(backoff_s=0.1), lambda: restarts.append(1))
+        await wait_for(lambda: client.is_alive)
+        client.add_request(request("a"))
+        tokens, reason = await collect(client, "a")
+        assert len(tokens) == 8 and reason == "length"
+        client.add_request(request("b", 100))
+        os.kill(client.core_pid, signal.SIGKILL)
+        started = time.monotonic()
+        _, error = await collect(client, "b")
+        assert "died" in error and time.monotonic() - started < 3
+        assert not client.is_alive and client.is_live
+        await wait_for(lambda: client.is_alive)
+        assert client.restarts == 1 and restarts == [1]
+        client.add_request(request("c"))
+        tokens_c, reason = await collect(client, "c")
+        assert tokens_c == tokens and reason == "length"
+        client.shutdown()
+
+    asyncio.run(scenario())
+
+
+def test_restart_budget_spent_fails_liveness(tiny_llama):
+    import faults
+
+    async def scenario():
+        client = SupervisedCoreClient(functools.partial(faults.crashing_core, tiny_config(tiny_llama)), RestartPolicy(max_restarts=2, backoff_s=0.05))
+        await wait_for(lambda: not client.is_live, timeout=90)
+        assert client.restarts == 2 and not client.is_alive
+        client.shutdown()
+
+    asyncio.run(scenario())
