@@ -28,6 +28,8 @@ class AttentionMetadata:
     block_size: int  # tokens per block
     is_decode: bool  # every sequence has exactly one new token
     extras: dict | None = None  # backend-private tensors, built once per step by the backend
+    decode_rows: torch.Tensor | None = None  # [Bd] int32: rows with one new token, in a mixed step
+    prefill_rows: torch.Tensor | None = None  # [Bp] int32: rows with several, when not is_decode
 
 
 class AttentionBackend(Protocol):

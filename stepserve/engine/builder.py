@@ -16,7 +16,8 @@ from stepserve.core.scheduler import Scheduler
 from stepserve.models.gguf_cache import converted_source
 from stepserve.models.loader import load_model, read_hf_config, resolve_source
 from stepserve.models.tokenizer import eos_token_ids, load_tokenizer
-from stepserve.worker.runner import ModelRunner, allocate_kv_cache, kv_cache_bytes_per_block
+from stepserve.worker.cuda_graphs import graph_batch_sizes
+from stepserve.worker.runner import ModelRunner, allocate_kv_cache, kv_cache_bytes_per_block, profile_run
 
 log = logging.getLogger("stepserve")
 
@@ -50,16 +51,14 @@ def pick_dtype(name: str, device: torch.device) -> torch.dtype:
     return _DTYPES[name]
 
 
-def _num_blocks(config: EngineConfig, model, dtype, device, max_model_len: int) -> int:
+def _num_blocks(config: EngineConfig, model, backend, dtype, device, max_model_len: int, graph_sizes: list[int]) -> int:
     cache = config.cache
     if cache.num_blocks is not None:
         num_blocks = cache.num_blocks
     else:
         per_block = kv_cache_bytes_per_block(model, cache.block_size, dtype)
         if device.type == "cuda":
-            torch.cuda.empty_cache()
-            free, total = torch.cuda.mem_get_info()
-            budget = free - total * (1 - cache.gpu_memory_utilization) - 2 * 2**30  # room for activations
+            budget = _gpu_kv_budget(config, model, backend, device, graph_sizes)
         else:
             budget = cache.cpu_kv_cache_gib * 2**30
         num_blocks = int(budget // per_block)
@@ -72,8 +71,32 @@ def _num_blocks(config: EngineConfig, model, dtype, device, max_model_len: int) 
     return num_blocks
 
 
-def build_engine(config: EngineConfig) -> tuple[EngineCore, object, ModelInfo]:
-    """Returns the core, the tokenizer and what was learned while building them."""
+def _gpu_kv_budget(config: EngineConfig, model, backend, device, graph_sizes: list[int]) -> float:
+    """Bytes for the KV cache: the utilization share of the GPU, less what other processes and
+    the CUDA context hold, the weights, the peak activations of a profile run of the largest
+    pass, and the CUDA graphs' logits buffers."""
+    sched = config.scheduler
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats(device)
+    weights = torch.cuda.memory_allocated(device)
+    profile_run(model, backend, config.cache.block_size, sched.max_num_batched_tokens, sched.max_num_seqs, device)
+    torch.cuda.synchronize(device)
+    activations = torch.cuda.max_memory_allocated(device) - weights
+    torch.cuda.empty_cache()
+    free, total = torch.cuda.mem_get_info(device)
+    others = total - free - torch.cuda.memory_reserved(device)
+    graphs = sum(graph_sizes) * model.cfg.vocab_size * 4 + (2**29 if graph_sizes else 0)
+    budget = total * config.cache.gpu_memory_utilization - others - weights - activations - graphs
+    log.info(
+        "GPU memory: %.1f GiB total, weights %.2f GiB, peak activations %.2f GiB, graphs %.2f GiB, other %.2f GiB -> KV cache %.1f GiB",
+        total / 2**30, weights / 2**30, activations / 2**30, graphs / 2**30, others / 2**30, budget / 2**30,
+    )
+    return budget
+
+
+def build_engine(config: EngineConfig, weights=None) -> tuple[EngineCore, object, ModelInfo]:
+    """Returns the core, the tokenizer and what was learned while building them. ``weights``
+    (a ``(hf_name, tensor)`` stream) replaces the checkpoint files when given."""
     start = time.monotonic()
     source = resolve_source(config.model.model)
     if source.gguf_file is not None:
@@ -88,11 +111,16 @@ def build_engine(config: EngineConfig) -> tuple[EngineCore, object, ModelInfo]:
     tokenizer = load_tokenizer(source)
     eos = eos_token_ids(source, hf_config, tokenizer)
     steps = config.scheduler.num_scheduler_steps
-    model = load_model(source, hf_config, dtype, device, max_positions=max_model_len + steps)
-    num_blocks = _num_blocks(config, model, dtype, device, max_model_len)
+    model = load_model(source, hf_config, dtype, device, max_positions=max_model_len + steps, weights=weights)
+    # On CUDA: Triton kernels, and CUDA graphs of the decode step unless enforce_eager.
+    backend = get_backend("triton" if device.type == "cuda" else "sdpa")
+    use_graphs = device.type == "cuda" and not config.model.enforce_eager
+    graph_sizes = graph_batch_sizes(config.scheduler.max_num_seqs) if use_graphs else []
+    num_blocks = _num_blocks(config, model, backend, dtype, device, max_model_len, graph_sizes)
     kv_caches = allocate_kv_cache(model, num_blocks, config.cache.block_size, dtype, device)
-    backend = get_backend("sdpa")
     runner = ModelRunner(model, kv_caches, config.cache.block_size, backend, eos, device, config.model.seed)
+    if use_graphs:
+        runner.capture_cuda_graphs(graph_sizes, max_model_len, steps)
     blocks = BlockManager(num_blocks, config.cache.block_size, config.cache.enable_prefix_caching)
     scheduler = Scheduler(config.scheduler, blocks, max_model_len, eos)
     info = ModelInfo(source.name, max_model_len, eos, num_blocks, device.type, str(dtype).removeprefix("torch."), time.monotonic() - start)

@@ -94,13 +94,38 @@ def rope_inv_freq(cfg: LlamaConfig) -> torch.Tensor:
     return torch.where(medium, smoothed, scaled)
 
 
+def fused_ops(x: torch.Tensor):
+    """The Triton kernels of ``triton_ops`` for CUDA tensors, else None (the PyTorch code runs)."""
+    if not x.is_cuda:
+        return None
+    global _FUSED
+    if _FUSED is None:
+        from stepserve.models import triton_ops
+
+        _FUSED = triton_ops
+    return _FUSED
+
+
+_FUSED = None
+
+
 class RMSNorm(nn.Module):
     def __init__(self, size: int, eps: float) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.ones(size))
         self.eps = eps
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        """``norm(x)``; with a residual, ``(norm(x + residual), x + residual)`` (one kernel on CUDA)."""
+        ops = fused_ops(x)
+        if ops is not None:
+            return ops.rms_norm(x, self.weight, self.eps, residual)
+        if residual is not None:
+            x = x + residual
+            return self._norm(x), x
+        return self._norm(x)
+
+    def _norm(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
         x = x.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -121,6 +146,10 @@ class Rotary(nn.Module):
         self.cos_sin.copy_(torch.cat([freqs.cos(), freqs.sin()], dim=-1))
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        ops = fused_ops(q)
+        if ops is not None:  # in place on the qkv output: one launch instead of a dozen
+            ops.rotary_(q, k, positions, self.cos_sin)
+            return q, k
         cos, sin = self.cos_sin[positions].chunk(2, dim=-1)  # [T, D/2] each
         cos, sin = cos[:, None, :], sin[:, None, :]
         return _rotate(q, cos, sin), _rotate(k, cos, sin)
@@ -158,7 +187,11 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        gate_up = self.gate_up_proj(x)
+        ops = fused_ops(gate_up)
+        if ops is not None:
+            return self.down_proj(ops.silu_and_mul(gate_up))
+        gate, up = gate_up.chunk(2, dim=-1)
         return self.down_proj(F.silu(gate) * up)
 
 
@@ -170,9 +203,16 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, positions, rotary, kv_cache, meta, backend):
-        x = x + self.self_attn(self.input_layernorm(x), positions, rotary, kv_cache, meta, backend)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x, residual, positions, rotary, kv_cache, meta, backend):
+        """Returns this layer's MLP output and the residual stream before it; the next norm adds
+        them (fused on CUDA). The first layer gets ``residual=None``."""
+        if residual is None:
+            h, residual = self.input_layernorm(x), x
+        else:
+            h, residual = self.input_layernorm(x, residual)
+        h = self.self_attn(h, positions, rotary, kv_cache, meta, backend)
+        h, residual = self.post_attention_layernorm(h, residual)
+        return self.mlp(h), residual
 
 
 class LlamaForCausalLM(nn.Module):
@@ -195,10 +235,10 @@ class LlamaForCausalLM(nn.Module):
         self.rotary = Rotary(cfg, max_positions)
 
     def forward(self, input_ids, positions, kv_caches, meta: AttentionMetadata, backend: AttentionBackend):
-        x = self.embed_tokens(input_ids)
+        x, residual = self.embed_tokens(input_ids), None
         for layer, kv_cache in zip(self.layers, kv_caches):
-            x = layer(x, positions, self.rotary, kv_cache, meta, backend)
-        return self.norm(x)
+            x, residual = layer(x, residual, positions, self.rotary, kv_cache, meta, backend)
+        return self.norm(x, residual)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight

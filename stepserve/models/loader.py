@@ -57,14 +57,20 @@ def read_hf_config(source: ModelSource) -> dict:
     return json.loads((source.directory / "config.json").read_text())
 
 
-def load_model(source: ModelSource, hf_config: dict, dtype: torch.dtype, device: torch.device, max_positions: int) -> LlamaForCausalLM:
+def load_model(
+    source: ModelSource, hf_config: dict, dtype: torch.dtype, device: torch.device, max_positions: int, weights=None
+) -> LlamaForCausalLM:
+    """``weights``, when given, is a ``(hf_name, tensor)`` stream used instead of the source's
+    files (benchmarks hand over weights already on the GPU)."""
     cfg = LlamaConfig.from_hf(hf_config)
     with torch.device("meta"):
         model = LlamaForCausalLM(cfg, max_positions)
     model = model.to_empty(device=device).to(dtype)
     model.rotary.cos_sin = model.rotary.cos_sin.float()
     model.rotary.fill()
-    if source.gguf_path is not None:
+    if weights is not None:
+        pass
+    elif source.gguf_path is not None:
         weights = gguf_weights(source.gguf_path, hf_config)
     else:
         weights = safetensors_weights(source.directory)

@@ -4,6 +4,10 @@ Multi-step: the first step computes each request's scheduled tokens; every later
 back the tokens just sampled, advancing positions, slots and context lengths with tensor ops on
 the device. Slots past a request's allowed steps map to the null block: what is computed there
 is discarded by the core's stop check, so it never reaches a request's real blocks.
+
+On CUDA a pure-decode pass replays a captured graph (``cuda_graphs.py``) that runs the forward
+and advances positions, slots and context lengths for the next step; only sampling runs outside
+it. Inputs go up in one pinned, non-blocking copy; the pass ends with its one host sync.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from stepserve.attention.base import AttentionBackend, AttentionMetadata
 from stepserve.core.outputs import ModelRunnerOutput, SchedulerOutput, TokenLogprob
 from stepserve.models.llama import LlamaForCausalLM
 from stepserve.worker import sampler as S
+from stepserve.worker.cuda_graphs import CudaGraphs
 
 
 def kv_cache_bytes_per_block(model: LlamaForCausalLM, block_size: int, dtype: torch.dtype) -> int:
@@ -28,6 +33,37 @@ def allocate_kv_cache(model: LlamaForCausalLM, num_blocks: int, block_size: int,
     cfg = model.cfg
     shape = (2, num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim)
     return [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_layers)]
+
+
+@torch.inference_mode()
+def profile_run(model: LlamaForCausalLM, backend: AttentionBackend, block_size: int, num_tokens: int, num_seqs: int, device) -> None:
+    """The largest pass the scheduler may send (``num_tokens`` prompt tokens over ``num_seqs``
+    sequences, logits and sorting for every row) over a scratch KV cache, so that the caller can
+    read peak activation memory before sizing the real cache."""
+    num_seqs = max(1, min(num_seqs, num_tokens))
+    per_seq = max(1, num_tokens // num_seqs)
+    blocks_per_seq = -(-per_seq // block_size)
+    cache = allocate_kv_cache(model, num_seqs * blocks_per_seq + 1, block_size, model.embed_tokens.weight.dtype, device)
+    i32 = lambda xs: torch.tensor(xs, dtype=torch.int32, device=device)  # noqa: E731
+    tables = [[1 + s * blocks_per_seq + b for b in range(blocks_per_seq)] for s in range(num_seqs)]
+    slots = [tables[s][p // block_size] * block_size + p % block_size for s in range(num_seqs) for p in range(per_seq)]
+    meta = AttentionMetadata(
+        slot_mapping=torch.tensor(slots, device=device),
+        positions=torch.arange(per_seq, device=device).repeat(num_seqs),
+        query_start_loc=i32([s * per_seq for s in range(num_seqs + 1)]),
+        seq_lens=i32([per_seq] * num_seqs),
+        block_tables=i32(tables),
+        max_query_len=per_seq,
+        max_seq_len=per_seq,
+        block_size=block_size,
+        is_decode=per_seq == 1,
+        prefill_rows=None if per_seq == 1 else i32(list(range(num_seqs))),
+    )
+    backend.prepare(meta)
+    hidden = model(torch.zeros(num_seqs * per_seq, dtype=torch.long, device=device), meta.positions, cache, meta, backend)
+    logits = model.compute_logits(hidden[per_seq - 1 :: per_seq])
+    logits.softmax(dim=-1).sort(dim=-1, descending=True)  # the sampler's largest temporaries (top-p)
+    del cache
 
 
 @dataclass
@@ -61,6 +97,7 @@ class ModelRunner:
         self.vocab_size = model.cfg.vocab_size
         self.shared_generator = torch.Generator(device=device).manual_seed(seed)
         self._generators: dict[str, torch.Generator] = {}
+        self.graphs: CudaGraphs | None = None  # set by capture_cuda_graphs
 
     # -- the pass ------------------------------------------------------------------------
 
@@ -71,30 +108,37 @@ class ModelRunner:
         requests = sched.requests
         inputs = self._prepare(sched)
         batch = S.build_sampling_batch(requests, self._row_generators(sched), self.eos_token_ids, self.vocab_size, self.device)
+        graph = self.graphs.load(inputs) if self.graphs is not None else None
         steps: list[torch.Tensor] = []
         logprobs: list[tuple] = []
-        errors: dict[str, str] = {}
+        nonfinite = torch.zeros(len(requests), dtype=torch.bool, device=self.device)
         for step in range(sched.num_steps):
-            if step > 0:
-                self._advance(inputs, steps[-1])
-            logits = self._forward(inputs)
-            self._check_finite(logits, requests, errors)
+            if graph is not None:
+                logits = graph.replay()  # advances its own inputs for the next step
+            else:
+                if step > 0:
+                    self._advance(inputs, steps[-1])
+                logits = self._forward(inputs)
+            # A NaN or inf anywhere in a row makes its sum non-finite: one reduction, no sync.
+            nonfinite |= ~torch.isfinite(logits.sum(dim=-1))
             tokens = S.sample(S.apply_logits_processors(logits, batch), batch, self.shared_generator)
+            if graph is not None:
+                graph.feed(tokens)
             if batch.num_logprobs >= 0:
                 logprobs.append(S.top_logprobs(logits, tokens, batch.num_logprobs))
             S.advance(batch, tokens)
             steps.append(tokens)
-        return self._output(sched, steps, logprobs, errors)
+        return self._output(sched, steps, logprobs, nonfinite)
 
     def _forward(self, inputs: StepInputs) -> torch.Tensor:
         self.backend.prepare(inputs.meta)
         hidden = self.model(inputs.input_ids, inputs.meta.positions, self.kv_caches, inputs.meta, self.backend)
         return self.model.compute_logits(hidden[inputs.logits_index])
 
-    def _check_finite(self, logits: torch.Tensor, requests, errors: dict[str, str]) -> None:
-        bad = (~torch.isfinite(logits).all(dim=-1)).nonzero().flatten().tolist()
-        for row in bad:
-            errors.setdefault(requests[row].request_id, "the model produced non-finite logits for this request")
+    @torch.inference_mode()
+    def capture_cuda_graphs(self, batch_sizes: list[int], max_model_len: int, max_steps: int) -> None:
+        """Capture the decode step for each batch size (largest first, sharing one memory pool)."""
+        self.graphs = CudaGraphs(self, batch_sizes, max_model_len + max_steps)
 
     def _row_generators(self, sched: SchedulerOutput) -> list[torch.Generator | None]:
         rows = []
@@ -112,38 +156,62 @@ class ModelRunner:
     # -- inputs --------------------------------------------------------------------------
 
     def _prepare(self, sched: SchedulerOutput) -> StepInputs:
+        """Packed inputs of the pass's first step, built on the host and sent in one copy."""
         bs = self.block_size
         input_ids: list[int] = []
         positions: list[int] = []
+        slots: list[int] = []
         query_start = [0]
         seq_lens = []
         for r in sched.requests:
             end = r.start + r.num_new_tokens
             input_ids.extend(r.token_ids[r.start : end])
             positions.extend(range(r.start, end))
+            blocks = r.block_ids
+            slots.extend(blocks[p // bs] * bs + p % bs for p in range(r.start, end))
             query_start.append(len(input_ids))
             seq_lens.append(end)
         # Wide enough for every position the pass may touch; padding is the null block 0.
         width = max(-(-(n + sched.num_steps - 1) // bs) for n in seq_lens)
-        tables = [list(r.block_ids[:width]) + [0] * (width - min(len(r.block_ids), width)) for r in sched.requests]
-        dev = self.device
-        qsl = torch.tensor(query_start, dtype=torch.int32, device=dev)
+        tables: list[int] = []
+        for r in sched.requests:
+            row = list(r.block_ids[:width])
+            tables.extend(row + [0] * (width - len(row)))
+        q_lens = [r.num_new_tokens for r in sched.requests]
+        is_decode = all(n == 1 for n in q_lens)
+        decode_rows = [] if is_decode else [i for i, n in enumerate(q_lens) if n == 1]
+        prefill_rows = [] if is_decode else [i for i, n in enumerate(q_lens) if n > 1]
+        logits_index = [q - 1 for q in query_start[1:]]
+        longs, ints = self._upload(
+            [input_ids, positions, slots, logits_index],
+            [query_start, seq_lens, tables, decode_rows, prefill_rows],
+        )
+        ids, pos, slot, logits_idx = longs
+        qsl, lens, flat_tables, d_rows, p_rows = ints
         meta = AttentionMetadata(
-            slot_mapping=torch.empty(0, dtype=torch.long, device=dev),
-            positions=torch.tensor(positions, dtype=torch.long, device=dev),
+            slot_mapping=slot,
+            positions=pos,
             query_start_loc=qsl,
-            seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=dev),
-            block_tables=torch.tensor(tables, dtype=torch.int32, device=dev),
-            max_query_len=max(r.num_new_tokens for r in sched.requests),
+            seq_lens=lens,
+            block_tables=flat_tables.view(len(seq_lens), width),
+            max_query_len=max(q_lens),
             max_seq_len=max(seq_lens),
             block_size=bs,
-            is_decode=all(r.num_new_tokens == 1 for r in sched.requests),
+            is_decode=is_decode,
+            decode_rows=d_rows if decode_rows else None,
+            prefill_rows=None if is_decode else p_rows,
         )
-        token_rows = torch.repeat_interleave(
-            torch.arange(len(seq_lens), device=dev), (qsl[1:] - qsl[:-1]).long()
-        )
-        meta.slot_mapping = self._slots(meta.block_tables, token_rows, meta.positions)
-        return StepInputs(torch.tensor(input_ids, dtype=torch.long, device=dev), meta, qsl[1:].long() - 1)
+        return StepInputs(ids, meta, logits_idx)
+
+    def _upload(self, longs: list[list[int]], ints: list[list[int]]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Device tensors (int64, int32) of the given lists: one pinned non-blocking copy per dtype."""
+        out = []
+        for lists, dtype in ((longs, torch.long), (ints, torch.int32)):
+            flat = torch.tensor([x for xs in lists for x in xs], dtype=dtype)
+            if self.device.type == "cuda":
+                flat = flat.pin_memory().to(self.device, non_blocking=True)
+            out.append(list(flat.split([len(xs) for xs in lists])))
+        return out[0], out[1]
 
     def _slots(self, tables: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         blocks = tables[rows, positions // self.block_size].long()
@@ -160,13 +228,19 @@ class ModelRunner:
         meta.max_query_len = 1
         meta.max_seq_len += 1
         meta.is_decode = True
+        meta.decode_rows = meta.prefill_rows = None
         meta.slot_mapping = self._slots(meta.block_tables, torch.arange(batch, device=self.device), meta.positions)
         inputs.logits_index = torch.arange(batch, device=self.device)
 
     # -- outputs -------------------------------------------------------------------------
 
-    def _output(self, sched: SchedulerOutput, steps, logprobs, errors) -> ModelRunnerOutput:
-        tokens = torch.stack(steps, dim=1).tolist()  # the pass's one host sync
+    def _output(self, sched: SchedulerOutput, steps, logprobs, nonfinite: torch.Tensor) -> ModelRunnerOutput:
+        rows = torch.cat([torch.stack(steps, dim=1), nonfinite[:, None].long()], dim=1).tolist()  # the one sync
+        tokens = [row[:-1] for row in rows]
+        errors = {
+            r.request_id: "the model produced non-finite logits for this request"
+            for r, row in zip(sched.requests, rows) if row[-1]
+        }
         sampled = tuple(tuple(row) if r.sample else () for r, row in zip(sched.requests, tokens))
         return ModelRunnerOutput(sampled, self._logprobs(sched, tokens, logprobs), errors)
 

@@ -14,6 +14,14 @@ import torch
 from stepserve.core.outputs import ScheduledRequest
 
 
+def _tensor(data, dtype: torch.dtype | None = None, device=None) -> torch.Tensor:
+    """A device tensor of host values; on CUDA through pinned memory without a host sync."""
+    t = torch.tensor(data, dtype=dtype)
+    if torch.device(device).type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t
+
+
 @dataclass
 class SamplingBatch:
     """Per-pass sampling tensors for B rows; counts and min-token masks advance step by step."""
@@ -45,11 +53,11 @@ def build_sampling_batch(
 ) -> SamplingBatch:
     params = [r.params for r in requests]
     b = len(params)
-    f32 = lambda xs: torch.tensor(xs, dtype=torch.float32, device=device)  # noqa: E731
+    f32 = lambda xs: _tensor(xs, dtype=torch.float32, device=device)  # noqa: E731
     greedy = [p.greedy for p in params]
     batch = SamplingBatch(
         temperature=f32([1.0 if g else p.temperature for p, g in zip(params, greedy)]),
-        greedy=torch.tensor(greedy, device=device),
+        greedy=_tensor(greedy, device=device),
         all_greedy=all(greedy),
         top_k=None, top_p=None, min_p=None, presence=None, frequency=None, repetition=None,
         output_counts=None, prompt_mask=None, bias=None, stop_mask=None, min_left=None,
@@ -57,7 +65,7 @@ def build_sampling_batch(
         num_logprobs=max((p.logprobs for p in params if p.logprobs is not None), default=-1),
     )
     if any(p.top_k > 0 for p in params):
-        batch.top_k = torch.tensor([p.top_k if p.top_k > 0 else vocab_size for p in params], device=device)
+        batch.top_k = _tensor([p.top_k if p.top_k > 0 else vocab_size for p in params], device=device)
     if any(p.top_p < 1.0 for p in params):
         batch.top_p = f32([p.top_p for p in params])
     if any(p.min_p > 0 for p in params):
@@ -77,17 +85,17 @@ def build_sampling_batch(
 
 def _add_penalties(batch: SamplingBatch, requests, vocab_size: int, device) -> None:
     params = [r.params for r in requests]
-    batch.presence = torch.tensor([p.presence_penalty for p in params], device=device)
-    batch.frequency = torch.tensor([p.frequency_penalty for p in params], device=device)
-    batch.repetition = torch.tensor([p.repetition_penalty for p in params], device=device)
+    batch.presence = _tensor([p.presence_penalty for p in params], device=device)
+    batch.frequency = _tensor([p.frequency_penalty for p in params], device=device)
+    batch.repetition = _tensor([p.repetition_penalty for p in params], device=device)
     batch.output_counts = torch.zeros(len(params), vocab_size, dtype=torch.int32, device=device)
     batch.prompt_mask = torch.zeros(len(params), vocab_size, dtype=torch.bool, device=device)
     for row, r in enumerate(requests):
-        prompt = torch.tensor(r.token_ids[: r.num_prompt_tokens], dtype=torch.long, device=device)
+        prompt = _tensor(r.token_ids[: r.num_prompt_tokens], dtype=torch.long, device=device)
         batch.prompt_mask[row, prompt] = True
         outputs = r.token_ids[r.num_prompt_tokens :]
         if outputs:
-            ids = torch.tensor(outputs, dtype=torch.long, device=device)
+            ids = _tensor(outputs, dtype=torch.long, device=device)
             batch.output_counts[row].scatter_add_(0, ids, torch.ones_like(ids, dtype=torch.int32))
 
 
@@ -101,7 +109,7 @@ def _add_min_tokens(batch: SamplingBatch, requests, eos_token_ids, vocab_size: i
         if ids:
             batch.stop_mask[row, ids] = True
         left.append(p.min_tokens - (len(r.token_ids) - r.num_prompt_tokens))
-    batch.min_left = torch.tensor(left, device=device)
+    batch.min_left = _tensor(left, device=device)
 
 
 def apply_logits_processors(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:

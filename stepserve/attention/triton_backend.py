@@ -1,0 +1,61 @@
+"""The CUDA backend: Triton paged decode (GQA, split-K) and varlen paged prefill.
+
+A pure-decode step runs one decode launch over every row, so it can be captured in a CUDA graph.
+A mixed step (prompt chunks beside decoding sequences) runs the decode kernel over the rows
+with one new token and the prefill kernel over the rest; the runner names both row sets.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from stepserve.attention import triton_kernels as K
+from stepserve.attention.base import AttentionMetadata
+
+MAX_SPLITS = 32
+
+
+def num_splits(batch: int, num_kv_heads: int, num_sms: int) -> int:
+    """Splits per sequence so that (sequence, KV head, split) programs fill the GPU about twice;
+    1 when the batch alone fills it. It depends on the batch shape only, never on the lengths, so
+    an eager step and a graph captured for the same batch size split (and round) alike; short
+    sequences just leave trailing splits empty."""
+    return max(1, min(-(-2 * num_sms // (batch * num_kv_heads)), MAX_SPLITS))
+
+
+class TritonBackend:
+    name = "triton"
+
+    def __init__(self) -> None:
+        self._num_sms: int | None = None
+
+    def num_sms(self, device: torch.device) -> int:
+        if self._num_sms is None:
+            on_gpu = device.type == "cuda"  # the CPU case is Triton's interpreter, in tests
+            self._num_sms = torch.cuda.get_device_properties(device).multi_processor_count if on_gpu else 132
+        return self._num_sms
+
+    def prepare(self, meta: AttentionMetadata) -> None:
+        meta.extras = {}
+
+    def forward(self, q, k, v, kv_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+        K.write_kv(k, v, kv_cache, meta.slot_mapping)
+        out = torch.empty_like(q)
+        args = (kv_cache, out, meta.query_start_loc, meta.seq_lens, meta.block_tables, scale)
+        if meta.is_decode:
+            K.paged_decode(q, *args, num_splits=self._splits(meta, meta.block_tables.shape[0], kv_cache))
+            return out
+        if meta.decode_rows is not None:
+            splits = self._splits(meta, meta.decode_rows.shape[0], kv_cache)
+            K.paged_decode(q, *args, num_splits=splits, rows=meta.decode_rows)
+        K.paged_prefill(q, *args, rows=meta.prefill_rows, max_query_len=meta.max_query_len)
+        return out
+
+    def _splits(self, meta: AttentionMetadata, batch: int, kv_cache: torch.Tensor) -> int:
+        """Chosen by the first layer, reused by the rest (host-side only: safe inside a graph)."""
+        if meta.extras is None:
+            meta.extras = {}
+        if "num_splits" not in meta.extras:
+            sms = self.num_sms(kv_cache.device)
+            meta.extras["num_splits"] = num_splits(batch, kv_cache.shape[3], sms)
+        return meta.extras["num_splits"]

@@ -1,0 +1,265 @@
+"""Triton kernels for attention over the paged KV cache.
+
+Cache layout per layer: ``[2, num_blocks, block_size, num_kv_heads, head_dim]`` (K then V). Block
+tables map a sequence's logical blocks to physical ones; the null block 0 pads them.
+
+- ``write_kv``: one launch stores K and V of every new token at its slot (the projections'
+  outputs are strided views of the fused qkv matmul, so no copy is made first).
+- ``paged_decode``: one new token per sequence. A program owns one (sequence, KV head, split):
+  the query heads sharing that KV head are stacked as the rows of one ``tl.dot`` (GQA), so each
+  K/V tile is read once for the whole group. Long contexts are split along the sequence into
+  ``num_splits`` parts whose partial results are merged by a second kernel (flash-decoding);
+  split ranges are computed from the sequence length on the device, so a CUDA graph captured
+  with a fixed split count stays valid as sequences grow.
+- ``paged_prefill``: variable-length query runs (prompt chunks) attending causally to their
+  whole context in the cache, prefix-cache hits included (flash-attention over pages).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+
+
+def _precision(q: torch.Tensor) -> str:
+    """float32 stays float32 (tf32 would break parity with the CPU reference); 16-bit is native."""
+    return "ieee" if q.dtype == torch.float32 else "tf32"
+
+
+@triton.jit
+def _write_kv_kernel(
+    k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slot_ptr,
+    stride_kt, stride_kh, stride_vt, stride_vh, stride_cs, stride_ch,
+    NUM_KV_HEADS: tl.constexpr, HEADS_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
+):
+    t = tl.program_id(0)
+    slot = tl.load(slot_ptr + t).to(tl.int64)
+    h = tl.arange(0, HEADS_PAD)[:, None]
+    d = tl.arange(0, HEAD_DIM)[None, :]
+    mask = h < NUM_KV_HEADS
+    k = tl.load(k_ptr + t * stride_kt + h * stride_kh + d, mask=mask)
+    v = tl.load(v_ptr + t * stride_vt + h * stride_vh + d, mask=mask)
+    dst = slot * stride_cs + h * stride_ch + d
+    tl.store(k_cache_ptr + dst, k, mask=mask)
+    tl.store(v_cache_ptr + dst, v, mask=mask)
+
+
+def write_kv(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    """Store K/V ``[T, Hkv, D]`` (any row stride, contiguous last dim) at their cache slots."""
+    num_tokens, num_kv_heads, head_dim = k.shape
+    if num_tokens == 0:
+        return
+    k_cache, v_cache = kv_cache[0], kv_cache[1]
+    _write_kv_kernel[(num_tokens,)](
+        k, v, k_cache, v_cache, slot_mapping,
+        k.stride(0), k.stride(1), v.stride(0), v.stride(1), k_cache.stride(1), k_cache.stride(2),
+        NUM_KV_HEADS=num_kv_heads, HEADS_PAD=triton.next_power_of_2(num_kv_heads), HEAD_DIM=head_dim,
+    )
+
+
+@triton.jit
+def _paged_decode_kernel(
+    q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, part_out_ptr, part_lse_ptr,
+    rows_ptr, qsl_ptr, seq_lens_ptr, tables_ptr,
+    scale_log2, num_splits,
+    stride_qt, stride_qh, stride_ot, stride_oh,
+    stride_kb, stride_kt, stride_kh, stride_tb,
+    GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, HAS_ROWS: tl.constexpr, SPLIT: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    i = tl.program_id(0)
+    kvh = tl.program_id(1)
+    split = tl.program_id(2)
+    if HAS_ROWS:
+        row = tl.load(rows_ptr + i)
+    else:
+        row = i
+    tok = tl.load(qsl_ptr + row)  # the sequence's one new token in the packed batch
+    seq_len = tl.load(seq_lens_ptr + row)
+    tiles_per_split = tl.cdiv(tl.cdiv(seq_len, BLOCK_N), num_splits)
+    start = split * tiles_per_split * BLOCK_N
+    end = tl.minimum(seq_len, start + tiles_per_split * BLOCK_N)
+
+    g = tl.arange(0, GROUP_PAD)
+    d = tl.arange(0, HEAD_DIM)
+    heads = kvh * GROUP + g
+    gmask = g < GROUP
+    q = tl.load(q_ptr + tok.to(tl.int64) * stride_qt + heads[:, None] * stride_qh + d[None, :], mask=gmask[:, None], other=0.0)
+    m = tl.full([GROUP_PAD], float("-inf"), tl.float32)
+    l = tl.zeros([GROUP_PAD], tl.float32)
+    acc = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
+    table = tables_ptr + row.to(tl.int64) * stride_tb
+    for s in range(start, end, BLOCK_N):
+        n = s + tl.arange(0, BLOCK_N)
+        nmask = n < end
+        block = tl.load(table + n // BLOCK_SIZE, mask=nmask, other=0).to(tl.int64)
+        offs = block * stride_kb + (n % BLOCK_SIZE) * stride_kt + kvh * stride_kh
+        k = tl.load(k_cache_ptr + offs[:, None] + d[None, :], mask=nmask[:, None], other=0.0)
+        v = tl.load(v_cache_ptr + offs[:, None] + d[None, :], mask=nmask[:, None], other=0.0)
+        qk = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2
+        qk = tl.where(nmask[None, :], qk, float("-inf"))
+        m_new = tl.maximum(m, tl.max(qk, 1))
+        p = tl.math.exp2(qk - m_new[:, None])
+        alpha = tl.math.exp2(m - m_new)
+        l = l * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        m = m_new
+    l_safe = tl.where(l > 0, l, 1.0)
+    out = acc / l_safe[:, None]
+    if SPLIT:
+        base = (i * (GROUP * tl.num_programs(1)) + heads) * num_splits + split
+        tl.store(part_out_ptr + base[:, None] * HEAD_DIM + d[None, :], out, mask=gmask[:, None])
+        lse = tl.where(l > 0, m + tl.math.log2(l_safe), float("-inf"))
+        tl.store(part_lse_ptr + base, lse, mask=gmask)
+    else:
+        dst = out_ptr + tok.to(tl.int64) * stride_ot + heads[:, None] * stride_oh + d[None, :]
+        tl.store(dst, out.to(out_ptr.dtype.element_ty), mask=gmask[:, None])
+
+
+@triton.jit
+def _merge_splits_kernel(
+    out_ptr, part_out_ptr, part_lse_ptr, rows_ptr, qsl_ptr, num_splits, stride_ot, stride_oh,
+    HEAD_DIM: tl.constexpr, SPLITS_PAD: tl.constexpr, HAS_ROWS: tl.constexpr,
+):
+    i = tl.program_id(0)
+    h = tl.program_id(1)
+    if HAS_ROWS:
+        row = tl.load(rows_ptr + i)
+    else:
+        row = i
+    tok = tl.load(qsl_ptr + row)
+    s = tl.arange(0, SPLITS_PAD)
+    smask = s < num_splits
+    base = (i * tl.num_programs(1) + h) * num_splits
+    lse = tl.load(part_lse_ptr + base + s, mask=smask, other=float("-inf"))
+    top = tl.max(lse, 0)
+    w = tl.where(lse > float("-inf"), tl.math.exp2(lse - top), 0.0)
+    d = tl.arange(0, HEAD_DIM)
+    parts = tl.load(part_out_ptr + (base + s)[:, None] * HEAD_DIM + d[None, :], mask=(smask & (w > 0))[:, None], other=0.0)
+    out = tl.sum(parts * w[:, None], 0) / tl.sum(w, 0)
+    tl.store(out_ptr + tok.to(tl.int64) * stride_ot + h * stride_oh + d, out.to(out_ptr.dtype.element_ty))
+
+
+def paged_decode(
+    q: torch.Tensor,  # [T, H, D]
+    kv_cache: torch.Tensor,
+    out: torch.Tensor,  # [T, H, D], written at each decode row's token
+    query_start_loc: torch.Tensor,
+    seq_lens: torch.Tensor,
+    block_tables: torch.Tensor,
+    scale: float,
+    num_splits: int,
+    rows: torch.Tensor | None = None,  # [Bd] rows that decode; None: every row
+    block_n: int = 64,
+) -> None:
+    num_rows = block_tables.shape[0] if rows is None else rows.shape[0]
+    if num_rows == 0:
+        return
+    num_heads, head_dim = q.shape[1], q.shape[2]
+    k_cache, v_cache = kv_cache[0], kv_cache[1]
+    num_kv_heads, block_size = k_cache.shape[2], k_cache.shape[1]
+    group = num_heads // num_kv_heads
+    split = num_splits > 1
+    part_out = part_lse = out  # placeholders when unused
+    if split:
+        part_out = torch.empty(num_rows, num_heads, num_splits, head_dim, dtype=torch.float32, device=q.device)
+        part_lse = torch.empty(num_rows, num_heads, num_splits, dtype=torch.float32, device=q.device)
+    rows_arg = rows if rows is not None else query_start_loc
+    _paged_decode_kernel[(num_rows, num_kv_heads, num_splits)](
+        q, k_cache, v_cache, out, part_out, part_lse,
+        rows_arg, query_start_loc, seq_lens, block_tables,
+        scale * LOG2E, num_splits,
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
+        GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
+        BLOCK_SIZE=block_size, BLOCK_N=block_n, HAS_ROWS=rows is not None, SPLIT=split, PRECISION=_precision(q),
+        num_warps=4, num_stages=2,
+    )
+    if split:
+        _merge_splits_kernel[(num_rows, num_heads)](
+            out, part_out, part_lse, rows_arg, query_start_loc, num_splits, out.stride(0), out.stride(1),
+            HEAD_DIM=head_dim, SPLITS_PAD=triton.next_power_of_2(num_splits), HAS_ROWS=rows is not None,
+        )
+
+
+@triton.jit
+def _paged_prefill_kernel(
+    q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, rows_ptr, qsl_ptr, seq_lens_ptr, tables_ptr,
+    scale_log2,
+    stride_qt, stride_qh, stride_ot, stride_oh,
+    stride_kb, stride_kt, stride_kh, stride_tb,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
+):
+    tile = tl.program_id(0)
+    row = tl.load(rows_ptr + tl.program_id(1))
+    h = tl.program_id(2)
+    kvh = h // GROUP
+    q_start = tl.load(qsl_ptr + row)
+    q_len = tl.load(qsl_ptr + row + 1) - q_start
+    seq_len = tl.load(seq_lens_ptr + row)
+    context = seq_len - q_len  # tokens before this run (cached prefix or earlier chunks)
+    mi = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+    mmask = mi < q_len
+    q_pos = context + mi
+    d = tl.arange(0, HEAD_DIM)
+    q = tl.load(q_ptr + (q_start + mi).to(tl.int64)[:, None] * stride_qt + h * stride_qh + d[None, :], mask=mmask[:, None], other=0.0)
+    # Causal: this tile's last query sees keys up to its own position; an idle tile sees none.
+    end = tl.minimum(seq_len, context + (tile + 1) * BLOCK_M)
+    end = tl.where(tile * BLOCK_M < q_len, end, 0)
+    m = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    table = tables_ptr + row.to(tl.int64) * stride_tb
+    for s in range(0, end, BLOCK_N):
+        n = s + tl.arange(0, BLOCK_N)
+        nmask = n < end
+        block = tl.load(table + n // BLOCK_SIZE, mask=nmask, other=0).to(tl.int64)
+        offs = block * stride_kb + (n % BLOCK_SIZE) * stride_kt + kvh * stride_kh
+        k = tl.load(k_cache_ptr + offs[:, None] + d[None, :], mask=nmask[:, None], other=0.0)
+        v = tl.load(v_cache_ptr + offs[:, None] + d[None, :], mask=nmask[:, None], other=0.0)
+        qk = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2
+        qk = tl.where(nmask[None, :] & (n[None, :] <= q_pos[:, None]), qk, float("-inf"))
+        m_new = tl.maximum(m, tl.max(qk, 1))
+        m_use = tl.where(m_new > float("-inf"), m_new, 0.0)  # rows with nothing visible yet
+        p = tl.math.exp2(qk - m_use[:, None])
+        alpha = tl.math.exp2(m - m_use)
+        l = l * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        m = m_new
+    out = acc / tl.where(l > 0, l, 1.0)[:, None]
+    dst = out_ptr + (q_start + mi).to(tl.int64)[:, None] * stride_ot + h * stride_oh + d[None, :]
+    tl.store(dst, out.to(out_ptr.dtype.element_ty), mask=mmask[:, None])
+
+
+def paged_prefill(
+    q: torch.Tensor,  # [T, H, D]
+    kv_cache: torch.Tensor,
+    out: torch.Tensor,  # [T, H, D], written at each prefill row's tokens
+    query_start_loc: torch.Tensor,
+    seq_lens: torch.Tensor,
+    block_tables: torch.Tensor,
+    scale: float,
+    rows: torch.Tensor,  # [Bp] int32 rows with more than one new token
+    max_query_len: int,
+) -> None:
+    if rows.shape[0] == 0:
+        return
+    num_heads, head_dim = q.shape[1], q.shape[2]
+    k_cache, v_cache = kv_cache[0], kv_cache[1]
+    num_kv_heads, block_size = k_cache.shape[2], k_cache.shape[1]
+    block_m = 64
+    block_n = 64 if head_dim <= 128 else 32
+    grid = (triton.cdiv(max_query_len, block_m), rows.shape[0], num_heads)
+    _paged_prefill_kernel[grid](
+        q, k_cache, v_cache, out, rows, query_start_loc, seq_lens, block_tables,
+        scale * LOG2E,
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
+        GROUP=num_heads // num_kv_heads, HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
+        BLOCK_M=block_m, BLOCK_N=block_n, PRECISION=_precision(q), num_warps=4, num_stages=2,
+    )

@@ -1,0 +1,394 @@
+"""GPU benchmark, end to end in one run: stepserve against transformers continuous batching.
+
+    python -m stepserve.bench.gpu --out DIR
+
+Random-weight bf16 models shaped like Llama-3.1-8B and Llama-3.2-1B are built on the GPU
+(nothing is downloaded; a byte-level tokenizer is written beside the config, and requests are
+token ids). Workload: 256 requests of 512 random prompt tokens and 256 output tokens each,
+``ignore_eos``. Measured: (a) stepserve offline throughput, (b) transformers ``generate_batch``
+with ``paged|sdpa`` attention on the same weights and requests, (c) stepserve batch-1 decode
+tok/s and the bandwidth it achieves against a measured device copy, (d) stepserve
+``num_scheduler_steps`` 1 vs 8 on the 1B shape. stepserve is timed through its engine loop
+(schedule, execute, update) without detokenization, as vLLM's throughput benchmark does with
+``detokenize=False``. A table goes to stdout, JSON to ``DIR/gpu_bench.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import json
+import logging
+import random
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+SHAPES = {
+    "8b": dict(
+        hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+        head_dim=128, tie_word_embeddings=False,
+        rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
+    ),
+    "1b": dict(
+        hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
+        head_dim=64, tie_word_embeddings=True,
+        rope_scaling={"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
+    ),
+}
+COMMON = dict(
+    architectures=["LlamaForCausalLM"], model_type="llama", vocab_size=128256, rms_norm_eps=1e-5, rope_theta=500000.0,
+    max_position_embeddings=131072, hidden_act="silu", bos_token_id=128000, eos_token_id=128001, torch_dtype="bfloat16",
+)
+NUM_REQUESTS, PROMPT_LEN, OUTPUT_LEN = 256, 512, 256
+MAX_MODEL_LEN = 1024
+
+
+# -- models ------------------------------------------------------------------------------
+
+
+def write_model_dir(root: Path, shape: str) -> Path:
+    """config.json, generation_config.json and a small byte-level tokenizer (ids are what matter)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    directory = root / f"llama-{shape}-random"
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "config.json").write_text(json.dumps({**COMMON, **SHAPES[shape]}))
+    (directory / "generation_config.json").write_text(json.dumps({"eos_token_id": COMMON["eos_token_id"]}))
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    tok = Tokenizer(models.BPE(vocab={ch: i for i, ch in enumerate(alphabet)}, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    PreTrainedTokenizerFast(tokenizer_object=tok).save_pretrained(directory)
+    return directory
+
+
+def weight_shapes(shape: str) -> dict[str, tuple[int, ...]]:
+    c = {**COMMON, **SHAPES[shape]}
+    h, i, d = c["hidden_size"], c["intermediate_size"], c["head_dim"]
+    q, kv = c["num_attention_heads"] * d, c["num_key_value_heads"] * d
+    shapes = {"model.embed_tokens.weight": (c["vocab_size"], h), "model.norm.weight": (h,)}
+    if not c["tie_word_embeddings"]:
+        shapes["lm_head.weight"] = (c["vocab_size"], h)
+    for n in range(c["num_hidden_layers"]):
+        p = f"model.layers.{n}."
+        shapes.update({
+            p + "input_layernorm.weight": (h,), p + "post_attention_layernorm.weight": (h,),
+            p + "self_attn.q_proj.weight": (q, h), p + "self_attn.k_proj.weight": (kv, h),
+            p + "self_attn.v_proj.weight": (kv, h), p + "self_attn.o_proj.weight": (h, q),
+            p + "mlp.gate_proj.weight": (i, h), p + "mlp.up_proj.weight": (i, h), p + "mlp.down_proj.weight": (h, i),
+        })
+    return shapes
+
+
+def random_weights(shape: str, seed: int = 0):
+    """The same ``(hf_name, bf16 tensor on the GPU)`` stream every time: N(0, 0.02), norms 1."""
+    gen = torch.Generator(device="cuda")
+    for k, (name, dims) in enumerate(weight_shapes(shape).items()):
+        if len(dims) == 1:
+            yield name, torch.ones(dims, dtype=torch.bfloat16, device="cuda")
+            continue
+        gen.manual_seed(seed * 100003 + k)
+        yield name, (torch.randn(dims, generator=gen, device="cuda", dtype=torch.float32) * 0.02).to(torch.bfloat16)
+
+
+def free_gpu() -> None:
+    gc.collect()
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+
+
+# -- workload ----------------------------------------------------------------------------
+
+
+def workload(seed: int = 0) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(1000, 128000) for _ in range(PROMPT_LEN)] for _ in range(NUM_REQUESTS)]
+
+
+def stepserve_engine(model_dir: Path, shape: str, steps: int, **options):
+    from stepserve.config import EngineConfig
+    from stepserve.engine.builder import build_engine
+
+    config = EngineConfig.from_kwargs(
+        model=str(model_dir), max_model_len=MAX_MODEL_LEN, num_scheduler_steps=steps, max_num_seqs=256,
+        max_num_batched_tokens=8192, gpu_memory_utilization=0.9, **options,
+    )
+    core, _, info = build_engine(config, weights=random_weights(shape))
+    return core, info
+
+
+def run_requests(core, prompts: list[list[int]], max_tokens: int, tag: str, passes: list | None = None) -> tuple[float, int]:
+    """Seconds and output tokens for the prompts run through the engine loop to completion.
+    ``passes`` collects (requests, steps, tokens computed by the first step, seconds) per pass:
+    each pass ends with its one host sync, so wall time per pass is its real cost."""
+    from stepserve.core.outputs import EngineCoreRequest
+    from stepserve.sampling import SamplingParams
+
+    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for i, ids in enumerate(prompts):
+        core.add_request(EngineCoreRequest(f"{tag}-{i}", tuple(ids), params, time.monotonic()))
+    tokens = 0
+    sched_, worker = core.scheduler, core.worker
+    while core.has_unfinished:
+        t0 = time.perf_counter()
+        sched = sched_.schedule()  # core.step(), spelled out to time each pass
+        if sched.is_empty:
+            continue
+        outs = sched_.update(sched, worker.execute(sched))
+        if passes is not None:
+            passes.append((len(sched.requests), sched.num_steps, sched.num_batched_tokens, time.perf_counter() - t0))
+        for out in outs:
+            tokens += len(out.new_token_ids)
+            if out.error:
+                raise RuntimeError(f"request {out.request_id} failed: {out.error}")
+    torch.cuda.synchronize()
+    return time.perf_counter() - start, tokens
+
+
+def pass_breakdown(passes: list) -> dict:
+    """Time in passes that compute prompt tokens vs pure decode passes."""
+    prefill = [p for p in passes if p[2] > p[0]]
+    decode = [p for p in passes if p[2] == p[0]]
+    decode_steps = sum(p[1] for p in decode)
+    return {
+        "prefill_passes": len(prefill),
+        "prefill_s": round(sum(p[3] for p in prefill), 3),
+        "prefill_tokens": sum(p[2] for p in prefill),
+        "decode_passes": len(decode),
+        "decode_steps": decode_steps,
+        "decode_s": round(sum(p[3] for p in decode), 3),
+        "decode_ms_per_step": round(1e3 * sum(p[3] for p in decode) / max(1, decode_steps), 3),
+        "decode_ms_per_step_full_batch": round(1e3 * statistics.median([p[3] / p[1] for p in decode if p[0] == max(q[0] for q in decode)] or [0]), 3),
+    }
+
+
+def graph_step_ms(core, size: int) -> float | None:
+    """GPU time of one captured decode step at ``size`` rows (contexts as the last pass left them)."""
+    graphs = core.worker.graphs
+    if graphs is None or size not in graphs.graphs:
+        return None
+    graphs.batch, graphs.size = size, size
+    graphs.replay()
+    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    a.record()
+    for _ in range(10):
+        graphs.replay()
+    b.record()
+    b.synchronize()
+    return round(a.elapsed_time(b) / 10, 3)
+
+
+def stepserve_throughput(core, prompts) -> dict:
+    run_requests(core, [p[:64] for p in prompts[:16]], 16, "warm")  # compiles the prefill kernels
+    passes: list = []
+    elapsed, tokens = run_requests(core, prompts, OUTPUT_LEN, "bench", passes)
+    return {
+        "elapsed_s": round(elapsed, 3), "output_tokens": tokens, "out_tok_s": round(tokens / elapsed, 1),
+        **pass_breakdown(passes), "graph_step_ms_256": graph_step_ms(core, 256),
+    }
+
+
+def profile(core, prompts, out: Path) -> None:
+    """Kernel time by name over all prefills and one 8-step decode pass of the batch."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
+        run_requests(core, prompts, 9, "prof")
+    text = prof.key_averages().table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=70)
+    (out / "profile_8b.txt").write_text(text)
+    print(text, flush=True)
+
+
+def batch1_decode(core, prompt: list[int], weight_bytes: int, kv_bytes_per_token: int) -> dict:
+    """Decode tok/s of one request: (t(1 + n tokens) - t(1 token)) over n, best of three."""
+    n = OUTPUT_LEN
+    run_requests(core, [prompt], n + 1, "b1warm")
+    first = min(run_requests(core, [prompt], 1, f"b1p{i}")[0] for i in range(3))
+    full = min(run_requests(core, [prompt], n + 1, f"b1f{i}")[0] for i in range(3))
+    tok_s = n / (full - first)
+    mean_context = len(prompt) + n / 2
+    bytes_per_token = weight_bytes + kv_bytes_per_token * mean_context
+    return {"tok_s": round(tok_s, 1), "bytes_per_token": bytes_per_token, "achieved_tb_s": round(bytes_per_token * tok_s / 1e12, 3)}
+
+
+def model_stream_bytes(core) -> tuple[int, int]:
+    """Bytes a decode step must read: every weight but the embedding table (one row is read;
+    tied models read it whole as the LM head), and KV bytes per context token."""
+    model = core.worker.model
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    embed = model.embed_tokens.weight
+    if model.lm_head is not None:
+        total -= embed.numel() * embed.element_size()
+    cfg = model.cfg
+    kv = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * embed.element_size()
+    return total, kv
+
+
+# -- transformers --------------------------------------------------------------------------
+
+
+def transformers_cb(model_dir: Path, shape: str, prompts) -> dict:
+    import transformers
+    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+
+    config = AutoConfig.from_pretrained(model_dir)
+    with torch.device("cuda"):
+        try:
+            model = AutoModelForCausalLM.from_config(config, attn_implementation="paged|sdpa", dtype=torch.bfloat16)
+        except TypeError:
+            model = AutoModelForCausalLM.from_config(config, attn_implementation="paged|sdpa", torch_dtype=torch.bfloat16)
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, tensor in random_weights(shape):  # the same weights stepserve runs
+            params[name].copy_(tensor)
+    model.eval()
+    gen = GenerationConfig(
+        max_new_tokens=OUTPUT_LEN, do_sample=False, eos_token_id=COMMON["eos_token_id"], pad_token_id=0,
+    )
+    model.generate_batch(inputs=[p[:64] for p in prompts[:16]], generation_config=GenerationConfig(max_new_tokens=16, do_sample=False, pad_token_id=0))
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    outputs = model.generate_batch(inputs=prompts, generation_config=gen)
+    torch.cuda.synchronize()
+    elapsed = time.perf_counter() - start
+    tokens = sum(len(o.generated_tokens) for o in outputs.values())
+    del model, params
+    free_gpu()
+    return {"elapsed_s": round(elapsed, 3), "output_tokens": tokens, "out_tok_s": round(tokens / elapsed, 1), "version": transformers.__version__}
+
+
+# -- device ------------------------------------------------------------------------------
+
+
+def copy_bandwidth() -> float:
+    """TB/s of a 4 GiB device-to-device copy, counting bytes read plus written (median of 20)."""
+    src = torch.randn(2**30, device="cuda")
+    dst = torch.empty_like(src)
+    for _ in range(3):
+        dst.copy_(src)
+    times = []
+    for _ in range(20):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        dst.copy_(src)
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) / 1e3)
+    del src, dst
+    free_gpu()
+    return 2 * 4 * 2**30 / statistics.median(times) / 1e12
+
+
+# -- the run -------------------------------------------------------------------------------
+
+
+def bench_1b(root: Path, prompts, results: dict, skip_transformers: bool) -> None:
+    model_dir = write_model_dir(root, "1b")
+    for steps in (1, 8):
+        core, info = stepserve_engine(model_dir, "1b", steps)
+        results[f"stepserve_1b_n{steps}"] = {**stepserve_throughput(core, prompts), "kv_blocks": info.num_kv_blocks}
+        print(f"1b stepserve N={steps}: {results[f'stepserve_1b_n{steps}']}", flush=True)
+        del core
+        free_gpu()
+    if not skip_transformers:
+        results["transformers_1b"] = transformers_cb(model_dir, "1b", prompts)
+        print(f"1b transformers: {results['transformers_1b']}", flush=True)
+
+
+def bench_8b(root: Path, prompts, results: dict, skip_transformers: bool, copy_tb_s: float, profile_dir: Path | None) -> None:
+    model_dir = write_model_dir(root, "8b")
+    core, info = stepserve_engine(model_dir, "8b", 8)
+    results["stepserve_8b"] = {**stepserve_throughput(core, prompts), "kv_blocks": info.num_kv_blocks, "load_s": round(info.load_seconds, 1)}
+    print(f"8b stepserve N=8: {results['stepserve_8b']}", flush=True)
+    weight_bytes, kv_bytes = model_stream_bytes(core)
+    b1 = batch1_decode(core, prompts[0], weight_bytes, kv_bytes)
+    b1["share_of_copy_bandwidth"] = round(b1["achieved_tb_s"] / copy_tb_s, 3)
+    results["batch1_8b"] = b1
+    print(f"8b batch-1: {b1}", flush=True)
+    if profile_dir is not None:
+        profile(core, prompts, profile_dir)
+    del core
+    free_gpu()
+    if not skip_transformers:
+        results["transformers_8b"] = transformers_cb(model_dir, "8b", prompts)
+        print(f"8b transformers: {results['transformers_8b']}", flush=True)
+
+
+def summary(results: dict) -> dict:
+    get = lambda key, field="out_tok_s": results.get(key, {}).get(field)  # noqa: E731
+    n1, n8 = get("stepserve_1b_n1"), get("stepserve_1b_n8")
+    return {
+        "stepserve_8b_out_tok_s": get("stepserve_8b"),
+        "transformers_8b_out_tok_s": get("transformers_8b"),
+        "stepserve_1b_out_tok_s": n8,
+        "transformers_1b_out_tok_s": get("transformers_1b"),
+        "batch1_8b_tok_s": get("batch1_8b", "tok_s"),
+        "copy_tb_s": results.get("copy_tb_s"),
+        "multistep_1b_n8_over_n1": round(n8 / n1, 3) if n1 and n8 else None,
+        "device": torch.cuda.get_device_name(),
+        "date": results.get("date"),
+    }
+
+
+def table(s: dict, results: dict) -> str:
+    ratio = lambda a, b: f"{a / b:.1f}x" if a and b else "-"  # noqa: E731
+    b1 = results.get("batch1_8b", {})
+    rows = [
+        ("8B, 256 x 512 in / 256 out, output tok/s", s["stepserve_8b_out_tok_s"], s["transformers_8b_out_tok_s"], ratio(s["stepserve_8b_out_tok_s"], s["transformers_8b_out_tok_s"])),
+        ("1B, same workload, output tok/s (N=8)", s["stepserve_1b_out_tok_s"], s["transformers_1b_out_tok_s"], ratio(s["stepserve_1b_out_tok_s"], s["transformers_1b_out_tok_s"])),
+        ("8B batch-1 decode tok/s", s["batch1_8b_tok_s"], "-", f"{b1.get('achieved_tb_s')} TB/s = {b1.get('share_of_copy_bandwidth')} of copy"),
+        ("1B N=8 over N=1 (stepserve)", s["multistep_1b_n8_over_n1"], "-", f"N=1: {results.get('stepserve_1b_n1', {}).get('out_tok_s')} tok/s"),
+        ("device copy bandwidth, TB/s", round(s["copy_tb_s"], 2) if s["copy_tb_s"] else None, "-", s["device"]),
+    ]
+    lines = ["| measure | stepserve | transformers CB | ratio / note |", "| --- | --- | --- | --- |"]
+    lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", required=True, help="directory for gpu_bench.json")
+    parser.add_argument("--only", choices=["1b", "8b"], help="run one shape")
+    parser.add_argument("--skip-transformers", action="store_true")
+    parser.add_argument("--date", default=datetime.date.today().isoformat())
+    parser.add_argument("--profile", action="store_true", help="also write the 8B kernel profile")
+    parser.add_argument("--num-requests", type=int, default=NUM_REQUESTS, help="fewer requests for a smoke run")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    results: dict = {"date": args.date, "workload": f"{NUM_REQUESTS} x {PROMPT_LEN} in / {OUTPUT_LEN} out, ignore_eos, greedy"}
+    results["copy_tb_s"] = round(copy_bandwidth(), 3)
+    prompts = workload()[: args.num_requests]
+
+    def save():
+        (out / "gpu_bench.json").write_text(json.dumps({**summary(results), "details": results}, indent=2))
+
+    with tempfile.TemporaryDirectory() as tmp:
+        for shape, run in (("1b", lambda: bench_1b(Path(tmp), prompts, results, args.skip_transformers)),
+                           ("8b", lambda: bench_8b(Path(tmp), prompts, results, args.skip_transformers, results["copy_tb_s"], out if args.profile else None))):
+            if args.only in (None, shape):
+                try:
+                    run()
+                except Exception as exc:  # keep what was measured; say what broke
+                    logging.exception("the %s benchmark failed", shape)
+                    results[f"error_{shape}"] = repr(exc)
+                    free_gpu()
+                save()
+    s = summary(results)
+    save()
+    print(table(s, results))
+    print(json.dumps(s, indent=2))
+
+
+if __name__ == "__main__":
+    main()

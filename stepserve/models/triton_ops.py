@@ -1,0 +1,111 @@
+"""Fused Triton kernels for the Llama layer's small ops on CUDA.
+
+Each replaces several PyTorch launches (which dominate a decode step once the matmuls are small)
+with one, rounding exactly where the PyTorch code in ``llama.py`` rounds, so the two paths agree
+to within reduction order:
+
+- ``rms_norm``: optional residual add (rounded to the activation dtype, as ``x + residual`` is),
+  then RMSNorm in float32, rounded, then times the weight.
+- ``rotary_``: rotate_half rotary embedding of q and k, in place on the fused qkv output.
+- ``silu_and_mul``: ``silu(gate)`` rounded, times ``up``, rounded.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _rms_norm_kernel(
+    x_ptr, res_ptr, out_ptr, res_out_ptr, w_ptr, eps, n_cols, stride_x, stride_r,
+    HAS_RES: tl.constexpr, BLOCK: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < n_cols
+    x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
+    if HAS_RES:
+        x = (x.to(tl.float32) + tl.load(res_ptr + row * stride_r + cols, mask=mask, other=0.0).to(tl.float32)).to(x.dtype)
+        tl.store(res_out_ptr + row * n_cols + cols, x, mask=mask)
+    xf = x.to(tl.float32)
+    rstd = 1.0 / tl.sqrt(tl.sum(xf * xf, 0) / n_cols + eps)
+    normed = (xf * rstd).to(x.dtype).to(tl.float32)
+    w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + row * n_cols + cols, (w * normed).to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None):
+    """``norm(x)``, or ``(norm(x + residual), x + residual)`` when a residual is given."""
+    rows, cols = x.shape
+    out = torch.empty(rows, cols, dtype=x.dtype, device=x.device)
+    res_out = torch.empty_like(x) if residual is not None else out
+    if rows:
+        block = triton.next_power_of_2(cols)
+        _rms_norm_kernel[(rows,)](
+            x, residual if residual is not None else x, out, res_out, weight, eps, cols,
+            x.stride(0), residual.stride(0) if residual is not None else 0,
+            HAS_RES=residual is not None, BLOCK=block, num_warps=min(16, max(1, block // 256)),
+        )
+    return out if residual is None else (out, res_out)
+
+
+@triton.jit
+def _rotary_kernel(
+    q_ptr, k_ptr, pos_ptr, cos_sin_ptr, stride_qt, stride_qh, stride_kt, stride_kh,
+    NUM_Q: tl.constexpr, NUM_K: tl.constexpr, HEADS_PAD: tl.constexpr, HALF: tl.constexpr,
+):
+    t = tl.program_id(0).to(tl.int64)
+    pos = tl.load(pos_ptr + t)
+    d = tl.arange(0, HALF)
+    cos = tl.load(cos_sin_ptr + pos * (2 * HALF) + d)[None, :]
+    sin = tl.load(cos_sin_ptr + pos * (2 * HALF) + HALF + d)[None, :]
+    h = tl.arange(0, HEADS_PAD)[:, None]
+    for which in tl.static_range(2):
+        if which == 0:
+            base = q_ptr + t * stride_qt + h * stride_qh
+            mask = h < NUM_Q
+        else:
+            base = k_ptr + t * stride_kt + h * stride_kh
+            mask = h < NUM_K
+        x1 = tl.load(base + d[None, :], mask=mask, other=0.0)
+        x2 = tl.load(base + HALF + d[None, :], mask=mask, other=0.0)
+        a, b = x1.to(tl.float32), x2.to(tl.float32)
+        tl.store(base + d[None, :], (a * cos - b * sin).to(x1.dtype), mask=mask)
+        tl.store(base + HALF + d[None, :], (b * cos + a * sin).to(x1.dtype), mask=mask)
+
+
+def rotary_(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor) -> None:
+    """Rotate q ``[T, H, D]`` and k ``[T, Hkv, D]`` in place (strided views of the qkv output)."""
+    tokens, num_q, head_dim = q.shape
+    if tokens == 0:
+        return
+    _rotary_kernel[(tokens,)](
+        q, k, positions, cos_sin, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
+        NUM_Q=num_q, NUM_K=k.shape[1], HEADS_PAD=triton.next_power_of_2(num_q), HALF=head_dim // 2,
+        num_warps=4,
+    )
+
+
+@triton.jit
+def _silu_and_mul_kernel(x_ptr, out_ptr, n_cols, stride_x, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < n_cols
+    gate = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
+    up = tl.load(x_ptr + row * stride_x + n_cols + cols, mask=mask, other=0.0)
+    g = gate.to(tl.float32)
+    act = (g / (1.0 + tl.exp(-g))).to(gate.dtype).to(tl.float32)
+    tl.store(out_ptr + row * n_cols + cols, (act * up.to(tl.float32)).to(gate.dtype), mask=mask)
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """``silu(x[:, :I]) * x[:, I:]`` for the fused gate_up output ``[T, 2I]``."""
+    rows, width = x.shape
+    cols = width // 2
+    out = torch.empty(rows, cols, dtype=x.dtype, device=x.device)
+    if rows:
+        block = 1024
+        _silu_and_mul_kernel[(rows, triton.cdiv(cols, block))](x, out, cols, x.stride(0), BLOCK=block, num_warps=4)
+    return out

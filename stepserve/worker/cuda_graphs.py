@@ -1,0 +1,123 @@
+"""CUDA graphs of the decode step, one per batch-size bucket, with the multi-step advance inside.
+
+Each graph reads static input buffers (token ids, positions, slots, context lengths, block
+tables), runs the model and the LM head, and then advances positions, context lengths and slots
+by one token in place, so replaying it again is the next step of a multi-step pass: between
+replays only the sampler runs and writes the sampled tokens into the ids buffer. Rows beyond the
+real batch (bucket padding) hold one token of context in the null block 0 and never touch a
+real block.
+"""
+
+from __future__ import annotations
+
+import bisect
+import logging
+
+import torch
+
+from stepserve.attention.base import AttentionMetadata
+
+log = logging.getLogger("stepserve")
+
+
+def graph_batch_sizes(max_num_seqs: int) -> list[int]:
+    """1, 2, 4, 8, then every multiple of 16 up to max_num_seqs (padding wastes < 16 rows)."""
+    sizes = [b for b in (1, 2, 4, 8) if b < max_num_seqs] + list(range(16, max_num_seqs + 16, 16))
+    return sorted({min(b, max_num_seqs) for b in sizes})
+
+
+class CudaGraphs:
+    """Captured decode steps of ``runner``'s model, replayed for pure-decode passes."""
+
+    def __init__(self, runner, batch_sizes: list[int], max_positions: int) -> None:
+        self.runner = runner
+        self.sizes = sorted(batch_sizes)
+        self.block_size = runner.block_size
+        self.width = -(-max_positions // self.block_size)
+        self.max_positions = max_positions
+        dev, n = runner.device, self.sizes[-1]
+        self.input_ids = torch.zeros(n, dtype=torch.long, device=dev)
+        self.positions = torch.zeros(n, dtype=torch.long, device=dev)
+        self.slots = torch.zeros(n, dtype=torch.long, device=dev)
+        self.seq_lens = torch.ones(n, dtype=torch.int32, device=dev)
+        self.tables = torch.zeros(n, self.width, dtype=torch.int32, device=dev)
+        self.query_start = torch.arange(n + 1, dtype=torch.int32, device=dev)
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.logits: dict[int, torch.Tensor] = {}
+        self.batch = self.size = 0  # the loaded pass: real rows, bucket
+        self._capture()
+
+    def _capture(self) -> None:
+        pool = None
+        for size in reversed(self.sizes):
+            meta = self._meta(size)
+            self._step(size, meta)  # compiles the kernels and settles allocations
+            self._reset(0)
+            torch.cuda.synchronize()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                self.logits[size] = self._step(size, meta)
+            pool = graph.pool()
+            self.graphs[size] = graph
+        torch.cuda.synchronize()
+        log.info("captured CUDA graphs for decode batch sizes %s", self.sizes)
+
+    def _meta(self, size: int) -> AttentionMetadata:
+        return AttentionMetadata(
+            slot_mapping=self.slots[:size],
+            positions=self.positions[:size],
+            query_start_loc=self.query_start[: size + 1],
+            seq_lens=self.seq_lens[:size],
+            block_tables=self.tables[:size],
+            max_query_len=1,
+            max_seq_len=self.max_positions,  # a bound: the kernels read the real lengths
+            block_size=self.block_size,
+            is_decode=True,
+        )
+
+    def _step(self, size: int, meta: AttentionMetadata) -> torch.Tensor:
+        r = self.runner
+        r.backend.prepare(meta)
+        hidden = r.model(self.input_ids[:size], meta.positions, r.kv_caches, meta, r.backend)
+        logits = r.model.compute_logits(hidden)
+        # Advance to the next step of a multi-step pass: its token sits right after this one.
+        self.positions[:size] += 1
+        self.seq_lens[:size] += 1
+        pos = self.positions[:size]
+        column = (pos // self.block_size).clamp_(max=self.width - 1)
+        blocks = self.tables[:size].gather(1, column[:, None]).squeeze(1).long()
+        self.slots[:size] = blocks * self.block_size + pos % self.block_size
+        return logits
+
+    def _reset(self, start: int) -> None:
+        """Rows from ``start`` on become padding: one token of context in the null block."""
+        self.positions[start:].zero_()
+        self.slots[start:].zero_()
+        self.seq_lens[start:].fill_(1)
+        self.tables[start:].zero_()
+
+    def load(self, inputs) -> CudaGraphs | None:
+        """Copy a pure-decode pass's first-step inputs into the buffers; None if no graph fits."""
+        meta = inputs.meta
+        batch = meta.seq_lens.shape[0]
+        if not meta.is_decode or batch > self.sizes[-1] or meta.block_tables.shape[1] > self.width:
+            return None
+        size = self.sizes[bisect.bisect_left(self.sizes, batch)]
+        self.input_ids[:batch].copy_(inputs.input_ids, non_blocking=True)
+        self.positions[:batch].copy_(meta.positions, non_blocking=True)
+        self.slots[:batch].copy_(meta.slot_mapping, non_blocking=True)
+        self.seq_lens[:batch].copy_(meta.seq_lens, non_blocking=True)
+        self.tables[:batch, : meta.block_tables.shape[1]].copy_(meta.block_tables, non_blocking=True)
+        if size > batch:
+            self._reset(batch)
+        self.batch, self.size = batch, size
+        return self
+
+    def replay(self) -> torch.Tensor:
+        """Run one step of the loaded pass; logits of the real rows (valid until the next replay)."""
+        self.graphs[self.size].replay()
+        return self.logits[self.size][: self.batch]
+
+    def feed(self, tokens: torch.Tensor) -> None:
+        """The sampled tokens are the next step's inputs."""
+        self.input_ids[: self.batch].copy_(tokens)

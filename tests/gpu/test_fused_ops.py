@@ -1,0 +1,61 @@
+"""The fused Triton layer ops against the PyTorch code they replace, on fresh random inputs."""
+
+import pytest
+import torch
+
+from stepserve.models.llama import LlamaConfig, RMSNorm, Rotary, _rotate
+
+
+def dtypes(device):
+    return [torch.float32] if device == "cpu" else [torch.bfloat16, torch.float32]  # interpreter: no bf16
+
+
+def rel_err(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def test_rms_norm_with_and_without_residual(device):
+    from stepserve.models import triton_ops
+
+    for dtype in dtypes(device):
+        for hidden in (64, 2048, 4096):
+            x = torch.randn(37, hidden).to(dtype).to(device)
+            res = torch.randn(37, hidden).to(dtype).to(device)
+            norm = RMSNorm(hidden, 1e-5).to(device)
+            norm.weight.data = (torch.rand(hidden) + 0.5).to(dtype).to(device)
+            out = torch.full_like(x, float("nan"))
+            out.copy_(triton_ops.rms_norm(x, norm.weight, 1e-5))
+            assert torch.isfinite(out).all()
+            assert rel_err(out, norm._norm(x)) < (1e-2 if dtype == torch.bfloat16 else 1e-5)
+            fused, summed = triton_ops.rms_norm(x, norm.weight, 1e-5, res)
+            assert torch.equal(summed, x + res)  # the residual add rounds exactly as PyTorch's
+            assert rel_err(fused, norm._norm(x + res)) < (1e-2 if dtype == torch.bfloat16 else 1e-5)
+
+
+def test_rotary_in_place(device):
+    from stepserve.models import triton_ops
+
+    for dtype in dtypes(device):
+        cfg = LlamaConfig(128, 64, 128, 1, 32, 8, 64, 1e-5, 500000.0, (), 4096, False, False, False, False)
+        rotary = Rotary(cfg, 4096)
+        rotary.fill()
+        rotary = rotary.to(device)
+        qkv = torch.randn(50, (32 + 16) * 64).to(dtype).to(device)
+        q, k, _ = qkv.split([32 * 64, 8 * 64, 8 * 64], dim=-1)
+        q, k = q.view(50, 32, 64), k.view(50, 8, 64)
+        positions = torch.randint(0, 4096, (50,), device=device)
+        cos, sin = rotary.cos_sin[positions].chunk(2, dim=-1)
+        want_q, want_k = _rotate(q, cos[:, None], sin[:, None]), _rotate(k, cos[:, None], sin[:, None])
+        triton_ops.rotary_(q, k, positions, rotary.cos_sin)
+        tol = 1e-2 if dtype == torch.bfloat16 else 1e-5
+        assert rel_err(q, want_q) < tol and rel_err(k, want_k) < tol
+
+
+def test_silu_and_mul(device):
+    from stepserve.models import triton_ops
+
+    for dtype in dtypes(device):
+        x = torch.randn(33, 2 * 1500).to(dtype).to(device)
+        gate, up = x.chunk(2, dim=-1)
+        want = torch.nn.functional.silu(gate) * up
+        assert rel_err(triton_ops.silu_and_mul(x), want) < (1e-2 if dtype == torch.bfloat16 else 1e-5)

@@ -1,0 +1,149 @@
+"""The Triton paged attention kernels against the SDPA reference, on fresh random inputs.
+
+Each case draws a new batch (context lengths, query runs, scattered block tables, cache contents),
+poisons the output with NaN, and compares with SDPA over gathered pages computed in float32.
+"""
+
+import pytest
+import torch
+
+from stepserve.attention.base import AttentionMetadata
+from stepserve.attention.sdpa import SdpaBackend
+
+
+def make_batch(q_lens, ctx_lens, num_heads, num_kv_heads, head_dim, block_size, dtype, device, seed):
+    gen = torch.Generator().manual_seed(seed)
+    seq_lens = [c + q for c, q in zip(ctx_lens, q_lens)]
+    width = max(-(-s // block_size) for s in seq_lens) + 1  # one padding column of null blocks
+    needed = sum(-(-s // block_size) for s in seq_lens)
+    num_blocks = needed + 8
+    free = (torch.randperm(num_blocks - 1, generator=gen) + 1).tolist()  # block 0 is the null block
+    tables, slots, positions, qsl = [], [], [], [0]
+    for s, q in zip(seq_lens, q_lens):
+        own = [free.pop() for _ in range(-(-s // block_size))]
+        tables.append(own + [0] * (width - len(own)))
+        for p in range(s - q, s):
+            positions.append(p)
+            slots.append(own[p // block_size] * block_size + p % block_size)
+        qsl.append(qsl[-1] + q)
+    t = len(positions)
+    cache = torch.randn(2, num_blocks, block_size, num_kv_heads, head_dim, generator=gen).to(dtype).to(device)
+    q = torch.randn(t, num_heads, head_dim, generator=gen).to(dtype).to(device)
+    k = torch.randn(t, num_kv_heads, head_dim, generator=gen).to(dtype).to(device)
+    v = torch.randn(t, num_kv_heads, head_dim, generator=gen).to(dtype).to(device)
+    i32 = lambda xs: torch.tensor(xs, dtype=torch.int32, device=device)  # noqa: E731
+    rows = list(range(len(q_lens)))
+    decode = [r for r in rows if q_lens[r] == 1]
+    prefill = [r for r in rows if q_lens[r] > 1]
+    is_decode = not prefill
+    meta = AttentionMetadata(
+        slot_mapping=torch.tensor(slots, device=device),
+        positions=torch.tensor(positions, device=device),
+        query_start_loc=i32(qsl),
+        seq_lens=i32(seq_lens),
+        block_tables=i32(tables),
+        max_query_len=max(q_lens),
+        max_seq_len=max(seq_lens),
+        block_size=block_size,
+        is_decode=is_decode,
+        decode_rows=None if is_decode or not decode else i32(decode),
+        prefill_rows=None if is_decode else i32(prefill),
+    )
+    return q, k, v, cache, meta
+
+
+def reference(q, k, v, cache, meta, scale):
+    """SDPA over gathered pages, in float64 on the CPU; returns the output and the written cache."""
+    fields = {f: getattr(meta, f) for f in meta.__dataclass_fields__ if f != "extras"}
+    moved = AttentionMetadata(**{f: (x.cpu() if torch.is_tensor(x) else x) for f, x in fields.items()})
+    backend = SdpaBackend()
+    backend.prepare(moved)
+    cache64 = cache.double().cpu()
+    out = backend.forward(q.double().cpu(), k.double().cpu(), v.double().cpu(), cache64, moved, scale)
+    return out, cache64
+
+
+def run_triton(q, k, v, cache, meta, scale):
+    from stepserve.attention.triton_backend import TritonBackend
+
+    backend = TritonBackend()
+    backend.prepare(meta)
+    return backend.forward(q, k, v, cache, meta, scale)
+
+
+def check(q, k, v, cache, meta, dtype):
+    if q.device.type == "cpu" and dtype == torch.bfloat16:
+        pytest.skip("Triton's interpreter mishandles bf16 stores; bf16 is checked on the GPU")
+    scale = q.shape[-1] ** -0.5
+    ref, ref_cache = reference(q, k, v, cache.clone(), meta, scale)
+    got_cache = cache.clone()
+    torch.manual_seed(0)
+    out = run_triton(q, k, v, got_cache, meta, scale)
+    assert torch.isfinite(out).all(), "some output element was never written (NaN poison survives) or overflowed"
+    err = (out.double().cpu() - ref).norm() / ref.norm()
+    tol = 1e-2 if dtype == torch.bfloat16 else 1e-3
+    assert err <= tol, f"relative error {err:.2e} > {tol}"
+    assert torch.equal(got_cache.double().cpu(), ref_cache), "the KV write differs from the reference's"
+
+
+@pytest.fixture(autouse=True)
+def poison_empty(monkeypatch):
+    """Every output buffer the backend allocates starts as NaN, so unwritten elements fail."""
+    real = torch.empty_like
+
+    def poisoned(x, *args, **kwargs):
+        out = real(x, *args, **kwargs)
+        if out.is_floating_point():
+            out.fill_(float("nan"))
+        return out
+
+    monkeypatch.setattr(torch, "empty_like", poisoned)
+
+
+SHAPES = [(32, 8, 128), (32, 8, 64), (4, 2, 64), (12, 12, 64)]  # (heads, kv heads, head dim)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("block_size", [16, 32])
+def test_decode_matches_sdpa(device, dtype, shape, block_size):
+    heads, kv_heads, head_dim = shape
+    for seed in range(2):
+        gen = torch.Generator().manual_seed(seed + block_size)
+        batch = int(torch.randint(1, 9, (1,), generator=gen))
+        ctx = torch.randint(0, 300, (batch,), generator=gen).tolist()
+        q, k, v, cache, meta = make_batch([1] * batch, ctx, heads, kv_heads, head_dim, block_size, dtype, device, seed)
+        check(q, k, v, cache, meta, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", SHAPES[:3])
+def test_decode_long_context_splits(device, dtype, shape):
+    """One sequence of a few thousand tokens: the split-K path and its merge."""
+    heads, kv_heads, head_dim = shape
+    q, k, v, cache, meta = make_batch([1, 1], [3000, 700], heads, kv_heads, head_dim, 16, dtype, device, 7)
+    check(q, k, v, cache, meta, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_prefill_and_mixed_match_sdpa(device, dtype, shape):
+    heads, kv_heads, head_dim = shape
+    for seed in range(2):
+        gen = torch.Generator().manual_seed(100 + seed)
+        batch = int(torch.randint(2, 7, (1,), generator=gen))
+        q_lens = [int(x) for x in torch.randint(1, 150, (batch,), generator=gen)]
+        q_lens[0] = 1  # at least one decoding row beside the prompt chunks
+        q_lens[-1] = max(q_lens[-1], 2)
+        ctx = [int(x) * (i % 2) for i, x in enumerate(torch.randint(0, 200, (batch,), generator=gen))]  # some with a cached prefix
+        q, k, v, cache, meta = make_batch(q_lens, ctx, heads, kv_heads, head_dim, 16, dtype, device, seed)
+        check(q, k, v, cache, meta, dtype)
+
+
+def test_num_splits_fill_the_gpu():
+    pytest.importorskip("triton")
+    from stepserve.attention.triton_backend import MAX_SPLITS, num_splits
+
+    assert num_splits(256, 8, 132) == 1
+    assert 1 < num_splits(1, 8, 132) <= MAX_SPLITS
+    assert num_splits(3, 2, 132) == MAX_SPLITS
