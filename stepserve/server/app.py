@@ -143,9 +143,13 @@ def _openai_routes(app: FastAPI, prefix: str) -> None:
 
     @app.get(prefix + "/models")
     async def models(request: Request) -> dict:
-        ctx = _ctx(request)
-        card = {"id": ctx.model_name, "object": "model", "created": app.state.started, "owned_by": "stepserve", "max_model_len": ctx.max_model_len}
-        return {"object": "list", "data": [card]}
+        return {"object": "list", "data": [_model_card(request)]}
+
+
+def _model_card(request: Request) -> dict:
+    ctx = _ctx(request)
+    started = request.app.state.started
+    return {"id": ctx.model_name, "object": "model", "created": started, "owned_by": "stepserve", "max_model_len": ctx.max_model_len}
 
 
 def _kserve_routes(app: FastAPI) -> None:
@@ -155,7 +159,8 @@ def _kserve_routes(app: FastAPI) -> None:
 
     @app.get("/v1/models/{name}")
     async def v1_model(name: str, request: Request) -> Response:
-        return _guard(lambda: _ctx(request).check_model(name) or {"name": name, "ready": _ctx(request).engine.is_ready})
+        # KServe v1 model status and OpenAI's model retrieval share this path: answer both.
+        return _guard(lambda: _ctx(request).check_model(name) or _model_card(request) | {"name": name, "ready": _ctx(request).engine.is_ready})
 
     @app.post("/v2/models/{name}/infer")
     async def v2_infer(name: str, request: Request) -> Response:

@@ -78,3 +78,19 @@ def test_disconnected_stream_is_aborted_and_frees_its_blocks(http, server):
     assert read_metric(http, "stepserve:num_requests_running", model_name=MODEL) == 0
     assert read_metric(http, "stepserve:request_success_total", finished_reason="abort", model_name=MODEL) == aborted + 1
     assert "finish_reason=abort" in server.log()
+
+
+def test_a_client_that_gives_up_on_a_plain_request_frees_its_blocks(server, http):
+    aborted = read_metric(http, "stepserve:request_success_total", finished_reason="abort", model_name=MODEL)
+    body = {"model": MODEL, "prompt": "Tell me a long story.", "max_tokens": 400, "ignore_eos": True}
+    with pytest.raises(httpx.ReadTimeout), httpx.Client(base_url=server.url, timeout=2) as impatient:
+        impatient.post("/v1/completions", json=body)
+
+    def settled():
+        done = read_metric(http, "stepserve:request_success_total", finished_reason="abort", model_name=MODEL) == aborted + 1
+        return done and read_metric(http, "stepserve:kv_cache_usage_perc", model_name=MODEL) == 0
+
+    deadline = time.monotonic() + 30
+    while not settled():
+        assert time.monotonic() < deadline, "the request was not aborted, or its blocks not freed"
+        time.sleep(0.1)

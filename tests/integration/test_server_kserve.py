@@ -31,7 +31,9 @@ def test_v1_predict(http):
 
 
 def test_v1_model_status(http):
-    assert http.get(f"/v1/models/{MODEL}").json() == {"name": MODEL, "ready": True}
+    status = http.get(f"/v1/models/{MODEL}").json()
+    assert status["name"] == MODEL and status["ready"] is True
+    assert status["id"] == MODEL and status["object"] == "model"  # also OpenAI's models.retrieve
     assert http.get("/v1/models/other").status_code == 404
 
 
