@@ -13,7 +13,7 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from stepserve.core.engine_core import EngineStats
 from stepserve.core.outputs import EngineCoreOutput, EngineCoreRequest
@@ -62,7 +62,6 @@ class _Child:
     queue: asyncio.Queue
     arrival_time: float
     first_token_time: float | None = None
-    finished: bool = field(default=False)
 
 
 class AsyncEngine:
