@@ -4,6 +4,7 @@
 - ``ModelNotFoundError``: the request names a model this server does not serve, HTTP 404.
 - ``EngineDeadError``: the engine core died or is restarting, HTTP 503 ``engine_unavailable``.
 - ``QueueFullError``: admission control refused the request, HTTP 429 with ``Retry-After``.
+- ``RequestTimeoutError``: the request ran past the server's timeout, HTTP 504.
 - ``RequestAbortedError``: one request failed inside the engine; the others go on.
 """
 
@@ -37,6 +38,10 @@ class EngineDeadError(StepserveError):
 
 class QueueFullError(StepserveError):
     """Too many requests are waiting; the client should retry later."""
+
+
+class RequestTimeoutError(StepserveError):
+    """The request ran past the server's ``--request-timeout-s`` and was aborted."""
 
 
 class RequestAbortedError(StepserveError):

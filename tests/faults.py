@@ -37,3 +37,13 @@ def faulty_core(config: EngineConfig, mode: str):
 
 def crashing_core(config: EngineConfig):
     raise RuntimeError("injected failure while building the engine")
+
+
+def short_lived_core(config: EngineConfig, seconds: float = 0.5):
+    """A core that comes up, then its process dies on its own shortly after."""
+    import os
+    import threading
+
+    core, info = build_core(config)
+    threading.Timer(seconds, os._exit, (1,)).start()
+    return core, info

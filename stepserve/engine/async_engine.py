@@ -19,7 +19,7 @@ from stepserve.core.engine_core import EngineStats
 from stepserve.core.outputs import EngineCoreOutput, EngineCoreRequest
 from stepserve.engine.core_client import CoreClient, CoreOutputs
 from stepserve.engine.output_processor import Delta, RequestState
-from stepserve.errors import EngineDeadError, RequestAbortedError
+from stepserve.errors import EngineDeadError, QueueFullError, RequestAbortedError, RequestTimeoutError
 from stepserve.sampling import SamplingParams
 
 log = logging.getLogger("stepserve.requests")
@@ -31,6 +31,14 @@ class PromptInput:
 
     token_ids: tuple[int, ...]  # the tokenized prompt, never empty
     params: SamplingParams  # resolved (max_tokens is an int); n completions are made of it
+
+
+@dataclass(frozen=True)
+class AdmissionLimits:
+    """Admission control: how much may be in flight, and for how long."""
+
+    max_in_flight: int | None = None  # completions in the engine at most (running + queued); None: no limit
+    request_timeout_s: float | None = None  # abort a request after this long; None: never
 
 
 @dataclass(frozen=True)
@@ -67,8 +75,15 @@ class _Child:
 class AsyncEngine:
     """Feeds a ``CoreClient`` and fans its outputs out to the requests waiting for them."""
 
-    def __init__(self, client: CoreClient, tokenizer, on_finish: Callable[[FinishedRequest], None] | None = None) -> None:
+    def __init__(
+        self,
+        client: CoreClient,
+        tokenizer,
+        on_finish: Callable[[FinishedRequest], None] | None = None,
+        limits: AdmissionLimits = AdmissionLimits(),
+    ) -> None:
         self.client = client
+        self.limits = limits
         self.tokenizer = tokenizer
         self._on_finish = on_finish
         self._children: dict[str, _Child] = {}
@@ -93,16 +108,17 @@ class AsyncEngine:
         Raises ``RequestAbortedError`` if the engine failed one of them and ``EngineDeadError``
         if the engine died; either way the rest of the request is aborted.
         """
-        if not self.is_ready:
-            raise EngineDeadError("the engine is not running")
+        self._admit(prompts)
         queue: asyncio.Queue = asyncio.Queue()
         arrival = time.monotonic()
         children = self._add(request_id, prompts, queue, arrival)
         ids = [c.state.request_id for c in children]
         pending, reasons = set(ids), []
+        timeout = self.limits.request_timeout_s
+        deadline = None if timeout is None else arrival + timeout
         try:
             while pending:
-                item = await queue.get()
+                item = await self._next(queue, deadline)
                 if isinstance(item, Exception):
                     raise item
                 if item.delta.finish_reason is not None:
@@ -112,6 +128,22 @@ class AsyncEngine:
         finally:
             self._release(ids)
             self._log(request_id, prompts, children, reasons, arrival, bool(pending))
+
+    def _admit(self, prompts: Sequence[PromptInput]) -> None:
+        if not self.is_ready:
+            raise EngineDeadError("the engine is not running")
+        limit = self.limits.max_in_flight
+        wanted = sum(p.params.n for p in prompts)
+        if limit is not None and len(self._children) + wanted > limit:
+            raise QueueFullError(f"the server is at capacity ({len(self._children)} completions in flight); retry shortly")
+
+    async def _next(self, queue: asyncio.Queue, deadline: float | None):
+        if deadline is None:
+            return await queue.get()
+        try:
+            return await asyncio.wait_for(queue.get(), max(deadline - time.monotonic(), 0))
+        except TimeoutError:
+            raise RequestTimeoutError(f"the request ran past the server's timeout of {self.limits.request_timeout_s}s and was aborted") from None
 
     def _add(self, request_id: str, prompts: Sequence[PromptInput], queue: asyncio.Queue, arrival: float) -> list[_Child]:
         children = []

@@ -138,6 +138,11 @@ class SupervisedCoreClient:
         """Liveness: false only once the restart budget is spent."""
         return self._state != "failed"
 
+    def wait_started(self, timeout: float | None = None) -> bool:
+        """Block until the first core is ready (True) or failed to start (False)."""
+        self.ready.wait(timeout)
+        return self._state == "ready"
+
     def shutdown(self) -> None:
         self._state = "stopped"
         self._core.stop()
@@ -171,8 +176,12 @@ class SupervisedCoreClient:
         self._stats = EMPTY_STATS
         log.error("engine core (pid %s) exited with code %s; failing in-flight requests", self.core_pid, exitcode)
         self._publish(CoreOutputs((), engine_error="the engine core died and is restarting; retry shortly"))
-        if was_starting and self.restarts == 0 and self.info is None:
-            log.error("the engine core failed before it was ever ready")
+        if was_starting and self.info is None:
+            # It never came up: a configuration or model problem that a restart cannot fix.
+            self._state = "failed"
+            log.critical("the engine core failed before it was ever ready; not restarting")
+            self.ready.set()
+            return
         delay = min(self.policy.backoff_s * 2**self.restarts, self.policy.max_backoff_s)
         timer = threading.Timer(delay, self._restart)
         timer.daemon = True

@@ -21,18 +21,24 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from stepserve.engine.async_engine import AsyncEngine
-from stepserve.engine.core_client import ThreadCoreClient
-from stepserve.errors import EngineDeadError, InvalidRequestError, ModelNotFoundError, QueueFullError, RequestAbortedError
+from stepserve.engine.async_engine import AdmissionLimits, AsyncEngine
+from stepserve.engine.core_client import CoreClient
+from stepserve.errors import (
+    EngineDeadError,
+    InvalidRequestError,
+    ModelNotFoundError,
+    QueueFullError,
+    RequestAbortedError,
+    RequestTimeoutError,
+)
 from stepserve.server import kserve, openai
 from stepserve.server.config import ServerConfig
 from stepserve.server.context import ServingContext
 from stepserve.server.metrics import CONTENT_TYPE, ServerMetrics
 from stepserve.server.schemas import ChatCompletionRequest, CompletionRequest, KServeV1Request, KServeV2Request, parse_body
 
-if TYPE_CHECKING:  # the server imports no torch; the builder does
-    from stepserve.core.engine_core import EngineCore
-    from stepserve.engine.builder import ModelInfo
+if TYPE_CHECKING:
+    from stepserve.engine.front import FrontInfo
 
 log = logging.getLogger("stepserve.server")
 
@@ -66,6 +72,8 @@ def http_error(exc: Exception) -> HttpError:
         return HttpError(429, "queue_full", str(exc) or "too many requests are waiting", headers={"Retry-After": "1"})
     if isinstance(exc, EngineDeadError):
         return HttpError(503, "engine_unavailable", str(exc) or "the engine is not running", headers={"Retry-After": "1"})
+    if isinstance(exc, RequestTimeoutError):
+        return HttpError(504, "request_timeout", str(exc))
     if isinstance(exc, RequestAbortedError):
         return HttpError(500, "request_aborted", str(exc))
     if isinstance(exc, StarletteHTTPException):
@@ -195,8 +203,10 @@ def _ready_body(ctx: ServingContext, name: str) -> dict:
 
 def _health_routes(app: FastAPI) -> None:
     @app.get("/v2/health/live")
-    async def live() -> dict:
-        return {"live": True}  # the process answers; engine trouble shows in readiness
+    async def live(request: Request) -> Response:
+        # Engine trouble shows in readiness; liveness fails only once restarts are spent.
+        is_live = getattr(request.app.state.client, "is_live", True)
+        return JSONResponse({"live": is_live}, status_code=200 if is_live else 503)
 
     @app.get("/v2/health/ready")
     async def ready(request: Request) -> Response:
@@ -212,16 +222,25 @@ def _health_routes(app: FastAPI) -> None:
         return Response(request.app.state.metrics.render(), media_type=CONTENT_TYPE)
 
 
-def create_app(core: EngineCore, tokenizer, info: ModelInfo, config: ServerConfig) -> FastAPI:
-    """The app; the engine thread starts with the server and stops with it."""
+def create_app(make_client: Callable[[], CoreClient], tokenizer, info: FrontInfo, config: ServerConfig, max_running: int) -> FastAPI:
+    """The app; the engine core (a process, or a thread) starts with the server and stops with it.
+
+    ``make_client`` is called inside the event loop; ``max_running`` is the engine's
+    ``max_num_seqs``, so that ``max_queue_len`` counts what waits beyond the running batch.
+    """
     model_name = config.model_name or info.name
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        client = ThreadCoreClient(core)
-        app.state.metrics = ServerMetrics(model_name, client.stats)
-        engine = AsyncEngine(client, tokenizer, app.state.metrics.observe)
-        app.state.ctx = ServingContext(engine, tokenizer, model_name, info.max_model_len, len(tokenizer), config)
+        client = make_client()
+        app.state.client = client
+        wait_started = getattr(client, "wait_started", None)
+        if wait_started is not None and not await asyncio.to_thread(wait_started):
+            raise RuntimeError("the engine core failed to start; see the log above")
+        app.state.metrics = ServerMetrics(model_name, client.stats, lambda: getattr(client, "restarts", 0))
+        limits = AdmissionLimits(max_running + config.max_queue_len, config.request_timeout_s)
+        engine = AsyncEngine(client, tokenizer, app.state.metrics.observe, limits)
+        app.state.ctx = ServingContext(engine, tokenizer, model_name, info.max_model_len, info.vocab_size, config)
         app.state.started = int(time.time())
         yield
         await engine.shutdown()

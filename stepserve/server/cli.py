@@ -31,16 +31,44 @@ def server_config_from_args(args: argparse.Namespace) -> ServerConfig:
 def main(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from stepserve.engine.builder import build_engine
     from stepserve.server.app import create_app
 
     try:
         server_config = server_config_from_args(args)
-        core, tokenizer, info = build_engine(engine_config_from_args(args))
+        engine_config = engine_config_from_args(args)
+        make_client, tokenizer, info = _engine(engine_config, server_config)
     except ConfigError as exc:
         print(f"stepserve serve: {exc}", file=sys.stderr)
         return 2
-    app = create_app(core, tokenizer, info, server_config)
+    app = create_app(make_client, tokenizer, info, server_config, engine_config.scheduler.max_num_seqs)
     log.info("serving %s on http://%s:%d", server_config.model_name or info.name, server_config.host, server_config.http_port)
-    uvicorn.run(app, host=server_config.host, port=server_config.http_port, access_log=args.access_log, log_level="info")
+    uvicorn.run(
+        app,
+        host=server_config.host,
+        port=server_config.http_port,
+        access_log=args.access_log,
+        log_level="info",
+        timeout_graceful_shutdown=server_config.shutdown_grace_s,
+    )
+    log.info("server stopped")
     return 0
+
+
+def _engine(engine_config, server_config: ServerConfig):
+    """(make_client, tokenizer, info): the core in its own supervised process, or in a thread."""
+    if server_config.engine_in_process:
+        from stepserve.engine.builder import build_engine
+        from stepserve.engine.core_client import ThreadCoreClient
+
+        from stepserve.engine.front import FrontInfo
+
+        core, tokenizer, built = build_engine(engine_config)
+        info = FrontInfo(built.name, built.max_model_len, core.worker.vocab_size, built.eos_token_ids)
+        return (lambda: ThreadCoreClient(core)), tokenizer, info
+    from stepserve.engine.core_process import core_factory
+    from stepserve.engine.front import load_front
+    from stepserve.engine.supervisor import RestartPolicy, SupervisedCoreClient
+
+    tokenizer, info = load_front(engine_config)
+    policy = RestartPolicy(server_config.max_restarts, server_config.restart_backoff_s)
+    return (lambda: SupervisedCoreClient(core_factory(engine_config), policy)), tokenizer, info

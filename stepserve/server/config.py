@@ -14,10 +14,22 @@ class ServerConfig:
     model_name: str | None = field(default=None, metadata={"help": "name clients use for the model; default: the model's"})
     default_max_tokens: int | None = field(default=None, metadata={"help": "cap on max_tokens when a request leaves it out"})
     max_tokens_limit: int | None = field(default=None, metadata={"help": "largest max_tokens a request may ask for"})
+    max_queue_len: int = field(default=1024, metadata={"help": "completions waiting beyond the running batch before new requests get 429"})
+    request_timeout_s: float | None = field(default=None, metadata={"help": "abort a request after this many seconds (504)"})
+    max_restarts: int = field(default=5, metadata={"help": "engine core restarts before liveness fails"})
+    restart_backoff_s: float = field(default=1.0, metadata={"help": "wait before the first engine restart, doubled for each one after"})
+    shutdown_grace_s: float = field(default=30.0, metadata={"help": "on SIGTERM, how long in-flight requests may finish"})
+    engine_in_process: bool = field(default=False, metadata={"help": "run the engine core in a thread of the server process (no restarts)"})
 
     def __post_init__(self) -> None:
         if not 0 <= self.http_port <= 65535:
             raise ConfigError(f"http_port={self.http_port}: use 0 to 65535")
+        if self.max_queue_len < 0 or self.max_restarts < 0:
+            raise ConfigError("max_queue_len and max_restarts must be 0 or more")
+        if self.request_timeout_s is not None and self.request_timeout_s <= 0:
+            raise ConfigError(f"request_timeout_s={self.request_timeout_s}: use a positive number, or leave it out")
+        if self.restart_backoff_s < 0 or self.shutdown_grace_s < 0:
+            raise ConfigError("restart_backoff_s and shutdown_grace_s must be 0 or more")
         for name in ("default_max_tokens", "max_tokens_limit"):
             value = getattr(self, name)
             if value is not None and value < 1:
