@@ -37,10 +37,11 @@ class LiveServer:
             self.process.wait()
 
 
-def start_server(args: list[str], log_path: Path, timeout: float = 180.0) -> LiveServer:
-    """Start ``stepserve serve ARGS`` and wait until it reports ready."""
+def start_server(args: list[str], log_path: Path, timeout: float = 180.0, entry: list[str] | None = None) -> LiveServer:
+    """Start ``stepserve serve ARGS`` (or ``entry serve ARGS``) and wait until it reports ready."""
     port = free_port()
-    command = [sys.executable, "-m", "stepserve", "serve", "--host", "127.0.0.1", "--http_port", str(port), *args]
+    entry = entry or [sys.executable, "-m", "stepserve"]
+    command = [*entry, "serve", "--host", "127.0.0.1", "--http_port", str(port), *args]
     with open(log_path, "w") as log:
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
     server = LiveServer(f"http://127.0.0.1:{port}", process, log_path)
@@ -67,3 +68,16 @@ def read_metric(http: httpx.Client, name: str, **labels) -> float:
         if dict(re.findall(r'(\w+)="([^"]*)"', match[2] or "")) == labels:
             return float(match[3])
     return 0.0
+
+
+def core_pid(server: LiveServer) -> int:
+    """The engine core process: the server's child started by multiprocessing's spawn."""
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            cmdline = (stat.parent / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if int(fields[1]) == server.process.pid and b"spawn_main" in cmdline:
+            return int(stat.parent.name)
+    raise RuntimeError("no engine core process found")

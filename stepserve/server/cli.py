@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import signal
 import sys
 from collections.abc import Callable
 
@@ -42,6 +43,9 @@ def main(args: argparse.Namespace) -> int:
         return 2
     app = create_app(make_client, tokenizer, info, server_config, engine_config.scheduler.max_num_seqs)
     log.info("serving %s on http://%s:%d", server_config.model_name or info.name, server_config.host, server_config.http_port)
+    # uvicorn stops gracefully on SIGTERM, then re-raises it to the handler found before it
+    # started; with this one, a graceful stop ends the process with status 0.
+    signal.signal(signal.SIGTERM, lambda *_: None)
     uvicorn.run(
         app,
         host=server_config.host,
