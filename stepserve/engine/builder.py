@@ -13,8 +13,8 @@ from stepserve.config import ConfigError, EngineConfig
 from stepserve.core.block_manager import BlockManager
 from stepserve.core.engine_core import EngineCore
 from stepserve.core.scheduler import Scheduler
-from stepserve.models.gguf_cache import converted_source
-from stepserve.models.loader import load_model, read_hf_config, resolve_source
+from stepserve.engine.front import model_source, resolve_max_model_len
+from stepserve.models.loader import load_model, read_hf_config
 from stepserve.models.tokenizer import eos_token_ids, load_tokenizer
 from stepserve.worker.cuda_graphs import graph_batch_sizes
 from stepserve.worker.runner import ModelRunner, allocate_kv_cache, kv_cache_bytes_per_block, profile_run
@@ -98,16 +98,11 @@ def build_engine(config: EngineConfig, weights=None) -> tuple[EngineCore, object
     """Returns the core, the tokenizer and what was learned while building them. ``weights``
     (a ``(hf_name, tensor)`` stream) replaces the checkpoint files when given."""
     start = time.monotonic()
-    source = resolve_source(config.model.model)
-    if source.gguf_file is not None:
-        source = converted_source(source)
+    source = model_source(config)
     hf_config = read_hf_config(source)
     device = pick_device(config.model.device)
     dtype = pick_dtype(config.model.dtype, device)
-    native_len = hf_config.get("max_position_embeddings", 2048)
-    max_model_len = config.model.max_model_len or native_len
-    if max_model_len > native_len:
-        raise ConfigError(f"max_model_len={max_model_len} exceeds the model's {native_len} positions")
+    max_model_len = resolve_max_model_len(config, hf_config)
     tokenizer = load_tokenizer(source)
     eos = eos_token_ids(source, hf_config, tokenizer)
     steps = config.scheduler.num_scheduler_steps
