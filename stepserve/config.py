@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from stepserve.errors import InvalidRequestError
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+QUANTIZATIONS = ("auto", "none", "int4")
 DEVICES = ("auto", "cpu", "cuda")
 
 
@@ -28,7 +29,8 @@ def _require(ok: bool, message: str) -> None:
 @dataclass(frozen=True)
 class ModelConfig:
     model: str | None = field(default=None, metadata={"help": "model directory, .gguf file, or none for the embedded SmolLM2-135M-Instruct"})
-    dtype: str = field(default="auto", metadata={"help": "weights and activations: auto (bfloat16 on GPU, float32 on CPU), float32, bfloat16, float16"})
+    dtype: str = field(default="auto", metadata={"help": "weights and activations: auto (bfloat16 on GPU; on CPU bfloat16 where the CPU has it natively, unless the checkpoint is float32), float32, bfloat16, float16"})
+    quantization: str = field(default="auto", metadata={"help": "weights: none, int4 (CPU, weight-only, groups of 32), or auto (int4 for a 4-bit GGUF on a bfloat16 CPU)"})
     device: str = field(default="auto", metadata={"help": "auto, cpu or cuda"})
     max_model_len: int | None = field(default=None, metadata={"help": "context length; default: the model's"})
     seed: int = field(default=0, metadata={"help": "seed of the engine's generator for unseeded requests"})
@@ -36,6 +38,7 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         _require(self.dtype in DTYPES, f"dtype={self.dtype!r}: choose one of {', '.join(DTYPES)}")
+        _require(self.quantization in QUANTIZATIONS, f"quantization={self.quantization!r}: choose one of {', '.join(QUANTIZATIONS)}")
         _require(self.device in DEVICES, f"device={self.device!r}: choose one of {', '.join(DEVICES)}")
         _require(self.max_model_len is None or self.max_model_len >= 2, f"max_model_len={self.max_model_len}: use at least 2")
 

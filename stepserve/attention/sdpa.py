@@ -26,18 +26,24 @@ class SdpaBackend:
         keys = torch.arange(kv_len, device=qsl.device)
         # Causal within the context; a padded query row sees key 0 only, so it never turns NaN.
         mask = keys[None, None, :] <= q_pos[:, :, None]  # [B, max_q, kv_len]
-        meta.extras = {"index": index, "valid": valid, "mask": mask[:, None]}
+        meta.extras = {"index": index, "valid": valid, "mask": mask[:, None], "tables": meta.block_tables.long()}
 
     def forward(self, q, k, v, kv_cache, meta, scale):
+        dtype = q.dtype  # the cache may be wider than the activations (float32 on CPU)
+        q, k, v = q.to(kv_cache.dtype), k.to(kv_cache.dtype), v.to(kv_cache.dtype)
         write_kv(k, v, kv_cache, meta.slot_mapping)
         ex = meta.extras
-        num_blocks, block_size, num_kv_heads, head_dim = kv_cache.shape[1:]
+        num_heads, (num_blocks, block_size, num_kv_heads, head_dim) = q.shape[1], kv_cache.shape[1:]
         batch = meta.block_tables.shape[0]
-        tables = meta.block_tables.long()
-        keys = kv_cache[0][tables].view(batch, -1, num_kv_heads, head_dim).transpose(1, 2)
-        values = kv_cache[1][tables].view(batch, -1, num_kv_heads, head_dim).transpose(1, 2)
-        queries = q[ex["index"]].transpose(1, 2)  # [B, H, max_q, D]
+        # One gather for keys and values: [2, B, Hkv, max_blocks * block_size, D].
+        kv = kv_cache[:, ex["tables"]].view(2, batch, -1, num_kv_heads, head_dim).transpose(2, 3)
+        if meta.is_decode:  # one query per sequence: the packed rows are already the batch
+            queries = q.view(batch, 1, num_heads, head_dim).transpose(1, 2)
+        else:
+            queries = q[ex["index"]].transpose(1, 2)  # [B, H, max_q, D]
         out = F.scaled_dot_product_attention(
-            queries, keys, values, attn_mask=ex["mask"], scale=scale, enable_gqa=num_kv_heads != q.shape[1]
+            queries, kv[0], kv[1], attn_mask=ex["mask"], scale=scale, enable_gqa=num_kv_heads != num_heads
         )
-        return out.transpose(1, 2)[ex["valid"]]  # back to [T, H, D]
+        if meta.is_decode:
+            return out.transpose(1, 2).reshape(batch, num_heads, head_dim).to(dtype)
+        return out.transpose(1, 2)[ex["valid"]].to(dtype)  # back to [T, H, D]

@@ -14,6 +14,7 @@ from stepserve.core.block_manager import BlockManager
 from stepserve.core.engine_core import EngineCore
 from stepserve.core.scheduler import Scheduler
 from stepserve.engine.front import model_source, resolve_max_model_len
+from stepserve.models.cpu_linear import cpu_has_bf16
 from stepserve.models.loader import load_model, read_hf_config
 from stepserve.models.tokenizer import eos_token_ids, load_tokenizer
 from stepserve.worker.cuda_graphs import graph_batch_sizes
@@ -34,6 +35,7 @@ class ModelInfo:
     num_kv_blocks: int  # KV cache blocks (one is the null block)
     device: str  # "cpu" or "cuda"
     dtype: str  # weights and activations
+    quantization: str  # "none" or "int4"
     load_seconds: float  # wall time to build the engine
 
 
@@ -45,10 +47,27 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def pick_dtype(name: str, device: torch.device) -> torch.dtype:
+def pick_dtype(name: str, device: torch.device, hf_config: dict) -> torch.dtype:
+    """``auto``: bfloat16 on CUDA; on a CPU with native bfloat16, bfloat16 unless the checkpoint
+    says float32 (a GGUF says nothing: its weights are quantized or half precision)."""
+    if name != "auto":
+        return _DTYPES[name]
+    if device.type == "cuda":
+        return torch.bfloat16
+    declared = hf_config.get("torch_dtype") or hf_config.get("dtype") or ("float32" if "gguf_linear_type" not in hf_config else "gguf")
+    return torch.bfloat16 if declared != "float32" and cpu_has_bf16() else torch.float32
+
+
+def pick_quantization(name: str, device: torch.device, dtype: torch.dtype, hf_config: dict) -> str:
+    """``auto``: int4 for a GGUF whose projections are 4-bit (Q4_0/Q4_1) on a bfloat16 CPU."""
     if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return _DTYPES[name]
+        four_bit = hf_config.get("gguf_linear_type") in ("Q4_0", "Q4_1")
+        return "int4" if four_bit and device.type == "cpu" and dtype == torch.bfloat16 else "none"
+    if name == "int4" and device.type != "cpu":
+        raise ConfigError("quantization=int4 runs on CPU only; on CUDA use --quantization none")
+    if name == "int4" and (dtype != torch.bfloat16 or not cpu_has_bf16()):
+        raise ConfigError("quantization=int4 needs bfloat16 activations on a CPU with AVX512-BF16 or AMX; use --dtype bfloat16, or --quantization none")
+    return name
 
 
 def _num_blocks(config: EngineConfig, model, backend, dtype, device, max_model_len: int, graph_sizes: list[int]) -> int:
@@ -101,23 +120,30 @@ def build_engine(config: EngineConfig, weights=None) -> tuple[EngineCore, object
     source = model_source(config)
     hf_config = read_hf_config(source)
     device = pick_device(config.model.device)
-    dtype = pick_dtype(config.model.dtype, device)
+    dtype = pick_dtype(config.model.dtype, device, hf_config)
+    quantization = pick_quantization(config.model.quantization, device, dtype, hf_config)
     max_model_len = resolve_max_model_len(config, hf_config)
     tokenizer = load_tokenizer(source)
     eos = eos_token_ids(source, hf_config, tokenizer)
     steps = config.scheduler.num_scheduler_steps
-    model = load_model(source, hf_config, dtype, device, max_positions=max_model_len + steps, weights=weights)
+    model = load_model(source, hf_config, dtype, device, max_positions=max_model_len + steps, weights=weights, quantization=quantization)
     # On CUDA: Triton kernels, and CUDA graphs of the decode step unless enforce_eager.
     backend = get_backend("triton" if device.type == "cuda" else "sdpa")
     use_graphs = device.type == "cuda" and not config.model.enforce_eager
     graph_sizes = graph_batch_sizes(config.scheduler.max_num_seqs) if use_graphs else []
-    num_blocks = _num_blocks(config, model, backend, dtype, device, max_model_len, graph_sizes)
-    kv_caches = allocate_kv_cache(model, num_blocks, config.cache.block_size, dtype, device)
+    # CPU attention runs in float32 whatever the weights: PyTorch's CPU SDPA is 3x (one
+    # sequence) to 4x (sixteen) slower in bfloat16 on this hardware (see the README).
+    kv_dtype = torch.float32 if device.type == "cpu" else dtype
+    num_blocks = _num_blocks(config, model, backend, kv_dtype, device, max_model_len, graph_sizes)
+    kv_caches = allocate_kv_cache(model, num_blocks, config.cache.block_size, kv_dtype, device)
     runner = ModelRunner(model, kv_caches, config.cache.block_size, backend, eos, device, config.model.seed)
     if use_graphs:
         runner.capture_cuda_graphs(graph_sizes, max_model_len, steps)
     blocks = BlockManager(num_blocks, config.cache.block_size, config.cache.enable_prefix_caching)
     scheduler = Scheduler(config.scheduler, blocks, max_model_len, eos)
-    info = ModelInfo(source.name, max_model_len, eos, num_blocks, device.type, str(dtype).removeprefix("torch."), time.monotonic() - start)
-    log.info("engine ready: %s on %s (%s), %d KV blocks, max_model_len %d, in %.1fs", info.name, info.device, info.dtype, num_blocks, max_model_len, info.load_seconds)
+    info = ModelInfo(source.name, max_model_len, eos, num_blocks, device.type, str(dtype).removeprefix("torch."), quantization, time.monotonic() - start)
+    log.info(
+        "engine ready: %s on %s (%s, quantization %s), %d KV blocks, max_model_len %d, in %.1fs",
+        info.name, info.device, info.dtype, quantization, num_blocks, max_model_len, info.load_seconds,
+    )
     return EngineCore(scheduler, runner), tokenizer, info

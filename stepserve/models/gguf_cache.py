@@ -20,7 +20,7 @@ from pathlib import Path
 from stepserve.models.loader import ModelSource
 
 log = logging.getLogger("stepserve")
-_FORMAT = 1  # bump when the converted layout changes
+_FORMAT = 2  # bump when the converted layout changes
 
 
 def cache_root() -> Path:

@@ -126,10 +126,8 @@ class RMSNorm(nn.Module):
         return self._norm(x)
 
     def _norm(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+        # One kernel; it accumulates in float32 for bf16 inputs, as transformers' upcast does.
+        return torch.rms_norm(x, self.weight.shape, self.weight, self.eps)
 
 
 class Rotary(nn.Module):
@@ -145,19 +143,36 @@ class Rotary(nn.Module):
         freqs = torch.outer(torch.arange(self.max_positions, dtype=torch.float32), rope_inv_freq(self.cfg))
         self.cos_sin.copy_(torch.cat([freqs.cos(), freqs.sin()], dim=-1))
 
-    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        ops = fused_ops(q)
+    def step(self, positions: torch.Tensor, dtype: torch.dtype) -> RopeStep:
+        """What every layer of one step needs to rotate its queries and keys."""
+        if fused_ops(positions) is not None:
+            return RopeStep(positions, self.cos_sin, None, None)
+        cos, sin = self.cos_sin[positions].to(dtype).chunk(2, dim=-1)  # [T, D/2] each
+        # Full-width tables, sin negated on the first half: rotate_half(x) * sin becomes
+        # halves_swapped(x) * signed_sin, one flip instead of a chunk, a negation and a cat.
+        return RopeStep(positions, self.cos_sin, torch.cat([cos, cos], -1)[:, None], torch.cat([-sin, sin], -1)[:, None])
+
+
+@dataclass
+class RopeStep:
+    """Rotary inputs of one step, computed once and shared by every layer."""
+
+    positions: torch.Tensor  # [T]
+    cos_sin: torch.Tensor  # [max_positions, D] float32 table, read by the fused CUDA kernel
+    cos: torch.Tensor | None  # [T, 1, D] in the model dtype (PyTorch path)
+    signed_sin: torch.Tensor | None  # [T, 1, D], first half negated (PyTorch path)
+
+    def apply(self, qk: torch.Tensor, num_heads: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rotate ``qk`` [T, H + Hkv, D] (queries then keys, a view of the qkv output)."""
+        ops = fused_ops(qk)
+        q, k = qk[:, :num_heads], qk[:, num_heads:]
         if ops is not None:  # in place on the qkv output: one launch instead of a dozen
-            ops.rotary_(q, k, positions, self.cos_sin)
+            ops.rotary_(q, k, self.positions, self.cos_sin)
             return q, k
-        cos, sin = self.cos_sin[positions].chunk(2, dim=-1)  # [T, D/2] each
-        cos, sin = cos[:, None, :], sin[:, None, :]
-        return _rotate(q, cos, sin), _rotate(k, cos, sin)
-
-
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.float().chunk(2, dim=-1)
-    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
+        t, heads, dim = qk.shape
+        swapped = qk.view(t, heads, 2, dim // 2).flip(-2).view(t, heads, dim)
+        out = qk * self.cos + swapped * self.signed_sin
+        return out[:, :num_heads], out[:, num_heads:]
 
 
 class Attention(nn.Module):
@@ -170,12 +185,11 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=cfg.o_bias)
         self.scale = cfg.head_dim**-0.5
 
-    def forward(self, x, positions, rotary, kv_cache, meta: AttentionMetadata, backend: AttentionBackend):
-        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = q.view(-1, self.num_heads, self.head_dim)
-        k = k.view(-1, self.num_kv_heads, self.head_dim)
-        v = v.view(-1, self.num_kv_heads, self.head_dim)
-        q, k = rotary(positions, q, k)
+    def forward(self, x, rope: RopeStep, kv_cache, meta: AttentionMetadata, backend: AttentionBackend):
+        qkv = self.qkv_proj(x)
+        qk = qkv[:, : self.q_size + self.kv_size].view(-1, self.num_heads + self.num_kv_heads, self.head_dim)
+        v = qkv[:, self.q_size + self.kv_size :].view(-1, self.num_kv_heads, self.head_dim)
+        q, k = rope.apply(qk, self.num_heads)
         out = backend.forward(q, k, v, kv_cache, meta, self.scale)
         return self.o_proj(out.reshape(-1, self.q_size))
 
@@ -203,14 +217,14 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, residual, positions, rotary, kv_cache, meta, backend):
+    def forward(self, x, residual, rope, kv_cache, meta, backend):
         """Returns this layer's MLP output and the residual stream before it; the next norm adds
         them (fused on CUDA). The first layer gets ``residual=None``."""
         if residual is None:
             h, residual = self.input_layernorm(x), x
         else:
             h, residual = self.input_layernorm(x, residual)
-        h = self.self_attn(h, positions, rotary, kv_cache, meta, backend)
+        h = self.self_attn(h, rope, kv_cache, meta, backend)
         h, residual = self.post_attention_layernorm(h, residual)
         return self.mlp(h), residual
 
@@ -233,16 +247,32 @@ class LlamaForCausalLM(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.rotary = Rotary(cfg, max_positions)
+        self.packed_head = None  # set by pack_for_cpu
 
     def forward(self, input_ids, positions, kv_caches, meta: AttentionMetadata, backend: AttentionBackend):
         x, residual = self.embed_tokens(input_ids), None
+        rope = self.rotary.step(positions, x.dtype)
         for layer, kv_cache in zip(self.layers, kv_caches):
-            x, residual = layer(x, residual, positions, self.rotary, kv_cache, meta, backend)
+            x, residual = layer(x, residual, rope, kv_cache, meta, backend)
         return self.norm(x, residual)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        if self.packed_head is not None:
+            return self.packed_head(hidden).float()
         weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
         return F.linear(hidden, weight).float()
+
+    def pack_for_cpu(self, dtype: torch.dtype, int4: bool) -> None:
+        """Prepack every projection and the head for oneDNN; with ``int4``, the projections get
+        int4 twins and the head an int8 one for small batches (``cpu_linear``). The head gets
+        8 bits, not 4: a GGUF stores it (tied to the embedding) in 8 bits, and 4 bits of it
+        visibly change greedy answers."""
+        from stepserve.models.cpu_linear import CpuLinear, pack_linears
+
+        pack_linears(self.layers, dtype, "int4" if int4 else None)
+        head = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        self.packed_head = CpuLinear(head, None, dtype, "int8" if int4 else None)
+        self.lm_head = None
 
     def load_weights(self, weights) -> set[str]:
         """Copy ``(hf_name, tensor)`` pairs into the parameters; returns the names filled."""

