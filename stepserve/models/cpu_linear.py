@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 GROUP = 32  # weights per int4 scale/zero pair: GGUF's Q4_0/Q4_1 block size
-INT4_MAX_ROWS = 8  # rows up to which the int4/int8 kernels beat oneDNN bf16 (2-core AVX512-BF16, README)
+INT4_MAX_ROWS = 8  # rows up to which the int4 kernel beats oneDNN bf16 (2-core AVX512-BF16, README)
 
 
 def quantize_int4(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -43,50 +43,30 @@ def quantize_int4(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, tor
     return codes.to(torch.int32).reshape(n, k), scales_and_zeros, dequantized
 
 
-def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Symmetric 8-bit codes of ``weight`` [N, K], one scale per output row.
-
-    Returns (codes [N, K] int8, scales [N], dequantized [N, K]) with ``w = code * scale``.
-    """
-    w = weight.float()
-    scale = w.abs().amax(dim=1) / 127
-    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
-    codes = torch.round(w / safe[:, None]).clamp_(-127, 127)
-    return codes.to(torch.int8), scale, codes * scale[:, None]
-
-
 class CpuLinear(nn.Module):
-    """A linear layer on prepacked oneDNN weights, with a weight-only int4 or int8 twin for
-    calls of at most ``INT4_MAX_ROWS`` rows when ``few_rows`` names one.
+    """A linear layer on prepacked oneDNN weights, with an int4 twin for calls of at most
+    ``INT4_MAX_ROWS`` rows when ``int4``.
 
     The packed tensors are plain attributes, not parameters or buffers: ``Module.to`` must not
     cast them and the state dict does not hold them.
     """
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype, few_rows: str | None = None) -> None:
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype, int4: bool) -> None:
         super().__init__()
         self.in_features, self.out_features = weight.shape[1], weight.shape[0]
         self.bias = None if bias is None else bias.detach().to(dtype)
-        self.few_rows = few_rows
+        self.int4 = self.scales_and_zeros = None
         weight = weight.detach()
-        if few_rows == "int4":
+        if int4:
             codes, scales_and_zeros, weight = quantize_int4(weight)
-            self.codes = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
-            self.scales = scales_and_zeros.to(dtype)
-        elif few_rows == "int8":
-            self.codes, scales, weight = quantize_int8(weight)
-            self.scales = scales.to(dtype)
-        elif few_rows is not None:
-            raise ValueError(f"few_rows={few_rows!r}: use int4, int8 or None")
+            self.int4 = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
+            self.scales_and_zeros = scales_and_zeros.to(dtype)
         self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.to(dtype), 16)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.few_rows is None or x.shape[0] > INT4_MAX_ROWS:
+        if self.int4 is None or x.shape[0] > INT4_MAX_ROWS:
             return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [None], "")
-        if self.few_rows == "int4":
-            out = torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.codes, GROUP, self.scales)
-        else:
-            out = torch.ops.aten._weight_int8pack_mm(x, self.codes, self.scales)
+        out = torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.int4, GROUP, self.scales_and_zeros)
         return out if self.bias is None else out + self.bias
 
 
@@ -95,9 +75,9 @@ def cpu_has_bf16() -> bool:
     return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
-def pack_linears(model: nn.Module, dtype: torch.dtype, few_rows: str | None) -> None:
+def pack_linears(model: nn.Module, dtype: torch.dtype, int4: bool) -> None:
     """Replace every ``nn.Linear`` in ``model`` by a ``CpuLinear`` (in place)."""
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if isinstance(child, nn.Linear):
-                setattr(parent, name, CpuLinear(child.weight, child.bias, dtype, few_rows))
+                setattr(parent, name, CpuLinear(child.weight, child.bias, dtype, int4))

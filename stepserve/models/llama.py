@@ -264,14 +264,14 @@ class LlamaForCausalLM(nn.Module):
 
     def pack_for_cpu(self, dtype: torch.dtype, int4: bool) -> None:
         """Prepack every projection and the head for oneDNN; with ``int4``, the projections get
-        int4 twins and the head an int8 one for small batches (``cpu_linear``). The head gets
-        8 bits, not 4: a GGUF stores it (tied to the embedding) in 8 bits, and 4 bits of it
-        visibly change greedy answers."""
+        int4 twins for small batches (``cpu_linear``). The head stays bf16: a GGUF stores it
+        (tied to the embedding) in 8 bits, 4 bits of it visibly change greedy answers, and
+        PyTorch's int8 kernel reads it no faster than oneDNN reads bf16 here."""
         from stepserve.models.cpu_linear import CpuLinear, pack_linears
 
-        pack_linears(self.layers, dtype, "int4" if int4 else None)
+        pack_linears(self.layers, dtype, int4)
         head = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        self.packed_head = CpuLinear(head, None, dtype, "int8" if int4 else None)
+        self.packed_head = CpuLinear(head, None, dtype, int4=False)
         self.lm_head = None
 
     def load_weights(self, weights) -> set[str]:
