@@ -35,6 +35,7 @@ def run(args: argparse.Namespace, engine: EngineConfig) -> dict:
         "model": llm.info.name,
         "device": llm.info.device,
         "dtype": llm.info.dtype,
+        "quantization": llm.info.quantization,
         "num_scheduler_steps": engine.scheduler.num_scheduler_steps,
         "requests": len(prompts),
         "elapsed_s": round(elapsed, 3),
@@ -43,6 +44,8 @@ def run(args: argparse.Namespace, engine: EngineConfig) -> dict:
         "total_tok_s": round((in_tokens + out_tokens) / elapsed, 1),
         "load_s": round(llm.info.load_seconds, 2),
     }
+    print(f"{result['model']} on {result['device']} ({result['dtype']}, quantization {result['quantization']}, "
+          f"{result['num_scheduler_steps']} scheduler steps)")
     print(f"Throughput: {result['requests_per_s']:.2f} requests/s, {result['output_tok_s']:.1f} output tok/s, "
           f"{result['total_tok_s']:.1f} total tok/s ({len(prompts)} requests, {out_tokens} output tokens, {elapsed:.1f}s; load {result['load_s']}s)")
     if args.output_json:
