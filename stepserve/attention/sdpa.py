@@ -1,10 +1,14 @@
 """The reference backend: PyTorch SDPA over K/V pages gathered from the cache.
 
-Obviously correct rather than fast: every sequence's pages are gathered into a padded batch and
-one masked SDPA call covers prefill chunks and decode alike. Fast backends are tested against it.
+Obviously correct rather than fast: each sequence's pages are gathered into a padded batch and
+masked SDPA attends over them. Sequences with one new token (decode) and sequences with several
+(prefill chunks) go in separate calls, so a mixed step does not pad every decode row to the
+longest chunk. Fast backends are tested against it; it is also the CPU path.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -12,43 +16,87 @@ import torch.nn.functional as F
 from stepserve.attention.base import AttentionMetadata, write_kv
 
 
+@dataclass
+class _Group:
+    """Sequences attended in one SDPA call."""
+
+    decode: bool  # one query per sequence
+    tokens: torch.Tensor | None  # [B'] packed index of each row's token (decode); None: all rows, in order
+    index: torch.Tensor | None  # [B', max_q] packed index of each padded query (prefill)
+    valid: torch.Tensor | None  # [B', max_q] which padded queries are real (prefill)
+    tables: torch.Tensor  # [B' * max_blocks] int64 block ids, row after row
+    mask: torch.Tensor  # [B', 1, max_q or 1, kv_len] bool: which keys each query sees
+    out_rows: torch.Tensor | None  # packed index of each output token; None: all tokens, in order
+
+
 class SdpaBackend:
     name = "sdpa"
 
     def prepare(self, meta: AttentionMetadata) -> None:
         qsl = meta.query_start_loc.long()
-        q_lens = qsl[1:] - qsl[:-1]
-        offsets = torch.arange(meta.max_query_len, device=qsl.device)
-        valid = offsets[None, :] < q_lens[:, None]  # [B, max_q]
-        index = torch.where(valid, qsl[:-1, None] + offsets[None, :], 0)  # padded rows read token 0
-        q_pos = torch.where(valid, meta.seq_lens.long()[:, None] - q_lens[:, None] + offsets[None, :], 0)
-        kv_len = meta.block_tables.shape[1] * meta.block_size
-        keys = torch.arange(kv_len, device=qsl.device)
+        if meta.is_decode:
+            groups = [self._decode_group(meta, qsl, None)]
+        elif meta.decode_rows is None:
+            groups = [self._prefill_group(meta, qsl, None)]
+        else:
+            groups = [self._decode_group(meta, qsl, meta.decode_rows.long()), self._prefill_group(meta, qsl, meta.prefill_rows.long())]
+        meta.extras = {"groups": groups}
+
+    @staticmethod
+    def _decode_group(meta: AttentionMetadata, qsl: torch.Tensor, rows: torch.Tensor | None) -> _Group:
+        tables = meta.block_tables if rows is None else meta.block_tables[rows]
+        seq_lens = meta.seq_lens if rows is None else meta.seq_lens[rows]
+        keys = torch.arange(tables.shape[1] * meta.block_size, device=qsl.device)
+        mask = keys[None, :] < seq_lens.long()[:, None]  # the new token sees its whole context
+        tokens = None if rows is None else qsl[rows]
+        # index_select of whole blocks copies about 3x faster on a CPU than advanced indexing.
+        return _Group(True, tokens, None, None, tables.reshape(-1).long(), mask[:, None, None], tokens)
+
+    @staticmethod
+    def _prefill_group(meta: AttentionMetadata, qsl: torch.Tensor, rows: torch.Tensor | None) -> _Group:
+        starts, ends = (qsl[:-1], qsl[1:]) if rows is None else (qsl[rows], qsl[rows + 1])
+        tables = meta.block_tables if rows is None else meta.block_tables[rows]
+        seq_lens = meta.seq_lens if rows is None else meta.seq_lens[rows]
+        q_lens = ends - starts
+        offsets = torch.arange(meta.max_query_len, device=qsl.device)  # the longest run is a prefill row's
+        valid = offsets[None, :] < q_lens[:, None]  # [B', max_q]
+        index = torch.where(valid, starts[:, None] + offsets[None, :], 0)  # padded rows read token 0
+        q_pos = torch.where(valid, seq_lens.long()[:, None] - q_lens[:, None] + offsets[None, :], 0)
+        keys = torch.arange(tables.shape[1] * meta.block_size, device=qsl.device)
         # Causal within the context; a padded query row sees key 0 only, so it never turns NaN.
-        mask = keys[None, None, :] <= q_pos[:, :, None]  # [B, max_q, kv_len]
-        # The block ids row after row: index_select copies whole blocks, about 3x faster on a CPU
-        # than advanced indexing of the same pages.
-        tables = meta.block_tables.reshape(-1).long()
-        meta.extras = {"index": index, "valid": valid, "mask": mask[:, None], "tables": tables}
+        mask = keys[None, None, :] <= q_pos[:, :, None]  # [B', max_q, kv_len]
+        out_rows = None if rows is None else index[valid]
+        return _Group(False, None, index, valid, tables.reshape(-1).long(), mask[:, None], out_rows)
 
     def forward(self, q, k, v, kv_cache, meta, scale):
         dtype = q.dtype  # the cache may be wider than the activations (float32 on CPU)
         q, k, v = q.to(kv_cache.dtype), k.to(kv_cache.dtype), v.to(kv_cache.dtype)
         write_kv(k, v, kv_cache, meta.slot_mapping)
-        ex = meta.extras
-        num_heads, (num_blocks, block_size, num_kv_heads, head_dim) = q.shape[1], kv_cache.shape[1:]
-        batch = meta.block_tables.shape[0]
-        # One gather for keys and values: [2, B, Hkv, max_blocks * block_size, D].
-        kv = kv_cache.index_select(1, ex["tables"]).view(2, batch, -1, num_kv_heads, head_dim).transpose(2, 3)
-        if meta.is_decode:
-            # One query per sequence: the query heads sharing a KV head become that head's query
-            # rows ([B, Hkv, H / Hkv, D]), one plain attention per KV head, no GQA expansion
-            # (about 20% faster on a CPU); the mask's single query row broadcasts over them.
-            queries = q.view(batch, num_kv_heads, num_heads // num_kv_heads, head_dim)
-            out = F.scaled_dot_product_attention(queries, kv[0], kv[1], attn_mask=ex["mask"], scale=scale)
-            return out.reshape(batch, num_heads, head_dim).to(dtype)
-        queries = q[ex["index"]].transpose(1, 2)  # [B, H, max_q, D]
+        groups = meta.extras["groups"]
+        if len(groups) == 1:
+            return self._attend(groups[0], q, kv_cache, scale).to(dtype)
+        out = torch.empty_like(q)
+        for group in groups:
+            out[group.out_rows] = self._attend(group, q, kv_cache, scale)
+        return out.to(dtype)
+
+    @staticmethod
+    def _attend(group: _Group, q: torch.Tensor, kv_cache: torch.Tensor, scale: float) -> torch.Tensor:
+        """Attention of the group's queries, packed: [tokens of the group, H, D]."""
+        num_heads, (_, _, num_kv_heads, head_dim) = q.shape[1], kv_cache.shape[1:]
+        batch = group.mask.shape[0]
+        # One gather for keys and values: [2, B', Hkv, max_blocks * block_size, D].
+        kv = kv_cache.index_select(1, group.tables).view(2, batch, -1, num_kv_heads, head_dim).transpose(2, 3)
+        if group.decode:
+            # The query heads sharing a KV head become that head's query rows ([B', Hkv, H / Hkv,
+            # D]): one plain attention per KV head, no GQA expansion (about 20% faster on a CPU);
+            # the mask's single query row broadcasts over them.
+            rows = q if group.tokens is None else q[group.tokens]
+            queries = rows.view(batch, num_kv_heads, num_heads // num_kv_heads, head_dim)
+            out = F.scaled_dot_product_attention(queries, kv[0], kv[1], attn_mask=group.mask, scale=scale)
+            return out.reshape(batch, num_heads, head_dim)
+        queries = q[group.index].transpose(1, 2)  # [B', H, max_q, D]
         out = F.scaled_dot_product_attention(
-            queries, kv[0], kv[1], attn_mask=ex["mask"], scale=scale, enable_gqa=num_kv_heads != num_heads
+            queries, kv[0], kv[1], attn_mask=group.mask, scale=scale, enable_gqa=num_kv_heads != num_heads
         )
-        return out.transpose(1, 2)[ex["valid"]].to(dtype)  # back to [T, H, D]
+        return out.transpose(1, 2)[group.valid]  # [tokens of the group, H, D]

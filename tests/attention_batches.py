@@ -1,0 +1,47 @@
+"""Random paged-attention batches shared by the attention tests: scattered block tables, random
+cache contents and queries, and the metadata the model runner would build for them."""
+
+import torch
+
+from stepserve.attention.base import AttentionMetadata
+
+
+def make_batch(q_lens, ctx_lens, num_heads, num_kv_heads, head_dim, block_size, dtype, device, seed):
+    gen = torch.Generator().manual_seed(seed)
+    seq_lens = [c + q for c, q in zip(ctx_lens, q_lens)]
+    width = max(-(-s // block_size) for s in seq_lens) + 1  # one padding column of null blocks
+    needed = sum(-(-s // block_size) for s in seq_lens)
+    num_blocks = needed + 8
+    free = (torch.randperm(num_blocks - 1, generator=gen) + 1).tolist()  # block 0 is the null block
+    tables, slots, positions, qsl = [], [], [], [0]
+    for s, q in zip(seq_lens, q_lens):
+        own = [free.pop() for _ in range(-(-s // block_size))]
+        tables.append(own + [0] * (width - len(own)))
+        for p in range(s - q, s):
+            positions.append(p)
+            slots.append(own[p // block_size] * block_size + p % block_size)
+        qsl.append(qsl[-1] + q)
+    t = len(positions)
+    cache = torch.randn(2, num_blocks, block_size, num_kv_heads, head_dim, generator=gen).to(dtype).to(device)
+    q = torch.randn(t, num_heads, head_dim, generator=gen).to(dtype).to(device)
+    k = torch.randn(t, num_kv_heads, head_dim, generator=gen).to(dtype).to(device)
+    v = torch.randn(t, num_kv_heads, head_dim, generator=gen).to(dtype).to(device)
+    i32 = lambda xs: torch.tensor(xs, dtype=torch.int32, device=device)  # noqa: E731
+    rows = list(range(len(q_lens)))
+    decode = [r for r in rows if q_lens[r] == 1]
+    prefill = [r for r in rows if q_lens[r] > 1]
+    is_decode = not prefill
+    meta = AttentionMetadata(
+        slot_mapping=torch.tensor(slots, device=device),
+        positions=torch.tensor(positions, device=device),
+        query_start_loc=i32(qsl),
+        seq_lens=i32(seq_lens),
+        block_tables=i32(tables),
+        max_query_len=max(q_lens),
+        max_seq_len=max(seq_lens),
+        block_size=block_size,
+        is_decode=is_decode,
+        decode_rows=None if is_decode or not decode else i32(decode),
+        prefill_rows=None if is_decode else i32(prefill),
+    )
+    return q, k, v, cache, meta
