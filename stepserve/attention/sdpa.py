@@ -21,12 +21,11 @@ class _Group:
     """Sequences attended in one SDPA call."""
 
     decode: bool  # one query per sequence
-    tokens: torch.Tensor | None  # [B'] packed index of each row's token (decode); None: all rows, in order
     index: torch.Tensor | None  # [B', max_q] packed index of each padded query (prefill)
     valid: torch.Tensor | None  # [B', max_q] which padded queries are real (prefill)
     tables: torch.Tensor  # [B' * max_blocks] int64 block ids, row after row
     mask: torch.Tensor  # [B', 1, max_q or 1, kv_len] bool: which keys each query sees
-    out_rows: torch.Tensor | None  # packed index of each output token; None: all tokens, in order
+    out_rows: torch.Tensor | None  # packed index of each query token, in output order; None: all, in order
 
 
 class SdpaBackend:
@@ -48,9 +47,9 @@ class SdpaBackend:
         seq_lens = meta.seq_lens if rows is None else meta.seq_lens[rows]
         keys = torch.arange(tables.shape[1] * meta.block_size, device=qsl.device)
         mask = keys[None, :] < seq_lens.long()[:, None]  # the new token sees its whole context
-        tokens = None if rows is None else qsl[rows]
+        out_rows = None if rows is None else qsl[rows]  # a decode row's one token
         # index_select of whole blocks copies about 3x faster on a CPU than advanced indexing.
-        return _Group(True, tokens, None, None, tables.reshape(-1).long(), mask[:, None, None], tokens)
+        return _Group(True, None, None, tables.reshape(-1).long(), mask[:, None, None], out_rows)
 
     @staticmethod
     def _prefill_group(meta: AttentionMetadata, qsl: torch.Tensor, rows: torch.Tensor | None) -> _Group:
@@ -66,7 +65,7 @@ class SdpaBackend:
         # Causal within the context; a padded query row sees key 0 only, so it never turns NaN.
         mask = keys[None, None, :] <= q_pos[:, :, None]  # [B', max_q, kv_len]
         out_rows = None if rows is None else index[valid]
-        return _Group(False, None, index, valid, tables.reshape(-1).long(), mask[:, None], out_rows)
+        return _Group(False, index, valid, tables.reshape(-1).long(), mask[:, None], out_rows)
 
     def forward(self, q, k, v, kv_cache, meta, scale):
         dtype = q.dtype  # the cache may be wider than the activations (float32 on CPU)
@@ -91,7 +90,7 @@ class SdpaBackend:
             # The query heads sharing a KV head become that head's query rows ([B', Hkv, H / Hkv,
             # D]): one plain attention per KV head, no GQA expansion (about 20% faster on a CPU);
             # the mask's single query row broadcasts over them.
-            rows = q if group.tokens is None else q[group.tokens]
+            rows = q if group.out_rows is None else q[group.out_rows]
             queries = rows.view(batch, num_kv_heads, num_heads // num_kv_heads, head_dim)
             out = F.scaled_dot_product_attention(queries, kv[0], kv[1], attn_mask=group.mask, scale=scale)
             return out.reshape(batch, num_heads, head_dim)

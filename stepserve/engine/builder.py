@@ -54,8 +54,9 @@ def pick_dtype(name: str, device: torch.device, hf_config: dict) -> torch.dtype:
         return _DTYPES[name]
     if device.type == "cuda":
         return torch.bfloat16
-    declared = hf_config.get("torch_dtype") or hf_config.get("dtype") or ("float32" if "gguf_linear_type" not in hf_config else "gguf")
-    return torch.bfloat16 if declared != "float32" and cpu_has_bf16() else torch.float32
+    declared = hf_config.get("torch_dtype") or hf_config.get("dtype") or "float32"  # HF's default
+    float32_checkpoint = "gguf_linear_type" not in hf_config and declared == "float32"
+    return torch.float32 if float32_checkpoint or not cpu_has_bf16() else torch.bfloat16
 
 
 def pick_quantization(name: str, device: torch.device, dtype: torch.dtype, hf_config: dict) -> str:

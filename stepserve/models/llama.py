@@ -165,8 +165,8 @@ class RopeStep:
     def apply(self, qk: torch.Tensor, num_heads: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Rotate ``qk`` [T, H + Hkv, D] (queries then keys, a view of the qkv output)."""
         ops = fused_ops(qk)
-        q, k = qk[:, :num_heads], qk[:, num_heads:]
         if ops is not None:  # in place on the qkv output: one launch instead of a dozen
+            q, k = qk[:, :num_heads], qk[:, num_heads:]
             ops.rotary_(q, k, self.positions, self.cos_sin)
             return q, k
         t, heads, dim = qk.shape
