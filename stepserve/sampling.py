@@ -8,6 +8,7 @@ engine: ``max_tokens`` is then an int and every field the engine computes with i
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -67,6 +68,16 @@ def _as_logit_bias(bias: Mapping | Iterable | None) -> tuple[tuple[int, float], 
     return tuple(out)
 
 
+def mix_seed(seed: int, index: int) -> int:
+    """A seed in [0, 2**63) (what every torch generator takes) that hashes ``seed`` with ``index``.
+
+    Unlike ``seed + index``, neighbouring seeds share nothing: (900, 1) and (901, 0) give
+    unrelated streams. Used for the choices of an ``n > 1`` request and for each output token.
+    """
+    digest = hashlib.blake2b(f"{seed}/{index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """How to sample one request, with vLLM's field names and meanings.
@@ -82,7 +93,7 @@ class SamplingParams:
     presence_penalty: float = 0.0  # subtracted once from every token already generated
     frequency_penalty: float = 0.0  # subtracted per occurrence in the generated tokens
     repetition_penalty: float = 1.0  # divides (or multiplies) logits of prompt+generated tokens
-    seed: int | None = None  # per-request generator seed; None uses the engine's generator
+    seed: int | None = None  # per-request seed (any int); None uses the engine's generator
     stop: tuple[str, ...] = ()  # stop strings; matched text is not returned
     stop_token_ids: tuple[int, ...] = ()  # token ids that end the request like EOS
     ignore_eos: bool = False  # keep going past EOS
@@ -137,6 +148,10 @@ class SamplingParams:
 
     def replace(self, **changes) -> SamplingParams:
         return dataclasses.replace(self, **changes)
+
+    def for_choice(self, index: int) -> SamplingParams:
+        """The params of choice ``index`` of an ``n > 1`` request: its own seed, mixed from ours."""
+        return self if self.seed is None else self.replace(seed=mix_seed(self.seed, index))
 
     def resolve(
         self,

@@ -150,7 +150,7 @@ class AsyncEngine:
         for p, prompt in enumerate(prompts):
             n = prompt.params.n
             for i in range(n):
-                params = prompt.params if prompt.params.seed is None else prompt.params.replace(seed=prompt.params.seed + i)
+                params = prompt.params.for_choice(i)
                 child_id = f"{request_id}-{p * n + i}"
                 state = RequestState.create(child_id, p * n + i, params, self.tokenizer, prompt.token_ids)
                 children.append(_Child(state, queue, arrival))

@@ -81,7 +81,7 @@ class LLM:
         self._counter += 1
         group = []
         for i in range(params.n):
-            child = params if params.seed is None else params.replace(seed=params.seed + i)
+            child = params.for_choice(i)
             request_id = f"{base}-{i}"
             self.core.add_request(EngineCoreRequest(request_id, tuple(ids), child, time.monotonic()))
             states[request_id] = RequestState.create(request_id, i, child, self.tokenizer, ids)

@@ -76,7 +76,7 @@ class StepInputs:
 
 
 class ModelRunner:
-    """Runs the model over the paged KV cache; keeps per-request sampling generators."""
+    """Runs the model over the paged KV cache and samples; keeps no per-request state."""
 
     def __init__(
         self,
@@ -96,18 +96,15 @@ class ModelRunner:
         self.device = device
         self.vocab_size = model.cfg.vocab_size
         self.shared_generator = torch.Generator(device=device).manual_seed(seed)
-        self._generators: dict[str, torch.Generator] = {}
         self.graphs: CudaGraphs | None = None  # set by capture_cuda_graphs
 
     # -- the pass ------------------------------------------------------------------------
 
     @torch.inference_mode()
     def execute(self, sched: SchedulerOutput) -> ModelRunnerOutput:
-        for request_id in sched.finished_request_ids:
-            self._generators.pop(request_id, None)
         requests = sched.requests
         inputs = self._prepare(sched)
-        batch = S.build_sampling_batch(requests, self._row_generators(sched), self.eos_token_ids, self.vocab_size, self.device)
+        batch = S.build_sampling_batch(requests, self.eos_token_ids, self.vocab_size, self.device)
         graph = self.graphs.load(inputs) if self.graphs is not None else None
         steps: list[torch.Tensor] = []
         logprobs: list[tuple] = []
@@ -139,19 +136,6 @@ class ModelRunner:
     def capture_cuda_graphs(self, batch_sizes: list[int], max_model_len: int, max_steps: int) -> None:
         """Capture the decode step for each batch size (largest first, sharing one memory pool)."""
         self.graphs = CudaGraphs(self, batch_sizes, max_model_len + max_steps)
-
-    def _row_generators(self, sched: SchedulerOutput) -> list[torch.Generator | None]:
-        rows = []
-        for r in sched.requests:
-            if r.params.seed is None:
-                rows.append(None)
-                continue
-            gen = self._generators.get(r.request_id)
-            if gen is None:
-                gen = torch.Generator(device=self.device).manual_seed(r.params.seed)
-                self._generators[r.request_id] = gen
-            rows.append(gen)
-        return rows
 
     # -- inputs --------------------------------------------------------------------------
 

@@ -1,7 +1,9 @@
 """Batched sampling: greedy, temperature, top-k, top-p, min-p, penalties, logit bias, seeds, logprobs.
 
 All rows are handled with tensor ops (no per-row Python, no host sync) except drawing seeded
-noise, which needs each request's own generator.
+noise: output token t of a request with seed s is drawn with noise from a generator seeded with
+``mix_seed(s, t)``, so what a seed gives depends on nothing but the seed, the token's index and
+the logits (not on the batch, chunking, preemption or the number of scheduler steps).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from stepserve.core.outputs import ScheduledRequest
+from stepserve.sampling import mix_seed
 
 
 def _tensor(data, dtype: torch.dtype | None = None, device=None) -> torch.Tensor:
@@ -40,13 +43,14 @@ class SamplingBatch:
     bias: torch.Tensor | None  # [B, V] float logit bias
     stop_mask: torch.Tensor | None  # [B, V] bool: EOS and stop tokens, masked below min_tokens
     min_left: torch.Tensor | None  # [B] int: outputs still to come before stop tokens may appear
-    generators: list[torch.Generator | None]  # per row; None draws from the shared generator
+    seeds: list[int | None]  # per row: the request's seed; None draws from the shared generator
+    first_output: list[int]  # per row: output index of the token the pass's first step samples
     num_logprobs: int  # top alternatives to return; -1 for none
+    step: int = 0  # steps of the pass sampled so far (advanced by ``advance``)
 
 
 def build_sampling_batch(
     requests: Sequence[ScheduledRequest],
-    generators: list[torch.Generator | None],
     eos_token_ids: Collection[int],
     vocab_size: int,
     device: torch.device,
@@ -61,7 +65,8 @@ def build_sampling_batch(
         all_greedy=all(greedy),
         top_k=None, top_p=None, min_p=None, presence=None, frequency=None, repetition=None,
         output_counts=None, prompt_mask=None, bias=None, stop_mask=None, min_left=None,
-        generators=generators,
+        seeds=[p.seed for p in params],
+        first_output=[len(r.token_ids) - r.num_prompt_tokens for r in requests],
         num_logprobs=max((p.logprobs for p in params if p.logprobs is not None), default=-1),
     )
     if any(p.top_k > 0 for p in params):
@@ -139,19 +144,19 @@ def _mask_top_k_top_p(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tenso
     return torch.full_like(logits, float("-inf")).scatter(1, order, sorted_logits)
 
 
-def _noise(shape, generators, shared: torch.Generator | None, device) -> torch.Tensor:
+def _noise(shape, batch: SamplingBatch, shared: torch.Generator | None, device) -> torch.Tensor:
     q = torch.empty(shape, device=device).exponential_(generator=shared)
-    for row, gen in enumerate(generators):
-        if gen is not None:
+    gen = None
+    for row, seed in enumerate(batch.seeds):
+        if seed is not None:
+            gen = gen or torch.Generator(device=device)
+            gen.manual_seed(mix_seed(seed, batch.first_output[row] + batch.step))
             q[row].exponential_(generator=gen)
     return q
 
 
-def sample(logits: torch.Tensor, batch: SamplingBatch, shared: torch.Generator | None = None) -> torch.Tensor:
-    """Token ids [B] from float32 logits [B, V] after the logits processors."""
-    greedy_tokens = logits.argmax(dim=-1)
-    if batch.all_greedy:
-        return greedy_tokens
+def sampling_probs(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+    """What non-greedy rows draw from [B, V]: temperature, then top-k and top-p, then min-p."""
     scaled = logits / batch.temperature[:, None]
     if batch.top_k is not None or batch.top_p is not None:
         scaled = _mask_top_k_top_p(scaled, batch)
@@ -159,13 +164,23 @@ def sample(logits: torch.Tensor, batch: SamplingBatch, shared: torch.Generator |
     if batch.min_p is not None:
         floor = batch.min_p[:, None] * probs.max(dim=-1, keepdim=True).values
         probs = probs.masked_fill(probs < floor, 0.0)
+    return probs
+
+
+def sample(logits: torch.Tensor, batch: SamplingBatch, shared: torch.Generator | None = None) -> torch.Tensor:
+    """Token ids [B] from float32 logits [B, V] after the logits processors."""
+    greedy_tokens = logits.argmax(dim=-1)
+    if batch.all_greedy:
+        return greedy_tokens
+    probs = sampling_probs(logits, batch)
     # Exponential race: argmax(p / E) with E ~ Exp(1) draws from p, one row at a time if needed.
-    sampled = (probs / _noise(probs.shape, batch.generators, shared, probs.device)).argmax(dim=-1)
+    sampled = (probs / _noise(probs.shape, batch, shared, probs.device)).argmax(dim=-1)
     return torch.where(batch.greedy, greedy_tokens, sampled)
 
 
 def advance(batch: SamplingBatch, tokens: torch.Tensor) -> None:
     """Account for the tokens just sampled before the next step of a multi-step pass."""
+    batch.step += 1
     if batch.output_counts is not None:
         batch.output_counts.scatter_add_(1, tokens[:, None], torch.ones_like(tokens[:, None], dtype=torch.int32))
     if batch.min_left is not None:
