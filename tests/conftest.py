@@ -25,3 +25,23 @@ def tiny_tied(tmp_path_factory):
     from tiny_models import write_tiny_model
 
     return write_tiny_model(tmp_path_factory.mktemp("tiny") / "llama-tied", "llama", seed=2, tie_word_embeddings=True, num_key_value_heads=4)
+
+
+@pytest.fixture(scope="session")
+def embedded_f32():
+    """The embedded SmolLM2 in float32, prompts chunked by 64 tokens (one load for the session)."""
+    from stepserve import LLM
+
+    return LLM(max_model_len=512, dtype="float32", quantization="none", max_num_batched_tokens=64)
+
+
+@pytest.fixture(scope="session")
+def embedded_hf():
+    """transformers' own float32 model of the embedded GGUF: the independent reference."""
+    import torch
+    import transformers
+
+    from stepserve.models.loader import resolve_source
+
+    source = resolve_source(None)
+    return transformers.AutoModelForCausalLM.from_pretrained(str(source.directory), gguf_file=source.gguf_file, dtype=torch.float32).eval()
