@@ -8,7 +8,9 @@ token ids). Workload: 256 requests of 512 random prompt tokens and 256 output to
 ``ignore_eos``. Measured: (a) stepserve offline throughput, (b) transformers ``generate_batch``
 with ``paged|sdpa`` attention on the same weights and requests, (c) stepserve batch-1 decode
 tok/s and the bandwidth it achieves against a measured device copy, (d) stepserve
-``num_scheduler_steps`` 1 vs 8 on the 1B shape. stepserve is timed through its engine loop
+``num_scheduler_steps`` 1 vs 8 on the 1B shape, (e) unless ``--skip-transformers``, that each
+greedy token of stepserve's first requests is transformers' argmax on the same weights
+(``greedy_check``). stepserve is timed through its engine loop
 (schedule, execute, update) without detokenization, as vLLM's throughput benchmark does with
 ``detokenize=False``. A table goes to stdout, JSON to ``DIR/gpu_bench.json``.
 """
@@ -123,10 +125,13 @@ def stepserve_engine(model_dir: Path, shape: str, steps: int, **options):
     return core, info
 
 
-def run_requests(core, prompts: list[list[int]], max_tokens: int, tag: str, passes: list | None = None) -> tuple[float, int]:
+def run_requests(
+    core, prompts: list[list[int]], max_tokens: int, tag: str, passes: list | None = None, outputs: dict | None = None,
+) -> tuple[float, int]:
     """Seconds and output tokens for the prompts run through the engine loop to completion.
     ``passes`` collects (requests, steps, tokens computed by the first step, seconds) per pass:
-    each pass ends with its one host sync, so wall time per pass is its real cost."""
+    each pass ends with its one host sync, so wall time per pass is its real cost. ``outputs``
+    collects each request's generated token ids under its index in ``prompts``."""
     from stepserve.core.outputs import EngineCoreRequest
     from stepserve.sampling import SamplingParams
 
@@ -147,6 +152,8 @@ def run_requests(core, prompts: list[list[int]], max_tokens: int, tag: str, pass
             passes.append((len(sched.requests), sched.num_steps, sched.num_batched_tokens, time.perf_counter() - t0))
         for out in outs:
             tokens += len(out.new_token_ids)
+            if outputs is not None:
+                outputs.setdefault(int(out.request_id.rsplit("-", 1)[1]), []).extend(out.new_token_ids)
             if out.error:
                 raise RuntimeError(f"request {out.request_id} failed: {out.error}")
     torch.cuda.synchronize()
@@ -186,13 +193,13 @@ def graph_step_ms(core, size: int) -> float | None:
     return round(a.elapsed_time(b) / 10, 3)
 
 
-def stepserve_throughput(core, prompts) -> dict:
+def stepserve_throughput(core, prompts, outputs: dict | None = None) -> dict:
     # Warm-up on the workload's own shapes: Triton compiles a kernel per specialization (mixed
     # prefill+decode steps, split or not), which must not land inside the timed run.
     # Its prompts are drawn apart from the timed ones, so the prefix cache cannot serve them.
     run_requests(core, workload(seed=1)[:64], 4, "warm")
     passes: list = []
-    elapsed, tokens = run_requests(core, prompts, OUTPUT_LEN, "bench", passes)
+    elapsed, tokens = run_requests(core, prompts, OUTPUT_LEN, "bench", passes, outputs)
     return {
         "elapsed_s": round(elapsed, 3), "output_tokens": tokens, "out_tok_s": round(tokens / elapsed, 1),
         **pass_breakdown(passes), "graph_step_ms_256": graph_step_ms(core, 256),
@@ -238,22 +245,70 @@ def model_stream_bytes(core) -> tuple[int, int]:
 
 # -- transformers --------------------------------------------------------------------------
 
+GREEDY_CHECK_REQUESTS = 4  # requests whose every greedy token is checked under transformers' logits
 
-def transformers_cb(model_dir: Path, shape: str, prompts) -> dict:
-    import transformers
-    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+
+def hf_model(model_dir: Path, shape: str, attn: str):
+    """transformers' model of ``model_dir`` on the GPU in bf16, holding ``random_weights(shape)``."""
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     config = AutoConfig.from_pretrained(model_dir)
     with torch.device("cuda"):
         try:
-            model = AutoModelForCausalLM.from_config(config, attn_implementation="paged|sdpa", dtype=torch.bfloat16)
+            model = AutoModelForCausalLM.from_config(config, attn_implementation=attn, dtype=torch.bfloat16)
         except TypeError:
-            model = AutoModelForCausalLM.from_config(config, attn_implementation="paged|sdpa", torch_dtype=torch.bfloat16)
+            model = AutoModelForCausalLM.from_config(config, attn_implementation=attn, torch_dtype=torch.bfloat16)
     params = dict(model.named_parameters())
     with torch.no_grad():
         for name, tensor in random_weights(shape):  # the same weights stepserve runs
             params[name].copy_(tensor)
-    model.eval()
+    return model.eval()
+
+
+@torch.no_grad()
+def greedy_check(model_dir: Path, shape: str, prompts, outputs: dict) -> dict:
+    """Is each of stepserve's greedy tokens transformers' argmax on the same weights?
+
+    Teacher-forced: one forward of transformers (bf16, SDPA) over prompt + stepserve's tokens of
+    the first requests. bf16 kernels round differently, so where two logits nearly tie either may
+    win: a token passes when its logit is within ``tol`` of the maximum, ``tol`` being 8 bf16
+    steps at the largest logit's magnitude. The result says ``passed`` and names the first
+    failure (the timings are kept either way); missing outputs raise.
+    """
+    model = hf_model(model_dir, shape, "sdpa")
+    exact = total = 0
+    worst = 0.0
+    failure = None
+    for i in range(GREEDY_CHECK_REQUESTS):
+        ids = outputs.get(i)
+        if not ids or len(ids) != OUTPUT_LEN:
+            raise RuntimeError(f"greedy check: request {i} produced {len(ids or [])} tokens, not {OUTPUT_LEN}")
+        seq = torch.tensor([prompts[i] + ids[:-1]], device="cuda")
+        logits = model(seq).logits[0, len(prompts[i]) - 1 :].float()  # the logits that chose each output
+        chosen = logits.gather(1, torch.tensor(ids, device="cuda")[:, None])[:, 0]
+        top = logits.max(dim=-1).values
+        tol = 8 * torch.finfo(torch.bfloat16).eps * top.abs().clamp(min=1.0)
+        gap = top - chosen
+        bad = (gap > tol).nonzero().flatten().tolist()
+        if bad and failure is None:
+            failure = f"request {i}, output {bad[0]}: token {ids[bad[0]]} is {gap[bad[0]].item():.4f} below transformers' argmax"
+        exact += int((logits.argmax(dim=-1) == torch.tensor(ids, device="cuda")).sum())
+        total += len(ids)
+        worst = max(worst, gap.max().item())
+    del model
+    free_gpu()
+    return {
+        "passed": failure is None, "first_failure": failure, "requests": GREEDY_CHECK_REQUESTS, "tokens": total,
+        "exact_argmax_share": round(exact / total, 4), "max_gap": round(worst, 5),
+    }
+
+
+
+def transformers_cb(model_dir: Path, shape: str, prompts) -> dict:
+    import transformers
+    from transformers import GenerationConfig
+
+    model = hf_model(model_dir, shape, "paged|sdpa")
     gen = GenerationConfig(
         max_new_tokens=OUTPUT_LEN, do_sample=False, eos_token_id=COMMON["eos_token_id"], pad_token_id=0,
     )
@@ -264,7 +319,7 @@ def transformers_cb(model_dir: Path, shape: str, prompts) -> dict:
     torch.cuda.synchronize()
     elapsed = time.perf_counter() - start
     tokens = sum(len(o.generated_tokens) for o in outputs.values())
-    del model, params
+    del model
     free_gpu()
     return {"elapsed_s": round(elapsed, 3), "output_tokens": tokens, "out_tok_s": round(tokens / elapsed, 1), "version": transformers.__version__}
 
@@ -296,13 +351,16 @@ def copy_bandwidth() -> float:
 
 def bench_1b(root: Path, prompts, results: dict, skip_transformers: bool) -> None:
     model_dir = write_model_dir(root, "1b")
+    outputs: dict = {}
     for steps in (1, 8):
         core, info = stepserve_engine(model_dir, "1b", steps)
-        results[f"stepserve_1b_n{steps}"] = {**stepserve_throughput(core, prompts), "kv_blocks": info.num_kv_blocks}
+        results[f"stepserve_1b_n{steps}"] = {**stepserve_throughput(core, prompts, outputs if steps == 8 else None), "kv_blocks": info.num_kv_blocks}
         print(f"1b stepserve N={steps}: {results[f'stepserve_1b_n{steps}']}", flush=True)
         del core
         free_gpu()
     if not skip_transformers:
+        results["greedy_check_1b"] = greedy_check(model_dir, "1b", prompts, outputs)
+        print(f"1b greedy check: {results['greedy_check_1b']}", flush=True)
         results["transformers_1b"] = transformers_cb(model_dir, "1b", prompts)
         print(f"1b transformers: {results['transformers_1b']}", flush=True)
 
@@ -310,7 +368,8 @@ def bench_1b(root: Path, prompts, results: dict, skip_transformers: bool) -> Non
 def bench_8b(root: Path, prompts, results: dict, skip_transformers: bool, copy_tb_s: float, profile_dir: Path | None) -> None:
     model_dir = write_model_dir(root, "8b")
     core, info = stepserve_engine(model_dir, "8b", 8)
-    results["stepserve_8b"] = {**stepserve_throughput(core, prompts), "kv_blocks": info.num_kv_blocks, "load_s": round(info.load_seconds, 1)}
+    outputs: dict = {}
+    results["stepserve_8b"] = {**stepserve_throughput(core, prompts, outputs), "kv_blocks": info.num_kv_blocks, "load_s": round(info.load_seconds, 1)}
     print(f"8b stepserve N=8: {results['stepserve_8b']}", flush=True)
     weight_bytes, kv_bytes = model_stream_bytes(core)
     b1 = batch1_decode(core, prompts[0], weight_bytes, kv_bytes)
@@ -322,6 +381,8 @@ def bench_8b(root: Path, prompts, results: dict, skip_transformers: bool, copy_t
     del core
     free_gpu()
     if not skip_transformers:
+        results["greedy_check_8b"] = greedy_check(model_dir, "8b", prompts, outputs)
+        print(f"8b greedy check: {results['greedy_check_8b']}", flush=True)
         results["transformers_8b"] = transformers_cb(model_dir, "8b", prompts)
         print(f"8b transformers: {results['transformers_8b']}", flush=True)
 
@@ -337,6 +398,8 @@ def summary(results: dict) -> dict:
         "batch1_8b_tok_s": get("batch1_8b", "tok_s"),
         "copy_tb_s": results.get("copy_tb_s"),
         "multistep_1b_n8_over_n1": round(n8 / n1, 3) if n1 and n8 else None,
+        "greedy_check_1b_passed": results.get("greedy_check_1b", {}).get("passed"),
+        "greedy_check_8b_passed": results.get("greedy_check_8b", {}).get("passed"),
         "device": torch.cuda.get_device_name(),
         "date": results.get("date"),
     }
