@@ -29,10 +29,15 @@ def tiny_tied(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def embedded_f32():
-    """The embedded SmolLM2 in float32, prompts chunked by 64 tokens (one load for the session)."""
+    """The embedded SmolLM2 with every choice left to ``auto`` as on a CPU without native bfloat16
+    (forced here where the CPU has it, so that path runs on every machine): float32, no
+    quantization. Prompts are chunked by 64 tokens. One load for the session."""
+    from unittest import mock
+
     from stepserve import LLM
 
-    return LLM(max_model_len=512, dtype="float32", quantization="none", max_num_batched_tokens=64)
+    with mock.patch("stepserve.engine.builder.cpu_has_bf16", return_value=False):
+        return LLM(max_model_len=512, max_num_batched_tokens=64)
 
 
 @pytest.fixture(scope="session")

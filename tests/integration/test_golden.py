@@ -55,20 +55,49 @@ def test_sharded_checkpoint_with_index(tmp_path):
 
 
 @pytest.mark.slow
-def test_embedded_gguf_equals_transformers():
-    llm = LLM(max_model_len=512, dtype="float32", quantization="none")
+def test_embedded_gguf_equals_transformers(embedded_f32, embedded_hf):
+    """The embedded GGUF as ``auto`` runs it on a CPU without native bfloat16 (conftest)."""
+    llm = embedded_f32
+    assert (llm.info.dtype, llm.info.quantization) == ("float32", "none")
     prompts = ["The capital of France is", "def fibonacci(n):", "Once upon a time"]
     prompt_ids = [llm.tokenizer.encode(p) for p in prompts]
     params = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True)
     ours = [o.outputs[0].token_ids for o in llm.generate(prompt_ids, params)]
-    source = llm_source()
-    model = transformers.AutoModelForCausalLM.from_pretrained(str(source.directory), gguf_file=source.gguf_file, dtype=torch.float32)
     for ids, got in zip(prompt_ids, ours):
-        gen = model.generate(torch.tensor([ids]), max_new_tokens=32, min_new_tokens=32, do_sample=False, eos_token_id=None, pad_token_id=0)
+        gen = embedded_hf.generate(torch.tensor([ids]), max_new_tokens=32, min_new_tokens=32, do_sample=False, eos_token_id=None, pad_token_id=0)
         assert got == gen[0, len(ids) :].tolist()
 
 
-def llm_source():
-    from stepserve.models.loader import resolve_source
+ROPE_SCALINGS = {
+    "linear": {"rope_type": "linear", "factor": 4.0},
+    "llama3": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 64},
+}
 
-    return resolve_source(None)
+
+@pytest.mark.parametrize("kind", sorted(ROPE_SCALINGS))
+def test_rope_scaling_equals_transformers(kind, tmp_path):
+    """Prompts past llama3's original 64 positions; head_dim 16 spans its low, mid and high bands."""
+    from tiny_models import write_tiny_model
+
+    model_dir = write_tiny_model(tmp_path / kind, "llama", seed=4, rope_scaling=ROPE_SCALINGS[kind], rope_theta=500000.0)
+    llm = LLM(model=str(model_dir), num_blocks=256, block_size=8, max_model_len=256)
+    assert dict(llm.core.worker.model.cfg.rope_scaling)["rope_type"] == kind  # the scaling was read, not dropped
+    prompt_ids = [llm.tokenizer.encode(p) for p in (PROMPTS[3] * 2, PROMPTS[7] * 3, PROMPTS[0])]
+    params = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True)
+    ours = [o.outputs[0].token_ids for o in llm.generate(prompt_ids, params)]
+    assert ours == reference_greedy(model_dir, prompt_ids, NEW_TOKENS)
+
+
+def test_auto_dtype_and_quantization_with_and_without_native_bf16(monkeypatch):
+    from stepserve.config import ConfigError
+    from stepserve.engine import builder
+
+    cpu = torch.device("cpu")
+    gguf = {"gguf_linear_type": "Q4_1"}
+    for has_bf16, dtype, quant in ((True, torch.bfloat16, "int4"), (False, torch.float32, "none")):
+        monkeypatch.setattr(builder, "cpu_has_bf16", lambda: has_bf16)
+        assert builder.pick_dtype("auto", cpu, gguf) == dtype
+        assert builder.pick_quantization("auto", cpu, dtype, gguf) == quant
+        assert builder.pick_dtype("auto", cpu, {"torch_dtype": "float32"}) == torch.float32
+    with pytest.raises(ConfigError, match="AVX512-BF16"):
+        builder.pick_quantization("int4", cpu, torch.bfloat16, gguf)
