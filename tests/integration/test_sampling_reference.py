@@ -53,23 +53,22 @@ def last_logits(llm, model, prompts) -> torch.Tensor:
     return torch.stack([hf_logits(model, llm.tokenizer.encode(p))[-1] for p in prompts])
 
 
-def logit_sources(tiny_llm, tiny_hf, embedded_f32, embedded_hf):
-    gen = torch.Generator().manual_seed(0)
-    yield "random", torch.randn(4, 64, generator=gen) * 3
-    yield "tiny llama", last_logits(tiny_llm, tiny_hf, PROMPTS)
-    yield "embedded", last_logits(embedded_f32, embedded_hf, PROMPTS[:2])
-
-
-def test_allowed_tokens_equal_transformers_warpers(tiny_llm, tiny_hf, embedded_f32, embedded_hf):
+@pytest.mark.parametrize("source", ["random", "tiny llama", "embedded"])
+def test_allowed_tokens_equal_transformers_warpers(source, request):
     """Every config on every row, all in one batch: each row keeps its own parameters."""
-    for name, logits in logit_sources(tiny_llm, tiny_hf, embedded_f32, embedded_hf):
-        rows = [(row, cfg) for row in logits for cfg in CONFIGS]
-        batch = sampling_batch([params(cfg) for _, cfg in rows], logits.shape[1])
-        probs = S.sampling_probs(torch.stack([row for row, _ in rows]), batch)
-        for (row, cfg), got in zip(rows, probs):
-            ref = warped(row[None], *cfg)[0]
-            assert torch.equal(got > 0, ref.softmax(-1) > 0), (name, cfg)  # what can be drawn at all
-            assert torch.allclose(got / got.sum(), ref.softmax(-1), atol=1e-6), (name, cfg)  # min-p leaves it unnormalized
+    if source == "random":
+        logits = torch.randn(4, 64, generator=torch.Generator().manual_seed(0)) * 3
+    elif source == "tiny llama":
+        logits = last_logits(request.getfixturevalue("tiny_llm"), request.getfixturevalue("tiny_hf"), PROMPTS)
+    else:
+        logits = last_logits(request.getfixturevalue("embedded_f32"), request.getfixturevalue("embedded_hf"), PROMPTS[:2])
+    rows = [(row, cfg) for row in logits for cfg in CONFIGS]
+    batch = sampling_batch([params(cfg) for _, cfg in rows], logits.shape[1])
+    probs = S.sampling_probs(torch.stack([row for row, _ in rows]), batch)
+    for (row, cfg), got in zip(rows, probs):
+        ref = warped(row[None], *cfg)[0]
+        assert torch.equal(got > 0, ref.softmax(-1) > 0), cfg  # what can be drawn at all
+        assert torch.allclose(got / got.sum(), ref.softmax(-1), atol=1e-6), cfg  # min-p leaves it unnormalized
 
 
 @pytest.mark.parametrize("cfg", [CONFIGS[0], CONFIGS[1], CONFIGS[2], CONFIGS[4], CONFIGS[10]])
