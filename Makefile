@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 HAS_NVIDIA := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo yes)
 
-.PHONY: install serve test bench clean
+.PHONY: install serve test bench mutate clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -31,6 +31,13 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/stepserve bench throughput
+
+# Mutation testing of the sampler, scheduler, block manager and detokenizer ([tool.mutmut] in
+# pyproject.toml); not in CI: hours on 2 cores. MUTANTS="stepserve.worker.sampler*" runs a subset.
+mutate: $(STAMP)
+	$(BIN)/python -m pip install -q mutmut==3.8.1
+	$(BIN)/mutmut run --max-children $(or $(JOBS),2) $(MUTANTS)
+	$(BIN)/python tools/mutation_score.py
 
 clean:
 	rm -rf $(VENV)
