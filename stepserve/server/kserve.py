@@ -122,16 +122,22 @@ def _wanted_outputs(ctx: ServingContext, req: KServeV2Request, parameters: dict)
     return names
 
 
-async def v2_infer(ctx: ServingContext, name: str, req: KServeV2Request) -> dict:
-    ctx.check_model(name)
-    ctx.check_model(req.model_name)
+def v2_completion(ctx: ServingContext, req: KServeV2Request) -> tuple[CompletionRequest, list[str]]:
+    """The completions request a v2 request stands for, and the output names to answer with."""
     texts = _text_input(ctx, req)
     # binary_data_output (KServe's client) asks for binary outputs: answered in JSON, which it reads too
     parameters = {k: v for k, v in req.parameters.items() if k != "binary_data_output"}
     wanted = _wanted_outputs(ctx, req, parameters)
     if LOGPROBS_OUTPUT in wanted and parameters.get("logprobs") is None:
         parameters["logprobs"] = 0  # the chosen tokens' logprobs, no alternatives
-    choices = await _choices(ctx, completion_request(ctx, texts, parameters))
+    return completion_request(ctx, texts, parameters), wanted
+
+
+async def v2_infer(ctx: ServingContext, name: str, req: KServeV2Request) -> dict:
+    ctx.check_model(name)
+    ctx.check_model(req.model_name)
+    creq, wanted = v2_completion(ctx, req)
+    choices = await _choices(ctx, creq)
     tensors = {
         TEXT_OUTPUT: [c["text"] for c in choices],
         LOGPROBS_OUTPUT: [json.dumps(c["logprobs"]) for c in choices],
