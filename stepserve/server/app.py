@@ -247,7 +247,7 @@ def create_app(make_client: Callable[[], CoreClient], tokenizer, info: FrontInfo
         limits = AdmissionLimits(max_running + config.max_queue_len, config.request_timeout_s)
         engine = AsyncEngine(client, tokenizer, app.state.metrics.observe, limits)
         unknown = UnknownFieldPolicy(config.allow_unknown_fields)
-        app.state.ctx = ServingContext(engine, tokenizer, model_name, info.max_model_len, info.vocab_size, config, info.sampling_defaults, unknown)
+        app.state.ctx = ServingContext(engine, tokenizer, model_name, info.max_model_len, info.vocab_size, config, sampling_defaults=info.sampling_defaults, unknown=unknown)
         app.state.started = int(time.time())
         yield
         await engine.shutdown()

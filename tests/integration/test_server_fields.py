@@ -75,7 +75,7 @@ def test_defaults_apply_only_to_fields_left_out(http):
         (V1, {"instances": ["hi"], "parameters": {"watermark": True}}, "parameters.watermark"),
         (V1, {"instances": ["hi"], "parameters": {"stream": True}}, "parameters.stream"),
         (V2, {"inputs": [{"name": "text_input", "shape": [1], "datatype": "BYTES", "data": ["hi"]}], "priority": 1}, "priority"),
-        (V2, {"inputs": [{"name": "text_input", "shape": [1], "datatype": "BYTES", "data": ["hi"]}], "parameters": {"best_of": 2}}, "parameters.best_of"),
+        (V2, {"inputs": [{"name": "text_input", "shape": [1], "datatype": "BYTES", "data": ["hi"]}], "parameters": {"details": True}}, "parameters.details"),
     ],
 )
 def test_unknown_fields_are_400s_naming_them(http, route, body, param):

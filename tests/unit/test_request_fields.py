@@ -43,7 +43,7 @@ def tokenizer(tmp_path_factory):
 
 def context(tokenizer, defaults=SamplingDefaults(), allow=False, **server) -> ServingContext:
     # Validation and resolution never touch the engine.
-    return ServingContext(None, tokenizer, "m", MAX_MODEL_LEN, len(tokenizer), ServerConfig(**server), defaults, UnknownFieldPolicy(allow))
+    return ServingContext(None, tokenizer, "m", MAX_MODEL_LEN, len(tokenizer), ServerConfig(**server), sampling_defaults=defaults, unknown=UnknownFieldPolicy(allow))
 
 
 # -- unknown fields -----------------------------------------------------------------------
