@@ -261,3 +261,16 @@ def test_max_new_tokens_is_one_more_cap_on_an_omitted_max_tokens(tokenizer):
     assert completion(tokenizer, defaults, {"default_max_tokens": 5}).max_tokens == 5
     assert chat(tokenizer, defaults, max_tokens=30).max_tokens == 30  # a given value is the request's
     assert chat(tokenizer, defaults, max_tokens=None).is_resolved
+
+
+def test_the_flags_reach_the_configs():
+    from stepserve.cli import build_parser
+    from stepserve.config import engine_config_from_args
+    from stepserve.server.cli import server_config_from_args
+
+    args = build_parser().parse_args(["serve", "--allow-unknown-fields", "--generation-config", "vllm"])
+    assert server_config_from_args(args).allow_unknown_fields is True
+    assert engine_config_from_args(args).model.generation_config == "vllm"
+    default = build_parser().parse_args(["serve"])
+    assert server_config_from_args(default).allow_unknown_fields is False
+    assert engine_config_from_args(default).model.generation_config == "auto"
