@@ -79,6 +79,12 @@ class ChatMessage(_Body):
     name: str | None = None
     tool_calls: list[dict] | None = None
     tool_call_id: str | None = None
+    # An assistant message replayed from a response (the openai client's message.model_dump())
+    # carries these as null; a value would not reach the chat template, so it is refused.
+    refusal: None = None
+    annotations: None = None
+    audio: None = None
+    function_call: None = None
 
 
 class ChatCompletionRequest(_SamplingFields):

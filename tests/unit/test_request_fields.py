@@ -274,3 +274,14 @@ def test_the_flags_reach_the_configs():
     default = build_parser().parse_args(["serve"])
     assert server_config_from_args(default).allow_unknown_fields is False
     assert engine_config_from_args(default).model.generation_config == "auto"
+
+
+def test_an_assistant_message_replayed_from_the_openai_client_is_accepted():
+    from openai.types.chat import ChatCompletionMessage
+
+    replayed = ChatCompletionMessage(role="assistant", content="4").model_dump()
+    assert {"refusal", "annotations", "audio", "function_call"} <= set(replayed)
+    validate(ChatCompletionRequest, {"messages": [CHAT["messages"][0], replayed]})
+    with pytest.raises(InvalidRequestError) as err:  # a refusal text would be lost: refused
+        validate(ChatCompletionRequest, {"messages": [CHAT["messages"][0], replayed | {"refusal": "no"}]})
+    assert err.value.param == "messages" and "refusal" in err.value.message
