@@ -43,7 +43,7 @@ def _save_tokenizer(directory: Path):
     return fast
 
 
-def write_scripted_model(directory: Path) -> Path:
+def write_scripted_model(directory: Path, max_shard_size: str = "5GB") -> Path:
     import torch
     import transformers
 
@@ -76,5 +76,5 @@ def write_scripted_model(directory: Path) -> Path:
         head[letters, 0] = 1.0
         head[script, 3], head[script, 0] = 10.0, -10.0
         head[EOS_ID, 1], head[EOS_ID, 0] = 10.0, -10.0
-    model.save_pretrained(directory)
+    model.save_pretrained(directory, max_shard_size=max_shard_size)
     return directory

@@ -26,6 +26,10 @@ def add_playground_routes(app: FastAPI) -> None:
     async def playground() -> Response:
         return FileResponse(STATIC / "playground.html", media_type="text/html", headers=HEADERS)
 
+    @app.get("/favicon.ico", include_in_schema=False)
+    async def favicon() -> Response:
+        return Response(status_code=204)  # no icon, and no 404 in the browser's console
+
     @app.get("/playground/{name}", include_in_schema=False)
     async def asset(name: str) -> Response:
         if name not in ASSETS:  # a fixed list: no path from the URL reaches the file system
