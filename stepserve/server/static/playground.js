@@ -88,12 +88,23 @@
     return i + 1;
   }
 
+  // A list runs on across blank lines between its items ("1. a", "", "2. b" is one list).
   function list(lines, i, nodes) {
-    const node = el(/^\s*\d/.test(lines[i]) ? "ol" : "ul");
-    for (; i < lines.length && LIST_ITEM.test(lines[i]); i += 1) {
-      const item = el("li");
-      item.append(...inline(lines[i].replace(LIST_ITEM, "")));
-      node.append(item);
+    const number = lines[i].match(/^\s*(\d+)/);
+    const node = el(number ? "ol" : "ul");
+    if (number) node.start = Number(number[1]);
+    while (i < lines.length) {
+      if (LIST_ITEM.test(lines[i])) {
+        const item = el("li");
+        item.append(...inline(lines[i].replace(LIST_ITEM, "")));
+        node.append(item);
+        i += 1;
+        continue;
+      }
+      let next = i;
+      while (next < lines.length && !lines[next].trim()) next += 1;
+      if (next === i || next === lines.length || !LIST_ITEM.test(lines[next])) break;
+      i = next;
     }
     nodes.push(node);
     return i;
