@@ -23,6 +23,7 @@ class ServerConfig:
     disable_playground: bool = field(default=False, metadata={"help": "do not serve the chat playground at GET /"})
     log_stats_interval: float = field(default=10.0, metadata={"help": "seconds between stats lines (throughput, queue, KV cache)"})
     disable_log_stats: bool = field(default=False, metadata={"help": "no periodic stats line"})
+    allow_unknown_fields: bool = field(default=False, metadata={"help": "ignore request fields stepserve does not know (logged once per name), as vLLM does, instead of a 400 naming them"})
 
     def __post_init__(self) -> None:
         if not 0 <= self.http_port <= 65535:
