@@ -33,13 +33,14 @@ def safetensors_weights(model_dir: Path) -> Iterator[tuple[str, torch.Tensor]]:
     from safetensors import safe_open
 
     index = model_dir / "model.safetensors.index.json"
-    if index.exists():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    weight_map = json.loads(index.read_text())["weight_map"] if index.exists() else None
+    if weight_map is not None:
+        files = sorted(set(weight_map.values()))
     else:
         files = sorted(p.name for p in model_dir.glob("*.safetensors"))
     if not files:
         raise ConfigError(f"no .safetensors files in {model_dir}")
-    progress = LoadProgress(len(files), len(json.loads(index.read_text())["weight_map"]) if index.exists() else None)
+    progress = LoadProgress(len(files), None if weight_map is None else len(weight_map))
     for i, name in enumerate(files):
         with safe_open(model_dir / name, framework="pt") as f:
             keys = list(f.keys())
