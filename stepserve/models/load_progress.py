@@ -52,4 +52,4 @@ class LoadProgress:
 def _bar(total: int | None, stream: IO[str]):
     from tqdm import tqdm
 
-    return tqdm(total=total, desc="Loading weights", unit="tensor", file=stream, dynamic_ncols=True)
+    return tqdm(total=total, desc="Loading weights", unit="tensor", file=stream)
