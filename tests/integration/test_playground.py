@@ -135,6 +135,7 @@ def test_stop_aborts_a_long_answer_and_the_server_frees_it(browser, http):
     browser.find_element("id", "stop-button").click()
     wait_for(lambda: answer.get_attribute("data-state") == "stopped", "the page to stop")
     wait_for(lambda: read_metric(http, "stepserve:num_requests_running", model_name=MODEL) == 0, "the running gauge to return to 0")
+    wait_for(lambda: read_metric(http, "stepserve:kv_cache_usage_perc", model_name=MODEL) == 0, "the KV blocks to be freed")
     assert read_metric(http, "stepserve:request_success_total", model_name=MODEL, finished_reason="abort") >= 1
     assert len(content(answer)) < 3000 and "stopped" in answer.find_element("css selector", ".stats").text
 
