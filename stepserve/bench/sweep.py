@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.util
 import json
 import sys
 
@@ -96,6 +97,9 @@ def plot(results: list[dict], path: str, title: str) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    if args.plot and importlib.util.find_spec("matplotlib") is None:  # say so before the long run
+        print("stepserve bench serve: --plot needs matplotlib (pip install matplotlib)", file=sys.stderr)
+        return 2
     results = sweep(args)
     print(f"\n{table(results)}")
     if args.output_json:
