@@ -84,7 +84,8 @@ def plot(results: list[dict], path: str, title: str) -> None:
         right.plot(x, [r[metric]["mean"] for r in results], marker + "-", color=color, label=f"{name} mean")
         right.plot(x, [r[metric]["p99"] for r in results], marker + ":", color=color, label=f"{name} p99")
     right.set(xlabel="concurrent requests", ylabel="ms", title="latency (log scale)", yscale="log")
-    right.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+    right.yaxis.set_major_locator(matplotlib.ticker.LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    right.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
     right.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     for ax in (left, right):
         ax.set_xscale("log", base=2)
