@@ -36,6 +36,8 @@ from stepserve.server.config import ServerConfig
 from stepserve.server.context import ServingContext
 from stepserve.server.fields import UnknownFieldPolicy
 from stepserve.server.metrics import CONTENT_TYPE, ServerMetrics
+from stepserve.server.playground import add_playground_routes
+from stepserve.server.stats_log import start_stats_logger
 from stepserve.server.schemas import ChatCompletionRequest, CompletionRequest, KServeV1Request, KServeV2Request, parse_body
 
 if TYPE_CHECKING:
@@ -249,7 +251,10 @@ def create_app(make_client: Callable[[], CoreClient], tokenizer, info: FrontInfo
         unknown = UnknownFieldPolicy(config.allow_unknown_fields)
         app.state.ctx = ServingContext(engine, tokenizer, model_name, info.max_model_len, info.vocab_size, config, sampling_defaults=info.sampling_defaults, unknown=unknown)
         app.state.started = int(time.time())
+        stats_task = start_stats_logger(engine, client, config)
         yield
+        if stats_task is not None:
+            stats_task.cancel()
         await engine.shutdown()
 
     app = FastAPI(title="stepserve", lifespan=lifespan)
@@ -262,4 +267,6 @@ def create_app(make_client: Callable[[], CoreClient], tokenizer, info: FrontInfo
     _openai_routes(app, "/openai/v1")
     _kserve_routes(app)
     _health_routes(app)
+    if not config.disable_playground:
+        add_playground_routes(app)
     return app
