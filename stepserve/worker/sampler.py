@@ -140,9 +140,10 @@ def _mask_top_k_top_p(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tenso
     if batch.top_p is not None:
         probs = sorted_logits.softmax(dim=-1)
         mass_before = probs.cumsum(dim=-1) - probs  # the most likely token always survives
-        # Rows without top-p (1.0) keep every token: their cumulative sum can round past 1.0,
-        # which cut their tail whenever another row of the batch used top-p.
-        cut = (mass_before > batch.top_p[:, None]) & (batch.top_p < 1.0)[:, None]
+        # A token goes once the ones before it reach top_p (transformers' and vLLM's rule, which
+        # decides exact ties). Rows without top-p (1.0) keep every token: their cumulative sum
+        # can round past 1.0, which cut their tail whenever another row of the batch used top-p.
+        cut = (mass_before >= batch.top_p[:, None]) & (batch.top_p < 1.0)[:, None]
         sorted_logits = sorted_logits.masked_fill(cut, float("-inf"))
     return torch.full_like(logits, float("-inf")).scatter(1, order, sorted_logits)
 

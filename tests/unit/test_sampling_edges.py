@@ -66,3 +66,25 @@ def test_mix_seed_values_are_pinned():
     assert mix_seed(900, 1) == 5775714879522018363
     assert mix_seed(-7, 3) == 2329991545993984087
     assert max(mix_seed(s, 0) for s in range(200)) >= 2**62  # all 63 bits are used
+
+
+def test_other_limits_and_messages():
+    SamplingParams(logit_bias={5: -100.0, 6: 100.0}, logprobs=20, stop_token_ids=[0], min_tokens=3, max_tokens=3)
+    assert "logit_bias must be in [-100.0, 100.0], got -100.5" in refused("logit_bias", logit_bias={5: -100.5})
+    assert "logit_bias keys must be token ids, got 'x'" in refused("logit_bias", logit_bias={"x": 1.0})
+    assert "logprobs must be at most 20, got 21" in refused("logprobs", logprobs=21)
+    assert "stop must be a non-empty string or a list of them, got ''" in refused("stop", stop=[""])
+    assert "n must be an integer, got 1.5" in refused("n", n=1.5)
+    assert "n must be at least 1, got 0" in refused("n", n=0)
+    assert "stop_token_ids must be at least 0, got -1" in refused("stop_token_ids", stop_token_ids=[-1])
+    assert "min_tokens=4 must not exceed max_tokens=3" in refused("min_tokens", min_tokens=4, max_tokens=3)
+    assert "temperature must be a finite number, got True" in refused("temperature", temperature=True)  # bool is no number
+
+
+def test_normalized_fields():
+    assert SamplingParams(stop_token_ids=[3, 4]).stop_token_ids == (3, 4)
+    assert SamplingParams(stop_token_ids=None).stop_token_ids == ()
+    assert SamplingParams(temperature=0.9e-5).temperature == 0.0  # below 1e-5 is greedy
+    assert SamplingParams(temperature=1e-5).temperature == 1e-5
+    zero = SamplingParams(temperature=0).temperature
+    assert zero == 0.0 and isinstance(zero, float)

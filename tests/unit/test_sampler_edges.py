@@ -1,0 +1,72 @@
+"""Sampler edges that mutation testing (`make mutate`) found untested: the penalties on explicit
+logits against transformers' processor and the formula, the min_tokens mask at the edges of the
+vocabulary and across steps, exact top-p and min-p ties, and where each draw's noise comes from."""
+
+import torch
+from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor
+
+from stepserve.core.outputs import ScheduledRequest
+from stepserve.sampling import SamplingParams
+from stepserve.worker import sampler as S
+
+V = 8
+
+
+def batch_of(params, prompt=(1, 2), outputs=(), eos=(7,)):
+    ids = list(prompt) + list(outputs)
+    requests = [ScheduledRequest(f"r{i}", ids, 0, len(ids), [], p, len(prompt), True, 1) for i, p in enumerate(params)]
+    return S.build_sampling_batch(requests, eos, V, torch.device("cpu"))
+
+
+def test_penalties_on_explicit_logits():
+    logits = torch.tensor([[2.5, 0.5, -1.5, 0.0, 3.0, -0.5, 1.0, 0.25]])
+    prompt, outputs = (1, 2), (3, 5, 5, 6)
+    sp = SamplingParams(repetition_penalty=1.5, presence_penalty=0.3, frequency_penalty=0.2, logit_bias={4: -1.0, 0: 2.0})
+    got = S.apply_logits_processors(logits, batch_of([sp], prompt, outputs))
+    biased = logits + torch.tensor([[2.0, 0, 0, 0, -1.0, 0, 0, 0]])
+    want = RepetitionPenaltyLogitsProcessor(1.5)(torch.tensor([list(prompt) + list(outputs)]), biased.clone())
+    for token, count in {3: 1, 5: 2, 6: 1}.items():  # OpenAI's formula over the generated tokens
+        want[0, token] -= count * 0.2 + 0.3
+    assert torch.allclose(got, want, atol=1e-6)
+
+
+def test_min_tokens_mask_edges_and_steps():
+    sp = SamplingParams(min_tokens=2, stop_token_ids=[0, V, 3])  # V is past the vocabulary: ignored
+    batch = batch_of([sp, sp.replace(ignore_eos=True)], outputs=())
+    logits = torch.zeros(2, V)
+    masked = torch.isinf(S.apply_logits_processors(logits, batch))
+    assert masked[0].nonzero().flatten().tolist() == [0, 3, 7]  # stop ids and EOS
+    assert masked[1].nonzero().flatten().tolist() == [0, 3]  # EOS is no stop with ignore_eos
+    S.advance(batch, torch.tensor([1, 1]))
+    assert torch.isinf(S.apply_logits_processors(logits, batch)).any()  # 1 output of 2 so far
+    S.advance(batch, torch.tensor([1, 1]))
+    assert not torch.isinf(S.apply_logits_processors(logits, batch)).any()
+    late = batch_of([sp], outputs=(4, 4))  # a pass that starts after min_tokens outputs
+    assert not torch.isinf(S.apply_logits_processors(logits[:1], late)).any()
+
+
+def test_exact_top_p_and_min_p_ties():
+    uniform = torch.zeros(1, 4)  # p = 0.25 each, exactly
+    probs = S.sampling_probs(uniform, batch_of([SamplingParams(top_p=0.5)]))
+    assert (probs > 0).sum() == 2  # as transformers' TopPLogitsWarper(0.5): two tokens reach 0.5
+    peaked = torch.tensor([[1.0, 3.0, 2.0, 3.0]])
+    probs = S.sampling_probs(peaked, batch_of([SamplingParams(min_p=1.0)]))
+    assert (probs > 0).nonzero()[:, 1].tolist() == [1, 3]  # min_p = 1 keeps the most likely only
+
+
+def test_noise_sources():
+    logits = torch.zeros(64, 16)  # uniform: the noise alone picks the token
+    unseeded = batch_of([SamplingParams(temperature=1.0)] * 64)
+    runs = []
+    for global_seed in (1, 2):
+        torch.manual_seed(global_seed)  # the engine's own generator must decide, not torch's global one
+        runs.append(S.sample(logits, unseeded, torch.Generator().manual_seed(5)))
+    assert torch.equal(runs[0], runs[1])
+    seeded = batch_of([SamplingParams(temperature=1.0, seed=11)], outputs=(1,) * 3)
+    steps = []
+    for _ in range(12):
+        steps.append(int(S.sample(logits[:1], seeded)))
+        S.advance(seeded, torch.tensor([steps[-1]]))
+    assert len(set(steps)) > 3  # each output token gets its own noise
+    again = batch_of([SamplingParams(temperature=1.0, seed=11)], outputs=(1,) * 8)  # starts at output 5
+    assert int(S.sample(logits[:1], again)) == steps[5]
