@@ -70,3 +70,20 @@ def test_noise_sources():
     assert len(set(steps)) > 3  # each output token gets its own noise
     again = batch_of([SamplingParams(temperature=1.0, seed=11)], outputs=(1,) * 8)  # starts at output 5
     assert int(S.sample(logits[:1], again)) == steps[5]
+
+
+def test_options_that_one_request_alone_turns_on():
+    logits = torch.tensor([[0.5, 2.0, 1.0, 0.0, 0.0, 0.0, 0.0, 3.0]])
+    assert (S.sampling_probs(logits, batch_of([SamplingParams(top_k=1)])) > 0).nonzero()[:, 1].tolist() == [7]
+    assert torch.isinf(S.apply_logits_processors(logits, batch_of([SamplingParams(min_tokens=1)])))[0, 7]  # EOS
+    sp = SamplingParams(logit_bias=[(5, 1.0), (5, 2.0), (V, 50.0)])  # repeated ids add up; V is past the vocabulary
+    assert S.apply_logits_processors(logits, batch_of([sp]))[0].tolist() == [0.5, 2.0, 1.0, 0.0, 0.0, 3.0, 0.0, 3.0]
+
+
+def test_seeded_noise_is_mix_seed_of_the_output_index():
+    from stepserve.sampling import mix_seed
+
+    logits = torch.zeros(1, V)
+    batch = batch_of([SamplingParams(temperature=1.0, seed=99)], outputs=(3, 3))  # samples output 2
+    noise = torch.empty(V).exponential_(generator=torch.Generator().manual_seed(mix_seed(99, 2)))
+    assert int(S.sample(logits, batch)) == int((torch.full((V,), 1 / V) / noise).argmax())
