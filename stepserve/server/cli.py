@@ -33,6 +33,7 @@ def main(args: argparse.Namespace) -> int:
     import uvicorn
 
     from stepserve.server.app import create_app
+    from stepserve.server.protocol import protocol_class
 
     try:
         server_config = server_config_from_args(args)
@@ -53,6 +54,7 @@ def main(args: argparse.Namespace) -> int:
         access_log=args.access_log,
         log_level="info",
         timeout_graceful_shutdown=server_config.shutdown_grace_s,
+        http=protocol_class(server_config.header_timeout_s, server_config.stream_stall_timeout_s),
     )
     log.info("server stopped")
     return 0

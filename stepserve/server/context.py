@@ -29,8 +29,11 @@ class ServingContext:
             if not 0 <= token < self.vocab_size:
                 raise InvalidRequestError(f"token id {token} is outside the vocabulary [0, {self.vocab_size})", param)
 
-    def encode(self, text: str) -> tuple[int, ...]:
-        return tuple(self.tokenizer.encode(text))
+    def encode(self, text: str, param: str = "prompt") -> tuple[int, ...]:
+        try:
+            return tuple(self.tokenizer.encode(text))
+        except Exception as exc:  # text the tokenizer refuses (a character it cannot take): the client's to fix
+            raise InvalidRequestError(f"the tokenizer could not encode {param}: {exc} (parameter={param})", param) from None
 
     def encode_chat(self, messages: list[dict], add_generation_prompt: bool) -> tuple[int, ...]:
         from stepserve.models.tokenizer import apply_chat_template  # models/ imports torch; the server does not

@@ -39,6 +39,9 @@ def sampling_params(ctx: ServingContext, req: _SamplingFields, max_tokens: int |
         raise InvalidRequestError("stream_options is only allowed when stream is true", "stream_options")
     ctx.check_token_ids(req.stop_token_ids or (), "stop_token_ids")
     ctx.check_token_ids(_bias_ids(req.logit_bias), "logit_bias")
+    _check_best_of(req)
+    if req.top_k > ctx.vocab_size:
+        raise InvalidRequestError(f"top_k={req.top_k} exceeds the vocabulary size {ctx.vocab_size} (parameter=top_k)", "top_k")
     return SamplingParams(
         n=req.n,
         temperature=1.0 if req.temperature is None else req.temperature,
@@ -58,6 +61,16 @@ def sampling_params(ctx: ServingContext, req: _SamplingFields, max_tokens: int |
         logit_bias=req.logit_bias,
         skip_special_tokens=req.skip_special_tokens,
     )
+
+
+def _check_best_of(req: _SamplingFields) -> None:
+    """best_of is honoured only as n: every sampled completion is returned (as vLLM V1)."""
+    if req.best_of is not None and req.best_of != req.n:
+        raise InvalidRequestError(
+            f"best_of={req.best_of} must equal n={req.n}: completions are not ranked, every one sampled is returned "
+            "(parameter=best_of)",
+            "best_of",
+        )
 
 
 def _bias_ids(bias: dict[str, float] | None) -> list[int]:
@@ -108,7 +121,7 @@ def completion_prompts(ctx: ServingContext, req: CompletionRequest) -> list[tupl
         raise InvalidRequestError("prompt must not be empty", "prompt")
     out = []
     for item in items:
-        ids = ctx.encode(item) if isinstance(item, str) else tuple(item)
+        ids = ctx.encode(item, "prompt") if isinstance(item, str) else tuple(item)
         ctx.check_token_ids(ids, "prompt")
         text = item if isinstance(item, str) else ctx.tokenizer.decode(ids)
         out.append((text, ctx.prompt_input(ids, params, COMPLETIONS_DEFAULT_MAX_TOKENS)))
