@@ -10,27 +10,17 @@ import time
 
 import httpx
 import pytest
-from live_server import read_metric, start_server
+from hardened_server import BODY_TIMEOUT, HEADER_TIMEOUT, MODEL, STALL_TIMEOUT
+from live_server import read_metric
 from tiny_models import VOCAB
 
-MODEL = "tiny"
-HEADER_TIMEOUT, BODY_TIMEOUT, STALL_TIMEOUT = 1.0, 1.5, 1.5
 C, H = "/v1/completions", "/v1/chat/completions"
 V1, V2 = f"/v1/models/{MODEL}:predict", f"/v2/models/{MODEL}/infer"
 
 
 @pytest.fixture(scope="module")
-def server(tiny_llama, tmp_path_factory):
-    server = start_server(
-        [
-            "--model", str(tiny_llama), "--model_name", MODEL, "--max-model-len", "512", "--num-blocks", "2048",
-            "--num-scheduler-steps", "4", "--header-timeout-s", str(HEADER_TIMEOUT),
-            "--body-timeout-s", str(BODY_TIMEOUT), "--stream-stall-timeout-s", str(STALL_TIMEOUT),
-        ],
-        tmp_path_factory.mktemp("hardening") / "server.log",
-    )
-    yield server
-    server.stop()
+def server(hardened_server):
+    return hardened_server
 
 
 @pytest.fixture(scope="module")
