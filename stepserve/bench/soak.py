@@ -185,16 +185,19 @@ class _Load:
         prompt = " ".join(self.rng.choice(("soak", "the", "test", "of", "memory", "and", "time")) for _ in range(self.rng.randint(1, 40)))
         return {"model": self.model, "prompt": prompt, "max_tokens": self.rng.randint(1, 24)} | kw
 
-    async def run(self, deadline: float, concurrency: int) -> None:
-        await asyncio.gather(*(self._worker(deadline) for _ in range(concurrency)))
+    async def run(self, deadline: float, concurrency: int, burst_every_s: float) -> None:
+        await asyncio.gather(self._bursts(deadline, burst_every_s), *(self._worker(deadline) for _ in range(concurrency)))
 
     async def _worker(self, deadline: float) -> None:
         kinds = (self._stream, self._stream, self._plain, self._chat, self._n_many, self._disconnect, self._abort, self._bad, self._bad)
         while time.monotonic() < deadline:
-            if self.rng.random() < 0.01:
-                await asyncio.gather(*(self._plain() for _ in range(self.burst)))
-                continue
             await self.rng.choice(kinds)()
+
+    async def _bursts(self, deadline: float, every_s: float) -> None:
+        """``burst`` requests at once every ``every_s``: beyond the admission limit, so some get 429."""
+        while time.monotonic() + every_s < deadline:
+            await asyncio.sleep(every_s)
+            await asyncio.gather(*(self._plain() for _ in range(self.burst)))
 
     def _note(self, outcome, problem: str | None = None) -> None:
         self.report.outcomes[outcome] += 1
@@ -295,11 +298,12 @@ def _check_endings(report: SoakReport, log_text: str, metrics_text: str, answere
     report.completions_metered = int(_metric_sum(metrics_text, "stepserve:request_success_total"))
 
 
-async def _drive(url: str, model: str, seconds: float, concurrency: int, seed: int, burst: int, report: SoakReport) -> set[str]:
+async def _drive(url: str, model: str, seconds: float, concurrency: int, seed: int, burst: int, report: SoakReport,
+                 burst_every_s: float = 10.0) -> set[str]:
     limits = httpx.Limits(max_connections=concurrency + burst + 4)
     async with httpx.AsyncClient(base_url=url, timeout=300, limits=limits) as client:
         load = _Load(client, model, random.Random(seed), report, burst)
-        await load.run(time.monotonic() + seconds, concurrency)
+        await load.run(time.monotonic() + seconds, concurrency, burst_every_s)
     return load.answered_ids
 
 
