@@ -23,6 +23,7 @@ class ServerConfig:
     header_timeout_s: float = field(default=30.0, metadata={"help": "close a connection whose request headers are not complete after this many seconds (408)"})
     body_timeout_s: float = field(default=60.0, metadata={"help": "answer 408 when a request body is not complete this many seconds after its headers"})
     stream_stall_timeout_s: float = field(default=60.0, metadata={"help": "abort a response (and its engine request) when the client reads nothing for this many seconds"})
+    allow_unknown_fields: bool = field(default=False, metadata={"help": "ignore request fields stepserve does not know (logged once per name), as vLLM does, instead of a 400 naming them"})
 
     def __post_init__(self) -> None:
         if not 0 <= self.http_port <= 65535:
