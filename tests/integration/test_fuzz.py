@@ -10,12 +10,13 @@ import sys
 
 import httpx
 import pytest
+from hardened_server import MODEL
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from hardened_server import MODEL
 from live_server import read_metric
 
 from stepserve.bench import fuzz
+
 FIELDS = [
     "model", "prompt", "messages", "max_tokens", "max_completion_tokens", "n", "temperature", "top_p", "top_k", "min_p",
     "presence_penalty", "frequency_penalty", "repetition_penalty", "seed", "stop", "stop_token_ids", "ignore_eos",
