@@ -6,7 +6,8 @@ that abort before the answer, bad inputs (cases from the fuzzer), and bursts bey
 admission limit (429s). At the end, after the load stops:
 
 - requests by outcome (HTTP status, or what the client did), and problems: any 5xx, dropped
-  connection, or stream that did not end in exactly one ``[DONE]``;
+  connection, stream that did not end in exactly one ``[DONE]``, or error in the server's log
+  (a handler that failed after its client left is a 500 nobody receives);
 - RSS of the server and the engine core process at start, after warm-up and at the end;
 - open file descriptors of both at start and at the end (must be back where they started);
 - KV cache usage and running/waiting requests at rest (must be 0);
@@ -287,6 +288,12 @@ def _at_rest(url: str, report: SoakReport, timeout: float = 60.0) -> str:
         time.sleep(0.5)
 
 
+def _check_log_errors(report: SoakReport, log_text: str) -> None:
+    """Errors the clients cannot see (a handler that failed after its client left) still count."""
+    errors = [line for line in log_text.splitlines() if " ERROR " in line or line.startswith(("Traceback", "ERROR:"))]
+    report.problems += [f"server log: {line[:200]}" for line in errors]
+
+
 def _check_endings(report: SoakReport, log_text: str, metrics_text: str, answered: set[str]) -> None:
     counts: Counter = Counter()
     for request_id, completions in _FINISHED.findall(log_text):
@@ -331,7 +338,9 @@ def run(duration_s: float, serve_args: list[str], *, concurrency: int = 6, seed:
         except subprocess.TimeoutExpired:
             server.process.kill()
             report.server_exit_code = server.process.wait()
-    _check_endings(report, log_path.read_text(errors="replace"), metrics_text, answered)
+    log_text = log_path.read_text(errors="replace")
+    _check_endings(report, log_text, metrics_text, answered)
+    _check_log_errors(report, log_text)
     return report
 
 

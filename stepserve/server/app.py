@@ -109,7 +109,7 @@ async def _until_disconnect(request: Request, work: Awaitable):
         watcher.cancel()
         if not task.done():
             task.cancel()
-    if task.cancelled():
+    if not task.done() or task.cancelled():  # cancel() only requests it: the task ends (and aborts) later
         raise _ClientGone()
     return task.result()
 

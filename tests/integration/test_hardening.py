@@ -198,3 +198,16 @@ def test_a_stream_whose_client_stops_reading_is_aborted_and_freed(server, http):
     assert read_until_closed(sock, 10) is not None  # the connection is gone (reset or closed)
     sock.close()
     assert http.post(C, json=cmpl()).status_code == 200
+
+
+def test_a_client_that_leaves_before_the_answer_is_no_server_error(server, http):
+    body = json.dumps(cmpl(max_tokens=60, ignore_eos=True, n=4)).encode()
+    for _ in range(3):
+        with connect(server) as sock:
+            sock.sendall(f"POST {C} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
+            time.sleep(0.3)  # admitted and generating; then the client goes away
+    deadline = time.monotonic() + 60
+    while read_metric(http, "stepserve:num_requests_running", model_name=MODEL) > 0:
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    assert "unexpected error" not in server.log() and "Traceback" not in server.log()
