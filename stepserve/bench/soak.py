@@ -208,6 +208,8 @@ class _Load:
     async def _plain(self, path: str = "/v1/completions", body: dict | None = None) -> None:
         try:
             response = await self.client.post(path, json=body or self._body())
+        except httpx.TimeoutException:
+            return self._note("client timeout")
         except httpx.HTTPError as exc:
             return self._note("dropped", f"{path}: dropped connection: {type(exc).__name__}: {exc}")
         if response.status_code == 200:
@@ -236,6 +238,8 @@ class _Load:
                         events.append(line[5:].strip())
                     if leave_after is not None and len(events) >= leave_after:
                         return self._note("disconnected mid-stream")
+        except httpx.TimeoutException:
+            return self._note("client timeout")
         except httpx.HTTPError as exc:
             return self._note("dropped", f"stream: dropped connection: {type(exc).__name__}: {exc}")
         self._note("stream 200", self._stream_problem(events))
@@ -306,16 +310,16 @@ def _check_endings(report: SoakReport, log_text: str, metrics_text: str, answere
 
 
 async def _drive(url: str, model: str, seconds: float, concurrency: int, seed: int, burst: int, report: SoakReport,
-                 burst_every_s: float = 10.0) -> set[str]:
+                 burst_every_s: float = 10.0, timeout_s: float = 300.0) -> set[str]:
     limits = httpx.Limits(max_connections=concurrency + burst + 4)
-    async with httpx.AsyncClient(base_url=url, timeout=300, limits=limits) as client:
+    async with httpx.AsyncClient(base_url=url, timeout=timeout_s, limits=limits) as client:
         load = _Load(client, model, random.Random(seed), report, burst)
         await load.run(time.monotonic() + seconds, concurrency, burst_every_s)
     return load.answered_ids
 
 
 def run(duration_s: float, serve_args: list[str], *, concurrency: int = 6, seed: int = 0, burst: int = 40,
-        warmup_s: float | None = None, log_path: Path | None = None) -> SoakReport:
+        warmup_s: float | None = None, log_path: Path | None = None, timeout_s: float = 300.0) -> SoakReport:
     """Start a server with ``serve_args``, load it for ``duration_s`` and report."""
     report = SoakReport(duration_s=duration_s)
     log_path = log_path or Path(tempfile.mkdtemp(prefix="stepserve-soak-")) / "server.log"
@@ -325,9 +329,9 @@ def run(duration_s: float, serve_args: list[str], *, concurrency: int = 6, seed:
         report.samples["start"] = {name: _sample(pid) for name, pid in pids.items()}
         model = httpx.get(server.url + "/v1/models", timeout=30).json()["data"][0]["id"]
         warmup = min(30.0, duration_s / 6) if warmup_s is None else warmup_s
-        answered = asyncio.run(_drive(server.url, model, warmup, concurrency, seed, burst, report))
+        answered = asyncio.run(_drive(server.url, model, warmup, concurrency, seed, burst, report, timeout_s=timeout_s))
         report.samples["warm"] = {name: _sample(pid) for name, pid in pids.items()}
-        answered |= asyncio.run(_drive(server.url, model, duration_s - warmup, concurrency, seed + 1, burst, report))
+        answered |= asyncio.run(_drive(server.url, model, duration_s - warmup, concurrency, seed + 1, burst, report, timeout_s=timeout_s))
         metrics_text = _at_rest(server.url, report)
         time.sleep(1.0)  # the server closes the client's last connections
         report.samples["end"] = {name: _sample(pid) for name, pid in pids.items()}
@@ -350,12 +354,13 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--concurrency", type=int, default=6, help="clients looping at once (bursts add more)")
     parser.add_argument("--burst", type=int, default=40, help="requests fired at once in a burst, beyond the admission limit")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--timeout-s", type=float, default=300.0, help="client timeout per request (counted as an outcome, not a problem)")
     parser.add_argument("--log", default=None, help="where the server's log goes (default: a temporary file)")
 
 
 def main(args: argparse.Namespace) -> int:
     logging.getLogger("httpx").setLevel(logging.WARNING)
     report = run(args.duration_s, shlex.split(args.serve_args), concurrency=args.concurrency, seed=args.seed,
-                 burst=args.burst, log_path=Path(args.log) if args.log else None)
+                 burst=args.burst, log_path=Path(args.log) if args.log else None, timeout_s=args.timeout_s)
     print("\n".join(report.lines()))
     return 0 if report.ok else 1
