@@ -91,13 +91,22 @@ def rest_request(request: pb.ModelInferRequest) -> KServeV2Request:
     if raws and len(raws) != len(request.inputs):
         raise InvalidRequestError(f"raw_input_contents has {len(raws)} entries for {len(request.inputs)} inputs", "inputs")
     inputs = [
-        {"name": t.name, "shape": list(t.shape), "datatype": t.datatype, "data": _tensor_data(t, raws[i] if raws else None)}
+        {"name": t.name, "shape": list(t.shape), "datatype": t.datatype, "data": _tensor_data(t, raws[i] if raws else None)} | _parameters(t)
         for i, t in enumerate(request.inputs)
     ]
-    body = {"inputs": inputs, "parameters": {k: _param_value(v) for k, v in request.parameters.items()}}
+    body = {"inputs": inputs} | _parameters(request)
     if request.id:
         body["id"] = request.id
+    if request.outputs:
+        body["outputs"] = [{"name": o.name} | _parameters(o) for o in request.outputs]
     return validate(KServeV2Request, body)
+
+
+def _parameters(message) -> dict:
+    """``{"parameters": {...}}`` as JSON would carry them, or nothing when there are none."""
+    if not message.parameters:
+        return {}
+    return {"parameters": {k: _param_value(v) for k, v in message.parameters.items()}}
 
 
 def infer_response(body: dict) -> pb.ModelInferResponse:
