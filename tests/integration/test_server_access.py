@@ -163,6 +163,10 @@ def test_grpc_needs_the_key_over_tls(server, tls):
             stub.ModelInfer(request)
         assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
         assert stub.ModelInfer(request, metadata=[("authorization", f"Bearer {KEY}")]).outputs[0].name == "text_output"
+        request.inputs[0].contents.bytes_contents[:] = [b"x" * LIMIT]  # over --max-request-body-bytes
+        with pytest.raises(grpc.RpcError) as info:
+            stub.ModelInfer(request, metadata=[("authorization", f"Bearer {KEY}")])
+        assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
 @pytest.mark.slow
