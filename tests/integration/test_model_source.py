@@ -71,7 +71,10 @@ def test_gated_needs_the_token(hub, tmp_path, monkeypatch):
     "model_id, revision, message",
     [("org/missing", None, "was not found"), ("org/tiny", "nope", "no revision 'nope'"), ("org/cut", None, "failed|not complete")],
 )
-def test_download_errors(hub, tmp_path, model_id, revision, message):
+def test_download_errors(hub, tmp_path, monkeypatch, model_id, revision, message):
+    import huggingface_hub.file_download
+
+    monkeypatch.setattr(huggingface_hub.file_download.time, "sleep", lambda s: None)  # its 1 s between resume attempts
     with pytest.raises(ConfigError, match=message):
         locate_model(None, model_id, options(hub, tmp_path, revision=revision))
 

@@ -108,11 +108,8 @@ def test_unavailable_while_the_core_is_down(server):
         time.sleep(0.05)
     assert rpc_error(lambda: stub.ModelInfer(infer_request(["hi"]))).code() == grpc.StatusCode.UNAVAILABLE
     assert not stub.ModelReady(pb.ModelReadyRequest(name=MODEL)).ready and stub.ServerLive(pb.ServerLiveRequest()).live
-    deadline = time.monotonic() + 60
-    while not stub.ServerReady(pb.ServerReadyRequest()).ready:
-        assert time.monotonic() < deadline
-        time.sleep(0.1)
-    assert stub.ModelInfer(infer_request(["hi"])).outputs[0].contents.bytes_contents
+    # (the supervisor's restart is tested over HTTP in test_fault_isolation; this is the last
+    # test on this server)
 
 
 def test_committed_stubs_match_the_proto(tmp_path):
