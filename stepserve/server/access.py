@@ -17,6 +17,8 @@ import os
 import re
 from dataclasses import dataclass, field
 
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
 from stepserve.config import ConfigError
 
 API_KEY_ENV = "STEPSERVE_API_KEY"
@@ -129,51 +131,55 @@ class ApiKeyMiddleware:
         await _send_error(send, 401, "invalid_request_error", message, {"WWW-Authenticate": "Bearer"})
 
 
-class BodyLimitMiddleware:
-    """413 for a body over the limit, by its Content-Length or once that many bytes arrived.
+class BodyTooLarge(StarletteHTTPException):
+    """The body passed ``--max-request-body-bytes`` while it streamed in: a 413 through the
+    app's one error mapping (``http_error`` maps Starlette's HTTP exceptions to their status)."""
 
-    The body is read here in full (the routes read it in full anyway) and replayed to the app;
-    after it, the app's ``receive`` is the client's again, so disconnects still reach it.
-    """
+    def __init__(self, limit: int) -> None:
+        super().__init__(413, f"the request body is larger than {limit} bytes (--max-request-body-bytes)")
+
+
+class BodyLimitMiddleware:
+    """413 for a body over the limit: at once by its Content-Length, else as soon as that many
+    bytes arrived (the route reading the body gets ``BodyTooLarge``). The body is not read
+    here, so the route's own body timeout still governs a slow client."""
 
     def __init__(self, app, limit: int) -> None:
         self.app = app
         self.limit = limit
 
     async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS"):
+        if scope["type"] != "http":
             return await self.app(scope, receive, send)
         declared = dict(scope["headers"]).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.limit:
             return await self._too_large(send)
-        chunks, size = [], 0
-        while True:
+        started = False
+        received = 0
+
+        async def counted_receive():
+            nonlocal received
             message = await receive()
-            if message["type"] != "http.request":
-                return  # the client left before sending its body
-            chunks.append(message.get("body", b""))
-            size += len(chunks[-1])
-            if size > self.limit:
-                return await self._too_large(send)
-            if not message.get("more_body", False):
-                break
-        await self.app(scope, _replay(b"".join(chunks), receive), send)
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.limit:
+                    raise BodyTooLarge(self.limit)
+            return message
+
+        async def watched_send(message):
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, counted_receive, watched_send)
+        except BodyTooLarge:
+            if started:
+                raise
+            await self._too_large(send)
 
     async def _too_large(self, send) -> None:
-        await _send_error(send, 413, "invalid_request_error", f"the request body is larger than {self.limit} bytes (--max-request-body-bytes)")
-
-
-def _replay(body: bytes, receive):
-    sent = False
-
-    async def replay():
-        nonlocal sent
-        if not sent:
-            sent = True
-            return {"type": "http.request", "body": body, "more_body": False}
-        return await receive()
-
-    return replay
+        await _send_error(send, 413, "invalid_request_error", BodyTooLarge(self.limit).detail, {"Connection": "close"})
 
 
 def secure_app(app, config: AccessConfig):
