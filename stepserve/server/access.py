@@ -114,15 +114,25 @@ async def _send_error(send, status: int, kind: str, message: str, headers: dict[
     await send({"type": "http.response.body", "body": body})
 
 
-class ApiKeyMiddleware:
-    """401 in OpenAI's error shape for a request without the key, except on ``OPEN_PATHS``."""
+def open_without_key(app, *paths: str) -> None:
+    """Let exact ``paths`` through the key check: static pages that hold no data and send the
+    key themselves (a playground). Call it before ``secure_app``."""
+    app.state.open_paths = frozenset(getattr(app.state, "open_paths", frozenset()) | set(paths))
 
-    def __init__(self, app, api_key: str) -> None:
+
+class ApiKeyMiddleware:
+    """401 in OpenAI's error shape for a request without the key, except on ``OPEN_PATHS``
+    and the paths given to ``open_without_key``. A CORS preflight carries no key by design: the
+    CORS middleware, outside this one, answers it before it gets here."""
+
+    def __init__(self, app, api_key: str, open_paths: frozenset[str] = frozenset()) -> None:
         self.app = app
         self.api_key = api_key
+        self.open_paths = open_paths
 
     async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] != "http" or scope["method"] == "OPTIONS" or is_open_path(route_path(scope)):
+        path = route_path(scope) if scope["type"] == "http" else ""
+        if scope["type"] != "http" or is_open_path(path) or path in self.open_paths:
             return await self.app(scope, receive, send)
         authorization = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
         if api_key_ok(self.api_key, authorization):
@@ -188,7 +198,7 @@ def secure_app(app, config: AccessConfig):
 
     app.add_middleware(BodyLimitMiddleware, limit=config.max_request_body_bytes)
     if config.api_key is not None:
-        app.add_middleware(ApiKeyMiddleware, api_key=config.api_key)
+        app.add_middleware(ApiKeyMiddleware, api_key=config.api_key, open_paths=getattr(app.state, "open_paths", frozenset()))
     origins = config.origins()
     if origins:
         app.add_middleware(CORSMiddleware, allow_origins=origins, allow_methods=["*"], allow_headers=["*"], allow_credentials="*" not in origins)

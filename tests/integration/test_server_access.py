@@ -177,3 +177,23 @@ def test_the_key_is_never_logged(server, http):
     log = server[0].log()
     assert "GET /prefix/v1/models" in log  # the access log is on
     assert KEY not in log
+
+
+def test_pages_opened_for_a_playground():
+    """``open_without_key``: a static page loads without the key (it sends the key itself);
+    everything else stays guarded, on a bare app through the same middleware."""
+    from fastapi import FastAPI
+    from starlette.testclient import TestClient
+
+    from stepserve.server.access import open_without_key, secure_app
+
+    app = FastAPI()
+    app.get("/")(lambda: {"page": True})
+    app.get("/v1/models")(lambda: {"data": []})
+    open_without_key(app, "/")
+    secure_app(app, AccessConfig(api_key=KEY, root_path=""))
+    with TestClient(app) as client:
+        assert client.get("/").json() == {"page": True}
+        assert client.get("/v1/models").status_code == 401
+        assert client.options("/v1/models").status_code == 401  # no CORS configured: no preflight pass
+        assert client.get("/v1/models", headers=AUTH).status_code == 200
