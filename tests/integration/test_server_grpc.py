@@ -33,6 +33,7 @@ def server(tiny_llama, tmp_path_factory):
         mp.setenv("HF_HOME", str(home))
         args = ["--model_id", MODEL, "--max-model-len", "128", "--num-blocks", "64", "--enable_grpc", "--grpc_port", str(grpc_port)]
         live = start_server(args, home / "server.log")
+    assert (home / "hub" / "models--org--tiny" / "snapshots").is_dir()  # HF_HOME was honoured
     channel = grpc.insecure_channel(f"127.0.0.1:{grpc_port}")
     yield live, pb_grpc.GRPCInferenceServiceStub(channel)
     channel.close()
