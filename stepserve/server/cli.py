@@ -52,7 +52,7 @@ def main(args: argparse.Namespace) -> int:
         print(f"stepserve serve: {exc}", file=sys.stderr)
         return 2
     app = create_app(make_client, tokenizer, info, server_config, engine_config.scheduler.max_num_seqs)
-    app = with_grpc(secure_app(app, access), server_config.host, grpc_config, access)
+    app = with_grpc(secure_app(app, access), server_config.host, grpc_config, access, server_config.shutdown_grace_s)
     scheme = "https" if access.tls else "http"
     log.info("serving %s on %s://%s:%d%s", server_config.model_name or info.name, scheme, server_config.host, server_config.http_port, access.root_path)
     # uvicorn stops gracefully on SIGTERM, then re-raises it to the handler found before it

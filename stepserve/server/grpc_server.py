@@ -204,8 +204,9 @@ async def start_grpc(app_state, host: str, config: GrpcConfig, access: AccessCon
     return server
 
 
-def with_grpc(app, host: str, config: GrpcConfig, access: AccessConfig):
-    """Run the gRPC server inside the app's lifespan, once the engine is up."""
+def with_grpc(app, host: str, config: GrpcConfig, access: AccessConfig, grace_s: float = 30.0):
+    """Run the gRPC server inside the app's lifespan, once the engine is up; on shutdown,
+    in-flight calls get ``grace_s`` to finish."""
     if not config.enable_grpc:
         return app
     inner = app.router.lifespan_context
@@ -217,7 +218,7 @@ def with_grpc(app, host: str, config: GrpcConfig, access: AccessConfig):
             try:
                 yield state
             finally:
-                await server.stop(grace=1.0)
+                await server.stop(grace=grace_s)
 
     app.router.lifespan_context = lifespan
     return app

@@ -2,6 +2,7 @@
 inference route, probes and /metrics open, the key never logged, gRPC too), CORS, --root-path,
 --max-request-body-bytes (413)."""
 
+import argparse
 import shutil
 import ssl
 import subprocess
@@ -14,7 +15,7 @@ import openai
 import pytest
 from live_server import LiveServer, free_port
 
-from stepserve.server.access import AccessConfig, api_key_ok, is_open_path
+from stepserve.server.access import AccessConfig, access_config_from_args, api_key_ok, is_open_path
 from stepserve.config import ConfigError
 from stepserve.server.proto import grpc_predict_v2_pb2 as pb
 from stepserve.server.proto import grpc_predict_v2_pb2_grpc as pb_grpc
@@ -23,6 +24,15 @@ KEY = "sk-test-0123456789abcdef"
 MODEL = "tiny"
 ORIGIN = "https://ui.example.com"
 LIMIT = 4096
+
+
+def test_key_from_the_environment(monkeypatch):
+    args = argparse.Namespace(**{name: f.default for name, f in AccessConfig.__dataclass_fields__.items()})
+    monkeypatch.setenv("STEPSERVE_API_KEY", KEY)
+    assert access_config_from_args(args).api_key == KEY
+    assert access_config_from_args(argparse.Namespace(**{**vars(args), "api_key": "flag"})).api_key == "flag"  # the flag wins
+    monkeypatch.delenv("STEPSERVE_API_KEY")
+    assert access_config_from_args(args).api_key is None
 
 
 def test_key_comparison_and_open_paths():
