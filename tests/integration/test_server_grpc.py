@@ -87,6 +87,7 @@ def test_infer_matches_rest(server):
     [
         (dict(params={"max_tokens": 0}), grpc.StatusCode.INVALID_ARGUMENT, "max_tokens"),
         (dict(params={"temperature": "hot"}), grpc.StatusCode.INVALID_ARGUMENT, "temperature"),
+        (dict(params={"max_tokens": 2, "bogus": 1}), grpc.StatusCode.INVALID_ARGUMENT, "bogus"),
         (dict(name="prompt"), grpc.StatusCode.INVALID_ARGUMENT, "text_input"),
         (dict(datatype="FP32"), grpc.StatusCode.INVALID_ARGUMENT, "BYTES"),
         (dict(model="other"), grpc.StatusCode.NOT_FOUND, "other"),
