@@ -38,6 +38,9 @@ STATUS_CODES = {
     503: grpc.StatusCode.UNAVAILABLE,
     504: grpc.StatusCode.DEADLINE_EXCEEDED,
 }
+# Tensor parameters that describe raw_input_contents' encoding (KServe's client sends
+# binary_data_size with it), consumed here when decoding it.
+_RAW_ONLY = ("binary_data_size",)
 _PROBES = frozenset({"ServerLive", "ServerReady", "ModelReady"})  # open without the API key, as the HTTP probes
 
 
@@ -91,7 +94,8 @@ def rest_request(request: pb.ModelInferRequest) -> KServeV2Request:
     if raws and len(raws) != len(request.inputs):
         raise InvalidRequestError(f"raw_input_contents has {len(raws)} entries for {len(request.inputs)} inputs", "inputs")
     inputs = [
-        {"name": t.name, "shape": list(t.shape), "datatype": t.datatype, "data": _tensor_data(t, raws[i] if raws else None)} | _parameters(t)
+        {"name": t.name, "shape": list(t.shape), "datatype": t.datatype, "data": _tensor_data(t, raws[i] if raws else None)}
+        | _parameters(t, drop=_RAW_ONLY if raws else ())
         for i, t in enumerate(request.inputs)
     ]
     body = {"inputs": inputs} | _parameters(request)
@@ -102,11 +106,10 @@ def rest_request(request: pb.ModelInferRequest) -> KServeV2Request:
     return validate(KServeV2Request, body)
 
 
-def _parameters(message) -> dict:
+def _parameters(message, drop: tuple[str, ...] = ()) -> dict:
     """``{"parameters": {...}}`` as JSON would carry them, or nothing when there are none."""
-    if not message.parameters:
-        return {}
-    return {"parameters": {k: _param_value(v) for k, v in message.parameters.items()}}
+    parameters = {k: _param_value(v) for k, v in message.parameters.items() if k not in drop}
+    return {"parameters": parameters} if parameters else {}
 
 
 def infer_response(body: dict) -> pb.ModelInferResponse:

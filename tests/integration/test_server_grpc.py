@@ -74,11 +74,12 @@ def test_infer_matches_rest(server):
     # /v1/completions, so compare with that (greedy, same parameters).
     rest = httpx.post(live.url + "/v1/completions", json={"model": MODEL, "prompt": ["hello", "there"], **PARAMS}, timeout=60).json()
     assert texts == [c["text"] for c in rest["choices"]]
-    # BYTES in raw_input_contents (4-byte little-endian length, then the bytes), as Triton clients send.
+    # BYTES in raw_input_contents (4-byte little-endian length, then the bytes), as KServe's and Triton's clients send.
     raw = b"".join(struct.pack("<I", len(t)) + t for t in (b"hello", b"there"))
     request = infer_request([])
     request.inputs[0].shape[:] = [2]
     request.raw_input_contents.append(raw)
+    request.inputs[0].parameters["binary_data_size"].int64_param = len(raw)  # as KServe's client sends it
     assert [b.decode() for b in stub.ModelInfer(request).outputs[0].contents.bytes_contents] == texts
 
 
