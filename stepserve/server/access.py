@@ -1,4 +1,5 @@
-"""How clients reach the server: the gRPC port, access control and request limits, as vLLM names them: ``--api-key``, ``--allowed-origins``,
+"""How clients reach the server: the gRPC port (``--enable_grpc``, ``--grpc_port``), and access
+control and request limits as vLLM names them: ``--api-key``, ``--allowed-origins``,
 ``--root-path``, ``--ssl-keyfile``/``--ssl-certfile``, ``--max-request-body-bytes``.
 
 The key check and the body limit are one pure ASGI middleware each (not Starlette's
@@ -98,9 +99,14 @@ def is_open_path(path: str) -> bool:
 
 
 def route_path(scope: dict) -> str:
-    """The path the routes see: without the root path a proxy added (uvicorn prepends it)."""
+    """The path the routes see: without the root path (uvicorn prepends it). The same rule as
+    Starlette's router, so the key check and the routing never disagree on which route it is."""
     path, root = scope["path"], scope.get("root_path", "")
-    return path[len(root):] or "/" if root and path.startswith(root) else path
+    if not root or not path.startswith(root):
+        return path
+    if path == root:
+        return ""
+    return path[len(root):] if path[len(root)] == "/" else path
 
 
 # -- middleware ---------------------------------------------------------------------------

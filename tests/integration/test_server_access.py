@@ -15,7 +15,7 @@ import openai
 import pytest
 from live_server import LiveServer, free_port
 
-from stepserve.server.access import AccessConfig, access_config_from_args, api_key_ok, is_open_path
+from stepserve.server.access import AccessConfig, access_config_from_args, api_key_ok, is_open_path, route_path
 from stepserve.config import ConfigError
 from stepserve.server.proto import grpc_predict_v2_pb2 as pb
 from stepserve.server.proto import grpc_predict_v2_pb2_grpc as pb_grpc
@@ -42,6 +42,11 @@ def test_key_comparison_and_open_paths():
     assert all(is_open_path(p) for p in ("/health", "/metrics", "/v2/health/live", "/v2/health/ready", "/v2/models/m/ready"))
     assert not any(is_open_path(p) for p in ("/v1/models", "/v2/models/m", "/v2/models/m/infer", "/", "/docs"))
     assert KEY not in repr(AccessConfig(api_key=KEY))
+    from starlette._utils import get_route_path  # the router's rule: the key check must agree with it
+
+    for path in ("/prefix/v1/models", "/prefix", "/prefixv1/models", "/v1/models", "/prefix/prefix/metrics"):
+        scope = {"path": path, "root_path": "/prefix"}
+        assert route_path(scope) == get_route_path(scope), path
     with pytest.raises(ConfigError, match="both"):
         AccessConfig(ssl_keyfile="/etc/hostname")
     with pytest.raises(ConfigError, match="empty"):
