@@ -11,6 +11,7 @@ from collections.abc import Callable
 
 from stepserve.config import ConfigError, add_dataclass_args, engine_config_from_args
 from stepserve.server.config import ServerConfig
+from stepserve.tasks.config import TaskConfig
 
 log = logging.getLogger("stepserve.server")
 
@@ -19,6 +20,7 @@ def add_serve_parser(sub, add_engine_args: Callable[[argparse.ArgumentParser], N
     parser = sub.add_parser("serve", help="serve the OpenAI and KServe protocols over HTTP")
     add_engine_args(parser)
     add_dataclass_args(parser, ServerConfig)
+    add_dataclass_args(parser, TaskConfig)
     parser.add_argument("--access-log", "--access_log", dest="access_log", action="store_true", help="log every HTTP request too")
     parser.set_defaults(func=main)
     return parser
@@ -33,15 +35,17 @@ def main(args: argparse.Namespace) -> int:
     import uvicorn
 
     from stepserve.server.app import create_app
+    from stepserve.tasks.setup import plan_task, serving
 
     try:
         server_config = server_config_from_args(args)
         engine_config = engine_config_from_args(args)
-        make_client, tokenizer, info = _engine(engine_config, server_config)
+        task_front = plan_task(engine_config, TaskConfig(**{f.name: vars(args)[f.name] for f in dataclasses.fields(TaskConfig)}))
+        make_client, tokenizer, info = serving(task_front, engine_config, server_config) if task_front else _engine(engine_config, server_config)
     except ConfigError as exc:
         print(f"stepserve serve: {exc}", file=sys.stderr)
         return 2
-    app = create_app(make_client, tokenizer, info, server_config, engine_config.scheduler.max_num_seqs)
+    app = create_app(make_client, tokenizer, info, server_config, engine_config.scheduler.max_num_seqs, task_front)
     log.info("serving %s on http://%s:%d", server_config.model_name or info.name, server_config.host, server_config.http_port)
     # uvicorn stops gracefully on SIGTERM, then re-raises it to the handler found before it
     # started; with this one, a graceful stop ends the process with status 0.

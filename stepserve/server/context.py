@@ -18,6 +18,7 @@ class ServingContext:
     max_model_len: int  # the context length in use
     vocab_size: int  # token ids must be below this
     config: ServerConfig  # max_tokens defaults and limits
+    tasks: object | None = None  # tasks.serving.TaskServing when the model serves an encoder task
 
     def check_model(self, name: str | None) -> None:
         """Refuse a request for another model (404); an omitted model means this one."""

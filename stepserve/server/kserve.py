@@ -35,6 +35,10 @@ def _instance_text(index: int, instance: str | dict) -> str:
 
 async def v1_predict(ctx: ServingContext, name: str, req: KServeV1Request) -> dict:
     ctx.check_model(name)
+    if ctx.tasks is not None and ctx.tasks.handles_kserve:
+        from stepserve.tasks import kserve as task_kserve
+
+        return await task_kserve.v1_predict(ctx.tasks, req)
     if not req.instances:
         raise InvalidRequestError("instances must not be empty", "instances")
     prompts = [_instance_text(i, x) for i, x in enumerate(req.instances)]
@@ -63,6 +67,10 @@ def _flatten(data: list) -> list:
 
 async def v2_infer(ctx: ServingContext, name: str, req: KServeV2Request) -> dict:
     ctx.check_model(name)
+    if ctx.tasks is not None and ctx.tasks.handles_kserve:
+        from stepserve.tasks import kserve as task_kserve
+
+        return await task_kserve.v2_infer(ctx.tasks, ctx.model_name, req)
     texts = await _generate_texts(ctx, _text_input(req), req.parameters)
     output = {"name": TEXT_OUTPUT, "datatype": "BYTES", "shape": [len(texts)], "data": texts}
     body = {"model_name": ctx.model_name, "outputs": [output]}
@@ -71,6 +79,10 @@ async def v2_infer(ctx: ServingContext, name: str, req: KServeV2Request) -> dict
 
 def v2_metadata(ctx: ServingContext, name: str) -> dict:
     ctx.check_model(name)
+    if ctx.tasks is not None and ctx.tasks.handles_kserve:
+        from stepserve.tasks import kserve as task_kserve
+
+        return task_kserve.v2_metadata(ctx.tasks, ctx.model_name)
     return {
         "name": ctx.model_name,
         "versions": [],
