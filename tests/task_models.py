@@ -61,6 +61,11 @@ def _randomize(model) -> None:
 
 def write_sentence_transformer(directory: Path, pooling: str = "mean", normalize: bool = True, **config_extra) -> Path:
     write_bert(directory, "model", seed=3)
+    return add_sentence_transformers_files(directory, pooling, normalize, **config_extra)
+
+
+def add_sentence_transformers_files(directory: Path, pooling: str = "mean", normalize: bool = True, **config_extra) -> Path:
+    """modules.json (Transformer, Pooling, optionally Normalize), the pooling config, a max_seq_length of 64."""
     modules = [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
                {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}]
     if normalize:
@@ -68,7 +73,7 @@ def write_sentence_transformer(directory: Path, pooling: str = "mean", normalize
     (directory / "modules.json").write_text(json.dumps(modules))
     (directory / "1_Pooling").mkdir(exist_ok=True)
     keys = {"mean": "pooling_mode_mean_tokens", "cls": "pooling_mode_cls_token", "max": "pooling_mode_max_tokens", "last": "pooling_mode_lasttoken"}
-    pool_config = {key: key == keys[pooling] for key in keys.values()} | {"word_embedding_dimension": BERT_COMMON["hidden_size"]}
+    pool_config = {key: key == keys[pooling] for key in keys.values()}
     (directory / "1_Pooling" / "config.json").write_text(json.dumps(pool_config))
     (directory / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": 64, "do_lower_case": False}))
     if config_extra:

@@ -83,6 +83,7 @@ def _spec(task: str, source, hf_config: dict, tokenizer, engine: EngineConfig, f
         dtype=engine.model.dtype,
         device=engine.model.device,
         flags=flags,
+        decoder=T.architecture_task((hf_config.get("architectures") or ["?"])[0]) == T.TEXT_GENERATION,
     )
 
 

@@ -54,6 +54,7 @@ class TaskSpec:
     dtype: str  # --dtype as given
     device: str  # --device as given
     flags: TaskConfig  # KServe's output flags
+    decoder: bool = False  # text_embedding of a *ForCausalLM model: stepserve's own model computes it
 
 
 def is_sentence_transformers(directory: Path) -> bool:

@@ -46,12 +46,12 @@ def resolve_task(requested: str | None, hf_config: dict, sentence_transformers: 
 
     Inferred: a sentence-transformers directory is ``text_embedding``; otherwise the
     architecture's suffix decides, as in KServe. Requested: the checkpoint must carry the head
-    the task needs; ``text_embedding`` needs an encoder (any architecture that is not a decoder).
+    the task needs; ``text_embedding`` takes an encoder or a decoder, not an encoder-decoder.
     """
     architecture = (hf_config.get("architectures") or ["?"])[0]
     inferred = architecture_task(architecture)
     if requested is None:
-        if sentence_transformers and inferred != TEXT_GENERATION:
+        if sentence_transformers:  # an embedding model, also when it is a decoder (Qwen3-Embedding)
             return EMBEDDING
         if inferred is None:
             raise ConfigError(f"no task can be inferred from the architecture {architecture}; set --task to one of {', '.join(TASKS)}")
@@ -64,10 +64,10 @@ def resolve_task(requested: str | None, hf_config: dict, sentence_transformers: 
 
 def _check_can_do(task: str, architecture: str, inferred: str | None) -> None:
     if task == EMBEDDING:
-        if inferred in (TEXT_GENERATION, TEXT2TEXT):
+        if inferred == TEXT2TEXT:
             raise ConfigError(
-                f"--task {task}: {architecture} is a {inferred} model; embeddings are served for encoder models "
-                "(BERT, RoBERTa, ...) and sentence-transformers directories"
+                f"--task {task}: {architecture} is an encoder-decoder model; embeddings are served for encoder models "
+                "(BERT, RoBERTa, ...) and decoder models stepserve runs (pooled final hidden states)"
             )
         return
     if not architecture.endswith(_HEAD_OF[task]):

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import torch
 import transformers as tf
-from task_models import write_bert, write_roberta, write_t5
+from task_models import add_sentence_transformers_files, write_bert, write_roberta, write_t5
+from tiny_models import write_tiny_model
 from task_server import post, serve_in_thread
 
 from stepserve.config import ConfigError, EngineConfig
@@ -255,12 +256,13 @@ def test_startup_errors_name_the_task(models, tiny_llama):
     assert plan(models["mlm"]).spec.task == "fill_mask"
     assert plan(models["cross"]).spec.task == "sequence_classification"
     assert plan(models["t5"]).spec.task == "text2text_generation"
+    assert plan(tiny_llama, "text_embedding").spec.decoder
     cases = [
         (models["cross"], "fill_mask", "no ForMaskedLM head"),
         (models["roberta"], "sequence_classification", "no ForSequenceClassification head"),
         (models["roberta"], None, "no task can be inferred"),
         (models["mlm"], "summarization", "is not a task"),
-        (tiny_llama, "text_embedding", "text_generation model"),
+        (models["t5"], "text_embedding", "encoder-decoder"),
         (models["t5"], "token_classification", "cannot do token_classification"),
     ]
     for model, task, message in cases:
@@ -268,3 +270,25 @@ def test_startup_errors_name_the_task(models, tiny_llama):
             plan(model, task)
     with pytest.raises(ConfigError, match="exclude each other"):
         TaskConfig(return_probabilities=True, return_raw_logits=True)
+
+
+@pytest.mark.parametrize("pooling", ["last", "mean"])
+def test_decoder_embeddings_through_our_engine(tmp_path, pooling):
+    """A sentence-transformers directory around a *ForCausalLM: stepserve's own model computes
+    the final hidden states; pooled and normalised as the config says."""
+    directory = add_sentence_transformers_files(write_tiny_model(tmp_path / "qwen-embed", "qwen2", seed=8), pooling, normalize=True)
+    server = serve_in_thread(directory)
+    try:
+        texts = ["hello world", "a", "the capital of france is paris, over three blocks"]
+        tokenizer = tf.AutoTokenizer.from_pretrained(directory)
+        model = tf.AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
+        want = []
+        for text in texts:
+            with torch.no_grad():
+                hidden = model.model(**tokenizer(text, return_tensors="pt")).last_hidden_state[0]
+            want.append(torch.nn.functional.normalize(hidden[-1] if pooling == "last" else hidden.mean(0), dim=-1).numpy())
+        body = post(server, "/v1/embeddings", {"input": texts}).json()
+        np.testing.assert_allclose([d["embedding"] for d in body["data"]], want, atol=1e-5)
+        np.testing.assert_allclose(predict(server, texts[:1])["predictions"][0], want[0], atol=1e-5)  # alone: same vector
+    finally:
+        server.stop()
