@@ -6,7 +6,11 @@ inputs so every request is exactly that long. Three figures, in inputs per secon
 
 - server: ``--num-prompts`` requests of one input each, at most ``--max-concurrency`` in flight;
 - transformers batched: ``AutoModel`` forward plus mean pooling over batches of ``--batch-size``;
-- transformers one by one: the same, one input per call (what a naive server would do).
+- transformers one by one: the same, one input per call (what a naive server would do), timed
+  once over the first ``--single-inputs`` inputs (it is slow).
+
+Each figure is the best of ``--rounds``; the baselines run before the server is loaded, in this
+process, with torch's default threads.
 """
 
 from __future__ import annotations
@@ -31,7 +35,8 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     flag("input-len", type=int, default=128, help="tokens per input")
     flag("max-concurrency", type=int, default=64, help="requests in flight at most")
     flag("batch-size", type=int, default=32, help="inputs per transformers batched call")
-    flag("rounds", type=int, default=3, help="timed rounds of each; the best is reported")
+    flag("rounds", type=int, default=3, help="timed rounds of the server and the batched baseline; the best is reported")
+    flag("single-inputs", type=int, default=16, help="inputs of the one-by-one baseline")
     flag("seed", type=int, default=0, help="seed of the inputs")
     flag("output-json", default=None, help="also write the result here")
 
@@ -79,7 +84,8 @@ def run(args: argparse.Namespace) -> dict:
     n = len(inputs)
     _transformers_round(model, inputs[: args.batch_size], args.batch_size)  # warm-up
     batched = min(_transformers_round(model, inputs, args.batch_size) for _ in range(args.rounds))
-    single = min(_transformers_round(model, inputs, 1) for _ in range(args.rounds))
+    singles = inputs[: args.single_inputs]
+    single = _transformers_round(model, singles, 1) * n / len(singles)  # scaled to n inputs
     del model
     asyncio.run(_server_round(args.base_url, args.model, inputs[:4], 4))  # warm-up
     server = min(asyncio.run(_server_round(args.base_url, args.model, inputs, args.max_concurrency)) for _ in range(args.rounds))
