@@ -68,10 +68,10 @@ class _Formatter:
         return self.ts.tokens.decode(values.argmax(axis=-1).tolist(), skip_special_tokens=False)
 
 
-def _check_parameters(parameters: dict) -> int | None:
+def _check_parameters(task: str, parameters: dict) -> int | None:
     for key in parameters:
         if key not in _PARAMETERS:
-            raise InvalidRequestError(f"parameters.{key} is not supported by {', '.join(T.ENCODER_TASKS[:4])} models; supported: {', '.join(_PARAMETERS)}", "parameters")
+            raise InvalidRequestError(f"parameters.{key} is not supported for {task}; supported: {', '.join(_PARAMETERS)}", "parameters")
     return parameters.get("truncate_prompt_tokens")
 
 
@@ -86,7 +86,7 @@ def _mask_positions(ts: TaskServing, encoded: list[Encoded], param: str) -> list
 
 async def _predict(ts: TaskServing, texts: list[str], parameters: dict, param: str) -> tuple[list, list[Encoded]]:
     """The predictions for ``texts`` and their encodings (for offsets)."""
-    truncate = resolve_truncation(_check_parameters(parameters), ts.spec.max_model_len)
+    truncate = resolve_truncation(_check_parameters(ts.task, parameters), ts.spec.max_model_len)
     offsets = ts.task == T.TOKEN_CLASSIFICATION and ts.spec.flags.return_offsets_mapping
     encoded = [ts.tokens.text(t, f"{param}[{i}]", param, truncate, offsets=offsets) for i, t in enumerate(texts)]
     fields = {"positions": _mask_positions(ts, encoded, param)} if ts.task == T.FILL_MASK else {}
@@ -163,9 +163,19 @@ async def v2_infer(ts: TaskServing, model_name: str, req: KServeV2Request) -> di
     return {"model_name": model_name, "id": req.id or new_id("infer"), "outputs": outputs}
 
 
+def _output_datatype(ts: TaskServing) -> str:
+    """What ``_output_tensor`` answers with for this task and these flags."""
+    if ts.task == T.EMBEDDING:
+        return "FP32"
+    if ts.task == T.SEQUENCE_CLASSIFICATION and not _Formatter(ts).dicts:
+        return "INT64"
+    return "BYTES"
+
+
 def v2_metadata(ts: TaskServing, model_name: str) -> dict:
-    datatype = {T.EMBEDDING: "FP32", T.FILL_MASK: "BYTES"}.get(ts.task, "BYTES" if _Formatter(ts).dicts or ts.task == T.TOKEN_CLASSIFICATION else "INT64")
-    outputs = [{"name": OUTPUT, "datatype": datatype, "shape": [-1, ts.spec.hidden_size] if ts.task == T.EMBEDDING else [-1]}]
+    shape = [-1, ts.spec.hidden_size] if ts.task == T.EMBEDDING else [-1]
+    outputs = [{"name": OUTPUT, "datatype": _output_datatype(ts), "shape": shape}]
     if _wants_offsets(ts):
         outputs.append({"name": OFFSETS, "datatype": "INT64", "shape": [-1, -1, 2]})
-    return {"name": model_name, "versions": [], "platform": "stepserve", "task": ts.task, "inputs": [{"name": "input-0", "datatype": "BYTES", "shape": [-1]}], "outputs": outputs}
+    inputs = [{"name": "input-0", "datatype": "BYTES", "shape": [-1]}]
+    return {"name": model_name, "versions": [], "platform": "stepserve", "task": ts.task, "inputs": inputs, "outputs": outputs}

@@ -151,6 +151,8 @@ def test_sequence_classification_and_kserve_flags(servers, models):
     np.testing.assert_allclose([[row[k] for k in "012"] for row in got], logits, atol=1e-5)
     (tensor,) = infer(raw, TEXTS[:2])["outputs"]
     assert tensor["datatype"] == "BYTES" and json.loads(tensor["data"][0]).keys() == {"0", "1", "2"}
+    assert httpx_get(plain, "/v2/models/m")["outputs"][0]["datatype"] == "INT64"
+    assert httpx_get(raw, "/v2/models/m")["outputs"][0]["datatype"] == "BYTES"
 
 
 def test_rerank_and_score_match_the_cross_encoder(servers, models):
