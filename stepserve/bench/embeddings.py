@@ -9,8 +9,8 @@ inputs so every request is exactly that long. Three figures, in inputs per secon
 - transformers one by one: the same, one input per call (what a naive server would do), timed
   once over the first ``--single-inputs`` inputs (it is slow).
 
-Each figure is the best of ``--rounds``; the baselines run before the server is loaded, in this
-process, with torch's default threads.
+The server and the batched baseline alternate for ``--rounds`` rounds and each reports its best
+round; the baselines run in this process with torch's default threads while the server idles.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
 import random
 import time
 
@@ -82,13 +83,16 @@ def run(args: argparse.Namespace) -> dict:
     inputs = random_inputs(tokenizer, args.num_prompts, args.input_len, args.seed)
     model = AutoModel.from_pretrained(args.model_dir, dtype=torch.float32).eval()
     n = len(inputs)
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     _transformers_round(model, inputs[: args.batch_size], args.batch_size)  # warm-up
-    batched = min(_transformers_round(model, inputs, args.batch_size) for _ in range(args.rounds))
+    asyncio.run(_server_round(args.base_url, args.model, inputs[:4], 4))
+    batched, server = [], []
+    for _ in range(args.rounds):  # interleaved, so that a busy machine slows both alike
+        batched.append(_transformers_round(model, inputs, args.batch_size))
+        server.append(asyncio.run(_server_round(args.base_url, args.model, inputs, args.max_concurrency)))
+    batched, server = min(batched), min(server)
     singles = inputs[: args.single_inputs]
     single = _transformers_round(model, singles, 1) * n / len(singles)  # scaled to n inputs
-    del model
-    asyncio.run(_server_round(args.base_url, args.model, inputs[:4], 4))  # warm-up
-    server = min(asyncio.run(_server_round(args.base_url, args.model, inputs, args.max_concurrency)) for _ in range(args.rounds))
     result = {
         "inputs": n, "input_len": args.input_len, "max_concurrency": args.max_concurrency, "batch_size": args.batch_size,
         "server_inputs_per_s": n / server, "transformers_batched_inputs_per_s": n / batched, "transformers_single_inputs_per_s": n / single,
