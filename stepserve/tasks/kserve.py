@@ -68,11 +68,17 @@ class _Formatter:
         return self.ts.tokens.decode(values.argmax(axis=-1).tolist(), skip_special_tokens=False)
 
 
-def _check_parameters(task: str, parameters: dict) -> int | None:
-    for key in parameters:
-        if key not in _PARAMETERS:
-            raise InvalidRequestError(f"parameters.{key} is not supported for {task}; supported: {', '.join(_PARAMETERS)}", "parameters")
-    return parameters.get("truncate_prompt_tokens")
+def _check_parameters(ctx, task: str, parameters: dict) -> int | None:
+    """``truncate_prompt_tokens``; any other parameter is unknown here (a 400, or ignored with
+    --allow-unknown-fields)."""
+    unknown = [f"parameters.{key}" for key in parameters if key not in _PARAMETERS]
+    if unknown and not ctx.unknown.allow:
+        raise InvalidRequestError(f"{unknown[0]} is not supported for {task}; supported: {', '.join(_PARAMETERS)}", unknown[0])
+    ctx.unknown.check(unknown)
+    value = parameters.get("truncate_prompt_tokens")
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+        raise InvalidRequestError(f"parameters.truncate_prompt_tokens must be an integer, got {value!r}", "parameters.truncate_prompt_tokens")
+    return value
 
 
 def _mask_positions(ts: TaskServing, encoded: list[Encoded], param: str) -> list[tuple[int, ...]]:
@@ -84,9 +90,9 @@ def _mask_positions(ts: TaskServing, encoded: list[Encoded], param: str) -> list
     return positions
 
 
-async def _predict(ts: TaskServing, texts: list[str], parameters: dict, param: str) -> tuple[list, list[Encoded]]:
+async def _predict(ts: TaskServing, ctx, texts: list[str], parameters: dict, param: str) -> tuple[list, list[Encoded]]:
     """The predictions for ``texts`` and their encodings (for offsets)."""
-    truncate = resolve_truncation(_check_parameters(ts.task, parameters), ts.spec.max_model_len)
+    truncate = resolve_truncation(_check_parameters(ctx, ts.task, parameters), ts.spec.max_model_len)
     offsets = ts.task == T.TOKEN_CLASSIFICATION and ts.spec.flags.return_offsets_mapping
     encoded = [ts.tokens.text(t, f"{param}[{i}]", param, truncate, offsets=offsets) for i, t in enumerate(texts)]
     fields = {"positions": _mask_positions(ts, encoded, param)} if ts.task == T.FILL_MASK else {}
@@ -116,26 +122,42 @@ def _instance_text(index: int, instance) -> str:
     raise InvalidRequestError(f"instances[{index}] must be a string or an object with a 'text' string", "instances")
 
 
-async def v1_predict(ts: TaskServing, req: KServeV1Request) -> dict:
+async def v1_predict(ts: TaskServing, ctx, req: KServeV1Request) -> dict:
     if not req.instances:
         raise InvalidRequestError("instances must not be empty", "instances")
     texts = [_instance_text(i, x) for i, x in enumerate(req.instances)]
-    predictions, encoded = await _predict(ts, texts, req.parameters, "instances")
+    predictions, encoded = await _predict(ts, ctx, texts, req.parameters, "instances")
     body = {"predictions": predictions}
     return body | ({"outputs": [_offsets_tensor(encoded)]} if _wants_offsets(ts) else {})
 
 
-def _v2_texts(req: KServeV2Request) -> list[str]:
-    """KServe reads the first input tensor: BYTES, strings."""
-    if not req.inputs:
-        raise InvalidRequestError("inputs must contain a BYTES tensor of texts", "inputs")
+def _v2_texts(ctx, req: KServeV2Request) -> list[str]:
+    """KServe's encoder model reads one input tensor, whatever its name: BYTES, strings, its
+    shape matching its data."""
+    if len(req.inputs) != 1:
+        raise InvalidRequestError(f"inputs must hold exactly one BYTES tensor of texts, got {len(req.inputs)}", "inputs")
     tensor = req.inputs[0]
     if tensor.datatype != "BYTES":
         raise InvalidRequestError(f"inputs[0] ({tensor.name}) must have datatype BYTES, got {tensor.datatype}", "inputs")
     data = _flatten(tensor.data)
     if not data or not all(isinstance(x, str) for x in data):
         raise InvalidRequestError(f"inputs[0] ({tensor.name}) data must be a non-empty list of strings", "inputs")
+    if int(np.prod(tensor.shape)) != len(data) or any(d < 0 for d in tensor.shape):
+        raise InvalidRequestError(f"inputs[0] ({tensor.name}) has shape {tensor.shape} but {len(data)} elements", "inputs")
+    ctx.unknown.check([f"inputs[0].parameters.{k}" for k in tensor.parameters if k != "content_type"])
     return data
+
+
+def _wanted(ctx, req: KServeV2Request, produced: list[dict]) -> list[dict]:
+    """The outputs the request lists (each one this task produces), else all."""
+    if req.outputs is None:
+        return produced
+    by_name = {t["name"]: t for t in produced}
+    for i, output in enumerate(req.outputs):
+        if output.name not in by_name:
+            raise InvalidRequestError(f"outputs[{i}].name={output.name!r} cannot be produced; this model gives {', '.join(by_name)}", "outputs")
+        ctx.unknown.check([f"outputs[{i}].parameters.{k}" for k in output.parameters if k != "binary_data"])
+    return [by_name[o.name] for o in req.outputs]
 
 
 def _flatten(data: list) -> list:
@@ -157,10 +179,12 @@ def _output_tensor(ts: TaskServing, predictions: list) -> dict:
     return {"name": OUTPUT, "datatype": "BYTES", "shape": [n], "data": texts}
 
 
-async def v2_infer(ts: TaskServing, model_name: str, req: KServeV2Request) -> dict:
-    predictions, encoded = await _predict(ts, _v2_texts(req), req.parameters, "inputs")
+async def v2_infer(ts: TaskServing, ctx, req: KServeV2Request) -> dict:
+    ctx.check_model(req.model_name)
+    parameters = {k: v for k, v in req.parameters.items() if k != "binary_data_output"}  # answered in JSON, which KServe's client reads too
+    predictions, encoded = await _predict(ts, ctx, _v2_texts(ctx, req), parameters, "inputs")
     outputs = [_output_tensor(ts, predictions)] + ([_offsets_tensor(encoded)] if _wants_offsets(ts) else [])
-    return {"model_name": model_name, "id": req.id or new_id("infer"), "outputs": outputs}
+    return {"model_name": ctx.model_name, "id": req.id or new_id("infer"), "outputs": _wanted(ctx, req, outputs)}
 
 
 def _output_datatype(ts: TaskServing) -> str:

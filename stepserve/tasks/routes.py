@@ -23,7 +23,7 @@ ROUTES = (
 
 def _handler(schema, handle, path: str):
     async def run(ctx, raw: bytes) -> dict:
-        req = parse_body(schema, raw)
+        req = parse_body(schema, raw, ctx.unknown)
         ctx.check_model(req.model)
         if ctx.tasks is None:
             raise InvalidRequestError(f"{path} is not served by this model: it serves text_generation", "model")

@@ -90,11 +90,14 @@ def _spec(task: str, source, hf_config: dict, tokenizer, engine: EngineConfig, f
 def serving(front: TaskFront, engine: EngineConfig, server) -> tuple[Callable, object, object]:
     """(make_client, tokenizer, FrontInfo) for ``create_app``: the encoder core in its own
     supervised process, or in a thread with ``--engine-in-process``."""
-    from stepserve.engine.front import FrontInfo
+    from stepserve.engine.front import FrontInfo, sampling_defaults
+    from stepserve.generation_config import SamplingDefaults
     from stepserve.tasks.encoder_core import build_encoder_core, encoder_core_factory
 
     spec = front.spec
-    info = FrontInfo(spec.name, spec.max_model_len, spec.vocab_size, frozenset())
+    # text2text takes the model's generation_config.json sampling defaults, as generation does
+    defaults = sampling_defaults(engine) if spec.task == T.TEXT2TEXT else SamplingDefaults()
+    info = FrontInfo(spec.name, spec.max_model_len, spec.vocab_size, frozenset(), defaults)
     if server.engine_in_process:
         from stepserve.engine.core_client import ThreadCoreClient
 

@@ -216,7 +216,11 @@ def test_fill_mask(servers, models):
     response = post(server, "/v1/models/m:predict", {"instances": ["no mask here"]})
     assert response.status_code == 400 and response.json()["error"]["param"] == "instances"
     response = post(server, "/v1/models/m:predict", {"instances": ["[MASK]"], "parameters": {"temperature": 0}})
-    assert response.status_code == 400 and response.json()["error"]["param"] == "parameters"
+    assert response.status_code == 400 and response.json()["error"]["param"] == "parameters.temperature"
+    response = post(server, "/v2/models/m/infer", {"inputs": [{"name": "x", "datatype": "BYTES", "shape": [2], "data": ["[MASK]"]}]})
+    assert response.status_code == 400 and response.json()["error"]["param"] == "inputs"
+    response = post(server, "/v1/embeddings", {"input": "x", "extra_field": 1})
+    assert response.status_code == 400 and response.json()["error"]["param"] == "extra_field"
     response = post(server, "/v2/models/m/infer", {"inputs": [{"name": "x", "datatype": "INT64", "shape": [1], "data": [1]}]})
     assert response.status_code == 400 and response.json()["error"]["param"] == "inputs"
 
