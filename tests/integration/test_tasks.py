@@ -127,8 +127,8 @@ def test_embedding_bad_inputs_are_400s_naming_the_field(servers):
         assert response.json()["error"]["param"] == param, (body, response.text)
     truncated = post(server, "/v1/embeddings", {"input": "x" * 200, "truncate_prompt_tokens": -1}).json()
     assert truncated["usage"]["prompt_tokens"] == 128
-    for path in ("/v1/chat/completions", "/v1/completions"):
-        response = post(server, path, {"messages": [{"role": "user", "content": "x"}], "prompt": "x"})
+    for path, body in (("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}]}), ("/v1/completions", {"prompt": "x"})):
+        response = post(server, path, body)
         assert response.status_code == 400 and response.json()["error"]["param"] == "model", (path, response.text)
 
 
