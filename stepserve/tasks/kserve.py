@@ -16,6 +16,7 @@ import json
 import numpy as np
 
 from stepserve.errors import InvalidRequestError
+from stepserve.server.kserve import _instance_text as instance_text  # the generation routes' rule: a string, or one 'text'
 from stepserve.server.schemas import KServeV1Request, KServeV2Request
 from stepserve.tasks import task as T
 from stepserve.tasks.inputs import Encoded, resolve_truncation
@@ -114,18 +115,10 @@ def _wants_offsets(ts: TaskServing) -> bool:
     return ts.task == T.TOKEN_CLASSIFICATION and ts.spec.flags.return_offsets_mapping
 
 
-def _instance_text(index: int, instance) -> str:
-    if isinstance(instance, str):
-        return instance
-    if isinstance(instance, dict) and isinstance(instance.get("text"), str):
-        return instance["text"]
-    raise InvalidRequestError(f"instances[{index}] must be a string or an object with a 'text' string", "instances")
-
-
 async def v1_predict(ts: TaskServing, ctx, req: KServeV1Request) -> dict:
     if not req.instances:
         raise InvalidRequestError("instances must not be empty", "instances")
-    texts = [_instance_text(i, x) for i, x in enumerate(req.instances)]
+    texts = [instance_text(ctx, i, x) for i, x in enumerate(req.instances)]
     predictions, encoded = await _predict(ts, ctx, texts, req.parameters, "instances")
     body = {"predictions": predictions}
     return body | ({"outputs": [_offsets_tensor(encoded)]} if _wants_offsets(ts) else {})
