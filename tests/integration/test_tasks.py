@@ -298,3 +298,30 @@ def test_decoder_embeddings_through_our_engine(tmp_path, pooling):
         np.testing.assert_allclose(predict(server, texts[:1])["predictions"][0], want[0], atol=1e-5)  # alone: same vector
     finally:
         server.stop()
+
+
+def test_token_and_mask_flags(servers, models):
+    """--return_probabilities on token_classification, --return_raw_logits on fill_mask, and the
+    tokenizer flags (--disable_lower_case, --disable_special_tokens, --return_token_type_ids)."""
+    outs, _, _ = reference(tf.AutoModelForTokenClassification, models["token"], TEXTS[:2])
+    got = predict(servers("token-prob", "token", "--return_probabilities"), TEXTS[:2])["predictions"]
+    for row, out in zip(got, outs):
+        want = torch.softmax(out.logits[0].double(), -1).numpy()
+        assert len(row) == len(want) and list(row[0]) == [str(j) for j in range(5)]
+        np.testing.assert_allclose([[tok[str(j)] for j in range(5)] for tok in row], want, atol=1.5e-4)
+    text = "The capital of France is [MASK] ."
+    raw = predict(servers("mlm-raw", "mlm", "--return_raw_logits"), [text])["predictions"][0]
+    (mask_out,) = raw
+    outs, encs, tokenizer = reference(tf.AutoModelForMaskedLM, models["mlm"], [text])
+    at = (encs[0]["input_ids"][0] == tokenizer.mask_token_id).nonzero()[0, 0]
+    np.testing.assert_allclose([next(iter(d.values())) for d in mask_out], outs[0].logits[0, at].numpy(), atol=1e-5)
+    assert [next(iter(d)) for d in mask_out] == [str(j) for j in range(len(mask_out))]
+    cased = servers("mlm-cased", "mlm", "--disable_lower_case", "--disable_special_tokens", "--return_token_type_ids")
+    tokenizer = tf.AutoTokenizer.from_pretrained(models["mlm"], do_lower_case=False)
+    model = tf.AutoModelForMaskedLM.from_pretrained(models["mlm"]).eval()
+    enc = tokenizer(text, add_special_tokens=False, return_tensors="pt")
+    assert tokenizer.unk_token_id in enc["input_ids"][0].tolist()  # "The", "France" are unknown once cased
+    with torch.no_grad():
+        logits = model(**enc).logits[0]
+    at = (enc["input_ids"][0] == tokenizer.mask_token_id).nonzero()[:, 0]
+    assert predict(cased, [text])["predictions"] == [tokenizer.decode(logits[at].argmax(-1))]
