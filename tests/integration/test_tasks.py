@@ -325,3 +325,27 @@ def test_token_and_mask_flags(servers, models):
         logits = model(**enc).logits[0]
     at = (enc["input_ids"][0] == tokenizer.mask_token_id).nonzero()[:, 0]
     assert predict(cased, [text])["predictions"] == [tokenizer.decode(logits[at].argmax(-1))]
+
+
+def test_one_bad_request_fails_alone_in_the_encoder_core(models):
+    """DESIGN invariant 2 in the encoder core: a request the model cannot compute (a token id
+    past the vocabulary, which the front would have refused) fails alone; its batch-mates and
+    later requests are answered."""
+    from stepserve.config import SchedulerConfig
+    from stepserve.tasks.encoder_core import build_encoder_core
+    from stepserve.tasks.messages import EncoderRequest
+
+    spec = plan_task(EngineConfig.from_kwargs(model=str(models["cls3"])), TaskConfig(batch_wait_ms=0)).spec
+    core, info = build_encoder_core(spec, SchedulerConfig())
+    assert info.task == "sequence_classification"
+    good = (2, 40, 41, 3)
+    for i, ids in enumerate([good, (2, 10**6, 3), good]):
+        core.add_request(EncoderRequest(f"r{i}", ids))
+    outputs = {o.request_id: o for o in core.step()}
+    assert outputs["r1"].error is not None and outputs["r1"].finish_reason == "abort"
+    assert outputs["r0"].error is None and outputs["r2"].error is None
+    np.testing.assert_allclose(outputs["r0"].values, outputs["r2"].values, atol=1e-6)
+    core.add_request(EncoderRequest("r3", good))
+    (later,) = core.step()
+    np.testing.assert_allclose(later.values, outputs["r0"].values, atol=1e-6)
+    assert not core.has_unfinished
