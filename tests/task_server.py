@@ -25,17 +25,18 @@ class ThreadServer:
 
 
 def serve_in_thread(model, *flags: str, name: str = "m") -> ThreadServer:
+    """A task model's server; a text_generation model gets the LLM engine (in a thread too)."""
     from stepserve.cli import build_parser
     from stepserve.config import engine_config_from_args
     from stepserve.server.app import create_app
-    from stepserve.server.cli import server_config_from_args
+    from stepserve.server.cli import _engine, server_config_from_args
     from stepserve.tasks.config import TaskConfig
     from stepserve.tasks.setup import plan_task, serving
 
     args = build_parser().parse_args(["serve", "--model", str(model), "--engine-in-process", "--model_name", name, *flags])
     engine, server = engine_config_from_args(args), server_config_from_args(args)
     front = plan_task(engine, TaskConfig(**{f.name: vars(args)[f.name] for f in dataclasses.fields(TaskConfig)}))
-    make_client, tokenizer, info = serving(front, engine, server)
+    make_client, tokenizer, info = serving(front, engine, server) if front else _engine(engine, server)
     app = create_app(make_client, tokenizer, info, server, engine.scheduler.max_num_seqs, front)
     port = free_port()
     uv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))

@@ -349,3 +349,15 @@ def test_one_bad_request_fails_alone_in_the_encoder_core(models):
     (later,) = core.step()
     np.testing.assert_allclose(later.values, outputs["r0"].values, atol=1e-6)
     assert not core.has_unfinished
+
+
+def test_pooling_routes_on_a_generation_model_are_400s(tiny_llama):
+    server = serve_in_thread(tiny_llama, "--max-model-len", "128", "--num-blocks", "32")
+    try:
+        for path, body in (("/v1/embeddings", {"input": "hi"}), ("/v1/rerank", {"query": "a", "documents": ["b"]}), ("/openai/v1/score", {"text_1": "a", "text_2": "b"})):
+            response = post(server, path, body)
+            assert response.status_code == 400 and response.json()["error"]["param"] == "model", (path, response.text)
+            assert "serves text_generation" in response.json()["error"]["message"]
+        assert post(server, "/v1/completions", {"prompt": "hi", "max_tokens": 2}).status_code == 200
+    finally:
+        server.stop()
