@@ -119,3 +119,18 @@ def write_t5(directory: Path, seed: int = 5) -> Path:
     _randomize(model)
     model.save_pretrained(directory)
     return directory
+
+
+def write_distilbert(directory: Path, seed: int = 9) -> Path:
+    """A model whose forward takes no token_type_ids."""
+    import torch
+    import transformers as tf
+
+    directory.mkdir(parents=True, exist_ok=True)
+    vocab = save_bert_tokenizer(directory)
+    config = tf.DistilBertConfig(vocab_size=vocab, dim=32, n_layers=2, n_heads=4, hidden_dim=64, max_position_embeddings=128, dropout=0.0, attention_dropout=0.0, pad_token_id=0)
+    torch.manual_seed(seed)
+    model = tf.DistilBertModel(config)
+    _randomize(model)
+    model.save_pretrained(directory)
+    return directory

@@ -6,6 +6,7 @@ one padded forward computes it, each request gets its own ``EncoderOutput``."""
 from __future__ import annotations
 
 import functools
+import inspect
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -97,6 +98,9 @@ class EncoderCore:
         self.batcher = batcher
         self.device = device
         self._run = self._generate if spec.task == T.TEXT2TEXT else self._pool_decoder if spec.decoder else self._encode
+        # Segment ids reach only a model that takes them (DistilBERT, ModernBERT do not).
+        forward = getattr(model, "forward", None)  # a DecoderPooler has none: packed ids only
+        self._takes_types = forward is not None and "token_type_ids" in inspect.signature(forward).parameters
 
     @property
     def has_unfinished(self) -> bool:
@@ -143,7 +147,7 @@ class EncoderCore:
             if r.token_type_ids is not None:
                 types[i, : len(r.token_type_ids)] = torch.tensor(r.token_type_ids)
         inputs = {"input_ids": ids, "attention_mask": mask}
-        if any(r.token_type_ids is not None for r in batch):
+        if self._takes_types and any(r.token_type_ids is not None for r in batch):
             inputs["token_type_ids"] = types
         return {k: v.to(self.device) for k, v in inputs.items()}
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 import transformers as tf
-from task_models import add_sentence_transformers_files, write_bert, write_roberta, write_t5
+from task_models import add_sentence_transformers_files, write_bert, write_distilbert, write_roberta, write_t5
 from tiny_models import write_tiny_model
 from task_server import post, serve_in_thread
 
@@ -359,5 +359,18 @@ def test_pooling_routes_on_a_generation_model_are_400s(tiny_llama):
             assert response.status_code == 400 and response.json()["error"]["param"] == "model", (path, response.text)
             assert "serves text_generation" in response.json()["error"]["message"]
         assert post(server, "/v1/completions", {"prompt": "hi", "max_tokens": 2}).status_code == 200
+    finally:
+        server.stop()
+
+
+def test_segment_ids_reach_only_models_that_take_them(tmp_path):
+    """DistilBERT takes no token_type_ids (transformers 5 swallows them in **kwargs; a strict
+    forward would raise): with --return_token_type_ids its embeddings still equal transformers."""
+    directory = write_distilbert(tmp_path / "distil")
+    server = serve_in_thread(directory, "--task", "text_embedding", "--return_token_type_ids")
+    try:
+        outs, encs, _ = reference(tf.AutoModel, directory, TEXTS[:2])
+        want = [torch.nn.functional.normalize(o.last_hidden_state[0].mean(0), dim=-1).numpy() for o in outs]
+        np.testing.assert_allclose(predict(server, TEXTS[:2])["predictions"], want, atol=1e-5)
     finally:
         server.stop()
