@@ -64,7 +64,7 @@ def build_encoder_core(spec: TaskSpec, scheduler: SchedulerConfig) -> tuple[Enco
 
     start = time.monotonic()
     device = pick_device(spec.device)
-    dtype = pick_dtype(spec.dtype, device, _read_config(spec))
+    dtype = pick_dtype(spec.dtype, device, {"dtype": spec.checkpoint_dtype})
     if spec.decoder:  # a decoder embedding model runs on stepserve's own model and attention
         from stepserve.tasks.decoder_pooling import load_decoder_pooler
 
@@ -75,13 +75,6 @@ def build_encoder_core(spec: TaskSpec, scheduler: SchedulerConfig) -> tuple[Enco
     info = EncoderInfo(spec.name, spec.task, device.type, str(dtype).removeprefix("torch."), time.monotonic() - start)
     log.info("encoder core ready: %s (%s) on %s (%s) in %.1fs", info.name, info.task, info.device, info.dtype, info.load_seconds)
     return EncoderCore(model, spec, batcher, device), info
-
-
-def _read_config(spec: TaskSpec) -> dict:
-    import json
-    from pathlib import Path
-
-    return json.loads((Path(spec.directory) / "config.json").read_text())
 
 
 def encoder_core_factory(spec: TaskSpec, scheduler: SchedulerConfig) -> Callable[[], tuple[EncoderCore, EncoderInfo]]:

@@ -84,6 +84,7 @@ def _spec(task: str, source, hf_config: dict, tokenizer, engine: EngineConfig, f
         device=engine.model.device,
         flags=flags,
         decoder=T.architecture_task((hf_config.get("architectures") or ["?"])[0]) == T.TEXT_GENERATION,
+        checkpoint_dtype=hf_config.get("torch_dtype") or hf_config.get("dtype") or "float32",
     )
 
 

@@ -55,6 +55,7 @@ class TaskSpec:
     device: str  # --device as given
     flags: TaskConfig  # KServe's output flags
     decoder: bool = False  # text_embedding of a *ForCausalLM model: stepserve's own model computes it
+    checkpoint_dtype: str = "float32"  # config.json's dtype, for --dtype auto
 
 
 def is_sentence_transformers(directory: Path) -> bool:
