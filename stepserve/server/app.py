@@ -36,6 +36,8 @@ from stepserve.server.config import ServerConfig
 from stepserve.server.context import ServingContext
 from stepserve.server.fields import UnknownFieldPolicy
 from stepserve.server.metrics import CONTENT_TYPE, ServerMetrics
+from stepserve.server.playground import add_playground_routes
+from stepserve.server.stats_log import start_stats_logger
 from stepserve.server.schemas import ChatCompletionRequest, CompletionRequest, KServeV1Request, KServeV2Request, parse_body
 from stepserve.tasks.routes import add_task_routes
 
@@ -254,7 +256,10 @@ def create_app(make_client: Callable[[], CoreClient], tokenizer, info: FrontInfo
         unknown = UnknownFieldPolicy(config.allow_unknown_fields)
         app.state.ctx = ServingContext(engine, tokenizer, model_name, info.max_model_len, info.vocab_size, config, sampling_defaults=info.sampling_defaults, unknown=unknown, tasks=serving)
         app.state.started = int(time.time())
+        stats_task = start_stats_logger(engine, client, config)
         yield
+        if stats_task is not None:
+            stats_task.cancel()
         await engine.shutdown()
 
     app = FastAPI(title="stepserve", lifespan=lifespan)
@@ -268,4 +273,6 @@ def create_app(make_client: Callable[[], CoreClient], tokenizer, info: FrontInfo
     add_task_routes(app, _serve)
     _kserve_routes(app)
     _health_routes(app)
+    if not config.disable_playground:
+        add_playground_routes(app)
     return app
