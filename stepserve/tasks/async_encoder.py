@@ -10,7 +10,7 @@ import time
 from collections.abc import Callable, Sequence
 
 from stepserve.core.engine_core import EngineStats
-from stepserve.engine.async_engine import AdmissionLimits, FinishedRequest
+from stepserve.engine.async_engine import AdmissionLimits, FinishedRequest, TokenCounts
 from stepserve.engine.core_client import CoreClient, CoreOutputs
 from stepserve.errors import EngineDeadError, QueueFullError, RequestAbortedError, RequestTimeoutError
 from stepserve.tasks.messages import EncoderOutput, EncoderRequest
@@ -26,6 +26,7 @@ class AsyncEncoder:
         self.limits = limits
         self._on_finish = on_finish
         self._waiting: dict[str, asyncio.Future] = {}
+        self.token_counts = TokenCounts()  # for the periodic stats line: inputs computed, tokens generated
         self._handler = asyncio.get_running_loop().create_task(self._handle_outputs())
 
     @property
@@ -85,9 +86,12 @@ class AsyncEncoder:
         )
 
     def _observe(self, request: EncoderRequest, out: EncoderOutput | None, arrival: float, now: float) -> None:
+        generated = len(out.token_ids) if out is not None else 0
+        if out is not None:
+            self.token_counts.prompt += len(request.token_ids)
+            self.token_counts.generation += generated
         if self._on_finish is None:
             return
-        generated = len(out.token_ids) if out is not None else 0
         reason = out.finish_reason if out is not None else "abort"
         first = now if generated else None  # text2text answers at once: its first token arrives with the last
         self._on_finish(FinishedRequest(request.request_id, len(request.token_ids), generated, reason or "stop", arrival, first, now))

@@ -129,3 +129,4 @@ def test_core_death_fails_fast_and_comes_back(client, server, st_model):
     again = client.embeddings.create(model=MODEL, input=TEXTS[0], encoding_format="float")
     np.testing.assert_allclose(again.data[0].embedding, expected(st_model, TEXTS[:1])[0], atol=1e-5)
     assert read_metric(http, "stepserve:engine_restarts_total", model_name=MODEL) == 1
+    assert "Avg prompt throughput" in server.log()  # the periodic stats line reads the encoder's counts too
