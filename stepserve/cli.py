@@ -50,6 +50,11 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
+    if args.bench == "embeddings":
+        from stepserve.bench import embeddings
+
+        embeddings.run(args)
+        return 0
     if args.bench == "throughput":
         from stepserve.bench import throughput
 
@@ -96,6 +101,11 @@ def build_parser() -> argparse.ArgumentParser:
         sv = bench_sub.add_parser("serve", help="load an OpenAI-compatible server")
         add_serve_bench_args(sv)
         sv.set_defaults(func=_bench)
+    from stepserve.bench.embeddings import add_args as add_embeddings_args
+
+    emb = bench_sub.add_parser("embeddings", help="a server's /v1/embeddings beside plain transformers")
+    add_embeddings_args(emb)
+    emb.set_defaults(func=_bench)
     return parser
 
 
