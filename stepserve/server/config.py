@@ -23,6 +23,9 @@ class ServerConfig:
     header_timeout_s: float = field(default=30.0, metadata={"help": "close a connection whose request headers are not complete after this many seconds (408)"})
     body_timeout_s: float = field(default=60.0, metadata={"help": "answer 408 when a request body is not complete this many seconds after its headers"})
     stream_stall_timeout_s: float = field(default=60.0, metadata={"help": "abort a response (and its engine request) when the client reads nothing for this many seconds"})
+    disable_playground: bool = field(default=False, metadata={"help": "do not serve the chat playground at GET /"})
+    log_stats_interval: float = field(default=10.0, metadata={"help": "seconds between stats lines (throughput, queue, KV cache)"})
+    disable_log_stats: bool = field(default=False, metadata={"help": "no periodic stats line"})
     allow_unknown_fields: bool = field(default=False, metadata={"help": "ignore request fields stepserve does not know (logged once per name), as vLLM does, instead of a 400 naming them"})
 
     def __post_init__(self) -> None:
@@ -37,6 +40,8 @@ class ServerConfig:
         for name in ("header_timeout_s", "body_timeout_s", "stream_stall_timeout_s"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{name}={getattr(self, name)}: use a positive number of seconds")
+        if self.log_stats_interval <= 0:
+            raise ConfigError(f"log_stats_interval={self.log_stats_interval}: use a positive number of seconds")
         for name in ("default_max_tokens", "max_tokens_limit"):
             value = getattr(self, name)
             if value is not None and value < 1:
