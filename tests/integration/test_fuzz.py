@@ -63,7 +63,7 @@ def test_raw_bodies_never_cause_a_server_error(http, route, raw):
     check(http.post(route, content=raw, headers={"content-type": "application/json"}))
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=100, deadline=None, suppress_health_check=list(HealthCheck))
 @given(rng=st.randoms(use_true_random=False))
 def test_schema_aware_fuzzing_of_every_route(http, rng):
     case = fuzz.make_case(rng, MODEL)
