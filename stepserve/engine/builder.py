@@ -13,9 +13,9 @@ from stepserve.config import ConfigError, EngineConfig
 from stepserve.core.block_manager import BlockManager
 from stepserve.core.engine_core import EngineCore
 from stepserve.core.scheduler import Scheduler
-from stepserve.engine.front import model_source, resolve_max_model_len
+from stepserve.engine.front import resolve_max_model_len
 from stepserve.models.cpu_linear import cpu_has_bf16
-from stepserve.models.loader import load_model, read_hf_config
+from stepserve.models.loader import build_model, decoder_config, open_checkpoint
 from stepserve.models.tokenizer import eos_token_ids, load_tokenizer
 from stepserve.worker.cuda_graphs import graph_batch_sizes
 from stepserve.worker.runner import ModelRunner, allocate_kv_cache, kv_cache_bytes_per_block, profile_run
@@ -118,16 +118,18 @@ def build_engine(config: EngineConfig, weights=None) -> tuple[EngineCore, object
     """Returns the core, the tokenizer and what was learned while building them. ``weights``
     (a ``(hf_name, tensor)`` stream) replaces the checkpoint files when given."""
     start = time.monotonic()
-    source = model_source(config)
-    hf_config = read_hf_config(source)
+    checkpoint = open_checkpoint(config.model.model)
+    source, hf_config = checkpoint.source, checkpoint.hf_config
+    max_model_len = resolve_max_model_len(config, hf_config)
+    model_config = decoder_config(hf_config, max_model_len)
     device = pick_device(config.model.device)
     dtype = pick_dtype(config.model.dtype, device, hf_config)
     quantization = pick_quantization(config.model.quantization, device, dtype, hf_config)
-    max_model_len = resolve_max_model_len(config, hf_config)
     tokenizer = load_tokenizer(source)
     eos = eos_token_ids(source, hf_config, tokenizer)
     steps = config.scheduler.num_scheduler_steps
-    model = load_model(source, hf_config, dtype, device, max_positions=max_model_len + steps, weights=weights, quantization=quantization)
+    weights = checkpoint.weights() if weights is None else weights
+    model = build_model(model_config, weights, dtype, device, max_positions=max_model_len + steps, quantization=quantization)
     # On CUDA: Triton kernels, and CUDA graphs of the decode step unless enforce_eager.
     backend = get_backend("triton" if device.type == "cuda" else "sdpa")
     use_graphs = device.type == "cuda" and not config.model.enforce_eager

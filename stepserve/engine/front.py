@@ -6,8 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from stepserve.config import ConfigError, EngineConfig
-from stepserve.models.gguf_cache import converted_source
-from stepserve.models.loader import ModelSource, read_hf_config, resolve_source
+from stepserve.models.loader import decoder_config, open_checkpoint
 from stepserve.models.tokenizer import eos_token_ids, load_tokenizer
 
 
@@ -19,12 +18,6 @@ class FrontInfo:
     eos_token_ids: frozenset[int]  # ids that end a sequence
 
 
-def model_source(config: EngineConfig) -> ModelSource:
-    """The model's location, a GGUF replaced by its converted cache (converted once, here)."""
-    source = resolve_source(config.model.model)
-    return converted_source(source) if source.gguf_file is not None else source
-
-
 def resolve_max_model_len(config: EngineConfig, hf_config: dict) -> int:
     native = hf_config.get("max_position_embeddings", 2048)
     max_model_len = config.model.max_model_len or native
@@ -34,9 +27,12 @@ def resolve_max_model_len(config: EngineConfig, hf_config: dict) -> int:
 
 
 def load_front(config: EngineConfig) -> tuple[object, FrontInfo]:
-    """The tokenizer and the model facts the routes validate against."""
-    source = model_source(config)
-    hf_config = read_hf_config(source)
-    tokenizer = load_tokenizer(source)
+    """The tokenizer and the model facts the routes validate against. The model's config is
+    checked here too, so that an unsupported architecture or setting stops the server at startup."""
+    checkpoint = open_checkpoint(config.model.model)
+    hf_config = checkpoint.hf_config
     max_model_len = resolve_max_model_len(config, hf_config)
-    return tokenizer, FrontInfo(source.name, max_model_len, hf_config["vocab_size"], eos_token_ids(source, hf_config, tokenizer))
+    decoder_config(hf_config, max_model_len)
+    tokenizer = load_tokenizer(checkpoint.source)
+    eos = eos_token_ids(checkpoint.source, hf_config, tokenizer)
+    return tokenizer, FrontInfo(checkpoint.source.name, max_model_len, hf_config["vocab_size"], eos)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import logging
 
-from stepserve.models.loader import ModelSource
+from stepserve.models.source import ModelSource
 
 logging.getLogger("transformers").setLevel(logging.ERROR)
 
