@@ -6,7 +6,7 @@ import argparse
 import logging
 import sys
 
-from stepserve.config import CacheConfig, ModelConfig, SchedulerConfig, add_dataclass_args, engine_config_from_args
+from stepserve.config import CacheConfig, ConfigError, ModelConfig, SchedulerConfig, add_dataclass_args, engine_config_from_args
 
 # KServe huggingfaceserver's spellings for the flags it has.
 KSERVE_ALIASES = {"model": "--model_dir"}
@@ -91,7 +91,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except ConfigError as exc:  # a model or setting we refuse: say so, no traceback
+        print(f"stepserve {args.command}: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

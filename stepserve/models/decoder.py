@@ -96,6 +96,9 @@ def check_common(hf: dict, arch: str) -> None:
 def base_fields(hf: dict, arch: str, max_model_len: int) -> dict:
     """The fields every family reads the same way; a family overrides what differs."""
     check_common(hf, arch)
+    unknown = sorted(set(hf.get("layer_types") or ()) - {"full_attention", "sliding_attention"})
+    if unknown:
+        raise ConfigError(f"layer_types {unknown} are not supported; supported: full_attention, sliding_attention")
     heads = hf["num_attention_heads"]
     head_dim = hf.get("head_dim") or hf["hidden_size"] // heads
     layers = hf["num_hidden_layers"]
@@ -126,9 +129,6 @@ def windows_from_layer_types(hf: dict, default_types: list[str]) -> tuple[int, .
     """Per-layer windows from ``layer_types`` (saved by transformers 5) or the family's default."""
     types = hf.get("layer_types") or default_types
     window = hf.get("sliding_window") or 0
-    unknown = sorted(set(types) - {"full_attention", "sliding_attention"})
-    if unknown:
-        raise ConfigError(f"layer_types {unknown} are not supported; supported: full_attention, sliding_attention")
     if len(types) != hf["num_hidden_layers"]:
         raise ConfigError(f"layer_types has {len(types)} entries for {hf['num_hidden_layers']} layers")
     if "sliding_attention" in types and window <= 0:
