@@ -48,13 +48,15 @@ def pick_device(name: str) -> torch.device:
 
 
 def pick_dtype(name: str, device: torch.device, hf_config: dict) -> torch.dtype:
-    """``auto``: bfloat16 on CUDA; on a CPU with native bfloat16, bfloat16 unless the checkpoint
-    says float32 (a GGUF says nothing: its weights are quantized or half precision)."""
+    """``auto`` follows the checkpoint as vLLM does. On CUDA: float16 stays float16, bfloat16
+    stays bfloat16, float32 (and a GGUF) runs in bfloat16. On a CPU with native bfloat16,
+    bfloat16 unless the checkpoint says float32 (a GGUF says nothing: its weights are quantized
+    or half precision); on other CPUs float32."""
     if name != "auto":
         return _DTYPES[name]
-    if device.type == "cuda":
-        return torch.bfloat16
     declared = hf_config.get("torch_dtype") or hf_config.get("dtype") or "float32"  # HF's default
+    if device.type == "cuda":
+        return torch.float16 if declared == "float16" and "gguf_linear_type" not in hf_config else torch.bfloat16
     float32_checkpoint = "gguf_linear_type" not in hf_config and declared == "float32"
     return torch.float32 if float32_checkpoint or not cpu_has_bf16() else torch.bfloat16
 
