@@ -44,20 +44,21 @@ _TOP_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "
 @dataclass(frozen=True)
 class _Arch:
     hf_name: str  # config.json architecture
+    model_type: str  # config.json model_type (what AutoTokenizer reads in the converted folder)
     permuted_qk: bool  # llama.cpp permuted q/k rows (Llama-style converters)
     norm_plus_one: bool = False  # norm weights stored as 1 + w (Gemma)
     layer_names: dict | None = None  # tensor names, when not the Llama ones
 
 
 ARCHITECTURES = {
-    "llama": _Arch("LlamaForCausalLM", True),
-    "mistral": _Arch("MistralForCausalLM", True),
-    "qwen2": _Arch("Qwen2ForCausalLM", False),
-    "qwen3": _Arch("Qwen3ForCausalLM", False),
-    "gemma2": _Arch("Gemma2ForCausalLM", False, True, _GEMMA_LAYER_NAMES),
-    "gemma3": _Arch("Gemma3ForCausalLM", False, True, _GEMMA_LAYER_NAMES),
-    "phi3": _Arch("Phi3ForCausalLM", False),
-    "granite": _Arch("GraniteForCausalLM", True),
+    "llama": _Arch("LlamaForCausalLM", "llama", True),
+    "mistral": _Arch("MistralForCausalLM", "mistral", True),
+    "qwen2": _Arch("Qwen2ForCausalLM", "qwen2", False),
+    "qwen3": _Arch("Qwen3ForCausalLM", "qwen3", False),
+    "gemma2": _Arch("Gemma2ForCausalLM", "gemma2", False, True, _GEMMA_LAYER_NAMES),
+    "gemma3": _Arch("Gemma3ForCausalLM", "gemma3_text", False, True, _GEMMA_LAYER_NAMES),
+    "phi3": _Arch("Phi3ForCausalLM", "phi3", False),
+    "granite": _Arch("GraniteForCausalLM", "granite", True),
 }
 
 
@@ -89,6 +90,7 @@ class GgufFile:
         head_dim = self._meta("attention.key_length", hidden // heads)
         config = {
             "architectures": [self.arch.hf_name],
+            "model_type": self.arch.model_type,
             "vocab_size": int(self.tensors["token_embd.weight"].shape[-1]),
             "hidden_size": hidden,
             "intermediate_size": self._meta("feed_forward_length"),
@@ -153,7 +155,11 @@ class GgufFile:
         }
         if self.arch_name == "gemma3":
             out["rope_local_base_freq"] = float(self._meta("rope.freq_base_swa", 10000.0))
-            out["sliding_window_pattern"] = 6  # llama.cpp's fixed Gemma 3 pattern
+            pattern = self._meta("attention.sliding_window_pattern", 6)  # older files: llama.cpp's fixed 6
+            if isinstance(pattern, list):  # one flag per layer, true for a windowed one
+                out["layer_types"] = ["sliding_attention" if p else "full_attention" for p in pattern]
+            else:
+                out["sliding_window_pattern"] = int(pattern)
         return out
 
     def _query_pre_attn_scalar(self) -> int:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 
+from stepserve.config import ConfigError
 from stepserve.models.source import ModelSource
 
 logging.getLogger("transformers").setLevel(logging.ERROR)
@@ -14,7 +15,10 @@ def load_tokenizer(source: ModelSource):
     from transformers import AutoTokenizer
 
     if source.gguf_file is not None:
-        return AutoTokenizer.from_pretrained(str(source.directory), gguf_file=source.gguf_file)
+        try:
+            return AutoTokenizer.from_pretrained(str(source.directory), gguf_file=source.gguf_file)
+        except ValueError as exc:  # transformers reads GGUF tokenizers of the architectures it knows
+            raise ConfigError(f"the tokenizer of {source.gguf_file} cannot be read ({exc}); use the safetensors checkpoint") from None
     return AutoTokenizer.from_pretrained(str(source.directory))
 
 
