@@ -85,3 +85,20 @@ def test_family_equals_transformers(family, steps, family_dir):
     assert [o.token_ids for o in outs] == want_tokens
     got = torch.tensor([[lp.logprob for lp in o.logprobs] for o in outs])
     assert torch.allclose(got, torch.tensor(want_logprobs), atol=LOGPROB_TOL)
+
+
+def test_phi3_long_context_uses_the_long_factors(family_dir):
+    """Served context beyond the original 128 positions: stepserve uses longrope's long factors
+    for every token; transformers does too once a sequence is longer than 128, so prompts past
+    it agree."""
+    model_dir = family_dir("phi3")
+    llm = LLM(model=str(model_dir), num_blocks=400, block_size=4, max_model_len=512, dtype="float32")
+    prompts = [("The long prompt number %d goes on and on. " % i) * (4 + i) for i in range(3)]
+    prompt_ids = [llm.tokenizer.encode(p) for p in prompts]
+    assert min(map(len, prompt_ids)) > 128
+    params = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True, logprobs=1)
+    outs = [o.outputs[0] for o in llm.generate(prompt_ids, params)]
+    want_tokens, want_logprobs = reference(model_dir, prompt_ids)
+    assert [o.token_ids for o in outs] == want_tokens
+    got = torch.tensor([[lp.logprob for lp in o.logprobs] for o in outs])
+    assert torch.allclose(got, torch.tensor(want_logprobs), atol=LOGPROB_TOL)
