@@ -6,6 +6,7 @@ import json
 import logging
 
 from stepserve.config import ConfigError
+from stepserve.errors import InvalidRequestError
 from stepserve.models.source import ModelSource
 
 logging.getLogger("transformers").setLevel(logging.ERROR)
@@ -37,7 +38,20 @@ def eos_token_ids(source: ModelSource, hf_config: dict, tokenizer) -> frozenset[
     return frozenset(ids)
 
 
-def apply_chat_template(tokenizer, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
-    """Token ids of the rendered conversation (the template decides BOS)."""
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+# apply_chat_template's own arguments: a template variable of these names would change the call.
+_RESERVED_TEMPLATE_KWARGS = frozenset({"conversation", "messages", "tokenize", "add_generation_prompt", "return_dict", "return_tensors", "chat_template", "continue_final_message"})
+
+
+def check_template_kwargs(template_kwargs: dict | None) -> None:
+    """Template variables are the template's business, except those that are the call's (a 400)."""
+    clash = sorted(_RESERVED_TEMPLATE_KWARGS & set(template_kwargs or ()))
+    if clash:
+        raise InvalidRequestError(f"chat_template_kwargs may not set {', '.join(clash)}", "chat_template_kwargs")
+
+
+def apply_chat_template(tokenizer, messages: list[dict], add_generation_prompt: bool = True, template_kwargs: dict | None = None) -> list[int]:
+    """Token ids of the rendered conversation (the template decides BOS). ``template_kwargs``
+    become template variables (Qwen3's ``enable_thinking``), as vLLM's ``chat_template_kwargs``."""
+    check_template_kwargs(template_kwargs)
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt, **(template_kwargs or {}))
     return tokenizer.encode(text, add_special_tokens=False)
