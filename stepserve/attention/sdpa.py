@@ -112,14 +112,15 @@ class SdpaBackend:
 
 def _sdpa(q, k, v, mask, scale: float, softcap: float) -> torch.Tensor:
     """SDPA over [B, H, Q, D] queries and [B, Hkv, K, D] keys/values; with ``softcap`` the
-    scores become ``cap * tanh(scores / cap)`` before the mask (Gemma 2), in float32."""
+    scores become ``cap * tanh(scores / cap)`` before the mask (Gemma 2), in float32 at least."""
     gqa = q.shape[1] != k.shape[1]
     if not softcap:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
     if gqa:
         k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
         v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
-    scores = (q.float() @ k.float().transpose(-1, -2)) * scale
+    wide = torch.promote_types(q.dtype, torch.float32)
+    scores = (q.to(wide) @ k.to(wide).transpose(-1, -2)) * scale
     scores = torch.tanh(scores / softcap) * softcap
     probs = scores.masked_fill(~mask, float("-inf")).softmax(dim=-1)
-    return (probs @ v.float()).to(q.dtype)
+    return (probs @ v.to(wide)).to(q.dtype)
