@@ -145,7 +145,8 @@ def build_engine(config: EngineConfig, weights=None) -> tuple[EngineCore, object
     if use_graphs:
         runner.capture_cuda_graphs(graph_sizes, max_model_len, steps)
     blocks = BlockManager(num_blocks, config.cache.block_size, config.cache.enable_prefix_caching)
-    scheduler = Scheduler(config.scheduler, blocks, max_model_len, eos)
+    window = max(model_config.layer_windows) if model_config.all_windowed else 0
+    scheduler = Scheduler(config.scheduler, blocks, max_model_len, eos, window)
     info = ModelInfo(source.name, max_model_len, eos, num_blocks, device.type, str(dtype).removeprefix("torch."), quantization, time.monotonic() - start)
     log.info(
         "engine ready: %s on %s (%s, quantization %s), %d KV blocks, max_model_len %d, in %.1fs",

@@ -105,6 +105,9 @@ class GgufFile:
             "bos_token_id": self._field("tokenizer.ggml.bos_token_id"),
             "eos_token_id": self._field("tokenizer.ggml.eos_token_id"),
         }
+        experts = self._meta("expert_count")
+        if experts:
+            raise ConfigError(f"GGUF {self.arch_name}.expert_count={experts} (a mixture of experts) is not supported")
         config.update(self._rope(head_dim))
         config.update(self._family_config(config))
         linear_types = collections.Counter(t.tensor_type.name for t in self.reader.tensors if t.name.startswith("blk.") and len(t.shape) == 2)

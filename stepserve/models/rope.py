@@ -43,6 +43,7 @@ def rope_config(rope: dict, theta: float, head_dim: int, max_positions: int, whe
     """Validate a rope_parameters / rope_scaling dict; anything we do not implement is refused."""
     rope = {k: v for k, v in rope.items() if v is not None}
     kind = rope.pop("rope_type", rope.pop("type", "default"))
+    kind = {"su": "longrope"}.get(kind, kind)  # early Phi-3 configs' name for it
     factor = rope.pop("partial_rotary_factor", 1.0)
     rope.pop("rope_theta", None)
     if kind not in ROPE_TYPES:

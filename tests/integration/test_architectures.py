@@ -102,3 +102,23 @@ def test_phi3_long_context_uses_the_long_factors(family_dir):
     assert [o.token_ids for o in outs] == want_tokens
     got = torch.tensor([[lp.logprob for lp in o.logprobs] for o in outs])
     assert torch.allclose(got, torch.tensor(want_logprobs), atol=LOGPROB_TOL)
+
+
+def test_all_windowed_model_hands_back_blocks_outside_the_window(family_dir):
+    """Mistral windows every layer: blocks before the window go back to the pool as requests
+    advance, so 8 requests run in a cache too small to hold them whole (it preempts without the
+    release), and the answers stay transformers'."""
+    model_dir = family_dir("mistral")
+    llm = LLM(model=str(model_dir), num_blocks=48, block_size=4, num_scheduler_steps=8, max_model_len=128, dtype="float32")
+    assert llm.core.scheduler.window == WINDOW
+    prompt_ids = [llm.tokenizer.encode(p) for p in PROMPTS]
+    params = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True)
+    outs = [o.outputs[0].token_ids for o in llm.generate(prompt_ids, params)]
+    assert outs == reference(model_dir, prompt_ids)[0]
+    assert llm.core.scheduler.num_preemptions == 0
+    assert llm.core.scheduler.blocks.num_free_blocks == 47  # everything came back once finished
+
+
+def test_partly_windowed_model_keeps_its_blocks(family_dir):
+    llm = LLM(model=str(family_dir("gemma2")), num_blocks=64, block_size=4, max_model_len=128, dtype="float32")
+    assert llm.core.scheduler.window == 0  # its global layers see the whole context
