@@ -20,6 +20,7 @@ class ServerConfig:
     restart_backoff_s: float = field(default=1.0, metadata={"help": "wait before the first engine restart, doubled for each one after"})
     shutdown_grace_s: float = field(default=30.0, metadata={"help": "on SIGTERM, how long in-flight requests may finish"})
     engine_in_process: bool = field(default=False, metadata={"help": "run the engine core in a thread of the server process (no restarts)"})
+    allow_unknown_fields: bool = field(default=False, metadata={"help": "ignore request fields stepserve does not know (logged once per name), as vLLM does, instead of a 400 naming them"})
 
     def __post_init__(self) -> None:
         if not 0 <= self.http_port <= 65535:

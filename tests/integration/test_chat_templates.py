@@ -7,6 +7,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from stepserve.errors import InvalidRequestError
+from stepserve.server.config import ServerConfig
 from stepserve.server.context import ServingContext
 from stepserve.server.openai import chat_prompt
 from stepserve.server.schemas import ChatCompletionRequest
@@ -36,14 +37,9 @@ def context(tiny_llama):
     def make(template: str) -> ServingContext:
         tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
         tokenizer.chat_template = template
-        return ServingContext(None, tokenizer, "tiny", 512, 320, _Limits())
+        return ServingContext(engine=None, tokenizer=tokenizer, model_name="tiny", max_model_len=512, vocab_size=320, config=ServerConfig())
 
     return make
-
-
-class _Limits:
-    default_max_tokens = None
-    max_tokens_limit = None
 
 
 def rendered(ctx, **body) -> str:
