@@ -20,7 +20,7 @@ from stepserve.models.registry import architecture, decoder_config
 from stepserve.models.source import ModelSource, resolve_source
 from stepserve.models.weights import safetensors_weights
 
-__all__ = ["Checkpoint", "ModelSource", "build_model", "decoder_config", "open_checkpoint", "resolve_source"]
+__all__ = ["Checkpoint", "ModelSource", "build_model", "decoder_config", "load_model", "open_checkpoint", "read_hf_config", "resolve_source"]
 
 
 @dataclass(frozen=True)
@@ -80,3 +80,20 @@ def build_model(
             if isinstance(module, RMSNorm):
                 module.to(dtype)
     return model.eval()
+
+
+def read_hf_config(source: ModelSource) -> dict:
+    """config.json, or a GGUF's metadata shaped like it (for callers holding a bare source)."""
+    if source.gguf_path is not None:
+        from stepserve.models.gguf import GgufFile
+
+        return GgufFile(source.gguf_path).config()
+    return json.loads((source.directory / "config.json").read_text())
+
+
+def load_model(source: ModelSource, hf_config: dict, dtype: torch.dtype, device: torch.device, max_positions: int, weights=None, quantization: str = "none") -> DecoderForCausalLM:
+    """The model of a source whose config is in hand: ``decoder_config`` then ``build_model``
+    (used by the pooling tasks, which load a decoder outside the engine)."""
+    cfg = decoder_config(hf_config, max_positions)
+    weights = Checkpoint(source, hf_config).weights() if weights is None else weights
+    return build_model(cfg, weights, dtype, device, max_positions, quantization)

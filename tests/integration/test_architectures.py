@@ -122,3 +122,12 @@ def test_all_windowed_model_hands_back_blocks_outside_the_window(family_dir):
 def test_partly_windowed_model_keeps_its_blocks(family_dir):
     llm = LLM(model=str(family_dir("gemma2")), num_blocks=64, block_size=4, max_model_len=128, dtype="float32")
     assert llm.core.scheduler.window == 0  # its global layers see the whole context
+
+
+def test_load_model_from_a_bare_source(family_dir):
+    """The entry for code that loads a decoder outside the engine (pooling tasks)."""
+    from stepserve.models.loader import load_model, read_hf_config, resolve_source
+
+    source = resolve_source(str(family_dir("qwen3")))
+    model = load_model(source, read_hf_config(source), torch.float32, torch.device("cpu"), max_positions=64)
+    assert model.cfg.qk_norm and model.layers[0].self_attn.q_norm is not None
