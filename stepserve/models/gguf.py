@@ -204,6 +204,12 @@ class GgufFile:
         return top and f"{top}.{parts[-1]}"
 
     def weights(self, config: dict) -> Iterator[tuple[str, torch.Tensor]]:
+        from stepserve.models.load_progress import LoadProgress
+
+        count = len(self.reader.tensors)
+        yield from LoadProgress(1, count).shard(0, self.path.name, count, self._weights(config))
+
+    def _weights(self, config: dict) -> Iterator[tuple[str, torch.Tensor]]:
         for tensor in self.reader.tensors:
             if tensor.name.startswith("rope_factors_"):
                 continue  # read into the config

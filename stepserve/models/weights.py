@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from stepserve.config import ConfigError
+from stepserve.models.load_progress import LoadProgress
 
 
 def safetensors_weights(model_dir: Path) -> Iterator[tuple[str, torch.Tensor]]:
@@ -16,13 +17,15 @@ def safetensors_weights(model_dir: Path) -> Iterator[tuple[str, torch.Tensor]]:
     from safetensors import safe_open
 
     index = model_dir / "model.safetensors.index.json"
-    if index.exists():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    weight_map = json.loads(index.read_text())["weight_map"] if index.exists() else None
+    if weight_map is not None:
+        files = sorted(set(weight_map.values()))
     else:
         files = sorted(p.name for p in model_dir.glob("*.safetensors"))
     if not files:
         raise ConfigError(f"no .safetensors files in {model_dir}")
-    for name in files:
+    progress = LoadProgress(len(files), None if weight_map is None else len(weight_map))
+    for i, name in enumerate(files):
         with safe_open(model_dir / name, framework="pt") as f:
-            for key in f.keys():
-                yield key, f.get_tensor(key)
+            keys = list(f.keys())
+            yield from progress.shard(i, name, len(keys), ((key, f.get_tensor(key)) for key in keys))

@@ -20,6 +20,9 @@ class ServerConfig:
     restart_backoff_s: float = field(default=1.0, metadata={"help": "wait before the first engine restart, doubled for each one after"})
     shutdown_grace_s: float = field(default=30.0, metadata={"help": "on SIGTERM, how long in-flight requests may finish"})
     engine_in_process: bool = field(default=False, metadata={"help": "run the engine core in a thread of the server process (no restarts)"})
+    disable_playground: bool = field(default=False, metadata={"help": "do not serve the chat playground at GET /"})
+    log_stats_interval: float = field(default=10.0, metadata={"help": "seconds between stats lines (throughput, queue, KV cache)"})
+    disable_log_stats: bool = field(default=False, metadata={"help": "no periodic stats line"})
     allow_unknown_fields: bool = field(default=False, metadata={"help": "ignore request fields stepserve does not know (logged once per name), as vLLM does, instead of a 400 naming them"})
 
     def __post_init__(self) -> None:
@@ -31,6 +34,8 @@ class ServerConfig:
             raise ConfigError(f"request_timeout_s={self.request_timeout_s}: use a positive number, or leave it out")
         if self.restart_backoff_s < 0 or self.shutdown_grace_s < 0:
             raise ConfigError("restart_backoff_s and shutdown_grace_s must be 0 or more")
+        if self.log_stats_interval <= 0:
+            raise ConfigError(f"log_stats_interval={self.log_stats_interval}: use a positive number of seconds")
         for name in ("default_max_tokens", "max_tokens_limit"):
             value = getattr(self, name)
             if value is not None and value < 1:
