@@ -64,6 +64,33 @@ def warm_up(core: EngineCore, vocab_size: int, max_model_len: int, steps: int, m
         core.step()  # the second wave's prefill then runs beside the first wave's decode rows
     while core.has_unfinished:
         core.step()
+    count += _mixed_sweep(core, vocab_size, rng, max_model_len, max_num_seqs)
     seconds = time.monotonic() - start
     log.info("warm-up: %d synthetic requests through prefill, mixed and decode passes in %.1fs", count, seconds)
     return seconds
+
+
+DECODE_ROWS = (1, 2, 3, 5, 9, 11, 17, 33, 65)
+
+
+def _mixed_sweep(core: EngineCore, vocab_size: int, rng: random.Random, max_model_len: int, max_num_seqs: int) -> int:
+    """For each count of decode rows: that many short requests decode while one prompt is
+    prefilled beside them (one mixed pass), then they are aborted. Returns requests added."""
+    added = 0
+    max_tokens = max(1, min(16, max_model_len - 8))
+    for rows in DECODE_ROWS:
+        if rows >= max_num_seqs:
+            break
+        ids = [f"warmup-d{rows}-{i}" for i in range(rows)]
+        for request_id in ids:
+            params = SamplingParams(temperature=0.0, ignore_eos=True, max_tokens=max_tokens)
+            core.add_request(EngineCoreRequest(request_id, tuple(rng.randrange(vocab_size) for _ in range(5)), params, time.monotonic()))
+        core.step()  # their prefill
+        prompt = tuple(rng.randrange(vocab_size) for _ in range(min(40, max_model_len - 2)))
+        core.add_request(EngineCoreRequest(f"warmup-p{rows}", prompt, SamplingParams(temperature=0.0, ignore_eos=True, max_tokens=1), time.monotonic()))
+        core.step()  # decode rows beside the prompt's prefill
+        core.abort(ids)
+        while core.has_unfinished:
+            core.step()
+        added += rows + 1
+    return added

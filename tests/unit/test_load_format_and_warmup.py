@@ -71,3 +71,17 @@ def test_bench_tokenizer_covers_the_vocabulary(tmp_path):
     assert len(tok) == 3000 and tok.eos_token_id == 2991
     assert len(tok.encode("the of and to in is you")) == 7  # one token a word
     assert all(tok.decode([i]) for i in range(0, 3000, 97))
+
+
+def test_warm_up_runs_every_pass_kind_and_leaves_the_engine_idle(tiny_llama):
+    """The startup workload (run on CUDA only) through a CPU engine: it finishes, frees its
+    blocks (prefix-cached ones stay evictable), and later requests still run."""
+    from stepserve.engine.warmup import warm_up
+
+    llm = LLM(model=str(tiny_llama), device="cpu", max_model_len=128, max_num_seqs=8, max_num_batched_tokens=64, num_scheduler_steps=2)
+    core = llm.core
+    free = core.scheduler.blocks.num_free_blocks
+    warm_up(core, 320, 128, 2, 8, 64, token_budget=4000)
+    assert not core.has_unfinished and core.scheduler.blocks.num_free_blocks == free
+    out = llm.generate([[3, 4, 5]], SamplingParams(temperature=0, max_tokens=3, ignore_eos=True))
+    assert len(out[0].outputs[0].token_ids) == 3
