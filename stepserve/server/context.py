@@ -22,6 +22,7 @@ class ServingContext:
     config: ServerConfig  # max_tokens defaults and limits
     sampling_defaults: SamplingDefaults = SamplingDefaults()  # the model's, for fields a request leaves out
     unknown: UnknownFieldPolicy = field(default_factory=UnknownFieldPolicy)  # refuse, or log once and ignore
+    tasks: object | None = None  # tasks.serving.TaskServing when the model serves an encoder task
 
     def check_model(self, name: str | None) -> None:
         """Refuse a request for another model (404); an omitted model means this one."""
