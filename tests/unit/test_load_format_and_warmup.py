@@ -8,29 +8,32 @@ from stepserve import LLM, SamplingParams
 from stepserve.config import ConfigError, EngineConfig
 
 
-def test_dummy_weights_need_no_files_and_follow_the_seed(tiny_llama, tmp_path):
+def test_dummy_weights_need_no_files(tiny_llama, tmp_path):
     import shutil
 
     for f in tiny_llama.iterdir():
         if not f.name.endswith(".safetensors"):
             shutil.copy(f, tmp_path / f.name)
-    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
-    runs = [LLM(model=str(tmp_path), device="cpu", load_format="dummy", seed=s, max_model_len=128).generate([[3, 4, 5] * 4], params)[0] for s in (1, 1, 2)]
-    tokens = [r.outputs[0].token_ids for r in runs]
-    assert len(tokens[0]) == 6 and tokens[0] == tokens[1]
+    llm = LLM(model=str(tmp_path), device="cpu", load_format="dummy", seed=1, max_model_len=128)
+    out = llm.generate([[3, 4, 5] * 4], SamplingParams(temperature=0, max_tokens=6, ignore_eos=True))
+    assert len(out[0].outputs[0].token_ids) == 6
     with pytest.raises(ConfigError, match="load_format"):
         EngineConfig.from_kwargs(load_format="pt")
 
 
-def test_fill_dummy_shapes_and_values(tiny_llama):
+def test_fill_dummy_shapes_values_and_seed(tiny_llama):
     import json
 
     from stepserve.models.loader import ModelSource, load_model
 
     hf = json.loads((tiny_llama / "config.json").read_text())
-    model = load_model(ModelSource(tiny_llama, None, "x"), hf, torch.float32, torch.device("cpu"), 64, load_format="dummy", seed=5)
+    def build(seed):
+        return load_model(ModelSource(tiny_llama, None, "x"), hf, torch.float32, torch.device("cpu"), 64, load_format="dummy", seed=seed)
+
+    model, same, other = build(5), build(5), build(6)
     w = model.layers[0].mlp.down_proj.weight
     assert 0.015 < w.std().item() < 0.025 and torch.equal(model.norm.weight, torch.ones_like(model.norm.weight))
+    assert torch.equal(w, same.layers[0].mlp.down_proj.weight) and not torch.equal(w, other.layers[0].mlp.down_proj.weight)
 
 
 def test_warmup_lengths_fit_the_context_and_span_a_chunk():
