@@ -16,7 +16,8 @@ from stepserve.core.scheduler import Scheduler
 from stepserve.engine.front import model_source, resolve_max_model_len
 from stepserve.models.cpu_linear import cpu_has_bf16
 from stepserve.models.loader import load_model, read_hf_config
-from stepserve.models.tokenizer import eos_token_ids, load_tokenizer
+from stepserve.models.tokenizer import eos_token_ids as eos_token_ids_of
+from stepserve.models.tokenizer import load_tokenizer
 from stepserve.engine.warmup import warm_up
 from stepserve.worker.compile_cache import use_compilation_cache
 from stepserve.worker.cuda_graphs import graph_batch_sizes
@@ -121,7 +122,7 @@ def _gpu_kv_budget(config: EngineConfig, model, backend, device, graph_sizes: li
     return budget
 
 
-def build_engine(config: EngineConfig, weights=None) -> tuple[EngineCore, object, ModelInfo]:
+def build_engine(config: EngineConfig, weights=None, eos_token_ids: frozenset[int] | None = None) -> tuple[EngineCore, object, ModelInfo]:
     """Returns the core, the tokenizer and what was learned while building them. ``weights``
     (a ``(hf_name, tensor)`` stream) replaces the checkpoint files when given."""
     start = time.monotonic()
@@ -131,8 +132,11 @@ def build_engine(config: EngineConfig, weights=None) -> tuple[EngineCore, object
     dtype = pick_dtype(config.model.dtype, device, hf_config)
     quantization = pick_quantization(config.model.quantization, device, dtype, hf_config)
     max_model_len = resolve_max_model_len(config, hf_config)
-    tokenizer = load_tokenizer(source)
-    eos = eos_token_ids(source, hf_config, tokenizer)
+    if eos_token_ids is None:
+        tokenizer = load_tokenizer(source)
+        eos = eos_token_ids_of(source, hf_config, tokenizer)
+    else:  # the core process: the front already read them (loading a tokenizer takes seconds)
+        tokenizer, eos = None, frozenset(eos_token_ids)
     steps = config.scheduler.num_scheduler_steps
     if device.type == "cuda":
         use_compilation_cache(config.model.compilation_cache_dir)
