@@ -56,23 +56,32 @@ def open_checkpoint(model: str | None) -> Checkpoint:
 
 def build_model(
     cfg: DecoderConfig,
-    weights: Iterator[tuple[str, torch.Tensor]],
+    weights: Iterator[tuple[str, torch.Tensor]] | None,
     dtype: torch.dtype,
     device: torch.device,
     max_positions: int,
     quantization: str = "none",
+    seed: int = 0,
 ) -> DecoderForCausalLM:
-    """The model on ``device`` filled from ``weights``. On CPU the projections are prepacked for
-    oneDNN, and with ``quantization="int4"`` quantized from the float32 weights (so that a
+    """The model on ``device`` filled from ``weights``, or, with ``weights=None``, with random
+    weights (``--load-format dummy``, see ``fill_dummy``). On CPU the projections are prepacked
+    for oneDNN, and with ``quantization="int4"`` quantized from the float32 weights (so that a
     GGUF's 4-bit blocks come back exactly, not via a bfloat16 rounding)."""
     with torch.device("meta"):
         model = DecoderForCausalLM(cfg, max_positions)
     load_dtype = torch.float32 if quantization == "int4" else dtype
     model = model.to_empty(device=device).to(load_dtype)
     model.fill_rotary()
-    missing = model.missing_weights(model.load_weights(weights))
-    if missing:
-        raise ConfigError(f"the checkpoint lacks {len(missing)} weights, e.g. {missing[:3]}")
+    if weights is None:
+        fill_dummy(model, seed)
+    else:
+        missing = model.missing_weights(model.load_weights(weights))
+        if missing:
+            raise ConfigError(f"the checkpoint lacks {len(missing)} weights, e.g. {missing[:3]}")
+    if quantization == "fp8":
+        from stepserve.models.fp8 import quantize_fp8
+
+        quantize_fp8(model)
     if device.type == "cpu" and dtype == torch.bfloat16:
         model.pack_for_cpu(dtype, int4=quantization == "int4")
         model.embed_tokens.to(dtype)
@@ -80,6 +89,23 @@ def build_model(
             if isinstance(module, RMSNorm):
                 module.to(dtype)
     return model.eval()
+
+
+@torch.no_grad()
+def fill_dummy(model: DecoderForCausalLM, seed: int) -> None:
+    """``--load-format dummy``: random weights in the model's own shapes, made in place on its
+    device (no files read): N(0, 0.02) for matrices, ones for the norms, zeros for biases. The
+    same for a seed on the same device."""
+    gen = torch.Generator(device=model.embed_tokens.weight.device)
+    for k, (name, param) in enumerate(model.named_parameters()):
+        if name.endswith("bias"):
+            param.zero_()
+        elif param.dim() == 1:
+            param.fill_(1.0)
+        else:
+            gen.manual_seed(seed * 100003 + k)
+            for rows in param.split(8192):  # float32 scratch of a slice, not of the whole table
+                rows.copy_(torch.randn(rows.shape, generator=gen, device=rows.device, dtype=torch.float32).mul_(0.02))
 
 
 def read_hf_config(source: ModelSource) -> dict:
@@ -91,9 +117,21 @@ def read_hf_config(source: ModelSource) -> dict:
     return json.loads((source.directory / "config.json").read_text())
 
 
-def load_model(source: ModelSource, hf_config: dict, dtype: torch.dtype, device: torch.device, max_positions: int, weights=None, quantization: str = "none") -> DecoderForCausalLM:
+def load_model(
+    source: ModelSource,
+    hf_config: dict,
+    dtype: torch.dtype,
+    device: torch.device,
+    max_positions: int,
+    weights=None,
+    quantization: str = "none",
+    load_format: str = "auto",
+    seed: int = 0,
+) -> DecoderForCausalLM:
     """The model of a source whose config is in hand: ``decoder_config`` then ``build_model``
-    (used by the pooling tasks, which load a decoder outside the engine)."""
+    (the pooling tasks load a decoder outside the engine with it; ``load_format="dummy"``: random
+    weights, no files read)."""
     cfg = decoder_config(hf_config, max_positions)
-    weights = Checkpoint(source, hf_config).weights() if weights is None else weights
-    return build_model(cfg, weights, dtype, device, max_positions, quantization)
+    if weights is None and load_format != "dummy":
+        weights = Checkpoint(source, hf_config).weights()
+    return build_model(cfg, weights, dtype, device, max_positions, quantization, seed)
