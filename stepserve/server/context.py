@@ -40,11 +40,12 @@ class ServingContext:
         except Exception as exc:  # text the tokenizer refuses (a character it cannot take): the client's to fix
             raise InvalidRequestError(f"the tokenizer could not encode {param}: {exc} (parameter={param})", param) from None
 
-    def encode_chat(self, messages: list[dict], add_generation_prompt: bool) -> tuple[int, ...]:
-        from stepserve.models.tokenizer import apply_chat_template  # models/ imports torch; the server does not
+    def encode_chat(self, messages: list[dict], add_generation_prompt: bool, template_kwargs: dict | None = None) -> tuple[int, ...]:
+        from stepserve.models.tokenizer import apply_chat_template, check_template_kwargs  # models/ imports torch; the server does not
 
+        check_template_kwargs(template_kwargs)
         try:
-            return tuple(apply_chat_template(self.tokenizer, messages, add_generation_prompt))
+            return tuple(apply_chat_template(self.tokenizer, messages, add_generation_prompt, template_kwargs))
         except Exception as exc:  # the template rejected the conversation: the client's to fix
             raise InvalidRequestError(f"the chat template could not render these messages: {exc}", "messages") from None
 

@@ -257,7 +257,7 @@ def chat_prompt(ctx: ServingContext, req: ChatCompletionRequest) -> PromptInput:
     try:
         max_tokens = req.max_completion_tokens if alias else req.max_tokens
         params = sampling_params(ctx, req, max_tokens, (req.top_logprobs or 0) if req.logprobs else None)
-        ids = ctx.encode_chat(messages, req.add_generation_prompt)
+        ids = ctx.encode_chat(messages, req.add_generation_prompt, req.chat_template_kwargs)
         return ctx.prompt_input(ids, params, None)
     except InvalidRequestError as exc:
         raise _renamed(exc, names) from None

@@ -95,6 +95,7 @@ class ChatCompletionRequest(_SamplingFields):
     logprobs: StrictBool = False  # return the chosen tokens' logprobs
     top_logprobs: Int64 | None = None  # alternatives per token, needs logprobs
     add_generation_prompt: StrictBool = True  # end the template with the assistant's turn
+    chat_template_kwargs: dict | None = None  # extra template variables (Qwen3's enable_thinking), as vLLM
 
 
 class KServeV2Tensor(_Body):

@@ -19,24 +19,24 @@ import torch
 
 from stepserve.attention.base import AttentionBackend, AttentionMetadata
 from stepserve.core.outputs import ModelRunnerOutput, SchedulerOutput, TokenLogprob
-from stepserve.models.llama import LlamaForCausalLM
+from stepserve.models.decoder import DecoderForCausalLM
 from stepserve.worker import sampler as S
 from stepserve.worker.cuda_graphs import CudaGraphs
 
 
-def kv_cache_bytes_per_block(model: LlamaForCausalLM, block_size: int, dtype: torch.dtype) -> int:
+def kv_cache_bytes_per_block(model: DecoderForCausalLM, block_size: int, dtype: torch.dtype) -> int:
     cfg = model.cfg
     return 2 * cfg.num_layers * block_size * cfg.num_kv_heads * cfg.head_dim * torch.finfo(dtype).bits // 8
 
 
-def allocate_kv_cache(model: LlamaForCausalLM, num_blocks: int, block_size: int, dtype, device) -> list[torch.Tensor]:
+def allocate_kv_cache(model: DecoderForCausalLM, num_blocks: int, block_size: int, dtype, device) -> list[torch.Tensor]:
     cfg = model.cfg
     shape = (2, num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim)
     return [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_layers)]
 
 
 @torch.inference_mode()
-def profile_run(model: LlamaForCausalLM, backend: AttentionBackend, block_size: int, num_tokens: int, num_seqs: int, device) -> None:
+def profile_run(model: DecoderForCausalLM, backend: AttentionBackend, block_size: int, num_tokens: int, num_seqs: int, device) -> None:
     """The largest pass the scheduler may send (``num_tokens`` prompt tokens over ``num_seqs``
     sequences, logits and sorting for every row) over a scratch KV cache, so that the caller can
     read peak activation memory before sizing the real cache."""
@@ -80,7 +80,7 @@ class ModelRunner:
 
     def __init__(
         self,
-        model: LlamaForCausalLM,
+        model: DecoderForCausalLM,
         kv_caches: list[torch.Tensor],
         block_size: int,
         backend: AttentionBackend,
@@ -172,7 +172,9 @@ class ModelRunner:
             query_start.append(len(input_ids))
             seq_lens.append(end)
         # Wide enough for every position the pass may touch; padding is the null block 0.
-        width = max(-(-(n + sched.num_steps - 1) // bs) for n in seq_lens)
+        # Rounded up to 16 blocks: the kernels take the row stride as an argument, and Triton
+        # specializes on its divisibility by 16, so one width class means one compiled variant.
+        width = -(-max(-(-(n + sched.num_steps - 1) // bs) for n in seq_lens) // 16) * 16
         tables: list[int] = []
         for r in sched.requests:
             row = list(r.block_ids[:width])
@@ -207,10 +209,14 @@ class ModelRunner:
         """Device tensors (int64, int32) of the given lists: one pinned non-blocking copy per dtype."""
         out = []
         for lists, dtype in ((longs, torch.long), (ints, torch.int32)):
-            flat = torch.tensor([x for xs in lists for x in xs], dtype=dtype)
+            # Each list starts 16-byte aligned: Triton specializes kernels on pointer alignment,
+            # so unaligned views would compile new variants mid-traffic (see engine/warmup.py).
+            align = 16 // torch.empty((), dtype=dtype).element_size()
+            padded = [xs + [0] * (-len(xs) % align) for xs in lists]
+            flat = torch.tensor([x for xs in padded for x in xs], dtype=dtype)
             if self.device.type == "cuda":
                 flat = flat.pin_memory().to(self.device, non_blocking=True)
-            out.append(list(flat.split([len(xs) for xs in lists])))
+            out.append([part[: len(xs)] for part, xs in zip(flat.split([len(xs) for xs in padded]), lists)])
         return out[0], out[1]
 
     def _slots(self, tables: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
