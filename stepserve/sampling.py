@@ -13,6 +13,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from stepserve.errors import InvalidRequestError
+from stepserve.structured.spec import GrammarSpec
 
 MAX_LOGPROBS = 20
 _GREEDY_EPS = 1e-5
@@ -91,6 +92,7 @@ class SamplingParams:
     logprobs: int | None = None  # number of top alternatives to return with each token
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias added to its logit)
     skip_special_tokens: bool = True  # leave special tokens out of the text
+    structured: GrammarSpec | None = None  # output constraint checked by the front end; None: free text
 
     def __post_init__(self) -> None:
         set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731

@@ -17,6 +17,7 @@ from stepserve.engine.front import model_source, resolve_max_model_len
 from stepserve.models.cpu_linear import cpu_has_bf16
 from stepserve.models.loader import load_model, read_hf_config
 from stepserve.models.tokenizer import eos_token_ids, load_tokenizer
+from stepserve.structured.bitmask import GrammarMatchers
 from stepserve.worker.cuda_graphs import graph_batch_sizes
 from stepserve.worker.runner import ModelRunner, allocate_kv_cache, kv_cache_bytes_per_block, profile_run
 
@@ -137,7 +138,8 @@ def build_engine(config: EngineConfig, weights=None) -> tuple[EngineCore, object
     kv_dtype = torch.float32 if device.type == "cpu" else dtype
     num_blocks = _num_blocks(config, model, backend, kv_dtype, device, max_model_len, graph_sizes)
     kv_caches = allocate_kv_cache(model, num_blocks, config.cache.block_size, kv_dtype, device)
-    runner = ModelRunner(model, kv_caches, config.cache.block_size, backend, eos, device, config.model.seed)
+    grammars = GrammarMatchers(tokenizer, model.cfg.vocab_size, eos, device)
+    runner = ModelRunner(model, kv_caches, config.cache.block_size, backend, eos, device, config.model.seed, grammars)
     if use_graphs:
         runner.capture_cuda_graphs(graph_sizes, max_model_len, steps)
     blocks = BlockManager(num_blocks, config.cache.block_size, config.cache.enable_prefix_caching)

@@ -12,6 +12,8 @@ from stepserve.engine.output_processor import RequestOutput, RequestState
 from stepserve.errors import InvalidRequestError
 from stepserve.models.tokenizer import apply_chat_template
 from stepserve.sampling import SamplingParams
+from stepserve.structured.compiler import GrammarCompiler
+from stepserve.structured.spec import GrammarSpec
 
 Prompt = str | Sequence[int]
 
@@ -24,6 +26,7 @@ class LLM:
         self.config = EngineConfig.from_kwargs(model=model, **engine_options)
         self.core, self.tokenizer, self.info = build_engine(self.config)
         self._counter = 0
+        self._grammars: GrammarCompiler | None = None
 
     def generate(
         self,
@@ -47,6 +50,13 @@ class LLM:
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
         token_lists = [apply_chat_template(self.tokenizer, c, add_generation_prompt) for c in conversations]
         return self._run([None] * len(token_lists), token_lists, sampling_params)
+
+    def grammar(self, kind: str, source: object) -> GrammarSpec:
+        """A checked output constraint for ``SamplingParams(structured=...)``: ``kind`` is
+        ``json`` (a schema), ``json_object``, ``regex``, ``choice`` (a list) or ``grammar`` (Lark or GBNF)."""
+        if self._grammars is None:
+            self._grammars = GrammarCompiler(self.tokenizer, self.core.worker.vocab_size, self.info.eos_token_ids)
+        return self._grammars.compile(kind, source, kind)
 
     def _tokenize(self, prompt: Prompt) -> list[int]:
         if isinstance(prompt, str):

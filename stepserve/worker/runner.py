@@ -20,6 +20,7 @@ import torch
 from stepserve.attention.base import AttentionBackend, AttentionMetadata
 from stepserve.core.outputs import ModelRunnerOutput, SchedulerOutput, TokenLogprob
 from stepserve.models.llama import LlamaForCausalLM
+from stepserve.structured.bitmask import GrammarMatchers
 from stepserve.worker import sampler as S
 from stepserve.worker.cuda_graphs import CudaGraphs
 
@@ -87,6 +88,7 @@ class ModelRunner:
         eos_token_ids: Collection[int],
         device: torch.device,
         seed: int = 0,
+        grammars: GrammarMatchers | None = None,
     ) -> None:
         self.model = model
         self.kv_caches = kv_caches
@@ -98,6 +100,7 @@ class ModelRunner:
         self.shared_generator = torch.Generator(device=device).manual_seed(seed)
         self._generators: dict[str, torch.Generator] = {}
         self.graphs: CudaGraphs | None = None  # set by capture_cuda_graphs
+        self.grammars = grammars  # constrained decoding; None: every request is free text
 
     # -- the pass ------------------------------------------------------------------------
 
@@ -105,6 +108,9 @@ class ModelRunner:
     def execute(self, sched: SchedulerOutput) -> ModelRunnerOutput:
         for request_id in sched.finished_request_ids:
             self._generators.pop(request_id, None)
+        if self.grammars is not None:
+            self.grammars.drop(sched.finished_request_ids)
+        grammar = self.grammars.start_pass(sched) if self.grammars is not None else None
         requests = sched.requests
         inputs = self._prepare(sched)
         batch = S.build_sampling_batch(requests, self._row_generators(sched), self.eos_token_ids, self.vocab_size, self.device)
@@ -121,7 +127,12 @@ class ModelRunner:
                 logits = self._forward(inputs)
             # A NaN or inf anywhere in a row makes its sum non-finite: one reduction, no sync.
             nonfinite |= ~torch.isfinite(logits.sum(dim=-1))
-            tokens = S.sample(S.apply_logits_processors(logits, batch), batch, self.shared_generator)
+            processed = S.apply_logits_processors(logits, batch)
+            if grammar is not None:  # constrained rows only; the others pay nothing
+                processed = grammar.mask(processed, logits)
+            tokens = S.sample(processed, batch, self.shared_generator)
+            if grammar is not None and step + 1 < sched.num_steps:
+                grammar.accept(tokens, step)  # the next step's masks follow this step's tokens
             if graph is not None:
                 graph.feed(tokens)
             if batch.num_logprobs >= 0:
