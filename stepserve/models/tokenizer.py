@@ -33,7 +33,9 @@ def eos_token_ids(source: ModelSource, hf_config: dict, tokenizer) -> frozenset[
     return frozenset(ids)
 
 
-def apply_chat_template(tokenizer, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
-    """Token ids of the rendered conversation (the template decides BOS)."""
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+def apply_chat_template(tokenizer, messages: list[dict], add_generation_prompt: bool = True, tools: list[dict] | None = None) -> list[int]:
+    """Token ids of the rendered conversation (the template decides BOS); ``tools`` are OpenAI
+    tool definitions, for templates that describe them to the model."""
+    extra = {"tools": tools} if tools else {}
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt, **extra)
     return tokenizer.encode(text, add_special_tokens=False)

@@ -34,6 +34,7 @@ from stepserve.errors import (
 from stepserve.server import kserve, openai
 from stepserve.server.config import ServerConfig
 from stepserve.server.context import ServingContext
+from stepserve.structured.compiler import GrammarCompiler
 from stepserve.server.metrics import CONTENT_TYPE, ServerMetrics
 from stepserve.server.schemas import ChatCompletionRequest, CompletionRequest, KServeV1Request, KServeV2Request, parse_body
 
@@ -240,7 +241,8 @@ def create_app(make_client: Callable[[], CoreClient], tokenizer, info: FrontInfo
         app.state.metrics = ServerMetrics(model_name, client.stats, lambda: getattr(client, "restarts", 0))
         limits = AdmissionLimits(max_running + config.max_queue_len, config.request_timeout_s)
         engine = AsyncEngine(client, tokenizer, app.state.metrics.observe, limits)
-        app.state.ctx = ServingContext(engine, tokenizer, model_name, info.max_model_len, info.vocab_size, config)
+        grammars = GrammarCompiler(tokenizer, info.vocab_size, info.eos_token_ids)
+        app.state.ctx = ServingContext(engine, tokenizer, model_name, info.max_model_len, info.vocab_size, config, grammars)
         app.state.started = int(time.time())
         yield
         await engine.shutdown()

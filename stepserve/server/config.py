@@ -20,6 +20,8 @@ class ServerConfig:
     restart_backoff_s: float = field(default=1.0, metadata={"help": "wait before the first engine restart, doubled for each one after"})
     shutdown_grace_s: float = field(default=30.0, metadata={"help": "on SIGTERM, how long in-flight requests may finish"})
     engine_in_process: bool = field(default=False, metadata={"help": "run the engine core in a thread of the server process (no restarts)"})
+    tool_call_parser: str | None = field(default=None, metadata={"help": "parser of the model's own tool calls for tool_choice=auto: hermes or llama3_json"})
+    enable_auto_tool_choice: bool = field(default=False, metadata={"help": "let the model decide when to call tools (tool_choice=auto); needs --tool-call-parser"})
 
     def __post_init__(self) -> None:
         if not 0 <= self.http_port <= 65535:
@@ -30,6 +32,10 @@ class ServerConfig:
             raise ConfigError(f"request_timeout_s={self.request_timeout_s}: use a positive number, or leave it out")
         if self.restart_backoff_s < 0 or self.shutdown_grace_s < 0:
             raise ConfigError("restart_backoff_s and shutdown_grace_s must be 0 or more")
+        if self.tool_call_parser is not None and self.tool_call_parser not in ("hermes", "llama3_json"):
+            raise ConfigError(f"tool_call_parser={self.tool_call_parser!r}: choose hermes or llama3_json")
+        if self.enable_auto_tool_choice and self.tool_call_parser is None:
+            raise ConfigError("--enable-auto-tool-choice needs --tool-call-parser (hermes or llama3_json)")
         for name in ("default_max_tokens", "max_tokens_limit"):
             value = getattr(self, name)
             if value is not None and value < 1:

@@ -8,6 +8,7 @@ from stepserve.engine.async_engine import AsyncEngine, PromptInput
 from stepserve.errors import InvalidRequestError, ModelNotFoundError
 from stepserve.sampling import SamplingParams
 from stepserve.server.config import ServerConfig
+from stepserve.structured.compiler import GrammarCompiler
 
 
 @dataclass(frozen=True)
@@ -18,6 +19,7 @@ class ServingContext:
     max_model_len: int  # the context length in use
     vocab_size: int  # token ids must be below this
     config: ServerConfig  # max_tokens defaults and limits
+    grammars: GrammarCompiler | None = None  # checks and caches output constraints; None: refused
 
     def check_model(self, name: str | None) -> None:
         """Refuse a request for another model (404); an omitted model means this one."""
@@ -32,11 +34,11 @@ class ServingContext:
     def encode(self, text: str) -> tuple[int, ...]:
         return tuple(self.tokenizer.encode(text))
 
-    def encode_chat(self, messages: list[dict], add_generation_prompt: bool) -> tuple[int, ...]:
+    def encode_chat(self, messages: list[dict], add_generation_prompt: bool, tools: list[dict] | None = None) -> tuple[int, ...]:
         from stepserve.models.tokenizer import apply_chat_template  # models/ imports torch; the server does not
 
         try:
-            return tuple(apply_chat_template(self.tokenizer, messages, add_generation_prompt))
+            return tuple(apply_chat_template(self.tokenizer, messages, add_generation_prompt, tools))
         except Exception as exc:  # the template rejected the conversation: the client's to fix
             raise InvalidRequestError(f"the chat template could not render these messages: {exc}", "messages") from None
 
