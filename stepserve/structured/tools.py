@@ -44,14 +44,18 @@ def required_calls_grammar(tools: dict[str, dict], parallel: bool) -> str:
 
 
 def parse_required_calls(text: str) -> list[ToolCall] | None:
-    """The calls of a complete ``required`` output; None if it is not one (cut short)."""
-    try:
-        items = json.loads(text)
-    except json.JSONDecodeError:
+    """The calls of a complete ``required`` output, arguments as the model wrote them; None if
+    the output is not complete (cut short by max_tokens)."""
+    scanner = RequiredCallsScanner()
+    names: dict[int, str] = {}
+    args: dict[int, str] = {}
+    for event in scanner.feed(text):
+        if event.name is not None:
+            names[event.index] = event.name
+        args[event.index] = args.get(event.index, "") + event.arguments
+    if scanner.state != "done":
         return None
-    if not isinstance(items, list) or not all(isinstance(c, dict) and "name" in c for c in items):
-        return None
-    return [ToolCall(c["name"], json.dumps(c.get("arguments", {}), ensure_ascii=False)) for c in items]
+    return [ToolCall(names[i], args.get(i, "")) for i in sorted(names)]
 
 
 @dataclass
