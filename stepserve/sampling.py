@@ -93,6 +93,7 @@ class SamplingParams:
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias added to its logit)
     skip_special_tokens: bool = True  # leave special tokens out of the text
     structured: GrammarSpec | None = None  # output constraint checked by the front end; None: free text
+    prompt_logprobs: int | None = None  # logprobs of the prompt tokens, with this many alternatives; None: none
 
     def __post_init__(self) -> None:
         set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731
@@ -127,6 +128,10 @@ class SamplingParams:
             _check_int("logprobs", self.logprobs, 0)
             if self.logprobs > MAX_LOGPROBS:
                 _fail("logprobs", f"logprobs must be at most {MAX_LOGPROBS}, got {self.logprobs}")
+        if self.prompt_logprobs is not None:
+            _check_int("prompt_logprobs", self.prompt_logprobs, 0)
+            if self.prompt_logprobs > MAX_LOGPROBS:
+                _fail("prompt_logprobs", f"prompt_logprobs must be at most {MAX_LOGPROBS}, got {self.prompt_logprobs}")
 
     @property
     def greedy(self) -> bool:

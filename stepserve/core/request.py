@@ -38,6 +38,7 @@ class Request:
         self.status = RequestStatus.WAITING
         self.finish_reason: FinishReason | None = None
         self.stop_token_id: int | None = None
+        self.prompt_logprobs: list | None = [] if msg.params.prompt_logprobs is not None else None  # until sent
 
     @property
     def num_tokens(self) -> int:

@@ -73,7 +73,10 @@ class LLM:
             groups.append(self._add(ids, params, states))
         self._drain(states)
         return [
-            RequestOutput(g[0].request_id.rsplit("-", 1)[0], text, list(ids), [s.completion() for s in g], g[0].num_cached_tokens)
+            RequestOutput(
+                g[0].request_id.rsplit("-", 1)[0], text, list(ids), [s.completion() for s in g], g[0].num_cached_tokens,
+                prompt_logprobs=g[0].prompt_logprobs,
+            )
             for g, text, ids in zip(groups, texts, token_lists)
         ]
 

@@ -42,6 +42,8 @@ def sampling_params(
     """The request's SamplingParams, ``max_tokens`` still unresolved; 400 on any bad value."""
     if req.stream_options is not None and not req.stream:
         raise InvalidRequestError("stream_options is only allowed when stream is true", "stream_options")
+    if req.prompt_logprobs is not None and req.stream:
+        raise InvalidRequestError("prompt_logprobs is not available with stream=true", "prompt_logprobs")
     ctx.check_token_ids(req.stop_token_ids or (), "stop_token_ids")
     ctx.check_token_ids(_bias_ids(req.logit_bias), "logit_bias")
     return SamplingParams(
@@ -63,6 +65,7 @@ def sampling_params(
         logit_bias=req.logit_bias,
         skip_special_tokens=req.skip_special_tokens,
         structured=structured,
+        prompt_logprobs=req.prompt_logprobs,
     )
 
 
@@ -107,9 +110,11 @@ async def _collect(ctx: ServingContext, request_id: str, prompts: Sequence[Promp
 def completion_prompts(ctx: ServingContext, req: CompletionRequest) -> list[tuple[str, PromptInput]]:
     """(prompt text, resolved prompt) for each prompt of the request."""
     if req.suffix is not None:
-        raise InvalidRequestError("suffix is not supported", "suffix")
+        raise InvalidRequestError("suffix is not supported: this server does not fill in the middle", "suffix")
     constraint = output_constraint(ctx, req)
     params = sampling_params(ctx, req, req.max_tokens, req.logprobs, constraint[1] if constraint else None)
+    if req.echo and req.logprobs is not None:  # the echoed prompt's tokens get their logprobs too
+        params = params.replace(prompt_logprobs=max(req.logprobs, req.prompt_logprobs or 0))
     items = [req.prompt] if isinstance(req.prompt, str) or _is_ids(req.prompt) else list(req.prompt)
     if not items:
         raise InvalidRequestError("prompt must not be empty", "prompt")
@@ -148,14 +153,30 @@ def _completion_choice(ctx: ServingContext, req: CompletionRequest, prompts, sta
     if req.logprobs is not None:
         logprobs = _completion_logprobs(ctx, state.logprobs, len(prompt_text))
         if req.echo:
-            logprobs = _merge_logprobs(_echo_logprobs(ctx, prompts[state.index // req.n][1].token_ids), logprobs)
-    return {
+            echoed = _echo_logprobs(ctx, prompts[state.index // req.n][1].token_ids, state.prompt_logprobs, req.logprobs)
+            logprobs = _merge_logprobs(echoed, logprobs)
+    choice = {
         "index": state.index,
         "text": prompt_text + state.text,
         "logprobs": logprobs,
         "finish_reason": state.finish_reason,
         "stop_reason": _stop_reason(state),
     }
+    if req.prompt_logprobs is not None:
+        choice["prompt_logprobs"] = vllm_prompt_logprobs(ctx, state.prompt_logprobs)
+    return choice
+
+
+def vllm_prompt_logprobs(ctx: ServingContext, entries) -> list[dict | None] | None:
+    """vLLM's ``prompt_logprobs``: per prompt token (None for the first), token id -> logprob,
+    rank and text, for the token itself and its top alternatives."""
+    if entries is None:
+        return None
+    def one(lp: TokenLogprob) -> dict:
+        out = {str(t): {"logprob": v, "rank": r, "decoded_token": ctx.decode_token(t)} for r, (t, v) in enumerate(lp.top, 1)}
+        out[str(lp.token_id)] = {"logprob": lp.logprob, "rank": lp.rank, "decoded_token": ctx.decode_token(lp.token_id)}
+        return out
+    return [None if lp is None else one(lp) for lp in entries]
 
 
 def _completion_logprobs(ctx: ServingContext, logprobs: Sequence[TokenLogprob], offset: int) -> dict:
@@ -173,11 +194,14 @@ def _completion_logprobs(ctx: ServingContext, logprobs: Sequence[TokenLogprob], 
     return out
 
 
-def _echo_logprobs(ctx: ServingContext, prompt_ids: Sequence[int]) -> dict:
-    """Echoed prompt tokens; their logprobs are null (the engine computes none for prompts)."""
+def _echo_logprobs(ctx: ServingContext, prompt_ids: Sequence[int], entries, k: int) -> dict:
+    """Echoed prompt tokens with their logprobs and ``k`` alternatives (the first token has none)."""
     tokens = [ctx.decode_token(t) for t in prompt_ids]
     offsets = [sum(len(t) for t in tokens[:i]) for i in range(len(tokens))]
-    return {"tokens": tokens, "token_logprobs": [None] * len(tokens), "top_logprobs": [None] * len(tokens), "text_offset": offsets}
+    entries = entries or [None] * len(tokens)
+    values = [None if lp is None else lp.logprob for lp in entries]
+    tops = [None if lp is None else {ctx.decode_token(t): v for t, v in lp.top[:k]} | {ctx.decode_token(lp.token_id): lp.logprob} for lp in entries]
+    return {"tokens": tokens, "token_logprobs": values, "top_logprobs": tops, "text_offset": offsets}
 
 
 def _merge_logprobs(first: dict, second: dict) -> dict:
@@ -204,6 +228,9 @@ def _completion_chunk_choice(ctx: ServingContext, req: CompletionRequest, prompt
     start = offsets.get(index, 0)
     offsets[index] = start + len(echo) + len(delta.text)
     logprobs = _completion_logprobs(ctx, delta.logprobs, start + len(echo)) if req.logprobs is not None else None
+    if echo and logprobs is not None:
+        echoed = _echo_logprobs(ctx, prompts[index // req.n][1].token_ids, update.state.prompt_logprobs, req.logprobs)
+        logprobs = _merge_logprobs(echoed, logprobs)
     stop_reason = _stop_reason(update.state) if delta.finish_reason else None
     return {"index": index, "text": echo + delta.text, "logprobs": logprobs, "finish_reason": delta.finish_reason, "stop_reason": stop_reason}
 
@@ -264,7 +291,10 @@ async def chat(ctx: ServingContext, req: ChatCompletionRequest) -> dict | Chunks
         return _chat_chunks(ctx, req, request_id, prompt, mode)
     states = await _collect(ctx, request_id, [prompt])
     choices = [_chat_choice(ctx, req, s, mode) for s in states]
-    return _chat_body(ctx, request_id, "chat.completion", choices) | {"usage": _usage([prompt], states)}
+    body = _chat_body(ctx, request_id, "chat.completion", choices) | {"usage": _usage([prompt], states)}
+    if req.prompt_logprobs is not None:
+        body["prompt_logprobs"] = vllm_prompt_logprobs(ctx, states[0].prompt_logprobs)
+    return body
 
 
 def _chat_body(ctx: ServingContext, request_id: str, kind: str, choices: list[dict]) -> dict:

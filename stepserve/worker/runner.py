@@ -12,6 +12,7 @@ it. Inputs go up in one pinned, non-blocking copy; the pass ends with its one ho
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Collection
 from dataclasses import dataclass
 
@@ -67,6 +68,13 @@ def profile_run(model: LlamaForCausalLM, backend: AttentionBackend, block_size: 
     del cache
 
 
+def _prompt_logprob_span(r) -> int:
+    """How many of this chunk's positions predict a prompt token whose logprob the request wants."""
+    if r.params.prompt_logprobs is None:
+        return 0
+    return max(0, min(r.start + r.num_new_tokens, r.num_prompt_tokens - 1) - r.start)
+
+
 @dataclass
 class StepInputs:
     """Model inputs of one step, on the device."""
@@ -114,7 +122,9 @@ class ModelRunner:
         requests = sched.requests
         inputs = self._prepare(sched)
         batch = S.build_sampling_batch(requests, self._row_generators(sched), self.eos_token_ids, self.vocab_size, self.device)
-        graph = self.graphs.load(inputs) if self.graphs is not None else None
+        wants_prompt_logprobs = any(_prompt_logprob_span(r) for r in requests)
+        graph = self.graphs.load(inputs) if self.graphs is not None and not wants_prompt_logprobs else None
+        prompt_logprobs: dict[str, tuple[TokenLogprob, ...]] = {}
         steps: list[torch.Tensor] = []
         logprobs: list[tuple] = []
         nonfinite = torch.zeros(len(requests), dtype=torch.bool, device=self.device)
@@ -124,7 +134,12 @@ class ModelRunner:
             else:
                 if step > 0:
                     self._advance(inputs, steps[-1])
-                logits = self._forward(inputs)
+                if step == 0 and wants_prompt_logprobs:
+                    hidden = self._hidden(inputs)
+                    prompt_logprobs = self._prompt_logprobs(sched, hidden)
+                    logits = self.model.compute_logits(hidden[inputs.logits_index])
+                else:
+                    logits = self._forward(inputs)
             # A NaN or inf anywhere in a row makes its sum non-finite: one reduction, no sync.
             nonfinite |= ~torch.isfinite(logits.sum(dim=-1))
             processed = S.apply_logits_processors(logits, batch)
@@ -139,12 +154,34 @@ class ModelRunner:
                 logprobs.append(S.top_logprobs(logits, tokens, batch.num_logprobs))
             S.advance(batch, tokens)
             steps.append(tokens)
-        return self._output(sched, steps, logprobs, nonfinite)
+        output = self._output(sched, steps, logprobs, nonfinite)
+        return dataclasses.replace(output, prompt_logprobs=prompt_logprobs) if prompt_logprobs else output
+
+    def _hidden(self, inputs: StepInputs) -> torch.Tensor:
+        self.backend.prepare(inputs.meta)
+        return self.model(inputs.input_ids, inputs.meta.positions, self.kv_caches, inputs.meta, self.backend)
 
     def _forward(self, inputs: StepInputs) -> torch.Tensor:
-        self.backend.prepare(inputs.meta)
-        hidden = self.model(inputs.input_ids, inputs.meta.positions, self.kv_caches, inputs.meta, self.backend)
-        return self.model.compute_logits(hidden[inputs.logits_index])
+        return self.model.compute_logits(self._hidden(inputs)[inputs.logits_index])
+
+    def _prompt_logprobs(self, sched: SchedulerOutput, hidden: torch.Tensor) -> dict[str, tuple[TokenLogprob, ...]]:
+        """Logprobs of the prompt tokens this pass's chunks predict (position p predicts token
+        p + 1), for the requests that ask; one host sync, paid only by them."""
+        out = {}
+        offset = 0
+        for r in sched.requests:
+            span = _prompt_logprob_span(r)
+            if span:
+                k = r.params.prompt_logprobs
+                logprobs = self.model.compute_logits(hidden[offset : offset + span]).float().log_softmax(dim=-1)
+                targets = torch.tensor(r.token_ids[r.start + 1 : r.start + 1 + span], device=logprobs.device)
+                chosen = logprobs.gather(1, targets[:, None])
+                ranks = (logprobs > chosen).sum(dim=1) + 1
+                values, ids = logprobs.topk(max(k, 1), dim=-1)
+                rows = zip(targets.tolist(), chosen.squeeze(1).tolist(), ranks.tolist(), ids[:, :k].tolist(), values[:, :k].tolist())
+                out[r.request_id] = tuple(TokenLogprob(t, c, tuple(zip(i, v)), rank) for t, c, rank, i, v in rows)
+            offset += r.num_new_tokens
+        return out
 
     @torch.inference_mode()
     def capture_cuda_graphs(self, batch_sizes: list[int], max_model_len: int, max_steps: int) -> None:

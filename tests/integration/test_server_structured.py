@@ -153,3 +153,31 @@ def test_bad_inputs_are_400s_naming_the_field_and_the_next_request_is_served(ser
         assert resp.json()["error"]["param"] == param
         out = client.chat.completions.create(model=MODEL, messages=USER, max_tokens=4, response_format={"type": "json_object"})
         assert out.choices[0].finish_reason in ("stop", "length")
+
+
+def test_prompt_logprobs_echo_and_the_rest_of_the_request_surface(server, client):
+    out = client.completions.create(model=MODEL, prompt="hello there", max_tokens=3, echo=True, logprobs=2, temperature=0)
+    lp = out.choices[0].logprobs
+    assert out.choices[0].text.startswith("hello there") and lp.token_logprobs[0] is None
+    assert all(isinstance(v, float) for v in lp.token_logprobs[1:]) and len(lp.tokens) == len("hello there") + 3
+    assert all(top for top in lp.top_logprobs[1:])  # text -> logprob: byte tokens may share a text
+    streamed = list(client.completions.create(model=MODEL, prompt="hello there", max_tokens=3, echo=True, logprobs=2, temperature=0, stream=True))
+    assert [v for c in streamed for v in c.choices[0].logprobs.token_logprobs] == lp.token_logprobs
+    body = {"model": MODEL, "prompt": "abc", "max_tokens": 2, "prompt_logprobs": 1}
+    choice = httpx.post(server.url + "/v1/completions", json=body).json()["choices"][0]
+    assert choice["prompt_logprobs"][0] is None and len(choice["prompt_logprobs"]) == 3
+    assert all(any(e["rank"] == 1 for e in entry.values()) for entry in choice["prompt_logprobs"][1:])
+    chat = httpx.post(server.url + "/v1/chat/completions", json={"model": MODEL, "messages": USER, "max_tokens": 2, "prompt_logprobs": 0}).json()
+    assert chat["prompt_logprobs"][0] is None and len(chat["prompt_logprobs"]) == chat["usage"]["prompt_tokens"]
+    many = client.chat.completions.create(model=MODEL, messages=USER, max_tokens=3, n=3, logprobs=True, top_logprobs=2, temperature=1.0)
+    assert all(len(c.logprobs.content) == 3 and all(len(t.top_logprobs) == 2 for t in c.logprobs.content) for c in many.choices)
+    refusals = [
+        ("/v1/completions", {"prompt": "x", "suffix": "y"}, "suffix"),
+        ("/v1/chat/completions", {"messages": USER, "logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+        ("/v1/chat/completions", {"messages": USER, "logprobs": True, "top_logprobs": -1}, "top_logprobs"),
+        ("/v1/completions", {"prompt": "x", "prompt_logprobs": 21}, "prompt_logprobs"),
+        ("/v1/completions", {"prompt": "x", "prompt_logprobs": 1, "stream": True}, "prompt_logprobs"),
+    ]
+    for route, body, param in refusals:
+        resp = httpx.post(server.url + route, json={"model": MODEL, **body})
+        assert resp.status_code == 400 and resp.json()["error"]["param"] == param, (body, resp.text)

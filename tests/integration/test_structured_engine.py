@@ -97,3 +97,24 @@ def test_embedded_model_answers_follow_their_schemas():
         completion = out.outputs[0]
         assert completion.finish_reason == "stop", completion.text
         jsonschema.validate(json.loads(completion.text), schema)
+
+
+def test_prompt_logprobs_match_transformers_under_chunked_prefill_and_prefix_caching(tiny_llama):
+    import torch
+    import transformers
+
+    llm = LLM(model=str(tiny_llama), dtype="float32", max_num_batched_tokens=8, block_size=4, num_blocks=128, max_model_len=256)
+    prompt = "the quick brown fox jumps over the lazy dog"
+    # The same prompt twice: the second would hit the prefix cache, which prompt logprobs bypass.
+    first, second = llm.generate([prompt, prompt], [SamplingParams(max_tokens=2, prompt_logprobs=3, n=2, temperature=1.0), SamplingParams(max_tokens=2, prompt_logprobs=0)])
+    ids = first.prompt_token_ids
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(tiny_llama), dtype=torch.float32)
+    with torch.no_grad():
+        ref = model(torch.tensor([ids])).logits[0].log_softmax(dim=-1)
+    for out, k in ((first, 3), (second, 0)):
+        entries = out.prompt_logprobs
+        assert entries[0] is None and len(entries) == len(ids)
+        for i in range(1, len(ids)):
+            assert entries[i].token_id == ids[i] and abs(entries[i].logprob - ref[i - 1, ids[i]].item()) < 1e-3
+            assert entries[i].rank == int((ref[i - 1] > ref[i - 1, ids[i]]).sum()) + 1
+            assert [t for t, _ in entries[i].top] == ref[i - 1].topk(k).indices.tolist()[:k] if k else entries[i].top == ()

@@ -3,6 +3,7 @@
 
 import json
 import random
+import threading
 
 import pytest
 
@@ -129,6 +130,15 @@ def test_constraint_errors_name_the_field(ctx):
     huge = {"type": "object", "properties": {f"k{i}": {"enum": ["v" * 50]} for i in range(2000)}}
     assert "too large" in refused(completion, guided_json=huge).message
     assert refused(completion, guided_regex="a", guided_choice=["b"]).param == "guided_choice"
-    slow = ServingContext(None, ctx.tokenizer, "m", 200, 320, ServerConfig(), GrammarCompiler(ctx.tokenizer, 320, {256}, timeout_s=1e-6))
-    late = refused(openai.completion_prompts, slow, validate(CompletionRequest, {"prompt": "x", "guided_regex": "[a-z]{1,40}q"}))
+    # Compilation is bounded in time: with the compile threads busy, the request gets a 400.
+    compiler = GrammarCompiler(ctx.tokenizer, 320, {256}, timeout_s=0.2)
+    slow = ServingContext(None, ctx.tokenizer, "m", 200, 320, ServerConfig(), compiler)
+    release = threading.Event()
+    for _ in range(2):
+        compiler._pool.submit(release.wait)
+    try:
+        late = refused(openai.completion_prompts, slow, validate(CompletionRequest, {"prompt": "x", "guided_regex": "[a-z]{1,40}q"}))
+    finally:
+        release.set()
     assert late.param == "guided_regex" and "longer than" in late.message
+    assert openai.completion_prompts(slow, validate(CompletionRequest, {"prompt": "x", "guided_regex": "[a-z]{1,40}q"}))
