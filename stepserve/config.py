@@ -35,6 +35,7 @@ class ModelConfig:
     max_model_len: int | None = field(default=None, metadata={"help": "context length; default: the model's"})
     seed: int = field(default=0, metadata={"help": "seed of the engine's generator for unseeded requests"})
     enforce_eager: bool = field(default=False, metadata={"help": "no CUDA graphs or compiled paths"})
+    generation_config: str = field(default="auto", metadata={"help": "sampling defaults for fields a request leaves out: auto (the model's generation_config.json), vllm (none), or a directory holding a generation_config.json"})
 
     def __post_init__(self) -> None:
         _require(self.dtype in DTYPES, f"dtype={self.dtype!r}: choose one of {', '.join(DTYPES)}")

@@ -267,7 +267,14 @@ def main(args: argparse.Namespace) -> int:
     logging.getLogger("httpx").setLevel(logging.WARNING)  # not one line per request
     if args.structured == "json":
         return structured_main(args)
+    if args.plot and not args.sweep:
+        print("stepserve bench serve: --plot needs --sweep", file=sys.stderr)
+        return 2
     try:
+        if args.sweep:
+            from stepserve.bench.sweep import main as sweep_main
+
+            return sweep_main(args)
         result = asyncio.run(run(args))
     except httpx.HTTPError as exc:
         print(f"stepserve bench serve: cannot reach {args.base_url}: {exc}", file=sys.stderr)
@@ -297,6 +304,11 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     flag("timeout", type=float, default=600.0, help="per-request timeout, seconds")
     flag("output-json", default=None, help="also write the result here")
     flag("disable-tqdm", action="store_true", help="no progress bar")
+    from stepserve.bench.sweep import parse_sweep
+
+    flag("sweep", type=parse_sweep, default=None, help="run at each of these concurrencies, e.g. 1,4,16,64 (replaces --max-concurrency)")
+    flag("plot", default=None, help="with --sweep: draw throughput and TTFT/TPOT against concurrency into this PNG (needs matplotlib)")
+
     flag("structured", choices=("none", "json"), default="none",
          help="json: run the workload free, then with a new JSON schema per request, then with the same schemas again (cached), and compare")
 

@@ -63,6 +63,15 @@ class FinishedRequest:
 
 
 @dataclass
+class TokenCounts:
+    """Tokens the front has seen since start, for the periodic stats line (as vLLM V1 counts
+    them: a prompt counts once its first output token arrives)."""
+
+    prompt: int = 0  # prompt tokens of requests that produced a first token
+    generation: int = 0  # tokens generated
+
+
+@dataclass
 class _Child:
     """Front-side bookkeeping of one engine request."""
 
@@ -87,6 +96,7 @@ class AsyncEngine:
         self.tokenizer = tokenizer
         self._on_finish = on_finish
         self._children: dict[str, _Child] = {}
+        self.token_counts = TokenCounts()
         self._handler = asyncio.get_running_loop().create_task(self._handle_outputs())
 
     @property
@@ -208,6 +218,8 @@ class AsyncEngine:
             return not out.finished
         if out.new_token_ids and child.first_token_time is None:
             child.first_token_time = time.monotonic()
+            self.token_counts.prompt += child.state.num_prompt_tokens
+        self.token_counts.generation += len(out.new_token_ids)
         if delta.error is not None:
             self._finish(child, "abort")
             child.queue.put_nowait(RequestAbortedError(f"the engine aborted the request: {delta.error}"))

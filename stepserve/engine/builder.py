@@ -100,6 +100,7 @@ def _gpu_kv_budget(config: EngineConfig, model, backend, device, graph_sizes: li
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats(device)
     weights = torch.cuda.memory_allocated(device)
+    log.info("profiling a forward pass of %d tokens (%d sequences) to size the KV cache", sched.max_num_batched_tokens, sched.max_num_seqs)
     profile_run(model, backend, config.cache.block_size, sched.max_num_batched_tokens, sched.max_num_seqs, device)
     torch.cuda.synchronize(device)
     activations = torch.cuda.max_memory_allocated(device) - weights

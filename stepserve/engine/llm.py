@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from stepserve.config import EngineConfig
 from stepserve.core.outputs import EngineCoreRequest
 from stepserve.engine.builder import build_engine
+from stepserve.engine.front import sampling_defaults
 from stepserve.engine.output_processor import RequestOutput, RequestState
 from stepserve.errors import InvalidRequestError
 from stepserve.models.tokenizer import apply_chat_template
@@ -20,11 +21,16 @@ Prompt = str | Sequence[int]
 
 class LLM:
     """Runs the engine in-process. ``model=None`` is the embedded SmolLM2-135M-Instruct; engine
-    options (``num_scheduler_steps``, ``max_model_len``, ``block_size``, ...) are keywords."""
+    options (``num_scheduler_steps``, ``max_model_len``, ``block_size``, ...) are keywords.
+
+    ``generation_config`` (``auto``, ``vllm`` or a directory) picks the model's sampling defaults
+    as the server's flag does: ``sampling_params=None`` gets them (``get_default_sampling_params``),
+    and ``max_new_tokens`` caps every ``max_tokens=None``."""
 
     def __init__(self, model: str | None = None, **engine_options) -> None:
         self.config = EngineConfig.from_kwargs(model=model, **engine_options)
         self.core, self.tokenizer, self.info = build_engine(self.config)
+        self.sampling_defaults = sampling_defaults(self.config)
         self._counter = 0
         self._grammars: GrammarCompiler | None = None
 
@@ -51,6 +57,10 @@ class LLM:
         token_lists = [apply_chat_template(self.tokenizer, c, add_generation_prompt) for c in conversations]
         return self._run([None] * len(token_lists), token_lists, sampling_params)
 
+    def get_default_sampling_params(self) -> SamplingParams:
+        """The model's sampling defaults (vLLM's name); plain ``SamplingParams()`` if it has none."""
+        return self.sampling_defaults.params()
+
     def grammar(self, kind: str, source: object) -> GrammarSpec:
         """A checked output constraint for ``SamplingParams(structured=...)``: ``kind`` is
         ``json`` (a schema), ``json_object``, ``regex``, ``choice`` (a list) or ``grammar`` (Lark or GBNF)."""
@@ -66,7 +76,8 @@ class LLM:
     def _run(self, texts, token_lists, sampling_params) -> list[RequestOutput]:
         params_list = self._params_per_prompt(sampling_params, len(token_lists))
         # Resolve and validate everything before anything enters the engine (invariant 1).
-        resolved = [p.resolve(len(ids), self.info.max_model_len) for p, ids in zip(params_list, token_lists)]
+        cap = self.sampling_defaults.max_new_tokens
+        resolved = [p.resolve(len(ids), self.info.max_model_len, default_max_tokens=cap) for p, ids in zip(params_list, token_lists)]
         states: dict[str, RequestState] = {}
         groups: list[list[RequestState]] = []
         for ids, params in zip(token_lists, resolved):
@@ -82,7 +93,7 @@ class LLM:
 
     def _params_per_prompt(self, sampling_params, count: int) -> list[SamplingParams]:
         if sampling_params is None:
-            return [SamplingParams()] * count
+            return [self.get_default_sampling_params()] * count
         if isinstance(sampling_params, SamplingParams):
             return [sampling_params] * count
         if len(sampling_params) != count:

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from stepserve.config import ConfigError
+from stepserve.models.load_progress import LoadProgress
 
 _GGUF_LAYER_NAMES = {
     "attn_norm": "input_layernorm",
@@ -32,16 +33,18 @@ def safetensors_weights(model_dir: Path) -> Iterator[tuple[str, torch.Tensor]]:
     from safetensors import safe_open
 
     index = model_dir / "model.safetensors.index.json"
-    if index.exists():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    weight_map = json.loads(index.read_text())["weight_map"] if index.exists() else None
+    if weight_map is not None:
+        files = sorted(set(weight_map.values()))
     else:
         files = sorted(p.name for p in model_dir.glob("*.safetensors"))
     if not files:
         raise ConfigError(f"no .safetensors files in {model_dir}")
-    for name in files:
+    progress = LoadProgress(len(files), None if weight_map is None else len(weight_map))
+    for i, name in enumerate(files):
         with safe_open(model_dir / name, framework="pt") as f:
-            for key in f.keys():
-                yield key, f.get_tensor(key)
+            keys = list(f.keys())
+            yield from progress.shard(i, name, len(keys), ((key, f.get_tensor(key)) for key in keys))
 
 
 def _field(reader, key: str, default=None):
@@ -103,9 +106,15 @@ def _unpermute(weight: np.ndarray, num_heads: int) -> np.ndarray:
 def gguf_weights(path: Path, config: dict) -> Iterator[tuple[str, torch.Tensor]]:
     """Tensors of a GGUF file, dequantized to float32 with the ``gguf`` package."""
     from gguf import GGUFReader
-    from gguf.quants import dequantize
 
     reader = GGUFReader(path)
+    progress = LoadProgress(1, len(reader.tensors))
+    yield from progress.shard(0, path.name, len(reader.tensors), _gguf_tensors(reader, path, config))
+
+
+def _gguf_tensors(reader, path: Path, config: dict) -> Iterator[tuple[str, torch.Tensor]]:
+    from gguf.quants import dequantize
+
     is_llama = config["architectures"][0] != "Qwen2ForCausalLM"
     for tensor in reader.tensors:
         name = _hf_name(tensor.name)

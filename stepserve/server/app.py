@@ -34,8 +34,11 @@ from stepserve.errors import (
 from stepserve.server import kserve, openai
 from stepserve.server.config import ServerConfig
 from stepserve.server.context import ServingContext
+from stepserve.server.fields import UnknownFieldPolicy
 from stepserve.structured.compiler import GrammarCompiler
 from stepserve.server.metrics import CONTENT_TYPE, ServerMetrics
+from stepserve.server.playground import add_playground_routes
+from stepserve.server.stats_log import start_stats_logger
 from stepserve.server.schemas import ChatCompletionRequest, CompletionRequest, KServeV1Request, KServeV2Request, parse_body
 
 if TYPE_CHECKING:
@@ -144,11 +147,11 @@ def _ctx(request: Request) -> ServingContext:
 def _openai_routes(app: FastAPI, prefix: str) -> None:
     @app.post(prefix + "/completions")
     async def completions(request: Request) -> Response:
-        return await _serve(request, lambda ctx, raw: openai.complete(ctx, parse_body(CompletionRequest, raw)))
+        return await _serve(request, lambda ctx, raw: openai.complete(ctx, parse_body(CompletionRequest, raw, ctx.unknown)))
 
     @app.post(prefix + "/chat/completions")
     async def chat_completions(request: Request) -> Response:
-        return await _serve(request, lambda ctx, raw: openai.chat(ctx, parse_body(ChatCompletionRequest, raw)))
+        return await _serve(request, lambda ctx, raw: openai.chat(ctx, parse_body(ChatCompletionRequest, raw, ctx.unknown)))
 
     @app.get(prefix + "/models")
     async def models(request: Request) -> dict:
@@ -161,19 +164,24 @@ def _model_card(request: Request) -> dict:
     return {"id": ctx.model_name, "object": "model", "created": started, "owned_by": "stepserve", "max_model_len": ctx.max_model_len}
 
 
+def _generation_config(ctx: ServingContext) -> dict:
+    """The model's sampling defaults that requests leaving a field out get (--generation-config)."""
+    return {"generation_config": ctx.sampling_defaults.as_dict()}
+
+
 def _kserve_routes(app: FastAPI) -> None:
     @app.post("/v1/models/{name}:predict")
     async def v1_predict(name: str, request: Request) -> Response:
-        return await _serve(request, lambda ctx, raw: kserve.v1_predict(ctx, name, parse_body(KServeV1Request, raw)))
+        return await _serve(request, lambda ctx, raw: kserve.v1_predict(ctx, name, parse_body(KServeV1Request, raw, ctx.unknown)))
 
     @app.get("/v1/models/{name}")
     async def v1_model(name: str, request: Request) -> Response:
         # KServe v1 model status and OpenAI's model retrieval share this path: answer both.
-        return _guard(lambda: _ctx(request).check_model(name) or _model_card(request) | {"name": name, "ready": _ctx(request).engine.is_ready})
+        return _guard(lambda: _ctx(request).check_model(name) or _model_card(request) | {"name": name, "ready": _ctx(request).engine.is_ready} | _generation_config(_ctx(request)))
 
     @app.post("/v2/models/{name}/infer")
     async def v2_infer(name: str, request: Request) -> Response:
-        return await _serve(request, lambda ctx, raw: kserve.v2_infer(ctx, name, parse_body(KServeV2Request, raw)))
+        return await _serve(request, lambda ctx, raw: kserve.v2_infer(ctx, name, parse_body(KServeV2Request, raw, ctx.unknown)))
 
     @app.get("/v2/models/{name}")
     async def v2_metadata(name: str, request: Request) -> Response:
@@ -242,9 +250,13 @@ def create_app(make_client: Callable[[], CoreClient], tokenizer, info: FrontInfo
         limits = AdmissionLimits(max_running + config.max_queue_len, config.request_timeout_s)
         engine = AsyncEngine(client, tokenizer, app.state.metrics.observe, limits)
         grammars = GrammarCompiler(tokenizer, info.vocab_size, info.eos_token_ids)
-        app.state.ctx = ServingContext(engine, tokenizer, model_name, info.max_model_len, info.vocab_size, config, grammars)
+        unknown = UnknownFieldPolicy(config.allow_unknown_fields)
+        app.state.ctx = ServingContext(engine, tokenizer, model_name, info.max_model_len, info.vocab_size, config, sampling_defaults=info.sampling_defaults, unknown=unknown, grammars=grammars)
         app.state.started = int(time.time())
+        stats_task = start_stats_logger(engine, client, config)
         yield
+        if stats_task is not None:
+            stats_task.cancel()
         await engine.shutdown()
 
     app = FastAPI(title="stepserve", lifespan=lifespan)
@@ -257,4 +269,6 @@ def create_app(make_client: Callable[[], CoreClient], tokenizer, info: FrontInfo
     _openai_routes(app, "/openai/v1")
     _kserve_routes(app)
     _health_routes(app)
+    if not config.disable_playground:
+        add_playground_routes(app)
     return app

@@ -64,10 +64,11 @@ def _engine(engine_config, server_config: ServerConfig):
         from stepserve.engine.builder import build_engine
         from stepserve.engine.core_client import ThreadCoreClient
 
-        from stepserve.engine.front import FrontInfo
+        from stepserve.engine.front import FrontInfo, sampling_defaults
 
         core, tokenizer, built = build_engine(engine_config)
-        info = FrontInfo(built.name, built.max_model_len, core.worker.vocab_size, built.eos_token_ids)
+        defaults = sampling_defaults(engine_config)
+        info = FrontInfo(built.name, built.max_model_len, core.worker.vocab_size, built.eos_token_ids, defaults)
         return (lambda: ThreadCoreClient(core)), tokenizer, info
     from stepserve.engine.core_process import core_factory
     from stepserve.engine.front import load_front

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from stepserve.engine.async_engine import AsyncEngine, PromptInput
 from stepserve.errors import InvalidRequestError, ModelNotFoundError
+from stepserve.generation_config import SamplingDefaults
 from stepserve.sampling import SamplingParams
 from stepserve.server.config import ServerConfig
+from stepserve.server.fields import UnknownFieldPolicy
 from stepserve.structured.compiler import GrammarCompiler
 
 
@@ -19,6 +21,8 @@ class ServingContext:
     max_model_len: int  # the context length in use
     vocab_size: int  # token ids must be below this
     config: ServerConfig  # max_tokens defaults and limits
+    sampling_defaults: SamplingDefaults = SamplingDefaults()  # the model's, for fields a request leaves out
+    unknown: UnknownFieldPolicy = field(default_factory=UnknownFieldPolicy)  # refuse, or log once and ignore
     grammars: GrammarCompiler | None = None  # checks and caches output constraints; None: refused
 
     def check_model(self, name: str | None) -> None:
@@ -51,7 +55,7 @@ class ServingContext:
             len(ids),
             self.max_model_len,
             omitted_default=omitted_default,
-            default_max_tokens=self.config.default_max_tokens,
+            default_max_tokens=self.sampling_defaults.cap(self.config.default_max_tokens),
             max_tokens_limit=self.config.max_tokens_limit,
         )
         return PromptInput(ids, resolved)

@@ -1,57 +1,103 @@
 """KServe's v1 and v2 (Open Inference Protocol) routes, on the completions pipeline.
 
 Text goes in (v1 ``instances``, v2 a BYTES ``text_input`` tensor) and text comes out (v1
-``predictions``, v2 a BYTES ``text_output`` tensor); ``parameters`` carry the same sampling
-fields as ``/v1/completions`` with the same validation and the same ``max_tokens`` default.
+``predictions``, v2 a BYTES ``text_output`` tensor); ``parameters`` carry the same fields as
+``/v1/completions`` (and Hugging Face's spellings of four of them) with the same validation and
+the same ``max_tokens`` default. ``logprobs`` adds a v1 ``logprobs`` field or a v2 ``logprobs``
+output, ``echo`` puts the prompt before the text, ``stream=true`` is refused: nothing is dropped.
 """
 
 from __future__ import annotations
 
+import json
+import math
+
 from stepserve.errors import InvalidRequestError
 from stepserve.server import openai
 from stepserve.server.context import ServingContext
-from stepserve.server.schemas import CompletionRequest, KServeV1Request, KServeV2Request, validate
+from stepserve.server.fields import hf_parameters
+from stepserve.server.schemas import CompletionRequest, KServeV1Request, KServeV2Request, KServeV2Tensor, validate
 
 TEXT_INPUT = "text_input"
 TEXT_OUTPUT = "text_output"
+LOGPROBS_OUTPUT = "logprobs"  # per completion, the /v1/completions logprobs object as a JSON string
+OUTPUTS = (TEXT_OUTPUT, LOGPROBS_OUTPUT)
+_NO_STREAM = "streaming is not offered on KServe v1/v2; use /v1/completions with stream=true"
+_ELSEWHERE = {  # CompletionRequest fields that have another place (or none) on these routes
+    "prompt": "the prompts are the instances (v1) or the text_input tensor (v2)",
+    "stream_options": _NO_STREAM,
+}
 
 
-async def _generate_texts(ctx: ServingContext, prompts: list[str], parameters: dict) -> list[str]:
-    """One text per completion, in order (``n`` per prompt)."""
-    fields = {k: v for k, v in parameters.items() if k not in ("prompt", "stream", "stream_options", "echo", "model")}
-    req = validate(CompletionRequest, {**fields, "prompt": prompts})
+def completion_request(ctx: ServingContext, prompts: list[str], parameters: dict) -> CompletionRequest:
+    """The ``/v1/completions`` request these prompts and ``parameters`` stand for; 400 for a
+    field the parameters cannot carry or that no request knows."""
+    fields = hf_parameters(parameters)
+    for name, why in _ELSEWHERE.items():
+        if name in fields:
+            raise InvalidRequestError(f"parameters.{name} is not accepted here: {why}", f"parameters.{name}")
+    if fields.get("stream") is True:
+        raise InvalidRequestError(f"parameters.stream=true is not accepted here: {_NO_STREAM}", "parameters.stream")
+    return validate(CompletionRequest, {**fields, "prompt": prompts}, ctx.unknown, "parameters.")
+
+
+async def _choices(ctx: ServingContext, req: CompletionRequest) -> list[dict]:
+    """One completions choice per completion, in order (``n`` per prompt)."""
     body = await openai.complete(ctx, req)
-    return [choice["text"] for choice in body["choices"]]
+    return body["choices"]
 
 
-def _instance_text(index: int, instance: str | dict) -> str:
+def _instance_text(ctx: ServingContext, index: int, instance: str | dict) -> str:
     if isinstance(instance, str):
         return instance
-    for key in ("text", "prompt"):
-        if isinstance(instance.get(key), str):
-            return instance[key]
-    raise InvalidRequestError(f"instances[{index}] must be a string or an object with a 'text' string", "instances")
+    keys = [k for k in ("text", "prompt") if k in instance]
+    if len(keys) != 1 or not isinstance(instance[keys[0]], str):
+        raise InvalidRequestError(f"instances[{index}] must be a string or an object with one 'text' string", "instances")
+    ctx.unknown.check([f"instances[{index}].{k}" for k in instance if k != keys[0]])
+    return instance[keys[0]]
 
 
 async def v1_predict(ctx: ServingContext, name: str, req: KServeV1Request) -> dict:
     ctx.check_model(name)
     if not req.instances:
         raise InvalidRequestError("instances must not be empty", "instances")
-    prompts = [_instance_text(i, x) for i, x in enumerate(req.instances)]
-    return {"predictions": await _generate_texts(ctx, prompts, req.parameters)}
+    prompts = [_instance_text(ctx, i, x) for i, x in enumerate(req.instances)]
+    creq = completion_request(ctx, prompts, req.parameters)
+    choices = await _choices(ctx, creq)
+    body = {"predictions": [c["text"] for c in choices]}
+    return body | ({"logprobs": [c["logprobs"] for c in choices]} if creq.logprobs is not None else {})
 
 
-def _text_input(req: KServeV2Request) -> list[str]:
-    tensors = [t for t in req.inputs if t.name == TEXT_INPUT]
-    if not tensors:
-        raise InvalidRequestError(f"inputs must contain a BYTES tensor named {TEXT_INPUT!r}", "inputs")
-    tensor = tensors[0]
+# -- v2 -----------------------------------------------------------------------------------
+
+
+def _text_input(ctx: ServingContext, req: KServeV2Request) -> list[str]:
+    """The texts of the one input, checked: name, datatype, shape against the data."""
+    names = [t.name for t in req.inputs]
+    for i, tensor_name in enumerate(names):
+        if tensor_name != TEXT_INPUT:
+            raise InvalidRequestError(f"inputs[{i}].name={tensor_name!r}: this model takes one input, {TEXT_INPUT} (BYTES, shape [-1])", "inputs")
+    if len(names) != 1:
+        raise InvalidRequestError(f"inputs must hold exactly one tensor named {TEXT_INPUT!r}, got {len(names)}", "inputs")
+    tensor = req.inputs[0]
+    _check_tensor_parameters(ctx, tensor)
     if tensor.datatype != "BYTES":
         raise InvalidRequestError(f"{TEXT_INPUT} must have datatype BYTES, got {tensor.datatype}", "inputs")
     data = _flatten(tensor.data)
+    if any(d < 0 for d in tensor.shape) or math.prod(tensor.shape) != len(data):
+        raise InvalidRequestError(f"{TEXT_INPUT} has shape {tensor.shape} but {len(data)} elements of data", "inputs")
     if not data or not all(isinstance(x, str) for x in data):
         raise InvalidRequestError(f"{TEXT_INPUT} data must be a non-empty list of strings", "inputs")
     return data
+
+
+def _check_tensor_parameters(ctx: ServingContext, tensor: KServeV2Tensor) -> None:
+    if "binary_data_size" in tensor.parameters:
+        raise InvalidRequestError(f"{TEXT_INPUT}: binary tensor data is not supported; send the texts in 'data' (binary_data=False)", "inputs")
+    content_type = tensor.parameters.get("content_type", "str")
+    if content_type not in ("str", "bytes"):
+        raise InvalidRequestError(f"{TEXT_INPUT}: content_type={content_type!r} is not text; use 'str'", "inputs")
+    ctx.unknown.check([f"inputs[0].parameters.{k}" for k in tensor.parameters if k != "content_type"])
 
 
 def _flatten(data: list) -> list:
@@ -61,11 +107,43 @@ def _flatten(data: list) -> list:
     return out
 
 
+def _wanted_outputs(ctx: ServingContext, req: KServeV2Request, parameters: dict) -> list[str]:
+    """The output names to return: those the request lists (each one we can produce), else all
+    that its parameters ask for."""
+    if req.outputs is None:
+        return [TEXT_OUTPUT] + ([LOGPROBS_OUTPUT] if parameters.get("logprobs") is not None else [])
+    names = []
+    for i, output in enumerate(req.outputs):
+        if output.name not in OUTPUTS:
+            raise InvalidRequestError(f"outputs[{i}].name={output.name!r} cannot be produced; this model gives {', '.join(OUTPUTS)}", "outputs")
+        # binary_data (KServe's client may send it) is answered in JSON, which its client reads too
+        ctx.unknown.check([f"outputs[{i}].parameters.{k}" for k in output.parameters if k != "binary_data"])
+        names.append(output.name)
+    return names
+
+
+def v2_completion(ctx: ServingContext, req: KServeV2Request) -> tuple[CompletionRequest, list[str]]:
+    """The completions request a v2 request stands for, and the output names to answer with."""
+    texts = _text_input(ctx, req)
+    # binary_data_output (KServe's client) asks for binary outputs: answered in JSON, which it reads too
+    parameters = {k: v for k, v in req.parameters.items() if k != "binary_data_output"}
+    wanted = _wanted_outputs(ctx, req, parameters)
+    if LOGPROBS_OUTPUT in wanted and parameters.get("logprobs") is None:
+        parameters["logprobs"] = 0  # the chosen tokens' logprobs, no alternatives
+    return completion_request(ctx, texts, parameters), wanted
+
+
 async def v2_infer(ctx: ServingContext, name: str, req: KServeV2Request) -> dict:
     ctx.check_model(name)
-    texts = await _generate_texts(ctx, _text_input(req), req.parameters)
-    output = {"name": TEXT_OUTPUT, "datatype": "BYTES", "shape": [len(texts)], "data": texts}
-    body = {"model_name": ctx.model_name, "outputs": [output]}
+    ctx.check_model(req.model_name)
+    creq, wanted = v2_completion(ctx, req)
+    choices = await _choices(ctx, creq)
+    tensors = {
+        TEXT_OUTPUT: [c["text"] for c in choices],
+        LOGPROBS_OUTPUT: [json.dumps(c["logprobs"]) for c in choices],
+    }
+    outputs = [{"name": n, "datatype": "BYTES", "shape": [len(choices)], "data": tensors[n]} for n in wanted]
+    body = {"model_name": ctx.model_name, "outputs": outputs}
     return body | ({"id": req.id} if req.id is not None else {})
 
 
@@ -76,5 +154,5 @@ def v2_metadata(ctx: ServingContext, name: str) -> dict:
         "versions": [],
         "platform": "stepserve",
         "inputs": [{"name": TEXT_INPUT, "datatype": "BYTES", "shape": [-1]}],
-        "outputs": [{"name": TEXT_OUTPUT, "datatype": "BYTES", "shape": [-1]}],
+        "outputs": [{"name": n, "datatype": "BYTES", "shape": [-1]} for n in OUTPUTS],
     }

@@ -48,13 +48,13 @@ def sampling_params(
     ctx.check_token_ids(_bias_ids(req.logit_bias), "logit_bias")
     return SamplingParams(
         n=req.n,
-        temperature=1.0 if req.temperature is None else req.temperature,
-        top_p=1.0 if req.top_p is None else req.top_p,
-        top_k=req.top_k,
-        min_p=req.min_p,
+        temperature=_given_or_default(ctx, req, "temperature", 1.0),
+        top_p=_given_or_default(ctx, req, "top_p", 1.0),
+        top_k=_given_or_default(ctx, req, "top_k", 0),
+        min_p=_given_or_default(ctx, req, "min_p", 0.0),
         presence_penalty=req.presence_penalty,
         frequency_penalty=req.frequency_penalty,
-        repetition_penalty=req.repetition_penalty,
+        repetition_penalty=_given_or_default(ctx, req, "repetition_penalty", 1.0),
         seed=req.seed,
         stop=req.stop,
         stop_token_ids=tuple(req.stop_token_ids or ()),
@@ -67,6 +67,15 @@ def sampling_params(
         structured=structured,
         prompt_logprobs=req.prompt_logprobs,
     )
+
+
+def _given_or_default(ctx: ServingContext, req: _SamplingFields, name: str, fallback: float) -> float:
+    """The request's value; if it left the field out (or sent null), the model's default
+    (--generation-config), else ``fallback``."""
+    value = getattr(req, name) if name in req.model_fields_set else None
+    if value is None:
+        value = getattr(ctx.sampling_defaults, name)
+    return fallback if value is None else value
 
 
 def _bias_ids(bias: dict[str, float] | None) -> list[int]:
@@ -245,7 +254,7 @@ def _message_dict(index: int, message: ChatMessage) -> dict:
         )
     content = message.content
     if isinstance(content, list):
-        content = "".join(part.text for part in content)
+        content = "\n".join(part.text for part in content)  # as vLLM joins text parts
     out = {"role": message.role, "content": content or ""}
     for key in ("name", "tool_calls", "tool_call_id"):
         if getattr(message, key) is not None:

@@ -13,6 +13,7 @@ from typing import Literal, TypeVar
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError
 
 from stepserve.errors import InvalidRequestError
+from stepserve.server.fields import STRICT, UnknownFieldPolicy, unknown_fields
 
 _SEED_BOUND = 2**63 - 2**20  # child requests add their index to the seed; torch takes 64 bits
 
@@ -20,7 +21,9 @@ Model = TypeVar("Model", bound=BaseModel)
 
 
 class _Body(BaseModel):
-    model_config = ConfigDict(extra="ignore", frozen=True)  # unknown fields are ignored, as vLLM does
+    # Unknown fields are kept aside so that ``validate`` can name them in a 400 (or, with
+    # --allow-unknown-fields, log and ignore them as vLLM does): see server/fields.py.
+    model_config = ConfigDict(extra="allow", frozen=True)
 
 
 class StreamOptions(_Body):
@@ -86,6 +89,11 @@ class _SamplingFields(_StructuredFields):
     min_tokens: int = 0
     stop_token_ids: list[int] | None = None
     skip_special_tokens: StrictBool = True
+    # OpenAI's advisory fields: accepted, and they change nothing in the output
+    metadata: dict[str, str] | None = None
+    store: StrictBool | None = None
+    safety_identifier: str | None = None
+    prompt_cache_key: str | None = None
 
 
 class CompletionRequest(_SamplingFields):
@@ -106,6 +114,12 @@ class ChatMessage(_Body):
     name: str | None = None
     tool_calls: list[dict] | None = None
     tool_call_id: str | None = None
+    # An assistant message replayed from a response (the openai client's message.model_dump())
+    # carries these as null; a value would not reach the chat template, so it is refused.
+    refusal: None = None
+    annotations: None = None
+    audio: None = None
+    function_call: None = None
 
 
 class FunctionDef(_Body):
@@ -145,11 +159,19 @@ class KServeV2Tensor(_Body):
     shape: list[int]
     datatype: str
     data: list
+    parameters: dict = Field(default_factory=dict)  # e.g. content_type, binary_data_size
+
+
+class KServeV2RequestedOutput(_Body):
+    name: str
+    parameters: dict = Field(default_factory=dict)  # e.g. binary_data (KServe's client sends it)
 
 
 class KServeV2Request(_Body):
     id: str | None = None
+    model_name: str | None = None  # KServe's InferRequest.to_rest sends it
     inputs: list[KServeV2Tensor]
+    outputs: list[KServeV2RequestedOutput] | None = None  # the outputs wanted; default: all
     parameters: dict = Field(default_factory=dict)
 
 
@@ -169,16 +191,20 @@ def decode_json(raw: bytes) -> dict:
     return body
 
 
-def validate(model: type[Model], body: dict) -> Model:
-    """``model`` built from ``body``, or a 400 naming the first bad top-level field."""
+def validate(model: type[Model], body: dict, unknown: UnknownFieldPolicy = STRICT, prefix: str = "") -> Model:
+    """``model`` built from ``body``, or a 400 naming the first bad top-level field; fields no
+    model declares are a 400 too unless ``unknown`` allows them. ``prefix`` is where ``body``
+    sits in the request (``parameters.``), for the error messages."""
     try:
-        return model.model_validate(body)
+        req = model.model_validate(body)
     except ValidationError as exc:
         first = exc.errors()[0]
         param = str(first["loc"][0]) if first["loc"] else None
         where = ".".join(str(part) for part in first["loc"])
         raise InvalidRequestError(f"{where}: {first['msg']} (parameter={param})", param=param) from None
+    unknown.check(unknown_fields(req, prefix))
+    return req
 
 
-def parse_body(model: type[Model], raw: bytes) -> Model:
-    return validate(model, decode_json(raw))
+def parse_body(model: type[Model], raw: bytes, unknown: UnknownFieldPolicy = STRICT) -> Model:
+    return validate(model, decode_json(raw), unknown)

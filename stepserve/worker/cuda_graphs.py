@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import bisect
 import logging
+import time
 
 import torch
 
@@ -24,6 +25,10 @@ def graph_batch_sizes(max_num_seqs: int) -> list[int]:
     """1, 2, 4, 8, then every multiple of 16 up to max_num_seqs (padding wastes < 16 rows)."""
     sizes = [b for b in (1, 2, 4, 8) if b < max_num_seqs] + list(range(16, max_num_seqs + 16, 16))
     return sorted({min(b, max_num_seqs) for b in sizes})
+
+
+def _span(sizes: list[int]) -> str:
+    return f"{sizes[0]} to {sizes[-1]}" if len(sizes) > 1 else str(sizes[0])
 
 
 class CudaGraphs:
@@ -48,6 +53,8 @@ class CudaGraphs:
         self._capture()
 
     def _capture(self) -> None:
+        log.info("capturing CUDA graphs of the decode step for %d batch sizes (%s); this takes a while", len(self.sizes), _span(self.sizes))
+        start = time.monotonic()
         pool = None
         for size in reversed(self.sizes):
             meta = self._meta(size)
@@ -60,7 +67,7 @@ class CudaGraphs:
             pool = graph.pool()
             self.graphs[size] = graph
         torch.cuda.synchronize()
-        log.info("captured CUDA graphs for decode batch sizes %s", self.sizes)
+        log.info("captured %d CUDA graphs for decode batch sizes %s in %.1fs", len(self.sizes), self.sizes, time.monotonic() - start)
 
     def _meta(self, size: int) -> AttentionMetadata:
         return AttentionMetadata(

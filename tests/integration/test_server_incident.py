@@ -94,3 +94,26 @@ def test_a_client_that_gives_up_on_a_plain_request_frees_its_blocks(server, http
     while not settled():
         assert time.monotonic() < deadline, "the request was not aborted, or its blocks not freed"
         time.sleep(0.1)
+
+
+def test_bench_sweep_and_plot_on_the_embedded_model(server, tmp_path):
+    """``bench serve --sweep --plot`` (issue 18), on this module's embedded-model server: a tiny
+    sweep, one table row per concurrency, a PNG plot."""
+    import json
+    import subprocess
+    import sys
+
+    plot, out = tmp_path / "sweep.png", tmp_path / "sweep.json"
+    command = [
+        sys.executable, "-m", "stepserve", "bench", "serve", "--base-url", server.url, "--sweep", "1,2",
+        "--num-prompts", "2", "--input-len", "8", "--output-len", "4", "--ignore-eos", "--disable-tqdm",
+        "--plot", str(plot), "--output-json", str(out),
+    ]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    rows = [line for line in done.stdout.splitlines() if line.startswith("| 1 |") or line.startswith("| 2 |")]
+    assert len(rows) == 4  # each row as its point finishes, then the whole table
+    results = json.loads(out.read_text())
+    assert [r["max_concurrency"] for r in results] == [1, 2]
+    assert all(r["completed"] == 2 and r["total_output_tokens"] == 8 and r["model"] == MODEL for r in results)
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and plot.stat().st_size > 10_000

@@ -9,6 +9,7 @@ from stepserve.server import openai
 from stepserve.server.app import http_error
 from stepserve.server.config import ServerConfig
 from stepserve.server.context import ServingContext
+from stepserve.server.fields import UnknownFieldPolicy
 from stepserve.server.schemas import ChatCompletionRequest, CompletionRequest, parse_body, validate
 
 MAX_MODEL_LEN = 100
@@ -103,8 +104,11 @@ def test_parse_body_names_the_field(raw, param):
     assert err.value.param == param
 
 
-def test_unknown_fields_are_ignored():
-    assert parse_body(CompletionRequest, b'{"prompt": "x", "foo": 1}').prompt == "x"
+def test_unknown_fields_are_refused_unless_allowed():
+    with pytest.raises(InvalidRequestError, match="foo") as exc:
+        parse_body(CompletionRequest, b'{"prompt": "x", "foo": 1}')
+    assert exc.value.param == "foo"
+    assert parse_body(CompletionRequest, b'{"prompt": "x", "foo": 1}', UnknownFieldPolicy(allow=True)).prompt == "x"
 
 
 @pytest.mark.parametrize(

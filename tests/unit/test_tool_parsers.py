@@ -84,7 +84,7 @@ def ctx(tmp_path_factory):
     directory = tmp_path_factory.mktemp("tok")
     save_byte_tokenizer(directory)
     tokenizer = AutoTokenizer.from_pretrained(str(directory))
-    return ServingContext(None, tokenizer, "m", 200, 320, ServerConfig(), GrammarCompiler(tokenizer, 320, {256}))
+    return ServingContext(None, tokenizer, "m", 200, 320, ServerConfig(), grammars=GrammarCompiler(tokenizer, 320, {256}))
 
 
 def chat(ctx, **body):
@@ -132,7 +132,7 @@ def test_constraint_errors_name_the_field(ctx):
     assert refused(completion, guided_regex="a", guided_choice=["b"]).param == "guided_choice"
     # Compilation is bounded in time: with the compile threads busy, the request gets a 400.
     compiler = GrammarCompiler(ctx.tokenizer, 320, {256}, timeout_s=0.2)
-    slow = ServingContext(None, ctx.tokenizer, "m", 200, 320, ServerConfig(), compiler)
+    slow = ServingContext(None, ctx.tokenizer, "m", 200, 320, ServerConfig(), grammars=compiler)
     release = threading.Event()
     for _ in range(2):
         compiler._pool.submit(release.wait)

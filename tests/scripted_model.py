@@ -1,0 +1,80 @@
+"""A tiny Llama whose weights are set by hand, so that a real server really writes a chosen reply.
+
+The byte-level test tokenizer gets one more token, ``SCRIPT`` (the text
+``<script>alert(1)</script>``). Every weight is zero except:
+
+- embeddings: every token is ``e0``, the marker byte ``!`` is ``e0 + e2``, ``SCRIPT`` is ``1000 e1``;
+- layer 0 attention: q and k are zero, so each position attends uniformly to the ones before it;
+  v reads dimension 2 and o writes it, times 1000, into dimension 3: after any prompt holding a
+  ``!``, dimension 3 of the last position outweighs dimension 0;
+- the head: letters and space score on ``e0``; ``SCRIPT`` on ``e3 - e0``; end-of-text on ``e1``.
+
+So a prompt with ``!`` is answered ``<script>alert(1)</script>`` and then ends; any other
+prompt gets letters and spaces until max_tokens (the model never scores end-of-text there).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tiny_models import CHAT_TEMPLATE, EOS_ID, SPECIALS, VOCAB
+
+SCRIPT = "<script>alert(1)</script>"
+
+
+def _save_tokenizer(directory: Path):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {ch: i for i, ch in enumerate(alphabet)}
+    for i, special in enumerate(SPECIALS):
+        vocab[special] = 256 + i
+    vocab[SCRIPT] = 256 + len(SPECIALS)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|im_start|>", additional_special_tokens=SPECIALS[1:]
+    )
+    fast.add_tokens([SCRIPT])
+    fast.chat_template = CHAT_TEMPLATE
+    fast.save_pretrained(directory)
+    return fast
+
+
+def write_scripted_model(directory: Path, max_shard_size: str = "5GB") -> Path:
+    import torch
+    import transformers
+
+    directory.mkdir(parents=True, exist_ok=True)
+    tokenizer = _save_tokenizer(directory)
+    config = transformers.LlamaConfig(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=8192, rms_norm_eps=1e-5, eos_token_id=EOS_ID, bos_token_id=257,
+        tie_word_embeddings=False, torch_dtype="float32",
+    )
+    model = transformers.LlamaForCausalLM(config)
+    ids = tokenizer.convert_tokens_to_ids
+    script, marker = ids(SCRIPT), ids("!")
+    letters = [ids(c) for c in "abcdefghijklmnopqrstuvwxyz"] + [ids("Ġ")]  # Ġ: the byte-level space
+    with torch.no_grad():
+        for p in model.parameters():
+            p.zero_()
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.fill_(1.0)
+        embed = model.model.embed_tokens.weight
+        embed[:, 0] = 1.0
+        embed[marker, 2] = 1.0
+        embed[script] = 0.0
+        embed[script, 1] = 1000.0
+        attn = model.model.layers[0].self_attn
+        attn.v_proj.weight[0, 2] = 1.0  # kv head 0, dim 0 <- residual dim 2 (query heads 0 and 1 read it)
+        attn.o_proj.weight[3, 0] = 1000.0  # residual dim 3 <- query head 0, dim 0
+        head = model.lm_head.weight
+        head[letters, 0] = 1.0
+        head[script, 3], head[script, 0] = 10.0, -10.0
+        head[EOS_ID, 1], head[EOS_ID, 0] = 10.0, -10.0
+    model.save_pretrained(directory, max_shard_size=max_shard_size)
+    return directory
