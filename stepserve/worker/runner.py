@@ -21,7 +21,7 @@ import torch
 from stepserve.attention.base import AttentionBackend, AttentionMetadata
 from stepserve.core.outputs import ModelRunnerOutput, SchedulerOutput, TokenLogprob
 from stepserve.models.llama import LlamaForCausalLM
-from stepserve.structured.bitmask import GrammarMatchers
+from stepserve.structured.bitmask import GrammarMatchers, GrammarPass
 from stepserve.worker import sampler as S
 from stepserve.worker.cuda_graphs import CudaGraphs
 
@@ -116,30 +116,19 @@ class ModelRunner:
     def execute(self, sched: SchedulerOutput) -> ModelRunnerOutput:
         for request_id in sched.finished_request_ids:
             self._generators.pop(request_id, None)
-        if self.grammars is not None:
-            self.grammars.drop(sched.finished_request_ids)
-        grammar = self.grammars.start_pass(sched) if self.grammars is not None else None
+        grammar = self._grammar_pass(sched)
         requests = sched.requests
         inputs = self._prepare(sched)
         batch = S.build_sampling_batch(requests, self._row_generators(sched), self.eos_token_ids, self.vocab_size, self.device)
-        wants_prompt_logprobs = any(_prompt_logprob_span(r) for r in requests)
-        graph = self.graphs.load(inputs) if self.graphs is not None and not wants_prompt_logprobs else None
+        eager = any(_prompt_logprob_span(r) for r in requests)  # prompt logprobs need the hidden states
+        graph = self.graphs.load(inputs) if self.graphs is not None and not eager else None
         prompt_logprobs: dict[str, tuple[TokenLogprob, ...]] = {}
         steps: list[torch.Tensor] = []
         logprobs: list[tuple] = []
         nonfinite = torch.zeros(len(requests), dtype=torch.bool, device=self.device)
         for step in range(sched.num_steps):
-            if graph is not None:
-                logits = graph.replay()  # advances its own inputs for the next step
-            else:
-                if step > 0:
-                    self._advance(inputs, steps[-1])
-                if step == 0 and wants_prompt_logprobs:
-                    hidden = self._hidden(inputs)
-                    prompt_logprobs = self._prompt_logprobs(sched, hidden)
-                    logits = self.model.compute_logits(hidden[inputs.logits_index])
-                else:
-                    logits = self._forward(inputs)
+            logits, found = self._step_logits(sched, inputs, graph, step, steps[-1] if steps else None)
+            prompt_logprobs |= found
             # A NaN or inf anywhere in a row makes its sum non-finite: one reduction, no sync.
             nonfinite |= ~torch.isfinite(logits.sum(dim=-1))
             processed = S.apply_logits_processors(logits, batch)
@@ -156,6 +145,25 @@ class ModelRunner:
             steps.append(tokens)
         output = self._output(sched, steps, logprobs, nonfinite)
         return dataclasses.replace(output, prompt_logprobs=prompt_logprobs) if prompt_logprobs else output
+
+    def _grammar_pass(self, sched: SchedulerOutput) -> GrammarPass | None:
+        """The pass's constrained rows, matchers synced; None when there are none."""
+        if self.grammars is None:
+            return None
+        self.grammars.drop(sched.finished_request_ids)
+        return self.grammars.start_pass(sched)
+
+    def _step_logits(self, sched: SchedulerOutput, inputs: StepInputs, graph, step: int, last_tokens) -> tuple[torch.Tensor, dict]:
+        """One step's logits (the graph's, or an eager forward) and the prompt logprobs the first
+        step's chunks give, for the requests that ask."""
+        if graph is not None:
+            return graph.replay(), {}  # the graph advances its own inputs for the next step
+        if step > 0:
+            self._advance(inputs, last_tokens)
+        if step == 0 and any(_prompt_logprob_span(r) for r in sched.requests):
+            hidden = self._hidden(inputs)
+            return self.model.compute_logits(hidden[inputs.logits_index]), self._prompt_logprobs(sched, hidden)
+        return self._forward(inputs), {}
 
     def _hidden(self, inputs: StepInputs) -> torch.Tensor:
         self.backend.prepare(inputs.meta)
