@@ -42,10 +42,9 @@ class ResponseFormat(_Body):
     json_schema: JsonSchemaFormat | None = None  # needed by type=json_schema
 
 
-class StructuredOutputs(BaseModel):
+class StructuredOutputs(_Body):
     """vLLM's ``structured_outputs``: exactly one constraint."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
     json_: dict | str | None = Field(default=None, alias="json")  # a JSON schema
     regex: str | None = None  # a regular expression (Rust regex syntax)
     choice: list[str] | None = None  # the answer is one of these strings

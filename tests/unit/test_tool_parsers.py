@@ -126,7 +126,7 @@ def test_constraint_errors_name_the_field(ctx):
         "structured_outputs": {"structured_outputs": {"jsn": {}}},
     }
     for param, body in cases.items():
-        assert refused(completion, **body).param == param, param
+        assert refused(completion, **body).param.startswith(param), param
     huge = {"type": "object", "properties": {f"k{i}": {"enum": ["v" * 50]} for i in range(2000)}}
     assert "too large" in refused(completion, guided_json=huge).message
     assert refused(completion, guided_regex="a", guided_choice=["b"]).param == "guided_choice"
