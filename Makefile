@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 HAS_NVIDIA := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo yes)
 
-.PHONY: install serve test bench clean
+.PHONY: install serve test bench clean grpc-stubs
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -31,6 +31,10 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/stepserve bench throughput
+
+# The gRPC stubs are committed; after changing the .proto, regenerate them:
+grpc-stubs: $(STAMP)
+	$(BIN)/python -m grpc_tools.protoc -I. --python_out=. --grpc_python_out=. --pyi_out=. stepserve/server/proto/grpc_predict_v2.proto
 
 clean:
 	rm -rf $(VENV)

@@ -40,6 +40,7 @@ from stepserve.server.metrics import CONTENT_TYPE, ServerMetrics
 from stepserve.server.playground import add_playground_routes
 from stepserve.server.stats_log import start_stats_logger
 from stepserve.server.schemas import ChatCompletionRequest, CompletionRequest, KServeV1Request, KServeV2Request, parse_body
+from stepserve.tasks.routes import add_task_routes
 
 if TYPE_CHECKING:
     from stepserve.engine.front import FrontInfo
@@ -231,11 +232,12 @@ def _health_routes(app: FastAPI) -> None:
         return Response(request.app.state.metrics.render(), media_type=CONTENT_TYPE)
 
 
-def create_app(make_client: Callable[[], CoreClient], tokenizer, info: FrontInfo, config: ServerConfig, max_running: int) -> FastAPI:
+def create_app(make_client: Callable[[], CoreClient], tokenizer, info: FrontInfo, config: ServerConfig, max_running: int, tasks=None) -> FastAPI:
     """The app; the engine core (a process, or a thread) starts with the server and stops with it.
 
     ``make_client`` is called inside the event loop; ``max_running`` is the engine's
     ``max_num_seqs``, so that ``max_queue_len`` counts what waits beyond the running batch.
+    ``tasks`` (a ``tasks.setup.TaskFront``) serves an encoder task instead of generation.
     """
     model_name = config.model_name or info.name
 
@@ -248,10 +250,13 @@ def create_app(make_client: Callable[[], CoreClient], tokenizer, info: FrontInfo
             raise RuntimeError("the engine core failed to start; see the log above")
         app.state.metrics = ServerMetrics(model_name, client.stats, lambda: getattr(client, "restarts", 0))
         limits = AdmissionLimits(max_running + config.max_queue_len, config.request_timeout_s)
-        engine = AsyncEngine(client, tokenizer, app.state.metrics.observe, limits)
+        if tasks is None:
+            engine, serving = AsyncEngine(client, tokenizer, app.state.metrics.observe, limits), None
+        else:
+            engine, serving = tasks.start(client, app.state.metrics.observe, limits)
         grammars = GrammarCompiler(tokenizer, info.vocab_size, info.eos_token_ids)
         unknown = UnknownFieldPolicy(config.allow_unknown_fields)
-        app.state.ctx = ServingContext(engine, tokenizer, model_name, info.max_model_len, info.vocab_size, config, sampling_defaults=info.sampling_defaults, unknown=unknown, grammars=grammars)
+        app.state.ctx = ServingContext(engine, tokenizer, model_name, info.max_model_len, info.vocab_size, config, sampling_defaults=info.sampling_defaults, unknown=unknown, tasks=serving, grammars=grammars)
         app.state.started = int(time.time())
         stats_task = start_stats_logger(engine, client, config)
         yield
@@ -267,6 +272,7 @@ def create_app(make_client: Callable[[], CoreClient], tokenizer, info: FrontInfo
 
     _openai_routes(app, "/v1")
     _openai_routes(app, "/openai/v1")
+    add_task_routes(app, _serve)
     _kserve_routes(app)
     _health_routes(app)
     if not config.disable_playground:

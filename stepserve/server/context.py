@@ -23,6 +23,7 @@ class ServingContext:
     config: ServerConfig  # max_tokens defaults and limits
     sampling_defaults: SamplingDefaults = SamplingDefaults()  # the model's, for fields a request leaves out
     unknown: UnknownFieldPolicy = field(default_factory=UnknownFieldPolicy)  # refuse, or log once and ignore
+    tasks: object | None = None  # tasks.serving.TaskServing when the model serves an encoder task
     grammars: GrammarCompiler | None = None  # checks and caches output constraints; None: refused
 
     def check_model(self, name: str | None) -> None:

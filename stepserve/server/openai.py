@@ -142,6 +142,10 @@ def _is_ids(prompt) -> bool:
 
 async def complete(ctx: ServingContext, req: CompletionRequest) -> dict | Chunks:
     ctx.check_model(req.model)
+    if ctx.tasks is not None:  # an encoder task: text2text generates, the others refuse
+        from stepserve.tasks import openai as task_openai
+
+        return await task_openai.complete(ctx.tasks, ctx, req)
     prompts = completion_prompts(ctx, req)
     request_id = new_id("cmpl")
     if req.stream:
@@ -292,6 +296,8 @@ def chat_prompt(ctx: ServingContext, req: ChatCompletionRequest, constraints: tu
 
 async def chat(ctx: ServingContext, req: ChatCompletionRequest) -> dict | Chunks:
     ctx.check_model(req.model)
+    if ctx.tasks is not None:
+        ctx.tasks.require(("text_generation",), "/v1/chat/completions")
     constraints = chat_constraints(ctx, req)
     prompt = chat_prompt(ctx, req, constraints)
     mode = constraints[1]
