@@ -310,7 +310,7 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     flag("plot", default=None, help="with --sweep: draw throughput and TTFT/TPOT against concurrency into this PNG (needs matplotlib)")
 
     flag("structured", choices=("none", "json"), default="none",
-         help="json: run the workload free, then with a new JSON schema per request, then with the same schemas again (cached), and compare")
+         help="json: after a warm-up, run the workload free, then with a new JSON schema per request, then with the same schemas again (cached), and compare")
 
 
 def structured_main(args: argparse.Namespace) -> int:
@@ -319,6 +319,7 @@ def structured_main(args: argparse.Namespace) -> int:
     constrained = with_schemas(free, args.seed)
     phases = {}
     try:
+        asyncio.run(run(args, free))  # warm-up, not reported: the server's first passes are slow
         for name, requests in (("free", free), ("json_new_schemas", constrained), ("json_cached_schemas", constrained)):
             phases[name] = asyncio.run(run(args, requests))
             print(f"-- {name}\n{report(phases[name])}")
