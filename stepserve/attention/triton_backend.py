@@ -16,11 +16,12 @@ MAX_SPLITS = 32
 
 
 def num_splits(batch: int, num_kv_heads: int, num_sms: int) -> int:
-    """Splits per sequence so that (sequence, KV head, split) programs fill the GPU about twice;
+    """Splits per sequence so that (sequence, KV head, split) programs fill the GPU up to twice;
     1 when the batch alone fills it. It depends on the batch shape only, never on the lengths, so
     an eager step and a graph captured for the same batch size split (and round) alike; short
     sequences just leave trailing splits empty."""
-    return max(1, min(-(-2 * num_sms // (batch * num_kv_heads)), MAX_SPLITS))
+    splits = max(1, min(-(-2 * num_sms // (batch * num_kv_heads)), MAX_SPLITS))
+    return 1 << (splits.bit_length() - 1)  # a power of two: few kernel variants to compile at startup
 
 
 class TritonBackend:

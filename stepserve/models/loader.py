@@ -65,6 +65,8 @@ def load_model(
     max_positions: int,
     weights=None,
     quantization: str = "none",
+    load_format: str = "auto",
+    seed: int = 0,
 ) -> LlamaForCausalLM:
     """``weights``, when given, is a ``(hf_name, tensor)`` stream used instead of the source's
     files (benchmarks hand over weights already on the GPU). On CPU the projections are
@@ -77,6 +79,24 @@ def load_model(
     model = model.to_empty(device=device).to(load_dtype)
     model.rotary.cos_sin = model.rotary.cos_sin.float()
     model.rotary.fill()
+    if weights is None and load_format == "dummy":
+        fill_dummy(model, seed)
+    else:
+        _load_checkpoint(model, source, hf_config, weights)
+    if quantization == "fp8":
+        from stepserve.models.fp8 import quantize_fp8
+
+        quantize_fp8(model)
+    if device.type == "cpu" and dtype == torch.bfloat16:
+        model.pack_for_cpu(dtype, int4=quantization == "int4")
+        model.embed_tokens.to(dtype)
+        for module in model.modules():
+            if isinstance(module, RMSNorm):
+                module.to(dtype)
+    return model.eval()
+
+
+def _load_checkpoint(model: LlamaForCausalLM, source: ModelSource, hf_config: dict, weights) -> None:
     if weights is not None:
         pass
     elif source.gguf_path is not None:
@@ -87,10 +107,20 @@ def load_model(
     missing = model.expected_weights() - loaded
     if missing:
         raise ConfigError(f"the checkpoint lacks {len(missing)} weights, e.g. {sorted(missing)[:3]}")
-    if device.type == "cpu" and dtype == torch.bfloat16:
-        model.pack_for_cpu(dtype, int4=quantization == "int4")
-        model.embed_tokens.to(dtype)
-        for module in model.modules():
-            if isinstance(module, RMSNorm):
-                module.to(dtype)
-    return model.eval()
+
+
+@torch.no_grad()
+def fill_dummy(model: LlamaForCausalLM, seed: int) -> None:
+    """``--load-format dummy``: random weights in the model's own shapes, made in place on its
+    device (no files read): N(0, 0.02) for matrices, ones for the norms, zeros for biases. The
+    same for a seed on the same device."""
+    gen = torch.Generator(device=model.embed_tokens.weight.device)
+    for k, (name, param) in enumerate(model.named_parameters()):
+        if name.endswith("bias"):
+            param.zero_()
+        elif param.dim() == 1:
+            param.fill_(1.0)
+        else:
+            gen.manual_seed(seed * 100003 + k)
+            for rows in param.split(8192):  # float32 scratch of a slice, not of the whole table
+                rows.copy_(torch.randn(rows.shape, generator=gen, device=rows.device, dtype=torch.float32).mul_(0.02))

@@ -95,4 +95,4 @@ def _engine(engine_config, server_config: ServerConfig):
 
     tokenizer, info = load_front(engine_config)
     policy = RestartPolicy(server_config.max_restarts, server_config.restart_backoff_s)
-    return (lambda: SupervisedCoreClient(core_factory(engine_config), policy)), tokenizer, info
+    return (lambda: SupervisedCoreClient(core_factory(engine_config, eos_token_ids=info.eos_token_ids), policy)), tokenizer, info

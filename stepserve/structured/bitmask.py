@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 from collections import OrderedDict
-from collections.abc import Collection, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 
 import torch
 
@@ -57,8 +57,8 @@ class RequestMatcher:
 class GrammarMatchers:
     """The worker's constrained-decoding state: matchers by request id, compiled grammars by text."""
 
-    def __init__(self, tokenizer, vocab_size: int, eos_token_ids: Collection[int], device: torch.device) -> None:
-        self._tokenizer = tokenizer
+    def __init__(self, tokenizer: Callable[[], object], vocab_size: int, eos_token_ids: Collection[int], device: torch.device) -> None:
+        self._tokenizer = tokenizer  # loads the tokenizer: the core needs it only for its first grammar
         self.vocab_size = vocab_size
         self.eos_token_ids = sorted(eos_token_ids)
         self.device = device
@@ -96,7 +96,7 @@ class GrammarMatchers:
         pristine = self._compiled.get(grammar)
         if pristine is None:
             if self._ll_tokenizer is None:
-                self._ll_tokenizer = build_ll_tokenizer(self._tokenizer, self.vocab_size, self.eos_token_ids)
+                self._ll_tokenizer = build_ll_tokenizer(self._tokenizer(), self.vocab_size, self.eos_token_ids)
             pristine = self._compiled[grammar] = llguidance.LLMatcher(self._ll_tokenizer, grammar, log_level=0)
             while len(self._compiled) > CACHE_SIZE:
                 self._compiled.popitem(last=False)

@@ -228,7 +228,9 @@ class ModelRunner:
             query_start.append(len(input_ids))
             seq_lens.append(end)
         # Wide enough for every position the pass may touch; padding is the null block 0.
-        width = max(-(-(n + sched.num_steps - 1) // bs) for n in seq_lens)
+        # Rounded up to 16 blocks: the kernels take the row stride as an argument, and Triton
+        # specializes on its divisibility by 16, so one width class means one compiled variant.
+        width = -(-max(-(-(n + sched.num_steps - 1) // bs) for n in seq_lens) // 16) * 16
         tables: list[int] = []
         for r in sched.requests:
             row = list(r.block_ids[:width])
@@ -263,10 +265,14 @@ class ModelRunner:
         """Device tensors (int64, int32) of the given lists: one pinned non-blocking copy per dtype."""
         out = []
         for lists, dtype in ((longs, torch.long), (ints, torch.int32)):
-            flat = torch.tensor([x for xs in lists for x in xs], dtype=dtype)
+            # Each list starts 16-byte aligned: Triton specializes kernels on pointer alignment,
+            # so unaligned views would compile new variants mid-traffic (see engine/warmup.py).
+            align = 16 // torch.empty((), dtype=dtype).element_size()
+            padded = [xs + [0] * (-len(xs) % align) for xs in lists]
+            flat = torch.tensor([x for xs in padded for x in xs], dtype=dtype)
             if self.device.type == "cuda":
                 flat = flat.pin_memory().to(self.device, non_blocking=True)
-            out.append(list(flat.split([len(xs) for xs in lists])))
+            out.append([part[: len(xs)] for part, xs in zip(flat.split([len(xs) for xs in padded]), lists)])
         return out[0], out[1]
 
     def _slots(self, tables: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
