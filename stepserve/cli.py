@@ -60,6 +60,10 @@ def _bench(args: argparse.Namespace) -> int:
 
         throughput.run(args, located_engine_config(args)[0])
         return 0
+    if args.bench in ("fuzz", "soak"):
+        import importlib
+
+        return importlib.import_module(f"stepserve.bench.{args.bench}").main(args)
     from stepserve.bench import serve
 
     return serve.main(args)
@@ -101,12 +105,24 @@ def build_parser() -> argparse.ArgumentParser:
         sv = bench_sub.add_parser("serve", help="load an OpenAI-compatible server")
         add_serve_bench_args(sv)
         sv.set_defaults(func=_bench)
+    _add_hardening_benches(bench_sub)
     from stepserve.bench.embeddings import add_args as add_embeddings_args
 
     emb = bench_sub.add_parser("embeddings", help="a server's /v1/embeddings beside plain transformers")
     add_embeddings_args(emb)
     emb.set_defaults(func=_bench)
     return parser
+
+
+def _add_hardening_benches(bench_sub) -> None:
+    from stepserve.bench import fuzz, soak
+
+    fz = bench_sub.add_parser("fuzz", help="schema-aware fuzzing of every route of a running server; prints status counts")
+    fuzz.add_args(fz)
+    fz.set_defaults(func=_bench)
+    sk = bench_sub.add_parser("soak", help="start a server, drive a mixed load for a while, report leaks and stuck requests")
+    soak.add_args(sk)
+    sk.set_defaults(func=_bench)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -30,7 +30,7 @@ def _require(ok: bool, message: str) -> None:
 @dataclass(frozen=True)
 class ModelConfig:
     model: str | None = field(default=None, metadata={"help": "model directory or .gguf file; default: /mnt/models when it exists (KServe), else the embedded SmolLM2-135M-Instruct"})
-    dtype: str = field(default="auto", metadata={"help": "weights and activations: auto (bfloat16 on GPU; on CPU bfloat16 where the CPU has it natively, unless the checkpoint is float32), float32, bfloat16, float16"})
+    dtype: str = field(default="auto", metadata={"help": "weights and activations: auto (on GPU the checkpoint's float16 or bfloat16, float32 as bfloat16; on CPU bfloat16 where the CPU has it natively, unless the checkpoint is float32), float32, bfloat16, float16"})
     quantization: str = field(default="auto", metadata={"help": "weights: none, int4 (CPU, weight-only, groups of 32), fp8 (CUDA, Hopper or later: e4m3 weights with per-channel scales, quantized at load), or auto (int4 for a 4-bit GGUF on a bfloat16 CPU)"})
     device: str = field(default="auto", metadata={"help": "auto, cpu or cuda"})
     max_model_len: int | None = field(default=None, metadata={"help": "context length; default: the model's"})

@@ -39,17 +39,18 @@ class TritonBackend:
     def prepare(self, meta: AttentionMetadata) -> None:
         meta.extras = {}
 
-    def forward(self, q, k, v, kv_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    def forward(self, q, k, v, kv_cache, meta: AttentionMetadata, scale: float, window: int = 0, softcap: float = 0.0) -> torch.Tensor:
         K.write_kv(k, v, kv_cache, meta.slot_mapping)
         out = torch.empty_like(q)
         args = (kv_cache, out, meta.query_start_loc, meta.seq_lens, meta.block_tables, scale)
+        opts = {"window": window, "softcap": softcap}
         if meta.is_decode:
-            K.paged_decode(q, *args, num_splits=self._splits(meta, meta.block_tables.shape[0], kv_cache))
+            K.paged_decode(q, *args, num_splits=self._splits(meta, meta.block_tables.shape[0], kv_cache), **opts)
             return out
         if meta.decode_rows is not None:
             splits = self._splits(meta, meta.decode_rows.shape[0], kv_cache)
-            K.paged_decode(q, *args, num_splits=splits, rows=meta.decode_rows)
-        K.paged_prefill(q, *args, rows=meta.prefill_rows, max_query_len=meta.max_query_len)
+            K.paged_decode(q, *args, num_splits=splits, rows=meta.decode_rows, **opts)
+        K.paged_prefill(q, *args, rows=meta.prefill_rows, max_query_len=meta.max_query_len, **opts)
         return out
 
     def _splits(self, meta: AttentionMetadata, batch: int, kv_cache: torch.Tensor) -> int:

@@ -33,8 +33,12 @@ class Scheduler:
         block_manager: BlockManager,
         max_model_len: int,
         eos_token_ids: Collection[int],
+        window: int = 0,
     ) -> None:
+        """``window``: for a model whose every layer attends over a sliding window, the widest
+        window (blocks before it are handed back as requests advance); 0 otherwise."""
         self.config = config
+        self.window = window
         self.blocks = block_manager
         self.max_model_len = max_model_len
         self.eos_token_ids = frozenset(eos_token_ids)
@@ -190,6 +194,8 @@ class Scheduler:
             output = self._accept(request, tokens, lps) if s.sample else None
             if not request.is_finished:
                 self.blocks.cache_full_blocks(request.request_id, request.token_ids, request.num_computed_tokens)
+                if self.window:  # the next query sits at num_computed_tokens and sees `window` keys
+                    self.blocks.release_before(request.request_id, request.num_computed_tokens - self.window + 1)
             if output is not None:
                 outputs.append(output)
         self.running = [r for r in self.running if not r.is_finished]

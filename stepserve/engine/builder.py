@@ -13,9 +13,9 @@ from stepserve.config import ConfigError, EngineConfig
 from stepserve.core.block_manager import BlockManager
 from stepserve.core.engine_core import EngineCore
 from stepserve.core.scheduler import Scheduler
-from stepserve.engine.front import model_source, resolve_max_model_len
+from stepserve.engine.front import resolve_max_model_len
 from stepserve.models.cpu_linear import cpu_has_bf16
-from stepserve.models.loader import load_model, read_hf_config
+from stepserve.models.loader import build_model, decoder_config, open_checkpoint
 from stepserve.models.tokenizer import eos_token_ids as eos_token_ids_of
 from stepserve.models.tokenizer import load_tokenizer
 from stepserve.engine.warmup import warm_up
@@ -52,13 +52,15 @@ def pick_device(name: str) -> torch.device:
 
 
 def pick_dtype(name: str, device: torch.device, hf_config: dict) -> torch.dtype:
-    """``auto``: bfloat16 on CUDA; on a CPU with native bfloat16, bfloat16 unless the checkpoint
-    says float32 (a GGUF says nothing: its weights are quantized or half precision)."""
+    """``auto`` follows the checkpoint as vLLM does. On CUDA: float16 stays float16, bfloat16
+    stays bfloat16, float32 (and a GGUF) runs in bfloat16. On a CPU with native bfloat16,
+    bfloat16 unless the checkpoint says float32 (a GGUF says nothing: its weights are quantized
+    or half precision); on other CPUs float32."""
     if name != "auto":
         return _DTYPES[name]
-    if device.type == "cuda":
-        return torch.bfloat16
     declared = hf_config.get("torch_dtype") or hf_config.get("dtype") or "float32"  # HF's default
+    if device.type == "cuda":
+        return torch.float16 if declared == "float16" and "gguf_linear_type" not in hf_config else torch.bfloat16
     float32_checkpoint = "gguf_linear_type" not in hf_config and declared == "float32"
     return torch.float32 if float32_checkpoint or not cpu_has_bf16() else torch.bfloat16
 
@@ -127,12 +129,13 @@ def build_engine(config: EngineConfig, weights=None, eos_token_ids: frozenset[in
     """Returns the core, the tokenizer and what was learned while building them. ``weights``
     (a ``(hf_name, tensor)`` stream) replaces the checkpoint files when given."""
     start = time.monotonic()
-    source = model_source(config)
-    hf_config = read_hf_config(source)
+    checkpoint = open_checkpoint(config.model.model)
+    source, hf_config = checkpoint.source, checkpoint.hf_config
+    max_model_len = resolve_max_model_len(config, hf_config)
+    model_config = decoder_config(hf_config, max_model_len)
     device = pick_device(config.model.device)
     dtype = pick_dtype(config.model.dtype, device, hf_config)
     quantization = pick_quantization(config.model.quantization, device, dtype, hf_config)
-    max_model_len = resolve_max_model_len(config, hf_config)
     if eos_token_ids is None:
         tokenizer = load_tokenizer(source)
         eos = eos_token_ids_of(source, hf_config, tokenizer)
@@ -141,9 +144,11 @@ def build_engine(config: EngineConfig, weights=None, eos_token_ids: frozenset[in
     steps = config.scheduler.num_scheduler_steps
     if device.type == "cuda":
         use_compilation_cache(config.model.compilation_cache_dir)
-    model = load_model(
-        source, hf_config, dtype, device, max_positions=max_model_len + steps, weights=weights, quantization=quantization,
-        load_format=config.model.load_format, seed=config.model.seed,
+    if weights is None and config.model.load_format != "dummy":
+        weights = checkpoint.weights()
+    model = build_model(
+        model_config, weights, dtype, device, max_positions=max_model_len + steps, quantization=quantization,
+        seed=config.model.seed,
     )
     # On CUDA: Triton kernels, and CUDA graphs of the decode step unless enforce_eager.
     backend = get_backend("triton" if device.type == "cuda" else "sdpa")
@@ -160,7 +165,8 @@ def build_engine(config: EngineConfig, weights=None, eos_token_ids: frozenset[in
     if use_graphs:
         runner.capture_cuda_graphs(graph_sizes, max_model_len, steps)
     blocks = BlockManager(num_blocks, config.cache.block_size, config.cache.enable_prefix_caching)
-    scheduler = Scheduler(config.scheduler, blocks, max_model_len, eos)
+    window = max(model_config.layer_windows) if model_config.all_windowed else 0
+    scheduler = Scheduler(config.scheduler, blocks, max_model_len, eos, window)
     core = EngineCore(scheduler, runner)
     if device.type == "cuda":
         _warm_up(core, config, runner, max_model_len, num_blocks)

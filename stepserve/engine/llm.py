@@ -51,10 +51,12 @@ class LLM:
         messages: list[dict] | list[list[dict]],
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
         add_generation_prompt: bool = True,
+        chat_template_kwargs: dict | None = None,
     ) -> list[RequestOutput]:
-        """Apply the model's chat template to each conversation, then generate."""
+        """Apply the model's chat template to each conversation (``chat_template_kwargs`` are
+        template variables, e.g. Qwen3's ``enable_thinking``), then generate."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
-        token_lists = [apply_chat_template(self.tokenizer, c, add_generation_prompt) for c in conversations]
+        token_lists = [apply_chat_template(self.tokenizer, c, add_generation_prompt, chat_template_kwargs) for c in conversations]
         return self._run([None] * len(token_lists), token_lists, sampling_params)
 
     def get_default_sampling_params(self) -> SamplingParams:

@@ -19,11 +19,13 @@ from typing import TYPE_CHECKING
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.requests import ClientDisconnect
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from stepserve.engine.async_engine import AdmissionLimits, AsyncEngine
 from stepserve.engine.core_client import CoreClient
 from stepserve.errors import (
+    ClientTimeoutError,
     EngineDeadError,
     InvalidRequestError,
     ModelNotFoundError,
@@ -79,6 +81,8 @@ def http_error(exc: Exception) -> HttpError:
         return HttpError(503, "engine_unavailable", str(exc) or "the engine is not running", headers={"Retry-After": "1"})
     if isinstance(exc, RequestTimeoutError):
         return HttpError(504, "request_timeout", str(exc))
+    if isinstance(exc, ClientTimeoutError):
+        return HttpError(408, "request_timeout", str(exc), headers={"Connection": "close"})
     if isinstance(exc, RequestAbortedError):
         return HttpError(500, "request_aborted", str(exc))
     if isinstance(exc, StarletteHTTPException):
@@ -109,7 +113,7 @@ async def _until_disconnect(request: Request, work: Awaitable):
         watcher.cancel()
         if not task.done():
             task.cancel()
-    if task.cancelled():
+    if not task.done() or task.cancelled():  # cancel() only requests it: the task ends (and aborts) later
         raise _ClientGone()
     return task.result()
 
@@ -125,11 +129,20 @@ async def _sse(chunks: AsyncIterator[dict]) -> AsyncIterator[str]:
     yield "data: [DONE]\n\n"
 
 
+async def _read_body(request: Request) -> bytes:
+    """The whole body, or a 408 once ``--body-timeout-s`` has passed (a trickling client)."""
+    timeout = request.app.state.ctx.config.body_timeout_s
+    try:
+        return await asyncio.wait_for(request.body(), timeout)
+    except TimeoutError:
+        raise ClientTimeoutError(f"the request body was not complete after {timeout}s") from None
+
+
 async def _serve(request: Request, handler: Handler) -> Response:
     try:
-        raw = await request.body()
+        raw = await _read_body(request)
         result = await _until_disconnect(request, handler(request.app.state.ctx, raw))
-    except _ClientGone:
+    except (_ClientGone, ClientDisconnect):
         return Response(status_code=499)
     except Exception as exc:
         return http_error(exc).response()

@@ -40,6 +40,7 @@ def main(args: argparse.Namespace) -> int:
     from stepserve.cli import located_engine_config
     from stepserve.server.access import secure_app
     from stepserve.server.app import create_app
+    from stepserve.server.protocol import protocol_class
     from stepserve.server.grpc_server import with_grpc
     from stepserve.tasks.setup import plan_task, serving
 
@@ -69,6 +70,7 @@ def main(args: argparse.Namespace) -> int:
         access_log=args.access_log,
         log_level="info",
         timeout_graceful_shutdown=server_config.shutdown_grace_s,
+        http=protocol_class(server_config.header_timeout_s, server_config.stream_stall_timeout_s),
         root_path=access.root_path,
         ssl_keyfile=access.ssl_keyfile,
         ssl_certfile=access.ssl_certfile,

@@ -20,6 +20,9 @@ class ServerConfig:
     restart_backoff_s: float = field(default=1.0, metadata={"help": "wait before the first engine restart, doubled for each one after"})
     shutdown_grace_s: float = field(default=30.0, metadata={"help": "on SIGTERM, how long in-flight requests may finish"})
     engine_in_process: bool = field(default=False, metadata={"help": "run the engine core in a thread of the server process (no restarts)"})
+    header_timeout_s: float = field(default=30.0, metadata={"help": "close a connection whose request headers are not complete after this many seconds (408)"})
+    body_timeout_s: float = field(default=60.0, metadata={"help": "answer 408 when a request body is not complete this many seconds after its headers"})
+    stream_stall_timeout_s: float = field(default=60.0, metadata={"help": "abort a response (and its engine request) when the client reads nothing for this many seconds"})
     disable_playground: bool = field(default=False, metadata={"help": "do not serve the chat playground at GET /"})
     log_stats_interval: float = field(default=10.0, metadata={"help": "seconds between stats lines (throughput, queue, KV cache)"})
     disable_log_stats: bool = field(default=False, metadata={"help": "no periodic stats line"})
@@ -36,6 +39,9 @@ class ServerConfig:
             raise ConfigError(f"request_timeout_s={self.request_timeout_s}: use a positive number, or leave it out")
         if self.restart_backoff_s < 0 or self.shutdown_grace_s < 0:
             raise ConfigError("restart_backoff_s and shutdown_grace_s must be 0 or more")
+        for name in ("header_timeout_s", "body_timeout_s", "stream_stall_timeout_s"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"{name}={getattr(self, name)}: use a positive number of seconds")
         if self.log_stats_interval <= 0:
             raise ConfigError(f"log_stats_interval={self.log_stats_interval}: use a positive number of seconds")
         if self.tool_call_parser is not None and self.tool_call_parser not in ("hermes", "llama3_json"):

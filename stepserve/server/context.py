@@ -36,14 +36,20 @@ class ServingContext:
             if not 0 <= token < self.vocab_size:
                 raise InvalidRequestError(f"token id {token} is outside the vocabulary [0, {self.vocab_size})", param)
 
-    def encode(self, text: str) -> tuple[int, ...]:
-        return tuple(self.tokenizer.encode(text))
-
-    def encode_chat(self, messages: list[dict], add_generation_prompt: bool, tools: list[dict] | None = None) -> tuple[int, ...]:
-        from stepserve.models.tokenizer import apply_chat_template  # models/ imports torch; the server does not
-
+    def encode(self, text: str, param: str = "prompt") -> tuple[int, ...]:
         try:
-            return tuple(apply_chat_template(self.tokenizer, messages, add_generation_prompt, tools))
+            return tuple(self.tokenizer.encode(text))
+        except Exception as exc:  # text the tokenizer refuses (a character it cannot take): the client's to fix
+            raise InvalidRequestError(f"the tokenizer could not encode {param}: {exc} (parameter={param})", param) from None
+
+    def encode_chat(
+        self, messages: list[dict], add_generation_prompt: bool, template_kwargs: dict | None = None, tools: list[dict] | None = None
+    ) -> tuple[int, ...]:
+        from stepserve.models.tokenizer import apply_chat_template, check_template_kwargs  # models/ imports torch; the server does not
+
+        check_template_kwargs(template_kwargs)
+        try:
+            return tuple(apply_chat_template(self.tokenizer, messages, add_generation_prompt, template_kwargs, tools))
         except Exception as exc:  # the template rejected the conversation: the client's to fix
             raise InvalidRequestError(f"the chat template could not render these messages: {exc}", "messages") from None
 

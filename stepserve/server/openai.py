@@ -46,6 +46,9 @@ def sampling_params(
         raise InvalidRequestError("prompt_logprobs is not available with stream=true", "prompt_logprobs")
     ctx.check_token_ids(req.stop_token_ids or (), "stop_token_ids")
     ctx.check_token_ids(_bias_ids(req.logit_bias), "logit_bias")
+    _check_best_of(req)
+    if req.top_k > ctx.vocab_size:
+        raise InvalidRequestError(f"top_k={req.top_k} exceeds the vocabulary size {ctx.vocab_size} (parameter=top_k)", "top_k")
     return SamplingParams(
         n=req.n,
         temperature=_given_or_default(ctx, req, "temperature", 1.0),
@@ -67,6 +70,16 @@ def sampling_params(
         structured=structured,
         prompt_logprobs=req.prompt_logprobs,
     )
+
+
+def _check_best_of(req: _SamplingFields) -> None:
+    """best_of is honoured only as n: every sampled completion is returned (as vLLM V1)."""
+    if req.best_of is not None and req.best_of != req.n:
+        raise InvalidRequestError(
+            f"best_of={req.best_of} must equal n={req.n}: completions are not ranked, every one sampled is returned "
+            "(parameter=best_of)",
+            "best_of",
+        )
 
 
 def _given_or_default(ctx: ServingContext, req: _SamplingFields, name: str, fallback: float) -> float:
@@ -129,7 +142,7 @@ def completion_prompts(ctx: ServingContext, req: CompletionRequest) -> list[tupl
         raise InvalidRequestError("prompt must not be empty", "prompt")
     out = []
     for item in items:
-        ids = ctx.encode(item) if isinstance(item, str) else tuple(item)
+        ids = ctx.encode(item, "prompt") if isinstance(item, str) else tuple(item)
         ctx.check_token_ids(ids, "prompt")
         text = item if isinstance(item, str) else ctx.tokenizer.decode(ids)
         out.append((text, ctx.prompt_input(ids, params, COMPLETIONS_DEFAULT_MAX_TOKENS)))
@@ -288,7 +301,7 @@ def chat_prompt(ctx: ServingContext, req: ChatCompletionRequest, constraints: tu
         max_tokens = req.max_completion_tokens if alias else req.max_tokens
         spec, _ = constraints if constraints is not None else chat_constraints(ctx, req)
         params = sampling_params(ctx, req, max_tokens, (req.top_logprobs or 0) if req.logprobs else None, spec)
-        ids = ctx.encode_chat(messages, req.add_generation_prompt, template_tools(req))
+        ids = ctx.encode_chat(messages, req.add_generation_prompt, req.chat_template_kwargs, template_tools(req))
         return ctx.prompt_input(ids, params, None)
     except InvalidRequestError as exc:
         raise _renamed(exc, names) from None

@@ -20,25 +20,25 @@ import torch
 
 from stepserve.attention.base import AttentionBackend, AttentionMetadata
 from stepserve.core.outputs import ModelRunnerOutput, SchedulerOutput, TokenLogprob
-from stepserve.models.llama import LlamaForCausalLM
+from stepserve.models.decoder import DecoderForCausalLM
 from stepserve.structured.bitmask import GrammarMatchers, GrammarPass
 from stepserve.worker import sampler as S
 from stepserve.worker.cuda_graphs import CudaGraphs
 
 
-def kv_cache_bytes_per_block(model: LlamaForCausalLM, block_size: int, dtype: torch.dtype) -> int:
+def kv_cache_bytes_per_block(model: DecoderForCausalLM, block_size: int, dtype: torch.dtype) -> int:
     cfg = model.cfg
     return 2 * cfg.num_layers * block_size * cfg.num_kv_heads * cfg.head_dim * torch.finfo(dtype).bits // 8
 
 
-def allocate_kv_cache(model: LlamaForCausalLM, num_blocks: int, block_size: int, dtype, device) -> list[torch.Tensor]:
+def allocate_kv_cache(model: DecoderForCausalLM, num_blocks: int, block_size: int, dtype, device) -> list[torch.Tensor]:
     cfg = model.cfg
     shape = (2, num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim)
     return [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_layers)]
 
 
 @torch.inference_mode()
-def profile_run(model: LlamaForCausalLM, backend: AttentionBackend, block_size: int, num_tokens: int, num_seqs: int, device) -> None:
+def profile_run(model: DecoderForCausalLM, backend: AttentionBackend, block_size: int, num_tokens: int, num_seqs: int, device) -> None:
     """The largest pass the scheduler may send (``num_tokens`` prompt tokens over ``num_seqs``
     sequences, logits and sorting for every row) over a scratch KV cache, so that the caller can
     read peak activation memory before sizing the real cache."""
@@ -89,7 +89,7 @@ class ModelRunner:
 
     def __init__(
         self,
-        model: LlamaForCausalLM,
+        model: DecoderForCausalLM,
         kv_caches: list[torch.Tensor],
         block_size: int,
         backend: AttentionBackend,

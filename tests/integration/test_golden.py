@@ -69,6 +69,6 @@ def test_embedded_gguf_equals_transformers():
 
 
 def llm_source():
-    from stepserve.models.loader import resolve_source
+    from stepserve.models.source import resolve_source
 
     return resolve_source(None)
