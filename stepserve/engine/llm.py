@@ -13,6 +13,8 @@ from stepserve.engine.output_processor import RequestOutput, RequestState
 from stepserve.errors import InvalidRequestError
 from stepserve.models.tokenizer import apply_chat_template
 from stepserve.sampling import SamplingParams
+from stepserve.structured.compiler import GrammarCompiler
+from stepserve.structured.spec import GrammarSpec
 
 Prompt = str | Sequence[int]
 
@@ -30,6 +32,7 @@ class LLM:
         self.core, self.tokenizer, self.info = build_engine(self.config)
         self.sampling_defaults = sampling_defaults(self.config)
         self._counter = 0
+        self._grammars: GrammarCompiler | None = None
 
     def generate(
         self,
@@ -60,6 +63,13 @@ class LLM:
         """The model's sampling defaults (vLLM's name); plain ``SamplingParams()`` if it has none."""
         return self.sampling_defaults.params()
 
+    def grammar(self, kind: str, source: object) -> GrammarSpec:
+        """A checked output constraint for ``SamplingParams(structured=...)``: ``kind`` is
+        ``json`` (a schema), ``json_object``, ``regex``, ``choice`` (a list) or ``grammar`` (Lark or GBNF)."""
+        if self._grammars is None:
+            self._grammars = GrammarCompiler(self.tokenizer, self.core.worker.vocab_size, self.info.eos_token_ids)
+        return self._grammars.compile(kind, source, kind)
+
     def _tokenize(self, prompt: Prompt) -> list[int]:
         if isinstance(prompt, str):
             return self.tokenizer.encode(prompt)
@@ -76,7 +86,10 @@ class LLM:
             groups.append(self._add(ids, params, states))
         self._drain(states)
         return [
-            RequestOutput(g[0].request_id.rsplit("-", 1)[0], text, list(ids), [s.completion() for s in g], g[0].num_cached_tokens)
+            RequestOutput(
+                g[0].request_id.rsplit("-", 1)[0], text, list(ids), [s.completion() for s in g], g[0].num_cached_tokens,
+                prompt_logprobs=g[0].prompt_logprobs,
+            )
             for g, text, ids in zip(groups, texts, token_lists)
         ]
 

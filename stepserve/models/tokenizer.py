@@ -49,9 +49,13 @@ def check_template_kwargs(template_kwargs: dict | None) -> None:
         raise InvalidRequestError(f"chat_template_kwargs may not set {', '.join(clash)}", "chat_template_kwargs")
 
 
-def apply_chat_template(tokenizer, messages: list[dict], add_generation_prompt: bool = True, template_kwargs: dict | None = None) -> list[int]:
+def apply_chat_template(
+    tokenizer, messages: list[dict], add_generation_prompt: bool = True, template_kwargs: dict | None = None, tools: list[dict] | None = None
+) -> list[int]:
     """Token ids of the rendered conversation (the template decides BOS). ``template_kwargs``
-    become template variables (Qwen3's ``enable_thinking``), as vLLM's ``chat_template_kwargs``."""
+    become template variables (Qwen3's ``enable_thinking``), as vLLM's ``chat_template_kwargs``;
+    ``tools`` are OpenAI tool definitions, for templates that describe them to the model."""
     check_template_kwargs(template_kwargs)
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt, **(template_kwargs or {}))
+    extra = dict(template_kwargs or {}) | ({"tools": tools} if tools else {})
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt, **extra)
     return tokenizer.encode(text, add_special_tokens=False)

@@ -37,6 +37,7 @@ from stepserve.server import kserve, openai
 from stepserve.server.config import ServerConfig
 from stepserve.server.context import ServingContext
 from stepserve.server.fields import UnknownFieldPolicy
+from stepserve.structured.compiler import GrammarCompiler
 from stepserve.server.metrics import CONTENT_TYPE, ServerMetrics
 from stepserve.server.playground import add_playground_routes
 from stepserve.server.stats_log import start_stats_logger
@@ -266,8 +267,9 @@ def create_app(make_client: Callable[[], CoreClient], tokenizer, info: FrontInfo
             engine, serving = AsyncEngine(client, tokenizer, app.state.metrics.observe, limits), None
         else:
             engine, serving = tasks.start(client, app.state.metrics.observe, limits)
+        grammars = GrammarCompiler(tokenizer, info.vocab_size, info.eos_token_ids)
         unknown = UnknownFieldPolicy(config.allow_unknown_fields)
-        app.state.ctx = ServingContext(engine, tokenizer, model_name, info.max_model_len, info.vocab_size, config, sampling_defaults=info.sampling_defaults, unknown=unknown, tasks=serving)
+        app.state.ctx = ServingContext(engine, tokenizer, model_name, info.max_model_len, info.vocab_size, config, sampling_defaults=info.sampling_defaults, unknown=unknown, tasks=serving, grammars=grammars)
         app.state.started = int(time.time())
         stats_task = start_stats_logger(engine, client, config)
         yield

@@ -26,6 +26,7 @@ _NO_STREAM = "streaming is not offered on KServe v1/v2; use /v1/completions with
 _ELSEWHERE = {  # CompletionRequest fields that have another place (or none) on these routes
     "prompt": "the prompts are the instances (v1) or the text_input tensor (v2)",
     "stream_options": _NO_STREAM,
+    "prompt_logprobs": "prompt logprobs are answered on /v1/completions only",
 }
 
 

@@ -31,7 +31,41 @@ class StreamOptions(_Body):
     include_usage: StrictBool = False  # send a final chunk with usage
 
 
-class _SamplingFields(_Body):
+class JsonSchemaFormat(_Body):
+    name: str | None = None  # the schema's name (OpenAI requires it; only reported back)
+    description: str | None = None  # what the answer is for
+    schema_: dict | None = Field(default=None, alias="schema")  # the JSON schema the answer follows
+    strict: StrictBool | None = None  # the schema is enforced either way
+
+
+class ResponseFormat(_Body):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None  # needed by type=json_schema
+
+
+class StructuredOutputs(_Body):
+    """vLLM's ``structured_outputs``: exactly one constraint."""
+
+    json_: dict | str | None = Field(default=None, alias="json")  # a JSON schema
+    regex: str | None = None  # a regular expression (Rust regex syntax)
+    choice: list[str] | None = None  # the answer is one of these strings
+    grammar: str | None = None  # a Lark or GBNF grammar
+    json_object: StrictBool | None = None  # any JSON object
+
+
+class _StructuredFields(_Body):
+    """Output constraints, on completions and chat (OpenAI's and vLLM's spellings)."""
+
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputs | None = None
+    guided_json: dict | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+    prompt_logprobs: int | None = None  # vLLM: logprobs of the prompt tokens (with this many alternatives)
+
+
+class _SamplingFields(_StructuredFields):
     """Sampling parameters shared by completions, chat and the KServe ``parameters``."""
 
     model: str | None = None
@@ -89,6 +123,27 @@ class ChatMessage(_Body):
     function_call: None = None
 
 
+class FunctionDef(_Body):
+    name: str
+    description: str | None = None
+    parameters: dict | None = None  # a JSON schema of the arguments object
+    strict: StrictBool | None = None  # arguments are enforced when the call is forced
+
+
+class ToolDef(_Body):
+    type: Literal["function"]
+    function: FunctionDef
+
+
+class NamedFunction(_Body):
+    name: str
+
+
+class NamedToolChoice(_Body):
+    type: Literal["function"]
+    function: NamedFunction
+
+
 class ChatCompletionRequest(_SamplingFields):
     messages: list[ChatMessage]
     max_completion_tokens: Int64 | None = None  # OpenAI's newer name; wins over max_tokens
@@ -96,6 +151,9 @@ class ChatCompletionRequest(_SamplingFields):
     top_logprobs: Int64 | None = None  # alternatives per token, needs logprobs
     add_generation_prompt: StrictBool = True  # end the template with the assistant's turn
     chat_template_kwargs: dict | None = None  # extra template variables (Qwen3's enable_thinking), as vLLM
+    tools: list[ToolDef] | None = None  # functions the model may call
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None  # default: auto with tools
+    parallel_tool_calls: StrictBool = True  # more than one call per answer
 
 
 class KServeV2Tensor(_Body):
