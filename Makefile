@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 HAS_NVIDIA := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo yes)
 
-.PHONY: install serve test bench mutate clean
+.PHONY: install serve test bench mutate clean grpc-stubs
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -38,6 +38,10 @@ mutate: $(STAMP)
 	$(BIN)/python -m pip install -q mutmut==3.8.1
 	$(BIN)/mutmut run --max-children $(or $(JOBS),2) $(MUTANTS)
 	$(BIN)/python tools/mutation_score.py
+
+# The gRPC stubs are committed; after changing the .proto, regenerate them:
+grpc-stubs: $(STAMP)
+	$(BIN)/python -m grpc_tools.protoc -I. --python_out=. --grpc_python_out=. --pyi_out=. stepserve/server/proto/grpc_predict_v2.proto
 
 clean:
 	rm -rf $(VENV)

@@ -6,7 +6,7 @@ import argparse
 import logging
 import sys
 
-from stepserve.config import CacheConfig, ModelConfig, SchedulerConfig, add_dataclass_args, engine_config_from_args
+from stepserve.config import CacheConfig, ConfigError, EngineConfig, ModelConfig, SchedulerConfig, add_dataclass_args, engine_config_from_args
 
 # KServe huggingfaceserver's spellings for the flags it has.
 KSERVE_ALIASES = {"model": "--model_dir"}
@@ -14,16 +14,27 @@ KSERVE_ALIASES = {"model": "--model_dir"}
 
 def add_engine_args(parser: argparse.ArgumentParser) -> None:
     add_dataclass_args(parser, ModelConfig, KSERVE_ALIASES)
-    parser.add_argument("--model_id", "--model-id", dest="model", help="alias of --model (a local path: no hub is reached)")
+    parser.add_argument("--model_id", "--model-id", dest="model_id", default=None, help="a Hugging Face hub id ORG/NAME, downloaded with huggingface_hub (HF_TOKEN, HF_HOME, HF_ENDPOINT, HF_HUB_OFFLINE apply), or a local path")
+    parser.add_argument("--model_revision", "--model-revision", dest="model_revision", default=None, help="hub branch, tag or commit of --model_id (default: main)")
+    parser.add_argument("--tokenizer_revision", "--tokenizer-revision", dest="tokenizer_revision", default=None, help="hub revision of the tokenizer, when it differs from --model_revision")
     add_dataclass_args(parser, CacheConfig)
     add_dataclass_args(parser, SchedulerConfig)
+
+
+def located_engine_config(args: argparse.Namespace) -> tuple[EngineConfig, str | None]:
+    """The engine config with the model found first (hub download, /mnt/models, embedded),
+    and the served name the model's location suggests (a hub id), if any."""
+    from stepserve.engine.model_source import locate_from_args
+
+    located = locate_from_args(args)
+    return engine_config_from_args(argparse.Namespace(**{**vars(args), "model": located.path})), located.name
 
 
 def _generate(args: argparse.Namespace) -> int:
     from stepserve.engine.llm import LLM
     from stepserve.sampling import SamplingParams
 
-    config = engine_config_from_args(args)
+    config, _ = located_engine_config(args)
     from stepserve.bench.throughput import _flatten
 
     llm = LLM(**_flatten(config))
@@ -39,11 +50,20 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
+    if args.bench == "embeddings":
+        from stepserve.bench import embeddings
+
+        embeddings.run(args)
+        return 0
     if args.bench == "throughput":
         from stepserve.bench import throughput
 
-        throughput.run(args, engine_config_from_args(args))
+        throughput.run(args, located_engine_config(args)[0])
         return 0
+    if args.bench in ("fuzz", "soak"):
+        import importlib
+
+        return importlib.import_module(f"stepserve.bench.{args.bench}").main(args)
     from stepserve.bench import serve
 
     return serve.main(args)
@@ -85,13 +105,34 @@ def build_parser() -> argparse.ArgumentParser:
         sv = bench_sub.add_parser("serve", help="load an OpenAI-compatible server")
         add_serve_bench_args(sv)
         sv.set_defaults(func=_bench)
+    _add_hardening_benches(bench_sub)
+    from stepserve.bench.embeddings import add_args as add_embeddings_args
+
+    emb = bench_sub.add_parser("embeddings", help="a server's /v1/embeddings beside plain transformers")
+    add_embeddings_args(emb)
+    emb.set_defaults(func=_bench)
     return parser
+
+
+def _add_hardening_benches(bench_sub) -> None:
+    from stepserve.bench import fuzz, soak
+
+    fz = bench_sub.add_parser("fuzz", help="schema-aware fuzzing of every route of a running server; prints status counts")
+    fuzz.add_args(fz)
+    fz.set_defaults(func=_bench)
+    sk = bench_sub.add_parser("soak", help="start a server, drive a mixed load for a while, report leaks and stuck requests")
+    soak.add_args(sk)
+    sk.set_defaults(func=_bench)
 
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except ConfigError as exc:  # a startup error: one line, no traceback
+        print(f"stepserve {args.command}: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 from stepserve.errors import InvalidRequestError
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
-QUANTIZATIONS = ("auto", "none", "int4")
+QUANTIZATIONS = ("auto", "none", "int4", "fp8")
+LOAD_FORMATS = ("auto", "dummy")
 DEVICES = ("auto", "cpu", "cuda")
 
 
@@ -28,18 +29,21 @@ def _require(ok: bool, message: str) -> None:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    model: str | None = field(default=None, metadata={"help": "model directory, .gguf file, or none for the embedded SmolLM2-135M-Instruct"})
-    dtype: str = field(default="auto", metadata={"help": "weights and activations: auto (bfloat16 on GPU; on CPU bfloat16 where the CPU has it natively, unless the checkpoint is float32), float32, bfloat16, float16"})
-    quantization: str = field(default="auto", metadata={"help": "weights: none, int4 (CPU, weight-only, groups of 32), or auto (int4 for a 4-bit GGUF on a bfloat16 CPU)"})
+    model: str | None = field(default=None, metadata={"help": "model directory or .gguf file; default: /mnt/models when it exists (KServe), else the embedded SmolLM2-135M-Instruct"})
+    dtype: str = field(default="auto", metadata={"help": "weights and activations: auto (on GPU the checkpoint's float16 or bfloat16, float32 as bfloat16; on CPU bfloat16 where the CPU has it natively, unless the checkpoint is float32), float32, bfloat16, float16"})
+    quantization: str = field(default="auto", metadata={"help": "weights: none, int4 (CPU, weight-only, groups of 32), fp8 (CUDA, Hopper or later: e4m3 weights with per-channel scales, quantized at load), or auto (int4 for a 4-bit GGUF on a bfloat16 CPU)"})
     device: str = field(default="auto", metadata={"help": "auto, cpu or cuda"})
     max_model_len: int | None = field(default=None, metadata={"help": "context length; default: the model's"})
     seed: int = field(default=0, metadata={"help": "seed of the engine's generator for unseeded requests"})
     enforce_eager: bool = field(default=False, metadata={"help": "no CUDA graphs or compiled paths"})
+    load_format: str = field(default="auto", metadata={"help": "auto (the checkpoint's files) or dummy (random weights of the right shapes, no weight files read; for benchmarks)"})
+    compilation_cache_dir: str | None = field(default=None, metadata={"help": "where compiled GPU kernels are kept across restarts; default: ~/.cache/stepserve/compile (or $XDG_CACHE_HOME/stepserve/compile)"})
     generation_config: str = field(default="auto", metadata={"help": "sampling defaults for fields a request leaves out: auto (the model's generation_config.json), vllm (none), or a directory holding a generation_config.json"})
 
     def __post_init__(self) -> None:
         _require(self.dtype in DTYPES, f"dtype={self.dtype!r}: choose one of {', '.join(DTYPES)}")
         _require(self.quantization in QUANTIZATIONS, f"quantization={self.quantization!r}: choose one of {', '.join(QUANTIZATIONS)}")
+        _require(self.load_format in LOAD_FORMATS, f"load_format={self.load_format!r}: choose one of {', '.join(LOAD_FORMATS)}")
         _require(self.device in DEVICES, f"device={self.device!r}: choose one of {', '.join(DEVICES)}")
         _require(self.max_model_len is None or self.max_model_len >= 2, f"max_model_len={self.max_model_len}: use at least 2")
 

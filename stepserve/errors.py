@@ -5,6 +5,7 @@
 - ``EngineDeadError``: the engine core died or is restarting, HTTP 503 ``engine_unavailable``.
 - ``QueueFullError``: admission control refused the request, HTTP 429 with ``Retry-After``.
 - ``RequestTimeoutError``: the request ran past the server's timeout, HTTP 504.
+- ``ClientTimeoutError``: the client was too slow to send its request, HTTP 408.
 - ``RequestAbortedError``: one request failed inside the engine; the others go on.
 """
 
@@ -42,6 +43,10 @@ class QueueFullError(StepserveError):
 
 class RequestTimeoutError(StepserveError):
     """The request ran past the server's ``--request-timeout-s`` and was aborted."""
+
+
+class ClientTimeoutError(StepserveError):
+    """The client did not finish sending its request in time (``--body-timeout-s``)."""
 
 
 class RequestAbortedError(StepserveError):

@@ -14,6 +14,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from stepserve.errors import InvalidRequestError
+from stepserve.structured.spec import GrammarSpec
 
 MAX_LOGPROBS = 20
 _GREEDY_EPS = 1e-5
@@ -102,6 +103,8 @@ class SamplingParams:
     logprobs: int | None = None  # number of top alternatives to return with each token
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias added to its logit)
     skip_special_tokens: bool = True  # leave special tokens out of the text
+    structured: GrammarSpec | None = None  # output constraint checked by the front end; None: free text
+    prompt_logprobs: int | None = None  # logprobs of the prompt tokens, with this many alternatives; None: none
 
     def __post_init__(self) -> None:
         set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731
@@ -136,6 +139,10 @@ class SamplingParams:
             _check_int("logprobs", self.logprobs, 0)
             if self.logprobs > MAX_LOGPROBS:
                 _fail("logprobs", f"logprobs must be at most {MAX_LOGPROBS}, got {self.logprobs}")
+        if self.prompt_logprobs is not None:
+            _check_int("prompt_logprobs", self.prompt_logprobs, 0)
+            if self.prompt_logprobs > MAX_LOGPROBS:
+                _fail("prompt_logprobs", f"prompt_logprobs must be at most {MAX_LOGPROBS}, got {self.prompt_logprobs}")
 
     @property
     def greedy(self) -> bool:

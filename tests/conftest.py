@@ -46,7 +46,7 @@ def embedded_hf():
     import torch
     import transformers
 
-    from stepserve.models.loader import resolve_source
+    from stepserve.models.source import resolve_source
 
     source = resolve_source(None)
     return transformers.AutoModelForCausalLM.from_pretrained(str(source.directory), gguf_file=source.gguf_file, dtype=torch.float32).eval()

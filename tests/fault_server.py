@@ -12,5 +12,5 @@ from stepserve.engine import core_process
 
 if __name__ == "__main__":  # the spawned core re-imports this file as __mp_main__
     mode = sys.argv.pop(1)
-    core_process.core_factory = lambda config: functools.partial(faults.faulty_core, config, mode)
+    core_process.core_factory = lambda config, **_: functools.partial(faults.faulty_core, config, mode)
     sys.exit(cli.main(sys.argv[1:]))

@@ -66,3 +66,63 @@ def write_tiny_model(directory: Path, arch: str = "llama", seed: int = 0, **over
     save_byte_tokenizer(directory)
     (directory / "generation_config.json").write_text(json.dumps({"eos_token_id": [EOS_ID], "bos_token_id": 257}))
     return directory
+
+
+WINDOW = 8  # sliding window of the windowed tiny models: shorter than most test prompts
+
+# family -> (transformers config class, model class, config overrides beyond the common ones)
+FAMILIES = {
+    "mistral": ("MistralConfig", "MistralForCausalLM", dict(sliding_window=WINDOW)),
+    "qwen2-window": ("Qwen2Config", "Qwen2ForCausalLM", dict(use_sliding_window=True, sliding_window=WINDOW, max_window_layers=1)),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(head_dim=16)),
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", dict(
+        head_dim=16, query_pre_attn_scalar=24, sliding_window=WINDOW, attn_logit_softcapping=1.5,
+        final_logit_softcapping=3.0, num_hidden_layers=3, tie_word_embeddings=True,
+    )),
+    "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM", dict(
+        head_dim=16, query_pre_attn_scalar=16, sliding_window=WINDOW, num_hidden_layers=3, tie_word_embeddings=True,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+        rope_parameters={
+            "full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1_000_000.0},
+            "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0},
+        },
+    )),
+    "phi3": ("Phi3Config", "Phi3ForCausalLM", dict(
+        max_position_embeddings=512, original_max_position_embeddings=128, pad_token_id=0,
+        rope_parameters={
+            "rope_type": "longrope", "rope_theta": 10000.0, "partial_rotary_factor": 0.5,
+            "short_factor": [1.0, 1.5, 2.0, 3.0], "long_factor": [2.0, 4.0, 6.0, 9.0],
+            "original_max_position_embeddings": 128,
+        },
+    )),
+    "granite": ("GraniteConfig", "GraniteForCausalLM", dict(
+        embedding_multiplier=4.0, residual_multiplier=0.5, attention_multiplier=0.2, logits_scaling=2.0,
+    )),
+}
+
+
+def write_tiny_family(directory: Path, family: str, seed: int = 0) -> Path:
+    """A random model of one family from its transformers config class, with random norm weights
+    (so that a missing ``1 + w`` or a skipped norm shows)."""
+    import torch
+    import transformers
+
+    config_cls, model_cls, extra = FAMILIES[family]
+    directory.mkdir(parents=True, exist_ok=True)
+    common = dict(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=512, rms_norm_eps=1e-5, eos_token_id=EOS_ID,
+        bos_token_id=257, initializer_range=0.2, tie_word_embeddings=False,
+    )
+    common.update(extra)
+    torch.manual_seed(seed)
+    config = getattr(transformers, config_cls)(**common)
+    model = getattr(transformers, model_cls)(config)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "norm" in name:
+                param.add_(torch.randn_like(param) * 0.3)
+    model.save_pretrained(directory)
+    save_byte_tokenizer(directory)
+    (directory / "generation_config.json").write_text(json.dumps({"eos_token_id": [EOS_ID], "bos_token_id": 257}))
+    return directory

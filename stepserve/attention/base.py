@@ -46,6 +46,8 @@ class AttentionBackend(Protocol):
         kv_cache: torch.Tensor,  # [2, num_blocks, block_size, Hkv, D]
         meta: AttentionMetadata,
         scale: float,
+        window: int = 0,  # keys a query sees, itself included (sliding window); 0: all
+        softcap: float = 0.0,  # scores -> softcap * tanh(scores / softcap); 0: off
     ) -> torch.Tensor:  # [T, H, D]
         ...
 

@@ -8,7 +8,7 @@ longest chunk. Fast backends are tested against it; it is also the CPU path.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -24,8 +24,20 @@ class _Group:
     index: torch.Tensor | None  # [B', max_q] packed index of each padded query (prefill)
     valid: torch.Tensor | None  # [B', max_q] which padded queries are real (prefill)
     tables: torch.Tensor  # [B' * max_blocks] int64 block ids, row after row
-    mask: torch.Tensor  # [B', 1, max_q or 1, kv_len] bool: which keys each query sees
+    q_pos: torch.Tensor  # [B', max_q or 1] position of each (padded) query in its sequence
+    keys: torch.Tensor  # [kv_len] position of each gathered key
     out_rows: torch.Tensor | None  # packed index of each query token, in output order; None: all, in order
+    masks: dict = field(default_factory=dict)  # window -> [B', 1, max_q or 1, kv_len] bool; 0: causal
+
+    def mask(self, window: int) -> torch.Tensor:
+        """Which keys each query sees: causal, and within the last ``window`` positions (itself
+        included) when windowed. Built once per step and window, shared by the layers."""
+        if window not in self.masks:
+            visible = self.keys[None, None, :] <= self.q_pos[:, :, None]  # a padded query sees key 0
+            if window:
+                visible &= self.keys[None, None, :] > self.q_pos[:, :, None] - window
+            self.masks[window] = visible[:, None]
+        return self.masks[window]
 
 
 class SdpaBackend:
@@ -46,10 +58,10 @@ class SdpaBackend:
         tables = meta.block_tables if rows is None else meta.block_tables[rows]
         seq_lens = meta.seq_lens if rows is None else meta.seq_lens[rows]
         keys = torch.arange(tables.shape[1] * meta.block_size, device=qsl.device)
-        mask = keys[None, :] < seq_lens.long()[:, None]  # the new token sees its whole context
+        q_pos = seq_lens.long()[:, None] - 1  # the new token is the context's last
         out_rows = None if rows is None else qsl[rows]  # a decode row's one token
         # index_select of whole blocks copies about 3x faster on a CPU than advanced indexing.
-        return _Group(True, None, None, tables.reshape(-1).long(), mask[:, None, None], out_rows)
+        return _Group(True, None, None, tables.reshape(-1).long(), q_pos, keys, out_rows)
 
     @staticmethod
     def _prefill_group(meta: AttentionMetadata, qsl: torch.Tensor, rows: torch.Tensor | None) -> _Group:
@@ -62,28 +74,27 @@ class SdpaBackend:
         index = torch.where(valid, starts[:, None] + offsets[None, :], 0)  # padded rows read token 0
         q_pos = torch.where(valid, seq_lens.long()[:, None] - q_lens[:, None] + offsets[None, :], 0)
         keys = torch.arange(tables.shape[1] * meta.block_size, device=qsl.device)
-        # Causal within the context; a padded query row sees key 0 only, so it never turns NaN.
-        mask = keys[None, None, :] <= q_pos[:, :, None]  # [B', max_q, kv_len]
+        # A padded query row sits at position 0 and sees key 0 only, so it never turns NaN.
         out_rows = None if rows is None else index[valid]
-        return _Group(False, index, valid, tables.reshape(-1).long(), mask[:, None], out_rows)
+        return _Group(False, index, valid, tables.reshape(-1).long(), q_pos, keys, out_rows)
 
-    def forward(self, q, k, v, kv_cache, meta, scale):
+    def forward(self, q, k, v, kv_cache, meta, scale, window: int = 0, softcap: float = 0.0):
         dtype = q.dtype  # the cache may be wider than the activations (float32 on CPU)
         q, k, v = q.to(kv_cache.dtype), k.to(kv_cache.dtype), v.to(kv_cache.dtype)
         write_kv(k, v, kv_cache, meta.slot_mapping)
         groups = meta.extras["groups"]
         if len(groups) == 1:
-            return self._attend(groups[0], q, kv_cache, scale).to(dtype)
+            return self._attend(groups[0], q, kv_cache, scale, window, softcap).to(dtype)
         out = torch.empty_like(q)
         for group in groups:
-            out[group.out_rows] = self._attend(group, q, kv_cache, scale)
+            out[group.out_rows] = self._attend(group, q, kv_cache, scale, window, softcap)
         return out.to(dtype)
 
     @staticmethod
-    def _attend(group: _Group, q: torch.Tensor, kv_cache: torch.Tensor, scale: float) -> torch.Tensor:
+    def _attend(group: _Group, q: torch.Tensor, kv_cache: torch.Tensor, scale: float, window: int, softcap: float) -> torch.Tensor:
         """Attention of the group's queries, packed: [tokens of the group, H, D]."""
         num_heads, (_, _, num_kv_heads, head_dim) = q.shape[1], kv_cache.shape[1:]
-        batch = group.mask.shape[0]
+        batch = group.q_pos.shape[0]
         # One gather for keys and values: [2, B', Hkv, max_blocks * block_size, D].
         kv = kv_cache.index_select(1, group.tables).view(2, batch, -1, num_kv_heads, head_dim).transpose(2, 3)
         if group.decode:
@@ -92,10 +103,24 @@ class SdpaBackend:
             # the mask's single query row broadcasts over them.
             rows = q if group.out_rows is None else q[group.out_rows]
             queries = rows.view(batch, num_kv_heads, num_heads // num_kv_heads, head_dim)
-            out = F.scaled_dot_product_attention(queries, kv[0], kv[1], attn_mask=group.mask, scale=scale)
+            out = _sdpa(queries, kv[0], kv[1], group.mask(window), scale, softcap)
             return out.reshape(batch, num_heads, head_dim)
         queries = q[group.index].transpose(1, 2)  # [B', H, max_q, D]
-        out = F.scaled_dot_product_attention(
-            queries, kv[0], kv[1], attn_mask=group.mask, scale=scale, enable_gqa=num_kv_heads != num_heads
-        )
+        out = _sdpa(queries, kv[0], kv[1], group.mask(window), scale, softcap)
         return out.transpose(1, 2)[group.valid]  # [tokens of the group, H, D]
+
+
+def _sdpa(q, k, v, mask, scale: float, softcap: float) -> torch.Tensor:
+    """SDPA over [B, H, Q, D] queries and [B, Hkv, K, D] keys/values; with ``softcap`` the
+    scores become ``cap * tanh(scores / cap)`` before the mask (Gemma 2), in float32 at least."""
+    gqa = q.shape[1] != k.shape[1]
+    if not softcap:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
+    if gqa:
+        k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+        v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
+    wide = torch.promote_types(q.dtype, torch.float32)
+    scores = (q.to(wide) @ k.to(wide).transpose(-1, -2)) * scale
+    scores = torch.tanh(scores / softcap) * softcap
+    probs = scores.masked_fill(~mask, float("-inf")).softmax(dim=-1)
+    return (probs @ v.to(wide)).to(q.dtype)

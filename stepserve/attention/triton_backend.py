@@ -16,11 +16,12 @@ MAX_SPLITS = 32
 
 
 def num_splits(batch: int, num_kv_heads: int, num_sms: int) -> int:
-    """Splits per sequence so that (sequence, KV head, split) programs fill the GPU about twice;
+    """Splits per sequence so that (sequence, KV head, split) programs fill the GPU up to twice;
     1 when the batch alone fills it. It depends on the batch shape only, never on the lengths, so
     an eager step and a graph captured for the same batch size split (and round) alike; short
     sequences just leave trailing splits empty."""
-    return max(1, min(-(-2 * num_sms // (batch * num_kv_heads)), MAX_SPLITS))
+    splits = max(1, min(-(-2 * num_sms // (batch * num_kv_heads)), MAX_SPLITS))
+    return 1 << (splits.bit_length() - 1)  # a power of two: few kernel variants to compile at startup
 
 
 class TritonBackend:
@@ -38,17 +39,18 @@ class TritonBackend:
     def prepare(self, meta: AttentionMetadata) -> None:
         meta.extras = {}
 
-    def forward(self, q, k, v, kv_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    def forward(self, q, k, v, kv_cache, meta: AttentionMetadata, scale: float, window: int = 0, softcap: float = 0.0) -> torch.Tensor:
         K.write_kv(k, v, kv_cache, meta.slot_mapping)
         out = torch.empty_like(q)
         args = (kv_cache, out, meta.query_start_loc, meta.seq_lens, meta.block_tables, scale)
+        opts = {"window": window, "softcap": softcap}
         if meta.is_decode:
-            K.paged_decode(q, *args, num_splits=self._splits(meta, meta.block_tables.shape[0], kv_cache))
+            K.paged_decode(q, *args, num_splits=self._splits(meta, meta.block_tables.shape[0], kv_cache), **opts)
             return out
         if meta.decode_rows is not None:
             splits = self._splits(meta, meta.decode_rows.shape[0], kv_cache)
-            K.paged_decode(q, *args, num_splits=splits, rows=meta.decode_rows)
-        K.paged_prefill(q, *args, rows=meta.prefill_rows, max_query_len=meta.max_query_len)
+            K.paged_decode(q, *args, num_splits=splits, rows=meta.decode_rows, **opts)
+        K.paged_prefill(q, *args, rows=meta.prefill_rows, max_query_len=meta.max_query_len, **opts)
         return out
 
     def _splits(self, meta: AttentionMetadata, batch: int, kv_cache: torch.Tensor) -> int:

@@ -13,6 +13,10 @@ tables map a sequence's logical blocks to physical ones; the null block 0 pads t
   with a fixed split count stays valid as sequences grow.
 - ``paged_prefill``: variable-length query runs (prompt chunks) attending causally to their
   whole context in the cache, prefix-cache hits included (flash-attention over pages).
+
+Both take a sliding ``window`` (keys a query sees, itself included): the loops start at the
+window's first key, so pages wholly outside it are never read. ``softcap`` (Gemma 2) maps the
+scores to ``softcap * tanh(scores / softcap)`` before the softmax.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import triton
 import triton.language as tl
 
 LOG2E = 1.4426950408889634
+NO_WINDOW = 1 << 30  # a window no context reaches: the kernels' "attend to everything"
 
 
 def _precision(q: torch.Tensor) -> str:
@@ -61,15 +66,27 @@ def write_kv(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slot_mapp
 
 
 @triton.jit
+def _scores(q, k, scale_log2, softcap, PRECISION: tl.constexpr, HAS_SOFTCAP: tl.constexpr):
+    """q.k scaled, in log2 units for exp2; soft-capped first when asked (tanh via exp)."""
+    qk = tl.dot(q, tl.trans(k), input_precision=PRECISION)
+    if HAS_SOFTCAP:
+        x = qk * (scale_log2 / 1.4426950408889634) / softcap
+        qk = (1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0)) * (softcap * 1.4426950408889634)
+    else:
+        qk = qk * scale_log2
+    return qk
+
+
+@triton.jit
 def _paged_decode_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, part_out_ptr, part_lse_ptr,
     rows_ptr, qsl_ptr, seq_lens_ptr, tables_ptr,
-    scale_log2, num_splits,
+    scale_log2, num_splits, window, softcap,
     stride_qt, stride_qh, stride_ot, stride_oh,
     stride_kb, stride_kt, stride_kh, stride_tb,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, HAS_ROWS: tl.constexpr, SPLIT: tl.constexpr,
-    PRECISION: tl.constexpr,
+    PRECISION: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
 ):
     i = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -80,8 +97,9 @@ def _paged_decode_kernel(
         row = i
     tok = tl.load(qsl_ptr + row)  # the sequence's one new token in the packed batch
     seq_len = tl.load(seq_lens_ptr + row)
-    tiles_per_split = tl.cdiv(tl.cdiv(seq_len, BLOCK_N), num_splits)
-    start = split * tiles_per_split * BLOCK_N
+    first = tl.maximum(seq_len - window, 0)  # the window's first key; the splits share [first, seq_len)
+    tiles_per_split = tl.cdiv(tl.cdiv(seq_len - first, BLOCK_N), num_splits)
+    start = first + split * tiles_per_split * BLOCK_N
     end = tl.minimum(seq_len, start + tiles_per_split * BLOCK_N)
 
     g = tl.arange(0, GROUP_PAD)
@@ -100,7 +118,7 @@ def _paged_decode_kernel(
         offs = block * stride_kb + (n % BLOCK_SIZE) * stride_kt + kvh * stride_kh
         k = tl.load(k_cache_ptr + offs[:, None] + d[None, :], mask=nmask[:, None], other=0.0)
         v = tl.load(v_cache_ptr + offs[:, None] + d[None, :], mask=nmask[:, None], other=0.0)
-        qk = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2
+        qk = _scores(q, k, scale_log2, softcap, PRECISION, HAS_SOFTCAP)
         qk = tl.where(nmask[None, :], qk, float("-inf"))
         m_new = tl.maximum(m, tl.max(qk, 1))
         p = tl.math.exp2(qk - m_new[:, None])
@@ -155,6 +173,8 @@ def paged_decode(
     num_splits: int,
     rows: torch.Tensor | None = None,  # [Bd] rows that decode; None: every row
     block_n: int = 64,
+    window: int = 0,  # keys a query sees, itself included; 0: all
+    softcap: float = 0.0,  # 0: off
 ) -> None:
     num_rows = block_tables.shape[0] if rows is None else rows.shape[0]
     if num_rows == 0:
@@ -172,12 +192,12 @@ def paged_decode(
     _paged_decode_kernel[(num_rows, num_kv_heads, num_splits)](
         q, k_cache, v_cache, out, part_out, part_lse,
         rows_arg, query_start_loc, seq_lens, block_tables,
-        scale * LOG2E, num_splits,
+        scale * LOG2E, num_splits, window or NO_WINDOW, softcap or 1.0,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
         BLOCK_SIZE=block_size, BLOCK_N=block_n, HAS_ROWS=rows is not None, SPLIT=split, PRECISION=_precision(q),
-        num_warps=4, num_stages=2,
+        HAS_SOFTCAP=softcap > 0, num_warps=4, num_stages=2,
     )
     if split:
         _merge_splits_kernel[(num_rows, num_heads)](
@@ -189,11 +209,11 @@ def paged_decode(
 @triton.jit
 def _paged_prefill_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, rows_ptr, qsl_ptr, seq_lens_ptr, tables_ptr,
-    scale_log2,
+    scale_log2, window, softcap,
     stride_qt, stride_qh, stride_ot, stride_oh,
     stride_kb, stride_kt, stride_kh, stride_tb,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
 ):
     tile = tl.program_id(0)
     row = tl.load(rows_ptr + tl.program_id(1))
@@ -211,19 +231,24 @@ def _paged_prefill_kernel(
     # Causal: this tile's last query sees keys up to its own position; an idle tile sees none.
     end = tl.minimum(seq_len, context + (tile + 1) * BLOCK_M)
     end = tl.where(tile * BLOCK_M < q_len, end, 0)
+    # Windowed: this tile's first query sees keys from its position - window + 1 on; start at
+    # the BLOCK_N tile holding that key (the mask below drops the rest of it).
+    first = tl.maximum(context + tile * BLOCK_M - window + 1, 0)
+    first = (first // BLOCK_N) * BLOCK_N
     m = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     table = tables_ptr + row.to(tl.int64) * stride_tb
-    for s in range(0, end, BLOCK_N):
+    for s in range(first, end, BLOCK_N):
         n = s + tl.arange(0, BLOCK_N)
         nmask = n < end
         block = tl.load(table + n // BLOCK_SIZE, mask=nmask, other=0).to(tl.int64)
         offs = block * stride_kb + (n % BLOCK_SIZE) * stride_kt + kvh * stride_kh
         k = tl.load(k_cache_ptr + offs[:, None] + d[None, :], mask=nmask[:, None], other=0.0)
         v = tl.load(v_cache_ptr + offs[:, None] + d[None, :], mask=nmask[:, None], other=0.0)
-        qk = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2
-        qk = tl.where(nmask[None, :] & (n[None, :] <= q_pos[:, None]), qk, float("-inf"))
+        qk = _scores(q, k, scale_log2, softcap, PRECISION, HAS_SOFTCAP)
+        visible = (n[None, :] <= q_pos[:, None]) & (n[None, :] > q_pos[:, None] - window)
+        qk = tl.where(nmask[None, :] & visible, qk, float("-inf"))
         m_new = tl.maximum(m, tl.max(qk, 1))
         m_use = tl.where(m_new > float("-inf"), m_new, 0.0)  # rows with nothing visible yet
         p = tl.math.exp2(qk - m_use[:, None])
@@ -246,6 +271,8 @@ def paged_prefill(
     scale: float,
     rows: torch.Tensor,  # [Bp] int32 rows with more than one new token
     max_query_len: int,
+    window: int = 0,  # keys a query sees, itself included; 0: all
+    softcap: float = 0.0,  # 0: off
 ) -> None:
     if rows.shape[0] == 0:
         return
@@ -257,9 +284,9 @@ def paged_prefill(
     grid = (triton.cdiv(max_query_len, block_m), rows.shape[0], num_heads)
     _paged_prefill_kernel[grid](
         q, k_cache, v_cache, out, rows, query_start_loc, seq_lens, block_tables,
-        scale * LOG2E,
+        scale * LOG2E, window or NO_WINDOW, softcap or 1.0,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
         GROUP=num_heads // num_kv_heads, HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
-        BLOCK_M=block_m, BLOCK_N=block_n, PRECISION=_precision(q), num_warps=4, num_stages=2,
+        BLOCK_M=block_m, BLOCK_N=block_n, PRECISION=_precision(q), HAS_SOFTCAP=softcap > 0, num_warps=4, num_stages=2,
     )

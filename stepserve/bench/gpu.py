@@ -54,19 +54,14 @@ MAX_MODEL_LEN = 1024
 
 
 def write_model_dir(root: Path, shape: str) -> Path:
-    """config.json, generation_config.json and a small byte-level tokenizer (ids are what matter)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
+    """config.json, generation_config.json and a word-level tokenizer covering the vocabulary."""
+    from stepserve.bench.gpu_serve import write_vocab_tokenizer
 
     directory = root / f"llama-{shape}-random"
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "config.json").write_text(json.dumps({**COMMON, **SHAPES[shape]}))
     (directory / "generation_config.json").write_text(json.dumps({"eos_token_id": COMMON["eos_token_id"]}))
-    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    tok = Tokenizer(models.BPE(vocab={ch: i for i, ch in enumerate(alphabet)}, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    PreTrainedTokenizerFast(tokenizer_object=tok).save_pretrained(directory)
+    write_vocab_tokenizer(directory, COMMON["vocab_size"], COMMON["bos_token_id"], COMMON["eos_token_id"])
     return directory
 
 
@@ -193,11 +188,12 @@ def graph_step_ms(core, size: int) -> float | None:
     return round(a.elapsed_time(b) / 10, 3)
 
 
-def stepserve_throughput(core, prompts, outputs: dict | None = None) -> dict:
+def stepserve_throughput(core, prompts, warm: bool = True, outputs: dict | None = None) -> dict:
     # Warm-up on the workload's own shapes: Triton compiles a kernel per specialization (mixed
     # prefill+decode steps, split or not), which must not land inside the timed run.
     # Its prompts are drawn apart from the timed ones, so the prefix cache cannot serve them.
-    run_requests(core, workload(seed=1)[:64], 4, "warm")
+    if warm:
+        run_requests(core, workload(seed=1)[:64], 4, "warm")
     passes: list = []
     elapsed, tokens = run_requests(core, prompts, OUTPUT_LEN, "bench", passes, outputs)
     return {
@@ -354,7 +350,7 @@ def bench_1b(root: Path, prompts, results: dict, skip_transformers: bool) -> Non
     outputs: dict = {}
     for steps in (1, 8):
         core, info = stepserve_engine(model_dir, "1b", steps)
-        results[f"stepserve_1b_n{steps}"] = {**stepserve_throughput(core, prompts, outputs if steps == 8 else None), "kv_blocks": info.num_kv_blocks}
+        results[f"stepserve_1b_n{steps}"] = {**stepserve_throughput(core, prompts, outputs=outputs if steps == 8 else None), "kv_blocks": info.num_kv_blocks}
         print(f"1b stepserve N={steps}: {results[f'stepserve_1b_n{steps}']}", flush=True)
         del core
         free_gpu()
@@ -367,9 +363,9 @@ def bench_1b(root: Path, prompts, results: dict, skip_transformers: bool) -> Non
 
 def bench_8b(root: Path, prompts, results: dict, skip_transformers: bool, copy_tb_s: float, profile_dir: Path | None) -> None:
     model_dir = write_model_dir(root, "8b")
-    core, info = stepserve_engine(model_dir, "8b", 8)
+    core, info = stepserve_engine(model_dir, "8b", 8, compilation_cache_dir=str(root / "compile"))
     outputs: dict = {}
-    results["stepserve_8b"] = {**stepserve_throughput(core, prompts, outputs), "kv_blocks": info.num_kv_blocks, "load_s": round(info.load_seconds, 1)}
+    results["stepserve_8b"] = {**stepserve_throughput(core, prompts, outputs=outputs), "kv_blocks": info.num_kv_blocks, "load_s": round(info.load_seconds, 1)}
     print(f"8b stepserve N=8: {results['stepserve_8b']}", flush=True)
     weight_bytes, kv_bytes = model_stream_bytes(core)
     b1 = batch1_decode(core, prompts[0], weight_bytes, kv_bytes)
@@ -387,6 +383,44 @@ def bench_8b(root: Path, prompts, results: dict, skip_transformers: bool, copy_t
         print(f"8b transformers: {results['transformers_8b']}", flush=True)
 
 
+def bench_fp8(root: Path, prompts, results: dict, copy_tb_s: float) -> None:
+    """The 8B shape with ``quantization="fp8"``: weights quantized at load from the same bf16."""
+    model_dir = write_model_dir(root, "8b")
+    core, info = stepserve_engine(model_dir, "8b", 8, quantization="fp8", compilation_cache_dir=str(root / "compile"))
+    results["fp8_8b"] = {**stepserve_throughput(core, prompts), "kv_blocks": info.num_kv_blocks, "load_s": round(info.load_seconds, 1)}
+    print(f"8b fp8: {results['fp8_8b']}", flush=True)
+    weight_bytes, kv_bytes = model_stream_bytes(core)
+    b1 = batch1_decode(core, prompts[0], weight_bytes, kv_bytes)
+    b1["share_of_copy_bandwidth"] = round(b1["achieved_tb_s"] / copy_tb_s, 3)
+    results["fp8_batch1_8b"] = b1
+    print(f"8b fp8 batch-1: {b1}", flush=True)
+    del core
+    free_gpu()
+
+
+def bench_server(root: Path, out: Path, results: dict) -> None:
+    from stepserve.bench.gpu_serve import serve_bench
+
+    results["serve_8b"] = serve_bench(write_model_dir(root, "8b"), out, root / "compile")
+    print(f"8b server: {results['serve_8b']}", flush=True)
+
+
+def bench_cold(out: Path, results: dict, num_requests: int) -> None:
+    from stepserve.bench.gpu_serve import cold_bench
+
+    results["cold_8b"] = cold_bench(out, num_requests)
+    print(f"8b cold process: {results['cold_8b']}", flush=True)
+
+
+def cold_main(path: Path, cache_dir: str, num_requests: int) -> None:
+    """Child of ``bench_cold``: build the 8B engine (its own startup warm-up only) and time."""
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = write_model_dir(Path(tmp), "8b")
+        core, info = stepserve_engine(model_dir, "8b", 8, compilation_cache_dir=cache_dir)
+        result = {**stepserve_throughput(core, workload()[:num_requests], warm=False), "load_s": round(info.load_seconds, 1)}
+    path.write_text(json.dumps(result))
+
+
 def summary(results: dict) -> dict:
     get = lambda key, field="out_tok_s": results.get(key, {}).get(field)  # noqa: E731
     n1, n8 = get("stepserve_1b_n1"), get("stepserve_1b_n8")
@@ -396,6 +430,13 @@ def summary(results: dict) -> dict:
         "stepserve_1b_out_tok_s": n8,
         "transformers_1b_out_tok_s": get("transformers_1b"),
         "batch1_8b_tok_s": get("batch1_8b", "tok_s"),
+        "serve_8b_out_tok_s": _round(results.get("serve_8b", {}).get("streams_256", {}).get("output_throughput")),
+        "serve_8b_ttft_mean_ms": _round(results.get("serve_8b", {}).get("streams_256", {}).get("ttft_ms", {}).get("mean")),
+        "serve_8b_batch1_tok_s": _round(1e3 / tpot) if (tpot := results.get("serve_8b", {}).get("streams_1", {}).get("tpot_ms", {}).get("mean")) else None,
+        "restart_8b_s": results.get("serve_8b", {}).get("restart_s"),
+        "cold_8b_out_tok_s": get("cold_8b"),
+        "fp8_8b_out_tok_s": get("fp8_8b"),
+        "fp8_batch1_8b_tok_s": get("fp8_batch1_8b", "tok_s"),
         "copy_tb_s": results.get("copy_tb_s"),
         "multistep_1b_n8_over_n1": round(n8 / n1, 3) if n1 and n8 else None,
         "greedy_check_1b_passed": results.get("greedy_check_1b", {}).get("passed"),
@@ -403,6 +444,10 @@ def summary(results: dict) -> dict:
         "device": torch.cuda.get_device_name(),
         "date": results.get("date"),
     }
+
+
+def _round(x: float | None) -> float | None:
+    return None if x is None else round(x, 1)
 
 
 def table(s: dict, results: dict) -> str:
@@ -413,6 +458,11 @@ def table(s: dict, results: dict) -> str:
         ("1B, same workload, output tok/s (N=8)", s["stepserve_1b_out_tok_s"], s["transformers_1b_out_tok_s"], ratio(s["stepserve_1b_out_tok_s"], s["transformers_1b_out_tok_s"])),
         ("8B batch-1 decode tok/s", s["batch1_8b_tok_s"], "-", f"{b1.get('achieved_tb_s')} TB/s = {b1.get('share_of_copy_bandwidth')} of copy"),
         ("1B N=8 over N=1 (stepserve)", s["multistep_1b_n8_over_n1"], "-", f"N=1: {results.get('stepserve_1b_n1', {}).get('out_tok_s')} tok/s"),
+        ("8B from a fresh process, empty compilation cache, output tok/s", s["cold_8b_out_tok_s"], "-", "no warm-up but the engine's own at startup"),
+        ("8B through HTTP, 256 streams, output tok/s", s["serve_8b_out_tok_s"], "-", f"mean TTFT {s['serve_8b_ttft_mean_ms']} ms"),
+        ("8B through HTTP, one stream, tok/s (1 / mean TPOT)", s["serve_8b_batch1_tok_s"], "-", f"restart after kill -9: {s['restart_8b_s']} s"),
+        ("8B FP8 weights, output tok/s", s["fp8_8b_out_tok_s"], "-", "e4m3 per-channel, torch._scaled_mm"),
+        ("8B FP8 batch-1 decode tok/s", s["fp8_batch1_8b_tok_s"], "-", f"{results.get('fp8_batch1_8b', {}).get('achieved_tb_s')} TB/s"),
         ("device copy bandwidth, TB/s", round(s["copy_tb_s"], 2) if s["copy_tb_s"] else None, "-", s["device"]),
     ]
     lines = ["| measure | stepserve | transformers CB | ratio / note |", "| --- | --- | --- | --- |"]
@@ -428,7 +478,15 @@ def main(argv=None) -> None:
     parser.add_argument("--date", default=datetime.date.today().isoformat())
     parser.add_argument("--profile", action="store_true", help="also write the 8B kernel profile")
     parser.add_argument("--num-requests", type=int, default=NUM_REQUESTS, help="fewer requests for a smoke run")
+    parser.add_argument("--skip-fp8", action="store_true")
+    parser.add_argument("--skip-serve", action="store_true", help="no HTTP server run")
+    parser.add_argument("--skip-cold", action="store_true", help="no fresh-process run")
+    parser.add_argument("--cold", help=argparse.SUPPRESS)  # internal: the fresh-process child writes here
+    parser.add_argument("--compilation-cache-dir", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.cold:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+        return cold_main(Path(args.cold), args.compilation_cache_dir, args.num_requests)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -448,6 +506,18 @@ def main(argv=None) -> None:
                 except Exception as exc:  # keep what was measured; say what broke
                     logging.exception("the %s benchmark failed", shape)
                     results[f"error_{shape}"] = repr(exc)
+                    free_gpu()
+                save()
+        extras = (("fp8", args.skip_fp8, lambda: bench_fp8(Path(tmp), prompts, results, results["copy_tb_s"])),
+                  ("cold", args.skip_cold, lambda: bench_cold(out, results, args.num_requests)),
+                  ("serve", args.skip_serve, lambda: bench_server(Path(tmp), out, results)))
+        for name, skip, run in extras:
+            if args.only in (None, "8b") and not skip:
+                try:
+                    run()
+                except Exception as exc:
+                    logging.exception("the %s benchmark failed", name)
+                    results[f"error_{name}"] = repr(exc)
                     free_gpu()
                 save()
     s = summary(results)

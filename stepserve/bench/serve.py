@@ -45,6 +45,7 @@ class BenchRequest:
     prompt: str  # random words
     prompt_len: int  # words in it (the server's usage gives the token count)
     output_len: int  # max_tokens
+    schema: dict | None = None  # a JSON schema the answer must follow (--structured json)
 
 
 @dataclass
@@ -95,7 +96,30 @@ def _payload(args: argparse.Namespace, model: str, request: BenchRequest) -> dic
         "stream": True,
         "stream_options": {"include_usage": True},
     }
+    if request.schema is not None:
+        body["structured_outputs"] = {"json": request.schema}
     return body | ({"ignore_eos": True} if args.ignore_eos else {})
+
+
+def with_schemas(requests: list[BenchRequest], seed: int) -> list[BenchRequest]:
+    """The same requests, each with its own JSON schema (distinct property names, so each one
+    is compiled anew: their TTFT includes compilation)."""
+    rng = random.Random(seed)
+    out = []
+    for i, r in enumerate(requests):
+        a, b, c = (f"{rng.choice(WORDS)}_{i}_{k}" for k in range(3))
+        schema = {
+            "type": "object",
+            "properties": {
+                a: {"type": "string", "maxLength": 4 * r.output_len},
+                b: {"type": "integer", "minimum": 0, "maximum": 10_000},
+                c: {"type": "array", "items": {"type": "string", "maxLength": 40}, "maxItems": 32},
+            },
+            "required": [a, b, c],
+            "additionalProperties": False,
+        }
+        out.append(BenchRequest(r.prompt, r.prompt_len, r.output_len, schema))
+    return out
 
 
 async def _events(response: httpx.Response) -> AsyncIterator[dict]:
@@ -152,8 +176,8 @@ async def _model_name(client: httpx.AsyncClient, base_url: str, model: str | Non
     return response.json()["data"][0]["id"]
 
 
-async def run(args: argparse.Namespace) -> dict:
-    requests = random_requests(args.num_prompts, args.input_len, args.output_len, args.range_ratio, args.seed)
+async def run(args: argparse.Namespace, requests: list[BenchRequest] | None = None) -> dict:
+    requests = requests or random_requests(args.num_prompts, args.input_len, args.output_len, args.range_ratio, args.seed)
     limit = asyncio.Semaphore(args.max_concurrency or len(requests))
     base_url = args.base_url.rstrip("/")
     async with httpx.AsyncClient(timeout=httpx.Timeout(args.timeout), limits=httpx.Limits(max_connections=None)) as client:
@@ -241,6 +265,8 @@ def report(result: dict) -> str:
 
 def main(args: argparse.Namespace) -> int:
     logging.getLogger("httpx").setLevel(logging.WARNING)  # not one line per request
+    if args.structured == "json":
+        return structured_main(args)
     if args.plot and not args.sweep:
         print("stepserve bench serve: --plot needs --sweep", file=sys.stderr)
         return 2
@@ -282,3 +308,32 @@ def add_args(parser: argparse.ArgumentParser) -> None:
 
     flag("sweep", type=parse_sweep, default=None, help="run at each of these concurrencies, e.g. 1,4,16,64 (replaces --max-concurrency)")
     flag("plot", default=None, help="with --sweep: draw throughput and TTFT/TPOT against concurrency into this PNG (needs matplotlib)")
+
+    flag("structured", choices=("none", "json"), default="none",
+         help="json: after a warm-up, run the workload free, then with a new JSON schema per request, then with the same schemas again (cached), and compare")
+
+
+def structured_main(args: argparse.Namespace) -> int:
+    """The --structured json workload: three phases on the same prompts, in one run."""
+    free = random_requests(args.num_prompts, args.input_len, args.output_len, args.range_ratio, args.seed)
+    constrained = with_schemas(free, args.seed)
+    phases = {}
+    try:
+        asyncio.run(run(args, free))  # warm-up, not reported: the server's first passes are slow
+        for name, requests in (("free", free), ("json_new_schemas", constrained), ("json_cached_schemas", constrained)):
+            phases[name] = asyncio.run(run(args, requests))
+            print(f"-- {name}\n{report(phases[name])}")
+    except httpx.HTTPError as exc:
+        print(f"stepserve bench serve: cannot reach {args.base_url}: {exc}", file=sys.stderr)
+        return 1
+    ratio = phases["json_cached_schemas"]["output_throughput"] / max(phases["free"]["output_throughput"], 1e-9)
+    summary = {
+        "output_throughput_ratio_json_vs_free": ratio,
+        "mean_ttft_ms": {name: p["ttft_ms"]["mean"] for name, p in phases.items()},
+        "output_throughput": {name: p["output_throughput"] for name, p in phases.items()},
+    }
+    print(json.dumps(summary, indent=2))
+    if args.output_json:
+        with open(args.output_json, "w") as f:
+            json.dump({"phases": phases, "summary": summary}, f, indent=2)
+    return 0 if all(p["completed"] for p in phases.values()) else 1

@@ -5,6 +5,10 @@ A hit is verified against the block's stored tokens and parent hash, so a hash c
 never hand a request another prompt's KV. Free blocks sit in an LRU (an ordered dict: O(1)
 removal on a hit, O(1) eviction at the front); a free block keeps its hash until evicted.
 Block 0 is the null block: never allocated, it backs padding and slots past a request's end.
+
+Sliding window: for a model whose every layer is windowed, ``release_before`` hands back the
+blocks no future query can see; their table entries become the null block, so positions keep
+their block index and the attention kernels (which never read before the window) are unchanged.
 """
 
 from __future__ import annotations
@@ -48,6 +52,7 @@ class BlockManager:
         self._cached: dict[int, int] = {}  # block hash -> block id
         self._tables: dict[str, list[int]] = {}
         self._hashes: dict[str, list[int]] = {}  # hashes of each request's registered full blocks
+        self._released: dict[str, int] = {}  # leading table entries handed back (sliding window)
         self._queries = 0
         self._hits = 0
 
@@ -128,11 +133,29 @@ class BlockManager:
     def free(self, request_id: str) -> None:
         """Release the request's blocks; tail blocks go first in the LRU, so prefixes live longest."""
         for block_id in reversed(self._tables.pop(request_id, [])):
-            block = self._blocks[block_id]
-            block.ref_count -= 1
-            if block.ref_count == 0:
-                self._free[block_id] = None
+            self._release(block_id)
         self._hashes.pop(request_id, None)
+        self._released.pop(request_id, None)
+
+    def release_before(self, request_id: str, position: int) -> None:
+        """Hand back the request's blocks that hold only positions before ``position`` (no later
+        query sees them: they are outside every layer's window). A released block keeps its
+        prefix-cache hash until evicted, like any free block."""
+        table = self._tables[request_id]
+        done = self._released.get(request_id, 0)
+        upto = min(max(position, 0) // self.block_size, len(table))
+        for i in range(done, upto):
+            self._release(table[i])
+            table[i] = NULL_BLOCK
+        self._released[request_id] = max(done, upto)
+
+    def _release(self, block_id: int) -> None:
+        if block_id == NULL_BLOCK:
+            return  # already released (sliding window)
+        block = self._blocks[block_id]
+        block.ref_count -= 1
+        if block.ref_count == 0:
+            self._free[block_id] = None
 
     def cache_full_blocks(self, request_id: str, token_ids: Sequence[int], num_computed: int) -> None:
         """Register the request's newly completed full blocks in the prefix cache."""
@@ -147,7 +170,7 @@ class BlockManager:
             h = chain_hash(parent, tokens)
             hashes.append(h)
             block = self._blocks[table[i]]
-            if block.hash is None and h not in self._cached:
+            if table[i] != NULL_BLOCK and block.hash is None and h not in self._cached:
                 block.hash, block.parent_hash, block.tokens = h, parent, tokens
                 self._cached[h] = block.block_id
 

@@ -120,6 +120,7 @@ class EngineCore:
             sampled_token_ids=tuple(p.sampled_token_ids[0] for p in parts),
             logprobs=tuple(p.logprobs[0] if p.logprobs else None for p in parts),
             errors={k: v for p in parts for k, v in p.errors.items()},
+            prompt_logprobs={k: v for p in parts for k, v in p.prompt_logprobs.items()},
         )
 
     @property

@@ -25,6 +25,7 @@ class TokenLogprob:
     token_id: int  # the token that was generated
     logprob: float  # its log-probability under the model
     top: tuple[tuple[int, float], ...] = ()  # (token id, logprob) of the top alternatives, best first
+    rank: int | None = None  # 1 + how many tokens were more likely; set for prompt tokens
 
 
 @dataclass(frozen=True)
@@ -39,6 +40,7 @@ class EngineCoreOutput:
     num_prompt_tokens: int = 0  # prompt length, for usage
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
     error: str | None = None  # why the engine aborted this request, if it did
+    prompt_logprobs: tuple[TokenLogprob, ...] | None = None  # prompt tokens 1.. (with the first output), when requested
 
     @property
     def finished(self) -> bool:
@@ -81,3 +83,4 @@ class ModelRunnerOutput:
     sampled_token_ids: tuple[tuple[int, ...], ...]  # num_steps tokens per request, () when not sampled
     logprobs: tuple[tuple[TokenLogprob, ...] | None, ...] = ()  # per request, when requested
     errors: dict[str, str] = field(default_factory=dict)  # request id -> why it failed in the worker
+    prompt_logprobs: dict[str, tuple[TokenLogprob, ...]] = field(default_factory=dict)  # request id -> this chunk's prompt tokens

@@ -38,6 +38,7 @@ class Request:
         self.status = RequestStatus.WAITING
         self.finish_reason: FinishReason | None = None
         self.stop_token_id: int | None = None
+        self.prompt_logprobs: list | None = [] if msg.params.prompt_logprobs is not None else None  # until sent
 
     @property
     def num_tokens(self) -> int:
@@ -62,6 +63,11 @@ def check_stop(request: Request, eos_token_ids: Collection[int], max_model_len: 
     (DESIGN invariant 4). EOS and stop tokens count only once ``min_tokens`` are out."""
     token = request.token_ids[-1]
     params = request.params
+    if params.structured is not None and token in eos_token_ids:
+        # The grammar allows EOS only where the output is complete; its end ends the request,
+        # whatever ignore_eos and min_tokens say (the grammar forbids anything after it).
+        request.stop_token_id = token
+        return FinishReason.STOP
     if request.num_output_tokens > params.min_tokens:  # the sampler masks them before that
         if (not params.ignore_eos and token in eos_token_ids) or token in params.stop_token_ids:
             request.stop_token_id = token

@@ -8,6 +8,7 @@ could be admitted, the pass is shortened to one step so their prefill is not hel
 
 from __future__ import annotations
 
+import dataclasses
 from collections import deque
 from collections.abc import Collection, Iterable
 
@@ -32,8 +33,12 @@ class Scheduler:
         block_manager: BlockManager,
         max_model_len: int,
         eos_token_ids: Collection[int],
+        window: int = 0,
     ) -> None:
+        """``window``: for a model whose every layer attends over a sliding window, the widest
+        window (blocks before it are handed back as requests advance); 0 otherwise."""
         self.config = config
+        self.window = window
         self.blocks = block_manager
         self.max_model_len = max_model_len
         self.eos_token_ids = frozenset(eos_token_ids)
@@ -131,6 +136,8 @@ class Scheduler:
         self.blocks.free(request.request_id)
         request.num_computed_tokens = 0
         request.num_preemptions += 1
+        if request.prompt_logprobs is not None:
+            request.prompt_logprobs.clear()  # not sent yet: the recompute collects them again
         request.status = RequestStatus.WAITING
         self.waiting.appendleft(request)
         self._finished_ids.append(request.request_id)  # the worker drops its per-request state
@@ -139,7 +146,8 @@ class Scheduler:
     def _schedule_waiting(self, scheduled: list[ScheduledRequest], budget: int) -> None:
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             request = self.waiting[0]
-            prefix = self.blocks.find_cached_prefix(request.token_ids)
+            # Prompt logprobs need every prompt token computed: no prefix-cache hit for them.
+            prefix = [] if request.prompt_logprobs is not None else self.blocks.find_cached_prefix(request.token_ids)
             num_computed = len(prefix) * self.blocks.block_size
             num_new = min(request.num_tokens - num_computed, budget)
             if not self.blocks.allocate(request.request_id, num_computed + num_new, prefix):
@@ -181,9 +189,13 @@ class Scheduler:
                 outputs.append(self._finish(request, FinishReason.ABORT, result.errors[s.request_id]))
                 continue
             request.num_computed_tokens += s.num_new_tokens
+            if request.prompt_logprobs is not None:
+                request.prompt_logprobs.extend(result.prompt_logprobs.get(s.request_id, ()))
             output = self._accept(request, tokens, lps) if s.sample else None
             if not request.is_finished:
                 self.blocks.cache_full_blocks(request.request_id, request.token_ids, request.num_computed_tokens)
+                if self.window:  # the next query sits at num_computed_tokens and sees `window` keys
+                    self.blocks.release_before(request.request_id, request.num_computed_tokens - self.window + 1)
             if output is not None:
                 outputs.append(output)
         self.running = [r for r in self.running if not r.is_finished]
@@ -202,14 +214,24 @@ class Scheduler:
                 break  # tokens after a stop are discarded (DESIGN invariant 4)
         new_lps = tuple(lps[: len(accepted)]) if lps is not None else None
         if reason is not None:
-            return self._finish(request, reason, new_tokens=tuple(accepted), new_logprobs=new_lps)
-        return EngineCoreOutput(
-            request.request_id,
-            tuple(accepted),
-            new_lps,
-            num_prompt_tokens=request.num_prompt_tokens,
-            num_cached_tokens=request.num_cached_tokens,
-        )
+            output = self._finish(request, reason, new_tokens=tuple(accepted), new_logprobs=new_lps)
+        else:
+            output = EngineCoreOutput(
+                request.request_id,
+                tuple(accepted),
+                new_lps,
+                num_prompt_tokens=request.num_prompt_tokens,
+                num_cached_tokens=request.num_cached_tokens,
+            )
+        return self._with_prompt_logprobs(request, output)
+
+    @staticmethod
+    def _with_prompt_logprobs(request: Request, output: EngineCoreOutput) -> EngineCoreOutput:
+        """The prompt's logprobs ride on the request's first output, once."""
+        if request.prompt_logprobs is None:
+            return output
+        prompt_logprobs, request.prompt_logprobs = tuple(request.prompt_logprobs), None
+        return dataclasses.replace(output, prompt_logprobs=prompt_logprobs)
 
     def _finish(
         self,

@@ -13,10 +13,14 @@ from stepserve.config import ConfigError, EngineConfig
 from stepserve.core.block_manager import BlockManager
 from stepserve.core.engine_core import EngineCore
 from stepserve.core.scheduler import Scheduler
-from stepserve.engine.front import model_source, resolve_max_model_len
+from stepserve.engine.front import resolve_max_model_len
 from stepserve.models.cpu_linear import cpu_has_bf16
-from stepserve.models.loader import load_model, read_hf_config
-from stepserve.models.tokenizer import eos_token_ids, load_tokenizer
+from stepserve.models.loader import build_model, decoder_config, open_checkpoint
+from stepserve.models.tokenizer import eos_token_ids as eos_token_ids_of
+from stepserve.models.tokenizer import load_tokenizer
+from stepserve.engine.warmup import warm_up
+from stepserve.worker.compile_cache import use_compilation_cache
+from stepserve.structured.bitmask import GrammarMatchers
 from stepserve.worker.cuda_graphs import graph_batch_sizes
 from stepserve.worker.runner import ModelRunner, allocate_kv_cache, kv_cache_bytes_per_block, profile_run
 
@@ -35,7 +39,7 @@ class ModelInfo:
     num_kv_blocks: int  # KV cache blocks (one is the null block)
     device: str  # "cpu" or "cuda"
     dtype: str  # weights and activations
-    quantization: str  # "none" or "int4"
+    quantization: str  # "none", "int4" or "fp8"
     load_seconds: float  # wall time to build the engine
 
 
@@ -48,13 +52,15 @@ def pick_device(name: str) -> torch.device:
 
 
 def pick_dtype(name: str, device: torch.device, hf_config: dict) -> torch.dtype:
-    """``auto``: bfloat16 on CUDA; on a CPU with native bfloat16, bfloat16 unless the checkpoint
-    says float32 (a GGUF says nothing: its weights are quantized or half precision)."""
+    """``auto`` follows the checkpoint as vLLM does. On CUDA: float16 stays float16, bfloat16
+    stays bfloat16, float32 (and a GGUF) runs in bfloat16. On a CPU with native bfloat16,
+    bfloat16 unless the checkpoint says float32 (a GGUF says nothing: its weights are quantized
+    or half precision); on other CPUs float32."""
     if name != "auto":
         return _DTYPES[name]
-    if device.type == "cuda":
-        return torch.bfloat16
     declared = hf_config.get("torch_dtype") or hf_config.get("dtype") or "float32"  # HF's default
+    if device.type == "cuda":
+        return torch.float16 if declared == "float16" and "gguf_linear_type" not in hf_config else torch.bfloat16
     float32_checkpoint = "gguf_linear_type" not in hf_config and declared == "float32"
     return torch.float32 if float32_checkpoint or not cpu_has_bf16() else torch.bfloat16
 
@@ -64,6 +70,10 @@ def pick_quantization(name: str, device: torch.device, dtype: torch.dtype, hf_co
     if name == "auto":
         four_bit = hf_config.get("gguf_linear_type") in ("Q4_0", "Q4_1")
         return "int4" if four_bit and device.type == "cpu" and dtype == torch.bfloat16 else "none"
+    if name == "fp8" and (device.type != "cuda" or torch.cuda.get_device_capability(device) < (8, 9)):
+        raise ConfigError("quantization=fp8 needs a CUDA GPU with FP8 matrix units (Ada or Hopper, compute capability 8.9+); use --quantization none")
+    if name == "fp8" and dtype not in (torch.bfloat16, torch.float16):
+        raise ConfigError("quantization=fp8 needs bfloat16 or float16 activations; use --dtype bfloat16")
     if name == "int4" and device.type != "cpu":
         raise ConfigError("quantization=int4 runs on CPU only; on CUDA use --quantization none")
     if name == "int4" and (dtype != torch.bfloat16 or not cpu_has_bf16()):
@@ -115,20 +125,31 @@ def _gpu_kv_budget(config: EngineConfig, model, backend, device, graph_sizes: li
     return budget
 
 
-def build_engine(config: EngineConfig, weights=None) -> tuple[EngineCore, object, ModelInfo]:
+def build_engine(config: EngineConfig, weights=None, eos_token_ids: frozenset[int] | None = None) -> tuple[EngineCore, object, ModelInfo]:
     """Returns the core, the tokenizer and what was learned while building them. ``weights``
     (a ``(hf_name, tensor)`` stream) replaces the checkpoint files when given."""
     start = time.monotonic()
-    source = model_source(config)
-    hf_config = read_hf_config(source)
+    checkpoint = open_checkpoint(config.model.model)
+    source, hf_config = checkpoint.source, checkpoint.hf_config
+    max_model_len = resolve_max_model_len(config, hf_config)
+    model_config = decoder_config(hf_config, max_model_len)
     device = pick_device(config.model.device)
     dtype = pick_dtype(config.model.dtype, device, hf_config)
     quantization = pick_quantization(config.model.quantization, device, dtype, hf_config)
-    max_model_len = resolve_max_model_len(config, hf_config)
-    tokenizer = load_tokenizer(source)
-    eos = eos_token_ids(source, hf_config, tokenizer)
+    if eos_token_ids is None:
+        tokenizer = load_tokenizer(source)
+        eos = eos_token_ids_of(source, hf_config, tokenizer)
+    else:  # the core process: the front already read them (loading a tokenizer takes seconds)
+        tokenizer, eos = None, frozenset(eos_token_ids)
     steps = config.scheduler.num_scheduler_steps
-    model = load_model(source, hf_config, dtype, device, max_positions=max_model_len + steps, weights=weights, quantization=quantization)
+    if device.type == "cuda":
+        use_compilation_cache(config.model.compilation_cache_dir)
+    if weights is None and config.model.load_format != "dummy":
+        weights = checkpoint.weights()
+    model = build_model(
+        model_config, weights, dtype, device, max_positions=max_model_len + steps, quantization=quantization,
+        seed=config.model.seed,
+    )
     # On CUDA: Triton kernels, and CUDA graphs of the decode step unless enforce_eager.
     backend = get_backend("triton" if device.type == "cuda" else "sdpa")
     use_graphs = device.type == "cuda" and not config.model.enforce_eager
@@ -138,14 +159,28 @@ def build_engine(config: EngineConfig, weights=None) -> tuple[EngineCore, object
     kv_dtype = torch.float32 if device.type == "cpu" else dtype
     num_blocks = _num_blocks(config, model, backend, kv_dtype, device, max_model_len, graph_sizes)
     kv_caches = allocate_kv_cache(model, num_blocks, config.cache.block_size, kv_dtype, device)
-    runner = ModelRunner(model, kv_caches, config.cache.block_size, backend, eos, device, config.model.seed)
+    # The core process has no tokenizer (the front has it): loaded on the first constrained request.
+    grammars = GrammarMatchers(lambda: tokenizer if tokenizer is not None else load_tokenizer(source), model.cfg.vocab_size, eos, device)
+    runner = ModelRunner(model, kv_caches, config.cache.block_size, backend, eos, device, config.model.seed, grammars)
     if use_graphs:
         runner.capture_cuda_graphs(graph_sizes, max_model_len, steps)
     blocks = BlockManager(num_blocks, config.cache.block_size, config.cache.enable_prefix_caching)
-    scheduler = Scheduler(config.scheduler, blocks, max_model_len, eos)
+    window = max(model_config.layer_windows) if model_config.all_windowed else 0
+    scheduler = Scheduler(config.scheduler, blocks, max_model_len, eos, window)
+    core = EngineCore(scheduler, runner)
+    if device.type == "cuda":
+        _warm_up(core, config, runner, max_model_len, num_blocks)
     info = ModelInfo(source.name, max_model_len, eos, num_blocks, device.type, str(dtype).removeprefix("torch."), quantization, time.monotonic() - start)
     log.info(
         "engine ready: %s on %s (%s, quantization %s), %d KV blocks, max_model_len %d, in %.1fs",
         info.name, info.device, info.dtype, quantization, num_blocks, max_model_len, info.load_seconds,
     )
-    return EngineCore(scheduler, runner), tokenizer, info
+    return core, tokenizer, info
+
+
+def _warm_up(core: EngineCore, config: EngineConfig, runner: ModelRunner, max_model_len: int, num_blocks: int) -> None:
+    """Compile every kernel variant now (see ``warmup``), then restore the engine's generator."""
+    sched = config.scheduler
+    budget = (num_blocks - 1) * config.cache.block_size // 2
+    warm_up(core, runner.vocab_size, max_model_len, sched.num_scheduler_steps, sched.max_num_seqs, sched.max_num_batched_tokens, budget)
+    runner.shared_generator.manual_seed(config.model.seed)

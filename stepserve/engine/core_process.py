@@ -58,16 +58,17 @@ class CoreFatal:
 CoreFactory = Callable[[], tuple[EngineCore, object]]  # builds (core, info) inside the core process
 
 
-def build_core(config: EngineConfig) -> tuple[EngineCore, object]:
+def build_core(config: EngineConfig, eos_token_ids: frozenset[int] | None = None) -> tuple[EngineCore, object]:
     from stepserve.engine.builder import build_engine
 
-    core, _tokenizer, info = build_engine(config)
+    core, _tokenizer, info = build_engine(config, eos_token_ids=eos_token_ids)
     return core, info
 
 
-def core_factory(config: EngineConfig) -> CoreFactory:
-    """A picklable factory for the spawned process."""
-    return functools.partial(build_core, config)
+def core_factory(config: EngineConfig, eos_token_ids: frozenset[int] | None = None) -> CoreFactory:
+    """A picklable factory for the spawned process. ``eos_token_ids``, when the front has read
+    them, spare the core (and each restart) loading the tokenizer."""
+    return functools.partial(build_core, config, eos_token_ids)
 
 
 def core_main(conn, factory: CoreFactory) -> None:

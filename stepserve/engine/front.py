@@ -7,8 +7,8 @@ from dataclasses import dataclass
 
 from stepserve.config import ConfigError, EngineConfig
 from stepserve.generation_config import SamplingDefaults, load_sampling_defaults, log_sampling_defaults
-from stepserve.models.gguf_cache import converted_source
-from stepserve.models.loader import ModelSource, read_hf_config, resolve_source
+from stepserve.models.loader import decoder_config, open_checkpoint
+from stepserve.models.source import ModelSource, resolve_source
 from stepserve.models.tokenizer import eos_token_ids, load_tokenizer
 
 
@@ -21,12 +21,6 @@ class FrontInfo:
     sampling_defaults: SamplingDefaults = SamplingDefaults()  # the model's, for fields a request leaves out
 
 
-def model_source(config: EngineConfig) -> ModelSource:
-    """The model's location, a GGUF replaced by its converted cache (converted once, here)."""
-    source = resolve_source(config.model.model)
-    return converted_source(source) if source.gguf_file is not None else source
-
-
 def resolve_max_model_len(config: EngineConfig, hf_config: dict) -> int:
     native = hf_config.get("max_position_embeddings", 2048)
     max_model_len = config.model.max_model_len or native
@@ -37,7 +31,7 @@ def resolve_max_model_len(config: EngineConfig, hf_config: dict) -> int:
 
 def sampling_defaults(config: EngineConfig, source: ModelSource | None = None) -> SamplingDefaults:
     """The model's sampling defaults under ``--generation-config``, logged once (front only)."""
-    source = source or model_source(config)
+    source = source or resolve_source(config.model.model)  # a GGUF's folder is all that is read
     model_dir = None if source.gguf_file is not None else source.directory  # a raw GGUF's folder is not the model's
     defaults = load_sampling_defaults(config.model.generation_config, model_dir)
     log_sampling_defaults(defaults)
@@ -45,10 +39,12 @@ def sampling_defaults(config: EngineConfig, source: ModelSource | None = None) -
 
 
 def load_front(config: EngineConfig) -> tuple[object, FrontInfo]:
-    """The tokenizer and the model facts the routes validate against."""
-    source = model_source(config)
-    hf_config = read_hf_config(source)
-    tokenizer = load_tokenizer(source)
+    """The tokenizer and the model facts the routes validate against. The model's config is
+    checked here too, so that an unsupported architecture or setting stops the server at startup."""
+    checkpoint = open_checkpoint(config.model.model)
+    source, hf_config = checkpoint.source, checkpoint.hf_config
     max_model_len = resolve_max_model_len(config, hf_config)
+    decoder_config(hf_config, max_model_len)
+    tokenizer = load_tokenizer(source)
     eos = eos_token_ids(source, hf_config, tokenizer)
     return tokenizer, FrontInfo(source.name, max_model_len, hf_config["vocab_size"], eos, sampling_defaults(config, source))

@@ -13,6 +13,8 @@ from stepserve.engine.output_processor import RequestOutput, RequestState
 from stepserve.errors import InvalidRequestError
 from stepserve.models.tokenizer import apply_chat_template
 from stepserve.sampling import SamplingParams
+from stepserve.structured.compiler import GrammarCompiler
+from stepserve.structured.spec import GrammarSpec
 
 Prompt = str | Sequence[int]
 
@@ -30,6 +32,7 @@ class LLM:
         self.core, self.tokenizer, self.info = build_engine(self.config)
         self.sampling_defaults = sampling_defaults(self.config)
         self._counter = 0
+        self._grammars: GrammarCompiler | None = None
 
     def generate(
         self,
@@ -48,15 +51,24 @@ class LLM:
         messages: list[dict] | list[list[dict]],
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
         add_generation_prompt: bool = True,
+        chat_template_kwargs: dict | None = None,
     ) -> list[RequestOutput]:
-        """Apply the model's chat template to each conversation, then generate."""
+        """Apply the model's chat template to each conversation (``chat_template_kwargs`` are
+        template variables, e.g. Qwen3's ``enable_thinking``), then generate."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
-        token_lists = [apply_chat_template(self.tokenizer, c, add_generation_prompt) for c in conversations]
+        token_lists = [apply_chat_template(self.tokenizer, c, add_generation_prompt, chat_template_kwargs) for c in conversations]
         return self._run([None] * len(token_lists), token_lists, sampling_params)
 
     def get_default_sampling_params(self) -> SamplingParams:
         """The model's sampling defaults (vLLM's name); plain ``SamplingParams()`` if it has none."""
         return self.sampling_defaults.params()
+
+    def grammar(self, kind: str, source: object) -> GrammarSpec:
+        """A checked output constraint for ``SamplingParams(structured=...)``: ``kind`` is
+        ``json`` (a schema), ``json_object``, ``regex``, ``choice`` (a list) or ``grammar`` (Lark or GBNF)."""
+        if self._grammars is None:
+            self._grammars = GrammarCompiler(self.tokenizer, self.core.worker.vocab_size, self.info.eos_token_ids)
+        return self._grammars.compile(kind, source, kind)
 
     def _tokenize(self, prompt: Prompt) -> list[int]:
         if isinstance(prompt, str):
@@ -74,7 +86,10 @@ class LLM:
             groups.append(self._add(ids, params, states))
         self._drain(states)
         return [
-            RequestOutput(g[0].request_id.rsplit("-", 1)[0], text, list(ids), [s.completion() for s in g], g[0].num_cached_tokens)
+            RequestOutput(
+                g[0].request_id.rsplit("-", 1)[0], text, list(ids), [s.completion() for s in g], g[0].num_cached_tokens,
+                prompt_logprobs=g[0].prompt_logprobs,
+            )
             for g, text, ids in zip(groups, texts, token_lists)
         ]
 

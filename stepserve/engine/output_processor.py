@@ -31,6 +31,7 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     num_cached_tokens: int = 0
     finished: bool = True
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # None first (no logprob for token 0), when asked
 
 
 @dataclass(frozen=True)
@@ -60,6 +61,7 @@ class RequestState:
     finish_reason: str | None = None
     stop_reason: str | int | None = None
     error: str | None = None
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # the prompt's, once the first output brings them
 
     @classmethod
     def create(cls, request_id: str, index: int, params: SamplingParams, tokenizer, prompt_token_ids) -> RequestState:
@@ -73,6 +75,8 @@ class RequestState:
         self.token_ids.extend(out.new_token_ids)
         if out.new_logprobs:
             self.logprobs.extend(out.new_logprobs)
+        if out.prompt_logprobs is not None:
+            self.prompt_logprobs = [None, *out.prompt_logprobs]
         text = self.detokenizer.add(out.new_token_ids, finished=out.finished, skip_last=out.stop_token_id is not None)
         self.text += text
         must_abort = False

@@ -17,10 +17,10 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from stepserve.models.loader import ModelSource
+from stepserve.models.source import ModelSource
 
 log = logging.getLogger("stepserve")
-_FORMAT = 2  # bump when the converted layout changes
+_FORMAT = 3  # bump when the converted layout changes
 
 
 def cache_root() -> Path:
@@ -33,32 +33,36 @@ def _key(path: Path) -> str:
     return f"{path.stem}-{hashlib.sha256(raw.encode()).hexdigest()[:16]}"
 
 
-def converted_source(source: ModelSource) -> ModelSource:
-    """The cached plain-directory twin of a GGUF source, converting it on first use."""
+def converted_source(source: ModelSource) -> tuple[ModelSource, dict]:
+    """The cached plain-directory twin of a GGUF source and its config, converting it on first
+    use (the GGUF is parsed once, for both the config and the weights)."""
     target = cache_root() / _key(source.gguf_path)
-    if not (target / "config.json").exists():
-        try:
-            _convert(source, target)
-        except OSError as err:
-            log.warning("cannot cache the converted GGUF (%s); reading it directly", err)
-            return source
-    return ModelSource(target, None, source.name)
+    if (target / "config.json").exists():
+        return ModelSource(target, None, source.name), json.loads((target / "config.json").read_text())
+    from stepserve.models.gguf import GgufFile
+
+    gguf = GgufFile(source.gguf_path)
+    config = gguf.config()
+    try:
+        _convert(source, gguf, config, target)
+    except OSError as err:
+        log.warning("cannot cache the converted GGUF (%s); reading it directly", err)
+        return source, config
+    return ModelSource(target, None, source.name), config
 
 
-def _convert(source: ModelSource, target: Path) -> None:
+def _convert(source: ModelSource, gguf, config: dict, target: Path) -> None:
     from safetensors.torch import save_file
 
     from stepserve.models.tokenizer import load_tokenizer
-    from stepserve.models.weights import gguf_config, gguf_weights
 
     log.info("converting %s once into %s", source.gguf_path.name, target)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
     try:
-        config = gguf_config(source.gguf_path)
         tokenizer = load_tokenizer(source)
         tokenizer.save_pretrained(tmp)
-        weights = {name: t.contiguous() for name, t in gguf_weights(source.gguf_path, config)}
+        weights = {name: t.contiguous() for name, t in gguf.weights(config)}
         if config["tie_word_embeddings"]:
             weights.pop("lm_head.weight", None)
         save_file(weights, tmp / "model.safetensors")

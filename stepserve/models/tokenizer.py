@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 import logging
 
-from stepserve.models.loader import ModelSource
+from stepserve.config import ConfigError
+from stepserve.errors import InvalidRequestError
+from stepserve.models.source import ModelSource
 
 logging.getLogger("transformers").setLevel(logging.ERROR)
 
@@ -14,7 +16,10 @@ def load_tokenizer(source: ModelSource):
     from transformers import AutoTokenizer
 
     if source.gguf_file is not None:
-        return AutoTokenizer.from_pretrained(str(source.directory), gguf_file=source.gguf_file)
+        try:
+            return AutoTokenizer.from_pretrained(str(source.directory), gguf_file=source.gguf_file)
+        except ValueError as exc:  # transformers reads GGUF tokenizers of the architectures it knows
+            raise ConfigError(f"the tokenizer of {source.gguf_file} cannot be read ({exc}); use the safetensors checkpoint") from None
     return AutoTokenizer.from_pretrained(str(source.directory))
 
 
@@ -33,7 +38,24 @@ def eos_token_ids(source: ModelSource, hf_config: dict, tokenizer) -> frozenset[
     return frozenset(ids)
 
 
-def apply_chat_template(tokenizer, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
-    """Token ids of the rendered conversation (the template decides BOS)."""
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+# apply_chat_template's own arguments: a template variable of these names would change the call.
+_RESERVED_TEMPLATE_KWARGS = frozenset({"conversation", "messages", "tokenize", "add_generation_prompt", "return_dict", "return_tensors", "chat_template", "continue_final_message"})
+
+
+def check_template_kwargs(template_kwargs: dict | None) -> None:
+    """Template variables are the template's business, except those that are the call's (a 400)."""
+    clash = sorted(_RESERVED_TEMPLATE_KWARGS & set(template_kwargs or ()))
+    if clash:
+        raise InvalidRequestError(f"chat_template_kwargs may not set {', '.join(clash)}", "chat_template_kwargs")
+
+
+def apply_chat_template(
+    tokenizer, messages: list[dict], add_generation_prompt: bool = True, template_kwargs: dict | None = None, tools: list[dict] | None = None
+) -> list[int]:
+    """Token ids of the rendered conversation (the template decides BOS). ``template_kwargs``
+    become template variables (Qwen3's ``enable_thinking``), as vLLM's ``chat_template_kwargs``;
+    ``tools`` are OpenAI tool definitions, for templates that describe them to the model."""
+    check_template_kwargs(template_kwargs)
+    extra = dict(template_kwargs or {}) | ({"tools": tools} if tools else {})
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt, **extra)
     return tokenizer.encode(text, add_special_tokens=False)

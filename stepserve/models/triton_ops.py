@@ -1,7 +1,7 @@
 """Fused Triton kernels for the Llama layer's small ops on CUDA.
 
 Each replaces several PyTorch launches (which dominate a decode step once the matmuls are small)
-with one, rounding exactly where the PyTorch code in ``llama.py`` rounds, so the two paths agree
+with one, rounding exactly where the PyTorch code in ``layers.py`` and ``rope.py`` rounds, so the two paths agree
 to within reduction order:
 
 - ``rms_norm``: optional residual add (rounded to the activation dtype, as ``x + residual`` is),
@@ -77,13 +77,14 @@ def _rotary_kernel(
 
 
 def rotary_(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor) -> None:
-    """Rotate q ``[T, H, D]`` and k ``[T, Hkv, D]`` in place (strided views of the qkv output)."""
-    tokens, num_q, head_dim = q.shape
+    """Rotate q ``[T, H, D]`` and k ``[T, Hkv, D]`` in place (strided views of the qkv output):
+    the leading ``cos_sin.shape[1]`` dims of each head (all of them unless partial rotary)."""
+    tokens, num_q, _ = q.shape
     if tokens == 0:
         return
     _rotary_kernel[(tokens,)](
         q, k, positions, cos_sin, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
-        NUM_Q=num_q, NUM_K=k.shape[1], HEADS_PAD=triton.next_power_of_2(num_q), HALF=head_dim // 2,
+        NUM_Q=num_q, NUM_K=k.shape[1], HEADS_PAD=triton.next_power_of_2(num_q), HALF=cos_sin.shape[1] // 2,
         num_warps=4,
     )
 

@@ -19,11 +19,13 @@ from typing import TYPE_CHECKING
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.requests import ClientDisconnect
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from stepserve.engine.async_engine import AdmissionLimits, AsyncEngine
 from stepserve.engine.core_client import CoreClient
 from stepserve.errors import (
+    ClientTimeoutError,
     EngineDeadError,
     InvalidRequestError,
     ModelNotFoundError,
@@ -35,10 +37,12 @@ from stepserve.server import kserve, openai
 from stepserve.server.config import ServerConfig
 from stepserve.server.context import ServingContext
 from stepserve.server.fields import UnknownFieldPolicy
+from stepserve.structured.compiler import GrammarCompiler
 from stepserve.server.metrics import CONTENT_TYPE, ServerMetrics
 from stepserve.server.playground import add_playground_routes
 from stepserve.server.stats_log import start_stats_logger
 from stepserve.server.schemas import ChatCompletionRequest, CompletionRequest, KServeV1Request, KServeV2Request, parse_body
+from stepserve.tasks.routes import add_task_routes
 
 if TYPE_CHECKING:
     from stepserve.engine.front import FrontInfo
@@ -77,6 +81,8 @@ def http_error(exc: Exception) -> HttpError:
         return HttpError(503, "engine_unavailable", str(exc) or "the engine is not running", headers={"Retry-After": "1"})
     if isinstance(exc, RequestTimeoutError):
         return HttpError(504, "request_timeout", str(exc))
+    if isinstance(exc, ClientTimeoutError):
+        return HttpError(408, "request_timeout", str(exc), headers={"Connection": "close"})
     if isinstance(exc, RequestAbortedError):
         return HttpError(500, "request_aborted", str(exc))
     if isinstance(exc, StarletteHTTPException):
@@ -107,7 +113,7 @@ async def _until_disconnect(request: Request, work: Awaitable):
         watcher.cancel()
         if not task.done():
             task.cancel()
-    if task.cancelled():
+    if not task.done() or task.cancelled():  # cancel() only requests it: the task ends (and aborts) later
         raise _ClientGone()
     return task.result()
 
@@ -123,11 +129,20 @@ async def _sse(chunks: AsyncIterator[dict]) -> AsyncIterator[str]:
     yield "data: [DONE]\n\n"
 
 
+async def _read_body(request: Request) -> bytes:
+    """The whole body, or a 408 once ``--body-timeout-s`` has passed (a trickling client)."""
+    timeout = request.app.state.ctx.config.body_timeout_s
+    try:
+        return await asyncio.wait_for(request.body(), timeout)
+    except TimeoutError:
+        raise ClientTimeoutError(f"the request body was not complete after {timeout}s") from None
+
+
 async def _serve(request: Request, handler: Handler) -> Response:
     try:
-        raw = await request.body()
+        raw = await _read_body(request)
         result = await _until_disconnect(request, handler(request.app.state.ctx, raw))
-    except _ClientGone:
+    except (_ClientGone, ClientDisconnect):
         return Response(status_code=499)
     except Exception as exc:
         return http_error(exc).response()
@@ -230,11 +245,12 @@ def _health_routes(app: FastAPI) -> None:
         return Response(request.app.state.metrics.render(), media_type=CONTENT_TYPE)
 
 
-def create_app(make_client: Callable[[], CoreClient], tokenizer, info: FrontInfo, config: ServerConfig, max_running: int) -> FastAPI:
+def create_app(make_client: Callable[[], CoreClient], tokenizer, info: FrontInfo, config: ServerConfig, max_running: int, tasks=None) -> FastAPI:
     """The app; the engine core (a process, or a thread) starts with the server and stops with it.
 
     ``make_client`` is called inside the event loop; ``max_running`` is the engine's
     ``max_num_seqs``, so that ``max_queue_len`` counts what waits beyond the running batch.
+    ``tasks`` (a ``tasks.setup.TaskFront``) serves an encoder task instead of generation.
     """
     model_name = config.model_name or info.name
 
@@ -247,9 +263,13 @@ def create_app(make_client: Callable[[], CoreClient], tokenizer, info: FrontInfo
             raise RuntimeError("the engine core failed to start; see the log above")
         app.state.metrics = ServerMetrics(model_name, client.stats, lambda: getattr(client, "restarts", 0))
         limits = AdmissionLimits(max_running + config.max_queue_len, config.request_timeout_s)
-        engine = AsyncEngine(client, tokenizer, app.state.metrics.observe, limits)
+        if tasks is None:
+            engine, serving = AsyncEngine(client, tokenizer, app.state.metrics.observe, limits), None
+        else:
+            engine, serving = tasks.start(client, app.state.metrics.observe, limits)
+        grammars = GrammarCompiler(tokenizer, info.vocab_size, info.eos_token_ids)
         unknown = UnknownFieldPolicy(config.allow_unknown_fields)
-        app.state.ctx = ServingContext(engine, tokenizer, model_name, info.max_model_len, info.vocab_size, config, sampling_defaults=info.sampling_defaults, unknown=unknown)
+        app.state.ctx = ServingContext(engine, tokenizer, model_name, info.max_model_len, info.vocab_size, config, sampling_defaults=info.sampling_defaults, unknown=unknown, tasks=serving, grammars=grammars)
         app.state.started = int(time.time())
         stats_task = start_stats_logger(engine, client, config)
         yield
@@ -265,6 +285,7 @@ def create_app(make_client: Callable[[], CoreClient], tokenizer, info: FrontInfo
 
     _openai_routes(app, "/v1")
     _openai_routes(app, "/openai/v1")
+    add_task_routes(app, _serve)
     _kserve_routes(app)
     _health_routes(app)
     if not config.disable_playground:

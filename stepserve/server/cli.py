@@ -9,8 +9,10 @@ import signal
 import sys
 from collections.abc import Callable
 
-from stepserve.config import ConfigError, add_dataclass_args, engine_config_from_args
+from stepserve.config import ConfigError, add_dataclass_args
+from stepserve.server.access import AccessConfig, GrpcConfig, access_config_from_args
 from stepserve.server.config import ServerConfig
+from stepserve.tasks.config import TaskConfig
 
 log = logging.getLogger("stepserve.server")
 
@@ -19,6 +21,9 @@ def add_serve_parser(sub, add_engine_args: Callable[[argparse.ArgumentParser], N
     parser = sub.add_parser("serve", help="serve the OpenAI and KServe protocols over HTTP")
     add_engine_args(parser)
     add_dataclass_args(parser, ServerConfig)
+    add_dataclass_args(parser, TaskConfig)
+    add_dataclass_args(parser, AccessConfig)
+    add_dataclass_args(parser, GrpcConfig)
     parser.add_argument("--access-log", "--access_log", dest="access_log", action="store_true", help="log every HTTP request too")
     parser.set_defaults(func=main)
     return parser
@@ -32,17 +37,29 @@ def server_config_from_args(args: argparse.Namespace) -> ServerConfig:
 def main(args: argparse.Namespace) -> int:
     import uvicorn
 
+    from stepserve.cli import located_engine_config
+    from stepserve.server.access import secure_app
     from stepserve.server.app import create_app
+    from stepserve.server.protocol import protocol_class
+    from stepserve.server.grpc_server import with_grpc
+    from stepserve.tasks.setup import plan_task, serving
 
     try:
         server_config = server_config_from_args(args)
-        engine_config = engine_config_from_args(args)
-        make_client, tokenizer, info = _engine(engine_config, server_config)
+        access = access_config_from_args(args)
+        grpc_config = GrpcConfig(args.enable_grpc, args.grpc_port)
+        engine_config, hub_name = located_engine_config(args)
+        if server_config.model_name is None and hub_name is not None:
+            server_config = dataclasses.replace(server_config, model_name=hub_name)
+        task_front = plan_task(engine_config, TaskConfig(**{f.name: vars(args)[f.name] for f in dataclasses.fields(TaskConfig)}))
+        make_client, tokenizer, info = serving(task_front, engine_config, server_config) if task_front else _engine(engine_config, server_config)
     except ConfigError as exc:
         print(f"stepserve serve: {exc}", file=sys.stderr)
         return 2
-    app = create_app(make_client, tokenizer, info, server_config, engine_config.scheduler.max_num_seqs)
-    log.info("serving %s on http://%s:%d", server_config.model_name or info.name, server_config.host, server_config.http_port)
+    app = create_app(make_client, tokenizer, info, server_config, engine_config.scheduler.max_num_seqs, task_front)
+    app = with_grpc(secure_app(app, access), server_config.host, grpc_config, access, server_config.shutdown_grace_s)
+    scheme = "https" if access.tls else "http"
+    log.info("serving %s on %s://%s:%d%s", server_config.model_name or info.name, scheme, server_config.host, server_config.http_port, access.root_path)
     # uvicorn stops gracefully on SIGTERM, then re-raises it to the handler found before it
     # started; with this one, a graceful stop ends the process with status 0.
     signal.signal(signal.SIGTERM, lambda *_: None)
@@ -53,6 +70,10 @@ def main(args: argparse.Namespace) -> int:
         access_log=args.access_log,
         log_level="info",
         timeout_graceful_shutdown=server_config.shutdown_grace_s,
+        http=protocol_class(server_config.header_timeout_s, server_config.stream_stall_timeout_s),
+        root_path=access.root_path,
+        ssl_keyfile=access.ssl_keyfile,
+        ssl_certfile=access.ssl_certfile,
     )
     log.info("server stopped")
     return 0
@@ -76,4 +97,4 @@ def _engine(engine_config, server_config: ServerConfig):
 
     tokenizer, info = load_front(engine_config)
     policy = RestartPolicy(server_config.max_restarts, server_config.restart_backoff_s)
-    return (lambda: SupervisedCoreClient(core_factory(engine_config), policy)), tokenizer, info
+    return (lambda: SupervisedCoreClient(core_factory(engine_config, eos_token_ids=info.eos_token_ids), policy)), tokenizer, info

@@ -20,10 +20,15 @@ class ServerConfig:
     restart_backoff_s: float = field(default=1.0, metadata={"help": "wait before the first engine restart, doubled for each one after"})
     shutdown_grace_s: float = field(default=30.0, metadata={"help": "on SIGTERM, how long in-flight requests may finish"})
     engine_in_process: bool = field(default=False, metadata={"help": "run the engine core in a thread of the server process (no restarts)"})
+    header_timeout_s: float = field(default=30.0, metadata={"help": "close a connection whose request headers are not complete after this many seconds (408)"})
+    body_timeout_s: float = field(default=60.0, metadata={"help": "answer 408 when a request body is not complete this many seconds after its headers"})
+    stream_stall_timeout_s: float = field(default=60.0, metadata={"help": "abort a response (and its engine request) when the client reads nothing for this many seconds"})
     disable_playground: bool = field(default=False, metadata={"help": "do not serve the chat playground at GET /"})
     log_stats_interval: float = field(default=10.0, metadata={"help": "seconds between stats lines (throughput, queue, KV cache)"})
     disable_log_stats: bool = field(default=False, metadata={"help": "no periodic stats line"})
     allow_unknown_fields: bool = field(default=False, metadata={"help": "ignore request fields stepserve does not know (logged once per name), as vLLM does, instead of a 400 naming them"})
+    tool_call_parser: str | None = field(default=None, metadata={"help": "parser of the model's own tool calls for tool_choice=auto: hermes or llama3_json"})
+    enable_auto_tool_choice: bool = field(default=False, metadata={"help": "let the model decide when to call tools (tool_choice=auto); needs --tool-call-parser"})
 
     def __post_init__(self) -> None:
         if not 0 <= self.http_port <= 65535:
@@ -34,8 +39,15 @@ class ServerConfig:
             raise ConfigError(f"request_timeout_s={self.request_timeout_s}: use a positive number, or leave it out")
         if self.restart_backoff_s < 0 or self.shutdown_grace_s < 0:
             raise ConfigError("restart_backoff_s and shutdown_grace_s must be 0 or more")
+        for name in ("header_timeout_s", "body_timeout_s", "stream_stall_timeout_s"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"{name}={getattr(self, name)}: use a positive number of seconds")
         if self.log_stats_interval <= 0:
             raise ConfigError(f"log_stats_interval={self.log_stats_interval}: use a positive number of seconds")
+        if self.tool_call_parser is not None and self.tool_call_parser not in ("hermes", "llama3_json"):
+            raise ConfigError(f"tool_call_parser={self.tool_call_parser!r}: choose hermes or llama3_json")
+        if self.enable_auto_tool_choice and self.tool_call_parser is None:
+            raise ConfigError("--enable-auto-tool-choice needs --tool-call-parser (hermes or llama3_json)")
         for name in ("default_max_tokens", "max_tokens_limit"):
             value = getattr(self, name)
             if value is not None and value < 1:

@@ -10,6 +10,7 @@ from stepserve.generation_config import SamplingDefaults
 from stepserve.sampling import SamplingParams
 from stepserve.server.config import ServerConfig
 from stepserve.server.fields import UnknownFieldPolicy
+from stepserve.structured.compiler import GrammarCompiler
 
 
 @dataclass(frozen=True)
@@ -22,6 +23,8 @@ class ServingContext:
     config: ServerConfig  # max_tokens defaults and limits
     sampling_defaults: SamplingDefaults = SamplingDefaults()  # the model's, for fields a request leaves out
     unknown: UnknownFieldPolicy = field(default_factory=UnknownFieldPolicy)  # refuse, or log once and ignore
+    tasks: object | None = None  # tasks.serving.TaskServing when the model serves an encoder task
+    grammars: GrammarCompiler | None = None  # checks and caches output constraints; None: refused
 
     def check_model(self, name: str | None) -> None:
         """Refuse a request for another model (404); an omitted model means this one."""
@@ -33,14 +36,20 @@ class ServingContext:
             if not 0 <= token < self.vocab_size:
                 raise InvalidRequestError(f"token id {token} is outside the vocabulary [0, {self.vocab_size})", param)
 
-    def encode(self, text: str) -> tuple[int, ...]:
-        return tuple(self.tokenizer.encode(text))
-
-    def encode_chat(self, messages: list[dict], add_generation_prompt: bool) -> tuple[int, ...]:
-        from stepserve.models.tokenizer import apply_chat_template  # models/ imports torch; the server does not
-
+    def encode(self, text: str, param: str = "prompt") -> tuple[int, ...]:
         try:
-            return tuple(apply_chat_template(self.tokenizer, messages, add_generation_prompt))
+            return tuple(self.tokenizer.encode(text))
+        except Exception as exc:  # text the tokenizer refuses (a character it cannot take): the client's to fix
+            raise InvalidRequestError(f"the tokenizer could not encode {param}: {exc} (parameter={param})", param) from None
+
+    def encode_chat(
+        self, messages: list[dict], add_generation_prompt: bool, template_kwargs: dict | None = None, tools: list[dict] | None = None
+    ) -> tuple[int, ...]:
+        from stepserve.models.tokenizer import apply_chat_template, check_template_kwargs  # models/ imports torch; the server does not
+
+        check_template_kwargs(template_kwargs)
+        try:
+            return tuple(apply_chat_template(self.tokenizer, messages, add_generation_prompt, template_kwargs, tools))
         except Exception as exc:  # the template rejected the conversation: the client's to fix
             raise InvalidRequestError(f"the chat template could not render these messages: {exc}", "messages") from None
 

@@ -26,6 +26,7 @@ _NO_STREAM = "streaming is not offered on KServe v1/v2; use /v1/completions with
 _ELSEWHERE = {  # CompletionRequest fields that have another place (or none) on these routes
     "prompt": "the prompts are the instances (v1) or the text_input tensor (v2)",
     "stream_options": _NO_STREAM,
+    "prompt_logprobs": "prompt logprobs are answered on /v1/completions only",
 }
 
 
@@ -59,6 +60,10 @@ def _instance_text(ctx: ServingContext, index: int, instance: str | dict) -> str
 
 async def v1_predict(ctx: ServingContext, name: str, req: KServeV1Request) -> dict:
     ctx.check_model(name)
+    if ctx.tasks is not None and ctx.tasks.handles_kserve:
+        from stepserve.tasks import kserve as task_kserve
+
+        return await task_kserve.v1_predict(ctx.tasks, ctx, req)
     if not req.instances:
         raise InvalidRequestError("instances must not be empty", "instances")
     prompts = [_instance_text(ctx, i, x) for i, x in enumerate(req.instances)]
@@ -135,6 +140,10 @@ def v2_completion(ctx: ServingContext, req: KServeV2Request) -> tuple[Completion
 
 async def v2_infer(ctx: ServingContext, name: str, req: KServeV2Request) -> dict:
     ctx.check_model(name)
+    if ctx.tasks is not None and ctx.tasks.handles_kserve:
+        from stepserve.tasks import kserve as task_kserve
+
+        return await task_kserve.v2_infer(ctx.tasks, ctx, req)
     ctx.check_model(req.model_name)
     creq, wanted = v2_completion(ctx, req)
     choices = await _choices(ctx, creq)
@@ -149,6 +158,10 @@ async def v2_infer(ctx: ServingContext, name: str, req: KServeV2Request) -> dict
 
 def v2_metadata(ctx: ServingContext, name: str) -> dict:
     ctx.check_model(name)
+    if ctx.tasks is not None and ctx.tasks.handles_kserve:
+        from stepserve.tasks import kserve as task_kserve
+
+        return task_kserve.v2_metadata(ctx.tasks, ctx.model_name)
     return {
         "name": ctx.model_name,
         "versions": [],

@@ -12,6 +12,8 @@ from pathlib import Path
 from fastapi import FastAPI
 from fastapi.responses import FileResponse, Response
 
+from stepserve.server.access import open_without_key
+
 STATIC = Path(__file__).parent / "static"
 ASSETS = {"playground.js": "text/javascript", "playground.css": "text/css"}
 HEADERS = {
@@ -22,6 +24,10 @@ HEADERS = {
 
 
 def add_playground_routes(app: FastAPI) -> None:
+    # The page and its assets hold no data and load without --api-key; the page sends the key
+    # itself on its API calls (which stay guarded).
+    open_without_key(app, "/", "/favicon.ico", *(f"/playground/{name}" for name in ASSETS))
+
     @app.get("/", include_in_schema=False)
     async def playground() -> Response:
         return FileResponse(STATIC / "playground.html", media_type="text/html", headers=HEADERS)

@@ -7,15 +7,16 @@ Range checks live in ``SamplingParams``; these models only fix the types.
 
 from __future__ import annotations
 
-import json
-from typing import Literal, TypeVar
+from typing import Annotated, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, FiniteFloat, StrictBool, ValidationError
 
 from stepserve.errors import InvalidRequestError
+from stepserve.server import json_body
 from stepserve.server.fields import STRICT, UnknownFieldPolicy, unknown_fields
 
 _SEED_BOUND = 2**63 - 2**20  # child requests add their index to the seed; torch takes 64 bits
+Int64 = Annotated[int, Field(ge=-(2**63), le=2**63 - 1)]  # what the engine's int64 tensors hold
 
 Model = TypeVar("Model", bound=BaseModel)
 
@@ -30,29 +31,64 @@ class StreamOptions(_Body):
     include_usage: StrictBool = False  # send a final chunk with usage
 
 
-class _SamplingFields(_Body):
+class JsonSchemaFormat(_Body):
+    name: str | None = None  # the schema's name (OpenAI requires it; only reported back)
+    description: str | None = None  # what the answer is for
+    schema_: dict | None = Field(default=None, alias="schema")  # the JSON schema the answer follows
+    strict: StrictBool | None = None  # the schema is enforced either way
+
+
+class ResponseFormat(_Body):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None  # needed by type=json_schema
+
+
+class StructuredOutputs(_Body):
+    """vLLM's ``structured_outputs``: exactly one constraint."""
+
+    json_: dict | str | None = Field(default=None, alias="json")  # a JSON schema
+    regex: str | None = None  # a regular expression (Rust regex syntax)
+    choice: list[str] | None = None  # the answer is one of these strings
+    grammar: str | None = None  # a Lark or GBNF grammar
+    json_object: StrictBool | None = None  # any JSON object
+
+
+class _StructuredFields(_Body):
+    """Output constraints, on completions and chat (OpenAI's and vLLM's spellings)."""
+
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputs | None = None
+    guided_json: dict | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+    prompt_logprobs: int | None = None  # vLLM: logprobs of the prompt tokens (with this many alternatives)
+
+
+class _SamplingFields(_StructuredFields):
     """Sampling parameters shared by completions, chat and the KServe ``parameters``."""
 
     model: str | None = None
-    max_tokens: int | None = None
-    temperature: float | None = None
-    top_p: float | None = None
+    max_tokens: Int64 | None = None
+    temperature: FiniteFloat | None = None
+    top_p: FiniteFloat | None = None
     n: int = Field(default=1, ge=1, le=128)
+    best_of: Int64 | None = None  # accepted only equal to n (vLLM V1 has no best_of > n)
     stop: str | list[str] | None = None
     seed: int | None = Field(default=None, ge=-_SEED_BOUND, le=_SEED_BOUND)
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    logit_bias: dict[str, float] | None = None
+    presence_penalty: FiniteFloat = 0.0
+    frequency_penalty: FiniteFloat = 0.0
+    logit_bias: dict[str, FiniteFloat] | None = None
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
     # vLLM's extensions
-    top_k: int = 0
-    min_p: float = 0.0
-    repetition_penalty: float = 1.0
+    top_k: Int64 = 0
+    min_p: FiniteFloat = 0.0
+    repetition_penalty: FiniteFloat = 1.0
     ignore_eos: StrictBool = False
-    min_tokens: int = 0
-    stop_token_ids: list[int] | None = None
+    min_tokens: Int64 = 0
+    stop_token_ids: list[Int64] | None = None
     skip_special_tokens: StrictBool = True
     # OpenAI's advisory fields: accepted, and they change nothing in the output
     metadata: dict[str, str] | None = None
@@ -62,8 +98,8 @@ class _SamplingFields(_Body):
 
 
 class CompletionRequest(_SamplingFields):
-    prompt: str | list[str] | list[int] | list[list[int]]
-    logprobs: int | None = None  # top alternatives per token
+    prompt: str | list[str] | list[Int64] | list[list[Int64]]
+    logprobs: Int64 | None = None  # top alternatives per token
     echo: StrictBool = False  # return the prompt before the completion
     suffix: str | None = None  # not supported; refused when set
 
@@ -87,12 +123,37 @@ class ChatMessage(_Body):
     function_call: None = None
 
 
+class FunctionDef(_Body):
+    name: str
+    description: str | None = None
+    parameters: dict | None = None  # a JSON schema of the arguments object
+    strict: StrictBool | None = None  # arguments are enforced when the call is forced
+
+
+class ToolDef(_Body):
+    type: Literal["function"]
+    function: FunctionDef
+
+
+class NamedFunction(_Body):
+    name: str
+
+
+class NamedToolChoice(_Body):
+    type: Literal["function"]
+    function: NamedFunction
+
+
 class ChatCompletionRequest(_SamplingFields):
     messages: list[ChatMessage]
-    max_completion_tokens: int | None = None  # OpenAI's newer name; wins over max_tokens
+    max_completion_tokens: Int64 | None = None  # OpenAI's newer name; wins over max_tokens
     logprobs: StrictBool = False  # return the chosen tokens' logprobs
-    top_logprobs: int | None = None  # alternatives per token, needs logprobs
+    top_logprobs: Int64 | None = None  # alternatives per token, needs logprobs
     add_generation_prompt: StrictBool = True  # end the template with the assistant's turn
+    chat_template_kwargs: dict | None = None  # extra template variables (Qwen3's enable_thinking), as vLLM
+    tools: list[ToolDef] | None = None  # functions the model may call
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None  # default: auto with tools
+    parallel_tool_calls: StrictBool = True  # more than one call per answer
 
 
 class KServeV2Tensor(_Body):
@@ -122,14 +183,8 @@ class KServeV1Request(_Body):
 
 
 def decode_json(raw: bytes) -> dict:
-    """The body as a JSON object, or a 400."""
-    try:
-        body = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InvalidRequestError(f"the request body is not valid JSON: {exc}", param="body") from None
-    if not isinstance(body, dict):
-        raise InvalidRequestError("the request body must be a JSON object", param="body")
-    return body
+    """The body as a JSON object within depth and size limits, or a 400 (see ``json_body``)."""
+    return json_body.loads(raw)
 
 
 def validate(model: type[Model], body: dict, unknown: UnknownFieldPolicy = STRICT, prefix: str = "") -> Model:

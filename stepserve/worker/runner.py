@@ -12,6 +12,7 @@ it. Inputs go up in one pinned, non-blocking copy; the pass ends with its one ho
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Collection
 from dataclasses import dataclass
 
@@ -19,24 +20,25 @@ import torch
 
 from stepserve.attention.base import AttentionBackend, AttentionMetadata
 from stepserve.core.outputs import ModelRunnerOutput, SchedulerOutput, TokenLogprob
-from stepserve.models.llama import LlamaForCausalLM
+from stepserve.models.decoder import DecoderForCausalLM
+from stepserve.structured.bitmask import GrammarMatchers, GrammarPass
 from stepserve.worker import sampler as S
 from stepserve.worker.cuda_graphs import CudaGraphs
 
 
-def kv_cache_bytes_per_block(model: LlamaForCausalLM, block_size: int, dtype: torch.dtype) -> int:
+def kv_cache_bytes_per_block(model: DecoderForCausalLM, block_size: int, dtype: torch.dtype) -> int:
     cfg = model.cfg
     return 2 * cfg.num_layers * block_size * cfg.num_kv_heads * cfg.head_dim * torch.finfo(dtype).bits // 8
 
 
-def allocate_kv_cache(model: LlamaForCausalLM, num_blocks: int, block_size: int, dtype, device) -> list[torch.Tensor]:
+def allocate_kv_cache(model: DecoderForCausalLM, num_blocks: int, block_size: int, dtype, device) -> list[torch.Tensor]:
     cfg = model.cfg
     shape = (2, num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim)
     return [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_layers)]
 
 
 @torch.inference_mode()
-def profile_run(model: LlamaForCausalLM, backend: AttentionBackend, block_size: int, num_tokens: int, num_seqs: int, device) -> None:
+def profile_run(model: DecoderForCausalLM, backend: AttentionBackend, block_size: int, num_tokens: int, num_seqs: int, device) -> None:
     """The largest pass the scheduler may send (``num_tokens`` prompt tokens over ``num_seqs``
     sequences, logits and sorting for every row) over a scratch KV cache, so that the caller can
     read peak activation memory before sizing the real cache."""
@@ -66,6 +68,13 @@ def profile_run(model: LlamaForCausalLM, backend: AttentionBackend, block_size: 
     del cache
 
 
+def _prompt_logprob_span(r) -> int:
+    """How many of this chunk's positions predict a prompt token whose logprob the request wants."""
+    if r.params.prompt_logprobs is None:
+        return 0
+    return max(0, min(r.start + r.num_new_tokens, r.num_prompt_tokens - 1) - r.start)
+
+
 @dataclass
 class StepInputs:
     """Model inputs of one step, on the device."""
@@ -80,13 +89,14 @@ class ModelRunner:
 
     def __init__(
         self,
-        model: LlamaForCausalLM,
+        model: DecoderForCausalLM,
         kv_caches: list[torch.Tensor],
         block_size: int,
         backend: AttentionBackend,
         eos_token_ids: Collection[int],
         device: torch.device,
         seed: int = 0,
+        grammars: GrammarMatchers | None = None,
     ) -> None:
         self.model = model
         self.kv_caches = kv_caches
@@ -97,40 +107,86 @@ class ModelRunner:
         self.vocab_size = model.cfg.vocab_size
         self.shared_generator = torch.Generator(device=device).manual_seed(seed)
         self.graphs: CudaGraphs | None = None  # set by capture_cuda_graphs
+        self.grammars = grammars  # constrained decoding; None: every request is free text
 
     # -- the pass ------------------------------------------------------------------------
 
     @torch.inference_mode()
     def execute(self, sched: SchedulerOutput) -> ModelRunnerOutput:
+        grammar = self._grammar_pass(sched)
         requests = sched.requests
         inputs = self._prepare(sched)
         batch = S.build_sampling_batch(requests, self.eos_token_ids, self.vocab_size, self.device)
-        graph = self.graphs.load(inputs) if self.graphs is not None else None
+        eager = any(_prompt_logprob_span(r) for r in requests)  # prompt logprobs need the hidden states
+        graph = self.graphs.load(inputs) if self.graphs is not None and not eager else None
+        prompt_logprobs: dict[str, tuple[TokenLogprob, ...]] = {}
         steps: list[torch.Tensor] = []
         logprobs: list[tuple] = []
         nonfinite = torch.zeros(len(requests), dtype=torch.bool, device=self.device)
         for step in range(sched.num_steps):
-            if graph is not None:
-                logits = graph.replay()  # advances its own inputs for the next step
-            else:
-                if step > 0:
-                    self._advance(inputs, steps[-1])
-                logits = self._forward(inputs)
+            logits, found = self._step_logits(sched, inputs, graph, step, steps[-1] if steps else None)
+            prompt_logprobs |= found
             # A NaN or inf anywhere in a row makes its sum non-finite: one reduction, no sync.
             nonfinite |= ~torch.isfinite(logits.sum(dim=-1))
-            tokens = S.sample(S.apply_logits_processors(logits, batch), batch, self.shared_generator)
+            processed = S.apply_logits_processors(logits, batch)
+            if grammar is not None:  # constrained rows only; the others pay nothing
+                processed = grammar.mask(processed, logits)
+            tokens = S.sample(processed, batch, self.shared_generator)
+            if grammar is not None and step + 1 < sched.num_steps:
+                grammar.accept(tokens, step)  # the next step's masks follow this step's tokens
             if graph is not None:
                 graph.feed(tokens)
             if batch.num_logprobs >= 0:
                 logprobs.append(S.top_logprobs(logits, tokens, batch.num_logprobs))
             S.advance(batch, tokens)
             steps.append(tokens)
-        return self._output(sched, steps, logprobs, nonfinite)
+        output = self._output(sched, steps, logprobs, nonfinite)
+        return dataclasses.replace(output, prompt_logprobs=prompt_logprobs) if prompt_logprobs else output
+
+    def _grammar_pass(self, sched: SchedulerOutput) -> GrammarPass | None:
+        """The pass's constrained rows, matchers synced; None when there are none."""
+        if self.grammars is None:
+            return None
+        self.grammars.drop(sched.finished_request_ids)
+        return self.grammars.start_pass(sched)
+
+    def _step_logits(self, sched: SchedulerOutput, inputs: StepInputs, graph, step: int, last_tokens) -> tuple[torch.Tensor, dict]:
+        """One step's logits (the graph's, or an eager forward) and the prompt logprobs the first
+        step's chunks give, for the requests that ask."""
+        if graph is not None:
+            return graph.replay(), {}  # the graph advances its own inputs for the next step
+        if step > 0:
+            self._advance(inputs, last_tokens)
+        if step == 0 and any(_prompt_logprob_span(r) for r in sched.requests):
+            hidden = self._hidden(inputs)
+            return self.model.compute_logits(hidden[inputs.logits_index]), self._prompt_logprobs(sched, hidden)
+        return self._forward(inputs), {}
+
+    def _hidden(self, inputs: StepInputs) -> torch.Tensor:
+        self.backend.prepare(inputs.meta)
+        return self.model(inputs.input_ids, inputs.meta.positions, self.kv_caches, inputs.meta, self.backend)
 
     def _forward(self, inputs: StepInputs) -> torch.Tensor:
-        self.backend.prepare(inputs.meta)
-        hidden = self.model(inputs.input_ids, inputs.meta.positions, self.kv_caches, inputs.meta, self.backend)
-        return self.model.compute_logits(hidden[inputs.logits_index])
+        return self.model.compute_logits(self._hidden(inputs)[inputs.logits_index])
+
+    def _prompt_logprobs(self, sched: SchedulerOutput, hidden: torch.Tensor) -> dict[str, tuple[TokenLogprob, ...]]:
+        """Logprobs of the prompt tokens this pass's chunks predict (position p predicts token
+        p + 1), for the requests that ask; one host sync, paid only by them."""
+        out = {}
+        offset = 0
+        for r in sched.requests:
+            span = _prompt_logprob_span(r)
+            if span:
+                k = r.params.prompt_logprobs
+                logprobs = self.model.compute_logits(hidden[offset : offset + span]).float().log_softmax(dim=-1)
+                targets = torch.tensor(r.token_ids[r.start + 1 : r.start + 1 + span], device=logprobs.device)
+                chosen = logprobs.gather(1, targets[:, None])
+                ranks = (logprobs > chosen).sum(dim=1) + 1
+                values, ids = logprobs.topk(max(k, 1), dim=-1)
+                rows = zip(targets.tolist(), chosen.squeeze(1).tolist(), ranks.tolist(), ids[:, :k].tolist(), values[:, :k].tolist())
+                out[r.request_id] = tuple(TokenLogprob(t, c, tuple(zip(i, v)), rank) for t, c, rank, i, v in rows)
+            offset += r.num_new_tokens
+        return out
 
     @torch.inference_mode()
     def capture_cuda_graphs(self, batch_sizes: list[int], max_model_len: int, max_steps: int) -> None:
@@ -156,7 +212,9 @@ class ModelRunner:
             query_start.append(len(input_ids))
             seq_lens.append(end)
         # Wide enough for every position the pass may touch; padding is the null block 0.
-        width = max(-(-(n + sched.num_steps - 1) // bs) for n in seq_lens)
+        # Rounded up to 16 blocks: the kernels take the row stride as an argument, and Triton
+        # specializes on its divisibility by 16, so one width class means one compiled variant.
+        width = -(-max(-(-(n + sched.num_steps - 1) // bs) for n in seq_lens) // 16) * 16
         tables: list[int] = []
         for r in sched.requests:
             row = list(r.block_ids[:width])
@@ -191,10 +249,14 @@ class ModelRunner:
         """Device tensors (int64, int32) of the given lists: one pinned non-blocking copy per dtype."""
         out = []
         for lists, dtype in ((longs, torch.long), (ints, torch.int32)):
-            flat = torch.tensor([x for xs in lists for x in xs], dtype=dtype)
+            # Each list starts 16-byte aligned: Triton specializes kernels on pointer alignment,
+            # so unaligned views would compile new variants mid-traffic (see engine/warmup.py).
+            align = 16 // torch.empty((), dtype=dtype).element_size()
+            padded = [xs + [0] * (-len(xs) % align) for xs in lists]
+            flat = torch.tensor([x for xs in padded for x in xs], dtype=dtype)
             if self.device.type == "cuda":
                 flat = flat.pin_memory().to(self.device, non_blocking=True)
-            out.append(list(flat.split([len(xs) for xs in lists])))
+            out.append([part[: len(xs)] for part, xs in zip(flat.split([len(xs) for xs in padded]), lists)])
         return out[0], out[1]
 
     def _slots(self, tables: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:

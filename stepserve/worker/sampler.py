@@ -70,7 +70,7 @@ def build_sampling_batch(
         num_logprobs=max((p.logprobs for p in params if p.logprobs is not None), default=-1),
     )
     if any(p.top_k > 0 for p in params):
-        batch.top_k = _tensor([p.top_k if p.top_k > 0 else vocab_size for p in params], device=device)
+        batch.top_k = _tensor([min(p.top_k, vocab_size) if p.top_k > 0 else vocab_size for p in params], device=device)
     if any(p.top_p < 1.0 for p in params):
         batch.top_p = f32([p.top_p for p in params])
     if any(p.min_p > 0 for p in params):

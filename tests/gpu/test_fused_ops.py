@@ -5,7 +5,8 @@ import contextlib
 import pytest
 import torch
 
-from stepserve.models.llama import LlamaConfig, RMSNorm, Rotary
+from stepserve.models.layers import RMSNorm
+from stepserve.models.rope import RopeConfig, Rotary
 
 
 def _rotate(x, cos, sin):
@@ -65,21 +66,22 @@ def test_rotary_in_place(device):
     from stepserve.models import triton_ops
 
     for dtype in dtypes(device):
-        cfg = LlamaConfig(128, 64, 128, 1, 32, 8, 64, 1e-5, 500000.0, (), 4096, False, False, False, False)
-        rotary = Rotary(cfg, 4096)
-        rotary.fill()
-        rotary = rotary.to(device)
-        qkv = torch.randn(50, (32 + 16) * 64).to(dtype).to(device)
-        q, k, v = qkv.split([32 * 64, 8 * 64, 8 * 64], dim=-1)
-        v_before = v.clone()
-        q, k = q.view(50, 32, 64), k.view(50, 8, 64)
-        positions = torch.randint(0, 4096, (50,), device=device)
-        cos, sin = rotary.cos_sin[positions].chunk(2, dim=-1)
-        want_q, want_k = _rotate(q, cos[:, None], sin[:, None]), _rotate(k, cos[:, None], sin[:, None])
-        triton_ops.rotary_(q, k, positions, rotary.cos_sin)
-        tol = 1e-2 if dtype == torch.bfloat16 else 1e-5
-        assert rel_err(q, want_q) < tol and rel_err(k, want_k) < tol
-        assert torch.equal(v, v_before)  # in place on q and k only: v, beside them in qkv, untouched
+        for rotary_dim in (64, 32):  # whole heads, and partial rotary (the trailing dims pass through)
+            rotary = Rotary(RopeConfig(500000.0, rotary_dim), 4096)
+            rotary.fill()
+            rotary = rotary.to(device)
+            qkv = torch.randn(50, (32 + 16) * 64).to(dtype).to(device)
+            q, k, v = qkv.split([32 * 64, 8 * 64, 8 * 64], dim=-1)
+            v_before = v.clone()
+            q, k = q.view(50, 32, 64), k.view(50, 8, 64)
+            positions = torch.randint(0, 4096, (50,), device=device)
+            cos, sin = rotary.cos_sin[positions].chunk(2, dim=-1)
+            rot = lambda x: torch.cat([_rotate(x[..., :rotary_dim], cos[:, None], sin[:, None]), x[..., rotary_dim:]], -1)  # noqa: E731
+            want_q, want_k = rot(q), rot(k)
+            triton_ops.rotary_(q, k, positions, rotary.cos_sin)
+            tol = 1e-2 if dtype == torch.bfloat16 else 1e-5
+            assert rel_err(q, want_q) < tol and rel_err(k, want_k) < tol
+            assert torch.equal(v, v_before)  # in place on q and k only: v, beside them in qkv, untouched
 
 
 def test_silu_and_mul(device):

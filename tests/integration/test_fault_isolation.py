@@ -216,10 +216,10 @@ def test_500_requests_at_concurrency_64_each_end_exactly_once(server_factory, ti
 
 
 def test_queue_limit_gives_429_and_timeout_gives_504(server_factory, tiny_llama):
-    server = server_factory(args(tiny_llama, "--max-num-seqs", "2", "--max-queue-len", "2", "--request-timeout-s", "30"))
+    server = server_factory(args(tiny_llama, "--max-num-seqs", "2", "--max-queue-len", "2", "--request-timeout-s", "300"))
 
     async def scenario():
-        async with httpx.AsyncClient(base_url=server.url, timeout=60) as client:
+        async with httpx.AsyncClient(base_url=server.url, timeout=320) as client:
             body = {"model": MODEL, "prompt": "busy", "max_tokens": 200, "ignore_eos": True}
             return await asyncio.gather(*(client.post("/v1/completions", json=body) for _ in range(10)))
 

@@ -1,15 +1,22 @@
-"""Property-based fuzzing of the OpenAI routes with hypothesis: whatever the body, no 5xx,
-the answer is JSON in the OpenAI error shape when it is an error, and the server stays ready."""
+"""Property-based fuzzing of every route with hypothesis: whatever the body, no 5xx, no
+dropped connection, the answer is JSON in the OpenAI error shape when it is an error, a stream
+ends in one [DONE], and the server stays ready and serving. The schema-aware cases come from
+``stepserve.bench.fuzz`` (the generator behind ``stepserve bench fuzz``), driven here by
+hypothesis's random source so that a failure shrinks and replays."""
 
 import json
+import subprocess
+import sys
 
 import httpx
 import pytest
+from hardened_server import MODEL
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from live_server import read_metric, start_server
+from live_server import read_metric
 
-MODEL = "tiny"
+from stepserve.bench import fuzz
+
 FIELDS = [
     "model", "prompt", "messages", "max_tokens", "max_completion_tokens", "n", "temperature", "top_p", "top_k", "min_p",
     "presence_penalty", "frequency_penalty", "repetition_penalty", "seed", "stop", "stop_token_ids", "ignore_eos",
@@ -32,14 +39,9 @@ raw_bodies = st.binary(max_size=60) | st.text(max_size=60).map(str.encode)
 
 
 @pytest.fixture(scope="module")
-def http(tiny_llama, tmp_path_factory):
-    server = start_server(
-        ["--model", str(tiny_llama), "--model_name", MODEL, "--max-model-len", "128", "--num-blocks", "256", "--max-tokens-limit", "64"],
-        tmp_path_factory.mktemp("fuzz") / "server.log",
-    )
-    with httpx.Client(base_url=server.url, timeout=60) as client:
+def http(hardened_server):
+    with httpx.Client(base_url=hardened_server.url, timeout=120) as client:
         yield client
-    server.stop()
 
 
 def check(response: httpx.Response) -> None:
@@ -59,6 +61,24 @@ def test_json_bodies_never_cause_a_server_error(http, route, body):
 @given(route=st.sampled_from(["/v1/completions", "/v1/chat/completions", "/v2/models/tiny/infer", "/v1/models/tiny:predict"]), raw=raw_bodies)
 def test_raw_bodies_never_cause_a_server_error(http, route, raw):
     check(http.post(route, content=raw, headers={"content-type": "application/json"}))
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=list(HealthCheck))
+@given(rng=st.randoms(use_true_random=False))
+def test_schema_aware_fuzzing_of_every_route(http, rng):
+    case = fuzz.make_case(rng, MODEL)
+    headers = {"content-type": "application/json"} if case.body is not None else {}
+    response = http.request(case.method, case.path, content=case.body, headers=headers)  # a dropped connection raises
+    problem = fuzz.check(case, response.status_code, response.headers, response.content)
+    assert problem is None, f"{case.method} {case.path} [{case.what}] {case.body!r:.500}: {problem}"
+
+
+def test_bench_fuzz_prints_status_counts(hardened_server):
+    command = [sys.executable, "-m", "stepserve", "bench", "fuzz", "--base-url", hardened_server.url, "--requests", "40", "--seed", "7"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "fuzzed 40 requests (seed 7)" in result.stdout and "status counts: " in result.stdout
+    assert "5xx: 0, dropped connections: 0, problems: 0" in result.stdout
 
 
 def test_the_server_is_still_ready_and_serving_after_fuzzing(http):

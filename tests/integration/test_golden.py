@@ -81,7 +81,7 @@ def test_rope_scaling_equals_transformers(kind, tmp_path):
 
     model_dir = write_tiny_model(tmp_path / kind, "llama", seed=4, rope_scaling=ROPE_SCALINGS[kind], rope_theta=500000.0)
     llm = LLM(model=str(model_dir), num_blocks=256, block_size=8, max_model_len=256)
-    assert dict(llm.core.worker.model.cfg.rope_scaling)["rope_type"] == kind  # the scaling was read, not dropped
+    assert llm.core.worker.model.cfg.rope.kind == kind  # the scaling was read, not dropped
     prompt_ids = [llm.tokenizer.encode(p) for p in (PROMPTS[3] * 2, PROMPTS[7] * 3, PROMPTS[0])]
     params = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True)
     ours = [o.outputs[0].token_ids for o in llm.generate(prompt_ids, params)]

@@ -1,0 +1,94 @@
+"""FP8 weights on Hopper (``--quantization fp8``): e4m3 weights with one scale per output
+channel, quantized at load from the bf16 checkpoint; activations quantized per token at run
+time; the product through ``torch._scaled_mm`` (row-wise scales, bf16 out).
+
+Every projection of the decoder layers becomes an ``Fp8Linear``; the embedding, the norms and
+the LM head stay in the model dtype (the head sets the logits that sampling reads, and it is
+one matrix of 33: as vLLM does, it is left unquantized).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import nn
+
+FP8 = torch.float8_e4m3fn
+FP8_MAX = 448.0  # largest finite e4m3fn value
+MIN_SCALE = 1e-12  # all-zero rows quantize to zeros instead of NaN
+
+
+def quantize_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[N, K]`` -> (e4m3 ``[N, K]``, float32 scales ``[N]``) with ``weight ~ q * scale[:, None]``."""
+    w = weight.float()
+    scale = (w.abs().amax(dim=1) / FP8_MAX).clamp_(min=MIN_SCALE)
+    return (w / scale[:, None]).clamp_(-FP8_MAX, FP8_MAX).to(FP8), scale
+
+
+def quantize_rows_reference(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """PyTorch twin of ``quantize_rows`` (tests): per-row scales ``[M, 1]`` float32."""
+    xf = x.float()
+    scale = (xf.abs().amax(dim=-1, keepdim=True) / FP8_MAX).clamp_(min=MIN_SCALE)
+    return (xf / scale).clamp_(-FP8_MAX, FP8_MAX).to(FP8), scale
+
+
+@triton.jit
+def _quantize_rows_kernel(x_ptr, out_ptr, scale_ptr, n_cols, stride_x, BLOCK: tl.constexpr, FMAX: tl.constexpr, SMIN: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    amax = tl.zeros([BLOCK], dtype=tl.float32)
+    for start in range(0, n_cols, BLOCK):
+        mask = start + cols < n_cols
+        v = tl.load(x_ptr + row * stride_x + start + cols, mask=mask, other=0.0).to(tl.float32)
+        amax = tl.maximum(amax, tl.abs(v))
+    scale = tl.maximum(tl.max(amax, axis=0) / FMAX, SMIN)
+    tl.store(scale_ptr + row, scale)
+    for start in range(0, n_cols, BLOCK):
+        mask = start + cols < n_cols
+        v = tl.load(x_ptr + row * stride_x + start + cols, mask=mask, other=0.0).to(tl.float32)
+        q = tl.minimum(tl.maximum(v / scale, -FMAX), FMAX)
+        tl.store(out_ptr + row * n_cols + start + cols, q.to(tl.float8e4nv), mask=mask)
+
+
+def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token (row) dynamic quantization of ``x`` ``[M, K]``: one kernel, two reads of a row."""
+    rows, cols = x.shape
+    out = torch.empty(rows, cols, dtype=FP8, device=x.device)
+    scale = torch.empty(rows, 1, dtype=torch.float32, device=x.device)
+    if rows:
+        _quantize_rows_kernel[(rows,)](x, out, scale, cols, x.stride(0), BLOCK=1024, FMAX=FP8_MAX, SMIN=MIN_SCALE, num_warps=4)
+    return out, scale
+
+
+class Fp8Linear(nn.Module):
+    """``y = x @ W.T + b`` with W in e4m3 and per-output-channel scales."""
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__()
+        q, scale = quantize_weight(linear.weight.data)
+        self.weight = nn.Parameter(q, requires_grad=False)  # [N, K] e4m3: W.T is column-major, as _scaled_mm wants
+        self.register_buffer("weight_scale", scale[None, :].contiguous())  # [1, N] float32
+        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.data, requires_grad=False)
+        self.out_dtype = linear.weight.dtype
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        xq, x_scale = quantize_rows(x.reshape(-1, self.in_features))
+        y = torch._scaled_mm(xq, self.weight.t(), scale_a=x_scale, scale_b=self.weight_scale, out_dtype=self.out_dtype, use_fast_accum=True)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.view(*lead, self.out_features)
+
+
+def quantize_fp8(model: nn.Module) -> None:
+    """Replace the decoder layers' projections with ``Fp8Linear``, one at a time (the bf16
+    matrix is freed as soon as its fp8 twin exists)."""
+    for layer in model.layers:
+        for parent in (layer.self_attn, layer.mlp):
+            for name, child in list(parent.named_children()):
+                if isinstance(child, nn.Linear):
+                    setattr(parent, name, Fp8Linear(child))
+                    del child
+    torch.cuda.empty_cache()

@@ -1,0 +1,165 @@
+"""Rotary position embeddings: the frequencies of each scaling type, and the per-step tables.
+
+Every family rotates with rotate_half (the two halves of the rotated dims pair up, as
+transformers does); ``rotary_dim`` below ``head_dim`` rotates only the leading dims
+(``partial_rotary_factor``) and passes the rest through.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from stepserve.config import ConfigError
+
+# rope type -> the keys it needs (beyond rope_type itself)
+ROPE_TYPES = {
+    "default": (),
+    "linear": ("factor",),
+    "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+    "longrope": ("long_factor", "short_factor", "original_max_position_embeddings"),
+}
+
+
+@dataclass(frozen=True)
+class RopeConfig:
+    """One rotary embedding: base, how many dims it rotates, and its scaling."""
+
+    theta: float  # rope_theta
+    rotary_dim: int  # dims rotated per head (head_dim * partial_rotary_factor), even
+    kind: str = "default"  # a key of ROPE_TYPES
+    params: tuple[tuple[str, object], ...] = ()  # the scaling's parameters as sorted pairs
+    max_position_embeddings: int = 0  # the model's (longrope derives its default factor from it)
+    long_context: bool = False  # longrope: use the long factors (the served context exceeds the original)
+
+    def param(self, key: str, default=None):
+        return dict(self.params).get(key, default)
+
+
+def rope_config(rope: dict, theta: float, head_dim: int, max_positions: int, where: str = "rope_scaling") -> RopeConfig:
+    """Validate a rope_parameters / rope_scaling dict; anything we do not implement is refused."""
+    rope = {k: v for k, v in rope.items() if v is not None}
+    kind = rope.pop("rope_type", rope.pop("type", "default"))
+    kind = {"su": "longrope"}.get(kind, kind)  # early Phi-3 configs' name for it
+    factor = rope.pop("partial_rotary_factor", 1.0)
+    rope.pop("rope_theta", None)
+    if kind not in ROPE_TYPES:
+        raise ConfigError(f"{where}: rope type {kind!r} is not supported; supported: {', '.join(ROPE_TYPES)}")
+    missing = [k for k in ROPE_TYPES[kind] if k not in rope]
+    if missing:
+        raise ConfigError(f"{where}: rope type {kind!r} needs {', '.join(missing)}")
+    rotary_dim = int(head_dim * float(factor))
+    if not 0 < rotary_dim <= head_dim or rotary_dim % 2:
+        raise ConfigError(f"partial_rotary_factor={factor} gives {rotary_dim} rotary dims of head_dim {head_dim}; it must be even and positive")
+    if kind == "longrope" and len(rope["short_factor"]) != rotary_dim // 2:
+        raise ConfigError(f"{where}: longrope short_factor has {len(rope['short_factor'])} entries, expected {rotary_dim // 2}")
+    params = tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in rope.items()))
+    return RopeConfig(float(theta), rotary_dim, kind, params, max_positions)
+
+
+def inv_freq_and_scale(rope: RopeConfig) -> tuple[torch.Tensor, float]:
+    """Inverse frequencies and the factor applied to cos and sin, as transformers computes them."""
+    dim = rope.rotary_dim
+    exponents = torch.arange(0, dim, 2, dtype=torch.int64).float() / dim
+    inv_freq = 1.0 / (rope.theta**exponents)
+    if rope.kind == "default":
+        return inv_freq, 1.0
+    if rope.kind == "linear":
+        return inv_freq / rope.param("factor"), 1.0
+    if rope.kind == "llama3":
+        return _llama3(inv_freq, rope), 1.0
+    return _longrope(exponents, rope)
+
+
+def _llama3(inv_freq: torch.Tensor, rope: RopeConfig) -> torch.Tensor:
+    factor = rope.param("factor")
+    low, high = rope.param("low_freq_factor"), rope.param("high_freq_factor")
+    old_len = rope.param("original_max_position_embeddings")
+    low_wavelen, high_wavelen = old_len / low, old_len / high
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+    smooth = (old_len / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    return torch.where(medium, smoothed, scaled)
+
+
+def _longrope(exponents: torch.Tensor, rope: RopeConfig) -> tuple[torch.Tensor, float]:
+    """Phi-3's LongRoPE. transformers picks the long factors when the sequence outgrows the
+    original context, per forward pass; stepserve picks once per engine (long when the served
+    context exceeds the original), so every token of every sequence shares one table."""
+    original = rope.param("original_max_position_embeddings")
+    factor = rope.param("factor") or rope.max_position_embeddings / original
+    scale = rope.param("attention_factor")
+    if scale is None:
+        scale = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
+    ext = torch.tensor(rope.param("long_factor" if rope.long_context else "short_factor"), dtype=torch.float32)
+    return 1.0 / (ext * rope.theta**exponents), float(scale)
+
+
+def fused_ops(x: torch.Tensor):
+    """The Triton kernels of ``triton_ops`` for CUDA tensors, else None (the PyTorch code runs)."""
+    if not x.is_cuda:
+        return None
+    global _FUSED
+    if _FUSED is None:
+        from stepserve.models import triton_ops
+
+        _FUSED = triton_ops
+    return _FUSED
+
+
+_FUSED = None
+
+
+class Rotary(nn.Module):
+    """cos/sin tabulated once per position; ``step`` hands every layer of a step its tables."""
+
+    def __init__(self, rope: RopeConfig, max_positions: int) -> None:
+        super().__init__()
+        self.rope = rope
+        self.max_positions = max_positions
+        self.register_buffer("cos_sin", torch.empty(max_positions, rope.rotary_dim), persistent=False)
+
+    def fill(self) -> None:
+        inv_freq, scale = inv_freq_and_scale(self.rope)
+        freqs = torch.outer(torch.arange(self.max_positions, dtype=torch.float32), inv_freq)
+        self.cos_sin.copy_(torch.cat([freqs.cos() * scale, freqs.sin() * scale], dim=-1))
+
+    def step(self, positions: torch.Tensor, dtype: torch.dtype) -> RopeStep:
+        """What every layer of one step needs to rotate its queries and keys."""
+        half = self.rope.rotary_dim // 2
+        if fused_ops(positions) is not None and half & (half - 1) == 0:  # the kernel tiles a power of two
+            return RopeStep(positions, self.cos_sin, None, None)
+        cos, sin = self.cos_sin[positions].to(dtype).chunk(2, dim=-1)  # [T, R/2] each
+        # Full-width tables, sin negated on the first half: rotate_half(x) * sin becomes
+        # halves_swapped(x) * signed_sin, one flip instead of a chunk, a negation and a cat.
+        return RopeStep(positions, self.cos_sin, torch.cat([cos, cos], -1)[:, None], torch.cat([-sin, sin], -1)[:, None])
+
+
+@dataclass
+class RopeStep:
+    """Rotary inputs of one step, computed once and shared by every layer."""
+
+    positions: torch.Tensor  # [T]
+    cos_sin: torch.Tensor  # [max_positions, R] float32 table, read by the fused CUDA kernel
+    cos: torch.Tensor | None  # [T, 1, R] in the model dtype (PyTorch path); None: fused kernel
+    signed_sin: torch.Tensor | None  # [T, 1, R], first half negated (PyTorch path)
+
+    def apply(self, qk: torch.Tensor, num_heads: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rotate ``qk`` [T, H + Hkv, D] (queries then keys, a view of the qkv output)."""
+        if self.cos is None:  # in place on the qkv output: one launch instead of a dozen
+            q, k = qk[:, :num_heads], qk[:, num_heads:]
+            fused_ops(qk).rotary_(q, k, self.positions, self.cos_sin)
+            return q, k
+        t, heads, dim = qk.shape
+        rot = self.cos.shape[-1]
+        part = qk if rot == dim else qk[..., :rot]
+        swapped = part.reshape(t, heads, 2, rot // 2).flip(-2).view(t, heads, rot)
+        out = part * self.cos + swapped * self.signed_sin
+        if rot != dim:  # partial rotary: the trailing dims pass through
+            out = torch.cat([out, qk[..., rot:]], dim=-1)
+        return out[:, :num_heads], out[:, num_heads:]

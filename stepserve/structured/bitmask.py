@@ -1,0 +1,156 @@
+"""Constrained decoding in the engine core: one llguidance matcher per constrained request, and
+the per-step token bitmask applied to that request's logits before sampling.
+
+Matchers follow the scheduler's truth instead of keeping their own history: at the start of a
+pass each one is synced to the request's accepted output tokens (rolled back past tokens the
+core discarded, fed tokens it has not seen, rebuilt when it was dropped). That one rule covers
+preemption (the worker drops the matcher; it is rebuilt from the outputs), a failed pass that is
+retried, and multi-step lookahead tokens discarded after a stop. Within a multi-step pass, the
+constrained rows' tokens come to the host after each step (one small sync) so the next mask is
+right; unconstrained requests in the batch pay nothing, and the pass keeps its N steps.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import OrderedDict
+from collections.abc import Callable, Collection, Iterable, Sequence
+
+import torch
+
+from stepserve.core.outputs import ScheduledRequest, SchedulerOutput
+from stepserve.structured.compiler import build_ll_tokenizer
+
+CACHE_SIZE = 512  # distinct grammars whose pristine matcher is kept for copying
+# llguidance's parallel executor pays off for many rows on a machine with cores to spare; on a
+# small CPU its spinning worker threads took the cores from PyTorch's (a tiny model's decode step
+# went from 59 ms to 250 ms with 8 constrained rows on 2 cores), so masks are filled in this thread.
+PARALLEL_ROWS = 16
+PARALLEL_MIN_CPUS = 8
+
+
+class RequestMatcher:
+    """A request's matcher and the output tokens it has consumed."""
+
+    def __init__(self, matcher) -> None:
+        self.matcher = matcher
+        self.consumed: list[int] = []
+
+    def sync(self, outputs: Sequence[int], fresh) -> None:
+        """Make the matcher's history equal ``outputs``, the tokens the core accepted."""
+        common = 0
+        limit = min(len(self.consumed), len(outputs))
+        while common < limit and self.consumed[common] == outputs[common]:
+            common += 1
+        extra = len(self.consumed) - common
+        if extra and (self.matcher.is_error() or self.matcher.rollback(extra) is False or self.matcher.is_error()):
+            self.matcher, common = fresh(), 0  # cannot roll back: rebuild from the start
+        del self.consumed[common:]
+        for token in outputs[common:]:
+            self.accept(token)
+
+    def accept(self, token: int) -> None:
+        self.matcher.consume_token(token)  # a refused token leaves the matcher in error: rebuilt or ended
+        self.consumed.append(token)
+
+
+class GrammarMatchers:
+    """The worker's constrained-decoding state: matchers by request id, compiled grammars by text."""
+
+    def __init__(self, tokenizer: Callable[[], object], vocab_size: int, eos_token_ids: Collection[int], device: torch.device) -> None:
+        self._tokenizer = tokenizer  # loads the tokenizer: the core needs it only for its first grammar
+        self.vocab_size = vocab_size
+        self.eos_token_ids = sorted(eos_token_ids)
+        self.device = device
+        self._ll_tokenizer = None
+        self._executor = None
+        self._compiled: OrderedDict[str, object] = OrderedDict()
+        self._matchers: dict[str, RequestMatcher] = {}
+
+    def drop(self, request_ids: Iterable[str]) -> None:
+        """Forget finished or preempted requests (a preempted one is rebuilt when it returns)."""
+        for request_id in request_ids:
+            self._matchers.pop(request_id, None)
+
+    def start_pass(self, sched: SchedulerOutput) -> GrammarPass | None:
+        """The pass's constrained rows with synced matchers; None when no row is constrained."""
+        rows = [i for i, r in enumerate(sched.requests) if r.params.structured is not None and r.sample]
+        if not rows:
+            return None
+        matchers = [self._synced(sched.requests[i]) for i in rows]
+        steps = [sched.requests[i].num_steps for i in rows]
+        return GrammarPass(self, rows, matchers, steps)
+
+    def _synced(self, r: ScheduledRequest) -> RequestMatcher:
+        grammar = r.params.structured.grammar
+        entry = self._matchers.get(r.request_id)
+        if entry is None:
+            entry = self._matchers[r.request_id] = RequestMatcher(self._fresh(grammar))
+        entry.sync(r.token_ids[r.num_prompt_tokens :], lambda: self._fresh(grammar))
+        return entry
+
+    def _fresh(self, grammar: str):
+        """A new matcher at the start of ``grammar``: a copy of the cached compiled one."""
+        import llguidance
+
+        pristine = self._compiled.get(grammar)
+        if pristine is None:
+            if self._ll_tokenizer is None:
+                self._ll_tokenizer = build_ll_tokenizer(self._tokenizer(), self.vocab_size, self.eos_token_ids)
+            pristine = self._compiled[grammar] = llguidance.LLMatcher(self._ll_tokenizer, grammar, log_level=0)
+            while len(self._compiled) > CACHE_SIZE:
+                self._compiled.popitem(last=False)
+        self._compiled.move_to_end(grammar)
+        return pristine.deep_copy()
+
+    def fill(self, matchers: Sequence[RequestMatcher]) -> torch.Tensor:
+        """Host int32 bitmask [R, ceil(V/32)]: bit t of row r set when token t is allowed."""
+        import llguidance
+
+        words = (self.vocab_size + 31) // 32
+        mask = torch.zeros(len(matchers), words, dtype=torch.int32, pin_memory=self.device.type == "cuda")
+        # Matchers in error state allow nothing: their row falls back to EOS (see GrammarPass.mask).
+        live = [(m.matcher, row) for row, m in enumerate(matchers) if not m.matcher.is_error()]
+        if len(live) >= PARALLEL_ROWS and (os.cpu_count() or 1) > PARALLEL_MIN_CPUS:
+            if self._executor is None:
+                self._executor = llguidance.LLExecutor()
+            self._executor.unsafe_compute_mask_ptr(live, mask.data_ptr(), words * 4, len(matchers))
+            return mask
+        for matcher, row in live:  # in this thread: see PARALLEL_MIN_CPUS
+            matcher.unsafe_compute_mask_ptr(mask[row].data_ptr(), words * 4)
+        return mask
+
+
+class GrammarPass:
+    """Constrained rows of one pass: masks their logits each step, advances their matchers."""
+
+    def __init__(self, owner: GrammarMatchers, rows: list[int], matchers: list[RequestMatcher], steps: list[int]) -> None:
+        self.owner = owner
+        self.matchers = matchers
+        self.steps = steps  # tokens each row may still accept this pass
+        self.rows = torch.tensor(rows, dtype=torch.long).to(owner.device)
+        self._shifts = torch.arange(32, dtype=torch.int32, device=owner.device)
+        self._eos = torch.tensor(owner.eos_token_ids, dtype=torch.long, device=owner.device)
+
+    def mask(self, logits: torch.Tensor, raw_logits: torch.Tensor) -> torch.Tensor:
+        """``logits`` with every token the grammar forbids at -inf on the constrained rows.
+
+        If a row's processors (min_tokens masking EOS) left it no allowed token, the grammar
+        wins: that row is masked from its raw logits instead. A row whose matcher allows nothing
+        (an error state; never expected) may only end, with EOS.
+        """
+        bits = self.owner.fill(self.matchers).to(logits.device, non_blocking=True)
+        allowed = ((bits[:, :, None] >> self._shifts) & 1).bool().flatten(1)[:, : logits.shape[1]]
+        nothing = ~allowed.any(dim=1, keepdim=True)
+        eos_only = torch.zeros_like(allowed).index_fill_(1, self._eos, True)
+        allowed = torch.where(nothing, eos_only, allowed)
+        masked = logits.index_select(0, self.rows).masked_fill(~allowed, float("-inf"))
+        raw = raw_logits.index_select(0, self.rows).masked_fill(~allowed, float("-inf"))
+        starved = torch.isinf(masked).all(dim=1, keepdim=True)
+        return logits.index_copy(0, self.rows, torch.where(starved, raw, masked))
+
+    def accept(self, tokens: torch.Tensor, step: int) -> None:
+        """Feed step ``step``'s tokens to the matchers (one host sync of the constrained rows)."""
+        for matcher, token, steps in zip(self.matchers, tokens.index_select(0, self.rows).tolist(), self.steps):
+            if step < steps:
+                matcher.accept(token)

@@ -1,0 +1,110 @@
+"""From the command line to a served task: resolve the task (a clear startup error when the
+model cannot do it), read the model's facts once, and hand the server a client factory and
+``TaskFront``. ``plan_task`` returns None for text_generation: the LLM engine serves it."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from stepserve.config import ConfigError, EngineConfig
+from stepserve.tasks import spec as S
+from stepserve.tasks import task as T
+from stepserve.tasks.config import TaskConfig
+from stepserve.tasks.spec import TaskSpec
+
+
+@dataclass(frozen=True)
+class TaskFront:
+    """The front's half of a task: started inside the server's event loop by ``create_app``."""
+
+    spec: TaskSpec  # the resolved task and model facts
+    tokenizer: object  # the model's tokenizer, KServe's lower-case flag applied
+
+    def start(self, client, on_finish, limits):
+        """(the async engine the health routes watch, the ``TaskServing`` the routes use)."""
+        from stepserve.tasks.async_encoder import AsyncEncoder
+        from stepserve.tasks.inputs import TaskTokenizer
+        from stepserve.tasks.serving import TaskServing
+
+        encoder = AsyncEncoder(client, on_finish, limits)
+        return encoder, TaskServing(self.spec, TaskTokenizer(self.tokenizer, self.spec), encoder)
+
+
+def plan_task(engine: EngineConfig, flags: TaskConfig) -> TaskFront | None:
+    from stepserve.models.loader import resolve_source
+
+    source = resolve_source(engine.model.model)
+    if source.gguf_file is not None:
+        if flags.task not in (None, T.TEXT_GENERATION):
+            raise ConfigError(f"--task {flags.task}: a GGUF model serves text_generation only")
+        return None
+    hf_config = json.loads((source.directory / "config.json").read_text())
+    task = T.resolve_task(flags.task, hf_config, S.is_sentence_transformers(source.directory))
+    if task == T.TEXT_GENERATION:
+        return None
+    tokenizer = _load_tokenizer(source.directory, flags)
+    return TaskFront(_spec(task, source, hf_config, tokenizer, engine, flags), tokenizer)
+
+
+def _load_tokenizer(directory: Path, flags: TaskConfig):
+    from transformers import AutoTokenizer
+
+    # KServe passes do_lower_case=True unless --disable_lower_case, which lower-cases cased
+    # models too; here the tokenizer's own setting stands unless the flag turns it off.
+    extra = {"do_lower_case": False} if flags.disable_lower_case else {}
+    return AutoTokenizer.from_pretrained(str(directory), **extra)
+
+
+def _spec(task: str, source, hf_config: dict, tokenizer, engine: EngineConfig, flags: TaskConfig) -> TaskSpec:
+    native = S.native_max_len(hf_config, source.directory)
+    max_model_len = engine.model.max_model_len or native
+    if max_model_len > native:
+        raise ConfigError(f"max_model_len={max_model_len} exceeds the model's {native} positions")
+    if task == T.FILL_MASK and tokenizer.mask_token_id is None:
+        raise ConfigError("fill_mask needs a tokenizer with a mask token; this one has none")
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else hf_config.get("pad_token_id") or 0
+    return TaskSpec(
+        task=task,
+        directory=str(source.directory),
+        name=source.name,
+        architecture=(hf_config.get("architectures") or ["?"])[0],
+        max_model_len=max_model_len,
+        vocab_size=hf_config.get("vocab_size") or len(tokenizer),
+        pad_token_id=pad,
+        hidden_size=hf_config.get("hidden_size") or hf_config.get("d_model") or 0,
+        pooling=S.read_pooling(source.directory) if task == T.EMBEDDING else S.Pooling("mean", True),
+        matryoshka=S.matryoshka(hf_config),
+        labels=S.labels(hf_config),
+        score_activation=S.score_activation(hf_config),
+        mask_token_id=tokenizer.mask_token_id,
+        dtype=engine.model.dtype,
+        device=engine.model.device,
+        flags=flags,
+        decoder=T.architecture_task((hf_config.get("architectures") or ["?"])[0]) == T.TEXT_GENERATION,
+        checkpoint_dtype=hf_config.get("torch_dtype") or hf_config.get("dtype") or "float32",
+    )
+
+
+def serving(front: TaskFront, engine: EngineConfig, server) -> tuple[Callable, object, object]:
+    """(make_client, tokenizer, FrontInfo) for ``create_app``: the encoder core in its own
+    supervised process, or in a thread with ``--engine-in-process``."""
+    from stepserve.engine.front import FrontInfo, sampling_defaults
+    from stepserve.generation_config import SamplingDefaults
+    from stepserve.tasks.encoder_core import build_encoder_core, encoder_core_factory
+
+    spec = front.spec
+    # text2text takes the model's generation_config.json sampling defaults, as generation does
+    defaults = sampling_defaults(engine) if spec.task == T.TEXT2TEXT else SamplingDefaults()
+    info = FrontInfo(spec.name, spec.max_model_len, spec.vocab_size, frozenset(), defaults)
+    if server.engine_in_process:
+        from stepserve.engine.core_client import ThreadCoreClient
+
+        core, _ = build_encoder_core(spec, engine.scheduler)
+        return (lambda: ThreadCoreClient(core)), front.tokenizer, info
+    from stepserve.engine.supervisor import RestartPolicy, SupervisedCoreClient
+
+    policy = RestartPolicy(server.max_restarts, server.restart_backoff_s)
+    return (lambda: SupervisedCoreClient(encoder_core_factory(spec, engine.scheduler), policy)), front.tokenizer, info

@@ -1,0 +1,34 @@
+"""Every family on the CUDA path (Triton kernels, CUDA graphs, fused ops) against the CPU
+reference path, which tests/integration/test_architectures.py holds equal to transformers:
+float32 greedy tokens equal with 1 and 8 scheduler steps. Skipped without CUDA."""
+
+import gc
+
+import pytest
+import torch
+
+from stepserve import LLM, SamplingParams
+from tiny_models import write_tiny_family
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+FAMILIES = ["mistral", "qwen2-window", "qwen3", "gemma2", "gemma3", "phi3", "granite"]
+PROMPTS = [[(7 * i + j) % 250 + 3 for j in range(5 + 13 * i)] for i in range(8)]  # 5..96 tokens
+
+
+def greedy(model_dir, device, **options):
+    llm = LLM(model=str(model_dir), device=device, dtype="float32", max_model_len=128, num_blocks=512, block_size=16, **options)
+    out = [o.outputs[0].token_ids for o in llm.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=24, ignore_eos=True))]
+    del llm
+    gc.collect()
+    torch.cuda.empty_cache()
+    return out
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_cuda_equals_cpu(family, tmp_path):
+    torch.backends.cuda.matmul.allow_tf32 = False
+    model_dir = write_tiny_family(tmp_path / family, family, seed=9)
+    want = greedy(model_dir, "cpu")
+    assert greedy(model_dir, "cuda", num_scheduler_steps=1) == want
+    assert greedy(model_dir, "cuda", num_scheduler_steps=8) == want

@@ -1,0 +1,99 @@
+"""GGUF files of each GGUF-capable family, written with the ``gguf`` package's writer as
+llama.cpp's converter lays them out, give the same greedy tokens as the safetensors checkpoint
+they were written from (which test_architectures holds equal to transformers). GGUF rope
+metadata is implemented (linear scaling, dimension_count) or refused, naming the key."""
+
+import dataclasses
+import json
+
+import pytest
+import torch
+
+from stepserve import LLM, SamplingParams
+from stepserve.config import ConfigError
+from tiny_gguf import write_gguf
+from tiny_models import write_tiny_family, write_tiny_model
+
+# Token ids (byte values), not text: transformers reads a Gemma GGUF's vocabulary as a
+# sentencepiece one, which the tiny byte-level vocabulary is not; the weights are under test here.
+PROMPTS = [list(p.encode()) for p in ["Hello", "The quick brown fox jumps over", "Once upon a time, in a land far away", "xyz" * 20]]
+PARAMS = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+
+
+@pytest.fixture(autouse=True)
+def isolated_cache(tmp_path, monkeypatch):
+    """The converted-GGUF cache goes to the test's own folder; one thread for tiny matrices."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def greedy(model: str, **options) -> list[list[int]]:
+    llm = LLM(model=model, num_blocks=160, block_size=4, dtype="float32", max_model_len=128, **options)
+    return [o.outputs[0].token_ids for o in llm.generate(PROMPTS, PARAMS)]
+
+
+@pytest.mark.parametrize("family", ["qwen3", "gemma2", "gemma3", "phi3"])
+def test_gguf_equals_safetensors(family, tmp_path):
+    model_dir = write_tiny_family(tmp_path / family, family, seed=5)
+    path = write_gguf(model_dir, tmp_path / f"{family}.gguf")
+    assert greedy(str(path)) == greedy(str(model_dir))
+
+
+def test_granite_gguf_reads_as_its_checkpoint_but_its_tokenizer_is_refused(tmp_path):
+    """transformers (which stepserve reads GGUF tokenizers with) cannot read a Granite GGUF's
+    tokenizer: refused at startup. Its config and weights read back as the checkpoint's."""
+    from safetensors.torch import load_file
+
+    from stepserve.models.gguf import GgufFile
+    from stepserve.models.registry import decoder_config
+
+    model_dir = write_tiny_family(tmp_path / "granite", "granite", seed=5)
+    path = write_gguf(model_dir, tmp_path / "granite.gguf")
+    gguf = GgufFile(path)
+    config = gguf.config()
+    want = decoder_config(json.loads((model_dir / "config.json").read_text()), 128)
+    got = decoder_config(config, 128)
+    for field in dataclasses.fields(want):  # GGUF stores floats in 32 bits
+        mine, theirs = getattr(got, field.name), getattr(want, field.name)
+        assert mine == (pytest.approx(theirs, rel=1e-6) if isinstance(theirs, float) else theirs), field.name
+    weights = dict(gguf.weights(config))
+    expected = load_file(model_dir / "model.safetensors")
+    assert weights.keys() == expected.keys()
+    for name, tensor in expected.items():
+        assert torch.equal(weights[name], tensor), name
+    with pytest.raises(ConfigError, match="tokenizer of granite.gguf cannot be read"):
+        LLM(model=str(path), num_blocks=160, block_size=4, max_model_len=128)
+
+
+def test_gguf_linear_rope_scaling_and_partial_dims(tmp_path):
+    """rope.scaling.type=linear becomes linear scaling; a Llama GGUF whose q/k were permuted
+    by the converter comes back unpermuted."""
+    scaled = write_tiny_model(tmp_path / "scaled", "llama", seed=6, rope_scaling={"rope_type": "linear", "factor": 4.0})
+    path = write_gguf(scaled, tmp_path / "scaled.gguf", {"rope_scaling_type": _linear(), "rope_scaling_factor": 4.0})
+    assert greedy(str(path)) == greedy(str(scaled))
+
+
+def _linear():
+    import gguf
+
+    return gguf.RopeScalingType.LINEAR
+
+
+@pytest.mark.parametrize(
+    ("metadata", "needle"),
+    [
+        ({"rope_scaling_type": "yarn", "rope_scaling_factor": 4.0}, "llama.rope.scaling.type='yarn'"),
+    ],
+)
+def test_gguf_rope_metadata_refused(metadata, needle, tmp_path):
+    import gguf
+
+    plain = write_tiny_model(tmp_path / "plain", "llama", seed=7)
+    metadata = {k: (gguf.RopeScalingType.YARN if v == "yarn" else v) for k, v in metadata.items()}
+    path = write_gguf(plain, tmp_path / "plain.gguf", metadata)
+    with pytest.raises(ConfigError) as info:
+        LLM(model=str(path), num_blocks=160, block_size=4, max_model_len=128)
+    assert needle in str(info.value)
