@@ -28,7 +28,7 @@ def st_model(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(st_model, tmp_path_factory):
-    args = ["--model", str(st_model), "--model_name", MODEL, "--restart-backoff-s", "0.1", "--batch-wait-ms", "5"]
+    args = ["--model", str(st_model), "--model_name", MODEL, "--restart-backoff-s", "0.1", "--batch-wait-ms", "5", "--log-stats-interval", "1"]
     server = start_server(args, tmp_path_factory.mktemp("logs") / "server.log")
     yield server
     server.stop()
@@ -129,4 +129,7 @@ def test_core_death_fails_fast_and_comes_back(client, server, st_model):
     again = client.embeddings.create(model=MODEL, input=TEXTS[0], encoding_format="float")
     np.testing.assert_allclose(again.data[0].embedding, expected(st_model, TEXTS[:1])[0], atol=1e-5)
     assert read_metric(http, "stepserve:engine_restarts_total", model_name=MODEL) == 1
-    assert "Avg prompt throughput" in server.log()  # the periodic stats line reads the encoder's counts too
+    deadline = time.monotonic() + 10
+    while "Avg prompt throughput" not in server.log():  # the periodic stats line reads the encoder's counts too
+        assert time.monotonic() < deadline, "no stats line in the server log"
+        time.sleep(0.2)
