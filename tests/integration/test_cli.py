@@ -32,4 +32,6 @@ def test_bench_throughput_runs_and_writes_json(tiny_llama, tmp_path):
     assert "Throughput:" in done.stdout
     assert result["requests"] == 4 and result["dtype"] == "float32" and result["elapsed_s"] > 0
     tokens = sum(n for _, n in random_requests(259, 4, 16, 8, 0.5, 0))  # ignore_eos: every request runs to its length
-    assert abs(result["output_tok_s"] * result["elapsed_s"] - tokens) <= 0.01 * tokens + 1
+    # elapsed_s is rounded to milliseconds, which on a fast run of a few ms is a large share of it
+    rounding = result["output_tok_s"] * 0.0005
+    assert abs(result["output_tok_s"] * result["elapsed_s"] - tokens) <= 0.01 * tokens + rounding + 1
