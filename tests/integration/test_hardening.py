@@ -188,7 +188,8 @@ def test_a_stream_whose_client_stops_reading_is_aborted_and_freed(server, http):
     with http.stream("POST", C, json=cmpl(prompt="other", max_tokens=8, ignore_eos=True, stream=True)) as other:
         events = [line for line in other.iter_lines() if line.startswith("data:")]
     assert events[-1] == "data: [DONE]" and not any('"error"' in e for e in events)
-    assert read_metric(http, "stepserve:num_requests_running", model_name=MODEL) >= 1  # still stalled, not finished
+    # The stalled request may or may not still be generating here: the engine does not wait for
+    # the client (its outputs queue up), so only the stall deadline below is checked.
     # On a fast machine the engine may finish generating before the stall deadline passes (its
     # outputs wait in the request's queue), so wait for the stall to be detected, not for the gauge.
     deadline = time.monotonic() + 20 * STALL_TIMEOUT
