@@ -45,3 +45,27 @@ def make_batch(q_lens, ctx_lens, num_heads, num_kv_heads, head_dim, block_size, 
         prefill_rows=None if is_decode else i32(prefill),
     )
     return q, k, v, cache, meta
+
+
+def naive_attention(q, k, v, cache, meta, scale, window=0, softcap=0.0):
+    """Each sequence alone: write its keys and values, then softmax(q K^T) V over its context
+    (the last ``window`` keys when set, scores soft-capped when ``softcap`` is set)."""
+    cache = cache.clone()
+    slots = cache.shape[1] * cache.shape[2]
+    cache[0].view(slots, *k.shape[1:])[meta.slot_mapping] = k
+    cache[1].view(slots, *v.shape[1:])[meta.slot_mapping] = v
+    group = q.shape[1] // k.shape[1]
+    out = torch.full_like(q, float("nan"))
+    qsl, bs = meta.query_start_loc.tolist(), meta.block_size
+    for row, seq_len in enumerate(meta.seq_lens.tolist()):
+        blocks = meta.block_tables[row, : -(-seq_len // bs)].long()
+        keys = cache[0][blocks].reshape(-1, *k.shape[1:])[:seq_len].repeat_interleave(group, dim=1)
+        values = cache[1][blocks].reshape(-1, *v.shape[1:])[:seq_len].repeat_interleave(group, dim=1)
+        for token in range(qsl[row], qsl[row + 1]):
+            pos = seq_len - (qsl[row + 1] - token)
+            first = max(0, pos - window + 1) if window else 0  # the window holds `window` keys, itself included
+            scores = torch.einsum("hd,khd->hk", q[token], keys[first : pos + 1]) * scale
+            if softcap:
+                scores = torch.tanh(scores / softcap) * softcap
+            out[token] = torch.einsum("hk,khd->hd", scores.softmax(-1), values[first : pos + 1])
+    return out

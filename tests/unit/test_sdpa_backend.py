@@ -4,28 +4,8 @@ out per sequence in float64: decode-only, prefill-only and mixed steps, GQA and 
 import pytest
 import torch
 
-from attention_batches import make_batch
+from attention_batches import make_batch, naive_attention
 from stepserve.attention.sdpa import SdpaBackend
-
-
-def naive(q, k, v, cache, meta, scale):
-    """Each sequence alone: write its keys and values, then softmax(q K^T) V over its context."""
-    cache = cache.clone()
-    slots = cache.shape[1] * cache.shape[2]
-    cache[0].view(slots, *k.shape[1:])[meta.slot_mapping] = k
-    cache[1].view(slots, *v.shape[1:])[meta.slot_mapping] = v
-    group = q.shape[1] // k.shape[1]
-    out = torch.full_like(q, float("nan"))
-    qsl, bs = meta.query_start_loc.tolist(), meta.block_size
-    for row, seq_len in enumerate(meta.seq_lens.tolist()):
-        blocks = meta.block_tables[row, : -(-seq_len // bs)].long()
-        keys = cache[0][blocks].reshape(-1, *k.shape[1:])[:seq_len].repeat_interleave(group, dim=1)
-        values = cache[1][blocks].reshape(-1, *v.shape[1:])[:seq_len].repeat_interleave(group, dim=1)
-        for token in range(qsl[row], qsl[row + 1]):
-            pos = seq_len - (qsl[row + 1] - token)  # the token's position in its sequence
-            scores = torch.einsum("hd,khd->hk", q[token], keys[: pos + 1]) * scale
-            out[token] = torch.einsum("hk,khd->hd", scores.softmax(-1), values[: pos + 1])
-    return out
 
 
 CASES = {
@@ -44,7 +24,7 @@ def test_sdpa_backend_matches_per_sequence_attention(case, heads, seed):
     num_heads, num_kv_heads = heads
     q, k, v, cache, meta = make_batch(q_lens, ctx_lens, num_heads, num_kv_heads, 16, 8, torch.float64, "cpu", seed)
     scale = 16**-0.5
-    want = naive(q, k, v, cache, meta, scale)
+    want = naive_attention(q, k, v, cache, meta, scale)
     backend = SdpaBackend()
     backend.prepare(meta)
     got = backend.forward(q, k, v, cache, meta, scale)
@@ -58,7 +38,7 @@ def test_sdpa_backend_matches_per_sequence_attention(case, heads, seed):
 
 def test_float32_cache_with_bfloat16_activations_returns_bfloat16():
     q, k, v, cache, meta = make_batch([1, 6], [9, 2], 6, 2, 16, 8, torch.float32, "cpu", 3)
-    want = naive(q.double(), k.double(), v.double(), cache.double(), meta, 0.25)
+    want = naive_attention(q.double(), k.double(), v.double(), cache.double(), meta, 0.25)
     backend = SdpaBackend()
     backend.prepare(meta)
     got = backend.forward(q.bfloat16(), k.bfloat16(), v.bfloat16(), cache, meta, 0.25)
