@@ -16,11 +16,31 @@ def load_tokenizer(source: ModelSource):
     from transformers import AutoTokenizer
 
     if source.gguf_file is not None:
-        try:
-            return AutoTokenizer.from_pretrained(str(source.directory), gguf_file=source.gguf_file)
-        except ValueError as exc:  # transformers reads GGUF tokenizers of the architectures it knows
-            raise ConfigError(f"the tokenizer of {source.gguf_file} cannot be read ({exc}); use the safetensors checkpoint") from None
+        return _gguf_tokenizer(source)
     return AutoTokenizer.from_pretrained(str(source.directory))
+
+
+def _gguf_tokenizer(source: ModelSource):
+    """A GGUF's tokenizer, built by transformers from the file's ``tokenizer.ggml.*`` metadata.
+
+    ``AutoTokenizer`` first reads the file's model config to choose the tokenizer class, and
+    transformers reads GGUF configs of the architectures it can load only: for Granite it raises
+    "GGUF model with architecture granite is not supported yet", although the tokenizer (a
+    ``gpt2`` byte-level BPE vocabulary with its merges) is one it builds for Llama 3 and Qwen
+    files. Then the plain fast tokenizer class builds it from the same metadata, with the same
+    builder (chosen by ``tokenizer.ggml.model``, the split by ``tokenizer.ggml.pre``), the
+    control tokens as special tokens and the file's chat template.
+    """
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    directory, name = str(source.directory), source.gguf_file
+    try:
+        return AutoTokenizer.from_pretrained(directory, gguf_file=name)
+    except ValueError as auto_error:
+        try:
+            return PreTrainedTokenizerFast.from_pretrained(directory, gguf_file=name)
+        except ValueError as exc:
+            raise ConfigError(f"the tokenizer of {name} cannot be read ({auto_error}; {exc}); use the safetensors checkpoint") from None
 
 
 def _as_set(value) -> set[int]:

@@ -42,10 +42,17 @@ def test_gguf_equals_safetensors(family, tmp_path):
     assert greedy(str(path)) == greedy(str(model_dir))
 
 
-def test_granite_gguf_reads_as_its_checkpoint_but_its_tokenizer_is_refused(tmp_path):
-    """transformers (which stepserve reads GGUF tokenizers with) cannot read a Granite GGUF's
-    tokenizer: refused at startup. Its config and weights read back as the checkpoint's."""
+TEXTS = ["Hello", "The quick brown fox jumps over", "1 2 3 4 5 and 678", "héllo wörld 日本 🙂", "  two  spaces\n\nend"]
+
+
+def test_granite_gguf_equals_transformers_on_its_checkpoint(tmp_path):
+    """transformers reads no Granite GGUF config, so its AutoTokenizer refuses the file; stepserve
+    builds the tokenizer from the file's metadata with transformers' GGUF tokenizer builder. Text
+    in: the same token ids as transformers' tokenizer of the checkpoint the file was written
+    from, and the same greedy tokens and text as transformers' model on it. The config and the
+    weights read back as the checkpoint's."""
     from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from stepserve.models.gguf import GgufFile
     from stepserve.models.registry import decoder_config
@@ -64,8 +71,20 @@ def test_granite_gguf_reads_as_its_checkpoint_but_its_tokenizer_is_refused(tmp_p
     assert weights.keys() == expected.keys()
     for name, tensor in expected.items():
         assert torch.equal(weights[name], tensor), name
-    with pytest.raises(ConfigError, match="tokenizer of granite.gguf cannot be read"):
-        LLM(model=str(path), num_blocks=160, block_size=4, max_model_len=128)
+
+    llm = LLM(model=str(path), num_blocks=160, block_size=4, dtype="float32", max_model_len=128)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    chat = tokenizer.apply_chat_template([{"role": "user", "content": "hi 42"}], tokenize=False, add_generation_prompt=True)
+    for text in [*TEXTS, chat]:  # the chat turn holds the control tokens, each one id
+        assert llm.tokenizer.encode(text) == tokenizer.encode(text), text
+    assert llm.tokenizer.chat_template == tokenizer.chat_template
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    outs = [o.outputs[0] for o in llm.generate(TEXTS, PARAMS)]
+    for text, out in zip(TEXTS, outs):
+        ids = torch.tensor([tokenizer.encode(text)])
+        reference = model.generate(ids, max_new_tokens=PARAMS.max_tokens, min_new_tokens=PARAMS.max_tokens, do_sample=False, eos_token_id=None, pad_token_id=0)
+        assert out.token_ids == reference[0, ids.shape[1] :].tolist(), text
+        assert out.text == tokenizer.decode(out.token_ids, skip_special_tokens=True)
 
 
 def test_gguf_linear_rope_scaling_and_partial_dims(tmp_path):
