@@ -55,7 +55,7 @@ def _gguf_name(name: str, gemma: bool) -> str:
     return f"{ {'embed_tokens': 'token_embd', 'norm': 'output_norm', 'lm_head': 'output'}[module]}.{kind}"
 
 
-def write_gguf(model_dir: Path, path: Path, extra_metadata=None) -> Path:
+def write_gguf(model_dir: Path, path: Path, extra_metadata=None, tokenizer_model: str = "gpt2") -> Path:
     import gguf
     from safetensors.numpy import load_file
     from transformers import AutoTokenizer
@@ -102,7 +102,7 @@ def write_gguf(model_dir: Path, path: Path, extra_metadata=None) -> Path:
         writer.add_tensor("rope_factors_short.weight", np.array(rope["short_factor"], dtype=np.float32))
     for key, value in (extra_metadata or {}).items():
         getattr(writer, f"add_{key}")(value)
-    _add_tokenizer(writer, AutoTokenizer.from_pretrained(model_dir), config)
+    _add_tokenizer(writer, AutoTokenizer.from_pretrained(model_dir), config, tokenizer_model)
     tensors = load_file(model_dir / "model.safetensors")
     if arch == "phi3":
         tensors = _fuse_phi3(tensors)
@@ -126,11 +126,11 @@ def _fuse_phi3(tensors: dict) -> dict:
     return tensors
 
 
-def _add_tokenizer(writer, tokenizer, config: dict) -> None:
+def _add_tokenizer(writer, tokenizer, config: dict, model: str) -> None:
     vocab = sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1])
     tokens = [t for t, _ in vocab]
     specials = set(tokenizer.all_special_tokens)
-    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_model(model)
     writer.add_tokenizer_pre("default")
     writer.add_token_list(tokens)
     writer.add_token_types([3 if t in specials else 1 for t in tokens])  # 3: control, 1: normal

@@ -40,7 +40,8 @@ def _gguf_tokenizer(source: ModelSource):
         try:
             return PreTrainedTokenizerFast.from_pretrained(directory, gguf_file=name)
         except ValueError as exc:
-            raise ConfigError(f"the tokenizer of {name} cannot be read ({auto_error}; {exc}); use the safetensors checkpoint") from None
+            reasons = "; ".join(dict.fromkeys([str(auto_error), str(exc)]))  # often the same reason twice
+            raise ConfigError(f"the tokenizer of {name} cannot be read ({reasons}); use the safetensors checkpoint") from None
 
 
 def _as_set(value) -> set[int]:

@@ -87,6 +87,15 @@ def test_granite_gguf_equals_transformers_on_its_checkpoint(tmp_path):
         assert out.text == tokenizer.decode(out.token_ids, skip_special_tokens=True)
 
 
+@pytest.mark.parametrize("family", ["granite", "qwen3"])  # AutoTokenizer refuses Granite files, reads Qwen3 ones
+def test_gguf_tokenizer_of_an_unknown_model_is_refused_by_name(family, tmp_path):
+    model_dir = write_tiny_family(tmp_path / family, family, seed=5)
+    path = write_gguf(model_dir, tmp_path / f"{family}.gguf", tokenizer_model="rwkv")
+    with pytest.raises(ConfigError) as info:
+        LLM(model=str(path), num_blocks=160, block_size=4, max_model_len=128)
+    assert f"the tokenizer of {family}.gguf cannot be read" in str(info.value) and "'rwkv'" in str(info.value)
+
+
 def test_gguf_linear_rope_scaling_and_partial_dims(tmp_path):
     """rope.scaling.type=linear becomes linear scaling; a Llama GGUF whose q/k were permuted
     by the converter comes back unpermuted."""
