@@ -8,7 +8,11 @@ right-to-left, emoji, invalid UTF-8 bytes); some cases are sent unchanged, some 
 syntax, some hit GET routes with odd names. The pooling routes (embeddings, rerank, score) are
 fuzzed too; on a generation server their valid bodies are a 400, which is all right. Every
 answer is checked: no 5xx, no dropped connection, an error in the OpenAI shape, a stream that
-ends in exactly one ``[DONE]`` with no 5xx error event. The same generator drives the test suite's fuzzer (tests/integration/test_fuzz.py).
+ends in exactly one ``[DONE]`` with no 5xx error event. With ``--grpc HOST:PORT``, KServe's
+gRPC ModelInfer is fuzzed too (odd tensors, datatypes, shapes, contents, raw contents, parameters,
+and bytes that are not a message at all): every answer must be OK or a client error status
+(INVALID_ARGUMENT, NOT_FOUND, RESOURCE_EXHAUSTED), never INTERNAL or UNKNOWN. The same
+generators drive the test suite's fuzzer (tests/integration/test_fuzz.py).
 
 Run it against a server started with a small ``--default-max-tokens`` (say 16): requests that
 leave ``max_tokens`` out on chat otherwise generate to the end of the context.
@@ -18,9 +22,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import logging
 import random
+import struct
 import sys
 import time
 import types
@@ -29,9 +35,11 @@ from collections import Counter
 from dataclasses import dataclass, field
 from urllib.parse import quote
 
+import grpc
 import httpx
 from pydantic import BaseModel
 
+from stepserve.server.proto import grpc_predict_v2_pb2 as pb
 from stepserve.server.schemas import (
     ChatCompletionRequest,
     ChatMessage,
@@ -310,6 +318,159 @@ async def send(client: httpx.AsyncClient, case: FuzzCase) -> tuple[int, str | No
     return response.status_code, check(case, response.status_code, response.headers, response.content)
 
 
+# -- gRPC ModelInfer ----------------------------------------------------------------------
+
+GRPC_METHOD = "/inference.GRPCInferenceService/ModelInfer"
+# The client's fault (the REST route's 400, 404, 413, 429), or OK; never INTERNAL or UNKNOWN.
+GRPC_ALLOWED = frozenset({"OK", "INVALID_ARGUMENT", "NOT_FOUND", "RESOURCE_EXHAUSTED"})
+DATATYPES = ("BYTES", "BYTES", "FP32", "FP64", "INT32", "INT64", "UINT8", "BOOL", "FP16", "STRING", "bytes", "", "\u0000", "\U0001f600")
+SHAPES = ([], [0], [1], [2], [-1], [1, 1], [1, -1], [2**31], [2**63 - 1], [-(2**63)], [1] * 64, [10**6, 10**6])
+BAD_UTF8 = (b"\xff\xfe", b"\xed\xa0\x80", b"\xc3", b"a\x80b", b"\xf4\x90\x80\x80", b"\xc0\xaf")
+
+
+@dataclass(frozen=True)
+class GrpcCase:
+    request: bytes  # a serialized ModelInferRequest, or bytes that are almost one
+    valid: bool  # an unchanged valid request: must be served (OK, or RESOURCE_EXHAUSTED when full)
+    what: str  # which mutation, for reports
+
+
+def valid_grpc_request(model: str):
+    """A ModelInferRequest that must be served: one BYTES text_input, max_tokens 2."""
+    contents = pb.InferTensorContents(bytes_contents=[b"hi"])
+    tensor = pb.ModelInferRequest.InferInputTensor(name="text_input", datatype="BYTES", shape=[1], contents=contents)
+    return pb.ModelInferRequest(model_name=model, id="fuzz", inputs=[tensor], parameters={"max_tokens": pb.InferParameter(int64_param=2)})
+
+
+def _grpc_param(rng: random.Random):
+    kind = rng.randrange(3)
+    if kind == 0:
+        return pb.InferParameter(int64_param=max(-(2**63), min(2**63 - 1, _of_kind(rng, "int"))))
+    if kind == 1:
+        return pb.InferParameter(bool_param=rng.choice((True, False)))
+    text = rng.choice(STRINGS + ("NaN", "inf", "-1e999", "1e308", "2147483648", "true", "[1, 2]", '{"type": "json_object"}'))
+    return pb.InferParameter(string_param=text)
+
+
+def _grpc_contents(rng: random.Random, tensor) -> str:
+    contents = tensor.contents
+    pick = rng.randrange(6)
+    if pick == 0:
+        contents.bytes_contents[:] = [rng.choice(BAD_UTF8 + (b"", b"\x00", b"x" * 100_000, "\u202e\U0001f600".encode()))]
+        return "bytes_contents"
+    if pick == 1:
+        contents.bytes_contents[:] = [b"a"] * rng.choice((0, 2, 5000))
+        return "bytes_contents count"
+    if pick == 2:
+        contents.fp32_contents[:] = [rng.choice((float("nan"), float("inf"), -0.0, 1e38))] * rng.randint(1, 3)
+        return "fp32_contents"
+    if pick == 3:
+        contents.int64_contents[:] = [rng.choice((2**63 - 1, -(2**63), 0))]
+        return "int64_contents"
+    if pick == 4:
+        contents.bool_contents[:] = [True]
+        return "bool_contents"
+    contents.Clear()
+    return "no contents"
+
+
+def _grpc_raw(rng: random.Random, request) -> str:
+    """``raw_input_contents`` in place of the contents: well-formed, or with a bad length prefix."""
+    request.inputs[0].contents.Clear()
+    item = rng.choice((b"hi", b"") + BAD_UTF8)
+    raw = struct.pack("<I", len(item)) + item
+    raw = rng.choice((raw, raw[:-1], b"\xff\xff\xff\xff" + item, b"\x01\x00", raw + b"\x00"))
+    request.raw_input_contents[:] = [raw] * rng.choice((1, 1, 2))
+    if rng.random() < 0.5:
+        request.inputs[0].parameters["binary_data_size"].int64_param = rng.choice((len(raw), -1, 2**63 - 1))
+    return "raw_input_contents"
+
+
+def _grpc_mutate(rng: random.Random, request, model: str) -> str:
+    """Change one part of a valid ModelInferRequest in place; what changed."""
+    pick = rng.randrange(9) if request.inputs else rng.choice((0, 5, 8))  # the others change the input tensor
+    tensor = request.inputs[0] if request.inputs else None
+    if pick == 0:
+        request.model_name = rng.choice(("", "x" * 3000, "\u0000", "..", model + "\u0301", "\u202e\U0001f600"))
+        return "model_name"
+    if pick == 1:
+        tensor.datatype = rng.choice(DATATYPES)
+        return "datatype"
+    if pick == 2:
+        tensor.shape[:] = rng.choice(SHAPES)
+        return "shape"
+    if pick == 3:
+        return _grpc_contents(rng, tensor)
+    if pick == 4:
+        return _grpc_raw(rng, request)
+    if pick == 5:
+        request.parameters[rng.choice(sorted(CompletionRequest.model_fields) + ["bogus", "", "max_new_tokens", "do_sample"])].CopyFrom(_grpc_param(rng))
+        return "parameters"
+    if pick == 6:
+        tensor.name = rng.choice(("", "prompt", "text_input\u0000", "TEXT_INPUT"))
+        return "input name"
+    if pick == 7:
+        extra, copy = rng.choice((0, 2, 50)), type(tensor)()
+        copy.CopyFrom(tensor)
+        del request.inputs[:]
+        request.inputs.extend([copy] * extra)
+        return f"{extra} inputs"
+    request.outputs.add(name=rng.choice(("text_output", "logprobs", "bogus", "", "x" * 1000)))
+    return "outputs"
+
+
+def _wire_mutate(rng: random.Random, data: bytes) -> tuple[bytes, str]:
+    """Bytes a protobuf client would not send: cut, garbled, or a string field holding bad UTF-8."""
+    pick = rng.randrange(4)
+    if pick == 0:
+        return data[: rng.randrange(len(data) + 1)], "wire: truncated"
+    if pick == 1:
+        i = rng.randrange(len(data) + 1)
+        return data[:i] + bytes([rng.randrange(256)]) + data[i:], "wire: a byte inserted"
+    if pick == 2:
+        bad = rng.choice(BAD_UTF8)
+        field = rng.choice((0x0A, 0x12, 0x1A))  # model_name, model_version, id: proto3 strings must be UTF-8
+        return data + bytes([field, len(bad)]) + bad, "wire: a string field that is not UTF-8"
+    return bytes(rng.randrange(256) for _ in range(rng.randint(0, 40))), "wire: random bytes"
+
+
+def make_grpc_case(rng: random.Random, model: str) -> GrpcCase:
+    """One ModelInfer call: mostly a mutated valid request, some valid ones, some broken wire bytes."""
+    request = valid_grpc_request(model)
+    roll = rng.random()
+    if roll < 0.12:
+        return GrpcCase(request.SerializeToString(), True, "valid")
+    what = ", ".join(_grpc_mutate(rng, request, model) for _ in range(rng.choice((1, 1, 2, 3))))
+    data = request.SerializeToString()
+    if roll < 0.25:
+        data, wire = _wire_mutate(rng, data)
+        what = f"{what}, {wire}"
+    return GrpcCase(data, False, what)
+
+
+def check_grpc(case: GrpcCase, code: str, details: str, response: bytes | None) -> str | None:
+    """What is wrong with this gRPC answer (``code`` a StatusCode name), or None."""
+    if code not in GRPC_ALLOWED:
+        return f"status {code}: {details[:300]}"
+    if case.valid and code not in ("OK", "RESOURCE_EXHAUSTED"):
+        return f"a valid request got {code}: {details[:300]}"
+    if code == "OK":
+        outputs = pb.ModelInferResponse.FromString(response).outputs
+        if not outputs or not all(o.datatype == "BYTES" for o in outputs):
+            return f"OK without BYTES outputs: {response[:300]!r}"
+    return None
+
+
+async def send_grpc(channel, case: GrpcCase, timeout: float) -> tuple[str, str | None]:
+    """(status code name, problem) for one case over a ``grpc.aio`` channel."""
+    call = channel.unary_unary(GRPC_METHOD)  # no serializers: the case's bytes go out as they are
+    try:
+        response = await call(case.request, timeout=timeout)
+    except grpc.aio.AioRpcError as exc:
+        return exc.code().name, check_grpc(case, exc.code().name, exc.details() or "", None)
+    return "OK", check_grpc(case, "OK", "", response)
+
+
 # -- the command --------------------------------------------------------------------------
 
 
@@ -320,40 +481,71 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of the generator: the same seed sends the same requests")
     parser.add_argument("--concurrency", type=int, default=4, help="requests in flight at once")
     parser.add_argument("--timeout-s", type=float, default=300.0, help="per-request timeout")
+    parser.add_argument("--grpc", default=None, metavar="HOST:PORT", help="also fuzz gRPC ModelInfer on this address (a server with --enable_grpc)")
+    parser.add_argument("--grpc-requests", type=int, default=None, help="gRPC calls to send (default: a quarter of --requests)")
 
 
-async def fuzz(base_url: str, model: str, requests: int, seed: int, concurrency: int, timeout: float) -> FuzzReport:
-    """Send ``requests`` cases from ``seed`` and collect statuses and problems."""
-    rng = random.Random(seed)
-    cases = (make_case(rng, model) for _ in range(requests))
+async def fuzz(base_url: str, model: str, requests: int, seed: int, concurrency: int, timeout: float,
+               grpc_target: str | None = None, grpc_requests: int = 0) -> FuzzReport:
+    """Send ``requests`` cases from ``seed`` (and ``grpc_requests`` ModelInfer calls to
+    ``grpc_target``) and collect statuses and problems; a valid request must be served after."""
+    rng, grpc_rng = random.Random(seed), random.Random(f"grpc {seed}")  # HTTP cases of a seed stay those it always gave
+    cases = [("http", make_case(rng, model)) for _ in range(requests)]
+    if grpc_target is not None:
+        cases += [("grpc", make_grpc_case(grpc_rng, model)) for _ in range(grpc_requests)]
+        grpc_rng.shuffle(cases)
+    pending = iter(cases)
     report = FuzzReport()
     limits = httpx.Limits(max_connections=concurrency)
-    async with httpx.AsyncClient(base_url=base_url, timeout=timeout, limits=limits) as client:
+    async with httpx.AsyncClient(base_url=base_url, timeout=timeout, limits=limits) as client, _grpc_channel(grpc_target) as channel:
 
         async def worker() -> None:
-            for case in cases:
-                status, problem = await send(client, case)
+            for route, case in pending:
+                if route == "grpc":
+                    status, problem = await send_grpc(channel, case, timeout)
+                    status, where = f"grpc {status}", f"gRPC ModelInfer [{case.what}]"
+                else:
+                    status, problem = await send(client, case)
+                    where = f"{case.method} {case.path[:80]} [{case.what}]"
                 report.statuses[status] += 1
                 if problem:
-                    report.problems.append(f"{case.method} {case.path[:80]} [{case.what}]: {problem}")
+                    report.problems.append(f"{where}: {problem}")
 
         await asyncio.gather(*(worker() for _ in range(concurrency)))
         after = FuzzCase("POST", "/v1/completions", encode({"model": model, "prompt": "still serving?", "max_tokens": 2}), True, "after")
         status, problem = await send(client, after)
         if status != 200:
             report.problems.append(f"the request after fuzzing got HTTP {status}: {problem}")
+        if channel is not None:
+            status, problem = await send_grpc(channel, GrpcCase(valid_grpc_request(model).SerializeToString(), True, "after"), timeout)
+            if status != "OK":
+                report.problems.append(f"the gRPC call after fuzzing got {status}: {problem}")
     return report
+
+
+@contextlib.asynccontextmanager
+async def _grpc_channel(target: str | None):
+    if target is None:
+        yield None
+        return
+    async with grpc.aio.insecure_channel(target) as channel:
+        yield channel
 
 
 def main(args: argparse.Namespace) -> int:
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request would drown the report
     model = args.model or httpx.get(args.base_url + "/v1/models", timeout=30).json()["data"][0]["id"]
     started = time.perf_counter()
-    report = asyncio.run(fuzz(args.base_url, model, args.requests, args.seed, args.concurrency, args.timeout_s))
+    grpc_requests = args.requests // 4 if args.grpc_requests is None else args.grpc_requests
+    report = asyncio.run(fuzz(args.base_url, model, args.requests, args.seed, args.concurrency, args.timeout_s, args.grpc, grpc_requests))
     elapsed = time.perf_counter() - started
-    print(f"fuzzed {args.requests} requests (seed {args.seed}) against {args.base_url} in {elapsed:.1f}s")
-    print("status counts: " + ", ".join(f"{status}: {count}" for status, count in sorted(report.statuses.items())))
-    print(f"5xx: {sum(c for s, c in report.statuses.items() if s >= 500)}, dropped connections: {report.statuses.get(0, 0)}, problems: {len(report.problems)}")
+    over_grpc = f" and {grpc_requests} gRPC calls to {args.grpc}" if args.grpc else ""
+    print(f"fuzzed {args.requests} requests (seed {args.seed}) against {args.base_url}{over_grpc} in {elapsed:.1f}s")
+    print("status counts: " + ", ".join(f"{status}: {count}" for status, count in sorted(report.statuses.items(), key=lambda kv: str(kv[0]))))
+    http_5xx = sum(c for s, c in report.statuses.items() if isinstance(s, int) and s >= 500)
+    grpc_bad = sum(c for s, c in report.statuses.items() if isinstance(s, str) and s.removeprefix("grpc ") not in GRPC_ALLOWED)
+    grpc_part = f", gRPC INTERNAL/UNKNOWN/other: {grpc_bad}" if args.grpc else ""
+    print(f"5xx: {http_5xx}, dropped connections: {report.statuses.get(0, 0)}{grpc_part}, problems: {len(report.problems)}")
     for problem in report.problems[:20]:
         print("  " + problem)
     return 1 if report.problems else 0

@@ -8,7 +8,8 @@ admission limit (429s). At the end, after the load stops:
 - requests by outcome (HTTP status, or what the client did), and problems: any 5xx, dropped
   connection, stream that did not end in exactly one ``[DONE]``, or error in the server's log
   (a handler that failed after its client left is a 500 nobody receives);
-- RSS of the server and the engine core process at start, after warm-up and at the end;
+- RSS of the server and the engine core process at start, after warm-up and at the end, and
+  sampled about twenty times during the load, so that a plateau shows apart from steady growth;
 - open file descriptors of both at start and at the end (must be back where they started);
 - KV cache usage and running/waiting requests at rest (must be 0);
 - whether every request ended exactly once: each request id has one "finished" log line,
@@ -31,6 +32,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -56,6 +58,7 @@ class SoakReport:
     outcomes: Counter = field(default_factory=Counter)  # status or client action -> count
     problems: list[str] = field(default_factory=list)
     samples: dict[str, dict[str, ProcessSample]] = field(default_factory=dict)  # "start"/"warm"/"end" -> process -> sample
+    rss_series: dict[str, list[tuple[float, float]]] = field(default_factory=dict)  # process -> (seconds into the load, RSS MiB)
     kv_usage_at_rest: float = -1.0
     running_at_rest: float = -1.0
     finished_lines: int = 0  # "request ... finished" log lines
@@ -91,6 +94,8 @@ class SoakReport:
                 f"{process}: RSS {s.rss_mib:.1f} -> {w.rss_mib:.1f} (warm) -> {e.rss_mib:.1f} MiB "
                 f"({self.rss_growth(process) * 100:+.1f}% after warm-up); open fds {s.fds} -> {e.fds}"
             )
+        for process, series in self.rss_series.items():
+            out.append(f"{process} RSS during the load (s: MiB): " + ", ".join(f"{t:.0f}: {rss:.0f}" for t, rss in series))
         out.append(f"at rest: KV usage {self.kv_usage_at_rest}, running+waiting {self.running_at_rest}")
         out.append(
             f"ended exactly once: {self.ended_exactly_once} ({self.finished_lines} requests logged, {self.duplicate_ids} twice, "
@@ -170,6 +175,24 @@ def _start_server(serve_args: list[str], log_path: Path, timeout: float = 600.0)
         time.sleep(0.5)
     process.kill()
     raise RuntimeError(f"the server was not ready after {timeout}s; see {log_path}")
+
+
+class _RssSampler(threading.Thread):
+    """Samples each process's RSS every ``every_s`` seconds into ``report.rss_series``."""
+
+    def __init__(self, pids: dict[str, int], report: SoakReport, every_s: float) -> None:
+        super().__init__(daemon=True)
+        self.pids, self.report, self.every_s = pids, report, every_s
+        self.stopped = threading.Event()
+
+    def run(self) -> None:
+        start = time.monotonic()
+        while not self.stopped.wait(self.every_s):
+            for name, pid in self.pids.items():
+                try:
+                    self.report.rss_series.setdefault(name, []).append((time.monotonic() - start, _sample(pid).rss_mib))
+                except OSError:
+                    continue  # the process is gone (a core restart): the report's problems say why
 
 
 # -- the load -----------------------------------------------------------------------------
@@ -329,9 +352,12 @@ def run(duration_s: float, serve_args: list[str], *, concurrency: int = 6, seed:
         report.samples["start"] = {name: _sample(pid) for name, pid in pids.items()}
         model = httpx.get(server.url + "/v1/models", timeout=30).json()["data"][0]["id"]
         warmup = min(30.0, duration_s / 6) if warmup_s is None else warmup_s
+        sampler = _RssSampler(pids, report, max(duration_s / 20, 1.0))
+        sampler.start()
         answered = asyncio.run(_drive(server.url, model, warmup, concurrency, seed, burst, report, timeout_s=timeout_s))
         report.samples["warm"] = {name: _sample(pid) for name, pid in pids.items()}
         answered |= asyncio.run(_drive(server.url, model, duration_s - warmup, concurrency, seed + 1, burst, report, timeout_s=timeout_s))
+        sampler.stopped.set()
         metrics_text = _at_rest(server.url, report)
         time.sleep(1.0)  # the server closes the client's last connections
         report.samples["end"] = {name: _sample(pid) for name, pid in pids.items()}

@@ -13,6 +13,13 @@ per-call work of the kernel. Two kernels, both PyTorch's own:
   CPU int4 kernel beats oneDNN's bf16 one only for a few rows, so above ``INT4_MAX_ROWS`` rows
   a bf16 copy of the *same* dequantized weights runs: both paths compute with one set of
   weight values.
+
+oneDNN builds and caches a kernel for every row count it is called with (PyTorch keeps one
+too), about half a MiB each for the embedded model's projections, and a server sees every row
+count up to ``max_num_batched_tokens``: the engine core's memory grew with each new pass size
+until the caches filled (1024 kernels), then fragmented as they evicted. Rows are therefore
+padded to one of a few sizes (``onednn_rows``: at most 1/8 more rows, eight sizes per octave),
+so the caches hold a bounded set and stop growing after warm-up.
 """
 
 from __future__ import annotations
@@ -22,6 +29,13 @@ from torch import nn
 
 GROUP = 32  # weights per int4 scale/zero pair: GGUF's Q4_0/Q4_1 block size
 INT4_MAX_ROWS = 8  # rows up to which the int4 kernel beats oneDNN bf16 (2-core AVX512-BF16, README)
+
+
+def onednn_rows(rows: int) -> int:
+    """The row count a oneDNN call of ``rows`` rows is padded to: exact below 16, else rounded
+    up to a multiple of 1/16 of the octave's power of two (at most 1/8 more rows)."""
+    step = 1 << max(rows.bit_length() - 4, 0)
+    return -(-rows // step) * step
 
 
 def quantize_int4(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -64,8 +78,12 @@ class CpuLinear(nn.Module):
         self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.to(dtype), 16)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.int4 is None or x.shape[0] > INT4_MAX_ROWS:
-            return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [None], "")
+        rows = x.shape[0]
+        if self.int4 is None or rows > INT4_MAX_ROWS:
+            padded = onednn_rows(rows)  # a bounded set of shapes: see the module's docstring
+            if padded != rows:
+                x = torch.nn.functional.pad(x, (0, 0, 0, padded - rows))
+            return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [None], "")[:rows]
         out = torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.int4, GROUP, self.scales_and_zeros)
         return out if self.bias is None else out + self.bias
 

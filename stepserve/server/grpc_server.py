@@ -13,9 +13,11 @@ from __future__ import annotations
 import logging
 import struct
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
+from google.protobuf.message import DecodeError
 
 from stepserve.errors import InvalidRequestError
 from stepserve.server import kserve
@@ -172,6 +174,35 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         return infer_response(body)
 
 
+@dataclass(frozen=True)
+class _Malformed:
+    reason: str  # why the bytes are not the RPC's message
+
+
+class _MalformedInterceptor(grpc.aio.ServerInterceptor):
+    """INVALID_ARGUMENT for bytes that do not parse as the RPC's message (a cut message, a
+    string field that is not UTF-8); grpcio itself answers those UNKNOWN, a server error."""
+
+    async def intercept_service(self, continuation, details):
+        handler = await continuation(details)
+        if handler is None or handler.unary_unary is None or handler.request_deserializer is None:
+            return handler
+        parse, behaviour = handler.request_deserializer, handler.unary_unary
+
+        def deserialize(data: bytes):
+            try:
+                return parse(data)
+            except DecodeError as exc:
+                return _Malformed(str(exc))
+
+        async def guarded(request, context):
+            if isinstance(request, _Malformed):
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"the request is not a valid protobuf message: {request.reason}")
+            return await behaviour(request, context)
+
+        return grpc.unary_unary_rpc_method_handler(guarded, request_deserializer=deserialize, response_serializer=handler.response_serializer)
+
+
 class _ApiKeyInterceptor(grpc.aio.ServerInterceptor):
     """UNAUTHENTICATED without ``authorization: Bearer KEY`` metadata, except on the probes."""
 
@@ -193,7 +224,8 @@ class _ApiKeyInterceptor(grpc.aio.ServerInterceptor):
 
 
 async def start_grpc(app_state, host: str, config: GrpcConfig, access: AccessConfig) -> grpc.aio.Server:
-    interceptors = [_ApiKeyInterceptor(access.api_key)] if access.api_key is not None else []
+    # The last interceptor is the innermost: the API key's denial also gets the tolerant parser.
+    interceptors = ([_ApiKeyInterceptor(access.api_key)] if access.api_key is not None else []) + [_MalformedInterceptor()]
     server = grpc.aio.server(interceptors=interceptors, options=[("grpc.max_receive_message_length", access.max_request_body_bytes)])
     pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(app_state, access.api_key), server)
     address = f"{host}:{config.grpc_port}"

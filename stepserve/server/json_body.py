@@ -4,12 +4,14 @@
 1024); then one iterative walk bounds the nesting depth and the number of values much lower,
 because later code (pydantic, chat templates, ``repr`` in error messages) recurses. A string
 that cannot be encoded (a lone surrogate escape such as ``"\\ud800"``) is a 400 naming the field
-that holds it, found by a second, stdlib parse only on that error path.
+that holds it, found by a second, stdlib parse only on that error path; so is a NaN, Infinity or
+a number too large for a double (``1e999``).
 """
 
 from __future__ import annotations
 
 import json
+import math
 
 import orjson
 
@@ -49,20 +51,27 @@ def _check_shape(body: dict) -> None:
 
 
 def _decode_error(raw: bytes, exc: orjson.JSONDecodeError) -> InvalidRequestError:
-    if "surrogate" in str(exc):
-        where = _surrogate_path(raw)
+    reason = str(exc)
+    if "surrogate" in reason:
+        where = _path_of(raw, _has_surrogate)
         if where is not None:
             path, field = where
             message = f"{path}: the string holds a lone UTF-16 surrogate, which cannot be encoded as UTF-8 (parameter={field})"
             return InvalidRequestError(message, param=field)
+    if "infinity" in reason or raw[exc.pos :].startswith((b"NaN", b"Infinity")):  # -Infinity: pos is past the sign
+        where = _path_of(raw, _non_finite)
+        if where is not None:
+            path, field = where
+            return InvalidRequestError(f"{path}: NaN and infinite numbers are not JSON; send a finite number (parameter={field})", param=field)
     return InvalidRequestError(f"the request body is not valid JSON: {exc}", param="body")
 
 
-def _surrogate_path(raw: bytes) -> tuple[str, str] | None:
-    """(dotted path, top-level field) of the first string holding a lone surrogate, if any.
+def _path_of(raw: bytes, found) -> tuple[str, str] | None:
+    """(dotted path, top-level field) of the first key or value for which ``found`` is true.
 
-    Only reached after orjson refused the body for a surrogate, so the body is otherwise
-    JSON; the stdlib parser accepts escaped surrogates, and its recursion is caught.
+    Only reached after orjson refused the body for a surrogate or a non-finite number, so the
+    body is otherwise JSON; the stdlib parser accepts escaped surrogates, NaN, Infinity and
+    1e999, and its recursion is caught.
     """
     try:
         body = json.loads(raw)
@@ -74,7 +83,7 @@ def _surrogate_path(raw: bytes) -> tuple[str, str] | None:
         items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
         for key, child in items:
             here = [*path, str(key)]
-            if _has_surrogate(key) or _has_surrogate(child):
+            if found(key) or found(child):
                 return _printable(".".join(here)), _printable(here[0])
             if len(here) < MAX_DEPTH:
                 stack.append((child, here))
@@ -94,3 +103,7 @@ def _has_surrogate(value: object) -> bool:
     except UnicodeEncodeError:
         return True
     return False
+
+
+def _non_finite(value: object) -> bool:
+    return isinstance(value, float) and not math.isfinite(value)

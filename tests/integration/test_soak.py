@@ -15,6 +15,7 @@ def test_a_minute_of_mixed_load_leaves_nothing_behind(tiny_llama, tmp_path):
     assert report.ended_exactly_once and report.finished_lines > 0
     assert all(report.fds_back(process) for process in ("server", "core"))
     assert report.server_exit_code == 0
+    assert all(len(report.rss_series[process]) >= 10 for process in ("server", "core"))
     for outcome in ("stream 200", 200, 400, 429, "disconnected mid-stream", "aborted by client"):
         assert report.outcomes[outcome] > 0, (outcome, report.outcomes)
     assert report.ok

@@ -59,7 +59,14 @@ def test_a_surrogate_pair_is_a_character():
     assert loads(b'{"prompt": "\\ud83d\\ude00"}')["prompt"] == "\U0001f600"
 
 
-@pytest.mark.parametrize("raw", [b'{"t": NaN}', b'{"t": Infinity}', b'{"t": 1e999}', b'{"p": "\xff"}',
+@pytest.mark.parametrize("raw", [b'{"t": NaN}', b'{"t": Infinity}', b'{"t": -Infinity}', b'{"t": 1e999}', b'{"t": [1, -1e999]}', b'{"t": {"u": NaN}}'])
+def test_nan_and_infinity_are_a_400_naming_the_field(raw):
+    assert param_of(raw) == "t"
+    with pytest.raises(InvalidRequestError, match="NaN and infinite numbers are not JSON"):
+        loads(raw)
+
+
+@pytest.mark.parametrize("raw", [b'{"t": Nan}', b'{"t": Infinite}', b'{"p": "\xff"}',
                                  b"", b"[]", b"null", b'{"a": 1', b"\xef\xbb\xbf{}"])
 def test_what_is_not_a_strict_json_object_is_a_400_on_the_body(raw):
     assert param_of(raw) == "body"
