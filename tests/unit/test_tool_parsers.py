@@ -246,3 +246,26 @@ def test_mistral_auto_keeps_special_tokens_and_the_parser_flag_is_checked(ctx):
     assert openai.chat_prompt(mistral, plain).params.skip_special_tokens is True
     with pytest.raises(Exception, match="hermes, llama3_json, mistral"):
         ServerConfig(tool_call_parser="nope")
+
+
+def test_the_grammar_tokenizer_is_built_in_the_background_from_the_start(ctx):
+    # The engine core and the front start this when they start, so the first constrained
+    # request does not pay for loading the tokenizer and building llguidance's view of it.
+    from stepserve.structured.compiler import ll_tokenizer_in_background
+
+    started, threads = threading.Event(), []
+
+    def load():
+        threads.append(threading.current_thread().name)
+        started.set()
+        return ctx.tokenizer
+
+    built = ll_tokenizer_in_background(load, 320, {256})
+    assert started.wait(30) and threads[0].startswith("ll-tokenizer")  # begun before anyone asked
+    assert built().vocab_size == 320 and built() is built()
+
+    def broken():
+        raise OSError("no tokenizer.json")
+
+    with pytest.raises(OSError, match="no tokenizer.json"):  # a failure reaches the first constrained request
+        ll_tokenizer_in_background(broken, 320, {256})()
