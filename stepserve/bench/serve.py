@@ -21,6 +21,7 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import random
 import statistics
 import sys
@@ -46,6 +47,7 @@ class BenchRequest:
     prompt_len: int  # words in it (the server's usage gives the token count)
     output_len: int  # max_tokens
     schema: dict | None = None  # a JSON schema the answer must follow (--structured json)
+    ignore_eos: bool = False  # go on past EOS (the free side of --structured json)
 
 
 @dataclass
@@ -98,12 +100,15 @@ def _payload(args: argparse.Namespace, model: str, request: BenchRequest) -> dic
     }
     if request.schema is not None:
         body["structured_outputs"] = {"json": request.schema}
-    return body | ({"ignore_eos": True} if args.ignore_eos else {})
+    return body | ({"ignore_eos": True} if args.ignore_eos or request.ignore_eos else {})
 
 
 def with_schemas(requests: list[BenchRequest], seed: int) -> list[BenchRequest]:
     """The same requests, each with its own JSON schema (distinct property names, so each one
-    is compiled anew: their TTFT includes compilation)."""
+    is compiled anew: their TTFT includes compilation). The first property is a string of at
+    least 16 characters per output token, more than a model writes in ``max_tokens`` tokens, so
+    every answer runs to ``max_tokens`` as a free request with ignore_eos does: the two kinds
+    of request do the same work, and their throughputs differ by what the constraint costs."""
     rng = random.Random(seed)
     out = []
     for i, r in enumerate(requests):
@@ -111,7 +116,7 @@ def with_schemas(requests: list[BenchRequest], seed: int) -> list[BenchRequest]:
         schema = {
             "type": "object",
             "properties": {
-                a: {"type": "string", "maxLength": 4 * r.output_len},
+                a: {"type": "string", "minLength": 16 * r.output_len, "maxLength": 32 * r.output_len},
                 b: {"type": "integer", "minimum": 0, "maximum": 10_000},
                 c: {"type": "array", "items": {"type": "string", "maxLength": 40}, "maxItems": 32},
             },
@@ -310,30 +315,70 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     flag("plot", default=None, help="with --sweep: draw throughput and TTFT/TPOT against concurrency into this PNG (needs matplotlib)")
 
     flag("structured", choices=("none", "json"), default="none",
-         help="json: after a warm-up, run the workload free, then with a new JSON schema per request, then with the same schemas again (cached), and compare")
+         help="json: compare constrained with free output throughput (each request its own JSON schema), over --rounds interleaved rounds")
+    flag("rounds", type=int, default=5, help="with --structured json: rounds of one free and one constrained phase, in alternating order")
 
 
 def structured_main(args: argparse.Namespace) -> int:
-    """The --structured json workload: three phases on the same prompts, in one run."""
-    free = random_requests(args.num_prompts, args.input_len, args.output_len, args.range_ratio, args.seed)
-    constrained = with_schemas(free, args.seed)
-    phases = {}
+    """The --structured json workload, made robust to a noisy (shared) machine.
+
+    Free and constrained requests do the same work: the same prompts, each running to
+    ``max_tokens`` (free ones with ignore_eos, constrained ones held to a schema that cannot end
+    sooner: see ``with_schemas``). After a warm-up and one phase with new schemas (their TTFT
+    includes compiling them), ``--rounds`` rounds each run a free phase and a constrained phase
+    (cached schemas), the order alternating (free first, then constrained first, ...), so that
+    a drift in the machine's load falls on both kinds alike. Each round gives a ratio of output
+    throughputs; the summary has their median and spread, and the load average at each phase.
+    """
+    if args.rounds < 1:
+        print("stepserve bench serve: --rounds must be at least 1", file=sys.stderr)
+        return 2
+    base = random_requests(args.num_prompts, args.input_len, args.output_len, args.range_ratio, args.seed)
+    free = [BenchRequest(r.prompt, r.prompt_len, r.output_len, ignore_eos=True) for r in base]
+    constrained = with_schemas(base, args.seed)
+    phases: list[dict] = []
+
+    def phase(name: str, requests: list[BenchRequest], round_: int | None) -> dict:
+        load = os.getloadavg()[0]
+        result = asyncio.run(run(args, requests)) | {"phase": name, "round": round_, "load_1min": load}
+        print(f"-- {name} (round {round_}, load {load:.1f})\n{report(result)}", flush=True)
+        phases.append(result)
+        return result
+
     try:
         asyncio.run(run(args, free))  # warm-up, not reported: the server's first passes are slow
-        for name, requests in (("free", free), ("json_new_schemas", constrained), ("json_cached_schemas", constrained)):
-            phases[name] = asyncio.run(run(args, requests))
-            print(f"-- {name}\n{report(phases[name])}")
+        phase("json_new_schemas", constrained, None)
+        ratios = []
+        for k in range(args.rounds):
+            order = (("free", free), ("json", constrained)) if k % 2 == 0 else (("json", constrained), ("free", free))
+            got = {name: phase(name, requests, k) for name, requests in order}
+            ratios.append(got["json"]["output_throughput"] / max(got["free"]["output_throughput"], 1e-9))
     except httpx.HTTPError as exc:
         print(f"stepserve bench serve: cannot reach {args.base_url}: {exc}", file=sys.stderr)
         return 1
-    ratio = phases["json_cached_schemas"]["output_throughput"] / max(phases["free"]["output_throughput"], 1e-9)
-    summary = {
-        "output_throughput_ratio_json_vs_free": ratio,
-        "mean_ttft_ms": {name: p["ttft_ms"]["mean"] for name, p in phases.items()},
-        "output_throughput": {name: p["output_throughput"] for name, p in phases.items()},
-    }
+    summary = structured_summary(phases, ratios)
     print(json.dumps(summary, indent=2))
     if args.output_json:
         with open(args.output_json, "w") as f:
             json.dump({"phases": phases, "summary": summary}, f, indent=2)
-    return 0 if all(p["completed"] for p in phases.values()) else 1
+    return 0 if all(p["completed"] == len(base) for p in phases) else 1
+
+
+def structured_summary(phases: list[dict], ratios: list[float]) -> dict:
+    """The rounds' JSON/free throughput ratios (median, spread) and each kind's figures."""
+    def of(name: str, key: str) -> list[float]:
+        return [p[key] for p in phases if p["phase"] == name]
+
+    def median_of(name: str, key: str, stat: str | None = None) -> float:
+        return statistics.median(v[stat] if stat else v for v in of(name, key))
+
+    return {
+        "rounds": len(ratios),
+        "ratio_json_vs_free": {"median": statistics.median(ratios), "min": min(ratios), "max": max(ratios), "each": ratios},
+        "output_throughput_median": {name: median_of(name, "output_throughput") for name in ("free", "json")},
+        "output_tokens_per_phase": {name: sorted(set(of(name, "total_output_tokens"))) for name in ("free", "json")},
+        "median_tpot_ms": {name: median_of(name, "tpot_ms", "median") for name in ("free", "json")},
+        "mean_ttft_ms": {"json_new_schemas": of("json_new_schemas", "ttft_ms")[0]["mean"], "json_cached": median_of("json", "ttft_ms", "mean"),
+                         "free": median_of("free", "ttft_ms", "mean")},
+        "load_1min": {"min": min(p["load_1min"] for p in phases), "max": max(p["load_1min"] for p in phases)},
+    }

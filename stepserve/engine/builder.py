@@ -21,6 +21,7 @@ from stepserve.models.tokenizer import load_tokenizer
 from stepserve.engine.warmup import warm_up
 from stepserve.worker.compile_cache import use_compilation_cache
 from stepserve.structured.bitmask import GrammarMatchers
+from stepserve.structured.compiler import ll_tokenizer_in_background
 from stepserve.worker.cuda_graphs import graph_batch_sizes
 from stepserve.worker.runner import ModelRunner, allocate_kv_cache, kv_cache_bytes_per_block, profile_run
 
@@ -141,6 +142,8 @@ def build_engine(config: EngineConfig, weights=None, eos_token_ids: frozenset[in
         eos = eos_token_ids_of(source, hf_config, tokenizer)
     else:  # the core process: the front already read them (loading a tokenizer takes seconds)
         tokenizer, eos = None, frozenset(eos_token_ids)
+    # Built beside the weights' loading, for the grammars of constrained requests.
+    ll_tokenizer = ll_tokenizer_in_background(lambda: tokenizer if tokenizer is not None else load_tokenizer(source), model_config.vocab_size, eos)
     steps = config.scheduler.num_scheduler_steps
     if device.type == "cuda":
         use_compilation_cache(config.model.compilation_cache_dir)
@@ -159,8 +162,7 @@ def build_engine(config: EngineConfig, weights=None, eos_token_ids: frozenset[in
     kv_dtype = torch.float32 if device.type == "cpu" else dtype
     num_blocks = _num_blocks(config, model, backend, kv_dtype, device, max_model_len, graph_sizes)
     kv_caches = allocate_kv_cache(model, num_blocks, config.cache.block_size, kv_dtype, device)
-    # The core process has no tokenizer (the front has it): loaded on the first constrained request.
-    grammars = GrammarMatchers(lambda: tokenizer if tokenizer is not None else load_tokenizer(source), model.cfg.vocab_size, eos, device)
+    grammars = GrammarMatchers(ll_tokenizer, model.cfg.vocab_size, eos, device)
     runner = ModelRunner(model, kv_caches, config.cache.block_size, backend, eos, device, config.model.seed, grammars)
     if use_graphs:
         runner.capture_cuda_graphs(graph_sizes, max_model_len, steps)

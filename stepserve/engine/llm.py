@@ -67,7 +67,8 @@ class LLM:
         """A checked output constraint for ``SamplingParams(structured=...)``: ``kind`` is
         ``json`` (a schema), ``json_object``, ``regex``, ``choice`` (a list) or ``grammar`` (Lark or GBNF)."""
         if self._grammars is None:
-            self._grammars = GrammarCompiler(self.tokenizer, self.core.worker.vocab_size, self.info.eos_token_ids)
+            worker = self.core.worker  # its llguidance tokenizer, built since the engine started, serves both
+            self._grammars = GrammarCompiler(self.tokenizer, worker.vocab_size, self.info.eos_token_ids, ll_tokenizer=worker.grammars.ll_tokenizer)
         return self._grammars.compile(kind, source, kind)
 
     def _tokenize(self, prompt: Prompt) -> list[int]:

@@ -256,6 +256,9 @@ def create_app(make_client: Callable[[], CoreClient], tokenizer, info: FrontInfo
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        grammars = GrammarCompiler(tokenizer, info.vocab_size, info.eos_token_ids)
+        if tasks is None:
+            grammars.prepare()  # beside the engine core's start (a generating model takes constraints)
         client = make_client()
         app.state.client = client
         wait_started = getattr(client, "wait_started", None)
@@ -267,7 +270,6 @@ def create_app(make_client: Callable[[], CoreClient], tokenizer, info: FrontInfo
             engine, serving = AsyncEngine(client, tokenizer, app.state.metrics.observe, limits), None
         else:
             engine, serving = tasks.start(client, app.state.metrics.observe, limits)
-        grammars = GrammarCompiler(tokenizer, info.vocab_size, info.eos_token_ids)
         unknown = UnknownFieldPolicy(config.allow_unknown_fields)
         app.state.ctx = ServingContext(engine, tokenizer, model_name, info.max_model_len, info.vocab_size, config, sampling_defaults=info.sampling_defaults, unknown=unknown, tasks=serving, grammars=grammars)
         app.state.started = int(time.time())

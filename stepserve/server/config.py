@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from stepserve.config import ConfigError
+from stepserve.structured.tool_parsers import PARSERS
 
 
 @dataclass(frozen=True)
@@ -27,7 +28,7 @@ class ServerConfig:
     log_stats_interval: float = field(default=10.0, metadata={"help": "seconds between stats lines (throughput, queue, KV cache)"})
     disable_log_stats: bool = field(default=False, metadata={"help": "no periodic stats line"})
     allow_unknown_fields: bool = field(default=False, metadata={"help": "ignore request fields stepserve does not know (logged once per name), as vLLM does, instead of a 400 naming them"})
-    tool_call_parser: str | None = field(default=None, metadata={"help": "parser of the model's own tool calls for tool_choice=auto: hermes or llama3_json"})
+    tool_call_parser: str | None = field(default=None, metadata={"help": "parser of the model's own tool calls for tool_choice=auto: hermes, llama3_json or mistral"})
     enable_auto_tool_choice: bool = field(default=False, metadata={"help": "let the model decide when to call tools (tool_choice=auto); needs --tool-call-parser"})
 
     def __post_init__(self) -> None:
@@ -44,10 +45,10 @@ class ServerConfig:
                 raise ConfigError(f"{name}={getattr(self, name)}: use a positive number of seconds")
         if self.log_stats_interval <= 0:
             raise ConfigError(f"log_stats_interval={self.log_stats_interval}: use a positive number of seconds")
-        if self.tool_call_parser is not None and self.tool_call_parser not in ("hermes", "llama3_json"):
-            raise ConfigError(f"tool_call_parser={self.tool_call_parser!r}: choose hermes or llama3_json")
+        if self.tool_call_parser is not None and self.tool_call_parser not in PARSERS:
+            raise ConfigError(f"tool_call_parser={self.tool_call_parser!r}: choose {', '.join(PARSERS)}")
         if self.enable_auto_tool_choice and self.tool_call_parser is None:
-            raise ConfigError("--enable-auto-tool-choice needs --tool-call-parser (hermes or llama3_json)")
+            raise ConfigError(f"--enable-auto-tool-choice needs --tool-call-parser ({', '.join(PARSERS)})")
         for name in ("default_max_tokens", "max_tokens_limit"):
             value = getattr(self, name)
             if value is not None and value < 1:

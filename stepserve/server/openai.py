@@ -22,6 +22,7 @@ from stepserve.server.constraints import output_constraint
 from stepserve.server.schemas import ChatCompletionRequest, ChatMessage, CompletionRequest, _SamplingFields
 from stepserve.server.tool_calls import ToolDeltas, ToolMode, message, template_tool_calls, template_tools, tool_mode
 from stepserve.structured.spec import GrammarSpec
+from stepserve.structured.tool_parsers import keeps_special_tokens
 
 ROLES = ("system", "developer", "user", "assistant", "tool")
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's documented default on /v1/completions
@@ -43,7 +44,11 @@ def sampling_params(
     if req.stream_options is not None and not req.stream:
         raise InvalidRequestError("stream_options is only allowed when stream is true", "stream_options")
     if req.prompt_logprobs is not None and req.stream:
-        raise InvalidRequestError("prompt_logprobs is not available with stream=true", "prompt_logprobs")
+        raise InvalidRequestError(
+            "prompt_logprobs is not available with stream=true: prompt logprobs come only in a whole response "
+            "(vLLM refuses them with stream too); send stream=false, or use echo with logprobs on /v1/completions",
+            "prompt_logprobs",
+        )
     ctx.check_token_ids(req.stop_token_ids or (), "stop_token_ids")
     ctx.check_token_ids(_bias_ids(req.logit_bias), "logit_bias")
     _check_best_of(req)
@@ -299,8 +304,10 @@ def chat_prompt(ctx: ServingContext, req: ChatCompletionRequest, constraints: tu
     names = {"prompt": "messages", "logprobs": "top_logprobs", "max_tokens": "max_completion_tokens" if alias else "max_tokens"}
     try:
         max_tokens = req.max_completion_tokens if alias else req.max_tokens
-        spec, _ = constraints if constraints is not None else chat_constraints(ctx, req)
+        spec, mode = constraints if constraints is not None else chat_constraints(ctx, req)
         params = sampling_params(ctx, req, max_tokens, (req.top_logprobs or 0) if req.logprobs else None, spec)
+        if mode.choice == "auto" and keeps_special_tokens(mode.parser):  # its call marker is one (as vLLM)
+            params = params.replace(skip_special_tokens=False)
         ids = ctx.encode_chat(messages, req.add_generation_prompt, req.chat_template_kwargs, template_tools(req))
         return ctx.prompt_input(ids, params, None)
     except InvalidRequestError as exc:

@@ -19,7 +19,6 @@ from collections.abc import Callable, Collection, Iterable, Sequence
 import torch
 
 from stepserve.core.outputs import ScheduledRequest, SchedulerOutput
-from stepserve.structured.compiler import build_ll_tokenizer
 
 CACHE_SIZE = 512  # distinct grammars whose pristine matcher is kept for copying
 # llguidance's parallel executor pays off for many rows on a machine with cores to spare; on a
@@ -57,12 +56,13 @@ class RequestMatcher:
 class GrammarMatchers:
     """The worker's constrained-decoding state: matchers by request id, compiled grammars by text."""
 
-    def __init__(self, tokenizer: Callable[[], object], vocab_size: int, eos_token_ids: Collection[int], device: torch.device) -> None:
-        self._tokenizer = tokenizer  # loads the tokenizer: the core needs it only for its first grammar
+    def __init__(self, ll_tokenizer: Callable[[], object], vocab_size: int, eos_token_ids: Collection[int], device: torch.device) -> None:
+        # llguidance's tokenizer, built in the background from engine start (the core process
+        # loads its own tokenizer for it): the first constrained request waits only if it is early.
+        self.ll_tokenizer = ll_tokenizer
         self.vocab_size = vocab_size
         self.eos_token_ids = sorted(eos_token_ids)
         self.device = device
-        self._ll_tokenizer = None
         self._executor = None
         self._compiled: OrderedDict[str, object] = OrderedDict()
         self._matchers: dict[str, RequestMatcher] = {}
@@ -95,9 +95,7 @@ class GrammarMatchers:
 
         pristine = self._compiled.get(grammar)
         if pristine is None:
-            if self._ll_tokenizer is None:
-                self._ll_tokenizer = build_ll_tokenizer(self._tokenizer(), self.vocab_size, self.eos_token_ids)
-            pristine = self._compiled[grammar] = llguidance.LLMatcher(self._ll_tokenizer, grammar, log_level=0)
+            pristine = self._compiled[grammar] = llguidance.LLMatcher(self.ll_tokenizer(), grammar, log_level=0)
             while len(self._compiled) > CACHE_SIZE:
                 self._compiled.popitem(last=False)
         self._compiled.move_to_end(grammar)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import threading
 from collections import OrderedDict
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 
@@ -31,6 +31,17 @@ def build_ll_tokenizer(tokenizer, vocab_size: int, eos_token_ids: Collection[int
     import llguidance.hf
 
     return llguidance.hf.from_tokenizer(tokenizer, n_vocab=vocab_size, eos_token=sorted(eos_token_ids))
+
+
+def ll_tokenizer_in_background(load: Callable[[], object], vocab_size: int, eos_token_ids: Collection[int]) -> Callable[[], object]:
+    """Start building llguidance's tokenizer from ``load()``'s tokenizer in a thread of its own;
+    the function returned waits for it (and raises what the build raised). Started when a
+    server or engine starts, so that its first constrained request does not pay for the build
+    (a second or two on the embedded model, with loading the tokenizer where that is needed)."""
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ll-tokenizer")
+    future = pool.submit(lambda: build_ll_tokenizer(load(), vocab_size, eos_token_ids))
+    pool.shutdown(wait=False)
+    return future.result
 
 
 def grammar_text(kind: str, source: object) -> str:
@@ -53,15 +64,27 @@ def grammar_text(kind: str, source: object) -> str:
 class GrammarCompiler:
     """Checks request constraints against the served tokenizer; one per server."""
 
-    def __init__(self, tokenizer, vocab_size: int, eos_token_ids: Collection[int], timeout_s: float = COMPILE_TIMEOUT_S) -> None:
+    def __init__(
+        self, tokenizer, vocab_size: int, eos_token_ids: Collection[int], timeout_s: float = COMPILE_TIMEOUT_S,
+        ll_tokenizer: Callable[[], object] | None = None,
+    ) -> None:
         self._tokenizer = tokenizer
         self._vocab_size = vocab_size
         self._eos = frozenset(eos_token_ids)
         self._timeout_s = timeout_s
-        self._ll_tokenizer = None
+        # Waits for llguidance's tokenizer (see prepare); given when one is already built
+        # in this process (the offline LLM shares its engine core's).
+        self._ll_tokenizer = ll_tokenizer
         self._lock = threading.Lock()
         self._cache: OrderedDict[tuple[str, str], GrammarSpec] = OrderedDict()
         self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="grammar")
+
+    def prepare(self) -> None:
+        """Start building llguidance's view of the tokenizer (in the background), so that the
+        first request with a constraint finds it built."""
+        with self._lock:
+            if self._ll_tokenizer is None:
+                self._ll_tokenizer = ll_tokenizer_in_background(lambda: self._tokenizer, self._vocab_size, self._eos)
 
     def compile(self, kind: str, source: object, param: str) -> GrammarSpec:
         """The checked constraint, or a 400 naming ``param`` that says why it cannot be used."""
@@ -98,10 +121,10 @@ class GrammarCompiler:
         """The first error llguidance finds ('' when none): the grammar built against the tokenizer."""
         import llguidance
 
-        if self._ll_tokenizer is None:
-            self._ll_tokenizer = build_ll_tokenizer(self._tokenizer, self._vocab_size, self._eos)
-        is_error, messages = llguidance.LLMatcher.validate_grammar_with_warnings(grammar, self._ll_tokenizer)
+        self.prepare()  # a no-op when the server started it
+        ll_tokenizer = self._ll_tokenizer()
+        is_error, messages = llguidance.LLMatcher.validate_grammar_with_warnings(grammar, ll_tokenizer)
         if is_error:
             return messages[0].strip() if messages else "invalid grammar"
-        matcher = llguidance.LLMatcher(self._ll_tokenizer, grammar, log_level=0)
+        matcher = llguidance.LLMatcher(ll_tokenizer, grammar, log_level=0)
         return matcher.get_error() if matcher.is_error() else ""

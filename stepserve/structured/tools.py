@@ -23,6 +23,7 @@ class ToolCall:
 
     name: str  # the function called
     arguments: str  # a JSON object, as text
+    call_id: str | None = None  # the id the model gave the call (Mistral's [CALL_ID]); None: make one
 
 
 def _lark_literal(text: str) -> str:
@@ -60,11 +61,13 @@ def parse_required_calls(text: str) -> list[ToolCall] | None:
 
 @dataclass
 class ScanEvent:
-    """A piece of a streamed call: ``name`` on a call's first event, then argument text."""
+    """A piece of a streamed call: ``name`` on a call's first event (with no arguments), then
+    argument text."""
 
     index: int  # which call of the output
     name: str | None = None  # set once, when the call's name is complete
     arguments: str = ""  # the next fragment of its arguments
+    call_id: str | None = None  # with the name: the id the model gave the call, if it gave one
 
 
 @dataclass

@@ -43,6 +43,23 @@ def test_poisson_rate_run(server, tmp_path):
     assert result["completed"] == 6 and result["total_output_tokens"] == 24
 
 
+def test_structured_json_rounds_compare_equal_work(server, tmp_path):
+    out = tmp_path / "structured.json"
+    command = [sys.executable, "-m", "stepserve", "bench", "serve", "--base-url", server.url, "--output-json", str(out), "--structured", "json",
+               "--rounds", "2", "--num-prompts", "4", "--input-len", "8", "--output-len", "6", "--max-concurrency", "4"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    result = json.loads(out.read_text())
+    phases, summary = result["phases"], result["summary"]
+    # A new-schema phase, then the rounds' free and constrained phases in alternating order.
+    assert [(p["phase"], p["round"]) for p in phases] == [("json_new_schemas", None), ("free", 0), ("json", 0), ("json", 1), ("free", 1)]
+    assert all(p["completed"] == 4 and p["total_output_tokens"] == 4 * 6 for p in phases)  # the same work: every answer to max_tokens
+    ratios = summary["ratio_json_vs_free"]
+    by_round = {(p["phase"], p["round"]): p["output_throughput"] for p in phases}
+    assert ratios["each"] == [pytest.approx(by_round[("json", k)] / by_round[("free", k)]) for k in range(2)]
+    assert ratios["min"] <= ratios["median"] <= ratios["max"] and summary["output_tokens_per_phase"] == {"free": [24], "json": [24]}
+
+
 def test_dataset_is_fixed_by_the_seed():
     a, b = random_requests(5, 20, 10, 0.5, seed=1), random_requests(5, 20, 10, 0.5, seed=1)
     assert a == b and a != random_requests(5, 20, 10, 0.5, seed=2)

@@ -114,7 +114,7 @@ def test_auto_parses_hermes_calls_end_to_end(client):
     # The random model is made to write a Hermes call (a regex constraint); the hermes parser
     # then turns its text into tool_calls, whole and streamed.
     regex = r'Sure\.<tool_call>\{"name": "add", "arguments": \{"x": [0-9], "y": [0-9]\}\}</tool_call>'
-    kw = dict(model=MODEL, messages=USER, tools=TOOLS, tool_choice="auto", max_tokens=100, extra_body={"guided_regex": regex})
+    kw = dict(model=MODEL, messages=USER, tools=TOOLS, tool_choice="auto", max_tokens=100, seed=3, extra_body={"guided_regex": regex})
     out = client.chat.completions.create(**kw).choices[0]
     _check_calls(out.message.tool_calls, out.finish_reason)
     assert out.message.content == "Sure."
@@ -124,6 +124,18 @@ def test_auto_parses_hermes_calls_end_to_end(client):
         final = stream.get_final_completion().choices[0]
     _check_calls(final.message.tool_calls, final.finish_reason)
     assert final.message.content == "Sure."
+    assert [(c.function.name, c.function.arguments) for c in final.message.tool_calls] == [
+        (c.function.name, c.function.arguments) for c in out.message.tool_calls]
+    # As OpenAI streams calls: content first, then the call's id, type and name with arguments
+    # "", then its arguments in fragments as the model writes them, and finish_reason tool_calls.
+    deltas = [c.choices[0] for c in client.chat.completions.create(stream=True, **kw) if c.choices]
+    kinds = ["content" if d.delta.content else "call" for d in deltas if d.delta.content or d.delta.tool_calls]
+    assert kinds[0] == "content" and set(kinds[kinds.index("call"):]) == {"call"}
+    calls = [d.delta.tool_calls[0] for d in deltas if d.delta.tool_calls]
+    assert calls[0].id.startswith("call_") and calls[0].type == "function" and calls[0].function.name == "add"
+    assert calls[0].function.arguments == "" and all(c.id is None and c.function.name is None for c in calls[1:])
+    assert len(calls) > 2 and "".join(c.function.arguments for c in calls) == out.message.tool_calls[0].function.arguments
+    assert deltas[-1].finish_reason == "tool_calls"
 
 
 def test_tool_choice_none_gives_text_and_history_is_accepted(client):
@@ -181,3 +193,7 @@ def test_prompt_logprobs_echo_and_the_rest_of_the_request_surface(server, client
     for route, body, param in refusals:
         resp = httpx.post(server.url + route, json={"model": MODEL, **body})
         assert resp.status_code == 400 and resp.json()["error"]["param"] == param, (body, resp.text)
+    # As in vLLM, prompt logprobs are not streamed; the message names the field and says why.
+    for route, body in (("/v1/completions", {"prompt": "x"}), ("/v1/chat/completions", {"messages": USER})):
+        error = httpx.post(server.url + route, json={"model": MODEL, "prompt_logprobs": 0, "stream": True, **body}).json()["error"]
+        assert error["param"] == "prompt_logprobs" and "stream=true" in error["message"] and "whole response" in error["message"]

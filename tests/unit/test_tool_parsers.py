@@ -1,4 +1,4 @@
-"""Tool-call parsing (canned model outputs, whole and streamed in random pieces), the
+"""Tool-call parsing (canned model outputs, whole and streamed at every chunk boundary), the
 ``required`` stream scanner, and the front end's 400s for constraints and tools."""
 
 import json
@@ -6,74 +6,165 @@ import random
 import threading
 
 import pytest
+from openai.lib.streaming.chat import ChatCompletionStreamState
+from openai.types.chat import ChatCompletionChunk
 
 from stepserve.errors import InvalidRequestError
 from stepserve.server import openai
 from stepserve.server.config import ServerConfig
 from stepserve.server.context import ServingContext
 from stepserve.server.schemas import ChatCompletionRequest, CompletionRequest, validate
+from stepserve.server.tool_calls import ToolDeltas, ToolMode, message
 from stepserve.structured.compiler import GrammarCompiler
-from stepserve.structured.tool_parsers import HermesParser, Llama3JsonParser, StreamPiece
-from stepserve.structured.tools import RequiredCallsScanner, ToolCall
+from stepserve.structured.tool_parsers import Parsed, assemble, make_parser
+from stepserve.structured.tools import RequiredCallsScanner, ScanEvent, ToolCall
 
-HERMES_OUTPUT = (
-    'Let me check.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "unit": "c"}}\n</tool_call>\n'
-    '<tool_call>\n{"name": "add", "arguments": {"x": 1, "y": [2, "}"]}}\n</tool_call>'
-)
-HERMES_CALLS = [ToolCall("get_weather", '{"city": "Paris", "unit": "c"}'), ToolCall("add", '{"x": 1, "y": [2, "}"]}')]
+# Canned outputs of each format, with the content and calls they must give. Arguments are the
+# model's own text: strings with escaped quotes and backslashes, braces and end tags inside strings.
+HERMES_ARGS_1 = '{"city": "Pa\\"ris \\\\ </tool_call> {", "unit": "c"}'
+HERMES_ARGS_2 = '{"x": 1, "y": [2, "}"], "z": "\\u00e9\\n"}'
+CASES = {
+    "hermes": [
+        ('Let me check.\n<tool_call>\n{"name": "get_weather", "arguments": ' + HERMES_ARGS_1 + '}\n</tool_call>\n'
+         '<tool_call>\n{"arguments": ' + HERMES_ARGS_2 + ', "name": "add"}\n</tool_call>',
+         Parsed("Let me check.", [ToolCall("get_weather", HERMES_ARGS_1), ToolCall("add", HERMES_ARGS_2)])),
+        ('<tool_call>{"name": "f", "id": 7, "arguments": "{\\"a\\": 1}"}</tool_call> Done.\n', Parsed("Done.\n", [ToolCall("f", '{"a": 1}')])),
+        ('<tool_call>{"name": "f"}</tool_call>', Parsed(None, [ToolCall("f", "{}")])),
+        ('<tool_call>{"name": "f", "arguments": {"a": "b', Parsed(None, [ToolCall("f", '{"a": "b')])),  # cut by max_tokens
+        # Not calls: the text comes back unchanged.
+        ("no calls here, just a < sign and <tool_ \n", Parsed("no calls here, just a < sign and <tool_ \n", [])),
+        ("x <tool_call>oops</tool_call> y", Parsed("x <tool_call>oops</tool_call> y", [])),
+        ('<tool_call>{"nam": "f", "arguments": {}}</tool_call>', Parsed('<tool_call>{"nam": "f", "arguments": {}}</tool_call>', [])),
+        ('a\n<tool_call>{"name": 5}', Parsed('a\n<tool_call>{"name": 5}', [])),
+        ("<tool_call>", Parsed("<tool_call>", [])),
+    ],
+    "llama3_json": [
+        ('<|python_tag|>{"name": "add", "parameters": {"x": 1}}; {"name": "get_weather", "parameters": {"city": "O\\"slo"}}',
+         Parsed(None, [ToolCall("add", '{"x": 1}'), ToolCall("get_weather", '{"city": "O\\"slo"}')])),
+        ('\n{"type": "function", "name": "add", "parameters": {"x": [1, {"y": "}"}]}}\nThat is all.',
+         Parsed("That is all.", [ToolCall("add", '{"x": [1, {"y": "}"}]}')])),
+        ("Hello there, friend {not json}", Parsed("Hello there, friend {not json}", [])),
+        (' {"nam": 1} x', Parsed(' {"nam": 1} x', [])),
+        ("<|python_tag|>print(1)", Parsed("<|python_tag|>print(1)", [])),
+    ],
+    "mistral": [
+        ('Sure. [TOOL_CALLS] [{"name": "add", "arguments": {"x": 1, "s": "]\\""}}, {"name": "mul", "arguments": {"y": [1, 2]}}]',
+         Parsed("Sure.", [ToolCall("add", '{"x": 1, "s": "]\\""}'), ToolCall("mul", '{"y": [1, 2]}')])),
+        ('[TOOL_CALLS]add[ARGS]{"x": 1, "s": "[TOOL_CALLS]"}[TOOL_CALLS]mul{"y": {"z": 2}}',
+         Parsed(None, [ToolCall("add", '{"x": 1, "s": "[TOOL_CALLS]"}'), ToolCall("mul", '{"y": {"z": 2}}')])),
+        ('Let me see.[TOOL_CALLS]get.weather_2[CALL_ID]abc123XYZ[ARGS]{"city": "Nice"}',
+         Parsed("Let me see.", [ToolCall("get.weather_2", '{"city": "Nice"}', "abc123XYZ")])),
+        ("[TOOL_CALLS] hello world", Parsed("[TOOL_CALLS] hello world", [])),
+        ("[TOOLS] and [TOOL_CALLS]", Parsed("[TOOLS] and [TOOL_CALLS]", [])),
+        ('[TOOL_CALLS] [{"x": 1}]', Parsed('[TOOL_CALLS] [{"x": 1}]', [])),
+    ],
+}
 TOOLS = [
     {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}},
     {"type": "function", "function": {"name": "add", "parameters": {"type": "object", "properties": {"x": {"type": "integer"}}}}},
 ]
+ALL_CASES = [(name, text, want) for name, cases in CASES.items() for text, want in cases]
 
 
-def pieces(text: str, seed: int) -> list[str]:
-    rng = random.Random(seed)
-    cuts = sorted(rng.sample(range(1, len(text)), 12))
+def run_pieces(name: str, pieces: list[str]) -> list:
+    parser = make_parser(name)
+    return [item for piece in pieces for item in parser.feed(piece)] + parser.finish()
+
+
+def random_pieces(text: str, rng: random.Random) -> list[str]:
+    cuts = sorted(rng.sample(range(1, len(text)), min(len(text) - 1, rng.randint(1, 20))))
     return [text[a:b] for a, b in zip([0, *cuts], [*cuts, len(text)])]
 
 
-def stream(parser, text: str, seed: int) -> StreamPiece:
-    out = StreamPiece()
-    for part in pieces(text, seed):
-        piece = parser.feed(part)
-        out.content += piece.content
-        out.calls += piece.calls
-    last = parser.finish()
-    return StreamPiece(out.content + last.content, out.calls + last.calls)
+@pytest.mark.parametrize("name,text,want", ALL_CASES, ids=[f"{n}-{i}" for i, (n, _, _) in enumerate(ALL_CASES)])
+def test_parsers_give_the_same_calls_whole_and_split_at_every_boundary(name, text, want):
+    assert make_parser(name).parse(text) == want
+    for cut in range(len(text) + 1):  # every boundary: inside tags, names, escapes
+        assert assemble(run_pieces(name, [text[:cut], text[cut:]])) == want, cut
+    assert assemble(run_pieces(name, list(text))) == want  # a character at a time
+    rng = random.Random(len(text))
+    for _ in range(20):
+        assert assemble(run_pieces(name, random_pieces(text, rng))) == want
 
 
-def test_hermes_parses_calls_and_content_whole_and_streamed():
-    parsed = HermesParser().parse(HERMES_OUTPUT)
-    assert parsed.content == "Let me check." and parsed.calls == HERMES_CALLS
-    for seed in range(5):
-        streamed = stream(HermesParser(), HERMES_OUTPUT, seed)
-        assert streamed.calls == HERMES_CALLS and streamed.content.strip() == "Let me check."
-    plain = "no calls here, just a < sign"
-    assert HermesParser().parse(plain).calls == [] and stream(HermesParser(), plain, 0).content == plain
+@pytest.mark.parametrize("name,text,want", [c for c in ALL_CASES if c[2].calls], ids=lambda v: v if isinstance(v, str) and len(v) < 12 else None)
+def test_calls_stream_name_first_then_arguments_as_they_are_written(name, text, want):
+    parser = make_parser(name)
+    sent: dict[int, str] = {}
+    fragments: dict[int, int] = {}
+    for ch in text:  # a character at a time, as a byte-level model would write it
+        for item in parser.feed(ch):
+            if isinstance(item, ScanEvent) and item.name is not None:
+                assert item.index == len(sent) and not item.arguments and item.name == want.calls[item.index].name
+                sent[item.index], fragments[item.index] = "", 0
+            elif isinstance(item, ScanEvent):
+                assert item.index in sent  # never before its name
+                sent[item.index] += item.arguments
+                fragments[item.index] += 1
+                # What was sent is the start of the call's arguments: they stream as written.
+                assert want.calls[item.index].arguments.startswith(sent[item.index])
+    parser.finish()
+    for i, call in enumerate(want.calls):
+        assert sent[i] == call.arguments
+        at = text.find(call.arguments)
+        if call.arguments != "{}" and 0 <= text.find(call.name) < at:  # written out after the name
+            assert fragments[i] == len(call.arguments)  # each character went out as it came
+        # (arguments written before the name, or as a JSON string, go out whole after the name)
 
 
-def test_llama3_json_parses_calls_or_leaves_content():
-    text = '<|python_tag|>{"name": "add", "parameters": {"x": 1}}; {"name": "get_weather", "parameters": {"city": "Oslo"}}'
-    parsed = Llama3JsonParser().parse(text)
-    assert parsed.content is None and [c.name for c in parsed.calls] == ["add", "get_weather"]
-    assert json.loads(parsed.calls[1].arguments) == {"city": "Oslo"}
-    assert stream(Llama3JsonParser(), text, 1).calls == parsed.calls
-    assert Llama3JsonParser().parse("Hello there").calls == []
-    assert stream(Llama3JsonParser(), "Hello there, friend", 2).content == "Hello there, friend"
+def test_content_streams_before_a_call_completes():
+    parser = make_parser("hermes")
+    assert parser.feed("Checking the weather") == ["Checking the weather"]
+    assert parser.feed(" now.\n<tool_") == [" now."]  # the newline and tag piece wait
+    assert parser.feed('call>{"name": "get_weather", "arguments": {"ci') == [ScanEvent(0, name="get_weather"), ScanEvent(0, arguments='{"ci')]
 
 
 def test_required_scanner_cuts_a_stream_into_names_and_argument_fragments():
     text = '[{"name": "add", "arguments": {"x":1,"s":"a}\\"]"}},{"name": "get_weather", "arguments": {"city":"P"}}]'
-    for seed in range(5):
+    rng = random.Random(0)
+    for _ in range(5):
         scanner, names, args = RequiredCallsScanner(), {}, {}
-        for part in pieces(text, seed):
+        for part in random_pieces(text, rng):
             for event in scanner.feed(part):
                 if event.name is not None:
                     names[event.index] = event.name
                 args[event.index] = args.get(event.index, "") + event.arguments
         assert names == {0: "add", 1: "get_weather"}
         assert json.loads(args[0]) == {"x": 1, "s": 'a}"]'} and json.loads(args[1]) == {"city": "P"}
+
+
+def reassembled(mode: ToolMode, pieces: list[str]):
+    """Stream ``pieces`` as OpenAI chunks and let the openai client's stream state rebuild the message."""
+    state, tools = ChatCompletionStreamState(), ToolDeltas(mode)
+
+    def chunk(delta: dict, finish_reason=None) -> ChatCompletionChunk:
+        choice = {"index": 0, "delta": delta, "finish_reason": finish_reason}
+        return ChatCompletionChunk.model_validate({"id": "c", "object": "chat.completion.chunk", "created": 0, "model": "m", "choices": [choice]})
+
+    deltas = [{"role": "assistant", "content": ""}] + [d for piece in pieces for d in tools.feed(piece)]
+    more, finish_reason = tools.finish("stop")
+    for delta in deltas + more:
+        list(state.handle_chunk(chunk(delta)))
+    list(state.handle_chunk(chunk({}, finish_reason)))
+    return deltas + more, state.get_final_completion().choices[0]
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_the_openai_client_reassembles_streamed_calls_into_the_whole_answer(name):
+    mode = ToolMode("auto", parser=name)
+    for text, want in CASES[name]:
+        whole, finish_reason = message(mode, text, "stop")
+        deltas, final = reassembled(mode, random_pieces(text, random.Random(1)) if len(text) > 1 else [text])
+        assert final.finish_reason == finish_reason == ("tool_calls" if want.calls else "stop")
+        got = [(c.function.name, c.function.arguments) for c in final.message.tool_calls or []]
+        assert got == [(c["function"]["name"], c["function"]["arguments"]) for c in whole.get("tool_calls", [])]
+        assert got == [(c.name, c.arguments) for c in want.calls]
+        assert (final.message.content or None) == whole["content"]
+        firsts = [d["tool_calls"][0] for d in deltas if "tool_calls" in d and "id" in d["tool_calls"][0]]
+        assert all(f["type"] == "function" and f["function"]["arguments"] == "" for f in firsts)
+        if name == "mistral":  # ids as Mistral's templates want them back: nine letters and digits
+            assert all(len(c.id) == 9 and c.id.isalnum() for c in final.message.tool_calls or [])
+            assert all(len(c["id"]) == 9 and c["id"].isalnum() for c in whole.get("tool_calls", []))
 
 
 @pytest.fixture(scope="module")
@@ -142,3 +233,39 @@ def test_constraint_errors_name_the_field(ctx):
         release.set()
     assert late.param == "guided_regex" and "longer than" in late.message
     assert openai.completion_prompts(slow, validate(CompletionRequest, {"prompt": "x", "guided_regex": "[a-z]{1,40}q"}))
+
+
+def test_mistral_auto_keeps_special_tokens_and_the_parser_flag_is_checked(ctx):
+    # [TOOL_CALLS] is a special token in Mistral's tokenizers: skipping special tokens would
+    # hide every call from the parser, so auto mode with this parser keeps them in the text.
+    config = ServerConfig(tool_call_parser="mistral", enable_auto_tool_choice=True)
+    mistral = ServingContext(None, ctx.tokenizer, "m", 200, 320, config, grammars=ctx.grammars)
+    req = validate(ChatCompletionRequest, {"messages": [{"role": "user", "content": "hi"}], "tools": TOOLS})
+    assert openai.chat_prompt(mistral, req).params.skip_special_tokens is False
+    plain = validate(ChatCompletionRequest, {"messages": [{"role": "user", "content": "hi"}]})
+    assert openai.chat_prompt(mistral, plain).params.skip_special_tokens is True
+    with pytest.raises(Exception, match="hermes, llama3_json, mistral"):
+        ServerConfig(tool_call_parser="nope")
+
+
+def test_the_grammar_tokenizer_is_built_in_the_background_from_the_start(ctx):
+    # The engine core and the front start this when they start, so the first constrained
+    # request does not pay for loading the tokenizer and building llguidance's view of it.
+    from stepserve.structured.compiler import ll_tokenizer_in_background
+
+    started, threads = threading.Event(), []
+
+    def load():
+        threads.append(threading.current_thread().name)
+        started.set()
+        return ctx.tokenizer
+
+    built = ll_tokenizer_in_background(load, 320, {256})
+    assert started.wait(30) and threads[0].startswith("ll-tokenizer")  # begun before anyone asked
+    assert built().vocab_size == 320 and built() is built()
+
+    def broken():
+        raise OSError("no tokenizer.json")
+
+    with pytest.raises(OSError, match="no tokenizer.json"):  # a failure reaches the first constrained request
+        ll_tokenizer_in_background(broken, 320, {256})()
