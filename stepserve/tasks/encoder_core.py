@@ -65,12 +65,7 @@ def build_encoder_core(spec: TaskSpec, scheduler: SchedulerConfig) -> tuple[Enco
     start = time.monotonic()
     device = pick_device(spec.device)
     dtype = pick_dtype(spec.dtype, device, {"dtype": spec.checkpoint_dtype})
-    if spec.decoder:  # a decoder embedding model runs on stepserve's own model and attention
-        from stepserve.tasks.decoder_pooling import load_decoder_pooler
-
-        model = load_decoder_pooler(spec, device, dtype)
-    else:
-        model = load_task_model(spec, device, dtype)
+    model = load_task_model(spec, device, dtype)  # a decoder embedding model runs on our engine instead (decoder_pooling)
     batcher = Batcher(scheduler.max_num_seqs, scheduler.max_num_batched_tokens, spec.flags.batch_wait_ms / 1000)
     info = EncoderInfo(spec.name, spec.task, device.type, str(dtype).removeprefix("torch."), time.monotonic() - start)
     log.info("encoder core ready: %s (%s) on %s (%s) in %.1fs", info.name, info.task, info.device, info.dtype, info.load_seconds)
@@ -90,10 +85,9 @@ class EncoderCore:
         self.spec = spec
         self.batcher = batcher
         self.device = device
-        self._run = self._generate if spec.task == T.TEXT2TEXT else self._pool_decoder if spec.decoder else self._encode
+        self._run = self._generate if spec.task == T.TEXT2TEXT else self._encode
         # Segment ids reach only a model that takes them (DistilBERT, ModernBERT do not).
-        forward = getattr(model, "forward", None)  # a DecoderPooler has none: packed ids only
-        self._takes_types = forward is not None and "token_type_ids" in inspect.signature(forward).parameters
+        self._takes_types = "token_type_ids" in inspect.signature(model.forward).parameters
 
     @property
     def has_unfinished(self) -> bool:
@@ -150,10 +144,6 @@ class EncoderCore:
         out = self.model(**inputs)
         rows = _HEADS[self.spec.task](self.spec, out, inputs["attention_mask"], batch)
         return [EncoderOutput(r.request_id, values=v) for r, v in zip(batch, rows)]
-
-    def _pool_decoder(self, batch: Sequence[EncoderRequest]) -> list[EncoderOutput]:
-        """``model`` is a ``DecoderPooler``: packed sequences, no padding."""
-        return [EncoderOutput(r.request_id, values=v) for r, v in zip(batch, self.model(batch))]
 
     # -- text2text ----------------------------------------------------------------------------
 
