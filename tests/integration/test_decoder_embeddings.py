@@ -107,6 +107,41 @@ def test_repeated_prefixes_hit_the_prefix_cache_and_give_the_same_vectors(tmp_pa
     assert core.stats().prefix_cache_hits == 96 + 32
 
 
+def test_pooling_and_generation_in_one_pass_of_the_runner(tmp_path):
+    """A pass that mixes a pooled prompt with greedy generation: the runner computes each kind
+    apart and merges them; the tokens equal the request alone, the vector equals transformers,
+    and a request failing in the engine (a token id past the vocabulary) fails alone."""
+    from stepserve.core.outputs import EngineCoreRequest
+    from stepserve.sampling import SamplingParams
+
+    directory = write_model(tmp_path / "llama", "llama", "mean")
+    _, core = pooled(directory, [], num_blocks=64, max_num_batched_tokens=24)
+    engine = core.core
+    greedy = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
+
+    def run(*requests):
+        """Each request's outputs, in order."""
+        for r in requests:
+            engine.add_request(r)
+        out = {}
+        while engine.has_unfinished:
+            for o in engine.step():
+                out.setdefault(o.request_id, []).append(o)
+        return out
+
+    def tokens(outputs):
+        return tuple(t for o in outputs for t in o.new_token_ids)
+
+    alone = tokens(run(EngineCoreRequest("g", (5, 6, 7), greedy))["g"])
+    ids = tuple(tf.AutoTokenizer.from_pretrained(directory)(TEXTS[4])["input_ids"])
+    mixed = run(EngineCoreRequest("g", (5, 6, 7), greedy), EngineCoreRequest("p", ids, greedy, pooling="mean"), EngineCoreRequest("bad", (5, 10**6), greedy, pooling="mean"))
+    assert tokens(mixed["g"]) == alone and len(alone) == 6
+    (p,) = mixed["p"]  # one output: its finish, with the vector
+    np.testing.assert_allclose(p.pooled, reference(directory, TEXTS[4:], "mean")[0], atol=1e-5, rtol=0)
+    (bad,) = mixed["bad"]
+    assert bad.finish_reason == "abort" and bad.error is not None and bad.pooled is None
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     directory = write_model(tmp_path_factory.mktemp("qwen3-embed") / "qwen3-embed", "qwen3", "last")
