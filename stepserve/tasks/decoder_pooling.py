@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 from stepserve.config import EngineConfig
 from stepserve.core.engine_core import EngineCore, EngineStats
@@ -63,10 +63,28 @@ def build_pooling_core(spec: TaskSpec, engine: EngineConfig) -> tuple[PoolingCor
     """The engine for the checkpoint (the builder refuses what the model registry cannot
     compute), run at the task's input limit; no tokenizer: the front holds it."""
     from stepserve.engine.builder import build_engine
+    from stepserve.models.loader import open_checkpoint
 
     model = dataclasses.replace(engine.model, max_model_len=spec.max_model_len)
-    core, _, info = build_engine(dataclasses.replace(engine, model=model), eos_token_ids=frozenset())
+    weights = None if model.load_format == "dummy" else with_head(open_checkpoint(model.model).weights())
+    core, _, info = build_engine(dataclasses.replace(engine, model=model), weights, eos_token_ids=frozenset())
     return PoolingCore(core, spec.pooling.mode), info
+
+
+def with_head(weights: Iterator[tuple[str, object]]) -> Iterator[tuple[str, object]]:
+    """The checkpoint's weights, plus the embedding as a stand-in ``lm_head`` when there is none:
+    sentence-transformers saves a decoder's base model only (Qwen3-Embedding's untied sizes have
+    no head), pooling never reads the head, and the loader wants every parameter filled. A tied
+    model skips it."""
+    embedding, has_head = None, False
+    for name, tensor in weights:
+        short = name.removeprefix("model.")
+        has_head |= short == "lm_head.weight"
+        if short == "embed_tokens.weight":
+            embedding = tensor
+        yield name, tensor
+    if not has_head and embedding is not None:
+        yield "lm_head.weight", embedding
 
 
 def pooling_core_factory(spec: TaskSpec, engine: EngineConfig) -> Callable[[], tuple[PoolingCore, object]]:

@@ -107,6 +107,24 @@ def test_repeated_prefixes_hit_the_prefix_cache_and_give_the_same_vectors(tmp_pa
     assert core.stats().prefix_cache_hits == 96 + 32
 
 
+def test_a_base_model_checkpoint_without_its_head(tmp_path):
+    """sentence-transformers saves a decoder's base model only: no lm_head, and (untied) no
+    embedding standing in for it in config.json. Pooling never reads the head: it loads."""
+    import json
+
+    from safetensors import safe_open
+
+    directory = write_tiny_family(tmp_path / "headless", "qwen3", seed=8)
+    tf.AutoModelForCausalLM.from_pretrained(directory).model.save_pretrained(directory)  # weights without "model." and lm_head
+    config = json.loads((directory / "config.json").read_text())
+    (directory / "config.json").write_text(json.dumps(config | {"architectures": ["Qwen3ForCausalLM"]}))  # as Qwen3-Embedding's says
+    with safe_open(directory / "model.safetensors", framework="pt") as f:
+        assert "lm_head.weight" not in f.keys() and "embed_tokens.weight" in f.keys() and not config["tie_word_embeddings"]
+    add_sentence_transformers_files(directory, "last", normalize=True)
+    got, _ = pooled(directory, TEXTS[:3], num_blocks=64)
+    np.testing.assert_allclose(got, reference(directory, TEXTS[:3], "last"), atol=1e-5, rtol=0)
+
+
 def test_pooling_and_generation_in_one_pass_of_the_runner(tmp_path):
     """A pass that mixes a pooled prompt with greedy generation: the runner computes each kind
     apart and merges them; the tokens equal the request alone, the vector equals transformers,
