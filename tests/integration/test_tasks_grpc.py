@@ -9,7 +9,7 @@ import grpc
 import numpy as np
 import pytest
 from live_server import free_port
-from task_models import add_sentence_transformers_files, write_bert, write_sentence_transformer
+from task_models import add_sentence_transformers_files, write_bert, write_sentence_transformer, write_t5
 from task_server import post, serve_in_thread
 from tiny_models import write_tiny_family
 
@@ -29,6 +29,7 @@ def models(tmp_path_factory):
         "token": write_bert(root / "token", "token", seed=6, num_labels=5),
         "mlm": write_bert(root / "mlm", "masked", seed=7),
         "qwen3": qwen3,
+        "t5": write_t5(root / "t5"),
     }
 
 
@@ -51,16 +52,16 @@ def servers(models):
         server.stop()
 
 
-def grpc_request(texts, parameters=None, outputs=None, datatype="BYTES", **contents):
+def grpc_request(texts, parameters=None, outputs=None, datatype="BYTES", name="text", **contents):
     contents = contents or {"bytes_contents": [t.encode() for t in texts]}
-    tensor = pb.ModelInferRequest.InferInputTensor(name="text", datatype=datatype, shape=[len(texts)], contents=pb.InferTensorContents(**contents))
+    tensor = pb.ModelInferRequest.InferInputTensor(name=name, datatype=datatype, shape=[len(texts)], contents=pb.InferTensorContents(**contents))
     params = {k: pb.InferParameter(int64_param=v) if isinstance(v, int) else pb.InferParameter(string_param=v) for k, v in (parameters or {}).items()}
     requested = [pb.ModelInferRequest.InferRequestedOutputTensor(name=o) for o in outputs or ()]
     return pb.ModelInferRequest(model_name="m", id="t-1", inputs=[tensor], parameters=params, outputs=requested)
 
 
-def rest_infer(server, texts, parameters=None):
-    body = {"id": "t-1", "inputs": [{"name": "text", "datatype": "BYTES", "shape": [len(texts)], "data": texts}]}
+def rest_infer(server, texts, parameters=None, name="text"):
+    body = {"id": "t-1", "inputs": [{"name": name, "datatype": "BYTES", "shape": [len(texts)], "data": texts}]}
     response = post(server, "/v2/models/m/infer", body | ({"parameters": parameters} if parameters else {}))
     assert response.status_code == 200, response.text
     return response.json()["outputs"]
@@ -113,6 +114,16 @@ def test_embeddings_equal_the_openai_route_and_take_parameters(servers):
     cut = stub.ModelInfer(grpc_request(TEXTS[1:2], parameters={"truncate_prompt_tokens": 3}))
     assert_same_outputs(cut, rest_infer(server, TEXTS[1:2], {"truncate_prompt_tokens": 3}))
     assert not np.allclose(cut.outputs[0].contents.fp32_contents, vectors[1])
+
+
+def test_text2text_generates_as_the_rest_route(servers):
+    """text2text answers KServe v2 as generation does (text_output), here greedy with logprobs."""
+    server, stub = servers("t5")
+    parameters = {"temperature": 0, "max_tokens": 5, "logprobs": 1}
+    response = stub.ModelInfer(grpc_request(TEXTS[:2], parameters=parameters, name="text_input"))  # generation's input name
+    assert [t.name for t in response.outputs] == ["text_output", "logprobs"]
+    assert_same_outputs(response, rest_infer(server, TEXTS[:2], parameters, name="text_input"))
+    assert all(len(json.loads(lp)["token_logprobs"]) >= 1 for lp in tensor_data(response.outputs[1]))
 
 
 @pytest.mark.parametrize(("request_kw", "words"), [
