@@ -24,8 +24,9 @@ class ThreadServer:
         self.thread.join(15)
 
 
-def serve_in_thread(model, *flags: str, name: str = "m") -> ThreadServer:
-    """A task model's server; a text_generation model gets the LLM engine (in a thread too)."""
+def serve_in_thread(model, *flags: str, name: str = "m", grpc_port: int | None = None) -> ThreadServer:
+    """A task model's server; a text_generation model gets the LLM engine (in a thread too).
+    ``grpc_port``: KServe v2 over gRPC on that port as well."""
     from stepserve.cli import build_parser
     from stepserve.config import engine_config_from_args
     from stepserve.server.app import create_app
@@ -38,6 +39,11 @@ def serve_in_thread(model, *flags: str, name: str = "m") -> ThreadServer:
     front = plan_task(engine, TaskConfig(**{f.name: vars(args)[f.name] for f in dataclasses.fields(TaskConfig)}))
     make_client, tokenizer, info = serving(front, engine, server) if front else _engine(engine, server)
     app = create_app(make_client, tokenizer, info, server, engine.scheduler.max_num_seqs, front)
+    if grpc_port is not None:
+        from stepserve.server.access import AccessConfig, GrpcConfig
+        from stepserve.server.grpc_server import with_grpc
+
+        app = with_grpc(app, "127.0.0.1", GrpcConfig(True, grpc_port), AccessConfig(), grace_s=1.0)
     port = free_port()
     uv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=uv.run, daemon=True)

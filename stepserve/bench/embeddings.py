@@ -9,8 +9,9 @@ inputs so every request is exactly that long. Three figures, in inputs per secon
 - transformers one by one: the same, one input per call (what a naive server would do), timed
   once over the first ``--single-inputs`` inputs (it is slow).
 
-The server and the batched baseline alternate for ``--rounds`` rounds and each reports its best
-round; the baselines run in this process with torch's default threads while the server idles.
+The server and the batched baseline alternate for ``--rounds`` rounds, each round on new inputs
+(the same for both), and each reports its best round; the baselines run in this process with
+torch's default threads while the server idles.
 """
 
 from __future__ import annotations
@@ -80,18 +81,21 @@ def run(args: argparse.Namespace) -> dict:
     from transformers import AutoModel, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(args.model_dir)
-    inputs = random_inputs(tokenizer, args.num_prompts, args.input_len, args.seed)
+    # Fresh inputs each round: a decoder embedding model runs on the engine, whose prefix cache
+    # would otherwise serve a repeated round's prompts from the first one's KV blocks.
+    rounds = [random_inputs(tokenizer, args.num_prompts, args.input_len, args.seed + r) for r in range(args.rounds + 1)]
+    warm, rounds = rounds[-1], rounds[:-1]
     model = AutoModel.from_pretrained(args.model_dir, dtype=torch.float32).eval()
-    n = len(inputs)
+    n = args.num_prompts
     logging.getLogger("httpx").setLevel(logging.WARNING)
-    _transformers_round(model, inputs[: args.batch_size], args.batch_size)  # warm-up
-    asyncio.run(_server_round(args.base_url, args.model, inputs[:4], 4))
+    _transformers_round(model, warm[: args.batch_size], args.batch_size)  # warm-up
+    asyncio.run(_server_round(args.base_url, args.model, warm[:4], 4))
     batched, server = [], []
-    for _ in range(args.rounds):  # interleaved, so that a busy machine slows both alike
+    for inputs in rounds:  # interleaved, so that a busy machine slows both alike
         batched.append(_transformers_round(model, inputs, args.batch_size))
         server.append(asyncio.run(_server_round(args.base_url, args.model, inputs, args.max_concurrency)))
     batched, server = min(batched), min(server)
-    singles = inputs[: args.single_inputs]
+    singles = rounds[0][: args.single_inputs]
     single = _transformers_round(model, singles, 1) * n / len(singles)  # scaled to n inputs
     result = {
         "inputs": n, "input_len": args.input_len, "max_concurrency": args.max_concurrency, "batch_size": args.batch_size,

@@ -8,7 +8,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Protocol
 
-from stepserve.core.outputs import EngineCoreOutput, EngineCoreRequest, ModelRunnerOutput, SchedulerOutput
+from stepserve.core.outputs import POOLINGS, EngineCoreOutput, EngineCoreRequest, ModelRunnerOutput, SchedulerOutput
 from stepserve.core.scheduler import Scheduler
 from stepserve.errors import InvalidRequestError
 
@@ -60,7 +60,9 @@ class EngineCore:
             raise InvalidRequestError("max_tokens must be resolved before the engine sees a request", "max_tokens")
         if not msg.prompt_token_ids:
             raise InvalidRequestError("the prompt is empty", "prompt")
-        if len(msg.prompt_token_ids) + params.max_tokens > self.scheduler.max_model_len:
+        if msg.pooling is not None:
+            self._check_pooling(msg)
+        elif len(msg.prompt_token_ids) + params.max_tokens > self.scheduler.max_model_len:
             raise InvalidRequestError(
                 f"prompt ({len(msg.prompt_token_ids)} tokens) + max_tokens ({params.max_tokens}) exceeds "
                 f"max_model_len={self.scheduler.max_model_len}",
@@ -69,6 +71,13 @@ class EngineCore:
         if msg.request_id in self.scheduler.requests:
             raise InvalidRequestError(f"request id {msg.request_id!r} is already in flight", "request_id")
         self.scheduler.add(msg)
+
+    def _check_pooling(self, msg: EngineCoreRequest) -> None:
+        """A pooling request computes its prompt and nothing more: the prompt must fit."""
+        if msg.pooling not in POOLINGS:
+            raise InvalidRequestError(f"pooling={msg.pooling!r}: use one of {', '.join(POOLINGS)}", "pooling")
+        if len(msg.prompt_token_ids) > self.scheduler.max_model_len:
+            raise InvalidRequestError(f"the input ({len(msg.prompt_token_ids)} tokens) exceeds max_model_len={self.scheduler.max_model_len}", "input")
 
     def abort(self, request_ids: Iterable[str]) -> list[EngineCoreOutput]:
         return self.scheduler.abort(request_ids)
@@ -121,6 +130,7 @@ class EngineCore:
             logprobs=tuple(p.logprobs[0] if p.logprobs else None for p in parts),
             errors={k: v for p in parts for k, v in p.errors.items()},
             prompt_logprobs={k: v for p in parts for k, v in p.prompt_logprobs.items()},
+            pooled={k: v for p in parts for k, v in p.pooled.items()},
         )
 
     @property

@@ -4,8 +4,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from stepserve.sampling import SamplingParams
+
+if TYPE_CHECKING:  # only the worker makes arrays; the core passes them along untouched
+    import numpy as np
+
+POOLINGS = ("last", "mean", "cls", "max")  # how a pooling request's final hidden states become one vector
 
 
 @dataclass(frozen=True)
@@ -16,6 +22,7 @@ class EngineCoreRequest:
     prompt_token_ids: tuple[int, ...]  # the tokenized prompt, never empty
     params: SamplingParams  # resolved: max_tokens is an int
     arrival_time: float = 0.0  # time.monotonic() when the front end received it
+    pooling: str | None = None  # one of POOLINGS: a prefill-only request answered with its pooled hidden state; None: generation
 
 
 @dataclass(frozen=True)
@@ -41,6 +48,7 @@ class EngineCoreOutput:
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
     error: str | None = None  # why the engine aborted this request, if it did
     prompt_logprobs: tuple[TokenLogprob, ...] | None = None  # prompt tokens 1.. (with the first output), when requested
+    pooled: np.ndarray | None = None  # a pooling request's pooled final hidden state (float32), with its finish
 
     @property
     def finished(self) -> bool:
@@ -60,6 +68,7 @@ class ScheduledRequest:
     num_prompt_tokens: int  # where the prompt ends in token_ids (penalties tell them apart)
     sample: bool  # False while a prompt chunk stops short of the prompt's end
     num_steps: int  # tokens that may still be accepted this pass (<= the pass's num_steps)
+    pooling: str | None = None  # a pooling request's mode (POOLINGS): nothing is sampled; once ``sample``, its vector is due
 
 
 @dataclass(frozen=True)
@@ -84,3 +93,4 @@ class ModelRunnerOutput:
     logprobs: tuple[tuple[TokenLogprob, ...] | None, ...] = ()  # per request, when requested
     errors: dict[str, str] = field(default_factory=dict)  # request id -> why it failed in the worker
     prompt_logprobs: dict[str, tuple[TokenLogprob, ...]] = field(default_factory=dict)  # request id -> this chunk's prompt tokens
+    pooled: dict[str, np.ndarray] = field(default_factory=dict)  # request id -> pooled vector, for pooling requests whose prompt ended

@@ -39,6 +39,7 @@ class Request:
         self.finish_reason: FinishReason | None = None
         self.stop_token_id: int | None = None
         self.prompt_logprobs: list | None = [] if msg.params.prompt_logprobs is not None else None  # until sent
+        self.pooling: str | None = msg.pooling  # prefill-only: finishes with its pooled vector once the prompt is computed
 
     @property
     def num_tokens(self) -> int:
@@ -52,6 +53,12 @@ class Request:
     def remaining_tokens(self) -> int:
         """New tokens this request may still produce."""
         return self.max_tokens - self.num_output_tokens
+
+    @property
+    def reads_prefix_cache(self) -> bool:
+        """Whether a cached prefix may stand in for computing it: not when every prompt token's
+        output is needed (prompt logprobs; mean, max and CLS pooling read each hidden state)."""
+        return self.prompt_logprobs is None and self.pooling in (None, "last")
 
     @property
     def is_finished(self) -> bool:

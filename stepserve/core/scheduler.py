@@ -146,8 +146,7 @@ class Scheduler:
     def _schedule_waiting(self, scheduled: list[ScheduledRequest], budget: int) -> None:
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             request = self.waiting[0]
-            # Prompt logprobs need every prompt token computed: no prefix-cache hit for them.
-            prefix = [] if request.prompt_logprobs is not None else self.blocks.find_cached_prefix(request.token_ids)
+            prefix = self.blocks.find_cached_prefix(request.token_ids) if request.reads_prefix_cache else []
             num_computed = len(prefix) * self.blocks.block_size
             num_new = min(request.num_tokens - num_computed, budget)
             if not self.blocks.allocate(request.request_id, num_computed + num_new, prefix):
@@ -173,6 +172,7 @@ class Scheduler:
             num_prompt_tokens=request.num_prompt_tokens,
             sample=request.num_computed_tokens + num_new == request.num_tokens,
             num_steps=steps,
+            pooling=request.pooling,
         )
 
     # -- update --------------------------------------------------------------------------
@@ -191,6 +191,9 @@ class Scheduler:
             request.num_computed_tokens += s.num_new_tokens
             if request.prompt_logprobs is not None:
                 request.prompt_logprobs.extend(result.prompt_logprobs.get(s.request_id, ()))
+            if s.sample and request.pooling is not None:
+                outputs.append(self._finish_pooling(request, result))
+                continue
             output = self._accept(request, tokens, lps) if s.sample else None
             if not request.is_finished:
                 self.blocks.cache_full_blocks(request.request_id, request.token_ids, request.num_computed_tokens)
@@ -225,6 +228,15 @@ class Scheduler:
             )
         return self._with_prompt_logprobs(request, output)
 
+    def _finish_pooling(self, request: Request, result: ModelRunnerOutput) -> EngineCoreOutput:
+        """A pooling request's prompt is computed: it ends with its vector, nothing sampled. Its
+        full blocks are cached first, so that a later prompt with the same prefix finds them."""
+        pooled = result.pooled.get(request.request_id)
+        if pooled is None:
+            return self._finish(request, FinishReason.ABORT, "the worker returned no pooled vector for this request")
+        self.blocks.cache_full_blocks(request.request_id, request.token_ids, request.num_computed_tokens)
+        return self._finish(request, FinishReason.STOP, pooled=pooled)
+
     @staticmethod
     def _with_prompt_logprobs(request: Request, output: EngineCoreOutput) -> EngineCoreOutput:
         """The prompt's logprobs ride on the request's first output, once."""
@@ -240,6 +252,7 @@ class Scheduler:
         error: str | None = None,
         new_tokens: tuple[int, ...] = (),
         new_logprobs=None,
+        pooled=None,
     ) -> EngineCoreOutput:
         request.status = RequestStatus.FINISHED
         request.finish_reason = reason
@@ -255,4 +268,5 @@ class Scheduler:
             num_prompt_tokens=request.num_prompt_tokens,
             num_cached_tokens=request.num_cached_tokens,
             error=error,
+            pooled=pooled,
         )

@@ -129,8 +129,7 @@ def load_model(
     seed: int = 0,
 ) -> DecoderForCausalLM:
     """The model of a source whose config is in hand: ``decoder_config`` then ``build_model``
-    (the pooling tasks load a decoder outside the engine with it; ``load_format="dummy"``: random
-    weights, no files read)."""
+    (``load_format="dummy"``: random weights, no files read)."""
     cfg = decoder_config(hf_config, max_positions)
     if weights is None and load_format != "dummy":
         weights = Checkpoint(source, hf_config).weights()

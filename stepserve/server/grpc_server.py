@@ -114,11 +114,25 @@ def _parameters(message, drop: tuple[str, ...] = ()) -> dict:
     return {"parameters": parameters} if parameters else {}
 
 
+# The REST body's tensor datatypes and the ``InferTensorContents`` field carrying each (the
+# protocol's table); BYTES elements are UTF-8 text here (texts, or JSON per instance).
+_CONTENTS = {"BYTES": "bytes_contents", "FP32": "fp32_contents", "FP64": "fp64_contents", "INT64": "int64_contents", "INT32": "int_contents", "BOOL": "bool_contents"}
+
+
+def _contents(tensor: dict) -> pb.InferTensorContents:
+    data = tensor["data"]
+    if tensor["datatype"] == "BYTES":
+        data = [text.encode("utf-8") for text in data]
+    return pb.InferTensorContents(**{_CONTENTS[tensor["datatype"]]: data})
+
+
 def infer_response(body: dict) -> pb.ModelInferResponse:
-    outputs = []
-    for tensor in body["outputs"]:
-        contents = pb.InferTensorContents(bytes_contents=[text.encode("utf-8") for text in tensor["data"]])
-        outputs.append(pb.ModelInferResponse.InferOutputTensor(name=tensor["name"], datatype=tensor["datatype"], shape=tensor["shape"], contents=contents))
+    """The REST route's answer as a message: every output tensor (generated text, embeddings,
+    class indices, offsets...) in the contents field its datatype names."""
+    outputs = [
+        pb.ModelInferResponse.InferOutputTensor(name=t["name"], datatype=t["datatype"], shape=t["shape"], contents=_contents(t))
+        for t in body["outputs"]
+    ]
     return pb.ModelInferResponse(model_name=body["model_name"], id=body.get("id", ""), outputs=outputs)
 
 

@@ -1,85 +1,92 @@
-"""Embeddings from decoder models (Qwen3-Embedding and the like) through stepserve's own model
-and attention backend: one prefill-only pass over a scratch paged KV cache, then the final
-hidden states (after the last norm) pooled per sequence as the sentence-transformers config
-says. Kept beside the engine, not in it: no scheduler, no sampling, no KV kept after the pass."""
+"""Embeddings from decoder models (Qwen3-Embedding and the like) on stepserve's own engine.
+
+Each input becomes a prefill-only pooling request of the engine core: it goes through the
+scheduler like any prompt (continuous batching, chunked prefill past
+``--max-num-batched-tokens``, prefix-cache hits, preemption), finishes after its last prompt
+chunk without sampling, and comes back with its pooled final hidden state
+(``EngineCoreOutput.pooled``; the folding is ``worker/pooling.py``). ``PoolingCore`` speaks the
+encoder core's messages to the task front and the engine core's to the engine, so the task
+front, its supervisor, readiness and metrics are the ones every task uses. Pure Python: the
+engine is built by ``engine.builder`` inside the core process.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import dataclasses
+import functools
+from collections.abc import Callable, Iterator, Sequence
 
-import numpy as np
-import torch
-
-from stepserve.attention import get_backend
-from stepserve.attention.base import AttentionMetadata
-from stepserve.tasks.messages import EncoderRequest
+from stepserve.config import EngineConfig
+from stepserve.core.engine_core import EngineCore, EngineStats
+from stepserve.core.outputs import EngineCoreOutput, EngineCoreRequest
+from stepserve.sampling import SamplingParams
+from stepserve.tasks.messages import EncoderOutput, EncoderRequest
 from stepserve.tasks.spec import TaskSpec
 
-_BLOCK = 16  # tokens per scratch block
+# What a pooling request carries for the engine's checks: resolved, greedy, one token. Nothing
+# is sampled with it: the request finishes once its prompt is computed.
+POOLING_PARAMS = SamplingParams(temperature=0.0, max_tokens=1)
 
 
-class DecoderPooler:
-    """Pooled final hidden states of a batch of whole sequences, packed along one token axis."""
+class PoolingCore:
+    """An ``EngineCore`` answering ``EncoderRequest``s with pooled vectors (the encoder core's four calls)."""
 
-    def __init__(self, model, mode: str, device: torch.device) -> None:
-        self.model = model
-        self.mode = mode
-        self.device = device
-        self.backend = get_backend("triton" if device.type == "cuda" else "sdpa")
-        self.cache_dtype = torch.float32 if device.type == "cpu" else model.embed_tokens.weight.dtype
+    def __init__(self, core: EngineCore, mode: str) -> None:
+        self.core = core
+        self.mode = mode  # the sentence-transformers pooling: "last", "mean", "cls" or "max"
 
-    @torch.inference_mode()
-    def __call__(self, batch: Sequence[EncoderRequest]) -> list[np.ndarray]:
-        lens = [len(r.token_ids) for r in batch]
-        meta, caches = self._layout(lens)
-        ids = torch.tensor([t for r in batch for t in r.token_ids], device=self.device)
-        self.backend.prepare(meta)
-        hidden = self.model(ids, meta.positions, caches, meta, self.backend).float()
-        starts = np.cumsum([0] + lens)
-        return [self._pool(hidden[starts[i] : starts[i + 1]]).cpu().numpy() for i in range(len(batch))]
+    @property
+    def has_unfinished(self) -> bool:
+        return self.core.has_unfinished
 
-    def _pool(self, rows: torch.Tensor) -> torch.Tensor:
-        if self.mode == "mean":
-            return rows.mean(0)
-        if self.mode == "max":
-            return rows.max(0).values
-        return rows[0] if self.mode == "cls" else rows[-1]
+    def add_request(self, request: EncoderRequest) -> None:
+        self.core.add_request(EngineCoreRequest(request.request_id, request.token_ids, POOLING_PARAMS, request.arrival_time, pooling=self.mode))
 
-    def _layout(self, lens: list[int]) -> tuple[AttentionMetadata, list[torch.Tensor]]:
-        """Each sequence gets its own run of scratch blocks (block 0 is the null block)."""
-        blocks = [-(-n // _BLOCK) for n in lens]
-        width = max(blocks)
-        first = np.cumsum([1] + blocks)[:-1]
-        tables = [[int(first[i]) + b for b in range(blocks[i])] + [0] * (width - blocks[i]) for i in range(len(lens))]
-        slots = [tables[i][p // _BLOCK] * _BLOCK + p % _BLOCK for i, n in enumerate(lens) for p in range(n)]
-        i32 = lambda xs: torch.tensor(xs, dtype=torch.int32, device=self.device)  # noqa: E731
-        is_decode = all(n == 1 for n in lens)
-        decode_rows = [i for i, n in enumerate(lens) if n == 1]
-        meta = AttentionMetadata(
-            slot_mapping=torch.tensor(slots, device=self.device),
-            positions=torch.tensor([p for n in lens for p in range(n)], device=self.device),
-            query_start_loc=i32(np.cumsum([0] + lens).tolist()),
-            seq_lens=i32(lens),
-            block_tables=i32(tables),
-            max_query_len=max(lens),
-            max_seq_len=max(lens),
-            block_size=_BLOCK,
-            is_decode=is_decode,
-            decode_rows=i32(decode_rows) if decode_rows and not is_decode else None,
-            prefill_rows=None if is_decode else i32([i for i, n in enumerate(lens) if n > 1]),
-        )
-        cfg = self.model.cfg
-        shape = (2, sum(blocks) + 1, _BLOCK, cfg.num_kv_heads, cfg.head_dim)
-        # Zeros, not empty: attention reads whole blocks, and a masked slot holding NaN garbage
-        # would still poison the output (0 * NaN).
-        caches = [torch.zeros(shape, dtype=self.cache_dtype, device=self.device) for _ in range(cfg.num_layers)]
-        return meta, caches
+    def abort(self, request_ids: Sequence[str]) -> list[EncoderOutput]:
+        self.core.abort(request_ids)  # the front has forgotten them: nothing to answer
+        return []
+
+    def stats(self) -> EngineStats:
+        return self.core.stats()
+
+    def step(self) -> list[EncoderOutput]:
+        return [_answer(out) for out in self.core.step() if out.finished]
 
 
-def load_decoder_pooler(spec: TaskSpec, device: torch.device, dtype: torch.dtype) -> DecoderPooler:
-    """Our engine's model for the checkpoint (its loader refuses what it cannot compute)."""
-    from stepserve.models.loader import load_model, read_hf_config, resolve_source
+def _answer(out: EngineCoreOutput) -> EncoderOutput:
+    if out.error is not None or out.pooled is None:
+        return EncoderOutput(out.request_id, finish_reason="abort", error=out.error or f"the request finished without a vector ({out.finish_reason})")
+    return EncoderOutput(out.request_id, values=out.pooled)
 
-    source = resolve_source(spec.directory)
-    model = load_model(source, read_hf_config(source), dtype, device, max_positions=spec.max_model_len)
-    return DecoderPooler(model, spec.pooling.mode, device)
+
+def build_pooling_core(spec: TaskSpec, engine: EngineConfig) -> tuple[PoolingCore, object]:
+    """The engine for the checkpoint (the builder refuses what the model registry cannot
+    compute), run at the task's input limit; no tokenizer: the front holds it."""
+    from stepserve.engine.builder import build_engine
+    from stepserve.models.loader import open_checkpoint
+
+    model = dataclasses.replace(engine.model, max_model_len=spec.max_model_len)
+    weights = None if model.load_format == "dummy" else with_head(open_checkpoint(model.model).weights())
+    core, _, info = build_engine(dataclasses.replace(engine, model=model), weights, eos_token_ids=frozenset())
+    return PoolingCore(core, spec.pooling.mode), info
+
+
+def with_head(weights: Iterator[tuple[str, object]]) -> Iterator[tuple[str, object]]:
+    """The checkpoint's weights, plus the embedding as a stand-in ``lm_head`` when there is none:
+    sentence-transformers saves a decoder's base model only (Qwen3-Embedding's untied sizes have
+    no head), pooling never reads the head, and the loader wants every parameter filled. A tied
+    model skips it."""
+    embedding, has_head = None, False
+    for name, tensor in weights:
+        short = name.removeprefix("model.")
+        has_head |= short == "lm_head.weight"
+        if short == "embed_tokens.weight":
+            embedding = tensor
+        yield name, tensor
+    if not has_head and embedding is not None:
+        yield "lm_head.weight", embedding
+
+
+def pooling_core_factory(spec: TaskSpec, engine: EngineConfig) -> Callable[[], tuple[PoolingCore, object]]:
+    """A picklable factory for the spawned core process."""
+    return functools.partial(build_pooling_core, spec, engine)

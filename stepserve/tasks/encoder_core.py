@@ -5,6 +5,7 @@ one padded forward computes it, each request gets its own ``EncoderOutput``."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
 import logging
@@ -17,6 +18,7 @@ import torch
 
 from stepserve.config import ConfigError, SchedulerConfig
 from stepserve.core.engine_core import EngineStats
+from stepserve.core.outputs import TokenLogprob
 from stepserve.tasks import task as T
 from stepserve.tasks.batcher import Batcher
 from stepserve.tasks.messages import EncoderOutput, EncoderRequest, GenerationParams
@@ -65,12 +67,7 @@ def build_encoder_core(spec: TaskSpec, scheduler: SchedulerConfig) -> tuple[Enco
     start = time.monotonic()
     device = pick_device(spec.device)
     dtype = pick_dtype(spec.dtype, device, {"dtype": spec.checkpoint_dtype})
-    if spec.decoder:  # a decoder embedding model runs on stepserve's own model and attention
-        from stepserve.tasks.decoder_pooling import load_decoder_pooler
-
-        model = load_decoder_pooler(spec, device, dtype)
-    else:
-        model = load_task_model(spec, device, dtype)
+    model = load_task_model(spec, device, dtype)  # a decoder embedding model runs on our engine instead (decoder_pooling)
     batcher = Batcher(scheduler.max_num_seqs, scheduler.max_num_batched_tokens, spec.flags.batch_wait_ms / 1000)
     info = EncoderInfo(spec.name, spec.task, device.type, str(dtype).removeprefix("torch."), time.monotonic() - start)
     log.info("encoder core ready: %s (%s) on %s (%s) in %.1fs", info.name, info.task, info.device, info.dtype, info.load_seconds)
@@ -90,10 +87,9 @@ class EncoderCore:
         self.spec = spec
         self.batcher = batcher
         self.device = device
-        self._run = self._generate if spec.task == T.TEXT2TEXT else self._pool_decoder if spec.decoder else self._encode
+        self._run = self._generate if spec.task == T.TEXT2TEXT else self._encode
         # Segment ids reach only a model that takes them (DistilBERT, ModernBERT do not).
-        forward = getattr(model, "forward", None)  # a DecoderPooler has none: packed ids only
-        self._takes_types = forward is not None and "token_type_ids" in inspect.signature(forward).parameters
+        self._takes_types = "token_type_ids" in inspect.signature(model.forward).parameters
 
     @property
     def has_unfinished(self) -> bool:
@@ -151,18 +147,13 @@ class EncoderCore:
         rows = _HEADS[self.spec.task](self.spec, out, inputs["attention_mask"], batch)
         return [EncoderOutput(r.request_id, values=v) for r, v in zip(batch, rows)]
 
-    def _pool_decoder(self, batch: Sequence[EncoderRequest]) -> list[EncoderOutput]:
-        """``model`` is a ``DecoderPooler``: packed sequences, no padding."""
-        return [EncoderOutput(r.request_id, values=v) for r, v in zip(batch, self.model(batch))]
-
     # -- text2text ----------------------------------------------------------------------------
 
     @torch.inference_mode()
     def _generate(self, batch: Sequence[EncoderRequest]) -> list[EncoderOutput]:
         groups: dict[object, list[EncoderRequest]] = {}
         for r in batch:  # greedy requests with equal settings share a generate call; sampled ones run alone
-            g = r.generation
-            key = (g.max_new_tokens, g.min_new_tokens, g.repetition_penalty) if g.temperature == 0 else r.request_id
+            key = dataclasses.replace(r.generation, seed=None) if r.generation.temperature == 0 else r.request_id
             groups.setdefault(key, []).append(r)
         return [out for group in groups.values() for out in self._generate_group(group)]
 
@@ -172,24 +163,68 @@ class EncoderCore:
         inputs.pop("token_type_ids", None)
         if g.seed is not None:
             torch.manual_seed(g.seed)
-        sequences = self.model.generate(**inputs, **_generate_kwargs(g, self.spec.pad_token_id))
-        return [self._finished(r, row, g) for r, row in zip(group, sequences.tolist())]
+        stops = self._stop_ids(g)
+        out = self.model.generate(**inputs, **_generate_kwargs(g, self.spec.pad_token_id, stops), return_dict_in_generate=True, output_logits=g.logprobs is not None)
+        rows = out.sequences.tolist()
+        return [self._finished(r, row, g, stops, out.logits, i) for i, (r, row) in enumerate(zip(group, rows))]
 
-    def _finished(self, request: EncoderRequest, row: list[int], g: GenerationParams) -> EncoderOutput:
+    def _stop_ids(self, g: GenerationParams) -> list[int]:
+        """The ids that end this request: EOS (unless ignore_eos) and its stop_token_ids."""
         eos = self.model.generation_config.eos_token_id
-        eos = set(eos if isinstance(eos, list) else [eos])
+        eos = [] if g.ignore_eos or eos is None else eos if isinstance(eos, list) else [eos]
+        return list(dict.fromkeys([*eos, *g.stop_token_ids]))
+
+    def _finished(self, request: EncoderRequest, row: list[int], g: GenerationParams, stops: list[int], logits, index: int) -> EncoderOutput:
         tokens = row[1:]  # the decoder start token is not output
-        for i, token in enumerate(tokens):
-            if token in eos:
-                return EncoderOutput(request.request_id, token_ids=tuple(tokens[: i + 1]), finish_reason="stop")
-        return EncoderOutput(request.request_id, token_ids=tuple(tokens[: g.max_new_tokens]), finish_reason="length")
+        end = next((i + 1 for i, token in enumerate(tokens) if token in stops), None)
+        tokens = tokens[: end or g.max_new_tokens]
+        logprobs = _logprobs(logits, index, tokens, g.logprobs) if g.logprobs is not None else None
+        return EncoderOutput(request.request_id, token_ids=tuple(tokens), finish_reason="stop" if end else "length", logprobs=logprobs)
 
 
-def _generate_kwargs(g: GenerationParams, pad_token_id: int) -> dict:
-    kwargs = {"max_new_tokens": g.max_new_tokens, "min_new_tokens": g.min_new_tokens, "repetition_penalty": g.repetition_penalty, "pad_token_id": pad_token_id, "num_beams": 1}
+class _OpenAIAdjustments:
+    """A ``generate`` logits processor for what transformers lacks, in the LLM sampler's order
+    and formulas: logit_bias added, then frequency and presence penalties over the tokens
+    generated so far (the decoder start token is not one). transformers applies
+    ``repetition_penalty`` before it."""
+
+    def __init__(self, g: GenerationParams) -> None:
+        self.bias = g.logit_bias
+        self.presence, self.frequency = g.presence_penalty, g.frequency_penalty
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if self.bias:
+            ids, values = zip(*self.bias)
+            scores = scores.index_add(1, torch.tensor(ids, device=scores.device), torch.tensor([values], dtype=scores.dtype, device=scores.device).expand(len(scores), -1))
+        generated = input_ids[:, 1:]
+        counts = torch.zeros_like(scores).scatter_add_(1, generated, torch.ones_like(generated, dtype=scores.dtype))
+        return scores - self.frequency * counts - self.presence * (counts > 0).to(scores.dtype)
+
+
+def _generate_kwargs(g: GenerationParams, pad_token_id: int, stops: list[int]) -> dict:
+    kwargs = {
+        "max_new_tokens": g.max_new_tokens, "min_new_tokens": g.min_new_tokens, "repetition_penalty": g.repetition_penalty,
+        "pad_token_id": pad_token_id, "num_beams": 1, "eos_token_id": stops or None,
+    }
+    if g.logit_bias or g.presence_penalty or g.frequency_penalty:
+        from transformers import LogitsProcessorList
+
+        kwargs["logits_processor"] = LogitsProcessorList([_OpenAIAdjustments(g)])
     if g.temperature == 0:
         return kwargs | {"do_sample": False}
-    return kwargs | {"do_sample": True, "temperature": g.temperature, "top_p": g.top_p, "top_k": g.top_k or None}
+    sampled = {"do_sample": True, "temperature": g.temperature, "top_p": g.top_p, "top_k": g.top_k or None}
+    return kwargs | sampled | ({"min_p": g.min_p} if g.min_p > 0 else {})
+
+
+def _logprobs(logits, index: int, tokens: list[int], k: int) -> tuple[TokenLogprob, ...]:
+    """Each generated token's log-probability under the model's raw logits (before penalties
+    and temperature, as the LLM path reports them) and its ``k`` most likely alternatives."""
+    out = []
+    for step, token in enumerate(tokens):
+        logprobs = logits[step][index].float().log_softmax(dim=-1)
+        values, ids = logprobs.topk(max(k, 1))
+        out.append(TokenLogprob(token, float(logprobs[token]), tuple(zip(ids[:k].tolist(), values[:k].tolist()))))
+    return tuple(out)
 
 
 # -- what each task takes from the model's output, per request (float32 numpy rows) ------------

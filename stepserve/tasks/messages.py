@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from stepserve.core.outputs import TokenLogprob
+
 
 @dataclass(frozen=True)
 class GenerationParams:
@@ -16,8 +18,15 @@ class GenerationParams:
     temperature: float  # 0 is greedy
     top_p: float  # nucleus mass
     top_k: int  # 0 keeps all
-    repetition_penalty: float  # 1 is none
+    repetition_penalty: float  # 1 is none (transformers' rule, over the decoder's tokens)
     seed: int | None  # a sampled request's seed
+    min_p: float = 0.0  # drop tokens below min_p * p(most likely); 0 is none
+    presence_penalty: float = 0.0  # subtracted once from every token generated so far
+    frequency_penalty: float = 0.0  # subtracted per occurrence in the tokens generated so far
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias added to its logit)
+    stop_token_ids: tuple[int, ...] = ()  # ids that end the request like EOS
+    ignore_eos: bool = False  # EOS does not end the request
+    logprobs: int | None = None  # alternatives per generated token; None: no logprobs
 
 
 @dataclass(frozen=True)
@@ -40,4 +49,5 @@ class EncoderOutput:
     values: np.ndarray | None = None  # float32: pooled vector, class logits, per-token logits or mask logits
     token_ids: tuple[int, ...] = ()  # text2text: generated ids, without the decoder start token
     finish_reason: str | None = "stop"  # text2text: "stop" (EOS) or "length"
+    logprobs: tuple[TokenLogprob, ...] | None = None  # text2text: one per generated token, when asked
     error: str | None = None  # why the core failed this request

@@ -114,11 +114,9 @@ async def score(ts: TaskServing, model_name: str, req: ScoreRequest) -> dict:
 
 # -- /v1/completions for text2text -------------------------------------------------------------
 
-# Completion fields that text2text through ``transformers`` generate does not honour: a 400, never ignored.
-_UNSUPPORTED = {
-    "echo": False, "logprobs": None, "suffix": None, "presence_penalty": 0.0, "frequency_penalty": 0.0,
-    "min_p": 0.0, "logit_bias": None, "stop_token_ids": None, "ignore_eos": False,
-}
+# Completion fields that text2text does not honour, a 400, never ignored: echo would return the
+# encoder's input as if the decoder had written it, and an encoder-decoder has no suffix.
+_UNSUPPORTED = {"echo": False, "suffix": None}
 
 
 def _check_supported(req) -> None:
@@ -128,8 +126,19 @@ def _check_supported(req) -> None:
 
 
 def _generation(params, index: int) -> GenerationParams:
-    seed = None if params.seed is None else params.seed + index
-    return GenerationParams(params.max_tokens, params.min_tokens, params.temperature, params.top_p, params.top_k, params.repetition_penalty, seed)
+    p = params.for_choice(index)  # choice i's own seed, as on the LLM path
+    return GenerationParams(
+        p.max_tokens, p.min_tokens, p.temperature, p.top_p, p.top_k, p.repetition_penalty, p.seed, p.min_p,
+        p.presence_penalty, p.frequency_penalty, p.logit_bias, p.stop_token_ids, p.ignore_eos, p.logprobs,
+    )
+
+
+def _within(ts: TaskServing, token_ids: tuple[int, ...], text: str, skip_special: bool) -> int:
+    """How many of the tokens it takes to write ``text`` (the output cut at a stop string)."""
+    for k in range(len(token_ids) + 1):
+        if len(ts.tokens.decode(token_ids[:k], skip_special)) >= len(text):
+            return k
+    return len(token_ids)
 
 
 def _apply_stop(text: str, stops: tuple[str, ...]) -> tuple[str, str | None]:
@@ -159,7 +168,11 @@ async def complete(ts: TaskServing, ctx, req) -> dict | AsyncIterator[dict]:
         params = prompts[index // req.n][1].params
         text, stop = _apply_stop(ts.tokens.decode(out.token_ids, params.skip_special_tokens), params.stop)
         reason = "stop" if stop is not None else out.finish_reason
-        choices.append({"index": index, "text": text, "logprobs": None, "finish_reason": reason, "stop_reason": stop})
+        logprobs = None
+        if out.logprobs is not None:
+            kept = out.logprobs if stop is None else out.logprobs[: _within(ts, out.token_ids, text, params.skip_special_tokens)]
+            logprobs = server_openai._completion_logprobs(ctx, kept, 0)  # the LLM path's format
+        choices.append({"index": index, "text": text, "logprobs": logprobs, "finish_reason": reason, "stop_reason": stop})
     prompt_tokens = sum(len(p.token_ids) for _, p in prompts)
     completion_tokens = sum(len(o.token_ids) for o in outputs)
     usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "total_tokens": prompt_tokens + completion_tokens}

@@ -89,22 +89,26 @@ def _spec(task: str, source, hf_config: dict, tokenizer, engine: EngineConfig, f
 
 
 def serving(front: TaskFront, engine: EngineConfig, server) -> tuple[Callable, object, object]:
-    """(make_client, tokenizer, FrontInfo) for ``create_app``: the encoder core in its own
-    supervised process, or in a thread with ``--engine-in-process``."""
+    """(make_client, tokenizer, FrontInfo) for ``create_app``: the encoder core (or, for a
+    decoder embedding model, the engine core) in its own supervised process, or in a thread
+    with ``--engine-in-process``."""
     from stepserve.engine.front import FrontInfo, sampling_defaults
     from stepserve.generation_config import SamplingDefaults
-    from stepserve.tasks.encoder_core import build_encoder_core, encoder_core_factory
+    from stepserve.tasks.decoder_pooling import pooling_core_factory
+    from stepserve.tasks.encoder_core import encoder_core_factory
 
     spec = front.spec
     # text2text takes the model's generation_config.json sampling defaults, as generation does
     defaults = sampling_defaults(engine) if spec.task == T.TEXT2TEXT else SamplingDefaults()
     info = FrontInfo(spec.name, spec.max_model_len, spec.vocab_size, frozenset(), defaults)
+    # A decoder embedding model runs on our own engine (pooling requests through the scheduler).
+    factory = pooling_core_factory(spec, engine) if spec.decoder else encoder_core_factory(spec, engine.scheduler)
     if server.engine_in_process:
         from stepserve.engine.core_client import ThreadCoreClient
 
-        core, _ = build_encoder_core(spec, engine.scheduler)
+        core, _ = factory()
         return (lambda: ThreadCoreClient(core)), front.tokenizer, info
     from stepserve.engine.supervisor import RestartPolicy, SupervisedCoreClient
 
     policy = RestartPolicy(server.max_restarts, server.restart_backoff_s)
-    return (lambda: SupervisedCoreClient(encoder_core_factory(spec, engine.scheduler), policy)), front.tokenizer, info
+    return (lambda: SupervisedCoreClient(factory, policy)), front.tokenizer, info

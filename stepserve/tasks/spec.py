@@ -10,7 +10,6 @@ from pathlib import Path
 from stepserve.config import ConfigError
 from stepserve.tasks.config import TaskConfig
 
-POOLINGS = ("mean", "cls", "max", "last")
 _ST_POOLING_KEYS = {
     "pooling_mode_mean_tokens": "mean",
     "pooling_mode_cls_token": "cls",

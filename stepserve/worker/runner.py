@@ -24,6 +24,7 @@ from stepserve.models.decoder import DecoderForCausalLM
 from stepserve.structured.bitmask import GrammarMatchers, GrammarPass
 from stepserve.worker import sampler as S
 from stepserve.worker.cuda_graphs import CudaGraphs
+from stepserve.worker.pooling import PoolingRows
 
 
 def kv_cache_bytes_per_block(model: DecoderForCausalLM, block_size: int, dtype: torch.dtype) -> int:
@@ -108,11 +109,15 @@ class ModelRunner:
         self.shared_generator = torch.Generator(device=device).manual_seed(seed)
         self.graphs: CudaGraphs | None = None  # set by capture_cuda_graphs
         self.grammars = grammars  # constrained decoding; None: every request is free text
+        self.pooling = PoolingRows()  # folds of prefill-only pooling requests, chunk by chunk
 
     # -- the pass ------------------------------------------------------------------------
 
     @torch.inference_mode()
     def execute(self, sched: SchedulerOutput) -> ModelRunnerOutput:
+        self.pooling.drop(sched.finished_request_ids)
+        if any(r.pooling is not None for r in sched.requests):
+            return self.pooling.execute(self, sched)  # prefill-only pooling requests: worker/pooling.py
         grammar = self._grammar_pass(sched)
         requests = sched.requests
         inputs = self._prepare(sched)
@@ -161,6 +166,10 @@ class ModelRunner:
             hidden = self._hidden(inputs)
             return self.model.compute_logits(hidden[inputs.logits_index]), self._prompt_logprobs(sched, hidden)
         return self._forward(inputs), {}
+
+    def hidden_states(self, sched: SchedulerOutput) -> torch.Tensor:
+        """The final hidden states of every token the pass computes, packed in request order."""
+        return self._hidden(self._prepare(sched))
 
     def _hidden(self, inputs: StepInputs) -> torch.Tensor:
         self.backend.prepare(inputs.meta)

@@ -12,6 +12,7 @@ from tiny_models import write_tiny_model
 from task_server import post, serve_in_thread
 
 from stepserve.config import ConfigError, EngineConfig
+from stepserve.sampling import mix_seed
 from stepserve.tasks.config import TaskConfig
 from stepserve.tasks.setup import plan_task
 
@@ -240,11 +241,61 @@ def test_text2text_generate_matches_transformers(servers, models):
     assert predict(server, prompts[:1], max_tokens=6, temperature=0)["predictions"] == expected[:1]
     stream = httpx_stream(server, {"prompt": prompts[0], "max_tokens": 6, "temperature": 0, "stream": True})
     assert stream[-1] == "[DONE]" and json.loads(stream[0])["choices"][0]["text"] == expected[0]
-    bad = [({"prompt": "x", "echo": True}, "echo"), ({"prompt": "x", "logprobs": 2}, "logprobs"),
+    bad = [({"prompt": "x", "echo": True}, "echo"), ({"prompt": "x", "suffix": "y"}, "suffix"),
            ({"prompt": "x", "max_tokens": 1000}, "max_tokens"), ({"prompt": "x", "max_tokens": 0}, "max_tokens"), ({"prompt": "x", "stream_options": {"include_usage": True}}, "stream_options")]
     for req, param in bad:
         response = post(server, "/v1/completions", req)
         assert response.status_code == 400 and response.json()["error"]["param"] == param, (req, response.text)
+
+
+def greedy_reference(model, prompt_ids, steps, bias=None, presence=0.0, frequency=0.0, stops=(1,)):
+    """Greedy decoding of an encoder-decoder written out: raw logits, plus logit_bias, minus
+    frequency * count and presence * seen over the tokens generated so far; the raw logprob of each."""
+    decoder, logprobs = [0], []
+    for _ in range(steps):
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([prompt_ids]), decoder_input_ids=torch.tensor([decoder])).logits[0, -1].double()
+        adjusted = logits.clone()
+        for token, value in (bias or {}).items():
+            adjusted[token] += value
+        counts = torch.bincount(torch.tensor(decoder[1:], dtype=torch.long), minlength=len(logits)).double()
+        adjusted -= frequency * counts + presence * (counts > 0).double()
+        token = int(adjusted.argmax())
+        decoder.append(token)
+        logprobs.append(float(logits.log_softmax(-1)[token]))
+        if token in stops:
+            break
+    return decoder[1:], logprobs
+
+
+def test_text2text_penalties_bias_stops_and_logprobs(servers, models):
+    """What generate has no argument for goes through one logits processor, with the LLM
+    sampler's formulas; logprobs are the raw model's, as on the LLM path."""
+    server = servers("t5", "t5")
+    tokenizer = tf.AutoTokenizer.from_pretrained(models["t5"])
+    model = tf.T5ForConditionalGeneration.from_pretrained(models["t5"]).eval()
+    prompt = "the cat sat on the mat"
+    ids = tokenizer(prompt).input_ids
+    fields = {"presence_penalty": 0.5, "frequency_penalty": 1.5, "logit_bias": {"20": 3.0}}
+    want, want_lps = greedy_reference(model, ids, 10, bias={20: 3.0}, presence=0.5, frequency=1.5)
+    assert want != greedy_reference(model, ids, 10)[0]  # the penalties change the answer
+    body = post(server, "/v1/completions", {"prompt": prompt, "max_tokens": 10, "temperature": 0, "logprobs": 2, **fields}).json()
+    (choice,) = body["choices"]
+    assert choice["text"] == tokenizer.decode(want, skip_special_tokens=True) and body["usage"]["completion_tokens"] == len(want)
+    np.testing.assert_allclose(choice["logprobs"]["token_logprobs"], want_lps, atol=1e-4)
+    assert all(len(top) >= 2 for top in choice["logprobs"]["top_logprobs"])
+    stop = want[3]  # stop_token_ids end the request at that token, which is output
+    body = post(server, "/v1/completions", {"prompt": prompt, "max_tokens": 10, "temperature": 0, "stop_token_ids": [stop], **fields}).json()
+    assert body["usage"]["completion_tokens"] == want.index(stop) + 1 and body["choices"][0]["finish_reason"] == "stop"
+    eos = {"prompt": prompt, "max_tokens": 5, "temperature": 0, "logit_bias": {"1": 100}}  # EOS at once
+    assert post(server, "/v1/completions", eos).json()["usage"]["completion_tokens"] == 1
+    ignored = post(server, "/v1/completions", eos | {"ignore_eos": True}).json()
+    assert ignored["usage"]["completion_tokens"] == 5 and ignored["choices"][0]["finish_reason"] == "length"
+    sampled = {"prompt": prompt, "max_tokens": 8, "temperature": 1.0, "min_p": 0.2, "seed": 11}
+    texts = {post(server, "/v1/completions", sampled).json()["choices"][0]["text"] for _ in range(2)}
+    torch.manual_seed(mix_seed(11, 0))  # choice 0's seed, as on the LLM path
+    out = model.generate(**tokenizer(prompt, return_tensors="pt"), do_sample=True, temperature=1.0, top_p=1.0, top_k=None, min_p=0.2, max_new_tokens=8, num_beams=1)
+    assert texts == {tokenizer.decode(out[0], skip_special_tokens=True)}
 
 
 def httpx_stream(server, body):
