@@ -1,0 +1,169 @@
+"""Tensor parallelism on CPU with gloo, 2 ranks (the NCCL path is the same code with another
+backend, and was not run here): greedy tokens with TP=2 equal TP=1's and transformers', single-
+and multi-step, for the families whose sharding differs (q/k/v bias, fused qkv/gate_up, q/k norm
+with tied embeddings, replicated KV heads); a served request through ``stepserve serve
+--tensor-parallel-size 2``; and a killed rank, or a killed rank 0, bringing the group back whole
+with no rank left behind."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+import transformers
+
+from live_server import core_pid, read_metric, start_server
+from stepserve import LLM, SamplingParams
+from tiny_models import write_tiny_family, write_tiny_model
+
+PROMPTS = ["Hello", "The quick brown fox jumps over", "Once upon a time, in a land far away, there lived", "1 2 3 4 5"]
+NEW_TOKENS = 24
+LOGPROB_TOL = 1e-4  # float32 on both sides; the all-reduce splits the o/down sums in two
+ENGINE = dict(num_blocks=128, block_size=4, max_model_len=128, dtype="float32")
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def transformers_greedy(model_dir: Path, prompt_ids: list[list[int]]) -> list[list[int]]:
+    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    out = []
+    for ids in prompt_ids:
+        gen = model.generate(torch.tensor([ids]), max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False, eos_token_id=None, pad_token_id=0)
+        out.append(gen[0, len(ids):].tolist())
+    return out
+
+
+def generate(model_dir: Path, tp: int, steps: int) -> tuple[list[list[int]], list[list[float]], list[list[int]]]:
+    llm = LLM(model=str(model_dir), tensor_parallel_size=tp, num_scheduler_steps=steps, **ENGINE)
+    try:
+        prompt_ids = [llm.tokenizer.encode(p) for p in PROMPTS]
+        params = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True, logprobs=1)
+        outs = [o.outputs[0] for o in llm.generate(prompt_ids, params)]
+        if tp > 1:  # rank 0 holds its shard only
+            hf = json.loads((model_dir / "config.json").read_text())
+            shard = llm.core.worker.runner.model.cfg
+            assert (shard.num_heads, shard.num_kv_heads) == (hf["num_attention_heads"] // tp, max(1, hf["num_key_value_heads"] // tp))
+            assert len(llm.core.worker.rank_pids) == tp - 1
+        return [o.token_ids for o in outs], [[lp.logprob for lp in o.logprobs] for o in outs], prompt_ids
+    finally:
+        if tp > 1:
+            llm.core.worker.close()
+
+
+CASES = {  # name -> (writer, scheduler steps); the served test below covers replicated KV heads
+    "qwen2-qkv-bias": (lambda d: write_tiny_model(d, "qwen2", seed=1), 1),
+    "phi3-fused-qkv-gate-up": (lambda d: write_tiny_family(d, "phi3", seed=4), 8),
+    "gemma3-qk-norm-tied": (lambda d: write_tiny_family(d, "gemma3", seed=4), 8),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_tp2_equals_tp1_and_transformers(case, tmp_path):
+    write, steps = CASES[case]
+    model_dir = write(tmp_path / case)
+    tokens2, logprobs2, prompt_ids = generate(model_dir, 2, steps)
+    tokens1, logprobs1, _ = generate(model_dir, 1, steps)
+    assert tokens2 == tokens1
+    assert tokens2 == transformers_greedy(model_dir, prompt_ids)
+    assert torch.allclose(torch.tensor(logprobs2), torch.tensor(logprobs1), atol=LOGPROB_TOL)
+
+
+# -- served, and killed -------------------------------------------------------------------------
+
+
+def rank_pids(parent: int) -> list[int]:
+    """The tensor-parallel rank processes whose parent is ``parent`` (the engine core)."""
+    pids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+            cmdline = (stat.parent / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if ppid == parent and b"stepserve.distributed.worker" in cmdline:
+            pids.append(int(stat.parent.name))
+    return pids
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"  # a zombie has exited; only its parent's wait is missing
+
+
+def wait_for(condition, timeout: float = 120.0, what: str = "") -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.1)
+
+
+def ready(http: httpx.Client) -> bool:
+    try:
+        return http.get("/v2/health/ready").status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def restarted(server, http: httpx.Client, old_core: int) -> bool:
+    """A new core is up and ready (readiness may still read true just after the old one died)."""
+    try:
+        return core_pid(server) != old_core and ready(http)
+    except RuntimeError:  # between the old core's end and the new one's start
+        return False
+
+
+def complete(http: httpx.Client, prompt: str) -> str:
+    response = http.post("/v1/completions", json={"model": "tp", "prompt": prompt, "max_tokens": NEW_TOKENS, "temperature": 0, "ignore_eos": True})
+    assert response.status_code == 200, response.text
+    return response.json()["choices"][0]["text"]
+
+
+def test_served_tp2_and_a_killed_rank_restarts_the_whole_group(tmp_path):
+    """One KV head for two ranks: each rank holds a copy of it (vLLM's replication)."""
+    model_dir = write_tiny_model(tmp_path / "llama-one-kv-head", "llama", seed=3, num_key_value_heads=1)
+    llm = LLM(model=str(model_dir), num_scheduler_steps=8, **ENGINE)
+    want = [o.outputs[0].text for o in llm.generate(PROMPTS[:2], SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True))]
+    args = [
+        "--model", str(model_dir), "--model_name", "tp", "--tensor-parallel-size", "2",
+        "--num-scheduler-steps", "8", "--num-blocks", "128", "--block-size", "4", "--max-model-len", "128",
+        "--dtype", "float32", "--restart-backoff-s", "0.1",
+    ]
+    server = start_server(args, tmp_path / "server.log")
+    http = httpx.Client(base_url=server.url, timeout=60)
+    last = None
+    try:
+        assert [complete(http, p) for p in PROMPTS[:2]] == want
+        core = core_pid(server)
+        (rank1,) = rank_pids(core)
+
+        os.kill(rank1, signal.SIGKILL)  # a non-zero rank dies: the core ends, the group restarts
+        wait_for(lambda: not alive(core), 30, "the engine core to end after its rank died")
+        wait_for(lambda: restarted(server, http, core), 120, "the restarted group")
+        assert [complete(http, p) for p in PROMPTS[:2]] == want
+        assert "tensor-parallel rank 1" in server.log() and "exited with code -9" in server.log()
+
+        assert read_metric(http, "stepserve:engine_restarts_total", model_name="tp") == 1
+
+        core = core_pid(server)
+        (last,) = rank_pids(core)
+        os.kill(core, signal.SIGKILL)  # rank 0 dies: its rank must not outlive it
+        wait_for(lambda: not alive(last), 30, "rank 1 to die with its core")
+    finally:
+        server.stop()
+    wait_for(lambda: last is None or not alive(last), 30, "no rank left after the server stopped")
