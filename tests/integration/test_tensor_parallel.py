@@ -7,7 +7,6 @@ with no rank left behind."""
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import time
@@ -20,6 +19,8 @@ import transformers
 
 from live_server import core_pid, read_metric, start_server
 from stepserve import LLM, SamplingParams
+from stepserve.models.cpu_linear import cpu_has_bf16
+from tiny_gguf import write_gguf
 from tiny_models import write_tiny_family, write_tiny_model
 
 PROMPTS = ["Hello", "The quick brown fox jumps over", "Once upon a time, in a land far away, there lived", "1 2 3 4 5"]
@@ -45,39 +46,59 @@ def transformers_greedy(model_dir: Path, prompt_ids: list[list[int]]) -> list[li
     return out
 
 
-def generate(model_dir: Path, tp: int, steps: int) -> tuple[list[list[int]], list[list[float]], list[list[int]]]:
-    llm = LLM(model=str(model_dir), tensor_parallel_size=tp, num_scheduler_steps=steps, **ENGINE)
+def generate(model: Path, tp: int, steps: int, **engine) -> tuple[list[list[int]], list[list[float]], list[list[int]]]:
+    llm = LLM(model=str(model), tensor_parallel_size=tp, num_scheduler_steps=steps, **(ENGINE | engine))
     try:
         prompt_ids = [llm.tokenizer.encode(p) for p in PROMPTS]
         params = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True, logprobs=1)
         outs = [o.outputs[0] for o in llm.generate(prompt_ids, params)]
         if tp > 1:  # rank 0 holds its shard only
-            hf = json.loads((model_dir / "config.json").read_text())
-            shard = llm.core.worker.runner.model.cfg
-            assert (shard.num_heads, shard.num_kv_heads) == (hf["num_attention_heads"] // tp, max(1, hf["num_key_value_heads"] // tp))
+            full = llm.core.worker.runner.model.cfg.num_heads * tp, llm.core.worker.runner.model.cfg.intermediate_size * tp
             assert len(llm.core.worker.rank_pids) == tp - 1
+            assert full == (4, 128)  # the tiny models' 4 heads and intermediate size, split in two
         return [o.token_ids for o in outs], [[lp.logprob for lp in o.logprobs] for o in outs], prompt_ids
     finally:
         if tp > 1:
             llm.core.worker.close()
 
 
-CASES = {  # name -> (writer, scheduler steps); the served test below covers replicated KV heads
-    "qwen2-qkv-bias": (lambda d: write_tiny_model(d, "qwen2", seed=1), 1),
-    "phi3-fused-qkv-gate-up": (lambda d: write_tiny_family(d, "phi3", seed=4), 8),
-    "gemma3-qk-norm-tied": (lambda d: write_tiny_family(d, "gemma3", seed=4), 8),
-}
+def phi3_gguf(directory: Path) -> tuple[Path, Path]:
+    """Phi-3 as a GGUF: its fused attn_qkv and ffn_up (gate and up) tensors, cut per rank."""
+    model_dir = write_tiny_family(directory, "phi3", seed=4)
+    return write_gguf(model_dir, directory.parent / "phi3.gguf"), model_dir
+
+
+CASES = {  # name -> (writer: (engine's model, transformers' directory), scheduler steps)
+    "qwen2-qkv-bias": (lambda d: (write_tiny_model(d, "qwen2", seed=1),) * 2, 1),
+    "phi3-gguf-fused-qkv-gate-up": (phi3_gguf, 8),
+    "gemma3-qk-norm-tied": (lambda d: (write_tiny_family(d, "gemma3", seed=4),) * 2, 8),
+}  # the served test below covers Llama with replicated KV heads
 
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_tp2_equals_tp1_and_transformers(case, tmp_path):
     write, steps = CASES[case]
-    model_dir = write(tmp_path / case)
-    tokens2, logprobs2, prompt_ids = generate(model_dir, 2, steps)
-    tokens1, logprobs1, _ = generate(model_dir, 1, steps)
+    model, hf_dir = write(tmp_path / case)
+    tokens2, logprobs2, prompt_ids = generate(model, 2, steps)
+    tokens1, logprobs1, _ = generate(model, 1, steps)
     assert tokens2 == tokens1
-    assert tokens2 == transformers_greedy(model_dir, prompt_ids)
+    assert tokens2 == transformers_greedy(hf_dir, prompt_ids)
     assert torch.allclose(torch.tensor(logprobs2), torch.tensor(logprobs1), atol=LOGPROB_TOL)
+
+
+@pytest.mark.skipif(not cpu_has_bf16(), reason="int4 runs on CPUs with native bfloat16 only")
+def test_int4_tp2_agrees_with_tp1_within_bfloat16_noise(tmp_path):
+    """--quantization int4 over two ranks: each rank's row-parallel input slice holds whole groups
+    of 32 weights, so both ranks quantize the same groups as one process does. The activations
+    are bfloat16, whose partial sums round differently split in two, so greedy paths may part
+    at a near tie; the first token's logprobs (the prefill) agree within bfloat16's noise, where
+    a wrong cut would be off by whole nats."""
+    model_dir = write_tiny_model(tmp_path / "llama", "llama", seed=3)
+    int4 = dict(dtype="bfloat16", quantization="int4")
+    _, logprobs2, _ = generate(model_dir, 2, 1, **int4)
+    _, logprobs1, _ = generate(model_dir, 1, 1, **int4)
+    first = lambda lps: torch.tensor([row[0] for row in lps])  # noqa: E731
+    assert torch.allclose(first(logprobs2), first(logprobs1), atol=0.1)
 
 
 # -- served, and killed -------------------------------------------------------------------------

@@ -154,3 +154,12 @@ def test_serve_exits_2_with_more_ranks_than_cores(tiny_llama, capsys):
         pytest.skip(f"{cores} cores: no size that splits 4 heads exceeds them")
     assert main(["serve", "--model", str(tiny_llama), "--tensor-parallel-size", str(size), "--device", "cpu"]) == 2
     assert f"needs a core per rank; this process may use {cores}" in capsys.readouterr().err
+
+
+def test_pooling_and_encoder_tasks_refuse_tensor_parallelism(tmp_path, capsys):
+    """Only generation is split over ranks; an encoder task is refused rather than served on one."""
+    from task_models import write_bert
+
+    model_dir = write_bert(tmp_path / "bert")
+    assert main(["serve", "--model", str(model_dir), "--task", "text_embedding", "-tp", "2"]) == 2
+    assert "tensor parallelism serves text_generation only" in capsys.readouterr().err
