@@ -35,6 +35,16 @@ class RankFailed:
 
 
 @dataclass(frozen=True)
+class PassMessage:
+    """One scheduler pass as a rank receives it: each request's ``token_ids`` holds only the
+    tokens that rank has not been sent yet (a pass would otherwise carry every request's whole
+    history, which costs more to pickle than a decode step on a GPU takes)."""
+
+    sched: object  # the SchedulerOutput, token_ids cut down to the new tokens
+    offsets: tuple[int, ...]  # per request: tokens sent before (the receiver checks it holds as many)
+
+
+@dataclass(frozen=True)
 class PassDone:
     """A rank ran one scheduler pass; rank 0 checks that every rank agrees with it."""
 

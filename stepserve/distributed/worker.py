@@ -12,6 +12,7 @@ their KV caches no longer hold the same sequences.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import signal
@@ -23,7 +24,7 @@ from multiprocessing.connection import Connection
 
 from stepserve.core.engine_core import EngineFaultError
 from stepserve.core.outputs import ModelRunnerOutput, SchedulerOutput
-from stepserve.distributed.messages import CloseRank, PassDone, RankFailed, RankReady, RankStart, Reseed
+from stepserve.distributed.messages import CloseRank, PassDone, PassMessage, RankFailed, RankReady, RankStart, Reseed
 from stepserve.distributed.ranks import RankProcesses
 
 log = logging.getLogger("stepserve.distributed")
@@ -33,12 +34,67 @@ def _digest(output: ModelRunnerOutput) -> int:
     return hash(output.sampled_token_ids)  # ints and tuples hash alike in every process
 
 
+class PassEncoder:
+    """Rank 0's side of ``PassMessage``: how many tokens of each request the ranks hold."""
+
+    def __init__(self) -> None:
+        self.sent: dict[str, int] = {}
+
+    def encode(self, sched: SchedulerOutput) -> PassMessage:
+        for request_id in sched.finished_request_ids:
+            self.sent.pop(request_id, None)
+        requests, offsets = [], []
+        for r in sched.requests:
+            have = self.sent.get(r.request_id, 0)
+            requests.append(dataclasses.replace(r, token_ids=tuple(r.token_ids[have:])))
+            offsets.append(have)
+            self.sent[r.request_id] = len(r.token_ids)  # a request's tokens only ever grow
+        return PassMessage(dataclasses.replace(sched, requests=tuple(requests)), tuple(offsets))
+
+
+class PassDecoder:
+    """The other ranks' side: each request's tokens so far, rebuilt from the new ones."""
+
+    def __init__(self) -> None:
+        self.tokens: dict[str, list[int]] = {}
+
+    def decode(self, message: PassMessage) -> SchedulerOutput:
+        sched = message.sched
+        for request_id in sched.finished_request_ids:
+            self.tokens.pop(request_id, None)
+        requests = []
+        for r, have in zip(sched.requests, message.offsets):
+            tokens = self.tokens.setdefault(r.request_id, [])
+            if len(tokens) != have:  # never expected: both sides apply the same passes in order
+                raise EngineFaultError(f"request {r.request_id}: this rank holds {len(tokens)} tokens, rank 0 sent from {have}")
+            tokens.extend(r.token_ids)
+            requests.append(dataclasses.replace(r, token_ids=tokens))
+        return dataclasses.replace(sched, requests=tuple(requests))
+
+
+def check_agreement(reports: list[PassDone], output: ModelRunnerOutput | None, error: Exception | None) -> None:
+    """After a pass: ranks that agree with rank 0 let it return its output (or re-raise its
+    exception, which the core handles as that pass's failure); a rank that disagrees means the
+    group is broken, and the core must end."""
+    mine = "completed it" if error is None else f"raised {type(error).__name__}"
+    digest = None if output is None else _digest(output)
+    for rank, report in enumerate(reports, start=1):
+        theirs = "completed it" if report.error is None else f"raised {report.error}"
+        if theirs != mine:
+            raise EngineFaultError(f"tensor-parallel ranks disagree on a pass: rank {rank} {theirs}, rank 0 {mine}; the group is ended")
+        if report.digest != digest:
+            raise EngineFaultError(f"tensor-parallel rank {rank} sampled other tokens than rank 0; the group is ended")
+    if error is not None:
+        raise error
+
+
 class TensorParallelWorker:
     """Rank 0's worker: what the engine core drives in place of the bare ``ModelRunner``."""
 
     def __init__(self, runner, ranks: RankProcesses) -> None:
         self.runner = runner
         self.ranks = ranks
+        self.encoder = PassEncoder()
 
     @property
     def vocab_size(self) -> int:
@@ -49,25 +105,13 @@ class TensorParallelWorker:
         return self.ranks.pids
 
     def execute(self, sched: SchedulerOutput) -> ModelRunnerOutput:
-        self.ranks.broadcast(sched)
+        self.ranks.broadcast(self.encoder.encode(sched))
         try:
             output, error = self.runner.execute(sched), None
         except Exception as exc:  # reported after the other ranks say how their pass went
             output, error = None, exc
-        self._check(self.ranks.gather(), output, error)
+        check_agreement(self.ranks.gather(), output, error)
         return output
-
-    def _check(self, reports: list[PassDone], output: ModelRunnerOutput | None, error: Exception | None) -> None:
-        """Agreeing ranks: return (or re-raise this rank's exception, which the core handles as
-        one pass's failure); disagreeing ranks: the group is broken."""
-        mine = type(error).__name__ if error is not None else None
-        digest = _digest(output) if output is not None else None
-        for rank, report in enumerate(reports, start=1):
-            if report.error != mine or report.digest != digest:
-                what = f"raised {report.error}" if report.error else "sampled other tokens"
-                raise EngineFaultError(f"tensor-parallel rank {rank} {what} than rank 0 ({mine or 'no error'}); the group is ended")
-        if error is not None:
-            raise error
 
     def reseed(self, seed: int) -> None:
         self.ranks.broadcast(Reseed(seed))
@@ -123,11 +167,12 @@ def _build(start: RankStart):
 
 def _serve(conn: Connection, runner) -> None:
     """Run every pass rank 0 sends, report how it went; return when told to close."""
+    passes = PassDecoder()
     while True:
         message = conn.recv()
-        if isinstance(message, SchedulerOutput):
+        if isinstance(message, PassMessage):
             try:
-                report = PassDone(_digest(runner.execute(message)), None)
+                report = PassDone(_digest(runner.execute(passes.decode(message))), None)
             except Exception as exc:  # rank 0 raised it too, or the group ends
                 report = PassDone(None, type(exc).__name__)
             conn.send(report)

@@ -7,6 +7,7 @@ with no rank left behind."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import time
@@ -19,6 +20,7 @@ import transformers
 
 from live_server import core_pid, read_metric, start_server
 from stepserve import LLM, SamplingParams
+from stepserve.core.engine_core import EngineFaultError
 from stepserve.models.cpu_linear import cpu_has_bf16
 from tiny_gguf import write_gguf
 from tiny_models import write_tiny_family, write_tiny_model
@@ -46,20 +48,30 @@ def transformers_greedy(model_dir: Path, prompt_ids: list[list[int]]) -> list[li
     return out
 
 
-def generate(model: Path, tp: int, steps: int, **engine) -> tuple[list[list[int]], list[list[float]], list[list[int]]]:
-    llm = LLM(model=str(model), tensor_parallel_size=tp, num_scheduler_steps=steps, **(ENGINE | engine))
+@contextlib.contextmanager
+def engine(model: Path, tp: int, steps: int, **options):
+    llm = LLM(model=str(model), tensor_parallel_size=tp, num_scheduler_steps=steps, **(ENGINE | options))
     try:
-        prompt_ids = [llm.tokenizer.encode(p) for p in PROMPTS]
-        params = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True, logprobs=1)
-        outs = [o.outputs[0] for o in llm.generate(prompt_ids, params)]
         if tp > 1:  # rank 0 holds its shard only
-            full = llm.core.worker.runner.model.cfg.num_heads * tp, llm.core.worker.runner.model.cfg.intermediate_size * tp
+            shard = llm.core.worker.runner.model.cfg
+            assert (shard.num_heads * tp, shard.intermediate_size * tp) == (4, 128)  # the tiny models'
             assert len(llm.core.worker.rank_pids) == tp - 1
-            assert full == (4, 128)  # the tiny models' 4 heads and intermediate size, split in two
-        return [o.token_ids for o in outs], [[lp.logprob for lp in o.logprobs] for o in outs], prompt_ids
+        yield llm
     finally:
         if tp > 1:
             llm.core.worker.close()
+
+
+def greedy(llm: LLM) -> tuple[list[list[int]], list[list[float]], list[list[int]]]:
+    prompt_ids = [llm.tokenizer.encode(p) for p in PROMPTS]
+    params = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True, logprobs=1)
+    outs = [o.outputs[0] for o in llm.generate(prompt_ids, params)]
+    return [o.token_ids for o in outs], [[lp.logprob for lp in o.logprobs] for o in outs], prompt_ids
+
+
+def generate(model: Path, tp: int, steps: int, **options):
+    with engine(model, tp, steps, **options) as llm:
+        return greedy(llm)
 
 
 def phi3_gguf(directory: Path) -> tuple[Path, Path]:
@@ -84,6 +96,16 @@ def test_tp2_equals_tp1_and_transformers(case, tmp_path):
     assert tokens2 == tokens1
     assert tokens2 == transformers_greedy(hf_dir, prompt_ids)
     assert torch.allclose(torch.tensor(logprobs2), torch.tensor(logprobs1), atol=LOGPROB_TOL)
+
+
+def test_ranks_that_sample_differently_end_the_group(tiny_qwen2):
+    """Every rank samples for itself, so their generators must agree: reseed rank 0's alone and
+    the first random pass is caught (rank 1 reports other tokens), before any KV diverges further."""
+    with engine(tiny_qwen2, 2, 1) as llm:
+        assert greedy(llm)[0]  # the group works
+        llm.core.worker.runner.reseed(1234)  # rank 0 only
+        with pytest.raises(EngineFaultError, match="rank 1 sampled other tokens than rank 0"):
+            llm.generate(["Hello"] * 4, SamplingParams(temperature=1.0, max_tokens=8, ignore_eos=True))
 
 
 @pytest.mark.skipif(not cpu_has_bf16(), reason="int4 runs on CPUs with native bfloat16 only")

@@ -163,3 +163,55 @@ def test_pooling_and_encoder_tasks_refuse_tensor_parallelism(tmp_path, capsys):
     model_dir = write_bert(tmp_path / "bert")
     assert main(["serve", "--model", str(model_dir), "--task", "text_embedding", "-tp", "2"]) == 2
     assert "tensor parallelism serves text_generation only" in capsys.readouterr().err
+
+
+def test_rank_reports_that_disagree_are_a_fault_and_agreeing_errors_are_the_pass():
+    from stepserve.core.engine_core import EngineFaultError
+    from stepserve.core.outputs import ModelRunnerOutput
+    from stepserve.distributed.messages import PassDone
+    from stepserve.distributed.worker import _digest, check_agreement
+
+    out = ModelRunnerOutput(((5, 6), (7,)), (), {})
+    check_agreement([PassDone(_digest(out), None)] * 3, out, None)
+    with pytest.raises(EngineFaultError, match="rank 2 sampled other tokens"):
+        check_agreement([PassDone(_digest(out), None), PassDone(_digest(ModelRunnerOutput(((5, 9), (7,)), (), {})), None)], out, None)
+    with pytest.raises(EngineFaultError, match="rank 1 raised RuntimeError, rank 0 completed it"):
+        check_agreement([PassDone(None, "RuntimeError")], out, None)
+    with pytest.raises(ValueError, match="bad request"):  # every rank failed alike: the pass's own error
+        check_agreement([PassDone(None, "ValueError")], None, ValueError("bad request"))
+    with pytest.raises(EngineFaultError, match="rank 1 raised DistBackendError, rank 0 raised ValueError"):
+        check_agreement([PassDone(None, "DistBackendError")], None, ValueError("bad request"))
+
+
+def test_passes_carry_only_new_tokens_and_rebuild_every_request_whole():
+    """A pass sends each request's tokens once; the ranks rebuild the same token lists rank 0
+    holds, through growth, a finished request and its id used again."""
+    import pickle
+
+    from stepserve.core.engine_core import EngineFaultError
+    from stepserve.core.outputs import ScheduledRequest, SchedulerOutput
+    from stepserve.distributed.worker import PassDecoder, PassEncoder
+    from stepserve.sampling import SamplingParams
+
+    params = SamplingParams(max_tokens=8).resolve(4, 64)
+
+    def sched(tokens: dict[str, list[int]], finished=()):
+        reqs = tuple(ScheduledRequest(rid, t, len(t) - 1, 1, [1, 2], params, 3, True, 1) for rid, t in tokens.items())
+        return SchedulerOutput(reqs, 1, tuple(finished), len(reqs))
+
+    encoder, decoder = PassEncoder(), PassDecoder()
+    live = {"a": [1, 2, 3], "b": [7, 8, 9, 10]}
+    passes = [sched(live)]
+    live["a"].append(4)
+    passes.append(sched(live))
+    del live["b"]
+    live["b"] = [5, 5, 5]  # a new request under a finished one's id
+    passes.append(sched(live, finished=["b"]))
+    for p in passes:
+        message = pickle.loads(pickle.dumps(encoder.encode(p)))
+        got = decoder.decode(message)
+        assert [list(r.token_ids) for r in got.requests] == [list(r.token_ids) for r in p.requests]
+        assert [r.start for r in got.requests] == [r.start for r in p.requests]
+    assert [len(r.token_ids) for r in encoder.encode(sched(live)).sched.requests] == [0, 0]  # nothing new
+    with pytest.raises(EngineFaultError, match="holds 0 tokens, rank 0 sent from 3"):
+        PassDecoder().decode(encoder.encode(sched({"b": [5, 5, 5, 6]})))
