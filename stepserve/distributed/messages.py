@@ -40,7 +40,7 @@ class PassMessage:
     tokens that rank has not been sent yet (a pass would otherwise carry every request's whole
     history, which costs more to pickle than a decode step on a GPU takes)."""
 
-    sched: object  # the SchedulerOutput, token_ids cut down to the new tokens
+    sched: object  # the SchedulerOutput, token_ids cut down to the new tokens, params only on a request's first pass
     offsets: tuple[int, ...]  # per request: tokens sent before (the receiver checks it holds as many)
 
 

@@ -35,7 +35,8 @@ def _digest(output: ModelRunnerOutput) -> int:
 
 
 class PassEncoder:
-    """Rank 0's side of ``PassMessage``: how many tokens of each request the ranks hold."""
+    """Rank 0's side of ``PassMessage``: how many tokens of each request the ranks hold (and
+    so whether they have its params)."""
 
     def __init__(self) -> None:
         self.sent: dict[str, int] = {}
@@ -46,7 +47,8 @@ class PassEncoder:
         requests, offsets = [], []
         for r in sched.requests:
             have = self.sent.get(r.request_id, 0)
-            requests.append(dataclasses.replace(r, token_ids=tuple(r.token_ids[have:])))
+            # A request's params never change: sent with its first pass only.
+            requests.append(dataclasses.replace(r, token_ids=tuple(r.token_ids[have:]), params=None if have else r.params))
             offsets.append(have)
             self.sent[r.request_id] = len(r.token_ids)  # a request's tokens only ever grow
         return PassMessage(dataclasses.replace(sched, requests=tuple(requests)), tuple(offsets))
@@ -57,18 +59,22 @@ class PassDecoder:
 
     def __init__(self) -> None:
         self.tokens: dict[str, list[int]] = {}
+        self.params: dict[str, object] = {}  # each request's SamplingParams, from its first pass
 
     def decode(self, message: PassMessage) -> SchedulerOutput:
         sched = message.sched
         for request_id in sched.finished_request_ids:
             self.tokens.pop(request_id, None)
+            self.params.pop(request_id, None)
         requests = []
         for r, have in zip(sched.requests, message.offsets):
             tokens = self.tokens.setdefault(r.request_id, [])
             if len(tokens) != have:  # never expected: both sides apply the same passes in order
                 raise EngineFaultError(f"request {r.request_id}: this rank holds {len(tokens)} tokens, rank 0 sent from {have}")
             tokens.extend(r.token_ids)
-            requests.append(dataclasses.replace(r, token_ids=tokens))
+            if have == 0:
+                self.params[r.request_id] = r.params
+            requests.append(dataclasses.replace(r, token_ids=tokens, params=self.params[r.request_id]))
         return dataclasses.replace(sched, requests=tuple(requests))
 
 
@@ -105,13 +111,20 @@ class TensorParallelWorker:
         return self.ranks.pids
 
     def execute(self, sched: SchedulerOutput) -> ModelRunnerOutput:
-        self.ranks.broadcast(self.encoder.encode(sched))
+        self.ranks.in_pass = True  # before the ranks can answer: see RankProcesses._read
         try:
-            output, error = self.runner.execute(sched), None
-        except Exception as exc:  # reported after the other ranks say how their pass went
-            output, error = None, exc
+            self.ranks.broadcast(self.encoder.encode(sched))
+            output, error = self._run_here(sched)
+        finally:
+            self.ranks.in_pass = False
         check_agreement(self.ranks.gather(), output, error)
         return output
+
+    def _run_here(self, sched: SchedulerOutput) -> tuple[ModelRunnerOutput | None, Exception | None]:
+        try:
+            return self.runner.execute(sched), None
+        except Exception as exc:  # reported after the other ranks say how their pass went
+            return None, exc
 
     def reseed(self, seed: int) -> None:
         self.ranks.broadcast(Reseed(seed))

@@ -98,14 +98,23 @@ def test_tp2_equals_tp1_and_transformers(case, tmp_path):
     assert torch.allclose(torch.tensor(logprobs2), torch.tensor(logprobs1), atol=LOGPROB_TOL)
 
 
-def test_ranks_that_sample_differently_end_the_group(tiny_qwen2):
+def test_ranks_that_disagree_end_the_group(tiny_qwen2):
     """Every rank samples for itself, so their generators must agree: reseed rank 0's alone and
-    the first random pass is caught (rank 1 reports other tokens), before any KV diverges further."""
+    the first random pass is caught (rank 1 reports other tokens). Then a pass that fails on
+    rank 1 alone, before the collective rank 0 waits in (here: rank 0's record of what rank 1
+    holds is made wrong): the group ends within seconds, not after the collective's timeout."""
     with engine(tiny_qwen2, 2, 1) as llm:
         assert greedy(llm)[0]  # the group works
         llm.core.worker.runner.reseed(1234)  # rank 0 only
         with pytest.raises(EngineFaultError, match="rank 1 sampled other tokens than rank 0"):
             llm.generate(["Hello"] * 4, SamplingParams(temperature=1.0, max_tokens=8, ignore_eos=True))
+        sent = llm.core.worker.encoder.sent
+        sent[next(iter(sent))] += 1  # one of the requests still in flight
+        started = time.monotonic()
+        with pytest.raises(EngineFaultError, match="rank 1 raised EngineFaultError, rank 0 raised"):
+            llm.generate(["Hello"], SamplingParams(temperature=0, max_tokens=4))
+        assert time.monotonic() - started < 60
+        assert "while rank 0 is still in the pass" in llm.core.worker.ranks.dead
 
 
 @pytest.mark.skipif(not cpu_has_bf16(), reason="int4 runs on CPUs with native bfloat16 only")

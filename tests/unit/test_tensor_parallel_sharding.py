@@ -193,10 +193,10 @@ def test_passes_carry_only_new_tokens_and_rebuild_every_request_whole():
     from stepserve.distributed.worker import PassDecoder, PassEncoder
     from stepserve.sampling import SamplingParams
 
-    params = SamplingParams(max_tokens=8).resolve(4, 64)
+    params = {"a": SamplingParams(max_tokens=8).resolve(4, 64), "b": SamplingParams(max_tokens=5, temperature=0.5).resolve(4, 64)}
 
     def sched(tokens: dict[str, list[int]], finished=()):
-        reqs = tuple(ScheduledRequest(rid, t, len(t) - 1, 1, [1, 2], params, 3, True, 1) for rid, t in tokens.items())
+        reqs = tuple(ScheduledRequest(rid, t, len(t) - 1, 1, [1, 2], params[rid], 3, True, 1) for rid, t in tokens.items())
         return SchedulerOutput(reqs, 1, tuple(finished), len(reqs))
 
     encoder, decoder = PassEncoder(), PassDecoder()
@@ -205,13 +205,15 @@ def test_passes_carry_only_new_tokens_and_rebuild_every_request_whole():
     live["a"].append(4)
     passes.append(sched(live))
     del live["b"]
-    live["b"] = [5, 5, 5]  # a new request under a finished one's id
+    live["b"] = [5, 5, 5]  # a new request under a finished one's id, with other params
+    params["b"] = SamplingParams(max_tokens=6, top_k=3).resolve(3, 64)
     passes.append(sched(live, finished=["b"]))
     for p in passes:
         message = pickle.loads(pickle.dumps(encoder.encode(p)))
         got = decoder.decode(message)
         assert [list(r.token_ids) for r in got.requests] == [list(r.token_ids) for r in p.requests]
         assert [r.start for r in got.requests] == [r.start for r in p.requests]
+        assert [r.params for r in got.requests] == [r.params for r in p.requests]
     assert [len(r.token_ids) for r in encoder.encode(sched(live)).sched.requests] == [0, 0]  # nothing new
     with pytest.raises(EngineFaultError, match="holds 0 tokens, rank 0 sent from 3"):
         PassDecoder().decode(encoder.encode(sched({"b": [5, 5, 5, 6]})))
