@@ -7,6 +7,7 @@ import logging
 import sys
 
 from stepserve.config import CacheConfig, ConfigError, EngineConfig, ModelConfig, SchedulerConfig, add_dataclass_args, engine_config_from_args
+from stepserve.config import PARALLEL_ALIASES, ParallelConfig
 
 # KServe huggingfaceserver's spellings for the flags it has.
 KSERVE_ALIASES = {"model": "--model_dir"}
@@ -19,6 +20,7 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tokenizer_revision", "--tokenizer-revision", dest="tokenizer_revision", default=None, help="hub revision of the tokenizer, when it differs from --model_revision")
     add_dataclass_args(parser, CacheConfig)
     add_dataclass_args(parser, SchedulerConfig)
+    add_dataclass_args(parser, ParallelConfig, PARALLEL_ALIASES)
 
 
 def located_engine_config(args: argparse.Namespace) -> tuple[EngineConfig, str | None]:

@@ -77,15 +77,28 @@ class SchedulerConfig:
 
 
 @dataclass(frozen=True)
+class ParallelConfig:
+    tensor_parallel_size: int = field(default=1, metadata={"help": "ranks the model is split over by tensor parallelism within this host (one process per rank; one GPU each on CUDA, NCCL; gloo on CPU)"})
+
+    def __post_init__(self) -> None:
+        _require(self.tensor_parallel_size >= 1, f"tensor_parallel_size={self.tensor_parallel_size}: use at least 1")
+
+
+# vLLM's short spelling.
+PARALLEL_ALIASES = {"tensor_parallel_size": "-tp"}
+
+
+@dataclass(frozen=True)
 class EngineConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
     @classmethod
     def from_kwargs(cls, **kwargs) -> EngineConfig:
         """Build from flat keyword arguments (``LLM(max_model_len=..., block_size=...)``)."""
-        groups = {"model": ModelConfig, "cache": CacheConfig, "scheduler": SchedulerConfig}
+        groups = {"model": ModelConfig, "cache": CacheConfig, "scheduler": SchedulerConfig, "parallel": ParallelConfig}
         parts = {}
         for name, group in groups.items():
             names = {f.name for f in dataclasses.fields(group)}
@@ -94,7 +107,7 @@ class EngineConfig:
         return cls(**parts)
 
 
-ENGINE_GROUPS = (ModelConfig, CacheConfig, SchedulerConfig)
+ENGINE_GROUPS = (ModelConfig, CacheConfig, SchedulerConfig, ParallelConfig)
 
 
 def add_dataclass_args(parser: argparse.ArgumentParser, group_cls: type, aliases: dict[str, str] | None = None) -> None:

@@ -58,7 +58,7 @@ def _flatten(engine: EngineConfig) -> dict:
     import dataclasses
 
     flat = {}
-    for part in (engine.model, engine.cache, engine.scheduler):
+    for part in (getattr(engine, group.name) for group in dataclasses.fields(engine)):
         flat.update({f.name: getattr(part, f.name) for f in dataclasses.fields(part)})
     return flat
 

@@ -103,6 +103,8 @@ class EngineCore:
         """Run the pass; if it raises, find the request(s) at fault (DESIGN invariant 2)."""
         try:
             return self.worker.execute(sched)
+        except EngineFaultError:  # the worker itself is broken (a tensor-parallel rank died): no retry
+            raise
         except Exception as exc:
             if len(sched.requests) == 1:
                 return _failed(sched, exc)
@@ -118,6 +120,8 @@ class EngineCore:
             alone = dataclasses.replace(sched, requests=(request,), num_batched_tokens=request.num_new_tokens)
             try:
                 parts.append(self.worker.execute(alone))
+            except EngineFaultError:
+                raise
             except Exception as exc:
                 parts.append(_failed(alone, exc))
         if all(part.errors for part in parts):

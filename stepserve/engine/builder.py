@@ -13,6 +13,7 @@ from stepserve.config import ConfigError, EngineConfig
 from stepserve.core.block_manager import BlockManager
 from stepserve.core.engine_core import EngineCore
 from stepserve.core.scheduler import Scheduler
+from stepserve.distributed import TensorParallel, start_tensor_parallel
 from stepserve.engine.front import resolve_max_model_len
 from stepserve.models.cpu_linear import cpu_has_bf16
 from stepserve.models.loader import build_model, decoder_config, open_checkpoint
@@ -126,9 +127,12 @@ def _gpu_kv_budget(config: EngineConfig, model, backend, device, graph_sizes: li
     return budget
 
 
-def build_engine(config: EngineConfig, weights=None, eos_token_ids: frozenset[int] | None = None) -> tuple[EngineCore, object, ModelInfo]:
+def build_engine(
+    config: EngineConfig, weights=None, eos_token_ids: frozenset[int] | None = None, rank: TensorParallel | None = None,
+) -> tuple[EngineCore, object, ModelInfo]:
     """Returns the core, the tokenizer and what was learned while building them. ``weights``
-    (a ``(hf_name, tensor)`` stream) replaces the checkpoint files when given."""
+    (a ``(hf_name, tensor)`` stream) replaces the checkpoint files when given. ``rank`` is set
+    in tensor-parallel ranks 1..N-1; on rank 0 the group is started here (``distributed``)."""
     start = time.monotonic()
     checkpoint = open_checkpoint(config.model.model)
     source, hf_config = checkpoint.source, checkpoint.hf_config
@@ -144,15 +148,17 @@ def build_engine(config: EngineConfig, weights=None, eos_token_ids: frozenset[in
         tokenizer, eos = None, frozenset(eos_token_ids)
     # Built beside the weights' loading, for the grammars of constrained requests.
     ll_tokenizer = ll_tokenizer_in_background(lambda: tokenizer if tokenizer is not None else load_tokenizer(source), model_config.vocab_size, eos)
+    tp = rank or start_tensor_parallel(config, model_config, eos, device, quantization)
+    device = tp.device(device)
     steps = config.scheduler.num_scheduler_steps
     if device.type == "cuda":
         use_compilation_cache(config.model.compilation_cache_dir)
-    if weights is None and config.model.load_format != "dummy":
-        weights = checkpoint.weights()
+    weights = tp.weights(checkpoint, model_config, weights, config.model.load_format)
     model = build_model(
-        model_config, weights, dtype, device, max_positions=max_model_len + steps, quantization=quantization,
+        tp.shard_config(model_config), weights, dtype, device, max_positions=max_model_len + steps, quantization=quantization,
         seed=config.model.seed,
     )
+    tp.join(model)
     # On CUDA: Triton kernels, and CUDA graphs of the decode step unless enforce_eager.
     backend = get_backend("triton" if device.type == "cuda" else "sdpa")
     use_graphs = device.type == "cuda" and not config.model.enforce_eager
@@ -160,7 +166,7 @@ def build_engine(config: EngineConfig, weights=None, eos_token_ids: frozenset[in
     # CPU attention runs in float32 whatever the weights: PyTorch's CPU SDPA is 3x (one
     # sequence) to 4x (sixteen) slower in bfloat16 on this hardware (see the README).
     kv_dtype = torch.float32 if device.type == "cpu" else dtype
-    num_blocks = _num_blocks(config, model, backend, kv_dtype, device, max_model_len, graph_sizes)
+    num_blocks = tp.min(_num_blocks(config, model, backend, kv_dtype, device, max_model_len, graph_sizes), device)
     kv_caches = allocate_kv_cache(model, num_blocks, config.cache.block_size, kv_dtype, device)
     grammars = GrammarMatchers(ll_tokenizer, model.cfg.vocab_size, eos, device)
     runner = ModelRunner(model, kv_caches, config.cache.block_size, backend, eos, device, config.model.seed, grammars)
@@ -169,8 +175,8 @@ def build_engine(config: EngineConfig, weights=None, eos_token_ids: frozenset[in
     blocks = BlockManager(num_blocks, config.cache.block_size, config.cache.enable_prefix_caching)
     window = max(model_config.layer_windows) if model_config.all_windowed else 0
     scheduler = Scheduler(config.scheduler, blocks, max_model_len, eos, window)
-    core = EngineCore(scheduler, runner)
-    if device.type == "cuda":
+    core = EngineCore(scheduler, tp.worker(runner))
+    if device.type == "cuda" and tp.rank == 0:  # the other ranks follow rank 0's warm-up passes
         _warm_up(core, config, runner, max_model_len, num_blocks)
     info = ModelInfo(source.name, max_model_len, eos, num_blocks, device.type, str(dtype).removeprefix("torch."), quantization, time.monotonic() - start)
     log.info(
@@ -185,4 +191,4 @@ def _warm_up(core: EngineCore, config: EngineConfig, runner: ModelRunner, max_mo
     sched = config.scheduler
     budget = (num_blocks - 1) * config.cache.block_size // 2
     warm_up(core, runner.vocab_size, max_model_len, sched.num_scheduler_steps, sched.max_num_seqs, sched.max_num_batched_tokens, budget)
-    runner.shared_generator.manual_seed(config.model.seed)
+    core.worker.reseed(config.model.seed)

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from stepserve.config import EngineConfig
 from stepserve.core.engine_core import EngineCore, EngineStats
 from stepserve.core.outputs import EngineCoreOutput, EngineCoreRequest
+from stepserve.distributed import end_process_on_rank_death
 
 _IDLE_POLL_S = 0.5  # how long an idle core waits for a command before looking again
 
@@ -75,6 +76,7 @@ def core_main(conn, factory: CoreFactory) -> None:
     """Entry point of the core process."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the front's to handle
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s[core]: %(message)s")
+    end_process_on_rank_death()  # a dead tensor-parallel rank ends this process: the group restarts
     try:
         core, info = factory()
         conn.send(CoreReady(info, os.getpid()))

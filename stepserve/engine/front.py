@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from stepserve.config import ConfigError, EngineConfig
+from stepserve.distributed import check_startup
 from stepserve.generation_config import SamplingDefaults, load_sampling_defaults, log_sampling_defaults
 from stepserve.models.loader import decoder_config, open_checkpoint
 from stepserve.models.source import ModelSource, resolve_source
@@ -44,7 +45,7 @@ def load_front(config: EngineConfig) -> tuple[object, FrontInfo]:
     checkpoint = open_checkpoint(config.model.model)
     source, hf_config = checkpoint.source, checkpoint.hf_config
     max_model_len = resolve_max_model_len(config, hf_config)
-    decoder_config(hf_config, max_model_len)
+    check_startup(config, decoder_config(hf_config, max_model_len))
     tokenizer = load_tokenizer(source)
     eos = eos_token_ids(source, hf_config, tokenizer)
     return tokenizer, FrontInfo(source.name, max_model_len, hf_config["vocab_size"], eos, sampling_defaults(config, source))

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -12,8 +12,9 @@ from stepserve.config import ConfigError
 from stepserve.models.load_progress import LoadProgress
 
 
-def safetensors_weights(model_dir: Path) -> Iterator[tuple[str, torch.Tensor]]:
-    """Tensors of a safetensors checkpoint, single file or sharded with an index."""
+def safetensors_weights(model_dir: Path, read: Callable[[str, object], torch.Tensor] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+    """Tensors of a safetensors checkpoint, single file or sharded with an index. ``read(key,
+    file)`` replaces ``file.get_tensor(key)`` (a tensor-parallel rank reads slices of it)."""
     from safetensors import safe_open
 
     index = model_dir / "model.safetensors.index.json"
@@ -28,4 +29,5 @@ def safetensors_weights(model_dir: Path) -> Iterator[tuple[str, torch.Tensor]]:
     for i, name in enumerate(files):
         with safe_open(model_dir / name, framework="pt") as f:
             keys = list(f.keys())
-            yield from progress.shard(i, name, len(keys), ((key, f.get_tensor(key)) for key in keys))
+            tensors = ((key, f.get_tensor(key) if read is None else read(key, f)) for key in keys)
+            yield from progress.shard(i, name, len(keys), tensors)

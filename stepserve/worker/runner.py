@@ -197,6 +197,10 @@ class ModelRunner:
             offset += r.num_new_tokens
         return out
 
+    def reseed(self, seed: int) -> None:
+        """Restart the shared generator of unseeded requests (after warm-up)."""
+        self.shared_generator.manual_seed(seed)
+
     @torch.inference_mode()
     def capture_cuda_graphs(self, batch_sizes: list[int], max_model_len: int, max_steps: int) -> None:
         """Capture the decode step for each batch size (largest first, sharing one memory pool)."""

@@ -28,7 +28,6 @@ ROOT = Path(__file__).resolve().parents[2]
 SCHEMAS = ROOT / "tests/data/schemas"
 DOCKERFILES = ["deploy/Dockerfile", "deploy/Dockerfile.cuda"]
 MANIFESTS = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "deploy/kserve").glob("*.yaml"))
-NOT_YET = {"--tensor-parallel-size"}  # flags of manifests written ahead of the feature
 
 
 def parses(args: list[str]) -> bool:
@@ -191,10 +190,29 @@ def isvc_args(path: str) -> list[str]:
 @pytest.mark.parametrize("path", [p for p in MANIFESTS if "inferenceservice" in p])
 def test_inference_service_args_parse(path):
     args = isvc_args(path)
-    pending = [a for a in args if a.split("=")[0] in NOT_YET]
-    if pending:
-        pytest.xfail(f"{pending}: not implemented in stepserve yet; the manifest says so")
     assert parses(args), args
+
+
+# Qwen/Qwen2.5-14B-Instruct's config.json on the Hugging Face hub (the shape-bearing fields).
+QWEN25_14B = {
+    "architectures": ["Qwen2ForCausalLM"], "hidden_size": 5120, "intermediate_size": 13824, "num_attention_heads": 40,
+    "num_key_value_heads": 8, "num_hidden_layers": 48, "vocab_size": 152064, "max_position_embeddings": 32768,
+    "rms_norm_eps": 1e-6, "rope_theta": 1000000.0, "hidden_act": "silu", "tie_word_embeddings": False,
+}
+
+
+def test_the_multi_gpu_example_is_supported():
+    """Its tensor_parallel_size is its GPU count, and its model splits that many ways."""
+    from stepserve.config import engine_config_from_args
+    from stepserve.distributed import check_tensor_parallel
+    from stepserve.models.registry import decoder_config
+
+    manifest = load("deploy/kserve/inferenceservice-multi-gpu.yaml")
+    config = engine_config_from_args(build_parser().parse_args(["serve", *isvc_args("deploy/kserve/inferenceservice-multi-gpu.yaml")]))
+    gpus = int(manifest["spec"]["predictor"]["model"]["resources"]["limits"]["nvidia.com/gpu"])
+    assert config.parallel.tensor_parallel_size == gpus > 1
+    assert "--model_id=Qwen/Qwen2.5-14B-Instruct" in manifest["spec"]["predictor"]["model"]["args"]
+    check_tensor_parallel(gpus, decoder_config(QWEN25_14B, config.model.max_model_len), config.model.quantization)
 
 
 def test_the_examples():

@@ -1,0 +1,30 @@
+"""The one collective inside the model: row-parallel projections sum their partial products."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+class AllReduced(nn.Module):
+    """A row-parallel projection (o_proj, down_proj): this rank's slice of the input times its
+    slice of the weight, summed over the ranks. Wraps whatever the loader left there (``nn.Linear``,
+    ``CpuLinear``, ``Fp8Linear``), so packing and quantization need not know about ranks."""
+
+    def __init__(self, inner: nn.Module, group) -> None:
+        super().__init__()
+        self.inner = inner
+        self.group = group
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.inner(x).contiguous()  # gloo and NCCL reduce dense buffers
+        dist.all_reduce(out, group=self.group)
+        return out
+
+
+def join_ranks(model: nn.Module, group) -> None:
+    """Make every decoder layer's o_proj and down_proj sum over the group (in place)."""
+    for layer in model.layers:
+        layer.self_attn.o_proj = AllReduced(layer.self_attn.o_proj, group)
+        layer.mlp.down_proj = AllReduced(layer.mlp.down_proj, group)
