@@ -2,9 +2,9 @@
 
     python -m stepserve.bench.gpu --out DIR
 
-Random-weight bf16 models shaped like Llama-3.1-8B and Llama-3.2-1B are built on the GPU
-(nothing is downloaded; a byte-level tokenizer is written beside the config, and requests are
-token ids). Workload: 256 requests of 512 random prompt tokens and 256 output tokens each,
+Random-weight bf16 models shaped like Llama-3.1-8B, Llama-3.2-1B, Qwen3-8B and Gemma-3-12B
+(text) are built on the GPU (nothing is downloaded; a word-level tokenizer is written beside the
+config, and requests are token ids). Workload: 256 requests of 512 random prompt tokens and 256 output tokens each,
 ``ignore_eos``. Measured: (a) stepserve offline throughput, (b) transformers ``generate_batch``
 with ``paged|sdpa`` attention on the same weights and requests, (c) stepserve batch-1 decode
 tok/s and the bandwidth it achieves against a measured device copy, (d) stepserve
@@ -30,22 +30,38 @@ from pathlib import Path
 
 import torch
 
+LLAMA = dict(
+    architectures=["LlamaForCausalLM"], model_type="llama", vocab_size=128256, rms_norm_eps=1e-5, rope_theta=500000.0,
+    max_position_embeddings=131072, hidden_act="silu", bos_token_id=128000, eos_token_id=128001, torch_dtype="bfloat16",
+)
+GEMMA3_LAYERS = 48
+# config.json of each shape: the published models' configs with their weights left out.
 SHAPES = {
     "8b": dict(
-        hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+        LLAMA, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
         head_dim=128, tie_word_embeddings=False,
         rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
     ),
     "1b": dict(
-        hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
+        LLAMA, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
         head_dim=64, tie_word_embeddings=True,
         rope_scaling={"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
     ),
+    "qwen3-8b": dict(  # Qwen/Qwen3-8B
+        architectures=["Qwen3ForCausalLM"], model_type="qwen3", vocab_size=151936, hidden_size=4096, intermediate_size=12288,
+        num_hidden_layers=36, num_attention_heads=32, num_key_value_heads=8, head_dim=128, attention_bias=False,
+        rms_norm_eps=1e-6, rope_theta=1000000.0, max_position_embeddings=40960, hidden_act="silu", tie_word_embeddings=False,
+        bos_token_id=151643, eos_token_id=151645, torch_dtype="bfloat16",
+    ),
+    "gemma3-12b": dict(  # google/gemma-3-12b-it's text config
+        architectures=["Gemma3ForCausalLM"], model_type="gemma3_text", vocab_size=262208, hidden_size=3840,
+        intermediate_size=15360, num_hidden_layers=GEMMA3_LAYERS, num_attention_heads=16, num_key_value_heads=8, head_dim=256,
+        query_pre_attn_scalar=256, rms_norm_eps=1e-6, hidden_activation="gelu_pytorch_tanh", sliding_window=1024,
+        layer_types=["sliding_attention" if (i + 1) % 6 else "full_attention" for i in range(GEMMA3_LAYERS)],
+        rope_theta=1000000.0, rope_local_base_freq=10000.0, rope_scaling={"rope_type": "linear", "factor": 8.0},
+        max_position_embeddings=131072, tie_word_embeddings=True, bos_token_id=2, eos_token_id=1, torch_dtype="bfloat16",
+    ),
 }
-COMMON = dict(
-    architectures=["LlamaForCausalLM"], model_type="llama", vocab_size=128256, rms_norm_eps=1e-5, rope_theta=500000.0,
-    max_position_embeddings=131072, hidden_act="silu", bos_token_id=128000, eos_token_id=128001, torch_dtype="bfloat16",
-)
 NUM_REQUESTS, PROMPT_LEN, OUTPUT_LEN = 256, 512, 256
 MAX_MODEL_LEN = 1024
 
@@ -53,34 +69,40 @@ MAX_MODEL_LEN = 1024
 # -- models ------------------------------------------------------------------------------
 
 
+def model_dir_name(shape: str) -> str:
+    return f"llama-{shape}-random" if SHAPES[shape]["model_type"] == "llama" else f"{shape}-random"
+
+
 def write_model_dir(root: Path, shape: str) -> Path:
     """config.json, generation_config.json and a word-level tokenizer covering the vocabulary."""
     from stepserve.bench.gpu_serve import write_vocab_tokenizer
 
-    directory = root / f"llama-{shape}-random"
+    config = SHAPES[shape]
+    directory = root / model_dir_name(shape)
     directory.mkdir(parents=True, exist_ok=True)
-    (directory / "config.json").write_text(json.dumps({**COMMON, **SHAPES[shape]}))
-    (directory / "generation_config.json").write_text(json.dumps({"eos_token_id": COMMON["eos_token_id"]}))
-    write_vocab_tokenizer(directory, COMMON["vocab_size"], COMMON["bos_token_id"], COMMON["eos_token_id"])
+    (directory / "config.json").write_text(json.dumps(config))
+    (directory / "generation_config.json").write_text(json.dumps({"eos_token_id": config["eos_token_id"]}))
+    write_vocab_tokenizer(directory, config["vocab_size"], config["bos_token_id"], config["eos_token_id"])
     return directory
 
 
+_WEIGHT_SHAPES: dict[str, dict[str, tuple[int, ...]]] = {}
+
+
 def weight_shapes(shape: str) -> dict[str, tuple[int, ...]]:
-    c = {**COMMON, **SHAPES[shape]}
-    h, i, d = c["hidden_size"], c["intermediate_size"], c["head_dim"]
-    q, kv = c["num_attention_heads"] * d, c["num_key_value_heads"] * d
-    shapes = {"model.embed_tokens.weight": (c["vocab_size"], h), "model.norm.weight": (h,)}
-    if not c["tie_word_embeddings"]:
-        shapes["lm_head.weight"] = (c["vocab_size"], h)
-    for n in range(c["num_hidden_layers"]):
-        p = f"model.layers.{n}."
-        shapes.update({
-            p + "input_layernorm.weight": (h,), p + "post_attention_layernorm.weight": (h,),
-            p + "self_attn.q_proj.weight": (q, h), p + "self_attn.k_proj.weight": (kv, h),
-            p + "self_attn.v_proj.weight": (kv, h), p + "self_attn.o_proj.weight": (h, q),
-            p + "mlp.gate_proj.weight": (i, h), p + "mlp.up_proj.weight": (i, h), p + "mlp.down_proj.weight": (h, i),
-        })
-    return shapes
+    """Checkpoint tensor names and shapes: transformers' model of the config on the meta device
+    (tied weights appear once, under the embedding's name)."""
+    if shape not in _WEIGHT_SHAPES:
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        with tempfile.TemporaryDirectory() as tmp:
+            directory = Path(tmp)
+            (directory / "config.json").write_text(json.dumps(SHAPES[shape]))
+            config = AutoConfig.from_pretrained(directory)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
+        _WEIGHT_SHAPES[shape] = {name: tuple(p.shape) for name, p in model.named_parameters()}
+    return _WEIGHT_SHAPES[shape]
 
 
 def random_weights(shape: str, seed: int = 0):
@@ -306,7 +328,7 @@ def transformers_cb(model_dir: Path, shape: str, prompts) -> dict:
 
     model = hf_model(model_dir, shape, "paged|sdpa")
     gen = GenerationConfig(
-        max_new_tokens=OUTPUT_LEN, do_sample=False, eos_token_id=COMMON["eos_token_id"], pad_token_id=0,
+        max_new_tokens=OUTPUT_LEN, do_sample=False, eos_token_id=SHAPES[shape]["eos_token_id"], pad_token_id=0,
     )
     model.generate_batch(inputs=[p[:64] for p in prompts[:16]], generation_config=GenerationConfig(max_new_tokens=16, do_sample=False, pad_token_id=0))
     torch.cuda.synchronize()
@@ -345,26 +367,19 @@ def copy_bandwidth() -> float:
 # -- the run -------------------------------------------------------------------------------
 
 
-def bench_1b(root: Path, prompts, results: dict, skip_transformers: bool) -> None:
+def bench_1b(root: Path, prompts, results: dict, outputs: dict) -> None:
     model_dir = write_model_dir(root, "1b")
-    outputs: dict = {}
     for steps in (1, 8):
         core, info = stepserve_engine(model_dir, "1b", steps)
         results[f"stepserve_1b_n{steps}"] = {**stepserve_throughput(core, prompts, outputs=outputs if steps == 8 else None), "kv_blocks": info.num_kv_blocks}
         print(f"1b stepserve N={steps}: {results[f'stepserve_1b_n{steps}']}", flush=True)
         del core
         free_gpu()
-    if not skip_transformers:
-        results["greedy_check_1b"] = greedy_check(model_dir, "1b", prompts, outputs)
-        print(f"1b greedy check: {results['greedy_check_1b']}", flush=True)
-        results["transformers_1b"] = transformers_cb(model_dir, "1b", prompts)
-        print(f"1b transformers: {results['transformers_1b']}", flush=True)
 
 
-def bench_8b(root: Path, prompts, results: dict, skip_transformers: bool, copy_tb_s: float, profile_dir: Path | None) -> None:
+def bench_8b(root: Path, prompts, results: dict, copy_tb_s: float, profile_dir: Path | None, outputs: dict) -> None:
     model_dir = write_model_dir(root, "8b")
     core, info = stepserve_engine(model_dir, "8b", 8, compilation_cache_dir=str(root / "compile"))
-    outputs: dict = {}
     results["stepserve_8b"] = {**stepserve_throughput(core, prompts, outputs=outputs), "kv_blocks": info.num_kv_blocks, "load_s": round(info.load_seconds, 1)}
     print(f"8b stepserve N=8: {results['stepserve_8b']}", flush=True)
     weight_bytes, kv_bytes = model_stream_bytes(core)
@@ -376,11 +391,24 @@ def bench_8b(root: Path, prompts, results: dict, skip_transformers: bool, copy_t
         profile(core, prompts, profile_dir)
     del core
     free_gpu()
-    if not skip_transformers:
-        results["greedy_check_8b"] = greedy_check(model_dir, "8b", prompts, outputs)
-        print(f"8b greedy check: {results['greedy_check_8b']}", flush=True)
-        results["transformers_8b"] = transformers_cb(model_dir, "8b", prompts)
-        print(f"8b transformers: {results['transformers_8b']}", flush=True)
+
+
+def bench_family(root: Path, shape: str, prompts, results: dict, outputs: dict) -> None:
+    """Another family's shape (Qwen3-8B, Gemma-3-12B): stepserve N=8, nothing else."""
+    core, info = stepserve_engine(write_model_dir(root, shape), shape, 8, compilation_cache_dir=str(root / "compile"))
+    results[f"stepserve_{shape}"] = {**stepserve_throughput(core, prompts, outputs=outputs), "kv_blocks": info.num_kv_blocks, "load_s": round(info.load_seconds, 1)}
+    print(f"{shape} stepserve N=8: {results[f'stepserve_{shape}']}", flush=True)
+    del core
+    free_gpu()
+
+
+def bench_transformers(root: Path, shape: str, prompts, results: dict, outputs: dict) -> None:
+    """The greedy check of stepserve's tokens, then transformers continuous batching."""
+    model_dir = write_model_dir(root, shape)
+    results[f"greedy_check_{shape}"] = greedy_check(model_dir, shape, prompts, outputs)
+    print(f"{shape} greedy check: {results[f'greedy_check_{shape}']}", flush=True)
+    results[f"transformers_{shape}"] = transformers_cb(model_dir, shape, prompts)
+    print(f"{shape} transformers: {results[f'transformers_{shape}']}", flush=True)
 
 
 def bench_fp8(root: Path, prompts, results: dict, copy_tb_s: float) -> None:
@@ -429,6 +457,11 @@ def summary(results: dict) -> dict:
         "transformers_8b_out_tok_s": get("transformers_8b"),
         "stepserve_1b_out_tok_s": n8,
         "transformers_1b_out_tok_s": get("transformers_1b"),
+        "stepserve_qwen3_8b_out_tok_s": get("stepserve_qwen3-8b"),
+        "transformers_qwen3_8b_out_tok_s": get("transformers_qwen3-8b"),
+        "qwen3_8b_over_llama_8b": _ratio(get("stepserve_qwen3-8b"), get("stepserve_8b")),
+        "stepserve_gemma3_12b_out_tok_s": get("stepserve_gemma3-12b"),
+        "transformers_gemma3_12b_out_tok_s": get("transformers_gemma3-12b"),
         "batch1_8b_tok_s": get("batch1_8b", "tok_s"),
         "serve_8b_out_tok_s": _round(results.get("serve_8b", {}).get("streams_256", {}).get("output_throughput")),
         "serve_8b_ttft_mean_ms": _round(results.get("serve_8b", {}).get("streams_256", {}).get("ttft_ms", {}).get("mean")),
@@ -441,9 +474,15 @@ def summary(results: dict) -> dict:
         "multistep_1b_n8_over_n1": round(n8 / n1, 3) if n1 and n8 else None,
         "greedy_check_1b_passed": results.get("greedy_check_1b", {}).get("passed"),
         "greedy_check_8b_passed": results.get("greedy_check_8b", {}).get("passed"),
+        "greedy_check_qwen3_8b_passed": results.get("greedy_check_qwen3-8b", {}).get("passed"),
+        "greedy_check_gemma3_12b_passed": results.get("greedy_check_gemma3-12b", {}).get("passed"),
         "device": torch.cuda.get_device_name(),
         "date": results.get("date"),
     }
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return round(a / b, 3) if a and b else None
 
 
 def _round(x: float | None) -> float | None:
@@ -455,6 +494,8 @@ def table(s: dict, results: dict) -> str:
     b1 = results.get("batch1_8b", {})
     rows = [
         ("8B, 256 x 512 in / 256 out, output tok/s", s["stepserve_8b_out_tok_s"], s["transformers_8b_out_tok_s"], ratio(s["stepserve_8b_out_tok_s"], s["transformers_8b_out_tok_s"])),
+        ("Qwen3-8B shape, same workload, output tok/s", s["stepserve_qwen3_8b_out_tok_s"], s["transformers_qwen3_8b_out_tok_s"], f"{ratio(s['stepserve_qwen3_8b_out_tok_s'], s['transformers_qwen3_8b_out_tok_s'])}; {s['qwen3_8b_over_llama_8b']} of the Llama-8B figure"),
+        ("Gemma-3-12B shape, same workload, output tok/s", s["stepserve_gemma3_12b_out_tok_s"], s["transformers_gemma3_12b_out_tok_s"], ratio(s["stepserve_gemma3_12b_out_tok_s"], s["transformers_gemma3_12b_out_tok_s"])),
         ("1B, same workload, output tok/s (N=8)", s["stepserve_1b_out_tok_s"], s["transformers_1b_out_tok_s"], ratio(s["stepserve_1b_out_tok_s"], s["transformers_1b_out_tok_s"])),
         ("8B batch-1 decode tok/s", s["batch1_8b_tok_s"], "-", f"{b1.get('achieved_tb_s')} TB/s = {b1.get('share_of_copy_bandwidth')} of copy"),
         ("1B N=8 over N=1 (stepserve)", s["multistep_1b_n8_over_n1"], "-", f"N=1: {results.get('stepserve_1b_n1', {}).get('out_tok_s')} tok/s"),
@@ -470,10 +511,13 @@ def table(s: dict, results: dict) -> str:
     return "\n".join(lines)
 
 
+ORDER = ("8b", "qwen3-8b", "gemma3-12b", "1b")  # stepserve runs first, in this order; then transformers
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, help="directory for gpu_bench.json")
-    parser.add_argument("--only", choices=["1b", "8b"], help="run one shape")
+    parser.add_argument("--only", help=f"comma-separated shapes to run, of {', '.join(ORDER)} (default: all)")
     parser.add_argument("--skip-transformers", action="store_true")
     parser.add_argument("--date", default=datetime.date.today().isoformat())
     parser.add_argument("--profile", action="store_true", help="also write the 8B kernel profile")
@@ -484,10 +528,13 @@ def main(argv=None) -> None:
     parser.add_argument("--cold", help=argparse.SUPPRESS)  # internal: the fresh-process child writes here
     parser.add_argument("--compilation-cache-dir", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if args.cold:
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-        return cold_main(Path(args.cold), args.compilation_cache_dir, args.num_requests)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    if args.cold:
+        return cold_main(Path(args.cold), args.compilation_cache_dir, args.num_requests)
+    shapes = [s for s in ORDER if args.only is None or s in args.only.split(",")]
+    unknown = set(args.only.split(",")) - set(ORDER) if args.only else set()
+    if unknown:
+        parser.error(f"unknown shapes: {', '.join(sorted(unknown))}; choose from {', '.join(ORDER)}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     results: dict = {"date": args.date, "workload": f"{NUM_REQUESTS} x {PROMPT_LEN} in / {OUTPUT_LEN} out, ignore_eos, greedy"}
@@ -497,29 +544,34 @@ def main(argv=None) -> None:
     def save():
         (out / "gpu_bench.json").write_text(json.dumps({**summary(results), "details": results}, indent=2))
 
+    def attempt(name: str, run) -> None:  # keep what was measured; say what broke
+        try:
+            run()
+        except Exception as exc:
+            logging.exception("the %s benchmark failed", name)
+            results[f"error_{name}"] = repr(exc)
+            free_gpu()
+        save()
+
+    outputs: dict[str, dict] = {shape: {} for shape in shapes}
     with tempfile.TemporaryDirectory() as tmp:
-        for shape, run in (("1b", lambda: bench_1b(Path(tmp), prompts, results, args.skip_transformers)),
-                           ("8b", lambda: bench_8b(Path(tmp), prompts, results, args.skip_transformers, results["copy_tb_s"], out if args.profile else None))):
-            if args.only in (None, shape):
-                try:
-                    run()
-                except Exception as exc:  # keep what was measured; say what broke
-                    logging.exception("the %s benchmark failed", shape)
-                    results[f"error_{shape}"] = repr(exc)
-                    free_gpu()
-                save()
-        extras = (("fp8", args.skip_fp8, lambda: bench_fp8(Path(tmp), prompts, results, results["copy_tb_s"])),
+        root = Path(tmp)
+        for shape in shapes:
+            if shape == "8b":
+                attempt(shape, lambda: bench_8b(root, prompts, results, results["copy_tb_s"], out if args.profile else None, outputs["8b"]))
+            elif shape == "1b":
+                attempt(shape, lambda: bench_1b(root, prompts, results, outputs["1b"]))
+            else:
+                attempt(shape, lambda shape=shape: bench_family(root, shape, prompts, results, outputs[shape]))
+        for shape in shapes if not args.skip_transformers else ():
+            if outputs[shape]:
+                attempt(f"transformers_{shape}", lambda shape=shape: bench_transformers(root, shape, prompts, results, outputs[shape]))
+        extras = (("fp8", args.skip_fp8, lambda: bench_fp8(root, prompts, results, results["copy_tb_s"])),
                   ("cold", args.skip_cold, lambda: bench_cold(out, results, args.num_requests)),
-                  ("serve", args.skip_serve, lambda: bench_server(Path(tmp), out, results)))
+                  ("serve", args.skip_serve, lambda: bench_server(root, out, results)))
         for name, skip, run in extras:
-            if args.only in (None, "8b") and not skip:
-                try:
-                    run()
-                except Exception as exc:
-                    logging.exception("the %s benchmark failed", name)
-                    results[f"error_{name}"] = repr(exc)
-                    free_gpu()
-                save()
+            if "8b" in shapes and not skip:
+                attempt(name, run)
     s = summary(results)
     save()
     print(table(s, results))

@@ -34,13 +34,11 @@ def write_vocab_tokenizer(directory: Path, vocab_size: int, bos_id: int, eos_id:
 
     from stepserve.bench.serve import WORDS
 
-    vocab = {"▁" + w: i for i, w in enumerate(dict.fromkeys(WORDS))}
-    vocab["<unk>"] = len(vocab)
-    while len(vocab) < bos_id:
-        vocab[f"▁t{len(vocab)}"] = len(vocab)
+    # BOS and EOS sit at the model's ids (low ones too, as Gemma's 2 and 1); the words take the
+    # lowest free ids, the rest of the vocabulary is reserved tokens.
     specials = {bos_id: "<|begin_of_text|>", eos_id: "<|end_of_text|>"}
-    while len(vocab) < vocab_size:
-        vocab[specials.get(len(vocab), f"<|reserved_{len(vocab)}|>")] = len(vocab)
+    words = iter(["▁" + w for w in dict.fromkeys(WORDS)] + ["<unk>"])
+    vocab = {specials.get(i) or next(words, None) or f"<|reserved_{i}|>": i for i in range(vocab_size)}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Metaspace()
     tok.decoder = decoders.Metaspace()
