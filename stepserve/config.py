@@ -69,6 +69,7 @@ class SchedulerConfig:
     max_num_batched_tokens: int = field(default=4096, metadata={"help": "tokens per scheduler pass at most (prefill chunks)"})
     num_scheduler_steps: int = field(default=1, metadata={"help": "decode steps per scheduler pass (multi-step)"})
     adaptive_steps: bool = field(default=True, metadata={"help": "run single steps while requests wait, so their prefill is not held back"})
+    async_scheduling: bool = field(default=False, metadata={"help": "schedule and prepare the next pass while the device runs the current one (tokens are the same; passes that need the last tokens on the host, for penalties or structured output, wait for them)"})
 
     def __post_init__(self) -> None:
         _require(self.max_num_seqs >= 1, f"max_num_seqs={self.max_num_seqs}: use at least 1")

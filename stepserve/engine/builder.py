@@ -167,7 +167,7 @@ def build_engine(config: EngineConfig, weights=None, eos_token_ids: frozenset[in
     blocks = BlockManager(num_blocks, config.cache.block_size, config.cache.enable_prefix_caching)
     window = max(model_config.layer_windows) if model_config.all_windowed else 0
     scheduler = Scheduler(config.scheduler, blocks, max_model_len, eos, window)
-    core = EngineCore(scheduler, runner)
+    core = EngineCore(scheduler, runner, config.scheduler.async_scheduling)
     if device.type == "cuda":
         _warm_up(core, config, runner, max_model_len, num_blocks)
     info = ModelInfo(source.name, max_model_len, eos, num_blocks, device.type, str(dtype).removeprefix("torch."), quantization, time.monotonic() - start)
