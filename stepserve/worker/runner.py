@@ -166,7 +166,8 @@ class ModelRunner:
         sampled = torch.stack(steps, dim=1)
         self._last_pass = (sched, sampled)  # the next pass's placeholders come from here
         rows = torch.cat([sampled, nonfinite[:, None].long()], dim=1)
-        return PendingPass(sched, *self._to_host(rows, logprobs), prompt_logprobs)
+        host_rows, host_logprobs, done = self._to_host(rows, logprobs)
+        return PendingPass(sched, host_rows, host_logprobs, prompt_logprobs, done)
 
     def _to_host(self, rows: torch.Tensor, logprobs: list) -> tuple[torch.Tensor, list, torch.cuda.Event | None]:
         """Non-blocking copies into pinned memory and an event behind them (on CUDA)."""
