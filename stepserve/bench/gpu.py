@@ -63,6 +63,7 @@ SHAPES = {
     ),
 }
 NUM_REQUESTS, PROMPT_LEN, OUTPUT_LEN = 256, 512, 256
+ASYNC_SCHEDULING = [True]  # --no-async-scheduling sets it False for every stepserve engine
 MAX_MODEL_LEN = 1024
 
 
@@ -134,6 +135,7 @@ def stepserve_engine(model_dir: Path, shape: str, steps: int, **options):
     from stepserve.config import EngineConfig
     from stepserve.engine.builder import build_engine
 
+    options.setdefault("async_scheduling", ASYNC_SCHEDULING[0])
     config = EngineConfig.from_kwargs(
         model=str(model_dir), max_model_len=MAX_MODEL_LEN, num_scheduler_steps=steps, max_num_seqs=256,
         max_num_batched_tokens=8192, gpu_memory_utilization=0.9, **options,
@@ -147,7 +149,8 @@ def run_requests(
 ) -> tuple[float, int]:
     """Seconds and output tokens for the prompts run through the engine loop to completion.
     ``passes`` collects (requests, steps, tokens computed by the first step, seconds) per pass:
-    each pass ends with its one host sync, so wall time per pass is its real cost. ``outputs``
+    each step applies one pass after its one host sync (with asynchronous scheduling, the
+    next pass is already running then), so wall time per step is that pass's cost. ``outputs``
     collects each request's generated token ids under its index in ``prompts``."""
     from stepserve.core.outputs import EngineCoreRequest
     from stepserve.sampling import SamplingParams
@@ -158,14 +161,11 @@ def run_requests(
     for i, ids in enumerate(prompts):
         core.add_request(EngineCoreRequest(f"{tag}-{i}", tuple(ids), params, time.monotonic()))
     tokens = 0
-    sched_, worker = core.scheduler, core.worker
     while core.has_unfinished:
         t0 = time.perf_counter()
-        sched = sched_.schedule()  # core.step(), spelled out to time each pass
-        if sched.is_empty:
-            continue
-        outs = sched_.update(sched, worker.execute(sched))
-        if passes is not None:
+        outs = core.step()
+        sched, core.last_pass = core.last_pass, None  # the pass this step applied (one a step)
+        if passes is not None and sched is not None:
             passes.append((len(sched.requests), sched.num_steps, sched.num_batched_tokens, time.perf_counter() - t0))
         for out in outs:
             tokens += len(out.new_token_ids)
@@ -381,7 +381,13 @@ def bench_8b(root: Path, prompts, results: dict, copy_tb_s: float, profile_dir: 
     model_dir = write_model_dir(root, "8b")
     core, info = stepserve_engine(model_dir, "8b", 8, compilation_cache_dir=str(root / "compile"))
     results["stepserve_8b"] = {**stepserve_throughput(core, prompts, outputs=outputs), "kv_blocks": info.num_kv_blocks, "load_s": round(info.load_seconds, 1)}
+    results["stepserve_8b"]["async_scheduling"] = core.async_scheduling
     print(f"8b stepserve N=8: {results['stepserve_8b']}", flush=True)
+    if core.async_scheduling:  # the same engine with the synchronous loop, for the comparison
+        core.async_scheduling = False
+        results["stepserve_8b_sync"] = stepserve_throughput(core, prompts, warm=False)
+        print(f"8b stepserve N=8, synchronous scheduling: {results['stepserve_8b_sync']}", flush=True)
+        core.async_scheduling = True
     weight_bytes, kv_bytes = model_stream_bytes(core)
     b1 = batch1_decode(core, prompts[0], weight_bytes, kv_bytes)
     b1["share_of_copy_bandwidth"] = round(b1["achieved_tb_s"] / copy_tb_s, 3)
@@ -402,11 +408,13 @@ def bench_family(root: Path, shape: str, prompts, results: dict, outputs: dict) 
     free_gpu()
 
 
-def bench_transformers(root: Path, shape: str, prompts, results: dict, outputs: dict) -> None:
+def bench_transformers(root: Path, shape: str, prompts, results: dict, outputs: dict, skip_cb: bool = False) -> None:
     """The greedy check of stepserve's tokens, then transformers continuous batching."""
     model_dir = write_model_dir(root, shape)
     results[f"greedy_check_{shape}"] = greedy_check(model_dir, shape, prompts, outputs)
     print(f"{shape} greedy check: {results[f'greedy_check_{shape}']}", flush=True)
+    if skip_cb:
+        return
     results[f"transformers_{shape}"] = transformers_cb(model_dir, shape, prompts)
     print(f"{shape} transformers: {results[f'transformers_{shape}']}", flush=True)
 
@@ -429,14 +437,15 @@ def bench_fp8(root: Path, prompts, results: dict, copy_tb_s: float) -> None:
 def bench_server(root: Path, out: Path, results: dict) -> None:
     from stepserve.bench.gpu_serve import serve_bench
 
-    results["serve_8b"] = serve_bench(write_model_dir(root, "8b"), out, root / "compile")
+    flags = ["--async-scheduling" if ASYNC_SCHEDULING[0] else "--no-async-scheduling"]
+    results["serve_8b"] = serve_bench(write_model_dir(root, "8b"), out, root / "compile", flags)
     print(f"8b server: {results['serve_8b']}", flush=True)
 
 
 def bench_cold(out: Path, results: dict, num_requests: int) -> None:
     from stepserve.bench.gpu_serve import cold_bench
 
-    results["cold_8b"] = cold_bench(out, num_requests)
+    results["cold_8b"] = cold_bench(out, num_requests, [] if ASYNC_SCHEDULING[0] else ["--no-async-scheduling"])
     print(f"8b cold process: {results['cold_8b']}", flush=True)
 
 
@@ -519,6 +528,8 @@ def main(argv=None) -> None:
     parser.add_argument("--out", required=True, help="directory for gpu_bench.json")
     parser.add_argument("--only", help=f"comma-separated shapes to run, of {', '.join(ORDER)} (default: all)")
     parser.add_argument("--skip-transformers", action="store_true")
+    parser.add_argument("--skip-cb", action="store_true", help="keep the greedy check, leave out transformers' continuous batching")
+    parser.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=True, help="stepserve engines schedule asynchronously")
     parser.add_argument("--date", default=datetime.date.today().isoformat())
     parser.add_argument("--profile", action="store_true", help="also write the 8B kernel profile")
     parser.add_argument("--num-requests", type=int, default=NUM_REQUESTS, help="fewer requests for a smoke run")
@@ -529,6 +540,7 @@ def main(argv=None) -> None:
     parser.add_argument("--compilation-cache-dir", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    ASYNC_SCHEDULING[0] = args.async_scheduling
     if args.cold:
         return cold_main(Path(args.cold), args.compilation_cache_dir, args.num_requests)
     shapes = [s for s in ORDER if args.only is None or s in args.only.split(",")]
@@ -565,7 +577,7 @@ def main(argv=None) -> None:
                 attempt(shape, lambda shape=shape: bench_family(root, shape, prompts, results, outputs[shape]))
         for shape in shapes if not args.skip_transformers else ():
             if outputs[shape]:
-                attempt(f"transformers_{shape}", lambda shape=shape: bench_transformers(root, shape, prompts, results, outputs[shape]))
+                attempt(f"transformers_{shape}", lambda shape=shape: bench_transformers(root, shape, prompts, results, outputs[shape], args.skip_cb))
         extras = (("fp8", args.skip_fp8, lambda: bench_fp8(root, prompts, results, results["copy_tb_s"])),
                   ("cold", args.skip_cold, lambda: bench_cold(out, results, args.num_requests)),
                   ("serve", args.skip_serve, lambda: bench_server(root, out, results)))

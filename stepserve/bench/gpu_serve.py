@@ -91,9 +91,9 @@ def _bench_serve(port: int, out: Path, name: str, num: int, concurrency: int) ->
     return json.loads(path.read_text())
 
 
-def serve_bench(model_dir: Path, out: Path, cache_dir: Path, port: int = 8391) -> dict:
+def serve_bench(model_dir: Path, out: Path, cache_dir: Path, flags: list[str] = (), port: int = 8391) -> dict:
     cmd = [sys.executable, "-m", "stepserve", "serve", "--model", str(model_dir), "--load-format", "dummy",
-           "--http-port", str(port), "--compilation-cache-dir", str(cache_dir), *SERVE_FLAGS]
+           "--http-port", str(port), "--compilation-cache-dir", str(cache_dir), *SERVE_FLAGS, *flags]
     log_file = open(out / "serve_8b.log", "w")
     proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT)
     results: dict = {"command": " ".join(cmd[1:])}
@@ -131,11 +131,11 @@ def _restart(port: int, proc: subprocess.Popen) -> float:
     return time.monotonic() - start
 
 
-def cold_bench(out: Path, num_requests: int) -> dict:
+def cold_bench(out: Path, num_requests: int, flags: list[str] = ()) -> dict:
     """The offline 8B run in a fresh process with an empty compilation cache."""
     with tempfile.TemporaryDirectory() as cache:
         path = out / "cold_8b.json"
-        cmd = [sys.executable, "-m", "stepserve.bench.gpu", "--cold", str(path), "--compilation-cache-dir", cache, "--out", str(out), "--num-requests", str(num_requests)]
+        cmd = [sys.executable, "-m", "stepserve.bench.gpu", "--cold", str(path), "--compilation-cache-dir", cache, "--out", str(out), "--num-requests", str(num_requests), *flags]
         start = time.monotonic()
         subprocess.run(cmd, check=True, timeout=600)
         result = json.loads(path.read_text())
