@@ -2,10 +2,11 @@
 # What one call on the lent GPU machine runs (the figures in the README's "GPU benchmark").
 # Run from the repository root there: bash bench/device_call.sh MODE, with the wheels of the
 # packages the machine lacks in ../.whl (see the device notes); results go to $OUT.
-#   dev:   the CUDA engine and family tests, then the 8B / Qwen3-8B / Gemma-3-12B shapes with
-#          the greedy check (no transformers CB), async vs synchronous scheduling, a profile
-#   final-a: the three 8B-class shapes against transformers CB (one run)
-#   final-b: pytest tests/gpu, then the 1B shape, FP8, the cold process and the HTTP server
+#   dev:     the CUDA engine and family tests, then the 8B / Qwen3-8B / Gemma-3-12B shapes with
+#            the greedy check (no transformers CB) and a profile
+#   final-a: pytest tests/gpu, then the Llama-8B and Qwen3-8B shapes against transformers CB
+#   final-b: the 1B shape, FP8, the cold process and the HTTP server, then Gemma-3-12B against
+#            transformers CB (run on the same machine straight after final-a)
 set -o pipefail
 mode=${1:?mode}
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site ../.whl/*.whl || exit 1
@@ -14,21 +15,21 @@ nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem,temperature.gpu --
 python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"
 bench() {  # bench SECONDS ARGS...: the GPU benchmark, stopped after SECONDS
     local limit=$1; shift
-    timeout "$limit" python3 -m stepserve.bench.gpu --out "$OUT" "$@" 2>&1 | tee -a "$OUT/bench_$mode.log" | grep -v -e ContinuousBatchingLogger -e "it/s]"
+    timeout "$limit" python3 -m stepserve.bench.gpu "$@" 2>&1 | tee -a "$OUT/bench_$mode.log" | grep -v -e ContinuousBatchingLogger -e "it/s]"
 }
 case $mode in
 dev)
     timeout 170 python3 -m pytest tests/gpu/test_cuda_engine.py tests/gpu/test_cuda_architectures.py -q -x -p no:cacheprovider 2>&1 | tee "$OUT/pytest_dev.log" | tail -15
-    bench 340 --only 8b,qwen3-8b,gemma3-12b --skip-cb --skip-fp8 --skip-cold --skip-serve --profile
+    bench 340 --out "$OUT" --only 8b,qwen3-8b,gemma3-12b --skip-cb --skip-fp8 --skip-cold --skip-serve --profile
     ;;
 final-a)
-    bench 560 --only 8b,qwen3-8b,gemma3-12b --skip-fp8 --skip-cold --skip-serve
+    timeout 200 python3 -m pytest tests/gpu -q -p no:cacheprovider 2>&1 | tee "$OUT/pytest_gpu.log" | tail -15
+    bench 370 --out "$OUT/a" --only 8b,qwen3-8b
     ;;
 final-b)
-    timeout 200 python3 -m pytest tests/gpu -q -p no:cacheprovider 2>&1 | tee "$OUT/pytest_gpu.log" | tail -15
-    bench 150 --only 1b
-    mv "$OUT/gpu_bench.json" "$OUT/gpu_bench_1b.json"
-    bench 220 --only 8b --skip-transformers
+    bench 330 --out "$OUT/b" --only 1b,fp8,fp8kv,cold,serve
+    bench 250 --out "$OUT/c" --only gemma3-12b
     ;;
 esac
-ls -la "$OUT"
+uptime
+ls -laR "$OUT"

@@ -383,11 +383,9 @@ def bench_8b(root: Path, prompts, results: dict, copy_tb_s: float, profile_dir: 
     results["stepserve_8b"] = {**stepserve_throughput(core, prompts, outputs=outputs), "kv_blocks": info.num_kv_blocks, "load_s": round(info.load_seconds, 1)}
     results["stepserve_8b"]["async_scheduling"] = core.async_scheduling
     print(f"8b stepserve N=8: {results['stepserve_8b']}", flush=True)
-    if core.async_scheduling:  # the same engine with the synchronous loop, for the comparison
-        core.async_scheduling = False
-        results["stepserve_8b_sync"] = stepserve_throughput(core, prompts, warm=False)
+    if core.async_scheduling:  # the same engine and prompts with the synchronous loop
+        results["stepserve_8b_sync"] = sync_comparison(core, prompts, outputs)
         print(f"8b stepserve N=8, synchronous scheduling: {results['stepserve_8b_sync']}", flush=True)
-        core.async_scheduling = True
     weight_bytes, kv_bytes = model_stream_bytes(core)
     b1 = batch1_decode(core, prompts[0], weight_bytes, kv_bytes)
     b1["share_of_copy_bandwidth"] = round(b1["achieved_tb_s"] / copy_tb_s, 3)
@@ -397,6 +395,23 @@ def bench_8b(root: Path, prompts, results: dict, copy_tb_s: float, profile_dir: 
         profile(core, prompts, profile_dir)
     del core
     free_gpu()
+
+
+def sync_comparison(core, prompts, async_outputs: dict) -> dict:
+    """The timed run again with the synchronous loop (prefix cache off, so that the same prompts
+    are computed again), and how many requests got the asynchronous run's tokens exactly."""
+    blocks = core.scheduler.blocks
+    core.async_scheduling, blocks.enable_prefix_caching = False, False
+    try:
+        outputs: dict = {}
+        result = stepserve_throughput(core, prompts, warm=False, outputs=outputs)
+    finally:
+        core.async_scheduling, blocks.enable_prefix_caching = True, True
+    same = sum(outputs.get(i) == async_outputs.get(i) for i in range(len(prompts)))
+    first = [next((t for t, (a, b) in enumerate(zip(outputs[i], async_outputs[i])) if a != b), None) for i in range(len(prompts))]
+    diverged = [t for t in first if t is not None]
+    result.update(requests_identical_to_async=same, requests=len(prompts), first_divergence_median=statistics.median(diverged) if diverged else None)
+    return result
 
 
 def bench_family(root: Path, shape: str, prompts, results: dict, outputs: dict) -> None:
@@ -430,6 +445,20 @@ def bench_fp8(root: Path, prompts, results: dict, copy_tb_s: float) -> None:
     b1["share_of_copy_bandwidth"] = round(b1["achieved_tb_s"] / copy_tb_s, 3)
     results["fp8_batch1_8b"] = b1
     print(f"8b fp8 batch-1: {b1}", flush=True)
+    del core
+    free_gpu()
+
+
+def bench_fp8_kv(root: Path, prompts, results: dict, copy_tb_s: float) -> None:
+    """The 8B shape, bf16 weights, with ``kv_cache_dtype="fp8"`` (e4m3 pages, scale 1.0)."""
+    core, info = stepserve_engine(write_model_dir(root, "8b"), "8b", 8, kv_cache_dtype="fp8", compilation_cache_dir=str(root / "compile"))
+    results["fp8_kv_8b"] = {**stepserve_throughput(core, prompts), "kv_blocks": info.num_kv_blocks, "load_s": round(info.load_seconds, 1)}
+    print(f"8b fp8 KV cache: {results['fp8_kv_8b']}", flush=True)
+    weight_bytes, kv_bytes = model_stream_bytes(core)
+    b1 = batch1_decode(core, prompts[0], weight_bytes, kv_bytes // 2)
+    b1["share_of_copy_bandwidth"] = round(b1["achieved_tb_s"] / copy_tb_s, 3)
+    results["fp8_kv_batch1_8b"] = b1
+    print(f"8b fp8 KV cache batch-1: {b1}", flush=True)
     del core
     free_gpu()
 
@@ -479,6 +508,9 @@ def summary(results: dict) -> dict:
         "cold_8b_out_tok_s": get("cold_8b"),
         "fp8_8b_out_tok_s": get("fp8_8b"),
         "fp8_batch1_8b_tok_s": get("fp8_batch1_8b", "tok_s"),
+        "fp8_kv_8b_out_tok_s": get("fp8_kv_8b"),
+        "fp8_kv_batch1_8b_tok_s": get("fp8_kv_batch1_8b", "tok_s"),
+        "stepserve_8b_sync_out_tok_s": get("stepserve_8b_sync"),
         "copy_tb_s": results.get("copy_tb_s"),
         "multistep_1b_n8_over_n1": round(n8 / n1, 3) if n1 and n8 else None,
         "greedy_check_1b_passed": results.get("greedy_check_1b", {}).get("passed"),
@@ -513,6 +545,8 @@ def table(s: dict, results: dict) -> str:
         ("8B through HTTP, one stream, tok/s (1 / mean TPOT)", s["serve_8b_batch1_tok_s"], "-", f"restart after kill -9: {s['restart_8b_s']} s"),
         ("8B FP8 weights, output tok/s", s["fp8_8b_out_tok_s"], "-", "e4m3 per-channel, torch._scaled_mm"),
         ("8B FP8 batch-1 decode tok/s", s["fp8_batch1_8b_tok_s"], "-", f"{results.get('fp8_batch1_8b', {}).get('achieved_tb_s')} TB/s"),
+        ("8B bf16, FP8 KV cache, output tok/s", s["fp8_kv_8b_out_tok_s"], "-", f"batch 1: {s['fp8_kv_batch1_8b_tok_s']} tok/s"),
+        ("8B bf16, synchronous scheduling, output tok/s", s["stepserve_8b_sync_out_tok_s"], "-", "same engine and prompts, prefix cache off"),
         ("device copy bandwidth, TB/s", round(s["copy_tb_s"], 2) if s["copy_tb_s"] else None, "-", s["device"]),
     ]
     lines = ["| measure | stepserve | transformers CB | ratio / note |", "| --- | --- | --- | --- |"]
@@ -521,12 +555,13 @@ def table(s: dict, results: dict) -> str:
 
 
 ORDER = ("8b", "qwen3-8b", "gemma3-12b", "1b")  # stepserve runs first, in this order; then transformers
+EXTRAS = ("fp8", "fp8kv", "cold", "serve")  # on the 8B shape, after them
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, help="directory for gpu_bench.json")
-    parser.add_argument("--only", help=f"comma-separated shapes to run, of {', '.join(ORDER)} (default: all)")
+    parser.add_argument("--only", help=f"comma-separated parts to run, of {', '.join(ORDER + EXTRAS)} (default: all)")
     parser.add_argument("--skip-transformers", action="store_true")
     parser.add_argument("--skip-cb", action="store_true", help="keep the greedy check, leave out transformers' continuous batching")
     parser.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=True, help="stepserve engines schedule asynchronously")
@@ -543,8 +578,9 @@ def main(argv=None) -> None:
     ASYNC_SCHEDULING[0] = args.async_scheduling
     if args.cold:
         return cold_main(Path(args.cold), args.compilation_cache_dir, args.num_requests)
-    shapes = [s for s in ORDER if args.only is None or s in args.only.split(",")]
-    unknown = set(args.only.split(",")) - set(ORDER) if args.only else set()
+    chosen = args.only.split(",") if args.only else list(ORDER + EXTRAS)
+    shapes = [s for s in ORDER if s in chosen]
+    unknown = set(chosen) - set(ORDER + EXTRAS)
     if unknown:
         parser.error(f"unknown shapes: {', '.join(sorted(unknown))}; choose from {', '.join(ORDER)}")
     out = Path(args.out)
@@ -579,10 +615,11 @@ def main(argv=None) -> None:
             if outputs[shape]:
                 attempt(f"transformers_{shape}", lambda shape=shape: bench_transformers(root, shape, prompts, results, outputs[shape], args.skip_cb))
         extras = (("fp8", args.skip_fp8, lambda: bench_fp8(root, prompts, results, results["copy_tb_s"])),
+                  ("fp8kv", args.skip_fp8, lambda: bench_fp8_kv(root, prompts, results, results["copy_tb_s"])),
                   ("cold", args.skip_cold, lambda: bench_cold(out, results, args.num_requests)),
                   ("serve", args.skip_serve, lambda: bench_server(root, out, results)))
         for name, skip, run in extras:
-            if "8b" in shapes and not skip:
+            if name in chosen and not skip:
                 attempt(name, run)
     s = summary(results)
     save()

@@ -157,6 +157,8 @@ def build_engine(config: EngineConfig, weights=None, eos_token_ids: frozenset[in
     # CPU attention runs in float32 whatever the weights: PyTorch's CPU SDPA is 3x (one
     # sequence) to 4x (sixteen) slower in bfloat16 on this hardware (see the README).
     kv_dtype = torch.float32 if device.type == "cpu" else dtype
+    if config.cache.kv_cache_dtype == "fp8":
+        kv_dtype = torch.float8_e4m3fn  # the attention backends dequantize pages as they read them
     num_blocks = _num_blocks(config, model, backend, kv_dtype, device, max_model_len, graph_sizes)
     kv_caches = allocate_kv_cache(model, num_blocks, config.cache.block_size, kv_dtype, device)
     # The core process has no tokenizer (the front has it): loaded on the first constrained request.
