@@ -23,12 +23,12 @@ dev)
     bench 340 --out "$OUT" --only 8b,qwen3-8b,gemma3-12b --skip-cb --skip-fp8 --skip-cold --skip-serve --profile
     ;;
 final-a)
-    timeout 200 python3 -m pytest tests/gpu -q -p no:cacheprovider 2>&1 | tee "$OUT/pytest_gpu.log" | tail -15
-    bench 370 --out "$OUT/a" --only 8b,qwen3-8b
+    timeout 190 python3 -m pytest tests/gpu -q -p no:cacheprovider 2>&1 | tee "$OUT/pytest_gpu.log" | tail -15
+    bench 360 --out "$OUT/a" --only 8b,qwen3-8b
     ;;
 final-b)
-    bench 330 --out "$OUT/b" --only 1b,fp8,fp8kv,cold,serve
-    bench 250 --out "$OUT/c" --only gemma3-12b
+    bench 320 --out "$OUT/b" --only 1b,fp8,fp8kv,cold,serve
+    bench 245 --out "$OUT/c" --only gemma3-12b
     ;;
 esac
 uptime

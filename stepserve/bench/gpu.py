@@ -236,6 +236,40 @@ def profile(core, prompts, out: Path) -> None:
     print(text, flush=True)
 
 
+def decode_busy_share(core, prompts, passes: int = 6) -> dict:
+    """Steady full-batch decode: wall time of ``passes`` steps against the kernel time the
+    profiler records in them (CUDA activity only, so the host is not slowed): the share of the
+    time the GPU is busy, and what a step costs."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    from stepserve.core.outputs import EngineCoreRequest
+    from stepserve.sampling import SamplingParams
+
+    params = SamplingParams(temperature=0.0, max_tokens=8 * (passes + 4), ignore_eos=True)
+    for i, ids in enumerate(prompts):
+        core.add_request(EngineCoreRequest(f"busy-{i}", tuple(ids), params, time.monotonic()))
+    sched = core.scheduler
+    while sched.waiting or any(r.num_tokens - r.num_computed_tokens > 1 for r in sched.running):
+        core.step()  # prefill until every request decodes
+    for _ in range(2):
+        core.step()
+    torch.cuda.synchronize()
+    with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
+        start = time.perf_counter()
+        steps = 0
+        for _ in range(passes):
+            core.step()
+            steps += core.last_pass.num_steps if core.last_pass is not None else 0
+        torch.cuda.synchronize()
+        wall = time.perf_counter() - start
+    while core.has_unfinished:
+        core.step()
+    averages = prof.key_averages()
+    busy = sum(getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0)) for e in averages) / 1e6
+    return {"passes": passes, "steps": steps, "wall_s": round(wall, 4), "kernel_s": round(busy, 4), "busy_share": round(busy / wall, 3), "ms_per_step": round(1e3 * wall / max(1, steps), 3)}
+
+
 def batch1_decode(core, prompt: list[int], weight_bytes: int, kv_bytes_per_token: int) -> dict:
     """Decode tok/s of one request: (t(1 + n tokens) - t(1 token)) over n, best of three."""
     n = OUTPUT_LEN
@@ -386,6 +420,12 @@ def bench_8b(root: Path, prompts, results: dict, copy_tb_s: float, profile_dir: 
     if core.async_scheduling:  # the same engine and prompts with the synchronous loop
         results["stepserve_8b_sync"] = sync_comparison(core, prompts, outputs)
         print(f"8b stepserve N=8, synchronous scheduling: {results['stepserve_8b_sync']}", flush=True)
+    busy_prompts = workload(seed=3)[: len(prompts)]
+    results["decode_busy_8b"] = decode_busy_share(core, busy_prompts)
+    core.async_scheduling = False
+    results["decode_busy_8b_sync"] = decode_busy_share(core, workload(seed=4)[: len(prompts)])
+    core.async_scheduling = ASYNC_SCHEDULING[0]
+    print(f"8b steady decode, GPU busy: {results['decode_busy_8b']} (synchronous: {results['decode_busy_8b_sync']})", flush=True)
     weight_bytes, kv_bytes = model_stream_bytes(core)
     b1 = batch1_decode(core, prompts[0], weight_bytes, kv_bytes)
     b1["share_of_copy_bandwidth"] = round(b1["achieved_tb_s"] / copy_tb_s, 3)
