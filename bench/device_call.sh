@@ -30,6 +30,18 @@ final-b)
     bench 320 --out "$OUT/b" --only 1b,fp8,fp8kv,cold,serve
     bench 245 --out "$OUT/c" --only gemma3-12b
     ;;
+final-b1)
+    timeout 130 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_fp8.py tests/gpu/test_triton_window.py tests/gpu/test_fused_ops.py "tests/gpu/test_cuda_architectures.py::test_cuda_equals_cpu[gemma3-hd256]" "tests/gpu/test_cuda_engine.py::test_async_scheduling_equals_sync" tests/gpu/test_triton_attention.py -k "fp8 or 256 or gemma or async or rotary or rms or silu or quantize or dummy or generates or error_bound" 2>&1 | tee "$OUT/pytest_new.log" | tail -8
+    bench 245 --out "$OUT/c" --only gemma3-12b
+    bench 100 --out "$OUT/b" --only fp8,fp8kv
+    ;;
+final-b2)
+    bench 250 --out "$OUT/d" --only 1b,cold,serve
+    ;;
+final-c)
+    timeout 45 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_fp8.py -k kv_cache_engine 2>&1 | tee "$OUT/pytest_c.log" | tail -4
+    bench 110 --out "$OUT/e" --only serve
+    ;;
 esac
 uptime
 ls -laR "$OUT"
