@@ -14,6 +14,7 @@ from stepserve.errors import InvalidRequestError
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 QUANTIZATIONS = ("auto", "none", "int4", "fp8")
+KV_CACHE_DTYPES = ("auto", "fp8")
 LOAD_FORMATS = ("auto", "dummy")
 DEVICES = ("auto", "cpu", "cuda")
 
@@ -55,11 +56,13 @@ class CacheConfig:
     cpu_kv_cache_gib: float = field(default=2.0, metadata={"help": "KV cache size on CPU, GiB"})
     gpu_memory_utilization: float = field(default=0.9, metadata={"help": "share of GPU memory stepserve may use"})
     enable_prefix_caching: bool = field(default=True, metadata={"help": "reuse KV blocks of shared prompt prefixes"})
+    kv_cache_dtype: str = field(default="auto", metadata={"help": "auto (the activations' dtype; float32 on CPU) or fp8 (e4m3 pages with per-tensor scales, 1.0 unless set: half the bytes of bfloat16)"})
 
     def __post_init__(self) -> None:
         _require(self.block_size in (1, 2, 4, 8, 16, 32, 64, 128), f"block_size={self.block_size}: use a power of two up to 128")
         _require(self.num_blocks is None or self.num_blocks >= 1, f"num_blocks={self.num_blocks}: use at least 1")
         _require(self.cpu_kv_cache_gib > 0, f"cpu_kv_cache_gib={self.cpu_kv_cache_gib}: must be positive")
+        _require(self.kv_cache_dtype in KV_CACHE_DTYPES, f"kv_cache_dtype={self.kv_cache_dtype!r}: choose one of {', '.join(KV_CACHE_DTYPES)}")
         _require(0 < self.gpu_memory_utilization <= 1, f"gpu_memory_utilization={self.gpu_memory_utilization}: use a value in (0, 1]")
 
 
@@ -69,6 +72,7 @@ class SchedulerConfig:
     max_num_batched_tokens: int = field(default=4096, metadata={"help": "tokens per scheduler pass at most (prefill chunks)"})
     num_scheduler_steps: int = field(default=1, metadata={"help": "decode steps per scheduler pass (multi-step)"})
     adaptive_steps: bool = field(default=True, metadata={"help": "run single steps while requests wait, so their prefill is not held back"})
+    async_scheduling: bool = field(default=False, metadata={"help": "schedule and prepare the next pass while the device runs the current one (tokens are the same; passes that need the last tokens on the host, for penalties or structured output, wait for them)"})
 
     def __post_init__(self) -> None:
         _require(self.max_num_seqs >= 1, f"max_num_seqs={self.max_num_seqs}: use at least 1")

@@ -47,6 +47,19 @@ def make_batch(q_lens, ctx_lens, num_heads, num_kv_heads, head_dim, block_size, 
     return q, k, v, cache, meta
 
 
+def to_fp8_cache(k, v, cache, kv_scale):
+    """The batch with an FP8 cache: ``cache`` quantized with the (K, V) scales, and ``k``, ``v``
+    moved onto the FP8 grid (so storing them loses nothing). Returns k, v, the FP8 cache and the
+    float64 cache it holds, dequantized, for the references."""
+    from stepserve.attention.base import quantize_kv
+
+    grid = lambda x, s: (quantize_kv(x, s).double() * s).to(x.dtype)  # noqa: E731
+    k, v = grid(k, kv_scale[0]), grid(v, kv_scale[1])
+    fp8 = torch.stack([quantize_kv(cache[0], kv_scale[0]), quantize_kv(cache[1], kv_scale[1])])
+    exact = torch.stack([fp8[0].double() * kv_scale[0], fp8[1].double() * kv_scale[1]])
+    return k, v, fp8, exact
+
+
 def naive_attention(q, k, v, cache, meta, scale, window=0, softcap=0.0):
     """Each sequence alone: write its keys and values, then softmax(q K^T) V over its context
     (the last ``window`` keys when set, scores soft-capped when ``softcap`` is set)."""

@@ -87,6 +87,11 @@ FAMILIES = {
             "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0},
         },
     )),
+    # Gemma 3's real head size (256): the Triton kernels' widest tiles
+    "gemma3-hd256": ("Gemma3TextConfig", "Gemma3ForCausalLM", dict(
+        head_dim=256, query_pre_attn_scalar=256, sliding_window=WINDOW, num_hidden_layers=3, tie_word_embeddings=True,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+    )),
     "phi3": ("Phi3Config", "Phi3ForCausalLM", dict(
         max_position_embeddings=512, original_max_position_embeddings=128, pad_token_id=0,
         rope_parameters={

@@ -48,8 +48,21 @@ class AttentionBackend(Protocol):
         scale: float,
         window: int = 0,  # keys a query sees, itself included (sliding window); 0: all
         softcap: float = 0.0,  # scores -> softcap * tanh(scores / softcap); 0: off
+        kv_scale: tuple[float, float] = (1.0, 1.0),  # FP8 cache: stored = value / scale (K, V)
     ) -> torch.Tensor:  # [T, H, D]
         ...
+
+
+FP8_MAX = 448.0  # the largest finite float8_e4m3fn
+
+
+def is_fp8(kv_cache: torch.Tensor) -> bool:
+    return kv_cache.dtype == torch.float8_e4m3fn
+
+
+def quantize_kv(x: torch.Tensor, scale: float) -> torch.Tensor:
+    """e4m3 of ``x / scale``, saturated (e4m3fn has no infinity: an overflow would be NaN)."""
+    return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
 
 
 _REGISTRY = {
@@ -65,8 +78,11 @@ def get_backend(name: str) -> AttentionBackend:
     return getattr(importlib.import_module(module), cls)()
 
 
-def write_kv(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
-    """Store this step's keys and values at their slots."""
+def write_kv(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor, kv_scale=(1.0, 1.0)) -> None:
+    """Store this step's keys and values at their slots (quantized for an FP8 cache)."""
     num_slots = kv_cache.shape[1] * kv_cache.shape[2]
+    if is_fp8(kv_cache):  # copied as bytes: index_copy_ has no float8 kernels
+        k, v = quantize_kv(k, kv_scale[0]).view(torch.uint8), quantize_kv(v, kv_scale[1]).view(torch.uint8)
+        kv_cache = kv_cache.view(torch.uint8)
     kv_cache[0].view(num_slots, *k.shape[1:]).index_copy_(0, slot_mapping, k)
     kv_cache[1].view(num_slots, *v.shape[1:]).index_copy_(0, slot_mapping, v)

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from stepserve.attention.base import AttentionMetadata, write_kv
+from stepserve.attention.base import AttentionMetadata, is_fp8, write_kv
 
 NULL_BLOCK = 0  # the block tables' padding (core.block_manager.NULL_BLOCK; attention imports no engine code)
 
@@ -101,26 +101,28 @@ class SdpaBackend:
         out_rows = None if rows is None else index[valid]
         return _Group(False, index, valid, tables.long(), meta.block_size, q_pos, out_rows)
 
-    def forward(self, q, k, v, kv_cache, meta, scale, window: int = 0, softcap: float = 0.0):
+    def forward(self, q, k, v, kv_cache, meta, scale, window: int = 0, softcap: float = 0.0, kv_scale=(1.0, 1.0)):
         dtype = q.dtype  # the cache may be wider than the activations (float32 on CPU)
-        q, k, v = q.to(kv_cache.dtype), k.to(kv_cache.dtype), v.to(kv_cache.dtype)
-        write_kv(k, v, kv_cache, meta.slot_mapping)
+        # An FP8 cache is read back in the activations' dtype (float32 on a CPU, as the cache would be).
+        work = (torch.float32 if q.device.type == "cpu" else dtype) if is_fp8(kv_cache) else kv_cache.dtype
+        q, k, v = q.to(work), k.to(work), v.to(work)
+        write_kv(k, v, kv_cache, meta.slot_mapping, kv_scale)
         groups = meta.extras["groups"]
         if len(groups) == 1:
-            return self._attend(groups[0], q, kv_cache, scale, window, softcap).to(dtype)
+            return self._attend(groups[0], q, kv_cache, scale, window, softcap, kv_scale).to(dtype)
         out = torch.empty_like(q)
         for group in groups:
-            out[group.out_rows] = self._attend(group, q, kv_cache, scale, window, softcap)
+            out[group.out_rows] = self._attend(group, q, kv_cache, scale, window, softcap, kv_scale)
         return out.to(dtype)
 
     @staticmethod
-    def _attend(group: _Group, q: torch.Tensor, kv_cache: torch.Tensor, scale: float, window: int, softcap: float) -> torch.Tensor:
+    def _attend(group: _Group, q: torch.Tensor, kv_cache: torch.Tensor, scale: float, window: int, softcap: float, kv_scale) -> torch.Tensor:
         """Attention of the group's queries, packed: [tokens of the group, H, D]."""
         num_heads, (_, _, num_kv_heads, head_dim) = q.shape[1], kv_cache.shape[1:]
         batch = group.q_pos.shape[0]
         blocks, mask = group.view(window)
         # One gather for keys and values: [2, B', Hkv, width * block_size, D].
-        kv = kv_cache.index_select(1, blocks).view(2, batch, -1, num_kv_heads, head_dim).transpose(2, 3)
+        kv = _gather(kv_cache, blocks, q.dtype, kv_scale).view(2, batch, -1, num_kv_heads, head_dim).transpose(2, 3)
         if group.decode:
             # The query heads sharing a KV head become that head's query rows ([B', Hkv, H / Hkv,
             # D]): one plain attention per KV head, no GQA expansion (about 20% faster on a CPU);
@@ -132,6 +134,14 @@ class SdpaBackend:
         queries = q[group.index].transpose(1, 2)  # [B', H, max_q, D]
         out = _sdpa(queries, kv[0], kv[1], mask, scale, softcap)
         return out.transpose(1, 2)[group.valid]  # [tokens of the group, H, D]
+
+
+def _gather(kv_cache: torch.Tensor, tables: torch.Tensor, dtype: torch.dtype, kv_scale) -> torch.Tensor:
+    """The pages of ``tables``, K and V, dequantized from FP8 when the cache holds it."""
+    if not is_fp8(kv_cache):
+        return kv_cache.index_select(1, tables)
+    pages = kv_cache.view(torch.uint8).index_select(1, tables).view(torch.float8_e4m3fn).to(dtype)
+    return torch.stack([pages[0] * kv_scale[0], pages[1] * kv_scale[1]])
 
 
 def _sdpa(q, k, v, mask, scale: float, softcap: float) -> torch.Tensor:

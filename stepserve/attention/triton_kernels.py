@@ -14,6 +14,10 @@ tables map a sequence's logical blocks to physical ones; the null block 0 pads t
 - ``paged_prefill``: variable-length query runs (prompt chunks) attending causally to their
   whole context in the cache, prefix-cache hits included (flash-attention over pages).
 
+An FP8 cache (``float8_e4m3fn``) holds ``value / scale`` with one scale for K and one for V
+per layer: ``write_kv`` divides and saturates, the attention kernels multiply back as they load a
+tile (in float32, then the activations' dtype for the dot products).
+
 Both take a sliding ``window`` (keys a query sees, itself included): the loops start at the
 window's first key, so pages wholly outside it are never read. ``softcap`` (Gemma 2) maps the
 scores to ``softcap * tanh(scores / softcap)`` before the softmax.
@@ -37,8 +41,8 @@ def _precision(q: torch.Tensor) -> str:
 @triton.jit
 def _write_kv_kernel(
     k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slot_ptr,
-    stride_kt, stride_kh, stride_vt, stride_vh, stride_cs, stride_ch,
-    NUM_KV_HEADS: tl.constexpr, HEADS_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
+    stride_kt, stride_kh, stride_vt, stride_vh, stride_cs, stride_ch, k_scale, v_scale,
+    NUM_KV_HEADS: tl.constexpr, HEADS_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, KV_FP8: tl.constexpr,
 ):
     t = tl.program_id(0)
     slot = tl.load(slot_ptr + t).to(tl.int64)
@@ -47,12 +51,19 @@ def _write_kv_kernel(
     mask = h < NUM_KV_HEADS
     k = tl.load(k_ptr + t * stride_kt + h * stride_kh + d, mask=mask)
     v = tl.load(v_ptr + t * stride_vt + h * stride_vh + d, mask=mask)
+    if KV_FP8:  # saturated: e4m3fn has no infinity
+        k = tl.minimum(tl.maximum(k.to(tl.float32) / k_scale, -448.0), 448.0).to(k_cache_ptr.dtype.element_ty)
+        v = tl.minimum(tl.maximum(v.to(tl.float32) / v_scale, -448.0), 448.0).to(v_cache_ptr.dtype.element_ty)
     dst = slot * stride_cs + h * stride_ch + d
     tl.store(k_cache_ptr + dst, k, mask=mask)
     tl.store(v_cache_ptr + dst, v, mask=mask)
 
 
-def write_kv(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+def _fp8(kv_cache: torch.Tensor) -> bool:
+    return kv_cache.dtype == torch.float8_e4m3fn
+
+
+def write_kv(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor, kv_scale=(1.0, 1.0)) -> None:
     """Store K/V ``[T, Hkv, D]`` (any row stride, contiguous last dim) at their cache slots."""
     num_tokens, num_kv_heads, head_dim = k.shape
     if num_tokens == 0:
@@ -60,8 +71,8 @@ def write_kv(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slot_mapp
     k_cache, v_cache = kv_cache[0], kv_cache[1]
     _write_kv_kernel[(num_tokens,)](
         k, v, k_cache, v_cache, slot_mapping,
-        k.stride(0), k.stride(1), v.stride(0), v.stride(1), k_cache.stride(1), k_cache.stride(2),
-        NUM_KV_HEADS=num_kv_heads, HEADS_PAD=triton.next_power_of_2(num_kv_heads), HEAD_DIM=head_dim,
+        k.stride(0), k.stride(1), v.stride(0), v.stride(1), k_cache.stride(1), k_cache.stride(2), kv_scale[0], kv_scale[1],
+        NUM_KV_HEADS=num_kv_heads, HEADS_PAD=triton.next_power_of_2(num_kv_heads), HEAD_DIM=head_dim, KV_FP8=_fp8(kv_cache),
     )
 
 
@@ -81,12 +92,12 @@ def _scores(q, k, scale_log2, softcap, PRECISION: tl.constexpr, HAS_SOFTCAP: tl.
 def _paged_decode_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, part_out_ptr, part_lse_ptr,
     rows_ptr, qsl_ptr, seq_lens_ptr, tables_ptr,
-    scale_log2, num_splits, window, softcap,
+    scale_log2, num_splits, window, softcap, k_scale, v_scale,
     stride_qt, stride_qh, stride_ot, stride_oh,
     stride_kb, stride_kt, stride_kh, stride_tb,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, HAS_ROWS: tl.constexpr, SPLIT: tl.constexpr,
-    PRECISION: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    PRECISION: tl.constexpr, HAS_SOFTCAP: tl.constexpr, KV_FP8: tl.constexpr,
 ):
     i = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -118,6 +129,9 @@ def _paged_decode_kernel(
         offs = block * stride_kb + (n % BLOCK_SIZE) * stride_kt + kvh * stride_kh
         k = tl.load(k_cache_ptr + offs[:, None] + d[None, :], mask=nmask[:, None], other=0.0)
         v = tl.load(v_cache_ptr + offs[:, None] + d[None, :], mask=nmask[:, None], other=0.0)
+        if KV_FP8:  # dequantize the tiles as they arrive
+            k = (k.to(tl.float32) * k_scale).to(q.dtype)
+            v = (v.to(tl.float32) * v_scale).to(q.dtype)
         qk = _scores(q, k, scale_log2, softcap, PRECISION, HAS_SOFTCAP)
         qk = tl.where(nmask[None, :], qk, float("-inf"))
         m_new = tl.maximum(m, tl.max(qk, 1))
@@ -175,6 +189,7 @@ def paged_decode(
     block_n: int = 64,
     window: int = 0,  # keys a query sees, itself included; 0: all
     softcap: float = 0.0,  # 0: off
+    kv_scale: tuple[float, float] = (1.0, 1.0),  # an FP8 cache's K and V scales
 ) -> None:
     num_rows = block_tables.shape[0] if rows is None else rows.shape[0]
     if num_rows == 0:
@@ -192,12 +207,12 @@ def paged_decode(
     _paged_decode_kernel[(num_rows, num_kv_heads, num_splits)](
         q, k_cache, v_cache, out, part_out, part_lse,
         rows_arg, query_start_loc, seq_lens, block_tables,
-        scale * LOG2E, num_splits, window or NO_WINDOW, softcap or 1.0,
+        scale * LOG2E, num_splits, window or NO_WINDOW, softcap or 1.0, kv_scale[0], kv_scale[1],
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
         BLOCK_SIZE=block_size, BLOCK_N=block_n, HAS_ROWS=rows is not None, SPLIT=split, PRECISION=_precision(q),
-        HAS_SOFTCAP=softcap > 0, num_warps=4, num_stages=2,
+        HAS_SOFTCAP=softcap > 0, KV_FP8=_fp8(kv_cache), num_warps=4, num_stages=2,
     )
     if split:
         _merge_splits_kernel[(num_rows, num_heads)](
@@ -209,11 +224,12 @@ def paged_decode(
 @triton.jit
 def _paged_prefill_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, rows_ptr, qsl_ptr, seq_lens_ptr, tables_ptr,
-    scale_log2, window, softcap,
+    scale_log2, window, softcap, k_scale, v_scale,
     stride_qt, stride_qh, stride_ot, stride_oh,
     stride_kb, stride_kt, stride_kh, stride_tb,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    KV_FP8: tl.constexpr,
 ):
     tile = tl.program_id(0)
     row = tl.load(rows_ptr + tl.program_id(1))
@@ -246,6 +262,9 @@ def _paged_prefill_kernel(
         offs = block * stride_kb + (n % BLOCK_SIZE) * stride_kt + kvh * stride_kh
         k = tl.load(k_cache_ptr + offs[:, None] + d[None, :], mask=nmask[:, None], other=0.0)
         v = tl.load(v_cache_ptr + offs[:, None] + d[None, :], mask=nmask[:, None], other=0.0)
+        if KV_FP8:  # dequantize the tiles as they arrive
+            k = (k.to(tl.float32) * k_scale).to(q.dtype)
+            v = (v.to(tl.float32) * v_scale).to(q.dtype)
         qk = _scores(q, k, scale_log2, softcap, PRECISION, HAS_SOFTCAP)
         visible = (n[None, :] <= q_pos[:, None]) & (n[None, :] > q_pos[:, None] - window)
         qk = tl.where(nmask[None, :] & visible, qk, float("-inf"))
@@ -273,6 +292,7 @@ def paged_prefill(
     max_query_len: int,
     window: int = 0,  # keys a query sees, itself included; 0: all
     softcap: float = 0.0,  # 0: off
+    kv_scale: tuple[float, float] = (1.0, 1.0),  # an FP8 cache's K and V scales
 ) -> None:
     if rows.shape[0] == 0:
         return
@@ -284,9 +304,10 @@ def paged_prefill(
     grid = (triton.cdiv(max_query_len, block_m), rows.shape[0], num_heads)
     _paged_prefill_kernel[grid](
         q, k_cache, v_cache, out, rows, query_start_loc, seq_lens, block_tables,
-        scale * LOG2E, window or NO_WINDOW, softcap or 1.0,
+        scale * LOG2E, window or NO_WINDOW, softcap or 1.0, kv_scale[0], kv_scale[1],
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
         GROUP=num_heads // num_kv_heads, HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
-        BLOCK_M=block_m, BLOCK_N=block_n, PRECISION=_precision(q), HAS_SOFTCAP=softcap > 0, num_warps=4, num_stages=2,
+        BLOCK_M=block_m, BLOCK_N=block_n, PRECISION=_precision(q), HAS_SOFTCAP=softcap > 0, KV_FP8=_fp8(kv_cache),
+        num_warps=4, num_stages=2,
     )

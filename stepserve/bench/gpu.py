@@ -2,9 +2,9 @@
 
     python -m stepserve.bench.gpu --out DIR
 
-Random-weight bf16 models shaped like Llama-3.1-8B and Llama-3.2-1B are built on the GPU
-(nothing is downloaded; a byte-level tokenizer is written beside the config, and requests are
-token ids). Workload: 256 requests of 512 random prompt tokens and 256 output tokens each,
+Random-weight bf16 models shaped like Llama-3.1-8B, Llama-3.2-1B, Qwen3-8B and Gemma-3-12B
+(text) are built on the GPU (nothing is downloaded; a word-level tokenizer is written beside the
+config, and requests are token ids). Workload: 256 requests of 512 random prompt tokens and 256 output tokens each,
 ``ignore_eos``. Measured: (a) stepserve offline throughput, (b) transformers ``generate_batch``
 with ``paged|sdpa`` attention on the same weights and requests, (c) stepserve batch-1 decode
 tok/s and the bandwidth it achieves against a measured device copy, (d) stepserve
@@ -30,57 +30,80 @@ from pathlib import Path
 
 import torch
 
+LLAMA = dict(
+    architectures=["LlamaForCausalLM"], model_type="llama", vocab_size=128256, rms_norm_eps=1e-5, rope_theta=500000.0,
+    max_position_embeddings=131072, hidden_act="silu", bos_token_id=128000, eos_token_id=128001, torch_dtype="bfloat16",
+)
+GEMMA3_LAYERS = 48
+# config.json of each shape: the published models' configs with their weights left out.
 SHAPES = {
     "8b": dict(
-        hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+        LLAMA, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
         head_dim=128, tie_word_embeddings=False,
         rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
     ),
     "1b": dict(
-        hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
+        LLAMA, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
         head_dim=64, tie_word_embeddings=True,
         rope_scaling={"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
     ),
+    "qwen3-8b": dict(  # Qwen/Qwen3-8B
+        architectures=["Qwen3ForCausalLM"], model_type="qwen3", vocab_size=151936, hidden_size=4096, intermediate_size=12288,
+        num_hidden_layers=36, num_attention_heads=32, num_key_value_heads=8, head_dim=128, attention_bias=False,
+        rms_norm_eps=1e-6, rope_theta=1000000.0, max_position_embeddings=40960, hidden_act="silu", tie_word_embeddings=False,
+        bos_token_id=151643, eos_token_id=151645, torch_dtype="bfloat16",
+    ),
+    "gemma3-12b": dict(  # google/gemma-3-12b-it's text config
+        architectures=["Gemma3ForCausalLM"], model_type="gemma3_text", vocab_size=262208, hidden_size=3840,
+        intermediate_size=15360, num_hidden_layers=GEMMA3_LAYERS, num_attention_heads=16, num_key_value_heads=8, head_dim=256,
+        query_pre_attn_scalar=256, rms_norm_eps=1e-6, hidden_activation="gelu_pytorch_tanh", sliding_window=1024,
+        layer_types=["sliding_attention" if (i + 1) % 6 else "full_attention" for i in range(GEMMA3_LAYERS)],
+        rope_theta=1000000.0, rope_local_base_freq=10000.0, rope_scaling={"rope_type": "linear", "factor": 8.0},
+        max_position_embeddings=131072, tie_word_embeddings=True, bos_token_id=2, eos_token_id=1, torch_dtype="bfloat16",
+    ),
 }
-COMMON = dict(
-    architectures=["LlamaForCausalLM"], model_type="llama", vocab_size=128256, rms_norm_eps=1e-5, rope_theta=500000.0,
-    max_position_embeddings=131072, hidden_act="silu", bos_token_id=128000, eos_token_id=128001, torch_dtype="bfloat16",
-)
 NUM_REQUESTS, PROMPT_LEN, OUTPUT_LEN = 256, 512, 256
+ASYNC_SCHEDULING = [True]  # --no-async-scheduling sets it False for every stepserve engine
 MAX_MODEL_LEN = 1024
 
 
 # -- models ------------------------------------------------------------------------------
 
 
+def model_dir_name(shape: str) -> str:
+    return f"llama-{shape}-random" if SHAPES[shape]["model_type"] == "llama" else f"{shape}-random"
+
+
 def write_model_dir(root: Path, shape: str) -> Path:
     """config.json, generation_config.json and a word-level tokenizer covering the vocabulary."""
     from stepserve.bench.gpu_serve import write_vocab_tokenizer
 
-    directory = root / f"llama-{shape}-random"
+    config = SHAPES[shape]
+    directory = root / model_dir_name(shape)
     directory.mkdir(parents=True, exist_ok=True)
-    (directory / "config.json").write_text(json.dumps({**COMMON, **SHAPES[shape]}))
-    (directory / "generation_config.json").write_text(json.dumps({"eos_token_id": COMMON["eos_token_id"]}))
-    write_vocab_tokenizer(directory, COMMON["vocab_size"], COMMON["bos_token_id"], COMMON["eos_token_id"])
+    (directory / "config.json").write_text(json.dumps(config))
+    (directory / "generation_config.json").write_text(json.dumps({"eos_token_id": config["eos_token_id"]}))
+    write_vocab_tokenizer(directory, config["vocab_size"], config["bos_token_id"], config["eos_token_id"])
     return directory
 
 
+_WEIGHT_SHAPES: dict[str, dict[str, tuple[int, ...]]] = {}
+
+
 def weight_shapes(shape: str) -> dict[str, tuple[int, ...]]:
-    c = {**COMMON, **SHAPES[shape]}
-    h, i, d = c["hidden_size"], c["intermediate_size"], c["head_dim"]
-    q, kv = c["num_attention_heads"] * d, c["num_key_value_heads"] * d
-    shapes = {"model.embed_tokens.weight": (c["vocab_size"], h), "model.norm.weight": (h,)}
-    if not c["tie_word_embeddings"]:
-        shapes["lm_head.weight"] = (c["vocab_size"], h)
-    for n in range(c["num_hidden_layers"]):
-        p = f"model.layers.{n}."
-        shapes.update({
-            p + "input_layernorm.weight": (h,), p + "post_attention_layernorm.weight": (h,),
-            p + "self_attn.q_proj.weight": (q, h), p + "self_attn.k_proj.weight": (kv, h),
-            p + "self_attn.v_proj.weight": (kv, h), p + "self_attn.o_proj.weight": (h, q),
-            p + "mlp.gate_proj.weight": (i, h), p + "mlp.up_proj.weight": (i, h), p + "mlp.down_proj.weight": (h, i),
-        })
-    return shapes
+    """Checkpoint tensor names and shapes: transformers' model of the config on the meta device
+    (tied weights appear once, under the embedding's name)."""
+    if shape not in _WEIGHT_SHAPES:
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        with tempfile.TemporaryDirectory() as tmp:
+            directory = Path(tmp)
+            (directory / "config.json").write_text(json.dumps(SHAPES[shape]))
+            config = AutoConfig.from_pretrained(directory)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
+        _WEIGHT_SHAPES[shape] = {name: tuple(p.shape) for name, p in model.named_parameters()}
+    return _WEIGHT_SHAPES[shape]
 
 
 def random_weights(shape: str, seed: int = 0):
@@ -112,6 +135,7 @@ def stepserve_engine(model_dir: Path, shape: str, steps: int, **options):
     from stepserve.config import EngineConfig
     from stepserve.engine.builder import build_engine
 
+    options.setdefault("async_scheduling", ASYNC_SCHEDULING[0])
     config = EngineConfig.from_kwargs(
         model=str(model_dir), max_model_len=MAX_MODEL_LEN, num_scheduler_steps=steps, max_num_seqs=256,
         max_num_batched_tokens=8192, gpu_memory_utilization=0.9, **options,
@@ -125,7 +149,8 @@ def run_requests(
 ) -> tuple[float, int]:
     """Seconds and output tokens for the prompts run through the engine loop to completion.
     ``passes`` collects (requests, steps, tokens computed by the first step, seconds) per pass:
-    each pass ends with its one host sync, so wall time per pass is its real cost. ``outputs``
+    each step applies one pass after its one host sync (with asynchronous scheduling, the
+    next pass is already running then), so wall time per step is that pass's cost. ``outputs``
     collects each request's generated token ids under its index in ``prompts``."""
     from stepserve.core.outputs import EngineCoreRequest
     from stepserve.sampling import SamplingParams
@@ -136,14 +161,11 @@ def run_requests(
     for i, ids in enumerate(prompts):
         core.add_request(EngineCoreRequest(f"{tag}-{i}", tuple(ids), params, time.monotonic()))
     tokens = 0
-    sched_, worker = core.scheduler, core.worker
     while core.has_unfinished:
         t0 = time.perf_counter()
-        sched = sched_.schedule()  # core.step(), spelled out to time each pass
-        if sched.is_empty:
-            continue
-        outs = sched_.update(sched, worker.execute(sched))
-        if passes is not None:
+        outs = core.step()
+        sched, core.last_pass = core.last_pass, None  # the pass this step applied (one a step)
+        if passes is not None and sched is not None:
             passes.append((len(sched.requests), sched.num_steps, sched.num_batched_tokens, time.perf_counter() - t0))
         for out in outs:
             tokens += len(out.new_token_ids)
@@ -212,6 +234,40 @@ def profile(core, prompts, out: Path) -> None:
     text = prof.key_averages().table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=70)
     (out / "profile_8b.txt").write_text(text)
     print(text, flush=True)
+
+
+def decode_busy_share(core, prompts, passes: int = 6) -> dict:
+    """Steady full-batch decode: wall time of ``passes`` steps against the kernel time the
+    profiler records in them (CUDA activity only, so the host is not slowed): the share of the
+    time the GPU is busy, and what a step costs."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    from stepserve.core.outputs import EngineCoreRequest
+    from stepserve.sampling import SamplingParams
+
+    params = SamplingParams(temperature=0.0, max_tokens=8 * (passes + 4), ignore_eos=True)
+    for i, ids in enumerate(prompts):
+        core.add_request(EngineCoreRequest(f"busy-{i}", tuple(ids), params, time.monotonic()))
+    sched = core.scheduler
+    while sched.waiting or any(r.num_tokens - r.num_computed_tokens > 1 for r in sched.running):
+        core.step()  # prefill until every request decodes
+    for _ in range(2):
+        core.step()
+    torch.cuda.synchronize()
+    with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
+        start = time.perf_counter()
+        steps = 0
+        for _ in range(passes):
+            core.step()
+            steps += core.last_pass.num_steps if core.last_pass is not None else 0
+        torch.cuda.synchronize()
+        wall = time.perf_counter() - start
+    while core.has_unfinished:
+        core.step()
+    averages = prof.key_averages()
+    busy = sum(getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0)) for e in averages) / 1e6
+    return {"passes": passes, "steps": steps, "wall_s": round(wall, 4), "kernel_s": round(busy, 4), "busy_share": round(busy / wall, 3), "ms_per_step": round(1e3 * wall / max(1, steps), 3)}
 
 
 def batch1_decode(core, prompt: list[int], weight_bytes: int, kv_bytes_per_token: int) -> dict:
@@ -306,7 +362,7 @@ def transformers_cb(model_dir: Path, shape: str, prompts) -> dict:
 
     model = hf_model(model_dir, shape, "paged|sdpa")
     gen = GenerationConfig(
-        max_new_tokens=OUTPUT_LEN, do_sample=False, eos_token_id=COMMON["eos_token_id"], pad_token_id=0,
+        max_new_tokens=OUTPUT_LEN, do_sample=False, eos_token_id=SHAPES[shape]["eos_token_id"], pad_token_id=0,
     )
     model.generate_batch(inputs=[p[:64] for p in prompts[:16]], generation_config=GenerationConfig(max_new_tokens=16, do_sample=False, pad_token_id=0))
     torch.cuda.synchronize()
@@ -345,28 +401,31 @@ def copy_bandwidth() -> float:
 # -- the run -------------------------------------------------------------------------------
 
 
-def bench_1b(root: Path, prompts, results: dict, skip_transformers: bool) -> None:
+def bench_1b(root: Path, prompts, results: dict, outputs: dict) -> None:
     model_dir = write_model_dir(root, "1b")
-    outputs: dict = {}
     for steps in (1, 8):
         core, info = stepserve_engine(model_dir, "1b", steps)
         results[f"stepserve_1b_n{steps}"] = {**stepserve_throughput(core, prompts, outputs=outputs if steps == 8 else None), "kv_blocks": info.num_kv_blocks}
         print(f"1b stepserve N={steps}: {results[f'stepserve_1b_n{steps}']}", flush=True)
         del core
         free_gpu()
-    if not skip_transformers:
-        results["greedy_check_1b"] = greedy_check(model_dir, "1b", prompts, outputs)
-        print(f"1b greedy check: {results['greedy_check_1b']}", flush=True)
-        results["transformers_1b"] = transformers_cb(model_dir, "1b", prompts)
-        print(f"1b transformers: {results['transformers_1b']}", flush=True)
 
 
-def bench_8b(root: Path, prompts, results: dict, skip_transformers: bool, copy_tb_s: float, profile_dir: Path | None) -> None:
+def bench_8b(root: Path, prompts, results: dict, copy_tb_s: float, profile_dir: Path | None, outputs: dict) -> None:
     model_dir = write_model_dir(root, "8b")
     core, info = stepserve_engine(model_dir, "8b", 8, compilation_cache_dir=str(root / "compile"))
-    outputs: dict = {}
     results["stepserve_8b"] = {**stepserve_throughput(core, prompts, outputs=outputs), "kv_blocks": info.num_kv_blocks, "load_s": round(info.load_seconds, 1)}
+    results["stepserve_8b"]["async_scheduling"] = core.async_scheduling
     print(f"8b stepserve N=8: {results['stepserve_8b']}", flush=True)
+    if core.async_scheduling:  # the same engine and prompts with the synchronous loop
+        results["stepserve_8b_sync"] = sync_comparison(core, prompts, outputs)
+        print(f"8b stepserve N=8, synchronous scheduling: {results['stepserve_8b_sync']}", flush=True)
+    busy_prompts = workload(seed=3)[: len(prompts)]
+    results["decode_busy_8b"] = decode_busy_share(core, busy_prompts)
+    core.async_scheduling = False
+    results["decode_busy_8b_sync"] = decode_busy_share(core, workload(seed=4)[: len(prompts)])
+    core.async_scheduling = ASYNC_SCHEDULING[0]
+    print(f"8b steady decode, GPU busy: {results['decode_busy_8b']} (synchronous: {results['decode_busy_8b_sync']})", flush=True)
     weight_bytes, kv_bytes = model_stream_bytes(core)
     b1 = batch1_decode(core, prompts[0], weight_bytes, kv_bytes)
     b1["share_of_copy_bandwidth"] = round(b1["achieved_tb_s"] / copy_tb_s, 3)
@@ -376,11 +435,43 @@ def bench_8b(root: Path, prompts, results: dict, skip_transformers: bool, copy_t
         profile(core, prompts, profile_dir)
     del core
     free_gpu()
-    if not skip_transformers:
-        results["greedy_check_8b"] = greedy_check(model_dir, "8b", prompts, outputs)
-        print(f"8b greedy check: {results['greedy_check_8b']}", flush=True)
-        results["transformers_8b"] = transformers_cb(model_dir, "8b", prompts)
-        print(f"8b transformers: {results['transformers_8b']}", flush=True)
+
+
+def sync_comparison(core, prompts, async_outputs: dict) -> dict:
+    """The timed run again with the synchronous loop (prefix cache off, so that the same prompts
+    are computed again), and how many requests got the asynchronous run's tokens exactly."""
+    blocks = core.scheduler.blocks
+    core.async_scheduling, blocks.enable_prefix_caching = False, False
+    try:
+        outputs: dict = {}
+        result = stepserve_throughput(core, prompts, warm=False, outputs=outputs)
+    finally:
+        core.async_scheduling, blocks.enable_prefix_caching = True, True
+    same = sum(outputs.get(i) == async_outputs.get(i) for i in range(len(prompts)))
+    first = [next((t for t, (a, b) in enumerate(zip(outputs[i], async_outputs[i])) if a != b), None) for i in range(len(prompts))]
+    diverged = [t for t in first if t is not None]
+    result.update(requests_identical_to_async=same, requests=len(prompts), first_divergence_median=statistics.median(diverged) if diverged else None)
+    return result
+
+
+def bench_family(root: Path, shape: str, prompts, results: dict, outputs: dict) -> None:
+    """Another family's shape (Qwen3-8B, Gemma-3-12B): stepserve N=8, nothing else."""
+    core, info = stepserve_engine(write_model_dir(root, shape), shape, 8, compilation_cache_dir=str(root / "compile"))
+    results[f"stepserve_{shape}"] = {**stepserve_throughput(core, prompts, outputs=outputs), "kv_blocks": info.num_kv_blocks, "load_s": round(info.load_seconds, 1)}
+    print(f"{shape} stepserve N=8: {results[f'stepserve_{shape}']}", flush=True)
+    del core
+    free_gpu()
+
+
+def bench_transformers(root: Path, shape: str, prompts, results: dict, outputs: dict, skip_cb: bool = False) -> None:
+    """The greedy check of stepserve's tokens, then transformers continuous batching."""
+    model_dir = write_model_dir(root, shape)
+    results[f"greedy_check_{shape}"] = greedy_check(model_dir, shape, prompts, outputs)
+    print(f"{shape} greedy check: {results[f'greedy_check_{shape}']}", flush=True)
+    if skip_cb:
+        return
+    results[f"transformers_{shape}"] = transformers_cb(model_dir, shape, prompts)
+    print(f"{shape} transformers: {results[f'transformers_{shape}']}", flush=True)
 
 
 def bench_fp8(root: Path, prompts, results: dict, copy_tb_s: float) -> None:
@@ -398,17 +489,32 @@ def bench_fp8(root: Path, prompts, results: dict, copy_tb_s: float) -> None:
     free_gpu()
 
 
+def bench_fp8_kv(root: Path, prompts, results: dict, copy_tb_s: float) -> None:
+    """The 8B shape, bf16 weights, with ``kv_cache_dtype="fp8"`` (e4m3 pages, scale 1.0)."""
+    core, info = stepserve_engine(write_model_dir(root, "8b"), "8b", 8, kv_cache_dtype="fp8", compilation_cache_dir=str(root / "compile"))
+    results["fp8_kv_8b"] = {**stepserve_throughput(core, prompts), "kv_blocks": info.num_kv_blocks, "load_s": round(info.load_seconds, 1)}
+    print(f"8b fp8 KV cache: {results['fp8_kv_8b']}", flush=True)
+    weight_bytes, kv_bytes = model_stream_bytes(core)
+    b1 = batch1_decode(core, prompts[0], weight_bytes, kv_bytes // 2)
+    b1["share_of_copy_bandwidth"] = round(b1["achieved_tb_s"] / copy_tb_s, 3)
+    results["fp8_kv_batch1_8b"] = b1
+    print(f"8b fp8 KV cache batch-1: {b1}", flush=True)
+    del core
+    free_gpu()
+
+
 def bench_server(root: Path, out: Path, results: dict) -> None:
     from stepserve.bench.gpu_serve import serve_bench
 
-    results["serve_8b"] = serve_bench(write_model_dir(root, "8b"), out, root / "compile")
+    flags = ["--async-scheduling" if ASYNC_SCHEDULING[0] else "--no-async-scheduling"]
+    results["serve_8b"] = serve_bench(write_model_dir(root, "8b"), out, root / "compile", flags)
     print(f"8b server: {results['serve_8b']}", flush=True)
 
 
 def bench_cold(out: Path, results: dict, num_requests: int) -> None:
     from stepserve.bench.gpu_serve import cold_bench
 
-    results["cold_8b"] = cold_bench(out, num_requests)
+    results["cold_8b"] = cold_bench(out, num_requests, [] if ASYNC_SCHEDULING[0] else ["--no-async-scheduling"])
     print(f"8b cold process: {results['cold_8b']}", flush=True)
 
 
@@ -429,6 +535,11 @@ def summary(results: dict) -> dict:
         "transformers_8b_out_tok_s": get("transformers_8b"),
         "stepserve_1b_out_tok_s": n8,
         "transformers_1b_out_tok_s": get("transformers_1b"),
+        "stepserve_qwen3_8b_out_tok_s": get("stepserve_qwen3-8b"),
+        "transformers_qwen3_8b_out_tok_s": get("transformers_qwen3-8b"),
+        "qwen3_8b_over_llama_8b": _ratio(get("stepserve_qwen3-8b"), get("stepserve_8b")),
+        "stepserve_gemma3_12b_out_tok_s": get("stepserve_gemma3-12b"),
+        "transformers_gemma3_12b_out_tok_s": get("transformers_gemma3-12b"),
         "batch1_8b_tok_s": get("batch1_8b", "tok_s"),
         "serve_8b_out_tok_s": _round(results.get("serve_8b", {}).get("streams_256", {}).get("output_throughput")),
         "serve_8b_ttft_mean_ms": _round(results.get("serve_8b", {}).get("streams_256", {}).get("ttft_ms", {}).get("mean")),
@@ -437,13 +548,22 @@ def summary(results: dict) -> dict:
         "cold_8b_out_tok_s": get("cold_8b"),
         "fp8_8b_out_tok_s": get("fp8_8b"),
         "fp8_batch1_8b_tok_s": get("fp8_batch1_8b", "tok_s"),
+        "fp8_kv_8b_out_tok_s": get("fp8_kv_8b"),
+        "fp8_kv_batch1_8b_tok_s": get("fp8_kv_batch1_8b", "tok_s"),
+        "stepserve_8b_sync_out_tok_s": get("stepserve_8b_sync"),
         "copy_tb_s": results.get("copy_tb_s"),
         "multistep_1b_n8_over_n1": round(n8 / n1, 3) if n1 and n8 else None,
         "greedy_check_1b_passed": results.get("greedy_check_1b", {}).get("passed"),
         "greedy_check_8b_passed": results.get("greedy_check_8b", {}).get("passed"),
+        "greedy_check_qwen3_8b_passed": results.get("greedy_check_qwen3-8b", {}).get("passed"),
+        "greedy_check_gemma3_12b_passed": results.get("greedy_check_gemma3-12b", {}).get("passed"),
         "device": torch.cuda.get_device_name(),
         "date": results.get("date"),
     }
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return round(a / b, 3) if a and b else None
 
 
 def _round(x: float | None) -> float | None:
@@ -455,6 +575,8 @@ def table(s: dict, results: dict) -> str:
     b1 = results.get("batch1_8b", {})
     rows = [
         ("8B, 256 x 512 in / 256 out, output tok/s", s["stepserve_8b_out_tok_s"], s["transformers_8b_out_tok_s"], ratio(s["stepserve_8b_out_tok_s"], s["transformers_8b_out_tok_s"])),
+        ("Qwen3-8B shape, same workload, output tok/s", s["stepserve_qwen3_8b_out_tok_s"], s["transformers_qwen3_8b_out_tok_s"], f"{ratio(s['stepserve_qwen3_8b_out_tok_s'], s['transformers_qwen3_8b_out_tok_s'])}; {s['qwen3_8b_over_llama_8b']} of the Llama-8B figure"),
+        ("Gemma-3-12B shape, same workload, output tok/s", s["stepserve_gemma3_12b_out_tok_s"], s["transformers_gemma3_12b_out_tok_s"], ratio(s["stepserve_gemma3_12b_out_tok_s"], s["transformers_gemma3_12b_out_tok_s"])),
         ("1B, same workload, output tok/s (N=8)", s["stepserve_1b_out_tok_s"], s["transformers_1b_out_tok_s"], ratio(s["stepserve_1b_out_tok_s"], s["transformers_1b_out_tok_s"])),
         ("8B batch-1 decode tok/s", s["batch1_8b_tok_s"], "-", f"{b1.get('achieved_tb_s')} TB/s = {b1.get('share_of_copy_bandwidth')} of copy"),
         ("1B N=8 over N=1 (stepserve)", s["multistep_1b_n8_over_n1"], "-", f"N=1: {results.get('stepserve_1b_n1', {}).get('out_tok_s')} tok/s"),
@@ -463,6 +585,8 @@ def table(s: dict, results: dict) -> str:
         ("8B through HTTP, one stream, tok/s (1 / mean TPOT)", s["serve_8b_batch1_tok_s"], "-", f"restart after kill -9: {s['restart_8b_s']} s"),
         ("8B FP8 weights, output tok/s", s["fp8_8b_out_tok_s"], "-", "e4m3 per-channel, torch._scaled_mm"),
         ("8B FP8 batch-1 decode tok/s", s["fp8_batch1_8b_tok_s"], "-", f"{results.get('fp8_batch1_8b', {}).get('achieved_tb_s')} TB/s"),
+        ("8B bf16, FP8 KV cache, output tok/s", s["fp8_kv_8b_out_tok_s"], "-", f"batch 1: {s['fp8_kv_batch1_8b_tok_s']} tok/s"),
+        ("8B bf16, synchronous scheduling, output tok/s", s["stepserve_8b_sync_out_tok_s"], "-", "same engine and prompts, prefix cache off"),
         ("device copy bandwidth, TB/s", round(s["copy_tb_s"], 2) if s["copy_tb_s"] else None, "-", s["device"]),
     ]
     lines = ["| measure | stepserve | transformers CB | ratio / note |", "| --- | --- | --- | --- |"]
@@ -470,11 +594,17 @@ def table(s: dict, results: dict) -> str:
     return "\n".join(lines)
 
 
+ORDER = ("8b", "qwen3-8b", "gemma3-12b", "1b")  # stepserve runs first, in this order; then transformers
+EXTRAS = ("fp8", "fp8kv", "cold", "serve")  # on the 8B shape, after them
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, help="directory for gpu_bench.json")
-    parser.add_argument("--only", choices=["1b", "8b"], help="run one shape")
+    parser.add_argument("--only", help=f"comma-separated parts to run, of {', '.join(ORDER + EXTRAS)} (default: all)")
     parser.add_argument("--skip-transformers", action="store_true")
+    parser.add_argument("--skip-cb", action="store_true", help="keep the greedy check, leave out transformers' continuous batching")
+    parser.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=True, help="stepserve engines schedule asynchronously")
     parser.add_argument("--date", default=datetime.date.today().isoformat())
     parser.add_argument("--profile", action="store_true", help="also write the 8B kernel profile")
     parser.add_argument("--num-requests", type=int, default=NUM_REQUESTS, help="fewer requests for a smoke run")
@@ -484,10 +614,15 @@ def main(argv=None) -> None:
     parser.add_argument("--cold", help=argparse.SUPPRESS)  # internal: the fresh-process child writes here
     parser.add_argument("--compilation-cache-dir", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if args.cold:
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-        return cold_main(Path(args.cold), args.compilation_cache_dir, args.num_requests)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    ASYNC_SCHEDULING[0] = args.async_scheduling
+    if args.cold:
+        return cold_main(Path(args.cold), args.compilation_cache_dir, args.num_requests)
+    chosen = args.only.split(",") if args.only else list(ORDER + EXTRAS)
+    shapes = [s for s in ORDER if s in chosen]
+    unknown = set(chosen) - set(ORDER + EXTRAS)
+    if unknown:
+        parser.error(f"unknown shapes: {', '.join(sorted(unknown))}; choose from {', '.join(ORDER)}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     results: dict = {"date": args.date, "workload": f"{NUM_REQUESTS} x {PROMPT_LEN} in / {OUTPUT_LEN} out, ignore_eos, greedy"}
@@ -497,29 +632,35 @@ def main(argv=None) -> None:
     def save():
         (out / "gpu_bench.json").write_text(json.dumps({**summary(results), "details": results}, indent=2))
 
+    def attempt(name: str, run) -> None:  # keep what was measured; say what broke
+        try:
+            run()
+        except Exception as exc:
+            logging.exception("the %s benchmark failed", name)
+            results[f"error_{name}"] = repr(exc)
+            free_gpu()
+        save()
+
+    outputs: dict[str, dict] = {shape: {} for shape in shapes}
     with tempfile.TemporaryDirectory() as tmp:
-        for shape, run in (("1b", lambda: bench_1b(Path(tmp), prompts, results, args.skip_transformers)),
-                           ("8b", lambda: bench_8b(Path(tmp), prompts, results, args.skip_transformers, results["copy_tb_s"], out if args.profile else None))):
-            if args.only in (None, shape):
-                try:
-                    run()
-                except Exception as exc:  # keep what was measured; say what broke
-                    logging.exception("the %s benchmark failed", shape)
-                    results[f"error_{shape}"] = repr(exc)
-                    free_gpu()
-                save()
-        extras = (("fp8", args.skip_fp8, lambda: bench_fp8(Path(tmp), prompts, results, results["copy_tb_s"])),
+        root = Path(tmp)
+        for shape in shapes:
+            if shape == "8b":
+                attempt(shape, lambda: bench_8b(root, prompts, results, results["copy_tb_s"], out if args.profile else None, outputs["8b"]))
+            elif shape == "1b":
+                attempt(shape, lambda: bench_1b(root, prompts, results, outputs["1b"]))
+            else:
+                attempt(shape, lambda shape=shape: bench_family(root, shape, prompts, results, outputs[shape]))
+        for shape in shapes if not args.skip_transformers else ():
+            if outputs[shape]:
+                attempt(f"transformers_{shape}", lambda shape=shape: bench_transformers(root, shape, prompts, results, outputs[shape], args.skip_cb))
+        extras = (("fp8", args.skip_fp8, lambda: bench_fp8(root, prompts, results, results["copy_tb_s"])),
+                  ("fp8kv", args.skip_fp8, lambda: bench_fp8_kv(root, prompts, results, results["copy_tb_s"])),
                   ("cold", args.skip_cold, lambda: bench_cold(out, results, args.num_requests)),
-                  ("serve", args.skip_serve, lambda: bench_server(Path(tmp), out, results)))
+                  ("serve", args.skip_serve, lambda: bench_server(root, out, results)))
         for name, skip, run in extras:
-            if args.only in (None, "8b") and not skip:
-                try:
-                    run()
-                except Exception as exc:
-                    logging.exception("the %s benchmark failed", name)
-                    results[f"error_{name}"] = repr(exc)
-                    free_gpu()
-                save()
+            if name in chosen and not skip:
+                attempt(name, run)
     s = summary(results)
     save()
     print(table(s, results))

@@ -34,13 +34,11 @@ def write_vocab_tokenizer(directory: Path, vocab_size: int, bos_id: int, eos_id:
 
     from stepserve.bench.serve import WORDS
 
-    vocab = {"▁" + w: i for i, w in enumerate(dict.fromkeys(WORDS))}
-    vocab["<unk>"] = len(vocab)
-    while len(vocab) < bos_id:
-        vocab[f"▁t{len(vocab)}"] = len(vocab)
+    # BOS and EOS sit at the model's ids (low ones too, as Gemma's 2 and 1); the words take the
+    # lowest free ids, the rest of the vocabulary is reserved tokens.
     specials = {bos_id: "<|begin_of_text|>", eos_id: "<|end_of_text|>"}
-    while len(vocab) < vocab_size:
-        vocab[specials.get(len(vocab), f"<|reserved_{len(vocab)}|>")] = len(vocab)
+    words = iter(["▁" + w for w in dict.fromkeys(WORDS)] + ["<unk>"])
+    vocab = {specials.get(i) or next(words, None) or f"<|reserved_{i}|>": i for i in range(vocab_size)}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Metaspace()
     tok.decoder = decoders.Metaspace()
@@ -93,9 +91,9 @@ def _bench_serve(port: int, out: Path, name: str, num: int, concurrency: int) ->
     return json.loads(path.read_text())
 
 
-def serve_bench(model_dir: Path, out: Path, cache_dir: Path, port: int = 8391) -> dict:
+def serve_bench(model_dir: Path, out: Path, cache_dir: Path, flags: list[str] = (), port: int = 8391) -> dict:
     cmd = [sys.executable, "-m", "stepserve", "serve", "--model", str(model_dir), "--load-format", "dummy",
-           "--http-port", str(port), "--compilation-cache-dir", str(cache_dir), *SERVE_FLAGS]
+           "--http-port", str(port), "--compilation-cache-dir", str(cache_dir), *SERVE_FLAGS, *flags]
     log_file = open(out / "serve_8b.log", "w")
     proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT)
     results: dict = {"command": " ".join(cmd[1:])}
@@ -133,11 +131,11 @@ def _restart(port: int, proc: subprocess.Popen) -> float:
     return time.monotonic() - start
 
 
-def cold_bench(out: Path, num_requests: int) -> dict:
+def cold_bench(out: Path, num_requests: int, flags: list[str] = ()) -> dict:
     """The offline 8B run in a fresh process with an empty compilation cache."""
     with tempfile.TemporaryDirectory() as cache:
         path = out / "cold_8b.json"
-        cmd = [sys.executable, "-m", "stepserve.bench.gpu", "--cold", str(path), "--compilation-cache-dir", cache, "--out", str(out), "--num-requests", str(num_requests)]
+        cmd = [sys.executable, "-m", "stepserve.bench.gpu", "--cold", str(path), "--compilation-cache-dir", cache, "--out", str(out), "--num-requests", str(num_requests), *flags]
         start = time.monotonic()
         subprocess.run(cmd, check=True, timeout=600)
         result = json.loads(path.read_text())

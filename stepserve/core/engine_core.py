@@ -1,4 +1,10 @@
-"""The step loop: schedule, execute, update. Pure Python; the worker is handed in."""
+"""The step loop: schedule, execute, update. Pure Python; the worker is handed in.
+
+With asynchronous scheduling (a worker that can ``submit`` a pass and ``collect`` it later),
+one step schedules and submits pass k+1 while pass k still runs on the device, then collects
+pass k and applies it: the host's scheduling, input preparation and result handling overlap
+the device's work instead of following it.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +15,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from stepserve.core.outputs import POOLINGS, EngineCoreOutput, EngineCoreRequest, ModelRunnerOutput, SchedulerOutput
+from stepserve.core.request import RequestStatus
 from stepserve.core.scheduler import Scheduler
 from stepserve.errors import InvalidRequestError
 
@@ -33,6 +40,33 @@ class Worker(Protocol):
     def execute(self, sched: SchedulerOutput) -> ModelRunnerOutput: ...
 
 
+class AsyncWorker(Worker, Protocol):
+    """A worker that can start a pass and hand its results back later. A decode row's input
+    may be a PLACEHOLDER: the token the previously submitted pass sampled last for it."""
+
+    def submit(self, sched: SchedulerOutput) -> object: ...  # starts the pass, no host sync
+
+    def collect(self, handle: object) -> ModelRunnerOutput: ...  # waits for it
+
+
+def _needs_outputs(sched: SchedulerOutput) -> bool:
+    """Does the next pass need this pass's tokens on the host? Penalties count them and grammar
+    matchers follow them, so such rows wait for the results instead of using placeholders."""
+    return any(
+        s.sample and (p.structured is not None or p.presence_penalty or p.frequency_penalty or p.repetition_penalty != 1.0)
+        for s in sched.requests
+        for p in (s.params,)
+    )
+
+
+@dataclass(frozen=True)
+class InFlight:
+    """A pass submitted to the worker whose results are not applied yet."""
+
+    sched: SchedulerOutput  # what was submitted
+    handle: object  # the worker's handle for ``collect``
+
+
 @dataclass(frozen=True)
 class EngineStats:
     """A snapshot for metrics."""
@@ -48,10 +82,13 @@ class EngineStats:
 class EngineCore:
     """Owns the scheduler and drives the worker; the front end talks to it with typed messages."""
 
-    def __init__(self, scheduler: Scheduler, worker: Worker) -> None:
+    def __init__(self, scheduler: Scheduler, worker: Worker, async_scheduling: bool = False) -> None:
         self.scheduler = scheduler
         self.worker = worker
         self._failed_passes = 0
+        self.async_scheduling = async_scheduling and hasattr(worker, "submit")
+        self._in_flight: InFlight | None = None
+        self.last_pass: SchedulerOutput | None = None  # the pass whose results the last step applied
 
     def add_request(self, msg: EngineCoreRequest) -> None:
         """Accept a resolved request; anything unresolved is refused here, a last line of defence."""
@@ -83,12 +120,82 @@ class EngineCore:
         return self.scheduler.abort(request_ids)
 
     def step(self) -> list[EngineCoreOutput]:
+        if self.async_scheduling:
+            return self._step_async()
         sched = self.scheduler.schedule()
         if sched.is_empty:
             return []
-        result = self._execute(sched)
+        return self._apply(sched, self._execute(sched))
+
+    def _apply(self, sched: SchedulerOutput, result: ModelRunnerOutput) -> list[EngineCoreOutput]:
         self._count_failed_passes(sched, result)
+        self.last_pass = sched
         return self.scheduler.update(sched, result)
+
+    # -- asynchronous scheduling ---------------------------------------------------------
+
+    def _step_async(self) -> list[EngineCoreOutput]:
+        """Schedule and submit the next pass, then collect and apply the one in flight."""
+        previous, self._in_flight = self._in_flight, None
+        if previous is not None and _needs_outputs(previous.sched):
+            return self._collect(previous)  # no overlap: the next pass needs its tokens
+        if previous is not None:
+            self.scheduler.assume(previous.sched)
+        sched = self.scheduler.schedule()
+        current = self._submit(sched) if not sched.is_empty else None
+        outputs: list[EngineCoreOutput] = []
+        if previous is not None:
+            try:
+                outputs = self._apply(previous.sched, self.worker.collect(previous.handle))
+            except Exception as exc:
+                outputs = self._rerun(previous, current, exc)
+                current = current and InFlight(current.sched, None)  # it read wrong tokens: run it again
+        if current is not None and current.handle is None:
+            outputs += self._run_consistent(current.sched)
+            current = None
+        self._in_flight = current
+        return outputs
+
+    def _submit(self, sched: SchedulerOutput) -> InFlight:
+        if any(s.pooling is not None for s in sched.requests):
+            return InFlight(sched, None)  # pooling passes run synchronously (the runner's ``execute``)
+        try:
+            return InFlight(sched, self.worker.submit(sched))
+        except Exception as exc:
+            log.warning("submitting a pass of %d requests failed (%r); it runs again without overlap", len(sched.requests), exc)
+            return InFlight(sched, None)
+
+    def _collect(self, flight: InFlight) -> list[EngineCoreOutput]:
+        try:
+            return self._apply(flight.sched, self.worker.collect(flight.handle))
+        except Exception as exc:
+            return self._rerun(flight, None, exc)
+
+    def _rerun(self, failed: InFlight, current: InFlight | None, exc: Exception) -> list[EngineCoreOutput]:
+        """Collecting ``failed`` raised: wait for ``current`` (it read ``failed``'s tokens on the
+        device; the caller runs it again), undo the assumption, and run ``failed`` again on the
+        synchronous path, which isolates the request at fault (DESIGN invariant 2)."""
+        log.warning("a pass of %d requests failed (%r); running it again", len(failed.sched.requests), exc)
+        if current is not None and current.handle is not None:
+            try:
+                self.worker.collect(current.handle)
+            except Exception:  # noqa: S110 - its results are dropped either way
+                pass
+        self.scheduler.unassume()
+        return self._apply(failed.sched, self._execute(failed.sched))
+
+    def _run_consistent(self, sched: SchedulerOutput) -> list[EngineCoreOutput]:
+        """Run a pass that was scheduled while another ran, without overlap, for its requests
+        whose state still matches it (not finished, aborted or preempted since)."""
+        requests = self.scheduler.requests
+        rows = tuple(
+            s for s in sched.requests
+            if (r := requests.get(s.request_id)) is not None and r.status is RequestStatus.RUNNING and r.num_computed_tokens == s.start
+        )
+        if not rows:
+            return []
+        sched = dataclasses.replace(sched, requests=rows, num_batched_tokens=sum(s.num_new_tokens for s in rows))
+        return self._apply(sched, self._execute(sched))
 
     def _count_failed_passes(self, sched: SchedulerOutput, result: ModelRunnerOutput) -> None:
         """Passes in which every request failed, in a row, mean a broken engine, not bad requests."""

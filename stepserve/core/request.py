@@ -9,6 +9,9 @@ from stepserve.core.outputs import EngineCoreRequest
 from stepserve.sampling import SamplingParams
 
 
+PLACEHOLDER = -1  # a token an in-flight pass samples, not yet back (asynchronous scheduling)
+
+
 class RequestStatus(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
@@ -35,6 +38,7 @@ class Request:
         self.num_computed_tokens = 0
         self.num_cached_tokens = 0
         self.num_preemptions = 0
+        self.num_placeholders = 0  # PLACEHOLDER tokens at the end of token_ids (see Scheduler.assume)
         self.status = RequestStatus.WAITING
         self.finish_reason: FinishReason | None = None
         self.stop_token_id: int | None = None

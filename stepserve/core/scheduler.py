@@ -4,6 +4,11 @@ One pass: running requests first (in admission order), then waiting ones while t
 budget, ``max_num_seqs`` and free blocks allow. A pass in which every request decodes runs
 ``num_scheduler_steps`` steps; any prompt chunk makes it a single step. When requests wait and
 could be admitted, the pass is shortened to one step so their prefill is not held back.
+
+Asynchronous scheduling: ``assume`` takes a pass that is still running as if every token it
+may sample were accepted (placeholders), so the next pass is scheduled before its results are
+back; ``update`` undoes the assumption and then applies the results as it always does, so the
+stop rule is one piece of code either way.
 """
 
 from __future__ import annotations
@@ -21,7 +26,12 @@ from stepserve.core.outputs import (
     ScheduledRequest,
     SchedulerOutput,
 )
-from stepserve.core.request import FinishReason, Request, RequestStatus, check_stop
+from stepserve.core.request import PLACEHOLDER, FinishReason, Request, RequestStatus, check_stop
+
+
+def _assumed_advance(s: ScheduledRequest) -> int:
+    """Tokens whose KV a pass computes for ``s`` when all its sampled tokens are accepted."""
+    return s.num_new_tokens + (s.num_steps - 1 if s.sample else 0)
 
 
 class Scheduler:
@@ -47,6 +57,8 @@ class Scheduler:
         self.running: list[Request] = []
         self._finished_ids: list[str] = []
         self.num_preemptions = 0
+        self._assumed_pass: SchedulerOutput | None = None  # the pass sent and not yet back, if assumed
+        self._assumed: dict[str, tuple[Request, ScheduledRequest | None]] = {}  # its rows taken as accepted
 
     # -- requests in and out -------------------------------------------------------------
 
@@ -112,6 +124,9 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             request = self.running[i]
+            if self._surely_finishing(request):
+                i += 1  # its last tokens are in the running pass: nothing to compute for it
+                continue
             num_new = min(request.num_tokens - request.num_computed_tokens, budget)
             steps = min(num_steps, request.remaining_tokens)
             # Slots for the chunk plus the lookahead steps' inputs; never past the request's end.
@@ -122,6 +137,10 @@ class Scheduler:
             budget -= num_new
             i += 1
         return budget
+
+    def _surely_finishing(self, request: Request) -> bool:
+        """An assumed request whose placeholders reach max_tokens or the context end."""
+        return bool(request.num_placeholders) and (request.remaining_tokens <= 0 or request.num_tokens >= self.max_model_len)
 
     def _allocate_or_preempt(self, request: Request, num_slots: int) -> bool:
         while not self.blocks.allocate(request.request_id, num_slots):
@@ -134,6 +153,8 @@ class Scheduler:
     def _preempt(self, request: Request) -> None:
         """Recompute later: free the blocks, keep the tokens, go to the front of the queue."""
         self.blocks.free(request.request_id)
+        if self._assumed.pop(request.request_id, None) is not None:
+            self._drop_placeholders(request)  # that pass's tokens are dropped and recomputed
         request.num_computed_tokens = 0
         request.num_preemptions += 1
         if request.prompt_logprobs is not None:
@@ -181,10 +202,19 @@ class Scheduler:
         """Apply a pass's results: advance computed counts, accept tokens up to a stop."""
         outputs = []
         logprobs = result.logprobs or (None,) * len(sched.requests)
+        was_assumed = sched is self._assumed_pass
+        assumed = self._assumed
+        self._assumed_pass, self._assumed = None, {}
         for s, tokens, lps in zip(sched.requests, result.sampled_token_ids, logprobs):
             request = self.requests.get(s.request_id)
             if request is None or request.status is not RequestStatus.RUNNING:
                 continue  # aborted or preempted while the pass ran
+            if was_assumed:
+                taken, row = assumed.get(s.request_id, (None, None))
+                if taken is not request:
+                    continue  # preempted while assumed (recomputed), or a new request under a reused id
+                if row is not None:  # None: ``unassume`` undid it already
+                    self._unassume(request, row)
             if s.request_id in result.errors:
                 outputs.append(self._finish(request, FinishReason.ABORT, result.errors[s.request_id]))
                 continue
@@ -203,6 +233,45 @@ class Scheduler:
                 outputs.append(output)
         self.running = [r for r in self.running if not r.is_finished]
         return outputs
+
+    # -- asynchronous scheduling ---------------------------------------------------------
+
+    def assume(self, sched: SchedulerOutput) -> None:
+        """Take ``sched``, sent to the worker and not yet back, as if every token it may sample
+        were accepted: its KV counts as computed and its tokens are PLACEHOLDERs, so the next
+        pass can be scheduled while it runs (a decode row's input is then a placeholder, which
+        the worker fills from this pass's tokens on the device). ``update(sched, ...)`` undoes
+        this before applying the real results."""
+        for s in sched.requests:
+            request = self.requests.get(s.request_id)
+            if request is None or request.status is not RequestStatus.RUNNING:
+                continue
+            request.num_computed_tokens += _assumed_advance(s)
+            if s.sample:
+                request.token_ids.extend([PLACEHOLDER] * s.num_steps)
+                request.num_placeholders += s.num_steps
+            self._assumed[s.request_id] = (request, s)
+        self._assumed_pass = sched
+
+    def unassume(self) -> None:
+        """Undo ``assume`` (the pass is to be run again); ``update`` still applies its rows only
+        to the requests it was scheduled for."""
+        for request_id, (request, s) in self._assumed.items():
+            if s is not None and request.status is RequestStatus.RUNNING:
+                self._unassume(request, s)
+            self._assumed[request_id] = (request, None)
+
+    def _unassume(self, request: Request, s: ScheduledRequest) -> None:
+        request.num_computed_tokens -= _assumed_advance(s)
+        if s.sample:
+            del request.token_ids[-s.num_steps :]
+            request.num_placeholders -= s.num_steps
+
+    @staticmethod
+    def _drop_placeholders(request: Request) -> None:
+        if request.num_placeholders:
+            del request.token_ids[-request.num_placeholders :]
+            request.num_placeholders = 0
 
     def _accept(self, request: Request, tokens: tuple[int, ...], lps) -> EngineCoreOutput:
         accepted: list[int] = []
@@ -256,6 +325,7 @@ class Scheduler:
     ) -> EngineCoreOutput:
         request.status = RequestStatus.FINISHED
         request.finish_reason = reason
+        self._assumed.pop(request.request_id, None)
         self.blocks.free(request.request_id)
         del self.requests[request.request_id]
         self._finished_ids.append(request.request_id)

@@ -166,6 +166,8 @@ def build_engine(
     # CPU attention runs in float32 whatever the weights: PyTorch's CPU SDPA is 3x (one
     # sequence) to 4x (sixteen) slower in bfloat16 on this hardware (see the README).
     kv_dtype = torch.float32 if device.type == "cpu" else dtype
+    if config.cache.kv_cache_dtype == "fp8":
+        kv_dtype = torch.float8_e4m3fn  # the attention backends dequantize pages as they read them
     num_blocks = tp.min(_num_blocks(config, model, backend, kv_dtype, device, max_model_len, graph_sizes), device)
     kv_caches = allocate_kv_cache(model, num_blocks, config.cache.block_size, kv_dtype, device)
     grammars = GrammarMatchers(ll_tokenizer, model.cfg.vocab_size, eos, device)
@@ -175,7 +177,8 @@ def build_engine(
     blocks = BlockManager(num_blocks, config.cache.block_size, config.cache.enable_prefix_caching)
     window = max(model_config.layer_windows) if model_config.all_windowed else 0
     scheduler = Scheduler(config.scheduler, blocks, max_model_len, eos, window)
-    core = EngineCore(scheduler, tp.worker(runner))
+    # A tensor-parallel group's worker has no submit/collect: its passes run synchronously.
+    core = EngineCore(scheduler, tp.worker(runner), config.scheduler.async_scheduling)
     if device.type == "cuda" and tp.rank == 0:  # the other ranks follow rank 0's warm-up passes
         _warm_up(core, config, runner, max_model_len, num_blocks)
     info = ModelInfo(source.name, max_model_len, eos, num_blocks, device.type, str(dtype).removeprefix("torch."), quantization, time.monotonic() - start)

@@ -68,6 +68,7 @@ class Attention(nn.Module):
         self.scale = cfg.attn_scale
         self.window = window  # keys a query sees, itself included; 0: all
         self.softcap = cfg.attn_softcap
+        self.kv_scale = (1.0, 1.0)  # per-tensor scales of K and V in an FP8 cache
 
     def forward(self, x, rope: RopeStep, kv_cache, meta: AttentionMetadata, backend: AttentionBackend):
         qkv = self.qkv_proj(x)
@@ -76,7 +77,8 @@ class Attention(nn.Module):
         if self.q_norm is not None:
             qk = self._norm_qk(qk)
         q, k = rope.apply(qk, self.num_heads)
-        out = backend.forward(q, k, v, kv_cache, meta, self.scale, window=self.window, softcap=self.softcap)
+        fp8 = {"kv_scale": self.kv_scale} if kv_cache.dtype == torch.float8_e4m3fn else {}  # only FP8 caches take scales
+        out = backend.forward(q, k, v, kv_cache, meta, self.scale, window=self.window, softcap=self.softcap, **fp8)
         return self.o_proj(out.reshape(-1, self.q_size))
 
     def _norm_qk(self, qk: torch.Tensor) -> torch.Tensor:

@@ -8,6 +8,11 @@ is discarded by the core's stop check, so it never reaches a request's real bloc
 On CUDA a pure-decode pass replays a captured graph (``cuda_graphs.py``) that runs the forward
 and advances positions, slots and context lengths for the next step; only sampling runs outside
 it. Inputs go up in one pinned, non-blocking copy; the pass ends with its one host sync.
+
+``submit`` starts a pass and returns at once (its results are copied to pinned host memory
+behind an event); ``collect`` waits for them. Between the two the core schedules the next pass,
+whose decode rows may have a PLACEHOLDER input: the token this pass sampled last for the
+request, filled in on the device from this pass's tokens.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import torch
 
 from stepserve.attention.base import AttentionBackend, AttentionMetadata
 from stepserve.core.outputs import ModelRunnerOutput, SchedulerOutput, TokenLogprob
+from stepserve.core.request import PLACEHOLDER
 from stepserve.models.decoder import DecoderForCausalLM
 from stepserve.structured.bitmask import GrammarMatchers, GrammarPass
 from stepserve.worker import sampler as S
@@ -77,6 +83,17 @@ def _prompt_logprob_span(r) -> int:
 
 
 @dataclass
+class PendingPass:
+    """A submitted pass: its results on their way to the host."""
+
+    sched: SchedulerOutput  # what was run
+    rows: torch.Tensor  # [B, N + 1] on the host: the sampled tokens, then the non-finite flag
+    logprobs: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]  # per step, on the host
+    prompt_logprobs: dict[str, tuple[TokenLogprob, ...]]  # computed with their own sync
+    done: torch.cuda.Event | None  # recorded after the copies to the host; None on the CPU
+
+
+@dataclass
 class StepInputs:
     """Model inputs of one step, on the device."""
 
@@ -110,6 +127,7 @@ class ModelRunner:
         self.graphs: CudaGraphs | None = None  # set by capture_cuda_graphs
         self.grammars = grammars  # constrained decoding; None: every request is free text
         self.pooling = PoolingRows()  # folds of prefill-only pooling requests, chunk by chunk
+        self._last_pass: tuple[SchedulerOutput, torch.Tensor] | None = None  # the last submitted pass, its tokens [B, N]
 
     # -- the pass ------------------------------------------------------------------------
 
@@ -118,6 +136,12 @@ class ModelRunner:
         self.pooling.drop(sched.finished_request_ids)
         if any(r.pooling is not None for r in sched.requests):
             return self.pooling.execute(self, sched)  # prefill-only pooling requests: worker/pooling.py
+        return self.collect(self.submit(sched))
+
+    @torch.inference_mode()
+    def submit(self, sched: SchedulerOutput) -> PendingPass:
+        """Start the pass; nothing waits for the device (except prompt logprobs and grammars).
+        Pooling requests never come here: the core runs their passes through ``execute``."""
         grammar = self._grammar_pass(sched)
         requests = sched.requests
         inputs = self._prepare(sched)
@@ -145,8 +169,33 @@ class ModelRunner:
                 logprobs.append(S.top_logprobs(logits, tokens, batch.num_logprobs))
             S.advance(batch, tokens)
             steps.append(tokens)
-        output = self._output(sched, steps, logprobs, nonfinite)
-        return dataclasses.replace(output, prompt_logprobs=prompt_logprobs) if prompt_logprobs else output
+        sampled = torch.stack(steps, dim=1)
+        self._last_pass = (sched, sampled)  # the next pass's placeholders come from here
+        rows = torch.cat([sampled, nonfinite[:, None].long()], dim=1)
+        host_rows, host_logprobs, done = self._to_host(rows, logprobs)
+        return PendingPass(sched, host_rows, host_logprobs, prompt_logprobs, done)
+
+    def _to_host(self, rows: torch.Tensor, logprobs: list) -> tuple[torch.Tensor, list, torch.cuda.Event | None]:
+        """Non-blocking copies into pinned memory and an event behind them (on CUDA)."""
+        if self.device.type != "cuda":
+            return rows, logprobs, None
+
+        def host(t: torch.Tensor) -> torch.Tensor:
+            out = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+            return out.copy_(t, non_blocking=True)
+
+        rows = host(rows)
+        logprobs = [tuple(host(t) for t in step) for step in logprobs]
+        done = torch.cuda.Event()
+        done.record()
+        return rows, logprobs, done
+
+    def collect(self, pending: PendingPass) -> ModelRunnerOutput:
+        """Wait for a submitted pass and return its results."""
+        if pending.done is not None:
+            pending.done.synchronize()  # this pass only: the next one may already be running
+        output = self._output(pending.sched, pending.rows, pending.logprobs)
+        return dataclasses.replace(output, prompt_logprobs=pending.prompt_logprobs) if pending.prompt_logprobs else output
 
     def _grammar_pass(self, sched: SchedulerOutput) -> GrammarPass | None:
         """The pass's constrained rows, matchers synced; None when there are none."""
@@ -237,11 +286,14 @@ class ModelRunner:
         decode_rows = [] if is_decode else [i for i, n in enumerate(q_lens) if n == 1]
         prefill_rows = [] if is_decode else [i for i, n in enumerate(q_lens) if n > 1]
         logits_index = [q - 1 for q in query_start[1:]]
+        holes, sources = self._placeholders(sched, query_start)
         longs, ints = self._upload(
-            [input_ids, positions, slots, logits_index],
+            [input_ids, positions, slots, logits_index, holes, sources],
             [query_start, seq_lens, tables, decode_rows, prefill_rows],
         )
-        ids, pos, slot, logits_idx = longs
+        ids, pos, slot, logits_idx, hole_idx, source_idx = longs
+        if holes:  # on the device, after the previous pass's sampling (same stream)
+            ids[hole_idx] = self._last_pass[1].flatten()[source_idx]
         qsl, lens, flat_tables, d_rows, p_rows = ints
         meta = AttentionMetadata(
             slot_mapping=slot,
@@ -257,6 +309,24 @@ class ModelRunner:
             prefill_rows=None if is_decode else p_rows,
         )
         return StepInputs(ids, meta, logits_idx)
+
+    def _placeholders(self, sched: SchedulerOutput, query_start: list[int]) -> tuple[list[int], list[int]]:
+        """Input positions holding a PLACEHOLDER, and where each one's token is in the last
+        submitted pass's tokens [B, N] (flattened): the last token it sampled for the request."""
+        holes = [i for i, r in enumerate(sched.requests) if r.num_new_tokens == 1 and r.token_ids[r.start] == PLACEHOLDER]
+        if not holes:
+            return [], []
+        if self._last_pass is None:
+            raise RuntimeError("a placeholder input with no pass submitted before it")
+        previous, sampled = self._last_pass
+        rows = {s.request_id: (row, s.num_steps) for row, s in enumerate(previous.requests) if s.sample}
+        sources = []
+        for i in holes:
+            found = rows.get(sched.requests[i].request_id)
+            if found is None:
+                raise RuntimeError(f"request {sched.requests[i].request_id}: a placeholder input its last pass did not sample")
+            sources.append(found[0] * sampled.shape[1] + found[1] - 1)
+        return [query_start[i] for i in holes], sources
 
     def _upload(self, longs: list[list[int]], ints: list[list[int]]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """Device tensors (int64, int32) of the given lists: one pinned non-blocking copy per dtype."""
@@ -293,8 +363,8 @@ class ModelRunner:
 
     # -- outputs -------------------------------------------------------------------------
 
-    def _output(self, sched: SchedulerOutput, steps, logprobs, nonfinite: torch.Tensor) -> ModelRunnerOutput:
-        rows = torch.cat([torch.stack(steps, dim=1), nonfinite[:, None].long()], dim=1).tolist()  # the one sync
+    def _output(self, sched: SchedulerOutput, host_rows: torch.Tensor, logprobs) -> ModelRunnerOutput:
+        rows = host_rows.tolist()
         tokens = [row[:-1] for row in rows]
         errors = {
             r.request_id: "the model produced non-finite logits for this request"

@@ -65,3 +65,26 @@ def test_uneven_batches_and_sampling_run(tiny_llama):
     for i, (a, b) in enumerate(zip(first, again)):
         assert len(a.outputs[0].token_ids) == 5 + 7 * i
         assert a.outputs[0].token_ids == b.outputs[0].token_ids  # per-request seeds reproduce
+
+
+def test_async_scheduling_equals_sync(tiny_llama):
+    """Asynchronous scheduling on CUDA (graphs, placeholders filled on the device, results
+    copied behind an event): the synchronous loop's tokens, float32, uneven lengths, stops and
+    seeded rows inside multi-step windows."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    ids = prompts(13, seed=5)
+    params = [
+        SamplingParams(temperature=0.9, seed=i, max_tokens=5 + 5 * i, ignore_eos=True, logprobs=1) if i % 2
+        else SamplingParams(temperature=0, max_tokens=5 + 5 * i, ignore_eos=True, stop_token_ids=[7, 11])
+        for i in range(len(ids))
+    ]
+    outs = {}
+    for asynchronous in (False, True):
+        llm = LLM(model=str(tiny_llama), dtype="float32", device="cuda", max_model_len=512, max_num_seqs=16, num_blocks=1024,
+                  num_scheduler_steps=8, async_scheduling=asynchronous)
+        outs[asynchronous] = [(o.outputs[0].token_ids, o.outputs[0].finish_reason) for o in llm.generate(ids, params)]
+        assert llm.core.stats().kv_cache_usage == 0.0
+        del llm
+        gc.collect()
+        torch.cuda.empty_cache()
+    assert outs[True] == outs[False]

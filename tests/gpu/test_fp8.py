@@ -7,6 +7,8 @@ operand, so about 5% for a product of two); the logits of a 4-layer model <= 0.1
 must stay far below both (<= 0.02), or the comparison would be measuring nothing.
 """
 
+import gc
+
 import pytest
 import torch
 
@@ -62,11 +64,11 @@ def test_fp8_linear_error_bound(rows):
     assert rel_err(linear(x), ref) <= BF16_BOUND
 
 
-def forward_logits(model, tokens: torch.Tensor) -> torch.Tensor:
+def forward_logits(model, tokens: torch.Tensor, cache_dtype=None) -> torch.Tensor:
     """One prefill of a single sequence over a fresh KV cache; logits at every position."""
     n, block = tokens.numel(), 16
     blocks = -(-n // block)
-    cache = allocate_kv_cache(model, blocks + 1, block, model.embed_tokens.weight.dtype, "cuda")
+    cache = allocate_kv_cache(model, blocks + 1, block, cache_dtype or model.embed_tokens.weight.dtype, "cuda")
     i32 = lambda xs: torch.tensor(xs, dtype=torch.int32, device="cuda")  # noqa: E731
     meta = AttentionMetadata(
         slot_mapping=torch.arange(block, block + n, device="cuda"), positions=torch.arange(n, device="cuda"),
@@ -97,6 +99,36 @@ def test_fp8_model_logits_error_bound():
     assert e_fp8 <= LOGITS_BOUND
     weights = [p for n, p in fp8_model.named_parameters() if n.endswith("_proj.weight")]
     assert len(weights) == 4 * HF["num_hidden_layers"] and all(p.dtype == torch.float8_e4m3fn for p in weights)
+
+
+def test_fp8_kv_cache_logits_error_bound():
+    """``--kv-cache-dtype fp8``: the prefill reads its keys and values back from e4m3 pages
+    (scale 1.0); the logits stay within the FP8 bound of a float32 reference."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    tokens = torch.randint(0, HF["vocab_size"], (200,), device="cuda")
+    ref = forward_logits(build("none", torch.float32), tokens)
+    model = build("none")
+    e_bf16 = rel_err(forward_logits(model, tokens), ref)
+    e_kv = rel_err(forward_logits(model, tokens, torch.float8_e4m3fn), ref)
+    print(f"logits relative error vs float32: bf16 cache {e_bf16:.4f}, fp8 cache {e_kv:.4f}")
+    assert e_bf16 <= BF16_BOUND and e_bf16 < e_kv <= LOGITS_BOUND
+
+
+def test_fp8_kv_cache_engine_generates(tiny_llama):
+    """The engine with an FP8 cache on CUDA (graphs, multi-step, mixed passes): it runs, frees
+    its blocks, and holds about twice the blocks of a bf16 cache in the same memory share."""
+    from stepserve import LLM, SamplingParams
+
+    blocks = {}
+    for kv in ("auto", "fp8"):
+        llm = LLM(model=str(tiny_llama), device="cuda", max_model_len=256, max_num_seqs=8, num_scheduler_steps=4, gpu_memory_utilization=0.2, kv_cache_dtype=kv)
+        out = llm.generate([[5, 6, 7] * (i + 1) for i in range(8)], SamplingParams(temperature=0, max_tokens=20, ignore_eos=True))
+        assert all(len(o.outputs[0].token_ids) == 20 for o in out) and llm.core.stats().kv_cache_usage == 0.0
+        blocks[kv] = llm.info.num_kv_blocks
+        del llm, out
+        gc.collect()  # the runner and its CUDA graphs refer to each other
+        torch.cuda.empty_cache()
+    assert 1.8 < blocks["fp8"] / blocks["auto"] < 2.2
 
 
 def test_fp8_engine_generates(tiny_llama):

@@ -66,14 +66,15 @@ def test_rotary_in_place(device):
     from stepserve.models import triton_ops
 
     for dtype in dtypes(device):
-        for rotary_dim in (64, 32):  # whole heads, and partial rotary (the trailing dims pass through)
+        # whole heads, partial rotary (the trailing dims pass through), Gemma 3's 256-wide heads
+        for head_dim, rotary_dim in ((64, 64), (64, 32), (256, 256)):
             rotary = Rotary(RopeConfig(500000.0, rotary_dim), 4096)
             rotary.fill()
             rotary = rotary.to(device)
-            qkv = torch.randn(50, (32 + 16) * 64).to(dtype).to(device)
-            q, k, v = qkv.split([32 * 64, 8 * 64, 8 * 64], dim=-1)
+            qkv = torch.randn(50, (32 + 16) * head_dim).to(dtype).to(device)
+            q, k, v = qkv.split([32 * head_dim, 8 * head_dim, 8 * head_dim], dim=-1)
             v_before = v.clone()
-            q, k = q.view(50, 32, 64), k.view(50, 8, 64)
+            q, k = q.view(50, 32, head_dim), k.view(50, 8, head_dim)
             positions = torch.randint(0, 4096, (50,), device=device)
             cos, sin = rotary.cos_sin[positions].chunk(2, dim=-1)
             rot = lambda x: torch.cat([_rotate(x[..., :rotary_dim], cos[:, None], sin[:, None]), x[..., rotary_dim:]], -1)  # noqa: E731

@@ -7,7 +7,7 @@ poisons the output with NaN, and compares with SDPA over gathered pages computed
 import pytest
 import torch
 
-from attention_batches import make_batch
+from attention_batches import make_batch, to_fp8_cache
 from stepserve.attention.base import AttentionMetadata
 from stepserve.attention.sdpa import SdpaBackend
 
@@ -60,7 +60,7 @@ def poison_empty(monkeypatch):
     monkeypatch.setattr(torch, "empty_like", poisoned)
 
 
-SHAPES = [(32, 8, 128), (32, 8, 64), (4, 2, 64), (12, 12, 64)]  # (heads, kv heads, head dim)
+SHAPES = [(32, 8, 128), (32, 8, 64), (4, 2, 64), (12, 12, 64), (16, 8, 256)]  # (heads, kv heads, head dim); the last is Gemma-3-12B's
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -77,7 +77,7 @@ def test_decode_matches_sdpa(device, dtype, shape, block_size):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("shape", SHAPES[:3])
+@pytest.mark.parametrize("shape", SHAPES[:3] + SHAPES[4:])
 def test_decode_long_context_splits(device, dtype, shape):
     """One sequence of a few thousand tokens: the split-K path and its merge."""
     heads, kv_heads, head_dim = shape
@@ -107,3 +107,33 @@ def test_num_splits_fill_the_gpu():
     assert num_splits(256, 8, 132) == 1
     assert 1 < num_splits(1, 8, 132) <= MAX_SPLITS
     assert num_splits(3, 2, 132) == MAX_SPLITS
+
+
+@pytest.mark.parametrize("shape", [(32, 8, 128), (16, 8, 256)])
+@pytest.mark.parametrize("q_lens, ctx", [([1] * 6, [3000, 700, 5, 63, 300, 17]), ([1, 150, 37, 1, 200], [40, 0, 90, 260, 17])], ids=["decode", "mixed"])
+def test_fp8_cache_matches_sdpa(device, shape, q_lens, ctx):
+    """FP8 pages with per-tensor scales (K 0.5, V 2.0) against the float64 reference over the
+    same pages dequantized; the written slots hold the new keys and values (already on the FP8
+    grid, so any rounding mode stores them exactly)."""
+    if device == "cpu":
+        pytest.skip("FP8 in Triton's interpreter is not supported")
+    heads, kv_heads, head_dim = shape
+    q, k, v, cache, meta = make_batch(q_lens, ctx, heads, kv_heads, head_dim, 16, torch.bfloat16, device, 11)
+    k, v, fp8, exact = to_fp8_cache(k * 4, v, cache * 4, (0.5, 2.0))
+    fields = {f: getattr(meta, f) for f in meta.__dataclass_fields__ if f != "extras"}
+    moved = AttentionMetadata(**{f: (x.cpu() if torch.is_tensor(x) else x) for f, x in fields.items()})
+    ref = SdpaBackend()
+    ref.prepare(moved)
+    scale = head_dim**-0.5
+    want = ref.forward(q.double().cpu(), k.double().cpu(), v.double().cpu(), exact.cpu(), moved, scale)
+    from stepserve.attention.triton_backend import TritonBackend
+
+    backend = TritonBackend()
+    backend.prepare(meta)
+    got = backend.forward(q, k, v, fp8, meta, scale, kv_scale=(0.5, 2.0))
+    assert torch.isfinite(got).all()
+    err = (got.double().cpu() - want).norm() / want.norm()
+    assert err <= 1e-2, f"relative error {err:.2e}"
+    slots = fp8.shape[1] * fp8.shape[2]
+    written = fp8.view(torch.uint8).view(2, slots, kv_heads, head_dim)[:, meta.slot_mapping].view(torch.float8_e4m3fn).double().cpu()
+    assert torch.equal(written[0] * 0.5, k.double().cpu()) and torch.equal(written[1] * 2.0, v.double().cpu())

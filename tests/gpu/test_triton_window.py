@@ -51,3 +51,11 @@ def test_prefill_and_mixed_window(device, dtype, window, softcap):
     q_lens, ctx = [1, 150, 37, 1, 200], [40, 0, 90, 260, 17]
     q, k, v, cache, meta = make_batch(q_lens, ctx, 8, 2, 64, 16, dtype, device, 100 + window)
     check(q, k, v, cache, meta, dtype, window, softcap)
+
+
+@pytest.mark.parametrize("window", [64, 1024])
+def test_gemma3_12b_heads_window(device, window):
+    """Gemma-3-12B's attention shape (16 query heads, 8 KV heads of 256) with its window (1024)
+    and a shorter one, decode beside prompt chunks."""
+    q, k, v, cache, meta = make_batch([1, 300, 1, 77], [500, 0, 1500, 40], 16, 8, 256, 16, torch.bfloat16, device, window)
+    check(q, k, v, cache, meta, torch.bfloat16, window, 0.0)

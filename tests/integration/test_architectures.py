@@ -66,7 +66,7 @@ def reference(model_dir, prompt_ids: list[list[int]]) -> tuple[list[list[int]], 
     return _REFERENCE[key]
 
 
-FAMILIES = ["mistral", "qwen2-window", "qwen3", "gemma2", "gemma3", "phi3", "granite"]
+FAMILIES = ["mistral", "qwen2-window", "qwen3", "gemma2", "gemma3", "gemma3-hd256", "phi3", "granite"]
 
 
 @pytest.mark.parametrize("steps", [1, 8])

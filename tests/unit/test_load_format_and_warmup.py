@@ -64,14 +64,15 @@ def test_fp8_is_refused_on_cpu(tiny_llama):
         LLM(model=str(tiny_llama), device="cpu", quantization="fp8")
 
 
-def test_bench_tokenizer_covers_the_vocabulary(tmp_path):
+@pytest.mark.parametrize("bos, eos", [(2990, 2991), (2, 1)])  # Llama's high ids, Gemma's low ones
+def test_bench_tokenizer_covers_the_vocabulary(tmp_path, bos, eos):
     from transformers import AutoTokenizer
 
     from stepserve.bench.gpu_serve import write_vocab_tokenizer
 
-    write_vocab_tokenizer(tmp_path, 3000, 2990, 2991)
+    write_vocab_tokenizer(tmp_path, 3000, bos, eos)
     tok = AutoTokenizer.from_pretrained(tmp_path)
-    assert len(tok) == 3000 and tok.eos_token_id == 2991
+    assert len(tok) == 3000 and tok.eos_token_id == eos and tok.bos_token_id == bos
     assert len(tok.encode("the of and to in is you")) == 7  # one token a word
     assert all(tok.decode([i]) for i in range(0, 3000, 97))
 

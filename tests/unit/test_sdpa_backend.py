@@ -4,7 +4,7 @@ out per sequence in float64: decode-only, prefill-only and mixed steps, GQA and 
 import pytest
 import torch
 
-from attention_batches import make_batch, naive_attention
+from attention_batches import make_batch, naive_attention, to_fp8_cache
 from stepserve.attention.sdpa import SdpaBackend
 
 
@@ -44,3 +44,22 @@ def test_float32_cache_with_bfloat16_activations_returns_bfloat16():
     got = backend.forward(q.bfloat16(), k.bfloat16(), v.bfloat16(), cache, meta, 0.25)
     assert got.dtype == torch.bfloat16
     torch.testing.assert_close(got.double(), want, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_fp8_cache_reads_and_writes_with_scales(case):
+    """An FP8 cache with per-tensor scales (K 0.5, V 2.0: powers of two, so the grid values are
+    exact): the float64 reference over the dequantized pages, and the written slots hold this
+    step's keys and values quantized."""
+    q_lens, ctx_lens = CASES[case]
+    q, k, v, cache, meta = make_batch(q_lens, ctx_lens, 6, 2, 16, 8, torch.float32, "cpu", 5)
+    k, v, fp8, exact = to_fp8_cache(k * 4, v, cache * 4, (0.5, 2.0))
+    want = naive_attention(q.double(), k.double(), v.double(), exact, meta, 0.25)
+    backend = SdpaBackend()
+    backend.prepare(meta)
+    got = backend.forward(q, k, v, fp8, meta, 0.25, kv_scale=(0.5, 2.0))
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+    slots = fp8.shape[1] * fp8.shape[2]
+    written = fp8.view(torch.uint8).view(2, slots, 2, 16)[:, meta.slot_mapping].view(torch.float8_e4m3fn).double()
+    assert torch.equal(written[0] * 0.5, k.double()) and torch.equal(written[1] * 2.0, v.double())

@@ -1,0 +1,47 @@
+#!/bin/bash
+# What one call on the lent GPU machine runs (the figures in the README's "GPU benchmark").
+# Run from the repository root there: bash bench/device_call.sh MODE, with the wheels of the
+# packages the machine lacks in ../.whl (see the device notes); results go to $OUT.
+#   dev:     the CUDA engine and family tests, then the 8B / Qwen3-8B / Gemma-3-12B shapes with
+#            the greedy check (no transformers CB) and a profile
+#   final-a: pytest tests/gpu, then the Llama-8B and Qwen3-8B shapes against transformers CB
+#   final-b: the 1B shape, FP8, the cold process and the HTTP server, then Gemma-3-12B against
+#            transformers CB (run on the same machine straight after final-a)
+set -o pipefail
+mode=${1:?mode}
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site ../.whl/*.whl || exit 1
+export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem,temperature.gpu --format=csv
+python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"
+bench() {  # bench SECONDS ARGS...: the GPU benchmark, stopped after SECONDS
+    local limit=$1; shift
+    timeout "$limit" python3 -m stepserve.bench.gpu "$@" 2>&1 | tee -a "$OUT/bench_$mode.log" | grep -v -e ContinuousBatchingLogger -e "it/s]"
+}
+case $mode in
+dev)
+    timeout 170 python3 -m pytest tests/gpu/test_cuda_engine.py tests/gpu/test_cuda_architectures.py -q -x -p no:cacheprovider 2>&1 | tee "$OUT/pytest_dev.log" | tail -15
+    bench 340 --out "$OUT" --only 8b,qwen3-8b,gemma3-12b --skip-cb --skip-fp8 --skip-cold --skip-serve --profile
+    ;;
+final-a)
+    timeout 190 python3 -m pytest tests/gpu -q -p no:cacheprovider 2>&1 | tee "$OUT/pytest_gpu.log" | tail -15
+    bench 360 --out "$OUT/a" --only 8b,qwen3-8b
+    ;;
+final-b)
+    bench 320 --out "$OUT/b" --only 1b,fp8,fp8kv,cold,serve
+    bench 245 --out "$OUT/c" --only gemma3-12b
+    ;;
+final-b1)
+    timeout 130 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_fp8.py tests/gpu/test_triton_window.py tests/gpu/test_fused_ops.py "tests/gpu/test_cuda_architectures.py::test_cuda_equals_cpu[gemma3-hd256]" "tests/gpu/test_cuda_engine.py::test_async_scheduling_equals_sync" tests/gpu/test_triton_attention.py -k "fp8 or 256 or gemma or async or rotary or rms or silu or quantize or dummy or generates or error_bound" 2>&1 | tee "$OUT/pytest_new.log" | tail -8
+    bench 245 --out "$OUT/c" --only gemma3-12b
+    bench 100 --out "$OUT/b" --only fp8,fp8kv
+    ;;
+final-b2)
+    bench 250 --out "$OUT/d" --only 1b,cold,serve
+    ;;
+final-c)
+    timeout 45 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_fp8.py -k kv_cache_engine 2>&1 | tee "$OUT/pytest_c.log" | tail -4
+    bench 110 --out "$OUT/e" --only serve
+    ;;
+esac
+uptime
+ls -laR "$OUT"
