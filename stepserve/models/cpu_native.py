@@ -90,55 +90,80 @@ def library() -> ctypes.CDLL | None:
 
 def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     i, p = ctypes.c_int, ctypes.c_void_p
-    lib.ss_linear.argtypes = [i, p, i, i, i, p, p, i, p, i, i]
+    lib.ss_linear.argtypes = [i, i, p, i, i, i, p, p, i, p, i, i]
+    lib.ss_has_x16.restype = ctypes.c_int
     lib.ss_linear.restype = None
     lib.ss_decode.argtypes = [ctypes.POINTER(_Model), ctypes.POINTER(_Step), p]
     lib.ss_decode.restype = ctypes.c_int
     return lib
 
 
-class BlockWeight:
-    """A weight [N, K] in blocks of ``GROUP`` along K: Q4_1 (``qs`` [N, K/2] nibbles, ``dm``
-    [N, K/32, 2] scale and min) or Q8_0 (``qs`` [N, K] int8, ``dm`` [N, K/32] scale)."""
+def _x16(n: int) -> bool:
+    """Whether a weight of ``n`` rows gets the interleaved layout (the 512-bit VNNI kernels)."""
+    return n % 16 == 0 and bool(library().ss_has_x16())
 
-    def __init__(self, qs: torch.Tensor, dm: torch.Tensor, q8: bool, out_dtype: torch.dtype | None = None) -> None:
-        self.qs, self.dm, self.q8 = qs.contiguous(), dm.float().contiguous(), q8
+
+class BlockWeight:
+    """A weight [N, K] in blocks of ``GROUP`` along K, in one of the layouts ``cpu_kernels.c``
+    describes: Q4_1 (``qs`` nibbles, ``dm`` scale and min per block) or Q8_0 (``qs`` int8, ``dm``
+    scale, and with ``x16`` the unsigned-activation correction), plain or interleaved by 16 rows."""
+
+    def __init__(self, qs: torch.Tensor, dm: torch.Tensor, q8: bool, shape: tuple[int, int], x16: bool,
+                 out_dtype: torch.dtype | None = None) -> None:
+        self.qs, self.dm, self.q8, self.x16 = qs.contiguous(), dm.float().contiguous(), q8, x16
+        self.out_features, self.in_features = shape
         self.out_dtype = out_dtype  # None: the input's
-        self.out_features = qs.shape[0]
-        self.in_features = qs.shape[1] if q8 else 2 * qs.shape[1]
 
     @classmethod
     def q4_1(cls, codes: torch.Tensor, scale: torch.Tensor, low: torch.Tensor) -> BlockWeight:
         """From codes [N, K] in 0..15 and per-block scale and min [N, K/32]: w = scale * code + low."""
         n, k = codes.shape
-        blocks = codes.reshape(n, k // GROUP, GROUP).to(torch.uint8)
-        qs = (blocks[..., : GROUP // 2] | (blocks[..., GROUP // 2 :] << 4)).reshape(n, k // 2)  # GGUF's nibble order
-        return cls(qs, torch.stack([scale, low], dim=-1), q8=False)
+        nb = k // GROUP
+        blocks = codes.reshape(n, nb, GROUP).to(torch.uint8)
+        qs = blocks[..., : GROUP // 2] | (blocks[..., GROUP // 2 :] << 4)  # [N, nb, 16]: GGUF's nibble order
+        dm = torch.stack([scale, low], dim=-1)  # [N, nb, 2]
+        if not _x16(n):
+            return cls(qs.reshape(n, k // 2), dm, False, (n, k), False)
+        qs = qs.view(n // 16, 16, nb, 4, 4).permute(0, 2, 3, 1, 4)  # [N/16, nb, 4, 16 rows, 4 bytes]
+        return cls(qs, dm.view(n // 16, 16, nb, 2).permute(0, 2, 3, 1), False, (n, k), True)
 
     @classmethod
     def q8_0(cls, weight: torch.Tensor, out_dtype: torch.dtype | None = None) -> BlockWeight:
         """Symmetric 8-bit blocks of ``weight`` (a GGUF Q8_0 tensor comes back as its own codes)."""
         n, k = weight.shape
-        blocks = weight.float().reshape(n, k // GROUP, GROUP)
+        nb = k // GROUP
+        blocks = weight.float().reshape(n, nb, GROUP)
         scale = blocks.abs().amax(-1) / 127
         codes = torch.round(blocks / torch.where(scale > 0, scale, 1)[..., None]).clamp_(-127, 127)
-        return cls(codes.to(torch.int8).reshape(n, k), scale, q8=True, out_dtype=out_dtype)
+        if not _x16(n):
+            return cls(codes.to(torch.int8).reshape(n, k), scale, True, (n, k), False, out_dtype)
+        correction = 128 * scale * codes.sum(-1)  # dpbusd reads the activations as a + 128
+        qs = codes.to(torch.int8).view(n // 16, 16, nb, 8, 4).permute(0, 2, 3, 1, 4)
+        dm = torch.stack([scale, correction], dim=-1).view(n // 16, 16, nb, 2).permute(0, 2, 3, 1)
+        return cls(qs, dm, True, (n, k), True, out_dtype)
 
     def dequantized(self) -> torch.Tensor:
+        """The weight [N, K] in float32, read back from the layout the kernels use."""
         n, k = self.out_features, self.in_features
+        nb = k // GROUP
+        if self.x16:  # back to one row after another
+            qs = self.qs.permute(0, 3, 1, 2, 4).reshape(n, nb, -1)
+            dm = self.dm.permute(0, 3, 1, 2).reshape(n, nb, 2)
+        else:
+            qs, dm = self.qs.reshape(n, nb, -1), self.dm.reshape(n, nb, -1)
         if self.q8:
-            return (self.qs.float().reshape(n, k // GROUP, GROUP) * self.dm[..., None]).reshape(n, k)
-        low, high = self.qs & 15, self.qs >> 4
-        codes = torch.cat([low.reshape(n, -1, GROUP // 2), high.reshape(n, -1, GROUP // 2)], dim=-1).float()
-        return (codes * self.dm[..., :1] + self.dm[..., 1:]).reshape(n, k)
+            return (qs.float() * dm[..., :1]).reshape(n, k)
+        codes = torch.cat([qs & 15, qs >> 4], dim=-1).float()
+        return (codes * dm[..., :1] + dm[..., 1:]).reshape(n, k)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """``x @ w.T`` for bfloat16 or float32 ``x`` [M, K], in ``out_dtype`` (bfloat16 or float32)."""
         x = x.contiguous()
         out = torch.empty(x.shape[0], self.out_features, dtype=self.out_dtype or x.dtype)
         bf16_in, bf16_out = int(x.dtype == torch.bfloat16), int(out.dtype == torch.bfloat16)
-        library().ss_linear(int(self.q8), x.data_ptr(), bf16_in, x.shape[0], self.in_features, self.qs.data_ptr(),
-                            self.dm.data_ptr(), self.out_features, out.data_ptr(), bf16_out, torch.get_num_threads())
+        library().ss_linear(int(self.q8), int(self.x16), x.data_ptr(), bf16_in, x.shape[0], self.in_features,
+                            self.qs.data_ptr(), self.dm.data_ptr(), self.out_features, out.data_ptr(), bf16_out,
+                            torch.get_num_threads())
         return out
 
 
@@ -149,7 +174,7 @@ _P = ctypes.c_void_p
 
 class _Model(ctypes.Structure):
     _fields_ = [(name, ctypes.c_int64) for name in
-                ("n_layers", "hidden", "n_heads", "n_kv", "head_dim", "inter", "block_size", "num_blocks", "nthreads")]
+                ("n_layers", "hidden", "n_heads", "n_kv", "head_dim", "inter", "block_size", "num_blocks", "nthreads", "x16")]
     _fields_ += [("eps", ctypes.c_double), ("scale", ctypes.c_double)]
     _fields_ += [(name, _P) for name in
                  ("embed", "cos_sin", "final_norm", "windows", "in_norm", "post_norm", "qkv_qs", "qkv_dm",
@@ -177,6 +202,8 @@ def unsupported(cfg) -> str | None:
         "residual_scale": cfg.residual_scale != 1.0,
         "head_dim": cfg.head_dim > 256 or cfg.num_heads // cfg.num_kv_heads > 8,
         "block-aligned sizes": any(n % GROUP for n in (cfg.hidden_size, cfg.intermediate_size, cfg.num_heads * cfg.head_dim)),
+        # one layout for every projection (x16 needs rows in sixteens)
+        "rows in sixteens": any(n % 16 for n in ((cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim, cfg.hidden_size, 2 * cfg.intermediate_size)),
     }
     failed = [name for name, bad in checks.items() if bad]
     return ", ".join(failed) or None
@@ -205,7 +232,7 @@ class NativeDecoder:
         self.embed = model.embed_tokens  # the loader casts its weight to bfloat16 after packing
         self.struct = _Model(
             n_layers=cfg.num_layers, hidden=cfg.hidden_size, n_heads=cfg.num_heads, n_kv=cfg.num_kv_heads,
-            head_dim=cfg.head_dim, inter=cfg.intermediate_size, eps=cfg.rms_norm_eps, scale=cfg.attn_scale,
+            head_dim=cfg.head_dim, inter=cfg.intermediate_size, x16=int(layers[0].self_attn.qkv_proj.q4.x16), eps=cfg.rms_norm_eps, scale=cfg.attn_scale,
             cos_sin=ptr(model.rotary.cos_sin.float().contiguous()), final_norm=ptr(f32(model.norm.weight)),
             windows=ptr(torch.tensor(cfg.layer_windows, dtype=torch.int64)),
             in_norm=arrays(lambda l: f32(l.input_layernorm.weight)),
