@@ -13,6 +13,9 @@ per-call work of the kernel. Two kernels, both PyTorch's own:
   CPU int4 kernel beats oneDNN's bf16 one only for a few rows, so above ``INT4_MAX_ROWS`` rows
   a bf16 copy of the *same* dequantized weights runs: both paths compute with one set of
   weight values.
+- stepserve's own Q4_1 kernel on 8-bit activations (``cpu_native``, C built per machine), where
+  it is built: ahead of both up to ``NATIVE_MAX_ROWS`` rows (README, "CPU kernels"), and it
+  replaces PyTorch's int4 kernel; above that the same bf16 copy runs.
 """
 
 from __future__ import annotations
