@@ -66,28 +66,56 @@ def test_int4_twin_and_dense_path_agree():
 @needs_bf16
 @pytest.mark.slow
 def test_embedded_model_int4_agrees_with_float32():
-    """Stated tolerance: the int4 model keeps the GGUF's 4-bit projections exactly but computes
-    in bfloat16, so greedy text may part from the float32 model late in an answer, as bfloat16
-    alone does. On these 12 prompts (2026-11-25) 79% of the first 24 tokens lay before the first
-    divergence from float32, and all 12 answers equalled bfloat16 without quantization; the test
-    asks 70% and 10 of 12."""
+    """Stated tolerance: the int4 model keeps the GGUF's 4-bit projections exactly, so its answers
+    may part from the float32 model (the same weights, dequantized) only through rounding.
+
+    PyTorch's int4 path computes in bfloat16: on these 12 prompts (2026-11-25) 79% of the first
+    24 tokens lay before the first divergence from float32, and all 12 answers equalled bfloat16
+    without quantization; the test asks 70% and 10 of 12.
+
+    stepserve's own kernels (``cpu_native``, 8-bit activations, a float32 residual stream) no
+    longer round as bfloat16 does, so they are held to float32 instead: on 2026-12-02 92% of the
+    tokens lay before the first divergence (bfloat16 without quantization: 81%), 8 answers of 12
+    equalled float32's (bfloat16: 7) and 6 equalled bfloat16's; the test asks 70%, and at least
+    as many answers equal to float32's as bfloat16 gives, less one."""
+    from unittest import mock
+
+    from stepserve.models import cpu_native
+
     prompts = ["What is the capital of France?", "What is 12 times 7?", "Name three colors.", "Write a haiku about the sea.",
                "Who wrote Romeo and Juliet?", "Translate 'good morning' into French.", "What is the boiling point of water?",
                "Give me a synonym for happy.", "Explain gravity in one sentence.", "List the planets.", "What is Python?", "Say hello."]
     params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
     outputs, texts = {}, {}
-    for dtype, quantization in (("float32", "none"), ("bfloat16", "none"), ("bfloat16", "int4")):
-        llm = LLM(max_model_len=512, dtype=dtype, quantization=quantization)
+    native = cpu_native.library()
+    runs = [("float32", "none", None), ("bfloat16", "none", None), ("bfloat16", "int4", None)]
+    if native is not None:
+        runs.append(("bfloat16", "int4", native))
+    for dtype, quantization, lib in runs:
+        with mock.patch.object(cpu_native, "library", return_value=lib):
+            llm = LLM(max_model_len=512, dtype=dtype, quantization=quantization)
         assert (llm.info.dtype, llm.info.quantization) == (dtype, quantization)
+        assert (llm.core.worker.model.native is not None) == (lib is not None)
         results = llm.chat([[{"role": "user", "content": p}] for p in prompts], params)
-        outputs[dtype, quantization] = [o.outputs[0].token_ids for o in results]
-        texts[dtype, quantization] = [o.outputs[0].text for o in results]
+        key = (dtype, quantization, lib is not None)
+        outputs[key] = [o.outputs[0].token_ids for o in results]
+        texts[key] = [o.outputs[0].text for o in results]
         del llm
-    reference, bf16, int4 = outputs["float32", "none"], outputs["bfloat16", "none"], outputs["bfloat16", "int4"]
-    prefix = [next((i for i, (a, b) in enumerate(zip(ref, got)) if a != b), len(ref)) for ref, got in zip(reference, int4)]
-    assert sum(prefix) >= 0.7 * 24 * len(prompts), prefix
+    reference, bf16 = outputs["float32", "none", False], outputs["bfloat16", "none", False]
+
+    def prefix(got):
+        return [next((i for i, (a, b) in enumerate(zip(ref, out)) if a != b), len(ref)) for ref, out in zip(reference, got)]
+
+    int4 = outputs["bfloat16", "int4", False]
+    assert sum(prefix(int4)) >= 0.7 * 24 * len(prompts), prefix(int4)
     assert sum(a == b for a, b in zip(bf16, int4)) >= 10
-    assert "Paris" in texts["bfloat16", "int4"][0], texts["bfloat16", "int4"][0]
+    assert "Paris" in texts["bfloat16", "int4", False][0], texts["bfloat16", "int4", False][0]
+    if native is not None:
+        fast = outputs["bfloat16", "int4", True]
+        assert sum(prefix(fast)) >= 0.7 * 24 * len(prompts), prefix(fast)
+        equal = lambda got: sum(a == b for a, b in zip(reference, got))  # noqa: E731
+        assert equal(fast) >= equal(bf16) - 1, (equal(fast), equal(bf16))
+        assert "Paris" in texts["bfloat16", "int4", True][0], texts["bfloat16", "int4", True][0]
 
 
 def test_quantization_choices_are_validated(tiny_llama):
@@ -218,3 +246,15 @@ def test_native_decode_propagates_non_finite_values():
 def test_without_a_compiler_the_pytorch_path_runs():
     model = _tiny_int4_model(native=False)
     assert all(getattr(m, "q4", None) is None for m in model.modules())
+
+
+@needs_native
+@pytest.mark.parametrize("out_rows", [96, 40])
+def test_native_linear_computes_each_row_alone(out_rows):
+    """A row's result does not depend on the rows beside it (the README's batch-invariance note)."""
+    gen = torch.Generator().manual_seed(out_rows)
+    from stepserve.models.cpu_linear import int4_blocks
+
+    layer = cpu_native.BlockWeight.q4_1(*int4_blocks(torch.randn(out_rows, 4 * GROUP, generator=gen)))
+    x = torch.randn(37, 4 * GROUP, generator=gen).bfloat16()
+    assert torch.equal(torch.cat([layer(x[i : i + 1]) for i in range(37)]), layer(x))
