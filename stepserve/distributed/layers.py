@@ -25,6 +25,8 @@ class AllReduced(nn.Module):
 
 def join_ranks(model: nn.Module, group) -> None:
     """Make every decoder layer's o_proj and down_proj sum over the group (in place)."""
+    if getattr(model, "native", None) is not None:
+        model.native = None  # the one-call native CPU decode step (cpu_native) has no all-reduce
     for layer in model.layers:
         layer.self_attn.o_proj = AllReduced(layer.self_attn.o_proj, group)
         layer.mlp.down_proj = AllReduced(layer.mlp.down_proj, group)
