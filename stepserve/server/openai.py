@@ -7,10 +7,12 @@ bodies that the app frames as server-sent events.
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import aclosing
+from typing import TypeVar
 
 from stepserve.core.outputs import TokenLogprob
 from stepserve.engine.async_engine import PromptInput, Update
@@ -18,7 +20,7 @@ from stepserve.engine.output_processor import RequestState
 from stepserve.errors import InvalidRequestError
 from stepserve.sampling import SamplingParams
 from stepserve.server.context import ServingContext
-from stepserve.server.constraints import output_constraint
+from stepserve.server.constraints import output_constraint, requested_constraints
 from stepserve.server.schemas import ChatCompletionRequest, ChatMessage, CompletionRequest, _SamplingFields
 from stepserve.server.tool_calls import ToolDeltas, ToolMode, message, template_tool_calls, template_tools, tool_mode
 from stepserve.structured.spec import GrammarSpec
@@ -28,6 +30,8 @@ ROLES = ("system", "developer", "user", "assistant", "tool")
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's documented default on /v1/completions
 
 Chunks = AsyncIterator[dict]
+_T = TypeVar("_T")
+_R = TypeVar("_R")
 
 
 def new_id(prefix: str) -> str:
@@ -134,11 +138,13 @@ async def _collect(ctx: ServingContext, request_id: str, prompts: Sequence[Promp
 # -- /v1/completions ----------------------------------------------------------------------
 
 
-def completion_prompts(ctx: ServingContext, req: CompletionRequest) -> list[tuple[str, PromptInput]]:
-    """(prompt text, resolved prompt) for each prompt of the request."""
+def completion_prompts(
+    ctx: ServingContext, req: CompletionRequest, constraint: tuple[str, GrammarSpec] | None,
+) -> list[tuple[str, PromptInput]]:
+    """(prompt text, resolved prompt) for each prompt of the request; ``constraint`` is what
+    ``output_constraint`` gave for it."""
     if req.suffix is not None:
         raise InvalidRequestError("suffix is not supported: this server does not fill in the middle", "suffix")
-    constraint = output_constraint(ctx, req)
     params = sampling_params(ctx, req, req.max_tokens, req.logprobs, constraint[1] if constraint else None)
     if req.echo and req.logprobs is not None:  # the echoed prompt's tokens get their logprobs too
         params = params.replace(prompt_logprobs=max(req.logprobs, req.prompt_logprobs or 0))
@@ -154,6 +160,15 @@ def completion_prompts(ctx: ServingContext, req: CompletionRequest) -> list[tupl
     return out
 
 
+async def off_loop(compile_fn: Callable[[ServingContext, _T], _R], ctx: ServingContext, req: _T) -> _R:
+    """``compile_fn(ctx, req)``, in a worker thread when the request carries a constraint or
+    tools: checking a new grammar may take up to its time bound (seconds), and the event loop
+    must keep serving every other request meanwhile. Free requests stay on the loop (no hop)."""
+    if not requested_constraints(req) and not getattr(req, "tools", None):
+        return compile_fn(ctx, req)
+    return await asyncio.to_thread(compile_fn, ctx, req)
+
+
 def _is_ids(prompt) -> bool:
     return bool(prompt) and isinstance(prompt[0], int)
 
@@ -164,7 +179,7 @@ async def complete(ctx: ServingContext, req: CompletionRequest) -> dict | Chunks
         from stepserve.tasks import openai as task_openai
 
         return await task_openai.complete(ctx.tasks, ctx, req)
-    prompts = completion_prompts(ctx, req)
+    prompts = completion_prompts(ctx, req, await off_loop(output_constraint, ctx, req))
     request_id = new_id("cmpl")
     if req.stream:
         return _completion_chunks(ctx, req, request_id, prompts)
@@ -318,7 +333,7 @@ async def chat(ctx: ServingContext, req: ChatCompletionRequest) -> dict | Chunks
     ctx.check_model(req.model)
     if ctx.tasks is not None:
         ctx.tasks.require(("text_generation",), "/v1/chat/completions")
-    constraints = chat_constraints(ctx, req)
+    constraints = await off_loop(chat_constraints, ctx, req)
     prompt = chat_prompt(ctx, req, constraints)
     mode = constraints[1]
     request_id = new_id("chatcmpl")

@@ -64,8 +64,22 @@ class GrammarMatchers:
         self.eos_token_ids = sorted(eos_token_ids)
         self.device = device
         self._executor = None
+        self._byte_bias: torch.Tensor | None = None
+        self._eos_words: torch.Tensor | None = None
         self._compiled: OrderedDict[str, object] = OrderedDict()
         self._matchers: dict[str, RequestMatcher] = {}
+
+    def byte_bias(self) -> torch.Tensor:
+        """The bit-to-bias table on the logits' device (built once)."""
+        if self._byte_bias is None:
+            self._byte_bias = _byte_bias(self.device)
+        return self._byte_bias
+
+    def eos_words(self) -> torch.Tensor:
+        """The bitmask row [1, words] that allows only EOS, on the logits' device."""
+        if self._eos_words is None:
+            self._eos_words = _words(self.eos_token_ids, (self.vocab_size + 31) // 32)[None].to(self.device)
+        return self._eos_words
 
     def drop(self, request_ids: Iterable[str]) -> None:
         """Forget finished or preempted requests (a preempted one is rebuilt when it returns)."""
@@ -119,6 +133,25 @@ class GrammarMatchers:
         return mask
 
 
+def _byte_bias(device: torch.device) -> torch.Tensor:
+    """[256, 8] float32: entry [b, k] is 0 where bit k of byte b is set (token allowed), else -inf.
+
+    A row of bitmask words read as bytes (little-endian: byte j of word w holds tokens 32w + 8j
+    .. 32w + 8j + 7) indexes this table into an additive bias over the vocabulary. Adding a bias
+    costs one pass over the logits; unpacking bits to booleans and ``masked_fill`` cost several,
+    and were measured about 100x slower on the CPU (README, "Benchmark" of structured output)."""
+    bits = (torch.arange(256)[:, None] >> torch.arange(8)) & 1
+    return torch.where(bits.bool(), 0.0, float("-inf")).to(device)
+
+
+def _words(token_ids: Iterable[int], words: int) -> torch.Tensor:
+    """An int32 bitmask row [words] allowing exactly ``token_ids``."""
+    row = [0] * words
+    for t in token_ids:
+        row[t // 32] |= 1 << (t % 32)
+    return torch.tensor([w - (1 << 32) if w >= 1 << 31 else w for w in row], dtype=torch.int32)
+
+
 class GrammarPass:
     """Constrained rows of one pass: masks their logits each step, advances their matchers."""
 
@@ -127,8 +160,8 @@ class GrammarPass:
         self.matchers = matchers
         self.steps = steps  # tokens each row may still accept this pass
         self.rows = torch.tensor(rows, dtype=torch.long).to(owner.device)
-        self._shifts = torch.arange(32, dtype=torch.int32, device=owner.device)
-        self._eos = torch.tensor(owner.eos_token_ids, dtype=torch.long, device=owner.device)
+        self._table = owner.byte_bias()
+        self._eos_only = owner.eos_words()
 
     def mask(self, logits: torch.Tensor, raw_logits: torch.Tensor) -> torch.Tensor:
         """``logits`` with every token the grammar forbids at -inf on the constrained rows.
@@ -138,14 +171,13 @@ class GrammarPass:
         (an error state; never expected) may only end, with EOS.
         """
         bits = self.owner.fill(self.matchers).to(logits.device, non_blocking=True)
-        allowed = ((bits[:, :, None] >> self._shifts) & 1).bool().flatten(1)[:, : logits.shape[1]]
-        nothing = ~allowed.any(dim=1, keepdim=True)
-        eos_only = torch.zeros_like(allowed).index_fill_(1, self._eos, True)
-        allowed = torch.where(nothing, eos_only, allowed)
-        masked = logits.index_select(0, self.rows).masked_fill(~allowed, float("-inf"))
-        raw = raw_logits.index_select(0, self.rows).masked_fill(~allowed, float("-inf"))
-        starved = torch.isinf(masked).all(dim=1, keepdim=True)
-        return logits.index_copy(0, self.rows, torch.where(starved, raw, masked))
+        bits = torch.where((bits == 0).all(dim=1, keepdim=True), self._eos_only, bits)
+        bias = self._table.index_select(0, bits.view(torch.uint8).flatten().long())
+        bias = bias.view(bits.shape[0], -1)[:, : logits.shape[1]].to(logits.dtype)
+        masked = logits.index_select(0, self.rows) + bias
+        starved = masked.amax(dim=1, keepdim=True) == float("-inf")
+        masked = torch.where(starved, raw_logits.index_select(0, self.rows) + bias, masked)
+        return logits.index_copy(0, self.rows, masked)
 
     def accept(self, tokens: torch.Tensor, step: int) -> None:
         """Feed step ``step``'s tokens to the matchers (one host sync of the constrained rows)."""

@@ -153,10 +153,11 @@ def _apply_stop(text: str, stops: tuple[str, ...]) -> tuple[str, str | None]:
 async def complete(ts: TaskServing, ctx, req) -> dict | AsyncIterator[dict]:
     """``/v1/completions`` on a text2text model: the same validation and ``max_tokens`` resolution as the LLM path."""
     from stepserve.server import openai as server_openai  # the LLM path's validation, shared
+    from stepserve.server.constraints import output_constraint
 
     ts.require((T.TEXT2TEXT,), "/v1/completions")
     _check_supported(req)
-    prompts = server_openai.completion_prompts(ctx, req)
+    prompts = server_openai.completion_prompts(ctx, req, await server_openai.off_loop(output_constraint, ctx, req))
     encoded, fields = [], []
     for _, prompt in prompts:
         for i in range(prompt.params.n):

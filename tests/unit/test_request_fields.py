@@ -14,6 +14,7 @@ from stepserve.config import ConfigError
 from stepserve.errors import InvalidRequestError
 from stepserve.generation_config import SamplingDefaults, load_sampling_defaults, log_sampling_defaults
 from stepserve.server import kserve, openai
+from stepserve.server.constraints import output_constraint
 from stepserve.server.config import ServerConfig
 from stepserve.server.context import ServingContext
 from stepserve.server.fields import UnknownFieldPolicy, hf_parameters
@@ -29,6 +30,10 @@ from stepserve.server.schemas import (
 
 MAX_MODEL_LEN = 100
 QWEN3 = {"temperature": 0.6, "top_p": 0.95, "top_k": 20, "min_p": 0.0, "repetition_penalty": 1.05, "max_new_tokens": 7}
+
+
+def _prompts(ctx, req):
+    return openai.completion_prompts(ctx, req, output_constraint(ctx, req))
 
 
 @pytest.fixture(scope="module")
@@ -235,7 +240,7 @@ def test_generation_config_modes(tmp_path, caplog):
 
 def completion(tokenizer, defaults, server=None, **body):
     req = validate(CompletionRequest, {"prompt": "hello"} | body)
-    return openai.completion_prompts(context(tokenizer, defaults, **(server or {})), req)[0][1].params
+    return _prompts(context(tokenizer, defaults, **(server or {})), req)[0][1].params
 
 
 def chat(tokenizer, defaults, **body):

@@ -6,6 +6,7 @@ from starlette.exceptions import HTTPException
 
 from stepserve.errors import EngineDeadError, InvalidRequestError, ModelNotFoundError, QueueFullError, RequestAbortedError
 from stepserve.server import openai
+from stepserve.server.constraints import output_constraint
 from stepserve.server.app import http_error
 from stepserve.server.config import ServerConfig
 from stepserve.server.context import ServingContext
@@ -13,6 +14,10 @@ from stepserve.server.fields import UnknownFieldPolicy
 from stepserve.server.schemas import ChatCompletionRequest, CompletionRequest, parse_body, validate
 
 MAX_MODEL_LEN = 100
+
+
+def _prompts(ctx, req):
+    return openai.completion_prompts(ctx, req, output_constraint(ctx, req))
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +37,7 @@ def context(tokenizer, **server) -> ServingContext:
 
 def completion(tokenizer, server=None, **body):
     req = validate(CompletionRequest, {"prompt": "hello"} | body)
-    return openai.completion_prompts(context(tokenizer, **(server or {})), req)[0][1]
+    return _prompts(context(tokenizer, **(server or {})), req)[0][1]
 
 
 def chat(tokenizer, server=None, **body):

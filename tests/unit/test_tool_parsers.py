@@ -1,6 +1,7 @@
 """Tool-call parsing (canned model outputs, whole and streamed at every chunk boundary), the
 ``required`` stream scanner, and the front end's 400s for constraints and tools."""
 
+import asyncio
 import json
 import random
 import threading
@@ -12,6 +13,7 @@ from openai.types.chat import ChatCompletionChunk
 from stepserve.errors import InvalidRequestError
 from stepserve.server import openai
 from stepserve.server.config import ServerConfig
+from stepserve.server.constraints import output_constraint
 from stepserve.server.context import ServingContext
 from stepserve.server.schemas import ChatCompletionRequest, CompletionRequest, validate
 from stepserve.server.tool_calls import ToolDeltas, ToolMode, message
@@ -206,7 +208,7 @@ def test_tool_choice_errors_name_the_field(ctx):
 def test_constraint_errors_name_the_field(ctx):
     def completion(**body):
         req = validate(CompletionRequest, {"prompt": "x"} | body)
-        return openai.completion_prompts(ctx, req)
+        return openai.completion_prompts(ctx, req, output_constraint(ctx, req))
 
     cases = {
         "guided_json": {"guided_json": {"type": "object", "properties": {"a": {"$ref": "#/missing"}}}},
@@ -224,15 +226,47 @@ def test_constraint_errors_name_the_field(ctx):
     # Compilation is bounded in time: with the compile threads busy, the request gets a 400.
     compiler = GrammarCompiler(ctx.tokenizer, 320, {256}, timeout_s=0.2)
     slow = ServingContext(None, ctx.tokenizer, "m", 200, 320, ServerConfig(), grammars=compiler)
+    regex = validate(CompletionRequest, {"prompt": "x", "guided_regex": "[a-z]{1,40}q"})
     release = threading.Event()
     for _ in range(2):
         compiler._pool.submit(release.wait)
     try:
-        late = refused(openai.completion_prompts, slow, validate(CompletionRequest, {"prompt": "x", "guided_regex": "[a-z]{1,40}q"}))
+        late = refused(output_constraint, slow, regex)
     finally:
         release.set()
     assert late.param == "guided_regex" and "longer than" in late.message
-    assert openai.completion_prompts(slow, validate(CompletionRequest, {"prompt": "x", "guided_regex": "[a-z]{1,40}q"}))
+    assert output_constraint(slow, regex)
+
+
+def test_a_slow_compile_does_not_hold_the_event_loop(ctx):
+    """While a grammar is checked (up to its time bound), the server's loop serves the others."""
+    compiler = GrammarCompiler(ctx.tokenizer, 320, {256}, timeout_s=0.5)
+    slow = ServingContext(None, ctx.tokenizer, "m", 200, 320, ServerConfig(), grammars=compiler)
+    release = threading.Event()
+    for _ in range(2):
+        compiler._pool.submit(release.wait)  # the compile threads are busy: this check runs to its bound
+    ticks = []
+
+    async def ticker(done: asyncio.Event):
+        while not done.is_set():
+            ticks.append(1)
+            await asyncio.sleep(0.01)
+
+    async def both():
+        done = asyncio.Event()
+        task = asyncio.create_task(ticker(done))
+        try:
+            await openai.off_loop(output_constraint, slow, validate(CompletionRequest, {"prompt": "x", "guided_regex": "b+"}))
+        finally:
+            done.set()
+            await task
+
+    try:
+        with pytest.raises(InvalidRequestError, match="longer than"):
+            asyncio.run(both())
+    finally:
+        release.set()
+    assert len(ticks) >= 20  # 0.5 s of compile bound, a tick every 10 ms: the loop ran meanwhile
 
 
 def test_mistral_auto_keeps_special_tokens_and_the_parser_flag_is_checked(ctx):
