@@ -13,6 +13,9 @@ per-call work of the kernel. Two kernels, both PyTorch's own:
   CPU int4 kernel beats oneDNN's bf16 one only for a few rows, so above ``INT4_MAX_ROWS`` rows
   a bf16 copy of the *same* dequantized weights runs: both paths compute with one set of
   weight values.
+- stepserve's own Q4_1 kernel on 8-bit activations (``cpu_native``, C built per machine), where
+  it is built: ahead of both up to ``NATIVE_MAX_ROWS`` rows (README, "CPU kernels"), and it
+  replaces PyTorch's int4 kernel; above that the same bf16 copy runs.
 
 oneDNN builds and caches a kernel for every row count it is called with (PyTorch keeps one
 too), about half a MiB each for the embedded model's projections, and a server sees every row
@@ -29,6 +32,7 @@ from torch import nn
 
 GROUP = 32  # weights per int4 scale/zero pair: GGUF's Q4_0/Q4_1 block size
 INT4_MAX_ROWS = 8  # rows up to which the int4 kernel beats oneDNN bf16 (2-core AVX512-BF16, README)
+NATIVE_MAX_ROWS = 64  # the same for stepserve's own Q4_1 kernel (measured, README)
 
 
 def onednn_rows(rows: int) -> int:
@@ -38,40 +42,51 @@ def onednn_rows(rows: int) -> int:
     return -(-rows // step) * step
 
 
-def quantize_int4(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Asymmetric 4-bit codes of ``weight`` [N, K] in groups of ``GROUP`` along K.
-
-    Returns (codes [N, K] int32 in 0..15, scales_and_zeros [K/GROUP, N, 2], dequantized [N, K]),
-    where ``w = (code - 8) * scale + zero``, PyTorch's int4 convention. A group's scale is
+def int4_blocks(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Asymmetric 4-bit blocks of ``weight`` [N, K], ``GROUP`` weights each along K: codes [N, K]
+    (float, 0..15), scale and min [N, K/GROUP] with ``w = scale * code + min``. A group's scale is
     (max - min) / 15 and its min maps to code 0: a GGUF Q4_1 block (``w = d * q + m``, with q = 0
-    and 15 reached by its min and max) comes back as its own codes, scale d and min m.
-    """
+    and 15 reached by its min and max) comes back as its own codes, scale d and min m."""
     n, k = weight.shape
     groups = weight.float().reshape(n, k // GROUP, GROUP)
     low, high = groups.amin(-1), groups.amax(-1)
     scale = (high - low) / 15
     safe = torch.where(scale > 0, scale, torch.ones_like(scale))  # a constant group: every code 0
     codes = torch.round((groups - low[..., None]) / safe[..., None]).clamp_(0, 15)
+    return codes.reshape(n, k), scale, low
+
+
+def quantize_int4(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``int4_blocks`` in PyTorch's int4 convention: (codes [N, K] int32 in 0..15,
+    scales_and_zeros [K/GROUP, N, 2], dequantized [N, K]), where ``w = (code - 8) * scale + zero``."""
+    n, k = weight.shape
+    codes, scale, low = int4_blocks(weight)
     zero = low + 8 * scale
-    dequantized = ((codes - 8) * scale[..., None] + zero[..., None]).reshape(n, k)
+    dequantized = ((codes.reshape(n, k // GROUP, GROUP) - 8) * scale[..., None] + zero[..., None]).reshape(n, k)
     scales_and_zeros = torch.stack([scale.t(), zero.t()], dim=-1).contiguous()
-    return codes.to(torch.int32).reshape(n, k), scales_and_zeros, dequantized
+    return codes.to(torch.int32), scales_and_zeros, dequantized
 
 
 class CpuLinear(nn.Module):
-    """A linear layer on prepacked oneDNN weights, with an int4 twin for calls of at most
-    ``INT4_MAX_ROWS`` rows when ``int4``.
+    """A linear layer on prepacked oneDNN weights, with an int4 twin for calls of few rows when
+    ``int4``: stepserve's own Q4_1 kernel (``cpu_native``, up to ``NATIVE_MAX_ROWS`` rows) where
+    it is built, else PyTorch's (up to ``INT4_MAX_ROWS``).
 
     The packed tensors are plain attributes, not parameters or buffers: ``Module.to`` must not
     cast them and the state dict does not hold them.
     """
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype, int4: bool) -> None:
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype, int4: bool, native: bool = False) -> None:
         super().__init__()
         self.bias = None if bias is None else bias.detach().to(dtype)
-        self.int4 = self.scales_and_zeros = None
+        self.int4 = self.scales_and_zeros = self.q4 = None
         weight = weight.detach()
-        if int4:
+        if int4 and native:
+            from stepserve.models.cpu_native import BlockWeight
+
+            self.q4 = BlockWeight.q4_1(*int4_blocks(weight))
+            weight = self.q4.dequantized()
+        elif int4:
             codes, scales_and_zeros, weight = quantize_int4(weight)
             self.int4 = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
             self.scales_and_zeros = scales_and_zeros.to(dtype)
@@ -79,12 +94,15 @@ class CpuLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.shape[0]
-        if self.int4 is None or rows > INT4_MAX_ROWS:
+        if self.q4 is not None and rows <= NATIVE_MAX_ROWS:
+            out = self.q4(x)
+        elif self.int4 is not None and rows <= INT4_MAX_ROWS:
+            out = torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.int4, GROUP, self.scales_and_zeros)
+        else:
             padded = onednn_rows(rows)  # a bounded set of shapes: see the module's docstring
             if padded != rows:
                 x = torch.nn.functional.pad(x, (0, 0, 0, padded - rows))
             return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [None], "")[:rows]
-        out = torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.int4, GROUP, self.scales_and_zeros)
         return out if self.bias is None else out + self.bias
 
 
@@ -93,9 +111,9 @@ def cpu_has_bf16() -> bool:
     return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
-def pack_linears(model: nn.Module, dtype: torch.dtype, int4: bool) -> None:
+def pack_linears(model: nn.Module, dtype: torch.dtype, int4: bool, native: bool = False) -> None:
     """Replace every ``nn.Linear`` in ``model`` by a ``CpuLinear`` (in place)."""
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if isinstance(child, nn.Linear):
-                setattr(parent, name, CpuLinear(child.weight, child.bias, dtype, int4))
+                setattr(parent, name, CpuLinear(child.weight, child.bias, dtype, int4, native))
