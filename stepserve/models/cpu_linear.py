@@ -13,9 +13,12 @@ per-call work of the kernel. Two kernels, both PyTorch's own:
   CPU int4 kernel beats oneDNN's bf16 one only for a few rows, so above ``INT4_MAX_ROWS`` rows
   a bf16 copy of the *same* dequantized weights runs: both paths compute with one set of
   weight values.
-- stepserve's own Q4_1 kernel on 8-bit activations (``cpu_native``, C built per machine), where
-  it is built: ahead of both up to ``NATIVE_MAX_ROWS`` rows (README, "CPU kernels"), and it
-  replaces PyTorch's int4 kernel; above that the same bf16 copy runs.
+- with ``native`` (stepserve's own kernels built, ``cpu_native``), the GGUF's Q4_1 blocks are
+  also kept exactly as ``q4``, for the one-call decode step ``ss_decode``, which multiplies them
+  with 8-bit activations. These layers' own calls (prefill chunks, mixed passes, families the
+  one-call step does not cover) keep bf16 activations: 8-bit activations moved the embedded
+  model's first-token logits enough to flip its greedy answer to "What is the capital of
+  France?" (README, "CPU kernels"), and the first token sets an answer's course.
 
 oneDNN builds and caches a kernel for every row count it is called with (PyTorch keeps one
 too), about half a MiB each for the embedded model's projections, and a server sees every row
@@ -32,7 +35,6 @@ from torch import nn
 
 GROUP = 32  # weights per int4 scale/zero pair: GGUF's Q4_0/Q4_1 block size
 INT4_MAX_ROWS = 8  # rows up to which the int4 kernel beats oneDNN bf16 (2-core AVX512-BF16, README)
-NATIVE_MAX_ROWS = 64  # the same for stepserve's own Q4_1 kernel (measured, README)
 
 
 def onednn_rows(rows: int) -> int:
@@ -68,9 +70,9 @@ def quantize_int4(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, tor
 
 
 class CpuLinear(nn.Module):
-    """A linear layer on prepacked oneDNN weights, with an int4 twin for calls of few rows when
-    ``int4``: stepserve's own Q4_1 kernel (``cpu_native``, up to ``NATIVE_MAX_ROWS`` rows) where
-    it is built, else PyTorch's (up to ``INT4_MAX_ROWS``).
+    """A linear layer on prepacked oneDNN weights, with an int4 twin for calls of at most
+    ``INT4_MAX_ROWS`` rows when ``int4``, and with ``native`` the exact Q4_1 blocks (``q4``) that
+    ``ss_decode`` reads.
 
     The packed tensors are plain attributes, not parameters or buffers: ``Module.to`` must not
     cast them and the state dict does not hold them.
@@ -85,8 +87,7 @@ class CpuLinear(nn.Module):
             from stepserve.models.cpu_native import BlockWeight
 
             self.q4 = BlockWeight.q4_1(*int4_blocks(weight))
-            weight = self.q4.dequantized()
-        elif int4:
+        if int4:
             codes, scales_and_zeros, weight = quantize_int4(weight)
             self.int4 = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
             self.scales_and_zeros = scales_and_zeros.to(dtype)
@@ -94,15 +95,12 @@ class CpuLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.shape[0]
-        if self.q4 is not None and rows <= NATIVE_MAX_ROWS:
-            out = self.q4(x)
-        elif self.int4 is not None and rows <= INT4_MAX_ROWS:
-            out = torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.int4, GROUP, self.scales_and_zeros)
-        else:
+        if self.int4 is None or rows > INT4_MAX_ROWS:
             padded = onednn_rows(rows)  # a bounded set of shapes: see the module's docstring
             if padded != rows:
                 x = torch.nn.functional.pad(x, (0, 0, 0, padded - rows))
             return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [None], "")[:rows]
+        out = torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.int4, GROUP, self.scales_and_zeros)
         return out if self.bias is None else out + self.bias
 
 

@@ -190,20 +190,20 @@ class DecoderForCausalLM(nn.Module):
 
     def pack_for_cpu(self, dtype: torch.dtype, int4: bool) -> None:
         """Prepack every projection and the head for oneDNN; with ``int4``, the projections get
-        int4 twins for small batches (``cpu_linear``). With ``int4`` and stepserve's CPU kernels
-        built (``cpu_native``), the head is 8-bit (the GGUF stores it, tied to the embedding, as
-        Q8_0: kept exactly) and a decode step of the plain decoder runs in one native call.
-        Without them the head stays bf16: 4 bits of it visibly change greedy answers, and
+        int4 twins for small batches (``cpu_linear``). With ``int4``, stepserve's CPU kernels
+        built (``cpu_native``) and a family they cover, a decode step runs in one native call and
+        the head is 8-bit (the GGUF stores it, tied to the embedding, as Q8_0: kept exactly).
+        Otherwise the head stays bf16: 4 bits of it visibly change greedy answers, and
         PyTorch's int8 kernel reads it no faster than oneDNN reads bf16 here."""
         from stepserve.models import cpu_native
         from stepserve.models.cpu_linear import CpuLinear, pack_linears
 
-        native = int4 and dtype == torch.bfloat16 and cpu_native.library() is not None
+        native = int4 and dtype == torch.bfloat16 and cpu_native.unsupported(self.cfg) is None and cpu_native.library() is not None
         pack_linears(self.layers, dtype, int4, native)
         head = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
         self.packed_head = cpu_native.BlockWeight.q8_0(head, torch.float32) if native else CpuLinear(head, None, dtype, int4=False)
         self.lm_head = None
-        if native and cpu_native.unsupported(self.cfg) is None:
+        if native:
             self.native = cpu_native.NativeDecoder(self)
 
     # -- weights ---------------------------------------------------------------------------
