@@ -13,6 +13,12 @@ per-call work of the kernel. Two kernels, both PyTorch's own:
   CPU int4 kernel beats oneDNN's bf16 one only for a few rows, so above ``INT4_MAX_ROWS`` rows
   a bf16 copy of the *same* dequantized weights runs: both paths compute with one set of
   weight values.
+- with ``native`` (stepserve's own kernels built, ``cpu_native``), the GGUF's Q4_1 blocks are
+  also kept exactly as ``q4``, for the one-call decode step ``ss_decode``, which multiplies them
+  with 8-bit activations. These layers' own calls (prefill chunks, mixed passes, families the
+  one-call step does not cover) keep bf16 activations: 8-bit activations moved the embedded
+  model's first-token logits enough to flip its greedy answer to "What is the capital of
+  France?" (README, "CPU kernels"), and the first token sets an answer's course.
 
 oneDNN builds and caches a kernel for every row count it is called with (PyTorch keeps one
 too), about half a MiB each for the embedded model's projections, and a server sees every row
@@ -38,39 +44,49 @@ def onednn_rows(rows: int) -> int:
     return -(-rows // step) * step
 
 
-def quantize_int4(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Asymmetric 4-bit codes of ``weight`` [N, K] in groups of ``GROUP`` along K.
-
-    Returns (codes [N, K] int32 in 0..15, scales_and_zeros [K/GROUP, N, 2], dequantized [N, K]),
-    where ``w = (code - 8) * scale + zero``, PyTorch's int4 convention. A group's scale is
+def int4_blocks(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Asymmetric 4-bit blocks of ``weight`` [N, K], ``GROUP`` weights each along K: codes [N, K]
+    (float, 0..15), scale and min [N, K/GROUP] with ``w = scale * code + min``. A group's scale is
     (max - min) / 15 and its min maps to code 0: a GGUF Q4_1 block (``w = d * q + m``, with q = 0
-    and 15 reached by its min and max) comes back as its own codes, scale d and min m.
-    """
+    and 15 reached by its min and max) comes back as its own codes, scale d and min m."""
     n, k = weight.shape
     groups = weight.float().reshape(n, k // GROUP, GROUP)
     low, high = groups.amin(-1), groups.amax(-1)
     scale = (high - low) / 15
     safe = torch.where(scale > 0, scale, torch.ones_like(scale))  # a constant group: every code 0
     codes = torch.round((groups - low[..., None]) / safe[..., None]).clamp_(0, 15)
+    return codes.reshape(n, k), scale, low
+
+
+def quantize_int4(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``int4_blocks`` in PyTorch's int4 convention: (codes [N, K] int32 in 0..15,
+    scales_and_zeros [K/GROUP, N, 2], dequantized [N, K]), where ``w = (code - 8) * scale + zero``."""
+    n, k = weight.shape
+    codes, scale, low = int4_blocks(weight)
     zero = low + 8 * scale
-    dequantized = ((codes - 8) * scale[..., None] + zero[..., None]).reshape(n, k)
+    dequantized = ((codes.reshape(n, k // GROUP, GROUP) - 8) * scale[..., None] + zero[..., None]).reshape(n, k)
     scales_and_zeros = torch.stack([scale.t(), zero.t()], dim=-1).contiguous()
-    return codes.to(torch.int32).reshape(n, k), scales_and_zeros, dequantized
+    return codes.to(torch.int32), scales_and_zeros, dequantized
 
 
 class CpuLinear(nn.Module):
     """A linear layer on prepacked oneDNN weights, with an int4 twin for calls of at most
-    ``INT4_MAX_ROWS`` rows when ``int4``.
+    ``INT4_MAX_ROWS`` rows when ``int4``, and with ``native`` the exact Q4_1 blocks (``q4``) that
+    ``ss_decode`` reads.
 
     The packed tensors are plain attributes, not parameters or buffers: ``Module.to`` must not
     cast them and the state dict does not hold them.
     """
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype, int4: bool) -> None:
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype, int4: bool, native: bool = False) -> None:
         super().__init__()
         self.bias = None if bias is None else bias.detach().to(dtype)
-        self.int4 = self.scales_and_zeros = None
+        self.int4 = self.scales_and_zeros = self.q4 = None
         weight = weight.detach()
+        if int4 and native:
+            from stepserve.models.cpu_native import BlockWeight
+
+            self.q4 = BlockWeight.q4_1(*int4_blocks(weight))
         if int4:
             codes, scales_and_zeros, weight = quantize_int4(weight)
             self.int4 = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
@@ -93,9 +109,9 @@ def cpu_has_bf16() -> bool:
     return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
-def pack_linears(model: nn.Module, dtype: torch.dtype, int4: bool) -> None:
+def pack_linears(model: nn.Module, dtype: torch.dtype, int4: bool, native: bool = False) -> None:
     """Replace every ``nn.Linear`` in ``model`` by a ``CpuLinear`` (in place)."""
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if isinstance(child, nn.Linear):
-                setattr(parent, name, CpuLinear(child.weight, child.bias, dtype, int4))
+                setattr(parent, name, CpuLinear(child.weight, child.bias, dtype, int4, native))

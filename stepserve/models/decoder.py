@@ -156,6 +156,7 @@ class DecoderForCausalLM(nn.Module):
         self.rotary = Rotary(cfg.rope, max_positions)
         self.local_rotary = Rotary(cfg.local_rope, max_positions) if cfg.local_rope is not None else None
         self.packed_head = None  # set by pack_for_cpu
+        self.native = None  # set by pack_for_cpu: a decode step in stepserve's CPU kernels (cpu_native)
 
     def fill_rotary(self) -> None:
         for rotary in (self.rotary, self.local_rotary):
@@ -164,6 +165,8 @@ class DecoderForCausalLM(nn.Module):
                 rotary.fill()
 
     def forward(self, input_ids, positions, kv_caches, meta: AttentionMetadata, backend: AttentionBackend):
+        if self.native is not None and self.native.handles(input_ids, kv_caches, meta):
+            return self.native.forward(input_ids, positions, kv_caches, meta)
         x, residual = self.embed_tokens(input_ids), None
         if self.cfg.embed_scale != 1.0:  # rounded to the activation dtype first, as transformers does
             x = x * torch.tensor(self.cfg.embed_scale, dtype=x.dtype)
@@ -187,15 +190,21 @@ class DecoderForCausalLM(nn.Module):
 
     def pack_for_cpu(self, dtype: torch.dtype, int4: bool) -> None:
         """Prepack every projection and the head for oneDNN; with ``int4``, the projections get
-        int4 twins for small batches (``cpu_linear``). The head stays bf16: a GGUF stores it
-        (tied to the embedding) in 8 bits, 4 bits of it visibly change greedy answers, and
+        int4 twins for small batches (``cpu_linear``). With ``int4``, stepserve's CPU kernels
+        built (``cpu_native``) and a family they cover, a decode step runs in one native call and
+        the head is 8-bit (the GGUF stores it, tied to the embedding, as Q8_0: kept exactly).
+        Otherwise the head stays bf16: 4 bits of it visibly change greedy answers, and
         PyTorch's int8 kernel reads it no faster than oneDNN reads bf16 here."""
+        from stepserve.models import cpu_native
         from stepserve.models.cpu_linear import CpuLinear, pack_linears
 
-        pack_linears(self.layers, dtype, int4)
+        native = int4 and dtype == torch.bfloat16 and cpu_native.unsupported(self.cfg) is None and cpu_native.library() is not None
+        pack_linears(self.layers, dtype, int4, native)
         head = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        self.packed_head = CpuLinear(head, None, dtype, int4=False)
+        self.packed_head = cpu_native.BlockWeight.q8_0(head, torch.float32) if native else CpuLinear(head, None, dtype, int4=False)
         self.lm_head = None
+        if native:
+            self.native = cpu_native.NativeDecoder(self)
 
     # -- weights ---------------------------------------------------------------------------
 

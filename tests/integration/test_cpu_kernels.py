@@ -105,28 +105,56 @@ def test_int4_twin_and_dense_path_agree():
 @needs_bf16
 @pytest.mark.slow
 def test_embedded_model_int4_agrees_with_float32():
-    """Stated tolerance: the int4 model keeps the GGUF's 4-bit projections exactly but computes
-    in bfloat16, so greedy text may part from the float32 model late in an answer, as bfloat16
-    alone does. On these 12 prompts (2026-11-25) 79% of the first 24 tokens lay before the first
-    divergence from float32, and all 12 answers equalled bfloat16 without quantization; the test
-    asks 70% and 10 of 12."""
+    """Stated tolerance: the int4 model keeps the GGUF's 4-bit projections exactly, so its answers
+    may part from the float32 model (the same weights, dequantized) only through rounding.
+
+    PyTorch's int4 path computes in bfloat16: on these 12 prompts (2026-11-25) 79% of the first
+    24 tokens lay before the first divergence from float32, and all 12 answers equalled bfloat16
+    without quantization; the test asks 70% and 10 of 12.
+
+    stepserve's own kernels (``cpu_native``, 8-bit activations, a float32 residual stream) no
+    longer round as bfloat16 does, so they are held to float32 instead: on 2026-12-02 92% of the
+    tokens lay before the first divergence (bfloat16 without quantization: 81%), 8 answers of 12
+    equalled float32's (bfloat16: 7) and 6 equalled bfloat16's; the test asks 70%, and at least
+    as many answers equal to float32's as bfloat16 gives, less one."""
+    from unittest import mock
+
+    from stepserve.models import cpu_native
+
     prompts = ["What is the capital of France?", "What is 12 times 7?", "Name three colors.", "Write a haiku about the sea.",
                "Who wrote Romeo and Juliet?", "Translate 'good morning' into French.", "What is the boiling point of water?",
                "Give me a synonym for happy.", "Explain gravity in one sentence.", "List the planets.", "What is Python?", "Say hello."]
     params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
     outputs, texts = {}, {}
-    for dtype, quantization in (("float32", "none"), ("bfloat16", "none"), ("bfloat16", "int4")):
-        llm = LLM(max_model_len=512, dtype=dtype, quantization=quantization)
+    native = cpu_native.library()
+    runs = [("float32", "none", None), ("bfloat16", "none", None), ("bfloat16", "int4", None)]
+    if native is not None:
+        runs.append(("bfloat16", "int4", native))
+    for dtype, quantization, lib in runs:
+        with mock.patch.object(cpu_native, "library", return_value=lib):
+            llm = LLM(max_model_len=512, dtype=dtype, quantization=quantization)
         assert (llm.info.dtype, llm.info.quantization) == (dtype, quantization)
+        assert (llm.core.worker.model.native is not None) == (lib is not None)
         results = llm.chat([[{"role": "user", "content": p}] for p in prompts], params)
-        outputs[dtype, quantization] = [o.outputs[0].token_ids for o in results]
-        texts[dtype, quantization] = [o.outputs[0].text for o in results]
+        key = (dtype, quantization, lib is not None)
+        outputs[key] = [o.outputs[0].token_ids for o in results]
+        texts[key] = [o.outputs[0].text for o in results]
         del llm
-    reference, bf16, int4 = outputs["float32", "none"], outputs["bfloat16", "none"], outputs["bfloat16", "int4"]
-    prefix = [next((i for i, (a, b) in enumerate(zip(ref, got)) if a != b), len(ref)) for ref, got in zip(reference, int4)]
-    assert sum(prefix) >= 0.7 * 24 * len(prompts), prefix
+    reference, bf16 = outputs["float32", "none", False], outputs["bfloat16", "none", False]
+
+    def prefix(got):
+        return [next((i for i, (a, b) in enumerate(zip(ref, out)) if a != b), len(ref)) for ref, out in zip(reference, got)]
+
+    int4 = outputs["bfloat16", "int4", False]
+    assert sum(prefix(int4)) >= 0.7 * 24 * len(prompts), prefix(int4)
     assert sum(a == b for a, b in zip(bf16, int4)) >= 10
-    assert "Paris" in texts["bfloat16", "int4"][0], texts["bfloat16", "int4"][0]
+    assert "Paris" in texts["bfloat16", "int4", False][0], texts["bfloat16", "int4", False][0]
+    if native is not None:
+        fast = outputs["bfloat16", "int4", True]
+        assert sum(prefix(fast)) >= 0.7 * 24 * len(prompts), prefix(fast)
+        equal = lambda got: sum(a == b for a, b in zip(reference, got))  # noqa: E731
+        assert equal(fast) >= equal(bf16) - 1, (equal(fast), equal(bf16))
+        assert "Paris" in texts["bfloat16", "int4", True][0], texts["bfloat16", "int4", True][0]
 
 
 def test_quantization_choices_are_validated(tiny_llama):
@@ -141,3 +169,131 @@ def test_quantization_choices_are_validated(tiny_llama):
 def test_auto_keeps_a_float32_checkpoint_in_float32(tiny_llama):
     llm = LLM(model=str(tiny_llama), num_blocks=64, block_size=4, max_model_len=64)
     assert (llm.info.dtype, llm.info.quantization) == ("float32", "none")
+
+
+# -- stepserve's own kernels (cpu_native) against their PyTorch twins ---------------------------
+
+from stepserve.models import cpu_native  # noqa: E402
+
+needs_native = pytest.mark.skipif(cpu_native.library() is None, reason="stepserve's CPU kernels did not build (no C compiler)")
+
+
+@needs_native
+@pytest.mark.parametrize("rows", [16 * 6, 40])  # 40 rows: the plain layout; multiples of 16: interleaved where built
+def test_block_weights_keep_q4_1_and_q8_0_blocks_exactly(rows):
+    gen = torch.Generator().manual_seed(rows)
+    d = torch.rand(rows, 4, 1, generator=gen) * 0.1 + 0.01
+    m = torch.randn(rows, 4, 1, generator=gen) * 0.2
+    q = torch.randint(0, 16, (rows, 4, GROUP), generator=gen).float()
+    q[..., 0], q[..., 1] = 0, 15
+    q4 = (d * q + m).reshape(rows, 4 * GROUP)
+    from stepserve.models.cpu_linear import int4_blocks
+
+    assert torch.allclose(cpu_native.BlockWeight.q4_1(*int4_blocks(q4)).dequantized(), q4, rtol=0, atol=1e-6)
+    q8 = (d * torch.randint(-127, 128, (rows, 4, GROUP), generator=gen).float()).reshape(rows, 4 * GROUP)
+    q8.view(rows, 4, GROUP)[..., 0] = 127 * d[..., 0]  # a Q8_0 block's largest magnitude is 127 d
+    assert torch.allclose(cpu_native.BlockWeight.q8_0(q8).dequantized(), q8, rtol=1e-6, atol=1e-7)
+
+
+@needs_native
+@pytest.mark.parametrize("q8", [False, True])
+@pytest.mark.parametrize("rows", [1, 3, 8, 9, 17, 64])
+@pytest.mark.parametrize("out_rows", [96, 40])
+def test_native_linear_matches_f_linear(q8, rows, out_rows):
+    """Stated tolerance: the activations are quantized to 8 bits per block of 32 (llama.cpp's
+    Q8_1), about 0.5% relative error on random inputs; the test asks 1.5%."""
+    gen = torch.Generator().manual_seed(rows)
+    weight = torch.randn(out_rows, 6 * GROUP, generator=gen) * 0.05
+    from stepserve.models.cpu_linear import int4_blocks
+
+    layer = cpu_native.BlockWeight.q8_0(weight) if q8 else cpu_native.BlockWeight.q4_1(*int4_blocks(weight))
+    x = torch.randn(rows, 6 * GROUP, generator=gen)
+    want = F.linear(x, layer.dequantized())
+    for dtype in (torch.float32, torch.bfloat16):
+        got = layer(x.to(dtype))
+        assert got.dtype == dtype and got.shape == want.shape
+        assert rel_err(got, want) < 1.5e-2
+
+
+def _tiny_int4_model(native: bool):
+    from stepserve.models.loader import build_model
+    from stepserve.models.registry import decoder_config
+
+    hf = {"architectures": ["LlamaForCausalLM"], "vocab_size": 256, "hidden_size": 64, "intermediate_size": 128,
+          "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "rms_norm_eps": 1e-5,
+          "max_position_embeddings": 128, "rope_theta": 10000.0}
+    from unittest import mock
+
+    with mock.patch.object(cpu_native, "library", return_value=cpu_native.library() if native else None):
+        model = build_model(decoder_config(hf, 128), None, torch.bfloat16, torch.device("cpu"), 128, "int4", seed=3)
+    assert (model.native is not None) == native
+    return model
+
+
+def _decode(model, tokens, caches, use_native: bool):
+    """Greedy-free decode of ``tokens`` [B, T] one position at a time; logits [T, B, V]."""
+    from stepserve.attention.base import AttentionMetadata
+    from stepserve.attention.sdpa import SdpaBackend
+
+    backend, batch, steps = SdpaBackend(), tokens.shape[0], tokens.shape[1]
+    tables = torch.arange(1, 1 + batch * 4, dtype=torch.int32).view(batch, 4)
+    native, out = model.native, []
+    model.native = native if use_native else None
+    with torch.inference_mode():
+        for p in range(steps):
+            pos = torch.full((batch,), p, dtype=torch.long)
+            meta = AttentionMetadata(slot_mapping=tables[:, p // 4].long() * 4 + p % 4, positions=pos,
+                                     query_start_loc=torch.arange(batch + 1, dtype=torch.int32),
+                                     seq_lens=torch.full((batch,), p + 1, dtype=torch.int32), block_tables=tables,
+                                     max_query_len=1, max_seq_len=p + 1, block_size=4, is_decode=True)
+            backend.prepare(meta)
+            out.append(model.compute_logits(model(tokens[:, p], pos, caches, meta, backend)).float())
+    model.native = native
+    return torch.stack(out)
+
+
+@needs_native
+def test_native_decode_step_matches_the_pytorch_path():
+    """``ss_decode`` (every layer of a decode step in one call) against the PyTorch layers on the
+    same int4 weights, over 12 steps of 3 sequences with GQA. Stated tolerance: the two round
+    differently (8-bit activations in float32 against bfloat16 activations); logits within 5%,
+    the keys and values written to the cache within 3%."""
+    model = _tiny_int4_model(native=True)
+    tokens = torch.randint(0, 256, (3, 12), generator=torch.Generator().manual_seed(0))
+    from stepserve.worker.runner import allocate_kv_cache
+
+    caches = [allocate_kv_cache(model, 16, 4, torch.float32, "cpu") for _ in range(2)]
+    fast, slow = _decode(model, tokens, caches[0], True), _decode(model, tokens, caches[1], False)
+    assert rel_err(fast, slow) < 5e-2
+    for a, b in zip(*caches):
+        assert rel_err(a, b) < 3e-2
+
+
+@needs_native
+def test_native_decode_propagates_non_finite_values():
+    """A NaN must reach the logits (the runner turns non-finite logits into a request error), even
+    though the activations go through 8-bit quantization."""
+    model = _tiny_int4_model(native=True)
+    from stepserve.worker.runner import allocate_kv_cache
+
+    with torch.no_grad():
+        model.embed_tokens.weight[7] = float("nan")
+    logits = _decode(model, torch.tensor([[7, 1], [1, 2]]), allocate_kv_cache(model, 16, 4, torch.float32, "cpu"), True)
+    assert not torch.isfinite(logits[0, 0]).any() and torch.isfinite(logits[:, 1]).all()
+
+
+def test_without_a_compiler_the_pytorch_path_runs():
+    model = _tiny_int4_model(native=False)
+    assert all(getattr(m, "q4", None) is None for m in model.modules())
+
+
+@needs_native
+@pytest.mark.parametrize("out_rows", [96, 40])
+def test_native_linear_computes_each_row_alone(out_rows):
+    """A row's result does not depend on the rows beside it (the README's batch-invariance note)."""
+    gen = torch.Generator().manual_seed(out_rows)
+    from stepserve.models.cpu_linear import int4_blocks
+
+    layer = cpu_native.BlockWeight.q4_1(*int4_blocks(torch.randn(out_rows, 4 * GROUP, generator=gen)))
+    x = torch.randn(37, 4 * GROUP, generator=gen).bfloat16()
+    assert torch.equal(torch.cat([layer(x[i : i + 1]) for i in range(37)]), layer(x))
