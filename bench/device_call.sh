@@ -1,7 +1,7 @@
 #!/bin/bash
 # What one call on the lent GPU machine runs (the figures in the README's "GPU benchmark").
 # Run from the repository root there: bash bench/device_call.sh MODE, with the wheels of the
-# packages the machine lacks in ../.whl (see the device notes); results go to $OUT.
+# packages the machine lacks in .whl (carried; see the device notes); results go to $OUT.
 #   dev:     the CUDA engine and family tests, then the 8B / Qwen3-8B / Gemma-3-12B shapes with
 #            the greedy check (no transformers CB) and a profile
 #   final-a: pytest tests/gpu, then the Llama-8B and Qwen3-8B shapes against transformers CB
@@ -9,7 +9,7 @@
 #            transformers CB (run on the same machine straight after final-a)
 set -o pipefail
 mode=${1:?mode}
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site ../.whl/*.whl || exit 1
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem,temperature.gpu --format=csv
 python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"
@@ -41,6 +41,11 @@ final-b2)
 final-c)
     timeout 45 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_fp8.py -k kv_cache_engine 2>&1 | tee "$OUT/pytest_c.log" | tail -4
     bench 110 --out "$OUT/e" --only serve
+    ;;
+session3)  # the merged tree: the GPU tests, Gemma-3's greedy check (norms of 0), the HTTP rows
+    timeout 230 python3 -m pytest tests/gpu -q -p no:cacheprovider 2>&1 | tee "$OUT/pytest_gpu.log" | tail -15
+    bench 200 --out "$OUT/s" --only serve
+    bench 150 --out "$OUT/g" --only gemma3-12b --skip-cb
     ;;
 esac
 uptime
