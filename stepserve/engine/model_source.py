@@ -49,8 +49,12 @@ class HubOptions:
     cache_dir: str | None = None  # None: HF_HUB_CACHE / HF_HOME's hub folder
 
 
-def locate_model(model: str | None, model_id: str | None, hub: HubOptions = HubOptions(), default_dir: str = DEFAULT_MODEL_DIR) -> LocatedModel:
-    """The model to load, downloading it first for a hub id."""
+def locate_model(
+    model: str | None, model_id: str | None, hub: HubOptions = HubOptions(), default_dir: str = DEFAULT_MODEL_DIR,
+    needs_weights: bool = True,
+) -> LocatedModel:
+    """The model to load, downloading it first for a hub id; a local directory may lack weight
+    files when ``needs_weights`` is false (``--load-format dummy``)."""
     if model_id is not None and not Path(model_id).expanduser().exists():
         return LocatedModel(download(model_id, hub), model_id)
     local = model_id or model
@@ -59,7 +63,7 @@ def locate_model(model: str | None, model_id: str | None, hub: HubOptions = HubO
         local = default_dir
     if local is not None:
         path = _pick_file(Path(local).expanduser())
-        check_complete(path)
+        check_complete(path, needs_weights)
         return LocatedModel(str(path), None)
     return LocatedModel(None, None)
 
@@ -73,8 +77,8 @@ def _pick_file(path: Path) -> Path:
     return path
 
 
-def check_complete(path: Path) -> None:
-    """Refuse a directory that lacks its config, tokenizer or any weight shard."""
+def check_complete(path: Path, needs_weights: bool = True) -> None:
+    """Refuse a directory that lacks its config, tokenizer or (when ``needs_weights``) any weight shard."""
     if path.suffix == ".gguf" and path.is_file():
         return
     if not path.is_dir():
@@ -83,6 +87,8 @@ def check_complete(path: Path) -> None:
         raise ConfigError(f"model directory {str(path)!r} has no config.json (nor a single .gguf file)")
     if not any((path / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
         raise ConfigError(f"model directory {str(path)!r} has no tokenizer (tokenizer.json, tokenizer_config.json or tokenizer.model)")
+    if not needs_weights:
+        return
     index = path / "model.safetensors.index.json"
     shards = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else []
     missing = [name for name in shards if not (path / name).is_file()]
@@ -149,4 +155,5 @@ def _merge(model_id: str, model_dir: Path, tokenizer_dir: Path) -> Path:
 def locate_from_args(args) -> LocatedModel:
     """``locate_model`` for the command line's ``--model``, ``--model_id`` and revisions."""
     hub = HubOptions(getattr(args, "model_revision", None), getattr(args, "tokenizer_revision", None))
-    return locate_model(getattr(args, "model", None), getattr(args, "model_id", None), hub)
+    dummy = getattr(args, "load_format", "auto") == "dummy"  # random weights: the directory gives config and tokenizer
+    return locate_model(getattr(args, "model", None), getattr(args, "model_id", None), hub, needs_weights=not dummy)

@@ -19,6 +19,15 @@ def test_dummy_weights_need_no_files(tiny_llama, tmp_path):
     assert len(out[0].outputs[0].token_ids) == 6
     with pytest.raises(ConfigError, match="load_format"):
         EngineConfig.from_kwargs(load_format="pt")
+    # The command line's model lookup too: `stepserve serve --load-format dummy` on such a folder
+    # (the GPU benchmark's server run), and without dummy the missing weights are refused.
+    from stepserve.cli import build_parser
+    from stepserve.engine.model_source import locate_from_args
+
+    args = build_parser().parse_args(["serve", "--model", str(tmp_path), "--load-format", "dummy"])
+    assert locate_from_args(args).path == str(tmp_path)
+    with pytest.raises(ConfigError, match="no .safetensors weights"):
+        locate_from_args(build_parser().parse_args(["serve", "--model", str(tmp_path)]))
 
 
 def test_fill_dummy_shapes_values_and_seed(tiny_llama):
