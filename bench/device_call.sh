@@ -47,6 +47,11 @@ session3)  # the merged tree: the GPU tests, Gemma-3's greedy check (norms of 0)
     bench 200 --out "$OUT/s" --only serve
     bench 150 --out "$OUT/g" --only gemma3-12b --skip-cb
     ;;
+session3b)  # the rest of the GPU tests, the HTTP rows, the Llama-8B and Qwen3-8B shapes
+    timeout 160 python3 -m pytest tests/gpu/test_fp8.py tests/gpu/test_fused_ops.py tests/gpu/test_triton_attention.py tests/gpu/test_triton_window.py -q -rfE -p no:cacheprovider 2>&1 | tee "$OUT/pytest_rest.log" | tail -15
+    bench 210 --out "$OUT/s" --only serve
+    bench 190 --out "$OUT/a" --only 8b,qwen3-8b --skip-cb --skip-fp8 --skip-cold --skip-serve
+    ;;
 esac
 uptime
 ls -laR "$OUT"

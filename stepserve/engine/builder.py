@@ -154,10 +154,13 @@ def build_engine(
     if device.type == "cuda":
         use_compilation_cache(config.model.compilation_cache_dir)
     weights = tp.weights(checkpoint, model_config, weights, config.model.load_format)
+    loading = time.monotonic()
     model = build_model(
         tp.shard_config(model_config), weights, dtype, device, max_positions=max_model_len + steps, quantization=quantization,
         seed=config.model.seed,
     )
+    # Each phase of start-up is logged with its time: a restart's budget is spent somewhere.
+    log.info("model weights on %s in %.1fs (%.1fs since the engine build began)", device, time.monotonic() - loading, time.monotonic() - start)
     tp.join(model)
     # On CUDA: Triton kernels, and CUDA graphs of the decode step unless enforce_eager.
     backend = get_backend("triton" if device.type == "cuda" else "sdpa")

@@ -8,6 +8,7 @@ new token ids and finishes) after every step. If the core hits a fatal error it 
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import os
@@ -72,11 +73,26 @@ def core_factory(config: EngineConfig, eos_token_ids: frozenset[int] | None = No
     return functools.partial(build_core, config, eos_token_ids)
 
 
+def restart_factory(config: EngineConfig, eos_token_ids: frozenset[int] | None = None) -> Callable[[object], CoreFactory]:
+    """For the supervisor's restarts: the factory of a core that reuses the first core's KV cache
+    size (its ``ModelInfo``), so that a restart skips the memory-profiling pass (seconds on a GPU;
+    the model and the device are the same)."""
+
+    def factory(info) -> CoreFactory:
+        if config.cache.num_blocks is not None:
+            return core_factory(config, eos_token_ids=eos_token_ids)
+        cache = dataclasses.replace(config.cache, num_blocks=info.num_kv_blocks)
+        return core_factory(dataclasses.replace(config, cache=cache), eos_token_ids=eos_token_ids)
+
+    return factory
+
+
 def core_main(conn, factory: CoreFactory) -> None:
     """Entry point of the core process."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the front's to handle
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s[core]: %(message)s")
     end_process_on_rank_death()  # a dead tensor-parallel rank ends this process: the group restarts
+    logging.getLogger("stepserve").info("engine core process %d started; building the engine", os.getpid())
     try:
         core, info = factory()
         conn.send(CoreReady(info, os.getpid()))

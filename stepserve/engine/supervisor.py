@@ -4,7 +4,9 @@
 client. Death is detected two ways: the ``CoreFatal`` sentinel the core sends from its error
 handler, and the pipe's EOF when the process is gone (kill -9, OOM). On death every in-flight
 request fails at once (one ``engine_error`` batch), readiness turns false, and a restart is
-scheduled with exponential backoff. When the restart budget is spent, liveness fails too and
+scheduled (the first at once, then with exponential backoff). A restart reuses what the first
+core learned where the caller says how (``restart_factory``: the KV cache's size, so that it skips
+the memory-profiling pass). When the restart budget is spent, liveness fails too and
 Kubernetes takes over.
 """
 
@@ -40,7 +42,7 @@ EMPTY_STATS = EngineStats(0, 0, 0.0, 0, 0, 0)
 @dataclass(frozen=True)
 class RestartPolicy:
     max_restarts: int = 5  # restarts allowed before liveness fails
-    backoff_s: float = 1.0  # wait before the first restart; doubled for each one after
+    backoff_s: float = 1.0  # wait before the second restart (the first is at once); doubled for each one after
     max_backoff_s: float = 30.0  # the longest wait between restarts
 
 
@@ -91,8 +93,13 @@ class SupervisedCoreClient:
     Must be created inside the running event loop.
     """
 
-    def __init__(self, factory: CoreFactory, policy: RestartPolicy = RestartPolicy(), on_restart: Callable[[], None] | None = None) -> None:
+    def __init__(
+        self, factory: CoreFactory, policy: RestartPolicy = RestartPolicy(), on_restart: Callable[[], None] | None = None,
+        restart_factory: Callable[[object], CoreFactory] | None = None,
+    ) -> None:
         self._factory = factory
+        # Given the first core's ModelInfo, the factory for restarts (None: the same factory).
+        self._restart_factory = restart_factory
         self.policy = policy
         self._on_restart = on_restart
         self._loop = asyncio.get_running_loop()
@@ -151,7 +158,10 @@ class SupervisedCoreClient:
 
     def _spawn(self) -> _CoreProcess:
         self.ready.clear()
-        return _CoreProcess(self._factory, self._on_message, self._on_exit)
+        factory = self._factory
+        if self.restarts and self.info is not None and self._restart_factory is not None:
+            factory = self._restart_factory(self.info)
+        return _CoreProcess(factory, self._on_message, self._on_exit)
 
     def _on_message(self, proc: _CoreProcess, message) -> None:
         if proc is not self._core:
@@ -182,7 +192,8 @@ class SupervisedCoreClient:
             log.critical("the engine core failed before it was ever ready; not restarting")
             self.ready.set()
             return
-        delay = min(self.policy.backoff_s * 2**self.restarts, self.policy.max_backoff_s)
+        # The first restart is at once (a one-off crash costs no wait); a crash loop backs off.
+        delay = 0.0 if self.restarts == 0 else min(self.policy.backoff_s * 2 ** (self.restarts - 1), self.policy.max_backoff_s)
         timer = threading.Timer(delay, self._restart)
         timer.daemon = True
         timer.start()

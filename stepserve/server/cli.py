@@ -91,10 +91,11 @@ def _engine(engine_config, server_config: ServerConfig):
         defaults = sampling_defaults(engine_config)
         info = FrontInfo(built.name, built.max_model_len, core.worker.vocab_size, built.eos_token_ids, defaults)
         return (lambda: ThreadCoreClient(core)), tokenizer, info
-    from stepserve.engine.core_process import core_factory
+    from stepserve.engine.core_process import core_factory, restart_factory
     from stepserve.engine.front import load_front
     from stepserve.engine.supervisor import RestartPolicy, SupervisedCoreClient
 
     tokenizer, info = load_front(engine_config)
     policy = RestartPolicy(server_config.max_restarts, server_config.restart_backoff_s)
-    return (lambda: SupervisedCoreClient(core_factory(engine_config, eos_token_ids=info.eos_token_ids), policy)), tokenizer, info
+    eos = info.eos_token_ids
+    return (lambda: SupervisedCoreClient(core_factory(engine_config, eos_token_ids=eos), policy, restart_factory=restart_factory(engine_config, eos))), tokenizer, info

@@ -18,7 +18,7 @@ class ServerConfig:
     max_queue_len: int = field(default=1024, metadata={"help": "completions waiting beyond the running batch before new requests get 429"})
     request_timeout_s: float | None = field(default=None, metadata={"help": "abort a request after this many seconds (504)"})
     max_restarts: int = field(default=5, metadata={"help": "engine core restarts before liveness fails"})
-    restart_backoff_s: float = field(default=1.0, metadata={"help": "wait before the first engine restart, doubled for each one after"})
+    restart_backoff_s: float = field(default=1.0, metadata={"help": "wait before the second engine restart (the first is at once), doubled for each one after"})
     shutdown_grace_s: float = field(default=30.0, metadata={"help": "on SIGTERM, how long in-flight requests may finish"})
     engine_in_process: bool = field(default=False, metadata={"help": "run the engine core in a thread of the server process (no restarts)"})
     header_timeout_s: float = field(default=30.0, metadata={"help": "close a connection whose request headers are not complete after this many seconds (408)"})

@@ -10,7 +10,7 @@ import pytest
 
 from stepserve.config import EngineConfig
 from stepserve.core.outputs import EngineCoreRequest
-from stepserve.engine.core_process import core_factory
+from stepserve.engine.core_process import core_factory, restart_factory
 from stepserve.engine.supervisor import RestartPolicy, SupervisedCoreClient
 from stepserve.sampling import SamplingParams
 
@@ -65,6 +65,36 @@ def test_kill_is_detected_and_the_core_comes_back(tiny_llama):
         client.shutdown()
 
     asyncio.run(scenario())
+
+
+def test_the_first_restart_is_at_once_and_reuses_the_first_cores_kv_size(tiny_llama):
+    """A one-off crash costs no backoff wait; the restart is handed the first core's KV cache
+    size (on a GPU that spares the memory-profiling pass) and serves the same tokens."""
+    config = EngineConfig.from_kwargs(model=str(tiny_llama), block_size=4, max_model_len=128, cpu_kv_cache_gib=0.01)
+    handed = []
+
+    def restarts_with(info):
+        handed.append(info.num_kv_blocks)
+        return restart_factory(config)(info)
+
+    async def scenario():
+        client = SupervisedCoreClient(core_factory(config), RestartPolicy(backoff_s=30), restart_factory=restarts_with)
+        await wait_for(lambda: client.is_alive)
+        first = client.info.num_kv_blocks
+        client.add_request(request("a"))
+        tokens, _ = await collect(client, "a")
+        os.kill(client.core_pid, signal.SIGKILL)
+        assert "died" in (await asyncio.wait_for(client.get_outputs(), 10)).engine_error
+        await wait_for(lambda: client.is_alive, timeout=25)  # well inside the 30 s backoff
+        assert handed == [first] and client.info.num_kv_blocks == first
+        client.add_request(request("b"))
+        assert (await collect(client, "b"))[0] == tokens
+        client.shutdown()
+
+    asyncio.run(scenario())
+    reused = restart_factory(config)(type("Info", (), {"num_kv_blocks": 77})())
+    assert reused.args[0].cache.num_blocks == 77  # the restart's config; the first one is untouched
+    assert config.cache.num_blocks is None
 
 
 def test_restart_budget_spent_fails_liveness(tiny_llama):
