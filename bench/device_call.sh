@@ -52,6 +52,25 @@ session3b)  # the rest of the GPU tests, the HTTP rows, the Llama-8B and Qwen3-8
     bench 210 --out "$OUT/s" --only serve
     bench 190 --out "$OUT/a" --only 8b,qwen3-8b --skip-cb --skip-fp8 --skip-cold --skip-serve
     ;;
+session4)  # in-graph greedy and finite check, the GQA-grouped prefill kernel, the spare core's restart
+    timeout 170 python3 -m pytest tests/gpu/test_cuda_engine.py tests/gpu/test_triton_attention.py tests/gpu/test_triton_window.py -q -rfE -p no:cacheprovider 2>&1 | tee "$OUT/pytest_s4.log" | tail -15
+    PYTHONPATH=$PYTHONPATH:tests timeout 40 python3 bench/prefill_kernel.py "$OUT/prefill_kernel.json" 2>&1 | tee "$OUT/prefill_kernel.log"
+    bench 200 --out "$OUT/s" --only serve
+    grep -h -e "spare" -e "engine core process" -e "model weights on" -e "captured" -e "engine ready" -e "restart" "$OUT/s/serve_8b.log" | tee "$OUT/restart_lines.log"
+    bench 150 --out "$OUT/a" --only 8b --skip-cb --skip-fp8 --skip-cold --skip-serve --profile
+    ;;
+session4b)  # llguidance's tokenizer built after ready; the Qwen3-8B shape beside Llama-8B; Gemma-3-12B's greedy check
+    bench 130 --out "$OUT/s" --only serve
+    grep -h -e "spare" -e "engine core process" -e "model weights on" -e "captured" -e "engine ready" -e "restart" "$OUT/s/serve_8b.log" | tee "$OUT/restart_lines.log"
+    bench 200 --out "$OUT/g" --only 8b,qwen3-8b --skip-cb --skip-fp8 --skip-cold --skip-serve
+    bench 150 --out "$OUT/h" --only gemma3-12b --skip-cb
+    ;;
+session4c)  # llguidance's tokenizer built when the engine is first idle: the HTTP rows and the restart
+    bench 140 --out "$OUT/s" --only serve
+    grep -h -e "spare" -e "engine core process" -e "model weights on" -e "captured" -e "engine ready" -e "restart" "$OUT/s/serve_8b.log" | tee "$OUT/restart_lines.log"
+    ;;
 esac
 uptime
 ls -laR "$OUT"
+# Only a few files come back from a call: everything goes back as one archive.
+(cd "$OUT" && tar czf ../results.tgz . && find . -mindepth 1 -delete && mv ../results.tgz .)

@@ -114,9 +114,22 @@ def serve_bench(model_dir: Path, out: Path, cache_dir: Path, flags: list[str] = 
     return results
 
 
+def _named(pid: int, name: str) -> bool:
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip() == name
+    except OSError:
+        return False
+
+
 def _restart(port: int, proc: subprocess.Popen) -> float:
-    """Seconds from SIGKILL of the engine core until ``/health`` answers 200 again."""
-    cores = _children(proc.pid)
+    """Seconds from SIGKILL of the engine core until ``/health`` answers 200 again (the spare
+    core, when the server keeps one, is left alone: it is what takes over)."""
+    children = _children(proc.pid)
+    deadline = time.monotonic() + 60
+    while not any(_named(pid, "stepserve-spare") for pid in children) and time.monotonic() < deadline:
+        time.sleep(0.5)  # a crash long after start-up finds the spare ready; wait for it here
+        children = _children(proc.pid)
+    cores = [pid for pid in children if _named(pid, "stepserve-core")] or children
     if not cores:
         raise RuntimeError("no engine core process found under the server")
     start = time.monotonic()

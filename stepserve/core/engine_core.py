@@ -244,6 +244,13 @@ class EngineCore:
             pooled={k: v for p in parts for k, v in p.pooled.items()},
         )
 
+    def idle(self) -> None:
+        """Called once the core has had no work for a while (``core_process``): the worker may
+        start background work that would hold the GIL against busy passes."""
+        hook = getattr(self.worker, "idle", None)
+        if hook is not None:
+            hook()
+
     @property
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished

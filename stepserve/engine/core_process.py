@@ -13,6 +13,7 @@ import functools
 import logging
 import os
 import signal
+import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ from stepserve.core.outputs import EngineCoreOutput, EngineCoreRequest
 from stepserve.distributed import end_process_on_rank_death
 
 _IDLE_POLL_S = 0.5  # how long an idle core waits for a command before looking again
+_IDLE_WORK_AFTER_S = 5.0  # no work for this long: the core starts its background work (``EngineCore.idle``)
 
 
 @dataclass(frozen=True)
@@ -38,6 +40,13 @@ class AbortRequests:
 @dataclass(frozen=True)
 class Shutdown:
     """Stop stepping and exit 0."""
+
+
+@dataclass(frozen=True)
+class Build:
+    """To a spare core (started with no factory): build the engine with this factory now."""
+
+    factory: CoreFactory
 
 
 @dataclass(frozen=True)
@@ -58,6 +67,20 @@ class CoreFatal:
 
 
 CoreFactory = Callable[[], tuple[EngineCore, object]]  # builds (core, info) inside the core process
+
+
+def _import_engine(device: str | None) -> None:
+    """What a spare core does ahead of time: the engine's imports (PyTorch, Triton, the model
+    code) and, for ``device="cuda"``, the CUDA context, so that a restart only builds."""
+    import torch
+
+    import stepserve.engine.builder  # noqa: F401 - the import is the work
+
+    if device == "cuda" and torch.cuda.is_available():
+        from stepserve.attention import triton_backend  # noqa: F401 - Triton and the kernels' module
+
+        torch.cuda.init()
+        torch.empty(1, device="cuda")  # the context itself
 
 
 def build_core(config: EngineConfig, eos_token_ids: frozenset[int] | None = None) -> tuple[EngineCore, object]:
@@ -87,12 +110,41 @@ def restart_factory(config: EngineConfig, eos_token_ids: frozenset[int] | None =
     return factory
 
 
-def core_main(conn, factory: CoreFactory) -> None:
-    """Entry point of the core process."""
+def _name_process(name: str) -> None:
+    """The process's name in ``ps`` and /proc (``stepserve-core`` or ``stepserve-spare``), so that
+    tools and benchmarks can tell the running core from the spare."""
+    try:
+        with open("/proc/self/comm", "w") as comm:
+            comm.write(name[:15])
+    except OSError:
+        pass  # not Linux
+
+
+def core_main(conn, factory: CoreFactory | None, spare_device: str | None = None) -> None:
+    """Entry point of the core process. With ``factory=None`` the process is a spare: it imports
+    the engine (and makes the CUDA context for ``spare_device="cuda"``), then waits for ``Build``."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the front's to handle
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s[core]: %(message)s")
     end_process_on_rank_death()  # a dead tensor-parallel rank ends this process: the group restarts
-    logging.getLogger("stepserve").info("engine core process %d started; building the engine", os.getpid())
+    log = logging.getLogger("stepserve")
+    if factory is None:
+        _name_process("stepserve-spare")
+        start = time.monotonic()
+        _import_engine(spare_device)
+        log.info("spare engine core process %d ready to take over (imports%s in %.1fs)", os.getpid(),
+                 " and the CUDA context" if spare_device == "cuda" else "", time.monotonic() - start)
+        try:
+            message = conn.recv()
+        except (EOFError, OSError):
+            os._exit(0)  # the server is gone
+        if not isinstance(message, Build):
+            os._exit(0)  # Shutdown
+        factory = message.factory
+        _name_process("stepserve-core")
+        log.info("engine core process %d (the spare) taking over; building the engine", os.getpid())
+    else:
+        _name_process("stepserve-core")
+        log.info("engine core process %d started; building the engine", os.getpid())
     try:
         core, info = factory()
         conn.send(CoreReady(info, os.getpid()))
@@ -106,6 +158,7 @@ def core_main(conn, factory: CoreFactory) -> None:
 
 
 def _loop(conn, core: EngineCore) -> None:
+    busy_at, idle_called = time.monotonic(), False
     while True:
         outputs: list[EngineCoreOutput] = []
         wait = 0 if core.has_unfinished else _IDLE_POLL_S
@@ -117,6 +170,10 @@ def _loop(conn, core: EngineCore) -> None:
             wait = 0
         if core.has_unfinished:
             outputs.extend(core.step())
+            busy_at = time.monotonic()
+        elif not idle_called and time.monotonic() - busy_at >= _IDLE_WORK_AFTER_S:
+            core.idle()
+            idle_called = True
         if outputs:
             conn.send(CoreStepOutputs(tuple(outputs), core.stats()))
 

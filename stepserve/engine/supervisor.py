@@ -6,8 +6,10 @@ handler, and the pipe's EOF when the process is gone (kill -9, OOM). On death ev
 request fails at once (one ``engine_error`` batch), readiness turns false, and a restart is
 scheduled (the first at once, then with exponential backoff). A restart reuses what the first
 core learned where the caller says how (``restart_factory``: the KV cache's size, so that it skips
-the memory-profiling pass). When the restart budget is spent, liveness fails too and
-Kubernetes takes over.
+the memory-profiling pass). With a spare (``spare="on"``, or ``"auto"`` on CUDA) a second process
+waits beside the running core with the engine imported and its CUDA context made; a restart hands
+it the factory, so it only builds (weights, graphs), and a new spare starts once it is ready.
+When the restart budget is spent, liveness fails too and Kubernetes takes over.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from stepserve.engine.core_client import CoreOutputs
 from stepserve.engine.core_process import (
     AbortRequests,
     AddRequest,
+    Build,
     CoreFactory,
     CoreFatal,
     CoreReady,
@@ -46,13 +49,18 @@ class RestartPolicy:
     max_backoff_s: float = 30.0  # the longest wait between restarts
 
 
-class _CoreProcess:
-    """One spawned core and the thread that reads its pipe."""
+SPARE_CHOICES = ("auto", "on", "off")
 
-    def __init__(self, factory: CoreFactory, on_message: Callable, on_exit: Callable) -> None:
+
+class _CoreProcess:
+    """One spawned core and the thread that reads its pipe; with ``factory=None`` a spare that
+    waits for ``Build``."""
+
+    def __init__(self, factory: CoreFactory | None, on_message: Callable, on_exit: Callable, spare_device: str | None = None) -> None:
         ctx = multiprocessing.get_context("spawn")
         self.conn, child = ctx.Pipe()
-        self.process = ctx.Process(target=core_main, args=(child, factory), name="stepserve-core", daemon=True)
+        name = "stepserve-core" if factory is not None else "stepserve-core-spare"
+        self.process = ctx.Process(target=core_main, args=(child, factory, spare_device), name=name, daemon=True)
         self.process.start()
         child.close()
         self._on_message, self._on_exit = on_message, on_exit
@@ -95,9 +103,13 @@ class SupervisedCoreClient:
 
     def __init__(
         self, factory: CoreFactory, policy: RestartPolicy = RestartPolicy(), on_restart: Callable[[], None] | None = None,
-        restart_factory: Callable[[object], CoreFactory] | None = None,
+        restart_factory: Callable[[object], CoreFactory] | None = None, spare: str = "off",
     ) -> None:
+        if spare not in SPARE_CHOICES:
+            raise ValueError(f"spare={spare!r}: choose one of {', '.join(SPARE_CHOICES)}")
         self._factory = factory
+        self._spare_mode = spare
+        self._spare: _CoreProcess | None = None  # a process waiting to take over, or None
         # Given the first core's ModelInfo, the factory for restarts (None: the same factory).
         self._restart_factory = restart_factory
         self.policy = policy
@@ -152,7 +164,16 @@ class SupervisedCoreClient:
 
     def shutdown(self) -> None:
         self._state = "stopped"
+        spare, self._spare = self._spare, None
         self._core.stop()
+        if spare is not None:
+            spare.stop()
+
+    @property
+    def spare_pid(self) -> int | None:
+        """The waiting spare core's process id, or None."""
+        spare = self._spare
+        return spare.process.pid if spare is not None else None
 
     # -- the core's side (reader threads) ------------------------------------------------
 
@@ -161,7 +182,22 @@ class SupervisedCoreClient:
         factory = self._factory
         if self.restarts and self.info is not None and self._restart_factory is not None:
             factory = self._restart_factory(self.info)
+        spare, self._spare = self._spare, None
+        if spare is not None:
+            try:
+                spare.send(Build(factory))
+                log.info("the spare engine core (pid %d) takes over", spare.process.pid)
+                return spare
+            except OSError:
+                log.warning("the spare engine core (pid %d) is gone; starting a new process", spare.process.pid)
         return _CoreProcess(factory, self._on_message, self._on_exit)
+
+    def _start_spare(self, device: str) -> None:
+        if self._state == "stopped" or self._spare is not None or self._spare_mode == "off":
+            return
+        if self._spare_mode == "auto" and device != "cuda":
+            return
+        self._spare = _CoreProcess(None, self._on_message, self._on_exit, spare_device=device)
 
     def _on_message(self, proc: _CoreProcess, message) -> None:
         if proc is not self._core:
@@ -175,10 +211,16 @@ class SupervisedCoreClient:
                 self._state = "ready"
             self.ready.set()
             log.info("engine core ready (pid %d, restarts so far: %d)", message.pid, self.restarts)
+            self._start_spare(getattr(message.info, "device", "cpu"))
         elif isinstance(message, CoreFatal):
             log.error("engine core failed (pid %s):\n%s", self.core_pid, message.traceback.rstrip())
 
     def _on_exit(self, proc: _CoreProcess, exitcode: int | None) -> None:
+        if proc is self._spare:
+            self._spare = None  # a new one starts when the running core is next ready
+            if self._state != "stopped":
+                log.warning("the spare engine core (pid %s) exited with code %s", proc.process.pid, exitcode)
+            return
         if proc is not self._core or self._state == "stopped":
             return
         was_starting = self._state == "starting"

@@ -98,4 +98,4 @@ def _engine(engine_config, server_config: ServerConfig):
     tokenizer, info = load_front(engine_config)
     policy = RestartPolicy(server_config.max_restarts, server_config.restart_backoff_s)
     eos = info.eos_token_ids
-    return (lambda: SupervisedCoreClient(core_factory(engine_config, eos_token_ids=eos), policy, restart_factory=restart_factory(engine_config, eos))), tokenizer, info
+    return (lambda: SupervisedCoreClient(core_factory(engine_config, eos_token_ids=eos), policy, restart_factory=restart_factory(engine_config, eos), spare=server_config.spare_core)), tokenizer, info

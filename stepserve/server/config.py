@@ -20,6 +20,7 @@ class ServerConfig:
     max_restarts: int = field(default=5, metadata={"help": "engine core restarts before liveness fails"})
     restart_backoff_s: float = field(default=1.0, metadata={"help": "wait before the second engine restart (the first is at once), doubled for each one after"})
     shutdown_grace_s: float = field(default=30.0, metadata={"help": "on SIGTERM, how long in-flight requests may finish"})
+    spare_core: str = field(default="auto", metadata={"help": "keep a spare engine core process waiting with the engine imported (and, on CUDA, its context made), so that a restart after a crash only builds the engine: auto (on when the engine runs on CUDA), on, off"})
     engine_in_process: bool = field(default=False, metadata={"help": "run the engine core in a thread of the server process (no restarts)"})
     header_timeout_s: float = field(default=30.0, metadata={"help": "close a connection whose request headers are not complete after this many seconds (408)"})
     body_timeout_s: float = field(default=60.0, metadata={"help": "answer 408 when a request body is not complete this many seconds after its headers"})
@@ -45,6 +46,8 @@ class ServerConfig:
                 raise ConfigError(f"{name}={getattr(self, name)}: use a positive number of seconds")
         if self.log_stats_interval <= 0:
             raise ConfigError(f"log_stats_interval={self.log_stats_interval}: use a positive number of seconds")
+        if self.spare_core not in ("auto", "on", "off"):
+            raise ConfigError(f"spare_core={self.spare_core!r}: choose auto, on or off")
         if self.tool_call_parser is not None and self.tool_call_parser not in PARSERS:
             raise ConfigError(f"tool_call_parser={self.tool_call_parser!r}: choose {', '.join(PARSERS)}")
         if self.enable_auto_tool_choice and self.tool_call_parser is None:

@@ -13,6 +13,7 @@ right; unconstrained requests in the batch pay nothing, and the pass keeps its N
 from __future__ import annotations
 
 import os
+import threading
 from collections import OrderedDict
 from collections.abc import Callable, Collection, Iterable, Sequence
 
@@ -56,10 +57,14 @@ class RequestMatcher:
 class GrammarMatchers:
     """The worker's constrained-decoding state: matchers by request id, compiled grammars by text."""
 
-    def __init__(self, ll_tokenizer: Callable[[], object], vocab_size: int, eos_token_ids: Collection[int], device: torch.device) -> None:
-        # llguidance's tokenizer, built in the background from engine start (the core process
-        # loads its own tokenizer for it): the first constrained request waits only if it is early.
-        self.ll_tokenizer = ll_tokenizer
+    def __init__(self, start_ll_tokenizer: Callable[[], Callable[[], object]], vocab_size: int, eos_token_ids: Collection[int], device: torch.device) -> None:
+        # Starts building llguidance's tokenizer in a thread and returns the wait for it (the core
+        # process loads its own tokenizer for it). Started by ``start_tokenizer`` when the engine
+        # is first idle, or by the first constrained request, which then waits for it: a thread
+        # building it beside the loading or the first passes holds the GIL against them.
+        self._start_ll_tokenizer = start_ll_tokenizer
+        self._ll_wait: Callable[[], object] | None = None
+        self._ll_lock = threading.Lock()
         self.vocab_size = vocab_size
         self.eos_token_ids = sorted(eos_token_ids)
         self.device = device
@@ -68,6 +73,17 @@ class GrammarMatchers:
         self._eos_words: torch.Tensor | None = None
         self._compiled: OrderedDict[str, object] = OrderedDict()
         self._matchers: dict[str, RequestMatcher] = {}
+
+    def start_tokenizer(self) -> None:
+        """Start building llguidance's tokenizer in the background, once."""
+        with self._ll_lock:
+            if self._ll_wait is None:
+                self._ll_wait = self._start_ll_tokenizer()
+
+    def ll_tokenizer(self) -> object:
+        """llguidance's tokenizer, waiting for its build (started now if it was not)."""
+        self.start_tokenizer()
+        return self._ll_wait()
 
     def byte_bias(self) -> torch.Tensor:
         """The bit-to-bias table on the logits' device (built once)."""

@@ -113,4 +113,4 @@ def serving(front: TaskFront, engine: EngineConfig, server) -> tuple[Callable, o
     from stepserve.engine.supervisor import RestartPolicy, SupervisedCoreClient
 
     policy = RestartPolicy(server.max_restarts, server.restart_backoff_s)
-    return (lambda: SupervisedCoreClient(factory, policy)), front.tokenizer, info
+    return (lambda: SupervisedCoreClient(factory, policy, spare=server.spare_core)), front.tokenizer, info

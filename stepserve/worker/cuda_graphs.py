@@ -2,10 +2,13 @@
 
 Each graph reads static input buffers (token ids, positions, slots, context lengths, block
 tables), runs the model and the LM head, and then advances positions, context lengths and slots
-by one token in place, so replaying it again is the next step of a multi-step pass: between
-replays only the sampler runs and writes the sampled tokens into the ids buffer. Rows beyond the
-real batch (bucket padding) hold one token of context in the null block 0 and never touch a
-real block.
+by one token in place, so replaying it again is the next step of a multi-step pass. Inside the
+graph too: the finite check of every row's logits (a flag per row, kept over the pass) and the
+greedy token, written into the ids buffer as the next step's input, so a pass of plain greedy
+rows replays the graph N times with nothing in between (``greedy``). Any other pass samples from
+the graph's logits and writes its tokens over the greedy ones (``feed``). Rows beyond the real
+batch (bucket padding) hold one token of context in the null block 0 and never touch a real
+block.
 """
 
 from __future__ import annotations
@@ -47,6 +50,8 @@ class CudaGraphs:
         self.seq_lens = torch.ones(n, dtype=torch.int32, device=dev)
         self.tables = torch.zeros(n, self.width, dtype=torch.int32, device=dev)
         self.query_start = torch.arange(n + 1, dtype=torch.int32, device=dev)
+        self.nonfinite = torch.zeros(n, dtype=torch.bool, device=dev)  # per row, over the loaded pass
+        self.argmax = torch.zeros(n, dtype=torch.long, device=dev)  # the last replay's greedy tokens
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.logits: dict[int, torch.Tensor] = {}
         self.batch = self.size = 0  # the loaded pass: real rows, bucket
@@ -87,6 +92,10 @@ class CudaGraphs:
         r.backend.prepare(meta)
         hidden = r.model(self.input_ids[:size], meta.positions, r.kv_caches, meta, r.backend)
         logits = r.model.compute_logits(hidden)
+        # A NaN or inf anywhere in a row makes its sum non-finite: one reduction per step.
+        self.nonfinite[:size] |= ~torch.isfinite(logits.sum(dim=-1))
+        torch.argmax(logits, dim=-1, out=self.argmax[:size])
+        self.input_ids[:size] = self.argmax[:size]  # the next step's input, unless ``feed`` overwrites it
         # Advance to the next step of a multi-step pass: its token sits right after this one.
         self.positions[:size] += 1
         self.seq_lens[:size] += 1
@@ -117,6 +126,7 @@ class CudaGraphs:
         self.tables[:batch, : meta.block_tables.shape[1]].copy_(meta.block_tables, non_blocking=True)
         if size > batch:
             self._reset(batch)
+        self.nonfinite.zero_()
         self.batch, self.size = batch, size
         return self
 
@@ -125,6 +135,15 @@ class CudaGraphs:
         self.graphs[self.size].replay()
         return self.logits[self.size][: self.batch]
 
+    def greedy(self) -> torch.Tensor:
+        """The greedy tokens of the last replay's real rows (a copy); the graph has already made
+        them the next step's inputs."""
+        return self.argmax[: self.batch].clone()
+
+    def nonfinite_rows(self) -> torch.Tensor:
+        """Per real row: did any step of the loaded pass produce a non-finite logit."""
+        return self.nonfinite[: self.batch]
+
     def feed(self, tokens: torch.Tensor) -> None:
-        """The sampled tokens are the next step's inputs."""
+        """The sampled tokens are the next step's inputs (over the graph's greedy ones)."""
         self.input_ids[: self.batch].copy_(tokens)

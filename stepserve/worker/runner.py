@@ -151,24 +151,32 @@ class ModelRunner:
         prompt_logprobs: dict[str, tuple[TokenLogprob, ...]] = {}
         steps: list[torch.Tensor] = []
         logprobs: list[tuple] = []
+        # The graph's own greedy tokens serve a pass of plain greedy rows: nothing runs between replays.
+        in_graph = graph is not None and grammar is None and batch.num_logprobs < 0 and S.is_plain_greedy(batch)
         nonfinite = torch.zeros(len(requests), dtype=torch.bool, device=self.device)
         for step in range(sched.num_steps):
             logits, found = self._step_logits(sched, inputs, graph, step, steps[-1] if steps else None)
             prompt_logprobs |= found
-            # A NaN or inf anywhere in a row makes its sum non-finite: one reduction, no sync.
-            nonfinite |= ~torch.isfinite(logits.sum(dim=-1))
-            processed = S.apply_logits_processors(logits, batch)
-            if grammar is not None:  # constrained rows only; the others pay nothing
-                processed = grammar.mask(processed, logits)
-            tokens = S.sample(processed, batch, self.shared_generator)
-            if grammar is not None and step + 1 < sched.num_steps:
-                grammar.accept(tokens, step)  # the next step's masks follow this step's tokens
-            if graph is not None:
-                graph.feed(tokens)
+            if graph is None:  # (a graph checks its own rows)
+                # A NaN or inf anywhere in a row makes its sum non-finite: one reduction, no sync.
+                nonfinite |= ~torch.isfinite(logits.sum(dim=-1))
+            if in_graph:
+                tokens = graph.greedy()
+            else:
+                processed = S.apply_logits_processors(logits, batch)
+                if grammar is not None:  # constrained rows only; the others pay nothing
+                    processed = grammar.mask(processed, logits)
+                tokens = S.sample(processed, batch, self.shared_generator)
+                if grammar is not None and step + 1 < sched.num_steps:
+                    grammar.accept(tokens, step)  # the next step's masks follow this step's tokens
+                if graph is not None:
+                    graph.feed(tokens)
             if batch.num_logprobs >= 0:
                 logprobs.append(S.top_logprobs(logits, tokens, batch.num_logprobs))
             S.advance(batch, tokens)
             steps.append(tokens)
+        if graph is not None:
+            nonfinite = graph.nonfinite_rows()
         sampled = torch.stack(steps, dim=1)
         self._last_pass = (sched, sampled)  # the next pass's placeholders come from here
         rows = torch.cat([sampled, nonfinite[:, None].long()], dim=1)
@@ -245,6 +253,10 @@ class ModelRunner:
                 out[r.request_id] = tuple(TokenLogprob(t, c, tuple(zip(i, v)), rank) for t, c, rank, i, v in rows)
             offset += r.num_new_tokens
         return out
+
+    def idle(self) -> None:
+        """The engine has had nothing to do for a while: start what may run in the background."""
+        self.grammars.start_tokenizer()
 
     def reseed(self, seed: int) -> None:
         """Restart the shared generator of unseeded requests (after warm-up)."""

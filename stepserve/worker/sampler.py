@@ -117,6 +117,11 @@ def _add_min_tokens(batch: SamplingBatch, requests, eos_token_ids, vocab_size: i
     batch.min_left = _tensor(left, device=device)
 
 
+def is_plain_greedy(batch: SamplingBatch) -> bool:
+    """Every row greedy with no logits processor: each token is the raw logits' argmax."""
+    return batch.all_greedy and batch.bias is None and batch.output_counts is None and batch.stop_mask is None
+
+
 def apply_logits_processors(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
     if batch.bias is not None:
         logits = logits + batch.bias

@@ -88,3 +88,34 @@ def test_async_scheduling_equals_sync(tiny_llama):
         gc.collect()
         torch.cuda.empty_cache()
     assert outs[True] == outs[False]
+
+
+@pytest.mark.parametrize("enforce_eager", [False, True])
+def test_non_finite_logits_in_a_decode_step_fail_only_their_request(tiny_llama, enforce_eager):
+    """The finite check runs inside the captured graph (greedy tokens too): a request whose
+    decode input turns its logits into NaN is aborted, the others of the same passes keep their
+    tokens, on the graph path and on its eager twin."""
+    llm = LLM(model=str(tiny_llama), device="cuda", max_model_len=512, max_num_seqs=16, num_blocks=1024,
+              num_scheduler_steps=4, enforce_eager=enforce_eager)
+    ids = [p[:16] for p in prompts()]
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    clean = [o.outputs[0].token_ids for o in llm.generate(ids, params)]
+
+    def candidates():  # (request, step k >= 1, token): a token only that request sees, first at k
+        for r, out in enumerate(clean):
+            others = {t for i, (p, o) in enumerate(zip(ids, clean)) if i != r for t in p + o}
+            for k, t in enumerate(out):
+                if k >= 1 and t not in others and t not in ids[r] + out[:k]:
+                    yield r, k, t
+
+    r, k, token = next(candidates())
+    with torch.no_grad():
+        llm.core.worker.model.embed_tokens.weight[token] = float("nan")
+    out = [o.outputs[0] for o in llm.generate(ids, params)]
+    assert out[r].finish_reason == "abort"
+    assert out[r].token_ids == clean[r][: len(out[r].token_ids)] and len(out[r].token_ids) <= k + 1
+    assert [o.token_ids for i, o in enumerate(out) if i != r] == [c for i, c in enumerate(clean) if i != r]
+    assert llm.core.stats().kv_cache_usage == 0.0
+    del llm
+    gc.collect()
+    torch.cuda.empty_cache()

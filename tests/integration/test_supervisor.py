@@ -120,3 +120,68 @@ def test_a_core_that_never_starts_is_not_restarted(tiny_llama):
         client.shutdown()
 
     asyncio.run(scenario())
+
+
+def _comm(pid: int) -> str:
+    with open(f"/proc/{pid}/comm") as comm:
+        return comm.read().strip()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def test_a_spare_core_takes_over_after_a_kill_and_a_new_spare_follows(tiny_llama):
+    """``spare="on"``: a second process waits with the engine imported; after kill -9 of the core
+    it becomes the core (same tokens), a new spare starts once it is ready, and a spare that dies
+    while waiting is dropped (the next restart starts a fresh process). Shutdown ends both."""
+
+    async def scenario():
+        client = SupervisedCoreClient(core_factory(tiny_config(tiny_llama)), RestartPolicy(backoff_s=0.1), spare="on")
+        await wait_for(lambda: client.is_alive and client.spare_pid is not None)
+        await wait_for(lambda: _comm(client.spare_pid) == "stepserve-spare")  # once its interpreter is up
+        client.add_request(request("a"))
+        tokens, _ = await collect(client, "a")
+        first_core, spare = client.core_pid, client.spare_pid
+        assert spare != first_core
+        assert _comm(first_core) == "stepserve-core"  # what `ps` shows
+        os.kill(first_core, signal.SIGKILL)
+        assert "died" in (await asyncio.wait_for(client.get_outputs(), 10)).engine_error
+        await wait_for(lambda: client.is_alive)
+        assert client.core_pid == spare and _comm(spare) == "stepserve-core"  # the spare took over
+        await wait_for(lambda: client.spare_pid is not None)
+        second_spare = client.spare_pid
+        assert second_spare not in (first_core, spare)
+        client.add_request(request("b"))
+        assert (await collect(client, "b"))[0] == tokens
+
+        os.kill(second_spare, signal.SIGKILL)  # a spare dies while waiting: dropped, not a restart
+        await wait_for(lambda: client.spare_pid is None)
+        assert client.is_alive and client.restarts == 1
+        os.kill(client.core_pid, signal.SIGKILL)
+        assert "died" in (await asyncio.wait_for(client.get_outputs(), 10)).engine_error
+        await wait_for(lambda: client.is_alive)
+        assert client.core_pid not in (first_core, spare, second_spare) and client.restarts == 2
+        client.add_request(request("c"))
+        assert (await collect(client, "c"))[0] == tokens
+        await wait_for(lambda: client.spare_pid is not None)
+        last_core, last_spare = client.core_pid, client.spare_pid
+        client.shutdown()
+        await wait_for(lambda: not _alive(last_core) and not _alive(last_spare), timeout=20)
+
+    asyncio.run(scenario())
+
+
+def test_no_spare_by_default_on_cpu(tiny_llama):
+    async def scenario():
+        client = SupervisedCoreClient(core_factory(tiny_config(tiny_llama)), RestartPolicy(), spare="auto")
+        await wait_for(lambda: client.is_alive)
+        await asyncio.sleep(0.5)
+        assert client.spare_pid is None  # auto: a spare only for an engine on CUDA
+        client.shutdown()
+
+    asyncio.run(scenario())
