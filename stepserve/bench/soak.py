@@ -9,7 +9,10 @@ admission limit (429s). At the end, after the load stops:
   connection, stream that did not end in exactly one ``[DONE]``, or error in the server's log
   (a handler that failed after its client left is a 500 nobody receives);
 - RSS of the server and the engine core process at start, after warm-up and at the end, and
-  sampled about twenty times during the load, so that a plateau shows apart from steady growth;
+  sampled about twenty times during the load, so that a plateau shows apart from steady growth.
+  The warm-up opens with the mix's largest and rarest requests, one each (``ENVELOPE``: the
+  fuzzer's longest prompt, a constrained one), so that the processes' high-water marks and
+  one-time builds fall before the warm-up sample, and growth after it means a leak;
 - open file descriptors of both at start and at the end (must be back where they started);
 - KV cache usage and running/waiting requests at rest (must be 0);
 - whether every request ended exactly once: each request id has one "finished" log line,
@@ -198,6 +201,16 @@ class _RssSampler(threading.Thread):
 # -- the load -----------------------------------------------------------------------------
 
 
+# The largest and rarest requests of the mix: a prompt as long as the fuzzer's longest (5,000
+# token ids: the largest passes, whose buffers set the core's high-water mark), and a
+# constrained one (the core builds llguidance's tokenizer for the first).
+ENVELOPE = (
+    ("/v1/completions", {"prompt": [1] * 5000, "max_tokens": 2}),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "Say hi in JSON."}], "max_tokens": 8,
+                              "response_format": {"type": "json_object"}}),
+)
+
+
 class _Load:
     """Workers that pick a kind of request at random until the deadline."""
 
@@ -208,6 +221,18 @@ class _Load:
     def _body(self, **kw) -> dict:
         prompt = " ".join(self.rng.choice(("soak", "the", "test", "of", "memory", "and", "time")) for _ in range(self.rng.randint(1, 40)))
         return {"model": self.model, "prompt": prompt, "max_tokens": self.rng.randint(1, 24)} | kw
+
+    async def envelope(self) -> None:
+        """One each of the mix's largest and rarest requests (see the module's docstring)."""
+        for path, body in ENVELOPE:
+            try:
+                response = await self.client.post(path, json={"model": self.model, **body})
+            except httpx.HTTPError as exc:
+                self._note("dropped", f"{path}: dropped connection: {type(exc).__name__}: {exc}")
+                continue
+            # A 400 is an answer too (a prompt past a short context); what it reached is warmed.
+            problem = f"{path}: HTTP {response.status_code}: {response.text[:200]}" if response.status_code >= 500 else None
+            self._note(f"envelope {response.status_code}", problem)
 
     async def run(self, deadline: float, concurrency: int, burst_every_s: float) -> None:
         await asyncio.gather(self._bursts(deadline, burst_every_s), *(self._worker(deadline) for _ in range(concurrency)))
@@ -333,11 +358,14 @@ def _check_endings(report: SoakReport, log_text: str, metrics_text: str, answere
 
 
 async def _drive(url: str, model: str, seconds: float, concurrency: int, seed: int, burst: int, report: SoakReport,
-                 burst_every_s: float = 10.0, timeout_s: float = 300.0) -> set[str]:
+                 burst_every_s: float = 10.0, timeout_s: float = 300.0, envelope: bool = False) -> set[str]:
     limits = httpx.Limits(max_connections=concurrency + burst + 4)
     async with httpx.AsyncClient(base_url=url, timeout=timeout_s, limits=limits) as client:
         load = _Load(client, model, random.Random(seed), report, burst)
-        await load.run(time.monotonic() + seconds, concurrency, burst_every_s)
+        start = time.monotonic()
+        if envelope:
+            await load.envelope()
+        await load.run(start + seconds, concurrency, burst_every_s)
     return load.answered_ids
 
 
@@ -354,7 +382,7 @@ def run(duration_s: float, serve_args: list[str], *, concurrency: int = 6, seed:
         warmup = min(30.0, duration_s / 6) if warmup_s is None else warmup_s
         sampler = _RssSampler(pids, report, max(duration_s / 20, 1.0))
         sampler.start()
-        answered = asyncio.run(_drive(server.url, model, warmup, concurrency, seed, burst, report, timeout_s=timeout_s))
+        answered = asyncio.run(_drive(server.url, model, warmup, concurrency, seed, burst, report, timeout_s=timeout_s, envelope=True))
         report.samples["warm"] = {name: _sample(pid) for name, pid in pids.items()}
         answered |= asyncio.run(_drive(server.url, model, duration_s - warmup, concurrency, seed + 1, burst, report, timeout_s=timeout_s))
         sampler.stopped.set()

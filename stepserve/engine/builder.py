@@ -15,7 +15,8 @@ from stepserve.core.engine_core import EngineCore
 from stepserve.core.scheduler import Scheduler
 from stepserve.distributed import TensorParallel, start_tensor_parallel
 from stepserve.engine.front import resolve_max_model_len
-from stepserve.models.cpu_linear import cpu_has_bf16
+from stepserve.models.cpu_linear import CpuLinear, cpu_has_bf16, release_free_memory
+from stepserve.models.cpu_linear import warm_up as warm_up_linears
 from stepserve.models.loader import build_model, decoder_config, open_checkpoint
 from stepserve.models.tokenizer import eos_token_ids as eos_token_ids_of
 from stepserve.models.tokenizer import load_tokenizer
@@ -181,6 +182,12 @@ def build_engine(
         lambda: ll_tokenizer_in_background(lambda: tokenizer if tokenizer is not None else load_tokenizer(source), model_config.vocab_size, eos),
         model.cfg.vocab_size, eos, device,
     )
+    if device.type == "cpu":
+        # On the CPU it starts now, beside the kernels' warm-up (no graph capture to slow), so the
+        # core's memory holds it from start-up on: the embedded model's tokenizer and its
+        # llguidance twin take 166 MiB, which showed as a step in the middle of a soak when the
+        # first constrained request built them.
+        grammars.start_tokenizer()
     runner = ModelRunner(model, kv_caches, config.cache.block_size, backend, eos, device, config.model.seed, grammars)
     if use_graphs:
         runner.capture_cuda_graphs(graph_sizes, max_model_len, steps)
@@ -191,12 +198,26 @@ def build_engine(
     core = EngineCore(scheduler, tp.worker(runner), config.scheduler.async_scheduling)
     if device.type == "cuda" and tp.rank == 0:  # the other ranks follow rank 0's warm-up passes
         _warm_up(core, config, runner, max_model_len, num_blocks)
+    if device.type == "cpu":
+        _warm_up_cpu(model, config)
     info = ModelInfo(source.name, max_model_len, eos, num_blocks, device.type, str(dtype).removeprefix("torch."), quantization, time.monotonic() - start)
     log.info(
         "engine ready: %s on %s (%s, quantization %s), %d KV blocks, max_model_len %d, in %.1fs",
         info.name, info.device, info.dtype, quantization, num_blocks, max_model_len, info.load_seconds,
     )
     return core, tokenizer, info
+
+
+def _warm_up_cpu(model, config: EngineConfig) -> None:
+    """oneDNN's kernels for every padded row count a pass can bring (``cpu_linear.warm_up``): the
+    projections up to the pass's token budget, the head up to the batch's rows."""
+    start = time.monotonic()
+    calls = warm_up_linears(model.layers, config.scheduler.max_num_batched_tokens)
+    if isinstance(model.packed_head, CpuLinear):
+        calls += warm_up_linears(model.packed_head, config.scheduler.max_num_seqs)
+    if calls:
+        release_free_memory()
+        log.info("CPU matmul kernels made for %d shapes in %.1fs", calls, time.monotonic() - start)
 
 
 def _warm_up(core: EngineCore, config: EngineConfig, runner: ModelRunner, max_model_len: int, num_blocks: int) -> None:

@@ -25,10 +25,16 @@ too), about half a MiB each for the embedded model's projections, and a server s
 count up to ``max_num_batched_tokens``: the engine core's memory grew with each new pass size
 until the caches filled (1024 kernels), then fragmented as they evicted. Rows are therefore
 padded to one of a few sizes (``onednn_rows``: at most 1/8 more rows, eight sizes per octave),
-so the caches hold a bounded set and stop growing after warm-up.
+so the caches hold a bounded set, and ``warm_up`` fills them at start-up, so that no request
+pays for a kernel's creation and the caches do not grow under load. Making them leaves most of
+the memory it touched free but held by malloc (on the embedded model 410 MiB more RSS, 327 MiB of
+it handed back by ``malloc_trim``), so the warm-up ends with ``release_free_memory``.
 """
 
 from __future__ import annotations
+
+import ctypes
+import ctypes.util
 
 import torch
 from torch import nn
@@ -83,6 +89,7 @@ class CpuLinear(nn.Module):
         self.bias = None if bias is None else bias.detach().to(dtype)
         self.int4 = self.scales_and_zeros = self.q4 = None
         weight = weight.detach()
+        self.in_features = weight.shape[1]
         if int4 and native:
             from stepserve.models.cpu_native import BlockWeight
 
@@ -102,6 +109,40 @@ class CpuLinear(nn.Module):
             return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [None], "")[:rows]
         out = torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.int4, GROUP, self.scales_and_zeros)
         return out if self.bias is None else out + self.bias
+
+
+@torch.inference_mode()
+def warm_up(model: nn.Module, max_rows: int) -> int:
+    """Call each distinct projection shape once with every padded row count up to ``max_rows``
+    (a pass's token budget) that reaches oneDNN, so that its kernels (and PyTorch's) are made now;
+    returns the calls made. A kernel's cache key is the shapes, not the weights: one layer per
+    shape is enough."""
+    layers: dict[tuple, CpuLinear] = {}
+    for module in model.modules():
+        if isinstance(module, CpuLinear):
+            key = (tuple(module.packed.shape), module.packed.dtype, module.bias is not None, module.int4 is None)
+            layers.setdefault(key, module)
+    calls = 0
+    for layer in layers.values():
+        first = 1 if layer.int4 is None else INT4_MAX_ROWS + 1
+        sizes = sorted({onednn_rows(rows) for rows in range(first, max_rows + 1)})
+        if not sizes:
+            continue
+        x = torch.zeros(sizes[-1], layer.in_features, dtype=layer.packed.dtype)
+        for rows in sizes:
+            layer(x[:rows])
+            calls += 1
+    return calls
+
+
+def release_free_memory() -> None:
+    """Hand the memory malloc holds free back to the system (glibc's ``malloc_trim``; a no-op
+    elsewhere)."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def cpu_has_bf16() -> bool:

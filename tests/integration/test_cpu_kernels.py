@@ -92,6 +92,31 @@ def test_every_row_count_does_not_grow_the_kernel_caches():
 
 
 @needs_bf16
+@pytest.mark.skipif(not hasattr(ctypes.CDLL(ctypes.util.find_library("c")), "mallinfo2"), reason="needs glibc's mallinfo2")
+def test_warm_up_makes_every_kernel_a_pass_can_need():
+    """After ``warm_up`` (run by the engine at start-up on the CPU), passes of every row count up
+    to the token budget make no new kernels: the memory they leave allocated stays flat (the
+    sweep above leaves 26 MiB without it)."""
+    from stepserve.models.cpu_linear import warm_up
+
+    gen = torch.Generator().manual_seed(0)
+    layers = torch.nn.Sequential(
+        CpuLinear(torch.randn(256, 512, generator=gen), None, torch.bfloat16, int4=False),
+        CpuLinear(torch.randn(256, 512, generator=gen), None, torch.bfloat16, int4=False),  # the same shape: warmed once
+        CpuLinear(torch.randn(512, 256, generator=gen), None, torch.bfloat16, int4=True),
+    )
+    calls = warm_up(layers, 512)
+    dense = len({onednn_rows(r) for r in range(1, 513)})
+    assert calls == dense + len({onednn_rows(r) for r in range(INT4_MAX_ROWS + 1, 513)}) and dense < 80
+    x, x256 = torch.randn(512, 512, generator=gen).bfloat16(), torch.randn(512, 256, generator=gen).bfloat16()
+    before = _malloced_mib()
+    for rows in range(1, 513):
+        layers[1](x[:rows])
+        layers[2](x256[:rows])
+    assert _malloced_mib() - before < 4
+
+
+@needs_bf16
 def test_int4_twin_and_dense_path_agree():
     """Below and above INT4_MAX_ROWS the layer must compute with the same weight values."""
     gen = torch.Generator().manual_seed(1)
