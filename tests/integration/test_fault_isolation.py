@@ -230,7 +230,10 @@ def test_queue_limit_gives_429_and_timeout_gives_504(server_factory, tiny_llama)
 
 
 def test_request_timeout_gives_504_and_frees_blocks(server_factory, tiny_llama):
-    server = server_factory(args(tiny_llama, "--request-timeout-s", "0.3", "--max-num-seqs", "1"))
+    # One request at a time: the third of three 480-token requests waits for the other two, well
+    # past 1 s. The timeout leaves room for the short request at the end on a loaded machine (at
+    # 0.3 s it timed out too while a soak shared CI's two cores).
+    server = server_factory(args(tiny_llama, "--request-timeout-s", "1.0", "--max-num-seqs", "1"))
     http = httpx.Client(base_url=server.url, timeout=60)
     bodies = [{"model": MODEL, "prompt": "slow", "max_tokens": 480, "ignore_eos": True}] * 3
 
@@ -244,7 +247,7 @@ def test_request_timeout_gives_504_and_frees_blocks(server_factory, tiny_llama):
     assert next(r for r in responses if r.status_code == 504).json()["error"]["type"] == "request_timeout"
     time.sleep(0.3)
     assert read_metric(http, "stepserve:kv_cache_usage_perc", model_name=MODEL) == 0.0
-    assert complete(http).status_code == 200
+    assert complete(http, max_tokens=1).status_code == 200
 
 
 def test_ten_clients_disconnect_mid_stream_and_their_blocks_are_freed(server_factory, tiny_llama):
