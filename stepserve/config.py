@@ -17,6 +17,7 @@ QUANTIZATIONS = ("auto", "none", "int4", "fp8")
 KV_CACHE_DTYPES = ("auto", "fp8")
 LOAD_FORMATS = ("auto", "dummy")
 DEVICES = ("auto", "cpu", "cuda")
+SPARE_CORE_CHOICES = ("auto", "on", "off")  # --spare-core (engine/supervisor.py)
 
 
 class ConfigError(InvalidRequestError):

@@ -177,7 +177,7 @@ def build_engine(
     # first passes: that thread's Python work holds the GIL against this one's (a loop of small
     # torch calls ran 16x slower beside it, measured on the CPU); on an H200 the 8B restart's graph
     # capture took 3.4 s beside it and 1.7 s without it, and 256 HTTP streams started right after
-    # ready gave 7,527 output tok/s beside it against 9,978.
+    # ready gave 7,528 output tok/s beside it against 9,978.
     grammars = GrammarMatchers(
         lambda: ll_tokenizer_in_background(lambda: tokenizer if tokenizer is not None else load_tokenizer(source), model_config.vocab_size, eos),
         model.cfg.vocab_size, eos, device,
@@ -217,7 +217,7 @@ def _warm_up_cpu(model, config: EngineConfig) -> None:
         calls += warm_up_linears(model.packed_head, config.scheduler.max_num_seqs)
     if calls:
         release_free_memory()
-        log.info("CPU matmul kernels made for %d shapes in %.1fs", calls, time.monotonic() - start)
+        log.info("CPU matmul kernels made for %d (shape, row count) pairs in %.1fs", calls, time.monotonic() - start)
 
 
 def _warm_up(core: EngineCore, config: EngineConfig, runner: ModelRunner, max_model_len: int, num_blocks: int) -> None:

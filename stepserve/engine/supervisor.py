@@ -21,6 +21,7 @@ import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from stepserve.config import SPARE_CORE_CHOICES
 from stepserve.core.engine_core import EngineStats
 from stepserve.core.outputs import EngineCoreRequest
 from stepserve.engine.core_client import CoreOutputs
@@ -49,9 +50,6 @@ class RestartPolicy:
     max_backoff_s: float = 30.0  # the longest wait between restarts
 
 
-SPARE_CHOICES = ("auto", "on", "off")
-
-
 class _CoreProcess:
     """One spawned core and the thread that reads its pipe; with ``factory=None`` a spare that
     waits for ``Build``."""
@@ -59,7 +57,7 @@ class _CoreProcess:
     def __init__(self, factory: CoreFactory | None, on_message: Callable, on_exit: Callable, spare_device: str | None = None) -> None:
         ctx = multiprocessing.get_context("spawn")
         self.conn, child = ctx.Pipe()
-        name = "stepserve-core" if factory is not None else "stepserve-core-spare"
+        name = "stepserve-core" if factory is not None else "stepserve-spare"  # as /proc/PID/comm shows them
         self.process = ctx.Process(target=core_main, args=(child, factory, spare_device), name=name, daemon=True)
         self.process.start()
         child.close()
@@ -105,8 +103,8 @@ class SupervisedCoreClient:
         self, factory: CoreFactory, policy: RestartPolicy = RestartPolicy(), on_restart: Callable[[], None] | None = None,
         restart_factory: Callable[[object], CoreFactory] | None = None, spare: str = "off",
     ) -> None:
-        if spare not in SPARE_CHOICES:
-            raise ValueError(f"spare={spare!r}: choose one of {', '.join(SPARE_CHOICES)}")
+        if spare not in SPARE_CORE_CHOICES:
+            raise ValueError(f"spare={spare!r}: choose one of {', '.join(SPARE_CORE_CHOICES)}")
         self._factory = factory
         self._spare_mode = spare
         self._spare: _CoreProcess | None = None  # a process waiting to take over, or None

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from stepserve.config import ConfigError
+from stepserve.config import SPARE_CORE_CHOICES, ConfigError
 from stepserve.structured.tool_parsers import PARSERS
 
 
@@ -46,8 +46,8 @@ class ServerConfig:
                 raise ConfigError(f"{name}={getattr(self, name)}: use a positive number of seconds")
         if self.log_stats_interval <= 0:
             raise ConfigError(f"log_stats_interval={self.log_stats_interval}: use a positive number of seconds")
-        if self.spare_core not in ("auto", "on", "off"):
-            raise ConfigError(f"spare_core={self.spare_core!r}: choose auto, on or off")
+        if self.spare_core not in SPARE_CORE_CHOICES:
+            raise ConfigError(f"spare_core={self.spare_core!r}: choose {', '.join(SPARE_CORE_CHOICES)}")
         if self.tool_call_parser is not None and self.tool_call_parser not in PARSERS:
             raise ConfigError(f"tool_call_parser={self.tool_call_parser!r}: choose {', '.join(PARSERS)}")
         if self.enable_auto_tool_choice and self.tool_call_parser is None:

@@ -153,11 +153,12 @@ class ModelRunner:
         logprobs: list[tuple] = []
         # The graph's own greedy tokens serve a pass of plain greedy rows: nothing runs between replays.
         in_graph = graph is not None and grammar is None and batch.num_logprobs < 0 and S.is_plain_greedy(batch)
-        nonfinite = torch.zeros(len(requests), dtype=torch.bool, device=self.device)
+        # A graph checks its own rows (``nonfinite_rows``); an eager pass here.
+        nonfinite = torch.zeros(len(requests), dtype=torch.bool, device=self.device) if graph is None else None
         for step in range(sched.num_steps):
             logits, found = self._step_logits(sched, inputs, graph, step, steps[-1] if steps else None)
             prompt_logprobs |= found
-            if graph is None:  # (a graph checks its own rows)
+            if nonfinite is not None:
                 # A NaN or inf anywhere in a row makes its sum non-finite: one reduction, no sync.
                 nonfinite |= ~torch.isfinite(logits.sum(dim=-1))
             if in_graph:

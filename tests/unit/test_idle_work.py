@@ -62,3 +62,14 @@ def test_the_core_loop_calls_idle_once_after_a_quiet_spell(monkeypatch):
     loop.join(5)
     assert not loop.is_alive()
     assert len(core.idle_calls) == 1 and core.idle_calls[0] - started >= 0.3
+
+
+def test_spare_core_choices_are_checked_at_startup():
+    import pytest
+
+    from stepserve.config import ConfigError
+    from stepserve.server.config import ServerConfig
+
+    assert ServerConfig(spare_core="off").spare_core == "off"
+    with pytest.raises(ConfigError, match="spare_core='always': choose auto, on, off"):
+        ServerConfig(spare_core="always")
