@@ -69,6 +69,12 @@ session4c)  # llguidance's tokenizer built when the engine is first idle: the HT
     bench 140 --out "$OUT/s" --only serve
     grep -h -e "spare" -e "engine core process" -e "model weights on" -e "captured" -e "engine ready" -e "restart" "$OUT/s/serve_8b.log" | tee "$OUT/restart_lines.log"
     ;;
+session5)  # sampling inside the graphs, the few-row FP8 kernel: their tests, the 8B rows with sampled runs, FP8, the kernel's tile sweep
+    timeout 210 python3 -m pytest tests/gpu/test_triton_sampling.py tests/gpu/test_cuda_engine.py tests/gpu/test_fp8.py -q -rfE -p no:cacheprovider 2>&1 | tee "$OUT/pytest_s5.log" | tail -15
+    bench 170 --out "$OUT/a" --only 8b --skip-cb --skip-fp8 --skip-cold --skip-serve
+    bench 90 --out "$OUT/b" --only fp8
+    PYTHONPATH=$PYTHONPATH:tests timeout 90 python3 bench/fp8_gemv.py "$OUT/fp8_gemv.json" 2>&1 | tee "$OUT/fp8_gemv.log"
+    ;;
 esac
 uptime
 ls -laR "$OUT"

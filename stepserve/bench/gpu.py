@@ -152,16 +152,18 @@ def stepserve_engine(model_dir: Path, shape: str, steps: int, **options):
 
 def run_requests(
     core, prompts: list[list[int]], max_tokens: int, tag: str, passes: list | None = None, outputs: dict | None = None,
+    sampling: dict | None = None,
 ) -> tuple[float, int]:
     """Seconds and output tokens for the prompts run through the engine loop to completion.
     ``passes`` collects (requests, steps, tokens computed by the first step, seconds) per pass:
     each step applies one pass after its one host sync (with asynchronous scheduling, the
     next pass is already running then), so wall time per step is that pass's cost. ``outputs``
-    collects each request's generated token ids under its index in ``prompts``."""
+    collects each request's generated token ids under its index in ``prompts``. ``sampling``:
+    SamplingParams fields (default greedy)."""
     from stepserve.core.outputs import EngineCoreRequest
     from stepserve.sampling import SamplingParams
 
-    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+    params = SamplingParams(**{"temperature": 0.0, **(sampling or {})}, max_tokens=max_tokens, ignore_eos=True)
     torch.cuda.synchronize()
     start = time.perf_counter()
     for i, ids in enumerate(prompts):
@@ -216,14 +218,14 @@ def graph_step_ms(core, size: int) -> float | None:
     return round(a.elapsed_time(b) / 10, 3)
 
 
-def stepserve_throughput(core, prompts, warm: bool = True, outputs: dict | None = None) -> dict:
+def stepserve_throughput(core, prompts, warm: bool = True, outputs: dict | None = None, sampling: dict | None = None) -> dict:
     # Warm-up on the workload's own shapes: Triton compiles a kernel per specialization (mixed
     # prefill+decode steps, split or not), which must not land inside the timed run.
     # Its prompts are drawn apart from the timed ones, so the prefix cache cannot serve them.
     if warm:
         run_requests(core, workload(seed=1)[:64], 4, "warm")
     passes: list = []
-    elapsed, tokens = run_requests(core, prompts, OUTPUT_LEN, "bench", passes, outputs)
+    elapsed, tokens = run_requests(core, prompts, OUTPUT_LEN, "bench", passes, outputs, sampling)
     return {
         "elapsed_s": round(elapsed, 3), "output_tokens": tokens, "out_tok_s": round(tokens / elapsed, 1),
         **pass_breakdown(passes), "graph_step_ms_256": graph_step_ms(core, 256),
@@ -439,8 +441,27 @@ def bench_8b(root: Path, prompts, results: dict, copy_tb_s: float, profile_dir: 
     print(f"8b batch-1: {b1}", flush=True)
     if profile_dir is not None:
         profile(core, prompts, profile_dir)
+    bench_sampled(core, results, len(prompts))
     del core
     free_gpu()
+
+
+SAMPLED = {"top_p": dict(temperature=0.8, top_p=0.95), "temperature": dict(temperature=0.8)}
+
+
+def bench_sampled(core, results: dict, count: int) -> None:
+    """The workload sampled instead of greedy (fresh prompts each run, so the prefix cache serves
+    none): top-p and temperature alone inside the sampling graphs, then top-p drawn eagerly
+    from the graphs' logits, as before the sampling graphs."""
+    for i, (name, fields) in enumerate(SAMPLED.items()):
+        prompts = workload(seed=10 + i)[:count]
+        results[f"sampled_8b_{name}"] = stepserve_throughput(core, prompts, warm=False, sampling=fields)
+        print(f"8b sampled ({name}), in the graphs: {results[f'sampled_8b_{name}']}", flush=True)
+    graphs = core.worker.graphs
+    if graphs is not None:
+        graphs.sampling_graphs.clear()  # the runner then samples eagerly; this engine is not used again
+        results["sampled_8b_top_p_eager"] = stepserve_throughput(core, workload(seed=20)[:count], warm=False, sampling=SAMPLED["top_p"])
+        print(f"8b sampled (top_p), eagerly: {results['sampled_8b_top_p_eager']}", flush=True)
 
 
 def sync_comparison(core, prompts, async_outputs: dict) -> dict:
@@ -557,6 +578,9 @@ def summary(results: dict) -> dict:
         "fp8_kv_8b_out_tok_s": get("fp8_kv_8b"),
         "fp8_kv_batch1_8b_tok_s": get("fp8_kv_batch1_8b", "tok_s"),
         "stepserve_8b_sync_out_tok_s": get("stepserve_8b_sync"),
+        "sampled_8b_top_p_out_tok_s": get("sampled_8b_top_p"),
+        "sampled_8b_temperature_out_tok_s": get("sampled_8b_temperature"),
+        "sampled_8b_top_p_eager_out_tok_s": get("sampled_8b_top_p_eager"),
         "copy_tb_s": results.get("copy_tb_s"),
         "multistep_1b_n8_over_n1": round(n8 / n1, 3) if n1 and n8 else None,
         "greedy_check_1b_passed": results.get("greedy_check_1b", {}).get("passed"),
@@ -593,6 +617,7 @@ def table(s: dict, results: dict) -> str:
         ("8B FP8 batch-1 decode tok/s", s["fp8_batch1_8b_tok_s"], "-", f"{results.get('fp8_batch1_8b', {}).get('achieved_tb_s')} TB/s"),
         ("8B bf16, FP8 KV cache, output tok/s", s["fp8_kv_8b_out_tok_s"], "-", f"batch 1: {s['fp8_kv_batch1_8b_tok_s']} tok/s"),
         ("8B bf16, synchronous scheduling, output tok/s", s["stepserve_8b_sync_out_tok_s"], "-", "same engine and prompts, prefix cache off"),
+        ("8B sampled, temperature 0.8 top-p 0.95, output tok/s", s["sampled_8b_top_p_out_tok_s"], "-", f"eager sampling: {s['sampled_8b_top_p_eager_out_tok_s']}; temperature alone: {s['sampled_8b_temperature_out_tok_s']}"),
         ("device copy bandwidth, TB/s", round(s["copy_tb_s"], 2) if s["copy_tb_s"] else None, "-", s["device"]),
     ]
     lines = ["| measure | stepserve | transformers CB | ratio / note |", "| --- | --- | --- | --- |"]

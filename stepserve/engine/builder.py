@@ -107,7 +107,7 @@ def _num_blocks(config: EngineConfig, model, backend, dtype, device, max_model_l
 def _gpu_kv_budget(config: EngineConfig, model, backend, device, graph_sizes: list[int]) -> float:
     """Bytes for the KV cache: the utilization share of the GPU, less what other processes and
     the CUDA context hold, the weights, the peak activations of a profile run of the largest
-    pass, and the CUDA graphs' logits buffers."""
+    pass, and the CUDA graphs' logits buffers and sampling temporaries."""
     sched = config.scheduler
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats(device)
@@ -119,7 +119,10 @@ def _gpu_kv_budget(config: EngineConfig, model, backend, device, graph_sizes: li
     torch.cuda.empty_cache()
     free, total = torch.cuda.mem_get_info(device)
     others = total - free - torch.cuda.memory_reserved(device)
-    graphs = sum(graph_sizes) * model.cfg.vocab_size * 4 + (2**29 if graph_sizes else 0)
+    # Logits of every bucket, and the sampling graphs' temporaries at the largest bucket (the sort
+    # of top-k and top-p: values, int64 indices, softmax, cumulative sums, masks; about 40 bytes a logit).
+    vocab = model.cfg.vocab_size
+    graphs = (sum(graph_sizes) * vocab * 4 + max(graph_sizes) * vocab * 40 + 2**29) if graph_sizes else 0
     budget = total * config.cache.gpu_memory_utilization - others - weights - activations - graphs
     log.info(
         "GPU memory: %.1f GiB total, weights %.2f GiB, peak activations %.2f GiB, graphs %.2f GiB, other %.2f GiB -> KV cache %.1f GiB",

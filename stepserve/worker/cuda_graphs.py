@@ -5,10 +5,18 @@ tables), runs the model and the LM head, and then advances positions, context le
 by one token in place, so replaying it again is the next step of a multi-step pass. Inside the
 graph too: the finite check of every row's logits (a flag per row, kept over the pass) and the
 greedy token, written into the ids buffer as the next step's input, so a pass of plain greedy
-rows replays the graph N times with nothing in between (``greedy``). Any other pass samples from
-the graph's logits and writes its tokens over the greedy ones (``feed``). Rows beyond the real
-batch (bucket padding) hold one token of context in the null block 0 and never touch a real
-block.
+rows replays the graph N times with nothing in between (``greedy``).
+
+Sampling has graphs of its own, two per bucket and in the same memory pool, replayed right after
+the step's graph: they read its logits and the pass's sampling parameters from static buffers
+(temperature, top-k, top-p, min-p, greedy rows, noise keys and output indices), draw with the
+sampler's own code (``sampler.sample``), write the tokens over the greedy ones and advance the
+noise index. One graph for passes without top-k or top-p, one that sorts for those with them.
+Passes with logits processors (bias, penalties, min_tokens) or grammars sample eagerly from the
+graph's logits and write their tokens over the greedy ones (``feed``).
+
+Rows beyond the real batch (bucket padding) hold one token of context in the null block 0 and
+never touch a real block; they sample greedily with neutral parameters.
 """
 
 from __future__ import annotations
@@ -20,6 +28,7 @@ import time
 import torch
 
 from stepserve.attention.base import AttentionMetadata
+from stepserve.worker import sampler as S
 
 log = logging.getLogger("stepserve")
 
@@ -52,9 +61,21 @@ class CudaGraphs:
         self.query_start = torch.arange(n + 1, dtype=torch.int32, device=dev)
         self.nonfinite = torch.zeros(n, dtype=torch.bool, device=dev)  # per row, over the loaded pass
         self.argmax = torch.zeros(n, dtype=torch.long, device=dev)  # the last replay's greedy tokens
+        # The sampling parameters of the loaded pass, padding rows neutral (``load_sampling``).
+        self.vocab_size = runner.vocab_size
+        self.temperature = torch.ones(n, device=dev)
+        self.greedy_rows = torch.ones(n, dtype=torch.bool, device=dev)
+        self.top_k = torch.full((n,), self.vocab_size, dtype=torch.long, device=dev)
+        self.top_p = torch.ones(n, device=dev)
+        self.min_p = torch.zeros(n, device=dev)
+        self.noise_keys = torch.zeros(n, dtype=torch.long, device=dev)
+        self.noise_index = torch.zeros(n, dtype=torch.long, device=dev)
+        self.sampled = torch.zeros(n, dtype=torch.long, device=dev)  # the last sampling replay's tokens
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.sampling_graphs: dict[tuple[int, bool], torch.cuda.CUDAGraph] = {}  # (bucket, sorts)
         self.logits: dict[int, torch.Tensor] = {}
         self.batch = self.size = 0  # the loaded pass: real rows, bucket
+        self.sorts = False  # the loaded pass's sampling graph: with top-k and top-p
         self._capture()
 
     def _capture(self) -> None:
@@ -71,8 +92,20 @@ class CudaGraphs:
                 self.logits[size] = self._step(size, meta)
             pool = graph.pool()
             self.graphs[size] = graph
+        for size in reversed(self.sizes):
+            for sorts in (True, False):
+                self._sample(size, sorts)  # compiles the race kernel, loads the sort's kernels
+                torch.cuda.synchronize()
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=pool):
+                    self._sample(size, sorts)
+                self.sampling_graphs[size, sorts] = graph
+        self.noise_index.zero_()
         torch.cuda.synchronize()
-        log.info("captured %d CUDA graphs for decode batch sizes %s in %.1fs", len(self.sizes), self.sizes, time.monotonic() - start)
+        log.info(
+            "captured %d CUDA graphs for decode batch sizes %s, and %d of sampling, in %.1fs",
+            len(self.sizes), self.sizes, len(self.sampling_graphs), time.monotonic() - start,
+        )
 
     def _meta(self, size: int) -> AttentionMetadata:
         return AttentionMetadata(
@@ -105,6 +138,20 @@ class CudaGraphs:
         self.slots[:size] = blocks * self.block_size + pos % self.block_size
         return logits
 
+    def _sample(self, size: int, sorts: bool) -> None:
+        """Draw the step's tokens from its logits; they become the next step's inputs."""
+        batch = S.SamplingBatch(
+            temperature=self.temperature[:size], greedy=self.greedy_rows[:size], all_greedy=False,
+            top_k=self.top_k[:size] if sorts else None, top_p=self.top_p[:size] if sorts else None, min_p=self.min_p[:size],
+            presence=None, frequency=None, repetition=None, output_counts=None, prompt_mask=None, bias=None,
+            stop_mask=None, min_left=None,
+            noise_keys=self.noise_keys[:size], noise_index=self.noise_index[:size], num_logprobs=-1,
+        )
+        tokens = S.sample(self.logits[size], batch)
+        self.sampled[:size] = tokens
+        self.input_ids[:size] = tokens
+        self.noise_index[:size] += 1
+
     def _reset(self, start: int) -> None:
         """Rows from ``start`` on become padding: one token of context in the null block."""
         self.positions[start:].zero_()
@@ -130,6 +177,34 @@ class CudaGraphs:
         self.batch, self.size = batch, size
         return self
 
+    @property
+    def samples(self) -> bool:
+        """Sampling graphs were captured (a benchmark may drop them to time eager sampling)."""
+        return bool(self.sampling_graphs)
+
+    def load_sampling(self, batch: S.SamplingBatch) -> None:
+        """Copy the loaded pass's sampling parameters (no logits processors) into the buffers."""
+        n = self.batch
+        self.temperature[:n].copy_(batch.temperature)
+        self.greedy_rows[:n].copy_(batch.greedy)
+        self.sorts = batch.top_k is not None or batch.top_p is not None
+        if self.sorts:
+            self._copy_or_fill(self.top_k, batch.top_k, self.vocab_size)
+            self._copy_or_fill(self.top_p, batch.top_p, 1.0)
+        self._copy_or_fill(self.min_p, batch.min_p, 0.0)
+        self.noise_keys[:n].copy_(batch.noise_keys)
+        self.noise_index[:n].copy_(batch.noise_index)
+        if self.size > n:  # padding rows: greedy, neutral
+            self.temperature[n:].fill_(1.0)
+            self.greedy_rows[n:].fill_(True)
+
+    def _copy_or_fill(self, buffer: torch.Tensor, values: torch.Tensor | None, neutral) -> None:
+        if values is None:
+            buffer.fill_(neutral)
+        else:
+            buffer[: self.batch].copy_(values)
+            buffer[self.batch :].fill_(neutral)
+
     def replay(self) -> torch.Tensor:
         """Run one step of the loaded pass; logits of the real rows (valid until the next replay)."""
         self.graphs[self.size].replay()
@@ -139,6 +214,12 @@ class CudaGraphs:
         """The greedy tokens of the last replay's real rows (a copy); the graph has already made
         them the next step's inputs."""
         return self.argmax[: self.batch].clone()
+
+    def sample(self) -> torch.Tensor:
+        """Run the loaded pass's sampling graph over the last replay's logits; its tokens (a
+        copy), which are now the next step's inputs."""
+        self.sampling_graphs[self.size, self.sorts].replay()
+        return self.sampled[: self.batch].clone()
 
     def nonfinite_rows(self) -> torch.Tensor:
         """Per real row: did any step of the loaded pass produce a non-finite logit."""

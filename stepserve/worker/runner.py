@@ -7,7 +7,8 @@ is discarded by the core's stop check, so it never reaches a request's real bloc
 
 On CUDA a pure-decode pass replays a captured graph (``cuda_graphs.py``) that runs the forward
 and advances positions, slots and context lengths for the next step; only sampling runs outside
-it. Inputs go up in one pinned, non-blocking copy; the pass ends with its one host sync.
+it, and sampling without logits processors replays a sampling graph. Inputs go up in one pinned,
+non-blocking copy; the pass ends with its one host sync.
 
 ``submit`` starts a pass and returns at once (its results are copied to pinned host memory
 behind an event); ``collect`` waits for them. Between the two the core schedules the next pass,
@@ -123,7 +124,7 @@ class ModelRunner:
         self.eos_token_ids = frozenset(eos_token_ids)
         self.device = device
         self.vocab_size = model.cfg.vocab_size
-        self.shared_generator = torch.Generator(device=device).manual_seed(seed)
+        self.shared_generator = torch.Generator().manual_seed(seed)  # on the host: keys unseeded rows' noise
         self.graphs: CudaGraphs | None = None  # set by capture_cuda_graphs
         self.grammars = grammars  # constrained decoding; None: every request is free text
         self.pooling = PoolingRows()  # folds of prefill-only pooling requests, chunk by chunk
@@ -145,14 +146,17 @@ class ModelRunner:
         grammar = self._grammar_pass(sched)
         requests = sched.requests
         inputs = self._prepare(sched)
-        batch = S.build_sampling_batch(requests, self.eos_token_ids, self.vocab_size, self.device)
+        batch = S.build_sampling_batch(requests, self.eos_token_ids, self.vocab_size, self.device, self.shared_generator)
         eager = any(_prompt_logprob_span(r) for r in requests)  # prompt logprobs need the hidden states
         graph = self.graphs.load(inputs) if self.graphs is not None and not eager else None
         prompt_logprobs: dict[str, tuple[TokenLogprob, ...]] = {}
         steps: list[torch.Tensor] = []
         logprobs: list[tuple] = []
-        # The graph's own greedy tokens serve a pass of plain greedy rows: nothing runs between replays.
-        in_graph = graph is not None and grammar is None and batch.num_logprobs < 0 and S.is_plain_greedy(batch)
+        # The graphs sample a pass without logits processors or grammars: plain greedy rows take
+        # the step graph's own tokens (nothing runs between replays), others a sampling graph.
+        in_graph = graph is not None and grammar is None and not S.has_logits_processors(batch) and (batch.all_greedy or graph.samples)
+        if in_graph and not batch.all_greedy:
+            graph.load_sampling(batch)
         # A graph checks its own rows (``nonfinite_rows``); an eager pass here.
         nonfinite = torch.zeros(len(requests), dtype=torch.bool, device=self.device) if graph is None else None
         for step in range(sched.num_steps):
@@ -162,19 +166,19 @@ class ModelRunner:
                 # A NaN or inf anywhere in a row makes its sum non-finite: one reduction, no sync.
                 nonfinite |= ~torch.isfinite(logits.sum(dim=-1))
             if in_graph:
-                tokens = graph.greedy()
+                tokens = graph.greedy() if batch.all_greedy else graph.sample()
             else:
                 processed = S.apply_logits_processors(logits, batch)
                 if grammar is not None:  # constrained rows only; the others pay nothing
                     processed = grammar.mask(processed, logits)
-                tokens = S.sample(processed, batch, self.shared_generator)
+                tokens = S.sample(processed, batch)
                 if grammar is not None and step + 1 < sched.num_steps:
                     grammar.accept(tokens, step)  # the next step's masks follow this step's tokens
                 if graph is not None:
                     graph.feed(tokens)
+                S.advance(batch, tokens)
             if batch.num_logprobs >= 0:
                 logprobs.append(S.top_logprobs(logits, tokens, batch.num_logprobs))
-            S.advance(batch, tokens)
             steps.append(tokens)
         if graph is not None:
             nonfinite = graph.nonfinite_rows()

@@ -1,9 +1,14 @@
 """Batched sampling: greedy, temperature, top-k, top-p, min-p, penalties, logit bias, seeds, logprobs.
 
-All rows are handled with tensor ops (no per-row Python, no host sync) except drawing seeded
-noise: output token t of a request with seed s is drawn with noise from a generator seeded with
-``mix_seed(s, t)``, so what a seed gives depends on nothing but the seed, the token's index and
-the logits (not on the batch, chunking, preemption or the number of scheduler steps).
+All rows are handled with tensor ops: no per-row Python and no host sync, so a CUDA graph can
+capture a whole step's sampling (``cuda_graphs.py``).
+
+The noise is counter-based: the exponential noise of vocabulary entry i when a row samples its
+output token t is a pure function of (the row's noise key, t, i), splitmix64's finalizer over
+64-bit integers (``noise_words``). A request with a seed has the key ``noise_key(seed)``, so what a
+seed gives depends on nothing but the seed, the token's index and the logits (not on the batch,
+chunking, preemption, the number of scheduler steps, or whether a graph ran the step). Unseeded
+rows get a fresh key per pass from the engine's generator, drawn on the host.
 """
 
 from __future__ import annotations
@@ -15,6 +20,47 @@ import torch
 
 from stepserve.core.outputs import ScheduledRequest
 from stepserve.sampling import mix_seed
+
+# splitmix64 (Steele, Lea and Flood), written over int64 tensors: multiplication and addition wrap
+# as uint64 does, and right shifts are masked to be logical. The constants as signed int64.
+_GOLDEN = 0x9E3779B97F4A7C15 - (1 << 64)
+_MUL1 = 0xBF58476D1CE4E5B9 - (1 << 64)
+_MUL2 = 0x94D049BB133111EB - (1 << 64)
+NOISE_BITS = 23  # uniform bits per draw: (v + 0.5) / 2**23 is exact in float32, strictly inside (0, 1)
+
+
+def _shr(x: torch.Tensor, n: int) -> torch.Tensor:
+    return (x >> n) & ((1 << (64 - n)) - 1)
+
+
+def _mix64(x: torch.Tensor) -> torch.Tensor:
+    x = x ^ _shr(x, 30)
+    x = x * _MUL1
+    x = x ^ _shr(x, 27)
+    x = x * _MUL2
+    return x ^ _shr(x, 31)
+
+
+def noise_key(seed: int) -> int:
+    """The noise key of a request's seed, in [0, 2**63)."""
+    return mix_seed(seed, -1)
+
+
+def token_keys(keys: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Per row [B]: the key of the draw of output token ``index`` under noise key ``keys``."""
+    return _mix64(keys + _mix64((index + 1) * _GOLDEN))
+
+
+def noise_words(keys: torch.Tensor, index: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """[B, V] int64: splitmix64's outputs 1..V from each row's token key."""
+    counters = torch.arange(1, vocab_size + 1, dtype=torch.long, device=keys.device) * _GOLDEN
+    return _mix64(token_keys(keys, index)[:, None] + counters)
+
+
+def exponential_noise(keys: torch.Tensor, index: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """[B, V] float32 Exp(1) noise: -log(u) of the top NOISE_BITS bits of each word."""
+    top = _shr(noise_words(keys, index, vocab_size), 64 - NOISE_BITS)
+    return -((top.float() + 0.5) * 2.0**-NOISE_BITS).log()
 
 
 def _tensor(data, dtype: torch.dtype | None = None, device=None) -> torch.Tensor:
@@ -43,10 +89,9 @@ class SamplingBatch:
     bias: torch.Tensor | None  # [B, V] float logit bias
     stop_mask: torch.Tensor | None  # [B, V] bool: EOS and stop tokens, masked below min_tokens
     min_left: torch.Tensor | None  # [B] int: outputs still to come before stop tokens may appear
-    seeds: list[int | None]  # per row: the request's seed; None draws from the shared generator
-    first_output: list[int]  # per row: output index of the token the pass's first step samples
+    noise_keys: torch.Tensor  # [B] int64: noise_key(seed), or a fresh draw for unseeded rows
+    noise_index: torch.Tensor  # [B] int64: output index of the token the next step samples
     num_logprobs: int  # top alternatives to return; -1 for none
-    step: int = 0  # steps of the pass sampled so far (advanced by ``advance``)
 
 
 def build_sampling_batch(
@@ -54,7 +99,9 @@ def build_sampling_batch(
     eos_token_ids: Collection[int],
     vocab_size: int,
     device: torch.device,
+    shared: torch.Generator | None = None,
 ) -> SamplingBatch:
+    """``shared``: the CPU generator that keys unseeded rows (torch's default one if None)."""
     params = [r.params for r in requests]
     b = len(params)
     f32 = lambda xs: _tensor(xs, dtype=torch.float32, device=device)  # noqa: E731
@@ -65,8 +112,8 @@ def build_sampling_batch(
         all_greedy=all(greedy),
         top_k=None, top_p=None, min_p=None, presence=None, frequency=None, repetition=None,
         output_counts=None, prompt_mask=None, bias=None, stop_mask=None, min_left=None,
-        seeds=[p.seed for p in params],
-        first_output=[len(r.token_ids) - r.num_prompt_tokens for r in requests],
+        noise_keys=_noise_keys(params, greedy, shared, device),
+        noise_index=_tensor([len(r.token_ids) - r.num_prompt_tokens for r in requests], device=device),
         num_logprobs=max((p.logprobs for p in params if p.logprobs is not None), default=-1),
     )
     if any(p.top_k > 0 for p in params):
@@ -86,6 +133,17 @@ def build_sampling_batch(
     if any(p.min_tokens > 0 for p in params):
         _add_min_tokens(batch, requests, eos_token_ids, vocab_size, device)
     return batch
+
+
+def _noise_keys(params, greedy: list[bool], shared: torch.Generator | None, device) -> torch.Tensor:
+    keys = torch.zeros(len(params), dtype=torch.long)
+    unseeded = [row for row, (p, g) in enumerate(zip(params, greedy)) if p.seed is None and not g]
+    if unseeded:
+        keys[unseeded] = torch.randint(-(1 << 63), (1 << 63) - 1, (len(unseeded),), generator=shared)
+    for row, p in enumerate(params):
+        if p.seed is not None:
+            keys[row] = noise_key(p.seed)
+    return keys.pin_memory().to(device, non_blocking=True) if torch.device(device).type == "cuda" else keys
 
 
 def _add_penalties(batch: SamplingBatch, requests, vocab_size: int, device) -> None:
@@ -117,9 +175,14 @@ def _add_min_tokens(batch: SamplingBatch, requests, eos_token_ids, vocab_size: i
     batch.min_left = _tensor(left, device=device)
 
 
+def has_logits_processors(batch: SamplingBatch) -> bool:
+    """Logit bias, penalties or a min_tokens mask on some row: ``apply_logits_processors`` is no identity."""
+    return batch.bias is not None or batch.output_counts is not None or batch.stop_mask is not None
+
+
 def is_plain_greedy(batch: SamplingBatch) -> bool:
     """Every row greedy with no logits processor: each token is the raw logits' argmax."""
-    return batch.all_greedy and batch.bias is None and batch.output_counts is None and batch.stop_mask is None
+    return batch.all_greedy and not has_logits_processors(batch)
 
 
 def apply_logits_processors(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
@@ -153,15 +216,14 @@ def _mask_top_k_top_p(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tenso
     return torch.full_like(logits, float("-inf")).scatter(1, order, sorted_logits)
 
 
-def _noise(shape, batch: SamplingBatch, shared: torch.Generator | None, device) -> torch.Tensor:
-    q = torch.empty(shape, device=device).exponential_(generator=shared)
-    gen = None
-    for row, seed in enumerate(batch.seeds):
-        if seed is not None:
-            gen = gen or torch.Generator(device=device)
-            gen.manual_seed(mix_seed(seed, batch.first_output[row] + batch.step))
-            q[row].exponential_(generator=gen)
-    return q
+def race(probs: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+    """One draw per row from ``probs`` [B, V], by the exponential race argmax(p / E), E ~ Exp(1).
+    On CUDA one Triton kernel makes the noise in registers; elsewhere it is a [B, V] tensor."""
+    if probs.is_cuda:
+        from stepserve.worker.triton_sampling import exponential_race
+
+        return exponential_race(probs, batch.noise_keys, batch.noise_index)
+    return (probs / exponential_noise(batch.noise_keys, batch.noise_index, probs.shape[1])).argmax(dim=-1)
 
 
 def sampling_probs(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
@@ -176,20 +238,17 @@ def sampling_probs(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
     return probs
 
 
-def sample(logits: torch.Tensor, batch: SamplingBatch, shared: torch.Generator | None = None) -> torch.Tensor:
+def sample(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
     """Token ids [B] from float32 logits [B, V] after the logits processors."""
     greedy_tokens = logits.argmax(dim=-1)
     if batch.all_greedy:
         return greedy_tokens
-    probs = sampling_probs(logits, batch)
-    # Exponential race: argmax(p / E) with E ~ Exp(1) draws from p, one row at a time if needed.
-    sampled = (probs / _noise(probs.shape, batch, shared, probs.device)).argmax(dim=-1)
-    return torch.where(batch.greedy, greedy_tokens, sampled)
+    return torch.where(batch.greedy, greedy_tokens, race(sampling_probs(logits, batch), batch))
 
 
 def advance(batch: SamplingBatch, tokens: torch.Tensor) -> None:
     """Account for the tokens just sampled before the next step of a multi-step pass."""
-    batch.step += 1
+    batch.noise_index += 1
     if batch.output_counts is not None:
         batch.output_counts.scatter_add_(1, tokens[:, None], torch.ones_like(tokens[:, None], dtype=torch.int32))
     if batch.min_left is not None:

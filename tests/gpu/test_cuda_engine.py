@@ -36,6 +36,49 @@ def test_graphs_equal_eager(tiny_llama, dtype):
     assert greedy(tiny_llama, dtype, enforce_eager=False) == greedy(tiny_llama, dtype, enforce_eager=True)
 
 
+SAMPLED = [  # every graph path: temperature alone, with min-p, sorted (top-k, top-p), greedy rows beside
+    SamplingParams(temperature=0.9, seed=1),
+    SamplingParams(temperature=1.2, min_p=0.05, seed=2),
+    SamplingParams(temperature=0.8, top_k=20, seed=3),
+    SamplingParams(temperature=1.0, top_p=0.9, min_p=0.02, seed=4),
+    SamplingParams(temperature=0),
+    SamplingParams(temperature=0.7, top_k=50, top_p=0.95, seed=5, logprobs=2),
+    SamplingParams(temperature=1.5, seed=6),
+    SamplingParams(temperature=0),
+]
+
+
+@pytest.mark.parametrize("steps", [1, 8])
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_sampling_graphs_equal_eager(tiny_llama, dtype, steps, monkeypatch):
+    """Seeded temperature, top-k, top-p and min-p rows drawn inside the sampling graphs give
+    the eager path's tokens and logprobs; the graph path really replays them (counted), and a
+    pass that mixes only temperature rows uses the graph that does not sort."""
+    from stepserve.worker.cuda_graphs import CudaGraphs
+
+    replays = []
+    original = CudaGraphs.sample
+    monkeypatch.setattr(CudaGraphs, "sample", lambda self: replays.append((self.size, self.sorts)) or original(self))
+    outs = {}
+    for enforce_eager in (False, True):
+        llm = LLM(model=str(tiny_llama), dtype=dtype, device="cuda", max_model_len=512, max_num_seqs=16, num_blocks=1024,
+                  num_scheduler_steps=steps, enforce_eager=enforce_eager)
+        for label, params in (("mixed", SAMPLED), ("temperature", SAMPLED[:2] * 4)):
+            params = [p.replace(max_tokens=NEW_TOKENS, ignore_eos=True) for p in params]
+            outs[enforce_eager, label] = [
+                (o.outputs[0].token_ids, [round(lp.logprob, 4) for lp in o.outputs[0].logprobs or []])
+                for o in llm.generate(prompts(), params)
+            ]
+        del llm
+        gc.collect()
+        torch.cuda.empty_cache()
+    assert outs[False, "mixed"] == outs[True, "mixed"]
+    assert outs[False, "temperature"] == outs[True, "temperature"]
+    assert {sorts for size, sorts in replays} == {True, False} and {size for size, _ in replays} == {8}
+    tokens = [t for t, _ in outs[False, "mixed"]]
+    assert tokens[4] != tokens[6] and len({tuple(t) for t in tokens}) == 8  # sampled, not all greedy
+
+
 @pytest.mark.parametrize("fixture", ["tiny_llama", "tiny_qwen2", "tiny_tied"])
 def test_multi_step_equals_single_step(fixture, request):
     model_dir = request.getfixturevalue(fixture)

@@ -161,3 +161,34 @@ def test_dummy_load_format_engine_runs(tiny_llama, tmp_path):
     # Triton writes there (the kernels of this process were compiled by earlier tests, so the
     # folder may stay empty here; the benchmark's fresh processes show it filling).
     assert os.environ["TRITON_CACHE_DIR"] == str(tmp_path / "cc" / "triton")
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3, 5, 8])
+@pytest.mark.parametrize("bias", [False, True])
+def test_fp8_gemv_equals_dequantized_product(rows, bias):
+    """The few-row kernel against the float64 product of the dequantized weights (the same
+    numbers it multiplies), at shapes whose N and K are no multiple of its tiles; and
+    ``Fp8Linear`` takes it for up to GEMV_MAX_ROWS rows, within the projection's bound."""
+    from stepserve.models import fp8 as F
+
+    torch.manual_seed(rows)
+    w = torch.randn(1000, 1500, device="cuda", dtype=torch.bfloat16)
+    q, scale = F.quantize_weight(w)
+    x = torch.randn(rows, 1500, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(1000, device="cuda", dtype=torch.bfloat16) if bias else None
+    ref = x.double() @ (q.double() * scale.double()[:, None]).t() + (b.double() if bias else 0)
+    got = F.fp8_gemv(x, q, scale[None, :].contiguous(), b)
+    assert got.dtype == torch.bfloat16 and got.shape == (rows, 1000)
+    assert rel_err(got, ref) <= 0.005  # bf16 rounding of the output only
+    linear = torch.nn.Linear(1500, 1000, bias=bias, device="cuda", dtype=torch.bfloat16)
+    layer = F.Fp8Linear(linear)
+    calls = []
+    original = F.fp8_gemv
+    F.fp8_gemv = lambda *a: calls.append(a[0].shape[0]) or original(*a)
+    try:
+        y = layer(x[None])  # [1, rows, K]: the leading dims come back
+    finally:
+        F.fp8_gemv = original
+    assert calls == [rows] and y.shape == (1, rows, 1000)
+    exact = x.double() @ linear.weight.double().t() + (linear.bias.double() if bias else 0)
+    assert rel_err(y[0], exact) <= LINEAR_BOUND

@@ -33,10 +33,10 @@ def params(cfg, **kw) -> SamplingParams:
     return SamplingParams(temperature=t, top_k=k, top_p=p, min_p=m, max_tokens=1, **kw)
 
 
-def sampling_batch(params_list, vocab, prompt=(1, 2, 3), outputs=()):
+def sampling_batch(params_list, vocab, prompt=(1, 2, 3), outputs=(), shared=None):
     ids = list(prompt) + list(outputs)
     requests = [ScheduledRequest(f"r{i}", ids, 0, len(ids), [], p, len(prompt), True, 1) for i, p in enumerate(params_list)]
-    return S.build_sampling_batch(requests, (), vocab, torch.device("cpu"))
+    return S.build_sampling_batch(requests, (), vocab, torch.device("cpu"), shared)
 
 
 @pytest.fixture(scope="module")
@@ -78,8 +78,8 @@ def test_draw_frequencies_chi_square(cfg, tiny_llm, tiny_hf):
     ref = warped(row[None], *cfg)[0].softmax(-1)
     shared = torch.Generator().manual_seed(1)
     for count, seeded in ((20000, False), (3000, True)):
-        batch = sampling_batch([params(cfg, seed=i if seeded else None) for i in range(count)], row.numel())
-        tokens = S.sample(row.expand(count, -1).clone(), batch, shared)
+        batch = sampling_batch([params(cfg, seed=i if seeded else None) for i in range(count)], row.numel(), shared=shared)
+        tokens = S.sample(row.expand(count, -1).clone(), batch)
         p = chi2_pvalue(torch.bincount(tokens, minlength=row.numel()), ref)
         assert p > CHI2_ALPHA, (cfg, seeded, p)
 

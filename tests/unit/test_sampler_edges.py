@@ -12,10 +12,10 @@ from stepserve.worker import sampler as S
 V = 8
 
 
-def batch_of(params, prompt=(1, 2), outputs=(), eos=(7,)):
+def batch_of(params, prompt=(1, 2), outputs=(), eos=(7,), shared=None):
     ids = list(prompt) + list(outputs)
     requests = [ScheduledRequest(f"r{i}", ids, 0, len(ids), [], p, len(prompt), True, 1) for i, p in enumerate(params)]
-    return S.build_sampling_batch(requests, eos, V, torch.device("cpu"))
+    return S.build_sampling_batch(requests, eos, V, torch.device("cpu"), shared)
 
 
 def test_penalties_on_explicit_logits():
@@ -56,12 +56,13 @@ def test_exact_top_p_and_min_p_ties():
 
 def test_noise_sources():
     logits = torch.zeros(64, 16)  # uniform: the noise alone picks the token
-    unseeded = batch_of([SamplingParams(temperature=1.0)] * 64)
+    params = [SamplingParams(temperature=1.0)] * 64
     runs = []
     for global_seed in (1, 2):
         torch.manual_seed(global_seed)  # the engine's own generator must decide, not torch's global one
-        runs.append(S.sample(logits, unseeded, torch.Generator().manual_seed(5)))
+        runs.append(S.sample(logits, batch_of(params, shared=torch.Generator().manual_seed(5))))
     assert torch.equal(runs[0], runs[1])
+    assert not torch.equal(runs[0], S.sample(logits, batch_of(params, shared=torch.Generator().manual_seed(6))))
     seeded = batch_of([SamplingParams(temperature=1.0, seed=11)], outputs=(1,) * 3)
     steps = []
     for _ in range(12):
@@ -80,10 +81,48 @@ def test_options_that_one_request_alone_turns_on():
     assert S.apply_logits_processors(logits, batch_of([sp]))[0].tolist() == [0.5, 2.0, 1.0, 0.0, 0.0, 3.0, 0.0, 3.0]
 
 
-def test_seeded_noise_is_mix_seed_of_the_output_index():
+M64 = (1 << 64) - 1
+
+
+GOLDEN = 0x9E3779B97F4A7C15
+
+
+def mix64(z: int) -> int:
+    """splitmix64's finalizer in Python integers (the reference)."""
+    z &= M64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & M64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & M64
+    return z ^ (z >> 31)
+
+
+def test_seeded_noise_is_splitmix64_of_the_seed_and_output_index():
     from stepserve.sampling import mix_seed
 
-    logits = torch.zeros(1, V)
+    key = mix_seed(99, -1)
+    token_key = mix64(key + mix64(3 * GOLDEN))  # output index 2
+    words = [mix64(token_key + (i + 1) * GOLDEN) for i in range(V)]  # splitmix64's outputs 1..V
     batch = batch_of([SamplingParams(temperature=1.0, seed=99)], outputs=(3, 3))  # samples output 2
-    noise = torch.empty(V).exponential_(generator=torch.Generator().manual_seed(mix_seed(99, 2)))
-    assert int(S.sample(logits, batch)) == int((torch.full((V,), 1 / V) / noise).argmax())
+    got = S.noise_words(batch.noise_keys, batch.noise_index, V)
+    assert [w & M64 for w in got[0].tolist()] == words
+    uniforms = torch.tensor([((w >> 41) + 0.5) / 2**23 for w in words], dtype=torch.float64)
+    noise = S.exponential_noise(batch.noise_keys, batch.noise_index, V)[0]
+    assert torch.allclose(noise.double(), -uniforms.log(), rtol=1e-6)
+    logits = torch.zeros(1, V)
+    assert int(S.sample(logits, batch)) == int((1 / -uniforms.log()).argmax())
+
+
+def test_noise_is_uniform_and_independent_across_entries_rows_and_steps():
+    """Kolmogorov-Smirnov of 2**20 uniforms against U(0, 1), and no correlation between
+    neighbouring vocabulary entries, neighbouring seeds or consecutive output tokens."""
+    keys = torch.tensor([S.noise_key(s) for s in range(64)])
+    words = S.noise_words(keys, torch.zeros(64, dtype=torch.long), 1 << 14)
+    u = (S._shr(words, 64 - S.NOISE_BITS).double() + 0.5) / 2**S.NOISE_BITS
+    flat = u.flatten().sort().values
+    n = flat.numel()
+    ks = (flat - torch.arange(1, n + 1, dtype=torch.float64) / n).abs().max()
+    assert ks < 1.63 / n**0.5  # the 1% critical value
+    later = S.noise_words(keys, torch.ones(64, dtype=torch.long), 1 << 14)
+    u_later = (S._shr(later, 64 - S.NOISE_BITS).double() + 0.5) / 2**S.NOISE_BITS
+    for a, b in ((u[:, :-1], u[:, 1:]), (u[:-1], u[1:]), (u, u_later)):
+        r = torch.corrcoef(torch.stack([a.flatten(), b.flatten()]))[0, 1]
+        assert abs(r) < 4 / a.numel() ** 0.5, r

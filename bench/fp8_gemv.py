@@ -1,0 +1,72 @@
+"""Few-row FP8 projections on the GPU: ``fp8_gemv`` under several tile configs against the
+``torch._scaled_mm`` path (with its activation quantization) and bf16 ``torch.matmul``, for the
+Llama-3.1-8B projections at 1, 2, 4 and 8 rows. Prints GB/s of weight bytes; JSON to argv[1].
+
+    python bench/fp8_gemv.py OUT.json
+"""
+
+import json
+import sys
+
+import torch
+
+from stepserve.models import fp8 as F
+
+SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}
+CANDIDATES = [(bn, bk, w) for bn in (8, 16, 32) for bk in (64, 128, 256, 512, 1024) for w in (4, 8)]
+
+
+def timed(fn, reps=50) -> float:
+    fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(reps):
+            fn()
+    graph.replay()
+    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    a.record()
+    graph.replay()
+    b.record()
+    b.synchronize()
+    return a.elapsed_time(b) / reps * 1e-3
+
+
+def main() -> None:
+    results = {}
+    for name, (n, k) in SHAPES.items():
+        w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
+        q, scale = F.quantize_weight(w)
+        scale = scale[None, :].contiguous()
+        for rows in (1, 2, 4, 8):
+            x = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16)
+            gb = n * k / 1e9
+
+            def scaled_mm():
+                xq, xs = F.quantize_rows(x)
+                return torch._scaled_mm(xq, q.t(), scale_a=xs, scale_b=scale, out_dtype=torch.bfloat16, use_fast_accum=True)
+
+            row = {"scaled_mm_gb_s": gb / timed(scaled_mm), "bf16_gb_s": 2 * gb / timed(lambda: x @ w.t()), "configs": {}}
+            default = F.GEMV_CONFIGS[rows]
+            for cfg in CANDIDATES:
+                if not 2048 <= rows * cfg[0] * cfg[1] <= 16384:
+                    continue
+                F.GEMV_CONFIGS[rows] = cfg
+                try:
+                    row["configs"][str(cfg)] = round(gb / timed(lambda: F.fp8_gemv(x, q, scale)), 1)
+                except Exception as exc:  # a config that does not compile or fit
+                    row["configs"][str(cfg)] = repr(exc)[:80]
+            F.GEMV_CONFIGS[rows] = default
+            row["default_gb_s"] = round(gb / timed(lambda: F.fp8_gemv(x, q, scale)), 1)
+            good = {c: v for c, v in row["configs"].items() if isinstance(v, float)}
+            row["best"] = max(good, key=good.get) if good else None
+            row["best_gb_s"] = good.get(row["best"]) if good else None
+            results[f"{name}_m{rows}"] = row
+            print(f"{name} m={rows}: scaled_mm {row['scaled_mm_gb_s']:.0f} GB/s, bf16 {row['bf16_gb_s']:.0f}, gemv default {row['default_gb_s']}, best {row['best']} {row['best_gb_s']}", flush=True)
+    if len(sys.argv) > 1:
+        with open(sys.argv[1], "w") as f:
+            json.dump(results, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
