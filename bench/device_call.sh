@@ -75,6 +75,15 @@ session5)  # sampling inside the graphs, the few-row FP8 kernel: their tests, th
     bench 90 --out "$OUT/b" --only fp8
     PYTHONPATH=$PYTHONPATH:tests timeout 90 python3 bench/fp8_gemv.py "$OUT/fp8_gemv.json" 2>&1 | tee "$OUT/fp8_gemv.log"
     ;;
+session5-a)  # the whole GPU suite, then the Llama-8B and Qwen3-8B rows against transformers CB
+    timeout 200 python3 -m pytest tests/gpu -q -rfE -p no:cacheprovider 2>&1 | tee "$OUT/pytest_gpu.log" | tail -15
+    bench 370 --out "$OUT/a" --only 8b,qwen3-8b
+    ;;
+session5-b)  # straight after session5-a on the same machine: the 1B shape, FP8, the cold process, HTTP, Gemma-3-12B
+    bench 330 --out "$OUT/b" --only 1b,fp8,fp8kv,cold,serve
+    grep -h -e "spare" -e "engine core process" -e "model weights on" -e "captured" -e "engine ready" -e "restart" "$OUT/b/serve_8b.log" | tee "$OUT/restart_lines.log"
+    bench 240 --out "$OUT/c" --only gemma3-12b
+    ;;
 esac
 uptime
 ls -laR "$OUT"

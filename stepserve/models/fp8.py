@@ -65,12 +65,12 @@ def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return out, scale
 
 
-GEMV_MAX_ROWS = 8
+GEMV_MAX_ROWS = 2  # from 4 rows on, _scaled_mm reads the weights faster (bench/fp8_gemv.py)
 
 
-# (BLOCK_N, BLOCK_K, num_warps) by padded row count: the product tile [rows, BLOCK_N, BLOCK_K]
-# stays at 8k elements, so it fits in registers.
-GEMV_CONFIGS = {1: (16, 512, 4), 2: (16, 256, 4), 4: (16, 128, 4), 8: (16, 64, 4)}
+# (BLOCK_N, BLOCK_K, num_warps) by padded row count, the best of bench/fp8_gemv.py's sweep on an
+# H200 for the Llama-8B projections (2026-12-02); 4 and 8 are there for the sweep.
+GEMV_CONFIGS = {1: (8, 1024, 4), 2: (8, 1024, 4), 4: (8, 512, 4), 8: (8, 256, 4)}
 
 
 def _gemv_config(rows: int, k: int) -> tuple[int, int, int]:

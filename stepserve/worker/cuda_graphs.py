@@ -92,10 +92,11 @@ class CudaGraphs:
                 self.logits[size] = self._step(size, meta)
             pool = graph.pool()
             self.graphs[size] = graph
-        for size in reversed(self.sizes):
-            for sorts in (True, False):
-                self._sample(size, sorts)  # compiles the race kernel, loads the sort's kernels
-                torch.cuda.synchronize()
+        decode_s = time.monotonic() - start
+        for sorts in (True, False):
+            self._sample(self.sizes[-1], sorts)  # compiles the race kernel, loads the sort's kernels
+            torch.cuda.synchronize()
+            for size in reversed(self.sizes):
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, pool=pool):
                     self._sample(size, sorts)
@@ -103,8 +104,8 @@ class CudaGraphs:
         self.noise_index.zero_()
         torch.cuda.synchronize()
         log.info(
-            "captured %d CUDA graphs for decode batch sizes %s, and %d of sampling, in %.1fs",
-            len(self.sizes), self.sizes, len(self.sampling_graphs), time.monotonic() - start,
+            "captured %d CUDA graphs for decode batch sizes %s in %.1fs, and %d of sampling in %.1fs",
+            len(self.sizes), self.sizes, decode_s, len(self.sampling_graphs), time.monotonic() - start - decode_s,
         )
 
     def _meta(self, size: int) -> AttentionMetadata:
