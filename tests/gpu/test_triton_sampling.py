@@ -3,17 +3,15 @@ written out as a [B, V] tensor), and its draw frequencies against the probabilit
 
 import pytest
 import torch
-from conftest import kernel_device
 from references import CHI2_ALPHA, chi2_pvalue
 
 from stepserve.worker import sampler as S
 
 
 @pytest.mark.parametrize("batch,vocab", [(1, 1000), (7, 2048), (33, 4099), (4, 49152), (3, 128256)])
-def test_race_kernel_equals_torch_race(batch, vocab):
+def test_race_kernel_equals_torch_race(batch, vocab, device):
     from stepserve.worker.triton_sampling import exponential_race
 
-    device = kernel_device()
     gen = torch.Generator().manual_seed(batch * vocab)
     logits = torch.randn(batch, vocab, generator=gen) * 2
     probs = logits.softmax(-1)
@@ -31,11 +29,10 @@ def test_race_kernel_equals_torch_race(batch, vocab):
     assert (got == want).float().mean() >= 0.8
 
 
-def test_race_kernel_draw_frequencies():
+def test_race_kernel_draw_frequencies(device):
     """20,000 rows of one distribution, each with its own key: the counts pass chi-square."""
     from stepserve.worker.triton_sampling import exponential_race
 
-    device = kernel_device()
     n, vocab = 20_000, 3000
     probs = (torch.randn(vocab, generator=torch.Generator().manual_seed(3)) * 1.5).softmax(-1)
     probs[probs < probs.sort().values[vocab // 3]] = 0.0  # a third of the vocabulary forbidden

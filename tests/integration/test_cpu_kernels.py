@@ -133,24 +133,29 @@ def test_embedded_model_int4_agrees_with_float32():
     """Stated tolerance: the int4 model keeps the GGUF's 4-bit projections exactly, so its answers
     may part from the float32 model (the same weights, dequantized) only through rounding.
 
-    PyTorch's int4 path computes in bfloat16: on these 12 prompts (2026-11-25) 79% of the first
-    24 tokens lay before the first divergence from float32, and all 12 answers equalled bfloat16
-    without quantization; the test asks 70% and 10 of 12.
+    Each path's own greedy answers (24 tokens for each of 12 prompts) are scored by the float32
+    model, teacher-forced: every token must be within ``GAP`` nats of float32's most likely token
+    at its position, and at least ``RANK1`` of them must be that token. Measured 2026-12-02 on a
+    2-core AMX machine, and on the same with oneDNN held to AVX512-BF16: 97-98% of the tokens were
+    float32's own choice, the largest gap 0.18 nats, for bfloat16, PyTorch's int4 path and
+    stepserve's own kernels alike.
 
-    stepserve's own kernels (``cpu_native``, 8-bit activations, a float32 residual stream) no
-    longer round as bfloat16 does, so they are held to float32 instead: on 2026-12-02 92% of the
-    tokens lay before the first divergence (bfloat16 without quantization: 81%), 8 answers of 12
-    equalled float32's (bfloat16: 7) and 6 equalled bfloat16's; the test asks 70%, and at least
-    as many answers equal to float32's as bfloat16 gives, less one."""
+    Free-running agreement (how many tokens come before the first divergence) was the measure
+    until then, and it depends on the machine: float32 prefers "The" to "L" as the first token of
+    the first answer by 0.08 nats, and bfloat16 rounding on AMX turns that tie the other way, so
+    the answer that followed ("L'Étoile, la Marseillaise, ...") failed a test that passed on an
+    AVX512-BF16 machine. PyTorch's int4 path computes in bfloat16, so its answers must still
+    equal bfloat16's (10 of 12)."""
     from unittest import mock
 
     from stepserve.models import cpu_native
 
+    GAP, RANK1 = 0.5, 0.9
     prompts = ["What is the capital of France?", "What is 12 times 7?", "Name three colors.", "Write a haiku about the sea.",
                "Who wrote Romeo and Juliet?", "Translate 'good morning' into French.", "What is the boiling point of water?",
                "Give me a synonym for happy.", "Explain gravity in one sentence.", "List the planets.", "What is Python?", "Say hello."]
     params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
-    outputs, texts = {}, {}
+    outputs = {}
     native = cpu_native.library()
     runs = [("float32", "none", None), ("bfloat16", "none", None), ("bfloat16", "int4", None)]
     if native is not None:
@@ -161,25 +166,27 @@ def test_embedded_model_int4_agrees_with_float32():
         assert (llm.info.dtype, llm.info.quantization) == (dtype, quantization)
         assert (llm.core.worker.model.native is not None) == (lib is not None)
         results = llm.chat([[{"role": "user", "content": p}] for p in prompts], params)
-        key = (dtype, quantization, lib is not None)
-        outputs[key] = [o.outputs[0].token_ids for o in results]
-        texts[key] = [o.outputs[0].text for o in results]
-        del llm
-    reference, bf16 = outputs["float32", "none", False], outputs["bfloat16", "none", False]
+        outputs[dtype, quantization, lib is not None] = [(o.prompt_token_ids, o.outputs[0].token_ids, o.outputs[0].text) for o in results]
+        if dtype == "float32":
+            reference = llm
+        else:
+            del llm
+    assert "Paris" in outputs["float32", "none", False][0][2]
 
-    def prefix(got):
-        return [next((i for i, (a, b) in enumerate(zip(ref, out)) if a != b), len(ref)) for ref, out in zip(reference, got)]
+    def scored(key):  # float32's (rank, gap to its best) of each token the path chose
+        seqs = outputs[key]
+        forced = reference.generate([list(p) + list(o) for p, o, _ in seqs], SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=1))
+        return [(lp.rank, lp.top[0][1] - lp.logprob) for (p, _, _), r in zip(seqs, forced) for lp in r.prompt_logprobs[len(p) :]]
 
-    int4 = outputs["bfloat16", "int4", False]
-    assert sum(prefix(int4)) >= 0.7 * 24 * len(prompts), prefix(int4)
-    assert sum(a == b for a, b in zip(bf16, int4)) >= 10
-    assert "Paris" in texts["bfloat16", "int4", False][0], texts["bfloat16", "int4", False][0]
-    if native is not None:
-        fast = outputs["bfloat16", "int4", True]
-        assert sum(prefix(fast)) >= 0.7 * 24 * len(prompts), prefix(fast)
-        equal = lambda got: sum(a == b for a, b in zip(reference, got))  # noqa: E731
-        assert equal(fast) >= equal(bf16) - 1, (equal(fast), equal(bf16))
-        assert "Paris" in texts["bfloat16", "int4", True][0], texts["bfloat16", "int4", True][0]
+    for key in outputs:
+        if key[0] == "float32":
+            continue
+        marks = scored(key)
+        assert len(marks) == 24 * len(prompts)
+        assert max(gap for _, gap in marks) <= GAP, (key, max(marks, key=lambda m: m[1]))
+        assert sum(rank == 1 for rank, _ in marks) >= RANK1 * len(marks), key
+    tokens = lambda key: [o for _, o, _ in outputs[key]]  # noqa: E731
+    assert sum(a == b for a, b in zip(tokens(("bfloat16", "none", False)), tokens(("bfloat16", "int4", False)))) >= 10
 
 
 def test_quantization_choices_are_validated(tiny_llama):

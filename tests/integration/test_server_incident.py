@@ -16,7 +16,8 @@ QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    args = ["--model_name", MODEL, "--num-scheduler-steps", "8", "--max-model-len", "512", "--num-blocks", "256"]
+    # float32: the answer to QUESTION is a near tie in bfloat16 that AMX's rounding turns (test_incident.py).
+    args = ["--model_name", MODEL, "--num-scheduler-steps", "8", "--max-model-len", "512", "--num-blocks", "256", "--dtype", "float32"]
     live = start_server(args, tmp_path_factory.mktemp("logs") / "server.log")
     yield live
     live.stop()
