@@ -33,7 +33,7 @@ def _require(ok: bool, message: str) -> None:
 class ModelConfig:
     model: str | None = field(default=None, metadata={"help": "model directory or .gguf file; default: /mnt/models when it exists (KServe), else the embedded SmolLM2-135M-Instruct"})
     dtype: str = field(default="auto", metadata={"help": "weights and activations: auto (on GPU the checkpoint's float16 or bfloat16, float32 as bfloat16; on CPU bfloat16 where the CPU has it natively, unless the checkpoint is float32), float32, bfloat16, float16"})
-    quantization: str = field(default="auto", metadata={"help": "weights: none, int4 (CPU, weight-only, groups of 32), fp8 (CUDA, Hopper or later: e4m3 weights with per-channel scales, quantized at load), or auto (int4 for a 4-bit GGUF on a bfloat16 CPU)"})
+    quantization: str = field(default="auto", metadata={"help": "weights: none, int4 (CPU, weight-only, groups of 32), fp8 (CUDA, Hopper or later: e4m3 weights with per-channel scales, quantized at load), or auto (int4 for a 4-bit GGUF on a bfloat16 CPU; fp8 for an FP8 checkpoint on an FP8 GPU, which elsewhere runs dequantized)"})
     device: str = field(default="auto", metadata={"help": "auto, cpu or cuda"})
     max_model_len: int | None = field(default=None, metadata={"help": "context length; default: the model's"})
     seed: int = field(default=0, metadata={"help": "seed of the engine's generator for unseeded requests"})

@@ -613,7 +613,7 @@ def table(s: dict, results: dict) -> str:
         ("8B from a fresh process, empty compilation cache, output tok/s", s["cold_8b_out_tok_s"], "-", "no warm-up but the engine's own at startup"),
         ("8B through HTTP, 256 streams, output tok/s", s["serve_8b_out_tok_s"], "-", f"mean TTFT {s['serve_8b_ttft_mean_ms']} ms"),
         ("8B through HTTP, one stream, tok/s (1 / mean TPOT)", s["serve_8b_batch1_tok_s"], "-", f"restart after kill -9: {s['restart_8b_s']} s"),
-        ("8B FP8 weights, output tok/s", s["fp8_8b_out_tok_s"], "-", "e4m3 per-channel, torch._scaled_mm"),
+        ("8B FP8 weights, output tok/s", s["fp8_8b_out_tok_s"], "-", "e4m3 per-channel, torch._scaled_mm; 1-2 rows fp8_gemv"),
         ("8B FP8 batch-1 decode tok/s", s["fp8_batch1_8b_tok_s"], "-", f"{results.get('fp8_batch1_8b', {}).get('achieved_tb_s')} TB/s"),
         ("8B bf16, FP8 KV cache, output tok/s", s["fp8_kv_8b_out_tok_s"], "-", f"batch 1: {s['fp8_kv_batch1_8b_tok_s']} tok/s"),
         ("8B bf16, synchronous scheduling, output tok/s", s["stepserve_8b_sync_out_tok_s"], "-", "same engine and prompts, prefix cache off"),

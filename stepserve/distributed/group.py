@@ -70,18 +70,18 @@ class TensorParallel:
     def shard_config(self, cfg: DecoderConfig) -> DecoderConfig:
         return shard_config(cfg, self.size)
 
-    def weights(self, checkpoint, cfg: DecoderConfig, weights, load_format: str):
+    def weights(self, checkpoint, cfg: DecoderConfig, weights, load_format: str, dtype=torch.float32, device="cpu"):
         """This rank's weight stream: None for dummy weights, else only its slices. A safetensors
         checkpoint is read slice by slice (a rank reads its rows or columns, not whole
-        tensors); a GGUF's tensors are dequantized whole, then cut."""
+        tensors); a GGUF's or an FP8 checkpoint's tensors are dequantized whole, then cut."""
         if weights is not None and self.size > 1:
             raise ConfigError("a weight stream handed to build_engine cannot reach the other tensor-parallel ranks; give the model's files")
         if weights is not None or load_format == "dummy":
             return weights
         if self.size == 1:
-            return checkpoint.weights()
-        if checkpoint.source.gguf_path is not None:
-            return ((name, take(t, cut(name, cfg, self.rank, self.size))) for name, t in checkpoint.weights())
+            return checkpoint.weights(dtype, device)
+        if checkpoint.source.gguf_path is not None or checkpoint.fp8_format is not None:
+            return ((name, take(t, cut(name, cfg, self.rank, self.size))) for name, t in checkpoint.weights(dtype, device))
         from stepserve.models.weights import safetensors_weights
 
         def read(key: str, f) -> torch.Tensor:

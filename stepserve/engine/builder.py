@@ -69,9 +69,14 @@ def pick_dtype(name: str, device: torch.device, hf_config: dict) -> torch.dtype:
 
 
 def pick_quantization(name: str, device: torch.device, dtype: torch.dtype, hf_config: dict) -> str:
-    """``auto``: int4 for a GGUF whose projections are 4-bit (Q4_0/Q4_1) on a bfloat16 CPU."""
+    """``auto``: int4 for a GGUF whose projections are 4-bit (Q4_0/Q4_1) on a bfloat16 CPU; fp8
+    for an FP8 checkpoint on a GPU with FP8 matrix units and 16-bit activations (elsewhere it
+    runs dequantized)."""
     if name == "auto":
         four_bit = hf_config.get("gguf_linear_type") in ("Q4_0", "Q4_1")
+        if hf_config.get("quantization_config"):
+            fp8_ready = device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
+            return "fp8" if fp8_ready and dtype in (torch.bfloat16, torch.float16) else "none"
         return "int4" if four_bit and device.type == "cpu" and dtype == torch.bfloat16 else "none"
     if name == "fp8" and (device.type != "cuda" or torch.cuda.get_device_capability(device) < (8, 9)):
         raise ConfigError("quantization=fp8 needs a CUDA GPU with FP8 matrix units (Ada or Hopper, compute capability 8.9+); use --quantization none")
@@ -155,7 +160,7 @@ def build_engine(
     steps = config.scheduler.num_scheduler_steps
     if device.type == "cuda":
         use_compilation_cache(config.model.compilation_cache_dir)
-    weights = tp.weights(checkpoint, model_config, weights, config.model.load_format)
+    weights = tp.weights(checkpoint, model_config, weights, config.model.load_format, torch.float32 if quantization == "int4" else dtype, device)
     loading = time.monotonic()
     model = build_model(
         tp.shard_config(model_config), weights, dtype, device, max_positions=max_model_len + steps, quantization=quantization,

@@ -80,14 +80,11 @@ def rope_from_hf(hf: dict, head_dim: int, max_model_len: int, layer_type: str | 
 
 
 def check_common(hf: dict, arch: str) -> None:
-    """Refuse what no family implements: quantized checkpoints and unknown activations."""
-    quant = hf.get("quantization_config")
-    if quant:
-        method = quant.get("quant_method", "unknown") if isinstance(quant, dict) else quant
-        raise ConfigError(
-            f"quantization method {method!r} is not supported (config.json quantization_config); supported: "
-            "none (unquantized safetensors), GGUF files (dequantized), and stepserve's own --quantization int4 on CPU"
-        )
+    """Refuse what no family implements: quantized checkpoints other than FP8 ones (which the
+    loader dequantizes, ``fp8_checkpoint``) and unknown activations."""
+    from stepserve.models.fp8_checkpoint import fp8_format
+
+    fp8_format(hf)  # raises for any other quantization_config
     act = hf.get("hidden_act") or hf.get("hidden_activation") or "silu"
     if act not in ACTIVATIONS:
         raise ConfigError(f"hidden_act={act!r} is not supported for {arch}; supported: {', '.join(ACTIVATIONS)}")

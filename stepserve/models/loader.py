@@ -30,14 +30,26 @@ class Checkpoint:
     source: ModelSource  # where the files are (a GGUF is replaced by its converted cache when possible)
     hf_config: dict  # config.json, or a GGUF's metadata shaped like it
 
-    def weights(self) -> Iterator[tuple[str, torch.Tensor]]:
-        """The ``(hf_name, tensor)`` stream of the checkpoint's weights."""
+    def weights(self, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> Iterator[tuple[str, torch.Tensor]]:
+        """The ``(hf_name, tensor)`` stream of the checkpoint's weights; an FP8 checkpoint's come
+        dequantized to ``dtype`` (on ``device``, where the arithmetic runs)."""
         if self.source.gguf_path is not None:
             from stepserve.models.gguf import GgufFile
 
             gguf = GgufFile(self.source.gguf_path)
             return gguf.weights(self.hf_config)
+        fmt = self.fp8_format
+        if fmt is not None:
+            from stepserve.models.fp8_checkpoint import dequantized_weights
+
+            return dequantized_weights(safetensors_weights(self.source.directory), fmt, dtype, torch.device(device))
         return safetensors_weights(self.source.directory)
+
+    @property
+    def fp8_format(self):
+        from stepserve.models.fp8_checkpoint import fp8_format
+
+        return fp8_format(self.hf_config)
 
 
 def open_checkpoint(model: str | None) -> Checkpoint:
@@ -132,5 +144,5 @@ def load_model(
     (``load_format="dummy"``: random weights, no files read)."""
     cfg = decoder_config(hf_config, max_positions)
     if weights is None and load_format != "dummy":
-        weights = Checkpoint(source, hf_config).weights()
+        weights = Checkpoint(source, hf_config).weights(dtype, device)
     return build_model(cfg, weights, dtype, device, max_positions, quantization, seed)
