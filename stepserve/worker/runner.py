@@ -6,9 +6,9 @@ the device. Slots past a request's allowed steps map to the null block: what is 
 is discarded by the core's stop check, so it never reaches a request's real blocks.
 
 On CUDA a pure-decode pass replays a captured graph (``cuda_graphs.py``) that runs the forward
-and advances positions, slots and context lengths for the next step; only sampling runs outside
-it, and sampling without logits processors replays a sampling graph. Inputs go up in one pinned,
-non-blocking copy; the pass ends with its one host sync.
+and advances positions, slots and context lengths for the next step; its argmax serves plain
+greedy rows, and a sampling graph draws the tokens of any other pass but those with logits
+processors or grammars, which sample outside the graphs. Inputs go up in one pinned, non-blocking copy; the pass ends with its one host sync.
 
 ``submit`` starts a pass and returns at once (its results are copied to pinned host memory
 behind an event); ``collect`` waits for them. Between the two the core schedules the next pass,
