@@ -17,6 +17,7 @@ from stepserve.distributed import TensorParallel, start_tensor_parallel
 from stepserve.engine.front import resolve_max_model_len
 from stepserve.models.cpu_linear import CpuLinear, cpu_has_bf16, release_free_memory
 from stepserve.models.cpu_linear import warm_up as warm_up_linears
+from stepserve.models.fp8_checkpoint import fp8_format
 from stepserve.models.loader import build_model, decoder_config, open_checkpoint
 from stepserve.models.tokenizer import eos_token_ids as eos_token_ids_of
 from stepserve.models.tokenizer import load_tokenizer
@@ -74,7 +75,7 @@ def pick_quantization(name: str, device: torch.device, dtype: torch.dtype, hf_co
     runs dequantized)."""
     if name == "auto":
         four_bit = hf_config.get("gguf_linear_type") in ("Q4_0", "Q4_1")
-        if hf_config.get("quantization_config"):
+        if fp8_format(hf_config) is not None:
             fp8_ready = device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
             return "fp8" if fp8_ready and dtype in (torch.bfloat16, torch.float16) else "none"
         return "int4" if four_bit and device.type == "cpu" and dtype == torch.bfloat16 else "none"

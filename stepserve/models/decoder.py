@@ -14,6 +14,7 @@ from torch import nn
 
 from stepserve.attention.base import AttentionBackend, AttentionMetadata
 from stepserve.config import ConfigError
+from stepserve.models.fp8_checkpoint import fp8_format
 from stepserve.models.layers import ACTIVATIONS, DecoderLayer, RMSNorm
 from stepserve.models.rope import RopeConfig, Rotary, rope_config
 
@@ -82,8 +83,6 @@ def rope_from_hf(hf: dict, head_dim: int, max_model_len: int, layer_type: str | 
 def check_common(hf: dict, arch: str) -> None:
     """Refuse what no family implements: quantized checkpoints other than FP8 ones (which the
     loader dequantizes, ``fp8_checkpoint``) and unknown activations."""
-    from stepserve.models.fp8_checkpoint import fp8_format
-
     fp8_format(hf)  # raises for any other quantization_config
     act = hf.get("hidden_act") or hf.get("hidden_activation") or "silu"
     if act not in ACTIVATIONS:

@@ -15,6 +15,7 @@ import torch
 
 from stepserve.config import ConfigError
 from stepserve.models.decoder import DecoderConfig, DecoderForCausalLM
+from stepserve.models.fp8_checkpoint import Fp8Format, dequantized_weights, fp8_format
 from stepserve.models.layers import RMSNorm
 from stepserve.models.registry import architecture, decoder_config
 from stepserve.models.source import ModelSource, resolve_source
@@ -40,15 +41,11 @@ class Checkpoint:
             return gguf.weights(self.hf_config)
         fmt = self.fp8_format
         if fmt is not None:
-            from stepserve.models.fp8_checkpoint import dequantized_weights
-
             return dequantized_weights(safetensors_weights(self.source.directory), fmt, dtype, torch.device(device))
         return safetensors_weights(self.source.directory)
 
     @property
-    def fp8_format(self):
-        from stepserve.models.fp8_checkpoint import fp8_format
-
+    def fp8_format(self) -> Fp8Format | None:
         return fp8_format(self.hf_config)
 
 

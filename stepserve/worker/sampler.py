@@ -89,8 +89,8 @@ class SamplingBatch:
     bias: torch.Tensor | None  # [B, V] float logit bias
     stop_mask: torch.Tensor | None  # [B, V] bool: EOS and stop tokens, masked below min_tokens
     min_left: torch.Tensor | None  # [B] int: outputs still to come before stop tokens may appear
-    noise_keys: torch.Tensor  # [B] int64: noise_key(seed), or a fresh draw for unseeded rows
-    noise_index: torch.Tensor  # [B] int64: output index of the token the next step samples
+    noise_keys: torch.Tensor | None  # [B] int64: noise_key(seed), or a fresh draw for unseeded rows; None if all greedy
+    noise_index: torch.Tensor | None  # [B] int64: output index of the token the next step samples; None if all greedy
     num_logprobs: int  # top alternatives to return; -1 for none
 
 
@@ -106,14 +106,15 @@ def build_sampling_batch(
     b = len(params)
     f32 = lambda xs: _tensor(xs, dtype=torch.float32, device=device)  # noqa: E731
     greedy = [p.greedy for p in params]
+    noise = None if all(greedy) else _noise(requests, greedy, shared, device)
     batch = SamplingBatch(
         temperature=f32([1.0 if g else p.temperature for p, g in zip(params, greedy)]),
         greedy=_tensor(greedy, device=device),
         all_greedy=all(greedy),
         top_k=None, top_p=None, min_p=None, presence=None, frequency=None, repetition=None,
         output_counts=None, prompt_mask=None, bias=None, stop_mask=None, min_left=None,
-        noise_keys=_noise_keys(params, greedy, shared, device),
-        noise_index=_tensor([len(r.token_ids) - r.num_prompt_tokens for r in requests], device=device),
+        noise_keys=None if noise is None else noise[0],
+        noise_index=None if noise is None else noise[1],
         num_logprobs=max((p.logprobs for p in params if p.logprobs is not None), default=-1),
     )
     if any(p.top_k > 0 for p in params):
@@ -135,15 +136,13 @@ def build_sampling_batch(
     return batch
 
 
-def _noise_keys(params, greedy: list[bool], shared: torch.Generator | None, device) -> torch.Tensor:
-    keys = torch.zeros(len(params), dtype=torch.long)
-    unseeded = [row for row, (p, g) in enumerate(zip(params, greedy)) if p.seed is None and not g]
-    if unseeded:
-        keys[unseeded] = torch.randint(-(1 << 63), (1 << 63) - 1, (len(unseeded),), generator=shared)
-    for row, p in enumerate(params):
-        if p.seed is not None:
-            keys[row] = noise_key(p.seed)
-    return keys.pin_memory().to(device, non_blocking=True) if torch.device(device).type == "cuda" else keys
+def _noise(requests, greedy: list[bool], shared: torch.Generator | None, device) -> torch.Tensor:
+    """[2, B] int64 in one upload: each row's noise key and the output index its first step samples."""
+    params = [r.params for r in requests]
+    drawn = [p.seed is None and not g for p, g in zip(params, greedy)]  # greedy rows draw nothing
+    draws = iter(torch.randint(-(1 << 63), (1 << 63) - 1, (sum(drawn),), generator=shared).tolist())
+    keys = [noise_key(p.seed) if p.seed is not None else next(draws) if d else 0 for p, d in zip(params, drawn)]
+    return _tensor([keys, [len(r.token_ids) - r.num_prompt_tokens for r in requests]], dtype=torch.long, device=device)
 
 
 def _add_penalties(batch: SamplingBatch, requests, vocab_size: int, device) -> None:
@@ -248,7 +247,8 @@ def sample(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
 
 def advance(batch: SamplingBatch, tokens: torch.Tensor) -> None:
     """Account for the tokens just sampled before the next step of a multi-step pass."""
-    batch.noise_index += 1
+    if batch.noise_index is not None:
+        batch.noise_index += 1
     if batch.output_counts is not None:
         batch.output_counts.scatter_add_(1, tokens[:, None], torch.ones_like(tokens[:, None], dtype=torch.int32))
     if batch.min_left is not None:
