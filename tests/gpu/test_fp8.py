@@ -181,8 +181,9 @@ def test_fp8_gemv_equals_dequantized_product(rows, bias):
     got = F.fp8_gemv(x, q, scale[None, :].contiguous(), b)
     assert got.dtype == torch.bfloat16 and got.shape == (rows, 1000)
     assert rel_err(got, ref) <= 0.005  # bf16 rounding of the output only
-    linear = torch.nn.Linear(1500, 1000, bias=bias, device="cuda", dtype=torch.bfloat16)
+    linear = torch.nn.Linear(1504, 1008, bias=bias, device="cuda", dtype=torch.bfloat16)  # _scaled_mm takes multiples of 16
     layer = F.Fp8Linear(linear)
+    x = torch.randn(rows, 1504, device="cuda", dtype=torch.bfloat16)
     calls = []
     original = F.fp8_gemv
     F.fp8_gemv = lambda *a: calls.append(a[0].shape[0]) or original(*a)
@@ -190,9 +191,36 @@ def test_fp8_gemv_equals_dequantized_product(rows, bias):
         y = layer(x[None])  # [1, rows, K]: the leading dims come back
     finally:
         F.fp8_gemv = original
-    assert calls == ([rows] if rows <= F.GEMV_MAX_ROWS else []) and y.shape == (1, rows, 1000)
+    assert calls == ([rows] if rows <= F.GEMV_MAX_ROWS else []) and y.shape == (1, rows, 1008)
     exact = x.double() @ linear.weight.double().t() + (linear.bias.double() if bias else 0)
     assert rel_err(y[0], exact) <= LINEAR_BOUND
+
+
+def test_quantize_fp8_keeps_projections_with_odd_dimensions(caplog):
+    """A projection with a dimension that is no multiple of 16 (which ``_scaled_mm`` refuses)
+    stays in bf16, named in the log; the others become ``Fp8Linear``; the layer still runs."""
+    from stepserve.models import fp8 as F
+
+    def block(inner):
+        attn = torch.nn.Module()
+        attn.q_proj = torch.nn.Linear(64, 64, bias=False)
+        mlp = torch.nn.Module()
+        mlp.up_proj, mlp.down_proj = torch.nn.Linear(64, inner, bias=False), torch.nn.Linear(inner, 64, bias=False)
+        layer = torch.nn.Module()
+        layer.self_attn, layer.mlp = attn, mlp
+        return layer
+
+    model = torch.nn.Module()
+    model.layers = torch.nn.ModuleList([block(128), block(120)]).to("cuda", torch.bfloat16)
+    with caplog.at_level("WARNING", logger="stepserve"):
+        kept = F.quantize_fp8(model)
+    assert kept == ["layers.1.mlp.up_proj", "layers.1.mlp.down_proj"]
+    assert "2 projections" in caplog.text and "layers.1.mlp.up_proj" in caplog.text
+    kinds = [type(m).__name__ for layer in model.layers for m in (layer.self_attn.q_proj, layer.mlp.up_proj, layer.mlp.down_proj)]
+    assert kinds == ["Fp8Linear"] * 4 + ["Linear"] * 2
+    x = torch.randn(5, 64, device="cuda", dtype=torch.bfloat16)
+    for layer in model.layers:
+        assert layer.mlp.down_proj(layer.mlp.up_proj(layer.self_attn.q_proj(x))).shape == (5, 64)
 
 
 def test_an_fp8_checkpoint_runs_in_fp8_with_its_own_codes(tiny_llama, tmp_path):
@@ -219,10 +247,11 @@ def test_an_fp8_checkpoint_runs_in_fp8_with_its_own_codes(tiny_llama, tmp_path):
 
 def test_fp8_greedy_agrees_with_bf16_on_the_embedded_model():
     """The embedded model (SmolLM2-135M-Instruct) on the GPU in FP8 against bf16: each FP8
-    greedy token (24 for each of 8 chat prompts) is scored by the bf16 model, teacher-forced; it
-    must be within 1 nat of bf16's most likely token, and 80% of them must be that token.
-    Stated without a measurement: written 2026-12-02, when no device time was left to run it
-    (on the CPU, bfloat16 and int4 score 97-98% and 0.18 nats against float32)."""
+    greedy token (24 for each of 8 chat prompts) is scored by the bf16 model, teacher-forced.
+    Bounds from measurements: FP8's numerics emulated in plain torch on the CPU
+    (``bench/fp8_emulation.py``, bf16 elsewhere) score 0.917 rank 1, mean gap 0.032 nats, one
+    token over 1 nat (2.15); the H200 scored 0.917 and a largest gap of 2.25 (2026-12-02). A
+    kernel fault (a wrong scale, a lost tile) drops rank 1 far below these bounds."""
     from stepserve import LLM, SamplingParams
     from stepserve.models.source import resolve_source
 
@@ -244,6 +273,9 @@ def test_fp8_greedy_agrees_with_bf16_on_the_embedded_model():
     forced = bf16.generate([p + o for p, o in seqs], SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=1))
     marks = [(lp.rank, lp.top[0][1] - lp.logprob) for (p, _), r in zip(seqs, forced) for lp in r.prompt_logprobs[len(p) :]]
     assert len(marks) == 24 * len(prompts)
-    print(f"fp8 vs bf16: {sum(r == 1 for r, _ in marks) / len(marks):.3f} rank 1, largest gap {max(g for _, g in marks):.3f}")
-    assert max(g for _, g in marks) <= 1.0
-    assert sum(r == 1 for r, _ in marks) >= 0.8 * len(marks)
+    gaps = [g for _, g in marks]
+    rank1 = sum(r == 1 for r, _ in marks) / len(marks)
+    print(f"fp8 vs bf16: {rank1:.3f} rank 1, mean gap {sum(gaps) / len(gaps):.3f}, largest {max(gaps):.3f}, over 1 nat: {sum(g > 1 for g in gaps)}")
+    assert rank1 >= 0.85
+    assert sum(gaps) / len(gaps) <= 0.1
+    assert sum(g > 1 for g in gaps) <= 0.02 * len(gaps) and max(gaps) <= 3.0
