@@ -96,6 +96,18 @@ session6)  # what session 5 left unrun: the FP8-checkpoint and embedded-model FP
     PYTHONPATH=$PYTHONPATH:tests timeout 150 python3 -m pytest tests/gpu/test_fp8.py tests/gpu/test_triton_sampling.py -q -rfE -s -p no:cacheprovider 2>&1 | tee "$OUT/pytest_fp8.log" | tail -15
     timeout 420 python3 -m pytest tests/gpu -q -rfE -p no:cacheprovider --ignore tests/gpu/test_fp8.py --ignore tests/gpu/test_triton_sampling.py 2>&1 | tee "$OUT/pytest_gpu.log" | tail -15
     ;;
+session6b)  # the sort-free sampling kernel and the FP8 fixes: their tests and the CUDA engine's, then the 8B rows with the sampled runs
+    PYTHONPATH=$PYTHONPATH:tests timeout 230 python3 -m pytest tests/gpu/test_fp8.py tests/gpu/test_triton_sampling.py tests/gpu/test_cuda_engine.py -q -rfE -s -p no:cacheprovider 2>&1 | tee "$OUT/pytest_s6b.log" | grep -v "^\.*$" | tail -25
+    bench 230 --out "$OUT/a" --only 8b --skip-cb --skip-fp8 --skip-cold --skip-serve
+    ;;
+session6c)  # the sort-free kernel with runtime filter flags (one compiled variant): its tests and the CUDA engine's, the 8B rows
+    PYTHONPATH=$PYTHONPATH:tests timeout 150 python3 -m pytest tests/gpu/test_triton_sampling.py tests/gpu/test_cuda_engine.py -q -rfE -p no:cacheprovider 2>&1 | tee "$OUT/pytest_s6c.log" | tail -8
+    bench 230 --out "$OUT/a" --only 8b --skip-cb --skip-fp8 --skip-cold --skip-serve
+    ;;
+session6d)  # the kernels' per-row pointers unspecialized on alignment: the sampling tests, the sampling graphs, the 8B rows
+    PYTHONPATH=$PYTHONPATH:tests timeout 100 python3 -m pytest tests/gpu/test_triton_sampling.py tests/gpu/test_cuda_engine.py -k "race or sampl" -q -rfE -p no:cacheprovider 2>&1 | tee "$OUT/pytest_s6d.log" | tail -8
+    bench 210 --out "$OUT/a" --only 8b --skip-cb --skip-fp8 --skip-cold --skip-serve
+    ;;
 esac
 uptime
 ls -laR "$OUT"

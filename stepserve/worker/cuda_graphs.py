@@ -11,7 +11,8 @@ Sampling has graphs of its own, two per bucket and in the same memory pool, repl
 the step's graph: they read its logits and the pass's sampling parameters from static buffers
 (temperature, top-k, top-p, min-p, greedy rows, noise keys and output indices), draw with the
 sampler's own code (``sampler.sample``), write the tokens over the greedy ones and advance the
-noise index. One graph for passes without top-k or top-p, one that sorts for those with them.
+noise index. One graph draws with the sort-free kernel (``triton_sampling.filtered_race``), one
+sorts, for passes where some row has both top-k and top-p.
 Passes with logits processors (bias, penalties, min_tokens) or grammars sample eagerly from the
 graph's logits and write their tokens over the greedy ones (``feed``).
 
@@ -75,7 +76,7 @@ class CudaGraphs:
         self.sampling_graphs: dict[tuple[int, bool], torch.cuda.CUDAGraph] = {}  # (bucket, sorts)
         self.logits: dict[int, torch.Tensor] = {}
         self.batch = self.size = 0  # the loaded pass: real rows, bucket
-        self.sorts = False  # the loaded pass's sampling graph: with top-k and top-p
+        self.sorts = False  # the loaded pass's sampling graph: the sorting one (top-k and top-p on one row)
         self._capture()
 
     def _capture(self) -> None:
@@ -94,7 +95,7 @@ class CudaGraphs:
             self.graphs[size] = graph
         decode_s = time.monotonic() - start
         for sorts in (True, False):
-            self._sample(self.sizes[-1], sorts)  # compiles the race kernel, loads the sort's kernels
+            self._sample(self.sizes[-1], sorts)  # compiles the race kernels, loads the sort's kernels
             torch.cuda.synchronize()
             for size in reversed(self.sizes):
                 graph = torch.cuda.CUDAGraph()
@@ -143,10 +144,10 @@ class CudaGraphs:
         """Draw the step's tokens from its logits; they become the next step's inputs."""
         batch = S.SamplingBatch(
             temperature=self.temperature[:size], greedy=self.greedy_rows[:size], all_greedy=False,
-            top_k=self.top_k[:size] if sorts else None, top_p=self.top_p[:size] if sorts else None, min_p=self.min_p[:size],
+            top_k=self.top_k[:size], top_p=self.top_p[:size], min_p=self.min_p[:size],
             presence=None, frequency=None, repetition=None, output_counts=None, prompt_mask=None, bias=None,
             stop_mask=None, min_left=None,
-            noise_keys=self.noise_keys[:size], noise_index=self.noise_index[:size], num_logprobs=-1,
+            noise_keys=self.noise_keys[:size], noise_index=self.noise_index[:size], num_logprobs=-1, sorts=sorts,
         )
         tokens = S.sample(self.logits[size], batch)
         self.sampled[:size] = tokens
@@ -188,10 +189,9 @@ class CudaGraphs:
         n = self.batch
         self.temperature[:n].copy_(batch.temperature)
         self.greedy_rows[:n].copy_(batch.greedy)
-        self.sorts = batch.top_k is not None or batch.top_p is not None
-        if self.sorts:
-            self._copy_or_fill(self.top_k, batch.top_k, self.vocab_size)
-            self._copy_or_fill(self.top_p, batch.top_p, 1.0)
+        self.sorts = batch.sorts
+        self._copy_or_fill(self.top_k, batch.top_k, self.vocab_size)
+        self._copy_or_fill(self.top_p, batch.top_p, 1.0)
         self._copy_or_fill(self.min_p, batch.min_p, 0.0)
         self.noise_keys[:n].copy_(batch.noise_keys)
         self.noise_index[:n].copy_(batch.noise_index)

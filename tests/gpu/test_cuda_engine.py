@@ -52,8 +52,8 @@ SAMPLED = [  # every graph path: temperature alone, with min-p, sorted (top-k, t
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
 def test_sampling_graphs_equal_eager(tiny_llama, dtype, steps, monkeypatch):
     """Seeded temperature, top-k, top-p and min-p rows drawn inside the sampling graphs give
-    the eager path's tokens and logprobs; the graph path really replays them (counted), and a
-    pass that mixes only temperature rows uses the graph that does not sort."""
+    the eager path's tokens and logprobs; the graph path really replays them (counted), and
+    only a pass with top-k and top-p on one row uses the graph that sorts."""
     from stepserve.worker.cuda_graphs import CudaGraphs
 
     replays = []
@@ -63,7 +63,7 @@ def test_sampling_graphs_equal_eager(tiny_llama, dtype, steps, monkeypatch):
     for enforce_eager in (False, True):
         llm = LLM(model=str(tiny_llama), dtype=dtype, device="cuda", max_model_len=512, max_num_seqs=16, num_blocks=1024,
                   num_scheduler_steps=steps, enforce_eager=enforce_eager)
-        for label, params in (("mixed", SAMPLED), ("temperature", SAMPLED[:2] * 4)):
+        for label, params in (("mixed", SAMPLED), ("temperature", SAMPLED[:2] * 4), ("filters", SAMPLED[:4] * 2)):
             params = [p.replace(max_tokens=NEW_TOKENS, ignore_eos=True) for p in params]
             outs[enforce_eager, label] = [
                 (o.outputs[0].token_ids, [round(lp.logprob, 4) for lp in o.outputs[0].logprobs or []])
@@ -74,6 +74,7 @@ def test_sampling_graphs_equal_eager(tiny_llama, dtype, steps, monkeypatch):
         torch.cuda.empty_cache()
     assert outs[False, "mixed"] == outs[True, "mixed"]
     assert outs[False, "temperature"] == outs[True, "temperature"]
+    assert outs[False, "filters"] == outs[True, "filters"]
     assert {sorts for size, sorts in replays} == {True, False} and {size for size, _ in replays} == {8}
     tokens = [t for t, _ in outs[False, "mixed"]]
     assert tokens[4] != tokens[6] and len({tuple(t) for t in tokens}) == 8  # sampled, not all greedy

@@ -58,13 +58,14 @@ def run(tiny_llama, graphs: bool, steps: int, params, count: int):
 
 
 @pytest.mark.parametrize("steps", [1, 4])
-@pytest.mark.parametrize("case", ["sampled", "greedy", "processor", "padded"])
+@pytest.mark.parametrize("case", ["sampled", "both", "greedy", "processor", "padded"])
 def test_graph_paths_equal_the_eager_runner(tiny_llama, steps, case, monkeypatch):
     replays = []
     original = CudaGraphs.sample
     monkeypatch.setattr(CudaGraphs, "sample", lambda self: replays.append((self.size, self.sorts)) or original(self))
     params, count = {
-        "sampled": (PARAMS[:5] + PARAMS[:3], 8),  # a full bucket, every sampling kind
+        "sampled": (PARAMS[:5] + PARAMS[:3], 8),  # a full bucket, every sampling kind, each filter on its own row
+        "both": (PARAMS[:4] + [PARAMS[2].replace(top_p=0.8, seed=6)], 5),  # top-k and top-p on one row: the sorting graph
         "greedy": ([PARAMS[3]] * 8, 8),
         "processor": (PARAMS, 6),
         "padded": (PARAMS[:2] * 2 + PARAMS[:1], 5),  # 5 rows in the bucket of 8, no top-k or top-p
@@ -73,7 +74,9 @@ def test_graph_paths_equal_the_eager_runner(tiny_llama, steps, case, monkeypatch
     got, llm = run(tiny_llama, True, steps, params, count)
     assert got == want
     if case == "sampled":
-        assert {s for _, s in replays} == {True} and {b for b, _ in replays} == {8}
+        assert {s for _, s in replays} == {False} and {b for b, _ in replays} == {8}
+    elif case == "both":
+        assert {s for _, s in replays} == {True} and 8 in {b for b, _ in replays}
     elif case == "padded":
         assert {s for _, s in replays} == {False} and 8 in {b for b, _ in replays}
     else:
