@@ -108,6 +108,19 @@ session6d)  # the kernels' per-row pointers unspecialized on alignment: the samp
     PYTHONPATH=$PYTHONPATH:tests timeout 100 python3 -m pytest tests/gpu/test_triton_sampling.py tests/gpu/test_cuda_engine.py -k "race or sampl" -q -rfE -p no:cacheprovider 2>&1 | tee "$OUT/pytest_s6d.log" | tail -8
     bench 210 --out "$OUT/a" --only 8b --skip-cb --skip-fp8 --skip-cold --skip-serve
     ;;
+session7-a)  # top-k with top-p without a sort, one compiled variant for eager passes too: the whole GPU suite on the final code
+    PYTHONPATH=$PYTHONPATH:tests timeout 540 python3 -m pytest tests/gpu -q -rfE -p no:cacheprovider 2>&1 | tee "$OUT/pytest_gpu.log" | tail -15
+    ;;
+session7-b)  # straight after session7-a: the Llama-8B rows against transformers CB, the sampled runs
+    bench 450 --out "$OUT/a" --only 8b
+    ;;
+session7-c)  # straight after: the 1B shape, FP8, the cold process, HTTP and the restart
+    bench 420 --out "$OUT/b" --only 1b,fp8,fp8kv,cold,serve
+    grep -h -e "spare" -e "engine core process" -e "model weights on" -e "captured" -e "engine ready" -e "restart" "$OUT/b/serve_8b.log" | tee "$OUT/restart_lines.log"
+    ;;
+session7-d)  # straight after: the Qwen3-8B and Gemma-3-12B shapes (transformers CB not rerun)
+    bench 300 --out "$OUT/c" --only qwen3-8b,gemma3-12b --skip-cb
+    ;;
 esac
 uptime
 ls -laR "$OUT"

@@ -7,12 +7,11 @@ graph too: the finite check of every row's logits (a flag per row, kept over the
 greedy token, written into the ids buffer as the next step's input, so a pass of plain greedy
 rows replays the graph N times with nothing in between (``greedy``).
 
-Sampling has graphs of its own, two per bucket and in the same memory pool, replayed right after
+Sampling has graphs of its own, one per bucket and in the same memory pool, replayed right after
 the step's graph: they read its logits and the pass's sampling parameters from static buffers
 (temperature, top-k, top-p, min-p, greedy rows, noise keys and output indices), draw with the
-sampler's own code (``sampler.sample``), write the tokens over the greedy ones and advance the
-noise index. One graph draws with the sort-free kernel (``triton_sampling.filtered_race``), one
-sorts, for passes where some row has both top-k and top-p.
+sampler's own code (``sampler.sample``: the sort-free kernel ``triton_sampling.filtered_race``),
+write the tokens over the greedy ones and advance the noise index.
 Passes with logits processors (bias, penalties, min_tokens) or grammars sample eagerly from the
 graph's logits and write their tokens over the greedy ones (``feed``).
 
@@ -73,10 +72,9 @@ class CudaGraphs:
         self.noise_index = torch.zeros(n, dtype=torch.long, device=dev)
         self.sampled = torch.zeros(n, dtype=torch.long, device=dev)  # the last sampling replay's tokens
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self.sampling_graphs: dict[tuple[int, bool], torch.cuda.CUDAGraph] = {}  # (bucket, sorts)
+        self.sampling_graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.logits: dict[int, torch.Tensor] = {}
         self.batch = self.size = 0  # the loaded pass: real rows, bucket
-        self.sorts = False  # the loaded pass's sampling graph: the sorting one (top-k and top-p on one row)
         self._capture()
 
     def _capture(self) -> None:
@@ -94,14 +92,13 @@ class CudaGraphs:
             pool = graph.pool()
             self.graphs[size] = graph
         decode_s = time.monotonic() - start
-        for sorts in (True, False):
-            self._sample(self.sizes[-1], sorts)  # compiles the race kernels, loads the sort's kernels
-            torch.cuda.synchronize()
-            for size in reversed(self.sizes):
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=pool):
-                    self._sample(size, sorts)
-                self.sampling_graphs[size, sorts] = graph
+        self._sample(self.sizes[-1])  # compiles the race kernel
+        torch.cuda.synchronize()
+        for size in reversed(self.sizes):
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                self._sample(size)
+            self.sampling_graphs[size] = graph
         self.noise_index.zero_()
         torch.cuda.synchronize()
         log.info(
@@ -140,14 +137,14 @@ class CudaGraphs:
         self.slots[:size] = blocks * self.block_size + pos % self.block_size
         return logits
 
-    def _sample(self, size: int, sorts: bool) -> None:
+    def _sample(self, size: int) -> None:
         """Draw the step's tokens from its logits; they become the next step's inputs."""
         batch = S.SamplingBatch(
             temperature=self.temperature[:size], greedy=self.greedy_rows[:size], all_greedy=False,
             top_k=self.top_k[:size], top_p=self.top_p[:size], min_p=self.min_p[:size],
             presence=None, frequency=None, repetition=None, output_counts=None, prompt_mask=None, bias=None,
             stop_mask=None, min_left=None,
-            noise_keys=self.noise_keys[:size], noise_index=self.noise_index[:size], num_logprobs=-1, sorts=sorts,
+            noise_keys=self.noise_keys[:size], noise_index=self.noise_index[:size], num_logprobs=-1,
         )
         tokens = S.sample(self.logits[size], batch)
         self.sampled[:size] = tokens
@@ -189,7 +186,6 @@ class CudaGraphs:
         n = self.batch
         self.temperature[:n].copy_(batch.temperature)
         self.greedy_rows[:n].copy_(batch.greedy)
-        self.sorts = batch.sorts
         self._copy_or_fill(self.top_k, batch.top_k, self.vocab_size)
         self._copy_or_fill(self.top_p, batch.top_p, 1.0)
         self._copy_or_fill(self.min_p, batch.min_p, 0.0)
@@ -219,7 +215,7 @@ class CudaGraphs:
     def sample(self) -> torch.Tensor:
         """Run the loaded pass's sampling graph over the last replay's logits; its tokens (a
         copy), which are now the next step's inputs."""
-        self.sampling_graphs[self.size, self.sorts].replay()
+        self.sampling_graphs[self.size].replay()
         return self.sampled[: self.batch].clone()
 
     def nonfinite_rows(self) -> torch.Tensor:

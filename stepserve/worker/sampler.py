@@ -92,7 +92,6 @@ class SamplingBatch:
     noise_keys: torch.Tensor | None  # [B] int64: noise_key(seed), or a fresh draw for unseeded rows; None if all greedy
     noise_index: torch.Tensor | None  # [B] int64: output index of the token the next step samples; None if all greedy
     num_logprobs: int  # top alternatives to return; -1 for none
-    sorts: bool = False  # some row has both top-k and top-p: on CUDA too, the sorted path (``sample``)
 
 
 def build_sampling_batch(
@@ -117,7 +116,6 @@ def build_sampling_batch(
         noise_keys=None if noise is None else noise[0],
         noise_index=None if noise is None else noise[1],
         num_logprobs=max((p.logprobs for p in params if p.logprobs is not None), default=-1),
-        sorts=any(0 < p.top_k < vocab_size and p.top_p < 1.0 for p in params),
     )
     if any(p.top_k > 0 for p in params):
         batch.top_k = _tensor([min(p.top_k, vocab_size) if p.top_k > 0 else vocab_size for p in params], device=device)
@@ -218,12 +216,8 @@ def _mask_top_k_top_p(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tenso
 
 
 def race(probs: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
-    """One draw per row from ``probs`` [B, V], by the exponential race argmax(p / E), E ~ Exp(1).
-    On CUDA one Triton kernel makes the noise in registers; elsewhere it is a [B, V] tensor."""
-    if probs.is_cuda:
-        from stepserve.worker.triton_sampling import exponential_race
-
-        return exponential_race(probs, batch.noise_keys, batch.noise_index)
+    """One draw per row from ``probs`` [B, V], by the exponential race argmax(p / E), E ~ Exp(1)
+    (on CUDA ``triton_sampling.filtered_race`` runs it with the noise made in registers)."""
     return (probs / exponential_noise(batch.noise_keys, batch.noise_index, probs.shape[1])).argmax(dim=-1)
 
 
@@ -241,12 +235,12 @@ def sampling_probs(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
 
 def sample(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
     """Token ids [B] from float32 logits [B, V] after the logits processors. On CUDA one
-    Triton kernel draws from the logits without sorting (``filtered_race``), unless a row has
-    both top-k and top-p; elsewhere, and for such rows, the vocabulary is sorted."""
+    Triton kernel draws from the logits without sorting (``filtered_race``); elsewhere top-k
+    and top-p sort the vocabulary."""
     greedy_tokens = logits.argmax(dim=-1)
     if batch.all_greedy:
         return greedy_tokens
-    if logits.is_cuda and not batch.sorts:
+    if logits.is_cuda:
         from stepserve.worker.triton_sampling import filtered_race
 
         drawn = filtered_race(logits, batch.temperature, batch.greedy, batch.top_k, batch.top_p, batch.min_p, batch.noise_keys, batch.noise_index)
