@@ -121,6 +121,11 @@ session7-c)  # straight after: the 1B shape, FP8, the cold process, HTTP and the
 session7-d)  # straight after: the Qwen3-8B and Gemma-3-12B shapes (transformers CB not rerun)
     bench 300 --out "$OUT/c" --only qwen3-8b,gemma3-12b --skip-cb
     ;;
+session7-e)  # straight after: the weights made in the load dtype (no float32 detour), phases logged: the HTTP rows and the restart again, then the Qwen3-8B and Gemma-3-12B shapes
+    bench 200 --out "$OUT/b" --only serve
+    grep -h -e "spare" -e "engine core process" -e "model memory on" -e "model weights on" -e "captured" -e "engine ready" -e "restart" "$OUT/b/serve_8b.log" | tee "$OUT/restart_lines.log"
+    bench 300 --out "$OUT/c" --only qwen3-8b,gemma3-12b --skip-cb
+    ;;
 esac
 uptime
 ls -laR "$OUT"

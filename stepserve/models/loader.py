@@ -8,6 +8,8 @@ calls it too, then ``build_model`` with the ``DecoderConfig`` the registry made.
 from __future__ import annotations
 
 import json
+import logging
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -20,6 +22,8 @@ from stepserve.models.layers import RMSNorm
 from stepserve.models.registry import architecture, decoder_config
 from stepserve.models.source import ModelSource, resolve_source
 from stepserve.models.weights import safetensors_weights
+
+log = logging.getLogger("stepserve")
 
 __all__ = ["Checkpoint", "ModelSource", "build_model", "decoder_config", "load_model", "open_checkpoint", "read_hf_config", "resolve_source"]
 
@@ -76,17 +80,20 @@ def build_model(
     weights (``--load-format dummy``, see ``fill_dummy``). On CPU the projections are prepacked
     for oneDNN, and with ``quantization="int4"`` quantized from the float32 weights (so that a
     GGUF's 4-bit blocks come back exactly, not via a bfloat16 rounding)."""
+    start = time.monotonic()
     with torch.device("meta"):
         model = DecoderForCausalLM(cfg, max_positions)
     load_dtype = torch.float32 if quantization == "int4" else dtype
-    model = model.to_empty(device=device).to(load_dtype)
+    model = model.to(load_dtype).to_empty(device=device)  # memory of the load dtype only, no float32 detour
     model.fill_rotary()
+    allocated = _settled(device) - start
     if weights is None:
         fill_dummy(model, seed)
     else:
         missing = model.missing_weights(model.load_weights(weights))
         if missing:
             raise ConfigError(f"the checkpoint lacks {len(missing)} weights, e.g. {missing[:3]}")
+    log.info("model memory on %s in %.1fs, weights %s in %.1fs", device, allocated, "made" if weights is None else "read", _settled(device) - start - allocated)
     if quantization == "fp8":
         from stepserve.models.fp8 import quantize_fp8
 
@@ -98,6 +105,13 @@ def build_model(
             if isinstance(module, RMSNorm):
                 module.to(dtype)
     return model.eval()
+
+
+def _settled(device: torch.device) -> float:
+    """The time once the device's queued work is done (the phases' times are the device's too)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.monotonic()
 
 
 @torch.no_grad()
