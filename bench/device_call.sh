@@ -126,9 +126,13 @@ session7-e)  # straight after: the weights made in the load dtype (no float32 de
     grep -h -e "spare" -e "engine core process" -e "model memory on" -e "model weights on" -e "captured" -e "engine ready" -e "restart" "$OUT/b/serve_8b.log" | tee "$OUT/restart_lines.log"
     bench 300 --out "$OUT/c" --only qwen3-8b,gemma3-12b --skip-cb
     ;;
-session7-f)  # where a fresh process's model build goes (4.2 s of the 7.8 s restart in session7-e)
+session7-f)  # where a fresh process's model build goes (4.2 s of the 7.8 s restart in session7-e); the 1B shape's
+    # single-step passes (8.1 ms a step in session7-c against 4.7 in the third run) with this code and with the third
+    # run's (stepserve/ of 58c6655, carried in .old), on one machine
     timeout 90 python3 bench/model_build_profile.py phases 2>&1 | tee "$OUT/build_phases.log"
     timeout 90 python3 bench/model_build_profile.py profile 2>&1 | tee "$OUT/build_profile.log" | head -70
+    bench 120 --out "$OUT/new" --only 1b --skip-transformers
+    PYTHONPATH=/tmp/site:$PWD/.old timeout 120 python3 -m stepserve.bench.gpu --out "$OUT/old" --only 1b --skip-transformers 2>&1 | tee -a "$OUT/bench_old.log" | grep "1b stepserve"
     ;;
 esac
 uptime
