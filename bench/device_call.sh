@@ -134,6 +134,13 @@ session7-f)  # where a fresh process's model build goes (4.2 s of the 7.8 s rest
     bench 120 --out "$OUT/new" --only 1b --skip-transformers
     PYTHONPATH=/tmp/site:$PWD/.old timeout 120 python3 -m stepserve.bench.gpu --out "$OUT/old" --only 1b --skip-transformers 2>&1 | tee -a "$OUT/bench_old.log" | grep "1b stepserve"
     ;;
+session7-g)  # the embedding built without its random init (torch._dynamo no longer imported by the model build): the HTTP
+    # rows and the restart, then the 1B shape with the third run's code first and this code second
+    bench 150 --out "$OUT/b" --only serve
+    grep -h -e "spare" -e "engine core process" -e "model memory on" -e "model weights on" -e "captured" -e "engine ready" -e "restart" "$OUT/b/serve_8b.log" | tee "$OUT/restart_lines.log"
+    PYTHONPATH=/tmp/site:$PWD/.old timeout 60 python3 -m stepserve.bench.gpu --out "$OUT/old" --only 1b --skip-transformers 2>&1 | tee -a "$OUT/bench_old.log" | grep "1b stepserve"
+    timeout 60 python3 -m stepserve.bench.gpu --out "$OUT/new" --only 1b --skip-transformers 2>&1 | tee -a "$OUT/bench_new.log" | grep "1b stepserve"
+    ;;
 esac
 uptime
 ls -laR "$OUT"
