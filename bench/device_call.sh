@@ -127,15 +127,16 @@ session7-e)  # straight after: the weights made in the load dtype (no float32 de
     bench 300 --out "$OUT/c" --only qwen3-8b,gemma3-12b --skip-cb
     ;;
 session7-f)  # where a fresh process's model build goes (4.2 s of the 7.8 s restart in session7-e); the 1B shape's
-    # single-step passes (8.1 ms a step in session7-c against 4.7 in the third run) with this code and with the third
-    # run's (stepserve/ of 58c6655, carried in .old), on one machine
+    # single-step passes (8.1 ms a step in session7-c against 4.7 in the third run), meant with this code and with the
+    # third run's (stepserve/ of 58c6655, carried in .old). Not so: python -m puts the working directory first on
+    # sys.path, so the .old run imported this code too; the two runs measured the figure's spread, not the old code.
     timeout 90 python3 bench/model_build_profile.py phases 2>&1 | tee "$OUT/build_phases.log"
     timeout 90 python3 bench/model_build_profile.py profile 2>&1 | tee "$OUT/build_profile.log" | head -70
     bench 120 --out "$OUT/new" --only 1b --skip-transformers
     PYTHONPATH=/tmp/site:$PWD/.old timeout 120 python3 -m stepserve.bench.gpu --out "$OUT/old" --only 1b --skip-transformers 2>&1 | tee -a "$OUT/bench_old.log" | grep "1b stepserve"
     ;;
 session7-g)  # the embedding built without its random init (torch._dynamo no longer imported by the model build): the HTTP
-    # rows and the restart, then the 1B shape with the third run's code first and this code second
+    # rows and the restart, then the 1B shape twice (meant: the third run's code first; it ran this code, as in session7-f)
     bench 150 --out "$OUT/b" --only serve
     grep -h -e "spare" -e "engine core process" -e "model memory on" -e "model weights on" -e "captured" -e "engine ready" -e "restart" "$OUT/b/serve_8b.log" | tee "$OUT/restart_lines.log"
     PYTHONPATH=/tmp/site:$PWD/.old timeout 60 python3 -m stepserve.bench.gpu --out "$OUT/old" --only 1b --skip-transformers 2>&1 | tee -a "$OUT/bench_old.log" | grep "1b stepserve"
