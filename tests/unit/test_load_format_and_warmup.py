@@ -1,5 +1,6 @@
 """``--load-format dummy`` on the CPU, the startup warm-up's workload, the compilation cache
-folder, ``--quantization fp8`` refused where it cannot run, and the GPU benchmark's tokenizer."""
+folder, ``--quantization fp8`` refused where it cannot run, the GPU benchmark's tokenizer, and a
+model build that imports nothing heavy."""
 
 import pytest
 import torch
@@ -28,6 +29,25 @@ def test_dummy_weights_need_no_files(tiny_llama, tmp_path):
     assert locate_from_args(args).path == str(tmp_path)
     with pytest.raises(ConfigError, match="no .safetensors weights"):
         locate_from_args(build_parser().parse_args(["serve", "--model", str(tmp_path)]))
+
+
+def test_building_a_model_imports_no_dynamo(tiny_llama):
+    """In a fresh process, building a model (meta device, then its memory and weights) leaves
+    torch._dynamo unimported: Embedding's random init on the meta device had imported it, seconds
+    of every restart."""
+    import subprocess
+    import sys
+
+    script = (
+        "import sys, torch\n"
+        "from stepserve.models.loader import load_model, open_checkpoint\n"
+        f"c = open_checkpoint({str(tiny_llama)!r})\n"
+        "load_model(c.source, c.hf_config, torch.float32, torch.device('cpu'), 64, load_format='dummy')\n"
+        "print('torch._dynamo' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "False"
 
 
 def test_fill_dummy_shapes_values_and_seed(tiny_llama):
