@@ -28,6 +28,7 @@ serve: $(STAMP)
 	$(BIN)/stepserve serve
 
 test: $(STAMP)
+	$(BIN)/lint-imports   # the layers of docs/architecture.md, as import contracts (pyproject.toml)
 	$(BIN)/python -m pytest -q
 
 bench: $(STAMP)

@@ -1,14 +1,14 @@
 #!/bin/bash
-# The embedded model (94 MB) is larger than what one device call carries (64 MiB with the tree),
-# so it travels in two parts, one a call, on one warm machine:
+# The embedded model's GGUF (94 MB) in two halves, for a lent device machine whose call carries
+# at most 64 MiB with the working tree; bench/device_call.sh joins them there (its setup).
 #   here:    bash bench/embedded_parts.sh K        (K = 1 or 2: puts part K in .embedded/, ignored)
-#   device:  part 1: "bash bench/device_call.sh embedded-part" with carry [".embedded"] (no wheels:
-#            the part and the tree just fit in the carry limit); part 2 with carry [".whl", ".embedded"]
-#            and the mode that needs the model after it, e.g.
-#            "bash bench/device_call.sh embedded-part && bash bench/device_call.sh session6"
+#   device:  part 1: "bash bench/device_call.sh setup" with carry [".embedded"] (no wheels: the
+#            part and the tree just fit in the carry limit); then, on the same warm machine,
+#            part 2 with carry [".whl", ".embedded"] and the mode that needs the model, e.g.
+#            "bash bench/device_call.sh tests"
 set -euo pipefail
 part=${1:?part 1 or 2}
-gguf=$(.venv/bin/python -c "from stepserve.models.source import embedded_model_path; print(embedded_model_path())")
+gguf=$(.venv/bin/python -c "from stepserve.checkpoint.source import embedded_model_path; print(embedded_model_path())")
 rm -rf .embedded && mkdir -p .embedded
 size=$(stat -c %s "$gguf")
 chunk=$(( (size + 1) / 2 ))

@@ -1,18 +1,16 @@
-"""What FP8's numerics alone cost the embedded model, on the CPU: the yardstick for the GPU test
-``test_fp8_greedy_agrees_with_bf16_on_the_embedded_model``.
+"""What FP8's numerics alone cost the embedded model, measured on the CPU: the yardstick for the
+bounds of the GPU test ``test_fp8_greedy_agrees_with_bf16_on_the_embedded_model``.
 
 Every decoder projection is replaced by a plain-torch emulation of ``Fp8Linear``: weights rounded
 to e4m3 with one scale per output channel, activations rounded to bf16 and, for calls of more
 than ``GEMV_MAX_ROWS`` rows, to e4m3 with one scale per token; output rounded to bf16. The rest of
 the model runs in ``--dtype`` (bfloat16, as on the GPU, or float32). Each of 8 chat prompts gets
 24 greedy tokens from the emulated model; the float32 model then scores them teacher-forced, as
-the GPU test does with its bf16 model.
+the GPU test does with its bf16 model. Prints the share of tokens that are float32's argmax
+(rank 1), the mean and largest gaps in nats, and how many tokens fall over 1 nat. Rerun it when
+the FP8 path's rounding changes, and compare with what the GPU test allows.
 
     .venv/bin/python bench/fp8_emulation.py [bfloat16|float32]
-
-Measured 2026-12-02 on the dev machine (2 cores, AMX): bfloat16 0.917 rank 1, largest gap 2.15
-nats (1 token of 192 over 1 nat); float32 0.943, largest gap 0.94. The H200's real FP8 run, bf16
-elsewhere, scored 0.917 and 2.25 against its bf16 model.
 """
 
 import sys
@@ -20,7 +18,7 @@ import sys
 import torch
 from torch import nn
 
-import stepserve.engine.builder as builder
+import stepserve.executor.builder as builder
 import stepserve.models.loader  # noqa: F401  (imported before the stand-in module is put in place)
 from stepserve import LLM, SamplingParams
 

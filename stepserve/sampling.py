@@ -14,7 +14,19 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from stepserve.errors import InvalidRequestError
-from stepserve.structured.spec import GrammarSpec
+
+
+GRAMMAR_KINDS = ("json", "json_object", "regex", "choice", "grammar", "tool_calls")
+
+
+@dataclass(frozen=True)
+class GrammarSpec:
+    """An output constraint checked and compiled by the front end (``structured.compiler``); the
+    core builds its matcher from ``grammar`` (compiled once per distinct text in each process,
+    then copied per request)."""
+
+    kind: str  # one of GRAMMAR_KINDS: what the user asked for, for logs and errors
+    grammar: str  # llguidance's grammar text (a JSON document), the cache key on both sides
 
 MAX_LOGPROBS = 20
 _GREEDY_EPS = 1e-5

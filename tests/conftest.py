@@ -36,7 +36,7 @@ def embedded_f32():
 
     from stepserve import LLM
 
-    with mock.patch("stepserve.engine.builder.cpu_has_bf16", return_value=False):
+    with mock.patch("stepserve.executor.builder.cpu_has_bf16", return_value=False):
         return LLM(max_model_len=512, max_num_batched_tokens=64)
 
 
@@ -46,7 +46,7 @@ def embedded_hf():
     import torch
     import transformers
 
-    from stepserve.models.source import resolve_source
+    from stepserve.checkpoint.source import resolve_source
 
     source = resolve_source(None)
     return transformers.AutoModelForCausalLM.from_pretrained(str(source.directory), gguf_file=source.gguf_file, dtype=torch.float32).eval()

@@ -30,7 +30,7 @@ def serve_in_thread(model, *flags: str, name: str = "m", grpc_port: int | None =
     from stepserve.cli import build_parser
     from stepserve.config import engine_config_from_args
     from stepserve.server.app import create_app
-    from stepserve.server.cli import _engine, server_config_from_args
+    from stepserve.cli.serve import _engine, server_config_from_args
     from stepserve.tasks.config import TaskConfig
     from stepserve.tasks.setup import plan_task, serving
 

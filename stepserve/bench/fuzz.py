@@ -48,7 +48,7 @@ from stepserve.server.schemas import (
     KServeV2Request,
     KServeV2Tensor,
 )
-from stepserve.tasks.schemas import EmbeddingRequest, RerankRequest, ScoreRequest
+from stepserve.server.schemas import EmbeddingRequest, RerankRequest, ScoreRequest
 
 
 @dataclass(frozen=True)

@@ -18,17 +18,3 @@ logits per step, and a vocab-parallel embedding an all-reduce) nor any vocabular
 cost is memory: each rank holds both tables (for Qwen2.5-14B, 2 x 152064 x 5120 bf16 = 3.1 GB per
 GPU). Any vocabulary size works.
 """
-
-from stepserve.distributed.group import SINGLE, TensorParallel, check_startup, start_tensor_parallel
-from stepserve.distributed.ranks import end_process_on_rank_death
-from stepserve.distributed.sharding import check_tensor_parallel, shard_config
-
-__all__ = [
-    "SINGLE",
-    "TensorParallel",
-    "check_startup",
-    "check_tensor_parallel",
-    "end_process_on_rank_death",
-    "shard_config",
-    "start_tensor_parallel",
-]

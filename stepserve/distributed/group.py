@@ -1,8 +1,8 @@
 """One process's place in a tensor-parallel group, and what the builder asks of it.
 
-``TensorParallel`` is what ``build_engine`` calls at each step that differs between ranks: the
-device, the shard of the config and of the weights, the all-reduces in the model, the number
-of KV blocks every rank can hold, and the worker the engine core drives. With one rank
+``TensorParallel`` is what ``executor.builder`` calls at each step that differs between ranks: the
+device, the shard of the config and of the weights, the all-reduces in the model and the number
+of KV blocks every rank can hold. With one rank
 (``SINGLE``) every call is the identity, so the single-process engine runs the same builder.
 """
 
@@ -18,7 +18,7 @@ import torch.distributed as dist
 from stepserve.config import ConfigError
 from stepserve.distributed.layers import join_ranks
 from stepserve.distributed.sharding import check_tensor_parallel, cut, shard_config, take, take_slice
-from stepserve.models.decoder import DecoderConfig
+from stepserve.models.config import DecoderConfig
 
 log = logging.getLogger("stepserve.distributed")
 
@@ -41,16 +41,6 @@ def check_devices(size: int, device_type: str) -> None:
     cpus = len(os.sched_getaffinity(0))
     if device_type == "cpu" and size > cpus:
         raise ConfigError(f"tensor_parallel_size={size} on CPU needs a core per rank; this process may use {cpus}")
-
-
-def check_startup(config, model_config: DecoderConfig) -> None:
-    """What the front checks before it starts the core: the model splits, the devices exist."""
-    size = config.parallel.tensor_parallel_size
-    check_tensor_parallel(size, model_config, config.model.quantization)
-    device = config.model.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    check_devices(size, device)
 
 
 class TensorParallel:
@@ -101,16 +91,6 @@ class TensorParallel:
         t = torch.tensor([n], dtype=torch.int64, device=device)
         dist.all_reduce(t, op=dist.ReduceOp.MIN)
         return int(t.item())
-
-    def worker(self, runner):
-        """What the engine core drives: the runner itself, or on rank 0 of a group the
-        ``TensorParallelWorker`` that sends each pass to the other ranks too."""
-        if self.ranks is None:
-            return runner
-        from stepserve.distributed.worker import TensorParallelWorker
-
-        self.ranks.wait_ready()
-        return TensorParallelWorker(runner, self.ranks)
 
 
 SINGLE = TensorParallel(0, 1)

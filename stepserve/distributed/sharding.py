@@ -16,13 +16,16 @@ The layout is Megatron's, as vLLM uses it:
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
-
-import torch
+from typing import TYPE_CHECKING
 
 from stepserve.config import ConfigError
-from stepserve.models.decoder import DecoderConfig
+from stepserve.models.config import DecoderConfig
+
+if TYPE_CHECKING:  # the front checks a split without PyTorch; the loader cuts tensors with it
+    import torch
 
 INT4_GROUP = 32  # cpu_linear.GROUP: a row-parallel input slice must hold whole int4 groups
 
@@ -63,6 +66,17 @@ def check_tensor_parallel(size: int, cfg: DecoderConfig, quantization: str = "no
                     f"quantization=int4 with tensor_parallel_size={size}: each rank's share of the {what} {n} "
                     f"must hold whole groups of {INT4_GROUP} weights; use a smaller tensor_parallel_size or --quantization none"
                 )
+
+
+def check_tensor_parallel_startup(config, cfg: DecoderConfig) -> None:
+    """What the front checks before it starts the core: the model splits over the ranks, and a
+    CPU group has a core per rank. A GPU group's devices are counted by the core (``group.py``),
+    the process that imports CUDA."""
+    size = config.parallel.tensor_parallel_size
+    check_tensor_parallel(size, cfg, config.model.quantization)
+    cpus = len(os.sched_getaffinity(0))
+    if size > 1 and config.model.device == "cpu" and size > cpus:
+        raise ConfigError(f"tensor_parallel_size={size} on CPU needs a core per rank; this process may use {cpus}")
 
 
 def shard_config(cfg: DecoderConfig, size: int) -> DecoderConfig:
@@ -117,6 +131,8 @@ def cut(name: str, cfg: DecoderConfig, rank: int, size: int) -> tuple[Part, ...]
 
 
 def take(tensor: torch.Tensor, parts: tuple[Part, ...] | str | None) -> torch.Tensor:
+    import torch
+
     """A rank's share of a whole tensor (a GGUF's, or any ``(name, tensor)`` stream's)."""
     if parts is None:
         return tensor
@@ -126,6 +142,8 @@ def take(tensor: torch.Tensor, parts: tuple[Part, ...] | str | None) -> torch.Te
 
 
 def take_slice(get_slice: Callable[[], object], get_tensor: Callable[[], torch.Tensor], parts) -> torch.Tensor:
+    import torch
+
     """The same from a safetensors file, reading only the rank's rows or columns from disk."""
     if parts is None or parts == ZERO:
         return take(get_tensor(), parts)

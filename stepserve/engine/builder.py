@@ -1,237 +1,44 @@
-"""Build an EngineCore from an EngineConfig: model, tokenizer, KV cache, runner, scheduler."""
+"""Build an ``EngineCore`` from an ``EngineConfig``: the worker (``executor/builder.py``), then the
+block manager, the scheduler and the core that drives them, warmed up on a GPU."""
 
 from __future__ import annotations
 
 import logging
-import time
-from dataclasses import dataclass
 
-import torch
-
-from stepserve.attention import get_backend
-from stepserve.config import ConfigError, EngineConfig
+from stepserve.config import EngineConfig
 from stepserve.core.block_manager import BlockManager
 from stepserve.core.engine_core import EngineCore
 from stepserve.core.scheduler import Scheduler
-from stepserve.distributed import TensorParallel, start_tensor_parallel
-from stepserve.engine.front import resolve_max_model_len
-from stepserve.models.cpu_linear import CpuLinear, cpu_has_bf16, release_free_memory
-from stepserve.models.cpu_linear import warm_up as warm_up_linears
-from stepserve.models.fp8_checkpoint import fp8_format
-from stepserve.models.loader import build_model, decoder_config, open_checkpoint
-from stepserve.models.tokenizer import eos_token_ids as eos_token_ids_of
-from stepserve.models.tokenizer import load_tokenizer
 from stepserve.engine.warmup import warm_up
-from stepserve.worker.compile_cache import use_compilation_cache
-from stepserve.structured.bitmask import GrammarMatchers
-from stepserve.structured.compiler import ll_tokenizer_in_background
-from stepserve.worker.cuda_graphs import graph_batch_sizes
-from stepserve.worker.runner import ModelRunner, allocate_kv_cache, kv_cache_bytes_per_block, profile_run
+from stepserve.executor.builder import BuiltWorker, ModelInfo, build_worker
 
 log = logging.getLogger("stepserve")
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+__all__ = ["ModelInfo", "build_engine"]
 
 
-@dataclass(frozen=True)
-class ModelInfo:
-    """Facts learned while building the engine (returned, never written back into config)."""
-
-    name: str  # default served model name
-    max_model_len: int  # context length in use
-    eos_token_ids: frozenset[int]  # ids that end a sequence
-    num_kv_blocks: int  # KV cache blocks (one is the null block)
-    device: str  # "cpu" or "cuda"
-    dtype: str  # weights and activations
-    quantization: str  # "none", "int4" or "fp8"
-    load_seconds: float  # wall time to build the engine
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device=cuda but no CUDA device is available; use --device cpu")
-    return torch.device(name)
-
-
-def pick_dtype(name: str, device: torch.device, hf_config: dict) -> torch.dtype:
-    """``auto`` follows the checkpoint as vLLM does. On CUDA: float16 stays float16, bfloat16
-    stays bfloat16, float32 (and a GGUF) runs in bfloat16. On a CPU with native bfloat16,
-    bfloat16 unless the checkpoint says float32 (a GGUF says nothing: its weights are quantized
-    or half precision); on other CPUs float32."""
-    if name != "auto":
-        return _DTYPES[name]
-    declared = hf_config.get("torch_dtype") or hf_config.get("dtype") or "float32"  # HF's default
-    if device.type == "cuda":
-        return torch.float16 if declared == "float16" and "gguf_linear_type" not in hf_config else torch.bfloat16
-    float32_checkpoint = "gguf_linear_type" not in hf_config and declared == "float32"
-    return torch.float32 if float32_checkpoint or not cpu_has_bf16() else torch.bfloat16
-
-
-def pick_quantization(name: str, device: torch.device, dtype: torch.dtype, hf_config: dict) -> str:
-    """``auto``: int4 for a GGUF whose projections are 4-bit (Q4_0/Q4_1) on a bfloat16 CPU; fp8
-    for an FP8 checkpoint on a GPU with FP8 matrix units and 16-bit activations (elsewhere it
-    runs dequantized)."""
-    if name == "auto":
-        four_bit = hf_config.get("gguf_linear_type") in ("Q4_0", "Q4_1")
-        if fp8_format(hf_config) is not None:
-            fp8_ready = device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
-            return "fp8" if fp8_ready and dtype in (torch.bfloat16, torch.float16) else "none"
-        return "int4" if four_bit and device.type == "cpu" and dtype == torch.bfloat16 else "none"
-    if name == "fp8" and (device.type != "cuda" or torch.cuda.get_device_capability(device) < (8, 9)):
-        raise ConfigError("quantization=fp8 needs a CUDA GPU with FP8 matrix units (Ada or Hopper, compute capability 8.9+); use --quantization none")
-    if name == "fp8" and dtype not in (torch.bfloat16, torch.float16):
-        raise ConfigError("quantization=fp8 needs bfloat16 or float16 activations; use --dtype bfloat16")
-    if name == "int4" and device.type != "cpu":
-        raise ConfigError("quantization=int4 runs on CPU only; on CUDA use --quantization none")
-    if name == "int4" and (dtype != torch.bfloat16 or not cpu_has_bf16()):
-        raise ConfigError("quantization=int4 needs bfloat16 activations on a CPU with AVX512-BF16 or AMX; use --dtype bfloat16, or --quantization none")
-    return name
-
-
-def _num_blocks(config: EngineConfig, model, backend, dtype, device, max_model_len: int, graph_sizes: list[int]) -> int:
-    cache = config.cache
-    if cache.num_blocks is not None:
-        num_blocks = cache.num_blocks
-    else:
-        per_block = kv_cache_bytes_per_block(model, cache.block_size, dtype)
-        if device.type == "cuda":
-            budget = _gpu_kv_budget(config, model, backend, device, graph_sizes)
-        else:
-            budget = cache.cpu_kv_cache_gib * 2**30
-        num_blocks = int(budget // per_block)
-    needed = -(-max_model_len // cache.block_size) + 1
-    if num_blocks < needed:
-        raise ConfigError(
-            f"the KV cache ({num_blocks} blocks of {cache.block_size} tokens) cannot hold one request of "
-            f"max_model_len={max_model_len}; lower max_model_len or give the cache more memory"
-        )
-    return num_blocks
-
-
-def _gpu_kv_budget(config: EngineConfig, model, backend, device, graph_sizes: list[int]) -> float:
-    """Bytes for the KV cache: the utilization share of the GPU, less what other processes and
-    the CUDA context hold, the weights, the peak activations of a profile run of the largest
-    pass, and the CUDA graphs' logits buffers and sampling temporaries."""
-    sched = config.scheduler
-    torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats(device)
-    weights = torch.cuda.memory_allocated(device)
-    log.info("profiling a forward pass of %d tokens (%d sequences) to size the KV cache", sched.max_num_batched_tokens, sched.max_num_seqs)
-    profile_run(model, backend, config.cache.block_size, sched.max_num_batched_tokens, sched.max_num_seqs, device)
-    torch.cuda.synchronize(device)
-    activations = torch.cuda.max_memory_allocated(device) - weights
-    torch.cuda.empty_cache()
-    free, total = torch.cuda.mem_get_info(device)
-    others = total - free - torch.cuda.memory_reserved(device)
-    # Logits of every bucket, and the sampling graphs' temporaries at the largest bucket (the sort
-    # of top-k and top-p: values, int64 indices, softmax, cumulative sums, masks; about 40 bytes a logit).
-    vocab = model.cfg.vocab_size
-    graphs = (sum(graph_sizes) * vocab * 4 + max(graph_sizes) * vocab * 40 + 2**29) if graph_sizes else 0
-    budget = total * config.cache.gpu_memory_utilization - others - weights - activations - graphs
-    log.info(
-        "GPU memory: %.1f GiB total, weights %.2f GiB, peak activations %.2f GiB, graphs %.2f GiB, other %.2f GiB -> KV cache %.1f GiB",
-        total / 2**30, weights / 2**30, activations / 2**30, graphs / 2**30, others / 2**30, budget / 2**30,
-    )
-    return budget
-
-
-def build_engine(
-    config: EngineConfig, weights=None, eos_token_ids: frozenset[int] | None = None, rank: TensorParallel | None = None,
-) -> tuple[EngineCore, object, ModelInfo]:
-    """Returns the core, the tokenizer and what was learned while building them. ``weights``
-    (a ``(hf_name, tensor)`` stream) replaces the checkpoint files when given. ``rank`` is set
-    in tensor-parallel ranks 1..N-1; on rank 0 the group is started here (``distributed``)."""
-    start = time.monotonic()
-    checkpoint = open_checkpoint(config.model.model)
-    source, hf_config = checkpoint.source, checkpoint.hf_config
-    max_model_len = resolve_max_model_len(config, hf_config)
-    model_config = decoder_config(hf_config, max_model_len)
-    device = pick_device(config.model.device)
-    dtype = pick_dtype(config.model.dtype, device, hf_config)
-    quantization = pick_quantization(config.model.quantization, device, dtype, hf_config)
-    if eos_token_ids is None:
-        tokenizer = load_tokenizer(source)
-        eos = eos_token_ids_of(source, hf_config, tokenizer)
-    else:  # the core process: the front already read them (loading a tokenizer takes seconds)
-        tokenizer, eos = None, frozenset(eos_token_ids)
-    tp = rank or start_tensor_parallel(config, model_config, eos, device, quantization)
-    device = tp.device(device)
-    steps = config.scheduler.num_scheduler_steps
-    if device.type == "cuda":
-        use_compilation_cache(config.model.compilation_cache_dir)
-    weights = tp.weights(checkpoint, model_config, weights, config.model.load_format, torch.float32 if quantization == "int4" else dtype, device)
-    loading = time.monotonic()
-    model = build_model(
-        tp.shard_config(model_config), weights, dtype, device, max_positions=max_model_len + steps, quantization=quantization,
-        seed=config.model.seed,
-    )
-    # Each phase of start-up is logged with its time: a restart's budget is spent somewhere.
-    log.info("model weights on %s in %.1fs (%.1fs since the engine build began)", device, time.monotonic() - loading, time.monotonic() - start)
-    tp.join(model)
-    # On CUDA: Triton kernels, and CUDA graphs of the decode step unless enforce_eager.
-    backend = get_backend("triton" if device.type == "cuda" else "sdpa")
-    use_graphs = device.type == "cuda" and not config.model.enforce_eager
-    graph_sizes = graph_batch_sizes(config.scheduler.max_num_seqs) if use_graphs else []
-    # CPU attention runs in float32 whatever the weights: PyTorch's CPU SDPA is 3x (one
-    # sequence) to 4x (sixteen) slower in bfloat16 on this hardware (see the README).
-    kv_dtype = torch.float32 if device.type == "cpu" else dtype
-    if config.cache.kv_cache_dtype == "fp8":
-        kv_dtype = torch.float8_e4m3fn  # the attention backends dequantize pages as they read them
-    num_blocks = tp.min(_num_blocks(config, model, backend, kv_dtype, device, max_model_len, graph_sizes), device)
-    kv_caches = allocate_kv_cache(model, num_blocks, config.cache.block_size, kv_dtype, device)
-    # llguidance's tokenizer (for the grammars of constrained requests) is built in a thread when
-    # the engine is first idle (or a constrained request needs it), not beside the loading or the
-    # first passes: that thread's Python work holds the GIL against this one's (a loop of small
-    # torch calls ran 16x slower beside it, measured on the CPU); on an H200 the 8B restart's graph
-    # capture took 3.4 s beside it and 1.7 s without it, and 256 HTTP streams started right after
-    # ready gave 7,528 output tok/s beside it against 9,978.
-    grammars = GrammarMatchers(
-        lambda: ll_tokenizer_in_background(lambda: tokenizer if tokenizer is not None else load_tokenizer(source), model_config.vocab_size, eos),
-        model.cfg.vocab_size, eos, device,
-    )
-    if device.type == "cpu":
-        # On the CPU it starts now, beside the kernels' warm-up (no graph capture to slow), so the
-        # core's memory holds it from start-up on: the embedded model's tokenizer and its
-        # llguidance twin take 166 MiB, which showed as a step in the middle of a soak when the
-        # first constrained request built them.
-        grammars.start_tokenizer()
-    runner = ModelRunner(model, kv_caches, config.cache.block_size, backend, eos, device, config.model.seed, grammars)
-    if use_graphs:
-        runner.capture_cuda_graphs(graph_sizes, max_model_len, steps)
-    blocks = BlockManager(num_blocks, config.cache.block_size, config.cache.enable_prefix_caching)
-    window = max(model_config.layer_windows) if model_config.all_windowed else 0
-    scheduler = Scheduler(config.scheduler, blocks, max_model_len, eos, window)
-    # A tensor-parallel group's worker has no submit/collect: its passes run synchronously.
-    core = EngineCore(scheduler, tp.worker(runner), config.scheduler.async_scheduling)
-    if device.type == "cuda" and tp.rank == 0:  # the other ranks follow rank 0's warm-up passes
-        _warm_up(core, config, runner, max_model_len, num_blocks)
-    if device.type == "cpu":
-        _warm_up_cpu(model, config)
-    info = ModelInfo(source.name, max_model_len, eos, num_blocks, device.type, str(dtype).removeprefix("torch."), quantization, time.monotonic() - start)
+def build_engine(config: EngineConfig, weights=None, eos_token_ids: frozenset[int] | None = None) -> tuple[EngineCore, object, ModelInfo]:
+    """The core, the tokenizer (None when ``eos_token_ids`` are given: the front holds it) and
+    what was learned while building them. ``weights`` (a ``(hf_name, tensor)`` stream) replaces
+    the checkpoint files when given."""
+    built = build_worker(config, weights, eos_token_ids)
+    info = built.info
+    blocks = BlockManager(info.num_kv_blocks, config.cache.block_size, config.cache.enable_prefix_caching)
+    scheduler = Scheduler(config.scheduler, blocks, info.max_model_len, info.eos_token_ids, built.window)
+    core = EngineCore(scheduler, built.worker, config.scheduler.async_scheduling)
+    if info.device == "cuda":
+        _warm_up(core, config, built)
     log.info(
         "engine ready: %s on %s (%s, quantization %s), %d KV blocks, max_model_len %d, in %.1fs",
-        info.name, info.device, info.dtype, quantization, num_blocks, max_model_len, info.load_seconds,
+        info.name, info.device, info.dtype, info.quantization, info.num_kv_blocks, info.max_model_len, info.load_seconds,
     )
-    return core, tokenizer, info
+    return core, built.tokenizer, info
 
 
-def _warm_up_cpu(model, config: EngineConfig) -> None:
-    """oneDNN's kernels for every padded row count a pass can bring (``cpu_linear.warm_up``): the
-    projections up to the pass's token budget, the head up to the batch's rows."""
-    start = time.monotonic()
-    calls = warm_up_linears(model.layers, config.scheduler.max_num_batched_tokens)
-    if isinstance(model.packed_head, CpuLinear):
-        calls += warm_up_linears(model.packed_head, config.scheduler.max_num_seqs)
-    if calls:
-        release_free_memory()
-        log.info("CPU matmul kernels made for %d (shape, row count) pairs in %.1fs", calls, time.monotonic() - start)
-
-
-def _warm_up(core: EngineCore, config: EngineConfig, runner: ModelRunner, max_model_len: int, num_blocks: int) -> None:
-    """Compile every kernel variant now (see ``warmup``), then restore the engine's generator."""
-    sched = config.scheduler
-    budget = (num_blocks - 1) * config.cache.block_size // 2
-    warm_up(core, runner.vocab_size, max_model_len, sched.num_scheduler_steps, sched.max_num_seqs, sched.max_num_batched_tokens, budget)
+def _warm_up(core: EngineCore, config: EngineConfig, built: BuiltWorker) -> None:
+    """Compile every kernel variant now (see ``warmup``), then restore the engine's generator.
+    The other tensor-parallel ranks follow rank 0's warm-up passes."""
+    sched, info = config.scheduler, built.info
+    budget = (info.num_kv_blocks - 1) * config.cache.block_size // 2
+    warm_up(core, built.runner.vocab_size, info.max_model_len, sched.num_scheduler_steps, sched.max_num_seqs, sched.max_num_batched_tokens, budget)
     core.worker.reseed(config.model.seed)

@@ -21,7 +21,6 @@ from dataclasses import dataclass
 from stepserve.config import EngineConfig
 from stepserve.core.engine_core import EngineCore, EngineStats
 from stepserve.core.outputs import EngineCoreOutput, EngineCoreRequest
-from stepserve.distributed import end_process_on_rank_death
 
 _IDLE_POLL_S = 0.5  # how long an idle core waits for a command before looking again
 _IDLE_WORK_AFTER_S = 5.0  # no work for this long: the core starts its background work (``EngineCore.idle``)
@@ -125,6 +124,8 @@ def core_main(conn, factory: CoreFactory | None, spare_device: str | None = None
     the engine (and makes the CUDA context for ``spare_device="cuda"``), then waits for ``Build``."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the front's to handle
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s[core]: %(message)s")
+    from stepserve.distributed.ranks import end_process_on_rank_death  # in the core process only
+
     end_process_on_rank_death()  # a dead tensor-parallel rank ends this process: the group restarts
     log = logging.getLogger("stepserve")
     if factory is None:

@@ -11,10 +11,10 @@ from stepserve.engine.builder import build_engine
 from stepserve.engine.front import sampling_defaults
 from stepserve.engine.output_processor import RequestOutput, RequestState
 from stepserve.errors import InvalidRequestError
-from stepserve.models.tokenizer import apply_chat_template
+from stepserve.checkpoint.tokenizer import apply_chat_template
 from stepserve.sampling import SamplingParams
 from stepserve.structured.compiler import GrammarCompiler
-from stepserve.structured.spec import GrammarSpec
+from stepserve.sampling import GrammarSpec
 
 Prompt = str | Sequence[int]
 

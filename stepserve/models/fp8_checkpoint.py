@@ -25,60 +25,9 @@ from dataclasses import dataclass
 import torch
 
 from stepserve.config import ConfigError
+from stepserve.models.config import DROPPED_SUFFIXES, Fp8Format
 
 log = logging.getLogger("stepserve")
-
-METHODS = ("compressed-tensors", "fp8")
-DROPPED_SUFFIXES = (".input_scale", ".k_scale", ".v_scale")
-
-
-@dataclass(frozen=True)
-class Fp8Format:
-    method: str  # "compressed-tensors" or "fp8"
-    scale_suffix: str  # the scale tensor beside each quantized ``.weight``
-    block: tuple[int, int] | None  # block-wise scales: (rows, cols) of a block
-
-
-def fp8_format(hf_config: dict) -> Fp8Format | None:
-    """The FP8 format of a config's ``quantization_config``; None without one. Raises
-    ConfigError, naming what it found, for any other quantization."""
-    quant = hf_config.get("quantization_config")
-    if not quant:
-        return None
-    method = quant.get("quant_method", "unknown") if isinstance(quant, dict) else quant
-    if method == "fp8":
-        if quant.get("fmt", "e4m3") != "e4m3":
-            raise ConfigError(f"quantization_config fmt={quant.get('fmt')!r} is not supported; supported: e4m3")
-        block = quant.get("weight_block_size")
-        return Fp8Format("fp8", "weight_scale_inv" if block else "weight_scale", tuple(block) if block else None)
-    if method == "compressed-tensors":
-        return _compressed_tensors(quant)
-    raise ConfigError(
-        f"quantization method {method!r} is not supported (config.json quantization_config); supported: "
-        f"FP8 checkpoints ({' or '.join(METHODS)}), unquantized safetensors, GGUF files (dequantized), "
-        "and stepserve's own --quantization int4 (CPU) and fp8 (CUDA)"
-    )
-
-
-def _compressed_tensors(quant: dict) -> Fp8Format:
-    fmt = quant.get("format", "float-quantized")
-    if fmt not in ("float-quantized", "naive-quantized"):
-        raise ConfigError(f"compressed-tensors format {fmt!r} is not supported; supported: float-quantized (FP8 weights)")
-    blocks = set()
-    for name, group in (quant.get("config_groups") or {}).items():
-        weights = group.get("weights") or {}
-        kind = (weights.get("type"), weights.get("num_bits"))
-        if kind != ("float", 8):
-            raise ConfigError(f"compressed-tensors group {name!r}: {kind[1]}-bit {kind[0]} weights are not supported; supported: 8-bit float (FP8)")
-        strategy = weights.get("strategy", "tensor")
-        if strategy not in ("tensor", "channel", "block"):
-            raise ConfigError(f"compressed-tensors group {name!r}: weight strategy {strategy!r} is not supported; supported: tensor, channel, block")
-        if strategy == "block":
-            blocks.add(tuple(weights.get("block_structure") or (128, 128)))
-    if len(blocks) > 1:
-        raise ConfigError(f"compressed-tensors groups with different block structures {sorted(blocks)} are not supported")
-    return Fp8Format("compressed-tensors", "weight_scale", blocks.pop() if blocks else None)
-
 
 def dequantize(q: torch.Tensor, scale: torch.Tensor, block: tuple[int, int] | None) -> torch.Tensor:
     """``q * scale`` in float32, the scale per tensor ([] or [1]), per output channel ([N] or

@@ -6,7 +6,7 @@ q and k per head and gives its windowed layers their own rotary base."""
 from __future__ import annotations
 
 from stepserve.config import ConfigError
-from stepserve.models.decoder import DecoderConfig, base_fields, rope_from_hf, windows_from_layer_types
+from stepserve.models.config import DecoderConfig, base_fields, rope_from_hf, windows_from_layer_types
 
 
 def _common(hf: dict, arch: str, max_model_len: int, default_types: list[str]) -> dict:

@@ -2,41 +2,30 @@
 
 Parsing GGUF metadata, converting its tokenizer and dequantizing every tensor takes ~15 s for the
 embedded model; the converted directory loads in about a second. The cache lives under
-``$XDG_CACHE_HOME/stepserve`` (``~/.cache/stepserve``), keyed by the file's path, size and
-modification time, and is written to a temporary folder and renamed, so a crash leaves no half
+``$XDG_CACHE_HOME/stepserve`` (``~/.cache/stepserve``, ``checkpoint.config.gguf_cache_dir``) and is written to a temporary folder and renamed, so a crash leaves no half
 conversion behind. When the cache cannot be written the GGUF is read directly.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
-from stepserve.models.source import ModelSource
+from stepserve.checkpoint.config import gguf_cache_dir
+from stepserve.checkpoint.source import ModelSource, resolve_source
 
 log = logging.getLogger("stepserve")
-_FORMAT = 3  # bump when the converted layout changes
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "stepserve"
-
-
-def _key(path: Path) -> str:
-    st = path.stat()
-    raw = f"{_FORMAT}:{path.resolve()}:{st.st_size}:{st.st_mtime_ns}"
-    return f"{path.stem}-{hashlib.sha256(raw.encode()).hexdigest()[:16]}"
 
 
 def converted_source(source: ModelSource) -> tuple[ModelSource, dict]:
     """The cached plain-directory twin of a GGUF source and its config, converting it on first
     use (the GGUF is parsed once, for both the config and the weights)."""
-    target = cache_root() / _key(source.gguf_path)
+    target = gguf_cache_dir(source.gguf_path)
     if (target / "config.json").exists():
         return ModelSource(target, None, source.name), json.loads((target / "config.json").read_text())
     from stepserve.models.gguf import GgufFile
@@ -54,7 +43,7 @@ def converted_source(source: ModelSource) -> tuple[ModelSource, dict]:
 def _convert(source: ModelSource, gguf, config: dict, target: Path) -> None:
     from safetensors.torch import save_file
 
-    from stepserve.models.tokenizer import load_tokenizer
+    from stepserve.checkpoint.tokenizer import load_tokenizer
 
     log.info("converting %s once into %s", source.gguf_path.name, target)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -72,3 +61,15 @@ def _convert(source: ModelSource, gguf, config: dict, target: Path) -> None:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def main(path: str) -> None:
+    """``python -m stepserve.models.gguf_cache FILE``: convert (or find) the file's cached twin and
+    print its location and config as one JSON line, for a process that does not import PyTorch."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    source, config = converted_source(resolve_source(path))
+    print(json.dumps({"directory": str(source.directory), "gguf_file": source.gguf_file, "config": config}))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])

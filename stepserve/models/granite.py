@@ -3,7 +3,7 @@ branches and the attention scores, and logits divided by ``logits_scaling``."""
 
 from __future__ import annotations
 
-from stepserve.models.decoder import DecoderConfig, base_fields
+from stepserve.models.config import DecoderConfig, base_fields
 
 
 def granite(hf: dict, arch: str, max_model_len: int) -> DecoderConfig:

@@ -18,7 +18,7 @@ from stepserve.attention.base import AttentionBackend, AttentionMetadata
 from stepserve.models.rope import RopeStep, fused_ops
 
 if TYPE_CHECKING:
-    from stepserve.models.decoder import DecoderConfig
+    from stepserve.models.config import DecoderConfig
 
 ACTIVATIONS = {
     "silu": F.silu,

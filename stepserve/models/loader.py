@@ -16,11 +16,13 @@ from dataclasses import dataclass
 import torch
 
 from stepserve.config import ConfigError
-from stepserve.models.decoder import DecoderConfig, DecoderForCausalLM
-from stepserve.models.fp8_checkpoint import Fp8Format, dequantized_weights, fp8_format
+from stepserve.models.config import DecoderConfig
+from stepserve.models.decoder import DecoderForCausalLM
+from stepserve.models.config import Fp8Format, fp8_format
+from stepserve.models.fp8_checkpoint import dequantized_weights
 from stepserve.models.layers import RMSNorm
 from stepserve.models.registry import architecture, decoder_config
-from stepserve.models.source import ModelSource, resolve_source
+from stepserve.checkpoint.source import ModelSource, resolve_source
 from stepserve.models.weights import safetensors_weights
 
 log = logging.getLogger("stepserve")

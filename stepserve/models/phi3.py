@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from stepserve.models.decoder import DecoderConfig, base_fields
+from stepserve.models.config import DecoderConfig, base_fields
 
 
 def phi3(hf: dict, arch: str, max_model_len: int) -> DecoderConfig:

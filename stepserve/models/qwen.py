@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from stepserve.models.decoder import DecoderConfig, base_fields, windows_from_layer_types
+from stepserve.models.config import DecoderConfig, base_fields, windows_from_layer_types
 
 
 def _windows(hf: dict) -> tuple[int, ...]:

@@ -10,7 +10,7 @@ from collections.abc import Callable
 
 from stepserve.config import ConfigError
 from stepserve.models import gemma, granite, llama, phi3, qwen
-from stepserve.models.decoder import DecoderConfig
+from stepserve.models.config import DecoderConfig
 
 FAMILIES: dict[str, Callable[[dict, str, int], DecoderConfig]] = {
     "LlamaForCausalLM": llama.llama,

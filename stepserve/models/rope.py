@@ -13,52 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from stepserve.config import ConfigError
-
-# rope type -> the keys it needs (beyond rope_type itself)
-ROPE_TYPES = {
-    "default": (),
-    "linear": ("factor",),
-    "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
-    "longrope": ("long_factor", "short_factor", "original_max_position_embeddings"),
-}
-
-
-@dataclass(frozen=True)
-class RopeConfig:
-    """One rotary embedding: base, how many dims it rotates, and its scaling."""
-
-    theta: float  # rope_theta
-    rotary_dim: int  # dims rotated per head (head_dim * partial_rotary_factor), even
-    kind: str = "default"  # a key of ROPE_TYPES
-    params: tuple[tuple[str, object], ...] = ()  # the scaling's parameters as sorted pairs
-    max_position_embeddings: int = 0  # the model's (longrope derives its default factor from it)
-    long_context: bool = False  # longrope: use the long factors (the served context exceeds the original)
-
-    def param(self, key: str, default=None):
-        return dict(self.params).get(key, default)
-
-
-def rope_config(rope: dict, theta: float, head_dim: int, max_positions: int, where: str = "rope_scaling") -> RopeConfig:
-    """Validate a rope_parameters / rope_scaling dict; anything we do not implement is refused."""
-    rope = {k: v for k, v in rope.items() if v is not None}
-    kind = rope.pop("rope_type", rope.pop("type", "default"))
-    kind = {"su": "longrope"}.get(kind, kind)  # early Phi-3 configs' name for it
-    factor = rope.pop("partial_rotary_factor", 1.0)
-    rope.pop("rope_theta", None)
-    if kind not in ROPE_TYPES:
-        raise ConfigError(f"{where}: rope type {kind!r} is not supported; supported: {', '.join(ROPE_TYPES)}")
-    missing = [k for k in ROPE_TYPES[kind] if k not in rope]
-    if missing:
-        raise ConfigError(f"{where}: rope type {kind!r} needs {', '.join(missing)}")
-    rotary_dim = int(head_dim * float(factor))
-    if not 0 < rotary_dim <= head_dim or rotary_dim % 2:
-        raise ConfigError(f"partial_rotary_factor={factor} gives {rotary_dim} rotary dims of head_dim {head_dim}; it must be even and positive")
-    if kind == "longrope" and len(rope["short_factor"]) != rotary_dim // 2:
-        raise ConfigError(f"{where}: longrope short_factor has {len(rope['short_factor'])} entries, expected {rotary_dim // 2}")
-    params = tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in rope.items()))
-    return RopeConfig(float(theta), rotary_dim, kind, params, max_positions)
-
+from stepserve.models.config import RopeConfig
 
 def inv_freq_and_scale(rope: RopeConfig) -> tuple[torch.Tensor, float]:
     """Inverse frequencies and the factor applied to cos and sin, as transformers computes them."""

@@ -42,7 +42,7 @@ from stepserve.server.metrics import CONTENT_TYPE, ServerMetrics
 from stepserve.server.playground import add_playground_routes
 from stepserve.server.stats_log import start_stats_logger
 from stepserve.server.schemas import ChatCompletionRequest, CompletionRequest, KServeV1Request, KServeV2Request, parse_body
-from stepserve.tasks.routes import add_task_routes
+from stepserve.server.task_routes import add_task_routes
 
 if TYPE_CHECKING:
     from stepserve.engine.front import FrontInfo

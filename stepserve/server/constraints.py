@@ -6,7 +6,7 @@ from __future__ import annotations
 from stepserve.errors import InvalidRequestError
 from stepserve.server.context import ServingContext
 from stepserve.server.schemas import _StructuredFields
-from stepserve.structured.spec import GrammarSpec
+from stepserve.sampling import GrammarSpec
 
 
 def requested_constraints(req: _StructuredFields) -> list[tuple[str, str, object]]:

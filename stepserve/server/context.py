@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 from stepserve.engine.async_engine import AsyncEngine, PromptInput
 from stepserve.errors import InvalidRequestError, ModelNotFoundError
-from stepserve.generation_config import SamplingDefaults
+from stepserve.checkpoint.generation_config import SamplingDefaults
 from stepserve.sampling import SamplingParams
 from stepserve.server.config import ServerConfig
 from stepserve.server.fields import UnknownFieldPolicy
@@ -45,7 +45,7 @@ class ServingContext:
     def encode_chat(
         self, messages: list[dict], add_generation_prompt: bool, template_kwargs: dict | None = None, tools: list[dict] | None = None
     ) -> tuple[int, ...]:
-        from stepserve.models.tokenizer import apply_chat_template, check_template_kwargs  # models/ imports torch; the server does not
+        from stepserve.checkpoint.tokenizer import apply_chat_template, check_template_kwargs  # models/ imports torch; the server does not
 
         check_template_kwargs(template_kwargs)
         try:

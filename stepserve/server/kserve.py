@@ -48,7 +48,7 @@ async def _choices(ctx: ServingContext, req: CompletionRequest) -> list[dict]:
     return body["choices"]
 
 
-def _instance_text(ctx: ServingContext, index: int, instance: str | dict) -> str:
+def instance_text(ctx: ServingContext, index: int, instance: str | dict) -> str:
     if isinstance(instance, str):
         return instance
     keys = [k for k in ("text", "prompt") if k in instance]
@@ -61,12 +61,12 @@ def _instance_text(ctx: ServingContext, index: int, instance: str | dict) -> str
 async def v1_predict(ctx: ServingContext, name: str, req: KServeV1Request) -> dict:
     ctx.check_model(name)
     if ctx.tasks is not None and ctx.tasks.handles_kserve:
-        from stepserve.tasks import kserve as task_kserve
+        from stepserve.server import kserve_tasks as task_kserve
 
         return await task_kserve.v1_predict(ctx.tasks, ctx, req)
     if not req.instances:
         raise InvalidRequestError("instances must not be empty", "instances")
-    prompts = [_instance_text(ctx, i, x) for i, x in enumerate(req.instances)]
+    prompts = [instance_text(ctx, i, x) for i, x in enumerate(req.instances)]
     creq = completion_request(ctx, prompts, req.parameters)
     choices = await _choices(ctx, creq)
     body = {"predictions": [c["text"] for c in choices]}
@@ -141,7 +141,7 @@ def v2_completion(ctx: ServingContext, req: KServeV2Request) -> tuple[Completion
 async def v2_infer(ctx: ServingContext, name: str, req: KServeV2Request) -> dict:
     ctx.check_model(name)
     if ctx.tasks is not None and ctx.tasks.handles_kserve:
-        from stepserve.tasks import kserve as task_kserve
+        from stepserve.server import kserve_tasks as task_kserve
 
         return await task_kserve.v2_infer(ctx.tasks, ctx, req)
     ctx.check_model(req.model_name)
@@ -159,7 +159,7 @@ async def v2_infer(ctx: ServingContext, name: str, req: KServeV2Request) -> dict
 def v2_metadata(ctx: ServingContext, name: str) -> dict:
     ctx.check_model(name)
     if ctx.tasks is not None and ctx.tasks.handles_kserve:
-        from stepserve.tasks import kserve as task_kserve
+        from stepserve.server import kserve_tasks as task_kserve
 
         return task_kserve.v2_metadata(ctx.tasks, ctx.model_name)
     return {

@@ -23,7 +23,7 @@ from stepserve.server.context import ServingContext
 from stepserve.server.constraints import output_constraint, requested_constraints
 from stepserve.server.schemas import ChatCompletionRequest, ChatMessage, CompletionRequest, _SamplingFields
 from stepserve.server.tool_calls import ToolDeltas, ToolMode, message, template_tool_calls, template_tools, tool_mode
-from stepserve.structured.spec import GrammarSpec
+from stepserve.sampling import GrammarSpec
 from stepserve.structured.tool_parsers import keeps_special_tokens
 
 ROLES = ("system", "developer", "user", "assistant", "tool")
@@ -176,7 +176,7 @@ def _is_ids(prompt) -> bool:
 async def complete(ctx: ServingContext, req: CompletionRequest) -> dict | Chunks:
     ctx.check_model(req.model)
     if ctx.tasks is not None:  # an encoder task: text2text generates, the others refuse
-        from stepserve.tasks import openai as task_openai
+        from stepserve.server import openai_tasks as task_openai
 
         return await task_openai.complete(ctx.tasks, ctx, req)
     prompts = completion_prompts(ctx, req, await off_loop(output_constraint, ctx, req))

@@ -12,7 +12,7 @@ from stepserve.errors import InvalidRequestError
 from stepserve.server.constraints import compile_constraint
 from stepserve.server.context import ServingContext
 from stepserve.server.schemas import ChatCompletionRequest
-from stepserve.structured.spec import GrammarSpec
+from stepserve.sampling import GrammarSpec
 from stepserve.structured.tool_parsers import ToolParser, make_parser
 from stepserve.structured.tools import RequiredCallsScanner, ScanEvent, ToolCall, parse_required_calls, required_calls_grammar
 

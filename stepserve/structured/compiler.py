@@ -16,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 
 from stepserve.errors import InvalidRequestError
-from stepserve.structured.spec import GrammarSpec
+from stepserve.sampling import GrammarSpec
 
 MAX_SOURCE_CHARS = 65_536  # a schema or grammar longer than this is refused before compiling
 COMPILE_TIMEOUT_S = 5.0  # wall-clock bound on checking one grammar

@@ -62,7 +62,7 @@ def load_task_model(spec: TaskSpec, device: torch.device, dtype: torch.dtype):
 
 
 def build_encoder_core(spec: TaskSpec, scheduler: SchedulerConfig) -> tuple[EncoderCore, EncoderInfo]:
-    from stepserve.engine.builder import pick_device, pick_dtype  # the LLM engine's rules for auto
+    from stepserve.executor.builder import pick_device, pick_dtype  # the LLM engine's rules for auto
 
     start = time.monotonic()
     device = pick_device(spec.device)

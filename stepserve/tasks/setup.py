@@ -95,7 +95,7 @@ def serving(front: TaskFront, engine: EngineConfig, server) -> tuple[Callable, o
     decoder embedding model, the engine core) in its own supervised process, or in a thread
     with ``--engine-in-process``."""
     from stepserve.engine.front import FrontInfo, sampling_defaults
-    from stepserve.generation_config import SamplingDefaults
+    from stepserve.checkpoint.generation_config import SamplingDefaults
     from stepserve.tasks.decoder_pooling import pooling_core_factory
     from stepserve.tasks.encoder_core import encoder_core_factory
 

@@ -253,7 +253,7 @@ def test_fp8_greedy_agrees_with_bf16_on_the_embedded_model():
     token over 1 nat (2.15); the H200 scored 0.917 and a largest gap of 2.25 (2026-12-02). A
     kernel fault (a wrong scale, a lost tile) drops rank 1 far below these bounds."""
     from stepserve import LLM, SamplingParams
-    from stepserve.models.source import resolve_source
+    from stepserve.checkpoint.source import resolve_source
 
     try:
         resolve_source(None)

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from stepserve.models.layers import RMSNorm
-from stepserve.models.rope import RopeConfig, Rotary
+from stepserve.models.config import RopeConfig
+from stepserve.models.rope import Rotary
 
 
 def _rotate(x, cos, sin):

@@ -90,7 +90,7 @@ def test_rope_scaling_equals_transformers(kind, tmp_path):
 
 def test_auto_dtype_and_quantization_with_and_without_native_bf16(monkeypatch):
     from stepserve.config import ConfigError
-    from stepserve.engine import builder
+    from stepserve.executor import builder
 
     cpu = torch.device("cpu")
     gguf = {"gguf_linear_type": "Q4_1"}

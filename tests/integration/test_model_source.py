@@ -11,7 +11,7 @@ import pytest
 from fake_hub import FakeHub, FakeRepo, repo_from_dir
 
 from stepserve.config import ConfigError
-from stepserve.engine.model_source import HubOptions, locate_model
+from stepserve.checkpoint.source import HubOptions, locate_model
 
 
 @pytest.fixture(scope="module")

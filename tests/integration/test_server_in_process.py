@@ -10,7 +10,7 @@ from live_server import core_pid, start_server
 from references import hf_logprobs
 
 from stepserve import LLM, SamplingParams
-from stepserve.models.tokenizer import apply_chat_template
+from stepserve.checkpoint.tokenizer import apply_chat_template
 
 MODEL = "tiny"
 TOL = 1e-4

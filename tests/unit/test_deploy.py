@@ -204,7 +204,7 @@ QWEN25_14B = {
 def test_the_multi_gpu_example_is_supported():
     """Its tensor_parallel_size is its GPU count, and its model splits that many ways."""
     from stepserve.config import engine_config_from_args
-    from stepserve.distributed import check_tensor_parallel
+    from stepserve.distributed.sharding import check_tensor_parallel
     from stepserve.models.registry import decoder_config
 
     manifest = load("deploy/kserve/inferenceservice-multi-gpu.yaml")

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from stepserve.engine import builder
-from stepserve.engine.builder import pick_dtype
+from stepserve.executor import builder
+from stepserve.executor.builder import pick_dtype
 
 CUDA = torch.device("cuda")  # a device object only: nothing runs on it
 

@@ -23,7 +23,7 @@ def test_dummy_weights_need_no_files(tiny_llama, tmp_path):
     # The command line's model lookup too: `stepserve serve --load-format dummy` on such a folder
     # (the GPU benchmark's server run), and without dummy the missing weights are refused.
     from stepserve.cli import build_parser
-    from stepserve.engine.model_source import locate_from_args
+    from stepserve.checkpoint.source import locate_from_args
 
     args = build_parser().parse_args(["serve", "--model", str(tmp_path), "--load-format", "dummy"])
     assert locate_from_args(args).path == str(tmp_path)

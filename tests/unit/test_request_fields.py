@@ -12,7 +12,7 @@ import pytest
 
 from stepserve.config import ConfigError
 from stepserve.errors import InvalidRequestError
-from stepserve.generation_config import SamplingDefaults, load_sampling_defaults, log_sampling_defaults
+from stepserve.checkpoint.generation_config import SamplingDefaults, load_sampling_defaults, log_sampling_defaults
 from stepserve.server import kserve, openai
 from stepserve.server.constraints import output_constraint
 from stepserve.server.config import ServerConfig
@@ -271,7 +271,7 @@ def test_max_new_tokens_is_one_more_cap_on_an_omitted_max_tokens(tokenizer):
 def test_the_flags_reach_the_configs():
     from stepserve.cli import build_parser
     from stepserve.config import engine_config_from_args
-    from stepserve.server.cli import server_config_from_args
+    from stepserve.cli.serve import server_config_from_args
 
     args = build_parser().parse_args(["serve", "--allow-unknown-fields", "--generation-config", "vllm"])
     assert server_config_from_args(args).allow_unknown_fields is True

@@ -9,10 +9,10 @@ import torch
 
 from stepserve.cli import build_parser, main
 from stepserve.config import ConfigError, EngineConfig, engine_config_from_args
-from stepserve.distributed import check_tensor_parallel, shard_config
+from stepserve.distributed.sharding import check_tensor_parallel, shard_config
 from stepserve.distributed.sharding import ZERO, cut, take, take_slice
-from stepserve.models.decoder import DecoderConfig
-from stepserve.models.rope import RopeConfig
+from stepserve.models.config import DecoderConfig
+from stepserve.models.config import RopeConfig
 
 
 def config(heads=8, kv=4, head_dim=4, inter=24, **kw) -> DecoderConfig:
@@ -169,7 +169,7 @@ def test_rank_reports_that_disagree_are_a_fault_and_agreeing_errors_are_the_pass
     from stepserve.core.engine_core import EngineFaultError
     from stepserve.core.outputs import ModelRunnerOutput
     from stepserve.distributed.messages import PassDone
-    from stepserve.distributed.worker import _digest, check_agreement
+    from stepserve.executor.tensor_parallel import _digest, check_agreement
 
     out = ModelRunnerOutput(((5, 6), (7,)), (), {})
     check_agreement([PassDone(_digest(out), None)] * 3, out, None)
@@ -190,7 +190,7 @@ def test_passes_carry_only_new_tokens_and_rebuild_every_request_whole():
 
     from stepserve.core.engine_core import EngineFaultError
     from stepserve.core.outputs import ScheduledRequest, SchedulerOutput
-    from stepserve.distributed.worker import PassDecoder, PassEncoder
+    from stepserve.executor.tensor_parallel import PassDecoder, PassEncoder
     from stepserve.sampling import SamplingParams
 
     params = {"a": SamplingParams(max_tokens=8).resolve(4, 64), "b": SamplingParams(max_tokens=5, temperature=0.5).resolve(4, 64)}

@@ -7,7 +7,7 @@ import logging
 
 from stepserve.config import ConfigError
 from stepserve.errors import InvalidRequestError
-from stepserve.models.source import ModelSource
+from stepserve.checkpoint.source import ModelSource
 
 logging.getLogger("transformers").setLevel(logging.ERROR)
 

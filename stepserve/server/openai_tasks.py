@@ -13,7 +13,7 @@ from stepserve.errors import InvalidRequestError
 from stepserve.tasks import task as T
 from stepserve.tasks.inputs import Encoded, resolve_truncation
 from stepserve.tasks.messages import GenerationParams
-from stepserve.tasks.schemas import EmbeddingRequest, RerankRequest, ScoreRequest
+from stepserve.server.schemas import EmbeddingRequest, RerankRequest, ScoreRequest
 from stepserve.tasks.serving import TaskServing
 
 # -- /v1/embeddings ------------------------------------------------------------------------

