@@ -1,8 +1,11 @@
 """Few-row FP8 projections on the GPU: ``fp8_gemv`` under several tile configs against the
 ``torch._scaled_mm`` path (with its activation quantization) and bf16 ``torch.matmul``, for the
-Llama-3.1-8B projections at 1 and 2 rows (4 and 8 rows measured slower than _scaled_mm). Prints GB/s of weight bytes; JSON to argv[1].
+Llama-3.1-8B projections at 1 and 2 rows (from 4 rows on ``_scaled_mm`` is the faster path, see
+``GEMV_MAX_ROWS``). Prints GB/s of weight bytes read for each, and the best tile per shape: the
+sweep that ``GEMV_CONFIGS`` in ``stepserve/models/fp8.py`` is chosen from. JSON to OUT.json if
+given. Run on a GPU from the repository root:
 
-    python bench/fp8_gemv.py OUT.json
+    PYTHONPATH=. python bench/fp8_gemv.py [OUT.json]
 """
 
 import json

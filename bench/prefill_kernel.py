@@ -1,7 +1,12 @@
 """Times the varlen paged prefill kernel with a program per GQA group against its one-head twin
-on the benchmark's shapes (a pass of 16 prompts x 512 tokens, as the 8B run's 8,192-token
-chunks), and checks that both give the same output. Run on the GPU from the repository root:
-PYTHONPATH=.:tests python bench/prefill_kernel.py [OUT.json]"""
+on the GPU benchmark's attention shapes: 16 whole 512-token prompts (as the 8B run's
+8,192-token chunks) and 16 64-token chunks over a 448-token cached prefix. Prints ms per layer
+call for each program, the speedup and the largest difference between their outputs (they
+should agree); ``GROUPED_MAX_QUERY_LEN`` in ``stepserve/attention/triton_kernels.py`` is chosen
+from it. JSON to OUT.json if given. Run on a GPU from the repository root:
+
+    PYTHONPATH=.:tests python bench/prefill_kernel.py [OUT.json]
+"""
 
 import json
 import sys

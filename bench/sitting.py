@@ -1,4 +1,4 @@
-"""The CPU sitting of issue 14: each server alone, the same client, the same workloads.
+"""stepserve beside peer servers on the CPU: each server alone, the same client, the same workloads.
 
     python bench/sitting.py \\
         --server 'stepserve=stepserve serve --model-name smollm2 --http-port {port}' \\
