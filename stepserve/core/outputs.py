@@ -11,7 +11,27 @@ from stepserve.sampling import SamplingParams
 if TYPE_CHECKING:  # only the worker makes arrays; the core passes them along untouched
     import numpy as np
 
-POOLINGS = ("last", "mean", "cls", "max")  # how a pooling request's final hidden states become one vector
+ENCODER = "encoder"  # an encoder model's own output (pooled vector, class, token or mask logits, text2text tokens)
+# How a prefill-only request's final hidden states become its result. A decoder pools them
+# ("last", "mean", "cls", "max"); an encoder model's request is computed whole, in one pass.
+POOLINGS = ("last", "mean", "cls", "max", ENCODER)
+
+
+@dataclass(frozen=True)
+class EncoderInputs:
+    """What an encoder model's request carries besides its token ids."""
+
+    token_type_ids: tuple[int, ...] | None = None  # segment ids, when the tokenizer gives them
+    positions: tuple[int, ...] = ()  # fill_mask: the positions whose logits come back
+
+
+@dataclass(frozen=True)
+class GeneratedTokens:
+    """A text2text request's result: the decoder's whole output, from one pass."""
+
+    token_ids: tuple[int, ...]  # generated ids, without the decoder start token
+    finish_reason: str  # "stop" (EOS or a stop token) or "length"
+    logprobs: tuple[TokenLogprob, ...] | None = None  # one per generated token, when asked
 
 
 @dataclass(frozen=True)
@@ -22,7 +42,8 @@ class EngineCoreRequest:
     prompt_token_ids: tuple[int, ...]  # the tokenized prompt, never empty
     params: SamplingParams  # resolved: max_tokens is an int
     arrival_time: float = 0.0  # time.monotonic() when the front end received it
-    pooling: str | None = None  # one of POOLINGS: a prefill-only request answered with its pooled hidden state; None: generation
+    pooling: str | None = None  # one of POOLINGS: a prefill-only request answered with its result; None: generation
+    encoder: EncoderInputs | None = None  # an ENCODER request's segment ids and mask positions
 
 
 @dataclass(frozen=True)
@@ -48,7 +69,7 @@ class EngineCoreOutput:
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
     error: str | None = None  # why the engine aborted this request, if it did
     prompt_logprobs: tuple[TokenLogprob, ...] | None = None  # prompt tokens 1.. (with the first output), when requested
-    pooled: np.ndarray | None = None  # a pooling request's pooled final hidden state (float32), with its finish
+    pooled: np.ndarray | GeneratedTokens | None = None  # a pooling request's result (float32 array; text2text: tokens), with its finish
 
     @property
     def finished(self) -> bool:
@@ -68,7 +89,8 @@ class ScheduledRequest:
     num_prompt_tokens: int  # where the prompt ends in token_ids (penalties tell them apart)
     sample: bool  # False while a prompt chunk stops short of the prompt's end
     num_steps: int  # tokens that may still be accepted this pass (<= the pass's num_steps)
-    pooling: str | None = None  # a pooling request's mode (POOLINGS): nothing is sampled; once ``sample``, its vector is due
+    pooling: str | None = None  # a pooling request's mode (POOLINGS): nothing is sampled; once ``sample``, its result is due
+    encoder: EncoderInputs | None = None  # an ENCODER request's extra inputs
 
 
 @dataclass(frozen=True)
@@ -93,4 +115,4 @@ class ModelRunnerOutput:
     logprobs: tuple[tuple[TokenLogprob, ...] | None, ...] = ()  # per request, when requested
     errors: dict[str, str] = field(default_factory=dict)  # request id -> why it failed in the worker
     prompt_logprobs: dict[str, tuple[TokenLogprob, ...]] = field(default_factory=dict)  # request id -> this chunk's prompt tokens
-    pooled: dict[str, np.ndarray] = field(default_factory=dict)  # request id -> pooled vector, for pooling requests whose prompt ended
+    pooled: dict[str, np.ndarray | GeneratedTokens] = field(default_factory=dict)  # request id -> result, for pooling requests whose prompt ended

@@ -20,6 +20,7 @@ from collections.abc import Collection, Iterable
 from stepserve.config import SchedulerConfig
 from stepserve.core.block_manager import BlockManager
 from stepserve.core.outputs import (
+    ENCODER,
     EngineCoreOutput,
     EngineCoreRequest,
     ModelRunnerOutput,
@@ -170,6 +171,8 @@ class Scheduler:
             prefix = self.blocks.find_cached_prefix(request.token_ids) if request.reads_prefix_cache else []
             num_computed = len(prefix) * self.blocks.block_size
             num_new = min(request.num_tokens - num_computed, budget)
+            if request.pooling == ENCODER and num_new < request.num_tokens:
+                break  # an encoder attends both ways: its input is computed whole or not yet
             if not self.blocks.allocate(request.request_id, num_computed + num_new, prefix):
                 break
             if request.num_preemptions == 0:
@@ -194,6 +197,7 @@ class Scheduler:
             sample=request.num_computed_tokens + num_new == request.num_tokens,
             num_steps=steps,
             pooling=request.pooling,
+            encoder=request.encoder,
         )
 
     # -- update --------------------------------------------------------------------------
@@ -302,7 +306,7 @@ class Scheduler:
         full blocks are cached first, so that a later prompt with the same prefix finds them."""
         pooled = result.pooled.get(request.request_id)
         if pooled is None:
-            return self._finish(request, FinishReason.ABORT, "the worker returned no pooled vector for this request")
+            return self._finish(request, FinishReason.ABORT, "the worker returned no result for this request")
         self.blocks.cache_full_blocks(request.request_id, request.token_ids, request.num_computed_tokens)
         return self._finish(request, FinishReason.STOP, pooled=pooled)
 

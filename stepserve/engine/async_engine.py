@@ -1,6 +1,8 @@
 """The async front of the engine: per-request output queues, detokenization, stop strings, n>1.
 
-Routes call ``AsyncEngine.generate`` with resolved prompts and iterate over ``Update``s. One
+Routes call ``AsyncEngine.generate`` with resolved prompts and iterate over ``Update``s; the
+task routes call ``AsyncEngine.encode`` with prefill-only requests (embeddings, encoder tasks)
+and await their results. Both share one admission limit, timeout, death rule and metrics. One
 task (``_handle_outputs``) reads every output batch from the ``CoreClient``, runs each through
 its completion's ``RequestState`` (detokenizer and stop strings) and puts the result on the
 queue of the HTTP request it belongs to. When the consumer goes away (a client disconnect
@@ -10,6 +12,7 @@ cancels it), ``generate``'s ``finally`` aborts what is left, so the core frees i
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -96,6 +99,7 @@ class AsyncEngine:
         self.tokenizer = tokenizer
         self._on_finish = on_finish
         self._children: dict[str, _Child] = {}
+        self._results: dict[str, asyncio.Future] = {}  # prefill-only requests (``encode``) waiting for their result
         self.token_counts = TokenCounts()
         self._handler = asyncio.get_running_loop().create_task(self._handle_outputs())
 
@@ -118,7 +122,7 @@ class AsyncEngine:
         Raises ``RequestAbortedError`` if the engine failed one of them and ``EngineDeadError``
         if the engine died; either way the rest of the request is aborted.
         """
-        self._admit(prompts)
+        self._admit(sum(p.params.n for p in prompts))
         queue: asyncio.Queue = asyncio.Queue()
         arrival = time.monotonic()
         children = self._add(request_id, prompts, queue, arrival)
@@ -139,13 +143,60 @@ class AsyncEngine:
             self._release(ids)
             self._log(request_id, prompts, children, reasons, arrival, bool(pending))
 
-    def _admit(self, prompts: Sequence[PromptInput]) -> None:
+    def _admit(self, wanted: int) -> None:
         if not self.is_ready:
             raise EngineDeadError("the engine is not running")
         limit = self.limits.max_in_flight
-        wanted = sum(p.params.n for p in prompts)
-        if limit is not None and len(self._children) + wanted > limit:
-            raise QueueFullError(f"the server is at capacity ({len(self._children)} completions in flight); retry shortly")
+        in_flight = len(self._children) + len(self._results)
+        if limit is not None and in_flight + wanted > limit:
+            raise QueueFullError(f"the server is at capacity ({in_flight} requests in flight); retry shortly")
+
+    async def encode(self, request_id: str, requests: Sequence[EngineCoreRequest]) -> list[EngineCoreOutput]:
+        """Run prefill-only requests (``pooling`` set) to their finished outputs, in order. If one
+        fails, the caller leaves or the timeout passes, the rest are aborted."""
+        self._admit(len(requests))
+        arrival = time.monotonic()
+        loop = asyncio.get_running_loop()
+        futures = [self._results.setdefault(r.request_id, loop.create_future()) for r in requests]
+        try:
+            for r in requests:
+                self.client.add_request(dataclasses.replace(r, arrival_time=arrival))
+            return await self._gather(futures, arrival)
+        finally:
+            self._release_results(request_id, requests, futures, arrival)
+
+    async def _gather(self, futures: list[asyncio.Future], arrival: float) -> list[EngineCoreOutput]:
+        timeout = self.limits.request_timeout_s
+        remaining = None if timeout is None else max(arrival + timeout - time.monotonic(), 0)
+        try:
+            return list(await asyncio.wait_for(asyncio.gather(*futures), remaining))
+        except TimeoutError:
+            raise RequestTimeoutError(f"the request ran past the server's timeout of {timeout}s and was aborted") from None
+
+    def _release_results(self, request_id: str, requests: Sequence[EngineCoreRequest], futures: list[asyncio.Future], arrival: float) -> None:
+        """Forget the requests, abort what the core still holds, count them (metrics, one log line)."""
+        for r in requests:
+            self._results.pop(r.request_id, None)
+        self.client.abort([r.request_id for r, f in zip(requests, futures) if not f.done()])
+        now = time.monotonic()
+        outputs = [f.result() if f.done() and not f.cancelled() and f.exception() is None else None for f in futures]
+        generated = [len(_generated_ids(out)) for out in outputs]
+        for r, out, count in zip(requests, outputs, generated):
+            self._observe_result(r, out, count, arrival, now)
+        outcome = "abort" if None in outputs else ",".join(sorted({o.finish_reason for o in outputs}))
+        log.info(
+            "request %s finished: prompt_tokens=%d output_tokens=%d inputs=%d finish_reason=%s latency=%.3fs",
+            request_id, sum(len(r.prompt_token_ids) for r in requests), sum(generated), len(requests), outcome, now - arrival,
+        )
+
+    def _observe_result(self, request: EngineCoreRequest, out: EngineCoreOutput | None, generated: int, arrival: float, now: float) -> None:
+        if out is not None:
+            self.token_counts.prompt += len(request.prompt_token_ids)
+            self.token_counts.generation += generated
+        if self._on_finish is not None:
+            reason = out.finish_reason if out is not None else "abort"
+            first = now if generated else None  # a one-pass result: its first token arrives with the last
+            self._on_finish(FinishedRequest(request.request_id, len(request.prompt_token_ids), generated, reason, arrival, first, now))
 
     async def _next(self, queue: asyncio.Queue, deadline: float | None):
         if deadline is None:
@@ -202,6 +253,9 @@ class AsyncEngine:
             return
         to_abort = []
         for out in batch.outputs:
+            if out.request_id in self._results:
+                _resolve(self._results[out.request_id], out)
+                continue
             child = self._children.get(out.request_id)
             if child is not None and self._process(child, out):
                 to_abort.append(out.request_id)
@@ -241,3 +295,21 @@ class AsyncEngine:
         for child in list(self._children.values()):
             self._finish(child, "abort")
             child.queue.put_nowait(error)
+        for future in self._results.values():
+            if not future.done():
+                future.set_exception(error)
+
+
+def _resolve(future: asyncio.Future, out: EngineCoreOutput) -> None:
+    """A prefill-only request's future gets its finished output, or the engine's reason for failing it."""
+    if future.done() or not out.finished:
+        return
+    if out.error is not None or out.pooled is None:
+        future.set_exception(RequestAbortedError(f"the engine aborted the request: {out.error or out.finish_reason}"))
+    else:
+        future.set_result(out)
+
+
+def _generated_ids(out: EngineCoreOutput | None) -> tuple[int, ...]:
+    """The tokens a text2text result generated (none for a vector)."""
+    return getattr(out.pooled, "token_ids", ()) if out is not None else ()

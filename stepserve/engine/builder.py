@@ -1,8 +1,10 @@
-"""Build an ``EngineCore`` from an ``EngineConfig``: the worker (``executor/builder.py``), then the
-block manager, the scheduler and the core that drives them, warmed up on a GPU."""
+"""Build an ``EngineCore``: the worker (``executor/builder.py``), then the block manager, the
+scheduler and the core that drives them (warmed up on a GPU). One core serves every task: text
+generation, a decoder's embeddings (prefill-only pooling requests) and encoder models."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 from stepserve.config import EngineConfig
@@ -10,11 +12,12 @@ from stepserve.core.block_manager import BlockManager
 from stepserve.core.engine_core import EngineCore
 from stepserve.core.scheduler import Scheduler
 from stepserve.engine.warmup import warm_up
-from stepserve.executor.builder import BuiltWorker, ModelInfo, build_worker
+from stepserve.executor.builder import BuiltWorker, ModelInfo, build_encoder_worker, build_worker
+from stepserve.worker.encoder_runner import EncoderSpec
 
 log = logging.getLogger("stepserve")
 
-__all__ = ["ModelInfo", "build_engine"]
+__all__ = ["ModelInfo", "build_encoder_engine", "build_engine", "build_pooling_engine"]
 
 
 def build_engine(config: EngineConfig, weights=None, eos_token_ids: frozenset[int] | None = None) -> tuple[EngineCore, object, ModelInfo]:
@@ -42,3 +45,46 @@ def _warm_up(core: EngineCore, config: EngineConfig, built: BuiltWorker) -> None
     budget = (info.num_kv_blocks - 1) * config.cache.block_size // 2
     warm_up(core, built.runner.vocab_size, info.max_model_len, sched.num_scheduler_steps, sched.max_num_seqs, sched.max_num_batched_tokens, budget)
     core.worker.reseed(config.model.seed)
+
+
+def build_encoder_engine(spec: EncoderSpec, config: EngineConfig, name: str, max_model_len: int) -> tuple[EngineCore, ModelInfo]:
+    """An encoder model's engine: the same core and scheduler as a decoder's, driving an
+    ``EncoderRunner``. Its requests are computed whole, so a pass's token budget holds at least
+    the longest input; the blocks are only the scheduler's bookkeeping (an encoder keeps no KV
+    cache), as many as ``max_num_seqs`` inputs of ``max_model_len`` need; no prefix caching."""
+    runner, info = build_encoder_worker(spec, name, max_model_len)
+    block_size = config.cache.block_size
+    num_blocks = config.scheduler.max_num_seqs * -(-max_model_len // block_size) + 1
+    scheduler_config = dataclasses.replace(
+        config.scheduler, max_num_batched_tokens=max(config.scheduler.max_num_batched_tokens, max_model_len), num_scheduler_steps=1, async_scheduling=False,
+    )
+    scheduler = Scheduler(scheduler_config, BlockManager(num_blocks, block_size, False), max_model_len, frozenset())
+    log.info("encoder engine ready: %s (%s) on %s (%s) in %.1fs", info.name, spec.head, info.device, info.dtype, info.load_seconds)
+    return EngineCore(scheduler, runner), info
+
+
+def build_pooling_engine(config: EngineConfig, max_model_len: int) -> tuple[EngineCore, ModelInfo]:
+    """A decoder embedding model's engine (Qwen3-Embedding and the like): the generation engine
+    run at the task's input limit, its requests prefill-only ``pooling`` ones. A
+    sentence-transformers checkpoint saves the base model only, so the embedding stands in for
+    the missing ``lm_head`` (``with_head``); pooling never reads it."""
+    from stepserve.models.loader import open_checkpoint
+
+    model = dataclasses.replace(config.model, max_model_len=max_model_len)
+    weights = None if model.load_format == "dummy" else with_head(open_checkpoint(model.model).weights())
+    core, _, info = build_engine(dataclasses.replace(config, model=model), weights, eos_token_ids=frozenset())
+    return core, info
+
+
+def with_head(weights):
+    """The checkpoint's ``(name, tensor)`` stream, plus the embedding as ``lm_head.weight`` when
+    there is none (a tied model skips it): the loader wants every parameter filled."""
+    embedding, has_head = None, False
+    for name, tensor in weights:
+        short = name.removeprefix("model.")
+        has_head |= short == "lm_head.weight"
+        if short == "embed_tokens.weight":
+            embedding = tensor
+        yield name, tensor
+    if not has_head and embedding is not None:
+        yield "lm_head.weight", embedding

@@ -27,6 +27,7 @@ from stepserve.worker.compile_cache import use_compilation_cache
 from stepserve.structured.bitmask import GrammarMatchers
 from stepserve.structured.compiler import ll_tokenizer_in_background
 from stepserve.worker.cuda_graphs import graph_batch_sizes
+from stepserve.worker.encoder_runner import EncoderRunner, EncoderSpec, load_encoder_model
 from stepserve.worker.runner import ModelRunner, allocate_kv_cache, kv_cache_bytes_per_block, profile_run
 
 log = logging.getLogger("stepserve")
@@ -230,3 +231,14 @@ def _warm_up_cpu(model, config: EngineConfig) -> None:
     if calls:
         release_free_memory()
         log.info("CPU matmul kernels made for %d (shape, row count) pairs in %.1fs", calls, time.monotonic() - start)
+
+
+def build_encoder_worker(spec: EncoderSpec, name: str, max_model_len: int) -> tuple[EncoderRunner, ModelInfo]:
+    """The worker of an encoder model (``worker/encoder_runner.py``), on the device and in the
+    dtype the decoder's rules pick for ``auto``. It keeps no KV cache."""
+    start = time.monotonic()
+    device = pick_device(spec.device)
+    dtype = pick_dtype(spec.dtype, device, {"dtype": spec.checkpoint_dtype})
+    runner = EncoderRunner(load_encoder_model(spec, device, dtype), spec, device)
+    info = ModelInfo(name, max_model_len, frozenset(), 0, device.type, str(dtype).removeprefix("torch."), "none", time.monotonic() - start)
+    return runner, info

@@ -99,7 +99,7 @@ async def _predict(ts: TaskServing, ctx, texts: list[str], parameters: dict, par
     fields = {"positions": _mask_positions(ts, encoded, param)} if ts.task == T.FILL_MASK else {}
     _, outputs = await ts.run("predict", encoded, **fields)
     format_ = _Formatter(ts)
-    return [format_(o.values) for o in outputs], encoded
+    return [format_(o) for o in outputs], encoded
 
 
 def _offsets_tensor(encoded: list[Encoded]) -> dict:

@@ -12,7 +12,6 @@ import numpy as np
 from stepserve.errors import InvalidRequestError
 from stepserve.tasks import task as T
 from stepserve.tasks.inputs import Encoded, resolve_truncation
-from stepserve.tasks.messages import GenerationParams
 from stepserve.server.schemas import EmbeddingRequest, RerankRequest, ScoreRequest
 from stepserve.tasks.serving import TaskServing
 
@@ -44,7 +43,7 @@ async def embeddings(ts: TaskServing, model_name: str, req: EmbeddingRequest) ->
     encoded = _embedding_inputs(ts, req)
     request_id, outputs = await ts.run("embd", encoded)
     data = [
-        {"object": "embedding", "index": i, "embedding": _encode_vector(ts.embedding(out.values, req.dimensions), req.encoding_format)}
+        {"object": "embedding", "index": i, "embedding": _encode_vector(ts.embedding(out, req.dimensions), req.encoding_format)}
         for i, out in enumerate(outputs)
     ]
     tokens = sum(len(e.token_ids) for e in encoded)
@@ -62,11 +61,11 @@ async def _pair_scores(ts: TaskServing, prefix: str, queries: list[str], documen
             raise InvalidRequestError(f"scoring needs a cross-encoder with one output label; this model has {len(ts.spec.labels)}", "model")
         encoded = [ts.tokens.text(q, f"{param}[{i}]", param, truncate, pair=d) for i, (q, d) in enumerate(zip(queries, documents))]
         request_id, outputs = await ts.run(prefix, encoded)
-        return request_id, [ts.cross_score(o.values) for o in outputs], sum(len(e.token_ids) for e in encoded)
+        return request_id, [ts.cross_score(o) for o in outputs], sum(len(e.token_ids) for e in encoded)
     texts = list(dict.fromkeys(queries + documents))  # each distinct text embedded once
     encoded = [ts.tokens.text(t, f"{param}[{i}]", param, truncate) for i, t in enumerate(texts)]
     request_id, outputs = await ts.run(prefix, encoded)
-    vectors = {t: _unit(ts.embedding(o.values)) for t, o in zip(texts, outputs)}
+    vectors = {t: _unit(ts.embedding(o)) for t, o in zip(texts, outputs)}
     return request_id, [float(vectors[q] @ vectors[d]) for q, d in zip(queries, documents)], sum(len(e.token_ids) for e in encoded)
 
 
@@ -125,14 +124,6 @@ def _check_supported(req) -> None:
             raise InvalidRequestError(f"{name} is not supported by text2text_generation models", name)
 
 
-def _generation(params, index: int) -> GenerationParams:
-    p = params.for_choice(index)  # choice i's own seed, as on the LLM path
-    return GenerationParams(
-        p.max_tokens, p.min_tokens, p.temperature, p.top_p, p.top_k, p.repetition_penalty, p.seed, p.min_p,
-        p.presence_penalty, p.frequency_penalty, p.logit_bias, p.stop_token_ids, p.ignore_eos, p.logprobs,
-    )
-
-
 def _within(ts: TaskServing, token_ids: tuple[int, ...], text: str, skip_special: bool) -> int:
     """How many of the tokens it takes to write ``text`` (the output cut at a stop string)."""
     for k in range(len(token_ids) + 1):
@@ -162,8 +153,8 @@ async def complete(ts: TaskServing, ctx, req) -> dict | AsyncIterator[dict]:
     for _, prompt in prompts:
         for i in range(prompt.params.n):
             encoded.append(Encoded(prompt.token_ids, None))
-            fields.append(_generation(prompt.params, i))
-    request_id, outputs = await ts.run("cmpl", encoded, generation=fields)
+            fields.append(prompt.params.for_choice(i))  # choice i's own seed, as on the LLM path
+    request_id, outputs = await ts.run("cmpl", encoded, params=fields)
     choices = []
     for index, out in enumerate(outputs):
         params = prompts[index // req.n][1].params

@@ -1,4 +1,6 @@
-"""Pooling and encoder tasks beside generation: embeddings, rerank/score, classification,
-fill-mask and text2text, chosen by ``--task`` or inferred from the architecture as KServe's
-Hugging Face server does. Encoder models run through ``transformers`` in a supervised core
-process (``encoder_core``) with dynamic batching (``batcher``); the routes live in ``routes``."""
+"""What the tasks other than text generation mean (embeddings, rerank/score, classification,
+fill-mask, text2text): the task names and how a model's architecture picks one (``task``), what the
+front reads about a task model (``spec``), the input checks (``inputs``) and the requests and
+results the routes exchange with the one engine (``serving``). Chosen by ``--task`` or inferred
+as KServe's Hugging Face server does; the routes are ``server/``'s, the model runners
+``worker/``'s."""

@@ -1,4 +1,4 @@
-"""The task flags: KServe huggingfaceserver's names and meanings, plus the batching wait."""
+"""The task flags: KServe huggingfaceserver's names and meanings."""
 
 from __future__ import annotations
 
@@ -16,10 +16,7 @@ class TaskConfig:
     return_offsets_mapping: bool = field(default=False, metadata={"help": "token_classification: add each token's character offsets (an offset_mapping output)"})
     disable_lower_case: bool = field(default=False, metadata={"help": "do not lower-case the input, whatever the tokenizer's config says"})
     disable_special_tokens: bool = field(default=False, metadata={"help": "encode without the model's special tokens ([CLS], [SEP], </s>, ...)"})
-    batch_wait_ms: float = field(default=2.0, metadata={"help": "encoder tasks: how long the first request of a batch may wait for others"})
 
     def __post_init__(self) -> None:
         if self.return_probabilities and self.return_raw_logits:
             raise ConfigError("--return_probabilities and --return_raw_logits exclude each other; choose one")
-        if not 0 <= self.batch_wait_ms <= 1000:
-            raise ConfigError(f"batch_wait_ms={self.batch_wait_ms}: use 0 to 1000")

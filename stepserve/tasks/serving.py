@@ -1,22 +1,26 @@
 """``TaskServing``: what the routes reach through ``ServingContext.tasks`` when the model serves
-an encoder task. It owns the tokenizer with KServe's flags, the async encoder front, and turns
-validated inputs into ``EncoderRequest``s."""
+a task other than text generation. It owns the tokenizer with KServe's flags, turns validated
+inputs into prefill-only engine requests and hands them to the one ``AsyncEngine``."""
 
 from __future__ import annotations
 
-import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
+from stepserve.core.outputs import ENCODER, EncoderInputs, EngineCoreRequest, GeneratedTokens
+from stepserve.engine.async_engine import AsyncEngine
 from stepserve.errors import InvalidRequestError
+from stepserve.sampling import SamplingParams
 from stepserve.tasks import task as T
-from stepserve.tasks.async_encoder import AsyncEncoder
 from stepserve.tasks.inputs import Encoded, TaskTokenizer
-from stepserve.tasks.messages import EncoderOutput, EncoderRequest
 from stepserve.tasks.spec import TaskSpec
+
+# What a pooling request carries for the engine's checks: resolved, greedy, one token. Nothing
+# is sampled with it: the request finishes once its input is computed.
+POOLING_PARAMS = SamplingParams(temperature=0.0, max_tokens=1)
 
 
 def new_id(prefix: str) -> str:
@@ -27,7 +31,7 @@ def new_id(prefix: str) -> str:
 class TaskServing:
     spec: TaskSpec  # the task and the model facts
     tokens: TaskTokenizer  # tokenizer with KServe's flags and the input checks
-    encoder: AsyncEncoder  # the encoder core's async front
+    engine: AsyncEngine  # the engine's async front
 
     @property
     def task(self) -> str:
@@ -43,15 +47,23 @@ class TaskServing:
         if self.task not in tasks:
             raise InvalidRequestError(f"{route} is not served by this model: it serves {self.task} (this route needs {' or '.join(tasks)})", "model")
 
-    async def run(self, prefix: str, encoded: Sequence[Encoded], **fields) -> tuple[str, list[EncoderOutput]]:
-        """Compute each input; ``fields`` are extra ``EncoderRequest`` fields per input (lists)."""
+    async def run(
+        self, prefix: str, encoded: Sequence[Encoded], positions: Sequence[tuple[int, ...]] | None = None,
+        params: Sequence[SamplingParams] | None = None,
+    ) -> tuple[str, list[np.ndarray | GeneratedTokens]]:
+        """Compute each input: its vector or logits (float32), or with ``params`` (text2text) its
+        generated tokens. ``positions`` are fill_mask's mask positions, per input."""
         request_id = new_id(prefix)
-        now = time.monotonic()
+        mode = self.spec.pooling.mode if self.spec.decoder else ENCODER
         requests = [
-            EncoderRequest(f"{request_id}-{i}", e.token_ids, e.token_type_ids, arrival_time=now, **{k: v[i] for k, v in fields.items()})
+            EngineCoreRequest(
+                f"{request_id}-{i}", e.token_ids, params[i] if params is not None else POOLING_PARAMS, pooling=mode,
+                encoder=EncoderInputs(e.token_type_ids, positions[i] if positions is not None else ()),
+            )
             for i, e in enumerate(encoded)
         ]
-        return request_id, await self.encoder.run(request_id, requests)
+        outputs = await self.engine.encode(request_id, requests)
+        return request_id, [out.pooled for out in outputs]
 
     def embedding(self, values: np.ndarray, dimensions: int | None = None) -> np.ndarray:
         """The pooled vector, cut to ``dimensions`` (Matryoshka) and normalised as the model says."""

@@ -4,11 +4,13 @@ model cannot do it), read the model's facts once, and hand the server a client f
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from stepserve.checkpoint.source import resolve_source
 from stepserve.config import ConfigError, EngineConfig
 from stepserve.tasks import spec as S
 from stepserve.tasks import task as T
@@ -25,17 +27,15 @@ class TaskFront:
 
     def start(self, client, on_finish, limits):
         """(the async engine the health routes watch, the ``TaskServing`` the routes use)."""
-        from stepserve.tasks.async_encoder import AsyncEncoder
+        from stepserve.engine.async_engine import AsyncEngine
         from stepserve.tasks.inputs import TaskTokenizer
         from stepserve.tasks.serving import TaskServing
 
-        encoder = AsyncEncoder(client, on_finish, limits)
-        return encoder, TaskServing(self.spec, TaskTokenizer(self.tokenizer, self.spec), encoder)
+        engine = AsyncEngine(client, self.tokenizer, on_finish, limits)
+        return engine, TaskServing(self.spec, TaskTokenizer(self.tokenizer, self.spec), engine)
 
 
 def plan_task(engine: EngineConfig, flags: TaskConfig) -> TaskFront | None:
-    from stepserve.models.loader import resolve_source
-
     source = resolve_source(engine.model.model)
     if source.gguf_file is not None:
         if flags.task not in (None, T.TEXT_GENERATION):
@@ -90,21 +90,40 @@ def _spec(task: str, source, hf_config: dict, tokenizer, engine: EngineConfig, f
     )
 
 
+# The encoder runner's head for each task it computes (``worker/encoder_runner.py``).
+_HEADS = {
+    T.EMBEDDING: "pooled",
+    T.SEQUENCE_CLASSIFICATION: "sequence_logits",
+    T.TOKEN_CLASSIFICATION: "token_logits",
+    T.FILL_MASK: "mask_logits",
+    T.TEXT2TEXT: "generate",
+}
+
+
+def core_factory(spec: TaskSpec, engine: EngineConfig) -> Callable[[], tuple[object, object]]:
+    """A picklable factory of the task's engine core, for the spawned core process: the
+    generation engine for a decoder embedding model (prefill-only pooling requests), else the
+    same core driving an encoder runner."""
+    from stepserve.engine.builder import build_encoder_engine, build_pooling_engine
+    from stepserve.worker.encoder_runner import EncoderSpec
+
+    if spec.decoder:
+        return functools.partial(build_pooling_engine, engine, spec.max_model_len)
+    encoder = EncoderSpec(_HEADS[spec.task], spec.directory, spec.pad_token_id, spec.pooling.mode, spec.dtype, spec.device, spec.checkpoint_dtype)
+    return functools.partial(build_encoder_engine, encoder, engine, spec.name, spec.max_model_len)
+
+
 def serving(front: TaskFront, engine: EngineConfig, server) -> tuple[Callable, object, object]:
-    """(make_client, tokenizer, FrontInfo) for ``create_app``: the encoder core (or, for a
-    decoder embedding model, the engine core) in its own supervised process, or in a thread
-    with ``--engine-in-process``."""
-    from stepserve.engine.front import FrontInfo, sampling_defaults
+    """(make_client, tokenizer, FrontInfo) for ``create_app``: the task's engine core in its own
+    supervised process, or in a thread with ``--engine-in-process``."""
     from stepserve.checkpoint.generation_config import SamplingDefaults
-    from stepserve.tasks.decoder_pooling import pooling_core_factory
-    from stepserve.tasks.encoder_core import encoder_core_factory
+    from stepserve.engine.front import FrontInfo, sampling_defaults
 
     spec = front.spec
     # text2text takes the model's generation_config.json sampling defaults, as generation does
     defaults = sampling_defaults(engine) if spec.task == T.TEXT2TEXT else SamplingDefaults()
     info = FrontInfo(spec.name, spec.max_model_len, spec.vocab_size, frozenset(), defaults)
-    # A decoder embedding model runs on our own engine (pooling requests through the scheduler).
-    factory = pooling_core_factory(spec, engine) if spec.decoder else encoder_core_factory(spec, engine.scheduler)
+    factory = core_factory(spec, engine)
     if server.engine_in_process:
         from stepserve.engine.core_client import ThreadCoreClient
 

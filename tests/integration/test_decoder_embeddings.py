@@ -19,9 +19,10 @@ from task_models import add_sentence_transformers_files
 from tiny_models import write_tiny_family, write_tiny_model
 
 from stepserve.config import EngineConfig
+from stepserve.core.outputs import EngineCoreRequest
+from stepserve.engine.builder import build_pooling_engine
 from stepserve.tasks.config import TaskConfig
-from stepserve.tasks.decoder_pooling import build_pooling_core
-from stepserve.tasks.messages import EncoderRequest
+from stepserve.tasks.serving import POOLING_PARAMS
 from stepserve.tasks.setup import plan_task
 
 SHARED = "the capital of france is paris and "  # 35 bytes: two full blocks of 16, shared by prompts below
@@ -50,15 +51,19 @@ def reference(directory, texts, pooling: str) -> np.ndarray:
 
 
 def pooled(directory, texts, **engine):
-    """The pooling core's vectors for ``texts``, all queued at once; plus the core's stats."""
+    """The engine's pooled vectors for ``texts``, all queued at once; plus the core."""
     config = EngineConfig.from_kwargs(model=str(directory), dtype="float32", **engine)
     spec = plan_task(config, TaskConfig()).spec
-    core, _ = build_pooling_core(spec, config)
+    core, _ = build_pooling_engine(config, spec.max_model_len)
     tokenizer = tf.AutoTokenizer.from_pretrained(directory)
     ids = [tuple(tokenizer(t)["input_ids"]) for t in texts]
     for i, token_ids in enumerate(ids):
-        core.add_request(EncoderRequest(f"r{i}", token_ids))
+        core.add_request(request(f"r{i}", token_ids, spec.pooling.mode))
     return _drain(core, len(texts)), core
+
+
+def request(request_id: str, token_ids, mode: str) -> EngineCoreRequest:
+    return EngineCoreRequest(request_id, tuple(token_ids), POOLING_PARAMS, pooling=mode)
 
 
 def _drain(core, count: int) -> np.ndarray:
@@ -66,7 +71,8 @@ def _drain(core, count: int) -> np.ndarray:
     while core.has_unfinished:
         for o in core.step():
             assert o.error is None, o.error
-            out[o.request_id] = o.values
+            if o.finished:
+                out[o.request_id] = o.pooled
     return np.array([out[f"r{i}"] for i in range(count)])
 
 
@@ -84,7 +90,7 @@ def test_pooled_vectors_equal_transformers_chunked_and_batched(tmp_path, family,
     directory = write_model(tmp_path / family, family, pooling)
     got, core = pooled(directory, TEXTS, max_num_batched_tokens=24, num_blocks=64)
     np.testing.assert_allclose(got, reference(directory, TEXTS, pooling), atol=1e-5, rtol=0)
-    assert not core.core.scheduler.requests and core.stats().kv_cache_usage == 0  # every block handed back
+    assert not core.scheduler.requests and core.stats().kv_cache_usage == 0  # every block handed back
 
 
 def test_repeated_prefixes_hit_the_prefix_cache_and_give_the_same_vectors(tmp_path):
@@ -96,13 +102,13 @@ def test_repeated_prefixes_hit_the_prefix_cache_and_give_the_same_vectors(tmp_pa
     assert hits_before == 0  # both were admitted in one pass: nothing was cached yet
     tokenizer = tf.AutoTokenizer.from_pretrained(directory)
     for i, text in enumerate(TEXTS[2:4]):
-        core.add_request(EncoderRequest(f"r{i}", tuple(tokenizer(text)["input_ids"])))
+        core.add_request(request(f"r{i}", tokenizer(text)["input_ids"], "last"))
     again = _drain(core, 2)
     assert core.stats().prefix_cache_hits == 96  # each repeat (50 and 57 tokens) found its three full blocks
     np.testing.assert_allclose(again, first, atol=1e-5, rtol=0)  # a different split of the same sums
     np.testing.assert_allclose(again, reference(directory, TEXTS[2:4], "last"), atol=1e-5, rtol=0)
     other = SHARED + "a dog sat on the mat"  # new, but for the shared prefix's two blocks
-    core.add_request(EncoderRequest("r0", tuple(tokenizer(other)["input_ids"])))
+    core.add_request(request("r0", tokenizer(other)["input_ids"], "last"))
     np.testing.assert_allclose(_drain(core, 1), reference(directory, [other], "last"), atol=1e-5, rtol=0)
     assert core.stats().prefix_cache_hits == 96 + 32
 
@@ -134,7 +140,7 @@ def test_pooling_and_generation_in_one_pass_of_the_runner(tmp_path):
 
     directory = write_model(tmp_path / "llama", "llama", "mean")
     _, core = pooled(directory, [], num_blocks=64, max_num_batched_tokens=24)
-    engine = core.core
+    engine = core
     greedy = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
 
     def run(*requests):

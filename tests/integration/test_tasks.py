@@ -378,27 +378,27 @@ def test_token_and_mask_flags(servers, models):
     assert predict(cased, [text])["predictions"] == [tokenizer.decode(logits[at].argmax(-1))]
 
 
-def test_one_bad_request_fails_alone_in_the_encoder_core(models):
-    """DESIGN invariant 2 in the encoder core: a request the model cannot compute (a token id
-    past the vocabulary, which the front would have refused) fails alone; its batch-mates and
-    later requests are answered."""
-    from stepserve.config import SchedulerConfig
-    from stepserve.tasks.encoder_core import build_encoder_core
-    from stepserve.tasks.messages import EncoderRequest
+def test_one_bad_request_fails_alone_in_the_encoder_engine(models):
+    """Invariant 2 (docs/architecture.md) for an encoder model on the one engine core: a request
+    the model cannot compute (a token id past the vocabulary, which the front would have
+    refused) fails alone; its batch-mates and later requests are answered."""
+    from stepserve.core.outputs import ENCODER, EngineCoreRequest
+    from stepserve.tasks.serving import POOLING_PARAMS
+    from stepserve.tasks.setup import core_factory
 
-    spec = plan_task(EngineConfig.from_kwargs(model=str(models["cls3"])), TaskConfig(batch_wait_ms=0)).spec
-    core, info = build_encoder_core(spec, SchedulerConfig())
-    assert info.task == "sequence_classification"
+    spec = plan_task(EngineConfig.from_kwargs(model=str(models["cls3"])), TaskConfig()).spec
+    core, info = core_factory(spec, EngineConfig.from_kwargs(model=str(models["cls3"])))()
+    assert info.name == spec.name and info.num_kv_blocks == 0
     good = (2, 40, 41, 3)
     for i, ids in enumerate([good, (2, 10**6, 3), good]):
-        core.add_request(EncoderRequest(f"r{i}", ids))
+        core.add_request(EngineCoreRequest(f"r{i}", ids, POOLING_PARAMS, pooling=ENCODER))
     outputs = {o.request_id: o for o in core.step()}
     assert outputs["r1"].error is not None and outputs["r1"].finish_reason == "abort"
     assert outputs["r0"].error is None and outputs["r2"].error is None
-    np.testing.assert_allclose(outputs["r0"].values, outputs["r2"].values, atol=1e-6)
-    core.add_request(EncoderRequest("r3", good))
+    np.testing.assert_allclose(outputs["r0"].pooled, outputs["r2"].pooled, atol=1e-6)
+    core.add_request(EngineCoreRequest("r3", good, POOLING_PARAMS, pooling=ENCODER))
     (later,) = core.step()
-    np.testing.assert_allclose(later.values, outputs["r0"].values, atol=1e-6)
+    np.testing.assert_allclose(later.pooled, outputs["r0"].pooled, atol=1e-6)
     assert not core.has_unfinished
 
 

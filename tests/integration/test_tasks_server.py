@@ -28,7 +28,7 @@ def st_model(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(st_model, tmp_path_factory):
-    args = ["--model", str(st_model), "--model_name", MODEL, "--restart-backoff-s", "0.1", "--batch-wait-ms", "5", "--log-stats-interval", "1"]
+    args = ["--model", str(st_model), "--model_name", MODEL, "--restart-backoff-s", "0.1", "--log-stats-interval", "1"]
     server = start_server(args, tmp_path_factory.mktemp("logs") / "server.log")
     yield server
     server.stop()

@@ -150,4 +150,23 @@ def test_a_worker_that_returns_no_vector_aborts_the_request():
     core, _ = make_core(worker=Forgetful())
     pool(core, "r", [1, 2])
     out = drain(core)["r"]
-    assert out.finish_reason == "abort" and "no pooled vector" in out.error
+    assert out.finish_reason == "abort" and "no result" in out.error
+
+
+def test_an_encoder_request_is_scheduled_whole_or_waits():
+    """An encoder attends both ways, so its input is never chunked: with a 10-token budget a
+    12-token input waits until a pass can take it whole, and it never reads the prefix cache."""
+    core, worker = make_core(max_num_batched_tokens=10)
+    pool(core, "short", range(1, 7), mode="encoder")  # 6 tokens
+    pool(core, "long", range(1, 13), mode="encoder")  # 12 tokens: more than the budget
+    first = core.scheduler.schedule()
+    assert [(s.request_id, s.num_new_tokens) for s in first.requests] == [("short", 6)]
+    core.scheduler.update(first, worker.execute(first))
+    second = core.scheduler.schedule()
+    assert second.requests == ()  # the budget can never hold it: the engine builder raises it to max_model_len
+    core, worker = make_core(max_num_batched_tokens=12)
+    pool(core, "a", range(1, 13), mode="encoder")
+    pool(core, "b", range(1, 13), mode="encoder")  # the same input: no prefix-cache hit for an encoder
+    finished = drain(core)
+    assert finished["a"].pooled == finished["b"].pooled == sum(range(1, 13))
+    assert [[(s.request_id, s.start, s.num_new_tokens) for s in p.requests] for p in worker.passes] == [[("a", 0, 12)], [("b", 0, 12)]]

@@ -1,49 +1,12 @@
-"""Pure parts of the tasks package: the dynamic batcher, task inference, the sentence-transformers
-pooling config."""
+"""Pure parts of the tasks package: task inference, the sentence-transformers pooling config."""
 
 import json
 
 import pytest
 
 from stepserve.config import ConfigError
-from stepserve.tasks.batcher import Batcher
-from stepserve.tasks.messages import EncoderRequest
 from stepserve.tasks.spec import matryoshka, native_max_len, read_pooling
 from stepserve.tasks.task import resolve_task
-
-
-def req(i: int, n: int = 4) -> EncoderRequest:
-    return EncoderRequest(f"r{i}", tuple(range(1, n + 1)))
-
-
-def test_batcher_waits_then_cuts_by_time():
-    b = Batcher(max_count=8, max_padded_tokens=1000, wait_s=0.01)
-    b.add(req(0), now=0.0)
-    b.add(req(1), now=0.005)
-    assert b.cut(now=0.005) == [] and b.wait_left(0.005) == pytest.approx(0.005)
-    assert [r.request_id for r in b.cut(now=0.0101)] == ["r0", "r1"]
-    assert len(b) == 0 and b.cut(now=1.0) == []
-
-
-def test_batcher_cuts_full_batches_at_once_by_count_and_by_padded_tokens():
-    b = Batcher(max_count=3, max_padded_tokens=40, wait_s=10.0)
-    for i in range(4):
-        b.add(req(i), now=0.0)
-    assert [r.request_id for r in b.cut(now=0.0)] == ["r0", "r1", "r2"]  # full by count, no waiting
-    assert b.cut(now=0.0) == []  # r3 alone waits
-    b.add(req(4, n=30), now=0.0)  # 2 rows x 30 > 40 padded tokens: r3 goes alone
-    assert [r.request_id for r in b.cut(now=0.0)] == ["r3"]
-    assert [r.request_id for r in b.cut(now=20.0)] == ["r4"]
-    b.add(req(5, n=100), now=0.0)  # one row longer than the budget still runs
-    assert [r.request_id for r in b.cut(now=20.0)] == ["r5"]
-
-
-def test_batcher_remove_drops_aborted_requests():
-    b = Batcher(max_count=8, max_padded_tokens=1000, wait_s=0.0)
-    for i in range(3):
-        b.add(req(i), now=0.0)
-    b.remove(["r1", "missing"])
-    assert [r.request_id for r in b.cut(now=0.0)] == ["r0", "r2"]
 
 
 def test_task_inference_follows_kserve():
