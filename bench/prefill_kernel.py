@@ -14,7 +14,7 @@ import sys
 import torch
 
 from attention_batches import make_batch
-from stepserve.attention import triton_kernels as K
+from stepserve.kernels.triton import attention as K
 
 SHAPES = {"llama-8b": (32, 8, 128), "qwen3-8b": (32, 8, 128), "gemma3-12b": (16, 8, 256), "llama-1b": (32, 8, 64)}
 

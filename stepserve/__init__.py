@@ -1,9 +1,9 @@
 """stepserve: an LLM server for Hugging Face models with its own engine."""
 
 from stepserve.sampling import SamplingParams
+from stepserve.version import __version__
 
-__all__ = ["LLM", "SamplingParams"]
-__version__ = "0.1.0"
+__all__ = ["LLM", "SamplingParams", "__version__"]
 
 
 def __getattr__(name: str):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from stepserve.attention import triton_kernels as K
+from stepserve.kernels.triton import attention as K
 from stepserve.attention.base import AttentionMetadata
 
 MAX_SPLITS = 32

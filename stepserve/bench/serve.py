@@ -276,10 +276,6 @@ def main(args: argparse.Namespace) -> int:
         print("stepserve bench serve: --plot needs --sweep", file=sys.stderr)
         return 2
     try:
-        if args.sweep:
-            from stepserve.bench.sweep import main as sweep_main
-
-            return sweep_main(args)
         result = asyncio.run(run(args))
     except httpx.HTTPError as exc:
         print(f"stepserve bench serve: cannot reach {args.base_url}: {exc}", file=sys.stderr)
@@ -309,8 +305,6 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     flag("timeout", type=float, default=600.0, help="per-request timeout, seconds")
     flag("output-json", default=None, help="also write the result here")
     flag("disable-tqdm", action="store_true", help="no progress bar")
-    from stepserve.bench.sweep import parse_sweep
-
     flag("sweep", type=parse_sweep, default=None, help="run at each of these concurrencies, e.g. 1,4,16,64 (replaces --max-concurrency)")
     flag("plot", default=None, help="with --sweep: draw throughput and TTFT/TPOT against concurrency into this PNG (needs matplotlib)")
 
@@ -382,3 +376,14 @@ def structured_summary(phases: list[dict], ratios: list[float]) -> dict:
                          "free": median_of("free", "ttft_ms", "mean")},
         "load_1min": {"min": min(p["load_1min"] for p in phases), "max": max(p["load_1min"] for p in phases)},
     }
+
+
+def parse_sweep(text: str) -> list[int]:
+    """``"1,4,16"`` -> [1, 4, 16]; each a positive integer."""
+    try:
+        points = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--sweep {text!r}: give concurrencies as integers, e.g. 1,4,16,64") from None
+    if not points or min(points) < 1:
+        raise argparse.ArgumentTypeError(f"--sweep {text!r}: give one or more concurrencies of at least 1")
+    return points

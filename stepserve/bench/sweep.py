@@ -13,18 +13,9 @@ import importlib.util
 import json
 import sys
 
+import httpx
+
 from stepserve.bench.serve import run
-
-
-def parse_sweep(text: str) -> list[int]:
-    """``"1,4,16"`` -> [1, 4, 16]; each a positive integer."""
-    try:
-        points = [int(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--sweep {text!r}: give concurrencies as integers, e.g. 1,4,16,64") from None
-    if not points or min(points) < 1:
-        raise argparse.ArgumentTypeError(f"--sweep {text!r}: give one or more concurrencies of at least 1")
-    return points
 
 
 def sweep(args: argparse.Namespace) -> list[dict]:
@@ -101,7 +92,11 @@ def main(args: argparse.Namespace) -> int:
     if args.plot and importlib.util.find_spec("matplotlib") is None:  # say so before the long run
         print("stepserve bench serve: --plot needs matplotlib (pip install matplotlib)", file=sys.stderr)
         return 2
-    results = sweep(args)
+    try:
+        results = sweep(args)
+    except httpx.HTTPError as exc:
+        print(f"stepserve bench serve: cannot reach {args.base_url}: {exc}", file=sys.stderr)
+        return 1
     print(f"\n{table(results)}")
     if args.output_json:
         with open(args.output_json, "w") as f:

@@ -6,10 +6,10 @@ import argparse
 import logging
 import sys
 
-import stepserve
 from stepserve.cli.engine_args import add_engine_args, located_engine_config
 from stepserve.cli.serve import add_serve_parser
 from stepserve.config import ConfigError
+from stepserve.version import __version__
 
 def _generate(args: argparse.Namespace) -> int:
     from stepserve.engine.llm import LLM
@@ -45,6 +45,10 @@ def _bench(args: argparse.Namespace) -> int:
         import importlib
 
         return importlib.import_module(f"stepserve.bench.{args.bench}").main(args)
+    if getattr(args, "sweep", None):
+        from stepserve.bench import sweep
+
+        return sweep.main(args)
     from stepserve.bench import serve
 
     return serve.main(args)
@@ -52,7 +56,7 @@ def _bench(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="stepserve", description="An LLM server for Hugging Face models: the OpenAI and KServe protocols over its own engine.")
-    parser.add_argument("--version", action="version", version=f"stepserve {stepserve.__version__}")
+    parser.add_argument("--version", action="version", version=f"stepserve {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     gen = sub.add_parser("generate", help="generate one completion offline")

@@ -1,7 +1,7 @@
 """Rank 0's view of the other ranks: their processes, their sockets, and the watchdog that
 ends the group when one of them dies.
 
-The ranks are plain subprocesses (``python -m stepserve.executor.tensor_parallel FD``), not
+The ranks are plain subprocesses (``python -m stepserve.executor.rank FD``), not
 multiprocessing children: the engine core is itself a daemonic multiprocessing child, which may
 not have any. Each talks to rank 0 over one end of a socket pair; the tensors of the forward
 pass go over torch.distributed. A rank dies with rank 0 (``PR_SET_PDEATHSIG``, and the EOF of
@@ -70,7 +70,7 @@ class RankProcesses:
 
     def _spawn(self, start: RankStart) -> None:
         ours, theirs = socket.socketpair()
-        command = [sys.executable, "-m", "stepserve.executor.tensor_parallel", str(theirs.fileno())]
+        command = [sys.executable, "-m", "stepserve.executor.rank", str(theirs.fileno())]
         self.processes.append(subprocess.Popen(command, pass_fds=(theirs.fileno(),)))
         theirs.close()
         conn = Connection(ours.detach())

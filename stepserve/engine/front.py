@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from stepserve.config import ConfigError, EngineConfig
+from stepserve.config import EngineConfig
 from stepserve.distributed.sharding import check_tensor_parallel_startup as check_tensor_parallel
 from stepserve.checkpoint.generation_config import SamplingDefaults, load_sampling_defaults, log_sampling_defaults
 from stepserve.checkpoint.config import read_config, resolve_max_model_len

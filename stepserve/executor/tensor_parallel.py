@@ -14,23 +14,16 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
-import signal
-import sys
-import threading
-import time
-import traceback
-from multiprocessing.connection import Connection
 
 from stepserve.core.engine_core import EngineFaultError
 from stepserve.core.outputs import ModelRunnerOutput, SchedulerOutput
-from stepserve.distributed.messages import CloseRank, PassDone, PassMessage, RankFailed, RankReady, RankStart, Reseed
+from stepserve.distributed.messages import PassDone, PassMessage, Reseed
 from stepserve.distributed.ranks import RankProcesses
 
 log = logging.getLogger("stepserve.distributed")
 
 
-def _digest(output: ModelRunnerOutput) -> int:
+def digest(output: ModelRunnerOutput) -> int:
     return hash(output.sampled_token_ids)  # ints and tuples hash alike in every process
 
 
@@ -83,12 +76,12 @@ def check_agreement(reports: list[PassDone], output: ModelRunnerOutput | None, e
     exception, which the core handles as that pass's failure); a rank that disagrees means the
     group is broken, and the core must end."""
     mine = "completed it" if error is None else f"raised {type(error).__name__}"
-    digest = None if output is None else _digest(output)
+    mine_digest = None if output is None else digest(output)
     for rank, report in enumerate(reports, start=1):
         theirs = "completed it" if report.error is None else f"raised {report.error}"
         if theirs != mine:
             raise EngineFaultError(f"tensor-parallel ranks disagree on a pass: rank {rank} {theirs}, rank 0 {mine}; the group is ended")
-        if report.digest != digest:
+        if report.digest != mine_digest:
             raise EngineFaultError(f"tensor-parallel rank {rank} sampled other tokens than rank 0; the group is ended")
     if error is not None:
         raise error
@@ -137,82 +130,3 @@ class TensorParallelWorker:
         self.ranks.close()
         if dist.is_initialized():
             dist.destroy_process_group()
-
-
-# -- ranks 1..N-1 ------------------------------------------------------------------------------
-
-
-def _die_with_parent(parent_pid: int) -> None:
-    """Exit when rank 0 does, even if it is killed: the kernel's parent-death signal where
-    there is one (Linux), and a watcher thread in any case."""
-    try:
-        import ctypes
-
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
-    if os.getppid() != parent_pid:  # rank 0 died before the signal was armed
-        os._exit(1)
-
-    def watch() -> None:
-        while os.getppid() == parent_pid:
-            time.sleep(1.0)
-        os._exit(1)
-
-    threading.Thread(target=watch, name="stepserve-parent-watch", daemon=True).start()
-
-
-def _build(start: RankStart):
-    from stepserve.distributed.group import TensorParallel, init_group, set_cpu_threads
-    from stepserve.executor.builder import build_worker, pick_device
-
-    device_type = pick_device(start.config.model.device).type
-    if device_type == "cpu":
-        set_cpu_threads(start.size)
-    else:
-        import torch
-
-        torch.cuda.set_device(start.rank)
-    init_group(start.rank, start.size, start.store, device_type)
-    return build_worker(start.config, eos_token_ids=start.eos_token_ids, rank=TensorParallel(start.rank, start.size)).runner
-
-
-def _serve(conn: Connection, runner) -> None:
-    """Run every pass rank 0 sends, report how it went; return when told to close."""
-    passes = PassDecoder()
-    while True:
-        message = conn.recv()
-        if isinstance(message, PassMessage):
-            try:
-                report = PassDone(_digest(runner.execute(passes.decode(message))), None)
-            except Exception as exc:  # rank 0 raised it too, or the group ends
-                report = PassDone(None, type(exc).__name__)
-            conn.send(report)
-        elif isinstance(message, Reseed):
-            runner.reseed(message.seed)
-        elif isinstance(message, CloseRank):
-            return
-
-
-def main(fd: int) -> None:
-    """Entry point of ranks 1..N-1 (``python -m stepserve.executor.tensor_parallel FD``)."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the front's to handle
-    conn = Connection(fd)
-    start: RankStart = conn.recv()
-    _die_with_parent(start.parent_pid)
-    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s %(levelname)s %(name)s[rank {start.rank}]: %(message)s")
-    try:
-        runner = _build(start)
-    except BaseException:  # noqa: BLE001 - rank 0 must hear why
-        conn.send(RankFailed(start.rank, traceback.format_exc()))
-        os._exit(1)
-    conn.send(RankReady(start.rank, os.getpid()))
-    try:
-        _serve(conn, runner)
-    except (EOFError, OSError):
-        os._exit(1)  # rank 0 is gone
-    os._exit(0)
-
-
-if __name__ == "__main__":
-    main(int(sys.argv[1]))

@@ -91,7 +91,7 @@ class CpuLinear(nn.Module):
         weight = weight.detach()
         self.in_features = weight.shape[1]
         if int4 and native:
-            from stepserve.models.cpu_native import BlockWeight
+            from stepserve.kernels.cpu.native import BlockWeight
 
             self.q4 = BlockWeight.q4_1(*int4_blocks(weight))
         if int4:

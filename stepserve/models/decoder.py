@@ -6,7 +6,6 @@ A family file (``llama.py``, ``qwen.py``, ``gemma.py``, ``phi3.py``, ``granite.p
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -14,7 +13,7 @@ from torch import nn
 
 from stepserve.attention.base import AttentionBackend, AttentionMetadata
 from stepserve.config import ConfigError
-from stepserve.models.layers import ACTIVATIONS, DecoderLayer, RMSNorm
+from stepserve.models.layers import DecoderLayer, RMSNorm
 from stepserve.models.config import DecoderConfig
 from stepserve.models.rope import Rotary
 
@@ -80,7 +79,7 @@ class DecoderForCausalLM(nn.Module):
         the head is 8-bit (the GGUF stores it, tied to the embedding, as Q8_0: kept exactly).
         Otherwise the head stays bf16: 4 bits of it visibly change greedy answers, and
         PyTorch's int8 kernel reads it no faster than oneDNN reads bf16 here."""
-        from stepserve.models import cpu_native
+        from stepserve.kernels.cpu import native as cpu_native
         from stepserve.models.cpu_linear import CpuLinear, pack_linears
 
         native = int4 and dtype == torch.bfloat16 and cpu_native.unsupported(self.cfg) is None and cpu_native.library() is not None

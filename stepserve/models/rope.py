@@ -61,7 +61,7 @@ def fused_ops(x: torch.Tensor):
         return None
     global _FUSED
     if _FUSED is None:
-        from stepserve.models import triton_ops
+        from stepserve.kernels.triton import fused as triton_ops
 
         _FUSED = triton_ops
     return _FUSED

@@ -33,11 +33,12 @@ from stepserve.errors import (
     RequestAbortedError,
     RequestTimeoutError,
 )
-from stepserve.server import kserve, openai
+from stepserve.server import kserve, openai, openai_tasks
 from stepserve.server.config import ServerConfig
 from stepserve.server.context import ServingContext
 from stepserve.server.fields import UnknownFieldPolicy
 from stepserve.structured.compiler import GrammarCompiler
+from stepserve.version import __version__
 from stepserve.server.metrics import CONTENT_TYPE, ServerMetrics
 from stepserve.server.playground import add_playground_routes
 from stepserve.server.stats_log import start_stats_logger
@@ -161,7 +162,7 @@ def _ctx(request: Request) -> ServingContext:
 def _openai_routes(app: FastAPI, prefix: str) -> None:
     @app.post(prefix + "/completions")
     async def completions(request: Request) -> Response:
-        return await _serve(request, lambda ctx, raw: openai.complete(ctx, parse_body(CompletionRequest, raw, ctx.unknown)))
+        return await _serve(request, lambda ctx, raw: openai_tasks.any_completion(ctx, parse_body(CompletionRequest, raw, ctx.unknown)))
 
     @app.post(prefix + "/chat/completions")
     async def chat_completions(request: Request) -> Response:
@@ -207,7 +208,7 @@ def _kserve_routes(app: FastAPI) -> None:
 
     @app.get("/v2")
     async def v2_server() -> dict:
-        return {"name": "stepserve", "version": "0.1.0", "extensions": []}
+        return {"name": "stepserve", "version": __version__, "extensions": []}
 
 
 def _guard(build: Callable[[], dict]) -> Response:

@@ -13,7 +13,8 @@ import json
 import math
 
 from stepserve.errors import InvalidRequestError
-from stepserve.server import openai
+from stepserve.server import kserve_tasks, openai_tasks
+from stepserve.server.kserve_tasks import instance_text
 from stepserve.server.context import ServingContext
 from stepserve.server.fields import hf_parameters
 from stepserve.server.schemas import CompletionRequest, KServeV1Request, KServeV2Request, KServeV2Tensor, validate
@@ -44,26 +45,14 @@ def completion_request(ctx: ServingContext, prompts: list[str], parameters: dict
 
 async def _choices(ctx: ServingContext, req: CompletionRequest) -> list[dict]:
     """One completions choice per completion, in order (``n`` per prompt)."""
-    body = await openai.complete(ctx, req)
+    body = await openai_tasks.any_completion(ctx, req)
     return body["choices"]
-
-
-def instance_text(ctx: ServingContext, index: int, instance: str | dict) -> str:
-    if isinstance(instance, str):
-        return instance
-    keys = [k for k in ("text", "prompt") if k in instance]
-    if len(keys) != 1 or not isinstance(instance[keys[0]], str):
-        raise InvalidRequestError(f"instances[{index}] must be a string or an object with one 'text' string", "instances")
-    ctx.unknown.check([f"instances[{index}].{k}" for k in instance if k != keys[0]])
-    return instance[keys[0]]
 
 
 async def v1_predict(ctx: ServingContext, name: str, req: KServeV1Request) -> dict:
     ctx.check_model(name)
     if ctx.tasks is not None and ctx.tasks.handles_kserve:
-        from stepserve.server import kserve_tasks as task_kserve
-
-        return await task_kserve.v1_predict(ctx.tasks, ctx, req)
+        return await kserve_tasks.v1_predict(ctx.tasks, ctx, req)
     if not req.instances:
         raise InvalidRequestError("instances must not be empty", "instances")
     prompts = [instance_text(ctx, i, x) for i, x in enumerate(req.instances)]
@@ -141,9 +130,7 @@ def v2_completion(ctx: ServingContext, req: KServeV2Request) -> tuple[Completion
 async def v2_infer(ctx: ServingContext, name: str, req: KServeV2Request) -> dict:
     ctx.check_model(name)
     if ctx.tasks is not None and ctx.tasks.handles_kserve:
-        from stepserve.server import kserve_tasks as task_kserve
-
-        return await task_kserve.v2_infer(ctx.tasks, ctx, req)
+        return await kserve_tasks.v2_infer(ctx.tasks, ctx, req)
     ctx.check_model(req.model_name)
     creq, wanted = v2_completion(ctx, req)
     choices = await _choices(ctx, creq)
@@ -159,9 +146,7 @@ async def v2_infer(ctx: ServingContext, name: str, req: KServeV2Request) -> dict
 def v2_metadata(ctx: ServingContext, name: str) -> dict:
     ctx.check_model(name)
     if ctx.tasks is not None and ctx.tasks.handles_kserve:
-        from stepserve.server import kserve_tasks as task_kserve
-
-        return task_kserve.v2_metadata(ctx.tasks, ctx.model_name)
+        return kserve_tasks.v2_metadata(ctx.tasks, ctx.model_name)
     return {
         "name": ctx.model_name,
         "versions": [],

@@ -16,7 +16,6 @@ import json
 import numpy as np
 
 from stepserve.errors import InvalidRequestError
-from stepserve.server.kserve import instance_text  # the generation routes' rule: a string, or one 'text'
 from stepserve.server.schemas import KServeV1Request, KServeV2Request
 from stepserve.tasks import task as T
 from stepserve.tasks.inputs import Encoded, resolve_truncation
@@ -25,6 +24,17 @@ from stepserve.tasks.serving import TaskServing, new_id
 OUTPUT = "output-0"
 OFFSETS = "offset_mapping"
 _PARAMETERS = ("truncate_prompt_tokens",)
+
+
+def instance_text(ctx, index: int, instance: str | dict) -> str:
+    """A KServe v1 instance's text, on every task: a string, or an object with one 'text' (or 'prompt') string."""
+    if isinstance(instance, str):
+        return instance
+    keys = [k for k in ("text", "prompt") if k in instance]
+    if len(keys) != 1 or not isinstance(instance[keys[0]], str):
+        raise InvalidRequestError(f"instances[{index}] must be a string or an object with one 'text' string", "instances")
+    ctx.unknown.check([f"instances[{index}].{k}" for k in instance if k != keys[0]])
+    return instance[keys[0]]
 
 
 def _softmax(x: np.ndarray) -> np.ndarray:

@@ -175,10 +175,6 @@ def _is_ids(prompt) -> bool:
 
 async def complete(ctx: ServingContext, req: CompletionRequest) -> dict | Chunks:
     ctx.check_model(req.model)
-    if ctx.tasks is not None:  # an encoder task: text2text generates, the others refuse
-        from stepserve.server import openai_tasks as task_openai
-
-        return await task_openai.complete(ctx.tasks, ctx, req)
     prompts = completion_prompts(ctx, req, await off_loop(output_constraint, ctx, req))
     request_id = new_id("cmpl")
     if req.stream:

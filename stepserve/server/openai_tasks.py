@@ -10,6 +10,8 @@ from collections.abc import AsyncIterator
 import numpy as np
 
 from stepserve.errors import InvalidRequestError
+from stepserve.server import openai as server_openai  # the generation path's validation and formats, shared
+from stepserve.server.constraints import output_constraint
 from stepserve.tasks import task as T
 from stepserve.tasks.inputs import Encoded, resolve_truncation
 from stepserve.server.schemas import EmbeddingRequest, RerankRequest, ScoreRequest
@@ -111,7 +113,19 @@ async def score(ts: TaskServing, model_name: str, req: ScoreRequest) -> dict:
     return {"id": request_id, "object": "list", "created": int(time.time()), "model": model_name, "data": data, "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
 
 
-# -- /v1/completions for text2text -------------------------------------------------------------
+# -- /v1/completions ------------------------------------------------------------------------
+
+
+async def any_completion(ctx, req) -> dict | AsyncIterator[dict]:
+    """``/v1/completions`` on whatever the server runs: text generation on the engine, or a
+    text2text model (the other tasks refuse it, naming the model's task)."""
+    if ctx.tasks is None:
+        return await server_openai.complete(ctx, req)
+    ctx.check_model(req.model)
+    return await complete(ctx.tasks, ctx, req)
+
+
+# -- text2text -------------------------------------------------------------
 
 # Completion fields that text2text does not honour, a 400, never ignored: echo would return the
 # encoder's input as if the decoder had written it, and an encoder-decoder has no suffix.
@@ -143,9 +157,6 @@ def _apply_stop(text: str, stops: tuple[str, ...]) -> tuple[str, str | None]:
 
 async def complete(ts: TaskServing, ctx, req) -> dict | AsyncIterator[dict]:
     """``/v1/completions`` on a text2text model: the same validation and ``max_tokens`` resolution as the LLM path."""
-    from stepserve.server import openai as server_openai  # the LLM path's validation, shared
-    from stepserve.server.constraints import output_constraint
-
     ts.require((T.TEXT2TEXT,), "/v1/completions")
     _check_supported(req)
     prompts = server_openai.completion_prompts(ctx, req, await server_openai.off_loop(output_constraint, ctx, req))

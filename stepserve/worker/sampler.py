@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from stepserve.core.outputs import ScheduledRequest
+from stepserve.kernels import NOISE_BITS
 from stepserve.sampling import mix_seed
 
 # splitmix64 (Steele, Lea and Flood), written over int64 tensors: multiplication and addition wrap
@@ -26,7 +27,6 @@ from stepserve.sampling import mix_seed
 _GOLDEN = 0x9E3779B97F4A7C15 - (1 << 64)
 _MUL1 = 0xBF58476D1CE4E5B9 - (1 << 64)
 _MUL2 = 0x94D049BB133111EB - (1 << 64)
-NOISE_BITS = 23  # uniform bits per draw: (v + 0.5) / 2**23 is exact in float32, strictly inside (0, 1)
 
 
 def _shr(x: torch.Tensor, n: int) -> torch.Tensor:
@@ -241,7 +241,7 @@ def sample(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
     if batch.all_greedy:
         return greedy_tokens
     if logits.is_cuda:
-        from stepserve.worker.triton_sampling import filtered_race
+        from stepserve.kernels.triton.sampling import filtered_race
 
         drawn = filtered_race(logits, batch.temperature, batch.greedy, batch.top_k, batch.top_p, batch.min_p, batch.noise_keys, batch.noise_index)
     else:

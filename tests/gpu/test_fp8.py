@@ -37,7 +37,7 @@ def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 def test_quantize_rows_matches_reference():
-    from stepserve.models.fp8 import quantize_rows, quantize_rows_reference
+    from stepserve.kernels.triton.fp8 import quantize_rows, quantize_rows_reference
 
     x = torch.randn(37, 1000, device="cuda", dtype=torch.bfloat16) * torch.rand(37, 1, device="cuda", dtype=torch.bfloat16) * 5
     x[3] = 0  # an all-zero row quantizes to zeros, not NaN

@@ -2,7 +2,6 @@
 
 import contextlib
 
-import pytest
 import torch
 
 from stepserve.models.layers import RMSNorm
@@ -45,7 +44,7 @@ def nan_outputs():
 
 
 def test_rms_norm_with_and_without_residual(device):
-    from stepserve.models import triton_ops
+    from stepserve.kernels.triton import fused as triton_ops
 
     for dtype in dtypes(device):
         for hidden in (64, 2048, 4096):
@@ -64,7 +63,7 @@ def test_rms_norm_with_and_without_residual(device):
 
 
 def test_rotary_in_place(device):
-    from stepserve.models import triton_ops
+    from stepserve.kernels.triton import fused as triton_ops
 
     for dtype in dtypes(device):
         # whole heads, partial rotary (the trailing dims pass through), Gemma 3's 256-wide heads
@@ -87,7 +86,7 @@ def test_rotary_in_place(device):
 
 
 def test_silu_and_mul(device):
-    from stepserve.models import triton_ops
+    from stepserve.kernels.triton import fused as triton_ops
 
     for dtype in dtypes(device):
         x = torch.randn(33, 2 * 1500).to(dtype).to(device)

@@ -93,7 +93,7 @@ def test_prefill_and_mixed_match_sdpa(device, dtype, shape, grouped, monkeypatch
     (its twin)."""
     import functools
 
-    from stepserve.attention import triton_kernels as K
+    from stepserve.kernels.triton import attention as K
 
     monkeypatch.setattr(K, "paged_prefill", functools.partial(K.paged_prefill, grouped=grouped))
     heads, kv_heads, head_dim = shape

@@ -36,7 +36,7 @@ def test_filtered_race_equals_the_sorted_sampler(batch, vocab, kind, device):
     sorted path with the same noise, but where the two sides round a near tie differently (the
     race's ratio, or the mass ranked before either token against top_p of top-k's mass, within
     float32 rounding)."""
-    from stepserve.worker.triton_sampling import filtered_race
+    from stepserve.kernels.triton.sampling import filtered_race
 
     gen = torch.Generator().manual_seed(batch * vocab + len(kind))
     logits = torch.randn(batch, vocab, generator=gen) * 3
@@ -67,7 +67,7 @@ def test_filtered_race_ranks_ties_by_index(device):
     """Exact ties: top-p cuts them by index (two of four equal tokens reach 0.5), top-k keeps
     every token tied with the k-th (signed zeros tie), min-p = 1 keeps the tied most likely tokens
     only; with both, top-p's share is of the mass top-k keeps."""
-    from stepserve.worker.triton_sampling import filtered_race
+    from stepserve.kernels.triton.sampling import filtered_race
 
     n = 2000
     def draws(row, top_k=None, top_p=None, min_p=None):
@@ -93,7 +93,7 @@ def test_filtered_race_ranks_ties_by_index(device):
 def test_filtered_race_draw_frequencies(top_k, top_p, min_p, device):
     """20,000 rows of one distribution, each with its own key, against transformers' warpers:
     the counts pass chi-square; greedy rows in the batch are left to the caller (token 0)."""
-    from stepserve.worker.triton_sampling import filtered_race
+    from stepserve.kernels.triton.sampling import filtered_race
 
     n, vocab, temperature = 20_000, 3000, 0.8
     logits = torch.randn(vocab, generator=torch.Generator().manual_seed(5)) * 2
@@ -118,7 +118,7 @@ def test_filtered_race_compiles_one_variant(device):
     keys in one upload, 8-byte aligned) do not make a new specialization."""
     if device != "cuda":
         pytest.skip("compilation is the GPU's matter")
-    from stepserve.worker import triton_sampling as T
+    from stepserve.kernels.triton import sampling as T
 
     def call(rows: int, top_k: bool, top_p: bool, min_p: bool) -> None:
         noise = torch.randint(0, 1000, (2, rows), device=device)  # keys and indices as the sampler uploads them

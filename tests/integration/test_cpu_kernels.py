@@ -148,7 +148,7 @@ def test_embedded_model_int4_agrees_with_float32():
     equal bfloat16's (10 of 12)."""
     from unittest import mock
 
-    from stepserve.models import cpu_native
+    from stepserve.kernels.cpu import native as cpu_native
 
     GAP, RANK1 = 0.5, 0.9
     prompts = ["What is the capital of France?", "What is 12 times 7?", "Name three colors.", "Write a haiku about the sea.",
@@ -205,7 +205,7 @@ def test_auto_keeps_a_float32_checkpoint_in_float32(tiny_llama):
 
 # -- stepserve's own kernels (cpu_native) against their PyTorch twins ---------------------------
 
-from stepserve.models import cpu_native  # noqa: E402
+from stepserve.kernels.cpu import native as cpu_native  # noqa: E402
 
 needs_native = pytest.mark.skipif(cpu_native.library() is None, reason="stepserve's CPU kernels did not build (no C compiler)")
 

@@ -6,7 +6,6 @@ import os
 import signal
 import time
 
-import pytest
 
 from stepserve.config import EngineConfig
 from stepserve.core.outputs import EngineCoreRequest

@@ -144,7 +144,7 @@ def rank_pids(parent: int) -> list[int]:
             cmdline = (stat.parent / "cmdline").read_bytes()
         except OSError:
             continue
-        if ppid == parent and b"stepserve.executor.tensor_parallel" in cmdline:
+        if ppid == parent and b"stepserve.executor.rank" in cmdline:
             pids.append(int(stat.parent.name))
     return pids
 

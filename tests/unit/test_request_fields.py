@@ -24,7 +24,6 @@ from stepserve.server.schemas import (
     CompletionRequest,
     KServeV1Request,
     KServeV2Request,
-    parse_body,
     validate,
 )
 

@@ -169,7 +169,7 @@ def test_rank_reports_that_disagree_are_a_fault_and_agreeing_errors_are_the_pass
     from stepserve.core.engine_core import EngineFaultError
     from stepserve.core.outputs import ModelRunnerOutput
     from stepserve.distributed.messages import PassDone
-    from stepserve.executor.tensor_parallel import _digest, check_agreement
+    from stepserve.executor.tensor_parallel import check_agreement, digest as _digest
 
     out = ModelRunnerOutput(((5, 6), (7,)), (), {})
     check_agreement([PassDone(_digest(out), None)] * 3, out, None)

@@ -1,4 +1,4 @@
-"""stepserve's own CPU kernels (``stepserve/native/cpu_kernels.c``): block-quantized matmuls on
+"""stepserve's own CPU kernels (``stepserve/kernels/cpu/cpu_kernels.c``): block-quantized matmuls on
 8-bit activations and a whole decode step in one call.
 
 Why: at batch 1 a decode step of the embedded model ran dozens of small PyTorch ops per layer
@@ -33,7 +33,7 @@ import torch
 
 log = logging.getLogger("stepserve")
 
-SOURCE = Path(__file__).resolve().parents[1] / "native" / "cpu_kernels.c"
+SOURCE = Path(__file__).resolve().parent / "cpu_kernels.c"
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-fno-math-errno", "-std=c11")
 GROUP = 32  # weights per block, GGUF's Q4_1 and Q8_0
 MAX_DECODE_ROWS = 64  # rows up to which ss_decode runs a decode step (README: measured per batch size)
@@ -269,7 +269,7 @@ class NativeDecoder:
         return out
 
 
-if __name__ == "__main__":  # `python -m stepserve.models.cpu_native`: build now (make install runs it)
+if __name__ == "__main__":  # `python -m stepserve.kernels.cpu.native`: build now (make install runs it)
     logging.basicConfig(level=logging.INFO)
     try:
         print(f"stepserve CPU kernels: {build()}")

@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from stepserve.worker.sampler import NOISE_BITS
+from stepserve.kernels import NOISE_BITS
 
 _BLOCK = 2048
 

@@ -1,0 +1,1 @@
+"""stepserve's CPU kernels in C (``native``), compiled once per machine."""
