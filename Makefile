@@ -29,6 +29,7 @@ serve: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/lint-imports   # the layers of docs/architecture.md, as import contracts (pyproject.toml)
+	$(BIN)/ruff check stepserve tests bench tools   # pyflakes and the 120-character lines
 	$(BIN)/python -m pytest -q
 
 bench: $(STAMP)

@@ -25,8 +25,16 @@ from stepserve import LLM, SamplingParams
 FP8 = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8).max
 GEMV_MAX_ROWS = 2  # as stepserve.models.fp8 (not imported: it needs Triton)
-PROMPTS = ["What is the capital of France?", "What is 12 times 7?", "Name three colors.", "Write a haiku about the sea.",
-           "Who wrote Romeo and Juliet?", "What is the boiling point of water?", "List the planets.", "Say hello."]
+PROMPTS = [
+    "What is the capital of France?",
+    "What is 12 times 7?",
+    "Name three colors.",
+    "Write a haiku about the sea.",
+    "Who wrote Romeo and Juliet?",
+    "What is the boiling point of water?",
+    "List the planets.",
+    "Say hello.",
+]
 
 
 def e4m3(x: torch.Tensor, dim: int) -> torch.Tensor:
@@ -73,11 +81,19 @@ def main() -> None:
     seqs = [(list(o.prompt_token_ids), list(o.outputs[0].token_ids)) for o in outs]
     del emulated
     reference = LLM(device="cpu", dtype="float32", quantization="none", max_model_len=512)
-    forced = reference.generate([p + o for p, o in seqs], SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=1))
-    marks = [(lp.rank, lp.top[0][1] - lp.logprob) for (p, _), r in zip(seqs, forced) for lp in r.prompt_logprobs[len(p) :]]
+    forced = reference.generate(
+        [p + o for p, o in seqs], SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=1)
+    )
+    marks = [
+        (lp.rank, lp.top[0][1] - lp.logprob) for (p, _), r in zip(seqs, forced) for lp in r.prompt_logprobs[len(p) :]
+    ]
     gaps = sorted(g for _, g in marks)
-    print(f"emulated fp8 ({dtype} elsewhere) vs float32: {sum(r == 1 for r, _ in marks) / len(marks):.3f} rank 1 of {len(marks)}, "
-          f"mean gap {sum(gaps) / len(gaps):.3f}, largest {[round(g, 3) for g in gaps[-5:]]}, over 1 nat: {sum(g > 1 for g in gaps)}")
+    print(
+        f"emulated fp8 ({dtype} elsewhere) vs float32: "
+        f"{sum(r == 1 for r, _ in marks) / len(marks):.3f} rank 1 of {len(marks)}, "
+        f"mean gap {sum(gaps) / len(gaps):.3f}, largest {[round(g, 3) for g in gaps[-5:]]}, "
+        f"over 1 nat: {sum(g > 1 for g in gaps)}"
+    )
 
 
 if __name__ == "__main__":

@@ -17,7 +17,18 @@ from stepserve.models import fp8 as F
 
 ROWS = (1, 2)
 SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}
-CANDIDATES = [(4, 1024, 4), (4, 2048, 4), (4, 4096, 4), (8, 512, 4), (8, 1024, 4), (8, 1024, 8), (8, 2048, 4), (8, 2048, 8), (16, 1024, 8), (16, 2048, 8)]
+CANDIDATES = [
+    (4, 1024, 4),
+    (4, 2048, 4),
+    (4, 4096, 4),
+    (8, 512, 4),
+    (8, 1024, 4),
+    (8, 1024, 8),
+    (8, 2048, 4),
+    (8, 2048, 8),
+    (16, 1024, 8),
+    (16, 2048, 8),
+]
 
 
 def timed(fn, reps=50) -> float:
@@ -48,9 +59,15 @@ def main() -> None:
 
             def scaled_mm():
                 xq, xs = F.quantize_rows(x)
-                return torch._scaled_mm(xq, q.t(), scale_a=xs, scale_b=scale, out_dtype=torch.bfloat16, use_fast_accum=True)
+                return torch._scaled_mm(
+                    xq, q.t(), scale_a=xs, scale_b=scale, out_dtype=torch.bfloat16, use_fast_accum=True
+                )
 
-            row = {"scaled_mm_gb_s": gb / timed(scaled_mm), "bf16_gb_s": 2 * gb / timed(lambda: x @ w.t()), "configs": {}}
+            row = {
+                "scaled_mm_gb_s": gb / timed(scaled_mm),
+                "bf16_gb_s": 2 * gb / timed(lambda: x @ w.t()),
+                "configs": {},
+            }
             default = F.GEMV_CONFIGS[rows]
             for cfg in CANDIDATES:
                 if not 2048 <= rows * cfg[0] * cfg[1] <= 32768:
@@ -66,7 +83,11 @@ def main() -> None:
             row["best"] = max(good, key=good.get) if good else None
             row["best_gb_s"] = good.get(row["best"]) if good else None
             results[f"{name}_m{rows}"] = row
-            print(f"{name} m={rows}: scaled_mm {row['scaled_mm_gb_s']:.0f} GB/s, bf16 {row['bf16_gb_s']:.0f}, gemv default {row['default_gb_s']}, best {row['best']} {row['best_gb_s']}", flush=True)
+            print(
+                f"{name} m={rows}: scaled_mm {row['scaled_mm_gb_s']:.0f} GB/s, bf16 {row['bf16_gb_s']:.0f}, "
+                f"gemv default {row['default_gb_s']}, best {row['best']} {row['best_gb_s']}",
+                flush=True,
+            )
     if len(sys.argv) > 1:
         with open(sys.argv[1], "w") as f:
             json.dump(results, f, indent=1)

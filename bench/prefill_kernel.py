@@ -38,7 +38,9 @@ def main() -> None:
         if name == "qwen3-8b":
             continue  # the same attention shape as Llama-8B
         for q_len, ctx in ((512, 0), (64, 448)):  # whole prompts; a late chunk over a cached prefix
-            q, k, v, cache, meta = make_batch([q_len] * 16, [ctx] * 16, heads, kv_heads, head_dim, 16, torch.bfloat16, "cuda", 0)
+            q, k, v, cache, meta = make_batch(
+                [q_len] * 16, [ctx] * 16, heads, kv_heads, head_dim, 16, torch.bfloat16, "cuda", 0
+            )
             K.write_kv(k, v, cache, meta.slot_mapping)
             outs, row = {}, {}
             for grouped in (True, False):
@@ -46,8 +48,18 @@ def main() -> None:
                 outs[grouped] = out
 
                 def run(out=out, grouped=grouped):
-                    K.paged_prefill(q, cache, out, meta.query_start_loc, meta.seq_lens, meta.block_tables, head_dim**-0.5,
-                                    rows=meta.prefill_rows, max_query_len=meta.max_query_len, grouped=grouped)
+                    K.paged_prefill(
+                        q,
+                        cache,
+                        out,
+                        meta.query_start_loc,
+                        meta.seq_lens,
+                        meta.block_tables,
+                        head_dim**-0.5,
+                        rows=meta.prefill_rows,
+                        max_query_len=meta.max_query_len,
+                        grouped=grouped,
+                    )
 
                 row["grouped_ms" if grouped else "one_head_ms"] = round(time_ms(run), 4)
             row["max_abs_diff"] = float((outs[True].float() - outs[False].float()).abs().max())

@@ -2,7 +2,8 @@
 
     python bench/sitting.py \\
         --server 'stepserve=stepserve serve --model-name smollm2 --http-port {port}' \\
-        --server 'llama-server=$PEERS/llama.cpp/build/bin/llama-server -m $GGUF --alias smollm2 --host 127.0.0.1 --port {port} -t 2 -np 16 -c 16384 -cb'
+        --server 'llama-server=$PEERS/llama.cpp/build/bin/llama-server -m $GGUF --alias smollm2 \\
+            --host 127.0.0.1 --port {port} -t 2 -np 16 -c 16384 -cb'
 
 Each ``--server NAME=COMMAND`` (``{port}`` is filled in; run through the shell, in its own process
 group) is started alone, waited for on ``/v1/models``, warmed up with 2 requests, then driven by
@@ -42,10 +43,24 @@ def _load() -> str:
 def _client_args(base_url: str, num: int, concurrency: int, seed: int) -> argparse.Namespace:
     parser = argparse.ArgumentParser()
     client.add_args(parser)
-    return parser.parse_args([
-        "--base-url", base_url, "--num-prompts", str(num), "--max-concurrency", str(concurrency),
-        "--input-len", "128", "--output-len", "64", "--ignore-eos", "--seed", str(seed), "--disable-tqdm",
-    ])
+    return parser.parse_args(
+        [
+            "--base-url",
+            base_url,
+            "--num-prompts",
+            str(num),
+            "--max-concurrency",
+            str(concurrency),
+            "--input-len",
+            "128",
+            "--output-len",
+            "64",
+            "--ignore-eos",
+            "--seed",
+            str(seed),
+            "--disable-tqdm",
+        ]
+    )
 
 
 def _wait_ready(base_url: str, proc: subprocess.Popen, timeout: float) -> float:
@@ -77,13 +92,15 @@ def sit(name: str, command: str, port: int, ready_timeout: float, log_dir: Path)
     base_url = f"http://127.0.0.1:{port}"
     row = {"server": name, "command": command, "load_before": _load()}
     log = open(log_dir / f"{name.replace(' ', '_').replace('/', '_')}.log", "w")
-    proc = subprocess.Popen(command.format(port=port), shell=True, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen(
+        command.format(port=port), shell=True, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+    )
     try:
         row["ready_s"] = _wait_ready(base_url, proc, ready_timeout)
         asyncio.run(client.run(_client_args(base_url, 2, 1, seed=99)))  # warm-up, other prompts
         for label, num, concurrency in WORKLOADS:
             row[label] = asyncio.run(client.run(_client_args(base_url, num, concurrency, seed=0)))
-    except Exception as err:  # noqa: BLE001: one server failing must not end the sitting
+    except Exception as err:  # one server failing must not end the sitting
         row["error"] = f"{type(err).__name__}: {err}"
     finally:
         _stop(proc)
@@ -94,16 +111,20 @@ def sit(name: str, command: str, port: int, ready_timeout: float, log_dir: Path)
 
 def table(rows: list[dict]) -> str:
     lines = [
-        "| server | 1 stream: out tok/s | TPOT ms | TTFT ms | 16 streams: out tok/s | TTFT ms | TPOT ms | tokens (c1 / c16) | failed | load avg before -> after |",
+        "| server | 1 stream: out tok/s | TPOT ms | TTFT ms | 16 streams: out tok/s | TTFT ms | TPOT ms "
+        "| tokens (c1 / c16) | failed | load avg before -> after |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         if "error" in row:
-            lines.append(f"| {row['server']} | {row['error']} | | | | | | | | {row['load_before']} -> {row['load_after']} |")
+            lines.append(
+                f"| {row['server']} | {row['error']} | | | | | | | | {row['load_before']} -> {row['load_after']} |"
+            )
             continue
         one, many = row["1 stream"], row["16 streams"]
         lines.append(
-            f"| {row['server']} | {one['output_throughput']:.1f} | {one['tpot_ms']['mean']:.1f} | {one['ttft_ms']['mean']:.0f} "
+            f"| {row['server']} | {one['output_throughput']:.1f} | {one['tpot_ms']['mean']:.1f} "
+            f"| {one['ttft_ms']['mean']:.0f} "
             f"| {many['output_throughput']:.1f} | {many['ttft_ms']['mean']:.0f} | {many['tpot_ms']['mean']:.1f} "
             f"| {one['total_output_tokens']} / {many['total_output_tokens']} | {one['failed'] + many['failed']} "
             f"| {row['load_before']} -> {row['load_after']} |"
@@ -113,9 +134,13 @@ def table(rows: list[dict]) -> str:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--server", action="append", required=True, metavar="NAME=COMMAND", help="a server to sit, {port} filled in")
+    parser.add_argument(
+        "--server", action="append", required=True, metavar="NAME=COMMAND", help="a server to sit, {port} filled in"
+    )
     parser.add_argument("--port", type=int, default=8190)
-    parser.add_argument("--ready-timeout", type=float, default=300.0, help="seconds a server may take to answer /v1/models")
+    parser.add_argument(
+        "--ready-timeout", type=float, default=300.0, help="seconds a server may take to answer /v1/models"
+    )
     parser.add_argument("--output-json", default=None)
     parser.add_argument("--log-dir", default=".", help="each server's output goes to NAME.log here")
     args = parser.parse_args()

@@ -31,23 +31,81 @@ def _require(ok: bool, message: str) -> None:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    model: str | None = field(default=None, metadata={"help": "model directory or .gguf file; default: /mnt/models when it exists (KServe), else the embedded SmolLM2-135M-Instruct"})
-    dtype: str = field(default="auto", metadata={"help": "weights and activations: auto (on GPU the checkpoint's float16 or bfloat16, float32 as bfloat16; on CPU bfloat16 where the CPU has it natively, unless the checkpoint is float32), float32, bfloat16, float16"})
-    quantization: str = field(default="auto", metadata={"help": "weights: none, int4 (CPU, weight-only, groups of 32), fp8 (CUDA, Hopper or later: e4m3 weights with per-channel scales, quantized at load), or auto (int4 for a 4-bit GGUF on a bfloat16 CPU; fp8 for an FP8 checkpoint on an FP8 GPU, which elsewhere runs dequantized)"})
+    model: str | None = field(
+        default=None,
+        metadata={
+            "help": (
+                "model directory or .gguf file; default: /mnt/models when it exists "
+                "(KServe), else the embedded SmolLM2-135M-Instruct"
+            )
+        },
+    )
+    dtype: str = field(
+        default="auto",
+        metadata={
+            "help": (
+                "weights and activations: auto (on GPU the checkpoint's float16 or bfloat16, "
+                "float32 as bfloat16; on CPU bfloat16 where the CPU has it natively, "
+                "unless the checkpoint is float32), float32, bfloat16, float16"
+            )
+        },
+    )
+    quantization: str = field(
+        default="auto",
+        metadata={
+            "help": (
+                "weights: none, int4 (CPU, weight-only, groups of 32), fp8 (CUDA, Hopper or later: "
+                "e4m3 weights with per-channel scales, quantized at load), or auto (int4 for a 4-bit GGUF on "
+                "a bfloat16 CPU; fp8 for an FP8 checkpoint on an FP8 GPU, which elsewhere runs dequantized)"
+            )
+        },
+    )
     device: str = field(default="auto", metadata={"help": "auto, cpu or cuda"})
     max_model_len: int | None = field(default=None, metadata={"help": "context length; default: the model's"})
     seed: int = field(default=0, metadata={"help": "seed of the engine's generator for unseeded requests"})
     enforce_eager: bool = field(default=False, metadata={"help": "no CUDA graphs or compiled paths"})
-    load_format: str = field(default="auto", metadata={"help": "auto (the checkpoint's files) or dummy (random weights of the right shapes, no weight files read; for benchmarks)"})
-    compilation_cache_dir: str | None = field(default=None, metadata={"help": "where compiled GPU kernels are kept across restarts; default: ~/.cache/stepserve/compile (or $XDG_CACHE_HOME/stepserve/compile)"})
-    generation_config: str = field(default="auto", metadata={"help": "sampling defaults for fields a request leaves out: auto (the model's generation_config.json), vllm (none), or a directory holding a generation_config.json"})
+    load_format: str = field(
+        default="auto",
+        metadata={
+            "help": (
+                "auto (the checkpoint's files) or dummy (random weights "
+                "of the right shapes, no weight files read; for benchmarks)"
+            )
+        },
+    )
+    compilation_cache_dir: str | None = field(
+        default=None,
+        metadata={
+            "help": (
+                "where compiled GPU kernels are kept across restarts; default: "
+                "~/.cache/stepserve/compile (or $XDG_CACHE_HOME/stepserve/compile)"
+            )
+        },
+    )
+    generation_config: str = field(
+        default="auto",
+        metadata={
+            "help": (
+                "sampling defaults for fields a request leaves out: auto (the model's generation_config.json), "
+                "vllm (none), or a directory holding a generation_config.json"
+            )
+        },
+    )
 
     def __post_init__(self) -> None:
         _require(self.dtype in DTYPES, f"dtype={self.dtype!r}: choose one of {', '.join(DTYPES)}")
-        _require(self.quantization in QUANTIZATIONS, f"quantization={self.quantization!r}: choose one of {', '.join(QUANTIZATIONS)}")
-        _require(self.load_format in LOAD_FORMATS, f"load_format={self.load_format!r}: choose one of {', '.join(LOAD_FORMATS)}")
+        _require(
+            self.quantization in QUANTIZATIONS,
+            f"quantization={self.quantization!r}: choose one of {', '.join(QUANTIZATIONS)}",
+        )
+        _require(
+            self.load_format in LOAD_FORMATS,
+            f"load_format={self.load_format!r}: choose one of {', '.join(LOAD_FORMATS)}",
+        )
         _require(self.device in DEVICES, f"device={self.device!r}: choose one of {', '.join(DEVICES)}")
-        _require(self.max_model_len is None or self.max_model_len >= 2, f"max_model_len={self.max_model_len}: use at least 2")
+        _require(
+            self.max_model_len is None or self.max_model_len >= 2, f"max_model_len={self.max_model_len}: use at least 2"
+        )
 
 
 @dataclass(frozen=True)
@@ -57,33 +115,72 @@ class CacheConfig:
     cpu_kv_cache_gib: float = field(default=2.0, metadata={"help": "KV cache size on CPU, GiB"})
     gpu_memory_utilization: float = field(default=0.9, metadata={"help": "share of GPU memory stepserve may use"})
     enable_prefix_caching: bool = field(default=True, metadata={"help": "reuse KV blocks of shared prompt prefixes"})
-    kv_cache_dtype: str = field(default="auto", metadata={"help": "auto (the activations' dtype; float32 on CPU) or fp8 (e4m3 pages with per-tensor scales, 1.0 unless set: half the bytes of bfloat16)"})
+    kv_cache_dtype: str = field(
+        default="auto",
+        metadata={
+            "help": (
+                "auto (the activations' dtype; float32 on CPU) or fp8 (e4m3 pages "
+                "with per-tensor scales, 1.0 unless set: half the bytes of bfloat16)"
+            )
+        },
+    )
 
     def __post_init__(self) -> None:
-        _require(self.block_size in (1, 2, 4, 8, 16, 32, 64, 128), f"block_size={self.block_size}: use a power of two up to 128")
+        _require(
+            self.block_size in (1, 2, 4, 8, 16, 32, 64, 128),
+            f"block_size={self.block_size}: use a power of two up to 128",
+        )
         _require(self.num_blocks is None or self.num_blocks >= 1, f"num_blocks={self.num_blocks}: use at least 1")
         _require(self.cpu_kv_cache_gib > 0, f"cpu_kv_cache_gib={self.cpu_kv_cache_gib}: must be positive")
-        _require(self.kv_cache_dtype in KV_CACHE_DTYPES, f"kv_cache_dtype={self.kv_cache_dtype!r}: choose one of {', '.join(KV_CACHE_DTYPES)}")
-        _require(0 < self.gpu_memory_utilization <= 1, f"gpu_memory_utilization={self.gpu_memory_utilization}: use a value in (0, 1]")
+        _require(
+            self.kv_cache_dtype in KV_CACHE_DTYPES,
+            f"kv_cache_dtype={self.kv_cache_dtype!r}: choose one of {', '.join(KV_CACHE_DTYPES)}",
+        )
+        _require(
+            0 < self.gpu_memory_utilization <= 1,
+            f"gpu_memory_utilization={self.gpu_memory_utilization}: use a value in (0, 1]",
+        )
 
 
 @dataclass(frozen=True)
 class SchedulerConfig:
     max_num_seqs: int = field(default=256, metadata={"help": "requests computed together at most"})
-    max_num_batched_tokens: int = field(default=4096, metadata={"help": "tokens per scheduler pass at most (prefill chunks)"})
+    max_num_batched_tokens: int = field(
+        default=4096, metadata={"help": "tokens per scheduler pass at most (prefill chunks)"}
+    )
     num_scheduler_steps: int = field(default=1, metadata={"help": "decode steps per scheduler pass (multi-step)"})
-    adaptive_steps: bool = field(default=True, metadata={"help": "run single steps while requests wait, so their prefill is not held back"})
-    async_scheduling: bool = field(default=False, metadata={"help": "schedule and prepare the next pass while the device runs the current one (tokens are the same; passes that need the last tokens on the host, for penalties or structured output, wait for them)"})
+    adaptive_steps: bool = field(
+        default=True, metadata={"help": "run single steps while requests wait, so their prefill is not held back"}
+    )
+    async_scheduling: bool = field(
+        default=False,
+        metadata={
+            "help": (
+                "schedule and prepare the next pass while the device runs the current one (tokens are the same; "
+                "passes that need the last tokens on the host, for penalties or structured output, wait for them)"
+            )
+        },
+    )
 
     def __post_init__(self) -> None:
         _require(self.max_num_seqs >= 1, f"max_num_seqs={self.max_num_seqs}: use at least 1")
-        _require(self.max_num_batched_tokens >= 1, f"max_num_batched_tokens={self.max_num_batched_tokens}: use at least 1")
+        _require(
+            self.max_num_batched_tokens >= 1, f"max_num_batched_tokens={self.max_num_batched_tokens}: use at least 1"
+        )
         _require(1 <= self.num_scheduler_steps <= 64, f"num_scheduler_steps={self.num_scheduler_steps}: use 1 to 64")
 
 
 @dataclass(frozen=True)
 class ParallelConfig:
-    tensor_parallel_size: int = field(default=1, metadata={"help": "ranks the model is split over by tensor parallelism within this host (one process per rank; one GPU each on CUDA, NCCL; gloo on CPU)"})
+    tensor_parallel_size: int = field(
+        default=1,
+        metadata={
+            "help": (
+                "ranks the model is split over by tensor parallelism within this host "
+                "(one process per rank; one GPU each on CUDA, NCCL; gloo on CPU)"
+            )
+        },
+    )
 
     def __post_init__(self) -> None:
         _require(self.tensor_parallel_size >= 1, f"tensor_parallel_size={self.tensor_parallel_size}: use at least 1")
@@ -125,7 +222,9 @@ def add_dataclass_args(parser: argparse.ArgumentParser, group_cls: type, aliases
         help_ = f.metadata.get("help", "")
         default = f.default
         if isinstance(default, bool):
-            parser.add_argument(*sorted(names), dest=f.name, action=argparse.BooleanOptionalAction, default=default, help=help_)
+            parser.add_argument(
+                *sorted(names), dest=f.name, action=argparse.BooleanOptionalAction, default=default, help=help_
+            )
             continue
         kind = {int: int, float: float}.get(type(default), str)
         if f.type in ("int | None",):

@@ -28,6 +28,7 @@ class GrammarSpec:
     kind: str  # one of GRAMMAR_KINDS: what the user asked for, for logs and errors
     grammar: str  # llguidance's grammar text (a JSON document), the cache key on both sides
 
+
 MAX_LOGPROBS = 20
 _GREEDY_EPS = 1e-5
 

@@ -24,7 +24,9 @@ def tiny_qwen2(tmp_path_factory):
 def tiny_tied(tmp_path_factory):
     from tiny_models import write_tiny_model
 
-    return write_tiny_model(tmp_path_factory.mktemp("tiny") / "llama-tied", "llama", seed=2, tie_word_embeddings=True, num_key_value_heads=4)
+    return write_tiny_model(
+        tmp_path_factory.mktemp("tiny") / "llama-tied", "llama", seed=2, tie_word_embeddings=True, num_key_value_heads=4
+    )
 
 
 @pytest.fixture(scope="session")
@@ -49,4 +51,6 @@ def embedded_hf():
     from stepserve.checkpoint.source import resolve_source
 
     source = resolve_source(None)
-    return transformers.AutoModelForCausalLM.from_pretrained(str(source.directory), gguf_file=source.gguf_file, dtype=torch.float32).eval()
+    return transformers.AutoModelForCausalLM.from_pretrained(
+        str(source.directory), gguf_file=source.gguf_file, dtype=torch.float32
+    ).eval()

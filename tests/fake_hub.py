@@ -73,7 +73,11 @@ class FakeHub:
     def _answer(self, h: BaseHTTPRequestHandler, body: bool) -> None:
         path = h.path.split("?")[0]
         self.requests.append(f"{h.command} {path}")
-        for pattern, route in ((r"/api/models/(.+?)/revision/(.+)", self._info), (r"/api/models/(.+?)/tree/([^/]+)", self._tree), (r"/(.+?)/resolve/([^/]+)/(.+)", self._file)):
+        for pattern, route in (
+            (r"/api/models/(.+?)/revision/(.+)", self._info),
+            (r"/api/models/(.+?)/tree/([^/]+)", self._tree),
+            (r"/(.+?)/resolve/([^/]+)/(.+)", self._file),
+        ):
             match = re.fullmatch(pattern, path)
             if match:
                 return route(h, body, *match.groups())
@@ -85,7 +89,12 @@ class FakeHub:
             self._error(h, 404, "RepoNotFound", f"Repository {name} not found")
             return None
         if repo.token is not None and h.headers.get("Authorization") != f"Bearer {repo.token}":
-            self._error(h, 401 if h.headers.get("Authorization") is None else 403, "GatedRepo", f"Access to model {name} is restricted")
+            self._error(
+                h,
+                401 if h.headers.get("Authorization") is None else 403,
+                "GatedRepo",
+                f"Access to model {name} is restricted",
+            )
             return None
         return repo
 
@@ -106,7 +115,10 @@ class FakeHub:
         repo = self._repo(h, name)
         sha = repo and self._sha(h, repo, revision)
         if sha:
-            entries = [{"type": "file", "oid": _etag(data), "size": len(data), "path": f} for f, data in sorted(repo.files(sha).items())]
+            entries = [
+                {"type": "file", "oid": _etag(data), "size": len(data), "path": f}
+                for f, data in sorted(repo.files(sha).items())
+            ]
             self._json(h, entries)
 
     def _file(self, h: BaseHTTPRequestHandler, body: bool, name: str, revision: str, filename: str) -> None:

@@ -33,14 +33,25 @@ def quantize(w: torch.Tensor, strategy: str) -> tuple[torch.Tensor, torch.Tensor
 
 def quant_config(method: str, strategy: str) -> dict:
     if method == "fp8":
-        return {"quant_method": "fp8", "activation_scheme": "dynamic", **({"weight_block_size": list(BLOCK)} if strategy == "block" else {})}
+        return {
+            "quant_method": "fp8",
+            "activation_scheme": "dynamic",
+            **({"weight_block_size": list(BLOCK)} if strategy == "block" else {}),
+        }
     weights = {"num_bits": 8, "type": "float", "strategy": strategy, "symmetric": True, "dynamic": False}
     if strategy == "block":
         weights["block_structure"] = list(BLOCK)
     return {
-        "quant_method": "compressed-tensors", "format": "float-quantized", "ignore": ["lm_head"],
-        "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights,
-                                      "input_activations": {"num_bits": 8, "type": "float", "strategy": "tensor", "dynamic": False}}},
+        "quant_method": "compressed-tensors",
+        "format": "float-quantized",
+        "ignore": ["lm_head"],
+        "config_groups": {
+            "group_0": {
+                "targets": ["Linear"],
+                "weights": weights,
+                "input_activations": {"num_bits": 8, "type": "float", "strategy": "tensor", "dynamic": False},
+            }
+        },
     }
 
 
@@ -62,16 +73,24 @@ def write_fp8(src, dst, method: str, strategy: str, scales_first: bool = False):
             codes[name] = plain[name] = t
     config = json.loads((src / "config.json").read_text())
     out = {}
-    for directory, weights, quant in ((dst, None, quant_config(method, strategy)), (dst.with_name(dst.name + "-plain"), plain, None)):
+    for directory, weights, quant in (
+        (dst, None, quant_config(method, strategy)),
+        (dst.with_name(dst.name + "-plain"), plain, None),
+    ):
         shutil.copytree(src, directory)
         (directory / "model.safetensors").unlink()
-        (directory / "config.json").write_text(json.dumps({**config, **({"quantization_config": quant} if quant else {})}))
+        (directory / "config.json").write_text(
+            json.dumps({**config, **({"quantization_config": quant} if quant else {})})
+        )
         if weights is not None:
             save_file(weights, directory / "model.safetensors")
         elif scales_first:  # the scales' shard is read first: they wait for their weights
             save_file(scales, directory / "model-00001-of-00002.safetensors")
             save_file(codes, directory / "model-00002-of-00002.safetensors")
-            files = {**{k: "model-00001-of-00002.safetensors" for k in scales}, **{k: "model-00002-of-00002.safetensors" for k in codes}}
+            files = {
+                **{k: "model-00001-of-00002.safetensors" for k in scales},
+                **{k: "model-00002-of-00002.safetensors" for k in codes},
+            }
             (directory / "model.safetensors.index.json").write_text(json.dumps({"weight_map": files}))
         else:
             save_file({**codes, **scales}, directory / "model.safetensors")

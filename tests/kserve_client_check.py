@@ -15,7 +15,12 @@ from kserve import InferenceGRPCClient, InferenceRESTClient, InferInput, InferRe
 def request(model: str, binary_data: bool) -> InferRequest:
     text = InferInput("text_input", [2], "BYTES")
     text.set_data_from_numpy(np.array([b"hello", b"there"], dtype=np.object_), binary_data=binary_data)
-    return InferRequest(model_name=model, infer_inputs=[text], request_id="k-1", parameters={"max_tokens": 4, "temperature": 0, "ignore_eos": True})
+    return InferRequest(
+        model_name=model,
+        infer_inputs=[text],
+        request_id="k-1",
+        parameters={"max_tokens": 4, "temperature": 0, "ignore_eos": True},
+    )
 
 
 def texts(response) -> list[str]:

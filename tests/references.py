@@ -83,8 +83,9 @@ def assert_logprobs_match(model, prompt, token_ids, chosen, tops, tol=1e-4) -> N
 
 
 @torch.no_grad()
-def reference_greedy(model, prompt: list[int], steps: int, *, presence=0.0, frequency=0.0, bias=None,
-                     min_tokens=0, stop_ids=(), eos=None) -> list[int]:
+def reference_greedy(
+    model, prompt: list[int], steps: int, *, presence=0.0, frequency=0.0, bias=None, min_tokens=0, stop_ids=(), eos=None
+) -> list[int]:
     """Greedy decoding with OpenAI's penalty formula written out, logit bias and min_tokens:
     ``logit[j] += bias[j]; logit[j] -= c[j] * frequency + (c[j] > 0) * presence`` where ``c``
     counts the generated tokens; EOS and stop ids are forbidden before ``min_tokens`` outputs."""

@@ -35,7 +35,10 @@ def _save_tokenizer(directory: Path):
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     tok.decoder = decoders.ByteLevel()
     fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|im_start|>", additional_special_tokens=SPECIALS[1:]
+        tokenizer_object=tok,
+        eos_token="<|endoftext|>",
+        bos_token="<|im_start|>",
+        additional_special_tokens=SPECIALS[1:],
     )
     fast.add_tokens([SCRIPT])
     fast.chat_template = CHAT_TEMPLATE
@@ -50,9 +53,18 @@ def write_scripted_model(directory: Path, max_shard_size: str = "5GB") -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     tokenizer = _save_tokenizer(directory)
     config = transformers.LlamaConfig(
-        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=8192, rms_norm_eps=1e-5, eos_token_id=EOS_ID, bos_token_id=257,
-        tie_word_embeddings=False, torch_dtype="float32",
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=8192,
+        rms_norm_eps=1e-5,
+        eos_token_id=EOS_ID,
+        bos_token_id=257,
+        tie_word_embeddings=False,
+        torch_dtype="float32",
     )
     model = transformers.LlamaForCausalLM(config)
     ids = tokenizer.convert_tokens_to_ids

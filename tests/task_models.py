@@ -14,8 +14,14 @@ WORDS = (
 ).split()
 
 BERT_COMMON = dict(
-    hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
-    max_position_embeddings=128, type_vocab_size=2, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    intermediate_size=64,
+    max_position_embeddings=128,
+    type_vocab_size=2,
+    hidden_dropout_prob=0.0,
+    attention_probs_dropout_prob=0.0,
 )
 
 
@@ -41,7 +47,12 @@ def write_bert(directory: Path, kind: str = "model", seed: int = 0, **overrides)
     directory.mkdir(parents=True, exist_ok=True)
     vocab = save_bert_tokenizer(directory)
     config = tf.BertConfig(vocab_size=vocab, pad_token_id=0, **(BERT_COMMON | overrides))
-    cls = {"model": tf.BertModel, "seq": tf.BertForSequenceClassification, "token": tf.BertForTokenClassification, "masked": tf.BertForMaskedLM}[kind]
+    cls = {
+        "model": tf.BertModel,
+        "seq": tf.BertForSequenceClassification,
+        "token": tf.BertForTokenClassification,
+        "masked": tf.BertForMaskedLM,
+    }[kind]
     torch.manual_seed(seed)
     model = cls(config)
     _randomize(model)
@@ -64,15 +75,24 @@ def write_sentence_transformer(directory: Path, pooling: str = "mean", normalize
     return add_sentence_transformers_files(directory, pooling, normalize, **config_extra)
 
 
-def add_sentence_transformers_files(directory: Path, pooling: str = "mean", normalize: bool = True, **config_extra) -> Path:
+def add_sentence_transformers_files(
+    directory: Path, pooling: str = "mean", normalize: bool = True, **config_extra
+) -> Path:
     """modules.json (Transformer, Pooling, optionally Normalize), the pooling config, a max_seq_length of 64."""
-    modules = [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
-               {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}]
+    modules = [
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+    ]
     if normalize:
         modules.append({"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"})
     (directory / "modules.json").write_text(json.dumps(modules))
     (directory / "1_Pooling").mkdir(exist_ok=True)
-    keys = {"mean": "pooling_mode_mean_tokens", "cls": "pooling_mode_cls_token", "max": "pooling_mode_max_tokens", "last": "pooling_mode_lasttoken"}
+    keys = {
+        "mean": "pooling_mode_mean_tokens",
+        "cls": "pooling_mode_cls_token",
+        "max": "pooling_mode_max_tokens",
+        "last": "pooling_mode_lasttoken",
+    }
     pool_config = {key: key == keys[pooling] for key in keys.values()}
     (directory / "1_Pooling" / "config.json").write_text(json.dumps(pool_config))
     (directory / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": 64, "do_lower_case": False}))
@@ -93,7 +113,13 @@ def write_roberta(directory: Path, seed: int = 4) -> Path:
         vocab[ch] = len(vocab)
     vocab["<mask>"] = len(vocab)
     tf.RobertaTokenizer(vocab=vocab, merges=[]).save_pretrained(directory)
-    config = tf.RobertaConfig(vocab_size=len(vocab), pad_token_id=1, bos_token_id=0, eos_token_id=2, **(BERT_COMMON | {"max_position_embeddings": 130, "type_vocab_size": 1}))
+    config = tf.RobertaConfig(
+        vocab_size=len(vocab),
+        pad_token_id=1,
+        bos_token_id=0,
+        eos_token_id=2,
+        **(BERT_COMMON | {"max_position_embeddings": 130, "type_vocab_size": 1}),
+    )
     torch.manual_seed(seed)
     model = tf.RobertaModel(config)
     _randomize(model)
@@ -111,8 +137,18 @@ def write_t5(directory: Path, seed: int = 5) -> Path:
     tokenizer = tf.T5Tokenizer(vocab=pieces, extra_ids=0)
     tokenizer.save_pretrained(directory)
     config = tf.T5Config(
-        vocab_size=len(pieces), d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=2, num_heads=4,
-        dropout_rate=0.0, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0, n_positions=128,
+        vocab_size=len(pieces),
+        d_model=32,
+        d_kv=8,
+        d_ff=64,
+        num_layers=2,
+        num_decoder_layers=2,
+        num_heads=4,
+        dropout_rate=0.0,
+        pad_token_id=0,
+        eos_token_id=1,
+        decoder_start_token_id=0,
+        n_positions=128,
     )
     torch.manual_seed(seed)
     model = tf.T5ForConditionalGeneration(config)
@@ -128,7 +164,17 @@ def write_distilbert(directory: Path, seed: int = 9) -> Path:
 
     directory.mkdir(parents=True, exist_ok=True)
     vocab = save_bert_tokenizer(directory)
-    config = tf.DistilBertConfig(vocab_size=vocab, dim=32, n_layers=2, n_heads=4, hidden_dim=64, max_position_embeddings=128, dropout=0.0, attention_dropout=0.0, pad_token_id=0)
+    config = tf.DistilBertConfig(
+        vocab_size=vocab,
+        dim=32,
+        n_layers=2,
+        n_heads=4,
+        hidden_dim=64,
+        max_position_embeddings=128,
+        dropout=0.0,
+        attention_dropout=0.0,
+        pad_token_id=0,
+    )
     torch.manual_seed(seed)
     model = tf.DistilBertModel(config)
     _randomize(model)

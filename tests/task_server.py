@@ -34,7 +34,9 @@ def serve_in_thread(model, *flags: str, name: str = "m", grpc_port: int | None =
     from stepserve.tasks.config import TaskConfig
     from stepserve.tasks.setup import plan_task, serving
 
-    args = build_parser().parse_args(["serve", "--model", str(model), "--engine-in-process", "--model_name", name, *flags])
+    args = build_parser().parse_args(
+        ["serve", "--model", str(model), "--engine-in-process", "--model_name", name, *flags]
+    )
     engine, server = engine_config_from_args(args), server_config_from_args(args)
     front = plan_task(engine, TaskConfig(**{f.name: vars(args)[f.name] for f in dataclasses.fields(TaskConfig)}))
     make_client, tokenizer, info = serving(front, engine, server) if front else _engine(engine, server)

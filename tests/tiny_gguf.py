@@ -52,7 +52,7 @@ def _gguf_name(name: str, gemma: bool) -> str:
         module, kind = rest.rsplit(".", 1)
         return f"blk.{layer}.{(GEMMA_LAYER if gemma else LAYER)[module]}.{kind}"
     module, kind = name.rsplit(".", 1)
-    return f"{ {'embed_tokens': 'token_embd', 'norm': 'output_norm', 'lm_head': 'output'}[module]}.{kind}"
+    return f"{ {'embed_tokens': 'token_embd', 'norm': 'output_norm', 'lm_head': 'output'}[module] }.{kind}"
 
 
 def write_gguf(model_dir: Path, path: Path, extra_metadata=None, tokenizer_model: str = "gpt2") -> Path:

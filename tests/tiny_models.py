@@ -27,7 +27,10 @@ def save_byte_tokenizer(directory: Path) -> None:
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     tok.decoder = decoders.ByteLevel()
     fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|im_start|>", additional_special_tokens=SPECIALS[1:]
+        tokenizer_object=tok,
+        eos_token="<|endoftext|>",
+        bos_token="<|im_start|>",
+        additional_special_tokens=SPECIALS[1:],
     )
     fast.chat_template = CHAT_TEMPLATE
     fast.save_pretrained(directory)
@@ -73,36 +76,81 @@ WINDOW = 8  # sliding window of the windowed tiny models: shorter than most test
 # family -> (transformers config class, model class, config overrides beyond the common ones)
 FAMILIES = {
     "mistral": ("MistralConfig", "MistralForCausalLM", dict(sliding_window=WINDOW)),
-    "qwen2-window": ("Qwen2Config", "Qwen2ForCausalLM", dict(use_sliding_window=True, sliding_window=WINDOW, max_window_layers=1)),
+    "qwen2-window": (
+        "Qwen2Config",
+        "Qwen2ForCausalLM",
+        dict(use_sliding_window=True, sliding_window=WINDOW, max_window_layers=1),
+    ),
     "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(head_dim=16)),
-    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", dict(
-        head_dim=16, query_pre_attn_scalar=24, sliding_window=WINDOW, attn_logit_softcapping=1.5,
-        final_logit_softcapping=3.0, num_hidden_layers=3, tie_word_embeddings=True,
-    )),
-    "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM", dict(
-        head_dim=16, query_pre_attn_scalar=16, sliding_window=WINDOW, num_hidden_layers=3, tie_word_embeddings=True,
-        layer_types=["sliding_attention", "full_attention", "sliding_attention"],
-        rope_parameters={
-            "full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1_000_000.0},
-            "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0},
-        },
-    )),
+    "gemma2": (
+        "Gemma2Config",
+        "Gemma2ForCausalLM",
+        dict(
+            head_dim=16,
+            query_pre_attn_scalar=24,
+            sliding_window=WINDOW,
+            attn_logit_softcapping=1.5,
+            final_logit_softcapping=3.0,
+            num_hidden_layers=3,
+            tie_word_embeddings=True,
+        ),
+    ),
+    "gemma3": (
+        "Gemma3TextConfig",
+        "Gemma3ForCausalLM",
+        dict(
+            head_dim=16,
+            query_pre_attn_scalar=16,
+            sliding_window=WINDOW,
+            num_hidden_layers=3,
+            tie_word_embeddings=True,
+            layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+            rope_parameters={
+                "full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1_000_000.0},
+                "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0},
+            },
+        ),
+    ),
     # Gemma 3's real head size (256): the Triton kernels' widest tiles
-    "gemma3-hd256": ("Gemma3TextConfig", "Gemma3ForCausalLM", dict(
-        head_dim=256, query_pre_attn_scalar=256, sliding_window=WINDOW, num_hidden_layers=3, tie_word_embeddings=True,
-        layer_types=["sliding_attention", "full_attention", "sliding_attention"],
-    )),
-    "phi3": ("Phi3Config", "Phi3ForCausalLM", dict(
-        max_position_embeddings=512, original_max_position_embeddings=128, pad_token_id=0,
-        rope_parameters={
-            "rope_type": "longrope", "rope_theta": 10000.0, "partial_rotary_factor": 0.5,
-            "short_factor": [1.0, 1.5, 2.0, 3.0], "long_factor": [2.0, 4.0, 6.0, 9.0],
-            "original_max_position_embeddings": 128,
-        },
-    )),
-    "granite": ("GraniteConfig", "GraniteForCausalLM", dict(
-        embedding_multiplier=4.0, residual_multiplier=0.5, attention_multiplier=0.2, logits_scaling=2.0,
-    )),
+    "gemma3-hd256": (
+        "Gemma3TextConfig",
+        "Gemma3ForCausalLM",
+        dict(
+            head_dim=256,
+            query_pre_attn_scalar=256,
+            sliding_window=WINDOW,
+            num_hidden_layers=3,
+            tie_word_embeddings=True,
+            layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+        ),
+    ),
+    "phi3": (
+        "Phi3Config",
+        "Phi3ForCausalLM",
+        dict(
+            max_position_embeddings=512,
+            original_max_position_embeddings=128,
+            pad_token_id=0,
+            rope_parameters={
+                "rope_type": "longrope",
+                "rope_theta": 10000.0,
+                "partial_rotary_factor": 0.5,
+                "short_factor": [1.0, 1.5, 2.0, 3.0],
+                "long_factor": [2.0, 4.0, 6.0, 9.0],
+                "original_max_position_embeddings": 128,
+            },
+        ),
+    ),
+    "granite": (
+        "GraniteConfig",
+        "GraniteForCausalLM",
+        dict(
+            embedding_multiplier=4.0,
+            residual_multiplier=0.5,
+            attention_multiplier=0.2,
+            logits_scaling=2.0,
+        ),
+    ),
 }
 
 
@@ -115,9 +163,18 @@ def write_tiny_family(directory: Path, family: str, seed: int = 0) -> Path:
     config_cls, model_cls, extra = FAMILIES[family]
     directory.mkdir(parents=True, exist_ok=True)
     common = dict(
-        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=512, rms_norm_eps=1e-5, eos_token_id=EOS_ID,
-        bos_token_id=257, initializer_range=0.2, tie_word_embeddings=False,
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        rms_norm_eps=1e-5,
+        eos_token_id=EOS_ID,
+        bos_token_id=257,
+        initializer_range=0.2,
+        tie_word_embeddings=False,
     )
     common.update(extra)
     torch.manual_seed(seed)

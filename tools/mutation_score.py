@@ -28,11 +28,16 @@ def main(root: Path = Path("mutants")) -> int:
         run = {k: v for k, v in codes.items() if v is not None}
         if not run:
             continue
-        c = Counter("killed" if v in DETECTED else "survived" if v in SURVIVED else "no tests" if v in UNCOVERED else "other" for v in run.values())
+        c = Counter(
+            "killed" if v in DETECTED else "survived" if v in SURVIVED else "no tests" if v in UNCOVERED else "other"
+            for v in run.values()
+        )
         total.update(c)
         name = str(meta.relative_to(root)).removesuffix(".meta")
-        print(f"{name}: {c['killed']}/{len(run)} killed = {100 * c['killed'] / len(run):.1f}% "
-              f"(survived {c['survived']}, no tests {c['no tests']}, other {c['other']}; {len(codes) - len(run)} not run)")
+        print(
+            f"{name}: {c['killed']}/{len(run)} killed = {100 * c['killed'] / len(run):.1f}% "
+            f"(survived {c['survived']}, no tests {c['no tests']}, other {c['other']}; {len(codes) - len(run)} not run)"
+        )
         for k, v in sorted(run.items()):
             if v not in DETECTED:
                 print(f"    {'survived' if v in SURVIVED else v}: {k}")

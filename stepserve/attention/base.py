@@ -78,7 +78,9 @@ def get_backend(name: str) -> AttentionBackend:
     return getattr(importlib.import_module(module), cls)()
 
 
-def write_kv(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor, kv_scale=(1.0, 1.0)) -> None:
+def write_kv(
+    k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor, kv_scale=(1.0, 1.0)
+) -> None:
     """Store this step's keys and values at their slots (quantized for an FP8 cache)."""
     num_slots = kv_cache.shape[1] * kv_cache.shape[2]
     if is_fp8(kv_cache):  # copied as bytes: index_copy_ has no float8 kernels

@@ -76,7 +76,10 @@ class SdpaBackend:
         elif meta.decode_rows is None:
             groups = [self._prefill_group(meta, qsl, None)]
         else:
-            groups = [self._decode_group(meta, qsl, meta.decode_rows.long()), self._prefill_group(meta, qsl, meta.prefill_rows.long())]
+            groups = [
+                self._decode_group(meta, qsl, meta.decode_rows.long()),
+                self._prefill_group(meta, qsl, meta.prefill_rows.long()),
+            ]
         meta.extras = {"groups": groups}
 
     @staticmethod
@@ -116,7 +119,9 @@ class SdpaBackend:
         return out.to(dtype)
 
     @staticmethod
-    def _attend(group: _Group, q: torch.Tensor, kv_cache: torch.Tensor, scale: float, window: int, softcap: float, kv_scale) -> torch.Tensor:
+    def _attend(
+        group: _Group, q: torch.Tensor, kv_cache: torch.Tensor, scale: float, window: int, softcap: float, kv_scale
+    ) -> torch.Tensor:
         """Attention of the group's queries, packed: [tokens of the group, H, D]."""
         num_heads, (_, _, num_kv_heads, head_dim) = q.shape[1], kv_cache.shape[1:]
         batch = group.q_pos.shape[0]

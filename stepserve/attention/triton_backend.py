@@ -39,7 +39,18 @@ class TritonBackend:
     def prepare(self, meta: AttentionMetadata) -> None:
         meta.extras = {}
 
-    def forward(self, q, k, v, kv_cache, meta: AttentionMetadata, scale: float, window: int = 0, softcap: float = 0.0, kv_scale=(1.0, 1.0)) -> torch.Tensor:
+    def forward(
+        self,
+        q,
+        k,
+        v,
+        kv_cache,
+        meta: AttentionMetadata,
+        scale: float,
+        window: int = 0,
+        softcap: float = 0.0,
+        kv_scale=(1.0, 1.0),
+    ) -> torch.Tensor:
         K.write_kv(k, v, kv_cache, meta.slot_mapping, kv_scale)
         out = torch.empty_like(q)
         args = (kv_cache, out, meta.query_start_loc, meta.seq_lens, meta.block_tables, scale)

@@ -37,7 +37,9 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     flag("input-len", type=int, default=128, help="tokens per input")
     flag("max-concurrency", type=int, default=64, help="requests in flight at most")
     flag("batch-size", type=int, default=32, help="inputs per transformers batched call")
-    flag("rounds", type=int, default=3, help="timed rounds of the server and the batched baseline; the best is reported")
+    flag(
+        "rounds", type=int, default=3, help="timed rounds of the server and the batched baseline; the best is reported"
+    )
     flag("single-inputs", type=int, default=16, help="inputs of the one-by-one baseline")
     flag("seed", type=int, default=0, help="seed of the inputs")
     flag("output-json", default=None, help="also write the result here")
@@ -52,7 +54,10 @@ def random_inputs(tokenizer, num: int, length: int, seed: int) -> list[list[int]
 
 async def _server_round(base_url: str, model: str | None, inputs: list[list[int]], concurrency: int) -> float:
     limit = asyncio.Semaphore(concurrency)
-    async with httpx.AsyncClient(base_url=base_url, timeout=600, limits=httpx.Limits(max_connections=concurrency)) as client:
+    async with httpx.AsyncClient(
+        base_url=base_url, timeout=600, limits=httpx.Limits(max_connections=concurrency)
+    ) as client:
+
         async def one(ids: list[int]) -> None:
             async with limit:
                 response = await client.post("/v1/embeddings", json={"model": model, "input": ids})
@@ -98,9 +103,16 @@ def run(args: argparse.Namespace) -> dict:
     singles = rounds[0][: args.single_inputs]
     single = _transformers_round(model, singles, 1) * n / len(singles)  # scaled to n inputs
     result = {
-        "inputs": n, "input_len": args.input_len, "max_concurrency": args.max_concurrency, "batch_size": args.batch_size,
-        "server_inputs_per_s": n / server, "transformers_batched_inputs_per_s": n / batched, "transformers_single_inputs_per_s": n / single,
-        "server_vs_batched": batched / server, "server_vs_single": single / server, "torch_threads": torch.get_num_threads(),
+        "inputs": n,
+        "input_len": args.input_len,
+        "max_concurrency": args.max_concurrency,
+        "batch_size": args.batch_size,
+        "server_inputs_per_s": n / server,
+        "transformers_batched_inputs_per_s": n / batched,
+        "transformers_single_inputs_per_s": n / single,
+        "server_vs_batched": batched / server,
+        "server_vs_single": single / server,
+        "torch_threads": torch.get_num_threads(),
     }
     print(json.dumps(result, indent=2))
     if args.output_json:

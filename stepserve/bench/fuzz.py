@@ -75,16 +75,81 @@ class FuzzReport:
 
 # -- values -------------------------------------------------------------------------------
 
-INT_EDGES = (0, 1, -1, 2, 127, 128, 129, 2**15, 32000, 49152, 151936, 2**31 - 1, 2**31, -(2**31), -(2**31) - 1,
-             2**32, 2**53 + 1, 2**63 - 1, 2**63, -(2**63), -(2**63) - 1, 2**64, 10**30)
-FLOAT_EDGES = (0.0, -0.0, 5e-324, 1e-5, 0.5, 1.0, 1.0000001, 2.0, 2.0000001, 100.0, 100.00001, -1e-300, 1e308, -1e308)
-RAW_NUMBERS = (b"NaN", b"Infinity", b"-Infinity", b"1e999", b"-1e999", b"1" * 400, b"1.5e-400", b"0x10", b"01", b"+1", b"1.", b".5")
-STRINGS = (
-    "", " ", "\u0000", "a\u0000b", "e\u0301\u0301\u0301", "\u202eevil", "\u05e9\u05dc\u05d5\u05dd", "\u0645\u0631\u062d\u0628\u0627",
-    "\U0001f600" * 8, "\U0001f468\u200d\U0001f469\u200d\U0001f467", "\ufeff", "\uffff", "\U0010ffff", "<|im_end|>", "<|endoftext|>",
-    "{{ 7*7 }}", "{% raw %}", "\\", '"', "\r\n", "x" * 5000, "hello",
+INT_EDGES = (
+    0,
+    1,
+    -1,
+    2,
+    127,
+    128,
+    129,
+    2**15,
+    32000,
+    49152,
+    151936,
+    2**31 - 1,
+    2**31,
+    -(2**31),
+    -(2**31) - 1,
+    2**32,
+    2**53 + 1,
+    2**63 - 1,
+    2**63,
+    -(2**63),
+    -(2**63) - 1,
+    2**64,
+    10**30,
 )
-RAW_STRINGS = (b'"\\ud800"', b'"\\udfff x"', b'"a\\ud83d"', b'"\xff\xfe"', b'"\xed\xa0\x80"', b'"\xc3"', b'"\\u0000"', b'"\\x41"', b'"\t"')
+FLOAT_EDGES = (0.0, -0.0, 5e-324, 1e-5, 0.5, 1.0, 1.0000001, 2.0, 2.0000001, 100.0, 100.00001, -1e-300, 1e308, -1e308)
+RAW_NUMBERS = (
+    b"NaN",
+    b"Infinity",
+    b"-Infinity",
+    b"1e999",
+    b"-1e999",
+    b"1" * 400,
+    b"1.5e-400",
+    b"0x10",
+    b"01",
+    b"+1",
+    b"1.",
+    b".5",
+)
+STRINGS = (
+    "",
+    " ",
+    "\u0000",
+    "a\u0000b",
+    "e\u0301\u0301\u0301",
+    "\u202eevil",
+    "\u05e9\u05dc\u05d5\u05dd",
+    "\u0645\u0631\u062d\u0628\u0627",
+    "\U0001f600" * 8,
+    "\U0001f468\u200d\U0001f469\u200d\U0001f467",
+    "\ufeff",
+    "\uffff",
+    "\U0010ffff",
+    "<|im_end|>",
+    "<|endoftext|>",
+    "{{ 7*7 }}",
+    "{% raw %}",
+    "\\",
+    '"',
+    "\r\n",
+    "x" * 5000,
+    "hello",
+)
+RAW_STRINGS = (
+    b'"\\ud800"',
+    b'"\\udfff x"',
+    b'"a\\ud83d"',
+    b'"\xff\xfe"',
+    b'"\xed\xa0\x80"',
+    b'"\xc3"',
+    b'"\\u0000"',
+    b'"\\x41"',
+    b'"\t"',
+)
 
 
 def _deep(rng: random.Random) -> Raw:
@@ -111,7 +176,10 @@ def _scalar(rng: random.Random):
         return rng.choice((True, False, None))
     if pick == 6:
         return rng.randint(-3, 40)
-    return "".join(chr(rng.choice((rng.randint(32, 126), rng.randint(0x80, 0x2FFF), rng.randint(0xE000, 0x10FFFF)))) for _ in range(rng.randint(0, 12)))
+    return "".join(
+        chr(rng.choice((rng.randint(32, 126), rng.randint(0x80, 0x2FFF), rng.randint(0xE000, 0x10FFFF))))
+        for _ in range(rng.randint(0, 12))
+    )
 
 
 def _junk(rng: random.Random, depth: int = 0):
@@ -120,7 +188,10 @@ def _junk(rng: random.Random, depth: int = 0):
     if pick == 0 and depth < 3:
         return [_junk(rng, depth + 1) for _ in range(rng.randint(0, 4))]
     if pick == 1 and depth < 3:
-        return {rng.choice(STRINGS[:8] + ("role", "content", "text", "type")): _junk(rng, depth + 1) for _ in range(rng.randint(0, 3))}
+        return {
+            rng.choice(STRINGS[:8] + ("role", "content", "text", "type")): _junk(rng, depth + 1)
+            for _ in range(rng.randint(0, 3))
+        }
     if pick == 2:
         return _deep(rng)
     if pick == 3:
@@ -186,9 +257,15 @@ def _valid_bodies(model: str) -> dict[str, tuple[dict, type[BaseModel]]]:
     v2_tensor = {"name": "text_input", "shape": [1], "datatype": "BYTES", "data": ["hi"]}
     return {
         "/v1/completions": ({"model": model, "prompt": "hello", "max_tokens": 2}, CompletionRequest),
-        "/v1/chat/completions": ({"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}, ChatCompletionRequest),
+        "/v1/chat/completions": (
+            {"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2},
+            ChatCompletionRequest,
+        ),
         "/openai/v1/completions": ({"model": model, "prompt": [1, 2, 3], "max_tokens": 2}, CompletionRequest),
-        "/openai/v1/chat/completions": ({"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}, ChatCompletionRequest),
+        "/openai/v1/chat/completions": (
+            {"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2},
+            ChatCompletionRequest,
+        ),
         f"/v1/models/{model}:predict": ({"instances": ["hi"], "parameters": {"max_tokens": 2}}, KServeV1Request),
         f"/v2/models/{model}/infer": ({"inputs": [v2_tensor], "parameters": {"max_tokens": 2}}, KServeV2Request),
     } | _pooling_bodies(model)
@@ -232,7 +309,11 @@ def _mutate(rng: random.Random, body: dict, schema: type[BaseModel]) -> str:
 def _first_dict(body: dict, name: str) -> bool:
     """Whether ``body[name]`` is an object, or a list whose first item is one (not yet mutated away)."""
     value = body.get(name)
-    return isinstance(value, dict) if name == "parameters" else isinstance(value, list) and bool(value) and isinstance(value[0], dict)
+    return (
+        isinstance(value, dict)
+        if name == "parameters"
+        else isinstance(value, list) and bool(value) and isinstance(value[0], dict)
+    )
 
 
 def encode(value) -> bytes:
@@ -247,9 +328,25 @@ def encode(value) -> bytes:
 
 
 def _get_case(rng: random.Random, model: str) -> FuzzCase:
-    name = rng.choice((model, model, "", "x" * 3000, "\u0000", "..", "%", "\u202e\U0001f600", "a/b", "%ff", model + "\u0301"))
-    template = rng.choice(("/v1/models", "/openai/v1/models", "/v1/models/{}", "/v2/models/{}", "/v2/models/{}/ready",
-                           "/v2/health/live", "/v2/health/ready", "/health", "/v2", "/metrics", "/v1/{}", "/{}"))
+    name = rng.choice(
+        (model, model, "", "x" * 3000, "\u0000", "..", "%", "\u202e\U0001f600", "a/b", "%ff", model + "\u0301")
+    )
+    template = rng.choice(
+        (
+            "/v1/models",
+            "/openai/v1/models",
+            "/v1/models/{}",
+            "/v2/models/{}",
+            "/v2/models/{}/ready",
+            "/v2/health/live",
+            "/v2/health/ready",
+            "/health",
+            "/v2",
+            "/metrics",
+            "/v1/{}",
+            "/{}",
+        )
+    )
     return FuzzCase("GET", template.format(quote(name, safe="")), None, False, f"GET {template}")
 
 
@@ -266,7 +363,17 @@ def make_case(rng: random.Random, model: str) -> FuzzCase:
     if roll < 0.27:
         raw = encode(body)
         cut = rng.randrange(len(raw) + 1)
-        broken = rng.choice((raw[:cut], raw[:cut] + bytes([rng.randrange(256)]) + raw[cut:], b"", b"null", b"[]", b"\xef\xbb\xbf" + raw, _deep(rng).data))
+        broken = rng.choice(
+            (
+                raw[:cut],
+                raw[:cut] + bytes([rng.randrange(256)]) + raw[cut:],
+                b"",
+                b"null",
+                b"[]",
+                b"\xef\xbb\xbf" + raw,
+                _deep(rng).data,
+            )
+        )
         return FuzzCase("POST", path, broken, False, "syntax")
     what = [_mutate(rng, body, schema) for _ in range(rng.choice((1, 1, 1, 2, 3)))]
     return FuzzCase("POST", path, encode(body), False, ", ".join(what))
@@ -291,7 +398,12 @@ def check(case: FuzzCase, status: int, headers: httpx.Headers, content: bytes) -
 def _check_error_body(status: int, content: bytes) -> str | None:
     try:
         error = json.loads(content)["error"]
-        ok = isinstance(error["message"], str) and error["message"] and isinstance(error["type"], str) and "param" in error
+        ok = (
+            isinstance(error["message"], str)
+            and error["message"]
+            and isinstance(error["type"], str)
+            and "param" in error
+        )
     except (ValueError, KeyError, TypeError):
         ok = False
     return None if ok else f"HTTP {status} without an OpenAI error body: {content[:300]!r}"
@@ -323,7 +435,22 @@ async def send(client: httpx.AsyncClient, case: FuzzCase) -> tuple[int, str | No
 GRPC_METHOD = "/inference.GRPCInferenceService/ModelInfer"
 # The client's fault (the REST route's 400, 404, 413, 429), or OK; never INTERNAL or UNKNOWN.
 GRPC_ALLOWED = frozenset({"OK", "INVALID_ARGUMENT", "NOT_FOUND", "RESOURCE_EXHAUSTED"})
-DATATYPES = ("BYTES", "BYTES", "FP32", "FP64", "INT32", "INT64", "UINT8", "BOOL", "FP16", "STRING", "bytes", "", "\u0000", "\U0001f600")
+DATATYPES = (
+    "BYTES",
+    "BYTES",
+    "FP32",
+    "FP64",
+    "INT32",
+    "INT64",
+    "UINT8",
+    "BOOL",
+    "FP16",
+    "STRING",
+    "bytes",
+    "",
+    "\u0000",
+    "\U0001f600",
+)
 SHAPES = ([], [0], [1], [2], [-1], [1, 1], [1, -1], [2**31], [2**63 - 1], [-(2**63)], [1] * 64, [10**6, 10**6])
 BAD_UTF8 = (b"\xff\xfe", b"\xed\xa0\x80", b"\xc3", b"a\x80b", b"\xf4\x90\x80\x80", b"\xc0\xaf")
 
@@ -339,7 +466,9 @@ def valid_grpc_request(model: str):
     """A ModelInferRequest that must be served: one BYTES text_input, max_tokens 2."""
     contents = pb.InferTensorContents(bytes_contents=[b"hi"])
     tensor = pb.ModelInferRequest.InferInputTensor(name="text_input", datatype="BYTES", shape=[1], contents=contents)
-    return pb.ModelInferRequest(model_name=model, id="fuzz", inputs=[tensor], parameters={"max_tokens": pb.InferParameter(int64_param=2)})
+    return pb.ModelInferRequest(
+        model_name=model, id="fuzz", inputs=[tensor], parameters={"max_tokens": pb.InferParameter(int64_param=2)}
+    )
 
 
 def _grpc_param(rng: random.Random):
@@ -348,7 +477,9 @@ def _grpc_param(rng: random.Random):
         return pb.InferParameter(int64_param=max(-(2**63), min(2**63 - 1, _of_kind(rng, "int"))))
     if kind == 1:
         return pb.InferParameter(bool_param=rng.choice((True, False)))
-    text = rng.choice(STRINGS + ("NaN", "inf", "-1e999", "1e308", "2147483648", "true", "[1, 2]", '{"type": "json_object"}'))
+    text = rng.choice(
+        STRINGS + ("NaN", "inf", "-1e999", "1e308", "2147483648", "true", "[1, 2]", '{"type": "json_object"}')
+    )
     return pb.InferParameter(string_param=text)
 
 
@@ -356,7 +487,9 @@ def _grpc_contents(rng: random.Random, tensor) -> str:
     contents = tensor.contents
     pick = rng.randrange(6)
     if pick == 0:
-        contents.bytes_contents[:] = [rng.choice(BAD_UTF8 + (b"", b"\x00", b"x" * 100_000, "\u202e\U0001f600".encode()))]
+        contents.bytes_contents[:] = [
+            rng.choice(BAD_UTF8 + (b"", b"\x00", b"x" * 100_000, "\u202e\U0001f600".encode()))
+        ]
         return "bytes_contents"
     if pick == 1:
         contents.bytes_contents[:] = [b"a"] * rng.choice((0, 2, 5000))
@@ -404,7 +537,9 @@ def _grpc_mutate(rng: random.Random, request, model: str) -> str:
     if pick == 4:
         return _grpc_raw(rng, request)
     if pick == 5:
-        request.parameters[rng.choice(sorted(CompletionRequest.model_fields) + ["bogus", "", "max_new_tokens", "do_sample"])].CopyFrom(_grpc_param(rng))
+        request.parameters[
+            rng.choice(sorted(CompletionRequest.model_fields) + ["bogus", "", "max_new_tokens", "do_sample"])
+        ].CopyFrom(_grpc_param(rng))
         return "parameters"
     if pick == 6:
         tensor.name = rng.choice(("", "prompt", "text_input\u0000", "TEXT_INPUT"))
@@ -478,15 +613,32 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--base-url", default="http://127.0.0.1:8080", help="the server to fuzz")
     parser.add_argument("--model", default=None, help="served model name; default: the first of /v1/models")
     parser.add_argument("--requests", type=int, default=1000, help="fuzzed requests to send")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the generator: the same seed sends the same requests")
+    parser.add_argument(
+        "--seed", type=int, default=0, help="seed of the generator: the same seed sends the same requests"
+    )
     parser.add_argument("--concurrency", type=int, default=4, help="requests in flight at once")
     parser.add_argument("--timeout-s", type=float, default=300.0, help="per-request timeout")
-    parser.add_argument("--grpc", default=None, metavar="HOST:PORT", help="also fuzz gRPC ModelInfer on this address (a server with --enable_grpc)")
-    parser.add_argument("--grpc-requests", type=int, default=None, help="gRPC calls to send (default: a quarter of --requests)")
+    parser.add_argument(
+        "--grpc",
+        default=None,
+        metavar="HOST:PORT",
+        help="also fuzz gRPC ModelInfer on this address (a server with --enable_grpc)",
+    )
+    parser.add_argument(
+        "--grpc-requests", type=int, default=None, help="gRPC calls to send (default: a quarter of --requests)"
+    )
 
 
-async def fuzz(base_url: str, model: str, requests: int, seed: int, concurrency: int, timeout: float,
-               grpc_target: str | None = None, grpc_requests: int = 0) -> FuzzReport:
+async def fuzz(
+    base_url: str,
+    model: str,
+    requests: int,
+    seed: int,
+    concurrency: int,
+    timeout: float,
+    grpc_target: str | None = None,
+    grpc_requests: int = 0,
+) -> FuzzReport:
     """Send ``requests`` cases from ``seed`` (and ``grpc_requests`` ModelInfer calls to
     ``grpc_target``) and collect statuses and problems; a valid request must be served after."""
     rng, grpc_rng = random.Random(seed), random.Random(f"grpc {seed}")  # HTTP cases of a seed stay those it always gave
@@ -497,7 +649,10 @@ async def fuzz(base_url: str, model: str, requests: int, seed: int, concurrency:
     pending = iter(cases)
     report = FuzzReport()
     limits = httpx.Limits(max_connections=concurrency)
-    async with httpx.AsyncClient(base_url=base_url, timeout=timeout, limits=limits) as client, _grpc_channel(grpc_target) as channel:
+    async with (
+        httpx.AsyncClient(base_url=base_url, timeout=timeout, limits=limits) as client,
+        _grpc_channel(grpc_target) as channel,
+    ):
 
         async def worker() -> None:
             for route, case in pending:
@@ -512,12 +667,20 @@ async def fuzz(base_url: str, model: str, requests: int, seed: int, concurrency:
                     report.problems.append(f"{where}: {problem}")
 
         await asyncio.gather(*(worker() for _ in range(concurrency)))
-        after = FuzzCase("POST", "/v1/completions", encode({"model": model, "prompt": "still serving?", "max_tokens": 2}), True, "after")
+        after = FuzzCase(
+            "POST",
+            "/v1/completions",
+            encode({"model": model, "prompt": "still serving?", "max_tokens": 2}),
+            True,
+            "after",
+        )
         status, problem = await send(client, after)
         if status != 200:
             report.problems.append(f"the request after fuzzing got HTTP {status}: {problem}")
         if channel is not None:
-            status, problem = await send_grpc(channel, GrpcCase(valid_grpc_request(model).SerializeToString(), True, "after"), timeout)
+            status, problem = await send_grpc(
+                channel, GrpcCase(valid_grpc_request(model).SerializeToString(), True, "after"), timeout
+            )
             if status != "OK":
                 report.problems.append(f"the gRPC call after fuzzing got {status}: {problem}")
     return report
@@ -537,15 +700,27 @@ def main(args: argparse.Namespace) -> int:
     model = args.model or httpx.get(args.base_url + "/v1/models", timeout=30).json()["data"][0]["id"]
     started = time.perf_counter()
     grpc_requests = args.requests // 4 if args.grpc_requests is None else args.grpc_requests
-    report = asyncio.run(fuzz(args.base_url, model, args.requests, args.seed, args.concurrency, args.timeout_s, args.grpc, grpc_requests))
+    report = asyncio.run(
+        fuzz(args.base_url, model, args.requests, args.seed, args.concurrency, args.timeout_s, args.grpc, grpc_requests)
+    )
     elapsed = time.perf_counter() - started
     over_grpc = f" and {grpc_requests} gRPC calls to {args.grpc}" if args.grpc else ""
     print(f"fuzzed {args.requests} requests (seed {args.seed}) against {args.base_url}{over_grpc} in {elapsed:.1f}s")
-    print("status counts: " + ", ".join(f"{status}: {count}" for status, count in sorted(report.statuses.items(), key=lambda kv: str(kv[0]))))
+    print(
+        "status counts: "
+        + ", ".join(
+            f"{status}: {count}" for status, count in sorted(report.statuses.items(), key=lambda kv: str(kv[0]))
+        )
+    )
     http_5xx = sum(c for s, c in report.statuses.items() if isinstance(s, int) and s >= 500)
-    grpc_bad = sum(c for s, c in report.statuses.items() if isinstance(s, str) and s.removeprefix("grpc ") not in GRPC_ALLOWED)
+    grpc_bad = sum(
+        c for s, c in report.statuses.items() if isinstance(s, str) and s.removeprefix("grpc ") not in GRPC_ALLOWED
+    )
     grpc_part = f", gRPC INTERNAL/UNKNOWN/other: {grpc_bad}" if args.grpc else ""
-    print(f"5xx: {http_5xx}, dropped connections: {report.statuses.get(0, 0)}{grpc_part}, problems: {len(report.problems)}")
+    print(
+        f"5xx: {http_5xx}, dropped connections: {report.statuses.get(0, 0)}{grpc_part}, "
+        f"problems: {len(report.problems)}"
+    )
     for problem in report.problems[:20]:
         print("  " + problem)
     return 1 if report.problems else 0

@@ -31,35 +31,97 @@ from pathlib import Path
 import torch
 
 LLAMA = dict(
-    architectures=["LlamaForCausalLM"], model_type="llama", vocab_size=128256, rms_norm_eps=1e-5, rope_theta=500000.0,
-    max_position_embeddings=131072, hidden_act="silu", bos_token_id=128000, eos_token_id=128001, torch_dtype="bfloat16",
+    architectures=["LlamaForCausalLM"],
+    model_type="llama",
+    vocab_size=128256,
+    rms_norm_eps=1e-5,
+    rope_theta=500000.0,
+    max_position_embeddings=131072,
+    hidden_act="silu",
+    bos_token_id=128000,
+    eos_token_id=128001,
+    torch_dtype="bfloat16",
 )
 GEMMA3_LAYERS = 48
 # config.json of each shape: the published models' configs with their weights left out.
 SHAPES = {
     "8b": dict(
-        LLAMA, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
-        head_dim=128, tie_word_embeddings=False,
-        rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
+        LLAMA,
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        head_dim=128,
+        tie_word_embeddings=False,
+        rope_scaling={
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192,
+        },
     ),
     "1b": dict(
-        LLAMA, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
-        head_dim=64, tie_word_embeddings=True,
-        rope_scaling={"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
+        LLAMA,
+        hidden_size=2048,
+        intermediate_size=8192,
+        num_hidden_layers=16,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        head_dim=64,
+        tie_word_embeddings=True,
+        rope_scaling={
+            "rope_type": "llama3",
+            "factor": 32.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192,
+        },
     ),
     "qwen3-8b": dict(  # Qwen/Qwen3-8B
-        architectures=["Qwen3ForCausalLM"], model_type="qwen3", vocab_size=151936, hidden_size=4096, intermediate_size=12288,
-        num_hidden_layers=36, num_attention_heads=32, num_key_value_heads=8, head_dim=128, attention_bias=False,
-        rms_norm_eps=1e-6, rope_theta=1000000.0, max_position_embeddings=40960, hidden_act="silu", tie_word_embeddings=False,
-        bos_token_id=151643, eos_token_id=151645, torch_dtype="bfloat16",
+        architectures=["Qwen3ForCausalLM"],
+        model_type="qwen3",
+        vocab_size=151936,
+        hidden_size=4096,
+        intermediate_size=12288,
+        num_hidden_layers=36,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        head_dim=128,
+        attention_bias=False,
+        rms_norm_eps=1e-6,
+        rope_theta=1000000.0,
+        max_position_embeddings=40960,
+        hidden_act="silu",
+        tie_word_embeddings=False,
+        bos_token_id=151643,
+        eos_token_id=151645,
+        torch_dtype="bfloat16",
     ),
     "gemma3-12b": dict(  # google/gemma-3-12b-it's text config
-        architectures=["Gemma3ForCausalLM"], model_type="gemma3_text", vocab_size=262208, hidden_size=3840,
-        intermediate_size=15360, num_hidden_layers=GEMMA3_LAYERS, num_attention_heads=16, num_key_value_heads=8, head_dim=256,
-        query_pre_attn_scalar=256, rms_norm_eps=1e-6, hidden_activation="gelu_pytorch_tanh", sliding_window=1024,
+        architectures=["Gemma3ForCausalLM"],
+        model_type="gemma3_text",
+        vocab_size=262208,
+        hidden_size=3840,
+        intermediate_size=15360,
+        num_hidden_layers=GEMMA3_LAYERS,
+        num_attention_heads=16,
+        num_key_value_heads=8,
+        head_dim=256,
+        query_pre_attn_scalar=256,
+        rms_norm_eps=1e-6,
+        hidden_activation="gelu_pytorch_tanh",
+        sliding_window=1024,
         layer_types=["sliding_attention" if (i + 1) % 6 else "full_attention" for i in range(GEMMA3_LAYERS)],
-        rope_theta=1000000.0, rope_local_base_freq=10000.0, rope_scaling={"rope_type": "linear", "factor": 8.0},
-        max_position_embeddings=131072, tie_word_embeddings=True, bos_token_id=2, eos_token_id=1, torch_dtype="bfloat16",
+        rope_theta=1000000.0,
+        rope_local_base_freq=10000.0,
+        rope_scaling={"rope_type": "linear", "factor": 8.0},
+        max_position_embeddings=131072,
+        tie_word_embeddings=True,
+        bos_token_id=2,
+        eos_token_id=1,
+        torch_dtype="bfloat16",
     ),
 }
 NUM_REQUESTS, PROMPT_LEN, OUTPUT_LEN = 256, 512, 256
@@ -143,15 +205,25 @@ def stepserve_engine(model_dir: Path, shape: str, steps: int, **options):
 
     options.setdefault("async_scheduling", ASYNC_SCHEDULING[0])
     config = EngineConfig.from_kwargs(
-        model=str(model_dir), max_model_len=MAX_MODEL_LEN, num_scheduler_steps=steps, max_num_seqs=256,
-        max_num_batched_tokens=8192, gpu_memory_utilization=0.9, **options,
+        model=str(model_dir),
+        max_model_len=MAX_MODEL_LEN,
+        num_scheduler_steps=steps,
+        max_num_seqs=256,
+        max_num_batched_tokens=8192,
+        gpu_memory_utilization=0.9,
+        **options,
     )
     core, _, info = build_engine(config, weights=random_weights(shape))
     return core, info
 
 
 def run_requests(
-    core, prompts: list[list[int]], max_tokens: int, tag: str, passes: list | None = None, outputs: dict | None = None,
+    core,
+    prompts: list[list[int]],
+    max_tokens: int,
+    tag: str,
+    passes: list | None = None,
+    outputs: dict | None = None,
     sampling: dict | None = None,
 ) -> tuple[float, int]:
     """Seconds and output tokens for the prompts run through the engine loop to completion.
@@ -198,7 +270,9 @@ def pass_breakdown(passes: list) -> dict:
         "decode_steps": decode_steps,
         "decode_s": round(sum(p[3] for p in decode), 3),
         "decode_ms_per_step": round(1e3 * sum(p[3] for p in decode) / max(1, decode_steps), 3),
-        "decode_ms_per_step_full_batch": round(1e3 * statistics.median([p[3] / p[1] for p in decode if p[0] == max(q[0] for q in decode)] or [0]), 3),
+        "decode_ms_per_step_full_batch": round(
+            1e3 * statistics.median([p[3] / p[1] for p in decode if p[0] == max(q[0] for q in decode)] or [0]), 3
+        ),
     }
 
 
@@ -218,7 +292,9 @@ def graph_step_ms(core, size: int) -> float | None:
     return round(a.elapsed_time(b) / 10, 3)
 
 
-def stepserve_throughput(core, prompts, warm: bool = True, outputs: dict | None = None, sampling: dict | None = None) -> dict:
+def stepserve_throughput(
+    core, prompts, warm: bool = True, outputs: dict | None = None, sampling: dict | None = None
+) -> dict:
     # Warm-up on the workload's own shapes: Triton compiles a kernel per specialization (mixed
     # prefill+decode steps, split or not), which must not land inside the timed run.
     # Its prompts are drawn apart from the timed ones, so the prefix cache cannot serve them.
@@ -227,8 +303,11 @@ def stepserve_throughput(core, prompts, warm: bool = True, outputs: dict | None 
     passes: list = []
     elapsed, tokens = run_requests(core, prompts, OUTPUT_LEN, "bench", passes, outputs, sampling)
     return {
-        "elapsed_s": round(elapsed, 3), "output_tokens": tokens, "out_tok_s": round(tokens / elapsed, 1),
-        **pass_breakdown(passes), "graph_step_ms_256": graph_step_ms(core, 256),
+        "elapsed_s": round(elapsed, 3),
+        "output_tokens": tokens,
+        "out_tok_s": round(tokens / elapsed, 1),
+        **pass_breakdown(passes),
+        "graph_step_ms_256": graph_step_ms(core, 256),
     }
 
 
@@ -275,7 +354,14 @@ def decode_busy_share(core, prompts, passes: int = 6) -> dict:
         core.step()
     averages = prof.key_averages()
     busy = sum(getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0)) for e in averages) / 1e6
-    return {"passes": passes, "steps": steps, "wall_s": round(wall, 4), "kernel_s": round(busy, 4), "busy_share": round(busy / wall, 3), "ms_per_step": round(1e3 * wall / max(1, steps), 3)}
+    return {
+        "passes": passes,
+        "steps": steps,
+        "wall_s": round(wall, 4),
+        "kernel_s": round(busy, 4),
+        "busy_share": round(busy / wall, 3),
+        "ms_per_step": round(1e3 * wall / max(1, steps), 3),
+    }
 
 
 def batch1_decode(core, prompt: list[int], weight_bytes: int, kv_bytes_per_token: int) -> dict:
@@ -287,7 +373,11 @@ def batch1_decode(core, prompt: list[int], weight_bytes: int, kv_bytes_per_token
     tok_s = n / (full - first)
     mean_context = len(prompt) + n / 2
     bytes_per_token = weight_bytes + kv_bytes_per_token * mean_context
-    return {"tok_s": round(tok_s, 1), "bytes_per_token": bytes_per_token, "achieved_tb_s": round(bytes_per_token * tok_s / 1e12, 3)}
+    return {
+        "tok_s": round(tok_s, 1),
+        "bytes_per_token": bytes_per_token,
+        "achieved_tb_s": round(bytes_per_token * tok_s / 1e12, 3),
+    }
 
 
 def model_stream_bytes(core) -> tuple[int, int]:
@@ -351,17 +441,23 @@ def greedy_check(model_dir: Path, shape: str, prompts, outputs: dict) -> dict:
         gap = top - chosen
         bad = (gap > tol).nonzero().flatten().tolist()
         if bad and failure is None:
-            failure = f"request {i}, output {bad[0]}: token {ids[bad[0]]} is {gap[bad[0]].item():.4f} below transformers' argmax"
+            failure = (
+                f"request {i}, output {bad[0]}: token {ids[bad[0]]} is {gap[bad[0]].item():.4f} "
+                "below transformers' argmax"
+            )
         exact += int((logits.argmax(dim=-1) == torch.tensor(ids, device="cuda")).sum())
         total += len(ids)
         worst = max(worst, gap.max().item())
     del model
     free_gpu()
     return {
-        "passed": failure is None, "first_failure": failure, "requests": GREEDY_CHECK_REQUESTS, "tokens": total,
-        "exact_argmax_share": round(exact / total, 4), "max_gap": round(worst, 5),
+        "passed": failure is None,
+        "first_failure": failure,
+        "requests": GREEDY_CHECK_REQUESTS,
+        "tokens": total,
+        "exact_argmax_share": round(exact / total, 4),
+        "max_gap": round(worst, 5),
     }
-
 
 
 def transformers_cb(model_dir: Path, shape: str, prompts) -> dict:
@@ -370,9 +466,15 @@ def transformers_cb(model_dir: Path, shape: str, prompts) -> dict:
 
     model = hf_model(model_dir, shape, "paged|sdpa")
     gen = GenerationConfig(
-        max_new_tokens=OUTPUT_LEN, do_sample=False, eos_token_id=SHAPES[shape]["eos_token_id"], pad_token_id=0,
+        max_new_tokens=OUTPUT_LEN,
+        do_sample=False,
+        eos_token_id=SHAPES[shape]["eos_token_id"],
+        pad_token_id=0,
     )
-    model.generate_batch(inputs=[p[:64] for p in prompts[:16]], generation_config=GenerationConfig(max_new_tokens=16, do_sample=False, pad_token_id=0))
+    model.generate_batch(
+        inputs=[p[:64] for p in prompts[:16]],
+        generation_config=GenerationConfig(max_new_tokens=16, do_sample=False, pad_token_id=0),
+    )
     torch.cuda.synchronize()
     start = time.perf_counter()
     outputs = model.generate_batch(inputs=prompts, generation_config=gen)
@@ -381,7 +483,12 @@ def transformers_cb(model_dir: Path, shape: str, prompts) -> dict:
     tokens = sum(len(o.generated_tokens) for o in outputs.values())
     del model
     free_gpu()
-    return {"elapsed_s": round(elapsed, 3), "output_tokens": tokens, "out_tok_s": round(tokens / elapsed, 1), "version": transformers.__version__}
+    return {
+        "elapsed_s": round(elapsed, 3),
+        "output_tokens": tokens,
+        "out_tok_s": round(tokens / elapsed, 1),
+        "version": transformers.__version__,
+    }
 
 
 # -- device ------------------------------------------------------------------------------
@@ -413,7 +520,10 @@ def bench_1b(root: Path, prompts, results: dict, outputs: dict) -> None:
     model_dir = write_model_dir(root, "1b")
     for steps in (1, 8):
         core, info = stepserve_engine(model_dir, "1b", steps)
-        results[f"stepserve_1b_n{steps}"] = {**stepserve_throughput(core, prompts, outputs=outputs if steps == 8 else None), "kv_blocks": info.num_kv_blocks}
+        results[f"stepserve_1b_n{steps}"] = {
+            **stepserve_throughput(core, prompts, outputs=outputs if steps == 8 else None),
+            "kv_blocks": info.num_kv_blocks,
+        }
         print(f"1b stepserve N={steps}: {results[f'stepserve_1b_n{steps}']}", flush=True)
         del core
         free_gpu()
@@ -422,7 +532,11 @@ def bench_1b(root: Path, prompts, results: dict, outputs: dict) -> None:
 def bench_8b(root: Path, prompts, results: dict, copy_tb_s: float, profile_dir: Path | None, outputs: dict) -> None:
     model_dir = write_model_dir(root, "8b")
     core, info = stepserve_engine(model_dir, "8b", 8, compilation_cache_dir=str(root / "compile"))
-    results["stepserve_8b"] = {**stepserve_throughput(core, prompts, outputs=outputs), "kv_blocks": info.num_kv_blocks, "load_s": round(info.load_seconds, 1)}
+    results["stepserve_8b"] = {
+        **stepserve_throughput(core, prompts, outputs=outputs),
+        "kv_blocks": info.num_kv_blocks,
+        "load_s": round(info.load_seconds, 1),
+    }
     results["stepserve_8b"]["async_scheduling"] = core.async_scheduling
     print(f"8b stepserve N=8: {results['stepserve_8b']}", flush=True)
     if core.async_scheduling:  # the same engine and prompts with the synchronous loop
@@ -433,7 +547,10 @@ def bench_8b(root: Path, prompts, results: dict, copy_tb_s: float, profile_dir: 
     core.async_scheduling = False
     results["decode_busy_8b_sync"] = decode_busy_share(core, workload(seed=4)[: len(prompts)])
     core.async_scheduling = ASYNC_SCHEDULING[0]
-    print(f"8b steady decode, GPU busy: {results['decode_busy_8b']} (synchronous: {results['decode_busy_8b_sync']})", flush=True)
+    print(
+        f"8b steady decode, GPU busy: {results['decode_busy_8b']} (synchronous: {results['decode_busy_8b_sync']})",
+        flush=True,
+    )
     weight_bytes, kv_bytes = model_stream_bytes(core)
     b1 = batch1_decode(core, prompts[0], weight_bytes, kv_bytes)
     b1["share_of_copy_bandwidth"] = round(b1["achieved_tb_s"] / copy_tb_s, 3)
@@ -464,7 +581,9 @@ def bench_sampled(core, results: dict, count: int) -> None:
     graphs = core.worker.graphs
     if graphs is not None:
         graphs.sampling_graphs.clear()  # the runner then samples eagerly; this engine is not used again
-        results["sampled_8b_top_p_eager"] = stepserve_throughput(core, workload(seed=20)[:count], warm=False, sampling=SAMPLED["top_p"])
+        results["sampled_8b_top_p_eager"] = stepserve_throughput(
+            core, workload(seed=20)[:count], warm=False, sampling=SAMPLED["top_p"]
+        )
         print(f"8b sampled (top_p), eagerly: {results['sampled_8b_top_p_eager']}", flush=True)
 
 
@@ -479,16 +598,27 @@ def sync_comparison(core, prompts, async_outputs: dict) -> dict:
     finally:
         core.async_scheduling, blocks.enable_prefix_caching = True, True
     same = sum(outputs.get(i) == async_outputs.get(i) for i in range(len(prompts)))
-    first = [next((t for t, (a, b) in enumerate(zip(outputs[i], async_outputs[i])) if a != b), None) for i in range(len(prompts))]
+    first = [
+        next((t for t, (a, b) in enumerate(zip(outputs[i], async_outputs[i])) if a != b), None)
+        for i in range(len(prompts))
+    ]
     diverged = [t for t in first if t is not None]
-    result.update(requests_identical_to_async=same, requests=len(prompts), first_divergence_median=statistics.median(diverged) if diverged else None)
+    result.update(
+        requests_identical_to_async=same,
+        requests=len(prompts),
+        first_divergence_median=statistics.median(diverged) if diverged else None,
+    )
     return result
 
 
 def bench_family(root: Path, shape: str, prompts, results: dict, outputs: dict) -> None:
     """Another family's shape (Qwen3-8B, Gemma-3-12B): stepserve N=8, nothing else."""
     core, info = stepserve_engine(write_model_dir(root, shape), shape, 8, compilation_cache_dir=str(root / "compile"))
-    results[f"stepserve_{shape}"] = {**stepserve_throughput(core, prompts, outputs=outputs), "kv_blocks": info.num_kv_blocks, "load_s": round(info.load_seconds, 1)}
+    results[f"stepserve_{shape}"] = {
+        **stepserve_throughput(core, prompts, outputs=outputs),
+        "kv_blocks": info.num_kv_blocks,
+        "load_s": round(info.load_seconds, 1),
+    }
     print(f"{shape} stepserve N=8: {results[f'stepserve_{shape}']}", flush=True)
     del core
     free_gpu()
@@ -509,7 +639,11 @@ def bench_fp8(root: Path, prompts, results: dict, copy_tb_s: float) -> None:
     """The 8B shape with ``quantization="fp8"``: weights quantized at load from the same bf16."""
     model_dir = write_model_dir(root, "8b")
     core, info = stepserve_engine(model_dir, "8b", 8, quantization="fp8", compilation_cache_dir=str(root / "compile"))
-    results["fp8_8b"] = {**stepserve_throughput(core, prompts), "kv_blocks": info.num_kv_blocks, "load_s": round(info.load_seconds, 1)}
+    results["fp8_8b"] = {
+        **stepserve_throughput(core, prompts),
+        "kv_blocks": info.num_kv_blocks,
+        "load_s": round(info.load_seconds, 1),
+    }
     print(f"8b fp8: {results['fp8_8b']}", flush=True)
     weight_bytes, kv_bytes = model_stream_bytes(core)
     b1 = batch1_decode(core, prompts[0], weight_bytes, kv_bytes)
@@ -522,8 +656,14 @@ def bench_fp8(root: Path, prompts, results: dict, copy_tb_s: float) -> None:
 
 def bench_fp8_kv(root: Path, prompts, results: dict, copy_tb_s: float) -> None:
     """The 8B shape, bf16 weights, with ``kv_cache_dtype="fp8"`` (e4m3 pages, scale 1.0)."""
-    core, info = stepserve_engine(write_model_dir(root, "8b"), "8b", 8, kv_cache_dtype="fp8", compilation_cache_dir=str(root / "compile"))
-    results["fp8_kv_8b"] = {**stepserve_throughput(core, prompts), "kv_blocks": info.num_kv_blocks, "load_s": round(info.load_seconds, 1)}
+    core, info = stepserve_engine(
+        write_model_dir(root, "8b"), "8b", 8, kv_cache_dtype="fp8", compilation_cache_dir=str(root / "compile")
+    )
+    results["fp8_kv_8b"] = {
+        **stepserve_throughput(core, prompts),
+        "kv_blocks": info.num_kv_blocks,
+        "load_s": round(info.load_seconds, 1),
+    }
     print(f"8b fp8 KV cache: {results['fp8_kv_8b']}", flush=True)
     weight_bytes, kv_bytes = model_stream_bytes(core)
     b1 = batch1_decode(core, prompts[0], weight_bytes, kv_bytes // 2)
@@ -554,7 +694,10 @@ def cold_main(path: Path, cache_dir: str, num_requests: int) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = write_model_dir(Path(tmp), "8b")
         core, info = stepserve_engine(model_dir, "8b", 8, compilation_cache_dir=cache_dir)
-        result = {**stepserve_throughput(core, workload()[:num_requests], warm=False), "load_s": round(info.load_seconds, 1)}
+        result = {
+            **stepserve_throughput(core, workload()[:num_requests], warm=False),
+            "load_s": round(info.load_seconds, 1),
+        }
     path.write_text(json.dumps(result))
 
 
@@ -573,8 +716,12 @@ def summary(results: dict) -> dict:
         "transformers_gemma3_12b_out_tok_s": get("transformers_gemma3-12b"),
         "batch1_8b_tok_s": get("batch1_8b", "tok_s"),
         "serve_8b_out_tok_s": _round(results.get("serve_8b", {}).get("streams_256", {}).get("output_throughput")),
-        "serve_8b_ttft_mean_ms": _round(results.get("serve_8b", {}).get("streams_256", {}).get("ttft_ms", {}).get("mean")),
-        "serve_8b_batch1_tok_s": _round(1e3 / tpot) if (tpot := results.get("serve_8b", {}).get("streams_1", {}).get("tpot_ms", {}).get("mean")) else None,
+        "serve_8b_ttft_mean_ms": _round(
+            results.get("serve_8b", {}).get("streams_256", {}).get("ttft_ms", {}).get("mean")
+        ),
+        "serve_8b_batch1_tok_s": _round(1e3 / tpot)
+        if (tpot := results.get("serve_8b", {}).get("streams_1", {}).get("tpot_ms", {}).get("mean"))
+        else None,
         "restart_8b_s": results.get("serve_8b", {}).get("restart_s"),
         "cold_8b_out_tok_s": get("cold_8b"),
         "fp8_8b_out_tok_s": get("fp8_8b"),
@@ -609,20 +756,93 @@ def table(s: dict, results: dict) -> str:
     ratio = lambda a, b: f"{a / b:.1f}x" if a and b else "-"  # noqa: E731
     b1 = results.get("batch1_8b", {})
     rows = [
-        ("8B, 256 x 512 in / 256 out, output tok/s", s["stepserve_8b_out_tok_s"], s["transformers_8b_out_tok_s"], ratio(s["stepserve_8b_out_tok_s"], s["transformers_8b_out_tok_s"])),
-        ("Qwen3-8B shape, same workload, output tok/s", s["stepserve_qwen3_8b_out_tok_s"], s["transformers_qwen3_8b_out_tok_s"], f"{ratio(s['stepserve_qwen3_8b_out_tok_s'], s['transformers_qwen3_8b_out_tok_s'])}; {s['qwen3_8b_over_llama_8b']} of the Llama-8B figure"),
-        ("Gemma-3-12B shape, same workload, output tok/s", s["stepserve_gemma3_12b_out_tok_s"], s["transformers_gemma3_12b_out_tok_s"], ratio(s["stepserve_gemma3_12b_out_tok_s"], s["transformers_gemma3_12b_out_tok_s"])),
-        ("1B, same workload, output tok/s (N=8)", s["stepserve_1b_out_tok_s"], s["transformers_1b_out_tok_s"], ratio(s["stepserve_1b_out_tok_s"], s["transformers_1b_out_tok_s"])),
-        ("8B batch-1 decode tok/s", s["batch1_8b_tok_s"], "-", f"{b1.get('achieved_tb_s')} TB/s = {b1.get('share_of_copy_bandwidth')} of copy"),
-        ("1B N=8 over N=1 (stepserve)", s["multistep_1b_n8_over_n1"], "-", f"N=1: {results.get('stepserve_1b_n1', {}).get('out_tok_s')} tok/s"),
-        ("8B from a fresh process, empty compilation cache, output tok/s", s["cold_8b_out_tok_s"], "-", "no warm-up but the engine's own at startup"),
-        ("8B through HTTP, 256 streams, output tok/s", s["serve_8b_out_tok_s"], "-", f"mean TTFT {s['serve_8b_ttft_mean_ms']} ms"),
-        ("8B through HTTP, one stream, tok/s (1 / mean TPOT)", s["serve_8b_batch1_tok_s"], "-", f"restart after kill -9: {s['restart_8b_s']} s"),
-        ("8B FP8 weights, output tok/s", s["fp8_8b_out_tok_s"], "-", "e4m3 per-channel, torch._scaled_mm; 1-2 rows fp8_gemv"),
-        ("8B FP8 batch-1 decode tok/s", s["fp8_batch1_8b_tok_s"], "-", f"{results.get('fp8_batch1_8b', {}).get('achieved_tb_s')} TB/s"),
-        ("8B bf16, FP8 KV cache, output tok/s", s["fp8_kv_8b_out_tok_s"], "-", f"batch 1: {s['fp8_kv_batch1_8b_tok_s']} tok/s"),
-        ("8B bf16, synchronous scheduling, output tok/s", s["stepserve_8b_sync_out_tok_s"], "-", "same engine and prompts, prefix cache off"),
-        ("8B sampled, temperature 0.8 top-p 0.95, output tok/s", s["sampled_8b_top_p_out_tok_s"], "-", f"eager sampling: {s['sampled_8b_top_p_eager_out_tok_s']}; temperature alone: {s['sampled_8b_temperature_out_tok_s']}; top-k 20 with top-p: {s['sampled_8b_top_k_top_p_out_tok_s']}"),
+        (
+            "8B, 256 x 512 in / 256 out, output tok/s",
+            s["stepserve_8b_out_tok_s"],
+            s["transformers_8b_out_tok_s"],
+            ratio(s["stepserve_8b_out_tok_s"], s["transformers_8b_out_tok_s"]),
+        ),
+        (
+            "Qwen3-8B shape, same workload, output tok/s",
+            s["stepserve_qwen3_8b_out_tok_s"],
+            s["transformers_qwen3_8b_out_tok_s"],
+            f"{ratio(s['stepserve_qwen3_8b_out_tok_s'], s['transformers_qwen3_8b_out_tok_s'])}; "
+            f"{s['qwen3_8b_over_llama_8b']} of the Llama-8B figure",
+        ),
+        (
+            "Gemma-3-12B shape, same workload, output tok/s",
+            s["stepserve_gemma3_12b_out_tok_s"],
+            s["transformers_gemma3_12b_out_tok_s"],
+            ratio(s["stepserve_gemma3_12b_out_tok_s"], s["transformers_gemma3_12b_out_tok_s"]),
+        ),
+        (
+            "1B, same workload, output tok/s (N=8)",
+            s["stepserve_1b_out_tok_s"],
+            s["transformers_1b_out_tok_s"],
+            ratio(s["stepserve_1b_out_tok_s"], s["transformers_1b_out_tok_s"]),
+        ),
+        (
+            "8B batch-1 decode tok/s",
+            s["batch1_8b_tok_s"],
+            "-",
+            f"{b1.get('achieved_tb_s')} TB/s = {b1.get('share_of_copy_bandwidth')} of copy",
+        ),
+        (
+            "1B N=8 over N=1 (stepserve)",
+            s["multistep_1b_n8_over_n1"],
+            "-",
+            f"N=1: {results.get('stepserve_1b_n1', {}).get('out_tok_s')} tok/s",
+        ),
+        (
+            "8B from a fresh process, empty compilation cache, output tok/s",
+            s["cold_8b_out_tok_s"],
+            "-",
+            "no warm-up but the engine's own at startup",
+        ),
+        (
+            "8B through HTTP, 256 streams, output tok/s",
+            s["serve_8b_out_tok_s"],
+            "-",
+            f"mean TTFT {s['serve_8b_ttft_mean_ms']} ms",
+        ),
+        (
+            "8B through HTTP, one stream, tok/s (1 / mean TPOT)",
+            s["serve_8b_batch1_tok_s"],
+            "-",
+            f"restart after kill -9: {s['restart_8b_s']} s",
+        ),
+        (
+            "8B FP8 weights, output tok/s",
+            s["fp8_8b_out_tok_s"],
+            "-",
+            "e4m3 per-channel, torch._scaled_mm; 1-2 rows fp8_gemv",
+        ),
+        (
+            "8B FP8 batch-1 decode tok/s",
+            s["fp8_batch1_8b_tok_s"],
+            "-",
+            f"{results.get('fp8_batch1_8b', {}).get('achieved_tb_s')} TB/s",
+        ),
+        (
+            "8B bf16, FP8 KV cache, output tok/s",
+            s["fp8_kv_8b_out_tok_s"],
+            "-",
+            f"batch 1: {s['fp8_kv_batch1_8b_tok_s']} tok/s",
+        ),
+        (
+            "8B bf16, synchronous scheduling, output tok/s",
+            s["stepserve_8b_sync_out_tok_s"],
+            "-",
+            "same engine and prompts, prefix cache off",
+        ),
+        (
+            "8B sampled, temperature 0.8 top-p 0.95, output tok/s",
+            s["sampled_8b_top_p_out_tok_s"],
+            "-",
+            f"eager sampling: {s['sampled_8b_top_p_eager_out_tok_s']}; "
+            f"temperature alone: {s['sampled_8b_temperature_out_tok_s']}; "
+            f"top-k 20 with top-p: {s['sampled_8b_top_k_top_p_out_tok_s']}",
+        ),
         ("device copy bandwidth, TB/s", round(s["copy_tb_s"], 2) if s["copy_tb_s"] else None, "-", s["device"]),
     ]
     lines = ["| measure | stepserve | transformers CB | ratio / note |", "| --- | --- | --- | --- |"]
@@ -639,8 +859,15 @@ def main(argv=None) -> None:
     parser.add_argument("--out", required=True, help="directory for gpu_bench.json")
     parser.add_argument("--only", help=f"comma-separated parts to run, of {', '.join(ORDER + EXTRAS)} (default: all)")
     parser.add_argument("--skip-transformers", action="store_true")
-    parser.add_argument("--skip-cb", action="store_true", help="keep the greedy check, leave out transformers' continuous batching")
-    parser.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=True, help="stepserve engines schedule asynchronously")
+    parser.add_argument(
+        "--skip-cb", action="store_true", help="keep the greedy check, leave out transformers' continuous batching"
+    )
+    parser.add_argument(
+        "--async-scheduling",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="stepserve engines schedule asynchronously",
+    )
     parser.add_argument("--date", default=datetime.date.today().isoformat())
     parser.add_argument("--profile", action="store_true", help="also write the 8B kernel profile")
     parser.add_argument("--num-requests", type=int, default=NUM_REQUESTS, help="fewer requests for a smoke run")
@@ -661,7 +888,10 @@ def main(argv=None) -> None:
         parser.error(f"unknown shapes: {', '.join(sorted(unknown))}; choose from {', '.join(ORDER)}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    results: dict = {"date": args.date, "workload": f"{NUM_REQUESTS} x {PROMPT_LEN} in / {OUTPUT_LEN} out, ignore_eos, greedy"}
+    results: dict = {
+        "date": args.date,
+        "workload": f"{NUM_REQUESTS} x {PROMPT_LEN} in / {OUTPUT_LEN} out, ignore_eos, greedy",
+    }
     results["copy_tb_s"] = round(copy_bandwidth(), 3)
     prompts = workload()[: args.num_requests]
 
@@ -682,18 +912,28 @@ def main(argv=None) -> None:
         root = Path(tmp)
         for shape in shapes:
             if shape == "8b":
-                attempt(shape, lambda: bench_8b(root, prompts, results, results["copy_tb_s"], out if args.profile else None, outputs["8b"]))
+                attempt(
+                    shape,
+                    lambda: bench_8b(
+                        root, prompts, results, results["copy_tb_s"], out if args.profile else None, outputs["8b"]
+                    ),
+                )
             elif shape == "1b":
                 attempt(shape, lambda: bench_1b(root, prompts, results, outputs["1b"]))
             else:
                 attempt(shape, lambda shape=shape: bench_family(root, shape, prompts, results, outputs[shape]))
         for shape in shapes if not args.skip_transformers else ():
             if outputs[shape]:
-                attempt(f"transformers_{shape}", lambda shape=shape: bench_transformers(root, shape, prompts, results, outputs[shape], args.skip_cb))
-        extras = (("fp8", args.skip_fp8, lambda: bench_fp8(root, prompts, results, results["copy_tb_s"])),
-                  ("fp8kv", args.skip_fp8, lambda: bench_fp8_kv(root, prompts, results, results["copy_tb_s"])),
-                  ("cold", args.skip_cold, lambda: bench_cold(out, results, args.num_requests)),
-                  ("serve", args.skip_serve, lambda: bench_server(root, out, results)))
+                attempt(
+                    f"transformers_{shape}",
+                    lambda shape=shape: bench_transformers(root, shape, prompts, results, outputs[shape], args.skip_cb),
+                )
+        extras = (
+            ("fp8", args.skip_fp8, lambda: bench_fp8(root, prompts, results, results["copy_tb_s"])),
+            ("fp8kv", args.skip_fp8, lambda: bench_fp8_kv(root, prompts, results, results["copy_tb_s"])),
+            ("cold", args.skip_cold, lambda: bench_cold(out, results, args.num_requests)),
+            ("serve", args.skip_serve, lambda: bench_server(root, out, results)),
+        )
         for name, skip, run in extras:
             if name in chosen and not skip:
                 attempt(name, run)

@@ -25,7 +25,16 @@ from pathlib import Path
 
 log = logging.getLogger("stepserve.bench")
 
-SERVE_FLAGS = ["--max-model-len", "1024", "--max-num-seqs", "256", "--num-scheduler-steps", "8", "--max-num-batched-tokens", "8192"]
+SERVE_FLAGS = [
+    "--max-model-len",
+    "1024",
+    "--max-num-seqs",
+    "256",
+    "--num-scheduler-steps",
+    "8",
+    "--max-num-batched-tokens",
+    "8192",
+]
 
 
 def write_vocab_tokenizer(directory: Path, vocab_size: int, bos_id: int, eos_id: int) -> None:
@@ -42,7 +51,9 @@ def write_vocab_tokenizer(directory: Path, vocab_size: int, bos_id: int, eos_id:
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Metaspace()
     tok.decoder = decoders.Metaspace()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=specials[bos_id], eos_token=specials[eos_id], unk_token="<unk>")
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token=specials[bos_id], eos_token=specials[eos_id], unk_token="<unk>"
+    )
     fast.save_pretrained(directory)
 
 
@@ -83,17 +94,47 @@ def _children(pid: int) -> list[int]:
 def _bench_serve(port: int, out: Path, name: str, num: int, concurrency: int) -> dict:
     path = out / f"{name}.json"
     cmd = [
-        sys.executable, "-m", "stepserve", "bench", "serve", "--base-url", f"http://127.0.0.1:{port}",
-        "--num-prompts", str(num), "--max-concurrency", str(concurrency), "--input-len", "512", "--output-len", "256",
-        "--ignore-eos", "--disable-tqdm", "--output-json", str(path),
+        sys.executable,
+        "-m",
+        "stepserve",
+        "bench",
+        "serve",
+        "--base-url",
+        f"http://127.0.0.1:{port}",
+        "--num-prompts",
+        str(num),
+        "--max-concurrency",
+        str(concurrency),
+        "--input-len",
+        "512",
+        "--output-len",
+        "256",
+        "--ignore-eos",
+        "--disable-tqdm",
+        "--output-json",
+        str(path),
     ]
     subprocess.run(cmd, check=True, timeout=600)
     return json.loads(path.read_text())
 
 
 def serve_bench(model_dir: Path, out: Path, cache_dir: Path, flags: list[str] = (), port: int = 8391) -> dict:
-    cmd = [sys.executable, "-m", "stepserve", "serve", "--model", str(model_dir), "--load-format", "dummy",
-           "--http-port", str(port), "--compilation-cache-dir", str(cache_dir), *SERVE_FLAGS, *flags]
+    cmd = [
+        sys.executable,
+        "-m",
+        "stepserve",
+        "serve",
+        "--model",
+        str(model_dir),
+        "--load-format",
+        "dummy",
+        "--http-port",
+        str(port),
+        "--compilation-cache-dir",
+        str(cache_dir),
+        *SERVE_FLAGS,
+        *flags,
+    ]
     log_file = open(out / "serve_8b.log", "w")
     proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT)
     results: dict = {"command": " ".join(cmd[1:])}
@@ -101,7 +142,19 @@ def serve_bench(model_dir: Path, out: Path, cache_dir: Path, flags: list[str] = 
         results["startup_s"] = round(_wait_ready(port, proc, 600), 1)
         many = _bench_serve(port, out, "serve_256", 256, 256)
         one = _bench_serve(port, out, "serve_1", 4, 1)
-        results["streams_256"] = {k: many[k] for k in ("completed", "failed", "duration_s", "total_input_tokens", "total_output_tokens", "output_throughput", "ttft_ms", "tpot_ms")}
+        results["streams_256"] = {
+            k: many[k]
+            for k in (
+                "completed",
+                "failed",
+                "duration_s",
+                "total_input_tokens",
+                "total_output_tokens",
+                "output_throughput",
+                "ttft_ms",
+                "tpot_ms",
+            )
+        }
         results["streams_1"] = {k: one[k] for k in ("completed", "failed", "output_throughput", "ttft_ms", "tpot_ms")}
         results["restart_s"] = round(_restart(port, proc), 1)
     finally:
@@ -148,7 +201,20 @@ def cold_bench(out: Path, num_requests: int, flags: list[str] = ()) -> dict:
     """The offline 8B run in a fresh process with an empty compilation cache."""
     with tempfile.TemporaryDirectory() as cache:
         path = out / "cold_8b.json"
-        cmd = [sys.executable, "-m", "stepserve.bench.gpu", "--cold", str(path), "--compilation-cache-dir", cache, "--out", str(out), "--num-requests", str(num_requests), *flags]
+        cmd = [
+            sys.executable,
+            "-m",
+            "stepserve.bench.gpu",
+            "--cold",
+            str(path),
+            "--compilation-cache-dir",
+            cache,
+            "--out",
+            str(out),
+            "--num-requests",
+            str(num_requests),
+            *flags,
+        ]
         start = time.monotonic()
         subprocess.run(cmd, check=True, timeout=600)
         result = json.loads(path.read_text())

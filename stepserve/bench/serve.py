@@ -182,10 +182,14 @@ async def _model_name(client: httpx.AsyncClient, base_url: str, model: str | Non
 
 
 async def run(args: argparse.Namespace, requests: list[BenchRequest] | None = None) -> dict:
-    requests = requests or random_requests(args.num_prompts, args.input_len, args.output_len, args.range_ratio, args.seed)
+    requests = requests or random_requests(
+        args.num_prompts, args.input_len, args.output_len, args.range_ratio, args.seed
+    )
     limit = asyncio.Semaphore(args.max_concurrency or len(requests))
     base_url = args.base_url.rstrip("/")
-    async with httpx.AsyncClient(timeout=httpx.Timeout(args.timeout), limits=httpx.Limits(max_connections=None)) as client:
+    async with httpx.AsyncClient(
+        timeout=httpx.Timeout(args.timeout), limits=httpx.Limits(max_connections=None)
+    ) as client:
         model = await _model_name(client, base_url, args.model)
         progress = _progress(len(requests), args.disable_tqdm)
 
@@ -217,7 +221,9 @@ def _stats_ms(values: list[float]) -> dict:
     return {"mean": statistics.fmean(ordered), "median": statistics.median(ordered), "p99": p99}
 
 
-def summarize(args: argparse.Namespace, model: str, requests: list[BenchRequest], results: list[RequestResult], duration: float) -> dict:
+def summarize(
+    args: argparse.Namespace, model: str, requests: list[BenchRequest], results: list[RequestResult], duration: float
+) -> dict:
     done = [r for r in results if r.ok]
     input_tokens = sum(r.prompt_tokens or q.prompt_len for q, r in zip(requests, results) if r.ok)
     output_tokens = sum(r.output_tokens for r in done)
@@ -299,18 +305,42 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     flag("output-len", type=int, default=64, help="max_tokens of each request")
     flag("range-ratio", type=float, default=0.0, help="lengths vary uniformly by this share")
     flag("seed", type=int, default=0, help="seed of the dataset and the arrival times")
-    flag("request-rate", type=float, default=float("inf"), help="requests per second, Poisson arrivals; inf sends all at once")
+    flag(
+        "request-rate",
+        type=float,
+        default=float("inf"),
+        help="requests per second, Poisson arrivals; inf sends all at once",
+    )
     flag("max-concurrency", type=int, default=None, help="requests in flight at most")
     flag("ignore-eos", action="store_true", help="ask the server to go on past EOS (vLLM's extension)")
     flag("timeout", type=float, default=600.0, help="per-request timeout, seconds")
     flag("output-json", default=None, help="also write the result here")
     flag("disable-tqdm", action="store_true", help="no progress bar")
-    flag("sweep", type=parse_sweep, default=None, help="run at each of these concurrencies, e.g. 1,4,16,64 (replaces --max-concurrency)")
-    flag("plot", default=None, help="with --sweep: draw throughput and TTFT/TPOT against concurrency into this PNG (needs matplotlib)")
+    flag(
+        "sweep",
+        type=parse_sweep,
+        default=None,
+        help="run at each of these concurrencies, e.g. 1,4,16,64 (replaces --max-concurrency)",
+    )
+    flag(
+        "plot",
+        default=None,
+        help="with --sweep: draw throughput and TTFT/TPOT against concurrency into this PNG (needs matplotlib)",
+    )
 
-    flag("structured", choices=("none", "json"), default="none",
-         help="json: compare constrained with free output throughput (each request its own JSON schema), over --rounds interleaved rounds")
-    flag("rounds", type=int, default=5, help="with --structured json: rounds of one free and one constrained phase, in alternating order")
+    flag(
+        "structured",
+        choices=("none", "json"),
+        default="none",
+        help="json: compare constrained with free output throughput (each request its own JSON schema), "
+        "over --rounds interleaved rounds",
+    )
+    flag(
+        "rounds",
+        type=int,
+        default=5,
+        help="with --structured json: rounds of one free and one constrained phase, in alternating order",
+    )
 
 
 def structured_main(args: argparse.Namespace) -> int:
@@ -360,6 +390,7 @@ def structured_main(args: argparse.Namespace) -> int:
 
 def structured_summary(phases: list[dict], ratios: list[float]) -> dict:
     """The rounds' JSON/free throughput ratios (median, spread) and each kind's figures."""
+
     def of(name: str, key: str) -> list[float]:
         return [p[key] for p in phases if p["phase"] == name]
 
@@ -368,12 +399,20 @@ def structured_summary(phases: list[dict], ratios: list[float]) -> dict:
 
     return {
         "rounds": len(ratios),
-        "ratio_json_vs_free": {"median": statistics.median(ratios), "min": min(ratios), "max": max(ratios), "each": ratios},
+        "ratio_json_vs_free": {
+            "median": statistics.median(ratios),
+            "min": min(ratios),
+            "max": max(ratios),
+            "each": ratios,
+        },
         "output_throughput_median": {name: median_of(name, "output_throughput") for name in ("free", "json")},
         "output_tokens_per_phase": {name: sorted(set(of(name, "total_output_tokens"))) for name in ("free", "json")},
         "median_tpot_ms": {name: median_of(name, "tpot_ms", "median") for name in ("free", "json")},
-        "mean_ttft_ms": {"json_new_schemas": of("json_new_schemas", "ttft_ms")[0]["mean"], "json_cached": median_of("json", "ttft_ms", "mean"),
-                         "free": median_of("free", "ttft_ms", "mean")},
+        "mean_ttft_ms": {
+            "json_new_schemas": of("json_new_schemas", "ttft_ms")[0]["mean"],
+            "json_cached": median_of("json", "ttft_ms", "mean"),
+            "free": median_of("free", "ttft_ms", "mean"),
+        },
         "load_1min": {"min": min(p["load_1min"] for p in phases), "max": max(p["load_1min"] for p in phases)},
     }
 

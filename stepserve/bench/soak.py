@@ -45,7 +45,9 @@ import httpx
 
 from stepserve.bench import fuzz
 
-DEFAULT_SERVE_ARGS = "--max-num-seqs 8 --max-queue-len 8 --default-max-tokens 32 --max-tokens-limit 64 --num-scheduler-steps 4"
+DEFAULT_SERVE_ARGS = (
+    "--max-num-seqs 8 --max-queue-len 8 --default-max-tokens 32 --max-tokens-limit 64 --num-scheduler-steps 4"
+)
 _FINISHED = re.compile(r"request (\S+) finished: .*completions=(\d+) ")
 
 
@@ -60,8 +62,12 @@ class SoakReport:
     duration_s: float = 0.0
     outcomes: Counter = field(default_factory=Counter)  # status or client action -> count
     problems: list[str] = field(default_factory=list)
-    samples: dict[str, dict[str, ProcessSample]] = field(default_factory=dict)  # "start"/"warm"/"end" -> process -> sample
-    rss_series: dict[str, list[tuple[float, float]]] = field(default_factory=dict)  # process -> (seconds into the load, RSS MiB)
+    samples: dict[str, dict[str, ProcessSample]] = field(
+        default_factory=dict
+    )  # "start"/"warm"/"end" -> process -> sample
+    rss_series: dict[str, list[tuple[float, float]]] = field(
+        default_factory=dict
+    )  # process -> (seconds into the load, RSS MiB)
     kv_usage_at_rest: float = -1.0
     running_at_rest: float = -1.0
     finished_lines: int = 0  # "request ... finished" log lines
@@ -73,7 +79,11 @@ class SoakReport:
 
     @property
     def ended_exactly_once(self) -> bool:
-        return self.duplicate_ids == 0 and self.answered_ids_missing == 0 and self.completions_logged == self.completions_metered
+        return (
+            self.duplicate_ids == 0
+            and self.answered_ids_missing == 0
+            and self.completions_logged == self.completions_metered
+        )
 
     def rss_growth(self, process: str) -> float:
         """RSS growth of a process from after warm-up to the end, as a fraction."""
@@ -86,11 +96,19 @@ class SoakReport:
     @property
     def ok(self) -> bool:
         fds = all(self.fds_back(p) for p in self.samples.get("end", {}))
-        return not self.problems and self.kv_usage_at_rest == 0 and self.running_at_rest == 0 and self.ended_exactly_once and fds
+        return (
+            not self.problems
+            and self.kv_usage_at_rest == 0
+            and self.running_at_rest == 0
+            and self.ended_exactly_once
+            and fds
+        )
 
     def lines(self) -> list[str]:
         out = [f"soak: {self.duration_s:.0f}s of load, {sum(self.outcomes.values())} requests"]
-        out.append("outcomes: " + ", ".join(f"{k}: {v}" for k, v in sorted(self.outcomes.items(), key=lambda kv: str(kv[0]))))
+        out.append(
+            "outcomes: " + ", ".join(f"{k}: {v}" for k, v in sorted(self.outcomes.items(), key=lambda kv: str(kv[0])))
+        )
         for process in self.samples.get("start", {}):
             s, w, e = (self.samples[k][process] for k in ("start", "warm", "end"))
             out.append(
@@ -98,10 +116,13 @@ class SoakReport:
                 f"({self.rss_growth(process) * 100:+.1f}% after warm-up); open fds {s.fds} -> {e.fds}"
             )
         for process, series in self.rss_series.items():
-            out.append(f"{process} RSS during the load (s: MiB): " + ", ".join(f"{t:.0f}: {rss:.0f}" for t, rss in series))
+            out.append(
+                f"{process} RSS during the load (s: MiB): " + ", ".join(f"{t:.0f}: {rss:.0f}" for t, rss in series)
+            )
         out.append(f"at rest: KV usage {self.kv_usage_at_rest}, running+waiting {self.running_at_rest}")
         out.append(
-            f"ended exactly once: {self.ended_exactly_once} ({self.finished_lines} requests logged, {self.duplicate_ids} twice, "
+            f"ended exactly once: {self.ended_exactly_once} ({self.finished_lines} requests logged, "
+            f"{self.duplicate_ids} twice, "
             f"{self.answered_ids_missing} answered but never logged; completions logged {self.completions_logged}, "
             f"metered {self.completions_metered})"
         )
@@ -206,20 +227,31 @@ class _RssSampler(threading.Thread):
 # constrained one (the core builds llguidance's tokenizer for the first).
 ENVELOPE = (
     ("/v1/completions", {"prompt": [1] * 5000, "max_tokens": 2}),
-    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "Say hi in JSON."}], "max_tokens": 8,
-                              "response_format": {"type": "json_object"}}),
+    (
+        "/v1/chat/completions",
+        {
+            "messages": [{"role": "user", "content": "Say hi in JSON."}],
+            "max_tokens": 8,
+            "response_format": {"type": "json_object"},
+        },
+    ),
 )
 
 
 class _Load:
     """Workers that pick a kind of request at random until the deadline."""
 
-    def __init__(self, client: httpx.AsyncClient, model: str, rng: random.Random, report: SoakReport, burst: int) -> None:
+    def __init__(
+        self, client: httpx.AsyncClient, model: str, rng: random.Random, report: SoakReport, burst: int
+    ) -> None:
         self.client, self.model, self.rng, self.report, self.burst = client, model, rng, report, burst
         self.answered_ids: set[str] = set()
 
     def _body(self, **kw) -> dict:
-        prompt = " ".join(self.rng.choice(("soak", "the", "test", "of", "memory", "and", "time")) for _ in range(self.rng.randint(1, 40)))
+        prompt = " ".join(
+            self.rng.choice(("soak", "the", "test", "of", "memory", "and", "time"))
+            for _ in range(self.rng.randint(1, 40))
+        )
         return {"model": self.model, "prompt": prompt, "max_tokens": self.rng.randint(1, 24)} | kw
 
     async def envelope(self) -> None:
@@ -231,14 +263,28 @@ class _Load:
                 self._note("dropped", f"{path}: dropped connection: {type(exc).__name__}: {exc}")
                 continue
             # A 400 is an answer too (a prompt past a short context); what it reached is warmed.
-            problem = f"{path}: HTTP {response.status_code}: {response.text[:200]}" if response.status_code >= 500 else None
+            problem = (
+                f"{path}: HTTP {response.status_code}: {response.text[:200]}" if response.status_code >= 500 else None
+            )
             self._note(f"envelope {response.status_code}", problem)
 
     async def run(self, deadline: float, concurrency: int, burst_every_s: float) -> None:
-        await asyncio.gather(self._bursts(deadline, burst_every_s), *(self._worker(deadline) for _ in range(concurrency)))
+        await asyncio.gather(
+            self._bursts(deadline, burst_every_s), *(self._worker(deadline) for _ in range(concurrency))
+        )
 
     async def _worker(self, deadline: float) -> None:
-        kinds = (self._stream, self._stream, self._plain, self._chat, self._n_many, self._disconnect, self._abort, self._bad, self._bad)
+        kinds = (
+            self._stream,
+            self._stream,
+            self._plain,
+            self._chat,
+            self._n_many,
+            self._disconnect,
+            self._abort,
+            self._bad,
+            self._bad,
+        )
         while time.monotonic() < deadline:
             await self.rng.choice(kinds)()
 
@@ -262,15 +308,25 @@ class _Load:
             return self._note("dropped", f"{path}: dropped connection: {type(exc).__name__}: {exc}")
         if response.status_code == 200:
             self.answered_ids.add(response.json()["id"])
-        problem = f"{path}: HTTP {response.status_code}: {response.text[:200]}" if response.status_code not in (200, 429) else None
+        problem = (
+            f"{path}: HTTP {response.status_code}: {response.text[:200]}"
+            if response.status_code not in (200, 429)
+            else None
+        )
         self._note(response.status_code, problem)
 
     async def _chat(self) -> None:
-        body = {"model": self.model, "messages": [{"role": "user", "content": self._body()["prompt"]}], "max_tokens": self.rng.randint(1, 24)}
+        body = {
+            "model": self.model,
+            "messages": [{"role": "user", "content": self._body()["prompt"]}],
+            "max_tokens": self.rng.randint(1, 24),
+        }
         await self._plain("/v1/chat/completions", body)
 
     async def _n_many(self) -> None:
-        await self._plain("/v1/completions", self._body(n=self.rng.randint(2, 4), temperature=0.8, seed=self.rng.randint(0, 99)))
+        await self._plain(
+            "/v1/completions", self._body(n=self.rng.randint(2, 4), temperature=0.8, seed=self.rng.randint(0, 99))
+        )
 
     async def _stream(self, leave_after: int | None = None) -> None:
         body = self._body(stream=True, stream_options={"include_usage": True}, ignore_eos=self.rng.random() < 0.5)
@@ -307,7 +363,10 @@ class _Load:
 
     async def _abort(self) -> None:
         try:
-            await asyncio.wait_for(self.client.post("/v1/completions", json=self._body(max_tokens=64, ignore_eos=True)), self.rng.uniform(0.01, 0.3))
+            await asyncio.wait_for(
+                self.client.post("/v1/completions", json=self._body(max_tokens=64, ignore_eos=True)),
+                self.rng.uniform(0.01, 0.3),
+            )
             self._note("answered before abort")
         except TimeoutError:
             self._note("aborted by client")
@@ -324,7 +383,11 @@ class _Load:
 
 
 def _metric_sum(text: str, name: str) -> float:
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name + "{") or line.startswith(name + " "))
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith(name + "{") or line.startswith(name + " ")
+    )
 
 
 def _at_rest(url: str, report: SoakReport, timeout: float = 60.0) -> str:
@@ -357,8 +420,18 @@ def _check_endings(report: SoakReport, log_text: str, metrics_text: str, answere
     report.completions_metered = int(_metric_sum(metrics_text, "stepserve:request_success_total"))
 
 
-async def _drive(url: str, model: str, seconds: float, concurrency: int, seed: int, burst: int, report: SoakReport,
-                 burst_every_s: float = 10.0, timeout_s: float = 300.0, envelope: bool = False) -> set[str]:
+async def _drive(
+    url: str,
+    model: str,
+    seconds: float,
+    concurrency: int,
+    seed: int,
+    burst: int,
+    report: SoakReport,
+    burst_every_s: float = 10.0,
+    timeout_s: float = 300.0,
+    envelope: bool = False,
+) -> set[str]:
     limits = httpx.Limits(max_connections=concurrency + burst + 4)
     async with httpx.AsyncClient(base_url=url, timeout=timeout_s, limits=limits) as client:
         load = _Load(client, model, random.Random(seed), report, burst)
@@ -369,8 +442,17 @@ async def _drive(url: str, model: str, seconds: float, concurrency: int, seed: i
     return load.answered_ids
 
 
-def run(duration_s: float, serve_args: list[str], *, concurrency: int = 6, seed: int = 0, burst: int = 40,
-        warmup_s: float | None = None, log_path: Path | None = None, timeout_s: float = 300.0) -> SoakReport:
+def run(
+    duration_s: float,
+    serve_args: list[str],
+    *,
+    concurrency: int = 6,
+    seed: int = 0,
+    burst: int = 40,
+    warmup_s: float | None = None,
+    log_path: Path | None = None,
+    timeout_s: float = 300.0,
+) -> SoakReport:
     """Start a server with ``serve_args``, load it for ``duration_s`` and report."""
     report = SoakReport(duration_s=duration_s)
     log_path = log_path or Path(tempfile.mkdtemp(prefix="stepserve-soak-")) / "server.log"
@@ -382,9 +464,13 @@ def run(duration_s: float, serve_args: list[str], *, concurrency: int = 6, seed:
         warmup = min(30.0, duration_s / 6) if warmup_s is None else warmup_s
         sampler = _RssSampler(pids, report, max(duration_s / 20, 1.0))
         sampler.start()
-        answered = asyncio.run(_drive(server.url, model, warmup, concurrency, seed, burst, report, timeout_s=timeout_s, envelope=True))
+        answered = asyncio.run(
+            _drive(server.url, model, warmup, concurrency, seed, burst, report, timeout_s=timeout_s, envelope=True)
+        )
         report.samples["warm"] = {name: _sample(pid) for name, pid in pids.items()}
-        answered |= asyncio.run(_drive(server.url, model, duration_s - warmup, concurrency, seed + 1, burst, report, timeout_s=timeout_s))
+        answered |= asyncio.run(
+            _drive(server.url, model, duration_s - warmup, concurrency, seed + 1, burst, report, timeout_s=timeout_s)
+        )
         sampler.stopped.set()
         metrics_text = _at_rest(server.url, report)
         time.sleep(1.0)  # the server closes the client's last connections
@@ -403,18 +489,36 @@ def run(duration_s: float, serve_args: list[str], *, concurrency: int = 6, seed:
 
 
 def add_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--duration-s", type=float, default=60.0, help="seconds of load (the first sixth, at most 30 s, is warm-up)")
-    parser.add_argument("--serve-args", default=DEFAULT_SERVE_ARGS, help="flags for `stepserve serve` (add --model to pick a model)")
+    parser.add_argument(
+        "--duration-s", type=float, default=60.0, help="seconds of load (the first sixth, at most 30 s, is warm-up)"
+    )
+    parser.add_argument(
+        "--serve-args", default=DEFAULT_SERVE_ARGS, help="flags for `stepserve serve` (add --model to pick a model)"
+    )
     parser.add_argument("--concurrency", type=int, default=6, help="clients looping at once (bursts add more)")
-    parser.add_argument("--burst", type=int, default=40, help="requests fired at once in a burst, beyond the admission limit")
+    parser.add_argument(
+        "--burst", type=int, default=40, help="requests fired at once in a burst, beyond the admission limit"
+    )
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--timeout-s", type=float, default=300.0, help="client timeout per request (counted as an outcome, not a problem)")
+    parser.add_argument(
+        "--timeout-s",
+        type=float,
+        default=300.0,
+        help="client timeout per request (counted as an outcome, not a problem)",
+    )
     parser.add_argument("--log", default=None, help="where the server's log goes (default: a temporary file)")
 
 
 def main(args: argparse.Namespace) -> int:
     logging.getLogger("httpx").setLevel(logging.WARNING)
-    report = run(args.duration_s, shlex.split(args.serve_args), concurrency=args.concurrency, seed=args.seed,
-                 burst=args.burst, log_path=Path(args.log) if args.log else None, timeout_s=args.timeout_s)
+    report = run(
+        args.duration_s,
+        shlex.split(args.serve_args),
+        concurrency=args.concurrency,
+        seed=args.seed,
+        burst=args.burst,
+        log_path=Path(args.log) if args.log else None,
+        timeout_s=args.timeout_s,
+    )
     print("\n".join(report.lines()))
     return 0 if report.ok else 1

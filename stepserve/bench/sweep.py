@@ -22,7 +22,11 @@ def sweep(args: argparse.Namespace) -> list[dict]:
     results = []
     for concurrency in args.sweep:
         if concurrency > args.num_prompts:
-            print(f"note: concurrency {concurrency} > --num-prompts {args.num_prompts}: at most {args.num_prompts} run at once", file=sys.stderr)
+            print(
+                f"note: concurrency {concurrency} > --num-prompts {args.num_prompts}: "
+                f"at most {args.num_prompts} run at once",
+                file=sys.stderr,
+            )
         point = argparse.Namespace(**{**vars(args), "max_concurrency": concurrency, "request_rate": float("inf")})
         results.append(asyncio.run(run(point)))
         print(table(results[-1:], header=len(results) == 1), flush=True)
@@ -103,7 +107,10 @@ def main(args: argparse.Namespace) -> int:
             json.dump(results, f, indent=2)
     if args.plot:
         first = results[0]
-        title = f"{first['model']}: {args.num_prompts} requests of {args.input_len} words in, {args.output_len} tokens out ({first['date']})"
+        title = (
+            f"{first['model']}: {args.num_prompts} requests of {args.input_len} words in, "
+            f"{args.output_len} tokens out ({first['date']})"
+        )
         plot(results, args.plot, title)
         print(f"plot written to {args.plot}")
     return 0 if all(r["completed"] for r in results) else 1

@@ -22,7 +22,9 @@ def run(args: argparse.Namespace, engine: EngineConfig) -> dict:
     from stepserve.sampling import SamplingParams
 
     llm = LLM(**_flatten(engine))
-    requests = random_requests(len(llm.tokenizer), args.num_prompts, args.input_len, args.output_len, args.range_ratio, args.seed)
+    requests = random_requests(
+        len(llm.tokenizer), args.num_prompts, args.input_len, args.output_len, args.range_ratio, args.seed
+    )
     prompts = [ids for ids, _ in requests]
     params = [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True) for _, n in requests]
     llm.generate(prompts[:2], [SamplingParams(max_tokens=4, ignore_eos=True)] * 2)  # warm-up
@@ -44,10 +46,15 @@ def run(args: argparse.Namespace, engine: EngineConfig) -> dict:
         "total_tok_s": round((in_tokens + out_tokens) / elapsed, 1),
         "load_s": round(llm.info.load_seconds, 2),
     }
-    print(f"{result['model']} on {result['device']} ({result['dtype']}, quantization {result['quantization']}, "
-          f"{result['num_scheduler_steps']} scheduler steps)")
-    print(f"Throughput: {result['requests_per_s']:.2f} requests/s, {result['output_tok_s']:.1f} output tok/s, "
-          f"{result['total_tok_s']:.1f} total tok/s ({len(prompts)} requests, {out_tokens} output tokens, {elapsed:.1f}s; load {result['load_s']}s)")
+    print(
+        f"{result['model']} on {result['device']} ({result['dtype']}, quantization {result['quantization']}, "
+        f"{result['num_scheduler_steps']} scheduler steps)"
+    )
+    print(
+        f"Throughput: {result['requests_per_s']:.2f} requests/s, {result['output_tok_s']:.1f} output tok/s, "
+        f"{result['total_tok_s']:.1f} total tok/s ({len(prompts)} requests, {out_tokens} output tokens, "
+        f"{elapsed:.1f}s; load {result['load_s']}s)"
+    )
     if args.output_json:
         with open(args.output_json, "w") as f:
             json.dump(result, f, indent=2)

@@ -67,7 +67,9 @@ def load_sampling_defaults(mode: str, model_dir: Path | None) -> SamplingDefault
     else:
         path = Path(mode).expanduser() / FILE
         if not path.is_file():
-            raise ConfigError(f"generation_config={mode!r}: no {FILE} there; give auto, vllm or a directory holding {FILE}")
+            raise ConfigError(
+                f"generation_config={mode!r}: no {FILE} there; give auto, vllm or a directory holding {FILE}"
+            )
     return _parse(path)
 
 
@@ -96,4 +98,8 @@ def log_sampling_defaults(defaults: SamplingDefaults) -> None:
     """The one startup line saying which defaults requests will get."""
     if defaults.as_dict():
         shown = ", ".join(f"{k}={v}" for k, v in defaults.as_dict().items())
-        log.info("using the model's sampling defaults: %s (from %s; --generation-config vllm ignores them)", shown, defaults.source)
+        log.info(
+            "using the model's sampling defaults: %s (from %s; --generation-config vllm ignores them)",
+            shown,
+            defaults.source,
+        )

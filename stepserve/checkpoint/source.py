@@ -69,7 +69,16 @@ DEFAULT_MODEL_DIR = "/mnt/models"
 # Config, tokenizer and safetensors weights; never the .bin/.pt/.h5/.onnx/.gguf copies a repo
 # may also carry (stepserve reads safetensors from a hub repo; a GGUF is a local file).
 DOWNLOAD_PATTERNS = ("*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken")
-TOKENIZER_PATTERNS = ("tokenizer*", "special_tokens_map.json", "added_tokens.json", "vocab*", "merges.txt", "chat_template*", "*.model", "*.tiktoken")
+TOKENIZER_PATTERNS = (
+    "tokenizer*",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab*",
+    "merges.txt",
+    "chat_template*",
+    "*.model",
+    "*.tiktoken",
+)
 
 
 @dataclass(frozen=True)
@@ -91,7 +100,10 @@ class HubOptions:
 
 
 def locate_model(
-    model: str | None, model_id: str | None, hub: HubOptions = HubOptions(), default_dir: str = DEFAULT_MODEL_DIR,
+    model: str | None,
+    model_id: str | None,
+    hub: HubOptions = HubOptions(),
+    default_dir: str = DEFAULT_MODEL_DIR,
     needs_weights: bool = True,
 ) -> LocatedModel:
     """The model to load, downloading it first for a hub id; a local directory may lack weight
@@ -127,14 +139,19 @@ def check_complete(path: Path, needs_weights: bool = True) -> None:
     if not (path / "config.json").is_file():
         raise ConfigError(f"model directory {str(path)!r} has no config.json (nor a single .gguf file)")
     if not any((path / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
-        raise ConfigError(f"model directory {str(path)!r} has no tokenizer (tokenizer.json, tokenizer_config.json or tokenizer.model)")
+        raise ConfigError(
+            f"model directory {str(path)!r} has no tokenizer (tokenizer.json, tokenizer_config.json or tokenizer.model)"
+        )
     if not needs_weights:
         return
     index = path / "model.safetensors.index.json"
     shards = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else []
     missing = [name for name in shards if not (path / name).is_file()]
     if missing:
-        raise ConfigError(f"model directory {str(path)!r} is incomplete: {len(missing)} of {len(shards)} weight shards missing, e.g. {missing[0]}")
+        raise ConfigError(
+            f"model directory {str(path)!r} is incomplete: {len(missing)} of {len(shards)} weight shards missing, "
+            f"e.g. {missing[0]}"
+        )
     if not shards and not any(path.glob("*.safetensors")):
         raise ConfigError(f"model directory {str(path)!r} has no .safetensors weights")
 
@@ -158,22 +175,35 @@ def _snapshot(model_id: str, revision: str | None, patterns: tuple[str, ...], hu
     where = hub.endpoint or os.environ.get("HF_ENDPOINT") or "the Hugging Face hub"
     log.info("fetching %s (revision %s) from %s", model_id, revision or "main", where)
     try:
-        return snapshot_download(model_id, revision=revision, allow_patterns=list(patterns), endpoint=hub.endpoint, cache_dir=hub.cache_dir)
+        return snapshot_download(
+            model_id, revision=revision, allow_patterns=list(patterns), endpoint=hub.endpoint, cache_dir=hub.cache_dir
+        )
     except Exception as exc:  # every way a download fails is a startup error with one message
         raise ConfigError(_download_error(model_id, revision, where, exc)) from None
 
 
 def _download_error(model_id: str, revision: str | None, where: str, exc: Exception) -> str:
-    from huggingface_hub.errors import GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
 
     if isinstance(exc, GatedRepoError):
-        return f"model {model_id} is gated on {where}: accept its terms there and set HF_TOKEN to a token that may read it"
+        return (
+            f"model {model_id} is gated on {where}: accept its terms there and set HF_TOKEN to a token that may read it"
+        )
     if isinstance(exc, RevisionNotFoundError):
         return f"model {model_id} has no revision {revision!r} on {where}"
     if isinstance(exc, RepositoryNotFoundError):
         return f"model {model_id} was not found on {where} (a private repository needs HF_TOKEN)"
     if isinstance(exc, LocalEntryNotFoundError):
-        offline = " (HF_HUB_OFFLINE is set)" if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on") else ""
+        offline = (
+            " (HF_HUB_OFFLINE is set)"
+            if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
+            else ""
+        )
         return f"model {model_id} is not complete in the local cache and {where} could not be used{offline}: {exc}"
     return f"downloading model {model_id} from {where} failed: {type(exc).__name__}: {exc}"
 

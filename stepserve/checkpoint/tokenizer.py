@@ -41,7 +41,9 @@ def _gguf_tokenizer(source: ModelSource):
             return PreTrainedTokenizerFast.from_pretrained(directory, gguf_file=name)
         except ValueError as exc:
             reasons = "; ".join(dict.fromkeys([str(auto_error), str(exc)]))  # often the same reason twice
-            raise ConfigError(f"the tokenizer of {name} cannot be read ({reasons}); use the safetensors checkpoint") from None
+            raise ConfigError(
+                f"the tokenizer of {name} cannot be read ({reasons}); use the safetensors checkpoint"
+            ) from None
 
 
 def _as_set(value) -> set[int]:
@@ -60,7 +62,18 @@ def eos_token_ids(source: ModelSource, hf_config: dict, tokenizer) -> frozenset[
 
 
 # apply_chat_template's own arguments: a template variable of these names would change the call.
-_RESERVED_TEMPLATE_KWARGS = frozenset({"conversation", "messages", "tokenize", "add_generation_prompt", "return_dict", "return_tensors", "chat_template", "continue_final_message"})
+_RESERVED_TEMPLATE_KWARGS = frozenset(
+    {
+        "conversation",
+        "messages",
+        "tokenize",
+        "add_generation_prompt",
+        "return_dict",
+        "return_tensors",
+        "chat_template",
+        "continue_final_message",
+    }
+)
 
 
 def check_template_kwargs(template_kwargs: dict | None) -> None:
@@ -71,7 +84,11 @@ def check_template_kwargs(template_kwargs: dict | None) -> None:
 
 
 def apply_chat_template(
-    tokenizer, messages: list[dict], add_generation_prompt: bool = True, template_kwargs: dict | None = None, tools: list[dict] | None = None
+    tokenizer,
+    messages: list[dict],
+    add_generation_prompt: bool = True,
+    template_kwargs: dict | None = None,
+    tools: list[dict] | None = None,
 ) -> list[int]:
     """Token ids of the rendered conversation (the template decides BOS). ``template_kwargs``
     become template variables (Qwen3's ``enable_thinking``), as vLLM's ``chat_template_kwargs``;

@@ -11,6 +11,7 @@ from stepserve.cli.serve import add_serve_parser
 from stepserve.config import ConfigError
 from stepserve.version import __version__
 
+
 def _generate(args: argparse.Namespace) -> int:
     from stepserve.engine.llm import LLM
     from stepserve.sampling import SamplingParams
@@ -55,7 +56,10 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="stepserve", description="An LLM server for Hugging Face models: the OpenAI and KServe protocols over its own engine.")
+    parser = argparse.ArgumentParser(
+        prog="stepserve",
+        description="An LLM server for Hugging Face models: the OpenAI and KServe protocols over its own engine.",
+    )
     parser.add_argument("--version", action="version", version=f"stepserve {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -98,10 +102,14 @@ def build_parser() -> argparse.ArgumentParser:
 def _add_hardening_benches(bench_sub) -> None:
     from stepserve.bench import fuzz, soak
 
-    fz = bench_sub.add_parser("fuzz", help="schema-aware fuzzing of every route of a running server; prints status counts")
+    fz = bench_sub.add_parser(
+        "fuzz", help="schema-aware fuzzing of every route of a running server; prints status counts"
+    )
     fuzz.add_args(fz)
     fz.set_defaults(func=_bench)
-    sk = bench_sub.add_parser("soak", help="start a server, drive a mixed load for a while, report leaks and stuck requests")
+    sk = bench_sub.add_parser(
+        "soak", help="start a server, drive a mixed load for a while, report leaks and stuck requests"
+    )
     soak.add_args(sk)
     sk.set_defaults(func=_bench)
 

@@ -14,9 +14,28 @@ KSERVE_ALIASES = {"model": "--model_dir"}
 
 def add_engine_args(parser: argparse.ArgumentParser) -> None:
     add_dataclass_args(parser, ModelConfig, KSERVE_ALIASES)
-    parser.add_argument("--model_id", "--model-id", dest="model_id", default=None, help="a Hugging Face hub id ORG/NAME, downloaded with huggingface_hub (HF_TOKEN, HF_HOME, HF_ENDPOINT, HF_HUB_OFFLINE apply), or a local path")
-    parser.add_argument("--model_revision", "--model-revision", dest="model_revision", default=None, help="hub branch, tag or commit of --model_id (default: main)")
-    parser.add_argument("--tokenizer_revision", "--tokenizer-revision", dest="tokenizer_revision", default=None, help="hub revision of the tokenizer, when it differs from --model_revision")
+    parser.add_argument(
+        "--model_id",
+        "--model-id",
+        dest="model_id",
+        default=None,
+        help="a Hugging Face hub id ORG/NAME, downloaded with huggingface_hub "
+        "(HF_TOKEN, HF_HOME, HF_ENDPOINT, HF_HUB_OFFLINE apply), or a local path",
+    )
+    parser.add_argument(
+        "--model_revision",
+        "--model-revision",
+        dest="model_revision",
+        default=None,
+        help="hub branch, tag or commit of --model_id (default: main)",
+    )
+    parser.add_argument(
+        "--tokenizer_revision",
+        "--tokenizer-revision",
+        dest="tokenizer_revision",
+        default=None,
+        help="hub revision of the tokenizer, when it differs from --model_revision",
+    )
     add_dataclass_args(parser, CacheConfig)
     add_dataclass_args(parser, SchedulerConfig)
     add_dataclass_args(parser, ParallelConfig, PARALLEL_ALIASES)

@@ -25,7 +25,9 @@ def add_serve_parser(sub, add_engine_args: Callable[[argparse.ArgumentParser], N
     add_dataclass_args(parser, TaskConfig)
     add_dataclass_args(parser, AccessConfig)
     add_dataclass_args(parser, GrpcConfig)
-    parser.add_argument("--access-log", "--access_log", dest="access_log", action="store_true", help="log every HTTP request too")
+    parser.add_argument(
+        "--access-log", "--access_log", dest="access_log", action="store_true", help="log every HTTP request too"
+    )
     parser.set_defaults(func=main)
     return parser
 
@@ -51,15 +53,26 @@ def main(args: argparse.Namespace) -> int:
         engine_config, hub_name = located_engine_config(args)
         if server_config.model_name is None and hub_name is not None:
             server_config = dataclasses.replace(server_config, model_name=hub_name)
-        task_front = plan_task(engine_config, TaskConfig(**{f.name: vars(args)[f.name] for f in dataclasses.fields(TaskConfig)}))
-        make_client, tokenizer, info = serving(task_front, engine_config, server_config) if task_front else _engine(engine_config, server_config)
+        task_front = plan_task(
+            engine_config, TaskConfig(**{f.name: vars(args)[f.name] for f in dataclasses.fields(TaskConfig)})
+        )
+        make_client, tokenizer, info = (
+            serving(task_front, engine_config, server_config) if task_front else _engine(engine_config, server_config)
+        )
     except ConfigError as exc:
         print(f"stepserve serve: {exc}", file=sys.stderr)
         return 2
     app = create_app(make_client, tokenizer, info, server_config, engine_config.scheduler.max_num_seqs, task_front)
     app = with_grpc(secure_app(app, access), server_config.host, grpc_config, access, server_config.shutdown_grace_s)
     scheme = "https" if access.tls else "http"
-    log.info("serving %s on %s://%s:%d%s", server_config.model_name or info.name, scheme, server_config.host, server_config.http_port, access.root_path)
+    log.info(
+        "serving %s on %s://%s:%d%s",
+        server_config.model_name or info.name,
+        scheme,
+        server_config.host,
+        server_config.http_port,
+        access.root_path,
+    )
     # uvicorn stops gracefully on SIGTERM, then re-raises it to the handler found before it
     # started; with this one, a graceful stop ends the process with status 0.
     signal.signal(signal.SIGTERM, lambda *_: None)
@@ -98,4 +111,15 @@ def _engine(engine_config, server_config: ServerConfig):
     tokenizer, info = load_front(engine_config)
     policy = RestartPolicy(server_config.max_restarts, server_config.restart_backoff_s)
     eos = info.eos_token_ids
-    return (lambda: SupervisedCoreClient(core_factory(engine_config, eos_token_ids=eos), policy, restart_factory=restart_factory(engine_config, eos), spare=server_config.spare_core)), tokenizer, info
+    return (
+        (
+            lambda: SupervisedCoreClient(
+                core_factory(engine_config, eos_token_ids=eos),
+                policy,
+                restart_factory=restart_factory(engine_config, eos),
+                spare=server_config.spare_core,
+            )
+        ),
+        tokenizer,
+        info,
+    )

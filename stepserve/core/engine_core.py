@@ -53,7 +53,8 @@ def _needs_outputs(sched: SchedulerOutput) -> bool:
     """Does the next pass need this pass's tokens on the host? Penalties count them and grammar
     matchers follow them, so such rows wait for the results instead of using placeholders."""
     return any(
-        s.sample and (p.structured is not None or p.presence_penalty or p.frequency_penalty or p.repetition_penalty != 1.0)
+        s.sample
+        and (p.structured is not None or p.presence_penalty or p.frequency_penalty or p.repetition_penalty != 1.0)
         for s in sched.requests
         for p in (s.params,)
     )
@@ -114,7 +115,10 @@ class EngineCore:
         if msg.pooling not in POOLINGS:
             raise InvalidRequestError(f"pooling={msg.pooling!r}: use one of {', '.join(POOLINGS)}", "pooling")
         if len(msg.prompt_token_ids) > self.scheduler.max_model_len:
-            raise InvalidRequestError(f"the input ({len(msg.prompt_token_ids)} tokens) exceeds max_model_len={self.scheduler.max_model_len}", "input")
+            raise InvalidRequestError(
+                f"the input ({len(msg.prompt_token_ids)} tokens) exceeds max_model_len={self.scheduler.max_model_len}",
+                "input",
+            )
 
     def abort(self, request_ids: Iterable[str]) -> list[EngineCoreOutput]:
         return self.scheduler.abort(request_ids)
@@ -162,7 +166,9 @@ class EngineCore:
         try:
             return InFlight(sched, self.worker.submit(sched))
         except Exception as exc:
-            log.warning("submitting a pass of %d requests failed (%r); it runs again without overlap", len(sched.requests), exc)
+            log.warning(
+                "submitting a pass of %d requests failed (%r); it runs again without overlap", len(sched.requests), exc
+            )
             return InFlight(sched, None)
 
     def _collect(self, flight: InFlight) -> list[EngineCoreOutput]:
@@ -189,8 +195,11 @@ class EngineCore:
         whose state still matches it (not finished, aborted or preempted since)."""
         requests = self.scheduler.requests
         rows = tuple(
-            s for s in sched.requests
-            if (r := requests.get(s.request_id)) is not None and r.status is RequestStatus.RUNNING and r.num_computed_tokens == s.start
+            s
+            for s in sched.requests
+            if (r := requests.get(s.request_id)) is not None
+            and r.status is RequestStatus.RUNNING
+            and r.num_computed_tokens == s.start
         )
         if not rows:
             return []
@@ -204,7 +213,9 @@ class EngineCore:
             return
         self._failed_passes += 1
         if self._failed_passes >= MAX_FAILED_PASSES:
-            raise EngineFaultError(f"{self._failed_passes} passes in a row failed for every request: {next(iter(result.errors.values()))}")
+            raise EngineFaultError(
+                f"{self._failed_passes} passes in a row failed for every request: {next(iter(result.errors.values()))}"
+            )
 
     def _execute(self, sched: SchedulerOutput) -> ModelRunnerOutput:
         """Run the pass; if it raises, find the request(s) at fault (DESIGN invariant 2)."""
@@ -232,10 +243,16 @@ class EngineCore:
             except Exception as exc:
                 parts.append(_failed(alone, exc))
         if all(part.errors for part in parts):
-            raise EngineFaultError(f"every request of the pass failed, alone too: {next(iter(parts[-1].errors.values()))}")
+            raise EngineFaultError(
+                f"every request of the pass failed, alone too: {next(iter(parts[-1].errors.values()))}"
+            )
         for request, part in zip(sched.requests, parts):
             if part.errors:
-                log.error("request %s failed in the engine and is aborted: %s", request.request_id, part.errors[request.request_id])
+                log.error(
+                    "request %s failed in the engine and is aborted: %s",
+                    request.request_id,
+                    part.errors[request.request_id],
+                )
         return ModelRunnerOutput(
             sampled_token_ids=tuple(p.sampled_token_ids[0] for p in parts),
             logprobs=tuple(p.logprobs[0] if p.logprobs else None for p in parts),
@@ -258,4 +275,6 @@ class EngineCore:
     def stats(self) -> EngineStats:
         s = self.scheduler
         prefix = s.blocks.prefix_stats
-        return EngineStats(len(s.running), len(s.waiting), s.blocks.usage, prefix.queries, prefix.hits, s.num_preemptions)
+        return EngineStats(
+            len(s.running), len(s.waiting), s.blocks.usage, prefix.queries, prefix.hits, s.num_preemptions
+        )

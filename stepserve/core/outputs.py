@@ -69,7 +69,9 @@ class EngineCoreOutput:
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
     error: str | None = None  # why the engine aborted this request, if it did
     prompt_logprobs: tuple[TokenLogprob, ...] | None = None  # prompt tokens 1.. (with the first output), when requested
-    pooled: np.ndarray | GeneratedTokens | None = None  # a pooling request's result (float32 array; text2text: tokens), with its finish
+    pooled: np.ndarray | GeneratedTokens | None = (
+        None  # a pooling request's result (float32 array; text2text: tokens), with its finish
+    )
 
     @property
     def finished(self) -> bool:
@@ -89,7 +91,9 @@ class ScheduledRequest:
     num_prompt_tokens: int  # where the prompt ends in token_ids (penalties tell them apart)
     sample: bool  # False while a prompt chunk stops short of the prompt's end
     num_steps: int  # tokens that may still be accepted this pass (<= the pass's num_steps)
-    pooling: str | None = None  # a pooling request's mode (POOLINGS): nothing is sampled; once ``sample``, its result is due
+    pooling: str | None = (
+        None  # a pooling request's mode (POOLINGS): nothing is sampled; once ``sample``, its result is due
+    )
     encoder: EncoderInputs | None = None  # an ENCODER request's extra inputs
 
 
@@ -114,5 +118,24 @@ class ModelRunnerOutput:
     sampled_token_ids: tuple[tuple[int, ...], ...]  # num_steps tokens per request, () when not sampled
     logprobs: tuple[tuple[TokenLogprob, ...] | None, ...] = ()  # per request, when requested
     errors: dict[str, str] = field(default_factory=dict)  # request id -> why it failed in the worker
-    prompt_logprobs: dict[str, tuple[TokenLogprob, ...]] = field(default_factory=dict)  # request id -> this chunk's prompt tokens
-    pooled: dict[str, np.ndarray | GeneratedTokens] = field(default_factory=dict)  # request id -> result, for pooling requests whose prompt ended
+    prompt_logprobs: dict[str, tuple[TokenLogprob, ...]] = field(
+        default_factory=dict
+    )  # request id -> this chunk's prompt tokens
+    pooled: dict[str, np.ndarray | GeneratedTokens] = field(
+        default_factory=dict
+    )  # request id -> result, for pooling requests whose prompt ended
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """Facts learned while building the engine (returned, never written back into config); the
+    core process sends them to the front once built (``CoreReady``)."""
+
+    name: str  # default served model name
+    max_model_len: int  # context length in use
+    eos_token_ids: frozenset[int]  # ids that end a sequence
+    num_kv_blocks: int  # KV cache blocks (one is the null block)
+    device: str  # "cpu" or "cuda"
+    dtype: str  # weights and activations
+    quantization: str  # "none", "int4" or "fp8"
+    load_seconds: float  # wall time to build the engine

@@ -44,7 +44,9 @@ class Request:
         self.stop_token_id: int | None = None
         self.prompt_logprobs: list | None = [] if msg.params.prompt_logprobs is not None else None  # until sent
         self.encoder = msg.encoder  # an encoder request's extra inputs, for the runner
-        self.pooling: str | None = msg.pooling  # prefill-only: finishes with its pooled vector once the prompt is computed
+        self.pooling: str | None = (
+            msg.pooling
+        )  # prefill-only: finishes with its pooled vector once the prompt is computed
 
     @property
     def num_tokens(self) -> int:

@@ -141,7 +141,9 @@ class Scheduler:
 
     def _surely_finishing(self, request: Request) -> bool:
         """An assumed request whose placeholders reach max_tokens or the context end."""
-        return bool(request.num_placeholders) and (request.remaining_tokens <= 0 or request.num_tokens >= self.max_model_len)
+        return bool(request.num_placeholders) and (
+            request.remaining_tokens <= 0 or request.num_tokens >= self.max_model_len
+        )
 
     def _allocate_or_preempt(self, request: Request, num_slots: int) -> bool:
         while not self.blocks.allocate(request.request_id, num_slots):

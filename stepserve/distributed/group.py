@@ -37,7 +37,9 @@ def check_devices(size: int, device_type: str) -> None:
     if size == 1:
         return
     if device_type == "cuda" and size > torch.cuda.device_count():
-        raise ConfigError(f"tensor_parallel_size={size} needs {size} GPUs (one per rank); {torch.cuda.device_count()} are visible")
+        raise ConfigError(
+            f"tensor_parallel_size={size} needs {size} GPUs (one per rank); {torch.cuda.device_count()} are visible"
+        )
     cpus = len(os.sched_getaffinity(0))
     if device_type == "cpu" and size > cpus:
         raise ConfigError(f"tensor_parallel_size={size} on CPU needs a core per rank; this process may use {cpus}")
@@ -65,13 +67,18 @@ class TensorParallel:
         checkpoint is read slice by slice (a rank reads its rows or columns, not whole
         tensors); a GGUF's or an FP8 checkpoint's tensors are dequantized whole, then cut."""
         if weights is not None and self.size > 1:
-            raise ConfigError("a weight stream handed to build_engine cannot reach the other tensor-parallel ranks; give the model's files")
+            raise ConfigError(
+                "a weight stream handed to build_engine cannot reach "
+                "the other tensor-parallel ranks; give the model's files"
+            )
         if weights is not None or load_format == "dummy":
             return weights
         if self.size == 1:
             return checkpoint.weights(dtype, device)
         if checkpoint.source.gguf_path is not None or checkpoint.fp8_format is not None:
-            return ((name, take(t, cut(name, cfg, self.rank, self.size))) for name, t in checkpoint.weights(dtype, device))
+            return (
+                (name, take(t, cut(name, cfg, self.rank, self.size))) for name, t in checkpoint.weights(dtype, device)
+            )
         from stepserve.models.weights import safetensors_weights
 
         def read(key: str, f) -> torch.Tensor:
@@ -104,10 +111,14 @@ def set_cpu_threads(size: int) -> None:
 
 
 def init_group(rank: int, size: int, store: str, device_type: str) -> None:
-    dist.init_process_group(backend_for(device_type), init_method=f"file://{store}", rank=rank, world_size=size, timeout=COLLECTIVE_TIMEOUT)
+    dist.init_process_group(
+        backend_for(device_type), init_method=f"file://{store}", rank=rank, world_size=size, timeout=COLLECTIVE_TIMEOUT
+    )
 
 
-def start_tensor_parallel(config, model_config: DecoderConfig, eos_token_ids: frozenset[int], device: torch.device, quantization: str) -> TensorParallel:
+def start_tensor_parallel(
+    config, model_config: DecoderConfig, eos_token_ids: frozenset[int], device: torch.device, quantization: str
+) -> TensorParallel:
     """Rank 0: check the split, start ranks 1..N-1 (they load their shards while this process
     loads its own) and join them in the process group. ``SINGLE`` when there is one rank."""
     size = config.parallel.tensor_parallel_size
@@ -116,7 +127,9 @@ def start_tensor_parallel(config, model_config: DecoderConfig, eos_token_ids: fr
     if size == 1:
         return SINGLE
     if dist.is_initialized():
-        raise ConfigError("this process already holds a tensor-parallel group; close that engine first (one group per process)")
+        raise ConfigError(
+            "this process already holds a tensor-parallel group; close that engine first (one group per process)"
+        )
     from stepserve.distributed.ranks import RankProcesses
 
     if device.type == "cpu":

@@ -65,8 +65,12 @@ class RankProcesses:
             self._spawn(RankStart(config, eos_token_ids, rank, size, self.store, os.getpid()))
         for rank, (process, conn) in enumerate(zip(self.processes, self.conns), start=1):
             self.inbox.append(queue.Queue())
-            threading.Thread(target=self._watch, args=(rank, process), name=f"stepserve-rank{rank}-watch", daemon=True).start()
-            threading.Thread(target=self._read, args=(rank, conn), name=f"stepserve-rank{rank}-read", daemon=True).start()
+            threading.Thread(
+                target=self._watch, args=(rank, process), name=f"stepserve-rank{rank}-watch", daemon=True
+            ).start()
+            threading.Thread(
+                target=self._read, args=(rank, conn), name=f"stepserve-rank{rank}-read", daemon=True
+            ).start()
 
     def _spawn(self, start: RankStart) -> None:
         ours, theirs = socket.socketpair()
@@ -129,7 +133,10 @@ class RankProcesses:
 
     def _stray_error(self, rank: int, error: str) -> None:
         if self.in_pass and self.inbox[rank - 1].qsize() and not self._closing:
-            self._end(f"tensor-parallel rank {rank} raised {error} while rank 0 is still in the pass (waiting in a collective); the group is ended")
+            self._end(
+                f"tensor-parallel rank {rank} raised {error} while rank 0 is "
+                "still in the pass (waiting in a collective); the group is ended"
+            )
 
     def _check_alive(self) -> None:
         if self.dead is not None:

@@ -51,20 +51,30 @@ def check_tensor_parallel(size: int, cfg: DecoderConfig, quantization: str = "no
         return
     h, kv = cfg.num_heads, cfg.num_kv_heads
     if h % size:
-        raise ConfigError(f"tensor_parallel_size={size} must divide the model's {h} attention heads; use one of {_divisors(h)}")
+        raise ConfigError(
+            f"tensor_parallel_size={size} must divide the model's {h} attention heads; use one of {_divisors(h)}"
+        )
     if kv % size and size % kv:
         raise ConfigError(
             f"tensor_parallel_size={size} and the model's {kv} KV heads: one must divide the other "
-            f"(split when {size} divides {kv}, replicated when {kv} divides {size}); use one of {_divisors(h)} that does"
+            f"(split when {size} divides {kv}, replicated when {kv} "
+            f"divides {size}); use one of {_divisors(h)} that does"
         )
     if cfg.intermediate_size % size:
-        raise ConfigError(f"tensor_parallel_size={size} must divide the model's intermediate_size {cfg.intermediate_size}; use one of {_divisors(cfg.intermediate_size)}")
+        raise ConfigError(
+            f"tensor_parallel_size={size} must divide the model's intermediate_size "
+            f"{cfg.intermediate_size}; use one of {_divisors(cfg.intermediate_size)}"
+        )
     if quantization == "int4":
-        for what, n in (("attention width (heads x head_dim)", h * cfg.head_dim), ("intermediate_size", cfg.intermediate_size)):
+        for what, n in (
+            ("attention width (heads x head_dim)", h * cfg.head_dim),
+            ("intermediate_size", cfg.intermediate_size),
+        ):
             if (n // size) % INT4_GROUP:
                 raise ConfigError(
                     f"quantization=int4 with tensor_parallel_size={size}: each rank's share of the {what} {n} "
-                    f"must hold whole groups of {INT4_GROUP} weights; use a smaller tensor_parallel_size or --quantization none"
+                    f"must hold whole groups of {INT4_GROUP} weights; "
+                    "use a smaller tensor_parallel_size or --quantization none"
                 )
 
 
@@ -148,5 +158,7 @@ def take_slice(get_slice: Callable[[], object], get_tensor: Callable[[], torch.T
     if parts is None or parts == ZERO:
         return take(get_tensor(), parts)
     view = get_slice()
-    pieces = [view[p.start : p.start + p.length] if p.dim == 0 else view[:, p.start : p.start + p.length] for p in parts]
+    pieces = [
+        view[p.start : p.start + p.length] if p.dim == 0 else view[:, p.start : p.start + p.length] for p in parts
+    ]
     return torch.cat(pieces, dim=parts[0].dim)

@@ -171,9 +171,13 @@ class AsyncEngine:
         try:
             return list(await asyncio.wait_for(asyncio.gather(*futures), remaining))
         except TimeoutError:
-            raise RequestTimeoutError(f"the request ran past the server's timeout of {timeout}s and was aborted") from None
+            raise RequestTimeoutError(
+                f"the request ran past the server's timeout of {timeout}s and was aborted"
+            ) from None
 
-    def _release_results(self, request_id: str, requests: Sequence[EngineCoreRequest], futures: list[asyncio.Future], arrival: float) -> None:
+    def _release_results(
+        self, request_id: str, requests: Sequence[EngineCoreRequest], futures: list[asyncio.Future], arrival: float
+    ) -> None:
         """Forget the requests, abort what the core still holds, count them (metrics, one log line)."""
         for r in requests:
             self._results.pop(r.request_id, None)
@@ -186,17 +190,28 @@ class AsyncEngine:
         outcome = "abort" if None in outputs else ",".join(sorted({o.finish_reason for o in outputs}))
         log.info(
             "request %s finished: prompt_tokens=%d output_tokens=%d inputs=%d finish_reason=%s latency=%.3fs",
-            request_id, sum(len(r.prompt_token_ids) for r in requests), sum(generated), len(requests), outcome, now - arrival,
+            request_id,
+            sum(len(r.prompt_token_ids) for r in requests),
+            sum(generated),
+            len(requests),
+            outcome,
+            now - arrival,
         )
 
-    def _observe_result(self, request: EngineCoreRequest, out: EngineCoreOutput | None, generated: int, arrival: float, now: float) -> None:
+    def _observe_result(
+        self, request: EngineCoreRequest, out: EngineCoreOutput | None, generated: int, arrival: float, now: float
+    ) -> None:
         if out is not None:
             self.token_counts.prompt += len(request.prompt_token_ids)
             self.token_counts.generation += generated
         if self._on_finish is not None:
             reason = out.finish_reason if out is not None else "abort"
             first = now if generated else None  # a one-pass result: its first token arrives with the last
-            self._on_finish(FinishedRequest(request.request_id, len(request.prompt_token_ids), generated, reason, arrival, first, now))
+            self._on_finish(
+                FinishedRequest(
+                    request.request_id, len(request.prompt_token_ids), generated, reason, arrival, first, now
+                )
+            )
 
     async def _next(self, queue: asyncio.Queue, deadline: float | None):
         if deadline is None:
@@ -204,9 +219,13 @@ class AsyncEngine:
         try:
             return await asyncio.wait_for(queue.get(), max(deadline - time.monotonic(), 0))
         except TimeoutError:
-            raise RequestTimeoutError(f"the request ran past the server's timeout of {self.limits.request_timeout_s}s and was aborted") from None
+            raise RequestTimeoutError(
+                f"the request ran past the server's timeout of {self.limits.request_timeout_s}s and was aborted"
+            ) from None
 
-    def _add(self, request_id: str, prompts: Sequence[PromptInput], queue: asyncio.Queue, arrival: float) -> list[_Child]:
+    def _add(
+        self, request_id: str, prompts: Sequence[PromptInput], queue: asyncio.Queue, arrival: float
+    ) -> list[_Child]:
         children = []
         for p, prompt in enumerate(prompts):
             n = prompt.params.n
@@ -227,14 +246,21 @@ class AsyncEngine:
         self.client.abort([c.state.request_id for c in unfinished])
 
     @staticmethod
-    def _log(request_id: str, prompts, children: list[_Child], reasons: list[str], arrival: float, cut_short: bool) -> None:
+    def _log(
+        request_id: str, prompts, children: list[_Child], reasons: list[str], arrival: float, cut_short: bool
+    ) -> None:
         """The one log line per finished request (DESIGN invariant 5)."""
         prompt_tokens = sum(len(p.token_ids) for p in prompts)
         output_tokens = sum(len(c.state.token_ids) for c in children)
         outcome = "abort" if cut_short else ",".join(sorted(set(reasons)))
         log.info(
             "request %s finished: prompt_tokens=%d output_tokens=%d completions=%d finish_reason=%s latency=%.3fs",
-            request_id, prompt_tokens, output_tokens, len(children), outcome, time.monotonic() - arrival,
+            request_id,
+            prompt_tokens,
+            output_tokens,
+            len(children),
+            outcome,
+            time.monotonic() - arrival,
         )
 
     # -- outputs -------------------------------------------------------------------------
@@ -286,10 +312,17 @@ class AsyncEngine:
     def _finish(self, child: _Child, reason: str) -> None:
         self._children.pop(child.state.request_id, None)
         if self._on_finish is not None:
-            self._on_finish(FinishedRequest(
-                child.state.request_id, child.state.num_prompt_tokens, len(child.state.token_ids), reason,
-                child.arrival_time, child.first_token_time, time.monotonic(),
-            ))
+            self._on_finish(
+                FinishedRequest(
+                    child.state.request_id,
+                    child.state.num_prompt_tokens,
+                    len(child.state.token_ids),
+                    reason,
+                    child.arrival_time,
+                    child.first_token_time,
+                    time.monotonic(),
+                )
+            )
 
     def _fail_all(self, error: Exception) -> None:
         for child in list(self._children.values()):

@@ -20,7 +20,9 @@ log = logging.getLogger("stepserve")
 __all__ = ["ModelInfo", "build_encoder_engine", "build_engine", "build_pooling_engine"]
 
 
-def build_engine(config: EngineConfig, weights=None, eos_token_ids: frozenset[int] | None = None) -> tuple[EngineCore, object, ModelInfo]:
+def build_engine(
+    config: EngineConfig, weights=None, eos_token_ids: frozenset[int] | None = None
+) -> tuple[EngineCore, object, ModelInfo]:
     """The core, the tokenizer (None when ``eos_token_ids`` are given: the front holds it) and
     what was learned while building them. ``weights`` (a ``(hf_name, tensor)`` stream) replaces
     the checkpoint files when given."""
@@ -33,7 +35,13 @@ def build_engine(config: EngineConfig, weights=None, eos_token_ids: frozenset[in
         _warm_up(core, config, built)
     log.info(
         "engine ready: %s on %s (%s, quantization %s), %d KV blocks, max_model_len %d, in %.1fs",
-        info.name, info.device, info.dtype, info.quantization, info.num_kv_blocks, info.max_model_len, info.load_seconds,
+        info.name,
+        info.device,
+        info.dtype,
+        info.quantization,
+        info.num_kv_blocks,
+        info.max_model_len,
+        info.load_seconds,
     )
     return core, built.tokenizer, info
 
@@ -43,11 +51,21 @@ def _warm_up(core: EngineCore, config: EngineConfig, built: BuiltWorker) -> None
     The other tensor-parallel ranks follow rank 0's warm-up passes."""
     sched, info = config.scheduler, built.info
     budget = (info.num_kv_blocks - 1) * config.cache.block_size // 2
-    warm_up(core, built.runner.vocab_size, info.max_model_len, sched.num_scheduler_steps, sched.max_num_seqs, sched.max_num_batched_tokens, budget)
+    warm_up(
+        core,
+        built.runner.vocab_size,
+        info.max_model_len,
+        sched.num_scheduler_steps,
+        sched.max_num_seqs,
+        sched.max_num_batched_tokens,
+        budget,
+    )
     core.worker.reseed(config.model.seed)
 
 
-def build_encoder_engine(spec: EncoderSpec, config: EngineConfig, name: str, max_model_len: int) -> tuple[EngineCore, ModelInfo]:
+def build_encoder_engine(
+    spec: EncoderSpec, config: EngineConfig, name: str, max_model_len: int
+) -> tuple[EngineCore, ModelInfo]:
     """An encoder model's engine: the same core and scheduler as a decoder's, driving an
     ``EncoderRunner``. Its requests are computed whole, so a pass's token budget holds at least
     the longest input; the blocks are only the scheduler's bookkeeping (an encoder keeps no KV
@@ -56,10 +74,20 @@ def build_encoder_engine(spec: EncoderSpec, config: EngineConfig, name: str, max
     block_size = config.cache.block_size
     num_blocks = config.scheduler.max_num_seqs * -(-max_model_len // block_size) + 1
     scheduler_config = dataclasses.replace(
-        config.scheduler, max_num_batched_tokens=max(config.scheduler.max_num_batched_tokens, max_model_len), num_scheduler_steps=1, async_scheduling=False,
+        config.scheduler,
+        max_num_batched_tokens=max(config.scheduler.max_num_batched_tokens, max_model_len),
+        num_scheduler_steps=1,
+        async_scheduling=False,
     )
     scheduler = Scheduler(scheduler_config, BlockManager(num_blocks, block_size, False), max_model_len, frozenset())
-    log.info("encoder engine ready: %s (%s) on %s (%s) in %.1fs", info.name, spec.head, info.device, info.dtype, info.load_seconds)
+    log.info(
+        "encoder engine ready: %s (%s) on %s (%s) in %.1fs",
+        info.name,
+        spec.head,
+        info.device,
+        info.dtype,
+        info.load_seconds,
+    )
     return EngineCore(scheduler, runner), info
 
 

@@ -95,7 +95,9 @@ def core_factory(config: EngineConfig, eos_token_ids: frozenset[int] | None = No
     return functools.partial(build_core, config, eos_token_ids)
 
 
-def restart_factory(config: EngineConfig, eos_token_ids: frozenset[int] | None = None) -> Callable[[object], CoreFactory]:
+def restart_factory(
+    config: EngineConfig, eos_token_ids: frozenset[int] | None = None
+) -> Callable[[object], CoreFactory]:
     """For the supervisor's restarts: the factory of a core that reuses the first core's KV cache
     size (its ``ModelInfo``), so that a restart skips the memory-profiling pass (seconds on a GPU;
     the model and the device are the same)."""
@@ -132,8 +134,12 @@ def core_main(conn, factory: CoreFactory | None, spare_device: str | None = None
         _name_process("stepserve-spare")
         start = time.monotonic()
         _import_engine(spare_device)
-        log.info("spare engine core process %d ready to take over (imports%s in %.1fs)", os.getpid(),
-                 " and the CUDA context" if spare_device == "cuda" else "", time.monotonic() - start)
+        log.info(
+            "spare engine core process %d ready to take over (imports%s in %.1fs)",
+            os.getpid(),
+            " and the CUDA context" if spare_device == "cuda" else "",
+            time.monotonic() - start,
+        )
         try:
             message = conn.recv()
         except (EOFError, OSError):

@@ -14,7 +14,9 @@ _PROMPT_CONTEXT = 5  # prompt tokens decoded with the first output token, for sp
 
 
 class IncrementalDetokenizer:
-    def __init__(self, tokenizer, prompt_token_ids: Sequence[int], stop: Sequence[str] = (), skip_special_tokens: bool = True) -> None:
+    def __init__(
+        self, tokenizer, prompt_token_ids: Sequence[int], stop: Sequence[str] = (), skip_special_tokens: bool = True
+    ) -> None:
         self.tokenizer = tokenizer
         self.skip_special_tokens = skip_special_tokens
         self.stop = tuple(stop)

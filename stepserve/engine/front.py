@@ -40,4 +40,6 @@ def load_front(config: EngineConfig) -> tuple[object, FrontInfo]:
     check_tensor_parallel(config, decoder_config(hf_config, max_model_len))
     tokenizer = load_tokenizer(source)
     eos = eos_token_ids(source, hf_config, tokenizer)
-    return tokenizer, FrontInfo(source.name, max_model_len, hf_config["vocab_size"], eos, sampling_defaults(config, source))
+    return tokenizer, FrontInfo(
+        source.name, max_model_len, hf_config["vocab_size"], eos, sampling_defaults(config, source)
+    )

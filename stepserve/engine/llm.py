@@ -56,7 +56,9 @@ class LLM:
         """Apply the model's chat template to each conversation (``chat_template_kwargs`` are
         template variables, e.g. Qwen3's ``enable_thinking``), then generate."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
-        token_lists = [apply_chat_template(self.tokenizer, c, add_generation_prompt, chat_template_kwargs) for c in conversations]
+        token_lists = [
+            apply_chat_template(self.tokenizer, c, add_generation_prompt, chat_template_kwargs) for c in conversations
+        ]
         return self._run([None] * len(token_lists), token_lists, sampling_params)
 
     def get_default_sampling_params(self) -> SamplingParams:
@@ -68,7 +70,9 @@ class LLM:
         ``json`` (a schema), ``json_object``, ``regex``, ``choice`` (a list) or ``grammar`` (Lark or GBNF)."""
         if self._grammars is None:
             worker = self.core.worker  # its llguidance tokenizer, built since the engine started, serves both
-            self._grammars = GrammarCompiler(self.tokenizer, worker.vocab_size, self.info.eos_token_ids, ll_tokenizer=worker.grammars.ll_tokenizer)
+            self._grammars = GrammarCompiler(
+                self.tokenizer, worker.vocab_size, self.info.eos_token_ids, ll_tokenizer=worker.grammars.ll_tokenizer
+            )
         return self._grammars.compile(kind, source, kind)
 
     def _tokenize(self, prompt: Prompt) -> list[int]:
@@ -80,7 +84,10 @@ class LLM:
         params_list = self._params_per_prompt(sampling_params, len(token_lists))
         # Resolve and validate everything before anything enters the engine (invariant 1).
         cap = self.sampling_defaults.max_new_tokens
-        resolved = [p.resolve(len(ids), self.info.max_model_len, default_max_tokens=cap) for p, ids in zip(params_list, token_lists)]
+        resolved = [
+            p.resolve(len(ids), self.info.max_model_len, default_max_tokens=cap)
+            for p, ids in zip(params_list, token_lists)
+        ]
         states: dict[str, RequestState] = {}
         groups: list[list[RequestState]] = []
         for ids, params in zip(token_lists, resolved):
@@ -88,7 +95,11 @@ class LLM:
         self._drain(states)
         return [
             RequestOutput(
-                g[0].request_id.rsplit("-", 1)[0], text, list(ids), [s.completion() for s in g], g[0].num_cached_tokens,
+                g[0].request_id.rsplit("-", 1)[0],
+                text,
+                list(ids),
+                [s.completion() for s in g],
+                g[0].num_cached_tokens,
                 prompt_logprobs=g[0].prompt_logprobs,
             )
             for g, text, ids in zip(groups, texts, token_lists)
@@ -100,7 +111,9 @@ class LLM:
         if isinstance(sampling_params, SamplingParams):
             return [sampling_params] * count
         if len(sampling_params) != count:
-            raise InvalidRequestError(f"got {len(sampling_params)} sampling params for {count} prompts", "sampling_params")
+            raise InvalidRequestError(
+                f"got {len(sampling_params)} sampling params for {count} prompts", "sampling_params"
+            )
         return list(sampling_params)
 
     def _add(self, ids: list[int], params: SamplingParams, states: dict[str, RequestState]) -> list[RequestState]:

@@ -90,4 +90,6 @@ class RequestState:
 
     def completion(self) -> CompletionOutput:
         logprobs = self.logprobs if self.params.logprobs is not None else None
-        return CompletionOutput(self.index, self.text, list(self.token_ids), self.finish_reason, logprobs, self.stop_reason)
+        return CompletionOutput(
+            self.index, self.text, list(self.token_ids), self.finish_reason, logprobs, self.stop_reason
+        )

@@ -54,7 +54,9 @@ class _CoreProcess:
     """One spawned core and the thread that reads its pipe; with ``factory=None`` a spare that
     waits for ``Build``."""
 
-    def __init__(self, factory: CoreFactory | None, on_message: Callable, on_exit: Callable, spare_device: str | None = None) -> None:
+    def __init__(
+        self, factory: CoreFactory | None, on_message: Callable, on_exit: Callable, spare_device: str | None = None
+    ) -> None:
         ctx = multiprocessing.get_context("spawn")
         self.conn, child = ctx.Pipe()
         name = "stepserve-core" if factory is not None else "stepserve-spare"  # as /proc/PID/comm shows them
@@ -100,8 +102,12 @@ class SupervisedCoreClient:
     """
 
     def __init__(
-        self, factory: CoreFactory, policy: RestartPolicy = RestartPolicy(), on_restart: Callable[[], None] | None = None,
-        restart_factory: Callable[[object], CoreFactory] | None = None, spare: str = "off",
+        self,
+        factory: CoreFactory,
+        policy: RestartPolicy = RestartPolicy(),
+        on_restart: Callable[[], None] | None = None,
+        restart_factory: Callable[[object], CoreFactory] | None = None,
+        spare: str = "off",
     ) -> None:
         if spare not in SPARE_CORE_CHOICES:
             raise ValueError(f"spare={spare!r}: choose one of {', '.join(SPARE_CORE_CHOICES)}")
@@ -233,7 +239,11 @@ class SupervisedCoreClient:
             self.ready.set()
             return
         # The first restart is at once (a one-off crash costs no wait); a crash loop backs off.
-        delay = 0.0 if self.restarts == 0 else min(self.policy.backoff_s * 2 ** (self.restarts - 1), self.policy.max_backoff_s)
+        delay = (
+            0.0
+            if self.restarts == 0
+            else min(self.policy.backoff_s * 2 ** (self.restarts - 1), self.policy.max_backoff_s)
+        )
         timer = threading.Timer(delay, self._restart)
         timer.daemon = True
         timer.start()

@@ -44,7 +44,9 @@ def _prompt_lengths(max_model_len: int, max_tokens: int, chunk: int, num_seqs: i
     return lengths[:num_seqs]
 
 
-def warm_up(core: EngineCore, vocab_size: int, max_model_len: int, steps: int, max_num_seqs: int, chunk: int, token_budget: int) -> float:
+def warm_up(
+    core: EngineCore, vocab_size: int, max_model_len: int, steps: int, max_num_seqs: int, chunk: int, token_budget: int
+) -> float:
     """Run the synthetic workload to completion; returns its seconds. ``token_budget`` caps the
     KV tokens it holds at once (a share of the cache), so it never needs preemption."""
     start = time.monotonic()
@@ -84,10 +86,21 @@ def _mixed_sweep(core: EngineCore, vocab_size: int, rng: random.Random, max_mode
         ids = [f"warmup-d{rows}-{i}" for i in range(rows)]
         for request_id in ids:
             params = SamplingParams(temperature=0.0, ignore_eos=True, max_tokens=max_tokens)
-            core.add_request(EngineCoreRequest(request_id, tuple(rng.randrange(vocab_size) for _ in range(5)), params, time.monotonic()))
+            core.add_request(
+                EngineCoreRequest(
+                    request_id, tuple(rng.randrange(vocab_size) for _ in range(5)), params, time.monotonic()
+                )
+            )
         core.step()  # their prefill
         prompt = tuple(rng.randrange(vocab_size) for _ in range(min(40, max_model_len - 2)))
-        core.add_request(EngineCoreRequest(f"warmup-p{rows}", prompt, SamplingParams(temperature=0.0, ignore_eos=True, max_tokens=1), time.monotonic()))
+        core.add_request(
+            EngineCoreRequest(
+                f"warmup-p{rows}",
+                prompt,
+                SamplingParams(temperature=0.0, ignore_eos=True, max_tokens=1),
+                time.monotonic(),
+            )
+        )
         core.step()  # decode rows beside the prompt's prefill
         core.abort(ids)
         while core.has_unfinished:

@@ -14,6 +14,7 @@ import torch
 
 from stepserve.attention import get_backend
 from stepserve.config import ConfigError, EngineConfig
+from stepserve.core.outputs import ModelInfo
 from stepserve.distributed.group import TensorParallel, start_tensor_parallel
 from stepserve.executor.tensor_parallel import TensorParallelWorker
 from stepserve.models.cpu_linear import CpuLinear, cpu_has_bf16, release_free_memory
@@ -33,20 +34,6 @@ from stepserve.worker.runner import ModelRunner, allocate_kv_cache, kv_cache_byt
 log = logging.getLogger("stepserve")
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-@dataclass(frozen=True)
-class ModelInfo:
-    """Facts learned while building the engine (returned, never written back into config)."""
-
-    name: str  # default served model name
-    max_model_len: int  # context length in use
-    eos_token_ids: frozenset[int]  # ids that end a sequence
-    num_kv_blocks: int  # KV cache blocks (one is the null block)
-    device: str  # "cpu" or "cuda"
-    dtype: str  # weights and activations
-    quantization: str  # "none", "int4" or "fp8"
-    load_seconds: float  # wall time to build the engine
 
 
 def pick_device(name: str) -> torch.device:
@@ -82,13 +69,19 @@ def pick_quantization(name: str, device: torch.device, dtype: torch.dtype, hf_co
             return "fp8" if fp8_ready and dtype in (torch.bfloat16, torch.float16) else "none"
         return "int4" if four_bit and device.type == "cpu" and dtype == torch.bfloat16 else "none"
     if name == "fp8" and (device.type != "cuda" or torch.cuda.get_device_capability(device) < (8, 9)):
-        raise ConfigError("quantization=fp8 needs a CUDA GPU with FP8 matrix units (Ada or Hopper, compute capability 8.9+); use --quantization none")
+        raise ConfigError(
+            "quantization=fp8 needs a CUDA GPU with FP8 matrix units (Ada or Hopper, "
+            "compute capability 8.9+); use --quantization none"
+        )
     if name == "fp8" and dtype not in (torch.bfloat16, torch.float16):
         raise ConfigError("quantization=fp8 needs bfloat16 or float16 activations; use --dtype bfloat16")
     if name == "int4" and device.type != "cpu":
         raise ConfigError("quantization=int4 runs on CPU only; on CUDA use --quantization none")
     if name == "int4" and (dtype != torch.bfloat16 or not cpu_has_bf16()):
-        raise ConfigError("quantization=int4 needs bfloat16 activations on a CPU with AVX512-BF16 or AMX; use --dtype bfloat16, or --quantization none")
+        raise ConfigError(
+            "quantization=int4 needs bfloat16 activations on a CPU with "
+            "AVX512-BF16 or AMX; use --dtype bfloat16, or --quantization none"
+        )
     return name
 
 
@@ -120,7 +113,11 @@ def _gpu_kv_budget(config: EngineConfig, model, backend, device, graph_sizes: li
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats(device)
     weights = torch.cuda.memory_allocated(device)
-    log.info("profiling a forward pass of %d tokens (%d sequences) to size the KV cache", sched.max_num_batched_tokens, sched.max_num_seqs)
+    log.info(
+        "profiling a forward pass of %d tokens (%d sequences) to size the KV cache",
+        sched.max_num_batched_tokens,
+        sched.max_num_seqs,
+    )
     profile_run(model, backend, config.cache.block_size, sched.max_num_batched_tokens, sched.max_num_seqs, device)
     torch.cuda.synchronize(device)
     activations = torch.cuda.max_memory_allocated(device) - weights
@@ -133,8 +130,14 @@ def _gpu_kv_budget(config: EngineConfig, model, backend, device, graph_sizes: li
     graphs = (sum(graph_sizes) * vocab * 4 + max(graph_sizes) * vocab * 40 + 2**29) if graph_sizes else 0
     budget = total * config.cache.gpu_memory_utilization - others - weights - activations - graphs
     log.info(
-        "GPU memory: %.1f GiB total, weights %.2f GiB, peak activations %.2f GiB, graphs %.2f GiB, other %.2f GiB -> KV cache %.1f GiB",
-        total / 2**30, weights / 2**30, activations / 2**30, graphs / 2**30, others / 2**30, budget / 2**30,
+        "GPU memory: %.1f GiB total, weights %.2f GiB, peak activations %.2f GiB, "
+        "graphs %.2f GiB, other %.2f GiB -> KV cache %.1f GiB",
+        total / 2**30,
+        weights / 2**30,
+        activations / 2**30,
+        graphs / 2**30,
+        others / 2**30,
+        budget / 2**30,
     )
     return budget
 
@@ -152,7 +155,10 @@ class BuiltWorker:
 
 
 def build_worker(
-    config: EngineConfig, weights=None, eos_token_ids: frozenset[int] | None = None, rank: TensorParallel | None = None,
+    config: EngineConfig,
+    weights=None,
+    eos_token_ids: frozenset[int] | None = None,
+    rank: TensorParallel | None = None,
 ) -> BuiltWorker:
     """The worker for ``config``. ``weights`` (a ``(hf_name, tensor)`` stream) replaces the
     checkpoint files when given. ``rank`` is set in tensor-parallel ranks 1..N-1; on rank 0 the
@@ -175,14 +181,31 @@ def build_worker(
     steps = config.scheduler.num_scheduler_steps
     if device.type == "cuda":
         use_compilation_cache(config.model.compilation_cache_dir)
-    weights = tp.weights(checkpoint, model_config, weights, config.model.load_format, torch.float32 if quantization == "int4" else dtype, device)
+    weights = tp.weights(
+        checkpoint,
+        model_config,
+        weights,
+        config.model.load_format,
+        torch.float32 if quantization == "int4" else dtype,
+        device,
+    )
     loading = time.monotonic()
     model = build_model(
-        tp.shard_config(model_config), weights, dtype, device, max_positions=max_model_len + steps, quantization=quantization,
+        tp.shard_config(model_config),
+        weights,
+        dtype,
+        device,
+        max_positions=max_model_len + steps,
+        quantization=quantization,
         seed=config.model.seed,
     )
     # Each phase of start-up is logged with its time: a restart's budget is spent somewhere.
-    log.info("model weights on %s in %.1fs (%.1fs since the engine build began)", device, time.monotonic() - loading, time.monotonic() - start)
+    log.info(
+        "model weights on %s in %.1fs (%.1fs since the engine build began)",
+        device,
+        time.monotonic() - loading,
+        time.monotonic() - start,
+    )
     tp.join(model)
     # On CUDA: Triton kernels, and CUDA graphs of the decode step unless enforce_eager.
     backend = get_backend("triton" if device.type == "cuda" else "sdpa")
@@ -196,8 +219,12 @@ def build_worker(
     num_blocks = tp.min(_num_blocks(config, model, backend, kv_dtype, device, max_model_len, graph_sizes), device)
     kv_caches = allocate_kv_cache(model, num_blocks, config.cache.block_size, kv_dtype, device)
     grammars = GrammarMatchers(
-        lambda: ll_tokenizer_in_background(lambda: tokenizer if tokenizer is not None else load_tokenizer(source), model_config.vocab_size, eos),
-        model.cfg.vocab_size, eos, device,
+        lambda: ll_tokenizer_in_background(
+            lambda: tokenizer if tokenizer is not None else load_tokenizer(source), model_config.vocab_size, eos
+        ),
+        model.cfg.vocab_size,
+        eos,
+        device,
     )
     # llguidance's tokenizer (for the grammars of constrained requests) is built in a thread. On
     # a GPU that waits until the engine is first idle (or a constrained request needs it): that
@@ -211,7 +238,16 @@ def build_worker(
         runner.capture_cuda_graphs(graph_sizes, max_model_len, steps)
     if device.type == "cpu":
         _warm_up_cpu(model, config)
-    info = ModelInfo(source.name, max_model_len, eos, num_blocks, device.type, str(dtype).removeprefix("torch."), quantization, time.monotonic() - start)
+    info = ModelInfo(
+        source.name,
+        max_model_len,
+        eos,
+        num_blocks,
+        device.type,
+        str(dtype).removeprefix("torch."),
+        quantization,
+        time.monotonic() - start,
+    )
     window = max(model_config.layer_windows) if model_config.all_windowed else 0
     # A tensor-parallel group's worker has no submit/collect: its passes run synchronously.
     worker = runner
@@ -240,5 +276,14 @@ def build_encoder_worker(spec: EncoderSpec, name: str, max_model_len: int) -> tu
     device = pick_device(spec.device)
     dtype = pick_dtype(spec.dtype, device, {"dtype": spec.checkpoint_dtype})
     runner = EncoderRunner(load_encoder_model(spec, device, dtype), spec, device)
-    info = ModelInfo(name, max_model_len, frozenset(), 0, device.type, str(dtype).removeprefix("torch."), "none", time.monotonic() - start)
+    info = ModelInfo(
+        name,
+        max_model_len,
+        frozenset(),
+        0,
+        device.type,
+        str(dtype).removeprefix("torch."),
+        "none",
+        time.monotonic() - start,
+    )
     return runner, info

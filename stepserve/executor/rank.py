@@ -17,6 +17,7 @@ from stepserve.distributed.messages import CloseRank, PassDone, PassMessage, Ran
 from stepserve.executor.builder import build_worker, pick_device
 from stepserve.executor.tensor_parallel import PassDecoder, digest
 
+
 def _die_with_parent(parent_pid: int) -> None:
     """Exit when rank 0 does, even if it is killed: the kernel's parent-death signal where
     there is one (Linux), and a watcher thread in any case."""
@@ -48,7 +49,9 @@ def _build(start: RankStart):
 
         torch.cuda.set_device(start.rank)
     init_group(start.rank, start.size, start.store, device_type)
-    return build_worker(start.config, eos_token_ids=start.eos_token_ids, rank=TensorParallel(start.rank, start.size)).runner
+    return build_worker(
+        start.config, eos_token_ids=start.eos_token_ids, rank=TensorParallel(start.rank, start.size)
+    ).runner
 
 
 def _serve(conn: Connection, runner) -> None:
@@ -74,7 +77,9 @@ def main(fd: int) -> None:
     conn = Connection(fd)
     start: RankStart = conn.recv()
     _die_with_parent(start.parent_pid)
-    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s %(levelname)s %(name)s[rank {start.rank}]: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO, format=f"%(asctime)s %(levelname)s %(name)s[rank {start.rank}]: %(message)s"
+    )
     try:
         runner = _build(start)
     except BaseException:  # noqa: BLE001 - rank 0 must hear why

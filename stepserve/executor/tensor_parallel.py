@@ -41,7 +41,9 @@ class PassEncoder:
         for r in sched.requests:
             have = self.sent.get(r.request_id, 0)
             # A request's params never change: sent with its first pass only.
-            requests.append(dataclasses.replace(r, token_ids=tuple(r.token_ids[have:]), params=None if have else r.params))
+            requests.append(
+                dataclasses.replace(r, token_ids=tuple(r.token_ids[have:]), params=None if have else r.params)
+            )
             offsets.append(have)
             self.sent[r.request_id] = len(r.token_ids)  # a request's tokens only ever grow
         return PassMessage(dataclasses.replace(sched, requests=tuple(requests)), tuple(offsets))
@@ -63,7 +65,9 @@ class PassDecoder:
         for r, have in zip(sched.requests, message.offsets):
             tokens = self.tokens.setdefault(r.request_id, [])
             if len(tokens) != have:  # never expected: both sides apply the same passes in order
-                raise EngineFaultError(f"request {r.request_id}: this rank holds {len(tokens)} tokens, rank 0 sent from {have}")
+                raise EngineFaultError(
+                    f"request {r.request_id}: this rank holds {len(tokens)} tokens, rank 0 sent from {have}"
+                )
             tokens.extend(r.token_ids)
             if have == 0:
                 self.params[r.request_id] = r.params
@@ -80,7 +84,9 @@ def check_agreement(reports: list[PassDone], output: ModelRunnerOutput | None, e
     for rank, report in enumerate(reports, start=1):
         theirs = "completed it" if report.error is None else f"raised {report.error}"
         if theirs != mine:
-            raise EngineFaultError(f"tensor-parallel ranks disagree on a pass: rank {rank} {theirs}, rank 0 {mine}; the group is ended")
+            raise EngineFaultError(
+                f"tensor-parallel ranks disagree on a pass: rank {rank} {theirs}, rank 0 {mine}; the group is ended"
+            )
         if report.digest != mine_digest:
             raise EngineFaultError(f"tensor-parallel rank {rank} sampled other tokens than rank 0; the group is ended")
     if error is not None:

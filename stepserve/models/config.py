@@ -51,12 +51,16 @@ def rope_config(rope: dict, theta: float, head_dim: int, max_positions: int, whe
         raise ConfigError(f"{where}: rope type {kind!r} needs {', '.join(missing)}")
     rotary_dim = int(head_dim * float(factor))
     if not 0 < rotary_dim <= head_dim or rotary_dim % 2:
-        raise ConfigError(f"partial_rotary_factor={factor} gives {rotary_dim} rotary dims of head_dim {head_dim}; it must be even and positive")
+        raise ConfigError(
+            f"partial_rotary_factor={factor} gives {rotary_dim} rotary "
+            f"dims of head_dim {head_dim}; it must be even and positive"
+        )
     if kind == "longrope" and len(rope["short_factor"]) != rotary_dim // 2:
-        raise ConfigError(f"{where}: longrope short_factor has {len(rope['short_factor'])} entries, expected {rotary_dim // 2}")
+        raise ConfigError(
+            f"{where}: longrope short_factor has {len(rope['short_factor'])} entries, expected {rotary_dim // 2}"
+        )
     params = tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in rope.items()))
     return RopeConfig(float(theta), rotary_dim, kind, params, max_positions)
-
 
 
 FP8_METHODS = ("compressed-tensors", "fp8")
@@ -94,22 +98,31 @@ def fp8_format(hf_config: dict) -> Fp8Format | None:
 def _compressed_tensors(quant: dict) -> Fp8Format:
     fmt = quant.get("format", "float-quantized")
     if fmt not in ("float-quantized", "naive-quantized"):
-        raise ConfigError(f"compressed-tensors format {fmt!r} is not supported; supported: float-quantized (FP8 weights)")
+        raise ConfigError(
+            f"compressed-tensors format {fmt!r} is not supported; supported: float-quantized (FP8 weights)"
+        )
     blocks = set()
     for name, group in (quant.get("config_groups") or {}).items():
         weights = group.get("weights") or {}
         kind = (weights.get("type"), weights.get("num_bits"))
         if kind != ("float", 8):
-            raise ConfigError(f"compressed-tensors group {name!r}: {kind[1]}-bit {kind[0]} weights are not supported; supported: 8-bit float (FP8)")
+            raise ConfigError(
+                f"compressed-tensors group {name!r}: {kind[1]}-bit {kind[0]} "
+                "weights are not supported; supported: 8-bit float (FP8)"
+            )
         strategy = weights.get("strategy", "tensor")
         if strategy not in ("tensor", "channel", "block"):
-            raise ConfigError(f"compressed-tensors group {name!r}: weight strategy {strategy!r} is not supported; supported: tensor, channel, block")
+            raise ConfigError(
+                f"compressed-tensors group {name!r}: weight strategy "
+                f"{strategy!r} is not supported; supported: tensor, channel, block"
+            )
         if strategy == "block":
             blocks.add(tuple(weights.get("block_structure") or (128, 128)))
     if len(blocks) > 1:
-        raise ConfigError(f"compressed-tensors groups with different block structures {sorted(blocks)} are not supported")
+        raise ConfigError(
+            f"compressed-tensors groups with different block structures {sorted(blocks)} are not supported"
+        )
     return Fp8Format("compressed-tensors", "weight_scale", blocks.pop() if blocks else None)
-
 
 
 @dataclass(frozen=True)
@@ -162,7 +175,9 @@ def _rope_dict(hf: dict, layer_type: str | None = None) -> dict:
     return rope
 
 
-def rope_from_hf(hf: dict, head_dim: int, max_model_len: int, layer_type: str | None = None, theta: float | None = None) -> RopeConfig:
+def rope_from_hf(
+    hf: dict, head_dim: int, max_model_len: int, layer_type: str | None = None, theta: float | None = None
+) -> RopeConfig:
     rope = _rope_dict(hf, layer_type)
     theta = theta or rope.get("rope_theta") or hf.get("rope_theta", 10000.0)
     where = "rope_parameters" if "rope_parameters" in hf else "rope_scaling"

@@ -84,7 +84,9 @@ class CpuLinear(nn.Module):
     cast them and the state dict does not hold them.
     """
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype, int4: bool, native: bool = False) -> None:
+    def __init__(
+        self, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype, int4: bool, native: bool = False
+    ) -> None:
         super().__init__()
         self.bias = None if bias is None else bias.detach().to(dtype)
         self.int4 = self.scales_and_zeros = self.q4 = None

@@ -33,7 +33,9 @@ class DecoderForCausalLM(nn.Module):
         self.cfg = cfg
         # No random init: the loader fills every weight, and Embedding's normal_ on the meta device
         # imports torch._dynamo (1-4 s of a fresh process, most of a restart's model build).
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size, _weight=torch.empty(cfg.vocab_size, cfg.hidden_size))
+        self.embed_tokens = nn.Embedding(
+            cfg.vocab_size, cfg.hidden_size, _weight=torch.empty(cfg.vocab_size, cfg.hidden_size)
+        )
         self.layers = nn.ModuleList(DecoderLayer(cfg, w) for w in cfg.layer_windows)
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.norm_offset)
         self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
@@ -82,10 +84,17 @@ class DecoderForCausalLM(nn.Module):
         from stepserve.kernels.cpu import native as cpu_native
         from stepserve.models.cpu_linear import CpuLinear, pack_linears
 
-        native = int4 and dtype == torch.bfloat16 and cpu_native.unsupported(self.cfg) is None and cpu_native.library() is not None
+        native = (
+            int4
+            and dtype == torch.bfloat16
+            and cpu_native.unsupported(self.cfg) is None
+            and cpu_native.library() is not None
+        )
         pack_linears(self.layers, dtype, int4, native)
         head = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        self.packed_head = cpu_native.BlockWeight.q8_0(head, torch.float32) if native else CpuLinear(head, None, dtype, int4=False)
+        self.packed_head = (
+            cpu_native.BlockWeight.q8_0(head, torch.float32) if native else CpuLinear(head, None, dtype, int4=False)
+        )
         self.lm_head = None
         if native:
             self.native = cpu_native.NativeDecoder(self)
@@ -95,7 +104,10 @@ class DecoderForCausalLM(nn.Module):
     def _shard_sizes(self) -> dict[str, tuple[int, ...]]:
         c = self.cfg
         kv = c.num_kv_heads * c.head_dim
-        return {"qkv_proj": (c.num_heads * c.head_dim, kv, kv), "gate_up_proj": (c.intermediate_size, c.intermediate_size)}
+        return {
+            "qkv_proj": (c.num_heads * c.head_dim, kv, kv),
+            "gate_up_proj": (c.intermediate_size, c.intermediate_size),
+        }
 
     def load_weights(self, weights) -> set[str]:
         """Copy ``(hf_name, tensor)`` pairs into the parameters; returns the ``name#shard``

@@ -42,7 +42,14 @@ class Fp8Linear(nn.Module):
         if 0 < x.shape[0] <= GEMV_MAX_ROWS:
             return fp8_gemv(x, self.weight, self.weight_scale, self.bias).view(*lead, self.out_features)
         xq, x_scale = quantize_rows(x)
-        y = torch._scaled_mm(xq, self.weight.t(), scale_a=x_scale, scale_b=self.weight_scale, out_dtype=self.out_dtype, use_fast_accum=True)
+        y = torch._scaled_mm(
+            xq,
+            self.weight.t(),
+            scale_a=x_scale,
+            scale_b=self.weight_scale,
+            out_dtype=self.out_dtype,
+            use_fast_accum=True,
+        )
         if self.bias is not None:
             y = y + self.bias
         return y.view(*lead, self.out_features)
@@ -70,7 +77,11 @@ def quantize_fp8(model: nn.Module) -> list[str]:
                 setattr(parent, name, Fp8Linear(child))
                 del child
     if kept:
-        log.warning("fp8: %d projections have a dimension that is no multiple of 16 and stay in %s, e.g. %s",
-                    len(kept), next(model.parameters()).dtype, kept[0])
+        log.warning(
+            "fp8: %d projections have a dimension that is no multiple of 16 and stay in %s, e.g. %s",
+            len(kept),
+            next(model.parameters()).dtype,
+            kept[0],
+        )
     torch.cuda.empty_cache()
     return kept

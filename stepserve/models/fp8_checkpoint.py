@@ -28,6 +28,7 @@ from stepserve.models.config import DROPPED_SUFFIXES, Fp8Format
 
 log = logging.getLogger("stepserve")
 
+
 def dequantize(q: torch.Tensor, scale: torch.Tensor, block: tuple[int, int] | None) -> torch.Tensor:
     """``q * scale`` in float32, the scale per tensor ([] or [1]), per output channel ([N] or
     [N, 1]) or per block ([ceil(N / rows), ceil(K / cols)])."""
@@ -37,7 +38,9 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor, block: tuple[int, int] | No
         rows, cols = block
         expanded = scale.repeat_interleave(rows, 0).repeat_interleave(cols, 1)[: w.shape[0], : w.shape[1]]
         if expanded.shape != w.shape:
-            raise ConfigError(f"a block scale of shape {tuple(scale.shape)} does not cover a weight of shape {tuple(w.shape)}")
+            raise ConfigError(
+                f"a block scale of shape {tuple(scale.shape)} does not cover a weight of shape {tuple(w.shape)}"
+            )
         return w * expanded
     if scale.numel() == 1:
         return w * scale.reshape(())
@@ -47,7 +50,10 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor, block: tuple[int, int] | No
 
 
 def dequantized_weights(
-    weights: Iterator[tuple[str, torch.Tensor]], fmt: Fp8Format, dtype: torch.dtype, device: torch.device,
+    weights: Iterator[tuple[str, torch.Tensor]],
+    fmt: Fp8Format,
+    dtype: torch.dtype,
+    device: torch.device,
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """The checkpoint's stream with every FP8 weight dequantized (paired with its scale in
     whichever order they come) and the scales dropped; other tensors pass as they are."""
@@ -62,7 +68,10 @@ def dequantized_weights(
         if name.endswith(suffix):
             prefix = name[: -len(suffix)]
             if prefix in pending_weights:
-                yield f"{prefix}.weight", dequantize(pending_weights.pop(prefix).to(device), tensor, fmt.block).to(dtype)
+                yield (
+                    f"{prefix}.weight",
+                    dequantize(pending_weights.pop(prefix).to(device), tensor, fmt.block).to(dtype),
+                )
             else:
                 pending_scales[prefix] = tensor
         elif name.endswith(".weight") and tensor.dtype == torch.float8_e4m3fn:
@@ -72,7 +81,9 @@ def dequantized_weights(
             else:
                 pending_weights[prefix] = tensor
         elif tensor.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
-            raise ConfigError(f"checkpoint tensor {name} is {tensor.dtype}, and only e4m3 '.weight' tensors with a scale are read")
+            raise ConfigError(
+                f"checkpoint tensor {name} is {tensor.dtype}, and only e4m3 '.weight' tensors with a scale are read"
+            )
         else:
             yield name, tensor
     if pending_weights or pending_scales:
@@ -80,6 +91,7 @@ def dequantized_weights(
         raise ConfigError(f"FP8 weights and their {fmt.scale_suffix} tensors do not pair up, e.g. {lone}")
     if dropped:
         log.warning(
-            "FP8 checkpoint: %s tensors are not read (activations are quantized per token at run time; KV cache scales are 1.0)",
+            "FP8 checkpoint: %s tensors are not read (activations are "
+            "quantized per token at run time; KV cache scales are 1.0)",
             ", ".join(sorted(dropped)),
         )

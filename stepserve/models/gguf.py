@@ -110,7 +110,9 @@ class GgufFile:
             raise ConfigError(f"GGUF {self.arch_name}.expert_count={experts} (a mixture of experts) is not supported")
         config.update(self._rope(head_dim))
         config.update(self._family_config(config))
-        linear_types = collections.Counter(t.tensor_type.name for t in self.reader.tensors if t.name.startswith("blk.") and len(t.shape) == 2)
+        linear_types = collections.Counter(
+            t.tensor_type.name for t in self.reader.tensors if t.name.startswith("blk.") and len(t.shape) == 2
+        )
         if linear_types:
             config["gguf_linear_type"] = linear_types.most_common(1)[0][0]  # what quantization=auto reads
         return config
@@ -125,9 +127,13 @@ class GgufFile:
         if kind == "linear":
             out["rope_scaling"] = {"rope_type": "linear", "factor": float(self._meta("rope.scaling.factor"))}
         elif kind != "none":  # Phi-3's longrope comes as rope_factors_* tensors, not a type
-            raise ConfigError(f"GGUF {self.arch_name}.rope.scaling.type={kind!r} is not supported; supported: none, linear")
+            raise ConfigError(
+                f"GGUF {self.arch_name}.rope.scaling.type={kind!r} is not supported; supported: none, linear"
+            )
         if "rope_freqs.weight" in self.tensors:
-            raise ConfigError("GGUF tensor rope_freqs (Llama 3.1 rope scaling) is not supported; use the safetensors checkpoint")
+            raise ConfigError(
+                "GGUF tensor rope_freqs (Llama 3.1 rope scaling) is not supported; use the safetensors checkpoint"
+            )
         return out
 
     def _family_config(self, config: dict) -> dict:

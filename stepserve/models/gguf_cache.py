@@ -2,8 +2,9 @@
 
 Parsing GGUF metadata, converting its tokenizer and dequantizing every tensor takes ~15 s for the
 embedded model; the converted directory loads in about a second. The cache lives under
-``$XDG_CACHE_HOME/stepserve`` (``~/.cache/stepserve``, ``checkpoint.config.gguf_cache_dir``) and is written to a temporary folder and renamed, so a crash leaves no half
-conversion behind. When the cache cannot be written the GGUF is read directly.
+``$XDG_CACHE_HOME/stepserve`` (``~/.cache/stepserve``, ``checkpoint.config.gguf_cache_dir``) and is
+written to a temporary folder and renamed, so a crash leaves no half conversion behind. When the
+cache cannot be written the GGUF is read directly.
 """
 
 from __future__ import annotations
@@ -55,7 +56,9 @@ def _convert(source: ModelSource, gguf, config: dict, target: Path) -> None:
         if config["tie_word_embeddings"]:
             weights.pop("lm_head.weight", None)
         save_file(weights, tmp / "model.safetensors")
-        (tmp / "generation_config.json").write_text(json.dumps({"eos_token_id": config["eos_token_id"], "bos_token_id": config["bos_token_id"]}))
+        (tmp / "generation_config.json").write_text(
+            json.dumps({"eos_token_id": config["eos_token_id"], "bos_token_id": config["bos_token_id"]})
+        )
         (tmp / "config.json").write_text(json.dumps(config, indent=1))  # written last: marks completion
         os.replace(tmp, target) if not target.exists() else shutil.rmtree(tmp)
     except BaseException:

@@ -77,7 +77,9 @@ class Attention(nn.Module):
         if self.q_norm is not None:
             qk = self._norm_qk(qk)
         q, k = rope.apply(qk, self.num_heads)
-        fp8 = {"kv_scale": self.kv_scale} if kv_cache.dtype == torch.float8_e4m3fn else {}  # only FP8 caches take scales
+        fp8 = (
+            {"kv_scale": self.kv_scale} if kv_cache.dtype == torch.float8_e4m3fn else {}
+        )  # only FP8 caches take scales
         out = backend.forward(q, k, v, kv_cache, meta, self.scale, window=self.window, softcap=self.softcap, **fp8)
         return self.o_proj(out.reshape(-1, self.q_size))
 

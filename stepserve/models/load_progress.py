@@ -43,7 +43,12 @@ class LoadProgress:
         if self.bar is None:
             log.info(
                 "loaded weights shard %d/%d (%s): %d tensors, %.1f MiB in %.1fs",
-                index + 1, self.num_shards, label, count, nbytes / 2**20, seconds,
+                index + 1,
+                self.num_shards,
+                label,
+                count,
+                nbytes / 2**20,
+                seconds,
             )
         elif index + 1 == self.num_shards:
             self.bar.close()

@@ -27,7 +27,16 @@ from stepserve.models.weights import safetensors_weights
 
 log = logging.getLogger("stepserve")
 
-__all__ = ["Checkpoint", "ModelSource", "build_model", "decoder_config", "load_model", "open_checkpoint", "read_hf_config", "resolve_source"]
+__all__ = [
+    "Checkpoint",
+    "ModelSource",
+    "build_model",
+    "decoder_config",
+    "load_model",
+    "open_checkpoint",
+    "read_hf_config",
+    "resolve_source",
+]
 
 
 @dataclass(frozen=True)
@@ -37,7 +46,9 @@ class Checkpoint:
     source: ModelSource  # where the files are (a GGUF is replaced by its converted cache when possible)
     hf_config: dict  # config.json, or a GGUF's metadata shaped like it
 
-    def weights(self, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> Iterator[tuple[str, torch.Tensor]]:
+    def weights(
+        self, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"
+    ) -> Iterator[tuple[str, torch.Tensor]]:
         """The ``(hf_name, tensor)`` stream of the checkpoint's weights; an FP8 checkpoint's come
         dequantized to ``dtype`` (on ``device``, where the arithmetic runs)."""
         if self.source.gguf_path is not None:
@@ -95,7 +106,13 @@ def build_model(
         missing = model.missing_weights(model.load_weights(weights))
         if missing:
             raise ConfigError(f"the checkpoint lacks {len(missing)} weights, e.g. {missing[:3]}")
-    log.info("model memory on %s in %.1fs, weights %s in %.1fs", device, allocated, "made" if weights is None else "read", _settled(device) - start - allocated)
+    log.info(
+        "model memory on %s in %.1fs, weights %s in %.1fs",
+        device,
+        allocated,
+        "made" if weights is None else "read",
+        _settled(device) - start - allocated,
+    )
     if quantization == "fp8":
         from stepserve.models.fp8 import quantize_fp8
 

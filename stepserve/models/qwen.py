@@ -11,7 +11,9 @@ def _windows(hf: dict) -> tuple[int, ...]:
     if not hf.get("use_sliding_window", False):  # transformers drops the window then
         return (0,) * layers
     first = hf.get("max_window_layers", layers)
-    return windows_from_layer_types(hf, ["sliding_attention" if i >= first else "full_attention" for i in range(layers)])
+    return windows_from_layer_types(
+        hf, ["sliding_attention" if i >= first else "full_attention" for i in range(layers)]
+    )
 
 
 def qwen2(hf: dict, arch: str, max_model_len: int) -> DecoderConfig:

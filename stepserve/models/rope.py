@@ -15,6 +15,7 @@ from torch import nn
 
 from stepserve.models.config import RopeConfig
 
+
 def inv_freq_and_scale(rope: RopeConfig) -> tuple[torch.Tensor, float]:
     """Inverse frequencies and the factor applied to cos and sin, as transformers computes them."""
     dim = rope.rotary_dim
@@ -92,7 +93,9 @@ class Rotary(nn.Module):
         cos, sin = self.cos_sin[positions].to(dtype).chunk(2, dim=-1)  # [T, R/2] each
         # Full-width tables, sin negated on the first half: rotate_half(x) * sin becomes
         # halves_swapped(x) * signed_sin, one flip instead of a chunk, a negation and a cat.
-        return RopeStep(positions, self.cos_sin, torch.cat([cos, cos], -1)[:, None], torch.cat([-sin, sin], -1)[:, None])
+        return RopeStep(
+            positions, self.cos_sin, torch.cat([cos, cos], -1)[:, None], torch.cat([-sin, sin], -1)[:, None]
+        )
 
 
 @dataclass

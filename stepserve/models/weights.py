@@ -12,7 +12,9 @@ from stepserve.config import ConfigError
 from stepserve.models.load_progress import LoadProgress
 
 
-def safetensors_weights(model_dir: Path, read: Callable[[str, object], torch.Tensor] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+def safetensors_weights(
+    model_dir: Path, read: Callable[[str, object], torch.Tensor] | None = None
+) -> Iterator[tuple[str, torch.Tensor]]:
     """Tensors of a safetensors checkpoint, single file or sharded with an index. ``read(key,
     file)`` replaces ``file.get_tensor(key)`` (a tensor-parallel rank reads slices of it)."""
     from safetensors import safe_open

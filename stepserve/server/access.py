@@ -29,11 +29,32 @@ _OPEN_PATTERN = re.compile(r"/v2/models/[^/]+/ready")  # KServe's per-model read
 
 @dataclass(frozen=True)
 class AccessConfig:
-    api_key: str | None = field(default=None, repr=False, metadata={"help": f"clients must send 'Authorization: Bearer KEY' (default: ${API_KEY_ENV}); probes and /metrics stay open"})
-    allowed_origins: str | None = field(default=None, metadata={"help": "CORS: origins allowed to call from a browser, comma-separated or a JSON list ('*' for any); default: no CORS"})
+    api_key: str | None = field(
+        default=None,
+        repr=False,
+        metadata={
+            "help": (
+                "clients must send 'Authorization: Bearer KEY' "
+                f"(default: ${API_KEY_ENV}); probes and /metrics stay open"
+            )
+        },
+    )
+    allowed_origins: str | None = field(
+        default=None,
+        metadata={
+            "help": (
+                "CORS: origins allowed to call from a browser, comma-separated or a JSON list ('*' for any); "
+                "default: no CORS"
+            )
+        },
+    )
     root_path: str = field(default="", metadata={"help": "path prefix a proxy serves this under (ASGI root_path)"})
-    ssl_keyfile: str | None = field(default=None, metadata={"help": "serve HTTPS (and gRPC over TLS) with this private key"})
-    ssl_certfile: str | None = field(default=None, metadata={"help": "the certificate chain that goes with --ssl-keyfile"})
+    ssl_keyfile: str | None = field(
+        default=None, metadata={"help": "serve HTTPS (and gRPC over TLS) with this private key"}
+    )
+    ssl_certfile: str | None = field(
+        default=None, metadata={"help": "the certificate chain that goes with --ssl-keyfile"}
+    )
     max_request_body_bytes: int = field(default=16 * 2**20, metadata={"help": "larger request bodies get 413"})
 
     def __post_init__(self) -> None:
@@ -70,7 +91,9 @@ class AccessConfig:
 
 @dataclass(frozen=True)
 class GrpcConfig:
-    enable_grpc: bool = field(default=False, metadata={"help": "serve KServe v2 over gRPC (GRPCInferenceService) on --grpc_port too"})
+    enable_grpc: bool = field(
+        default=False, metadata={"help": "serve KServe v2 over gRPC (GRPCInferenceService) on --grpc_port too"}
+    )
     grpc_port: int = field(default=8081, metadata={"help": "gRPC port (KServe's default 8081)"})
 
     def __post_init__(self) -> None:
@@ -106,7 +129,7 @@ def route_path(scope: dict) -> str:
         return path
     if path == root:
         return ""
-    return path[len(root):] if path[len(root)] == "/" else path
+    return path[len(root) :] if path[len(root)] == "/" else path
 
 
 # -- middleware ---------------------------------------------------------------------------
@@ -204,8 +227,16 @@ def secure_app(app, config: AccessConfig):
 
     app.add_middleware(BodyLimitMiddleware, limit=config.max_request_body_bytes)
     if config.api_key is not None:
-        app.add_middleware(ApiKeyMiddleware, api_key=config.api_key, open_paths=getattr(app.state, "open_paths", frozenset()))
+        app.add_middleware(
+            ApiKeyMiddleware, api_key=config.api_key, open_paths=getattr(app.state, "open_paths", frozenset())
+        )
     origins = config.origins()
     if origins:
-        app.add_middleware(CORSMiddleware, allow_origins=origins, allow_methods=["*"], allow_headers=["*"], allow_credentials="*" not in origins)
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=origins,
+            allow_methods=["*"],
+            allow_headers=["*"],
+            allow_credentials="*" not in origins,
+        )
     return app

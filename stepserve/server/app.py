@@ -42,7 +42,13 @@ from stepserve.version import __version__
 from stepserve.server.metrics import CONTENT_TYPE, ServerMetrics
 from stepserve.server.playground import add_playground_routes
 from stepserve.server.stats_log import start_stats_logger
-from stepserve.server.schemas import ChatCompletionRequest, CompletionRequest, KServeV1Request, KServeV2Request, parse_body
+from stepserve.server.schemas import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    KServeV1Request,
+    KServeV2Request,
+    parse_body,
+)
 from stepserve.server.task_routes import add_task_routes
 
 if TYPE_CHECKING:
@@ -79,7 +85,9 @@ def http_error(exc: Exception) -> HttpError:
     if isinstance(exc, QueueFullError):
         return HttpError(429, "queue_full", str(exc) or "too many requests are waiting", headers={"Retry-After": "1"})
     if isinstance(exc, EngineDeadError):
-        return HttpError(503, "engine_unavailable", str(exc) or "the engine is not running", headers={"Retry-After": "1"})
+        return HttpError(
+            503, "engine_unavailable", str(exc) or "the engine is not running", headers={"Retry-After": "1"}
+        )
     if isinstance(exc, RequestTimeoutError):
         return HttpError(504, "request_timeout", str(exc))
     if isinstance(exc, ClientTimeoutError):
@@ -87,7 +95,9 @@ def http_error(exc: Exception) -> HttpError:
     if isinstance(exc, RequestAbortedError):
         return HttpError(500, "request_aborted", str(exc))
     if isinstance(exc, StarletteHTTPException):
-        return HttpError(exc.status_code, "not_found_error" if exc.status_code == 404 else "invalid_request_error", str(exc.detail))
+        return HttpError(
+            exc.status_code, "not_found_error" if exc.status_code == 404 else "invalid_request_error", str(exc.detail)
+        )
     log.error("unexpected error while handling a request", exc_info=exc)
     return HttpError(500, "internal_error", f"internal error: {type(exc).__name__}")
 
@@ -162,11 +172,15 @@ def _ctx(request: Request) -> ServingContext:
 def _openai_routes(app: FastAPI, prefix: str) -> None:
     @app.post(prefix + "/completions")
     async def completions(request: Request) -> Response:
-        return await _serve(request, lambda ctx, raw: openai_tasks.any_completion(ctx, parse_body(CompletionRequest, raw, ctx.unknown)))
+        return await _serve(
+            request, lambda ctx, raw: openai_tasks.any_completion(ctx, parse_body(CompletionRequest, raw, ctx.unknown))
+        )
 
     @app.post(prefix + "/chat/completions")
     async def chat_completions(request: Request) -> Response:
-        return await _serve(request, lambda ctx, raw: openai.chat(ctx, parse_body(ChatCompletionRequest, raw, ctx.unknown)))
+        return await _serve(
+            request, lambda ctx, raw: openai.chat(ctx, parse_body(ChatCompletionRequest, raw, ctx.unknown))
+        )
 
     @app.get(prefix + "/models")
     async def models(request: Request) -> dict:
@@ -176,7 +190,13 @@ def _openai_routes(app: FastAPI, prefix: str) -> None:
 def _model_card(request: Request) -> dict:
     ctx = _ctx(request)
     started = request.app.state.started
-    return {"id": ctx.model_name, "object": "model", "created": started, "owned_by": "stepserve", "max_model_len": ctx.max_model_len}
+    return {
+        "id": ctx.model_name,
+        "object": "model",
+        "created": started,
+        "owned_by": "stepserve",
+        "max_model_len": ctx.max_model_len,
+    }
 
 
 def _generation_config(ctx: ServingContext) -> dict:
@@ -187,16 +207,27 @@ def _generation_config(ctx: ServingContext) -> dict:
 def _kserve_routes(app: FastAPI) -> None:
     @app.post("/v1/models/{name}:predict")
     async def v1_predict(name: str, request: Request) -> Response:
-        return await _serve(request, lambda ctx, raw: kserve.v1_predict(ctx, name, parse_body(KServeV1Request, raw, ctx.unknown)))
+        return await _serve(
+            request, lambda ctx, raw: kserve.v1_predict(ctx, name, parse_body(KServeV1Request, raw, ctx.unknown))
+        )
 
     @app.get("/v1/models/{name}")
     async def v1_model(name: str, request: Request) -> Response:
         # KServe v1 model status and OpenAI's model retrieval share this path: answer both.
-        return _guard(lambda: _ctx(request).check_model(name) or _model_card(request) | {"name": name, "ready": _ctx(request).engine.is_ready} | _generation_config(_ctx(request)))
+        return _guard(
+            lambda: (
+                _ctx(request).check_model(name)
+                or _model_card(request)
+                | {"name": name, "ready": _ctx(request).engine.is_ready}
+                | _generation_config(_ctx(request))
+            )
+        )
 
     @app.post("/v2/models/{name}/infer")
     async def v2_infer(name: str, request: Request) -> Response:
-        return await _serve(request, lambda ctx, raw: kserve.v2_infer(ctx, name, parse_body(KServeV2Request, raw, ctx.unknown)))
+        return await _serve(
+            request, lambda ctx, raw: kserve.v2_infer(ctx, name, parse_body(KServeV2Request, raw, ctx.unknown))
+        )
 
     @app.get("/v2/models/{name}")
     async def v2_metadata(name: str, request: Request) -> Response:
@@ -246,7 +277,14 @@ def _health_routes(app: FastAPI) -> None:
         return Response(request.app.state.metrics.render(), media_type=CONTENT_TYPE)
 
 
-def create_app(make_client: Callable[[], CoreClient], tokenizer, info: FrontInfo, config: ServerConfig, max_running: int, tasks=None) -> FastAPI:
+def create_app(
+    make_client: Callable[[], CoreClient],
+    tokenizer,
+    info: FrontInfo,
+    config: ServerConfig,
+    max_running: int,
+    tasks=None,
+) -> FastAPI:
     """The app; the engine core (a process, or a thread) starts with the server and stops with it.
 
     ``make_client`` is called inside the event loop; ``max_running`` is the engine's
@@ -272,7 +310,18 @@ def create_app(make_client: Callable[[], CoreClient], tokenizer, info: FrontInfo
         else:
             engine, serving = tasks.start(client, app.state.metrics.observe, limits)
         unknown = UnknownFieldPolicy(config.allow_unknown_fields)
-        app.state.ctx = ServingContext(engine, tokenizer, model_name, info.max_model_len, info.vocab_size, config, sampling_defaults=info.sampling_defaults, unknown=unknown, tasks=serving, grammars=grammars)
+        app.state.ctx = ServingContext(
+            engine,
+            tokenizer,
+            model_name,
+            info.max_model_len,
+            info.vocab_size,
+            config,
+            sampling_defaults=info.sampling_defaults,
+            unknown=unknown,
+            tasks=serving,
+            grammars=grammars,
+        )
         app.state.started = int(time.time())
         stats_task = start_stats_logger(engine, client, config)
         yield

@@ -12,25 +12,76 @@ from stepserve.structured.tool_parsers import PARSERS
 class ServerConfig:
     host: str = field(default="127.0.0.1", metadata={"help": "address to listen on (0.0.0.0 inside a container)"})
     http_port: int = field(default=8080, metadata={"help": "HTTP port"})
-    model_name: str | None = field(default=None, metadata={"help": "name clients use for the model; default: the model's"})
-    default_max_tokens: int | None = field(default=None, metadata={"help": "cap on max_tokens when a request leaves it out"})
+    model_name: str | None = field(
+        default=None, metadata={"help": "name clients use for the model; default: the model's"}
+    )
+    default_max_tokens: int | None = field(
+        default=None, metadata={"help": "cap on max_tokens when a request leaves it out"}
+    )
     max_tokens_limit: int | None = field(default=None, metadata={"help": "largest max_tokens a request may ask for"})
-    max_queue_len: int = field(default=1024, metadata={"help": "completions waiting beyond the running batch before new requests get 429"})
-    request_timeout_s: float | None = field(default=None, metadata={"help": "abort a request after this many seconds (504)"})
+    max_queue_len: int = field(
+        default=1024, metadata={"help": "completions waiting beyond the running batch before new requests get 429"}
+    )
+    request_timeout_s: float | None = field(
+        default=None, metadata={"help": "abort a request after this many seconds (504)"}
+    )
     max_restarts: int = field(default=5, metadata={"help": "engine core restarts before liveness fails"})
-    restart_backoff_s: float = field(default=1.0, metadata={"help": "wait before the second engine restart (the first is at once), doubled for each one after"})
-    shutdown_grace_s: float = field(default=30.0, metadata={"help": "on SIGTERM, how long in-flight requests may finish"})
-    spare_core: str = field(default="auto", metadata={"help": "keep a spare engine core process waiting with the engine imported (and, on CUDA, its context made), so that a restart after a crash only builds the engine: auto (on when the engine runs on CUDA), on, off"})
-    engine_in_process: bool = field(default=False, metadata={"help": "run the engine core in a thread of the server process (no restarts)"})
-    header_timeout_s: float = field(default=30.0, metadata={"help": "close a connection whose request headers are not complete after this many seconds (408)"})
-    body_timeout_s: float = field(default=60.0, metadata={"help": "answer 408 when a request body is not complete this many seconds after its headers"})
-    stream_stall_timeout_s: float = field(default=60.0, metadata={"help": "abort a response (and its engine request) when the client reads nothing for this many seconds"})
+    restart_backoff_s: float = field(
+        default=1.0,
+        metadata={"help": "wait before the second engine restart (the first is at once), doubled for each one after"},
+    )
+    shutdown_grace_s: float = field(
+        default=30.0, metadata={"help": "on SIGTERM, how long in-flight requests may finish"}
+    )
+    spare_core: str = field(
+        default="auto",
+        metadata={
+            "help": (
+                "keep a spare engine core process waiting with the engine imported (and, "
+                "on CUDA, its context made), so that a restart after a crash only "
+                "builds the engine: auto (on when the engine runs on CUDA), on, off"
+            )
+        },
+    )
+    engine_in_process: bool = field(
+        default=False, metadata={"help": "run the engine core in a thread of the server process (no restarts)"}
+    )
+    header_timeout_s: float = field(
+        default=30.0,
+        metadata={"help": "close a connection whose request headers are not complete after this many seconds (408)"},
+    )
+    body_timeout_s: float = field(
+        default=60.0,
+        metadata={"help": "answer 408 when a request body is not complete this many seconds after its headers"},
+    )
+    stream_stall_timeout_s: float = field(
+        default=60.0,
+        metadata={
+            "help": "abort a response (and its engine request) when the client reads nothing for this many seconds"
+        },
+    )
     disable_playground: bool = field(default=False, metadata={"help": "do not serve the chat playground at GET /"})
-    log_stats_interval: float = field(default=10.0, metadata={"help": "seconds between stats lines (throughput, queue, KV cache)"})
+    log_stats_interval: float = field(
+        default=10.0, metadata={"help": "seconds between stats lines (throughput, queue, KV cache)"}
+    )
     disable_log_stats: bool = field(default=False, metadata={"help": "no periodic stats line"})
-    allow_unknown_fields: bool = field(default=False, metadata={"help": "ignore request fields stepserve does not know (logged once per name), as vLLM does, instead of a 400 naming them"})
-    tool_call_parser: str | None = field(default=None, metadata={"help": "parser of the model's own tool calls for tool_choice=auto: hermes, llama3_json or mistral"})
-    enable_auto_tool_choice: bool = field(default=False, metadata={"help": "let the model decide when to call tools (tool_choice=auto); needs --tool-call-parser"})
+    allow_unknown_fields: bool = field(
+        default=False,
+        metadata={
+            "help": (
+                "ignore request fields stepserve does not know (logged once per name), "
+                "as vLLM does, instead of a 400 naming them"
+            )
+        },
+    )
+    tool_call_parser: str | None = field(
+        default=None,
+        metadata={"help": "parser of the model's own tool calls for tool_choice=auto: hermes, llama3_json or mistral"},
+    )
+    enable_auto_tool_choice: bool = field(
+        default=False,
+        metadata={"help": "let the model decide when to call tools (tool_choice=auto); needs --tool-call-parser"},
+    )
 
     def __post_init__(self) -> None:
         if not 0 <= self.http_port <= 65535:

@@ -17,16 +17,28 @@ def requested_constraints(req: _StructuredFields) -> list[tuple[str, str, object
         found.append(("response_format", "json_object", None))
     if fmt is not None and fmt.type == "json_schema":
         if fmt.json_schema is None or fmt.json_schema.schema_ is None:
-            raise InvalidRequestError("response_format.json_schema.schema is required with type=json_schema", "response_format")
+            raise InvalidRequestError(
+                "response_format.json_schema.schema is required with type=json_schema", "response_format"
+            )
         found.append(("response_format", "json", fmt.json_schema.schema_))
     so = req.structured_outputs
     if so is not None:
-        for name, kind, value in (("json", "json", so.json_), ("regex", "regex", so.regex), ("choice", "choice", so.choice), ("grammar", "grammar", so.grammar)):
+        for name, kind, value in (
+            ("json", "json", so.json_),
+            ("regex", "regex", so.regex),
+            ("choice", "choice", so.choice),
+            ("grammar", "grammar", so.grammar),
+        ):
             if value is not None:
                 found.append((f"structured_outputs.{name}", kind, value))
         if so.json_object:
             found.append(("structured_outputs.json_object", "json_object", None))
-    for name, kind in (("guided_json", "json"), ("guided_regex", "regex"), ("guided_choice", "choice"), ("guided_grammar", "grammar")):
+    for name, kind in (
+        ("guided_json", "json"),
+        ("guided_regex", "regex"),
+        ("guided_choice", "choice"),
+        ("guided_grammar", "grammar"),
+    ):
         value = getattr(req, name)
         if value is not None:
             found.append((name, kind, value))

@@ -40,12 +40,21 @@ class ServingContext:
         try:
             return tuple(self.tokenizer.encode(text))
         except Exception as exc:  # text the tokenizer refuses (a character it cannot take): the client's to fix
-            raise InvalidRequestError(f"the tokenizer could not encode {param}: {exc} (parameter={param})", param) from None
+            raise InvalidRequestError(
+                f"the tokenizer could not encode {param}: {exc} (parameter={param})", param
+            ) from None
 
     def encode_chat(
-        self, messages: list[dict], add_generation_prompt: bool, template_kwargs: dict | None = None, tools: list[dict] | None = None
+        self,
+        messages: list[dict],
+        add_generation_prompt: bool,
+        template_kwargs: dict | None = None,
+        tools: list[dict] | None = None,
     ) -> tuple[int, ...]:
-        from stepserve.checkpoint.tokenizer import apply_chat_template, check_template_kwargs  # models/ imports torch; the server does not
+        from stepserve.checkpoint.tokenizer import (
+            apply_chat_template,
+            check_template_kwargs,
+        )  # models/ imports torch; the server does not
 
         check_template_kwargs(template_kwargs)
         try:

@@ -32,7 +32,12 @@ def _nested(value: object, path: str) -> list[str]:
     if isinstance(value, (list, tuple)):
         return [name for i, item in enumerate(value) for name in _nested(item, f"{path}[{i}]")]
     if isinstance(value, dict):
-        return [name for key, item in value.items() if isinstance(item, BaseModel) for name in _nested(item, f"{path}.{key}")]
+        return [
+            name
+            for key, item in value.items()
+            if isinstance(item, BaseModel)
+            for name in _nested(item, f"{path}.{key}")
+        ]
     return []
 
 
@@ -50,7 +55,8 @@ class UnknownFieldPolicy:
             plural = "s" if len(names) > 1 else ""
             raise InvalidRequestError(
                 f"Unrecognized request argument{plural} supplied: {', '.join(names)} "
-                "(stepserve refuses fields it would otherwise ignore; start it with --allow-unknown-fields to ignore them)",
+                "(stepserve refuses fields it would otherwise ignore; "
+                "start it with --allow-unknown-fields to ignore them)",
                 names[0],
             )
         for name in {re.sub(r"\[\d+\]", "[]", n) for n in names} - self.logged:
@@ -75,12 +81,16 @@ def hf_parameters(parameters: dict) -> dict:
         if hf_name not in out:
             continue
         if name in out and out[name] != out[hf_name]:
-            raise InvalidRequestError(f"parameters.{hf_name} and parameters.{name} are the same setting; give one", f"parameters.{hf_name}")
+            raise InvalidRequestError(
+                f"parameters.{hf_name} and parameters.{name} are the same setting; give one", f"parameters.{hf_name}"
+            )
         out[name] = out.pop(hf_name)
     if "do_sample" in out:
         do_sample = out.pop("do_sample")
         if not isinstance(do_sample, bool):
-            raise InvalidRequestError(f"parameters.do_sample must be true or false, got {do_sample!r}", "parameters.do_sample")
+            raise InvalidRequestError(
+                f"parameters.do_sample must be true or false, got {do_sample!r}", "parameters.do_sample"
+            )
         if not do_sample:
             out["temperature"] = 0.0
     return out

@@ -79,7 +79,11 @@ def _text(item: bytes, name: str) -> str:
 def _tensor_data(tensor, raw: bytes | None) -> list:
     """The tensor's elements as the REST route's JSON would carry them."""
     if raw is not None:
-        return [_text(b, tensor.name) for b in _decode_raw_bytes(raw, tensor.name)] if tensor.datatype == "BYTES" else [raw.hex()]
+        return (
+            [_text(b, tensor.name) for b in _decode_raw_bytes(raw, tensor.name)]
+            if tensor.datatype == "BYTES"
+            else [raw.hex()]
+        )
     contents = tensor.contents
     if tensor.datatype == "BYTES":
         return [_text(b, tensor.name) for b in contents.bytes_contents]
@@ -94,9 +98,16 @@ def rest_request(request: pb.ModelInferRequest) -> KServeV2Request:
     """The REST body this request means, validated by the REST route's own model."""
     raws = list(request.raw_input_contents)
     if raws and len(raws) != len(request.inputs):
-        raise InvalidRequestError(f"raw_input_contents has {len(raws)} entries for {len(request.inputs)} inputs", "inputs")
+        raise InvalidRequestError(
+            f"raw_input_contents has {len(raws)} entries for {len(request.inputs)} inputs", "inputs"
+        )
     inputs = [
-        {"name": t.name, "shape": list(t.shape), "datatype": t.datatype, "data": _tensor_data(t, raws[i] if raws else None)}
+        {
+            "name": t.name,
+            "shape": list(t.shape),
+            "datatype": t.datatype,
+            "data": _tensor_data(t, raws[i] if raws else None),
+        }
         | _parameters(t, drop=_RAW_ONLY if raws else ())
         for i, t in enumerate(request.inputs)
     ]
@@ -116,7 +127,14 @@ def _parameters(message, drop: tuple[str, ...] = ()) -> dict:
 
 # The REST body's tensor datatypes and the ``InferTensorContents`` field carrying each (the
 # protocol's table); BYTES elements are UTF-8 text here (texts, or JSON per instance).
-_CONTENTS = {"BYTES": "bytes_contents", "FP32": "fp32_contents", "FP64": "fp64_contents", "INT64": "int64_contents", "INT32": "int_contents", "BOOL": "bool_contents"}
+_CONTENTS = {
+    "BYTES": "bytes_contents",
+    "FP32": "fp32_contents",
+    "FP64": "fp64_contents",
+    "INT64": "int64_contents",
+    "INT32": "int_contents",
+    "BOOL": "bool_contents",
+}
 
 
 def _contents(tensor: dict) -> pb.InferTensorContents:
@@ -130,15 +148,28 @@ def infer_response(body: dict) -> pb.ModelInferResponse:
     """The REST route's answer as a message: every output tensor (generated text, embeddings,
     class indices, offsets...) in the contents field its datatype names."""
     outputs = [
-        pb.ModelInferResponse.InferOutputTensor(name=t["name"], datatype=t["datatype"], shape=t["shape"], contents=_contents(t))
+        pb.ModelInferResponse.InferOutputTensor(
+            name=t["name"], datatype=t["datatype"], shape=t["shape"], contents=_contents(t)
+        )
         for t in body["outputs"]
     ]
     return pb.ModelInferResponse(model_name=body["model_name"], id=body.get("id", ""), outputs=outputs)
 
 
 def _metadata_response(body: dict) -> pb.ModelMetadataResponse:
-    tensors = lambda items: [pb.ModelMetadataResponse.TensorMetadata(name=t["name"], datatype=t["datatype"], shape=t["shape"]) for t in items]
-    return pb.ModelMetadataResponse(name=body["name"], versions=body["versions"], platform=body["platform"], inputs=tensors(body["inputs"]), outputs=tensors(body["outputs"]))
+    def tensors(items):
+        return [
+            pb.ModelMetadataResponse.TensorMetadata(name=t["name"], datatype=t["datatype"], shape=t["shape"])
+            for t in items
+        ]
+
+    return pb.ModelMetadataResponse(
+        name=body["name"],
+        versions=body["versions"],
+        platform=body["platform"],
+        inputs=tensors(body["inputs"]),
+        outputs=tensors(body["outputs"]),
+    )
 
 
 # -- the service --------------------------------------------------------------------------
@@ -211,10 +242,14 @@ class _MalformedInterceptor(grpc.aio.ServerInterceptor):
 
         async def guarded(request, context):
             if isinstance(request, _Malformed):
-                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"the request is not a valid protobuf message: {request.reason}")
+                await context.abort(
+                    grpc.StatusCode.INVALID_ARGUMENT, f"the request is not a valid protobuf message: {request.reason}"
+                )
             return await behaviour(request, context)
 
-        return grpc.unary_unary_rpc_method_handler(guarded, request_deserializer=deserialize, response_serializer=handler.response_serializer)
+        return grpc.unary_unary_rpc_method_handler(
+            guarded, request_deserializer=deserialize, response_serializer=handler.response_serializer
+        )
 
 
 class _ApiKeyInterceptor(grpc.aio.ServerInterceptor):
@@ -232,19 +267,30 @@ class _ApiKeyInterceptor(grpc.aio.ServerInterceptor):
             return handler
 
         async def deny(request, context):
-            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "Incorrect or missing API key: send 'authorization: Bearer KEY' metadata")
+            await context.abort(
+                grpc.StatusCode.UNAUTHENTICATED,
+                "Incorrect or missing API key: send 'authorization: Bearer KEY' metadata",
+            )
 
-        return grpc.unary_unary_rpc_method_handler(deny, request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer)
+        return grpc.unary_unary_rpc_method_handler(
+            deny, request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer
+        )
 
 
 async def start_grpc(app_state, host: str, config: GrpcConfig, access: AccessConfig) -> grpc.aio.Server:
     # The last interceptor is the innermost: the API key's denial also gets the tolerant parser.
-    interceptors = ([_ApiKeyInterceptor(access.api_key)] if access.api_key is not None else []) + [_MalformedInterceptor()]
-    server = grpc.aio.server(interceptors=interceptors, options=[("grpc.max_receive_message_length", access.max_request_body_bytes)])
+    interceptors = ([_ApiKeyInterceptor(access.api_key)] if access.api_key is not None else []) + [
+        _MalformedInterceptor()
+    ]
+    server = grpc.aio.server(
+        interceptors=interceptors, options=[("grpc.max_receive_message_length", access.max_request_body_bytes)]
+    )
     pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(app_state, access.api_key), server)
     address = f"{host}:{config.grpc_port}"
     if access.tls:
-        credentials = grpc.ssl_server_credentials([(Path(access.ssl_keyfile).read_bytes(), Path(access.ssl_certfile).read_bytes())])
+        credentials = grpc.ssl_server_credentials(
+            [(Path(access.ssl_keyfile).read_bytes(), Path(access.ssl_certfile).read_bytes())]
+        )
         server.add_secure_port(address, credentials)
     else:
         server.add_insecure_port(address)

@@ -42,7 +42,9 @@ def _check_shape(body: dict) -> None:
         if not isinstance(value, (dict, list)):
             continue
         if depth >= MAX_DEPTH:
-            raise InvalidRequestError(f"{field}: nested deeper than {MAX_DEPTH} levels (parameter={field})", param=field)
+            raise InvalidRequestError(
+                f"{field}: nested deeper than {MAX_DEPTH} levels (parameter={field})", param=field
+            )
         children = value.values() if isinstance(value, dict) else value
         count += len(children)
         if count > MAX_VALUES:
@@ -56,13 +58,18 @@ def _decode_error(raw: bytes, exc: orjson.JSONDecodeError) -> InvalidRequestErro
         where = _path_of(raw, _has_surrogate)
         if where is not None:
             path, field = where
-            message = f"{path}: the string holds a lone UTF-16 surrogate, which cannot be encoded as UTF-8 (parameter={field})"
+            message = (
+                f"{path}: the string holds a lone UTF-16 surrogate, "
+                f"which cannot be encoded as UTF-8 (parameter={field})"
+            )
             return InvalidRequestError(message, param=field)
     if "infinity" in reason or raw[exc.pos :].startswith((b"NaN", b"Infinity")):  # -Infinity: pos is past the sign
         where = _path_of(raw, _non_finite)
         if where is not None:
             path, field = where
-            return InvalidRequestError(f"{path}: NaN and infinite numbers are not JSON; send a finite number (parameter={field})", param=field)
+            return InvalidRequestError(
+                f"{path}: NaN and infinite numbers are not JSON; send a finite number (parameter={field})", param=field
+            )
     return InvalidRequestError(f"the request body is not valid JSON: {exc}", param="body")
 
 

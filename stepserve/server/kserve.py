@@ -70,9 +70,14 @@ def _text_input(ctx: ServingContext, req: KServeV2Request) -> list[str]:
     names = [t.name for t in req.inputs]
     for i, tensor_name in enumerate(names):
         if tensor_name != TEXT_INPUT:
-            raise InvalidRequestError(f"inputs[{i}].name={tensor_name!r}: this model takes one input, {TEXT_INPUT} (BYTES, shape [-1])", "inputs")
+            raise InvalidRequestError(
+                f"inputs[{i}].name={tensor_name!r}: this model takes one input, {TEXT_INPUT} (BYTES, shape [-1])",
+                "inputs",
+            )
     if len(names) != 1:
-        raise InvalidRequestError(f"inputs must hold exactly one tensor named {TEXT_INPUT!r}, got {len(names)}", "inputs")
+        raise InvalidRequestError(
+            f"inputs must hold exactly one tensor named {TEXT_INPUT!r}, got {len(names)}", "inputs"
+        )
     tensor = req.inputs[0]
     _check_tensor_parameters(ctx, tensor)
     if tensor.datatype != "BYTES":
@@ -87,7 +92,9 @@ def _text_input(ctx: ServingContext, req: KServeV2Request) -> list[str]:
 
 def _check_tensor_parameters(ctx: ServingContext, tensor: KServeV2Tensor) -> None:
     if "binary_data_size" in tensor.parameters:
-        raise InvalidRequestError(f"{TEXT_INPUT}: binary tensor data is not supported; send the texts in 'data' (binary_data=False)", "inputs")
+        raise InvalidRequestError(
+            f"{TEXT_INPUT}: binary tensor data is not supported; send the texts in 'data' (binary_data=False)", "inputs"
+        )
     content_type = tensor.parameters.get("content_type", "str")
     if content_type not in ("str", "bytes"):
         raise InvalidRequestError(f"{TEXT_INPUT}: content_type={content_type!r} is not text; use 'str'", "inputs")
@@ -109,7 +116,10 @@ def _wanted_outputs(ctx: ServingContext, req: KServeV2Request, parameters: dict)
     names = []
     for i, output in enumerate(req.outputs):
         if output.name not in OUTPUTS:
-            raise InvalidRequestError(f"outputs[{i}].name={output.name!r} cannot be produced; this model gives {', '.join(OUTPUTS)}", "outputs")
+            raise InvalidRequestError(
+                f"outputs[{i}].name={output.name!r} cannot be produced; this model gives {', '.join(OUTPUTS)}",
+                "outputs",
+            )
         # binary_data (KServe's client may send it) is answered in JSON, which its client reads too
         ctx.unknown.check([f"outputs[{i}].parameters.{k}" for k in output.parameters if k != "binary_data"])
         names.append(output.name)

@@ -32,7 +32,9 @@ def instance_text(ctx, index: int, instance: str | dict) -> str:
         return instance
     keys = [k for k in ("text", "prompt") if k in instance]
     if len(keys) != 1 or not isinstance(instance[keys[0]], str):
-        raise InvalidRequestError(f"instances[{index}] must be a string or an object with one 'text' string", "instances")
+        raise InvalidRequestError(
+            f"instances[{index}] must be a string or an object with one 'text' string", "instances"
+        )
     ctx.unknown.check([f"instances[{index}].{k}" for k in instance if k != keys[0]])
     return instance[keys[0]]
 
@@ -84,11 +86,15 @@ def _check_parameters(ctx, task: str, parameters: dict) -> int | None:
     --allow-unknown-fields)."""
     unknown = [f"parameters.{key}" for key in parameters if key not in _PARAMETERS]
     if unknown and not ctx.unknown.allow:
-        raise InvalidRequestError(f"{unknown[0]} is not supported for {task}; supported: {', '.join(_PARAMETERS)}", unknown[0])
+        raise InvalidRequestError(
+            f"{unknown[0]} is not supported for {task}; supported: {', '.join(_PARAMETERS)}", unknown[0]
+        )
     ctx.unknown.check(unknown)
     value = parameters.get("truncate_prompt_tokens")
     if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
-        raise InvalidRequestError(f"parameters.truncate_prompt_tokens must be an integer, got {value!r}", "parameters.truncate_prompt_tokens")
+        raise InvalidRequestError(
+            f"parameters.truncate_prompt_tokens must be an integer, got {value!r}", "parameters.truncate_prompt_tokens"
+        )
     return value
 
 
@@ -138,15 +144,21 @@ def _v2_texts(ctx, req: KServeV2Request) -> list[str]:
     """KServe's encoder model reads one input tensor, whatever its name: BYTES, strings, its
     shape matching its data."""
     if len(req.inputs) != 1:
-        raise InvalidRequestError(f"inputs must hold exactly one BYTES tensor of texts, got {len(req.inputs)}", "inputs")
+        raise InvalidRequestError(
+            f"inputs must hold exactly one BYTES tensor of texts, got {len(req.inputs)}", "inputs"
+        )
     tensor = req.inputs[0]
     if tensor.datatype != "BYTES":
-        raise InvalidRequestError(f"inputs[0] ({tensor.name}) must have datatype BYTES, got {tensor.datatype}", "inputs")
+        raise InvalidRequestError(
+            f"inputs[0] ({tensor.name}) must have datatype BYTES, got {tensor.datatype}", "inputs"
+        )
     data = _flatten(tensor.data)
     if not data or not all(isinstance(x, str) for x in data):
         raise InvalidRequestError(f"inputs[0] ({tensor.name}) data must be a non-empty list of strings", "inputs")
     if int(np.prod(tensor.shape)) != len(data) or any(d < 0 for d in tensor.shape):
-        raise InvalidRequestError(f"inputs[0] ({tensor.name}) has shape {tensor.shape} but {len(data)} elements", "inputs")
+        raise InvalidRequestError(
+            f"inputs[0] ({tensor.name}) has shape {tensor.shape} but {len(data)} elements", "inputs"
+        )
     ctx.unknown.check([f"inputs[0].parameters.{k}" for k in tensor.parameters if k != "content_type"])
     return data
 
@@ -158,7 +170,10 @@ def _wanted(ctx, req: KServeV2Request, produced: list[dict]) -> list[dict]:
     by_name = {t["name"]: t for t in produced}
     for i, output in enumerate(req.outputs):
         if output.name not in by_name:
-            raise InvalidRequestError(f"outputs[{i}].name={output.name!r} cannot be produced; this model gives {', '.join(by_name)}", "outputs")
+            raise InvalidRequestError(
+                f"outputs[{i}].name={output.name!r} cannot be produced; this model gives {', '.join(by_name)}",
+                "outputs",
+            )
         ctx.unknown.check([f"outputs[{i}].parameters.{k}" for k in output.parameters if k != "binary_data"])
     return [by_name[o.name] for o in req.outputs]
 
@@ -184,7 +199,9 @@ def _output_tensor(ts: TaskServing, predictions: list) -> dict:
 
 async def v2_infer(ts: TaskServing, ctx, req: KServeV2Request) -> dict:
     ctx.check_model(req.model_name)
-    parameters = {k: v for k, v in req.parameters.items() if k != "binary_data_output"}  # answered in JSON, which KServe's client reads too
+    parameters = {
+        k: v for k, v in req.parameters.items() if k != "binary_data_output"
+    }  # answered in JSON, which KServe's client reads too
     predictions, encoded = await _predict(ts, ctx, _v2_texts(ctx, req), parameters, "inputs")
     outputs = [_output_tensor(ts, predictions)] + ([_offsets_tensor(encoded)] if _wants_offsets(ts) else [])
     return {"model_name": ctx.model_name, "id": req.id or new_id("infer"), "outputs": _wanted(ctx, req, outputs)}
@@ -205,4 +222,11 @@ def v2_metadata(ts: TaskServing, model_name: str) -> dict:
     if _wants_offsets(ts):
         outputs.append({"name": OFFSETS, "datatype": "INT64", "shape": [-1, -1, 2]})
     inputs = [{"name": "input-0", "datatype": "BYTES", "shape": [-1]}]
-    return {"name": model_name, "versions": [], "platform": "stepserve", "task": ts.task, "inputs": inputs, "outputs": outputs}
+    return {
+        "name": model_name,
+        "versions": [],
+        "platform": "stepserve",
+        "task": ts.task,
+        "inputs": inputs,
+        "outputs": outputs,
+    }

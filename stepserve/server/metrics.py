@@ -19,9 +19,74 @@ PREFIX = "stepserve:"
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 # vLLM's buckets, so dashboards built for it read the same.
-TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0)
-TPOT_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
-E2E_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0)
+TTFT_BUCKETS = (
+    0.001,
+    0.005,
+    0.01,
+    0.02,
+    0.04,
+    0.06,
+    0.08,
+    0.1,
+    0.25,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+    5.0,
+    7.5,
+    10.0,
+    20.0,
+    40.0,
+    80.0,
+    160.0,
+    640.0,
+    2560.0,
+)
+TPOT_BUCKETS = (
+    0.01,
+    0.025,
+    0.05,
+    0.075,
+    0.1,
+    0.15,
+    0.2,
+    0.3,
+    0.4,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+    5.0,
+    7.5,
+    10.0,
+    20.0,
+    40.0,
+    80.0,
+)
+E2E_BUCKETS = (
+    0.3,
+    0.5,
+    0.8,
+    1.0,
+    1.5,
+    2.0,
+    2.5,
+    5.0,
+    10.0,
+    15.0,
+    20.0,
+    30.0,
+    40.0,
+    50.0,
+    60.0,
+    120.0,
+    240.0,
+    480.0,
+    960.0,
+    1920.0,
+    7680.0,
+)
 
 
 class _EngineStateCollector(Collector):
@@ -35,11 +100,22 @@ class _EngineStateCollector(Collector):
     def collect(self):
         s = self.stats()
         yield self._family(GaugeMetricFamily, "num_requests_running", "Requests in the running batch.", s.num_running)
-        yield self._family(GaugeMetricFamily, "num_requests_waiting", "Requests waiting to be scheduled.", s.num_waiting)
-        yield self._family(GaugeMetricFamily, "kv_cache_usage_perc", "KV cache usage, 1 means 100 percent.", s.kv_cache_usage)
+        yield self._family(
+            GaugeMetricFamily, "num_requests_waiting", "Requests waiting to be scheduled.", s.num_waiting
+        )
+        yield self._family(
+            GaugeMetricFamily, "kv_cache_usage_perc", "KV cache usage, 1 means 100 percent.", s.kv_cache_usage
+        )
         yield self._family(CounterMetricFamily, "num_preemptions", "Preemptions by the scheduler.", s.num_preemptions)
-        yield self._family(CounterMetricFamily, "prefix_cache_queries", "Prompt tokens looked up in the prefix cache.", s.prefix_cache_queries)
-        yield self._family(CounterMetricFamily, "prefix_cache_hits", "Prompt tokens found in the prefix cache.", s.prefix_cache_hits)
+        yield self._family(
+            CounterMetricFamily,
+            "prefix_cache_queries",
+            "Prompt tokens looked up in the prefix cache.",
+            s.prefix_cache_queries,
+        )
+        yield self._family(
+            CounterMetricFamily, "prefix_cache_hits", "Prompt tokens found in the prefix cache.", s.prefix_cache_hits
+        )
         yield self._family(CounterMetricFamily, "engine_restarts", "Restarts of the engine core.", self.restarts())
 
     def _family(self, kind, name: str, doc: str, value: float):
@@ -51,7 +127,9 @@ class _EngineStateCollector(Collector):
 class ServerMetrics:
     """The server's registry; ``observe`` is the async engine's ``on_finish`` callback."""
 
-    def __init__(self, model_name: str, stats: Callable[[], EngineStats], restarts: Callable[[], int] = lambda: 0) -> None:
+    def __init__(
+        self, model_name: str, stats: Callable[[], EngineStats], restarts: Callable[[], int] = lambda: 0
+    ) -> None:
         self.model_name = model_name
         self.registry = CollectorRegistry()
         self.registry.register(_EngineStateCollector(model_name, stats, restarts))
@@ -59,10 +137,26 @@ class ServerMetrics:
         r = self.registry
         self.prompt_tokens = Counter(PREFIX + "prompt_tokens", "Prompt tokens processed.", labels, registry=r)
         self.generation_tokens = Counter(PREFIX + "generation_tokens", "Tokens generated.", labels, registry=r)
-        self.request_success = Counter(PREFIX + "request_success", "Finished requests by finish reason.", labels + ["finished_reason"], registry=r)
-        self.ttft = Histogram(PREFIX + "time_to_first_token_seconds", "Time to first token.", labels, buckets=TTFT_BUCKETS, registry=r)
-        self.tpot = Histogram(PREFIX + "time_per_output_token_seconds", "Time per output token after the first.", labels, buckets=TPOT_BUCKETS, registry=r)
-        self.e2e = Histogram(PREFIX + "e2e_request_latency_seconds", "End-to-end request latency.", labels, buckets=E2E_BUCKETS, registry=r)
+        self.request_success = Counter(
+            PREFIX + "request_success", "Finished requests by finish reason.", labels + ["finished_reason"], registry=r
+        )
+        self.ttft = Histogram(
+            PREFIX + "time_to_first_token_seconds", "Time to first token.", labels, buckets=TTFT_BUCKETS, registry=r
+        )
+        self.tpot = Histogram(
+            PREFIX + "time_per_output_token_seconds",
+            "Time per output token after the first.",
+            labels,
+            buckets=TPOT_BUCKETS,
+            registry=r,
+        )
+        self.e2e = Histogram(
+            PREFIX + "e2e_request_latency_seconds",
+            "End-to-end request latency.",
+            labels,
+            buckets=E2E_BUCKETS,
+            registry=r,
+        )
 
     def observe(self, done: FinishedRequest) -> None:
         name = self.model_name

@@ -42,7 +42,11 @@ def new_id(prefix: str) -> str:
 
 
 def sampling_params(
-    ctx: ServingContext, req: _SamplingFields, max_tokens: int | None, logprobs: int | None, structured: GrammarSpec | None = None
+    ctx: ServingContext,
+    req: _SamplingFields,
+    max_tokens: int | None,
+    logprobs: int | None,
+    structured: GrammarSpec | None = None,
 ) -> SamplingParams:
     """The request's SamplingParams, ``max_tokens`` still unresolved; 400 on any bad value."""
     if req.stream_options is not None and not req.stream:
@@ -57,7 +61,9 @@ def sampling_params(
     ctx.check_token_ids(_bias_ids(req.logit_bias), "logit_bias")
     _check_best_of(req)
     if req.top_k > ctx.vocab_size:
-        raise InvalidRequestError(f"top_k={req.top_k} exceeds the vocabulary size {ctx.vocab_size} (parameter=top_k)", "top_k")
+        raise InvalidRequestError(
+            f"top_k={req.top_k} exceeds the vocabulary size {ctx.vocab_size} (parameter=top_k)", "top_k"
+        )
     return SamplingParams(
         n=req.n,
         temperature=_given_or_default(ctx, req, "temperature", 1.0),
@@ -123,7 +129,11 @@ def _stop_reason(state: RequestState) -> str | int | None:
 def _usage(prompts: Sequence[PromptInput], states: Sequence[RequestState]) -> dict:
     prompt_tokens = sum(len(p.token_ids) for p in prompts)
     completion_tokens = sum(len(s.token_ids) for s in states)
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "total_tokens": prompt_tokens + completion_tokens}
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
 
 
 async def _collect(ctx: ServingContext, request_id: str, prompts: Sequence[PromptInput]) -> list[RequestState]:
@@ -139,7 +149,9 @@ async def _collect(ctx: ServingContext, request_id: str, prompts: Sequence[Promp
 
 
 def completion_prompts(
-    ctx: ServingContext, req: CompletionRequest, constraint: tuple[str, GrammarSpec] | None,
+    ctx: ServingContext,
+    req: CompletionRequest,
+    constraint: tuple[str, GrammarSpec] | None,
 ) -> list[tuple[str, PromptInput]]:
     """(prompt text, resolved prompt) for each prompt of the request; ``constraint`` is what
     ``output_constraint`` gave for it."""
@@ -186,7 +198,13 @@ async def complete(ctx: ServingContext, req: CompletionRequest) -> dict | Chunks
 
 
 def _completion_body(ctx: ServingContext, request_id: str, choices: list[dict]) -> dict:
-    return {"id": request_id, "object": "text_completion", "created": int(time.time()), "model": ctx.model_name, "choices": choices}
+    return {
+        "id": request_id,
+        "object": "text_completion",
+        "created": int(time.time()),
+        "model": ctx.model_name,
+        "choices": choices,
+    }
 
 
 def _completion_choice(ctx: ServingContext, req: CompletionRequest, prompts, state: RequestState) -> dict:
@@ -195,7 +213,9 @@ def _completion_choice(ctx: ServingContext, req: CompletionRequest, prompts, sta
     if req.logprobs is not None:
         logprobs = _completion_logprobs(ctx, state.logprobs, len(prompt_text))
         if req.echo:
-            echoed = _echo_logprobs(ctx, prompts[state.index // req.n][1].token_ids, state.prompt_logprobs, req.logprobs)
+            echoed = _echo_logprobs(
+                ctx, prompts[state.index // req.n][1].token_ids, state.prompt_logprobs, req.logprobs
+            )
             logprobs = _merge_logprobs(echoed, logprobs)
     choice = {
         "index": state.index,
@@ -214,10 +234,15 @@ def vllm_prompt_logprobs(ctx: ServingContext, entries) -> list[dict | None] | No
     rank and text, for the token itself and its top alternatives."""
     if entries is None:
         return None
+
     def one(lp: TokenLogprob) -> dict:
-        out = {str(t): {"logprob": v, "rank": r, "decoded_token": ctx.decode_token(t)} for r, (t, v) in enumerate(lp.top, 1)}
+        out = {
+            str(t): {"logprob": v, "rank": r, "decoded_token": ctx.decode_token(t)}
+            for r, (t, v) in enumerate(lp.top, 1)
+        }
         out[str(lp.token_id)] = {"logprob": lp.logprob, "rank": lp.rank, "decoded_token": ctx.decode_token(lp.token_id)}
         return out
+
     return [None if lp is None else one(lp) for lp in entries]
 
 
@@ -242,7 +267,12 @@ def _echo_logprobs(ctx: ServingContext, prompt_ids: Sequence[int], entries, k: i
     offsets = [sum(len(t) for t in tokens[:i]) for i in range(len(tokens))]
     entries = entries or [None] * len(tokens)
     values = [None if lp is None else lp.logprob for lp in entries]
-    tops = [None if lp is None else {ctx.decode_token(t): v for t, v in lp.top[:k]} | {ctx.decode_token(lp.token_id): lp.logprob} for lp in entries]
+    tops = [
+        None
+        if lp is None
+        else {ctx.decode_token(t): v for t, v in lp.top[:k]} | {ctx.decode_token(lp.token_id): lp.logprob}
+        for lp in entries
+    ]
     return {"tokens": tokens, "token_logprobs": values, "top_logprobs": tops, "text_offset": offsets}
 
 
@@ -263,7 +293,9 @@ async def _completion_chunks(ctx: ServingContext, req: CompletionRequest, reques
         yield _completion_body(ctx, request_id, []) | {"usage": usage}
 
 
-def _completion_chunk_choice(ctx: ServingContext, req: CompletionRequest, prompts, update: Update, offsets: dict[int, int]) -> dict:
+def _completion_chunk_choice(
+    ctx: ServingContext, req: CompletionRequest, prompts, update: Update, offsets: dict[int, int]
+) -> dict:
     """One stream chunk's choice; ``offsets`` holds each choice's characters sent so far."""
     index, delta = update.state.index, update.delta
     echo = prompts[index // req.n][0] if req.echo and index not in offsets else ""
@@ -274,7 +306,13 @@ def _completion_chunk_choice(ctx: ServingContext, req: CompletionRequest, prompt
         echoed = _echo_logprobs(ctx, prompts[index // req.n][1].token_ids, update.state.prompt_logprobs, req.logprobs)
         logprobs = _merge_logprobs(echoed, logprobs)
     stop_reason = _stop_reason(update.state) if delta.finish_reason else None
-    return {"index": index, "text": echo + delta.text, "logprobs": logprobs, "finish_reason": delta.finish_reason, "stop_reason": stop_reason}
+    return {
+        "index": index,
+        "text": echo + delta.text,
+        "logprobs": logprobs,
+        "finish_reason": delta.finish_reason,
+        "stop_reason": stop_reason,
+    }
 
 
 # -- /v1/chat/completions -----------------------------------------------------------------
@@ -304,7 +342,9 @@ def chat_constraints(ctx: ServingContext, req: ChatCompletionRequest) -> tuple[G
     return mode.spec or (constraint[1] if constraint else None), mode
 
 
-def chat_prompt(ctx: ServingContext, req: ChatCompletionRequest, constraints: tuple[GrammarSpec | None, ToolMode] | None = None) -> PromptInput:
+def chat_prompt(
+    ctx: ServingContext, req: ChatCompletionRequest, constraints: tuple[GrammarSpec | None, ToolMode] | None = None
+) -> PromptInput:
     """The conversation rendered and resolved; errors name the chat spelling of parameters."""
     if not req.messages:
         raise InvalidRequestError("messages must contain at least one message", "messages")
@@ -312,7 +352,11 @@ def chat_prompt(ctx: ServingContext, req: ChatCompletionRequest, constraints: tu
     if req.top_logprobs is not None and not req.logprobs:
         raise InvalidRequestError("top_logprobs needs logprobs=true", "top_logprobs")
     alias = req.max_completion_tokens is not None
-    names = {"prompt": "messages", "logprobs": "top_logprobs", "max_tokens": "max_completion_tokens" if alias else "max_tokens"}
+    names = {
+        "prompt": "messages",
+        "logprobs": "top_logprobs",
+        "max_tokens": "max_completion_tokens" if alias else "max_tokens",
+    }
     try:
         max_tokens = req.max_completion_tokens if alias else req.max_tokens
         spec, mode = constraints if constraints is not None else chat_constraints(ctx, req)
@@ -360,14 +404,21 @@ def _chat_choice(ctx: ServingContext, req: ChatCompletionRequest, state: Request
 
 def _chat_logprobs(ctx: ServingContext, logprobs: Sequence[TokenLogprob]) -> dict:
     """The chat format: one entry per token with its bytes and top alternatives."""
+
     def entry(token_id: int, logprob: float) -> dict:
         token = ctx.decode_token(token_id)
         return {"token": token, "logprob": logprob, "bytes": list(token.encode("utf-8"))}
 
-    return {"content": [entry(lp.token_id, lp.logprob) | {"top_logprobs": [entry(t, v) for t, v in lp.top]} for lp in logprobs]}
+    return {
+        "content": [
+            entry(lp.token_id, lp.logprob) | {"top_logprobs": [entry(t, v) for t, v in lp.top]} for lp in logprobs
+        ]
+    }
 
 
-async def _chat_chunks(ctx: ServingContext, req: ChatCompletionRequest, request_id: str, prompt: PromptInput, mode: ToolMode) -> Chunks:
+async def _chat_chunks(
+    ctx: ServingContext, req: ChatCompletionRequest, request_id: str, prompt: PromptInput, mode: ToolMode
+) -> Chunks:
     include_usage = req.stream_options is not None and req.stream_options.include_usage
     extra = {"usage": None} if include_usage else {}
 
@@ -375,7 +426,9 @@ async def _chat_chunks(ctx: ServingContext, req: ChatCompletionRequest, request_
         return _chat_body(ctx, request_id, "chat.completion.chunk", [choice]) | extra
 
     for index in range(req.n):  # the role comes first, once per choice
-        yield chunk({"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None})
+        yield chunk(
+            {"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
+        )
     states: dict[int, RequestState] = {}
     tools = {index: ToolDeltas(mode) for index in range(req.n)}
     async with aclosing(ctx.engine.generate(request_id, [prompt])) as updates:
@@ -388,7 +441,9 @@ async def _chat_chunks(ctx: ServingContext, req: ChatCompletionRequest, request_
         yield _chat_body(ctx, request_id, "chat.completion.chunk", []) | {"usage": usage}
 
 
-def _chat_chunk_choices(ctx: ServingContext, req: ChatCompletionRequest, update: Update, tools: ToolDeltas) -> list[dict]:
+def _chat_chunk_choices(
+    ctx: ServingContext, req: ChatCompletionRequest, update: Update, tools: ToolDeltas
+) -> list[dict]:
     index, delta = update.state.index, update.delta
     choices = []
     if tools.mode.choice != "none":
@@ -397,10 +452,15 @@ def _chat_chunk_choices(ctx: ServingContext, req: ChatCompletionRequest, update:
         logprobs = _chat_logprobs(ctx, delta.logprobs) if req.logprobs else None
         choices.append({"index": index, "delta": {"content": delta.text}, "logprobs": logprobs, "finish_reason": None})
     if delta.finish_reason is not None:
-        choices.append({
-            "index": index, "delta": {}, "logprobs": None,
-            "finish_reason": delta.finish_reason, "stop_reason": _stop_reason(update.state),
-        })
+        choices.append(
+            {
+                "index": index,
+                "delta": {},
+                "logprobs": None,
+                "finish_reason": delta.finish_reason,
+                "stop_reason": _stop_reason(update.state),
+            }
+        )
     return choices
 
 
@@ -414,5 +474,13 @@ def _tool_chunk_choices(update: Update, tools: ToolDeltas) -> list[dict]:
         deltas += more
     choices = [{"index": index, "delta": d, "logprobs": None, "finish_reason": None} for d in deltas]
     if finish_reason is not None:
-        choices.append({"index": index, "delta": {}, "logprobs": None, "finish_reason": finish_reason, "stop_reason": _stop_reason(update.state)})
+        choices.append(
+            {
+                "index": index,
+                "delta": {},
+                "logprobs": None,
+                "finish_reason": finish_reason,
+                "stop_reason": _stop_reason(update.state),
+            }
+        )
     return choices

@@ -28,7 +28,9 @@ def _embedding_inputs(ts: TaskServing, req: EmbeddingRequest) -> list[Encoded]:
     if not value:
         raise InvalidRequestError("input must not be empty", "input")
     return [
-        ts.tokens.text(item, f"input[{i}]", "input", truncate) if isinstance(item, str) else ts.tokens.ids(item, f"input[{i}]", "input", truncate)
+        ts.tokens.text(item, f"input[{i}]", "input", truncate)
+        if isinstance(item, str)
+        else ts.tokens.ids(item, f"input[{i}]", "input", truncate)
         for i, item in enumerate(value)
     ]
 
@@ -45,30 +47,52 @@ async def embeddings(ts: TaskServing, model_name: str, req: EmbeddingRequest) ->
     encoded = _embedding_inputs(ts, req)
     request_id, outputs = await ts.run("embd", encoded)
     data = [
-        {"object": "embedding", "index": i, "embedding": _encode_vector(ts.embedding(out, req.dimensions), req.encoding_format)}
+        {
+            "object": "embedding",
+            "index": i,
+            "embedding": _encode_vector(ts.embedding(out, req.dimensions), req.encoding_format),
+        }
         for i, out in enumerate(outputs)
     ]
     tokens = sum(len(e.token_ids) for e in encoded)
-    return {"id": request_id, "object": "list", "created": int(time.time()), "model": model_name, "data": data, "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
+    return {
+        "id": request_id,
+        "object": "list",
+        "created": int(time.time()),
+        "model": model_name,
+        "data": data,
+        "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+    }
 
 
 # -- /v1/rerank and /v1/score ----------------------------------------------------------------
 
 
-async def _pair_scores(ts: TaskServing, prefix: str, queries: list[str], documents: list[str], truncate: int | None, param: str) -> tuple[str, list[float], int]:
+async def _pair_scores(
+    ts: TaskServing, prefix: str, queries: list[str], documents: list[str], truncate: int | None, param: str
+) -> tuple[str, list[float], int]:
     """One score per (query, document) pair: a cross-encoder's activated logit, or the cosine
     similarity of an embedding model's vectors. Also the request id and the tokens read."""
     if ts.task == T.SEQUENCE_CLASSIFICATION:
         if len(ts.spec.labels) != 1:
-            raise InvalidRequestError(f"scoring needs a cross-encoder with one output label; this model has {len(ts.spec.labels)}", "model")
-        encoded = [ts.tokens.text(q, f"{param}[{i}]", param, truncate, pair=d) for i, (q, d) in enumerate(zip(queries, documents))]
+            raise InvalidRequestError(
+                f"scoring needs a cross-encoder with one output label; this model has {len(ts.spec.labels)}", "model"
+            )
+        encoded = [
+            ts.tokens.text(q, f"{param}[{i}]", param, truncate, pair=d)
+            for i, (q, d) in enumerate(zip(queries, documents))
+        ]
         request_id, outputs = await ts.run(prefix, encoded)
         return request_id, [ts.cross_score(o) for o in outputs], sum(len(e.token_ids) for e in encoded)
     texts = list(dict.fromkeys(queries + documents))  # each distinct text embedded once
     encoded = [ts.tokens.text(t, f"{param}[{i}]", param, truncate) for i, t in enumerate(texts)]
     request_id, outputs = await ts.run(prefix, encoded)
     vectors = {t: _unit(ts.embedding(o)) for t, o in zip(texts, outputs)}
-    return request_id, [float(vectors[q] @ vectors[d]) for q, d in zip(queries, documents)], sum(len(e.token_ids) for e in encoded)
+    return (
+        request_id,
+        [float(vectors[q] @ vectors[d]) for q, d in zip(queries, documents)],
+        sum(len(e.token_ids) for e in encoded),
+    )
 
 
 def _unit(vector: np.ndarray) -> np.ndarray:
@@ -85,10 +109,21 @@ async def rerank(ts: TaskServing, model_name: str, req: RerankRequest) -> dict:
         raise InvalidRequestError("query must not be an empty string", "query")
     documents = [d if isinstance(d, str) else d.text for d in req.documents]
     truncate = resolve_truncation(req.truncate_prompt_tokens, ts.spec.max_model_len)
-    request_id, scores, tokens = await _pair_scores(ts, "rerank", [req.query] * len(documents), documents, truncate, "documents")
+    request_id, scores, tokens = await _pair_scores(
+        ts, "rerank", [req.query] * len(documents), documents, truncate, "documents"
+    )
     order = sorted(range(len(documents)), key=lambda i: -scores[i])[: req.top_n or None]
-    results = [{"index": i, "relevance_score": scores[i]} | ({"document": {"text": documents[i]}} if req.return_documents else {}) for i in order]
-    return {"id": request_id, "model": model_name, "usage": {"prompt_tokens": tokens, "total_tokens": tokens}, "results": results}
+    results = [
+        {"index": i, "relevance_score": scores[i]}
+        | ({"document": {"text": documents[i]}} if req.return_documents else {})
+        for i in order
+    ]
+    return {
+        "id": request_id,
+        "model": model_name,
+        "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+        "results": results,
+    }
 
 
 def _score_pairs(req: ScoreRequest) -> tuple[list[str], list[str]]:
@@ -100,7 +135,9 @@ def _score_pairs(req: ScoreRequest) -> tuple[list[str], list[str]]:
     if len(first) == 1:
         first = first * len(second)
     if len(first) != len(second):
-        raise InvalidRequestError(f"text_1 has {len(first)} texts and text_2 {len(second)}: give one text_1, or as many as text_2", "text_2")
+        raise InvalidRequestError(
+            f"text_1 has {len(first)} texts and text_2 {len(second)}: give one text_1, or as many as text_2", "text_2"
+        )
     return first, second
 
 
@@ -110,7 +147,14 @@ async def score(ts: TaskServing, model_name: str, req: ScoreRequest) -> dict:
     truncate = resolve_truncation(req.truncate_prompt_tokens, ts.spec.max_model_len)
     request_id, scores, tokens = await _pair_scores(ts, "score", first, second, truncate, "text_2")
     data = [{"index": i, "object": "score", "score": s} for i, s in enumerate(scores)]
-    return {"id": request_id, "object": "list", "created": int(time.time()), "model": model_name, "data": data, "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
+    return {
+        "id": request_id,
+        "object": "list",
+        "created": int(time.time()),
+        "model": model_name,
+        "data": data,
+        "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+    }
 
 
 # -- /v1/completions ------------------------------------------------------------------------
@@ -173,13 +217,29 @@ async def complete(ts: TaskServing, ctx, req) -> dict | AsyncIterator[dict]:
         reason = "stop" if stop is not None else out.finish_reason
         logprobs = None
         if out.logprobs is not None:
-            kept = out.logprobs if stop is None else out.logprobs[: _within(ts, out.token_ids, text, params.skip_special_tokens)]
+            kept = (
+                out.logprobs
+                if stop is None
+                else out.logprobs[: _within(ts, out.token_ids, text, params.skip_special_tokens)]
+            )
             logprobs = server_openai._completion_logprobs(ctx, kept, 0)  # the LLM path's format
-        choices.append({"index": index, "text": text, "logprobs": logprobs, "finish_reason": reason, "stop_reason": stop})
+        choices.append(
+            {"index": index, "text": text, "logprobs": logprobs, "finish_reason": reason, "stop_reason": stop}
+        )
     prompt_tokens = sum(len(p.token_ids) for _, p in prompts)
     completion_tokens = sum(len(o.token_ids) for o in outputs)
-    usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "total_tokens": prompt_tokens + completion_tokens}
-    body = {"id": request_id, "object": "text_completion", "created": int(time.time()), "model": ctx.model_name, "choices": choices}
+    usage = {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
+    body = {
+        "id": request_id,
+        "object": "text_completion",
+        "created": int(time.time()),
+        "model": ctx.model_name,
+        "choices": choices,
+    }
     if req.stream:
         return _one_chunk_stream(body, usage, req.stream_options is not None and req.stream_options.include_usage)
     return body | {"usage": usage}

@@ -37,9 +37,17 @@ SEND_BUFFER_BYTES = 256 * 1024
 
 
 def _timeout_response() -> bytes:
-    error = {"message": "the request headers took too long to arrive", "type": "request_timeout", "param": None, "code": 408}
+    error = {
+        "message": "the request headers took too long to arrive",
+        "type": "request_timeout",
+        "param": None,
+        "code": 408,
+    }
     body = json.dumps({"error": error}).encode()
-    head = f"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\ncontent-length: {len(body)}\r\nconnection: close\r\n\r\n"
+    head = (
+        "HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\n"
+        f"content-length: {len(body)}\r\nconnection: close\r\n\r\n"
+    )
     return head.encode() + body
 
 
@@ -99,7 +107,9 @@ class DeadlineH11Protocol(H11Protocol):
         self._header_timer = None
         if self.transport.is_closing() or self.conn.their_state is not h11.IDLE:
             return
-        log.info("closing a connection from %s: no complete request headers within %.1fs", self.client, self.header_timeout_s)
+        log.info(
+            "closing a connection from %s: no complete request headers within %.1fs", self.client, self.header_timeout_s
+        )
         self.transport.write(_timeout_response())
         self.transport.close()
 
@@ -113,4 +123,8 @@ class DeadlineH11Protocol(H11Protocol):
 
 def protocol_class(header_timeout_s: float, stall_timeout_s: float) -> type[DeadlineH11Protocol]:
     """The protocol class for uvicorn's ``http=``, with these deadlines."""
-    return type("ServerH11Protocol", (DeadlineH11Protocol,), {"header_timeout_s": header_timeout_s, "stall_timeout_s": stall_timeout_s})
+    return type(
+        "ServerH11Protocol",
+        (DeadlineH11Protocol,),
+        {"header_timeout_s": header_timeout_s, "stall_timeout_s": stall_timeout_s},
+    )

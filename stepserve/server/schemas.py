@@ -15,7 +15,9 @@ from stepserve.errors import InvalidRequestError
 from stepserve.server import json_body
 from stepserve.server.fields import STRICT, UnknownFieldPolicy, unknown_fields
 
-_SEED_BOUND = 2**63 - 2**20  # within int64 (choices get mix_seed(seed, i), a hash; the margin is left from the old seed + i)
+_SEED_BOUND = (
+    2**63 - 2**20
+)  # within int64 (choices get mix_seed(seed, i), a hash; the margin is left from the old seed + i)
 Int64 = Annotated[int, Field(ge=-(2**63), le=2**63 - 1)]  # what the engine's int64 tensors hold
 
 Model = TypeVar("Model", bound=BaseModel)

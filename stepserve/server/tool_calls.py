@@ -14,7 +14,13 @@ from stepserve.server.context import ServingContext
 from stepserve.server.schemas import ChatCompletionRequest
 from stepserve.sampling import GrammarSpec
 from stepserve.structured.tool_parsers import ToolParser, make_parser
-from stepserve.structured.tools import RequiredCallsScanner, ScanEvent, ToolCall, parse_required_calls, required_calls_grammar
+from stepserve.structured.tools import (
+    RequiredCallsScanner,
+    ScanEvent,
+    ToolCall,
+    parse_required_calls,
+    required_calls_grammar,
+)
 
 _NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 
@@ -36,13 +42,17 @@ def _schemas(ctx: ServingContext, req: ChatCompletionRequest) -> dict[str, dict]
         fn = tool.function
         where = f"tools[{i}].function"
         if not _NAME.match(fn.name):
-            raise InvalidRequestError(f"{where}.name={fn.name!r} must be 1 to 64 letters, digits, '_', '-' or '.'", "tools")
+            raise InvalidRequestError(
+                f"{where}.name={fn.name!r} must be 1 to 64 letters, digits, '_', '-' or '.'", "tools"
+            )
         if fn.name in out:
             raise InvalidRequestError(f"{where}.name={fn.name!r} is defined twice", "tools")
         if fn.parameters is None:
             raise InvalidRequestError(
                 f"{where}.parameters is required: a JSON schema of the arguments (use "
-                '{"type": "object", "properties": {}} for a function without arguments)', "tools")
+                '{"type": "object", "properties": {}} for a function without arguments)',
+                "tools",
+            )
         if fn.parameters.get("type", "object") != "object":
             raise InvalidRequestError(f"{where}.parameters must describe an object (type=object)", "tools")
         compile_constraint(ctx, f"{where}.parameters", "json", fn.parameters)
@@ -65,7 +75,9 @@ def tool_mode(ctx: ServingContext, req: ChatCompletionRequest, constrained: str 
     if choice == "auto":
         if not config.enable_auto_tool_choice:
             raise InvalidRequestError(
-                'tool_choice="auto" needs the server started with --enable-auto-tool-choice and --tool-call-parser', "tool_choice")
+                'tool_choice="auto" needs the server started with --enable-auto-tool-choice and --tool-call-parser',
+                "tool_choice",
+            )
         return ToolMode("auto", parser=config.tool_call_parser)
     if constrained is not None:
         raise InvalidRequestError(f"{constrained} cannot be combined with a forced tool_choice", constrained)
@@ -74,8 +86,14 @@ def tool_mode(ctx: ServingContext, req: ChatCompletionRequest, constrained: str 
         return ToolMode("required", spec=compile_constraint(ctx, "tools", "tool_calls", grammar))
     name = choice.function.name
     if name not in schemas:
-        raise InvalidRequestError(f"tool_choice names {name!r}, which is not among the tools ({', '.join(schemas)})", "tool_choice")
-    return ToolMode("named", name=name, spec=compile_constraint(ctx, f"tools[{list(schemas).index(name)}].function.parameters", "json", schemas[name]))
+        raise InvalidRequestError(
+            f"tool_choice names {name!r}, which is not among the tools ({', '.join(schemas)})", "tool_choice"
+        )
+    return ToolMode(
+        "named",
+        name=name,
+        spec=compile_constraint(ctx, f"tools[{list(schemas).index(name)}].function.parameters", "json", schemas[name]),
+    )
 
 
 def template_tools(req: ChatCompletionRequest) -> list[dict] | None:

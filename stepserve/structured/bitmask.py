@@ -57,7 +57,13 @@ class RequestMatcher:
 class GrammarMatchers:
     """The worker's constrained-decoding state: matchers by request id, compiled grammars by text."""
 
-    def __init__(self, start_ll_tokenizer: Callable[[], Callable[[], object]], vocab_size: int, eos_token_ids: Collection[int], device: torch.device) -> None:
+    def __init__(
+        self,
+        start_ll_tokenizer: Callable[[], Callable[[], object]],
+        vocab_size: int,
+        eos_token_ids: Collection[int],
+        device: torch.device,
+    ) -> None:
         # Starts building llguidance's tokenizer in a thread and returns the wait for it (the core
         # process loads its own tokenizer for it). Started by ``start_tokenizer`` when the engine
         # is first idle, or by the first constrained request, which then waits for it: a thread
@@ -171,7 +177,9 @@ def _words(token_ids: Iterable[int], words: int) -> torch.Tensor:
 class GrammarPass:
     """Constrained rows of one pass: masks their logits each step, advances their matchers."""
 
-    def __init__(self, owner: GrammarMatchers, rows: list[int], matchers: list[RequestMatcher], steps: list[int]) -> None:
+    def __init__(
+        self, owner: GrammarMatchers, rows: list[int], matchers: list[RequestMatcher], steps: list[int]
+    ) -> None:
         self.owner = owner
         self.matchers = matchers
         self.steps = steps  # tokens each row may still accept this pass

@@ -33,7 +33,9 @@ def build_ll_tokenizer(tokenizer, vocab_size: int, eos_token_ids: Collection[int
     return llguidance.hf.from_tokenizer(tokenizer, n_vocab=vocab_size, eos_token=sorted(eos_token_ids))
 
 
-def ll_tokenizer_in_background(load: Callable[[], object], vocab_size: int, eos_token_ids: Collection[int]) -> Callable[[], object]:
+def ll_tokenizer_in_background(
+    load: Callable[[], object], vocab_size: int, eos_token_ids: Collection[int]
+) -> Callable[[], object]:
     """Start building llguidance's tokenizer from ``load()``'s tokenizer in a thread of its own;
     the function returned waits for it (and raises what the build raised). Started when a
     server or engine starts, so that its first constrained request does not pay for the build
@@ -65,7 +67,11 @@ class GrammarCompiler:
     """Checks request constraints against the served tokenizer; one per server."""
 
     def __init__(
-        self, tokenizer, vocab_size: int, eos_token_ids: Collection[int], timeout_s: float = COMPILE_TIMEOUT_S,
+        self,
+        tokenizer,
+        vocab_size: int,
+        eos_token_ids: Collection[int],
+        timeout_s: float = COMPILE_TIMEOUT_S,
         ll_tokenizer: Callable[[], object] | None = None,
     ) -> None:
         self._tokenizer = tokenizer
@@ -90,7 +96,9 @@ class GrammarCompiler:
         """The checked constraint, or a 400 naming ``param`` that says why it cannot be used."""
         key_text = source if isinstance(source, str) else json.dumps(source)
         if len(key_text) > MAX_SOURCE_CHARS:
-            raise InvalidRequestError(f"{param} is too large ({len(key_text)} characters; at most {MAX_SOURCE_CHARS})", param)
+            raise InvalidRequestError(
+                f"{param} is too large ({len(key_text)} characters; at most {MAX_SOURCE_CHARS})", param
+            )
         key = (kind, key_text)
         with self._lock:
             if key in self._cache:
@@ -112,7 +120,9 @@ class GrammarCompiler:
         try:
             error = future.result(timeout=self._timeout_s)
         except FutureTimeout:
-            raise InvalidRequestError(f"{param} took longer than {self._timeout_s:g}s to compile; simplify it", param) from None
+            raise InvalidRequestError(
+                f"{param} took longer than {self._timeout_s:g}s to compile; simplify it", param
+            ) from None
         if error:
             raise InvalidRequestError(f"{param} cannot be compiled: {error}", param)
         return grammar

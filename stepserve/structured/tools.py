@@ -38,7 +38,7 @@ def required_calls_grammar(tools: dict[str, dict], parallel: bool) -> str:
         args = json.dumps({**schema, "x-guidance": {**schema.get("x-guidance", {}), **JSON_OPTIONS}})
         rules.append(f"args_{i}: %json {args}")
         names.append(f"call_{i}")
-        rules.append(f"call_{i}: {_lark_literal(CALL_PREFIX + name + ARGS_PREFIX)} args_{i} \"}}\"")
+        rules.append(f'call_{i}: {_lark_literal(CALL_PREFIX + name + ARGS_PREFIX)} args_{i} "}}"')
     calls = 'call ("," call)*' if parallel else "call"
     head = [f'start: "[" {calls} "]"', "call: " + " | ".join(names)]
     return "\n".join(head + rules) + "\n"

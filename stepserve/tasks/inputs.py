@@ -26,7 +26,9 @@ def resolve_truncation(value: int | None, max_model_len: int) -> int | None:
     if value == -1:
         return max_model_len
     if not 1 <= value <= max_model_len:
-        raise InvalidRequestError(f"truncate_prompt_tokens={value}: use -1 or 1 to {max_model_len}", "truncate_prompt_tokens")
+        raise InvalidRequestError(
+            f"truncate_prompt_tokens={value}: use -1 or 1 to {max_model_len}", "truncate_prompt_tokens"
+        )
     return value
 
 
@@ -39,13 +41,20 @@ class TaskTokenizer:
         self.add_special_tokens = not spec.flags.disable_special_tokens
         self.return_token_type_ids = True if spec.flags.return_token_type_ids else None
 
-    def text(self, text: str, where: str, param: str, truncate: int | None, pair: str | None = None, offsets: bool = False) -> Encoded:
+    def text(
+        self, text: str, where: str, param: str, truncate: int | None, pair: str | None = None, offsets: bool = False
+    ) -> Encoded:
         """``where`` names the input in messages (``input[2]``); ``param`` is the field."""
         if not text or (pair is not None and not pair):
             raise InvalidRequestError(f"{where} must not be an empty string", param)
         enc = self.tokenizer(
-            text, pair, add_special_tokens=self.add_special_tokens, return_token_type_ids=self.return_token_type_ids,
-            return_offsets_mapping=offsets, truncation=truncate is not None, max_length=truncate,
+            text,
+            pair,
+            add_special_tokens=self.add_special_tokens,
+            return_token_type_ids=self.return_token_type_ids,
+            return_offsets_mapping=offsets,
+            truncation=truncate is not None,
+            max_length=truncate,
         )
         ids = tuple(enc["input_ids"])
         self._check_length(ids, where, param)
@@ -58,7 +67,9 @@ class TaskTokenizer:
             raise InvalidRequestError(f"{where} must not be an empty list of token ids", param)
         for token in ids:
             if not 0 <= token < self.spec.vocab_size:
-                raise InvalidRequestError(f"{where}: token id {token} is outside the vocabulary [0, {self.spec.vocab_size})", param)
+                raise InvalidRequestError(
+                    f"{where}: token id {token} is outside the vocabulary [0, {self.spec.vocab_size})", param
+                )
         kept = tuple(ids[:truncate] if truncate is not None else ids)
         self._check_length(kept, where, param)
         return Encoded(kept, None)
@@ -68,7 +79,8 @@ class TaskTokenizer:
         if len(ids) > limit:
             raise InvalidRequestError(
                 f"{where} has {len(ids)} tokens, more than this model's maximum input length of {limit}; "
-                "shorten it or set truncate_prompt_tokens", param,
+                "shorten it or set truncate_prompt_tokens",
+                param,
             )
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:

@@ -45,10 +45,16 @@ class TaskServing:
     def require(self, tasks: Sequence[str], route: str) -> None:
         """A 400 on a route this model's task does not serve."""
         if self.task not in tasks:
-            raise InvalidRequestError(f"{route} is not served by this model: it serves {self.task} (this route needs {' or '.join(tasks)})", "model")
+            raise InvalidRequestError(
+                f"{route} is not served by this model: it serves {self.task} (this route needs {' or '.join(tasks)})",
+                "model",
+            )
 
     async def run(
-        self, prefix: str, encoded: Sequence[Encoded], positions: Sequence[tuple[int, ...]] | None = None,
+        self,
+        prefix: str,
+        encoded: Sequence[Encoded],
+        positions: Sequence[tuple[int, ...]] | None = None,
         params: Sequence[SamplingParams] | None = None,
     ) -> tuple[str, list[np.ndarray | GeneratedTokens]]:
         """Compute each input: its vector or logits (float32), or with ``params`` (text2text) its
@@ -57,7 +63,10 @@ class TaskServing:
         mode = self.spec.pooling.mode if self.spec.decoder else ENCODER
         requests = [
             EngineCoreRequest(
-                f"{request_id}-{i}", e.token_ids, params[i] if params is not None else POOLING_PARAMS, pooling=mode,
+                f"{request_id}-{i}",
+                e.token_ids,
+                params[i] if params is not None else POOLING_PARAMS,
+                pooling=mode,
                 encoder=EncoderInputs(e.token_type_ids, positions[i] if positions is not None else ()),
             )
             for i, e in enumerate(encoded)
@@ -77,11 +86,17 @@ class TaskServing:
             return
         allowed = self.spec.matryoshka
         if allowed is None:
-            raise InvalidRequestError(f"dimensions: this model ({self.spec.name}) is not a Matryoshka model, so its embeddings cannot be shortened", "dimensions")
+            raise InvalidRequestError(
+                f"dimensions: this model ({self.spec.name}) "
+                "is not a Matryoshka model, so its embeddings cannot be shortened",
+                "dimensions",
+            )
         if not 1 <= dimensions <= self.spec.hidden_size:
             raise InvalidRequestError(f"dimensions={dimensions}: use 1 to {self.spec.hidden_size}", "dimensions")
         if allowed and dimensions not in allowed:
-            raise InvalidRequestError(f"dimensions={dimensions}: this model supports {', '.join(map(str, allowed))}", "dimensions")
+            raise InvalidRequestError(
+                f"dimensions={dimensions}: this model supports {', '.join(map(str, allowed))}", "dimensions"
+            )
 
     def cross_score(self, values: np.ndarray) -> float:
         """A cross-encoder's relevance score from its one logit."""

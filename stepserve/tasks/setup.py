@@ -46,7 +46,9 @@ def plan_task(engine: EngineConfig, flags: TaskConfig) -> TaskFront | None:
     if task == T.TEXT_GENERATION:
         return None
     if engine.parallel.tensor_parallel_size > 1:
-        raise ConfigError(f"--task {task}: tensor parallelism serves text_generation only; use --tensor-parallel-size 1")
+        raise ConfigError(
+            f"--task {task}: tensor parallelism serves text_generation only; use --tensor-parallel-size 1"
+        )
     tokenizer = _load_tokenizer(source.directory, flags)
     return TaskFront(_spec(task, source, hf_config, tokenizer, engine, flags), tokenizer)
 
@@ -103,14 +105,26 @@ _HEADS = {
 def core_factory(spec: TaskSpec, engine: EngineConfig) -> Callable[[], tuple[object, object]]:
     """A picklable factory of the task's engine core, for the spawned core process: the
     generation engine for a decoder embedding model (prefill-only pooling requests), else the
-    same core driving an encoder runner."""
+    same core driving an encoder runner. The engine's modules load in that process only."""
+    return functools.partial(_build_core, spec, engine)
+
+
+def _build_core(spec: TaskSpec, engine: EngineConfig) -> tuple[object, object]:
     from stepserve.engine.builder import build_encoder_engine, build_pooling_engine
     from stepserve.worker.encoder_runner import EncoderSpec
 
     if spec.decoder:
-        return functools.partial(build_pooling_engine, engine, spec.max_model_len)
-    encoder = EncoderSpec(_HEADS[spec.task], spec.directory, spec.pad_token_id, spec.pooling.mode, spec.dtype, spec.device, spec.checkpoint_dtype)
-    return functools.partial(build_encoder_engine, encoder, engine, spec.name, spec.max_model_len)
+        return build_pooling_engine(engine, spec.max_model_len)
+    encoder = EncoderSpec(
+        _HEADS[spec.task],
+        spec.directory,
+        spec.pad_token_id,
+        spec.pooling.mode,
+        spec.dtype,
+        spec.device,
+        spec.checkpoint_dtype,
+    )
+    return build_encoder_engine(encoder, engine, spec.name, spec.max_model_len)
 
 
 def serving(front: TaskFront, engine: EngineConfig, server) -> tuple[Callable, object, object]:

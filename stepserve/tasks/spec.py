@@ -69,7 +69,10 @@ def read_pooling(directory: Path) -> Pooling:
     for module in json.loads((directory / "modules.json").read_text()):
         kind = _ST_MODULES.get(module.get("type", ""))
         if kind is None:
-            raise ConfigError(f"sentence-transformers module {module.get('type')!r} ({module.get('path')}) is not supported; stepserve serves Transformer, Pooling and Normalize")
+            raise ConfigError(
+                f"sentence-transformers module {module.get('type')!r} ({module.get('path')}) "
+                "is not supported; stepserve serves Transformer, Pooling and Normalize"
+            )
         kinds.append((kind, module.get("path", "")))
     pooling_dirs = [path for kind, path in kinds if kind == "pooling"]
     if len(pooling_dirs) != 1:
@@ -81,7 +84,9 @@ def read_pooling(directory: Path) -> Pooling:
 def _pooling_mode(config: dict) -> str:
     for key in _ST_UNSUPPORTED_KEYS:
         if config.get(key):
-            raise ConfigError(f"sentence-transformers pooling {key} is not supported; use mean, cls, max or lasttoken pooling")
+            raise ConfigError(
+                f"sentence-transformers pooling {key} is not supported; use mean, cls, max or lasttoken pooling"
+            )
     modes = [mode for key, mode in _ST_POOLING_KEYS.items() if config.get(key)]
     if len(modes) != 1:
         raise ConfigError(f"the Pooling config must turn on exactly one mode, found {modes or 'none'}")

@@ -53,7 +53,9 @@ def resolve_task(requested: str | None, hf_config: dict, sentence_transformers: 
         if sentence_transformers:  # an embedding model, also when it is a decoder (Qwen3-Embedding)
             return EMBEDDING
         if inferred is None:
-            raise ConfigError(f"no task can be inferred from the architecture {architecture}; set --task to one of {', '.join(TASKS)}")
+            raise ConfigError(
+                f"no task can be inferred from the architecture {architecture}; set --task to one of {', '.join(TASKS)}"
+            )
         return inferred
     if requested not in TASKS:
         raise ConfigError(f"--task {requested!r} is not a task; choose one of {', '.join(TASKS)}")
@@ -70,4 +72,7 @@ def _check_can_do(task: str, architecture: str, inferred: str | None) -> None:
             )
         return
     if not architecture.endswith(_HEAD_OF[task]):
-        raise ConfigError(f"--task {task}: the model's architecture {architecture} has no {' / '.join(_HEAD_OF[task])} head, so it cannot do {task}")
+        raise ConfigError(
+            f"--task {task}: the model's architecture {architecture} has "
+            f"no {' / '.join(_HEAD_OF[task])} head, so it cannot do {task}"
+        )

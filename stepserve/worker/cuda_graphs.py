@@ -78,7 +78,11 @@ class CudaGraphs:
         self._capture()
 
     def _capture(self) -> None:
-        log.info("capturing CUDA graphs of the decode step for %d batch sizes (%s); this takes a while", len(self.sizes), _span(self.sizes))
+        log.info(
+            "capturing CUDA graphs of the decode step for %d batch sizes (%s); this takes a while",
+            len(self.sizes),
+            _span(self.sizes),
+        )
         start = time.monotonic()
         pool = None
         for size in reversed(self.sizes):
@@ -103,7 +107,11 @@ class CudaGraphs:
         torch.cuda.synchronize()
         log.info(
             "captured %d CUDA graphs for decode batch sizes %s in %.1fs, and %d of sampling in %.1fs",
-            len(self.sizes), self.sizes, decode_s, len(self.sampling_graphs), time.monotonic() - start - decode_s,
+            len(self.sizes),
+            self.sizes,
+            decode_s,
+            len(self.sampling_graphs),
+            time.monotonic() - start - decode_s,
         )
 
     def _meta(self, size: int) -> AttentionMetadata:
@@ -140,11 +148,23 @@ class CudaGraphs:
     def _sample(self, size: int) -> None:
         """Draw the step's tokens from its logits; they become the next step's inputs."""
         batch = S.SamplingBatch(
-            temperature=self.temperature[:size], greedy=self.greedy_rows[:size], all_greedy=False,
-            top_k=self.top_k[:size], top_p=self.top_p[:size], min_p=self.min_p[:size],
-            presence=None, frequency=None, repetition=None, output_counts=None, prompt_mask=None, bias=None,
-            stop_mask=None, min_left=None,
-            noise_keys=self.noise_keys[:size], noise_index=self.noise_index[:size], num_logprobs=-1,
+            temperature=self.temperature[:size],
+            greedy=self.greedy_rows[:size],
+            all_greedy=False,
+            top_k=self.top_k[:size],
+            top_p=self.top_p[:size],
+            min_p=self.min_p[:size],
+            presence=None,
+            frequency=None,
+            repetition=None,
+            output_counts=None,
+            prompt_mask=None,
+            bias=None,
+            stop_mask=None,
+            min_left=None,
+            noise_keys=self.noise_keys[:size],
+            noise_index=self.noise_index[:size],
+            num_logprobs=-1,
         )
         tokens = S.sample(self.logits[size], batch)
         self.sampled[:size] = tokens

@@ -25,7 +25,13 @@ log = logging.getLogger("stepserve.engine")
 _IGNORED_MISSING = ("pooler.",)  # AutoModel's pooler is absent from *ForMaskedLM checkpoints; pooling never uses it
 
 # What the runner computes for each request, by the model's head.
-POOLED, SEQUENCE_LOGITS, TOKEN_LOGITS, MASK_LOGITS, GENERATE = "pooled", "sequence_logits", "token_logits", "mask_logits", "generate"
+POOLED, SEQUENCE_LOGITS, TOKEN_LOGITS, MASK_LOGITS, GENERATE = (
+    "pooled",
+    "sequence_logits",
+    "token_logits",
+    "mask_logits",
+    "generate",
+)
 HEADS = (POOLED, SEQUENCE_LOGITS, TOKEN_LOGITS, MASK_LOGITS, GENERATE)
 
 
@@ -59,7 +65,9 @@ def load_encoder_model(spec: EncoderSpec, device: torch.device, dtype: torch.dty
     model, loading = _model_class(spec.head).from_pretrained(spec.directory, dtype=dtype, output_loading_info=True)
     missing = [k for k in loading.get("missing_keys", ()) if not k.startswith(_IGNORED_MISSING)]
     if missing:
-        raise ConfigError(f"the checkpoint lacks {len(missing)} weights that its task needs, e.g. {sorted(missing)[:3]}")
+        raise ConfigError(
+            f"the checkpoint lacks {len(missing)} weights that its task needs, e.g. {sorted(missing)[:3]}"
+        )
     return model.to(device).eval()
 
 
@@ -111,7 +119,9 @@ class EncoderRunner:
     @torch.inference_mode()
     def _generate(self, batch: Sequence[ScheduledRequest]) -> list[GeneratedTokens]:
         groups: dict[object, list[int]] = {}
-        for i, r in enumerate(batch):  # greedy requests with equal settings share a generate call; sampled ones run alone
+        for i, r in enumerate(
+            batch
+        ):  # greedy requests with equal settings share a generate call; sampled ones run alone
             key = dataclasses.replace(r.params, seed=None) if r.params.temperature == 0 else r.request_id
             groups.setdefault(key, []).append(i)
         results: list[GeneratedTokens | None] = [None] * len(batch)
@@ -127,7 +137,12 @@ class EncoderRunner:
         if g.seed is not None:
             torch.manual_seed(g.seed)
         stops = self._stop_ids(g)
-        out = self.model.generate(**inputs, **_generate_kwargs(g, self.spec.pad_token_id, stops), return_dict_in_generate=True, output_logits=g.logprobs is not None)
+        out = self.model.generate(
+            **inputs,
+            **_generate_kwargs(g, self.spec.pad_token_id, stops),
+            return_dict_in_generate=True,
+            output_logits=g.logprobs is not None,
+        )
         rows = out.sequences.tolist()
         return [self._finished(r, row, g, stops, out.logits, i) for i, (r, row) in enumerate(zip(group, rows))]
 
@@ -137,7 +152,9 @@ class EncoderRunner:
         eos = [] if g.ignore_eos or eos is None else eos if isinstance(eos, list) else [eos]
         return list(dict.fromkeys([*eos, *g.stop_token_ids]))
 
-    def _finished(self, request: ScheduledRequest, row: list[int], g: SamplingParams, stops: list[int], logits, index: int) -> GeneratedTokens:
+    def _finished(
+        self, request: ScheduledRequest, row: list[int], g: SamplingParams, stops: list[int], logits, index: int
+    ) -> GeneratedTokens:
         tokens = row[1:]  # the decoder start token is not output
         end = next((i + 1 for i, token in enumerate(tokens) if token in stops), None)
         tokens = tokens[: end or g.max_tokens]
@@ -158,7 +175,11 @@ class _OpenAIAdjustments:
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         if self.bias:
             ids, values = zip(*self.bias)
-            scores = scores.index_add(1, torch.tensor(ids, device=scores.device), torch.tensor([values], dtype=scores.dtype, device=scores.device).expand(len(scores), -1))
+            scores = scores.index_add(
+                1,
+                torch.tensor(ids, device=scores.device),
+                torch.tensor([values], dtype=scores.dtype, device=scores.device).expand(len(scores), -1),
+            )
         generated = input_ids[:, 1:]
         counts = torch.zeros_like(scores).scatter_add_(1, generated, torch.ones_like(generated, dtype=scores.dtype))
         return scores - self.frequency * counts - self.presence * (counts > 0).to(scores.dtype)
@@ -166,8 +187,12 @@ class _OpenAIAdjustments:
 
 def _generate_kwargs(g: SamplingParams, pad_token_id: int, stops: list[int]) -> dict:
     kwargs = {
-        "max_new_tokens": g.max_tokens, "min_new_tokens": g.min_tokens, "repetition_penalty": g.repetition_penalty,
-        "pad_token_id": pad_token_id, "num_beams": 1, "eos_token_id": stops or None,
+        "max_new_tokens": g.max_tokens,
+        "min_new_tokens": g.min_tokens,
+        "repetition_penalty": g.repetition_penalty,
+        "pad_token_id": pad_token_id,
+        "num_beams": 1,
+        "eos_token_id": stops or None,
     }
     if g.logit_bias or g.presence_penalty or g.frequency_penalty:
         from transformers import LogitsProcessorList

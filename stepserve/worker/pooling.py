@@ -69,7 +69,9 @@ class PoolingRows:
         so a failed pass that the core retries request by request folds no chunk twice."""
         pooling = tuple(r for r in sched.requests if r.pooling is not None)
         others = tuple(r for r in sched.requests if r.pooling is None)
-        generated = runner.execute(_part(sched, others, sched.num_steps, sched.finished_request_ids)) if others else None
+        generated = (
+            runner.execute(_part(sched, others, sched.num_steps, sched.finished_request_ids)) if others else None
+        )
         pooled, errors = self._pool(runner, _part(sched, pooling, 1, ()))
         return _merge(sched, generated, others, pooled, errors)
 
@@ -93,20 +95,44 @@ class PoolingRows:
             return {}, {}
         finite = np.isfinite(vectors).all(axis=1)
         pooled = {rid: vectors[i] for i, (rid, _) in enumerate(done) if finite[i]}
-        errors = {rid: "the model produced non-finite hidden states for this request" for i, (rid, _) in enumerate(done) if not finite[i]}
+        errors = {
+            rid: "the model produced non-finite hidden states for this request"
+            for i, (rid, _) in enumerate(done)
+            if not finite[i]
+        }
         return pooled, errors
 
 
-def _part(sched: SchedulerOutput, requests: tuple[ScheduledRequest, ...], num_steps: int, finished: tuple[str, ...]) -> SchedulerOutput:
+def _part(
+    sched: SchedulerOutput, requests: tuple[ScheduledRequest, ...], num_steps: int, finished: tuple[str, ...]
+) -> SchedulerOutput:
     """The pass cut to some of its requests."""
-    return dataclasses.replace(sched, requests=requests, num_steps=num_steps, finished_request_ids=finished, num_batched_tokens=sum(r.num_new_tokens for r in requests))
+    return dataclasses.replace(
+        sched,
+        requests=requests,
+        num_steps=num_steps,
+        finished_request_ids=finished,
+        num_batched_tokens=sum(r.num_new_tokens for r in requests),
+    )
 
 
-def _merge(sched: SchedulerOutput, generated: ModelRunnerOutput | None, others: tuple[ScheduledRequest, ...], pooled: dict, errors: dict) -> ModelRunnerOutput:
+def _merge(
+    sched: SchedulerOutput,
+    generated: ModelRunnerOutput | None,
+    others: tuple[ScheduledRequest, ...],
+    pooled: dict,
+    errors: dict,
+) -> ModelRunnerOutput:
     """One ``ModelRunnerOutput`` aligned with ``sched.requests`` (pooling rows sample nothing)."""
     if generated is None:
         return ModelRunnerOutput(((),) * len(sched.requests), (), errors, pooled=pooled)
     row = {r.request_id: i for i, r in enumerate(others)}
-    tokens = tuple(generated.sampled_token_ids[row[r.request_id]] if r.request_id in row else () for r in sched.requests)
-    logprobs = tuple(generated.logprobs[row[r.request_id]] if r.request_id in row else None for r in sched.requests) if generated.logprobs else ()
+    tokens = tuple(
+        generated.sampled_token_ids[row[r.request_id]] if r.request_id in row else () for r in sched.requests
+    )
+    logprobs = (
+        tuple(generated.logprobs[row[r.request_id]] if r.request_id in row else None for r in sched.requests)
+        if generated.logprobs
+        else ()
+    )
     return ModelRunnerOutput(tokens, logprobs, generated.errors | errors, generated.prompt_logprobs, pooled)

@@ -8,7 +8,8 @@ is discarded by the core's stop check, so it never reaches a request's real bloc
 On CUDA a pure-decode pass replays a captured graph (``cuda_graphs.py``) that runs the forward
 and advances positions, slots and context lengths for the next step; its argmax serves plain
 greedy rows, and a sampling graph draws the tokens of any other pass but those with logits
-processors or grammars, which sample outside the graphs. Inputs go up in one pinned, non-blocking copy; the pass ends with its one host sync.
+processors or grammars, which sample outside the graphs. Inputs go up in one pinned, non-blocking
+copy; the pass ends with its one host sync.
 
 ``submit`` starts a pass and returns at once (its results are copied to pinned host memory
 behind an event); ``collect`` waits for them. Between the two the core schedules the next pass,
@@ -46,7 +47,9 @@ def allocate_kv_cache(model: DecoderForCausalLM, num_blocks: int, block_size: in
 
 
 @torch.inference_mode()
-def profile_run(model: DecoderForCausalLM, backend: AttentionBackend, block_size: int, num_tokens: int, num_seqs: int, device) -> None:
+def profile_run(
+    model: DecoderForCausalLM, backend: AttentionBackend, block_size: int, num_tokens: int, num_seqs: int, device
+) -> None:
     """The largest pass the scheduler may send (``num_tokens`` prompt tokens over ``num_seqs``
     sequences, logits and sorting for every row) over a scratch KV cache, so that the caller can
     read peak activation memory before sizing the real cache."""
@@ -70,7 +73,9 @@ def profile_run(model: DecoderForCausalLM, backend: AttentionBackend, block_size
         prefill_rows=None if per_seq == 1 else i32(list(range(num_seqs))),
     )
     backend.prepare(meta)
-    hidden = model(torch.zeros(num_seqs * per_seq, dtype=torch.long, device=device), meta.positions, cache, meta, backend)
+    hidden = model(
+        torch.zeros(num_seqs * per_seq, dtype=torch.long, device=device), meta.positions, cache, meta, backend
+    )
     logits = model.compute_logits(hidden[per_seq - 1 :: per_seq])
     logits.softmax(dim=-1).sort(dim=-1, descending=True)  # the sampler's largest temporaries (top-p)
     del cache
@@ -128,7 +133,9 @@ class ModelRunner:
         self.graphs: CudaGraphs | None = None  # set by capture_cuda_graphs
         self.grammars = grammars  # constrained decoding; None: every request is free text
         self.pooling = PoolingRows()  # folds of prefill-only pooling requests, chunk by chunk
-        self._last_pass: tuple[SchedulerOutput, torch.Tensor] | None = None  # the last submitted pass, its tokens [B, N]
+        self._last_pass: tuple[SchedulerOutput, torch.Tensor] | None = (
+            None  # the last submitted pass, its tokens [B, N]
+        )
 
     # -- the pass ------------------------------------------------------------------------
 
@@ -146,7 +153,9 @@ class ModelRunner:
         grammar = self._grammar_pass(sched)
         requests = sched.requests
         inputs = self._prepare(sched)
-        batch = S.build_sampling_batch(requests, self.eos_token_ids, self.vocab_size, self.device, self.shared_generator)
+        batch = S.build_sampling_batch(
+            requests, self.eos_token_ids, self.vocab_size, self.device, self.shared_generator
+        )
         eager = any(_prompt_logprob_span(r) for r in requests)  # prompt logprobs need the hidden states
         graph = self.graphs.load(inputs) if self.graphs is not None and not eager else None
         prompt_logprobs: dict[str, tuple[TokenLogprob, ...]] = {}
@@ -154,7 +163,12 @@ class ModelRunner:
         logprobs: list[tuple] = []
         # The graphs sample a pass without logits processors or grammars: plain greedy rows take
         # the step graph's own tokens (nothing runs between replays), others a sampling graph.
-        in_graph = graph is not None and grammar is None and not S.has_logits_processors(batch) and (batch.all_greedy or graph.samples)
+        in_graph = (
+            graph is not None
+            and grammar is None
+            and not S.has_logits_processors(batch)
+            and (batch.all_greedy or graph.samples)
+        )
         if in_graph and not batch.all_greedy:
             graph.load_sampling(batch)
         # A graph checks its own rows (``nonfinite_rows``); an eager pass here.
@@ -208,7 +222,9 @@ class ModelRunner:
         if pending.done is not None:
             pending.done.synchronize()  # this pass only: the next one may already be running
         output = self._output(pending.sched, pending.rows, pending.logprobs)
-        return dataclasses.replace(output, prompt_logprobs=pending.prompt_logprobs) if pending.prompt_logprobs else output
+        return (
+            dataclasses.replace(output, prompt_logprobs=pending.prompt_logprobs) if pending.prompt_logprobs else output
+        )
 
     def _grammar_pass(self, sched: SchedulerOutput) -> GrammarPass | None:
         """The pass's constrained rows, matchers synced; None when there are none."""
@@ -217,7 +233,9 @@ class ModelRunner:
         self.grammars.drop(sched.finished_request_ids)
         return self.grammars.start_pass(sched)
 
-    def _step_logits(self, sched: SchedulerOutput, inputs: StepInputs, graph, step: int, last_tokens) -> tuple[torch.Tensor, dict]:
+    def _step_logits(
+        self, sched: SchedulerOutput, inputs: StepInputs, graph, step: int, last_tokens
+    ) -> tuple[torch.Tensor, dict]:
         """One step's logits (the graph's, or an eager forward) and the prompt logprobs the first
         step's chunks give, for the requests that ask."""
         if graph is not None:
@@ -254,7 +272,13 @@ class ModelRunner:
                 chosen = logprobs.gather(1, targets[:, None])
                 ranks = (logprobs > chosen).sum(dim=1) + 1
                 values, ids = logprobs.topk(max(k, 1), dim=-1)
-                rows = zip(targets.tolist(), chosen.squeeze(1).tolist(), ranks.tolist(), ids[:, :k].tolist(), values[:, :k].tolist())
+                rows = zip(
+                    targets.tolist(),
+                    chosen.squeeze(1).tolist(),
+                    ranks.tolist(),
+                    ids[:, :k].tolist(),
+                    values[:, :k].tolist(),
+                )
                 out[r.request_id] = tuple(TokenLogprob(t, c, tuple(zip(i, v)), rank) for t, c, rank, i, v in rows)
             offset += r.num_new_tokens
         return out
@@ -330,7 +354,9 @@ class ModelRunner:
     def _placeholders(self, sched: SchedulerOutput, query_start: list[int]) -> tuple[list[int], list[int]]:
         """Input positions holding a PLACEHOLDER, and where each one's token is in the last
         submitted pass's tokens [B, N] (flattened): the last token it sampled for the request."""
-        holes = [i for i, r in enumerate(sched.requests) if r.num_new_tokens == 1 and r.token_ids[r.start] == PLACEHOLDER]
+        holes = [
+            i for i, r in enumerate(sched.requests) if r.num_new_tokens == 1 and r.token_ids[r.start] == PLACEHOLDER
+        ]
         if not holes:
             return [], []
         if self._last_pass is None:
@@ -341,7 +367,9 @@ class ModelRunner:
         for i in holes:
             found = rows.get(sched.requests[i].request_id)
             if found is None:
-                raise RuntimeError(f"request {sched.requests[i].request_id}: a placeholder input its last pass did not sample")
+                raise RuntimeError(
+                    f"request {sched.requests[i].request_id}: a placeholder input its last pass did not sample"
+                )
             sources.append(found[0] * sampled.shape[1] + found[1] - 1)
         return [query_start[i] for i in holes], sources
 
@@ -385,7 +413,8 @@ class ModelRunner:
         tokens = [row[:-1] for row in rows]
         errors = {
             r.request_id: "the model produced non-finite logits for this request"
-            for r, row in zip(sched.requests, rows) if row[-1]
+            for r, row in zip(sched.requests, rows)
+            if row[-1]
         }
         sampled = tuple(tuple(row) if r.sample else () for r, row in zip(sched.requests, tokens))
         return ModelRunnerOutput(sampled, self._logprobs(sched, tokens, logprobs), errors)
@@ -400,8 +429,10 @@ class ModelRunner:
             if k is None or not r.sample:
                 out.append(None)
                 continue
-            out.append(tuple(
-                TokenLogprob(tokens[row][step], chosen[row], tuple(zip(ids[row][:k], values[row][:k])))
-                for step, (chosen, ids, values) in enumerate(per_step)
-            ))
+            out.append(
+                tuple(
+                    TokenLogprob(tokens[row][step], chosen[row], tuple(zip(ids[row][:k], values[row][:k])))
+                    for step, (chosen, ids, values) in enumerate(per_step)
+                )
+            )
         return tuple(out)

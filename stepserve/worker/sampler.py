@@ -111,8 +111,17 @@ def build_sampling_batch(
         temperature=f32([1.0 if g else p.temperature for p, g in zip(params, greedy)]),
         greedy=_tensor(greedy, device=device),
         all_greedy=all(greedy),
-        top_k=None, top_p=None, min_p=None, presence=None, frequency=None, repetition=None,
-        output_counts=None, prompt_mask=None, bias=None, stop_mask=None, min_left=None,
+        top_k=None,
+        top_p=None,
+        min_p=None,
+        presence=None,
+        frequency=None,
+        repetition=None,
+        output_counts=None,
+        prompt_mask=None,
+        bias=None,
+        stop_mask=None,
+        min_left=None,
         noise_keys=None if noise is None else noise[0],
         noise_index=None if noise is None else noise[1],
         num_logprobs=max((p.logprobs for p in params if p.logprobs is not None), default=-1),
@@ -243,7 +252,16 @@ def sample(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
     if logits.is_cuda:
         from stepserve.kernels.triton.sampling import filtered_race
 
-        drawn = filtered_race(logits, batch.temperature, batch.greedy, batch.top_k, batch.top_p, batch.min_p, batch.noise_keys, batch.noise_index)
+        drawn = filtered_race(
+            logits,
+            batch.temperature,
+            batch.greedy,
+            batch.top_k,
+            batch.top_p,
+            batch.min_p,
+            batch.noise_keys,
+            batch.noise_index,
+        )
     else:
         drawn = race(sampling_probs(logits, batch), batch)
     return torch.where(batch.greedy, greedy_tokens, drawn)
@@ -259,7 +277,9 @@ def advance(batch: SamplingBatch, tokens: torch.Tensor) -> None:
         batch.min_left -= 1
 
 
-def top_logprobs(raw_logits: torch.Tensor, tokens: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def top_logprobs(
+    raw_logits: torch.Tensor, tokens: torch.Tensor, k: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Log-probabilities of the chosen tokens [B] and the top-k alternatives [B, k] (ids, values)."""
     logprobs = raw_logits.log_softmax(dim=-1)
     chosen = logprobs.gather(1, tokens[:, None]).squeeze(1)

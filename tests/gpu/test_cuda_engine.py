@@ -20,7 +20,9 @@ def prompts(count=8, seed=0):
 
 
 def greedy(model_dir, dtype="bfloat16", prompt_ids=None, **options):
-    llm = LLM(model=str(model_dir), dtype=dtype, device="cuda", max_model_len=512, max_num_seqs=16, num_blocks=1024, **options)
+    llm = LLM(
+        model=str(model_dir), dtype=dtype, device="cuda", max_model_len=512, max_num_seqs=16, num_blocks=1024, **options
+    )
     params = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True)
     out = [o.outputs[0].token_ids for o in llm.generate(prompt_ids or prompts(), params)]
     del llm
@@ -60,8 +62,16 @@ def test_sampling_graphs_equal_eager(tiny_llama, dtype, steps, monkeypatch):
     monkeypatch.setattr(CudaGraphs, "sample", lambda self: replays.append(self.size) or original(self))
     outs = {}
     for enforce_eager in (False, True):
-        llm = LLM(model=str(tiny_llama), dtype=dtype, device="cuda", max_model_len=512, max_num_seqs=16, num_blocks=1024,
-                  num_scheduler_steps=steps, enforce_eager=enforce_eager)
+        llm = LLM(
+            model=str(tiny_llama),
+            dtype=dtype,
+            device="cuda",
+            max_model_len=512,
+            max_num_seqs=16,
+            num_blocks=1024,
+            num_scheduler_steps=steps,
+            enforce_eager=enforce_eager,
+        )
         for label, params in (("mixed", SAMPLED), ("temperature", SAMPLED[:2] * 4), ("filters", SAMPLED[:4] * 2)):
             params = [p.replace(max_tokens=NEW_TOKENS, ignore_eos=True) for p in params]
             outs[enforce_eager, label] = [
@@ -97,7 +107,14 @@ def test_cuda_float32_equals_cpu(tiny_llama):
 def test_uneven_batches_and_sampling_run(tiny_llama):
     """Requests of different lengths finishing at different times (graph padding, mixed
     prefill/decode steps, multi-step lookahead past a stop), with seeded sampling and logprobs."""
-    llm = LLM(model=str(tiny_llama), device="cuda", max_model_len=512, max_num_seqs=16, num_scheduler_steps=8, gpu_memory_utilization=0.3)
+    llm = LLM(
+        model=str(tiny_llama),
+        device="cuda",
+        max_model_len=512,
+        max_num_seqs=16,
+        num_scheduler_steps=8,
+        gpu_memory_utilization=0.3,
+    )
     ids = prompts(13, seed=3)
     params = [
         SamplingParams(temperature=0.8, top_p=0.9, top_k=50, seed=i, max_tokens=5 + 7 * i, ignore_eos=True, logprobs=2)
@@ -117,14 +134,23 @@ def test_async_scheduling_equals_sync(tiny_llama):
     torch.backends.cuda.matmul.allow_tf32 = False
     ids = prompts(13, seed=5)
     params = [
-        SamplingParams(temperature=0.9, seed=i, max_tokens=5 + 5 * i, ignore_eos=True, logprobs=1) if i % 2
+        SamplingParams(temperature=0.9, seed=i, max_tokens=5 + 5 * i, ignore_eos=True, logprobs=1)
+        if i % 2
         else SamplingParams(temperature=0, max_tokens=5 + 5 * i, ignore_eos=True, stop_token_ids=[7, 11])
         for i in range(len(ids))
     ]
     outs = {}
     for asynchronous in (False, True):
-        llm = LLM(model=str(tiny_llama), dtype="float32", device="cuda", max_model_len=512, max_num_seqs=16, num_blocks=1024,
-                  num_scheduler_steps=8, async_scheduling=asynchronous)
+        llm = LLM(
+            model=str(tiny_llama),
+            dtype="float32",
+            device="cuda",
+            max_model_len=512,
+            max_num_seqs=16,
+            num_blocks=1024,
+            num_scheduler_steps=8,
+            async_scheduling=asynchronous,
+        )
         outs[asynchronous] = [(o.outputs[0].token_ids, o.outputs[0].finish_reason) for o in llm.generate(ids, params)]
         assert llm.core.stats().kv_cache_usage == 0.0
         del llm
@@ -138,8 +164,15 @@ def test_non_finite_logits_in_a_decode_step_fail_only_their_request(tiny_llama, 
     """The finite check runs inside the captured graph (greedy tokens too): a request whose
     decode input turns its logits into NaN is aborted, the others of the same passes keep their
     tokens, on the graph path and on its eager twin."""
-    llm = LLM(model=str(tiny_llama), device="cuda", max_model_len=512, max_num_seqs=16, num_blocks=1024,
-              num_scheduler_steps=4, enforce_eager=enforce_eager)
+    llm = LLM(
+        model=str(tiny_llama),
+        device="cuda",
+        max_model_len=512,
+        max_num_seqs=16,
+        num_blocks=1024,
+        num_scheduler_steps=4,
+        enforce_eager=enforce_eager,
+    )
     ids = [p[:16] for p in prompts()]
     params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
     clean = [o.outputs[0].token_ids for o in llm.generate(ids, params)]

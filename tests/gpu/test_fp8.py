@@ -24,9 +24,18 @@ pytestmark = pytest.mark.skipif(
 LINEAR_BOUND, LOGITS_BOUND, BF16_BOUND = 0.08, 0.15, 0.02
 
 HF = dict(
-    architectures=["LlamaForCausalLM"], vocab_size=1024, hidden_size=512, intermediate_size=1536, num_hidden_layers=4,
-    num_attention_heads=8, num_key_value_heads=2, head_dim=64, max_position_embeddings=512, rms_norm_eps=1e-5,
-    rope_theta=10000.0, tie_word_embeddings=False,
+    architectures=["LlamaForCausalLM"],
+    vocab_size=1024,
+    hidden_size=512,
+    intermediate_size=1536,
+    num_hidden_layers=4,
+    num_attention_heads=8,
+    num_key_value_heads=2,
+    head_dim=64,
+    max_position_embeddings=512,
+    rms_norm_eps=1e-5,
+    rope_theta=10000.0,
+    tie_word_embeddings=False,
 )
 
 
@@ -39,7 +48,11 @@ def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
 def test_quantize_rows_matches_reference():
     from stepserve.kernels.triton.fp8 import quantize_rows, quantize_rows_reference
 
-    x = torch.randn(37, 1000, device="cuda", dtype=torch.bfloat16) * torch.rand(37, 1, device="cuda", dtype=torch.bfloat16) * 5
+    x = (
+        torch.randn(37, 1000, device="cuda", dtype=torch.bfloat16)
+        * torch.rand(37, 1, device="cuda", dtype=torch.bfloat16)
+        * 5
+    )
     x[3] = 0  # an all-zero row quantizes to zeros, not NaN
     q, s = quantize_rows(x)
     q_ref, s_ref = quantize_rows_reference(x)
@@ -71,9 +84,16 @@ def forward_logits(model, tokens: torch.Tensor, cache_dtype=None) -> torch.Tenso
     cache = allocate_kv_cache(model, blocks + 1, block, cache_dtype or model.embed_tokens.weight.dtype, "cuda")
     i32 = lambda xs: torch.tensor(xs, dtype=torch.int32, device="cuda")  # noqa: E731
     meta = AttentionMetadata(
-        slot_mapping=torch.arange(block, block + n, device="cuda"), positions=torch.arange(n, device="cuda"),
-        query_start_loc=i32([0, n]), seq_lens=i32([n]), block_tables=i32([list(range(1, blocks + 1))]),
-        max_query_len=n, max_seq_len=n, block_size=block, is_decode=False, prefill_rows=i32([0]),
+        slot_mapping=torch.arange(block, block + n, device="cuda"),
+        positions=torch.arange(n, device="cuda"),
+        query_start_loc=i32([0, n]),
+        seq_lens=i32([n]),
+        block_tables=i32([list(range(1, blocks + 1))]),
+        max_query_len=n,
+        max_seq_len=n,
+        block_size=block,
+        is_decode=False,
+        prefill_rows=i32([0]),
     )
     backend = get_backend("triton")
     backend.prepare(meta)
@@ -83,7 +103,9 @@ def forward_logits(model, tokens: torch.Tensor, cache_dtype=None) -> torch.Tenso
 
 def build(quantization: str, dtype=torch.bfloat16):
     source = ModelSource(None, None, "random")  # never read: dummy weights
-    return load_model(source, HF, dtype, torch.device("cuda"), 512, quantization=quantization, load_format="dummy", seed=3)
+    return load_model(
+        source, HF, dtype, torch.device("cuda"), 512, quantization=quantization, load_format="dummy", seed=3
+    )
 
 
 def test_fp8_model_logits_error_bound():
@@ -121,8 +143,18 @@ def test_fp8_kv_cache_engine_generates(tiny_llama):
 
     blocks = {}
     for kv in ("auto", "fp8"):
-        llm = LLM(model=str(tiny_llama), device="cuda", max_model_len=256, max_num_seqs=8, num_scheduler_steps=4, gpu_memory_utilization=0.2, kv_cache_dtype=kv)
-        out = llm.generate([[5, 6, 7] * (i + 1) for i in range(8)], SamplingParams(temperature=0, max_tokens=20, ignore_eos=True))
+        llm = LLM(
+            model=str(tiny_llama),
+            device="cuda",
+            max_model_len=256,
+            max_num_seqs=8,
+            num_scheduler_steps=4,
+            gpu_memory_utilization=0.2,
+            kv_cache_dtype=kv,
+        )
+        out = llm.generate(
+            [[5, 6, 7] * (i + 1) for i in range(8)], SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
+        )
         assert all(len(o.outputs[0].token_ids) == 20 for o in out) and llm.core.stats().kv_cache_usage == 0.0
         blocks[kv] = llm.info.num_kv_blocks
         del llm, out
@@ -135,7 +167,15 @@ def test_fp8_engine_generates(tiny_llama):
     """The engine end to end with fp8 weights: warm-up, CUDA graphs, multi-step, sampling."""
     from stepserve import LLM, SamplingParams
 
-    llm = LLM(model=str(tiny_llama), device="cuda", quantization="fp8", max_model_len=512, max_num_seqs=16, num_blocks=512, num_scheduler_steps=4)
+    llm = LLM(
+        model=str(tiny_llama),
+        device="cuda",
+        quantization="fp8",
+        max_model_len=512,
+        max_num_seqs=16,
+        num_blocks=512,
+        num_scheduler_steps=4,
+    )
     outs = llm.generate([[5, 6, 7, 8] * 10, [9] * 33], SamplingParams(temperature=0, max_tokens=20, ignore_eos=True))
     assert [len(o.outputs[0].token_ids) for o in outs] == [20, 20]
 
@@ -152,7 +192,15 @@ def test_dummy_load_format_engine_runs(tiny_llama, tmp_path):
     params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
     runs = []
     for _ in range(2):
-        llm = LLM(model=str(tmp_path), device="cuda", load_format="dummy", max_model_len=512, max_num_seqs=8, num_blocks=512, compilation_cache_dir=str(tmp_path / "cc"))
+        llm = LLM(
+            model=str(tmp_path),
+            device="cuda",
+            load_format="dummy",
+            max_model_len=512,
+            max_num_seqs=8,
+            num_blocks=512,
+            compilation_cache_dir=str(tmp_path / "cc"),
+        )
         runs.append([o.outputs[0].token_ids for o in llm.generate([[3, 4, 5] * 7], params)])
         del llm
     assert runs[0] == runs[1] and len(runs[0][0]) == 12
@@ -181,7 +229,9 @@ def test_fp8_gemv_equals_dequantized_product(rows, bias):
     got = F.fp8_gemv(x, q, scale[None, :].contiguous(), b)
     assert got.dtype == torch.bfloat16 and got.shape == (rows, 1000)
     assert rel_err(got, ref) <= 0.005  # bf16 rounding of the output only
-    linear = torch.nn.Linear(1504, 1008, bias=bias, device="cuda", dtype=torch.bfloat16)  # _scaled_mm takes multiples of 16
+    linear = torch.nn.Linear(
+        1504, 1008, bias=bias, device="cuda", dtype=torch.bfloat16
+    )  # _scaled_mm takes multiples of 16
     layer = F.Fp8Linear(linear)
     x = torch.randn(rows, 1504, device="cuda", dtype=torch.bfloat16)
     calls = []
@@ -216,7 +266,11 @@ def test_quantize_fp8_keeps_projections_with_odd_dimensions(caplog):
         kept = F.quantize_fp8(model)
     assert kept == ["layers.1.mlp.up_proj", "layers.1.mlp.down_proj"]
     assert "2 projections" in caplog.text and "layers.1.mlp.up_proj" in caplog.text
-    kinds = [type(m).__name__ for layer in model.layers for m in (layer.self_attn.q_proj, layer.mlp.up_proj, layer.mlp.down_proj)]
+    kinds = [
+        type(m).__name__
+        for layer in model.layers
+        for m in (layer.self_attn.q_proj, layer.mlp.up_proj, layer.mlp.down_proj)
+    ]
     assert kinds == ["Fp8Linear"] * 4 + ["Linear"] * 2
     x = torch.randn(5, 64, device="cuda", dtype=torch.bfloat16)
     for layer in model.layers:
@@ -259,8 +313,16 @@ def test_fp8_greedy_agrees_with_bf16_on_the_embedded_model():
         resolve_source(None)
     except Exception as exc:  # the device machine lacks the package unless it was carried (94 MB)
         pytest.skip(f"the embedded model is not installed here: {exc}")
-    prompts = ["What is the capital of France?", "What is 12 times 7?", "Name three colors.", "Write a haiku about the sea.",
-               "Who wrote Romeo and Juliet?", "What is the boiling point of water?", "List the planets.", "Say hello."]
+    prompts = [
+        "What is the capital of France?",
+        "What is 12 times 7?",
+        "Name three colors.",
+        "Write a haiku about the sea.",
+        "Who wrote Romeo and Juliet?",
+        "What is the boiling point of water?",
+        "List the planets.",
+        "Say hello.",
+    ]
     params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
     fp8 = LLM(device="cuda", quantization="fp8", max_model_len=512, gpu_memory_utilization=0.3)
     assert fp8.info.quantization == "fp8"
@@ -271,11 +333,16 @@ def test_fp8_greedy_agrees_with_bf16_on_the_embedded_model():
     torch.cuda.empty_cache()
     bf16 = LLM(device="cuda", quantization="none", max_model_len=512, gpu_memory_utilization=0.3)
     forced = bf16.generate([p + o for p, o in seqs], SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=1))
-    marks = [(lp.rank, lp.top[0][1] - lp.logprob) for (p, _), r in zip(seqs, forced) for lp in r.prompt_logprobs[len(p) :]]
+    marks = [
+        (lp.rank, lp.top[0][1] - lp.logprob) for (p, _), r in zip(seqs, forced) for lp in r.prompt_logprobs[len(p) :]
+    ]
     assert len(marks) == 24 * len(prompts)
     gaps = [g for _, g in marks]
     rank1 = sum(r == 1 for r, _ in marks) / len(marks)
-    print(f"fp8 vs bf16: {rank1:.3f} rank 1, mean gap {sum(gaps) / len(gaps):.3f}, largest {max(gaps):.3f}, over 1 nat: {sum(g > 1 for g in gaps)}")
+    print(
+        f"fp8 vs bf16: {rank1:.3f} rank 1, mean gap {sum(gaps) / len(gaps):.3f}, "
+        f"largest {max(gaps):.3f}, over 1 nat: {sum(g > 1 for g in gaps)}"
+    )
     assert rank1 >= 0.85
     assert sum(gaps) / len(gaps) <= 0.1
     assert sum(g > 1 for g in gaps) <= 0.02 * len(gaps) and max(gaps) <= 3.0

@@ -34,6 +34,7 @@ def nan_outputs():
         def make_nan(*args, **kwargs):
             t = make(*args, **kwargs)
             return t.fill_(float("nan")) if t.is_floating_point() else t
+
         return make_nan
 
     torch.empty, torch.empty_like = poisoned(empty), poisoned(empty_like)
@@ -77,7 +78,10 @@ def test_rotary_in_place(device):
             q, k = q.view(50, 32, head_dim), k.view(50, 8, head_dim)
             positions = torch.randint(0, 4096, (50,), device=device)
             cos, sin = rotary.cos_sin[positions].chunk(2, dim=-1)
-            rot = lambda x: torch.cat([_rotate(x[..., :rotary_dim], cos[:, None], sin[:, None]), x[..., rotary_dim:]], -1)  # noqa: E731
+
+            def rot(x):
+                return torch.cat([_rotate(x[..., :rotary_dim], cos[:, None], sin[:, None]), x[..., rotary_dim:]], -1)
+
             want_q, want_k = rot(q), rot(k)
             triton_ops.rotary_(q, k, positions, rotary.cos_sin)
             tol = 1e-2 if dtype == torch.bfloat16 else 1e-5

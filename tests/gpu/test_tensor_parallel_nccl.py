@@ -17,9 +17,20 @@ PROMPTS = [[(7 * i + j) % 250 + 3 for j in range(5 + 13 * i)] for i in range(8)]
 
 
 def greedy(model_dir, device, **options):
-    llm = LLM(model=str(model_dir), device=device, dtype="float32", max_model_len=128, num_blocks=512, block_size=16, **options)
+    llm = LLM(
+        model=str(model_dir),
+        device=device,
+        dtype="float32",
+        max_model_len=128,
+        num_blocks=512,
+        block_size=16,
+        **options,
+    )
     try:
-        return [o.outputs[0].token_ids for o in llm.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=24, ignore_eos=True))]
+        return [
+            o.outputs[0].token_ids
+            for o in llm.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=24, ignore_eos=True))
+        ]
     finally:
         if options.get("tensor_parallel_size", 1) > 1:
             llm.core.worker.close()

@@ -60,7 +60,13 @@ def poison_empty(monkeypatch):
     monkeypatch.setattr(torch, "empty_like", poisoned)
 
 
-SHAPES = [(32, 8, 128), (32, 8, 64), (4, 2, 64), (12, 12, 64), (16, 8, 256)]  # (heads, kv heads, head dim); the last is Gemma-3-12B's
+SHAPES = [
+    (32, 8, 128),
+    (32, 8, 64),
+    (4, 2, 64),
+    (12, 12, 64),
+    (16, 8, 256),
+]  # (heads, kv heads, head dim); the last is Gemma-3-12B's
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -103,7 +109,9 @@ def test_prefill_and_mixed_match_sdpa(device, dtype, shape, grouped, monkeypatch
         q_lens = [int(x) for x in torch.randint(1, 150, (batch,), generator=gen)]
         q_lens[0] = 1  # at least one decoding row beside the prompt chunks
         q_lens[-1] = max(q_lens[-1], 2)
-        ctx = [int(x) * (i % 2) for i, x in enumerate(torch.randint(0, 200, (batch,), generator=gen))]  # some with a cached prefix
+        ctx = [
+            int(x) * (i % 2) for i, x in enumerate(torch.randint(0, 200, (batch,), generator=gen))
+        ]  # some with a cached prefix
         q, k, v, cache, meta = make_batch(q_lens, ctx, heads, kv_heads, head_dim, 16, dtype, device, seed)
         check(q, k, v, cache, meta, dtype)
 
@@ -118,7 +126,11 @@ def test_num_splits_fill_the_gpu():
 
 
 @pytest.mark.parametrize("shape", [(32, 8, 128), (16, 8, 256)])
-@pytest.mark.parametrize("q_lens, ctx", [([1] * 6, [3000, 700, 5, 63, 300, 17]), ([1, 150, 37, 1, 200], [40, 0, 90, 260, 17])], ids=["decode", "mixed"])
+@pytest.mark.parametrize(
+    "q_lens, ctx",
+    [([1] * 6, [3000, 700, 5, 63, 300, 17]), ([1, 150, 37, 1, 200], [40, 0, 90, 260, 17])],
+    ids=["decode", "mixed"],
+)
 def test_fp8_cache_matches_sdpa(device, shape, q_lens, ctx):
     """FP8 pages with per-tensor scales (K 0.5, V 2.0) against the float64 reference over the
     same pages dequantized; the written slots hold the new keys and values (already on the FP8
@@ -143,5 +155,11 @@ def test_fp8_cache_matches_sdpa(device, shape, q_lens, ctx):
     err = (got.double().cpu() - want).norm() / want.norm()
     assert err <= 1e-2, f"relative error {err:.2e}"
     slots = fp8.shape[1] * fp8.shape[2]
-    written = fp8.view(torch.uint8).view(2, slots, kv_heads, head_dim)[:, meta.slot_mapping].view(torch.float8_e4m3fn).double().cpu()
+    written = (
+        fp8.view(torch.uint8)
+        .view(2, slots, kv_heads, head_dim)[:, meta.slot_mapping]
+        .view(torch.float8_e4m3fn)
+        .double()
+        .cpu()
+    )
     assert torch.equal(written[0] * 0.5, k.double().cpu()) and torch.equal(written[1] * 2.0, v.double().cpu())

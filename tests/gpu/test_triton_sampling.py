@@ -21,9 +21,23 @@ def filters(batch: int, vocab: int, kind: str, gen: torch.Generator):
 def sorted_draw(logits, temperature, top_k, top_p, min_p, keys, index):
     """The sampler's torch path: sort, mask, softmax, min-p, then the race with the same noise."""
     b = S.SamplingBatch(
-        temperature=temperature, greedy=torch.zeros(len(logits), dtype=torch.bool), all_greedy=False, top_k=top_k,
-        top_p=top_p, min_p=min_p, presence=None, frequency=None, repetition=None, output_counts=None, prompt_mask=None,
-        bias=None, stop_mask=None, min_left=None, noise_keys=keys, noise_index=index, num_logprobs=-1,
+        temperature=temperature,
+        greedy=torch.zeros(len(logits), dtype=torch.bool),
+        all_greedy=False,
+        top_k=top_k,
+        top_p=top_p,
+        min_p=min_p,
+        presence=None,
+        frequency=None,
+        repetition=None,
+        output_counts=None,
+        prompt_mask=None,
+        bias=None,
+        stop_mask=None,
+        min_left=None,
+        noise_keys=keys,
+        noise_index=index,
+        num_logprobs=-1,
     )
     probs = S.sampling_probs(logits, b)
     return probs, probs / S.exponential_noise(keys, index, logits.shape[1])
@@ -46,8 +60,16 @@ def test_filtered_race_equals_the_sorted_sampler(batch, vocab, kind, device):
     keys = torch.randint(-(1 << 63), (1 << 63) - 1, (batch,), generator=gen)
     index = torch.randint(0, 10_000, (batch,), generator=gen)
     on = lambda t: None if t is None else t.to(device)  # noqa: E731
-    got = filtered_race(logits.to(device), temperature.to(device), torch.zeros(batch, dtype=torch.bool, device=device),
-                        on(top_k), on(top_p), on(min_p), keys.to(device), index.to(device)).cpu()
+    got = filtered_race(
+        logits.to(device),
+        temperature.to(device),
+        torch.zeros(batch, dtype=torch.bool, device=device),
+        on(top_k),
+        on(top_p),
+        on(min_p),
+        keys.to(device),
+        index.to(device),
+    ).cpu()
     probs, ratio = sorted_draw(logits, temperature, top_k, top_p, min_p, keys, index)
     want = ratio.argmax(-1)
     assert int(got[0]) < vocab // 2
@@ -56,9 +78,13 @@ def test_filtered_race_equals_the_sorted_sampler(batch, vocab, kind, device):
         near_tie = ratio[row, g] >= ratio[row, w] * (1 - 1e-4)
         scaled = logits[row] / temperature[row]
         if top_k is not None:
-            scaled = scaled.masked_fill(scaled < scaled.sort(descending=True).values[int(top_k[row]) - 1], float("-inf"))
+            scaled = scaled.masked_fill(
+                scaled < scaled.sort(descending=True).values[int(top_k[row]) - 1], float("-inf")
+            )
         kept = scaled.softmax(-1)
-        edge = top_p is not None and any(abs(float(kept[kept > kept[t]].sum()) - float(top_p[row])) < 1e-4 for t in (g, w))
+        edge = top_p is not None and any(
+            abs(float(kept[kept > kept[t]].sum()) - float(top_p[row])) < 1e-4 for t in (g, w)
+        )
         assert near_tie or edge, (row, g, w, float(ratio[row, g]), float(ratio[row, w]))
     assert (got == want).float().mean() >= 0.9
 
@@ -70,12 +96,23 @@ def test_filtered_race_ranks_ties_by_index(device):
     from stepserve.kernels.triton.sampling import filtered_race
 
     n = 2000
+
     def draws(row, top_k=None, top_p=None, min_p=None):
         logits = torch.tensor(row, dtype=torch.float32).expand(n, -1).contiguous().to(device)
         full = lambda v, dtype: None if v is None else torch.full((n,), v, dtype=dtype, device=device)  # noqa: E731
-        keys = torch.randint(-(1 << 63), (1 << 63) - 1, (n,), generator=torch.Generator().manual_seed(len(row))).to(device)
-        out = filtered_race(logits, torch.ones(n, device=device), torch.zeros(n, dtype=torch.bool, device=device), full(top_k, torch.long),
-                            full(top_p, torch.float32), full(min_p, torch.float32), keys, torch.zeros(n, dtype=torch.long, device=device))
+        keys = torch.randint(-(1 << 63), (1 << 63) - 1, (n,), generator=torch.Generator().manual_seed(len(row))).to(
+            device
+        )
+        out = filtered_race(
+            logits,
+            torch.ones(n, device=device),
+            torch.zeros(n, dtype=torch.bool, device=device),
+            full(top_k, torch.long),
+            full(top_p, torch.float32),
+            full(min_p, torch.float32),
+            keys,
+            torch.zeros(n, dtype=torch.long, device=device),
+        )
         return set(out.cpu().tolist())
 
     assert draws([0.0] * 4, top_p=0.5) == {0, 1}
@@ -89,7 +126,10 @@ def test_filtered_race_ranks_ties_by_index(device):
     assert draws([0.0] * 4 + [-5.0] * 4, top_k=4, top_p=0.5) == {0, 1}  # of the whole row's mass, index 2 would stay
 
 
-@pytest.mark.parametrize("top_k,top_p,min_p", [(0, 0.8, 0.0), (0, 0.95, 0.02), (40, 1.0, 0.05), (0, 1.0, 0.0), (20, 0.8, 0.0), (50, 0.95, 0.02)])
+@pytest.mark.parametrize(
+    "top_k,top_p,min_p",
+    [(0, 0.8, 0.0), (0, 0.95, 0.02), (40, 1.0, 0.05), (0, 1.0, 0.0), (20, 0.8, 0.0), (50, 0.95, 0.02)],
+)
 def test_filtered_race_draw_frequencies(top_k, top_p, min_p, device):
     """20,000 rows of one distribution, each with its own key, against transformers' warpers:
     the counts pass chi-square; greedy rows in the batch are left to the caller (token 0)."""
@@ -102,9 +142,14 @@ def test_filtered_race_draw_frequencies(top_k, top_p, min_p, device):
     greedy[:100] = True
     full = lambda v, dtype: torch.full((n,), v, dtype=dtype, device=device)  # noqa: E731
     tokens = filtered_race(
-        logits.expand(n, -1).contiguous().to(device), full(temperature, torch.float32), greedy.to(device),
-        full(top_k or vocab, torch.long) if top_k else None, full(top_p, torch.float32) if top_p < 1 else None,
-        full(min_p, torch.float32) if min_p else None, keys.to(device), torch.zeros(n, dtype=torch.long, device=device),
+        logits.expand(n, -1).contiguous().to(device),
+        full(temperature, torch.float32),
+        greedy.to(device),
+        full(top_k or vocab, torch.long) if top_k else None,
+        full(top_p, torch.float32) if top_p < 1 else None,
+        full(min_p, torch.float32) if min_p else None,
+        keys.to(device),
+        torch.zeros(n, dtype=torch.long, device=device),
     ).cpu()
     assert torch.all(tokens[:100] == 0)
     probs = warped(logits[None], temperature, top_k, top_p, min_p).softmax(-1)[0]
@@ -123,15 +168,28 @@ def test_filtered_race_compiles_one_variant(device):
     def call(rows: int, top_k: bool, top_p: bool, min_p: bool) -> None:
         noise = torch.randint(0, 1000, (2, rows), device=device)  # keys and indices as the sampler uploads them
         full = lambda on, v, dtype: torch.full((rows,), v, dtype=dtype, device=device) if on else None  # noqa: E731
-        T.filtered_race(torch.randn(rows, 1000, device=device), torch.ones(rows, device=device), torch.zeros(rows, dtype=torch.bool, device=device),
-                        full(top_k, 5, torch.long), full(top_p, 0.9, torch.float32), full(min_p, 0.1, torch.float32), noise[0], noise[1])
+        T.filtered_race(
+            torch.randn(rows, 1000, device=device),
+            torch.ones(rows, device=device),
+            torch.zeros(rows, dtype=torch.bool, device=device),
+            full(top_k, 5, torch.long),
+            full(top_p, 0.9, torch.float32),
+            full(min_p, 0.1, torch.float32),
+            noise[0],
+            noise[1],
+        )
 
     cache = T._filtered_race_kernel.device_caches[torch.cuda.current_device()][0]
     cache.clear()  # the tests before this one compiled whatever their calls needed
     call(8, True, True, True)  # as the capture does: every buffer given
     compiled = set(cache)
     assert len(compiled) == 1
-    for rows, flags in [(3, (False, False, False)), (5, (True, False, False)), (1, (False, True, True)), (6, (False, False, True))]:
+    for rows, flags in [
+        (3, (False, False, False)),
+        (5, (True, False, False)),
+        (1, (False, True, True)),
+        (6, (False, False, True)),
+    ]:
         call(rows, *flags)
     torch.cuda.synchronize()
     assert set(cache) == compiled

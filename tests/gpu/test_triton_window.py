@@ -14,7 +14,16 @@ def reference(q, k, v, cache, meta, scale, window, softcap):
     moved = AttentionMetadata(**{f: (x.cpu() if torch.is_tensor(x) else x) for f, x in fields.items()})
     backend = SdpaBackend()
     backend.prepare(moved)
-    return backend.forward(q.double().cpu(), k.double().cpu(), v.double().cpu(), cache.double().cpu(), moved, scale, window=window, softcap=softcap)
+    return backend.forward(
+        q.double().cpu(),
+        k.double().cpu(),
+        v.double().cpu(),
+        cache.double().cpu(),
+        moved,
+        scale,
+        window=window,
+        softcap=softcap,
+    )
 
 
 def check(q, k, v, cache, meta, dtype, window, softcap):
@@ -57,5 +66,7 @@ def test_prefill_and_mixed_window(device, dtype, window, softcap):
 def test_gemma3_12b_heads_window(device, window):
     """Gemma-3-12B's attention shape (16 query heads, 8 KV heads of 256) with its window (1024)
     and a shorter one, decode beside prompt chunks."""
-    q, k, v, cache, meta = make_batch([1, 300, 1, 77], [500, 0, 1500, 40], 16, 8, 256, 16, torch.bfloat16, device, window)
+    q, k, v, cache, meta = make_batch(
+        [1, 300, 1, 77], [500, 0, 1500, 40], 16, 8, 256, 16, torch.bfloat16, device, window
+    )
     check(q, k, v, cache, meta, torch.bfloat16, window, 0.0)

@@ -57,8 +57,15 @@ def reference(model_dir, prompt_ids: list[list[int]]) -> tuple[list[list[int]], 
         ids = torch.tensor([[0] * (width - len(p)) + p for p in prompt_ids])
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompt_ids])
         gen = model.generate(
-            ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False,
-            eos_token_id=None, pad_token_id=0, output_logits=True, return_dict_in_generate=True,
+            ids,
+            attention_mask=mask,
+            max_new_tokens=NEW_TOKENS,
+            min_new_tokens=NEW_TOKENS,
+            do_sample=False,
+            eos_token_id=None,
+            pad_token_id=0,
+            output_logits=True,
+            return_dict_in_generate=True,
         )
         new = gen.sequences[:, width:]
         steps = torch.stack(gen.logits, dim=1).float().log_softmax(-1)  # [B, NEW_TOKENS, V]
@@ -76,7 +83,14 @@ def test_family_equals_transformers(family, steps, family_dir):
     # Phi-3's longrope: a served context within the original 128 positions uses the short factors,
     # as transformers does for sequences that short.
     max_len = 128 if family == "phi3" else 256
-    llm = LLM(model=str(model_dir), num_blocks=256, block_size=4, num_scheduler_steps=steps, max_model_len=max_len, dtype="float32")
+    llm = LLM(
+        model=str(model_dir),
+        num_blocks=256,
+        block_size=4,
+        num_scheduler_steps=steps,
+        max_model_len=max_len,
+        dtype="float32",
+    )
     prompt_ids = [llm.tokenizer.encode(p) for p in PROMPTS]
     assert sum(len(p) > WINDOW for p in prompt_ids) >= 5
     params = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True, logprobs=1)
@@ -109,7 +123,9 @@ def test_all_windowed_model_hands_back_blocks_outside_the_window(family_dir):
     advance, so 8 requests run in a cache too small to hold them whole (it preempts without the
     release), and the answers stay transformers'."""
     model_dir = family_dir("mistral")
-    llm = LLM(model=str(model_dir), num_blocks=48, block_size=4, num_scheduler_steps=8, max_model_len=128, dtype="float32")
+    llm = LLM(
+        model=str(model_dir), num_blocks=48, block_size=4, num_scheduler_steps=8, max_model_len=128, dtype="float32"
+    )
     assert llm.core.scheduler.window == WINDOW
     prompt_ids = [llm.tokenizer.encode(p) for p in PROMPTS]
     params = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True)

@@ -42,9 +42,13 @@ def mixed_params(base):
         if i % 3 == 0:
             params.append(SamplingParams(temperature=0, max_tokens=3 + 2 * i, ignore_eos=True))
         elif i % 3 == 1:
-            params.append(SamplingParams(temperature=0, max_tokens=40, ignore_eos=True, stop_token_ids=[row[0][0][4 + i]]))
+            params.append(
+                SamplingParams(temperature=0, max_tokens=40, ignore_eos=True, stop_token_ids=[row[0][0][4 + i]])
+            )
         else:
-            params.append(SamplingParams(temperature=1.3, top_p=0.9, seed=100 + i, max_tokens=37, ignore_eos=True, logprobs=2))
+            params.append(
+                SamplingParams(temperature=1.3, top_p=0.9, seed=100 + i, max_tokens=37, ignore_eos=True, logprobs=2)
+            )
     return params
 
 
@@ -77,7 +81,9 @@ def test_async_preemption_keeps_outputs(tiny_llama, baseline):
 
 
 def test_async_penalties_wait_for_tokens_and_match(tiny_llama, baseline):
-    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, repetition_penalty=1.3, frequency_penalty=0.5)
+    params = SamplingParams(
+        temperature=0, max_tokens=24, ignore_eos=True, repetition_penalty=1.3, frequency_penalty=0.5
+    )
     assert results(engine(tiny_llama, True, 4), PROMPTS, params) == results(baseline, PROMPTS, params)
 
 

@@ -15,7 +15,19 @@ def stepserve(*args: str) -> subprocess.CompletedProcess:
 
 
 def test_generate_prints_the_offline_greedy_text(tiny_llama):
-    done = stepserve("generate", "--model", str(tiny_llama), "--max-model-len", "128", "--num-blocks", "64", "--prompt", "Hello there", "--max-tokens", "8")
+    done = stepserve(
+        "generate",
+        "--model",
+        str(tiny_llama),
+        "--max-model-len",
+        "128",
+        "--num-blocks",
+        "64",
+        "--prompt",
+        "Hello there",
+        "--max-tokens",
+        "8",
+    )
     llm = LLM(model=str(tiny_llama), max_model_len=128, num_blocks=64)
     want = llm.generate("Hello there", SamplingParams(temperature=0, max_tokens=8))[0].outputs[0]
     assert done.stdout == want.text + "\n"
@@ -25,8 +37,22 @@ def test_generate_prints_the_offline_greedy_text(tiny_llama):
 def test_bench_throughput_runs_and_writes_json(tiny_llama, tmp_path):
     out = tmp_path / "tp.json"
     done = stepserve(
-        "bench", "throughput", "--model", str(tiny_llama), "--max-model-len", "128", "--num-blocks", "64",
-        "--num-prompts", "4", "--input-len", "16", "--output-len", "8", "--output-json", str(out),
+        "bench",
+        "throughput",
+        "--model",
+        str(tiny_llama),
+        "--max-model-len",
+        "128",
+        "--num-blocks",
+        "64",
+        "--num-prompts",
+        "4",
+        "--input-len",
+        "16",
+        "--output-len",
+        "8",
+        "--output-json",
+        str(out),
     )
     result = json.loads(out.read_text())
     assert "Throughput:" in done.stdout

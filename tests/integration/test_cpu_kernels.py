@@ -64,7 +64,21 @@ def test_onednn_rows_are_few_and_close():
 
 
 class _MallInfo2(ctypes.Structure):
-    _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+    _fields_ = [
+        (name, ctypes.c_size_t)
+        for name in (
+            "arena",
+            "ordblks",
+            "smblks",
+            "hblks",
+            "hblkhd",
+            "usmblks",
+            "fsmblks",
+            "uordblks",
+            "fordblks",
+            "keepcost",
+        )
+    ]
 
 
 def _malloced_mib() -> float:
@@ -76,7 +90,9 @@ def _malloced_mib() -> float:
 
 
 @needs_bf16
-@pytest.mark.skipif(not hasattr(ctypes.CDLL(ctypes.util.find_library("c")), "mallinfo2"), reason="needs glibc's mallinfo2")
+@pytest.mark.skipif(
+    not hasattr(ctypes.CDLL(ctypes.util.find_library("c")), "mallinfo2"), reason="needs glibc's mallinfo2"
+)
 def test_every_row_count_does_not_grow_the_kernel_caches():
     """What made the engine core's RSS grow in the 30-minute soak: oneDNN (and PyTorch beside
     it) keep a kernel for every row count seen. Unpadded, this sweep left 277 MiB allocated on
@@ -92,7 +108,9 @@ def test_every_row_count_does_not_grow_the_kernel_caches():
 
 
 @needs_bf16
-@pytest.mark.skipif(not hasattr(ctypes.CDLL(ctypes.util.find_library("c")), "mallinfo2"), reason="needs glibc's mallinfo2")
+@pytest.mark.skipif(
+    not hasattr(ctypes.CDLL(ctypes.util.find_library("c")), "mallinfo2"), reason="needs glibc's mallinfo2"
+)
 def test_warm_up_makes_every_kernel_a_pass_can_need():
     """After ``warm_up`` (run by the engine at start-up on the CPU), passes of every row count up
     to the token budget make no new kernels: the memory they leave allocated stays flat (the
@@ -102,7 +120,9 @@ def test_warm_up_makes_every_kernel_a_pass_can_need():
     gen = torch.Generator().manual_seed(0)
     layers = torch.nn.Sequential(
         CpuLinear(torch.randn(256, 512, generator=gen), None, torch.bfloat16, int4=False),
-        CpuLinear(torch.randn(256, 512, generator=gen), None, torch.bfloat16, int4=False),  # the same shape: warmed once
+        CpuLinear(
+            torch.randn(256, 512, generator=gen), None, torch.bfloat16, int4=False
+        ),  # the same shape: warmed once
         CpuLinear(torch.randn(512, 256, generator=gen), None, torch.bfloat16, int4=True),
     )
     calls = warm_up(layers, 512)
@@ -151,9 +171,20 @@ def test_embedded_model_int4_agrees_with_float32():
     from stepserve.kernels.cpu import native as cpu_native
 
     GAP, RANK1 = 0.5, 0.9
-    prompts = ["What is the capital of France?", "What is 12 times 7?", "Name three colors.", "Write a haiku about the sea.",
-               "Who wrote Romeo and Juliet?", "Translate 'good morning' into French.", "What is the boiling point of water?",
-               "Give me a synonym for happy.", "Explain gravity in one sentence.", "List the planets.", "What is Python?", "Say hello."]
+    prompts = [
+        "What is the capital of France?",
+        "What is 12 times 7?",
+        "Name three colors.",
+        "Write a haiku about the sea.",
+        "Who wrote Romeo and Juliet?",
+        "Translate 'good morning' into French.",
+        "What is the boiling point of water?",
+        "Give me a synonym for happy.",
+        "Explain gravity in one sentence.",
+        "List the planets.",
+        "What is Python?",
+        "Say hello.",
+    ]
     params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
     outputs = {}
     native = cpu_native.library()
@@ -166,7 +197,9 @@ def test_embedded_model_int4_agrees_with_float32():
         assert (llm.info.dtype, llm.info.quantization) == (dtype, quantization)
         assert (llm.core.worker.model.native is not None) == (lib is not None)
         results = llm.chat([[{"role": "user", "content": p}] for p in prompts], params)
-        outputs[dtype, quantization, lib is not None] = [(o.prompt_token_ids, o.outputs[0].token_ids, o.outputs[0].text) for o in results]
+        outputs[dtype, quantization, lib is not None] = [
+            (o.prompt_token_ids, o.outputs[0].token_ids, o.outputs[0].text) for o in results
+        ]
         if dtype == "float32":
             reference = llm
         else:
@@ -175,8 +208,14 @@ def test_embedded_model_int4_agrees_with_float32():
 
     def scored(key):  # float32's (rank, gap to its best) of each token the path chose
         seqs = outputs[key]
-        forced = reference.generate([list(p) + list(o) for p, o, _ in seqs], SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=1))
-        return [(lp.rank, lp.top[0][1] - lp.logprob) for (p, _, _), r in zip(seqs, forced) for lp in r.prompt_logprobs[len(p) :]]
+        forced = reference.generate(
+            [list(p) + list(o) for p, o, _ in seqs], SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=1)
+        )
+        return [
+            (lp.rank, lp.top[0][1] - lp.logprob)
+            for (p, _, _), r in zip(seqs, forced)
+            for lp in r.prompt_logprobs[len(p) :]
+        ]
 
     for key in outputs:
         if key[0] == "float32":
@@ -207,7 +246,9 @@ def test_auto_keeps_a_float32_checkpoint_in_float32(tiny_llama):
 
 from stepserve.kernels.cpu import native as cpu_native  # noqa: E402
 
-needs_native = pytest.mark.skipif(cpu_native.library() is None, reason="stepserve's CPU kernels did not build (no C compiler)")
+needs_native = pytest.mark.skipif(
+    cpu_native.library() is None, reason="stepserve's CPU kernels did not build (no C compiler)"
+)
 
 
 @needs_native
@@ -251,9 +292,18 @@ def _tiny_int4_model(native: bool):
     from stepserve.models.loader import build_model
     from stepserve.models.registry import decoder_config
 
-    hf = {"architectures": ["LlamaForCausalLM"], "vocab_size": 256, "hidden_size": 64, "intermediate_size": 128,
-          "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "rms_norm_eps": 1e-5,
-          "max_position_embeddings": 128, "rope_theta": 10000.0}
+    hf = {
+        "architectures": ["LlamaForCausalLM"],
+        "vocab_size": 256,
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "rms_norm_eps": 1e-5,
+        "max_position_embeddings": 128,
+        "rope_theta": 10000.0,
+    }
     from unittest import mock
 
     with mock.patch.object(cpu_native, "library", return_value=cpu_native.library() if native else None):
@@ -274,10 +324,17 @@ def _decode(model, tokens, caches, use_native: bool):
     with torch.inference_mode():
         for p in range(steps):
             pos = torch.full((batch,), p, dtype=torch.long)
-            meta = AttentionMetadata(slot_mapping=tables[:, p // 4].long() * 4 + p % 4, positions=pos,
-                                     query_start_loc=torch.arange(batch + 1, dtype=torch.int32),
-                                     seq_lens=torch.full((batch,), p + 1, dtype=torch.int32), block_tables=tables,
-                                     max_query_len=1, max_seq_len=p + 1, block_size=4, is_decode=True)
+            meta = AttentionMetadata(
+                slot_mapping=tables[:, p // 4].long() * 4 + p % 4,
+                positions=pos,
+                query_start_loc=torch.arange(batch + 1, dtype=torch.int32),
+                seq_lens=torch.full((batch,), p + 1, dtype=torch.int32),
+                block_tables=tables,
+                max_query_len=1,
+                max_seq_len=p + 1,
+                block_size=4,
+                is_decode=True,
+            )
             backend.prepare(meta)
             out.append(model.compute_logits(model(tokens[:, p], pos, caches, meta, backend)).float())
     model.native = native

@@ -46,7 +46,9 @@ def reference(directory, texts, pooling: str) -> np.ndarray:
     for text in texts:
         with torch.no_grad():
             hidden = model.model(**tokenizer(text, return_tensors="pt")).last_hidden_state[0]
-        out.append({"last": hidden[-1], "mean": hidden.mean(0), "cls": hidden[0], "max": hidden.amax(0)}[pooling].numpy())
+        out.append(
+            {"last": hidden[-1], "mean": hidden.mean(0), "cls": hidden[0], "max": hidden.amax(0)}[pooling].numpy()
+        )
     return np.array(out)
 
 
@@ -77,8 +79,18 @@ def _drain(core, count: int) -> np.ndarray:
 
 
 FAMILIES = [
-    ("llama", "last"), ("llama", "mean"), ("qwen2", "last"), ("qwen2", "mean"), ("qwen3", "last"), ("qwen3", "mean"),
-    ("qwen3", "cls"), ("qwen3", "max"), ("mistral", "mean"), ("gemma2", "last"), ("gemma3", "mean"), ("phi3", "last"),
+    ("llama", "last"),
+    ("llama", "mean"),
+    ("qwen2", "last"),
+    ("qwen2", "mean"),
+    ("qwen3", "last"),
+    ("qwen3", "mean"),
+    ("qwen3", "cls"),
+    ("qwen3", "max"),
+    ("mistral", "mean"),
+    ("gemma2", "last"),
+    ("gemma3", "mean"),
+    ("phi3", "last"),
     ("granite", "mean"),
 ]
 
@@ -121,11 +133,17 @@ def test_a_base_model_checkpoint_without_its_head(tmp_path):
     from safetensors import safe_open
 
     directory = write_tiny_family(tmp_path / "headless", "qwen3", seed=8)
-    tf.AutoModelForCausalLM.from_pretrained(directory).model.save_pretrained(directory)  # weights without "model." and lm_head
+    tf.AutoModelForCausalLM.from_pretrained(directory).model.save_pretrained(
+        directory
+    )  # weights without "model." and lm_head
     config = json.loads((directory / "config.json").read_text())
-    (directory / "config.json").write_text(json.dumps(config | {"architectures": ["Qwen3ForCausalLM"]}))  # as Qwen3-Embedding's says
+    (directory / "config.json").write_text(
+        json.dumps(config | {"architectures": ["Qwen3ForCausalLM"]})
+    )  # as Qwen3-Embedding's says
     with safe_open(directory / "model.safetensors", framework="pt") as f:
-        assert "lm_head.weight" not in f.keys() and "embed_tokens.weight" in f.keys() and not config["tie_word_embeddings"]
+        assert (
+            "lm_head.weight" not in f.keys() and "embed_tokens.weight" in f.keys() and not config["tie_word_embeddings"]
+        )
     add_sentence_transformers_files(directory, "last", normalize=True)
     got, _ = pooled(directory, TEXTS[:3], num_blocks=64)
     np.testing.assert_allclose(got, reference(directory, TEXTS[:3], "last"), atol=1e-5, rtol=0)
@@ -158,7 +176,11 @@ def test_pooling_and_generation_in_one_pass_of_the_runner(tmp_path):
 
     alone = tokens(run(EngineCoreRequest("g", (5, 6, 7), greedy))["g"])
     ids = tuple(tf.AutoTokenizer.from_pretrained(directory)(TEXTS[4])["input_ids"])
-    mixed = run(EngineCoreRequest("g", (5, 6, 7), greedy), EngineCoreRequest("p", ids, greedy, pooling="mean"), EngineCoreRequest("bad", (5, 10**6), greedy, pooling="mean"))
+    mixed = run(
+        EngineCoreRequest("g", (5, 6, 7), greedy),
+        EngineCoreRequest("p", ids, greedy, pooling="mean"),
+        EngineCoreRequest("bad", (5, 10**6), greedy, pooling="mean"),
+    )
     assert tokens(mixed["g"]) == alone and len(alone) == 6
     (p,) = mixed["p"]  # one output: its finish, with the vector
     np.testing.assert_allclose(p.pooled, reference(directory, TEXTS[4:], "mean")[0], atol=1e-5, rtol=0)
@@ -169,8 +191,20 @@ def test_pooling_and_generation_in_one_pass_of_the_runner(tmp_path):
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     directory = write_model(tmp_path_factory.mktemp("qwen3-embed") / "qwen3-embed", "qwen3", "last")
-    args = ["--model", str(directory), "--model_name", "emb", "--dtype", "float32", "--max-num-batched-tokens", "24",
-            "--num-blocks", "64", "--restart-backoff-s", "0.1"]
+    args = [
+        "--model",
+        str(directory),
+        "--model_name",
+        "emb",
+        "--dtype",
+        "float32",
+        "--max-num-batched-tokens",
+        "24",
+        "--num-blocks",
+        "64",
+        "--restart-backoff-s",
+        "0.1",
+    ]
     server = start_server(args, tmp_path_factory.mktemp("logs") / "server.log")
     yield server, directory
     server.stop()
@@ -191,10 +225,14 @@ def test_openai_client_batched_and_concurrent_through_the_supervised_core(server
     assert batch.usage.prompt_tokens == sum(len(tokenizer(t)["input_ids"]) for t in TEXTS)
     texts = [TEXTS[i % len(TEXTS)] for i in range(20)]
     with ThreadPoolExecutor(10) as pool:
-        got = list(pool.map(lambda t: client.embeddings.create(model="emb", input=t).data[0].embedding, texts))  # base64, the client's default
+        got = list(
+            pool.map(lambda t: client.embeddings.create(model="emb", input=t).data[0].embedding, texts)
+        )  # base64, the client's default
     np.testing.assert_allclose(got, [want[i % len(TEXTS)] for i in range(20)], atol=1e-5, rtol=0)
     http = httpx.Client(base_url=live.url, timeout=60)
-    assert read_metric(http, "stepserve:prefix_cache_hits_total", model_name="emb") > 0  # repeats computed only their tails
+    assert (
+        read_metric(http, "stepserve:prefix_cache_hits_total", model_name="emb") > 0
+    )  # repeats computed only their tails
     assert read_metric(http, "stepserve:request_success_total", model_name="emb", finished_reason="stop") >= 25
     with pytest.raises(openai.BadRequestError) as info:
         client.embeddings.create(model="emb", input="y" * 65)  # past max_seq_length 64
@@ -214,5 +252,7 @@ def test_core_death_fails_fast_and_comes_back(server):
         assert time.monotonic() < deadline, live.log()
         time.sleep(0.2)
     body = http.post("/v1/embeddings", json={"input": TEXTS[0], "model": "emb"}).json()
-    np.testing.assert_allclose(body["data"][0]["embedding"], normalized(reference(directory, TEXTS[:1], "last"))[0], atol=1e-5, rtol=0)
+    np.testing.assert_allclose(
+        body["data"][0]["embedding"], normalized(reference(directory, TEXTS[:1], "last"))[0], atol=1e-5, rtol=0
+    )
     assert read_metric(http, "stepserve:engine_restarts_total", model_name="emb") == 1

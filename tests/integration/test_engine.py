@@ -10,7 +10,10 @@ PROMPTS = ["Hello there", "The quick brown fox", "a", "Once upon a time, in a la
 
 @pytest.fixture(scope="module")
 def engines(tiny_llama):
-    return {n: LLM(model=str(tiny_llama), num_scheduler_steps=n, num_blocks=512, block_size=4, max_model_len=256) for n in (1, 2, 4, 8)}
+    return {
+        n: LLM(model=str(tiny_llama), num_scheduler_steps=n, num_blocks=512, block_size=4, max_model_len=256)
+        for n in (1, 2, 4, 8)
+    }
 
 
 def greedy(max_tokens=None, **kw):
@@ -25,7 +28,9 @@ def test_multistep_identical_with_stops_inside_windows(engines):
     base = run(engines[1], PROMPTS, greedy(40, ignore_eos=True))
     # Stop tokens taken from the baseline at odd offsets, max_tokens that end mid-window.
     params = [
-        greedy(3 + 2 * i, ignore_eos=True) if i % 2 else greedy(40, ignore_eos=True, stop_token_ids=[base[i].token_ids[5 + i]])
+        greedy(3 + 2 * i, ignore_eos=True)
+        if i % 2
+        else greedy(40, ignore_eos=True, stop_token_ids=[base[i].token_ids[5 + i]])
         for i in range(len(PROMPTS))
     ]
     results = {n: [(c.token_ids, c.finish_reason) for c in run(llm, PROMPTS, params)] for n, llm in engines.items()}
@@ -87,7 +92,9 @@ def test_seeded_sampling_reproducible_alone_and_in_batch(engines):
     params = SamplingParams(temperature=1.0, top_p=0.9, top_k=50, seed=1234, max_tokens=24, ignore_eos=True)
     a = run(llm, ["Hello there"], params)[0].token_ids
     b = run(llm, ["Hello there"], params)[0].token_ids
-    mixed = run(llm, ["zz", "Hello there", "a"], [greedy(30), params, SamplingParams(temperature=0.7, max_tokens=10)])[1].token_ids
+    mixed = run(llm, ["zz", "Hello there", "a"], [greedy(30), params, SamplingParams(temperature=0.7, max_tokens=10)])[
+        1
+    ].token_ids
     other_seed = run(llm, ["Hello there"], params.replace(seed=99))[0].token_ids
     assert a == b == mixed
     assert a != other_seed
@@ -100,7 +107,12 @@ def test_greedy_alone_equals_inside_mixed_batch(engines):
         batch = run(
             llm,
             ["a", "The quick brown fox", "Once upon a time", "zz" * 30],
-            [SamplingParams(temperature=0.9, max_tokens=20), greedy(30), greedy(5), SamplingParams(temperature=1.0, max_tokens=40, seed=3)],
+            [
+                SamplingParams(temperature=0.9, max_tokens=20),
+                greedy(30),
+                greedy(5),
+                SamplingParams(temperature=1.0, max_tokens=40, seed=3),
+            ],
         )[1].token_ids
         assert alone == batch
 

@@ -21,8 +21,19 @@ TESTS = Path(__file__).parent.parent
 
 
 def args(tiny_llama, *extra):
-    return ["--model", str(tiny_llama), "--model_name", MODEL, "--max-model-len", "512", "--num-blocks", "512",
-            "--restart-backoff-s", "0.2", *extra]
+    return [
+        "--model",
+        str(tiny_llama),
+        "--model_name",
+        MODEL,
+        "--max-model-len",
+        "512",
+        "--num-blocks",
+        "512",
+        "--restart-backoff-s",
+        "0.2",
+        *extra,
+    ]
 
 
 @pytest.fixture
@@ -80,7 +91,9 @@ def wait_restarted(http: httpx.Client) -> None:
 
 
 def complete(http: httpx.Client, prompt="Hello", max_tokens=4, **kw) -> httpx.Response:
-    return http.post("/v1/completions", json={"model": MODEL, "prompt": prompt, "max_tokens": max_tokens, **kw}, timeout=60)
+    return http.post(
+        "/v1/completions", json={"model": MODEL, "prompt": prompt, "max_tokens": max_tokens, **kw}, timeout=60
+    )
 
 
 async def streams_then(server, fault, count=16, prompts=None):
@@ -158,8 +171,16 @@ def test_a_fault_in_one_request_fails_only_that_request(server_factory, tiny_lla
 
     async def scenario():
         async with httpx.AsyncClient(base_url=server.url, timeout=60) as client:
-            good = [client.post("/v1/completions", json={"model": MODEL, "prompt": f"fine {i}", "max_tokens": 30, "ignore_eos": True}) for i in range(4)]
-            bad = client.post("/v1/completions", json={"model": MODEL, "prompt": [POISON_TOKEN, 1, 2], "max_tokens": 30})
+            good = [
+                client.post(
+                    "/v1/completions",
+                    json={"model": MODEL, "prompt": f"fine {i}", "max_tokens": 30, "ignore_eos": True},
+                )
+                for i in range(4)
+            ]
+            bad = client.post(
+                "/v1/completions", json={"model": MODEL, "prompt": [POISON_TOKEN, 1, 2], "max_tokens": 30}
+            )
             return await asyncio.gather(bad, *good)
 
     bad, *good = asyncio.run(scenario())
@@ -196,13 +217,22 @@ def test_500_requests_at_concurrency_64_each_end_exactly_once(server_factory, ti
             if i % 3 == 0:
                 error, done, _ = await stream(client, f"request {i}", max_tokens=8)
                 return ("stream", error is None and done)
-            route, body = ("/v1/chat/completions", {"messages": [{"role": "user", "content": f"hi {i}"}]}) if i % 3 == 1 else ("/v1/completions", {"prompt": f"request {i}"})
+            route, body = (
+                ("/v1/chat/completions", {"messages": [{"role": "user", "content": f"hi {i}"}]})
+                if i % 3 == 1
+                else ("/v1/completions", {"prompt": f"request {i}"})
+            )
             response = await client.post(route, json={"model": MODEL, "max_tokens": 8, **body})
-            return ("plain", response.status_code == 200 and response.json()["choices"][0]["finish_reason"] in ("length", "stop"))
+            return (
+                "plain",
+                response.status_code == 200 and response.json()["choices"][0]["finish_reason"] in ("length", "stop"),
+            )
 
     async def scenario():
         sem = asyncio.Semaphore(64)
-        async with httpx.AsyncClient(base_url=server.url, timeout=120, limits=httpx.Limits(max_connections=64)) as client:
+        async with httpx.AsyncClient(
+            base_url=server.url, timeout=120, limits=httpx.Limits(max_connections=64)
+        ) as client:
             return await asyncio.gather(*(one(client, sem, i) for i in range(500)))
 
     results = asyncio.run(scenario())
@@ -211,12 +241,17 @@ def test_500_requests_at_concurrency_64_each_end_exactly_once(server_factory, ti
     time.sleep(0.5)
     assert read_metric(http, "stepserve:kv_cache_usage_perc", model_name=MODEL) == 0.0
     assert read_metric(http, "stepserve:num_requests_running", model_name=MODEL) == 0
-    finished = sum(read_metric(http, "stepserve:request_success_total", model_name=MODEL, finished_reason=r) for r in ("length", "stop", "abort"))
+    finished = sum(
+        read_metric(http, "stepserve:request_success_total", model_name=MODEL, finished_reason=r)
+        for r in ("length", "stop", "abort")
+    )
     assert finished == 500
 
 
 def test_queue_limit_gives_429_and_timeout_gives_504(server_factory, tiny_llama):
-    server = server_factory(args(tiny_llama, "--max-num-seqs", "2", "--max-queue-len", "2", "--request-timeout-s", "300"))
+    server = server_factory(
+        args(tiny_llama, "--max-num-seqs", "2", "--max-queue-len", "2", "--request-timeout-s", "300")
+    )
 
     async def scenario():
         async with httpx.AsyncClient(base_url=server.url, timeout=320) as client:
@@ -281,12 +316,28 @@ def test_ten_clients_disconnect_mid_stream_and_their_blocks_are_freed(server_fac
 
 
 def test_prompts_that_exhaust_the_kv_cache_together_all_complete(server_factory, tiny_llama):
-    server = server_factory(["--model", str(tiny_llama), "--model_name", MODEL, "--max-model-len", "256", "--num-blocks", "40", "--block-size", "8"])
+    server = server_factory(
+        [
+            "--model",
+            str(tiny_llama),
+            "--model_name",
+            MODEL,
+            "--max-model-len",
+            "256",
+            "--num-blocks",
+            "40",
+            "--block-size",
+            "8",
+        ]
+    )
     http = httpx.Client(base_url=server.url, timeout=60)
 
     async def scenario():
         async with httpx.AsyncClient(base_url=server.url, timeout=120) as client:
-            bodies = [{"model": MODEL, "prompt": f"{i} " + "long prompt text " * 8, "max_tokens": 100, "ignore_eos": True} for i in range(8)]
+            bodies = [
+                {"model": MODEL, "prompt": f"{i} " + "long prompt text " * 8, "max_tokens": 100, "ignore_eos": True}
+                for i in range(8)
+            ]
             return await asyncio.gather(*(client.post("/v1/completions", json=b) for b in bodies))
 
     responses = asyncio.run(scenario())
@@ -300,7 +351,12 @@ def test_sigterm_finishes_in_flight_work_and_exits_0(server_factory, tiny_llama)
 
     async def scenario():
         async with httpx.AsyncClient(base_url=server.url, timeout=60) as client:
-            task = asyncio.create_task(client.post("/v1/completions", json={"model": MODEL, "prompt": "last words", "max_tokens": 300, "ignore_eos": True}))
+            task = asyncio.create_task(
+                client.post(
+                    "/v1/completions",
+                    json={"model": MODEL, "prompt": "last words", "max_tokens": 300, "ignore_eos": True},
+                )
+            )
             await asyncio.sleep(0.3)
             server.process.send_signal(signal.SIGTERM)
             return await task

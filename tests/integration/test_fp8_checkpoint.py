@@ -18,8 +18,13 @@ from safetensors.torch import load_file, save_file
 from stepserve import LLM, SamplingParams
 from stepserve.config import ConfigError
 
-CASES = [("compressed-tensors", "channel", False), ("compressed-tensors", "tensor", True), ("compressed-tensors", "block", False),
-         ("fp8", "tensor", False), ("fp8", "block", True)]
+CASES = [
+    ("compressed-tensors", "channel", False),
+    ("compressed-tensors", "tensor", True),
+    ("compressed-tensors", "block", False),
+    ("fp8", "tensor", False),
+    ("fp8", "block", True),
+]
 
 
 @pytest.mark.parametrize("method,strategy,scales_first", CASES)
@@ -31,24 +36,49 @@ def test_fp8_checkpoint_equals_its_dequantized_weights(tiny_llama, tmp_path, met
     if method == "compressed-tensors":
         assert "input_scale tensors are not read" in caplog.text
     layer = llm.core.worker.model.layers[0]
-    q, k, v = plain["model.layers.0.self_attn.q_proj.weight"], plain["model.layers.0.self_attn.k_proj.weight"], plain["model.layers.0.self_attn.v_proj.weight"]
+    q, k, v = (
+        plain["model.layers.0.self_attn.q_proj.weight"],
+        plain["model.layers.0.self_attn.k_proj.weight"],
+        plain["model.layers.0.self_attn.v_proj.weight"],
+    )
     assert torch.equal(layer.self_attn.qkv_proj.weight, torch.cat([q, k, v]))
     assert torch.equal(layer.mlp.down_proj.weight, plain["model.layers.0.mlp.down_proj.weight"])
     hf = transformers.AutoModelForCausalLM.from_pretrained(plain_dir, dtype=torch.float32).eval()
     for prompt in ([5, 17, 99, 3], list(range(40, 70))):
-        got = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=12, ignore_eos=True))[0].outputs[0].token_ids
+        got = (
+            llm.generate([prompt], SamplingParams(temperature=0, max_tokens=12, ignore_eos=True))[0]
+            .outputs[0]
+            .token_ids
+        )
         assert got == reference_greedy(hf, prompt, 12)
 
 
-@pytest.mark.parametrize("quant,message", [
-    ({"quant_method": "gptq", "bits": 4}, "quantization method 'gptq' is not supported"),
-    ({"quant_method": "fp8", "fmt": "e5m2"}, "fmt='e5m2'"),
-    ({"quant_method": "compressed-tensors", "format": "pack-quantized", "config_groups": {}}, "format 'pack-quantized'"),
-    ({"quant_method": "compressed-tensors", "format": "naive-quantized",
-      "config_groups": {"g": {"weights": {"num_bits": 8, "type": "int", "strategy": "channel"}}}}, "8-bit int weights are not supported"),
-    ({"quant_method": "compressed-tensors", "config_groups": {"g": {"weights": {"num_bits": 8, "type": "float", "strategy": "group"}}}},
-     "weight strategy 'group'"),
-])
+@pytest.mark.parametrize(
+    "quant,message",
+    [
+        ({"quant_method": "gptq", "bits": 4}, "quantization method 'gptq' is not supported"),
+        ({"quant_method": "fp8", "fmt": "e5m2"}, "fmt='e5m2'"),
+        (
+            {"quant_method": "compressed-tensors", "format": "pack-quantized", "config_groups": {}},
+            "format 'pack-quantized'",
+        ),
+        (
+            {
+                "quant_method": "compressed-tensors",
+                "format": "naive-quantized",
+                "config_groups": {"g": {"weights": {"num_bits": 8, "type": "int", "strategy": "channel"}}},
+            },
+            "8-bit int weights are not supported",
+        ),
+        (
+            {
+                "quant_method": "compressed-tensors",
+                "config_groups": {"g": {"weights": {"num_bits": 8, "type": "float", "strategy": "group"}}},
+            },
+            "weight strategy 'group'",
+        ),
+    ],
+)
 def test_other_quantizations_are_refused_by_name(tiny_llama, tmp_path, quant, message):
     directory = tmp_path / "model"
     shutil.copytree(tiny_llama, directory)

@@ -21,22 +21,59 @@ from live_server import read_metric
 from stepserve.bench import fuzz
 
 FIELDS = [
-    "model", "prompt", "messages", "max_tokens", "max_completion_tokens", "n", "temperature", "top_p", "top_k", "min_p",
-    "presence_penalty", "frequency_penalty", "repetition_penalty", "seed", "stop", "stop_token_ids", "ignore_eos",
-    "min_tokens", "logprobs", "top_logprobs", "logit_bias", "echo", "stream", "stream_options", "user", "unknown_field",
+    "model",
+    "prompt",
+    "messages",
+    "max_tokens",
+    "max_completion_tokens",
+    "n",
+    "temperature",
+    "top_p",
+    "top_k",
+    "min_p",
+    "presence_penalty",
+    "frequency_penalty",
+    "repetition_penalty",
+    "seed",
+    "stop",
+    "stop_token_ids",
+    "ignore_eos",
+    "min_tokens",
+    "logprobs",
+    "top_logprobs",
+    "logit_bias",
+    "echo",
+    "stream",
+    "stream_options",
+    "user",
+    "unknown_field",
 ]
 scalars = st.one_of(
-    st.none(), st.booleans(), st.integers(-(2**70), 2**70), st.integers(-3, 40),
-    st.floats(allow_nan=False, allow_infinity=False), st.text(max_size=20),
+    st.none(),
+    st.booleans(),
+    st.integers(-(2**70), 2**70),
+    st.integers(-3, 40),
+    st.floats(allow_nan=False, allow_infinity=False),
+    st.text(max_size=20),
 )
-values = st.recursive(scalars, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=3), max_leaves=8)
+values = st.recursive(
+    scalars,
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=3),
+    max_leaves=8,
+)
 messages = st.lists(
-    st.fixed_dictionaries({"role": st.sampled_from(["user", "system", "assistant", "tool", "developer", "robot", ""]), "content": st.text(max_size=30) | values}),
+    st.fixed_dictionaries(
+        {
+            "role": st.sampled_from(["user", "system", "assistant", "tool", "developer", "robot", ""]),
+            "content": st.text(max_size=30) | values,
+        }
+    ),
     max_size=3,
 )
 bodies = st.fixed_dictionaries(
     {"model": st.just(MODEL), "max_tokens": st.integers(1, 4)},
-    optional={name: values for name in FIELDS if name not in ("model", "max_tokens")} | {"messages": messages, "prompt": st.text(max_size=40) | st.lists(st.integers(-5, 400), max_size=6)},
+    optional={name: values for name in FIELDS if name not in ("model", "max_tokens")}
+    | {"messages": messages, "prompt": st.text(max_size=40) | st.lists(st.integers(-5, 400), max_size=6)},
 )
 raw_bodies = st.binary(max_size=60) | st.text(max_size=60).map(str.encode)
 
@@ -61,7 +98,12 @@ def test_json_bodies_never_cause_a_server_error(http, route, body):
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
-@given(route=st.sampled_from(["/v1/completions", "/v1/chat/completions", "/v2/models/tiny/infer", "/v1/models/tiny:predict"]), raw=raw_bodies)
+@given(
+    route=st.sampled_from(
+        ["/v1/completions", "/v1/chat/completions", "/v2/models/tiny/infer", "/v1/models/tiny:predict"]
+    ),
+    raw=raw_bodies,
+)
 def test_raw_bodies_never_cause_a_server_error(http, route, raw):
     check(http.post(route, content=raw, headers={"content-type": "application/json"}))
 
@@ -104,7 +146,13 @@ VALID_INFER = fuzz.valid_grpc_request(MODEL).SerializeToString()
 
 @pytest.mark.parametrize(
     "data",
-    [VALID_INFER[:-3], VALID_INFER + b"\x0a\x02\xff\xfe", VALID_INFER + b"\x1a\x01\xc3", b"\xff" * 8, b"\x0a\xff\xff\xff\xff\x0f"],
+    [
+        VALID_INFER[:-3],
+        VALID_INFER + b"\x0a\x02\xff\xfe",
+        VALID_INFER + b"\x1a\x01\xc3",
+        b"\xff" * 8,
+        b"\x0a\xff\xff\xff\xff\x0f",
+    ],
     ids=["truncated", "model_name not UTF-8", "id not UTF-8", "garbage", "length past the end"],
 )
 def test_grpc_bytes_that_are_no_message_are_invalid_argument(model_infer, data):
@@ -114,11 +162,29 @@ def test_grpc_bytes_that_are_no_message_are_invalid_argument(model_infer, data):
 
 
 def test_bench_fuzz_prints_status_counts(hardened_server):
-    command = [sys.executable, "-m", "stepserve", "bench", "fuzz", "--base-url", hardened_server.url, "--requests", "40", "--seed", "7",
-               "--grpc", hardened_server.grpc_target, "--grpc-requests", "20"]
+    command = [
+        sys.executable,
+        "-m",
+        "stepserve",
+        "bench",
+        "fuzz",
+        "--base-url",
+        hardened_server.url,
+        "--requests",
+        "40",
+        "--seed",
+        "7",
+        "--grpc",
+        hardened_server.grpc_target,
+        "--grpc-requests",
+        "20",
+    ]
     result = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert f"fuzzed 40 requests (seed 7) against {hardened_server.url} and 20 gRPC calls" in result.stdout and "status counts: " in result.stdout
+    assert (
+        f"fuzzed 40 requests (seed 7) against {hardened_server.url} and 20 gRPC calls" in result.stdout
+        and "status counts: " in result.stdout
+    )
     assert "5xx: 0, dropped connections: 0, gRPC INTERNAL/UNKNOWN/other: 0, problems: 0" in result.stdout
 
 

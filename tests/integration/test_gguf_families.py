@@ -16,7 +16,10 @@ from tiny_models import write_tiny_family, write_tiny_model
 
 # Token ids (byte values), not text: transformers reads a Gemma GGUF's vocabulary as a
 # sentencepiece one, which the tiny byte-level vocabulary is not; the weights are under test here.
-PROMPTS = [list(p.encode()) for p in ["Hello", "The quick brown fox jumps over", "Once upon a time, in a land far away", "xyz" * 20]]
+PROMPTS = [
+    list(p.encode())
+    for p in ["Hello", "The quick brown fox jumps over", "Once upon a time, in a land far away", "xyz" * 20]
+]
 PARAMS = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
 
 
@@ -74,7 +77,9 @@ def test_granite_gguf_equals_transformers_on_its_checkpoint(tmp_path):
 
     llm = LLM(model=str(path), num_blocks=160, block_size=4, dtype="float32", max_model_len=128)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    chat = tokenizer.apply_chat_template([{"role": "user", "content": "hi 42"}], tokenize=False, add_generation_prompt=True)
+    chat = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "hi 42"}], tokenize=False, add_generation_prompt=True
+    )
     for text in [*TEXTS, chat]:  # the chat turn holds the control tokens, each one id
         assert llm.tokenizer.encode(text) == tokenizer.encode(text), text
     assert llm.tokenizer.chat_template == tokenizer.chat_template
@@ -82,7 +87,14 @@ def test_granite_gguf_equals_transformers_on_its_checkpoint(tmp_path):
     outs = [o.outputs[0] for o in llm.generate(TEXTS, PARAMS)]
     for text, out in zip(TEXTS, outs):
         ids = torch.tensor([tokenizer.encode(text)])
-        reference = model.generate(ids, max_new_tokens=PARAMS.max_tokens, min_new_tokens=PARAMS.max_tokens, do_sample=False, eos_token_id=None, pad_token_id=0)
+        reference = model.generate(
+            ids,
+            max_new_tokens=PARAMS.max_tokens,
+            min_new_tokens=PARAMS.max_tokens,
+            do_sample=False,
+            eos_token_id=None,
+            pad_token_id=0,
+        )
         assert out.token_ids == reference[0, ids.shape[1] :].tolist(), text
         assert out.text == tokenizer.decode(out.token_ids, skip_special_tokens=True)
 

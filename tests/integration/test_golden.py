@@ -24,7 +24,12 @@ def reference_greedy(model_dir, prompt_ids: list[list[int]], new_tokens: int) ->
     out = []
     for ids in prompt_ids:
         gen = model.generate(
-            torch.tensor([ids]), max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, eos_token_id=None, pad_token_id=0
+            torch.tensor([ids]),
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            do_sample=False,
+            eos_token_id=None,
+            pad_token_id=0,
         )
         out.append(gen[0, len(ids) :].tolist())
     return out
@@ -50,7 +55,10 @@ def test_sharded_checkpoint_with_index(tmp_path):
     assert (model_dir / "model.safetensors.index.json").exists()
     llm = LLM(model=str(model_dir), num_blocks=128, block_size=8)
     prompt_ids = [llm.tokenizer.encode(p) for p in PROMPTS[:4]]
-    ours = [o.outputs[0].token_ids for o in llm.generate(prompt_ids, SamplingParams(temperature=0, max_tokens=32, ignore_eos=True))]
+    ours = [
+        o.outputs[0].token_ids
+        for o in llm.generate(prompt_ids, SamplingParams(temperature=0, max_tokens=32, ignore_eos=True))
+    ]
     assert ours == reference_greedy(model_dir, prompt_ids, 32)
 
 
@@ -64,13 +72,26 @@ def test_embedded_gguf_equals_transformers(embedded_f32, embedded_hf):
     params = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True)
     ours = [o.outputs[0].token_ids for o in llm.generate(prompt_ids, params)]
     for ids, got in zip(prompt_ids, ours):
-        gen = embedded_hf.generate(torch.tensor([ids]), max_new_tokens=32, min_new_tokens=32, do_sample=False, eos_token_id=None, pad_token_id=0)
+        gen = embedded_hf.generate(
+            torch.tensor([ids]),
+            max_new_tokens=32,
+            min_new_tokens=32,
+            do_sample=False,
+            eos_token_id=None,
+            pad_token_id=0,
+        )
         assert got == gen[0, len(ids) :].tolist()
 
 
 ROPE_SCALINGS = {
     "linear": {"rope_type": "linear", "factor": 4.0},
-    "llama3": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 64},
+    "llama3": {
+        "rope_type": "llama3",
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 64,
+    },
 }
 
 
@@ -79,7 +100,9 @@ def test_rope_scaling_equals_transformers(kind, tmp_path):
     """Prompts past llama3's original 64 positions; head_dim 16 spans its low, mid and high bands."""
     from tiny_models import write_tiny_model
 
-    model_dir = write_tiny_model(tmp_path / kind, "llama", seed=4, rope_scaling=ROPE_SCALINGS[kind], rope_theta=500000.0)
+    model_dir = write_tiny_model(
+        tmp_path / kind, "llama", seed=4, rope_scaling=ROPE_SCALINGS[kind], rope_theta=500000.0
+    )
     llm = LLM(model=str(model_dir), num_blocks=256, block_size=8, max_model_len=256)
     assert llm.core.worker.model.cfg.rope.kind == kind  # the scaling was read, not dropped
     prompt_ids = [llm.tokenizer.encode(p) for p in (PROMPTS[3] * 2, PROMPTS[7] * 3, PROMPTS[0])]

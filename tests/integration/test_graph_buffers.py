@@ -46,7 +46,15 @@ PARAMS = [
 
 
 def run(tiny_llama, graphs: bool, steps: int, params, count: int):
-    llm = LLM(model=str(tiny_llama), dtype="float32", max_model_len=256, num_blocks=512, block_size=4, max_num_seqs=8, num_scheduler_steps=steps)
+    llm = LLM(
+        model=str(tiny_llama),
+        dtype="float32",
+        max_model_len=256,
+        num_blocks=512,
+        block_size=4,
+        max_num_seqs=8,
+        num_scheduler_steps=steps,
+    )
     if graphs:
         llm.core.worker.graphs = EagerGraphs(llm.core.worker, [1, 2, 4, 8], 256 + steps)
     rng = random.Random(0)

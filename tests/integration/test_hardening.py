@@ -38,7 +38,10 @@ def cmpl(**kw) -> dict:
 
 
 def v2(data=("hi",), **params) -> dict:
-    return {"inputs": [{"name": "text_input", "shape": [1], "datatype": "BYTES", "data": list(data)}], "parameters": {"max_tokens": 2} | params}
+    return {
+        "inputs": [{"name": "text_input", "shape": [1], "datatype": "BYTES", "data": list(data)}],
+        "parameters": {"max_tokens": 2} | params,
+    }
 
 
 # The three bodies that answered 500 in the issue, and their relatives on every POST route.
@@ -76,7 +79,9 @@ BAD = [  # (id, route, raw body, the parameter the 400 names)
 
 @pytest.mark.parametrize("route,raw,param", [b[1:] for b in BAD], ids=[b[0] for b in BAD])
 def test_inputs_that_were_500s_are_400s_naming_the_field(http, route, raw, param):
-    response = http.post(route, content=raw if isinstance(raw, bytes) else raw.encode(), headers={"content-type": "application/json"})
+    response = http.post(
+        route, content=raw if isinstance(raw, bytes) else raw.encode(), headers={"content-type": "application/json"}
+    )
     assert response.status_code == 400, response.text
     error = response.json()["error"]
     assert error["param"] == param, error
@@ -159,7 +164,10 @@ def test_a_connection_that_sends_nothing_is_closed(server):
 def test_trickled_body_gets_a_408_and_the_connection_closes(server, http):
     body = json.dumps(cmpl()).encode()
     with connect(server) as sock:
-        head = f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+        head = (
+            "POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n"
+        )
         sock.sendall(head.encode())
         try:
             for byte in body[:-1]:
@@ -183,7 +191,12 @@ def test_a_stream_whose_client_stops_reading_is_aborted_and_freed(server, http):
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     host, port = server.url.removeprefix("http://").split(":")
     sock.connect((host, int(port)))
-    sock.sendall(f"POST {C} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
+    sock.sendall(
+        (
+            f"POST {C} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+        ).encode()
+        + body
+    )
     assert sock.recv(1024).startswith(b"HTTP/1.1 200")  # it streams; now stop reading
     # Another stream runs to the end while the stalled one still holds its place in the batch.
     with http.stream("POST", C, json=cmpl(prompt="other", max_tokens=8, ignore_eos=True, stream=True)) as other:
@@ -210,7 +223,13 @@ def test_a_client_that_leaves_before_the_answer_is_no_server_error(server, http)
     body = json.dumps(cmpl(max_tokens=60, ignore_eos=True, n=4)).encode()
     for _ in range(3):
         with connect(server) as sock:
-            sock.sendall(f"POST {C} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
+            sock.sendall(
+                (
+                    f"POST {C} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                    f"Content-Length: {len(body)}\r\n\r\n"
+                ).encode()
+                + body
+            )
             time.sleep(0.3)  # admitted and generating; then the client goes away
     deadline = time.monotonic() + 60
     while read_metric(http, "stepserve:num_requests_running", model_name=MODEL) > 0:

@@ -17,7 +17,9 @@ def llm():
 def test_chat_without_max_tokens_ends_at_eos_and_others_are_unaffected(llm):
     question = [{"role": "user", "content": "What is the capital of France?"}]
     long_run = [{"role": "user", "content": "Write a long story about a dragon."}]
-    outs = llm.chat([question, long_run], [SamplingParams(temperature=0), SamplingParams(temperature=0, ignore_eos=True)])
+    outs = llm.chat(
+        [question, long_run], [SamplingParams(temperature=0), SamplingParams(temperature=0, ignore_eos=True)]
+    )
     answer, forced = outs[0].outputs[0], outs[1].outputs[0]
     assert answer.finish_reason == "stop" and "Paris" in answer.text
     assert answer.token_ids[-1] in llm.info.eos_token_ids and "<|im_end|>" not in answer.text

@@ -18,7 +18,14 @@ MEAN_BOUND, MAX_BOUND = 0.3, 2.5
 
 
 def prompt_logprobs(model_dir, kv_scale=None, **options):
-    llm = LLM(model=str(model_dir), max_model_len=256, max_num_batched_tokens=16, block_size=4, cpu_kv_cache_gib=0.005, **options)
+    llm = LLM(
+        model=str(model_dir),
+        max_model_len=256,
+        max_num_batched_tokens=16,
+        block_size=4,
+        cpu_kv_cache_gib=0.005,
+        **options,
+    )
     if kv_scale is not None:
         for layer in llm.core.worker.model.layers:
             layer.self_attn.kv_scale = kv_scale
@@ -36,7 +43,9 @@ def test_fp8_cache_logprobs_within_bounds(tiny_llama, reference, kv_scale):
     ref_llm, want = reference
     llm, got = prompt_logprobs(tiny_llama, kv_scale, kv_cache_dtype="fp8")
     assert llm.core.worker.kv_caches[0].dtype == torch.float8_e4m3fn
-    assert abs(llm.info.num_kv_blocks - 4 * ref_llm.info.num_kv_blocks) <= 4  # float32 pages on the CPU otherwise (rounded down)
+    assert (
+        abs(llm.info.num_kv_blocks - 4 * ref_llm.info.num_kv_blocks) <= 4
+    )  # float32 pages on the CPU otherwise (rounded down)
     errors = [abs(a - b) for a, b in zip(got, want)]
     assert len(errors) == len(want) > 300
     assert statistics.mean(errors) < MEAN_BOUND and max(errors) < MAX_BOUND

@@ -12,10 +12,22 @@ from stepserve import LLM
 from stepserve.config import ConfigError
 
 CASES = {  # id -> (config.json changes, what the message must contain)
-    "architecture": ({"architectures": ["FalconForCausalLM"]}, ["'FalconForCausalLM' is not supported", "Qwen3ForCausalLM", "Gemma3ForCausalLM"]),
-    "rope type": ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}, "rope_parameters": None}, ["rope_scaling", "'yarn'", "longrope"]),
-    "rope params": ({"rope_parameters": {"rope_type": "llama3", "factor": 8.0, "rope_theta": 10000.0}}, ["rope_parameters", "low_freq_factor"]),
-    "quantization": ({"quantization_config": {"quant_method": "gptq", "bits": 4}}, ["quantization method 'gptq' is not supported", "supported:"]),
+    "architecture": (
+        {"architectures": ["FalconForCausalLM"]},
+        ["'FalconForCausalLM' is not supported", "Qwen3ForCausalLM", "Gemma3ForCausalLM"],
+    ),
+    "rope type": (
+        {"rope_scaling": {"rope_type": "yarn", "factor": 4.0}, "rope_parameters": None},
+        ["rope_scaling", "'yarn'", "longrope"],
+    ),
+    "rope params": (
+        {"rope_parameters": {"rope_type": "llama3", "factor": 8.0, "rope_theta": 10000.0}},
+        ["rope_parameters", "low_freq_factor"],
+    ),
+    "quantization": (
+        {"quantization_config": {"quant_method": "gptq", "bits": 4}},
+        ["quantization method 'gptq' is not supported", "supported:"],
+    ),
     "activation": ({"hidden_act": "relu2"}, ["hidden_act='relu2'", "supported:"]),
     "layer types": ({"layer_types": ["chunked_attention", "full_attention"]}, ["layer_types", "chunked_attention"]),
 }
@@ -45,7 +57,9 @@ def test_serve_exits_2_naming_it(case, tiny_llama, tmp_path):
     model = variant(tiny_llama, tmp_path, changes)
     run = subprocess.run(
         [sys.executable, "-m", "stepserve", "serve", "--model", str(model), "--http_port", "0"],
-        capture_output=True, text=True, timeout=120,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert run.returncode == 2, run.stderr
     assert "Traceback" not in run.stderr

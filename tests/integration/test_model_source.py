@@ -69,7 +69,11 @@ def test_gated_needs_the_token(hub, tmp_path, monkeypatch):
 
 @pytest.mark.parametrize(
     "model_id, revision, message",
-    [("org/missing", None, "was not found"), ("org/tiny", "nope", "no revision 'nope'"), ("org/cut", None, "failed|not complete")],
+    [
+        ("org/missing", None, "was not found"),
+        ("org/tiny", "nope", "no revision 'nope'"),
+        ("org/cut", None, "failed|not complete"),
+    ],
 )
 def test_download_errors(hub, tmp_path, monkeypatch, model_id, revision, message):
     import huggingface_hub.file_download
@@ -109,7 +113,9 @@ def test_local_directories(tiny_llama, tmp_path):
     half.mkdir()
     for name in ("config.json", "tokenizer.json"):
         (half / name).write_bytes((tiny_llama / name).read_bytes())
-    (half / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"a": "model-00001-of-00002.safetensors"}}))
+    (half / "model.safetensors.index.json").write_text(
+        json.dumps({"weight_map": {"a": "model-00001-of-00002.safetensors"}})
+    )
     with pytest.raises(ConfigError, match="1 of 1 weight shards missing"):
         locate_model(str(half), None)
     with pytest.raises(ConfigError, match="no config.json"):
@@ -118,10 +124,16 @@ def test_local_directories(tiny_llama, tmp_path):
 
 @pytest.mark.slow
 def test_serve_exits_2_on_a_gated_model(hub, tmp_path):
-    env = {k: v for k, v in os.environ.items() if k != "HF_TOKEN"} | {"HF_ENDPOINT": hub.url, "HF_HOME": str(tmp_path / "hf")}
+    env = {k: v for k, v in os.environ.items() if k != "HF_TOKEN"} | {
+        "HF_ENDPOINT": hub.url,
+        "HF_HOME": str(tmp_path / "hf"),
+    }
     run = subprocess.run(
         [sys.executable, "-m", "stepserve", "serve", "--model_id", "org/gated", "--http_port", "0"],
-        env=env, capture_output=True, text=True, timeout=120,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert run.returncode == 2, run.stderr
     assert "gated" in run.stderr and "Traceback" not in run.stderr

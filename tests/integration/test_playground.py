@@ -22,11 +22,15 @@ pytestmark = pytest.mark.slow
 
 MODEL = "scripted"
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
-INSTALL_HINT = "needs Debian's chromium and chromium-driver (apt-get install chromium chromium-driver) and selenium (pip install selenium)"
+INSTALL_HINT = (
+    "needs Debian's chromium and chromium-driver (apt-get install chromium chromium-driver) "
+    "and selenium (pip install selenium)"
+)
 ARTIFACTS = Path(os.environ.get("STEPSERVE_TEST_ARTIFACTS", Path(__file__).parents[2] / "test-artifacts"))
 STATS_LINE = re.compile(
     r"Avg prompt throughput: ([\d.]+) tokens/s, Avg generation throughput: ([\d.]+) tokens/s, "
-    r"Running: (\d+) reqs, Waiting: (\d+) reqs, KV cache usage: ([\d.]+)%, Prefix cache hit rate: ([\d.]+)%, Engine restarts: (\d+)"
+    r"Running: (\d+) reqs, Waiting: (\d+) reqs, KV cache usage: ([\d.]+)%, "
+    r"Prefix cache hit rate: ([\d.]+)%, Engine restarts: (\d+)"
 )
 
 
@@ -46,8 +50,21 @@ def api_key():
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, api_key):
     model = write_scripted_model(tmp_path_factory.mktemp("scripted") / "model", max_shard_size="200KB")
-    args = ["--model", str(model), "--model_name", MODEL, "--max-model-len", "4096", "--num-blocks", "600", "--log-stats-interval", "1"]
-    live = start_server(args + (["--api-key", api_key] if api_key else []), tmp_path_factory.mktemp("logs") / "server.log")
+    args = [
+        "--model",
+        str(model),
+        "--model_name",
+        MODEL,
+        "--max-model-len",
+        "4096",
+        "--num-blocks",
+        "600",
+        "--log-stats-interval",
+        "1",
+    ]
+    live = start_server(
+        args + (["--api-key", api_key] if api_key else []), tmp_path_factory.mktemp("logs") / "server.log"
+    )
     yield live
     live.stop()
 
@@ -134,8 +151,13 @@ def test_stop_aborts_a_long_answer_and_the_server_frees_it(browser, http):
     assert read_metric(http, "stepserve:num_requests_running", model_name=MODEL) == 1
     browser.find_element("id", "stop-button").click()
     wait_for(lambda: answer.get_attribute("data-state") == "stopped", "the page to stop")
-    wait_for(lambda: read_metric(http, "stepserve:num_requests_running", model_name=MODEL) == 0, "the running gauge to return to 0")
-    wait_for(lambda: read_metric(http, "stepserve:kv_cache_usage_perc", model_name=MODEL) == 0, "the KV blocks to be freed")
+    wait_for(
+        lambda: read_metric(http, "stepserve:num_requests_running", model_name=MODEL) == 0,
+        "the running gauge to return to 0",
+    )
+    wait_for(
+        lambda: read_metric(http, "stepserve:kv_cache_usage_perc", model_name=MODEL) == 0, "the KV blocks to be freed"
+    )
     assert read_metric(http, "stepserve:request_success_total", model_name=MODEL, finished_reason="abort") >= 1
     assert len(content(answer)) < 3000 and "stopped" in answer.find_element("css selector", ".stats").text
 
@@ -171,11 +193,16 @@ def test_the_api_key_is_asked_for_and_kept_in_this_tab_only(browser, api_key):
     if not api_key:
         pytest.skip("this server has no --api-key yet (issue 12); the page's key prompt is exercised once it has")
     assert browser.execute_script("return sessionStorage.getItem('stepserve.apiKey')") == api_key
-    assert browser.execute_script("return localStorage.length") == 0 and browser.execute_script("return document.cookie") == ""
+    assert (
+        browser.execute_script("return localStorage.length") == 0
+        and browser.execute_script("return document.cookie") == ""
+    )
 
 
 def test_each_weights_shard_is_logged(server):
-    lines = re.findall(r"loaded weights shard (\d)/(\d) \((model-\d+-of-\d+\.safetensors)\): (\d+) tensors", server.log())
+    lines = re.findall(
+        r"loaded weights shard (\d)/(\d) \((model-\d+-of-\d+\.safetensors)\): (\d+) tensors", server.log()
+    )
     assert [(i, n) for i, n, _, _ in lines] == [("1", "3"), ("2", "3"), ("3", "3")]
     assert sum(int(count) for *_, count in lines) == 21  # 2 layers x 9 tensors + embeddings, norm, head
 
@@ -188,7 +215,11 @@ def test_stats_line_every_interval_shows_the_work_done(server, http):
         busy = [i for i, m in enumerate(lines) if float(m[1]) > 0]
         return bool(busy) and len(lines) > busy[0] + 1
 
-    wait_for(lambda: busy_then_more(STATS_LINE.findall(server.log())), "a stats line with generation throughput, then another", 10)
+    wait_for(
+        lambda: busy_then_more(STATS_LINE.findall(server.log())),
+        "a stats line with generation throughput, then another",
+        10,
+    )
     lines = STATS_LINE.findall(server.log())
     assert all(m[6] == "0" for m in lines)
     busy = [m for m in lines if float(m[1]) > 0]

@@ -35,7 +35,9 @@ def params(cfg, **kw) -> SamplingParams:
 
 def sampling_batch(params_list, vocab, prompt=(1, 2, 3), outputs=(), shared=None):
     ids = list(prompt) + list(outputs)
-    requests = [ScheduledRequest(f"r{i}", ids, 0, len(ids), [], p, len(prompt), True, 1) for i, p in enumerate(params_list)]
+    requests = [
+        ScheduledRequest(f"r{i}", ids, 0, len(ids), [], p, len(prompt), True, 1) for i, p in enumerate(params_list)
+    ]
     return S.build_sampling_batch(requests, (), vocab, torch.device("cpu"), shared)
 
 
@@ -61,7 +63,9 @@ def test_allowed_tokens_equal_transformers_warpers(source, request):
     elif source == "tiny llama":
         logits = last_logits(request.getfixturevalue("tiny_llm"), request.getfixturevalue("tiny_hf"), PROMPTS)
     else:
-        logits = last_logits(request.getfixturevalue("embedded_f32"), request.getfixturevalue("embedded_hf"), PROMPTS[:2])
+        logits = last_logits(
+            request.getfixturevalue("embedded_f32"), request.getfixturevalue("embedded_hf"), PROMPTS[:2]
+        )
     rows = [(row, cfg) for row in logits for cfg in CONFIGS]
     batch = sampling_batch([params(cfg) for _, cfg in rows], logits.shape[1])
     probs = S.sampling_probs(torch.stack([row for row, _ in rows]), batch)
@@ -78,7 +82,9 @@ def test_draw_frequencies_chi_square(cfg, tiny_llm, tiny_hf):
     ref = warped(row[None], *cfg)[0].softmax(-1)
     shared = torch.Generator().manual_seed(1)
     for count, seeded in ((20000, False), (3000, True)):
-        batch = sampling_batch([params(cfg, seed=i if seeded else None) for i in range(count)], row.numel(), shared=shared)
+        batch = sampling_batch(
+            [params(cfg, seed=i if seeded else None) for i in range(count)], row.numel(), shared=shared
+        )
         tokens = S.sample(row.expand(count, -1).clone(), batch)
         p = chi2_pvalue(torch.bincount(tokens, minlength=row.numel()), ref)
         assert p > CHI2_ALPHA, (cfg, seeded, p)
@@ -87,7 +93,11 @@ def test_draw_frequencies_chi_square(cfg, tiny_llm, tiny_hf):
 def test_engine_draws_match_transformers_warpers(tiny_llm, tiny_hf):
     """Through the whole engine: 300 seeded choices of one token for each of three prompts,
     batched together; every token the warpers allow appears, no other, at the right rates."""
-    cases = [("zz", (2.0, 4, 1.0, 0.0)), ("The quick brown fox", (1.0, 0, 0.4, 0.0)), ("Hello there", (0.5, 0, 1.0, 0.15))]
+    cases = [
+        ("zz", (2.0, 4, 1.0, 0.0)),
+        ("The quick brown fox", (1.0, 0, 0.4, 0.0)),
+        ("Hello there", (0.5, 0, 1.0, 0.15)),
+    ]
     n = 300
     outs = tiny_llm.generate([p for p, _ in cases], [params(cfg, n=n, seed=5, ignore_eos=True) for _, cfg in cases])
     logits = last_logits(tiny_llm, tiny_hf, [p for p, _ in cases])
@@ -106,19 +116,34 @@ def test_repetition_penalty_equals_transformers_generate(fixture, request):
     model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     for prompt, penalty in (("zz", 1.3), ("abcabcabc", 0.7), ("Once upon a time", 1.8)):
         ids = llm.tokenizer.encode(prompt)
-        got = llm.generate([ids], SamplingParams(temperature=0, max_tokens=30, ignore_eos=True, repetition_penalty=penalty))
+        got = llm.generate(
+            [ids], SamplingParams(temperature=0, max_tokens=30, ignore_eos=True, repetition_penalty=penalty)
+        )
         want = model.generate(
-            torch.tensor([ids]), max_new_tokens=30, min_new_tokens=30, do_sample=False, repetition_penalty=penalty,
-            eos_token_id=None, pad_token_id=0,
+            torch.tensor([ids]),
+            max_new_tokens=30,
+            min_new_tokens=30,
+            do_sample=False,
+            repetition_penalty=penalty,
+            eos_token_id=None,
+            pad_token_id=0,
         )[0, len(ids) :].tolist()
         assert got[0].outputs[0].token_ids == want, (prompt, penalty)
 
 
 def test_repetition_penalty_on_the_embedded_model(embedded_f32, embedded_hf):
     ids = embedded_f32.tokenizer.encode("List the colours of the rainbow: red, orange,")
-    got = embedded_f32.generate([ids], SamplingParams(temperature=0, max_tokens=20, ignore_eos=True, repetition_penalty=1.25))
+    got = embedded_f32.generate(
+        [ids], SamplingParams(temperature=0, max_tokens=20, ignore_eos=True, repetition_penalty=1.25)
+    )
     want = embedded_hf.generate(
-        torch.tensor([ids]), max_new_tokens=20, min_new_tokens=20, do_sample=False, repetition_penalty=1.25, eos_token_id=None, pad_token_id=0,
+        torch.tensor([ids]),
+        max_new_tokens=20,
+        min_new_tokens=20,
+        do_sample=False,
+        repetition_penalty=1.25,
+        eos_token_id=None,
+        pad_token_id=0,
     )[0, len(ids) :].tolist()
     assert got[0].outputs[0].token_ids == want
 
@@ -130,7 +155,9 @@ PENALTY_CASES = [
     dict(frequency_penalty=-0.4, presence_penalty=0.3),
     dict(logit_bias={65: 3.0, 66: -100.0, 97: 2.5}),
     dict(logit_bias={EOS_ID: 8.0}, min_tokens=6),  # EOS would win at once; forbidden for 6 tokens
-    dict(logit_bias={EOS_ID: 8.0, 120: 9.0}, min_tokens=6, ignore_eos=True, stop_token_ids=[120]),  # EOS is no stop here
+    dict(
+        logit_bias={EOS_ID: 8.0, 120: 9.0}, min_tokens=6, ignore_eos=True, stop_token_ids=[120]
+    ),  # EOS is no stop here
     dict(logit_bias={120: 6.0, 65: 6.0}, min_tokens=4, ignore_eos=True, stop_token_ids=[120, 65]),
 ]
 
@@ -142,8 +169,14 @@ def test_penalties_bias_min_tokens_equal_the_formula(case, tiny_llm, tiny_hf):
         ids = tiny_llm.tokenizer.encode(prompt)
         out = tiny_llm.generate([ids], SamplingParams(temperature=0, max_tokens=24, **case))[0].outputs[0]
         want = reference_greedy(
-            tiny_hf, ids, 24, presence=case.get("presence_penalty", 0.0), frequency=case.get("frequency_penalty", 0.0),
-            bias=case.get("logit_bias"), min_tokens=case.get("min_tokens", 0), stop_ids=stop_ids,
+            tiny_hf,
+            ids,
+            24,
+            presence=case.get("presence_penalty", 0.0),
+            frequency=case.get("frequency_penalty", 0.0),
+            bias=case.get("logit_bias"),
+            min_tokens=case.get("min_tokens", 0),
+            stop_ids=stop_ids,
             eos=None if case.get("ignore_eos") else EOS_ID,
         )
         assert out.token_ids == want, (prompt, case)
@@ -158,10 +191,14 @@ def test_offline_logprobs_equal_transformers_log_softmax(temperature, tiny_llm, 
     for prompt, out in zip(prompts, tiny_llm.generate(prompts, sp)):
         c = out.outputs[0]
         assert len(c.logprobs) == 16 and all(lp.token_id == t for lp, t in zip(c.logprobs, c.token_ids))
-        assert_logprobs_match(tiny_hf, out.prompt_token_ids, c.token_ids, [lp.logprob for lp in c.logprobs], [lp.top for lp in c.logprobs])
+        assert_logprobs_match(
+            tiny_hf, out.prompt_token_ids, c.token_ids, [lp.logprob for lp in c.logprobs], [lp.top for lp in c.logprobs]
+        )
     chat = tiny_llm.chat([{"role": "user", "content": "Hi, who are you?"}], sp)[0]
     c = chat.outputs[0]
-    assert_logprobs_match(tiny_hf, chat.prompt_token_ids, c.token_ids, [lp.logprob for lp in c.logprobs], [lp.top for lp in c.logprobs])
+    assert_logprobs_match(
+        tiny_hf, chat.prompt_token_ids, c.token_ids, [lp.logprob for lp in c.logprobs], [lp.top for lp in c.logprobs]
+    )
 
 
 def test_embedded_logprobs_and_chunked_prefill_equal_transformers(embedded_f32, embedded_hf):
@@ -172,9 +209,21 @@ def test_embedded_logprobs_and_chunked_prefill_equal_transformers(embedded_f32, 
     assert len(ids) > 2 * llm.config.scheduler.max_num_batched_tokens
     sp = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, logprobs=5)
     out = llm.generate([ids], sp)[0].outputs[0]
-    want = embedded_hf.generate(torch.tensor([ids]), max_new_tokens=8, min_new_tokens=8, do_sample=False, eos_token_id=None, pad_token_id=0)
+    want = embedded_hf.generate(
+        torch.tensor([ids]), max_new_tokens=8, min_new_tokens=8, do_sample=False, eos_token_id=None, pad_token_id=0
+    )
     assert out.token_ids == want[0, len(ids) :].tolist()
-    assert_logprobs_match(embedded_hf, ids, out.token_ids, [lp.logprob for lp in out.logprobs], [lp.top for lp in out.logprobs])
-    chat = llm.chat([{"role": "user", "content": "What is the capital of France?"}], sp.replace(temperature=0.8, seed=11))[0]
+    assert_logprobs_match(
+        embedded_hf, ids, out.token_ids, [lp.logprob for lp in out.logprobs], [lp.top for lp in out.logprobs]
+    )
+    chat = llm.chat(
+        [{"role": "user", "content": "What is the capital of France?"}], sp.replace(temperature=0.8, seed=11)
+    )[0]
     c = chat.outputs[0]
-    assert_logprobs_match(embedded_hf, chat.prompt_token_ids, c.token_ids, [lp.logprob for lp in c.logprobs], [lp.top for lp in c.logprobs])
+    assert_logprobs_match(
+        embedded_hf,
+        chat.prompt_token_ids,
+        c.token_ids,
+        [lp.logprob for lp in c.logprobs],
+        [lp.top for lp in c.logprobs],
+    )

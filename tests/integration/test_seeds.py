@@ -47,7 +47,11 @@ def test_seed_gives_same_tokens_whatever_the_engine_does(tiny_llama, llm):
     alone = [tokens(llm, [p], q)[0] for p, q in zip(prompts, params)]
     assert tokens(llm, prompts, params) == alone  # batched together
     noise = [SamplingParams(temperature=1.0, max_tokens=n, ignore_eos=True) for n in (5, 33, 17)]
-    mixed = tokens(llm, ["a", prompts[0], "xyz " * 30, prompts[1], "b", prompts[2]], [noise[0], params[0], noise[1], params[1], noise[2], params[2]])
+    mixed = tokens(
+        llm,
+        ["a", prompts[0], "xyz " * 30, prompts[1], "b", prompts[2]],
+        [noise[0], params[0], noise[1], params[1], noise[2], params[2]],
+    )
     assert mixed[1::2] == alone  # beside unseeded requests that come and go
     for options in (
         dict(num_scheduler_steps=8),  # 8 decode steps per pass

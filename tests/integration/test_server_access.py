@@ -30,7 +30,9 @@ def test_key_from_the_environment(monkeypatch):
     args = argparse.Namespace(**{name: f.default for name, f in AccessConfig.__dataclass_fields__.items()})
     monkeypatch.setenv("STEPSERVE_API_KEY", KEY)
     assert access_config_from_args(args).api_key == KEY
-    assert access_config_from_args(argparse.Namespace(**{**vars(args), "api_key": "flag"})).api_key == "flag"  # the flag wins
+    assert (
+        access_config_from_args(argparse.Namespace(**{**vars(args), "api_key": "flag"})).api_key == "flag"
+    )  # the flag wins
     monkeypatch.delenv("STEPSERVE_API_KEY")
     assert access_config_from_args(args).api_key is None
 
@@ -38,8 +40,15 @@ def test_key_from_the_environment(monkeypatch):
 def test_key_comparison_and_open_paths():
     assert api_key_ok(None, None)
     assert api_key_ok(KEY, f"Bearer {KEY}") and api_key_ok(KEY, f"bearer {KEY}")
-    assert not api_key_ok(KEY, None) and not api_key_ok(KEY, KEY) and not api_key_ok(KEY, f"Bearer {KEY}x") and not api_key_ok(KEY, f"Basic {KEY}")
-    assert all(is_open_path(p) for p in ("/health", "/metrics", "/v2/health/live", "/v2/health/ready", "/v2/models/m/ready"))
+    assert (
+        not api_key_ok(KEY, None)
+        and not api_key_ok(KEY, KEY)
+        and not api_key_ok(KEY, f"Bearer {KEY}x")
+        and not api_key_ok(KEY, f"Basic {KEY}")
+    )
+    assert all(
+        is_open_path(p) for p in ("/health", "/metrics", "/v2/health/live", "/v2/health/ready", "/v2/models/m/ready")
+    )
     assert not any(is_open_path(p) for p in ("/v1/models", "/v2/models/m", "/v2/models/m/infer", "/", "/docs"))
     assert KEY not in repr(AccessConfig(api_key=KEY))
     from starlette._utils import get_route_path  # the router's rule: the key check must agree with it
@@ -61,9 +70,26 @@ def tls(tmp_path_factory):
         pytest.skip("openssl is needed to make a test certificate")
     folder = tmp_path_factory.mktemp("tls")
     subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost",
-         "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1", "-keyout", str(folder / "key.pem"), "-out", str(folder / "cert.pem")],
-        check=True, capture_output=True,
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=localhost",
+            "-addext",
+            "subjectAltName=DNS:localhost,IP:127.0.0.1",
+            "-keyout",
+            str(folder / "key.pem"),
+            "-out",
+            str(folder / "cert.pem"),
+        ],
+        check=True,
+        capture_output=True,
     )
     return folder / "key.pem", folder / "cert.pem"
 
@@ -73,19 +99,50 @@ def server(tiny_llama, tls, tmp_path_factory):
     port, grpc_port = free_port(), free_port()
     log_path = tmp_path_factory.mktemp("logs") / "server.log"
     args = [
-        "--model", str(tiny_llama), "--model_name", MODEL, "--max-model-len", "128", "--num-blocks", "64",
-        "--host", "127.0.0.1", "--http_port", str(port), "--api-key", KEY, "--allowed-origins", ORIGIN,
-        "--root-path", "/prefix", "--max-request-body-bytes", str(LIMIT), "--ssl-keyfile", str(tls[0]), "--ssl-certfile", str(tls[1]),
-        "--enable_grpc", "--grpc_port", str(grpc_port), "--access-log",
+        "--model",
+        str(tiny_llama),
+        "--model_name",
+        MODEL,
+        "--max-model-len",
+        "128",
+        "--num-blocks",
+        "64",
+        "--host",
+        "127.0.0.1",
+        "--http_port",
+        str(port),
+        "--api-key",
+        KEY,
+        "--allowed-origins",
+        ORIGIN,
+        "--root-path",
+        "/prefix",
+        "--max-request-body-bytes",
+        str(LIMIT),
+        "--ssl-keyfile",
+        str(tls[0]),
+        "--ssl-certfile",
+        str(tls[1]),
+        "--enable_grpc",
+        "--grpc_port",
+        str(grpc_port),
+        "--access-log",
     ]
     with open(log_path, "w") as log:
-        process = subprocess.Popen([sys.executable, "-m", "stepserve", "serve", *args], stdout=log, stderr=subprocess.STDOUT)
+        process = subprocess.Popen(
+            [sys.executable, "-m", "stepserve", "serve", *args], stdout=log, stderr=subprocess.STDOUT
+        )
     live = LiveServer(f"https://127.0.0.1:{port}", process, log_path)
     deadline = time.monotonic() + 180
     while True:
         assert process.poll() is None and time.monotonic() < deadline, live.log()
         try:
-            if httpx.get(live.url + "/v2/health/ready", verify=ssl.create_default_context(cafile=str(tls[1])), timeout=2).status_code == 200:
+            if (
+                httpx.get(
+                    live.url + "/v2/health/ready", verify=ssl.create_default_context(cafile=str(tls[1])), timeout=2
+                ).status_code
+                == 200
+            ):
                 break
         except httpx.HTTPError:
             time.sleep(0.2)
@@ -95,7 +152,9 @@ def server(tiny_llama, tls, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def http(server, tls):
-    with httpx.Client(base_url=server[0].url, verify=ssl.create_default_context(cafile=str(tls[1])), timeout=60) as client:
+    with httpx.Client(
+        base_url=server[0].url, verify=ssl.create_default_context(cafile=str(tls[1])), timeout=60
+    ) as client:
         yield client
 
 
@@ -105,9 +164,20 @@ GUARDED = [
     ("GET", "/v1/models", None),
     ("GET", "/openai/v1/models", None),
     ("POST", "/v1/completions", COMPLETION),
-    ("POST", "/openai/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}),
+    (
+        "POST",
+        "/openai/v1/chat/completions",
+        {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2},
+    ),
     ("POST", f"/v1/models/{MODEL}:predict", {"instances": ["hi"], "parameters": {"max_tokens": 2}}),
-    ("POST", f"/v2/models/{MODEL}/infer", {"inputs": [{"name": "text_input", "shape": [1], "datatype": "BYTES", "data": ["hi"]}], "parameters": {"max_tokens": 2}}),
+    (
+        "POST",
+        f"/v2/models/{MODEL}/infer",
+        {
+            "inputs": [{"name": "text_input", "shape": [1], "datatype": "BYTES", "data": ["hi"]}],
+            "parameters": {"max_tokens": 2},
+        },
+    ),
     ("GET", f"/v2/models/{MODEL}", None),
 ]
 
@@ -142,13 +212,24 @@ def test_openai_client_and_root_path(server, http, tls):
 
 @pytest.mark.slow
 def test_cors(http):
-    preflight = {"Origin": ORIGIN, "Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "authorization,content-type"}
+    preflight = {
+        "Origin": ORIGIN,
+        "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "authorization,content-type",
+    }
     response = http.options("/v1/completions", headers=preflight)
     assert response.status_code == 200 and response.headers["access-control-allow-origin"] == ORIGIN
-    assert http.options("/v1/completions", headers=preflight | {"Origin": "https://evil.example.com"}).status_code == 400
+    assert (
+        http.options("/v1/completions", headers=preflight | {"Origin": "https://evil.example.com"}).status_code == 400
+    )
     denied = http.get("/v1/models", headers={"Origin": ORIGIN})
-    assert denied.status_code == 401 and denied.headers["access-control-allow-origin"] == ORIGIN  # the browser may read the 401
-    assert "access-control-allow-origin" not in http.get("/v1/models", headers={**AUTH, "Origin": "https://evil.example.com"}).headers
+    assert (
+        denied.status_code == 401 and denied.headers["access-control-allow-origin"] == ORIGIN
+    )  # the browser may read the 401
+    assert (
+        "access-control-allow-origin"
+        not in http.get("/v1/models", headers={**AUTH, "Origin": "https://evil.example.com"}).headers
+    )
 
 
 @pytest.mark.slow
@@ -173,8 +254,12 @@ def test_grpc_needs_the_key_over_tls(server, tls):
     with grpc.secure_channel(f"localhost:{server[1]}", credentials) as channel:
         stub = pb_grpc.GRPCInferenceServiceStub(channel)
         assert stub.ServerReady(pb.ServerReadyRequest()).ready  # probes stay open
-        tensor = pb.ModelInferRequest.InferInputTensor(name="text_input", datatype="BYTES", shape=[1], contents=pb.InferTensorContents(bytes_contents=[b"hi"]))
-        request = pb.ModelInferRequest(model_name=MODEL, inputs=[tensor], parameters={"max_tokens": pb.InferParameter(int64_param=2)})
+        tensor = pb.ModelInferRequest.InferInputTensor(
+            name="text_input", datatype="BYTES", shape=[1], contents=pb.InferTensorContents(bytes_contents=[b"hi"])
+        )
+        request = pb.ModelInferRequest(
+            model_name=MODEL, inputs=[tensor], parameters={"max_tokens": pb.InferParameter(int64_param=2)}
+        )
         with pytest.raises(grpc.RpcError) as info:
             stub.ModelInfer(request)
         assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED

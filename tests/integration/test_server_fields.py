@@ -11,7 +11,14 @@ import pytest
 from live_server import start_server
 
 MODEL = "tiny"
-GENERATION_CONFIG = {"eos_token_id": [256], "bos_token_id": 257, "do_sample": True, "temperature": 0.7, "top_k": 1, "max_new_tokens": 3}
+GENERATION_CONFIG = {
+    "eos_token_id": [256],
+    "bos_token_id": 257,
+    "do_sample": True,
+    "temperature": 0.7,
+    "top_k": 1,
+    "max_new_tokens": 3,
+}
 C, H = "/v1/completions", "/v1/chat/completions"
 V1, V2 = f"/v1/models/{MODEL}:predict", f"/v2/models/{MODEL}/infer"
 USER = [{"role": "user", "content": "hi"}]
@@ -60,7 +67,9 @@ def test_defaults_apply_only_to_fields_left_out(http):
     given = ok(http.post(H, json={"messages": USER, "max_tokens": 5} | FORCE))
     assert given["usage"]["completion_tokens"] == 5  # a given max_tokens is not capped
     # top_k given (0: all tokens) at a high temperature: four samples of 3 tokens out of 320 differ
-    sampled = ok(http.post(C, json={"prompt": "hi", "n": 4, "top_k": 0, "temperature": 5.0, "seed": 1} | FORCE))["choices"]
+    sampled = ok(http.post(C, json={"prompt": "hi", "n": 4, "top_k": 0, "temperature": 5.0, "seed": 1} | FORCE))[
+        "choices"
+    ]
     assert len({c["text"] for c in sampled}) > 1
     defaults = ok(http.post(C, json={"prompt": "hi", "n": 4, "seed": 1} | FORCE))["choices"]
     assert len({c["text"] for c in defaults}) == 1  # top_k=1 from the model
@@ -74,8 +83,19 @@ def test_defaults_apply_only_to_fields_left_out(http):
         (H, {"messages": [{"role": "user", "content": "hi", "lang": "en"}]}, "messages[0].lang"),
         (V1, {"instances": ["hi"], "parameters": {"watermark": True}}, "parameters.watermark"),
         (V1, {"instances": ["hi"], "parameters": {"stream": True}}, "parameters.stream"),
-        (V2, {"inputs": [{"name": "text_input", "shape": [1], "datatype": "BYTES", "data": ["hi"]}], "priority": 1}, "priority"),
-        (V2, {"inputs": [{"name": "text_input", "shape": [1], "datatype": "BYTES", "data": ["hi"]}], "parameters": {"details": True}}, "parameters.details"),
+        (
+            V2,
+            {"inputs": [{"name": "text_input", "shape": [1], "datatype": "BYTES", "data": ["hi"]}], "priority": 1},
+            "priority",
+        ),
+        (
+            V2,
+            {
+                "inputs": [{"name": "text_input", "shape": [1], "datatype": "BYTES", "data": ["hi"]}],
+                "parameters": {"details": True},
+            },
+            "parameters.details",
+        ),
     ],
 )
 def test_unknown_fields_are_400s_naming_them(http, route, body, param):
@@ -87,7 +107,15 @@ def test_unknown_fields_are_400s_naming_them(http, route, body, param):
 def test_kserve_v1_hugging_face_spellings(http):
     hf = {"max_new_tokens": 4, "do_sample": False, "return_full_text": True} | FORCE
     body = ok(http.post(V1, json={"instances": ["hello", "there"], "parameters": hf}))
-    ours = ok(http.post(V1, json={"instances": ["hello", "there"], "parameters": {"max_tokens": 4, "temperature": 0, "echo": True} | FORCE}))
+    ours = ok(
+        http.post(
+            V1,
+            json={
+                "instances": ["hello", "there"],
+                "parameters": {"max_tokens": 4, "temperature": 0, "echo": True} | FORCE,
+            },
+        )
+    )
     assert body == ours and body["predictions"][0].startswith("hello") and len(body["predictions"][0]) > len("hello")
     with_logprobs = ok(http.post(V1, json={"instances": ["hello"], "parameters": hf | {"logprobs": 1}}))
     assert len(with_logprobs["logprobs"][0]["token_logprobs"]) == len("hello") + 4  # the echoed prompt, then 4 tokens
@@ -96,7 +124,12 @@ def test_kserve_v1_hugging_face_spellings(http):
 def test_kserve_v2_batch_logprobs_and_bad_tensors(http):
     tensor = {"name": "text_input", "shape": [3], "datatype": "BYTES", "data": ["a", "b", "c"]}
     params = {"max_tokens": 2, "temperature": 0} | FORCE
-    body = ok(http.post(V2, json={"inputs": [tensor], "parameters": params, "outputs": [{"name": "text_output"}, {"name": "logprobs"}]}))
+    body = ok(
+        http.post(
+            V2,
+            json={"inputs": [tensor], "parameters": params, "outputs": [{"name": "text_output"}, {"name": "logprobs"}]},
+        )
+    )
     text, logprobs = body["outputs"]
     assert text["shape"] == [3] and len(text["data"]) == 3 and logprobs["name"] == "logprobs"
     assert [len(json.loads(x)["token_logprobs"]) for x in logprobs["data"]] == [2, 2, 2]

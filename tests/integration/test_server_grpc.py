@@ -31,7 +31,17 @@ def server(tiny_llama, tmp_path_factory):
     with FakeHub({MODEL: FakeRepo(repo_from_dir(tiny_llama))}) as hub, pytest.MonkeyPatch.context() as mp:
         mp.setenv("HF_ENDPOINT", hub.url)
         mp.setenv("HF_HOME", str(home))
-        args = ["--model_id", MODEL, "--max-model-len", "128", "--num-blocks", "64", "--enable_grpc", "--grpc_port", str(grpc_port)]
+        args = [
+            "--model_id",
+            MODEL,
+            "--max-model-len",
+            "128",
+            "--num-blocks",
+            "64",
+            "--enable_grpc",
+            "--grpc_port",
+            str(grpc_port),
+        ]
         live = start_server(args, home / "server.log")
     assert (home / "hub" / "models--org--tiny" / "snapshots").is_dir()  # HF_HOME was honoured
     channel = grpc.insecure_channel(f"127.0.0.1:{grpc_port}")
@@ -41,9 +51,25 @@ def server(tiny_llama, tmp_path_factory):
 
 
 def infer_request(texts, model=MODEL, params=PARAMS, **tensor):
-    parameters = {k: pb.InferParameter(**{{bool: "bool_param", int: "int64_param"}.get(type(v), "string_param"): v if type(v) in (bool, int) else str(v)}) for k, v in params.items()}
-    fields = {"name": "text_input", "datatype": "BYTES", "shape": [len(texts)], "contents": pb.InferTensorContents(bytes_contents=[t.encode() for t in texts])} | tensor
-    return pb.ModelInferRequest(model_name=model, id="g-1", inputs=[pb.ModelInferRequest.InferInputTensor(**fields)], parameters=parameters)
+    parameters = {
+        k: pb.InferParameter(
+            **{
+                {bool: "bool_param", int: "int64_param"}.get(type(v), "string_param"): v
+                if type(v) in (bool, int)
+                else str(v)
+            }
+        )
+        for k, v in params.items()
+    }
+    fields = {
+        "name": "text_input",
+        "datatype": "BYTES",
+        "shape": [len(texts)],
+        "contents": pb.InferTensorContents(bytes_contents=[t.encode() for t in texts]),
+    } | tensor
+    return pb.ModelInferRequest(
+        model_name=model, id="g-1", inputs=[pb.ModelInferRequest.InferInputTensor(**fields)], parameters=parameters
+    )
 
 
 def rpc_error(call) -> grpc.RpcError:
@@ -60,7 +86,9 @@ def test_health_and_metadata(server):
     assert stub.ServerMetadata(pb.ServerMetadataRequest()).name == "stepserve"
     meta = stub.ModelMetadata(pb.ModelMetadataRequest(name=MODEL))
     assert meta.name == MODEL and meta.inputs[0].name == "text_input" and meta.outputs[0].datatype == "BYTES"
-    assert rpc_error(lambda: stub.ModelMetadata(pb.ModelMetadataRequest(name="other"))).code() == grpc.StatusCode.NOT_FOUND
+    assert (
+        rpc_error(lambda: stub.ModelMetadata(pb.ModelMetadataRequest(name="other"))).code() == grpc.StatusCode.NOT_FOUND
+    )
 
 
 def test_infer_matches_rest(server):
@@ -72,7 +100,9 @@ def test_infer_matches_rest(server):
     texts = [b.decode() for b in tensor.contents.bytes_contents]
     # The REST route can't carry a '/' in the model name: v1 and v2 REST answer the same as
     # /v1/completions, so compare with that (greedy, same parameters).
-    rest = httpx.post(live.url + "/v1/completions", json={"model": MODEL, "prompt": ["hello", "there"], **PARAMS}, timeout=60).json()
+    rest = httpx.post(
+        live.url + "/v1/completions", json={"model": MODEL, "prompt": ["hello", "there"], **PARAMS}, timeout=60
+    ).json()
     assert texts == [c["text"] for c in rest["choices"]]
     # BYTES in raw_input_contents (4-byte little-endian length, then the bytes), as KServe's and Triton's clients send.
     raw = b"".join(struct.pack("<I", len(t)) + t for t in (b"hello", b"there"))
@@ -121,7 +151,18 @@ def test_committed_stubs_match_the_proto(tmp_path):
     proto = "stepserve/server/proto/grpc_predict_v2.proto"
     (tmp_path / "stepserve/server/proto").mkdir(parents=True)
     (tmp_path / proto).write_bytes((root / proto).read_bytes())
-    command = [sys.executable, "-m", "grpc_tools.protoc", "-I.", "--python_out=.", "--grpc_python_out=.", "--pyi_out=.", proto]
+    command = [
+        sys.executable,
+        "-m",
+        "grpc_tools.protoc",
+        "-I.",
+        "--python_out=.",
+        "--grpc_python_out=.",
+        "--pyi_out=.",
+        proto,
+    ]
     subprocess.run(command, cwd=tmp_path, check=True)
     for name in ("grpc_predict_v2_pb2.py", "grpc_predict_v2_pb2.pyi", "grpc_predict_v2_pb2_grpc.py"):
-        assert (tmp_path / "stepserve/server/proto" / name).read_text() == (root / "stepserve/server/proto" / name).read_text(), name
+        assert (tmp_path / "stepserve/server/proto" / name).read_text() == (
+            root / "stepserve/server/proto" / name
+        ).read_text(), name

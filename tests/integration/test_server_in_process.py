@@ -18,7 +18,17 @@ TOL = 1e-4
 
 @pytest.fixture(scope="module")
 def server(tiny_llama, tmp_path_factory):
-    args = ["--model", str(tiny_llama), "--model_name", MODEL, "--max-model-len", "256", "--num-blocks", "256", "--engine-in-process"]
+    args = [
+        "--model",
+        str(tiny_llama),
+        "--model_name",
+        MODEL,
+        "--max-model-len",
+        "256",
+        "--num-blocks",
+        "256",
+        "--engine-in-process",
+    ]
     live = start_server(args, tmp_path_factory.mktemp("logs") / "server.log")
     yield live
     live.stop()
@@ -61,10 +71,20 @@ def check_position(ref_row: torch.Tensor, token_id: int, chosen: float, top: lis
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
 def test_completion_logprobs_equal_transformers(temperature, http, offline, hf):
     prompt = "Hello there"
-    body = {"model": MODEL, "prompt": prompt, "max_tokens": 10, "temperature": temperature, "seed": 21, "logprobs": 5, "ignore_eos": True}
+    body = {
+        "model": MODEL,
+        "prompt": prompt,
+        "max_tokens": 10,
+        "temperature": temperature,
+        "seed": 21,
+        "logprobs": 5,
+        "ignore_eos": True,
+    }
     choice = post(http, "/v1/completions", body)["choices"][0]
     ids = offline.tokenizer.encode(prompt)
-    mine = offline.generate([ids], SamplingParams(temperature=temperature, seed=21, max_tokens=10, ignore_eos=True))[0].outputs[0]
+    mine = offline.generate([ids], SamplingParams(temperature=temperature, seed=21, max_tokens=10, ignore_eos=True))[
+        0
+    ].outputs[0]
     decode = lambda i: offline.tokenizer.decode([i])  # noqa: E731
     lp = choice["logprobs"]
     assert lp["tokens"] == [decode(t) for t in mine.token_ids]  # the same tokens as offline, same seed
@@ -75,22 +95,43 @@ def test_completion_logprobs_equal_transformers(temperature, http, offline, hf):
 
 def test_chat_logprobs_equal_transformers(http, offline, hf):
     messages = [{"role": "user", "content": "Hi, who are you?"}]
-    body = {"model": MODEL, "messages": messages, "max_tokens": 10, "temperature": 0.8, "seed": 4, "logprobs": True, "top_logprobs": 5, "ignore_eos": True}
+    body = {
+        "model": MODEL,
+        "messages": messages,
+        "max_tokens": 10,
+        "temperature": 0.8,
+        "seed": 4,
+        "logprobs": True,
+        "top_logprobs": 5,
+        "ignore_eos": True,
+    }
     out = post(http, "/v1/chat/completions", body)
     ids = apply_chat_template(offline.tokenizer, messages, True)
     assert out["usage"]["prompt_tokens"] == len(ids)
-    mine = offline.generate([ids], SamplingParams(temperature=0.8, seed=4, max_tokens=10, ignore_eos=True))[0].outputs[0]
+    mine = offline.generate([ids], SamplingParams(temperature=0.8, seed=4, max_tokens=10, ignore_eos=True))[0].outputs[
+        0
+    ]
     decode = lambda i: offline.tokenizer.decode([i])  # noqa: E731
     content = out["choices"][0]["logprobs"]["content"]
     assert [e["token"] for e in content] == [decode(t) for t in mine.token_ids]
     ref = hf_logprobs(hf, ids, mine.token_ids)
     for t, (entry, token_id) in enumerate(zip(content, mine.token_ids)):
         assert len(entry["top_logprobs"]) == 5
-        check_position(ref[t], token_id, entry["logprob"], [(e["token"], e["logprob"]) for e in entry["top_logprobs"]], decode)
+        check_position(
+            ref[t], token_id, entry["logprob"], [(e["token"], e["logprob"]) for e in entry["top_logprobs"]], decode
+        )
 
 
 def test_seeded_n_choices_equal_the_offline_api(http, offline):
-    body = {"model": MODEL, "prompt": "abc", "max_tokens": 8, "n": 3, "temperature": 1.2, "seed": 900, "ignore_eos": True}
+    body = {
+        "model": MODEL,
+        "prompt": "abc",
+        "max_tokens": 8,
+        "n": 3,
+        "temperature": 1.2,
+        "seed": 900,
+        "ignore_eos": True,
+    }
     texts = [c["text"] for c in sorted(post(http, "/v1/completions", body)["choices"], key=lambda c: c["index"])]
     mine = offline.generate("abc", SamplingParams(n=3, temperature=1.2, seed=900, max_tokens=8, ignore_eos=True))[0]
     assert texts == [c.text for c in mine.outputs]
@@ -105,7 +146,10 @@ def test_kserve_default_max_tokens_and_v2_equal_v1_completions(http):
     texts = [c["text"] for c in sorted(completions["choices"], key=lambda c: c["index"])]
     v1 = post(http, f"/v1/models/{MODEL}:predict", {"instances": prompts, "parameters": greedy})
     assert v1["predictions"] == texts  # max_tokens left out: 16, as on /v1/completions
-    v2_body = {"inputs": [{"name": "text_input", "shape": [2], "datatype": "BYTES", "data": prompts}], "parameters": greedy}
+    v2_body = {
+        "inputs": [{"name": "text_input", "shape": [2], "datatype": "BYTES", "data": prompts}],
+        "parameters": greedy,
+    }
     assert post(http, f"/v2/models/{MODEL}/infer", v2_body)["outputs"][0]["data"] == texts
 
 

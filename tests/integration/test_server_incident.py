@@ -17,7 +17,18 @@ QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     # float32: the answer to QUESTION is a near tie in bfloat16 that AMX's rounding turns (test_incident.py).
-    args = ["--model_name", MODEL, "--num-scheduler-steps", "8", "--max-model-len", "512", "--num-blocks", "256", "--dtype", "float32"]
+    args = [
+        "--model_name",
+        MODEL,
+        "--num-scheduler-steps",
+        "8",
+        "--max-model-len",
+        "512",
+        "--num-blocks",
+        "256",
+        "--dtype",
+        "float32",
+    ]
     live = start_server(args, tmp_path_factory.mktemp("logs") / "server.log")
     yield live
     live.stop()
@@ -39,7 +50,9 @@ def ask(client):
 
 
 def complete(client):
-    return client.completions.create(model=MODEL, prompt="The capital of France is", temperature=0, extra_body={"ignore_eos": True})
+    return client.completions.create(
+        model=MODEL, prompt="The capital of France is", temperature=0, extra_body={"ignore_eos": True}
+    )
 
 
 def test_chat_without_max_tokens_ends_at_eos(client):
@@ -77,7 +90,9 @@ def test_disconnected_stream_is_aborted_and_frees_its_blocks(http, server):
         time.sleep(0.1)
     assert read_metric(http, "stepserve:kv_cache_usage_perc", model_name=MODEL) == 0
     assert read_metric(http, "stepserve:num_requests_running", model_name=MODEL) == 0
-    assert read_metric(http, "stepserve:request_success_total", finished_reason="abort", model_name=MODEL) == aborted + 1
+    assert (
+        read_metric(http, "stepserve:request_success_total", finished_reason="abort", model_name=MODEL) == aborted + 1
+    )
     assert "finish_reason=abort" in server.log()
 
 
@@ -90,7 +105,10 @@ def test_a_client_that_gives_up_on_a_plain_request_frees_its_blocks(server, http
         impatient.post("/v1/completions", json=body)
 
     def settled():
-        done = read_metric(http, "stepserve:request_success_total", finished_reason="abort", model_name=MODEL) == aborted + 1
+        done = (
+            read_metric(http, "stepserve:request_success_total", finished_reason="abort", model_name=MODEL)
+            == aborted + 1
+        )
         return done and read_metric(http, "stepserve:kv_cache_usage_perc", model_name=MODEL) == 0
 
     deadline = time.monotonic() + 30
@@ -108,9 +126,27 @@ def test_bench_sweep_and_plot_on_the_embedded_model(server, tmp_path):
 
     plot, out = tmp_path / "sweep.png", tmp_path / "sweep.json"
     command = [
-        sys.executable, "-m", "stepserve", "bench", "serve", "--base-url", server.url, "--sweep", "1,2",
-        "--num-prompts", "2", "--input-len", "8", "--output-len", "4", "--ignore-eos", "--disable-tqdm",
-        "--plot", str(plot), "--output-json", str(out),
+        sys.executable,
+        "-m",
+        "stepserve",
+        "bench",
+        "serve",
+        "--base-url",
+        server.url,
+        "--sweep",
+        "1,2",
+        "--num-prompts",
+        "2",
+        "--input-len",
+        "8",
+        "--output-len",
+        "4",
+        "--ignore-eos",
+        "--disable-tqdm",
+        "--plot",
+        str(plot),
+        "--output-json",
+        str(out),
     ]
     done = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr

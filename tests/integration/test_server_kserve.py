@@ -21,7 +21,10 @@ def metric(http: httpx.Client, name: str, **labels) -> float:
 
 
 def test_v1_predict(http):
-    body = {"instances": ["hello", {"text": "world"}], "parameters": {"max_tokens": 3, "temperature": 0, "ignore_eos": True}}
+    body = {
+        "instances": ["hello", {"text": "world"}],
+        "parameters": {"max_tokens": 3, "temperature": 0, "ignore_eos": True},
+    }
     response = http.post(f"/v1/models/{MODEL}:predict", json=body)
     assert response.status_code == 200, response.text
     predictions = response.json()["predictions"]
@@ -49,13 +52,19 @@ def test_v2_infer(http):
     assert out["model_name"] == MODEL and out["id"] == "req-1"
     (tensor,) = out["outputs"]
     assert tensor["name"] == "text_output" and tensor["datatype"] == "BYTES" and tensor["shape"] == [2]
-    v1 = http.post(f"/v1/models/{MODEL}:predict", json={"instances": ["hello", "there"], "parameters": body["parameters"]})
+    v1 = http.post(
+        f"/v1/models/{MODEL}:predict", json={"instances": ["hello", "there"], "parameters": body["parameters"]}
+    )
     assert tensor["data"] == v1.json()["predictions"]
 
 
 def test_v2_metadata_and_health(http):
     meta = http.get(f"/v2/models/{MODEL}").json()
-    assert meta["name"] == MODEL and meta["inputs"][0]["name"] == "text_input" and meta["outputs"][0]["datatype"] == "BYTES"
+    assert (
+        meta["name"] == MODEL
+        and meta["inputs"][0]["name"] == "text_input"
+        and meta["outputs"][0]["datatype"] == "BYTES"
+    )
     assert http.get(f"/v2/models/{MODEL}/ready").json() == {"name": MODEL, "ready": True}
     assert http.get("/v2/models/nope/ready").status_code == 404
     assert http.get("/v2/health/live").json() == {"live": True}

@@ -11,7 +11,16 @@ FORCE = {"ignore_eos": True}  # a random model may sample EOS; counts below need
 
 @pytest.fixture(scope="module")
 def server(tiny_llama, tmp_path_factory):
-    args = ["--model", str(tiny_llama), "--model_name", MODEL, "--max-model-len", str(MAX_MODEL_LEN), "--num-blocks", "256"]
+    args = [
+        "--model",
+        str(tiny_llama),
+        "--model_name",
+        MODEL,
+        "--max-model-len",
+        str(MAX_MODEL_LEN),
+        "--num-blocks",
+        "256",
+    ]
     live = start_server(args, tmp_path_factory.mktemp("logs") / "server.log")
     yield live
     live.stop()
@@ -23,7 +32,9 @@ def client(server):
 
 
 def greedy_completion(client, prompt="hello", max_tokens=12, **kw):
-    return client.completions.create(model=MODEL, prompt=prompt, max_tokens=max_tokens, temperature=0, extra_body=FORCE, **kw)
+    return client.completions.create(
+        model=MODEL, prompt=prompt, max_tokens=max_tokens, temperature=0, extra_body=FORCE, **kw
+    )
 
 
 def test_completion_counts_tokens(client):
@@ -37,14 +48,18 @@ def test_completion_counts_tokens(client):
 def test_completion_default_max_tokens_is_16_and_chat_default_is_the_rest(client):
     out = client.completions.create(model=MODEL, prompt="hi", temperature=0, extra_body=FORCE)
     assert out.usage.completion_tokens == 16
-    chat = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], temperature=0, extra_body=FORCE)
+    chat = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "hi"}], temperature=0, extra_body=FORCE
+    )
     assert chat.usage.completion_tokens == MAX_MODEL_LEN - chat.usage.prompt_tokens
     assert chat.choices[0].finish_reason == "length"
 
 
 def test_streamed_completion_equals_the_whole_one(client):
     whole = greedy_completion(client).choices[0]
-    stream = client.completions.create(model=MODEL, prompt="hello", max_tokens=12, temperature=0, stream=True, extra_body=FORCE)
+    stream = client.completions.create(
+        model=MODEL, prompt="hello", max_tokens=12, temperature=0, stream=True, extra_body=FORCE
+    )
     chunks = list(stream)
     assert "".join(c.choices[0].text for c in chunks) == whole.text
     assert chunks[-1].choices[0].finish_reason == "length"
@@ -66,7 +81,9 @@ def test_n_2_with_seed_gives_two_reproducible_choices(client):
 def test_seeded_chat_is_reproducible(client):
     def run(seed):
         messages = [{"role": "user", "content": "tell me"}]
-        return client.chat.completions.create(model=MODEL, messages=messages, max_tokens=8, temperature=1.0, seed=seed, logprobs=True)
+        return client.chat.completions.create(
+            model=MODEL, messages=messages, max_tokens=8, temperature=1.0, seed=seed, logprobs=True
+        )
 
     a, b = run(3), run(3)
     tokens = lambda r: [t.token for t in r.choices[0].logprobs.content]  # noqa: E731
@@ -104,12 +121,21 @@ def test_prompt_forms(client, tiny_llama):
     for prompt, choices in (("hello", 1), (["hello", "world"], 2), (ids, 1), ([ids, ids[:2]], 2)):
         out = greedy_completion(client, prompt, max_tokens=2)
         assert [c.index for c in out.choices] == list(range(choices))
-    assert greedy_completion(client, ids, max_tokens=4).choices[0].text == greedy_completion(client, "hello", max_tokens=4).choices[0].text
+    assert (
+        greedy_completion(client, ids, max_tokens=4).choices[0].text
+        == greedy_completion(client, "hello", max_tokens=4).choices[0].text
+    )
 
 
 def test_chat_logprobs_format(client):
     out = client.chat.completions.create(
-        model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=5, temperature=0, logprobs=True, top_logprobs=2, extra_body=FORCE
+        model=MODEL,
+        messages=[{"role": "user", "content": "hi"}],
+        max_tokens=5,
+        temperature=0,
+        logprobs=True,
+        top_logprobs=2,
+        extra_body=FORCE,
     )
     content = out.choices[0].logprobs.content
     assert len(content) == out.usage.completion_tokens == 5
@@ -121,8 +147,13 @@ def test_chat_logprobs_format(client):
 
 def test_chat_stream_with_usage(client):
     stream = client.chat.completions.create(
-        model=MODEL, messages=[{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}],
-        max_tokens=7, temperature=0, stream=True, stream_options={"include_usage": True}, extra_body=FORCE,
+        model=MODEL,
+        messages=[{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}],
+        max_tokens=7,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+        extra_body=FORCE,
     )
     chunks = list(stream)
     assert chunks[0].choices[0].delta.role == "assistant"
@@ -132,15 +163,24 @@ def test_chat_stream_with_usage(client):
     assert all(c.usage is None for c in chunks[:-1])
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     whole = client.chat.completions.create(
-        model=MODEL, messages=[{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}],
-        max_tokens=7, temperature=0, extra_body=FORCE,
+        model=MODEL,
+        messages=[{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}],
+        max_tokens=7,
+        temperature=0,
+        extra_body=FORCE,
     )
     assert text == whole.choices[0].message.content
 
 
 def test_chat_n_2_streams_both_choices(client):
     stream = client.chat.completions.create(
-        model=MODEL, messages=[{"role": "user", "content": "two"}], max_tokens=4, n=2, seed=1, stream=True, extra_body=FORCE
+        model=MODEL,
+        messages=[{"role": "user", "content": "two"}],
+        max_tokens=4,
+        n=2,
+        seed=1,
+        stream=True,
+        extra_body=FORCE,
     )
     finished = {c.choices[0].index for c in stream if c.choices and c.choices[0].finish_reason}
     assert finished == {0, 1}
@@ -154,7 +194,9 @@ def test_roles_and_max_completion_tokens(client):
         {"role": "tool", "content": "42", "tool_call_id": "call_1"},
         {"role": "user", "content": [{"type": "text", "text": "and?"}]},
     ]
-    out = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=9, max_completion_tokens=3, extra_body=FORCE)
+    out = client.chat.completions.create(
+        model=MODEL, messages=messages, max_tokens=9, max_completion_tokens=3, extra_body=FORCE
+    )
     assert out.usage.completion_tokens == 3
 
 

@@ -76,7 +76,13 @@ BAD = [  # (id, route, body (dict or raw text), status, the parameter the error 
     ("chat role bogus", H, chat(messages=[{"role": "bogus", "content": "x"}]), 400, "messages"),
     ("chat messages a string", H, chat(messages="hi"), 400, "messages"),
     ("chat content a number", H, chat(messages=[{"role": "user", "content": 5}]), 400, "messages"),
-    ("chat content part type", H, chat(messages=[{"role": "user", "content": [{"type": "image_url"}]}]), 400, "messages"),
+    (
+        "chat content part type",
+        H,
+        chat(messages=[{"role": "user", "content": [{"type": "image_url"}]}]),
+        400,
+        "messages",
+    ),
     ("chat max_tokens=0", H, chat(max_tokens=0), 400, "max_tokens"),
     ("chat max_completion_tokens=0", H, chat(max_completion_tokens=0), 400, "max_completion_tokens"),
     ("chat max_completion_tokens over limit", H, chat(max_completion_tokens=LIMIT + 1), 400, "max_completion_tokens"),
@@ -84,14 +90,32 @@ BAD = [  # (id, route, body (dict or raw text), status, the parameter the error 
     ("chat top_logprobs without logprobs", H, chat(top_logprobs=2), 400, "top_logprobs"),
     ("chat logprobs not a bool", H, chat(logprobs=3), 400, "logprobs"),
     ("chat temperature=200", H, chat(temperature=200), 400, "temperature"),
-    ("chat prompt leaves no room", H, chat(messages=[{"role": "user", "content": "y" * MAX_MODEL_LEN}]), 400, "messages"),
+    (
+        "chat prompt leaves no room",
+        H,
+        chat(messages=[{"role": "user", "content": "y" * MAX_MODEL_LEN}]),
+        400,
+        "messages",
+    ),
     ("chat unknown model", H, chat(model="no-such-model"), 404, "model"),
     ("chat malformed JSON", H, '{"messages": [', 400, "body"),
     ("kserve v1 no instances", V1, {"instances": []}, 400, "instances"),
     ("kserve v1 max_tokens=0", V1, {"instances": ["hi"], "parameters": {"max_tokens": 0}}, 400, "max_tokens"),
     ("kserve v1 unknown model", "/v1/models/nope:predict", {"instances": ["hi"]}, 404, "model"),
-    ("kserve v2 no text_input", V2, v2({"name": "other", "shape": [1], "datatype": "BYTES", "data": ["x"]}), 400, "inputs"),
-    ("kserve v2 datatype", V2, v2({"name": "text_input", "shape": [1], "datatype": "FP32", "data": [1.0]}), 400, "inputs"),
+    (
+        "kserve v2 no text_input",
+        V2,
+        v2({"name": "other", "shape": [1], "datatype": "BYTES", "data": ["x"]}),
+        400,
+        "inputs",
+    ),
+    (
+        "kserve v2 datatype",
+        V2,
+        v2({"name": "text_input", "shape": [1], "datatype": "FP32", "data": [1.0]}),
+        400,
+        "inputs",
+    ),
     ("kserve v2 top_p=2", V2, v2(top_p=2), 400, "top_p"),
 ]
 
@@ -99,8 +123,16 @@ BAD = [  # (id, route, body (dict or raw text), status, the parameter the error 
 @pytest.fixture(scope="module")
 def http(tiny_llama, tmp_path_factory):
     args = [
-        "--model", str(tiny_llama), "--model_name", MODEL, "--max_model_len", str(MAX_MODEL_LEN),
-        "--num-blocks", "64", "--max-tokens-limit", str(LIMIT),
+        "--model",
+        str(tiny_llama),
+        "--model_name",
+        MODEL,
+        "--max_model_len",
+        str(MAX_MODEL_LEN),
+        "--num-blocks",
+        "64",
+        "--max-tokens-limit",
+        str(LIMIT),
     ]
     server = start_server(args, tmp_path_factory.mktemp("logs") / "server.log")
     with httpx.Client(base_url=server.url, timeout=60) as client:

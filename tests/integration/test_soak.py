@@ -7,7 +7,15 @@ from stepserve.bench import soak
 
 
 def test_a_minute_of_mixed_load_leaves_nothing_behind(tiny_llama, tmp_path):
-    serve_args = ["--model", str(tiny_llama), "--max-model-len", "256", "--num-blocks", "512", *soak.DEFAULT_SERVE_ARGS.split()]
+    serve_args = [
+        "--model",
+        str(tiny_llama),
+        "--max-model-len",
+        "256",
+        "--num-blocks",
+        "512",
+        *soak.DEFAULT_SERVE_ARGS.split(),
+    ]
     report = soak.run(60, serve_args, log_path=tmp_path / "server.log")
     print("\n".join(report.lines()))
     assert not report.problems

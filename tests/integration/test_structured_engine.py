@@ -39,7 +39,14 @@ def test_every_schema_answer_validates_in_a_mixed_multistep_batch(engines):
     prompts, params = [], []
     for i, schema in enumerate(SCHEMAS):
         prompts.append(_prompt(i))
-        params.append(SamplingParams(n=2, max_tokens=100, structured=llm.grammar("json", schema), **SAMPLING_VARIANTS[i % len(SAMPLING_VARIANTS)]))
+        params.append(
+            SamplingParams(
+                n=2,
+                max_tokens=100,
+                structured=llm.grammar("json", schema),
+                **SAMPLING_VARIANTS[i % len(SAMPLING_VARIANTS)],
+            )
+        )
         prompts.append(_prompt(100 + i))  # a free request beside each constrained one
         params.append(SamplingParams(max_tokens=24, temperature=1.0))
     outputs = llm.generate(prompts, params)
@@ -70,8 +77,11 @@ def test_regex_and_choice_outputs_match_at_multistep(engines):
 
 def test_constrained_multistep_equals_single_step(engines):
     """The per-step masks inside a multi-step pass give the tokens single steps give."""
+
     def run(llm):
-        params = [SamplingParams(temperature=0.0, max_tokens=40, structured=llm.grammar("json", s)) for s in SCHEMAS[:6]]
+        params = [
+            SamplingParams(temperature=0.0, max_tokens=40, structured=llm.grammar("json", s)) for s in SCHEMAS[:6]
+        ]
         params += [SamplingParams(temperature=0.0, max_tokens=20)] * 2
         return [o.outputs[0].token_ids for o in llm.generate([_prompt(i) for i in range(len(params))], params)]
 
@@ -90,7 +100,10 @@ def test_the_grammar_end_ends_the_request_whatever_ignore_eos_and_min_tokens_say
 def test_embedded_model_answers_follow_their_schemas():
     llm = LLM(max_model_len=512)
     schemas = [SCHEMAS[1], SCHEMAS[19]]
-    messages = [[{"role": "user", "content": f"Answer in JSON. {q}"}] for q in ("Who are you and how old?", "Rate this: great film!")]
+    messages = [
+        [{"role": "user", "content": f"Answer in JSON. {q}"}]
+        for q in ("Who are you and how old?", "Rate this: great film!")
+    ]
     params = [SamplingParams(temperature=0.0, max_tokens=60, structured=llm.grammar("json", s)) for s in schemas]
     outputs = llm.chat(messages, params)
     for out, schema in zip(outputs, schemas):
@@ -103,10 +116,23 @@ def test_prompt_logprobs_match_transformers_under_chunked_prefill_and_prefix_cac
     import torch
     import transformers
 
-    llm = LLM(model=str(tiny_llama), dtype="float32", max_num_batched_tokens=8, block_size=4, num_blocks=128, max_model_len=256)
+    llm = LLM(
+        model=str(tiny_llama),
+        dtype="float32",
+        max_num_batched_tokens=8,
+        block_size=4,
+        num_blocks=128,
+        max_model_len=256,
+    )
     prompt = "the quick brown fox jumps over the lazy dog"
     # The same prompt twice: the second would hit the prefix cache, which prompt logprobs bypass.
-    first, second = llm.generate([prompt, prompt], [SamplingParams(max_tokens=2, prompt_logprobs=3, n=2, temperature=1.0), SamplingParams(max_tokens=2, prompt_logprobs=0)])
+    first, second = llm.generate(
+        [prompt, prompt],
+        [
+            SamplingParams(max_tokens=2, prompt_logprobs=3, n=2, temperature=1.0),
+            SamplingParams(max_tokens=2, prompt_logprobs=0),
+        ],
+    )
     ids = first.prompt_token_ids
     model = transformers.AutoModelForCausalLM.from_pretrained(str(tiny_llama), dtype=torch.float32)
     with torch.no_grad():
@@ -117,4 +143,6 @@ def test_prompt_logprobs_match_transformers_under_chunked_prefill_and_prefix_cac
         for i in range(1, len(ids)):
             assert entries[i].token_id == ids[i] and abs(entries[i].logprob - ref[i - 1, ids[i]].item()) < 1e-3
             assert entries[i].rank == int((ref[i - 1] > ref[i - 1, ids[i]]).sum()) + 1
-            assert [t for t, _ in entries[i].top] == ref[i - 1].topk(k).indices.tolist()[:k] if k else entries[i].top == ()
+            assert (
+                [t for t, _ in entries[i].top] == ref[i - 1].topk(k).indices.tolist()[:k] if k else entries[i].top == ()
+            )

@@ -45,7 +45,9 @@ def request(rid, max_tokens=8):
 def test_kill_is_detected_and_the_core_comes_back(tiny_llama):
     async def scenario():
         restarts = []
-        client = SupervisedCoreClient(core_factory(tiny_config(tiny_llama)), RestartPolicy(backoff_s=0.1), lambda: restarts.append(1))
+        client = SupervisedCoreClient(
+            core_factory(tiny_config(tiny_llama)), RestartPolicy(backoff_s=0.1), lambda: restarts.append(1)
+        )
         await wait_for(lambda: client.is_alive)
         client.add_request(request("a"))
         tokens, reason = await collect(client, "a")
@@ -100,7 +102,10 @@ def test_restart_budget_spent_fails_liveness(tiny_llama):
     import faults
 
     async def scenario():
-        client = SupervisedCoreClient(functools.partial(faults.short_lived_core, tiny_config(tiny_llama)), RestartPolicy(max_restarts=2, backoff_s=0.05))
+        client = SupervisedCoreClient(
+            functools.partial(faults.short_lived_core, tiny_config(tiny_llama)),
+            RestartPolicy(max_restarts=2, backoff_s=0.05),
+        )
         assert await asyncio.to_thread(client.wait_started, 60)
         await wait_for(lambda: not client.is_live, timeout=90)
         assert client.restarts == 2 and not client.is_alive
@@ -113,7 +118,9 @@ def test_a_core_that_never_starts_is_not_restarted(tiny_llama):
     import faults
 
     async def scenario():
-        client = SupervisedCoreClient(functools.partial(faults.crashing_core, tiny_config(tiny_llama)), RestartPolicy(backoff_s=0.05))
+        client = SupervisedCoreClient(
+            functools.partial(faults.crashing_core, tiny_config(tiny_llama)), RestartPolicy(backoff_s=0.05)
+        )
         assert not await asyncio.to_thread(client.wait_started, 60)
         assert not client.is_live and client.restarts == 0
         client.shutdown()

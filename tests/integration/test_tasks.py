@@ -85,7 +85,12 @@ def test_roberta_embeddings_kserve_v1_v2_and_openai(servers, models):
     np.testing.assert_allclose(np.array(v1), np.array(expected), atol=1e-5)
     v2 = infer(server, TEXTS)
     (tensor,) = v2["outputs"]
-    assert v2["id"] == "r1" and tensor["name"] == "output-0" and tensor["datatype"] == "FP32" and tensor["shape"] == [4, 32]
+    assert (
+        v2["id"] == "r1"
+        and tensor["name"] == "output-0"
+        and tensor["datatype"] == "FP32"
+        and tensor["shape"] == [4, 32]
+    )
     np.testing.assert_allclose(np.array(tensor["data"]).reshape(4, 32), np.array(expected), atol=1e-5)
     body = post(server, "/openai/v1/embeddings", {"input": TEXTS, "model": "m"}).json()
     np.testing.assert_allclose(np.array([d["embedding"] for d in body["data"]]), np.array(expected), atol=1e-5)
@@ -128,7 +133,10 @@ def test_embedding_bad_inputs_are_400s_naming_the_field(servers):
         assert response.json()["error"]["param"] == param, (body, response.text)
     truncated = post(server, "/v1/embeddings", {"input": "x" * 200, "truncate_prompt_tokens": -1}).json()
     assert truncated["usage"]["prompt_tokens"] == 128
-    for path, body in (("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}]}), ("/v1/completions", {"prompt": "x"})):
+    for path, body in (
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}]}),
+        ("/v1/completions", {"prompt": "x"}),
+    ):
         response = post(server, path, body)
         assert response.status_code == 400 and response.json()["error"]["param"] == "model", (path, response.text)
 
@@ -167,7 +175,11 @@ def test_rerank_and_score_match_the_cross_encoder(servers, models):
         assert [r["index"] for r in body["results"]] == order, path
         np.testing.assert_allclose([r["relevance_score"] for r in body["results"]], scores[order], atol=1e-5)
         assert body["results"][0]["document"] == {"text": docs[order[0]]}
-    top = post(server, "/v1/rerank", {"query": query, "documents": [{"text": d} for d in docs], "top_n": 2, "return_documents": False}).json()
+    top = post(
+        server,
+        "/v1/rerank",
+        {"query": query, "documents": [{"text": d} for d in docs], "top_n": 2, "return_documents": False},
+    ).json()
     assert [r["index"] for r in top["results"]] == order[:2] and "document" not in top["results"][0]
     one_to_n = post(server, "/v1/score", {"text_1": query, "text_2": docs}).json()
     np.testing.assert_allclose([d["score"] for d in one_to_n["data"]], scores, atol=1e-5)
@@ -202,7 +214,9 @@ def test_token_classification_with_offsets(servers, models):
         spans = tokenizer(text, return_offsets_mapping=True)["offset_mapping"]
         assert data[i, : len(spans)].tolist() == [list(s) for s in spans]
     v2 = infer(server, TEXTS[:2])["outputs"]
-    assert [t["name"] for t in v2] == ["output-0", "offset_mapping"] and json.loads(v2[0]["data"][0]) == body["predictions"][0]
+    assert [t["name"] for t in v2] == ["output-0", "offset_mapping"] and json.loads(v2[0]["data"][0]) == body[
+        "predictions"
+    ][0]
 
 
 def test_fill_mask(servers, models):
@@ -218,11 +232,15 @@ def test_fill_mask(servers, models):
     assert response.status_code == 400 and response.json()["error"]["param"] == "instances"
     response = post(server, "/v1/models/m:predict", {"instances": ["[MASK]"], "parameters": {"temperature": 0}})
     assert response.status_code == 400 and response.json()["error"]["param"] == "parameters.temperature"
-    response = post(server, "/v2/models/m/infer", {"inputs": [{"name": "x", "datatype": "BYTES", "shape": [2], "data": ["[MASK]"]}]})
+    response = post(
+        server, "/v2/models/m/infer", {"inputs": [{"name": "x", "datatype": "BYTES", "shape": [2], "data": ["[MASK]"]}]}
+    )
     assert response.status_code == 400 and response.json()["error"]["param"] == "inputs"
     response = post(server, "/v1/embeddings", {"input": "x", "extra_field": 1})
     assert response.status_code == 400 and response.json()["error"]["param"] == "extra_field"
-    response = post(server, "/v2/models/m/infer", {"inputs": [{"name": "x", "datatype": "INT64", "shape": [1], "data": [1]}]})
+    response = post(
+        server, "/v2/models/m/infer", {"inputs": [{"name": "x", "datatype": "INT64", "shape": [1], "data": [1]}]}
+    )
     assert response.status_code == 400 and response.json()["error"]["param"] == "inputs"
 
 
@@ -241,8 +259,13 @@ def test_text2text_generate_matches_transformers(servers, models):
     assert predict(server, prompts[:1], max_tokens=6, temperature=0)["predictions"] == expected[:1]
     stream = httpx_stream(server, {"prompt": prompts[0], "max_tokens": 6, "temperature": 0, "stream": True})
     assert stream[-1] == "[DONE]" and json.loads(stream[0])["choices"][0]["text"] == expected[0]
-    bad = [({"prompt": "x", "echo": True}, "echo"), ({"prompt": "x", "suffix": "y"}, "suffix"),
-           ({"prompt": "x", "max_tokens": 1000}, "max_tokens"), ({"prompt": "x", "max_tokens": 0}, "max_tokens"), ({"prompt": "x", "stream_options": {"include_usage": True}}, "stream_options")]
+    bad = [
+        ({"prompt": "x", "echo": True}, "echo"),
+        ({"prompt": "x", "suffix": "y"}, "suffix"),
+        ({"prompt": "x", "max_tokens": 1000}, "max_tokens"),
+        ({"prompt": "x", "max_tokens": 0}, "max_tokens"),
+        ({"prompt": "x", "stream_options": {"include_usage": True}}, "stream_options"),
+    ]
     for req, param in bad:
         response = post(server, "/v1/completions", req)
         assert response.status_code == 400 and response.json()["error"]["param"] == param, (req, response.text)
@@ -254,7 +277,11 @@ def greedy_reference(model, prompt_ids, steps, bias=None, presence=0.0, frequenc
     decoder, logprobs = [0], []
     for _ in range(steps):
         with torch.no_grad():
-            logits = model(input_ids=torch.tensor([prompt_ids]), decoder_input_ids=torch.tensor([decoder])).logits[0, -1].double()
+            logits = (
+                model(input_ids=torch.tensor([prompt_ids]), decoder_input_ids=torch.tensor([decoder]))
+                .logits[0, -1]
+                .double()
+            )
         adjusted = logits.clone()
         for token, value in (bias or {}).items():
             adjusted[token] += value
@@ -279,13 +306,21 @@ def test_text2text_penalties_bias_stops_and_logprobs(servers, models):
     fields = {"presence_penalty": 0.5, "frequency_penalty": 1.5, "logit_bias": {"20": 3.0}}
     want, want_lps = greedy_reference(model, ids, 10, bias={20: 3.0}, presence=0.5, frequency=1.5)
     assert want != greedy_reference(model, ids, 10)[0]  # the penalties change the answer
-    body = post(server, "/v1/completions", {"prompt": prompt, "max_tokens": 10, "temperature": 0, "logprobs": 2, **fields}).json()
+    body = post(
+        server, "/v1/completions", {"prompt": prompt, "max_tokens": 10, "temperature": 0, "logprobs": 2, **fields}
+    ).json()
     (choice,) = body["choices"]
-    assert choice["text"] == tokenizer.decode(want, skip_special_tokens=True) and body["usage"]["completion_tokens"] == len(want)
+    assert choice["text"] == tokenizer.decode(want, skip_special_tokens=True) and body["usage"][
+        "completion_tokens"
+    ] == len(want)
     np.testing.assert_allclose(choice["logprobs"]["token_logprobs"], want_lps, atol=1e-4)
     assert all(len(top) >= 2 for top in choice["logprobs"]["top_logprobs"])
     stop = want[3]  # stop_token_ids end the request at that token, which is output
-    body = post(server, "/v1/completions", {"prompt": prompt, "max_tokens": 10, "temperature": 0, "stop_token_ids": [stop], **fields}).json()
+    body = post(
+        server,
+        "/v1/completions",
+        {"prompt": prompt, "max_tokens": 10, "temperature": 0, "stop_token_ids": [stop], **fields},
+    ).json()
     assert body["usage"]["completion_tokens"] == want.index(stop) + 1 and body["choices"][0]["finish_reason"] == "stop"
     eos = {"prompt": prompt, "max_tokens": 5, "temperature": 0, "logit_bias": {"1": 100}}  # EOS at once
     assert post(server, "/v1/completions", eos).json()["usage"]["completion_tokens"] == 1
@@ -294,7 +329,16 @@ def test_text2text_penalties_bias_stops_and_logprobs(servers, models):
     sampled = {"prompt": prompt, "max_tokens": 8, "temperature": 1.0, "min_p": 0.2, "seed": 11}
     texts = {post(server, "/v1/completions", sampled).json()["choices"][0]["text"] for _ in range(2)}
     torch.manual_seed(mix_seed(11, 0))  # choice 0's seed, as on the LLM path
-    out = model.generate(**tokenizer(prompt, return_tensors="pt"), do_sample=True, temperature=1.0, top_p=1.0, top_k=None, min_p=0.2, max_new_tokens=8, num_beams=1)
+    out = model.generate(
+        **tokenizer(prompt, return_tensors="pt"),
+        do_sample=True,
+        temperature=1.0,
+        top_p=1.0,
+        top_k=None,
+        min_p=0.2,
+        max_new_tokens=8,
+        num_beams=1,
+    )
     assert texts == {tokenizer.decode(out[0], skip_special_tokens=True)}
 
 
@@ -333,7 +377,9 @@ def test_startup_errors_name_the_task(models, tiny_llama):
 def test_decoder_embeddings_through_our_engine(tmp_path, pooling):
     """A sentence-transformers directory around a *ForCausalLM: stepserve's own model computes
     the final hidden states; pooled and normalised as the config says."""
-    directory = add_sentence_transformers_files(write_tiny_model(tmp_path / "qwen-embed", "qwen2", seed=8), pooling, normalize=True)
+    directory = add_sentence_transformers_files(
+        write_tiny_model(tmp_path / "qwen-embed", "qwen2", seed=8), pooling, normalize=True
+    )
     server = serve_in_thread(directory)
     try:
         texts = ["hello world", "a", "the capital of france is paris, over three blocks"]
@@ -343,10 +389,14 @@ def test_decoder_embeddings_through_our_engine(tmp_path, pooling):
         for text in texts:
             with torch.no_grad():
                 hidden = model.model(**tokenizer(text, return_tensors="pt")).last_hidden_state[0]
-            want.append(torch.nn.functional.normalize(hidden[-1] if pooling == "last" else hidden.mean(0), dim=-1).numpy())
+            want.append(
+                torch.nn.functional.normalize(hidden[-1] if pooling == "last" else hidden.mean(0), dim=-1).numpy()
+            )
         body = post(server, "/v1/embeddings", {"input": texts}).json()
         np.testing.assert_allclose([d["embedding"] for d in body["data"]], want, atol=1e-5)
-        np.testing.assert_allclose(predict(server, texts[:1])["predictions"][0], want[0], atol=1e-5)  # alone: same vector
+        np.testing.assert_allclose(
+            predict(server, texts[:1])["predictions"][0], want[0], atol=1e-5
+        )  # alone: same vector
     finally:
         server.stop()
 
@@ -405,7 +455,11 @@ def test_one_bad_request_fails_alone_in_the_encoder_engine(models):
 def test_pooling_routes_on_a_generation_model_are_400s(tiny_llama):
     server = serve_in_thread(tiny_llama, "--max-model-len", "128", "--num-blocks", "32")
     try:
-        for path, body in (("/v1/embeddings", {"input": "hi"}), ("/v1/rerank", {"query": "a", "documents": ["b"]}), ("/openai/v1/score", {"text_1": "a", "text_2": "b"})):
+        for path, body in (
+            ("/v1/embeddings", {"input": "hi"}),
+            ("/v1/rerank", {"query": "a", "documents": ["b"]}),
+            ("/openai/v1/score", {"text_1": "a", "text_2": "b"}),
+        ):
             response = post(server, path, body)
             assert response.status_code == 400 and response.json()["error"]["param"] == "model", (path, response.text)
             assert "serves text_generation" in response.json()["error"]["message"]

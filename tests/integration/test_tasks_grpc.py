@@ -54,8 +54,13 @@ def servers(models):
 
 def grpc_request(texts, parameters=None, outputs=None, datatype="BYTES", name="text", **contents):
     contents = contents or {"bytes_contents": [t.encode() for t in texts]}
-    tensor = pb.ModelInferRequest.InferInputTensor(name=name, datatype=datatype, shape=[len(texts)], contents=pb.InferTensorContents(**contents))
-    params = {k: pb.InferParameter(int64_param=v) if isinstance(v, int) else pb.InferParameter(string_param=v) for k, v in (parameters or {}).items()}
+    tensor = pb.ModelInferRequest.InferInputTensor(
+        name=name, datatype=datatype, shape=[len(texts)], contents=pb.InferTensorContents(**contents)
+    )
+    params = {
+        k: pb.InferParameter(int64_param=v) if isinstance(v, int) else pb.InferParameter(string_param=v)
+        for k, v in (parameters or {}).items()
+    }
     requested = [pb.ModelInferRequest.InferRequestedOutputTensor(name=o) for o in outputs or ()]
     return pb.ModelInferRequest(model_name="m", id="t-1", inputs=[tensor], parameters=params, outputs=requested)
 
@@ -76,22 +81,29 @@ def tensor_data(tensor) -> list:
 
 def assert_same_outputs(response, rest):
     assert response.model_name == "m" and response.id == "t-1"
-    assert [(t.name, t.datatype, list(t.shape)) for t in response.outputs] == [(t["name"], t["datatype"], t["shape"]) for t in rest]
+    assert [(t.name, t.datatype, list(t.shape)) for t in response.outputs] == [
+        (t["name"], t["datatype"], t["shape"]) for t in rest
+    ]
     for tensor, want in zip(response.outputs, rest):
         if tensor.datatype == "FP32":  # float32 on the wire; the REST JSON holds the same float32 values
-            np.testing.assert_array_equal(np.asarray(tensor_data(tensor), dtype=np.float32), np.asarray(want["data"], dtype=np.float32))
+            np.testing.assert_array_equal(
+                np.asarray(tensor_data(tensor), dtype=np.float32), np.asarray(want["data"], dtype=np.float32)
+            )
         else:
             assert tensor_data(tensor) == want["data"]
 
 
-@pytest.mark.parametrize(("model", "flags", "datatype"), [
-    ("st", (), "FP32"),  # sentence-transformers BERT: mean pooling, normalised
-    ("qwen3", (), "FP32"),  # a decoder embedding model on our engine
-    ("cls3", (), "INT64"),
-    ("cls3", ("--return_probabilities",), "BYTES"),
-    ("token", ("--return_offsets_mapping",), "BYTES"),
-    ("mlm", (), "BYTES"),
-])
+@pytest.mark.parametrize(
+    ("model", "flags", "datatype"),
+    [
+        ("st", (), "FP32"),  # sentence-transformers BERT: mean pooling, normalised
+        ("qwen3", (), "FP32"),  # a decoder embedding model on our engine
+        ("cls3", (), "INT64"),
+        ("cls3", ("--return_probabilities",), "BYTES"),
+        ("token", ("--return_offsets_mapping",), "BYTES"),
+        ("mlm", (), "BYTES"),
+    ],
+)
 def test_model_infer_answers_as_the_rest_route(servers, model, flags, datatype):
     server, stub = servers(model, *flags)
     texts = ["the capital of france is [MASK] .", "a [MASK] sat on the mat"] if model == "mlm" else TEXTS
@@ -120,20 +132,25 @@ def test_text2text_generates_as_the_rest_route(servers):
     """text2text answers KServe v2 as generation does (text_output), here greedy with logprobs."""
     server, stub = servers("t5")
     parameters = {"temperature": 0, "max_tokens": 5, "logprobs": 1}
-    response = stub.ModelInfer(grpc_request(TEXTS[:2], parameters=parameters, name="text_input"))  # generation's input name
+    response = stub.ModelInfer(
+        grpc_request(TEXTS[:2], parameters=parameters, name="text_input")
+    )  # generation's input name
     assert [t.name for t in response.outputs] == ["text_output", "logprobs"]
     assert_same_outputs(response, rest_infer(server, TEXTS[:2], parameters, name="text_input"))
     assert all(len(json.loads(lp)["token_logprobs"]) >= 1 for lp in tensor_data(response.outputs[1]))
 
 
-@pytest.mark.parametrize(("request_kw", "words"), [
-    ({"texts": []}, "non-empty list of strings"),
-    ({"texts": ["x"], "datatype": "INT64", "int64_contents": [5]}, "datatype BYTES"),
-    ({"texts": [" ".join(["paris"] * 80)]}, "64"),  # past sentence_bert_config's max_seq_length
-    ({"texts": ["x"], "outputs": ["logits"]}, "cannot be produced"),
-    ({"texts": ["x"], "parameters": {"temperature": "hot"}}, "parameters.temperature"),
-    ({"texts": ["x"], "parameters": {"truncate_prompt_tokens": "three"}}, "must be an integer"),
-])
+@pytest.mark.parametrize(
+    ("request_kw", "words"),
+    [
+        ({"texts": []}, "non-empty list of strings"),
+        ({"texts": ["x"], "datatype": "INT64", "int64_contents": [5]}, "datatype BYTES"),
+        ({"texts": [" ".join(["paris"] * 80)]}, "64"),  # past sentence_bert_config's max_seq_length
+        ({"texts": ["x"], "outputs": ["logits"]}, "cannot be produced"),
+        ({"texts": ["x"], "parameters": {"temperature": "hot"}}, "parameters.temperature"),
+        ({"texts": ["x"], "parameters": {"truncate_prompt_tokens": "three"}}, "must be an integer"),
+    ],
+)
 def test_bad_input_is_invalid_argument(servers, request_kw, words):
     server, stub = servers("st")
     with pytest.raises(grpc.RpcError) as info:

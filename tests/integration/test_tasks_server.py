@@ -46,7 +46,11 @@ def expected(st_model, inputs, dimensions=None):
     model = tf.AutoModel.from_pretrained(st_model, dtype=torch.float32).eval()
     out = []
     for item in inputs:
-        enc = tokenizer(item, return_tensors="pt") if isinstance(item, str) else {"input_ids": torch.tensor([item]), "attention_mask": torch.ones(1, len(item), dtype=torch.long)}
+        enc = (
+            tokenizer(item, return_tensors="pt")
+            if isinstance(item, str)
+            else {"input_ids": torch.tensor([item]), "attention_mask": torch.ones(1, len(item), dtype=torch.long)}
+        )
         with torch.no_grad():
             hidden = model(**enc).last_hidden_state
         mask = enc["attention_mask"].unsqueeze(-1).float()
@@ -69,7 +73,9 @@ def test_openai_client_inputs_and_formats(client, st_model):
     np.testing.assert_allclose([d.embedding for d in by_ids.data], want, atol=1e-5)
     single_ids = client.embeddings.create(model=MODEL, input=ids[1], encoding_format="float")
     np.testing.assert_allclose(single_ids.data[0].embedding, want[1], atol=1e-5)
-    raw = httpx.post(client.base_url.join("embeddings").__str__(), json={"input": TEXTS[:2], "encoding_format": "base64"}).json()
+    raw = httpx.post(
+        client.base_url.join("embeddings").__str__(), json={"input": TEXTS[:2], "encoding_format": "base64"}
+    ).json()
     decoded = [np.frombuffer(base64.b64decode(d["embedding"]), dtype="<f4") for d in raw["data"]]
     np.testing.assert_allclose(decoded, want[:2], atol=1e-5)
 
@@ -90,7 +96,12 @@ def test_bad_inputs_are_400s(client):
     import openai
 
     long_text = " ".join(["paris"] * 80)  # 82 tokens > the 64 of sentence_bert_config.json
-    for kwargs, param in [({"input": []}, "input"), ({"input": ""}, "input"), ({"input": long_text}, "input"), ({"input": [[1, 2], [10**7]]}, "input")]:
+    for kwargs, param in [
+        ({"input": []}, "input"),
+        ({"input": ""}, "input"),
+        ({"input": long_text}, "input"),
+        ({"input": [[1, 2], [10**7]]}, "input"),
+    ]:
         with pytest.raises(openai.BadRequestError) as info:
             client.embeddings.create(model=MODEL, **kwargs)
         assert info.value.status_code == 400 and info.value.body["param"] == param
@@ -104,7 +115,12 @@ def test_concurrent_requests_equal_single_ones(client, st_model, server):
     http = httpx.Client(base_url=server.url, timeout=60)
     before = read_metric(http, "stepserve:prompt_tokens_total", model_name=MODEL)
     with ThreadPoolExecutor(12) as pool:
-        got = list(pool.map(lambda t: client.embeddings.create(model=MODEL, input=t, encoding_format="float").data[0].embedding, texts))
+        got = list(
+            pool.map(
+                lambda t: client.embeddings.create(model=MODEL, input=t, encoding_format="float").data[0].embedding,
+                texts,
+            )
+        )
     np.testing.assert_allclose(got, want, atol=1e-5)
     tokenizer = tf.AutoTokenizer.from_pretrained(st_model)
     added = read_metric(http, "stepserve:prompt_tokens_total", model_name=MODEL) - before
@@ -121,7 +137,9 @@ def test_core_death_fails_fast_and_comes_back(client, server, st_model):
         time.sleep(0.05)
     down = http.post("/v1/embeddings", json={"input": "hello"})
     assert http.get("/v2/health/live").status_code == 200
-    assert down.status_code == 503 and down.json()["error"]["type"] == "engine_unavailable"  # a restart loads the model for seconds
+    assert (
+        down.status_code == 503 and down.json()["error"]["type"] == "engine_unavailable"
+    )  # a restart loads the model for seconds
     deadline = time.monotonic() + 120
     while http.get("/v2/health/ready").status_code != 200:
         assert time.monotonic() < deadline, server.log()

@@ -43,8 +43,15 @@ def transformers_greedy(model_dir: Path, prompt_ids: list[list[int]]) -> list[li
     model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     out = []
     for ids in prompt_ids:
-        gen = model.generate(torch.tensor([ids]), max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False, eos_token_id=None, pad_token_id=0)
-        out.append(gen[0, len(ids):].tolist())
+        gen = model.generate(
+            torch.tensor([ids]),
+            max_new_tokens=NEW_TOKENS,
+            min_new_tokens=NEW_TOKENS,
+            do_sample=False,
+            eos_token_id=None,
+            pad_token_id=0,
+        )
+        out.append(gen[0, len(ids) :].tolist())
     return out
 
 
@@ -181,7 +188,10 @@ def restarted(server, http: httpx.Client, old_core: int) -> bool:
 
 
 def complete(http: httpx.Client, prompt: str) -> str:
-    response = http.post("/v1/completions", json={"model": "tp", "prompt": prompt, "max_tokens": NEW_TOKENS, "temperature": 0, "ignore_eos": True})
+    response = http.post(
+        "/v1/completions",
+        json={"model": "tp", "prompt": prompt, "max_tokens": NEW_TOKENS, "temperature": 0, "ignore_eos": True},
+    )
     assert response.status_code == 200, response.text
     return response.json()["choices"][0]["text"]
 
@@ -190,11 +200,29 @@ def test_served_tp2_and_a_killed_rank_restarts_the_whole_group(tmp_path):
     """One KV head for two ranks: each rank holds a copy of it (vLLM's replication)."""
     model_dir = write_tiny_model(tmp_path / "llama-one-kv-head", "llama", seed=3, num_key_value_heads=1)
     llm = LLM(model=str(model_dir), num_scheduler_steps=8, **ENGINE)
-    want = [o.outputs[0].text for o in llm.generate(PROMPTS[:2], SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True))]
+    want = [
+        o.outputs[0].text
+        for o in llm.generate(PROMPTS[:2], SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True))
+    ]
     args = [
-        "--model", str(model_dir), "--model_name", "tp", "--tensor-parallel-size", "2",
-        "--num-scheduler-steps", "8", "--num-blocks", "128", "--block-size", "4", "--max-model-len", "128",
-        "--dtype", "float32", "--restart-backoff-s", "0.1",
+        "--model",
+        str(model_dir),
+        "--model_name",
+        "tp",
+        "--tensor-parallel-size",
+        "2",
+        "--num-scheduler-steps",
+        "8",
+        "--num-blocks",
+        "128",
+        "--block-size",
+        "4",
+        "--max-model-len",
+        "128",
+        "--dtype",
+        "float32",
+        "--restart-backoff-s",
+        "0.1",
     ]
     server = start_server(args, tmp_path / "server.log")
     http = httpx.Client(base_url=server.url, timeout=60)

@@ -155,7 +155,10 @@ def test_async_gives_the_synchronous_tokens(config, seed):
         tokens, reason = expected[rid]
         assert len(tokens) <= max_tokens  # invariant 4
         assert reason in ("stop", "length")
-    assert async_core.stats().kv_cache_usage == 0.0 and async_core.scheduler.blocks.num_free_blocks == sync_core.scheduler.blocks.num_free_blocks
+    assert (
+        async_core.stats().kv_cache_usage == 0.0
+        and async_core.scheduler.blocks.num_free_blocks == sync_core.scheduler.blocks.num_free_blocks
+    )
 
 
 @pytest.mark.parametrize("steps", [1, 4])
@@ -197,7 +200,9 @@ def test_async_failing_pass_is_rerun_and_only_the_bad_request_fails():
 def test_rows_needing_their_tokens_on_the_host_wait_for_them():
     """Penalties count the previous tokens: such a pass is collected before the next is scheduled."""
     core, worker = make_core(True, num_scheduler_steps=2)
-    core.add_request(EngineCoreRequest("p", (5, 6, 7), SamplingParams(max_tokens=9, ignore_eos=True, repetition_penalty=1.2)))
+    core.add_request(
+        EngineCoreRequest("p", (5, 6, 7), SamplingParams(max_tokens=9, ignore_eos=True, repetition_penalty=1.2))
+    )
     while core.has_unfinished:
         core.step()
     assert not any(a == b == "submit" for a, b in zip(worker.log, worker.log[1:]))

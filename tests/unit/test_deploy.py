@@ -91,7 +91,11 @@ def strict(schema):
     if not isinstance(schema, dict):
         return schema
     out = {k: strict(v) for k, v in schema.items()}
-    if "properties" in schema and "additionalProperties" not in schema and not schema.get("x-kubernetes-preserve-unknown-fields"):
+    if (
+        "properties" in schema
+        and "additionalProperties" not in schema
+        and not schema.get("x-kubernetes-preserve-unknown-fields")
+    ):
         out["additionalProperties"] = False
     return out
 
@@ -107,7 +111,10 @@ def validator(name: str, strict_fields: bool = False):
     return jsonschema.validators.validator_for(loaded)(loaded)
 
 
-CRDS = {"ClusterServingRuntime": "kserve-clusterservingruntime.json", "InferenceService": "kserve-inferenceservice.json"}
+CRDS = {
+    "ClusterServingRuntime": "kserve-clusterservingruntime.json",
+    "InferenceService": "kserve-inferenceservice.json",
+}
 
 
 def load(path: str) -> dict:
@@ -155,9 +162,16 @@ def test_runtime_is_what_kserve_expects():
         assert spec["annotations"] == {"prometheus.kserve.io/port": "8080", "prometheus.kserve.io/path": "/metrics"}
         (container,) = spec["containers"]
         security = container["securityContext"]
-        assert security["runAsNonRoot"] and not security["allowPrivilegeEscalation"] and security["capabilities"]["drop"] == ["ALL"]
+        assert (
+            security["runAsNonRoot"]
+            and not security["allowPrivilegeEscalation"]
+            and security["capabilities"]["drop"] == ["ALL"]
+        )
         assert {"name": "devshm", "mountPath": "/dev/shm"} in container["volumeMounts"]
-        assert {"name": "devshm", "emptyDir": {"medium": "Memory", "sizeLimit": spec["volumes"][0]["emptyDir"]["sizeLimit"]}} in spec["volumes"]
+        assert {
+            "name": "devshm",
+            "emptyDir": {"medium": "Memory", "sizeLimit": spec["volumes"][0]["emptyDir"]["sizeLimit"]},
+        } in spec["volumes"]
         assert parses([a.replace("{{.Name}}", "m") for a in container["args"]])
         startup = container["startupProbe"]
         assert startup["periodSeconds"] * startup["failureThreshold"] >= 1800  # a large model's download and load
@@ -184,7 +198,9 @@ def isvc_args(path: str) -> list[str]:
     manifest = load(path)
     runtime_args = runtime_for(manifest)["spec"]["containers"][0]["args"]
     own = manifest["spec"]["predictor"]["model"].get("args", [])
-    return [a.replace("{{.Name}}", manifest["metadata"]["name"]) for a in runtime_args + own]  # KServe appends the service's args
+    return [
+        a.replace("{{.Name}}", manifest["metadata"]["name"]) for a in runtime_args + own
+    ]  # KServe appends the service's args
 
 
 @pytest.mark.parametrize("path", [p for p in MANIFESTS if "inferenceservice" in p])
@@ -195,9 +211,18 @@ def test_inference_service_args_parse(path):
 
 # Qwen/Qwen2.5-14B-Instruct's config.json on the Hugging Face hub (the shape-bearing fields).
 QWEN25_14B = {
-    "architectures": ["Qwen2ForCausalLM"], "hidden_size": 5120, "intermediate_size": 13824, "num_attention_heads": 40,
-    "num_key_value_heads": 8, "num_hidden_layers": 48, "vocab_size": 152064, "max_position_embeddings": 32768,
-    "rms_norm_eps": 1e-6, "rope_theta": 1000000.0, "hidden_act": "silu", "tie_word_embeddings": False,
+    "architectures": ["Qwen2ForCausalLM"],
+    "hidden_size": 5120,
+    "intermediate_size": 13824,
+    "num_attention_heads": 40,
+    "num_key_value_heads": 8,
+    "num_hidden_layers": 48,
+    "vocab_size": 152064,
+    "max_position_embeddings": 32768,
+    "rms_norm_eps": 1e-6,
+    "rope_theta": 1000000.0,
+    "hidden_act": "silu",
+    "tie_word_embeddings": False,
 }
 
 
@@ -208,7 +233,9 @@ def test_the_multi_gpu_example_is_supported():
     from stepserve.models.registry import decoder_config
 
     manifest = load("deploy/kserve/inferenceservice-multi-gpu.yaml")
-    config = engine_config_from_args(build_parser().parse_args(["serve", *isvc_args("deploy/kserve/inferenceservice-multi-gpu.yaml")]))
+    config = engine_config_from_args(
+        build_parser().parse_args(["serve", *isvc_args("deploy/kserve/inferenceservice-multi-gpu.yaml")])
+    )
     gpus = int(manifest["spec"]["predictor"]["model"]["resources"]["limits"]["nvidia.com/gpu"])
     assert config.parallel.tensor_parallel_size == gpus > 1
     assert "--model_id=Qwen/Qwen2.5-14B-Instruct" in manifest["spec"]["predictor"]["model"]["args"]
@@ -238,7 +265,11 @@ def test_deployment_guide_commands_and_files_exist():
     files = set(re.findall(r"\b((?:deploy|tests)/[\w./-]+\w)", section))
     assert {"deploy/Dockerfile", "deploy/Dockerfile.cuda", "deploy/kserve/clusterservingruntime.yaml"} <= files
     assert all((ROOT / f).exists() for f in files), [f for f in files if not (ROOT / f).exists()]
-    commands = [line.strip().lstrip("$ ") for block in re.findall(r"```(?:sh|bash)?\n(.*?)```", section, re.S) for line in block.replace("\\\n", " ").splitlines()]
+    commands = [
+        line.strip().lstrip("$ ")
+        for block in re.findall(r"```(?:sh|bash)?\n(.*?)```", section, re.S)
+        for line in block.replace("\\\n", " ").splitlines()
+    ]
     commands = [c for c in commands if c and not c.startswith("#")]
     assert any(c.startswith("kubectl apply -f deploy/kserve/") for c in commands)
     for command in commands:
@@ -253,4 +284,3 @@ def test_deployment_guide_commands_and_files_exist():
                 assert (ROOT / words[words.index(flag) + 1]).exists(), command
         if words[0] == "make":
             assert re.search(rf"^{re.escape(words[1])}:", (ROOT / "Makefile").read_text(), re.M), command
-

@@ -29,7 +29,9 @@ def _allowed(bits: torch.Tensor, row: int) -> list[bool]:
 
 def _random_bits(rows: int, seed: int) -> torch.Tensor:
     gen = torch.Generator().manual_seed(seed)
-    bits = torch.randint(-(2**31), 2**31, (rows, math.ceil(VOCAB / 32)), generator=gen, dtype=torch.int64).to(torch.int32)
+    bits = torch.randint(-(2**31), 2**31, (rows, math.ceil(VOCAB / 32)), generator=gen, dtype=torch.int64).to(
+        torch.int32
+    )
     bits[:, -1] &= (1 << (VOCAB % 32)) - 1  # llguidance sets no bit past the vocabulary
     return bits
 

@@ -36,13 +36,16 @@ def test_too_many_values_is_a_400(monkeypatch):
     assert param_of(json.dumps({"prompt": list(range(101))})) == "prompt"
 
 
-@pytest.mark.parametrize("raw,param", [
-    ('{"prompt": "\\ud800 hi"}', "prompt"),
-    ('{"messages": [{"role": "user", "content": [{"type": "text", "text": "\\udc00"}]}]}', "messages"),
-    ('{"parameters": {"stop": ["ok", "\\ud83d"]}}', "parameters"),
-    ('{"\\ud800": 1}', "\\ud800"),
-    ('{"prompt": "\\ud83d\\ude00 is fine", "stop": "\\udfff"}', "stop"),
-])
+@pytest.mark.parametrize(
+    "raw,param",
+    [
+        ('{"prompt": "\\ud800 hi"}', "prompt"),
+        ('{"messages": [{"role": "user", "content": [{"type": "text", "text": "\\udc00"}]}]}', "messages"),
+        ('{"parameters": {"stop": ["ok", "\\ud83d"]}}', "parameters"),
+        ('{"\\ud800": 1}', "\\ud800"),
+        ('{"prompt": "\\ud83d\\ude00 is fine", "stop": "\\udfff"}', "stop"),
+    ],
+)
 def test_a_lone_surrogate_is_a_400_naming_its_field(raw, param):
     with pytest.raises(InvalidRequestError) as err:
         loads(raw.encode())
@@ -59,14 +62,25 @@ def test_a_surrogate_pair_is_a_character():
     assert loads(b'{"prompt": "\\ud83d\\ude00"}')["prompt"] == "\U0001f600"
 
 
-@pytest.mark.parametrize("raw", [b'{"t": NaN}', b'{"t": Infinity}', b'{"t": -Infinity}', b'{"t": 1e999}', b'{"t": [1, -1e999]}', b'{"t": {"u": NaN}}'])
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b'{"t": NaN}',
+        b'{"t": Infinity}',
+        b'{"t": -Infinity}',
+        b'{"t": 1e999}',
+        b'{"t": [1, -1e999]}',
+        b'{"t": {"u": NaN}}',
+    ],
+)
 def test_nan_and_infinity_are_a_400_naming_the_field(raw):
     assert param_of(raw) == "t"
     with pytest.raises(InvalidRequestError, match="NaN and infinite numbers are not JSON"):
         loads(raw)
 
 
-@pytest.mark.parametrize("raw", [b'{"t": Nan}', b'{"t": Infinite}', b'{"p": "\xff"}',
-                                 b"", b"[]", b"null", b'{"a": 1', b"\xef\xbb\xbf{}"])
+@pytest.mark.parametrize(
+    "raw", [b'{"t": Nan}', b'{"t": Infinite}', b'{"p": "\xff"}', b"", b"[]", b"null", b'{"a": 1', b"\xef\xbb\xbf{}"]
+)
 def test_what_is_not_a_strict_json_object_is_a_400_on_the_body(raw):
     assert param_of(raw) == "body"

@@ -56,19 +56,35 @@ def test_fill_dummy_shapes_values_and_seed(tiny_llama):
     from stepserve.models.loader import ModelSource, load_model
 
     hf = json.loads((tiny_llama / "config.json").read_text())
+
     def build(seed):
-        return load_model(ModelSource(tiny_llama, None, "x"), hf, torch.float32, torch.device("cpu"), 64, load_format="dummy", seed=seed)
+        return load_model(
+            ModelSource(tiny_llama, None, "x"),
+            hf,
+            torch.float32,
+            torch.device("cpu"),
+            64,
+            load_format="dummy",
+            seed=seed,
+        )
 
     model, same, other = build(5), build(5), build(6)
     w = model.layers[0].mlp.down_proj.weight
     assert 0.015 < w.std().item() < 0.025 and torch.equal(model.norm.weight, torch.ones_like(model.norm.weight))
-    assert torch.equal(w, same.layers[0].mlp.down_proj.weight) and not torch.equal(w, other.layers[0].mlp.down_proj.weight)
+    assert torch.equal(w, same.layers[0].mlp.down_proj.weight) and not torch.equal(
+        w, other.layers[0].mlp.down_proj.weight
+    )
 
 
 def test_warmup_lengths_fit_the_context_and_span_a_chunk():
     from stepserve.engine.warmup import _prompt_lengths
 
-    for max_len, max_tokens, chunk, seqs in ((1024, 19, 8192, 256), (512, 11, 4096, 16), (64, 5, 64, 2), (4096, 3, 512, 256)):
+    for max_len, max_tokens, chunk, seqs in (
+        (1024, 19, 8192, 256),
+        (512, 11, 4096, 16),
+        (64, 5, 64, 2),
+        (4096, 3, 512, 256),
+    ):
         lengths = _prompt_lengths(max_len, max_tokens, chunk, seqs)
         assert 1 <= len(lengths) <= seqs
         assert all(1 <= n <= max_len - max_tokens for n in lengths)
@@ -111,7 +127,14 @@ def test_warm_up_runs_every_pass_kind_and_leaves_the_engine_idle(tiny_llama):
     blocks (prefix-cached ones stay evictable), and later requests still run."""
     from stepserve.engine.warmup import warm_up
 
-    llm = LLM(model=str(tiny_llama), device="cpu", max_model_len=128, max_num_seqs=8, max_num_batched_tokens=64, num_scheduler_steps=2)
+    llm = LLM(
+        model=str(tiny_llama),
+        device="cpu",
+        max_model_len=128,
+        max_num_seqs=8,
+        max_num_batched_tokens=64,
+        num_scheduler_steps=2,
+    )
     core = llm.core
     free = core.scheduler.blocks.num_free_blocks
     warm_up(core, 320, 128, 2, 8, 64, token_budget=4000)

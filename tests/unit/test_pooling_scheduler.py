@@ -37,7 +37,9 @@ class SummingWorker:
                 tokens.append((7,) * sched.num_steps if r.sample else ())
                 continue
             tokens.append(())
-            total = (0 if r.start == 0 else self.sums[r.request_id]) + sum(r.token_ids[r.start : r.start + r.num_new_tokens])
+            total = (0 if r.start == 0 else self.sums[r.request_id]) + sum(
+                r.token_ids[r.start : r.start + r.num_new_tokens]
+            )
             if r.sample:
                 pooled[r.request_id] = total
                 self.sums.pop(r.request_id, None)
@@ -169,4 +171,7 @@ def test_an_encoder_request_is_scheduled_whole_or_waits():
     pool(core, "b", range(1, 13), mode="encoder")  # the same input: no prefix-cache hit for an encoder
     finished = drain(core)
     assert finished["a"].pooled == finished["b"].pooled == sum(range(1, 13))
-    assert [[(s.request_id, s.start, s.num_new_tokens) for s in p.requests] for p in worker.passes] == [[("a", 0, 12)], [("b", 0, 12)]]
+    assert [[(s.request_id, s.start, s.num_new_tokens) for s in p.requests] for p in worker.passes] == [
+        [("a", 0, 12)],
+        [("b", 0, 12)],
+    ]

@@ -47,7 +47,16 @@ def tokenizer(tmp_path_factory):
 
 def context(tokenizer, defaults=SamplingDefaults(), allow=False, **server) -> ServingContext:
     # Validation and resolution never touch the engine.
-    return ServingContext(None, tokenizer, "m", MAX_MODEL_LEN, len(tokenizer), ServerConfig(**server), sampling_defaults=defaults, unknown=UnknownFieldPolicy(allow))
+    return ServingContext(
+        None,
+        tokenizer,
+        "m",
+        MAX_MODEL_LEN,
+        len(tokenizer),
+        ServerConfig(**server),
+        sampling_defaults=defaults,
+        unknown=UnknownFieldPolicy(allow),
+    )
 
 
 # -- unknown fields -----------------------------------------------------------------------
@@ -62,12 +71,24 @@ V2 = {"inputs": [{"name": "text_input", "shape": [1], "datatype": "BYTES", "data
         (CompletionRequest, {"prompt": "x", "do_sample": False}, "do_sample"),
         (ChatCompletionRequest, CHAT | {"max_new_tokens": 5}, "max_new_tokens"),
         (ChatCompletionRequest, {"messages": [{"role": "user", "content": "hi", "weight": 1}]}, "messages[0].weight"),
-        (ChatCompletionRequest, CHAT | {"stream": True, "stream_options": {"include_usage": True, "continuous": 1}}, "stream_options.continuous"),
-        (ChatCompletionRequest, {"messages": [{"role": "user", "content": [{"type": "text", "text": "a", "lang": "en"}]}]}, "messages[0].content[0].lang"),
+        (
+            ChatCompletionRequest,
+            CHAT | {"stream": True, "stream_options": {"include_usage": True, "continuous": 1}},
+            "stream_options.continuous",
+        ),
+        (
+            ChatCompletionRequest,
+            {"messages": [{"role": "user", "content": [{"type": "text", "text": "a", "lang": "en"}]}]},
+            "messages[0].content[0].lang",
+        ),
         (KServeV1Request, {"instances": ["x"], "signature_name": "s"}, "signature_name"),
         (KServeV2Request, V2 | {"priority": 1}, "priority"),
         (KServeV2Request, {"inputs": [V2["inputs"][0] | {"extra": 1}]}, "inputs[0].extra"),
-        (KServeV2Request, V2 | {"outputs": [{"name": "text_output", "classification": 2}]}, "outputs[0].classification"),
+        (
+            KServeV2Request,
+            V2 | {"outputs": [{"name": "text_output", "classification": 2}]},
+            "outputs[0].classification",
+        ),
     ],
 )
 def test_an_unknown_field_is_a_400_naming_it(model, body, name):
@@ -85,7 +106,8 @@ def test_allowed_unknown_fields_are_logged_once_per_name(caplog):
             validate(ChatCompletionRequest, body, policy)
     logged = [r.getMessage() for r in caplog.records if "unknown request field" in r.getMessage()]
     assert sorted(logged) == sorted(
-        f"ignoring the unknown request field {n!r} (--allow-unknown-fields; logged once)" for n in ("foo", "messages[].x")
+        f"ignoring the unknown request field {n!r} (--allow-unknown-fields; logged once)"
+        for n in ("foo", "messages[].x")
     )
 
 
@@ -97,7 +119,12 @@ def _sent_by_openai_client(call) -> dict:
         bodies.append(json.loads(request.content))
         return httpx.Response(500, json={"error": {"message": "captured"}})
 
-    client = openai_client.OpenAI(api_key="x", base_url="http://test/v1", max_retries=0, http_client=httpx.Client(transport=httpx.MockTransport(handler)))
+    client = openai_client.OpenAI(
+        api_key="x",
+        base_url="http://test/v1",
+        max_retries=0,
+        http_client=httpx.Client(transport=httpx.MockTransport(handler)),
+    )
     with pytest.raises(openai_client.APIError):
         call(client)
     return bodies[0]
@@ -109,14 +136,23 @@ ADVISORY = dict(user="u", metadata={"k": "v"}, store=False, safety_identifier="s
 def test_what_the_openai_client_sends_is_known():
     chat = _sent_by_openai_client(
         lambda c: c.chat.completions.create(
-            model="m", messages=[{"role": "user", "content": [{"type": "text", "text": "hi"}]}], stream=True,
-            stream_options={"include_usage": True}, max_completion_tokens=3, logprobs=True, top_logprobs=2, seed=1,
-            extra_body={"top_k": 2, "min_p": 0.1, "repetition_penalty": 1.1, "ignore_eos": True}, **ADVISORY,
+            model="m",
+            messages=[{"role": "user", "content": [{"type": "text", "text": "hi"}]}],
+            stream=True,
+            stream_options={"include_usage": True},
+            max_completion_tokens=3,
+            logprobs=True,
+            top_logprobs=2,
+            seed=1,
+            extra_body={"top_k": 2, "min_p": 0.1, "repetition_penalty": 1.1, "ignore_eos": True},
+            **ADVISORY,
         )
     )
     assert {"stream", "metadata", "store", "top_k"} <= set(chat)
     validate(ChatCompletionRequest, chat)
-    cmpl = _sent_by_openai_client(lambda c: c.completions.create(model="m", prompt=["a", "b"], echo=True, logprobs=2, n=2, user="u"))
+    cmpl = _sent_by_openai_client(
+        lambda c: c.completions.create(model="m", prompt=["a", "b"], echo=True, logprobs=2, n=2, user="u")
+    )
     validate(CompletionRequest, cmpl)
 
 
@@ -124,8 +160,17 @@ def test_what_kserves_client_sends_is_known(tokenizer):
     # KServe's InferRequest.to_rest: id and model_name always, requested outputs with their
     # binary_data parameter, request parameters such as binary_data_output.
     body = {
-        "id": "5a1d", "model_name": "m",
-        "inputs": [{"name": "text_input", "shape": [2], "datatype": "BYTES", "data": ["a", "b"], "parameters": {"content_type": "str"}}],
+        "id": "5a1d",
+        "model_name": "m",
+        "inputs": [
+            {
+                "name": "text_input",
+                "shape": [2],
+                "datatype": "BYTES",
+                "data": ["a", "b"],
+                "parameters": {"content_type": "str"},
+            }
+        ],
         "outputs": [{"name": "text_output", "parameters": {"binary_data": False}}],
         "parameters": {"binary_data_output": False, "max_tokens": 2},
     }
@@ -140,7 +185,15 @@ def test_what_kserves_client_sends_is_known(tokenizer):
 
 
 def test_hugging_face_spellings_are_mapped():
-    mapped = hf_parameters({"max_new_tokens": 5, "do_sample": False, "stop_sequences": ["\n"], "return_full_text": True, "temperature": 0.9})
+    mapped = hf_parameters(
+        {
+            "max_new_tokens": 5,
+            "do_sample": False,
+            "stop_sequences": ["\n"],
+            "return_full_text": True,
+            "temperature": 0.9,
+        }
+    )
     assert mapped == {"max_tokens": 5, "temperature": 0.0, "stop": ["\n"], "echo": True}
     assert hf_parameters({"do_sample": True, "top_p": 0.5}) == {"top_p": 0.5}
     with pytest.raises(InvalidRequestError) as err:
@@ -166,12 +219,16 @@ def test_kserve_parameters_that_cannot_be_honoured_are_refused(tokenizer, parame
 
 
 def test_kserve_parameters_become_a_completion_request(tokenizer):
-    req = kserve.completion_request(context(tokenizer), ["hi"], {"max_new_tokens": 3, "do_sample": False, "logprobs": 2, "stream": False})
+    req = kserve.completion_request(
+        context(tokenizer), ["hi"], {"max_new_tokens": 3, "do_sample": False, "logprobs": 2, "stream": False}
+    )
     assert (req.max_tokens, req.temperature, req.logprobs, req.prompt) == (3, 0.0, 2, ["hi"])
 
 
 def v2(**tensor):
-    return KServeV2Request.model_validate({"inputs": [{"name": "text_input", "shape": [1], "datatype": "BYTES", "data": ["hi"]} | tensor]})
+    return KServeV2Request.model_validate(
+        {"inputs": [{"name": "text_input", "shape": [1], "datatype": "BYTES", "data": ["hi"]} | tensor]}
+    )
 
 
 @pytest.mark.parametrize(
@@ -204,7 +261,9 @@ def test_v2_batches_and_requested_outputs(tokenizer):
 
 
 def test_text_parts_are_joined_with_a_newline_as_vllm_does():
-    message = ChatMessage.model_validate({"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]})
+    message = ChatMessage.model_validate(
+        {"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}
+    )
     assert openai._message_dict(0, message)["content"] == "a\nb"
 
 
@@ -249,12 +308,34 @@ def chat(tokenizer, defaults, **body):
 
 def test_defaults_fill_only_what_a_request_leaves_out(tokenizer):
     defaults = SamplingDefaults(**QWEN3)
-    for params in (completion(tokenizer, defaults), chat(tokenizer, defaults), chat(tokenizer, defaults, temperature=None)):
-        assert (params.temperature, params.top_p, params.top_k, params.min_p, params.repetition_penalty) == (0.6, 0.95, 20, 0.0, 1.05)
+    for params in (
+        completion(tokenizer, defaults),
+        chat(tokenizer, defaults),
+        chat(tokenizer, defaults, temperature=None),
+    ):
+        assert (params.temperature, params.top_p, params.top_k, params.min_p, params.repetition_penalty) == (
+            0.6,
+            0.95,
+            20,
+            0.0,
+            1.05,
+        )
     given = chat(tokenizer, defaults, temperature=0, top_p=1, top_k=0, min_p=0.2, repetition_penalty=1.0)
-    assert (given.temperature, given.top_p, given.top_k, given.min_p, given.repetition_penalty) == (0.0, 1.0, 0, 0.2, 1.0)
+    assert (given.temperature, given.top_p, given.top_k, given.min_p, given.repetition_penalty) == (
+        0.0,
+        1.0,
+        0,
+        0.2,
+        1.0,
+    )
     plain = chat(tokenizer, SamplingDefaults())
-    assert (plain.temperature, plain.top_p, plain.top_k, plain.min_p, plain.repetition_penalty) == (1.0, 1.0, 0, 0.0, 1.0)
+    assert (plain.temperature, plain.top_p, plain.top_k, plain.min_p, plain.repetition_penalty) == (
+        1.0,
+        1.0,
+        0,
+        0.0,
+        1.0,
+    )
 
 
 def test_max_new_tokens_is_one_more_cap_on_an_omitted_max_tokens(tokenizer):

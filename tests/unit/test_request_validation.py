@@ -4,7 +4,13 @@
 import pytest
 from starlette.exceptions import HTTPException
 
-from stepserve.errors import EngineDeadError, InvalidRequestError, ModelNotFoundError, QueueFullError, RequestAbortedError
+from stepserve.errors import (
+    EngineDeadError,
+    InvalidRequestError,
+    ModelNotFoundError,
+    QueueFullError,
+    RequestAbortedError,
+)
 from stepserve.server import openai
 from stepserve.server.constraints import output_constraint
 from stepserve.server.app import http_error
@@ -58,7 +64,12 @@ def test_chat_default_is_the_remaining_context_capped_by_the_server(tokenizer):
 
 
 def test_everything_entering_the_engine_is_resolved(tokenizer):
-    for prompt in (completion(tokenizer), chat(tokenizer), chat(tokenizer, max_tokens=None), completion(tokenizer, max_tokens=None)):
+    for prompt in (
+        completion(tokenizer),
+        chat(tokenizer),
+        chat(tokenizer, max_tokens=None),
+        completion(tokenizer, max_tokens=None),
+    ):
         assert prompt.params.is_resolved and isinstance(prompt.params.max_tokens, int)
 
 

@@ -21,7 +21,9 @@ def batch_of(params, prompt=(1, 2), outputs=(), eos=(7,), shared=None):
 def test_penalties_on_explicit_logits():
     logits = torch.tensor([[2.5, 0.5, -1.5, 0.0, 3.0, -0.5, 1.0, 0.25]])
     prompt, outputs = (1, 2), (3, 5, 5, 6)
-    sp = SamplingParams(repetition_penalty=1.5, presence_penalty=0.3, frequency_penalty=0.2, logit_bias={4: -1.0, 0: 2.0})
+    sp = SamplingParams(
+        repetition_penalty=1.5, presence_penalty=0.3, frequency_penalty=0.2, logit_bias={4: -1.0, 0: 2.0}
+    )
     got = S.apply_logits_processors(logits, batch_of([sp], prompt, outputs))
     biased = logits + torch.tensor([[2.0, 0, 0, 0, -1.0, 0, 0, 0]])
     want = RepetitionPenaltyLogitsProcessor(1.5)(torch.tensor([list(prompt) + list(outputs)]), biased.clone())

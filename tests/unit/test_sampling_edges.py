@@ -78,7 +78,9 @@ def test_other_limits_and_messages():
     assert "n must be at least 1, got 0" in refused("n", n=0)
     assert "stop_token_ids must be at least 0, got -1" in refused("stop_token_ids", stop_token_ids=[-1])
     assert "min_tokens=4 must not exceed max_tokens=3" in refused("min_tokens", min_tokens=4, max_tokens=3)
-    assert "temperature must be a finite number, got True" in refused("temperature", temperature=True)  # bool is no number
+    assert "temperature must be a finite number, got True" in refused(
+        "temperature", temperature=True
+    )  # bool is no number
 
 
 def test_normalized_fields():

@@ -210,7 +210,11 @@ def test_a_preempted_request_recomputes_and_still_ends_right():
     outputs = drain(core)
     b = [t for o in outputs if o.request_id == "b" for t in o.new_token_ids]
     assert b == [15, 16, 17, 18, 19, 20, 21, 22] and core.stats().num_preemptions == 1
-    recompute = next(p for p in worker.passes if p.requests and p.requests[0].request_id == "b" and p.requests[0].start == 0 and len(p.requests) == 1)
+    recompute = next(
+        p
+        for p in worker.passes
+        if p.requests and p.requests[0].request_id == "b" and p.requests[0].start == 0 and len(p.requests) == 1
+    )
     assert recompute.requests[0].num_new_tokens == 5  # its prompt and its one accepted token
 
 
@@ -220,7 +224,9 @@ def test_every_preemption_counts_once_and_every_request_still_ends_right():
         add(core, rid, [10 * i + k for k in range(1, 5)], 8, ignore_eos=True)
     outputs = drain(core)
     for i, rid in enumerate("abc"):
-        assert [t for o in outputs if o.request_id == rid for t in o.new_token_ids] == [10 * i + k for k in range(5, 13)]
+        assert [t for o in outputs if o.request_id == rid for t in o.new_token_ids] == [
+            10 * i + k for k in range(5, 13)
+        ]
     # c, then b, preempted (each told to the worker once); a finished; b finished.
     assert [rid for p in worker.passes for rid in p.finished_request_ids] == ["c", "b", "a", "b"]
     assert core.stats().num_preemptions == 2

@@ -24,16 +24,23 @@ def test_task_inference_follows_kserve():
 
 
 def test_sentence_transformers_pooling_config(tmp_path):
-    modules = [{"type": "sentence_transformers.models.Transformer", "path": ""}, {"type": "sentence_transformers.models.Pooling", "path": "1_Pooling"}]
+    modules = [
+        {"type": "sentence_transformers.models.Transformer", "path": ""},
+        {"type": "sentence_transformers.models.Pooling", "path": "1_Pooling"},
+    ]
     (tmp_path / "modules.json").write_text(json.dumps(modules))
     (tmp_path / "1_Pooling").mkdir()
-    (tmp_path / "1_Pooling" / "config.json").write_text(json.dumps({"pooling_mode_cls_token": True, "pooling_mode_mean_tokens": False}))
+    (tmp_path / "1_Pooling" / "config.json").write_text(
+        json.dumps({"pooling_mode_cls_token": True, "pooling_mode_mean_tokens": False})
+    )
     pooling = read_pooling(tmp_path)
     assert pooling.mode == "cls" and not pooling.normalize
     (tmp_path / "1_Pooling" / "config.json").write_text(json.dumps({"pooling_mode_weightedmean_tokens": True}))
     with pytest.raises(ConfigError, match="weightedmean"):
         read_pooling(tmp_path)
-    (tmp_path / "modules.json").write_text(json.dumps(modules + [{"type": "sentence_transformers.models.Dense", "path": "2_Dense"}]))
+    (tmp_path / "modules.json").write_text(
+        json.dumps(modules + [{"type": "sentence_transformers.models.Dense", "path": "2_Dense"}])
+    )
     with pytest.raises(ConfigError, match="Dense"):
         read_pooling(tmp_path)
     assert read_pooling(tmp_path / "missing").mode == "mean"  # KServe's default: mean, normalised

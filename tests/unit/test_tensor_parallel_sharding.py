@@ -17,9 +17,21 @@ from stepserve.models.config import RopeConfig
 
 def config(heads=8, kv=4, head_dim=4, inter=24, **kw) -> DecoderConfig:
     return DecoderConfig(
-        architecture="LlamaForCausalLM", vocab_size=50, hidden_size=16, intermediate_size=inter, num_layers=1,
-        num_heads=heads, num_kv_heads=kv, head_dim=head_dim, rms_norm_eps=1e-6, max_position_embeddings=64,
-        tie_word_embeddings=False, rope=RopeConfig(10000.0, head_dim), layer_windows=(0,), attn_scale=0.5, **kw,
+        architecture="LlamaForCausalLM",
+        vocab_size=50,
+        hidden_size=16,
+        intermediate_size=inter,
+        num_layers=1,
+        num_heads=heads,
+        num_kv_heads=kv,
+        head_dim=head_dim,
+        rms_norm_eps=1e-6,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
+        rope=RopeConfig(10000.0, head_dim),
+        layer_windows=(0,),
+        attn_scale=0.5,
+        **kw,
     )
 
 
@@ -66,10 +78,18 @@ def test_fused_qkv_and_gate_up_give_the_same_rows_as_the_separate_tensors():
     gate, up = torch.randn(24, 16), torch.randn(24, 16)
     for rank in range(2):
         fused = take(torch.cat([q, k, v]), cut("model.layers.0.self_attn.qkv_proj.weight", cfg, rank, 2))
-        apart = [take(t, cut(f"model.layers.0.self_attn.{n}.weight", cfg, rank, 2)) for t, n in ((q, "q_proj"), (k, "k_proj"), (v, "v_proj"))]
+        apart = [
+            take(t, cut(f"model.layers.0.self_attn.{n}.weight", cfg, rank, 2))
+            for t, n in ((q, "q_proj"), (k, "k_proj"), (v, "v_proj"))
+        ]
         assert torch.equal(fused, torch.cat(apart))
         fused = take(torch.cat([gate, up]), cut("model.layers.0.mlp.gate_up_proj.weight", cfg, rank, 2))
-        assert torch.equal(fused, torch.cat([take(gate, cut("x.gate_proj.weight", cfg, rank, 2)), take(up, cut("x.up_proj.weight", cfg, rank, 2))]))
+        assert torch.equal(
+            fused,
+            torch.cat(
+                [take(gate, cut("x.gate_proj.weight", cfg, rank, 2)), take(up, cut("x.up_proj.weight", cfg, rank, 2))]
+            ),
+        )
 
 
 def test_biases_column_split_and_row_parallel_bias_added_once():
@@ -81,7 +101,16 @@ def test_biases_column_split_and_row_parallel_bias_added_once():
     assert torch.equal(sum(take(o_bias, cut("l.self_attn.o_proj.bias", cfg, r, 2)) for r in range(2)), o_bias)
 
 
-@pytest.mark.parametrize("name", ["model.embed_tokens.weight", "lm_head.weight", "model.norm.weight", "model.layers.0.self_attn.q_norm.weight", "model.layers.0.input_layernorm.weight"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "model.embed_tokens.weight",
+        "lm_head.weight",
+        "model.norm.weight",
+        "model.layers.0.self_attn.q_norm.weight",
+        "model.layers.0.input_layernorm.weight",
+    ],
+)
 def test_embedding_head_and_norms_are_replicated(name):
     assert cut(name, config(), 1, 2) is None
 
@@ -142,7 +171,10 @@ def test_a_size_below_one_is_refused():
 def test_serve_exits_2_naming_the_heads(tiny_llama, capsys):
     """Checked by the front before any process starts: 4 heads do not split over 3 ranks."""
     assert main(["serve", "--model", str(tiny_llama), "--tensor-parallel-size", "3"]) == 2
-    assert "tensor_parallel_size=3 must divide the model's 4 attention heads; use one of 1, 2, 4" in capsys.readouterr().err
+    assert (
+        "tensor_parallel_size=3 must divide the model's 4 attention heads; use one of 1, 2, 4"
+        in capsys.readouterr().err
+    )
 
 
 def test_serve_exits_2_with_more_ranks_than_cores(tiny_llama, capsys):
@@ -174,7 +206,11 @@ def test_rank_reports_that_disagree_are_a_fault_and_agreeing_errors_are_the_pass
     out = ModelRunnerOutput(((5, 6), (7,)), (), {})
     check_agreement([PassDone(_digest(out), None)] * 3, out, None)
     with pytest.raises(EngineFaultError, match="rank 2 sampled other tokens"):
-        check_agreement([PassDone(_digest(out), None), PassDone(_digest(ModelRunnerOutput(((5, 9), (7,)), (), {})), None)], out, None)
+        check_agreement(
+            [PassDone(_digest(out), None), PassDone(_digest(ModelRunnerOutput(((5, 9), (7,)), (), {})), None)],
+            out,
+            None,
+        )
     with pytest.raises(EngineFaultError, match="rank 1 raised RuntimeError, rank 0 completed it"):
         check_agreement([PassDone(None, "RuntimeError")], out, None)
     with pytest.raises(ValueError, match="bad request"):  # every rank failed alike: the pass's own error
@@ -193,10 +229,15 @@ def test_passes_carry_only_new_tokens_and_rebuild_every_request_whole():
     from stepserve.executor.tensor_parallel import PassDecoder, PassEncoder
     from stepserve.sampling import SamplingParams
 
-    params = {"a": SamplingParams(max_tokens=8).resolve(4, 64), "b": SamplingParams(max_tokens=5, temperature=0.5).resolve(4, 64)}
+    params = {
+        "a": SamplingParams(max_tokens=8).resolve(4, 64),
+        "b": SamplingParams(max_tokens=5, temperature=0.5).resolve(4, 64),
+    }
 
     def sched(tokens: dict[str, list[int]], finished=()):
-        reqs = tuple(ScheduledRequest(rid, t, len(t) - 1, 1, [1, 2], params[rid], 3, True, 1) for rid, t in tokens.items())
+        reqs = tuple(
+            ScheduledRequest(rid, t, len(t) - 1, 1, [1, 2], params[rid], 3, True, 1) for rid, t in tokens.items()
+        )
         return SchedulerOutput(reqs, 1, tuple(finished), len(reqs))
 
     encoder, decoder = PassEncoder(), PassDecoder()

@@ -27,43 +27,75 @@ HERMES_ARGS_1 = '{"city": "Pa\\"ris \\\\ </tool_call> {", "unit": "c"}'
 HERMES_ARGS_2 = '{"x": 1, "y": [2, "}"], "z": "\\u00e9\\n"}'
 CASES = {
     "hermes": [
-        ('Let me check.\n<tool_call>\n{"name": "get_weather", "arguments": ' + HERMES_ARGS_1 + '}\n</tool_call>\n'
-         '<tool_call>\n{"arguments": ' + HERMES_ARGS_2 + ', "name": "add"}\n</tool_call>',
-         Parsed("Let me check.", [ToolCall("get_weather", HERMES_ARGS_1), ToolCall("add", HERMES_ARGS_2)])),
-        ('<tool_call>{"name": "f", "id": 7, "arguments": "{\\"a\\": 1}"}</tool_call> Done.\n', Parsed("Done.\n", [ToolCall("f", '{"a": 1}')])),
+        (
+            'Let me check.\n<tool_call>\n{"name": "get_weather", "arguments": ' + HERMES_ARGS_1 + "}\n</tool_call>\n"
+            '<tool_call>\n{"arguments": ' + HERMES_ARGS_2 + ', "name": "add"}\n</tool_call>',
+            Parsed("Let me check.", [ToolCall("get_weather", HERMES_ARGS_1), ToolCall("add", HERMES_ARGS_2)]),
+        ),
+        (
+            '<tool_call>{"name": "f", "id": 7, "arguments": "{\\"a\\": 1}"}</tool_call> Done.\n',
+            Parsed("Done.\n", [ToolCall("f", '{"a": 1}')]),
+        ),
         ('<tool_call>{"name": "f"}</tool_call>', Parsed(None, [ToolCall("f", "{}")])),
-        ('<tool_call>{"name": "f", "arguments": {"a": "b', Parsed(None, [ToolCall("f", '{"a": "b')])),  # cut by max_tokens
+        (
+            '<tool_call>{"name": "f", "arguments": {"a": "b',
+            Parsed(None, [ToolCall("f", '{"a": "b')]),
+        ),  # cut by max_tokens
         # Not calls: the text comes back unchanged.
         ("no calls here, just a < sign and <tool_ \n", Parsed("no calls here, just a < sign and <tool_ \n", [])),
         ("x <tool_call>oops</tool_call> y", Parsed("x <tool_call>oops</tool_call> y", [])),
-        ('<tool_call>{"nam": "f", "arguments": {}}</tool_call>', Parsed('<tool_call>{"nam": "f", "arguments": {}}</tool_call>', [])),
+        (
+            '<tool_call>{"nam": "f", "arguments": {}}</tool_call>',
+            Parsed('<tool_call>{"nam": "f", "arguments": {}}</tool_call>', []),
+        ),
         ('a\n<tool_call>{"name": 5}', Parsed('a\n<tool_call>{"name": 5}', [])),
         ("<tool_call>", Parsed("<tool_call>", [])),
     ],
     "llama3_json": [
-        ('<|python_tag|>{"name": "add", "parameters": {"x": 1}}; {"name": "get_weather", "parameters": {"city": "O\\"slo"}}',
-         Parsed(None, [ToolCall("add", '{"x": 1}'), ToolCall("get_weather", '{"city": "O\\"slo"}')])),
-        ('\n{"type": "function", "name": "add", "parameters": {"x": [1, {"y": "}"}]}}\nThat is all.',
-         Parsed("That is all.", [ToolCall("add", '{"x": [1, {"y": "}"}]}')])),
+        (
+            '<|python_tag|>{"name": "add", "parameters": {"x": 1}}; '
+            '{"name": "get_weather", "parameters": {"city": "O\\"slo"}}',
+            Parsed(None, [ToolCall("add", '{"x": 1}'), ToolCall("get_weather", '{"city": "O\\"slo"}')]),
+        ),
+        (
+            '\n{"type": "function", "name": "add", "parameters": {"x": [1, {"y": "}"}]}}\nThat is all.',
+            Parsed("That is all.", [ToolCall("add", '{"x": [1, {"y": "}"}]}')]),
+        ),
         ("Hello there, friend {not json}", Parsed("Hello there, friend {not json}", [])),
         (' {"nam": 1} x', Parsed(' {"nam": 1} x', [])),
         ("<|python_tag|>print(1)", Parsed("<|python_tag|>print(1)", [])),
     ],
     "mistral": [
-        ('Sure. [TOOL_CALLS] [{"name": "add", "arguments": {"x": 1, "s": "]\\""}}, {"name": "mul", "arguments": {"y": [1, 2]}}]',
-         Parsed("Sure.", [ToolCall("add", '{"x": 1, "s": "]\\""}'), ToolCall("mul", '{"y": [1, 2]}')])),
-        ('[TOOL_CALLS]add[ARGS]{"x": 1, "s": "[TOOL_CALLS]"}[TOOL_CALLS]mul{"y": {"z": 2}}',
-         Parsed(None, [ToolCall("add", '{"x": 1, "s": "[TOOL_CALLS]"}'), ToolCall("mul", '{"y": {"z": 2}}')])),
-        ('Let me see.[TOOL_CALLS]get.weather_2[CALL_ID]abc123XYZ[ARGS]{"city": "Nice"}',
-         Parsed("Let me see.", [ToolCall("get.weather_2", '{"city": "Nice"}', "abc123XYZ")])),
+        (
+            'Sure. [TOOL_CALLS] [{"name": "add", "arguments": {"x": 1, "s": "]\\""}}, '
+            '{"name": "mul", "arguments": {"y": [1, 2]}}]',
+            Parsed("Sure.", [ToolCall("add", '{"x": 1, "s": "]\\""}'), ToolCall("mul", '{"y": [1, 2]}')]),
+        ),
+        (
+            '[TOOL_CALLS]add[ARGS]{"x": 1, "s": "[TOOL_CALLS]"}[TOOL_CALLS]mul{"y": {"z": 2}}',
+            Parsed(None, [ToolCall("add", '{"x": 1, "s": "[TOOL_CALLS]"}'), ToolCall("mul", '{"y": {"z": 2}}')]),
+        ),
+        (
+            'Let me see.[TOOL_CALLS]get.weather_2[CALL_ID]abc123XYZ[ARGS]{"city": "Nice"}',
+            Parsed("Let me see.", [ToolCall("get.weather_2", '{"city": "Nice"}', "abc123XYZ")]),
+        ),
         ("[TOOL_CALLS] hello world", Parsed("[TOOL_CALLS] hello world", [])),
         ("[TOOLS] and [TOOL_CALLS]", Parsed("[TOOLS] and [TOOL_CALLS]", [])),
         ('[TOOL_CALLS] [{"x": 1}]', Parsed('[TOOL_CALLS] [{"x": 1}]', [])),
     ],
 }
 TOOLS = [
-    {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}},
-    {"type": "function", "function": {"name": "add", "parameters": {"type": "object", "properties": {"x": {"type": "integer"}}}}},
+    {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+        },
+    },
+    {
+        "type": "function",
+        "function": {"name": "add", "parameters": {"type": "object", "properties": {"x": {"type": "integer"}}}},
+    },
 ]
 ALL_CASES = [(name, text, want) for name, cases in CASES.items() for text, want in cases]
 
@@ -89,7 +121,11 @@ def test_parsers_give_the_same_calls_whole_and_split_at_every_boundary(name, tex
         assert assemble(run_pieces(name, random_pieces(text, rng))) == want
 
 
-@pytest.mark.parametrize("name,text,want", [c for c in ALL_CASES if c[2].calls], ids=lambda v: v if isinstance(v, str) and len(v) < 12 else None)
+@pytest.mark.parametrize(
+    "name,text,want",
+    [c for c in ALL_CASES if c[2].calls],
+    ids=lambda v: v if isinstance(v, str) and len(v) < 12 else None,
+)
 def test_calls_stream_name_first_then_arguments_as_they_are_written(name, text, want):
     parser = make_parser(name)
     sent: dict[int, str] = {}
@@ -118,7 +154,10 @@ def test_content_streams_before_a_call_completes():
     parser = make_parser("hermes")
     assert parser.feed("Checking the weather") == ["Checking the weather"]
     assert parser.feed(" now.\n<tool_") == [" now."]  # the newline and tag piece wait
-    assert parser.feed('call>{"name": "get_weather", "arguments": {"ci') == [ScanEvent(0, name="get_weather"), ScanEvent(0, arguments='{"ci')]
+    assert parser.feed('call>{"name": "get_weather", "arguments": {"ci') == [
+        ScanEvent(0, name="get_weather"),
+        ScanEvent(0, arguments='{"ci'),
+    ]
 
 
 def test_required_scanner_cuts_a_stream_into_names_and_argument_fragments():
@@ -141,7 +180,9 @@ def reassembled(mode: ToolMode, pieces: list[str]):
 
     def chunk(delta: dict, finish_reason=None) -> ChatCompletionChunk:
         choice = {"index": 0, "delta": delta, "finish_reason": finish_reason}
-        return ChatCompletionChunk.model_validate({"id": "c", "object": "chat.completion.chunk", "created": 0, "model": "m", "choices": [choice]})
+        return ChatCompletionChunk.model_validate(
+            {"id": "c", "object": "chat.completion.chunk", "created": 0, "model": "m", "choices": [choice]}
+        )
 
     deltas = [{"role": "assistant", "content": ""}] + [d for piece in pieces for d in tools.feed(piece)]
     more, finish_reason = tools.finish("stop")
@@ -177,7 +218,9 @@ def ctx(tmp_path_factory):
     directory = tmp_path_factory.mktemp("tok")
     save_byte_tokenizer(directory)
     tokenizer = AutoTokenizer.from_pretrained(str(directory))
-    return ServingContext(None, tokenizer, "m", 200, 320, ServerConfig(), grammars=GrammarCompiler(tokenizer, 320, {256}))
+    return ServingContext(
+        None, tokenizer, "m", 200, 320, ServerConfig(), grammars=GrammarCompiler(tokenizer, 320, {256})
+    )
 
 
 def chat(ctx, **body):
@@ -193,12 +236,24 @@ def refused(call, *args, **body) -> InvalidRequestError:
 
 def test_tool_choice_errors_name_the_field(ctx):
     auto = refused(chat, ctx, tools=TOOLS, tool_choice="auto")
-    assert auto.param == "tool_choice" and "--enable-auto-tool-choice" in auto.message and "--tool-call-parser" in auto.message
-    assert refused(chat, ctx, tools=TOOLS, tool_choice={"type": "function", "function": {"name": "nope"}}).param == "tool_choice"
+    assert (
+        auto.param == "tool_choice"
+        and "--enable-auto-tool-choice" in auto.message
+        and "--tool-call-parser" in auto.message
+    )
+    assert (
+        refused(chat, ctx, tools=TOOLS, tool_choice={"type": "function", "function": {"name": "nope"}}).param
+        == "tool_choice"
+    )
     assert refused(chat, ctx, tool_choice="required").param == "tool_choice"
     no_params = [{"type": "function", "function": {"name": "f"}}]
     assert "parameters" in refused(chat, ctx, tools=no_params, tool_choice="required").message
-    bad_schema = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {"a": {"type": "nope"}}}}}]
+    bad_schema = [
+        {
+            "type": "function",
+            "function": {"name": "f", "parameters": {"type": "object", "properties": {"a": {"type": "nope"}}}},
+        }
+    ]
     assert "tools[0].function.parameters" in refused(chat, ctx, tools=bad_schema).message
     fmt = {"type": "json_object"}
     assert refused(chat, ctx, tools=TOOLS, tool_choice="required", response_format=fmt).param == "response_format"
@@ -256,7 +311,9 @@ def test_a_slow_compile_does_not_hold_the_event_loop(ctx):
         done = asyncio.Event()
         task = asyncio.create_task(ticker(done))
         try:
-            await openai.off_loop(output_constraint, slow, validate(CompletionRequest, {"prompt": "x", "guided_regex": "b+"}))
+            await openai.off_loop(
+                output_constraint, slow, validate(CompletionRequest, {"prompt": "x", "guided_regex": "b+"})
+            )
         finally:
             done.set()
             await task

@@ -84,7 +84,9 @@ def library() -> ctypes.CDLL | None:
             _lib = _declare(ctypes.CDLL(str(build())))
         except (OSError, RuntimeError, subprocess.CalledProcessError) as err:
             detail = getattr(err, "stderr", "") or err
-            log.warning("stepserve's CPU kernels are unavailable (%s); using the PyTorch path", str(detail).strip()[:500])
+            log.warning(
+                "stepserve's CPU kernels are unavailable (%s); using the PyTorch path", str(detail).strip()[:500]
+            )
     return _lib
 
 
@@ -108,8 +110,15 @@ class BlockWeight:
     describes: Q4_1 (``qs`` nibbles, ``dm`` scale and min per block) or Q8_0 (``qs`` int8, ``dm``
     scale, and with ``x16`` the unsigned-activation correction), plain or interleaved by 16 rows."""
 
-    def __init__(self, qs: torch.Tensor, dm: torch.Tensor, q8: bool, shape: tuple[int, int], x16: bool,
-                 out_dtype: torch.dtype | None = None) -> None:
+    def __init__(
+        self,
+        qs: torch.Tensor,
+        dm: torch.Tensor,
+        q8: bool,
+        shape: tuple[int, int],
+        x16: bool,
+        out_dtype: torch.dtype | None = None,
+    ) -> None:
         self.qs, self.dm, self.q8, self.x16 = qs.contiguous(), dm.float().contiguous(), q8, x16
         self.out_features, self.in_features = shape
         self.out_dtype = out_dtype  # None: the input's
@@ -161,9 +170,20 @@ class BlockWeight:
         x = x.contiguous()
         out = torch.empty(x.shape[0], self.out_features, dtype=self.out_dtype or x.dtype)
         bf16_in, bf16_out = int(x.dtype == torch.bfloat16), int(out.dtype == torch.bfloat16)
-        library().ss_linear(int(self.q8), int(self.x16), x.data_ptr(), bf16_in, x.shape[0], self.in_features,
-                            self.qs.data_ptr(), self.dm.data_ptr(), self.out_features, out.data_ptr(), bf16_out,
-                            torch.get_num_threads())
+        library().ss_linear(
+            int(self.q8),
+            int(self.x16),
+            x.data_ptr(),
+            bf16_in,
+            x.shape[0],
+            self.in_features,
+            self.qs.data_ptr(),
+            self.dm.data_ptr(),
+            self.out_features,
+            out.data_ptr(),
+            bf16_out,
+            torch.get_num_threads(),
+        )
         return out
 
 
@@ -173,12 +193,42 @@ _P = ctypes.c_void_p
 
 
 class _Model(ctypes.Structure):
-    _fields_ = [(name, ctypes.c_int64) for name in
-                ("n_layers", "hidden", "n_heads", "n_kv", "head_dim", "inter", "block_size", "num_blocks", "nthreads", "x16")]
+    _fields_ = [
+        (name, ctypes.c_int64)
+        for name in (
+            "n_layers",
+            "hidden",
+            "n_heads",
+            "n_kv",
+            "head_dim",
+            "inter",
+            "block_size",
+            "num_blocks",
+            "nthreads",
+            "x16",
+        )
+    ]
     _fields_ += [("eps", ctypes.c_double), ("scale", ctypes.c_double)]
-    _fields_ += [(name, _P) for name in
-                 ("embed", "cos_sin", "final_norm", "windows", "in_norm", "post_norm", "qkv_qs", "qkv_dm",
-                  "o_qs", "o_dm", "gu_qs", "gu_dm", "down_qs", "down_dm", "kv")]
+    _fields_ += [
+        (name, _P)
+        for name in (
+            "embed",
+            "cos_sin",
+            "final_norm",
+            "windows",
+            "in_norm",
+            "post_norm",
+            "qkv_qs",
+            "qkv_dm",
+            "o_qs",
+            "o_dm",
+            "gu_qs",
+            "gu_dm",
+            "down_qs",
+            "down_dm",
+            "kv",
+        )
+    ]
 
 
 class _Step(ctypes.Structure):
@@ -201,9 +251,14 @@ def unsupported(cfg) -> str | None:
         "embed_scale": cfg.embed_scale != 1.0,
         "residual_scale": cfg.residual_scale != 1.0,
         "head_dim": cfg.head_dim > 256 or cfg.num_heads // cfg.num_kv_heads > 8,
-        "block-aligned sizes": any(n % GROUP for n in (cfg.hidden_size, cfg.intermediate_size, cfg.num_heads * cfg.head_dim)),
+        "block-aligned sizes": any(
+            n % GROUP for n in (cfg.hidden_size, cfg.intermediate_size, cfg.num_heads * cfg.head_dim)
+        ),
         # one layout for every projection (x16 needs rows in sixteens)
-        "rows in sixteens": any(n % 16 for n in ((cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim, cfg.hidden_size, 2 * cfg.intermediate_size)),
+        "rows in sixteens": any(
+            n % 16
+            for n in ((cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim, cfg.hidden_size, 2 * cfg.intermediate_size)
+        ),
     }
     failed = [name for name, bad in checks.items() if bad]
     return ", ".join(failed) or None
@@ -221,33 +276,52 @@ class NativeDecoder:
         layers = model.layers
         self.lib = library()
         self.keep = []  # every tensor and array the struct points into
+
         def ptr(obj):
             self.keep.append(obj)
             return obj.data_ptr() if isinstance(obj, torch.Tensor) else ctypes.cast(obj, _P).value
+
         def arrays(get):
             tensors = [get(layer) for layer in layers]
             self.keep.extend(tensors)
             return ptr(_pointers(tensors))
+
         f32 = lambda t: t.detach().float().contiguous()  # noqa: E731
         self.embed = model.embed_tokens  # the loader casts its weight to bfloat16 after packing
         self.struct = _Model(
-            n_layers=cfg.num_layers, hidden=cfg.hidden_size, n_heads=cfg.num_heads, n_kv=cfg.num_kv_heads,
-            head_dim=cfg.head_dim, inter=cfg.intermediate_size, x16=int(layers[0].self_attn.qkv_proj.q4.x16), eps=cfg.rms_norm_eps, scale=cfg.attn_scale,
-            cos_sin=ptr(model.rotary.cos_sin.float().contiguous()), final_norm=ptr(f32(model.norm.weight)),
+            n_layers=cfg.num_layers,
+            hidden=cfg.hidden_size,
+            n_heads=cfg.num_heads,
+            n_kv=cfg.num_kv_heads,
+            head_dim=cfg.head_dim,
+            inter=cfg.intermediate_size,
+            x16=int(layers[0].self_attn.qkv_proj.q4.x16),
+            eps=cfg.rms_norm_eps,
+            scale=cfg.attn_scale,
+            cos_sin=ptr(model.rotary.cos_sin.float().contiguous()),
+            final_norm=ptr(f32(model.norm.weight)),
             windows=ptr(torch.tensor(cfg.layer_windows, dtype=torch.int64)),
-            in_norm=arrays(lambda l: f32(l.input_layernorm.weight)),
-            post_norm=arrays(lambda l: f32(l.post_attention_layernorm.weight)),
-            qkv_qs=arrays(lambda l: l.self_attn.qkv_proj.q4.qs), qkv_dm=arrays(lambda l: l.self_attn.qkv_proj.q4.dm),
-            o_qs=arrays(lambda l: l.self_attn.o_proj.q4.qs), o_dm=arrays(lambda l: l.self_attn.o_proj.q4.dm),
-            gu_qs=arrays(lambda l: l.mlp.gate_up_proj.q4.qs), gu_dm=arrays(lambda l: l.mlp.gate_up_proj.q4.dm),
-            down_qs=arrays(lambda l: l.mlp.down_proj.q4.qs), down_dm=arrays(lambda l: l.mlp.down_proj.q4.dm),
+            in_norm=arrays(lambda layer: f32(layer.input_layernorm.weight)),
+            post_norm=arrays(lambda layer: f32(layer.post_attention_layernorm.weight)),
+            qkv_qs=arrays(lambda layer: layer.self_attn.qkv_proj.q4.qs),
+            qkv_dm=arrays(lambda layer: layer.self_attn.qkv_proj.q4.dm),
+            o_qs=arrays(lambda layer: layer.self_attn.o_proj.q4.qs),
+            o_dm=arrays(lambda layer: layer.self_attn.o_proj.q4.dm),
+            gu_qs=arrays(lambda layer: layer.mlp.gate_up_proj.q4.qs),
+            gu_dm=arrays(lambda layer: layer.mlp.gate_up_proj.q4.dm),
+            down_qs=arrays(lambda layer: layer.mlp.down_proj.q4.qs),
+            down_dm=arrays(lambda layer: layer.mlp.down_proj.q4.dm),
         )
         self._caches: list | None = None
         self._cache_ptrs = None
 
     def handles(self, input_ids: torch.Tensor, kv_caches, meta) -> bool:
-        return (meta.is_decode and input_ids.shape[0] <= MAX_DECODE_ROWS and kv_caches[0].dtype == torch.float32
-                and self.embed.weight.dtype == torch.bfloat16)
+        return (
+            meta.is_decode
+            and input_ids.shape[0] <= MAX_DECODE_ROWS
+            and kv_caches[0].dtype == torch.float32
+            and self.embed.weight.dtype == torch.bfloat16
+        )
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches, meta) -> torch.Tensor:
         """Final-normed hidden states [M, hidden] (float32) of a decode step; writes this step's
@@ -261,8 +335,15 @@ class NativeDecoder:
         i64, i32 = torch.int64, torch.int32  # no-ops on the runner's tensors: the C side reads these widths
         ids, pos, slots = (t.to(i64).contiguous() for t in (input_ids, positions, meta.slot_mapping))
         lens, tables = meta.seq_lens.to(i32).contiguous(), meta.block_tables.to(i32).contiguous()
-        step = _Step(M=ids.shape[0], width=tables.shape[1], input_ids=ids.data_ptr(), positions=pos.data_ptr(),
-                     slots=slots.data_ptr(), seq_lens=lens.data_ptr(), tables=tables.data_ptr())
+        step = _Step(
+            M=ids.shape[0],
+            width=tables.shape[1],
+            input_ids=ids.data_ptr(),
+            positions=pos.data_ptr(),
+            slots=slots.data_ptr(),
+            seq_lens=lens.data_ptr(),
+            tables=tables.data_ptr(),
+        )
         out = torch.empty(ids.shape[0], self.struct.hidden, dtype=torch.float32)
         if self.lib.ss_decode(ctypes.byref(self.struct), ctypes.byref(step), out.data_ptr()) != 0:
             raise RuntimeError("ss_decode refused the model's shapes")
@@ -274,4 +355,7 @@ if __name__ == "__main__":  # `python -m stepserve.kernels.cpu.native`: build no
     try:
         print(f"stepserve CPU kernels: {build()}")
     except (RuntimeError, subprocess.CalledProcessError) as err:
-        print(f"stepserve CPU kernels not built ({getattr(err, 'stderr', '') or err}); the PyTorch path will run", file=sys.stderr)
+        print(
+            f"stepserve CPU kernels not built ({getattr(err, 'stderr', '') or err}); the PyTorch path will run",
+            file=sys.stderr,
+        )

@@ -48,9 +48,23 @@ def _precision(q: torch.Tensor) -> str:
 
 @triton.jit
 def _write_kv_kernel(
-    k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slot_ptr,
-    stride_kt, stride_kh, stride_vt, stride_vh, stride_cs, stride_ch, k_scale, v_scale,
-    NUM_KV_HEADS: tl.constexpr, HEADS_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, KV_FP8: tl.constexpr,
+    k_ptr,
+    v_ptr,
+    k_cache_ptr,
+    v_cache_ptr,
+    slot_ptr,
+    stride_kt,
+    stride_kh,
+    stride_vt,
+    stride_vh,
+    stride_cs,
+    stride_ch,
+    k_scale,
+    v_scale,
+    NUM_KV_HEADS: tl.constexpr,
+    HEADS_PAD: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    KV_FP8: tl.constexpr,
 ):
     t = tl.program_id(0)
     slot = tl.load(slot_ptr + t).to(tl.int64)
@@ -71,16 +85,32 @@ def _fp8(kv_cache: torch.Tensor) -> bool:
     return kv_cache.dtype == torch.float8_e4m3fn
 
 
-def write_kv(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor, kv_scale=(1.0, 1.0)) -> None:
+def write_kv(
+    k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor, kv_scale=(1.0, 1.0)
+) -> None:
     """Store K/V ``[T, Hkv, D]`` (any row stride, contiguous last dim) at their cache slots."""
     num_tokens, num_kv_heads, head_dim = k.shape
     if num_tokens == 0:
         return
     k_cache, v_cache = kv_cache[0], kv_cache[1]
     _write_kv_kernel[(num_tokens,)](
-        k, v, k_cache, v_cache, slot_mapping,
-        k.stride(0), k.stride(1), v.stride(0), v.stride(1), k_cache.stride(1), k_cache.stride(2), kv_scale[0], kv_scale[1],
-        NUM_KV_HEADS=num_kv_heads, HEADS_PAD=triton.next_power_of_2(num_kv_heads), HEAD_DIM=head_dim, KV_FP8=_fp8(kv_cache),
+        k,
+        v,
+        k_cache,
+        v_cache,
+        slot_mapping,
+        k.stride(0),
+        k.stride(1),
+        v.stride(0),
+        v.stride(1),
+        k_cache.stride(1),
+        k_cache.stride(2),
+        kv_scale[0],
+        kv_scale[1],
+        NUM_KV_HEADS=num_kv_heads,
+        HEADS_PAD=triton.next_power_of_2(num_kv_heads),
+        HEAD_DIM=head_dim,
+        KV_FP8=_fp8(kv_cache),
     )
 
 
@@ -98,14 +128,40 @@ def _scores(q, k, scale_log2, softcap, PRECISION: tl.constexpr, HAS_SOFTCAP: tl.
 
 @triton.jit
 def _paged_decode_kernel(
-    q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, part_out_ptr, part_lse_ptr,
-    rows_ptr, qsl_ptr, seq_lens_ptr, tables_ptr,
-    scale_log2, num_splits, window, softcap, k_scale, v_scale,
-    stride_qt, stride_qh, stride_ot, stride_oh,
-    stride_kb, stride_kt, stride_kh, stride_tb,
-    GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
-    BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, HAS_ROWS: tl.constexpr, SPLIT: tl.constexpr,
-    PRECISION: tl.constexpr, HAS_SOFTCAP: tl.constexpr, KV_FP8: tl.constexpr,
+    q_ptr,
+    k_cache_ptr,
+    v_cache_ptr,
+    out_ptr,
+    part_out_ptr,
+    part_lse_ptr,
+    rows_ptr,
+    qsl_ptr,
+    seq_lens_ptr,
+    tables_ptr,
+    scale_log2,
+    num_splits,
+    window,
+    softcap,
+    k_scale,
+    v_scale,
+    stride_qt,
+    stride_qh,
+    stride_ot,
+    stride_oh,
+    stride_kb,
+    stride_kt,
+    stride_kh,
+    stride_tb,
+    GROUP: tl.constexpr,
+    GROUP_PAD: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    HAS_ROWS: tl.constexpr,
+    SPLIT: tl.constexpr,
+    PRECISION: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
+    KV_FP8: tl.constexpr,
 ):
     i = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -125,9 +181,11 @@ def _paged_decode_kernel(
     d = tl.arange(0, HEAD_DIM)
     heads = kvh * GROUP + g
     gmask = g < GROUP
-    q = tl.load(q_ptr + tok.to(tl.int64) * stride_qt + heads[:, None] * stride_qh + d[None, :], mask=gmask[:, None], other=0.0)
+    q = tl.load(
+        q_ptr + tok.to(tl.int64) * stride_qt + heads[:, None] * stride_qh + d[None, :], mask=gmask[:, None], other=0.0
+    )
     m = tl.full([GROUP_PAD], float("-inf"), tl.float32)
-    l = tl.zeros([GROUP_PAD], tl.float32)
+    denom = tl.zeros([GROUP_PAD], tl.float32)
     acc = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
     table = tables_ptr + row.to(tl.int64) * stride_tb
     for s in range(start, end, BLOCK_N):
@@ -145,15 +203,15 @@ def _paged_decode_kernel(
         m_new = tl.maximum(m, tl.max(qk, 1))
         p = tl.math.exp2(qk - m_new[:, None])
         alpha = tl.math.exp2(m - m_new)
-        l = l * alpha + tl.sum(p, 1)
+        denom = denom * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m = m_new
-    l_safe = tl.where(l > 0, l, 1.0)
+    l_safe = tl.where(denom > 0, denom, 1.0)
     out = acc / l_safe[:, None]
     if SPLIT:
         base = (i * (GROUP * tl.num_programs(1)) + heads) * num_splits + split
         tl.store(part_out_ptr + base[:, None] * HEAD_DIM + d[None, :], out, mask=gmask[:, None])
-        lse = tl.where(l > 0, m + tl.math.log2(l_safe), float("-inf"))
+        lse = tl.where(denom > 0, m + tl.math.log2(l_safe), float("-inf"))
         tl.store(part_lse_ptr + base, lse, mask=gmask)
     else:
         dst = out_ptr + tok.to(tl.int64) * stride_ot + heads[:, None] * stride_oh + d[None, :]
@@ -162,8 +220,17 @@ def _paged_decode_kernel(
 
 @triton.jit
 def _merge_splits_kernel(
-    out_ptr, part_out_ptr, part_lse_ptr, rows_ptr, qsl_ptr, num_splits, stride_ot, stride_oh,
-    HEAD_DIM: tl.constexpr, SPLITS_PAD: tl.constexpr, HAS_ROWS: tl.constexpr,
+    out_ptr,
+    part_out_ptr,
+    part_lse_ptr,
+    rows_ptr,
+    qsl_ptr,
+    num_splits,
+    stride_ot,
+    stride_oh,
+    HEAD_DIM: tl.constexpr,
+    SPLITS_PAD: tl.constexpr,
+    HAS_ROWS: tl.constexpr,
 ):
     i = tl.program_id(0)
     h = tl.program_id(1)
@@ -179,7 +246,9 @@ def _merge_splits_kernel(
     top = tl.max(lse, 0)
     w = tl.where(lse > float("-inf"), tl.math.exp2(lse - top), 0.0)
     d = tl.arange(0, HEAD_DIM)
-    parts = tl.load(part_out_ptr + (base + s)[:, None] * HEAD_DIM + d[None, :], mask=(smask & (w > 0))[:, None], other=0.0)
+    parts = tl.load(
+        part_out_ptr + (base + s)[:, None] * HEAD_DIM + d[None, :], mask=(smask & (w > 0))[:, None], other=0.0
+    )
     out = tl.sum(parts * w[:, None], 0) / tl.sum(w, 0)
     tl.store(out_ptr + tok.to(tl.int64) * stride_ot + h * stride_oh + d, out.to(out_ptr.dtype.element_ty))
 
@@ -213,31 +282,92 @@ def paged_decode(
         part_lse = torch.empty(num_rows, num_heads, num_splits, dtype=torch.float32, device=q.device)
     rows_arg = rows if rows is not None else query_start_loc
     _paged_decode_kernel[(num_rows, num_kv_heads, num_splits)](
-        q, k_cache, v_cache, out, part_out, part_lse,
-        rows_arg, query_start_loc, seq_lens, block_tables,
-        scale * LOG2E, num_splits, window or NO_WINDOW, softcap or 1.0, kv_scale[0], kv_scale[1],
-        q.stride(0), q.stride(1), out.stride(0), out.stride(1),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
-        GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
-        BLOCK_SIZE=block_size, BLOCK_N=block_n, HAS_ROWS=rows is not None, SPLIT=split, PRECISION=_precision(q),
-        HAS_SOFTCAP=softcap > 0, KV_FP8=_fp8(kv_cache), num_warps=4, num_stages=2,
+        q,
+        k_cache,
+        v_cache,
+        out,
+        part_out,
+        part_lse,
+        rows_arg,
+        query_start_loc,
+        seq_lens,
+        block_tables,
+        scale * LOG2E,
+        num_splits,
+        window or NO_WINDOW,
+        softcap or 1.0,
+        kv_scale[0],
+        kv_scale[1],
+        q.stride(0),
+        q.stride(1),
+        out.stride(0),
+        out.stride(1),
+        k_cache.stride(0),
+        k_cache.stride(1),
+        k_cache.stride(2),
+        block_tables.stride(0),
+        GROUP=group,
+        GROUP_PAD=max(16, triton.next_power_of_2(group)),
+        HEAD_DIM=head_dim,
+        BLOCK_SIZE=block_size,
+        BLOCK_N=block_n,
+        HAS_ROWS=rows is not None,
+        SPLIT=split,
+        PRECISION=_precision(q),
+        HAS_SOFTCAP=softcap > 0,
+        KV_FP8=_fp8(kv_cache),
+        num_warps=4,
+        num_stages=2,
     )
     if split:
         _merge_splits_kernel[(num_rows, num_heads)](
-            out, part_out, part_lse, rows_arg, query_start_loc, num_splits, out.stride(0), out.stride(1),
-            HEAD_DIM=head_dim, SPLITS_PAD=triton.next_power_of_2(num_splits), HAS_ROWS=rows is not None,
+            out,
+            part_out,
+            part_lse,
+            rows_arg,
+            query_start_loc,
+            num_splits,
+            out.stride(0),
+            out.stride(1),
+            HEAD_DIM=head_dim,
+            SPLITS_PAD=triton.next_power_of_2(num_splits),
+            HAS_ROWS=rows is not None,
         )
 
 
 @triton.jit
 def _paged_prefill_kernel(
-    q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, rows_ptr, qsl_ptr, seq_lens_ptr, tables_ptr,
-    scale_log2, window, softcap, k_scale, v_scale,
-    stride_qt, stride_qh, stride_ot, stride_oh,
-    stride_kb, stride_kt, stride_kh, stride_tb,
-    GROUP: tl.constexpr, STACK: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-    BLOCK_M: tl.constexpr, TILE_POS: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
-    HAS_SOFTCAP: tl.constexpr, KV_FP8: tl.constexpr,
+    q_ptr,
+    k_cache_ptr,
+    v_cache_ptr,
+    out_ptr,
+    rows_ptr,
+    qsl_ptr,
+    seq_lens_ptr,
+    tables_ptr,
+    scale_log2,
+    window,
+    softcap,
+    k_scale,
+    v_scale,
+    stride_qt,
+    stride_qh,
+    stride_ot,
+    stride_oh,
+    stride_kb,
+    stride_kt,
+    stride_kh,
+    stride_tb,
+    GROUP: tl.constexpr,
+    STACK: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    TILE_POS: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    PRECISION: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
+    KV_FP8: tl.constexpr,
 ):
     # A program owns TILE_POS query positions of one sequence times STACK query heads (1, or the
     # GQA group of one KV head): its BLOCK_M rows are (position, head) pairs, position-major, so
@@ -256,7 +386,11 @@ def _paged_prefill_kernel(
     mmask = (r < TILE_POS * STACK) & (mi < q_len)
     q_pos = context + mi
     d = tl.arange(0, HEAD_DIM)
-    q = tl.load(q_ptr + (q_start + mi).to(tl.int64)[:, None] * stride_qt + head[:, None] * stride_qh + d[None, :], mask=mmask[:, None], other=0.0)
+    q = tl.load(
+        q_ptr + (q_start + mi).to(tl.int64)[:, None] * stride_qt + head[:, None] * stride_qh + d[None, :],
+        mask=mmask[:, None],
+        other=0.0,
+    )
     # Causal: this tile's last query sees keys up to its own position; an idle tile sees none.
     end = tl.minimum(seq_len, context + (tile + 1) * TILE_POS)
     end = tl.where(tile * TILE_POS < q_len, end, 0)
@@ -265,7 +399,7 @@ def _paged_prefill_kernel(
     first = tl.maximum(context + tile * TILE_POS - window + 1, 0)
     first = (first // BLOCK_N) * BLOCK_N
     m = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l = tl.zeros([BLOCK_M], tl.float32)
+    denom = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     table = tables_ptr + row.to(tl.int64) * stride_tb
     for s in range(first, end, BLOCK_N):
@@ -285,10 +419,10 @@ def _paged_prefill_kernel(
         m_use = tl.where(m_new > float("-inf"), m_new, 0.0)  # rows with nothing visible yet
         p = tl.math.exp2(qk - m_use[:, None])
         alpha = tl.math.exp2(m - m_use)
-        l = l * alpha + tl.sum(p, 1)
+        denom = denom * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m = m_new
-    out = acc / tl.where(l > 0, l, 1.0)[:, None]
+    out = acc / tl.where(denom > 0, denom, 1.0)[:, None]
     dst = out_ptr + (q_start + mi).to(tl.int64)[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :]
     tl.store(dst, out.to(out_ptr.dtype.element_ty), mask=mmask[:, None])
 
@@ -324,11 +458,37 @@ def paged_prefill(
     block_n = 64 if head_dim <= 128 else 32
     grid = (triton.cdiv(max_query_len, tile_pos), rows.shape[0], num_heads // stack)
     _paged_prefill_kernel[grid](
-        q, k_cache, v_cache, out, rows, query_start_loc, seq_lens, block_tables,
-        scale * LOG2E, window or NO_WINDOW, softcap or 1.0, kv_scale[0], kv_scale[1],
-        q.stride(0), q.stride(1), out.stride(0), out.stride(1),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
-        GROUP=group, STACK=stack, HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
-        BLOCK_M=block_m, TILE_POS=tile_pos, BLOCK_N=block_n, PRECISION=_precision(q), HAS_SOFTCAP=softcap > 0,
-        KV_FP8=_fp8(kv_cache), num_warps=4 if block_m == 64 else 8, num_stages=2,
+        q,
+        k_cache,
+        v_cache,
+        out,
+        rows,
+        query_start_loc,
+        seq_lens,
+        block_tables,
+        scale * LOG2E,
+        window or NO_WINDOW,
+        softcap or 1.0,
+        kv_scale[0],
+        kv_scale[1],
+        q.stride(0),
+        q.stride(1),
+        out.stride(0),
+        out.stride(1),
+        k_cache.stride(0),
+        k_cache.stride(1),
+        k_cache.stride(2),
+        block_tables.stride(0),
+        GROUP=group,
+        STACK=stack,
+        HEAD_DIM=head_dim,
+        BLOCK_SIZE=block_size,
+        BLOCK_M=block_m,
+        TILE_POS=tile_pos,
+        BLOCK_N=block_n,
+        PRECISION=_precision(q),
+        HAS_SOFTCAP=softcap > 0,
+        KV_FP8=_fp8(kv_cache),
+        num_warps=4 if block_m == 64 else 8,
+        num_stages=2,
     )

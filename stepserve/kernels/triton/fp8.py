@@ -34,7 +34,9 @@ def quantize_rows_reference(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
 
 
 @triton.jit
-def _quantize_rows_kernel(x_ptr, out_ptr, scale_ptr, n_cols, stride_x, BLOCK: tl.constexpr, FMAX: tl.constexpr, SMIN: tl.constexpr):
+def _quantize_rows_kernel(
+    x_ptr, out_ptr, scale_ptr, n_cols, stride_x, BLOCK: tl.constexpr, FMAX: tl.constexpr, SMIN: tl.constexpr
+):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     amax = tl.zeros([BLOCK], dtype=tl.float32)
@@ -57,7 +59,9 @@ def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     out = torch.empty(rows, cols, dtype=FP8, device=x.device)
     scale = torch.empty(rows, 1, dtype=torch.float32, device=x.device)
     if rows:
-        _quantize_rows_kernel[(rows,)](x, out, scale, cols, x.stride(0), BLOCK=1024, FMAX=FP8_MAX, SMIN=MIN_SCALE, num_warps=4)
+        _quantize_rows_kernel[(rows,)](
+            x, out, scale, cols, x.stride(0), BLOCK=1024, FMAX=FP8_MAX, SMIN=MIN_SCALE, num_warps=4
+        )
     return out, scale
 
 
@@ -77,8 +81,20 @@ def _gemv_config(rows: int, k: int) -> tuple[int, int, int]:
 
 @triton.jit
 def _fp8_gemv_kernel(
-    x_ptr, w_ptr, scale_ptr, bias_ptr, out_ptr, M, N, K, stride_x, stride_o,
-    ROWS: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    x_ptr,
+    w_ptr,
+    scale_ptr,
+    bias_ptr,
+    out_ptr,
+    M,
+    N,
+    K,
+    stride_x,
+    stride_o,
+    ROWS: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):
     n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = n < N
@@ -88,16 +104,26 @@ def _fp8_gemv_kernel(
     acc = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
     for start in range(0, K, BLOCK_K):
         k_mask = start + k < K
-        w = tl.load(w_ptr + n[:, None].to(tl.int64) * K + start + k[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0.0)
-        x = tl.load(x_ptr + m[:, None] * stride_x + start + k[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+        w = tl.load(
+            w_ptr + n[:, None].to(tl.int64) * K + start + k[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0.0
+        )
+        x = tl.load(
+            x_ptr + m[:, None] * stride_x + start + k[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0
+        )
         acc += tl.sum(x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)
     y = acc * tl.load(scale_ptr + n, mask=n_mask, other=0.0)[None, :]
     if HAS_BIAS:
         y += tl.load(bias_ptr + n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-    tl.store(out_ptr + m[:, None] * stride_o + n[None, :], y.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+    tl.store(
+        out_ptr + m[:, None] * stride_o + n[None, :],
+        y.to(out_ptr.dtype.element_ty),
+        mask=m_mask[:, None] & n_mask[None, :],
+    )
 
 
-def fp8_gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+def fp8_gemv(
+    x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
     """``x @ (weight * scale).T + bias`` for few rows: ``x`` [M, K] in bf16 (or float32),
     ``weight`` [N, K] e4m3, ``scale`` [N] or [1, N] float32; out in ``x``'s dtype."""
     rows, k = x.shape
@@ -107,7 +133,20 @@ def fp8_gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: t
     padded = 1 << max(0, (rows - 1).bit_length())
     block_n, block_k, warps = _gemv_config(padded, k)
     _fp8_gemv_kernel[(triton.cdiv(n, block_n),)](
-        x, weight, scale, bias if bias is not None else scale, out, rows, n, k, x.stride(0), out.stride(0),
-        ROWS=padded, HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps,
+        x,
+        weight,
+        scale,
+        bias if bias is not None else scale,
+        out,
+        rows,
+        n,
+        k,
+        x.stride(0),
+        out.stride(0),
+        ROWS=padded,
+        HAS_BIAS=bias is not None,
+        BLOCK_N=block_n,
+        BLOCK_K=block_k,
+        num_warps=warps,
     )
     return out

@@ -19,15 +19,26 @@ import triton.language as tl
 
 @triton.jit
 def _rms_norm_kernel(
-    x_ptr, res_ptr, out_ptr, res_out_ptr, w_ptr, eps, n_cols, stride_x, stride_r,
-    HAS_RES: tl.constexpr, BLOCK: tl.constexpr,
+    x_ptr,
+    res_ptr,
+    out_ptr,
+    res_out_ptr,
+    w_ptr,
+    eps,
+    n_cols,
+    stride_x,
+    stride_r,
+    HAS_RES: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < n_cols
     x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
     if HAS_RES:
-        x = (x.to(tl.float32) + tl.load(res_ptr + row * stride_r + cols, mask=mask, other=0.0).to(tl.float32)).to(x.dtype)
+        x = (x.to(tl.float32) + tl.load(res_ptr + row * stride_r + cols, mask=mask, other=0.0).to(tl.float32)).to(
+            x.dtype
+        )
         tl.store(res_out_ptr + row * n_cols + cols, x, mask=mask)
     xf = x.to(tl.float32)
     rstd = 1.0 / tl.sqrt(tl.sum(xf * xf, 0) / n_cols + eps)
@@ -44,17 +55,36 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.
     if rows:
         block = triton.next_power_of_2(cols)
         _rms_norm_kernel[(rows,)](
-            x, residual if residual is not None else x, out, res_out, weight, eps, cols,
-            x.stride(0), residual.stride(0) if residual is not None else 0,
-            HAS_RES=residual is not None, BLOCK=block, num_warps=min(16, max(1, block // 256)),
+            x,
+            residual if residual is not None else x,
+            out,
+            res_out,
+            weight,
+            eps,
+            cols,
+            x.stride(0),
+            residual.stride(0) if residual is not None else 0,
+            HAS_RES=residual is not None,
+            BLOCK=block,
+            num_warps=min(16, max(1, block // 256)),
         )
     return out if residual is None else (out, res_out)
 
 
 @triton.jit
 def _rotary_kernel(
-    q_ptr, k_ptr, pos_ptr, cos_sin_ptr, stride_qt, stride_qh, stride_kt, stride_kh,
-    NUM_Q: tl.constexpr, NUM_K: tl.constexpr, HEADS_PAD: tl.constexpr, HALF: tl.constexpr,
+    q_ptr,
+    k_ptr,
+    pos_ptr,
+    cos_sin_ptr,
+    stride_qt,
+    stride_qh,
+    stride_kt,
+    stride_kh,
+    NUM_Q: tl.constexpr,
+    NUM_K: tl.constexpr,
+    HEADS_PAD: tl.constexpr,
+    HALF: tl.constexpr,
 ):
     t = tl.program_id(0).to(tl.int64)
     pos = tl.load(pos_ptr + t)
@@ -83,8 +113,18 @@ def rotary_(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_sin: 
     if tokens == 0:
         return
     _rotary_kernel[(tokens,)](
-        q, k, positions, cos_sin, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
-        NUM_Q=num_q, NUM_K=k.shape[1], HEADS_PAD=triton.next_power_of_2(num_q), HALF=cos_sin.shape[1] // 2,
+        q,
+        k,
+        positions,
+        cos_sin,
+        q.stride(0),
+        q.stride(1),
+        k.stride(0),
+        k.stride(1),
+        NUM_Q=num_q,
+        NUM_K=k.shape[1],
+        HEADS_PAD=triton.next_power_of_2(num_q),
+        HALF=cos_sin.shape[1] // 2,
         num_warps=4,
     )
 

@@ -90,8 +90,23 @@ _ROW_POINTERS = ["temp_ptr", "greedy_ptr", "top_k_ptr", "top_p_ptr", "min_p_ptr"
 
 @triton.jit(do_not_specialize=["has_top_k", "has_top_p", "has_min_p"], do_not_specialize_on_alignment=_ROW_POINTERS)
 def _filtered_race_kernel(
-    logits_ptr, stride, temp_ptr, greedy_ptr, top_k_ptr, top_p_ptr, min_p_ptr, keys_ptr, index_ptr, out_ptr, n_cols,
-    has_top_k, has_top_p, has_min_p, BITS: tl.constexpr, BLOCK: tl.constexpr, MAX_ROUNDS: tl.constexpr,
+    logits_ptr,
+    stride,
+    temp_ptr,
+    greedy_ptr,
+    top_k_ptr,
+    top_p_ptr,
+    min_p_ptr,
+    keys_ptr,
+    index_ptr,
+    out_ptr,
+    n_cols,
+    has_top_k,
+    has_top_p,
+    has_min_p,
+    BITS: tl.constexpr,
+    BLOCK: tl.constexpr,
+    MAX_ROUNDS: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     if tl.load(greedy_ptr + row).to(tl.int32) == 0:  # greedy rows take the argmax outside
@@ -172,17 +187,36 @@ def _filtered_race_kernel(
 
 
 def filtered_race(
-    logits: torch.Tensor, temperature: torch.Tensor, greedy: torch.Tensor, top_k: torch.Tensor | None,
-    top_p: torch.Tensor | None, min_p: torch.Tensor | None, keys: torch.Tensor, index: torch.Tensor,
+    logits: torch.Tensor,
+    temperature: torch.Tensor,
+    greedy: torch.Tensor,
+    top_k: torch.Tensor | None,
+    top_p: torch.Tensor | None,
+    min_p: torch.Tensor | None,
+    keys: torch.Tensor,
+    index: torch.Tensor,
 ) -> torch.Tensor:
     """Token ids [B] drawn from float32 ``logits`` [B, V] at ``temperature`` [B] (float32) with the
     filters given (top-k int64, top-p and min-p float32; None: off for every row); greedy rows get 0."""
     logits = logits.contiguous()
     out = torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)
     _filtered_race_kernel[(logits.shape[0],)](
-        logits, logits.stride(0), temperature, greedy, top_k if top_k is not None else index,
-        top_p if top_p is not None else temperature, min_p if min_p is not None else temperature, keys, index, out,
-        logits.shape[1], int(top_k is not None), int(top_p is not None), int(min_p is not None),
-        BITS=NOISE_BITS, BLOCK=_BLOCK, MAX_ROUNDS=_MAX_ROUNDS,
+        logits,
+        logits.stride(0),
+        temperature,
+        greedy,
+        top_k if top_k is not None else index,
+        top_p if top_p is not None else temperature,
+        min_p if min_p is not None else temperature,
+        keys,
+        index,
+        out,
+        logits.shape[1],
+        int(top_k is not None),
+        int(top_p is not None),
+        int(min_p is not None),
+        BITS=NOISE_BITS,
+        BLOCK=_BLOCK,
+        MAX_ROUNDS=_MAX_ROUNDS,
     )
     return out

@@ -23,7 +23,11 @@ CRDS = {
     "kserve-clusterservingruntime.json": "serving.kserve.io_clusterservingruntimes.yaml",
     "kserve-inferenceservice.json": "serving.kserve.io_inferenceservices.yaml",
 }
-K8S = {"k8s-container.json": "container-v1.json", "k8s-objectmeta.json": "objectmeta-meta-v1.json", "k8s-volume.json": "volume-v1.json"}
+K8S = {
+    "k8s-container.json": "container-v1.json",
+    "k8s-objectmeta.json": "objectmeta-meta-v1.json",
+    "k8s-volume.json": "volume-v1.json",
+}
 
 
 def strip(node):
@@ -63,13 +67,17 @@ def k8s_schema(folder: Path, name: str) -> dict:
             needed.add(key)
             refs(definitions[key], todo)
     schema = json.loads(json.dumps(schema).replace('"/api/_definitions.json#/$defs/', '"#/$defs/'))
-    schema["$defs"] = json.loads(json.dumps({k: definitions[k] for k in sorted(needed)}).replace('"/api/_definitions.json#/$defs/', '"#/$defs/'))
+    schema["$defs"] = json.loads(
+        json.dumps({k: definitions[k] for k in sorted(needed)}).replace('"/api/_definitions.json#/$defs/', '"#/$defs/')
+    )
     return strip(schema)
 
 
 def main(kserve: Path, k8s: Path) -> None:
     for out, crd in CRDS.items():
-        (HERE / out).write_text(json.dumps(crd_schema(kserve / "config/crd/full" / crd), sort_keys=True, separators=(",", ":")) + "\n")
+        (HERE / out).write_text(
+            json.dumps(crd_schema(kserve / "config/crd/full" / crd), sort_keys=True, separators=(",", ":")) + "\n"
+        )
     for out, name in K8S.items():
         (HERE / out).write_text(json.dumps(k8s_schema(k8s, name), sort_keys=True, indent=1) + "\n")
 

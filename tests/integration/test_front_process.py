@@ -1,0 +1,68 @@
+"""The HTTP front process holds none of stepserve's model code (docs/architecture.md,
+"Processes"): it validates, tokenizes and streams while the engine core, a process of its own,
+holds the model. The import contracts check the modules' imports; this checks the running
+process, after it has served a request, for the generation engine and for an encoder task.
+
+PyTorch itself is in the front's ``sys.modules`` all the same: transformers 5 imports it when it
+is installed, from ``configuration_utils`` (through ``modeling_rope_utils``), which loading any
+tokenizer with ``AutoTokenizer`` reaches. stepserve's own front modules never import it."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+from live_server import free_port
+from task_models import write_bert
+
+# Runs `stepserve serve` in this process; once the server is ready it sends a request through
+# the front, prints the heavy modules the process holds, and stops the server (SIGTERM).
+SERVE_AND_REPORT = """
+import json, os, signal, sys, threading, time, urllib.request
+from stepserve.cli import main
+
+port, path, body = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+HEAVY = ("stepserve.attention", "stepserve.executor", "stepserve.kernels", "stepserve.worker", "stepserve.models.decoder", "stepserve.models.loader", "stepserve.distributed.group")
+
+def report():
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(600):
+        try:
+            urllib.request.urlopen(url + "/v2/health/ready", timeout=1)
+            break
+        except Exception:
+            time.sleep(0.2)
+    request = urllib.request.Request(url + path, body.encode(), {"Content-Type": "application/json"})
+    status = urllib.request.urlopen(request, timeout=120).status
+    heavy = sorted(m for m in sys.modules if m in HEAVY or m.startswith(tuple(h + "." for h in HEAVY)))
+    print("FRONT " + json.dumps({"status": status, "heavy": heavy}), flush=True)
+    os.kill(os.getpid(), signal.SIGTERM)
+
+threading.Thread(target=report, daemon=True).start()
+sys.exit(main(["serve", "--http_port", str(port), "--disable-log-stats", *sys.argv[4:]]))
+"""
+
+
+def front_modules(path: str, body: dict, *serve_args: str) -> dict:
+    command = [sys.executable, "-c", SERVE_AND_REPORT, str(free_port()), path, json.dumps(body), *serve_args]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    lines = [line for line in done.stdout.splitlines() if line.startswith("FRONT ")]
+    assert done.returncode == 0 and lines, done.stderr[-3000:]
+    return json.loads(lines[-1].removeprefix("FRONT "))
+
+
+@pytest.mark.slow
+def test_the_generation_front_holds_no_torch(tiny_llama):
+    body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
+    report = front_modules(
+        "/v1/chat/completions", body, "--model", str(tiny_llama), "--max-model-len", "128", "--num-blocks", "32"
+    )
+    assert report == {"status": 200, "heavy": []}
+
+
+@pytest.mark.slow
+def test_an_encoder_task_front_holds_no_torch(tmp_path):
+    model = write_bert(tmp_path / "cls", "seq", seed=2, num_labels=3)
+    body = {"instances": ["a short text"]}
+    report = front_modules("/v1/models/cls:predict", body, "--model", str(model), "--model_name", "cls")
+    assert report == {"status": 200, "heavy": []}
