@@ -22,7 +22,8 @@ import json, os, signal, sys, threading, time, urllib.request
 from stepserve.cli import main
 
 port, path, body = int(sys.argv[1]), sys.argv[2], sys.argv[3]
-HEAVY = ("stepserve.attention", "stepserve.executor", "stepserve.kernels", "stepserve.worker", "stepserve.models.decoder", "stepserve.models.loader", "stepserve.distributed.group")
+HEAVY = ("stepserve.attention", "stepserve.executor", "stepserve.kernels", "stepserve.worker",
+         "stepserve.models.decoder", "stepserve.models.loader", "stepserve.distributed.group")
 
 def report():
     url = f"http://127.0.0.1:{port}"
