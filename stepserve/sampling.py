@@ -1,4 +1,4 @@
-"""SamplingParams and the one function that resolves ``max_tokens`` (DESIGN invariant 1).
+"""SamplingParams and the one function that resolves ``max_tokens`` (docs/architecture.md, invariant 1).
 
 The front end builds a ``SamplingParams`` from what the user sent, then calls
 ``SamplingParams.resolve`` once the prompt length is known. Only resolved params enter the
@@ -205,7 +205,7 @@ def resolve_max_tokens(
     default_max_tokens: int | None = None,
     max_tokens_limit: int | None = None,
 ) -> int:
-    """Resolve the number of new tokens a request may produce (DESIGN invariant 1).
+    """Resolve the number of new tokens a request may produce (docs/architecture.md, invariant 1).
 
     Args:
         requested: what the user asked for, or None if they left it out.

@@ -2,7 +2,7 @@
 
 As vLLM's ``--generation-config``: ``auto`` reads the file beside the model, ``vllm`` ignores it,
 a directory reads the file there. The defaults fill only the fields a request leaves out;
-``max_new_tokens`` becomes one more cap on an omitted ``max_tokens`` (DESIGN invariant 1), never
+``max_new_tokens`` becomes one more cap on an omitted ``max_tokens`` (docs/architecture.md, invariant 1), never
 a limit on a value the request gives. Pure Python: the server imports it.
 """
 

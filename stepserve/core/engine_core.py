@@ -180,7 +180,7 @@ class EngineCore:
     def _rerun(self, failed: InFlight, current: InFlight | None, exc: Exception) -> list[EngineCoreOutput]:
         """Collecting ``failed`` raised: wait for ``current`` (it read ``failed``'s tokens on the
         device; the caller runs it again), undo the assumption, and run ``failed`` again on the
-        synchronous path, which isolates the request at fault (DESIGN invariant 2)."""
+        synchronous path, which isolates the request at fault (docs/architecture.md, invariant 2)."""
         log.warning("a pass of %d requests failed (%r); running it again", len(failed.sched.requests), exc)
         if current is not None and current.handle is not None:
             try:
@@ -218,7 +218,7 @@ class EngineCore:
             )
 
     def _execute(self, sched: SchedulerOutput) -> ModelRunnerOutput:
-        """Run the pass; if it raises, find the request(s) at fault (DESIGN invariant 2)."""
+        """Run the pass; if it raises, find the request(s) at fault (docs/architecture.md, invariant 2)."""
         try:
             return self.worker.execute(sched)
         except EngineFaultError:  # the worker itself is broken (a tensor-parallel rank died): no retry

@@ -74,7 +74,7 @@ class Request:
 
 def check_stop(request: Request, eos_token_ids: Collection[int], max_model_len: int) -> FinishReason | None:
     """The one place that decides whether the token just appended ends the request
-    (DESIGN invariant 4). EOS and stop tokens count only once ``min_tokens`` are out."""
+    (docs/architecture.md, invariant 4). EOS and stop tokens count only once ``min_tokens`` are out."""
     token = request.token_ids[-1]
     params = request.params
     if params.structured is not None and token in eos_token_ids:

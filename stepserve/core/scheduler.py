@@ -289,7 +289,7 @@ class Scheduler:
             accepted.append(token)
             reason = check_stop(request, self.eos_token_ids, self.max_model_len)
             if reason is not None:
-                break  # tokens after a stop are discarded (DESIGN invariant 4)
+                break  # tokens after a stop are discarded (docs/architecture.md, invariant 4)
         new_lps = tuple(lps[: len(accepted)]) if lps is not None else None
         if reason is not None:
             output = self._finish(request, reason, new_tokens=tuple(accepted), new_logprobs=new_lps)

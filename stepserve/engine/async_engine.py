@@ -249,7 +249,7 @@ class AsyncEngine:
     def _log(
         request_id: str, prompts, children: list[_Child], reasons: list[str], arrival: float, cut_short: bool
     ) -> None:
-        """The one log line per finished request (DESIGN invariant 5)."""
+        """The one log line per finished request (docs/architecture.md, invariant 5)."""
         prompt_tokens = sum(len(p.token_ids) for p in prompts)
         output_tokens = sum(len(c.state.token_ids) for c in children)
         outcome = "abort" if cut_short else ",".join(sorted(set(reasons)))

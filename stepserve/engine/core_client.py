@@ -2,7 +2,7 @@
 
 ``CoreClient`` is the whole boundary the async front sees. ``ThreadCoreClient`` runs the
 ``EngineCore`` in a background thread of this process; a client that runs the core in its own
-process (DESIGN invariant 3) implements the same four calls, and nothing above it changes.
+process (docs/architecture.md, invariant 3) implements the same four calls, and nothing above it changes.
 
 Thread safety: the front never touches the core. It puts commands on a queue that the engine
 thread applies between steps, and the engine thread hands each step's outputs back to the

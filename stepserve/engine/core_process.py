@@ -1,4 +1,4 @@
-"""The engine core in its own process (DESIGN invariant 3).
+"""The engine core in its own process (docs/architecture.md, invariant 3).
 
 The front and the core exchange small typed messages over a pipe: the front sends ``AddRequest``
 and ``AbortRequests``; the core answers ``CoreReady`` once built, then ``CoreStepOutputs`` (only

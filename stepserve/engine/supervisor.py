@@ -1,4 +1,4 @@
-"""Runs the engine core in its own process and brings it back when it dies (DESIGN invariant 3).
+"""Runs the engine core in its own process and brings it back when it dies (docs/architecture.md, invariant 3).
 
 ``SupervisedCoreClient`` is a ``CoreClient``: the async front cannot tell it from the in-thread
 client. Death is detected two ways: the ``CoreFatal`` sentinel the core sends from its error

@@ -66,7 +66,7 @@ class ServingContext:
         return self.tokenizer.decode([token_id])
 
     def prompt_input(self, ids: tuple[int, ...], params: SamplingParams, omitted_default: int | None) -> PromptInput:
-        """Resolve ``max_tokens`` for this prompt (DESIGN invariant 1) and pair them."""
+        """Resolve ``max_tokens`` for this prompt (docs/architecture.md, invariant 1) and pair them."""
         resolved = params.resolve(
             len(ids),
             self.max_model_len,

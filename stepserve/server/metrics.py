@@ -1,4 +1,4 @@
-"""Prometheus metrics with vLLM's names under the ``stepserve:`` prefix (DESIGN invariant 5).
+"""Prometheus metrics with vLLM's names under the ``stepserve:`` prefix (docs/architecture.md, invariant 5).
 
 Per-request counters and histograms are fed by the async engine's ``FinishedRequest``s;
 gauges of the engine's state are read from its stats snapshot at scrape time.

@@ -1,6 +1,6 @@
 """The OpenAI protocol: requests become resolved prompts, engine updates become responses.
 
-``complete`` and ``chat`` validate everything (DESIGN invariant 1) before the engine sees a
+``complete`` and ``chat`` validate everything (docs/architecture.md, invariant 1) before the engine sees a
 token, then return either a response body or, for ``stream=true``, an async iterator of chunk
 bodies that the app frames as server-sent events.
 """

@@ -1,7 +1,7 @@
 """Grammar compilation in the front end: request constraints become checked ``GrammarSpec``s.
 
 Everything that can go wrong with a schema or grammar goes wrong here, as a 400 naming the
-field (DESIGN invariant 1), so the engine core only ever sees grammars that compile. Checks are
+field (docs/architecture.md, invariant 1), so the engine core only ever sees grammars that compile. Checks are
 bounded in time (llguidance's own resource limits, and a wall-clock timeout on top) and cached
 by source text, so the same schema is compiled once.
 """

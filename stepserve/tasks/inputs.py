@@ -1,5 +1,5 @@
 """Text and token ids in, validated ``EncoderRequest`` inputs out: every bad input is a 400
-naming its field before the core sees it (DESIGN invariant 1)."""
+naming its field before the core sees it (docs/architecture.md, invariant 1)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Fault isolation over HTTP (DESIGN invariants 2 and 3): the engine core is killed, fails inside
+"""Fault isolation over HTTP (docs/architecture.md, invariants 2 and 3): the engine core is killed, fails inside
 step(), fails for one request, runs out of restarts, is flooded, loses clients mid-stream, is
 fuzzed, and is asked to shut down. Every request gets exactly one clear ending."""
 

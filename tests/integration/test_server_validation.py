@@ -1,5 +1,5 @@
 """Bad requests are a 400 (or 404) in the OpenAI error shape naming the parameter, before the
-engine sees them, and never disturb the next request (DESIGN invariants 1 and 2)."""
+engine sees them, and never disturb the next request (docs/architecture.md, invariants 1 and 2)."""
 
 import httpx
 import pytest

@@ -1,5 +1,5 @@
 """The server's front half without a server: body parsing, max_tokens resolution per route
-(DESIGN invariant 1), parameter naming, and the one exception -> HTTP mapping."""
+(docs/architecture.md, invariant 1), parameter naming, and the one exception -> HTTP mapping."""
 
 import pytest
 from starlette.exceptions import HTTPException

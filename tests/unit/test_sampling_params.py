@@ -1,4 +1,4 @@
-"""SamplingParams validation and the max_tokens rule (DESIGN invariant 1). No torch."""
+"""SamplingParams validation and the max_tokens rule (docs/architecture.md, invariant 1). No torch."""
 
 import pytest
 
