@@ -4,9 +4,8 @@ Decode on a CPU is bound by the bytes of weights read per step, and at small siz
 per-call work of the kernel. Two kernels, both PyTorch's own:
 
 - oneDNN with the weight reordered once into its blocked layout (``_reorder_linear_weight``):
-  ``F.linear`` in bfloat16 re-lays the weight out on every call; prepacked, the 30 layers' bf16
-  projections of the embedded model take 21 ms instead of 34 ms for 16 rows and 18 instead of
-  26 ms for one (2-core AVX512-BF16 machine, 2026-11-25).
+  ``F.linear`` in bfloat16 re-lays the weight out on every call; prepacked, the embedded model's
+  bf16 projections take about two thirds of the time (docs/benchmarks.md).
 - weight-only int4 (``--quantization int4``): groups of ``GROUP`` weights along the input
   dimension share a scale and a zero, the layout of GGUF's Q4_1 blocks, so those round-trip
   exactly (see ``quantize_int4``). A decode row reads a quarter of the bf16 bytes. PyTorch's
@@ -18,7 +17,7 @@ per-call work of the kernel. Two kernels, both PyTorch's own:
   with 8-bit activations. These layers' own calls (prefill chunks, mixed passes, families the
   one-call step does not cover) keep bf16 activations: 8-bit activations moved the embedded
   model's first-token logits enough to flip its greedy answer to "What is the capital of
-  France?" (README, "CPU kernels"), and the first token sets an answer's course.
+  France?" (docs/benchmarks.md), and the first token sets an answer's course.
 
 oneDNN builds and caches a kernel for every row count it is called with (PyTorch keeps one
 too), about half a MiB each for the embedded model's projections, and a server sees every row
@@ -40,7 +39,7 @@ import torch
 from torch import nn
 
 GROUP = 32  # weights per int4 scale/zero pair: GGUF's Q4_0/Q4_1 block size
-INT4_MAX_ROWS = 8  # rows up to which the int4 kernel beats oneDNN bf16 (2-core AVX512-BF16, README)
+INT4_MAX_ROWS = 8  # rows up to which the int4 kernel beats oneDNN bf16 (2-core AVX512-BF16, docs/benchmarks.md)
 
 
 def onednn_rows(rows: int) -> int:

@@ -161,7 +161,7 @@ def _byte_bias(device: torch.device) -> torch.Tensor:
     A row of bitmask words read as bytes (little-endian: byte j of word w holds tokens 32w + 8j
     .. 32w + 8j + 7) indexes this table into an additive bias over the vocabulary. Adding a bias
     costs one pass over the logits; unpacking bits to booleans and ``masked_fill`` cost several,
-    and were measured about 100x slower on the CPU (README, "Benchmark" of structured output)."""
+    and were measured about 100x slower on the CPU (docs/structured-output.md)."""
     bits = (torch.arange(256)[:, None] >> torch.arange(8)) & 1
     return torch.where(bits.bool(), 0.0, float("-inf")).to(device)
 

@@ -3,7 +3,7 @@
 
 Why: at batch 1 a decode step of the embedded model ran dozens of small PyTorch ops per layer
 (norms, rotary, casts, the KV write, the page gather, SDPA), each paying a few microseconds of
-dispatch, and those cost more than the matmuls (README, "CPU benchmark"). ``ss_decode`` runs every
+dispatch, and those cost more than the matmuls (docs/benchmarks.md). ``ss_decode`` runs every
 layer of a decode step inside one OpenMP region: Q4_1 weights against Q8 activations
 (llama.cpp's scheme, VNNI where the CPU has it), the rotary and the KV write fused into a paged
 attention that reads the cache's blocks in place, and the norms and SiLU-mul fused into the
@@ -36,7 +36,7 @@ log = logging.getLogger("stepserve")
 SOURCE = Path(__file__).resolve().parent / "cpu_kernels.c"
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-fno-math-errno", "-std=c11")
 GROUP = 32  # weights per block, GGUF's Q4_1 and Q8_0
-MAX_DECODE_ROWS = 64  # rows up to which ss_decode runs a decode step (README: measured per batch size)
+MAX_DECODE_ROWS = 64  # rows up to which ss_decode runs a decode step (docs/benchmarks.md)
 
 _lib: ctypes.CDLL | None = None
 _tried = False

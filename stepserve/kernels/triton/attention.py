@@ -34,10 +34,9 @@ import triton.language as tl
 
 LOG2E = 1.4426950408889634
 NO_WINDOW = 1 << 30  # a window no context reaches: the kernels' "attend to everything"
-# Prefill runs up to this many tokens take the GQA-grouped program. Measured on an H200
-# (bench/prefill_kernel.py, 2026-12-02, bf16, 16 runs): over a 448-token prefix a 64-token chunk
-# ran 1.02x faster grouped on the Llama-8B, Gemma-3-12B and Llama-1B shapes, but whole 512-token
-# prompts of Llama-8B ran 0.83x (64 positions of one head per program reuse each K/V tile as well).
+# Prefill runs up to this many tokens take the GQA-grouped program (bench/prefill_kernel.py): it
+# wins for short chunks over a long prefix and loses for whole long prompts, where 64 positions
+# of one head per program reuse each K/V tile as well (figures in docs/benchmarks.md).
 GROUPED_MAX_QUERY_LEN = 64
 
 

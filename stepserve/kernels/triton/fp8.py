@@ -68,8 +68,8 @@ def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 GEMV_MAX_ROWS = 2  # from 4 rows on, _scaled_mm reads the weights faster (bench/fp8_gemv.py)
 
 
-# (BLOCK_N, BLOCK_K, num_warps) by padded row count, the best of bench/fp8_gemv.py's sweep on an
-# H200 for the Llama-8B projections (2026-12-02). Fp8Linear takes it up to GEMV_MAX_ROWS only; the
+# (BLOCK_N, BLOCK_K, num_warps) by padded row count, the best of bench/fp8_gemv.py's sweep for the
+# Llama-8B projections (docs/benchmarks.md). Fp8Linear takes it up to GEMV_MAX_ROWS only; the
 # 4- and 8-row tiles serve direct calls (its tests go to 8 rows).
 GEMV_CONFIGS = {1: (8, 1024, 4), 2: (8, 1024, 4), 4: (8, 512, 4), 8: (8, 256, 4)}
 
