@@ -295,9 +295,10 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        grammars = GrammarCompiler(tokenizer, info.vocab_size, info.eos_token_ids)
+        grammars = None  # the other tasks take no output constraint (a 400 naming the field)
         if tasks is None:
-            grammars.prepare()  # beside the engine core's start (a generating model takes constraints)
+            grammars = GrammarCompiler(tokenizer, info.vocab_size, info.eos_token_ids)
+            grammars.prepare()  # beside the engine core's start
         client = make_client()
         app.state.client = client
         wait_started = getattr(client, "wait_started", None)

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from stepserve.engine.async_engine import AsyncEngine, PromptInput
+from stepserve.engine.async_engine import AsyncEngine
 from stepserve.errors import InvalidRequestError, ModelNotFoundError
 from stepserve.checkpoint.generation_config import SamplingDefaults
-from stepserve.sampling import SamplingParams
 from stepserve.server.config import ServerConfig
 from stepserve.server.fields import UnknownFieldPolicy
 from stepserve.structured.compiler import GrammarCompiler
@@ -36,42 +35,5 @@ class ServingContext:
             if not 0 <= token < self.vocab_size:
                 raise InvalidRequestError(f"token id {token} is outside the vocabulary [0, {self.vocab_size})", param)
 
-    def encode(self, text: str, param: str = "prompt") -> tuple[int, ...]:
-        try:
-            return tuple(self.tokenizer.encode(text))
-        except Exception as exc:  # text the tokenizer refuses (a character it cannot take): the client's to fix
-            raise InvalidRequestError(
-                f"the tokenizer could not encode {param}: {exc} (parameter={param})", param
-            ) from None
-
-    def encode_chat(
-        self,
-        messages: list[dict],
-        add_generation_prompt: bool,
-        template_kwargs: dict | None = None,
-        tools: list[dict] | None = None,
-    ) -> tuple[int, ...]:
-        from stepserve.checkpoint.tokenizer import (
-            apply_chat_template,
-            check_template_kwargs,
-        )  # models/ imports torch; the server does not
-
-        check_template_kwargs(template_kwargs)
-        try:
-            return tuple(apply_chat_template(self.tokenizer, messages, add_generation_prompt, template_kwargs, tools))
-        except Exception as exc:  # the template rejected the conversation: the client's to fix
-            raise InvalidRequestError(f"the chat template could not render these messages: {exc}", "messages") from None
-
     def decode_token(self, token_id: int) -> str:
         return self.tokenizer.decode([token_id])
-
-    def prompt_input(self, ids: tuple[int, ...], params: SamplingParams, omitted_default: int | None) -> PromptInput:
-        """Resolve ``max_tokens`` for this prompt (docs/architecture.md, invariant 1) and pair them."""
-        resolved = params.resolve(
-            len(ids),
-            self.max_model_len,
-            omitted_default=omitted_default,
-            default_max_tokens=self.sampling_defaults.cap(self.config.default_max_tokens),
-            max_tokens_limit=self.config.max_tokens_limit,
-        )
-        return PromptInput(ids, resolved)

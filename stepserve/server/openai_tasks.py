@@ -11,7 +11,7 @@ import numpy as np
 
 from stepserve.errors import InvalidRequestError
 from stepserve.server import openai as server_openai  # the generation path's validation and formats, shared
-from stepserve.server.constraints import output_constraint
+from stepserve.server.plan import plan, requested_constraints
 from stepserve.tasks import task as T
 from stepserve.tasks.inputs import Encoded, resolve_truncation
 from stepserve.server.schemas import EmbeddingRequest, RerankRequest, ScoreRequest
@@ -172,8 +172,9 @@ async def any_completion(ctx, req) -> dict | AsyncIterator[dict]:
 # -- text2text -------------------------------------------------------------
 
 # Completion fields that text2text does not honour, a 400, never ignored: echo would return the
-# encoder's input as if the decoder had written it, and an encoder-decoder has no suffix.
-_UNSUPPORTED = {"echo": False, "suffix": None}
+# encoder's input as if the decoder had written it, an encoder-decoder has no suffix, and
+# transformers' generate gives no prompt logprobs.
+_UNSUPPORTED = {"echo": False, "suffix": None, "prompt_logprobs": None}
 
 
 def _check_supported(req) -> None:
@@ -203,16 +204,21 @@ async def complete(ts: TaskServing, ctx, req) -> dict | AsyncIterator[dict]:
     """``/v1/completions`` on a text2text model: the same validation and ``max_tokens`` resolution as the LLM path."""
     ts.require((T.TEXT2TEXT,), "/v1/completions")
     _check_supported(req)
-    prompts = server_openai.completion_prompts(ctx, req, await server_openai.off_loop(output_constraint, ctx, req))
+    constraints = requested_constraints(req)
+    if constraints:  # generate takes no grammar
+        field = constraints[0][0]
+        raise InvalidRequestError(f"{field}: structured output is not supported by text2text_generation models", field)
+    resolved = await plan(ctx, req)
+    prompts = resolved.inputs
     encoded, fields = [], []
-    for _, prompt in prompts:
+    for prompt in prompts:
         for i in range(prompt.params.n):
             encoded.append(Encoded(prompt.token_ids, None))
             fields.append(prompt.params.for_choice(i))  # choice i's own seed, as on the LLM path
     request_id, outputs = await ts.run("cmpl", encoded, params=fields)
     choices = []
     for index, out in enumerate(outputs):
-        params = prompts[index // req.n][1].params
+        params = prompts[index // req.n].params
         text, stop = _apply_stop(ts.tokens.decode(out.token_ids, params.skip_special_tokens), params.stop)
         reason = "stop" if stop is not None else out.finish_reason
         logprobs = None
@@ -226,7 +232,7 @@ async def complete(ts: TaskServing, ctx, req) -> dict | AsyncIterator[dict]:
         choices.append(
             {"index": index, "text": text, "logprobs": logprobs, "finish_reason": reason, "stop_reason": stop}
         )
-    prompt_tokens = sum(len(p.token_ids) for _, p in prompts)
+    prompt_tokens = sum(len(p.token_ids) for p in prompts)
     completion_tokens = sum(len(o.token_ids) for o in outputs)
     usage = {
         "prompt_tokens": prompt_tokens,

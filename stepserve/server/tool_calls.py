@@ -1,17 +1,12 @@
-"""OpenAI tool calling on chat: the request's tools and ``tool_choice`` become a mode (and, for
-``required`` or a named function, an output grammar); the output becomes ``tool_calls``."""
+"""OpenAI tool calling on chat, the output side: a ``ToolMode`` (resolved with the request in
+``plan.py``: none, auto with a parser, required, or a named function) decides how a choice's
+text becomes ``tool_calls``, whole (``message``) or streamed (``ToolDeltas``)."""
 
 from __future__ import annotations
 
-import json
-import re
 import uuid
 from dataclasses import dataclass
 
-from stepserve.errors import InvalidRequestError
-from stepserve.server.constraints import compile_constraint
-from stepserve.server.context import ServingContext
-from stepserve.server.schemas import ChatCompletionRequest
 from stepserve.sampling import GrammarSpec
 from stepserve.structured.tool_parsers import ToolParser, make_parser
 from stepserve.structured.tools import (
@@ -19,10 +14,7 @@ from stepserve.structured.tools import (
     ScanEvent,
     ToolCall,
     parse_required_calls,
-    required_calls_grammar,
 )
-
-_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 
 
 @dataclass(frozen=True)
@@ -33,85 +25,6 @@ class ToolMode:
     name: str | None = None  # the forced function, when named
     parser: str | None = None  # the auto parser (--tool-call-parser)
     spec: GrammarSpec | None = None  # the output grammar of required and named
-
-
-def _schemas(ctx: ServingContext, req: ChatCompletionRequest) -> dict[str, dict]:
-    """name -> parameters schema of each tool, every one checked (400 naming the bad one)."""
-    out: dict[str, dict] = {}
-    for i, tool in enumerate(req.tools or ()):
-        fn = tool.function
-        where = f"tools[{i}].function"
-        if not _NAME.match(fn.name):
-            raise InvalidRequestError(
-                f"{where}.name={fn.name!r} must be 1 to 64 letters, digits, '_', '-' or '.'", "tools"
-            )
-        if fn.name in out:
-            raise InvalidRequestError(f"{where}.name={fn.name!r} is defined twice", "tools")
-        if fn.parameters is None:
-            raise InvalidRequestError(
-                f"{where}.parameters is required: a JSON schema of the arguments (use "
-                '{"type": "object", "properties": {}} for a function without arguments)',
-                "tools",
-            )
-        if fn.parameters.get("type", "object") != "object":
-            raise InvalidRequestError(f"{where}.parameters must describe an object (type=object)", "tools")
-        compile_constraint(ctx, f"{where}.parameters", "json", fn.parameters)
-        out[fn.name] = fn.parameters
-    return out
-
-
-def tool_mode(ctx: ServingContext, req: ChatCompletionRequest, constrained: str | None) -> ToolMode:
-    """The request's tool mode; 400 for a choice that cannot be honoured. ``constrained`` names
-    the request's output-constraint field, if it has one (it cannot be combined with forced calls)."""
-    schemas = _schemas(ctx, req)
-    choice = req.tool_choice
-    config = ctx.config
-    if choice is None:
-        choice = "auto" if schemas and config.enable_auto_tool_choice else "none"
-    if choice != "none" and not schemas:
-        raise InvalidRequestError("tool_choice needs tools", "tool_choice")
-    if choice == "none":
-        return ToolMode("none")
-    if choice == "auto":
-        if not config.enable_auto_tool_choice:
-            raise InvalidRequestError(
-                'tool_choice="auto" needs the server started with --enable-auto-tool-choice and --tool-call-parser',
-                "tool_choice",
-            )
-        return ToolMode("auto", parser=config.tool_call_parser)
-    if constrained is not None:
-        raise InvalidRequestError(f"{constrained} cannot be combined with a forced tool_choice", constrained)
-    if choice == "required":
-        grammar = required_calls_grammar(schemas, req.parallel_tool_calls)
-        return ToolMode("required", spec=compile_constraint(ctx, "tools", "tool_calls", grammar))
-    name = choice.function.name
-    if name not in schemas:
-        raise InvalidRequestError(
-            f"tool_choice names {name!r}, which is not among the tools ({', '.join(schemas)})", "tool_choice"
-        )
-    return ToolMode(
-        "named",
-        name=name,
-        spec=compile_constraint(ctx, f"tools[{list(schemas).index(name)}].function.parameters", "json", schemas[name]),
-    )
-
-
-def template_tools(req: ChatCompletionRequest) -> list[dict] | None:
-    return [t.model_dump(exclude_none=True) for t in req.tools] if req.tools else None
-
-
-def template_tool_calls(calls: list[dict]) -> list[dict]:
-    """History tool calls for the template: arguments as an object, as templates expect."""
-    out = []
-    for call in calls:
-        fn = dict(call.get("function") or {})
-        if isinstance(fn.get("arguments"), str):
-            try:
-                fn["arguments"] = json.loads(fn["arguments"])
-            except json.JSONDecodeError:
-                pass
-        out.append({**call, "function": fn})
-    return out
 
 
 def _new_id(parser: ToolParser | None) -> str:

@@ -9,7 +9,7 @@ from transformers import AutoTokenizer
 from stepserve.errors import InvalidRequestError
 from stepserve.server.config import ServerConfig
 from stepserve.server.context import ServingContext
-from stepserve.server.openai import chat_prompt
+from stepserve.server.plan import plan_chat
 from stepserve.server.schemas import ChatCompletionRequest
 
 QWEN3 = (
@@ -58,7 +58,7 @@ def context(tiny_llama):
 
 def rendered(ctx, **body) -> str:
     request = ChatCompletionRequest(model="tiny", max_tokens=4, **body)
-    return ctx.tokenizer.decode(list(chat_prompt(ctx, request).token_ids))
+    return ctx.tokenizer.decode(list(plan_chat(ctx, request).inputs[0].token_ids))
 
 
 def test_qwen3_enable_thinking_through_chat_template_kwargs(context):

@@ -265,6 +265,9 @@ def test_text2text_generate_matches_transformers(servers, models):
         ({"prompt": "x", "max_tokens": 1000}, "max_tokens"),
         ({"prompt": "x", "max_tokens": 0}, "max_tokens"),
         ({"prompt": "x", "stream_options": {"include_usage": True}}, "stream_options"),
+        ({"prompt": "x", "prompt_logprobs": 1}, "prompt_logprobs"),  # generate gives none
+        ({"prompt": "x", "guided_regex": "[0-9]+"}, "guided_regex"),  # no grammar reaches generate
+        ({"prompt": "x", "response_format": {"type": "json_object"}}, "response_format"),
     ]
     for req, param in bad:
         response = post(server, "/v1/completions", req)

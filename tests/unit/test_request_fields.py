@@ -13,8 +13,9 @@ import pytest
 from stepserve.config import ConfigError
 from stepserve.errors import InvalidRequestError
 from stepserve.checkpoint.generation_config import SamplingDefaults, load_sampling_defaults, log_sampling_defaults
-from stepserve.server import kserve, openai
-from stepserve.server.constraints import output_constraint
+from stepserve.server import kserve
+from stepserve.server import plan
+from stepserve.server.plan import plan_chat, plan_completion
 from stepserve.server.config import ServerConfig
 from stepserve.server.context import ServingContext
 from stepserve.server.fields import UnknownFieldPolicy, hf_parameters
@@ -32,7 +33,7 @@ QWEN3 = {"temperature": 0.6, "top_p": 0.95, "top_k": 20, "min_p": 0.0, "repetiti
 
 
 def _prompts(ctx, req):
-    return openai.completion_prompts(ctx, req, output_constraint(ctx, req))
+    return [(p.text, p.input) for p in plan_completion(ctx, req).prompts]
 
 
 @pytest.fixture(scope="module")
@@ -264,7 +265,7 @@ def test_text_parts_are_joined_with_a_newline_as_vllm_does():
     message = ChatMessage.model_validate(
         {"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}
     )
-    assert openai._message_dict(0, message)["content"] == "a\nb"
+    assert plan._message_dict(0, message)["content"] == "a\nb"
 
 
 # -- the model's sampling defaults --------------------------------------------------------
@@ -303,7 +304,7 @@ def completion(tokenizer, defaults, server=None, **body):
 
 def chat(tokenizer, defaults, **body):
     req = validate(ChatCompletionRequest, CHAT | body)
-    return openai.chat_prompt(context(tokenizer, defaults), req).params
+    return plan_chat(context(tokenizer, defaults), req).inputs[0].params
 
 
 def test_defaults_fill_only_what_a_request_leaves_out(tokenizer):

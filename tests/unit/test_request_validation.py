@@ -11,8 +11,7 @@ from stepserve.errors import (
     QueueFullError,
     RequestAbortedError,
 )
-from stepserve.server import openai
-from stepserve.server.constraints import output_constraint
+from stepserve.server.plan import plan_chat, plan_completion
 from stepserve.server.app import http_error
 from stepserve.server.config import ServerConfig
 from stepserve.server.context import ServingContext
@@ -23,7 +22,7 @@ MAX_MODEL_LEN = 100
 
 
 def _prompts(ctx, req):
-    return openai.completion_prompts(ctx, req, output_constraint(ctx, req))
+    return [(p.text, p.input) for p in plan_completion(ctx, req).prompts]
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +47,7 @@ def completion(tokenizer, server=None, **body):
 
 def chat(tokenizer, server=None, **body):
     req = validate(ChatCompletionRequest, {"messages": [{"role": "user", "content": "hi"}]} | body)
-    return openai.chat_prompt(context(tokenizer, **(server or {})), req)
+    return plan_chat(context(tokenizer, **(server or {})), req).inputs[0]
 
 
 def test_completions_default_is_16_capped_by_the_server(tokenizer):

@@ -11,9 +11,8 @@ from openai.lib.streaming.chat import ChatCompletionStreamState
 from openai.types.chat import ChatCompletionChunk
 
 from stepserve.errors import InvalidRequestError
-from stepserve.server import openai
 from stepserve.server.config import ServerConfig
-from stepserve.server.constraints import output_constraint
+from stepserve.server.plan import output_constraint, plan, plan_chat, plan_completion
 from stepserve.server.context import ServingContext
 from stepserve.server.schemas import ChatCompletionRequest, CompletionRequest, validate
 from stepserve.server.tool_calls import ToolDeltas, ToolMode, message
@@ -225,7 +224,8 @@ def ctx(tmp_path_factory):
 
 def chat(ctx, **body):
     req = validate(ChatCompletionRequest, {"messages": [{"role": "user", "content": "hi"}]} | body)
-    return openai.chat_constraints(ctx, req)
+    resolved = plan_chat(ctx, req)
+    return resolved.constraint, resolved.tools
 
 
 def refused(call, *args, **body) -> InvalidRequestError:
@@ -263,7 +263,7 @@ def test_tool_choice_errors_name_the_field(ctx):
 def test_constraint_errors_name_the_field(ctx):
     def completion(**body):
         req = validate(CompletionRequest, {"prompt": "x"} | body)
-        return openai.completion_prompts(ctx, req, output_constraint(ctx, req))
+        return plan_completion(ctx, req)
 
     cases = {
         "guided_json": {"guided_json": {"type": "object", "properties": {"a": {"$ref": "#/missing"}}}},
@@ -311,9 +311,7 @@ def test_a_slow_compile_does_not_hold_the_event_loop(ctx):
         done = asyncio.Event()
         task = asyncio.create_task(ticker(done))
         try:
-            await openai.off_loop(
-                output_constraint, slow, validate(CompletionRequest, {"prompt": "x", "guided_regex": "b+"})
-            )
+            await plan(slow, validate(CompletionRequest, {"prompt": "x", "guided_regex": "b+"}))
         finally:
             done.set()
             await task
@@ -332,9 +330,9 @@ def test_mistral_auto_keeps_special_tokens_and_the_parser_flag_is_checked(ctx):
     config = ServerConfig(tool_call_parser="mistral", enable_auto_tool_choice=True)
     mistral = ServingContext(None, ctx.tokenizer, "m", 200, 320, config, grammars=ctx.grammars)
     req = validate(ChatCompletionRequest, {"messages": [{"role": "user", "content": "hi"}], "tools": TOOLS})
-    assert openai.chat_prompt(mistral, req).params.skip_special_tokens is False
+    assert plan_chat(mistral, req).inputs[0].params.skip_special_tokens is False
     plain = validate(ChatCompletionRequest, {"messages": [{"role": "user", "content": "hi"}]})
-    assert openai.chat_prompt(mistral, plain).params.skip_special_tokens is True
+    assert plan_chat(mistral, plain).inputs[0].params.skip_special_tokens is True
     with pytest.raises(Exception, match="hermes, llama3_json, mistral"):
         ServerConfig(tool_call_parser="nope")
 
