@@ -1,9 +1,19 @@
-"""Tokenizer, chat template and end-of-sequence ids, through transformers."""
+"""Tokenizer, chat template and end-of-sequence ids, through transformers.
+
+transformers' ``AutoTokenizer`` imports PyTorch (its module imports the model-config registry,
+whose rotary utilities import torch when it is installed), and the HTTP front keeps PyTorch out
+of its process (docs/architecture.md, "Processes"). So a process that has not imported PyTorch
+loads its tokenizer in a short-lived child process, and the tokenizer comes back pickled: its
+own classes import no PyTorch. A process that holds PyTorch already loads it directly.
+"""
 
 from __future__ import annotations
 
 import json
 import logging
+import multiprocessing
+import sys
+from concurrent.futures import ProcessPoolExecutor
 
 from stepserve.config import ConfigError
 from stepserve.errors import InvalidRequestError
@@ -12,12 +22,23 @@ from stepserve.checkpoint.source import ModelSource
 logging.getLogger("transformers").setLevel(logging.ERROR)
 
 
-def load_tokenizer(source: ModelSource):
+def load_tokenizer(source: ModelSource, **options):
+    """The model's tokenizer (``options`` go to ``from_pretrained``, e.g. ``do_lower_case``)."""
+    if "torch" in sys.modules:
+        return _load(source, options)
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as child:
+        return child.submit(_load, source, options).result()
+
+
+def _load(source: ModelSource, options: dict):
     from transformers import AutoTokenizer
 
     if source.gguf_file is not None:
         return _gguf_tokenizer(source)
-    return AutoTokenizer.from_pretrained(str(source.directory))
+    try:
+        return AutoTokenizer.from_pretrained(str(source.directory), **options)
+    except (OSError, ValueError) as exc:  # one line at startup, whichever process loaded it
+        raise ConfigError(f"the tokenizer in {source.directory} cannot be loaded: {exc}") from None
 
 
 def _gguf_tokenizer(source: ModelSource):

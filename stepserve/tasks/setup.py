@@ -8,9 +8,9 @@ import functools
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 from stepserve.checkpoint.source import resolve_source
+from stepserve.checkpoint.tokenizer import load_tokenizer
 from stepserve.config import ConfigError, EngineConfig
 from stepserve.tasks import spec as S
 from stepserve.tasks import task as T
@@ -49,17 +49,10 @@ def plan_task(engine: EngineConfig, flags: TaskConfig) -> TaskFront | None:
         raise ConfigError(
             f"--task {task}: tensor parallelism serves text_generation only; use --tensor-parallel-size 1"
         )
-    tokenizer = _load_tokenizer(source.directory, flags)
-    return TaskFront(_spec(task, source, hf_config, tokenizer, engine, flags), tokenizer)
-
-
-def _load_tokenizer(directory: Path, flags: TaskConfig):
-    from transformers import AutoTokenizer
-
     # KServe passes do_lower_case=True unless --disable_lower_case, which lower-cases cased
     # models too; here the tokenizer's own setting stands unless the flag turns it off.
-    extra = {"do_lower_case": False} if flags.disable_lower_case else {}
-    return AutoTokenizer.from_pretrained(str(directory), **extra)
+    tokenizer = load_tokenizer(source, **({"do_lower_case": False} if flags.disable_lower_case else {}))
+    return TaskFront(_spec(task, source, hf_config, tokenizer, engine, flags), tokenizer)
 
 
 def _spec(task: str, source, hf_config: dict, tokenizer, engine: EngineConfig, flags: TaskConfig) -> TaskSpec:

@@ -304,7 +304,7 @@ def test_fp8_greedy_agrees_with_bf16_on_the_embedded_model():
     greedy token (24 for each of 8 chat prompts) is scored by the bf16 model, teacher-forced.
     Bounds from measurements: FP8's numerics emulated in plain torch on the CPU
     (``bench/fp8_emulation.py``, bf16 elsewhere) score 0.917 rank 1, mean gap 0.032 nats, one
-    token over 1 nat (2.15); the H200 scored 0.917 and a largest gap of 2.25 (2026-12-02). A
+    token over 1 nat (2.15); an H200 scored 0.917 and a largest gap of 2.25. A
     kernel fault (a wrong scale, a lost tile) drops rank 1 far below these bounds."""
     from stepserve import LLM, SamplingParams
     from stepserve.checkpoint.source import resolve_source

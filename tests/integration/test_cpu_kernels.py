@@ -96,7 +96,7 @@ def _malloced_mib() -> float:
 def test_every_row_count_does_not_grow_the_kernel_caches():
     """What made the engine core's RSS grow in the 30-minute soak: oneDNN (and PyTorch beside
     it) keep a kernel for every row count seen. Unpadded, this sweep left 277 MiB allocated on
-    the 2-core machine (2026-12-02); padded, 26 MiB (the padded sizes' kernels)."""
+    the 2-core machine; padded, 26 MiB (the padded sizes' kernels)."""
     gen = torch.Generator().manual_seed(0)
     layer = CpuLinear(torch.randn(256, 512, generator=gen), None, torch.bfloat16, int4=False)
     x = torch.randn(512, 512, generator=gen).bfloat16()
@@ -155,7 +155,7 @@ def test_embedded_model_int4_agrees_with_float32():
 
     Each path's own greedy answers (24 tokens for each of 12 prompts) are scored by the float32
     model, teacher-forced: every token must be within ``GAP`` nats of float32's most likely token
-    at its position, and at least ``RANK1`` of them must be that token. Measured 2026-12-02 on a
+    at its position, and at least ``RANK1`` of them must be that token. Measured on a
     2-core AMX machine, and on the same with oneDNN held to AVX512-BF16: 97-98% of the tokens were
     float32's own choice, the largest gap 0.18 nats, for bfloat16, PyTorch's int4 path and
     stepserve's own kernels alike.

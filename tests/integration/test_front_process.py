@@ -1,11 +1,7 @@
-"""The HTTP front process holds none of stepserve's model code (docs/architecture.md,
+"""The HTTP front process holds neither PyTorch nor stepserve's model code (docs/architecture.md,
 "Processes"): it validates, tokenizes and streams while the engine core, a process of its own,
 holds the model. The import contracts check the modules' imports; this checks the running
-process, after it has served a request, for the generation engine and for an encoder task.
-
-PyTorch itself is in the front's ``sys.modules`` all the same: transformers 5 imports it when it
-is installed, from ``configuration_utils`` (through ``modeling_rope_utils``), which loading any
-tokenizer with ``AutoTokenizer`` reaches. stepserve's own front modules never import it."""
+process, after it has served a request, for the generation engine and for an encoder task."""
 
 import json
 import subprocess
@@ -22,7 +18,7 @@ import json, os, signal, sys, threading, time, urllib.request
 from stepserve.cli import main
 
 port, path, body = int(sys.argv[1]), sys.argv[2], sys.argv[3]
-HEAVY = ("stepserve.attention", "stepserve.executor", "stepserve.kernels", "stepserve.worker",
+HEAVY = ("torch", "triton", "stepserve.attention", "stepserve.executor", "stepserve.kernels", "stepserve.worker",
          "stepserve.models.decoder", "stepserve.models.loader", "stepserve.distributed.group")
 
 def report():
