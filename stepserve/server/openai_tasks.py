@@ -55,14 +55,7 @@ async def embeddings(ts: TaskServing, model_name: str, req: EmbeddingRequest) ->
         for i, out in enumerate(outputs)
     ]
     tokens = sum(len(e.token_ids) for e in encoded)
-    return {
-        "id": request_id,
-        "object": "list",
-        "created": int(time.time()),
-        "model": model_name,
-        "data": data,
-        "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
-    }
+    return _list_body(request_id, model_name, data, tokens)
 
 
 # -- /v1/rerank and /v1/score ----------------------------------------------------------------
@@ -147,13 +140,19 @@ async def score(ts: TaskServing, model_name: str, req: ScoreRequest) -> dict:
     truncate = resolve_truncation(req.truncate_prompt_tokens, ts.spec.max_model_len)
     request_id, scores, tokens = await _pair_scores(ts, "score", first, second, truncate, "text_2")
     data = [{"index": i, "object": "score", "score": s} for i, s in enumerate(scores)]
+    return _list_body(request_id, model_name, data, tokens)
+
+
+def _list_body(request_id: str, model_name: str, data: list[dict], tokens: int) -> dict:
+    """OpenAI's list response (embeddings, scores), with the prompt tokens read as usage."""
+    usage = {"prompt_tokens": tokens, "total_tokens": tokens}
     return {
         "id": request_id,
         "object": "list",
         "created": int(time.time()),
         "model": model_name,
         "data": data,
-        "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+        "usage": usage,
     }
 
 

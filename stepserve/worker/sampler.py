@@ -78,20 +78,24 @@ class SamplingBatch:
     temperature: torch.Tensor  # [B] float, 1.0 on greedy rows (never divided by zero)
     greedy: torch.Tensor  # [B] bool
     all_greedy: bool  # every row greedy: argmax only
-    top_k: torch.Tensor | None  # [B] int64, vocab size where disabled
-    top_p: torch.Tensor | None  # [B] float
-    min_p: torch.Tensor | None  # [B] float
-    presence: torch.Tensor | None  # [B] float; the three penalties are set together or not at all
-    frequency: torch.Tensor | None  # [B] float
-    repetition: torch.Tensor | None  # [B] float
-    output_counts: torch.Tensor | None  # [B, V] int: occurrences of each token in the outputs
-    prompt_mask: torch.Tensor | None  # [B, V] bool: tokens present in the prompt
-    bias: torch.Tensor | None  # [B, V] float logit bias
-    stop_mask: torch.Tensor | None  # [B, V] bool: EOS and stop tokens, masked below min_tokens
-    min_left: torch.Tensor | None  # [B] int: outputs still to come before stop tokens may appear
-    noise_keys: torch.Tensor | None  # [B] int64: noise_key(seed), or a fresh draw for unseeded rows; None if all greedy
-    noise_index: torch.Tensor | None  # [B] int64: output index of the token the next step samples; None if all greedy
-    num_logprobs: int  # top alternatives to return; -1 for none
+    top_k: torch.Tensor | None = None  # [B] int64, vocab size where disabled
+    top_p: torch.Tensor | None = None  # [B] float
+    min_p: torch.Tensor | None = None  # [B] float
+    presence: torch.Tensor | None = None  # [B] float; the three penalties are set together or not at all
+    frequency: torch.Tensor | None = None  # [B] float
+    repetition: torch.Tensor | None = None  # [B] float
+    output_counts: torch.Tensor | None = None  # [B, V] int: occurrences of each token in the outputs
+    prompt_mask: torch.Tensor | None = None  # [B, V] bool: tokens present in the prompt
+    bias: torch.Tensor | None = None  # [B, V] float logit bias
+    stop_mask: torch.Tensor | None = None  # [B, V] bool: EOS and stop tokens, masked below min_tokens
+    min_left: torch.Tensor | None = None  # [B] int: outputs still to come before stop tokens may appear
+    noise_keys: torch.Tensor | None = (
+        None  # [B] int64: noise_key(seed), or a fresh draw for unseeded rows; None if all greedy
+    )
+    noise_index: torch.Tensor | None = (
+        None  # [B] int64: output index of the token the next step samples; None if all greedy
+    )
+    num_logprobs: int = -1  # top alternatives to return; -1 for none
 
 
 def build_sampling_batch(
@@ -111,17 +115,6 @@ def build_sampling_batch(
         temperature=f32([1.0 if g else p.temperature for p, g in zip(params, greedy)]),
         greedy=_tensor(greedy, device=device),
         all_greedy=all(greedy),
-        top_k=None,
-        top_p=None,
-        min_p=None,
-        presence=None,
-        frequency=None,
-        repetition=None,
-        output_counts=None,
-        prompt_mask=None,
-        bias=None,
-        stop_mask=None,
-        min_left=None,
         noise_keys=None if noise is None else noise[0],
         noise_index=None if noise is None else noise[1],
         num_logprobs=max((p.logprobs for p in params if p.logprobs is not None), default=-1),
