@@ -1,4 +1,4 @@
-"""Text and token ids in, validated ``EncoderRequest`` inputs out: every bad input is a 400
+"""Text and token ids in, validated task inputs out (``Encoded``, for ``serving``): every bad input is a 400
 naming its field before the core sees it (docs/architecture.md, invariant 1)."""
 
 from __future__ import annotations

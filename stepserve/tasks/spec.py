@@ -1,4 +1,4 @@
-"""What the front and the encoder core need to know about a task model, read once from its
+"""What the front and the task's engine need to know about a task model, read once from its
 directory (config.json, sentence-transformers files). Pure Python, no torch."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""What a seed promises (README, "Seeds"): the same seed gives the same tokens whatever else the
+"""What a seed promises (docs/sampling.md): the same seed gives the same tokens whatever else the
 engine is doing, and neighbouring seeds give unrelated choices."""
 
 import pytest

@@ -1,4 +1,4 @@
-"""An embedding server as deployed: the encoder core in its own supervised process, the
+"""An embedding server as deployed: the engine core in its own supervised process, the
 official openai client, concurrent requests batched together, metrics, a core killed and back.
 Expected vectors are the sentence-transformers formula (mean pooling, Normalize) computed
 directly with transformers."""

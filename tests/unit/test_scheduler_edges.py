@@ -2,7 +2,7 @@
 for (starts, chunk sizes, steps, block tables that cover every slot written, the token budget
 spent to its last token), and what each output carries (logprobs cut at a stop, prompt logprobs
 once, usage and cache counts, errors, stop tokens). Written to kill the mutants of
-``core/scheduler.py`` that the end-to-end scheduler tests let live (README, "Mutation testing").
+``core/scheduler.py`` that the end-to-end scheduler tests let live (docs/testing.md).
 Pure Python, no torch."""
 
 from stepserve.config import SchedulerConfig
