@@ -49,10 +49,30 @@ def plan_task(engine: EngineConfig, flags: TaskConfig) -> TaskFront | None:
         raise ConfigError(
             f"--task {task}: tensor parallelism serves text_generation only; use --tensor-parallel-size 1"
         )
+    if T.architecture_task((hf_config.get("architectures") or ["?"])[0]) != T.TEXT_GENERATION:
+        _refuse_decoder_engine_flags(task, engine)
     # KServe passes do_lower_case=True unless --disable_lower_case, which lower-cases cased
     # models too; here the tokenizer's own setting stands unless the flag turns it off.
     tokenizer = load_tokenizer(source, **({"do_lower_case": False} if flags.disable_lower_case else {}))
     return TaskFront(_spec(task, source, hf_config, tokenizer, engine, flags), tokenizer)
+
+
+def _refuse_decoder_engine_flags(task: str, engine: EngineConfig) -> None:
+    """An encoder model runs through transformers (``worker/encoder_runner.py``): the flags of
+    stepserve's own decoder engine would not reach it, so they are refused, never ignored."""
+    given = {
+        "--num-scheduler-steps": engine.scheduler.num_scheduler_steps != 1,
+        "--async-scheduling": engine.scheduler.async_scheduling,
+        "--quantization": engine.model.quantization not in ("auto", "none"),
+        "--kv-cache-dtype": engine.cache.kv_cache_dtype != "auto",
+        "--load-format": engine.model.load_format != "auto",
+    }
+    named = [flag for flag, set_ in given.items() if set_]
+    if named:
+        raise ConfigError(
+            f"--task {task} runs an encoder model through transformers, which {', '.join(named)} "
+            "do not apply to; leave them out"
+        )
 
 
 def _spec(task: str, source, hf_config: dict, tokenizer, engine: EngineConfig, flags: TaskConfig) -> TaskSpec:

@@ -197,6 +197,19 @@ def test_pooling_and_encoder_tasks_refuse_tensor_parallelism(tmp_path, capsys):
     assert "tensor parallelism serves text_generation only" in capsys.readouterr().err
 
 
+def test_encoder_tasks_refuse_the_decoder_engine_flags(tmp_path, capsys):
+    """An encoder model runs through transformers: the decoder engine's flags are refused by name."""
+    from task_models import write_bert
+
+    model_dir = write_bert(tmp_path / "bert")
+    for flags, named in (
+        (["--num-scheduler-steps", "8"], "--num-scheduler-steps"),
+        (["--quantization", "int4", "--load-format", "dummy"], "--quantization, --load-format"),
+    ):
+        assert main(["serve", "--model", str(model_dir), "--task", "text_embedding", *flags]) == 2
+        assert f"runs an encoder model through transformers, which {named} do not apply to" in capsys.readouterr().err
+
+
 def test_rank_reports_that_disagree_are_a_fault_and_agreeing_errors_are_the_pass():
     from stepserve.core.engine_core import EngineFaultError
     from stepserve.core.outputs import ModelRunnerOutput
