@@ -41,43 +41,35 @@ LLAMA = dict(
     bos_token_id=128000,
     eos_token_id=128001,
     torch_dtype="bfloat16",
+    num_attention_heads=32,
+    num_key_value_heads=8,
 )
+LLAMA3_ROPE = {
+    "rope_type": "llama3",
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 8192,
+}
 GEMMA3_LAYERS = 48
 # config.json of each shape: the published models' configs with their weights left out.
 SHAPES = {
-    "8b": dict(
+    "8b": dict(  # meta-llama/Llama-3.1-8B
         LLAMA,
         hidden_size=4096,
         intermediate_size=14336,
         num_hidden_layers=32,
-        num_attention_heads=32,
-        num_key_value_heads=8,
         head_dim=128,
         tie_word_embeddings=False,
-        rope_scaling={
-            "rope_type": "llama3",
-            "factor": 8.0,
-            "low_freq_factor": 1.0,
-            "high_freq_factor": 4.0,
-            "original_max_position_embeddings": 8192,
-        },
+        rope_scaling=LLAMA3_ROPE | {"factor": 8.0},
     ),
-    "1b": dict(
+    "1b": dict(  # meta-llama/Llama-3.2-1B
         LLAMA,
         hidden_size=2048,
         intermediate_size=8192,
         num_hidden_layers=16,
-        num_attention_heads=32,
-        num_key_value_heads=8,
         head_dim=64,
         tie_word_embeddings=True,
-        rope_scaling={
-            "rope_type": "llama3",
-            "factor": 32.0,
-            "low_freq_factor": 1.0,
-            "high_freq_factor": 4.0,
-            "original_max_position_embeddings": 8192,
-        },
+        rope_scaling=LLAMA3_ROPE | {"factor": 32.0},
     ),
     "qwen3-8b": dict(  # Qwen/Qwen3-8B
         architectures=["Qwen3ForCausalLM"],

@@ -94,3 +94,35 @@ def hf_parameters(parameters: dict) -> dict:
         if not do_sample:
             out["temperature"] = 0.0
     return out
+
+
+# -- KServe's request fields, shared by every task -----------------------------------------
+
+
+def instance_text(ctx, index: int, instance: str | dict) -> str:
+    """A KServe v1 instance's text, on every task: a string, or an object with one 'text' (or 'prompt') string."""
+    if isinstance(instance, str):
+        return instance
+    keys = [k for k in ("text", "prompt") if k in instance]
+    if len(keys) != 1 or not isinstance(instance[keys[0]], str):
+        raise InvalidRequestError(
+            f"instances[{index}] must be a string or an object with one 'text' string", "instances"
+        )
+    ctx.unknown.check([f"instances[{index}].{k}" for k in instance if k != keys[0]])
+    return instance[keys[0]]
+
+
+def requested_outputs(ctx, req, available: list[str]) -> list[str]:
+    """The output names a v2 request lists, each one this model can produce (a 400 naming the
+    first it cannot). ``binary_data``, which KServe's client may send, is answered in JSON,
+    which its client reads too."""
+    names = []
+    for i, output in enumerate(req.outputs):
+        if output.name not in available:
+            raise InvalidRequestError(
+                f"outputs[{i}].name={output.name!r} cannot be produced; this model gives {', '.join(available)}",
+                "outputs",
+            )
+        ctx.unknown.check([f"outputs[{i}].parameters.{k}" for k in output.parameters if k != "binary_data"])
+        names.append(output.name)
+    return names

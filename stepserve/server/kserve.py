@@ -14,9 +14,8 @@ import math
 
 from stepserve.errors import InvalidRequestError
 from stepserve.server import kserve_tasks, openai_tasks
-from stepserve.server.kserve_tasks import instance_text
 from stepserve.server.context import ServingContext
-from stepserve.server.fields import hf_parameters
+from stepserve.server.fields import hf_parameters, instance_text, requested_outputs
 from stepserve.server.schemas import CompletionRequest, KServeV1Request, KServeV2Request, KServeV2Tensor, validate
 
 TEXT_INPUT = "text_input"
@@ -113,17 +112,7 @@ def _wanted_outputs(ctx: ServingContext, req: KServeV2Request, parameters: dict)
     that its parameters ask for."""
     if req.outputs is None:
         return [TEXT_OUTPUT] + ([LOGPROBS_OUTPUT] if parameters.get("logprobs") is not None else [])
-    names = []
-    for i, output in enumerate(req.outputs):
-        if output.name not in OUTPUTS:
-            raise InvalidRequestError(
-                f"outputs[{i}].name={output.name!r} cannot be produced; this model gives {', '.join(OUTPUTS)}",
-                "outputs",
-            )
-        # binary_data (KServe's client may send it) is answered in JSON, which its client reads too
-        ctx.unknown.check([f"outputs[{i}].parameters.{k}" for k in output.parameters if k != "binary_data"])
-        names.append(output.name)
-    return names
+    return requested_outputs(ctx, req, list(OUTPUTS))
 
 
 def v2_completion(ctx: ServingContext, req: KServeV2Request) -> tuple[CompletionRequest, list[str]]:

@@ -16,6 +16,7 @@ import json
 import numpy as np
 
 from stepserve.errors import InvalidRequestError
+from stepserve.server.fields import instance_text, requested_outputs
 from stepserve.server.schemas import KServeV1Request, KServeV2Request
 from stepserve.tasks import task as T
 from stepserve.tasks.inputs import Encoded, resolve_truncation
@@ -24,19 +25,6 @@ from stepserve.tasks.serving import TaskServing, new_id
 OUTPUT = "output-0"
 OFFSETS = "offset_mapping"
 _PARAMETERS = ("truncate_prompt_tokens",)
-
-
-def instance_text(ctx, index: int, instance: str | dict) -> str:
-    """A KServe v1 instance's text, on every task: a string, or an object with one 'text' (or 'prompt') string."""
-    if isinstance(instance, str):
-        return instance
-    keys = [k for k in ("text", "prompt") if k in instance]
-    if len(keys) != 1 or not isinstance(instance[keys[0]], str):
-        raise InvalidRequestError(
-            f"instances[{index}] must be a string or an object with one 'text' string", "instances"
-        )
-    ctx.unknown.check([f"instances[{index}].{k}" for k in instance if k != keys[0]])
-    return instance[keys[0]]
 
 
 def _softmax(x: np.ndarray) -> np.ndarray:
@@ -168,14 +156,7 @@ def _wanted(ctx, req: KServeV2Request, produced: list[dict]) -> list[dict]:
     if req.outputs is None:
         return produced
     by_name = {t["name"]: t for t in produced}
-    for i, output in enumerate(req.outputs):
-        if output.name not in by_name:
-            raise InvalidRequestError(
-                f"outputs[{i}].name={output.name!r} cannot be produced; this model gives {', '.join(by_name)}",
-                "outputs",
-            )
-        ctx.unknown.check([f"outputs[{i}].parameters.{k}" for k in output.parameters if k != "binary_data"])
-    return [by_name[o.name] for o in req.outputs]
+    return [by_name[name] for name in requested_outputs(ctx, req, list(by_name))]
 
 
 def _flatten(data: list) -> list:
