@@ -73,12 +73,13 @@ def build_encoder_engine(
     runner, info = build_encoder_worker(spec, name, max_model_len)
     block_size = config.cache.block_size
     num_blocks = config.scheduler.max_num_seqs * -(-max_model_len // block_size) + 1
-    scheduler_config = dataclasses.replace(
-        config.scheduler,
-        max_num_batched_tokens=max(config.scheduler.max_num_batched_tokens, max_model_len),
-        num_scheduler_steps=1,
-        async_scheduling=False,
-    )
+    # Async scheduling and multi-step never apply: the runner has no submit, and a prefill is one step.
+    budget = config.scheduler.max_num_batched_tokens
+    if budget < max_model_len:  # an input is computed whole: a pass must hold the longest
+        log.info(
+            "max_num_batched_tokens raised from %d to %d, the longest input of %s", budget, max_model_len, info.name
+        )
+    scheduler_config = dataclasses.replace(config.scheduler, max_num_batched_tokens=max(budget, max_model_len))
     scheduler = Scheduler(scheduler_config, BlockManager(num_blocks, block_size, False), max_model_len, frozenset())
     log.info(
         "encoder engine ready: %s (%s) on %s (%s) in %.1fs",

@@ -151,7 +151,6 @@ class BuiltWorker:
     tokenizer: object | None  # loaded here only when the caller did not pass the EOS ids
     info: ModelInfo  # facts learned while building
     window: int  # the attention window when every layer is windowed (the scheduler frees blocks behind it), else 0
-    rank: int  # this process's tensor-parallel rank
 
 
 def build_worker(
@@ -254,7 +253,7 @@ def build_worker(
     if tp.ranks is not None:
         tp.ranks.wait_ready()
         worker = TensorParallelWorker(runner, tp.ranks)
-    return BuiltWorker(worker, runner, tokenizer, info, window, tp.rank)
+    return BuiltWorker(worker, runner, tokenizer, info, window)
 
 
 def _warm_up_cpu(model, config: EngineConfig) -> None:

@@ -1,8 +1,8 @@
 """One pass from a model name to a filled model: find the checkpoint, read its config once,
 pick the family (refusing what is not supported), build the model, stream the weights in.
 
-``open_checkpoint`` is all the front end needs (config and tokenizer location); the engine core
-calls it too, then ``build_model`` with the ``DecoderConfig`` the registry made.
+The engine core calls ``open_checkpoint``, then ``build_model`` with the ``DecoderConfig`` the
+registry made; the front reads the same config without PyTorch (``checkpoint/config.py``).
 """
 
 from __future__ import annotations

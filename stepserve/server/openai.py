@@ -18,7 +18,7 @@ from stepserve.engine.output_processor import RequestState
 from stepserve.server.context import ServingContext
 from stepserve.server.schemas import ChatCompletionRequest, CompletionRequest
 from stepserve.server.plan import Plan, plan
-from stepserve.server.tool_calls import ToolDeltas, ToolMode, message
+from stepserve.server.tool_calls import ToolDeltas, message
 
 
 Chunks = AsyncIterator[dict]
@@ -64,10 +64,10 @@ async def complete(ctx: ServingContext, req: CompletionRequest) -> dict | Chunks
     resolved = await plan(ctx, req)
     request_id = new_id("cmpl")
     if resolved.stream:
-        return _completion_chunks(ctx, req, request_id, resolved)
+        return _completion_chunks(ctx, request_id, resolved)
     inputs = resolved.inputs
     states = await _collect(ctx, request_id, inputs)
-    choices = [_completion_choice(ctx, req, resolved, s) for s in states]
+    choices = [_completion_choice(ctx, resolved, s) for s in states]
     return _completion_body(ctx, request_id, choices) | {"usage": _usage(inputs, states)}
 
 
@@ -81,14 +81,17 @@ def _completion_body(ctx: ServingContext, request_id: str, choices: list[dict]) 
     }
 
 
-def _completion_choice(ctx: ServingContext, req: CompletionRequest, resolved: Plan, state: RequestState) -> dict:
-    prompt_text = resolved.prompts[state.index // req.n].text if req.echo else ""
+def _completion_choice(ctx: ServingContext, resolved: Plan, state: RequestState) -> dict:
+    prompt_text = resolved.prompts[state.index // resolved.n].text if resolved.echo else ""
     logprobs = None
-    if req.logprobs is not None:
+    if resolved.logprobs is not None:
         logprobs = _completion_logprobs(ctx, state.logprobs, len(prompt_text))
-        if req.echo:
+        if resolved.echo:
             echoed = _echo_logprobs(
-                ctx, resolved.prompts[state.index // req.n].input.token_ids, state.prompt_logprobs, req.logprobs
+                ctx,
+                resolved.prompts[state.index // resolved.n].input.token_ids,
+                state.prompt_logprobs,
+                resolved.logprobs,
             )
             logprobs = _merge_logprobs(echoed, logprobs)
     choice = {
@@ -98,7 +101,7 @@ def _completion_choice(ctx: ServingContext, req: CompletionRequest, resolved: Pl
         "finish_reason": state.finish_reason,
         "stop_reason": _stop_reason(state),
     }
-    if req.prompt_logprobs is not None:
+    if resolved.prompt_logprobs:
         choice["prompt_logprobs"] = vllm_prompt_logprobs(ctx, state.prompt_logprobs)
     return choice
 
@@ -154,31 +157,29 @@ def _merge_logprobs(first: dict, second: dict) -> dict:
     return {key: first[key] + second[key] for key in first}
 
 
-async def _completion_chunks(ctx: ServingContext, req: CompletionRequest, request_id: str, resolved: Plan) -> Chunks:
+async def _completion_chunks(ctx: ServingContext, request_id: str, resolved: Plan) -> Chunks:
     inputs = resolved.inputs
     offsets: dict[int, int] = {}
     states: dict[int, RequestState] = {}
     async with aclosing(ctx.engine.generate(request_id, inputs)) as updates:
         async for update in updates:
             states[update.state.index] = update.state
-            yield _completion_body(ctx, request_id, [_completion_chunk_choice(ctx, req, resolved, update, offsets)])
-    if req.stream_options is not None and req.stream_options.include_usage:
+            yield _completion_body(ctx, request_id, [_completion_chunk_choice(ctx, resolved, update, offsets)])
+    if resolved.include_usage:
         usage = _usage(inputs, [states[i] for i in sorted(states)])
         yield _completion_body(ctx, request_id, []) | {"usage": usage}
 
 
-def _completion_chunk_choice(
-    ctx: ServingContext, req: CompletionRequest, resolved: Plan, update: Update, offsets: dict[int, int]
-) -> dict:
+def _completion_chunk_choice(ctx: ServingContext, resolved: Plan, update: Update, offsets: dict[int, int]) -> dict:
     """One stream chunk's choice; ``offsets`` holds each choice's characters sent so far."""
     index, delta = update.state.index, update.delta
-    echo = resolved.prompts[index // req.n].text if req.echo and index not in offsets else ""
+    echo = resolved.prompts[index // resolved.n].text if resolved.echo and index not in offsets else ""
     start = offsets.get(index, 0)
     offsets[index] = start + len(echo) + len(delta.text)
-    logprobs = _completion_logprobs(ctx, delta.logprobs, start + len(echo)) if req.logprobs is not None else None
+    logprobs = _completion_logprobs(ctx, delta.logprobs, start + len(echo)) if resolved.logprobs is not None else None
     if echo and logprobs is not None:
         echoed = _echo_logprobs(
-            ctx, resolved.prompts[index // req.n].input.token_ids, update.state.prompt_logprobs, req.logprobs
+            ctx, resolved.prompts[index // resolved.n].input.token_ids, update.state.prompt_logprobs, resolved.logprobs
         )
         logprobs = _merge_logprobs(echoed, logprobs)
     stop_reason = _stop_reason(update.state) if delta.finish_reason else None
@@ -199,14 +200,13 @@ async def chat(ctx: ServingContext, req: ChatCompletionRequest) -> dict | Chunks
     if ctx.tasks is not None:
         ctx.tasks.require(("text_generation",), "/v1/chat/completions")
     resolved = await plan(ctx, req)
-    prompt, mode = resolved.inputs[0], resolved.tools
     request_id = new_id("chatcmpl")
-    if req.stream:
-        return _chat_chunks(ctx, req, request_id, prompt, mode)
-    states = await _collect(ctx, request_id, [prompt])
-    choices = [_chat_choice(ctx, req, s, mode) for s in states]
-    body = _chat_body(ctx, request_id, "chat.completion", choices) | {"usage": _usage([prompt], states)}
-    if req.prompt_logprobs is not None:
+    if resolved.stream:
+        return _chat_chunks(ctx, request_id, resolved)
+    states = await _collect(ctx, request_id, resolved.inputs)
+    choices = [_chat_choice(ctx, resolved, s) for s in states]
+    body = _chat_body(ctx, request_id, "chat.completion", choices) | {"usage": _usage(resolved.inputs, states)}
+    if resolved.prompt_logprobs:
         body["prompt_logprobs"] = vllm_prompt_logprobs(ctx, states[0].prompt_logprobs)
     return body
 
@@ -215,12 +215,12 @@ def _chat_body(ctx: ServingContext, request_id: str, kind: str, choices: list[di
     return {"id": request_id, "object": kind, "created": int(time.time()), "model": ctx.model_name, "choices": choices}
 
 
-def _chat_choice(ctx: ServingContext, req: ChatCompletionRequest, state: RequestState, mode: ToolMode) -> dict:
-    body, finish_reason = message(mode, state.text, state.finish_reason)
+def _chat_choice(ctx: ServingContext, resolved: Plan, state: RequestState) -> dict:
+    body, finish_reason = message(resolved.tools, state.text, state.finish_reason)
     return {
         "index": state.index,
         "message": body,
-        "logprobs": _chat_logprobs(ctx, state.logprobs) if req.logprobs else None,
+        "logprobs": _chat_logprobs(ctx, state.logprobs) if resolved.logprobs is not None else None,
         "finish_reason": finish_reason,
         "stop_reason": _stop_reason(state),
     }
@@ -240,40 +240,36 @@ def _chat_logprobs(ctx: ServingContext, logprobs: Sequence[TokenLogprob]) -> dic
     }
 
 
-async def _chat_chunks(
-    ctx: ServingContext, req: ChatCompletionRequest, request_id: str, prompt: PromptInput, mode: ToolMode
-) -> Chunks:
-    include_usage = req.stream_options is not None and req.stream_options.include_usage
-    extra = {"usage": None} if include_usage else {}
+async def _chat_chunks(ctx: ServingContext, request_id: str, resolved: Plan) -> Chunks:
+    extra = {"usage": None} if resolved.include_usage else {}
 
     def chunk(choice: dict) -> dict:
         return _chat_body(ctx, request_id, "chat.completion.chunk", [choice]) | extra
 
-    for index in range(req.n):  # the role comes first, once per choice
+    for index in range(resolved.n):  # the role comes first, once per choice
         yield chunk(
             {"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
         )
     states: dict[int, RequestState] = {}
-    tools = {index: ToolDeltas(mode) for index in range(req.n)}
-    async with aclosing(ctx.engine.generate(request_id, [prompt])) as updates:
+    tools = {index: ToolDeltas(resolved.tools) for index in range(resolved.n)}
+    async with aclosing(ctx.engine.generate(request_id, resolved.inputs)) as updates:
         async for update in updates:
             states[update.state.index] = update.state
-            for choice in _chat_chunk_choices(ctx, req, update, tools[update.state.index]):
+            for choice in _chat_chunk_choices(ctx, resolved, update, tools[update.state.index]):
                 yield chunk(choice)
-    if include_usage:
-        usage = _usage([prompt], [states[i] for i in sorted(states)])
+    if resolved.include_usage:
+        usage = _usage(resolved.inputs, [states[i] for i in sorted(states)])
         yield _chat_body(ctx, request_id, "chat.completion.chunk", []) | {"usage": usage}
 
 
-def _chat_chunk_choices(
-    ctx: ServingContext, req: ChatCompletionRequest, update: Update, tools: ToolDeltas
-) -> list[dict]:
+def _chat_chunk_choices(ctx: ServingContext, resolved: Plan, update: Update, tools: ToolDeltas) -> list[dict]:
     index, delta = update.state.index, update.delta
     choices = []
     if tools.mode.choice != "none":
         return _tool_chunk_choices(update, tools)
-    if delta.text or (req.logprobs and delta.logprobs):
-        logprobs = _chat_logprobs(ctx, delta.logprobs) if req.logprobs else None
+    wants_logprobs = resolved.logprobs is not None
+    if delta.text or (wants_logprobs and delta.logprobs):
+        logprobs = _chat_logprobs(ctx, delta.logprobs) if wants_logprobs else None
         choices.append({"index": index, "delta": {"content": delta.text}, "logprobs": logprobs, "finish_reason": None})
     if delta.finish_reason is not None:
         choices.append(

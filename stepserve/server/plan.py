@@ -45,16 +45,21 @@ class Plan:
     """A request resolved: what the engine runs and how the response is rendered."""
 
     prompts: tuple[PlannedPrompt, ...]  # in the request's order; choice p * n + i is completion i of prompt p
-    constraint: GrammarSpec | None  # the output grammar in the params (a response format, or forced tool calls)
     tools: ToolMode  # how tool calls are read from the output (chat); NO_TOOLS elsewhere
     stream: bool  # answer as server-sent events
     include_usage: bool  # a stream's last chunk carries usage
     logprobs: int | None  # alternatives per generated token in the response; None: no logprobs
+    prompt_logprobs: bool  # the response carries vLLM's prompt_logprobs
     echo: bool = False  # completions: the prompt before each choice's text
 
     @property
     def inputs(self) -> list[PromptInput]:
         return [p.input for p in self.prompts]
+
+    @property
+    def n(self) -> int:
+        """Completions per prompt (the output constraint is in each prompt's params too)."""
+        return self.prompts[0].input.params.n
 
 
 async def plan(ctx: ServingContext, req: CompletionRequest | ChatCompletionRequest) -> Plan:
@@ -85,7 +90,15 @@ def plan_completion(ctx: ServingContext, req: CompletionRequest) -> Plan:
         ctx.check_token_ids(ids, "prompt")
         text = item if isinstance(item, str) else ctx.tokenizer.decode(ids)
         prompts.append(PlannedPrompt(text, prompt_input(ctx, ids, params, COMPLETIONS_DEFAULT_MAX_TOKENS)))
-    return Plan(tuple(prompts), spec, NO_TOOLS, req.stream, _include_usage(req), req.logprobs, req.echo)
+    return Plan(
+        tuple(prompts),
+        NO_TOOLS,
+        req.stream,
+        _include_usage(req),
+        req.logprobs,
+        req.prompt_logprobs is not None,
+        req.echo,
+    )
 
 
 def _is_ids(prompt) -> bool:
@@ -124,7 +137,7 @@ def plan_chat(ctx: ServingContext, req: ChatCompletionRequest) -> Plan:
         prompt = PlannedPrompt("", prompt_input(ctx, ids, params, None))
     except InvalidRequestError as exc:
         raise _renamed(exc, names) from None
-    return Plan((prompt,), spec, mode, req.stream, _include_usage(req), logprobs)
+    return Plan((prompt,), mode, req.stream, _include_usage(req), logprobs, req.prompt_logprobs is not None)
 
 
 def _message_dict(index: int, message: ChatMessage) -> dict:

@@ -225,7 +225,7 @@ def ctx(tmp_path_factory):
 def chat(ctx, **body):
     req = validate(ChatCompletionRequest, {"messages": [{"role": "user", "content": "hi"}]} | body)
     resolved = plan_chat(ctx, req)
-    return resolved.constraint, resolved.tools
+    return resolved.inputs[0].params.structured, resolved.tools
 
 
 def refused(call, *args, **body) -> InvalidRequestError:
