@@ -65,15 +65,16 @@ class LLM:
         """The model's sampling defaults (vLLM's name); plain ``SamplingParams()`` if it has none."""
         return self.sampling_defaults.params()
 
-    def grammar(self, kind: str, source: object) -> GrammarSpec:
+    def grammar(self, kind: str, source: object, closed: bool = False) -> GrammarSpec:
         """A checked output constraint for ``SamplingParams(structured=...)``: ``kind`` is
-        ``json`` (a schema), ``json_object``, ``regex``, ``choice`` (a list) or ``grammar`` (Lark or GBNF)."""
+        ``json`` (a schema), ``json_object``, ``regex`` (ECMA-262), ``choice`` (a list) or
+        ``grammar`` (Lark or GBNF); ``closed``: a schema's unstated ``additionalProperties`` is false."""
         if self._grammars is None:
             worker = self.core.worker  # its llguidance tokenizer, built since the engine started, serves both
             self._grammars = GrammarCompiler(
                 self.tokenizer, worker.vocab_size, self.info.eos_token_ids, ll_tokenizer=worker.grammars.ll_tokenizer
             )
-        return self._grammars.compile(kind, source, kind)
+        return self._grammars.compile(kind, source, kind, closed=closed)
 
     def _tokenize(self, prompt: Prompt) -> list[int]:
         if isinstance(prompt, str):

@@ -82,6 +82,15 @@ class ServerConfig:
         default=False,
         metadata={"help": "let the model decide when to call tools (tool_choice=auto); needs --tool-call-parser"},
     )
+    structured_strict_default: bool = field(
+        default=False,
+        metadata={
+            "help": (
+                "treat an unstated additionalProperties as false in every JSON schema constraint, as in "
+                "strict ones (tools and response_format strict=true always are); vLLM's xgrammar default"
+            )
+        },
+    )
 
     def __post_init__(self) -> None:
         if not 0 <= self.http_port <= 65535:

@@ -341,13 +341,20 @@ def output_constraint(ctx: ServingContext, req: _StructuredFields) -> tuple[str,
         names = ", ".join(name for name, _, _ in found)
         raise InvalidRequestError(f"only one output constraint may be given, got {names}", found[1][0])
     param, kind, source = found[0]
-    return param, compile_constraint(ctx, param, kind, _checked_source(param, kind, source))
+    closed = ctx.config.structured_strict_default or (param == "response_format" and _strict_format(req))
+    return param, compile_constraint(ctx, param, kind, _checked_source(param, kind, source), closed)
 
 
-def compile_constraint(ctx: ServingContext, param: str, kind: str, source: object) -> GrammarSpec:
+def _strict_format(req: _StructuredFields) -> bool:
+    fmt = req.response_format
+    return bool(fmt is not None and fmt.json_schema is not None and fmt.json_schema.strict)
+
+
+def compile_constraint(ctx: ServingContext, param: str, kind: str, source: object, closed: bool = False) -> GrammarSpec:
+    """``closed``: a JSON schema's unstated ``additionalProperties`` is false (strict schemas, tools)."""
     if ctx.grammars is None:
         raise InvalidRequestError(f"{param}: structured output is not available on this server", param)
-    return ctx.grammars.compile(kind, source, param)
+    return ctx.grammars.compile(kind, source, param, closed=closed)
 
 
 # -- tools --------------------------------------------------------------------------------
@@ -373,7 +380,7 @@ def _tool_schemas(ctx: ServingContext, req: ChatCompletionRequest) -> dict[str, 
             )
         if fn.parameters.get("type", "object") != "object":
             raise InvalidRequestError(f"{where}.parameters must describe an object (type=object)", "tools")
-        compile_constraint(ctx, f"{where}.parameters", "json", fn.parameters)
+        compile_constraint(ctx, f"{where}.parameters", "json", fn.parameters, closed=True)
         out[fn.name] = fn.parameters
     return out
 
@@ -408,7 +415,7 @@ def tool_mode(ctx: ServingContext, req: ChatCompletionRequest, constrained: str 
             f"tool_choice names {name!r}, which is not among the tools ({', '.join(schemas)})", "tool_choice"
         )
     where = f"tools[{list(schemas).index(name)}].function.parameters"
-    return ToolMode("named", name=name, spec=compile_constraint(ctx, where, "json", schemas[name]))
+    return ToolMode("named", name=name, spec=compile_constraint(ctx, where, "json", schemas[name], closed=True))
 
 
 def _template_tools(req: ChatCompletionRequest) -> list[dict] | None:

@@ -37,7 +37,7 @@ class JsonSchemaFormat(_Body):
     name: str | None = None  # the schema's name (OpenAI requires it; only reported back)
     description: str | None = None  # what the answer is for
     schema_: dict | None = Field(default=None, alias="schema")  # the JSON schema the answer follows
-    strict: StrictBool | None = None  # the schema is enforced either way
+    strict: StrictBool | None = None  # enforced either way; true also closes objects (additionalProperties false)
 
 
 class ResponseFormat(_Body):
@@ -129,7 +129,7 @@ class FunctionDef(_Body):
     name: str
     description: str | None = None
     parameters: dict | None = None  # a JSON schema of the arguments object
-    strict: StrictBool | None = None  # arguments are enforced when the call is forced
+    strict: StrictBool | None = None  # arguments are enforced (and closed) when the call is forced, either way
 
 
 class ToolDef(_Body):

@@ -17,6 +17,8 @@ from concurrent.futures import TimeoutError as FutureTimeout
 
 from stepserve.errors import InvalidRequestError
 from stepserve.sampling import GrammarSpec
+from stepserve.structured.ecma_regex import to_rust
+from stepserve.structured.json_schema import prepare_schema
 
 MAX_SOURCE_CHARS = 65_536  # a schema or grammar longer than this is refused before compiling
 COMPILE_TIMEOUT_S = 5.0  # wall-clock bound on checking one grammar
@@ -46,16 +48,21 @@ def ll_tokenizer_in_background(
     return future.result
 
 
-def grammar_text(kind: str, source: object) -> str:
-    """llguidance's grammar for one request constraint; ``ValueError`` when it is malformed."""
+def grammar_text(kind: str, source: object, closed: bool = False) -> str:
+    """llguidance's grammar for one request constraint; ``ValueError`` when it is malformed.
+    Regexes and schema patterns are ECMA-262; ``closed`` JSON schemas take an unstated
+    ``additionalProperties`` as false (``json_schema.prepare_schema``)."""
     import llguidance
 
     if kind == "json":
-        return llguidance.LLMatcher.grammar_from_json_schema(source, defaults=JSON_OPTIONS)
+        schema = prepare_schema(source, closed)
+        return llguidance.LLMatcher.grammar_from_json_schema(schema, defaults=JSON_OPTIONS)
     if kind == "json_object":
         return llguidance.LLMatcher.grammar_from_json_schema({"type": "object"}, defaults=JSON_OPTIONS)
     if kind == "regex":
-        return llguidance.LLMatcher.grammar_from_regex(source)
+        if not isinstance(source, str):
+            raise ValueError("a regex must be a string")
+        return llguidance.LLMatcher.grammar_from_regex(to_rust(source))
     if kind == "choice":
         return llguidance.LLMatcher.grammar_from_lark("start: " + " | ".join(json.dumps(c) for c in source))
     if kind in ("grammar", "tool_calls"):
@@ -82,7 +89,7 @@ class GrammarCompiler:
         # in this process (the offline LLM shares its engine core's).
         self._ll_tokenizer = ll_tokenizer
         self._lock = threading.Lock()
-        self._cache: OrderedDict[tuple[str, str], GrammarSpec] = OrderedDict()
+        self._cache: OrderedDict[tuple[str, bool, str], GrammarSpec] = OrderedDict()
         self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="grammar")
 
     def prepare(self) -> None:
@@ -92,28 +99,29 @@ class GrammarCompiler:
             if self._ll_tokenizer is None:
                 self._ll_tokenizer = ll_tokenizer_in_background(lambda: self._tokenizer, self._vocab_size, self._eos)
 
-    def compile(self, kind: str, source: object, param: str) -> GrammarSpec:
-        """The checked constraint, or a 400 naming ``param`` that says why it cannot be used."""
+    def compile(self, kind: str, source: object, param: str, closed: bool = False) -> GrammarSpec:
+        """The checked constraint, or a 400 naming ``param`` that says why it cannot be used.
+        ``closed``: a JSON schema's unstated ``additionalProperties`` is false."""
         key_text = source if isinstance(source, str) else json.dumps(source)
         if len(key_text) > MAX_SOURCE_CHARS:
             raise InvalidRequestError(
                 f"{param} is too large ({len(key_text)} characters; at most {MAX_SOURCE_CHARS})", param
             )
-        key = (kind, key_text)
+        key = (kind, closed and kind == "json", key_text)
         with self._lock:
             if key in self._cache:
                 self._cache.move_to_end(key)
                 return self._cache[key]
-        spec = GrammarSpec(kind, self._checked(kind, source, param))
+        spec = GrammarSpec(kind, self._checked(kind, source, param, closed))
         with self._lock:
             self._cache[key] = spec
             while len(self._cache) > CACHE_SIZE:
                 self._cache.popitem(last=False)
         return spec
 
-    def _checked(self, kind: str, source: object, param: str) -> str:
+    def _checked(self, kind: str, source: object, param: str, closed: bool) -> str:
         try:
-            grammar = grammar_text(kind, source)
+            grammar = grammar_text(kind, source, closed)
         except (ValueError, TypeError) as exc:
             raise InvalidRequestError(f"{param} cannot be compiled: {exc}", param) from None
         future = self._pool.submit(self._validate, grammar)

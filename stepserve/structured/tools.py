@@ -12,6 +12,7 @@ import json
 from dataclasses import dataclass, field
 
 from stepserve.structured.compiler import JSON_OPTIONS
+from stepserve.structured.json_schema import prepare_schema
 
 CALL_PREFIX = '{"name": "'
 ARGS_PREFIX = '", "arguments": '
@@ -32,9 +33,12 @@ def _lark_literal(text: str) -> str:
 
 def required_calls_grammar(tools: dict[str, dict], parallel: bool) -> str:
     """Lark for ``tool_choice=required``: one call (or, with ``parallel``, one or more) to any of
-    ``tools`` (name -> parameters schema), each call's arguments constrained by its schema."""
+    ``tools`` (name -> parameters schema), each call's arguments constrained by its schema, closed
+    (an unstated ``additionalProperties`` is false) as a tool's schema is; ``ValueError`` for a
+    pattern that cannot be honoured."""
     rules, names = [], []
     for i, (name, schema) in enumerate(tools.items()):
+        schema = prepare_schema(schema, closed=True)
         args = json.dumps({**schema, "x-guidance": {**schema.get("x-guidance", {}), **JSON_OPTIONS}})
         rules.append(f"args_{i}: %json {args}")
         names.append(f"call_{i}")
