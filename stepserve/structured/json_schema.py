@@ -37,11 +37,12 @@ _SCHEMA_LISTS = ("allOf", "anyOf", "oneOf", "prefixItems", "items")
 _OPEN_KEYS = ("additionalProperties", "unevaluatedProperties", "patternProperties", "allOf", "anyOf", "oneOf")
 
 
-def prepare_schema(schema: object, closed: bool) -> object:
-    """A copy of ``schema`` with ECMA patterns rewritten and, if ``closed``, unstated
+def prepare_schema(schema: object, closed: bool, rewrite_patterns: bool = True) -> object:
+    """A copy of ``schema`` with ECMA patterns rewritten (unless ``rewrite_patterns`` is false:
+    then the copy is still JSON Schema, for a validator) and, if ``closed``, unstated
     ``additionalProperties`` set to false; ``ValueError`` naming the pattern's place when one
     cannot be honoured."""
-    return _walk(schema, closed, "", may_close=True)
+    return _walk(schema, closed, "", True, rewrite_patterns)
 
 
 def _is_object_schema(schema: dict) -> bool:
@@ -49,29 +50,33 @@ def _is_object_schema(schema: dict) -> bool:
     return kind == "object" or (isinstance(kind, list) and "object" in kind) or "properties" in schema
 
 
-def _walk(schema: object, closed: bool, where: str, may_close: bool) -> object:
+def _walk(schema: object, closed: bool, where: str, may_close: bool, rewrite: bool) -> object:
     if not isinstance(schema, dict):
         return schema  # true/false schemas, or malformed ones llguidance will name
     out = dict(schema)
-    if isinstance(out.get("pattern"), str):
+    if rewrite and isinstance(out.get("pattern"), str):
         out["pattern"] = _pattern(out["pattern"], f"{where}/pattern")
     for key in _SCHEMA_MAPS:
         if isinstance(out.get(key), dict):
-            out[key] = {name: _walk(sub, closed, f"{where}/{key}/{name}", True) for name, sub in out[key].items()}
+            out[key] = {
+                name: _walk(sub, closed, f"{where}/{key}/{name}", True, rewrite) for name, sub in out[key].items()
+            }
     if isinstance(out.get("patternProperties"), dict):
         out["patternProperties"] = {
-            _pattern(pat, f"{where}/patternProperties/{pat}"): _walk(
-                sub, closed, f"{where}/patternProperties/{pat}", True
+            (_pattern(pat, f"{where}/patternProperties/{pat}") if rewrite else pat): _walk(
+                sub, closed, f"{where}/patternProperties/{pat}", True, rewrite
             )
             for pat, sub in out["patternProperties"].items()
         }
     for key in _SCHEMAS:
         if isinstance(out.get(key), dict):
-            out[key] = _walk(out[key], closed, f"{where}/{key}", True)
+            out[key] = _walk(out[key], closed, f"{where}/{key}", True, rewrite)
     for key in _SCHEMA_LISTS:
         if isinstance(out.get(key), list):
             members_close = not (key == "allOf" and len(out[key]) > 1)
-            out[key] = [_walk(sub, closed, f"{where}/{key}/{i}", members_close) for i, sub in enumerate(out[key])]
+            out[key] = [
+                _walk(sub, closed, f"{where}/{key}/{i}", members_close, rewrite) for i, sub in enumerate(out[key])
+            ]
     if closed and may_close and _is_object_schema(out) and not any(key in out for key in _OPEN_KEYS):
         out["additionalProperties"] = False
     return out
