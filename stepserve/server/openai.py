@@ -18,7 +18,8 @@ from stepserve.engine.output_processor import RequestState
 from stepserve.server.context import ServingContext
 from stepserve.server.schemas import ChatCompletionRequest, CompletionRequest
 from stepserve.server.plan import Plan, plan
-from stepserve.server.tool_calls import ToolDeltas, message
+from stepserve.server.answer import Answer, AnswerStream, CallArguments, CallStart, ContentPiece, Piece, ReasoningPiece
+from stepserve.server.answer import final_answer
 
 
 Chunks = AsyncIterator[dict]
@@ -37,14 +38,20 @@ def _stop_reason(state: RequestState) -> str | int | None:
     return None if isinstance(reason, int) and reason not in state.params.stop_token_ids else reason
 
 
-def _usage(prompts: Sequence[PromptInput], states: Sequence[RequestState]) -> dict:
+def _usage(prompts: Sequence[PromptInput], states: Sequence[RequestState], resolved: Plan | None = None) -> dict:
     prompt_tokens = sum(len(p.token_ids) for p in prompts)
     completion_tokens = sum(len(s.token_ids) for s in states)
-    return {
+    usage = {
         "prompt_tokens": prompt_tokens,
         "completion_tokens": completion_tokens,
         "total_tokens": prompt_tokens + completion_tokens,
     }
+    if resolved is not None and resolved.thinking is not None:
+        answers = [
+            final_answer(resolved.tools, resolved.thinking, s.text, s.token_ids, s.finish_reason) for s in states
+        ]
+        usage["completion_tokens_details"] = {"reasoning_tokens": sum(a.reasoning_tokens for a in answers)}
+    return usage
 
 
 async def _collect(ctx: ServingContext, request_id: str, prompts: Sequence[PromptInput]) -> list[RequestState]:
@@ -205,7 +212,8 @@ async def chat(ctx: ServingContext, req: ChatCompletionRequest) -> dict | Chunks
         return _chat_chunks(ctx, request_id, resolved)
     states = await _collect(ctx, request_id, resolved.inputs)
     choices = [_chat_choice(ctx, resolved, s) for s in states]
-    body = _chat_body(ctx, request_id, "chat.completion", choices) | {"usage": _usage(resolved.inputs, states)}
+    usage = _usage(resolved.inputs, states, resolved)
+    body = _chat_body(ctx, request_id, "chat.completion", choices) | {"usage": usage}
     if resolved.prompt_logprobs:
         body["prompt_logprobs"] = vllm_prompt_logprobs(ctx, states[0].prompt_logprobs)
     return body
@@ -216,14 +224,24 @@ def _chat_body(ctx: ServingContext, request_id: str, kind: str, choices: list[di
 
 
 def _chat_choice(ctx: ServingContext, resolved: Plan, state: RequestState) -> dict:
-    body, finish_reason = message(resolved.tools, state.text, state.finish_reason)
+    answer = final_answer(resolved.tools, resolved.thinking, state.text, state.token_ids, state.finish_reason)
     return {
         "index": state.index,
-        "message": body,
+        "message": chat_message(answer, with_reasoning=resolved.thinking is not None),
         "logprobs": _chat_logprobs(ctx, state.logprobs) if resolved.logprobs is not None else None,
-        "finish_reason": finish_reason,
+        "finish_reason": answer.finish_reason,
         "stop_reason": _stop_reason(state),
     }
+
+
+def chat_message(answer: Answer, with_reasoning: bool) -> dict:
+    """OpenAI's assistant message of a finished answer (``reasoning_content`` as vLLM names it)."""
+    body: dict = {"role": "assistant", "content": answer.content}
+    if with_reasoning:
+        body["reasoning_content"] = answer.reasoning
+    if answer.calls:
+        body["tool_calls"] = answer.calls
+    return body
 
 
 def _chat_logprobs(ctx: ServingContext, logprobs: Sequence[TokenLogprob]) -> dict:
@@ -251,48 +269,52 @@ async def _chat_chunks(ctx: ServingContext, request_id: str, resolved: Plan) -> 
             {"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
         )
     states: dict[int, RequestState] = {}
-    tools = {index: ToolDeltas(resolved.tools) for index in range(resolved.n)}
+    streams = {index: AnswerStream(resolved.tools, resolved.thinking) for index in range(resolved.n)}
     async with aclosing(ctx.engine.generate(request_id, resolved.inputs)) as updates:
         async for update in updates:
             states[update.state.index] = update.state
-            for choice in _chat_chunk_choices(ctx, resolved, update, tools[update.state.index]):
+            for choice in _chat_chunk_choices(ctx, resolved, update, streams[update.state.index]):
                 yield chunk(choice)
     if resolved.include_usage:
-        usage = _usage(resolved.inputs, [states[i] for i in sorted(states)])
+        usage = _usage(resolved.inputs, [states[i] for i in sorted(states)], resolved)
         yield _chat_body(ctx, request_id, "chat.completion.chunk", []) | {"usage": usage}
 
 
-def _chat_chunk_choices(ctx: ServingContext, resolved: Plan, update: Update, tools: ToolDeltas) -> list[dict]:
+def chat_delta(piece: Piece) -> dict:
+    """OpenAI's chat delta of one piece of an answer."""
+    if isinstance(piece, ReasoningPiece):
+        return {"reasoning_content": piece.text}
+    if isinstance(piece, ContentPiece):
+        return {"content": piece.text}
+    if isinstance(piece, CallStart):
+        call = {"index": piece.index, "id": piece.call_id, "type": "function"}
+        return {"tool_calls": [call | {"function": {"name": piece.name, "arguments": ""}}]}
+    assert isinstance(piece, CallArguments)
+    return {"tool_calls": [{"index": piece.index, "function": {"arguments": piece.text}}]}
+
+
+def _chat_chunk_choices(ctx: ServingContext, resolved: Plan, update: Update, stream: AnswerStream) -> list[dict]:
+    """Chunks of one update of a choice: its pieces as deltas (the update's logprobs on the
+    first), then the finish."""
     index, delta = update.state.index, update.delta
-    choices = []
-    if tools.mode.choice != "none":
-        return _tool_chunk_choices(update, tools)
-    wants_logprobs = resolved.logprobs is not None
-    if delta.text or (wants_logprobs and delta.logprobs):
-        logprobs = _chat_logprobs(ctx, delta.logprobs) if wants_logprobs else None
-        choices.append({"index": index, "delta": {"content": delta.text}, "logprobs": logprobs, "finish_reason": None})
+    pieces = stream.feed(delta.text)
+    finish_reason = None
     if delta.finish_reason is not None:
+        more, finish_reason = stream.finish(delta.finish_reason)
+        pieces += more
+    logprobs = _chat_logprobs(ctx, delta.logprobs) if resolved.logprobs is not None and delta.logprobs else None
+    if logprobs is not None and not pieces:  # tokens that are no text yet still report their logprobs
+        pieces = [ContentPiece("")]
+    choices = []
+    for i, piece in enumerate(pieces):
         choices.append(
             {
                 "index": index,
-                "delta": {},
-                "logprobs": None,
-                "finish_reason": delta.finish_reason,
-                "stop_reason": _stop_reason(update.state),
+                "delta": chat_delta(piece),
+                "logprobs": logprobs if i == 0 else None,
+                "finish_reason": None,
             }
         )
-    return choices
-
-
-def _tool_chunk_choices(update: Update, tools: ToolDeltas) -> list[dict]:
-    """Chunks of a choice whose text may hold tool calls: content and tool_calls deltas."""
-    index, delta = update.state.index, update.delta
-    deltas = tools.feed(delta.text)
-    finish_reason = None
-    if delta.finish_reason is not None:
-        more, finish_reason = tools.finish(delta.finish_reason)
-        deltas += more
-    choices = [{"index": index, "delta": d, "logprobs": None, "finish_reason": None} for d in deltas]
     if finish_reason is not None:
         choices.append(
             {

@@ -22,6 +22,7 @@ from stepserve.sampling import GrammarSpec, SamplingParams
 from stepserve.server.context import ServingContext
 from stepserve.server.schemas import ChatCompletionRequest, ChatMessage, CompletionRequest, _SamplingFields
 from stepserve.server.schemas import _StructuredFields
+from stepserve.server.answer import Thinking
 from stepserve.server.tool_calls import ToolMode
 from stepserve.structured.tool_parsers import keeps_special_tokens
 from stepserve.structured.tools import required_calls_grammar
@@ -51,6 +52,7 @@ class Plan:
     logprobs: int | None  # alternatives per generated token in the response; None: no logprobs
     prompt_logprobs: bool  # the response carries vLLM's prompt_logprobs
     echo: bool = False  # completions: the prompt before each choice's text
+    thinking: Thinking | None = None  # chat: how the answer holds reasoning (--reasoning-parser); None: it does not
 
     @property
     def inputs(self) -> list[PromptInput]:

@@ -15,7 +15,9 @@ from stepserve.server.config import ServerConfig
 from stepserve.server.plan import output_constraint, plan, plan_chat, plan_completion
 from stepserve.server.context import ServingContext
 from stepserve.server.schemas import ChatCompletionRequest, CompletionRequest, validate
-from stepserve.server.tool_calls import ToolDeltas, ToolMode, message
+from stepserve.server.answer import AnswerStream, final_answer
+from stepserve.server.openai import chat_delta, chat_message
+from stepserve.server.tool_calls import ToolMode
 from stepserve.structured.compiler import GrammarCompiler
 from stepserve.structured.tool_parsers import Parsed, assemble, make_parser
 from stepserve.structured.tools import RequiredCallsScanner, ScanEvent, ToolCall
@@ -175,7 +177,7 @@ def test_required_scanner_cuts_a_stream_into_names_and_argument_fragments():
 
 def reassembled(mode: ToolMode, pieces: list[str]):
     """Stream ``pieces`` as OpenAI chunks and let the openai client's stream state rebuild the message."""
-    state, tools = ChatCompletionStreamState(), ToolDeltas(mode)
+    state, stream = ChatCompletionStreamState(), AnswerStream(mode)
 
     def chunk(delta: dict, finish_reason=None) -> ChatCompletionChunk:
         choice = {"index": 0, "delta": delta, "finish_reason": finish_reason}
@@ -183,8 +185,9 @@ def reassembled(mode: ToolMode, pieces: list[str]):
             {"id": "c", "object": "chat.completion.chunk", "created": 0, "model": "m", "choices": [choice]}
         )
 
-    deltas = [{"role": "assistant", "content": ""}] + [d for piece in pieces for d in tools.feed(piece)]
-    more, finish_reason = tools.finish("stop")
+    deltas = [{"role": "assistant", "content": ""}] + [chat_delta(p) for piece in pieces for p in stream.feed(piece)]
+    pieces_left, finish_reason = stream.finish("stop")
+    more = [chat_delta(p) for p in pieces_left]
     for delta in deltas + more:
         list(state.handle_chunk(chunk(delta)))
     list(state.handle_chunk(chunk({}, finish_reason)))
@@ -195,7 +198,8 @@ def reassembled(mode: ToolMode, pieces: list[str]):
 def test_the_openai_client_reassembles_streamed_calls_into_the_whole_answer(name):
     mode = ToolMode("auto", parser=name)
     for text, want in CASES[name]:
-        whole, finish_reason = message(mode, text, "stop")
+        answer = final_answer(mode, None, text, (), "stop")
+        whole, finish_reason = chat_message(answer, with_reasoning=False), answer.finish_reason
         deltas, final = reassembled(mode, random_pieces(text, random.Random(1)) if len(text) > 1 else [text])
         assert final.finish_reason == finish_reason == ("tool_calls" if want.calls else "stop")
         got = [(c.function.name, c.function.arguments) for c in final.message.tool_calls or []]
