@@ -27,6 +27,13 @@ class GrammarSpec:
 
     kind: str  # one of GRAMMAR_KINDS: what the user asked for, for logs and errors
     grammar: str  # llguidance's grammar text (a JSON document), the cache key on both sides
+    # The constraint starts after the first output token with this id (the end of a reasoning
+    # model's thinking: docs/responses-and-messages.md); None: from the first output token.
+    after: int | None = None
+
+    def opened(self, output_ids) -> bool:
+        """Whether the constraint holds after ``output_ids`` (the gate token is among them)."""
+        return self.after is None or self.after in output_ids
 
 
 MAX_LOGPROBS = 20

@@ -59,6 +59,7 @@ def main(args: argparse.Namespace) -> int:
         make_client, tokenizer, info = (
             serving(task_front, engine_config, server_config) if task_front else _engine(engine_config, server_config)
         )
+        _check_reasoning_parser(server_config, tokenizer, task_front)
     except ConfigError as exc:
         print(f"stepserve serve: {exc}", file=sys.stderr)
         return 2
@@ -90,6 +91,20 @@ def main(args: argparse.Namespace) -> int:
     )
     log.info("server stopped")
     return 0
+
+
+def _check_reasoning_parser(server_config: ServerConfig, tokenizer, task_front) -> None:
+    """--reasoning-parser needs a generating model whose tokenizer has its markers as tokens."""
+    from stepserve.structured.reasoning import PARSERS, marker_ids
+
+    if server_config.reasoning_parser is None:
+        return
+    if task_front is not None:
+        raise ConfigError("--reasoning-parser applies to text generation, not to encoder tasks")
+    try:
+        marker_ids(tokenizer, PARSERS[server_config.reasoning_parser])
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def _engine(engine_config, server_config: ServerConfig):

@@ -72,12 +72,18 @@ class Request:
         return self.status is RequestStatus.FINISHED
 
 
+def _grammar_open(request: Request) -> bool:
+    """Whether the output constraint held the token just appended (its gate, if it has one, came before it)."""
+    spec = request.params.structured
+    return spec.after is None or spec.after in request.token_ids[request.num_prompt_tokens : -1]
+
+
 def check_stop(request: Request, eos_token_ids: Collection[int], max_model_len: int) -> FinishReason | None:
     """The one place that decides whether the token just appended ends the request
     (docs/architecture.md, invariant 4). EOS and stop tokens count only once ``min_tokens`` are out."""
     token = request.token_ids[-1]
     params = request.params
-    if params.structured is not None and token in eos_token_ids:
+    if params.structured is not None and token in eos_token_ids and _grammar_open(request):
         # The grammar allows EOS only where the output is complete; its end ends the request,
         # whatever ignore_eos and min_tokens say (the grammar forbids anything after it).
         request.stop_token_id = token

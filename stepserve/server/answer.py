@@ -22,12 +22,12 @@ from stepserve.structured.tools import RequiredCallsScanner, ScanEvent
 
 @dataclass(frozen=True)
 class Thinking:
-    """How a request's answer holds reasoning: which parser reads it, and whether the answer
-    starts inside the thinking (the prompt opened it)."""
+    """How a request's answer holds reasoning: which parser reads it, and where the prompt left
+    the thinking (``structured.reasoning.prompt_state``)."""
 
     parser: str  # a name in structured.reasoning.PARSERS
-    starts_inside: bool = False
-    end_token_id: int | None = None  # the end-of-thinking token, where it is one token
+    prompt_state: str = "none"  # inside, closed or none
+    end_token_id: int | None = None  # the end-of-thinking token
 
 
 @dataclass(frozen=True)
@@ -90,7 +90,7 @@ def final_answer(
     """The finished choice: thinking split off, then tool calls read from the rest."""
     reasoning, ended = None, True
     if thinking is not None:
-        splitter = ReasoningSplitter(PARSERS[thinking.parser], thinking.starts_inside)
+        splitter = ReasoningSplitter(PARSERS[thinking.parser], thinking.prompt_state)
         r1, text1 = splitter.feed(text)
         r2, text2 = splitter.finish()
         reasoning, text, ended = (r1 + r2) or None, text1 + text2, splitter.reasoning_ended
@@ -119,7 +119,7 @@ class AnswerStream:
 
     def __post_init__(self) -> None:
         if self.thinking is not None:
-            self._splitter = ReasoningSplitter(PARSERS[self.thinking.parser], self.thinking.starts_inside)
+            self._splitter = ReasoningSplitter(PARSERS[self.thinking.parser], self.thinking.prompt_state)
         if self.tools.choice == "required":
             self._scanner = RequiredCallsScanner()
         if self.tools.choice == "auto":

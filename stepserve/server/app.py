@@ -38,6 +38,8 @@ from stepserve.server.config import ServerConfig
 from stepserve.server.context import ServingContext
 from stepserve.server.fields import UnknownFieldPolicy
 from stepserve.structured.compiler import GrammarCompiler
+from stepserve.structured.reasoning import PARSERS as REASONING_PARSERS
+from stepserve.structured.reasoning import marker_ids
 from stepserve.version import __version__
 from stepserve.server.metrics import CONTENT_TYPE, ServerMetrics
 from stepserve.server.playground import add_playground_routes
@@ -129,15 +131,38 @@ async def _until_disconnect(request: Request, work: Awaitable):
     return task.result()
 
 
-async def _sse(chunks: AsyncIterator[dict]) -> AsyncIterator[str]:
-    """Frame chunks as server-sent events; an error becomes an error event; always [DONE]."""
+@dataclass(frozen=True)
+class Wire:
+    """How one API writes errors and streams: OpenAI's by default (``data:`` lines, an error
+    chunk, ``[DONE]``). Anthropic's Messages and OpenAI's Responses name each event (``event:``
+    lines, from the chunk's ``type``) and end without ``[DONE]``."""
+
+    error_body: Callable[[HttpError], dict] = HttpError.body
+    named_events: bool = False  # an ``event: TYPE`` line before each chunk's data
+    done: str | None = "data: [DONE]\n\n"  # the stream's last line
+
+    def frame(self, chunk: dict) -> str:
+        event = f"event: {chunk['type']}\n" if self.named_events and "type" in chunk else ""
+        return f"{event}data: {json.dumps(chunk)}\n\n"
+
+    def error_response(self, exc: Exception) -> JSONResponse:
+        err = http_error(exc)
+        return JSONResponse(self.error_body(err), status_code=err.status, headers=err.headers)
+
+
+OPENAI_WIRE = Wire()
+
+
+async def _sse(chunks: AsyncIterator[dict], wire: Wire) -> AsyncIterator[str]:
+    """Frame chunks as server-sent events; an error becomes an error event; the wire's end."""
     async with aclosing(chunks):
         try:
             async for chunk in chunks:
-                yield f"data: {json.dumps(chunk)}\n\n"
+                yield wire.frame(chunk)
         except Exception as exc:
-            yield f"data: {json.dumps(http_error(exc).body())}\n\n"
-    yield "data: [DONE]\n\n"
+            yield wire.frame(wire.error_body(http_error(exc)))
+    if wire.done is not None:
+        yield wire.done
 
 
 async def _read_body(request: Request) -> bytes:
@@ -149,17 +174,17 @@ async def _read_body(request: Request) -> bytes:
         raise ClientTimeoutError(f"the request body was not complete after {timeout}s") from None
 
 
-async def _serve(request: Request, handler: Handler) -> Response:
+async def _serve(request: Request, handler: Handler, wire: Wire = OPENAI_WIRE) -> Response:
     try:
         raw = await _read_body(request)
         result = await _until_disconnect(request, handler(request.app.state.ctx, raw))
     except (_ClientGone, ClientDisconnect):
         return Response(status_code=499)
     except Exception as exc:
-        return http_error(exc).response()
+        return wire.error_response(exc)
     if isinstance(result, dict):
         return JSONResponse(result)
-    return StreamingResponse(_sse(result), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+    return StreamingResponse(_sse(result, wire), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
 
 def _ctx(request: Request) -> ServingContext:
@@ -277,6 +302,12 @@ def _health_routes(app: FastAPI) -> None:
         return Response(request.app.state.metrics.render(), media_type=CONTENT_TYPE)
 
 
+def _thinking_markers(tokenizer, config: ServerConfig) -> tuple[int, int] | None:
+    if config.reasoning_parser is None:
+        return None
+    return marker_ids(tokenizer, REASONING_PARSERS[config.reasoning_parser])
+
+
 def create_app(
     make_client: Callable[[], CoreClient],
     tokenizer,
@@ -322,6 +353,7 @@ def create_app(
             unknown=unknown,
             tasks=serving,
             grammars=grammars,
+            thinking_markers=_thinking_markers(tokenizer, config),
         )
         app.state.started = int(time.time())
         stats_task = start_stats_logger(engine, client, config)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from stepserve.config import SPARE_CORE_CHOICES, ConfigError
+from stepserve.structured.reasoning import PARSERS as REASONING_PARSERS
 from stepserve.structured.tool_parsers import PARSERS
 
 
@@ -82,6 +83,15 @@ class ServerConfig:
         default=False,
         metadata={"help": "let the model decide when to call tools (tool_choice=auto); needs --tool-call-parser"},
     )
+    reasoning_parser: str | None = field(
+        default=None,
+        metadata={
+            "help": (
+                "split a reasoning model's thinking from its answer (reasoning_content, reasoning items, "
+                "thinking blocks) and start output constraints after it: " + ", ".join(REASONING_PARSERS)
+            )
+        },
+    )
     structured_strict_default: bool = field(
         default=False,
         metadata={
@@ -110,6 +120,8 @@ class ServerConfig:
             raise ConfigError(f"spare_core={self.spare_core!r}: choose {', '.join(SPARE_CORE_CHOICES)}")
         if self.tool_call_parser is not None and self.tool_call_parser not in PARSERS:
             raise ConfigError(f"tool_call_parser={self.tool_call_parser!r}: choose {', '.join(PARSERS)}")
+        if self.reasoning_parser is not None and self.reasoning_parser not in REASONING_PARSERS:
+            raise ConfigError(f"reasoning_parser={self.reasoning_parser!r}: choose {', '.join(REASONING_PARSERS)}")
         if self.enable_auto_tool_choice and self.tool_call_parser is None:
             raise ConfigError(f"--enable-auto-tool-choice needs --tool-call-parser ({', '.join(PARSERS)})")
         for name in ("default_max_tokens", "max_tokens_limit"):

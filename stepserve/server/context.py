@@ -24,6 +24,7 @@ class ServingContext:
     unknown: UnknownFieldPolicy = field(default_factory=UnknownFieldPolicy)  # refuse, or log once and ignore
     tasks: object | None = None  # tasks.serving.TaskServing when the model serves an encoder task
     grammars: GrammarCompiler | None = None  # checks and caches output constraints; None: refused
+    thinking_markers: tuple[int, int] | None = None  # --reasoning-parser's start and end token ids
 
     def check_model(self, name: str | None) -> None:
         """Refuse a request for another model (404); an omitted model means this one."""

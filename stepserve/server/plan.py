@@ -12,6 +12,7 @@ worker thread when the request carries a constraint or tools, so the event loop 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import re
 from dataclasses import dataclass
@@ -24,6 +25,7 @@ from stepserve.server.schemas import ChatCompletionRequest, ChatMessage, Complet
 from stepserve.server.schemas import _StructuredFields
 from stepserve.server.answer import Thinking
 from stepserve.server.tool_calls import ToolMode
+from stepserve.structured.reasoning import prompt_state
 from stepserve.structured.tool_parsers import keeps_special_tokens
 from stepserve.structured.tools import required_calls_grammar
 
@@ -136,10 +138,24 @@ def plan_chat(ctx: ServingContext, req: ChatCompletionRequest) -> Plan:
         if mode.choice == "auto" and keeps_special_tokens(mode.parser):  # its call marker is one (as vLLM)
             params = params.replace(skip_special_tokens=False)
         ids = encode_chat(ctx, messages, req.add_generation_prompt, req.chat_template_kwargs, _template_tools(req))
+        thinking = _thinking(ctx, ids)
+        if thinking is not None and params.structured is not None and thinking.prompt_state != "closed":
+            # the constraint holds the answer, after the thinking (as vLLM's reasoning-aware structured output)
+            params = params.replace(structured=dataclasses.replace(params.structured, after=thinking.end_token_id))
         prompt = PlannedPrompt("", prompt_input(ctx, ids, params, None))
     except InvalidRequestError as exc:
         raise _renamed(exc, names) from None
-    return Plan((prompt,), mode, req.stream, _include_usage(req), logprobs, req.prompt_logprobs is not None)
+    return Plan(
+        (prompt,), mode, req.stream, _include_usage(req), logprobs, req.prompt_logprobs is not None, thinking=thinking
+    )
+
+
+def _thinking(ctx: ServingContext, prompt_ids: tuple[int, ...]) -> Thinking | None:
+    """How this answer holds reasoning under --reasoning-parser (None without one)."""
+    if ctx.thinking_markers is None:
+        return None
+    start_id, end_id = ctx.thinking_markers
+    return Thinking(ctx.config.reasoning_parser, prompt_state(prompt_ids, start_id, end_id), end_id)
 
 
 def _message_dict(index: int, message: ChatMessage) -> dict:

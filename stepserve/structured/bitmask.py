@@ -30,28 +30,44 @@ PARALLEL_MIN_CPUS = 8
 
 
 class RequestMatcher:
-    """A request's matcher and the output tokens it has consumed."""
+    """A request's matcher and the output tokens it has seen. With a gate token (``after``), the
+    matcher starts after the first output token equal to it and the row is free until then."""
 
-    def __init__(self, matcher) -> None:
+    def __init__(self, matcher, after: int | None = None) -> None:
         self.matcher = matcher
-        self.consumed: list[int] = []
+        self.after = after
+        self.seen: list[int] = []  # every output token, the gate's and those before it included
+        self.start: int | None = 0 if after is None else None  # index in seen where the grammar starts
+
+    @property
+    def open(self) -> bool:
+        return self.start is not None
 
     def sync(self, outputs: Sequence[int], fresh) -> None:
         """Make the matcher's history equal ``outputs``, the tokens the core accepted."""
         common = 0
-        limit = min(len(self.consumed), len(outputs))
-        while common < limit and self.consumed[common] == outputs[common]:
+        limit = min(len(self.seen), len(outputs))
+        while common < limit and self.seen[common] == outputs[common]:
             common += 1
-        extra = len(self.consumed) - common
-        if extra and (self.matcher.is_error() or self.matcher.rollback(extra) is False or self.matcher.is_error()):
-            self.matcher, common = fresh(), 0  # cannot roll back: rebuild from the start
-        del self.consumed[common:]
+        if self.start is not None and common < self.start:  # the gate itself was discarded
+            self.matcher, self.start = fresh(), (0 if self.after is None else None)
+        elif self.start is not None:
+            extra = len(self.seen) - common
+            if extra and (self.matcher.is_error() or self.matcher.rollback(extra) is False or self.matcher.is_error()):
+                self.matcher = fresh()  # cannot roll back: rebuild from the gate
+                for token in self.seen[self.start : common]:
+                    self.matcher.consume_token(token)
+        del self.seen[common:]
         for token in outputs[common:]:
             self.accept(token)
 
     def accept(self, token: int) -> None:
+        self.seen.append(token)
+        if self.start is None:
+            if token == self.after:
+                self.start = len(self.seen)
+            return
         self.matcher.consume_token(token)  # a refused token leaves the matcher in error: rebuilt or ended
-        self.consumed.append(token)
 
 
 class GrammarMatchers:
@@ -121,7 +137,7 @@ class GrammarMatchers:
         grammar = r.params.structured.grammar
         entry = self._matchers.get(r.request_id)
         if entry is None:
-            entry = self._matchers[r.request_id] = RequestMatcher(self._fresh(grammar))
+            entry = self._matchers[r.request_id] = RequestMatcher(self._fresh(grammar), r.params.structured.after)
         entry.sync(r.token_ids[r.num_prompt_tokens :], lambda: self._fresh(grammar))
         return entry
 
@@ -144,7 +160,11 @@ class GrammarMatchers:
         words = (self.vocab_size + 31) // 32
         mask = torch.zeros(len(matchers), words, dtype=torch.int32, pin_memory=self.device.type == "cuda")
         # Matchers in error state allow nothing: their row falls back to EOS (see GrammarPass.mask).
-        live = [(m.matcher, row) for row, m in enumerate(matchers) if not m.matcher.is_error()]
+        # A row whose gate has not come yet (a reasoning model still thinking) allows everything.
+        for row, m in enumerate(matchers):
+            if not m.open:
+                mask[row] = -1
+        live = [(m.matcher, row) for row, m in enumerate(matchers) if m.open and not m.matcher.is_error()]
         if len(live) >= PARALLEL_ROWS and (os.cpu_count() or 1) > PARALLEL_MIN_CPUS:
             if self._executor is None:
                 self._executor = llguidance.LLExecutor()

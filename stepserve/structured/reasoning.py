@@ -11,8 +11,10 @@ by construction. The parsers, as vLLM's ``--reasoning-parser`` names them:
   ``</think>`` (R1's template opens the thinking in the prompt), and all thinking if the
   marker never comes.
 
-When the prompt itself ends inside the thinking (its last marker is ``<think>``), the answer
-starts as thinking with both parsers. Blank lines after ``</think>`` are not content.
+What the prompt says comes first (``prompt_state``): when its last marker is ``<think>`` the
+answer starts as thinking; when it is ``</think>`` (Qwen3's template with ``enable_thinking:
+false`` writes an empty thinking block) the answer is content unless it opens ``<think>`` again.
+Blank lines after ``</think>`` are not content.
 """
 
 from __future__ import annotations
@@ -47,9 +49,10 @@ def _held_back(text: str, marker: str) -> int:
 class ReasoningSplitter:
     """One answer's text, fed in pieces, cut into (reasoning, content) pieces."""
 
-    def __init__(self, parser: ReasoningParser, thinking: bool = False) -> None:
+    def __init__(self, parser: ReasoningParser, prompt_state: str = "none") -> None:
         self.parser = parser
-        self.state = "reasoning" if thinking else "opening"  # opening, reasoning, after_end, content
+        self.state = "reasoning" if prompt_state == "inside" else "opening"  # opening, reasoning, after_end, content
+        self._thinks_without_start = parser.thinks_without_start and prompt_state == "none"
         self._buffer = ""
 
     @property
@@ -70,7 +73,7 @@ class ReasoningSplitter:
                 elif not stripped or self.parser.start.startswith(stripped):
                     return reasoning, content  # not yet known
                 else:
-                    self.state = "reasoning" if self.parser.thinks_without_start else "content"
+                    self.state = "reasoning" if self._thinks_without_start else "content"
                 continue
             if self.state == "reasoning":
                 at = self._buffer.find(self.parser.end)
@@ -96,14 +99,40 @@ class ReasoningSplitter:
     def finish(self) -> tuple[str, str]:
         """What is left once the answer is complete."""
         rest, self._buffer = self._buffer, ""
-        if self.state == "reasoning" or (self.state == "opening" and self.parser.thinks_without_start):
+        if self.state == "reasoning" or (self.state == "opening" and self._thinks_without_start):
             return rest, ""
         return "", rest if self.state != "after_end" else ""
 
 
-def split(parser: ReasoningParser, text: str, thinking: bool = False) -> tuple[str | None, str | None]:
+def prompt_state(prompt_ids, start_id: int, end_id: int) -> str:
+    """``inside`` when the prompt's last marker opens the thinking, ``closed`` when it closes
+    it, ``none`` without either."""
+    for token in reversed(prompt_ids):
+        if token == start_id:
+            return "inside"
+        if token == end_id:
+            return "closed"
+    return "none"
+
+
+def marker_ids(tokenizer, parser: ReasoningParser) -> tuple[int, int]:
+    """The start and end markers' token ids; ``ValueError`` unless each is one token of the
+    vocabulary (as vLLM's parsers require: the engine recognises the end of the thinking by it)."""
+    ids = []
+    for marker in (parser.start, parser.end):
+        encoded = tokenizer.encode(marker, add_special_tokens=False)
+        if len(encoded) != 1:
+            raise ValueError(
+                f"--reasoning-parser {parser.name} needs {marker} as one token of the tokenizer "
+                f"(it is {len(encoded)} tokens here): is this a {parser.name} model?"
+            )
+        ids.append(encoded[0])
+    return ids[0], ids[1]
+
+
+def split(parser: ReasoningParser, text: str, prompt_state: str = "none") -> tuple[str | None, str | None]:
     """(reasoning, content) of a whole answer; None for a part that is empty."""
-    splitter = ReasoningSplitter(parser, thinking)
+    splitter = ReasoningSplitter(parser, prompt_state)
     reasoning, content = splitter.feed(text)
     more_reasoning, more_content = splitter.finish()
     return (reasoning + more_reasoning) or None, (content + more_content) or None
