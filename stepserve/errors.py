@@ -2,6 +2,7 @@
 
 - ``InvalidRequestError`` (a ``ValueError``): bad input, HTTP 400, raised before the engine sees it.
 - ``ModelNotFoundError``: the request names a model this server does not serve, HTTP 404.
+- ``NotFoundError``: the request names something else this server does not hold (a stored response), HTTP 404.
 - ``EngineDeadError``: the engine core died or is restarting, HTTP 503 ``engine_unavailable``.
 - ``QueueFullError``: admission control refused the request, HTTP 429 with ``Retry-After``.
 - ``RequestTimeoutError``: the request ran past the server's timeout, HTTP 504.
@@ -31,6 +32,16 @@ class ModelNotFoundError(StepserveError):
     def __init__(self, model: str, served: list[str]) -> None:
         super().__init__(f"The model `{model}` does not exist. Served models: {', '.join(served)}.")
         self.model = model
+
+
+class NotFoundError(StepserveError):
+    """The request names something this server does not hold (a stored response); ``param``
+    names the field that named it, if one did."""
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
 
 
 class EngineDeadError(StepserveError):

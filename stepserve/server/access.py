@@ -4,9 +4,11 @@ control and request limits as vLLM names them: ``--api-key``, ``--allowed-origin
 
 The key check and the body limit are one pure ASGI middleware each (not Starlette's
 ``BaseHTTPMiddleware``, which would buffer streams and hide disconnects from the routes). Every
-route needs ``Authorization: Bearer KEY`` except the probes and ``/metrics``
-(``OPEN_PATHS``), so Kubernetes can watch the pod without the key and a route added later is
-guarded by default. ``api_key_ok`` is the one comparison, for any other door (gRPC, a page).
+route needs the key, as ``Authorization: Bearer KEY`` (OpenAI's clients) or ``x-api-key: KEY``
+(Anthropic's), except the probes and ``/metrics`` (``OPEN_PATHS``), so Kubernetes can watch the
+pod without the key and a route added later is guarded by default. ``api_key_ok`` is the one
+comparison, for any other door (gRPC, a page). Their errors are in OpenAI's shape, and in
+Anthropic's on its Messages routes (``ANTHROPIC_PATH``), whose clients read only their own.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from stepserve.config import ConfigError
 
 API_KEY_ENV = "STEPSERVE_API_KEY"
+ANTHROPIC_PATH = "/v1/messages"  # server/anthropic.py's routes: this path and those under it
 OPEN_PATHS = frozenset({"/health", "/metrics", "/v2", "/v2/health/live", "/v2/health/ready"})
 _OPEN_PATTERN = re.compile(r"/v2/models/[^/]+/ready")  # KServe's per-model readiness probe
 
@@ -34,7 +37,7 @@ class AccessConfig:
         repr=False,
         metadata={
             "help": (
-                "clients must send 'Authorization: Bearer KEY' "
+                "clients must send 'Authorization: Bearer KEY' or 'x-api-key: KEY' "
                 f"(default: ${API_KEY_ENV}); probes and /metrics stay open"
             )
         },
@@ -108,13 +111,16 @@ def access_config_from_args(args: argparse.Namespace) -> AccessConfig:
     return AccessConfig(**values)
 
 
-def api_key_ok(expected: str | None, authorization: str | None) -> bool:
-    """Whether an ``Authorization`` header value carries the key (always, when none is set).
-    Constant time in the key's content, so timing tells an attacker nothing about it."""
+def api_key_ok(expected: str | None, authorization: str | None, x_api_key: str | None = None) -> bool:
+    """Whether the request carries the key, in an ``Authorization: Bearer`` header value or an
+    ``x-api-key`` one (always, when none is set). Constant time in the key's content, so timing
+    tells an attacker nothing about it."""
     if expected is None:
         return True
     scheme, _, token = (authorization or "").partition(" ")
-    return hmac.compare_digest(token.strip().encode(), expected.encode()) and scheme.lower() == "bearer"
+    bearer = hmac.compare_digest(token.strip().encode(), expected.encode()) and scheme.lower() == "bearer"
+    header = hmac.compare_digest((x_api_key or "").strip().encode(), expected.encode())
+    return bearer or header
 
 
 def is_open_path(path: str) -> bool:
@@ -135,8 +141,18 @@ def route_path(scope: dict) -> str:
 # -- middleware ---------------------------------------------------------------------------
 
 
-async def _send_error(send, status: int, kind: str, message: str, headers: dict[str, str] | None = None) -> None:
-    body = json.dumps({"error": {"message": message, "type": kind, "param": None, "code": status}}).encode()
+_ANTHROPIC_TYPES = {401: "authentication_error", 413: "request_too_large"}  # the statuses sent here
+
+
+def error_body(path: str, status: int, message: str) -> dict:
+    """A refusal in OpenAI's error shape, or in Anthropic's on its routes."""
+    if path == ANTHROPIC_PATH or path.startswith(ANTHROPIC_PATH + "/"):
+        return {"type": "error", "error": {"type": _ANTHROPIC_TYPES[status], "message": message}}
+    return {"error": {"message": message, "type": "invalid_request_error", "param": None, "code": status}}
+
+
+async def _send_error(scope, send, status: int, message: str, headers: dict[str, str] | None = None) -> None:
+    body = json.dumps(error_body(route_path(scope), status, message)).encode()
     raw_headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     raw_headers += [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
     await send({"type": "http.response.start", "status": status, "headers": raw_headers})
@@ -150,7 +166,7 @@ def open_without_key(app, *paths: str) -> None:
 
 
 class ApiKeyMiddleware:
-    """401 in OpenAI's error shape for a request without the key, except on ``OPEN_PATHS``
+    """401 for a request without the key (``error_body``'s shape), except on ``OPEN_PATHS``
     and the paths given to ``open_without_key``. A CORS preflight carries no key by design: the
     CORS middleware, outside this one, answers it before it gets here."""
 
@@ -163,11 +179,12 @@ class ApiKeyMiddleware:
         path = route_path(scope) if scope["type"] == "http" else ""
         if scope["type"] != "http" or is_open_path(path) or path in self.open_paths:
             return await self.app(scope, receive, send)
-        authorization = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
-        if api_key_ok(self.api_key, authorization):
+        headers = dict(scope["headers"])
+        authorization = headers.get(b"authorization", b"").decode("latin-1")
+        if api_key_ok(self.api_key, authorization, headers.get(b"x-api-key", b"").decode("latin-1")):
             return await self.app(scope, receive, send)
-        message = "Incorrect or missing API key: send 'Authorization: Bearer KEY'"
-        await _send_error(send, 401, "invalid_request_error", message, {"WWW-Authenticate": "Bearer"})
+        message = "Incorrect or missing API key: send 'Authorization: Bearer KEY' or 'x-api-key: KEY'"
+        await _send_error(scope, send, 401, message, {"WWW-Authenticate": "Bearer"})
 
 
 class BodyTooLarge(StarletteHTTPException):
@@ -192,7 +209,7 @@ class BodyLimitMiddleware:
             return await self.app(scope, receive, send)
         declared = dict(scope["headers"]).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.limit:
-            return await self._too_large(send)
+            return await self._too_large(scope, send)
         started = False
         received = 0
 
@@ -215,10 +232,10 @@ class BodyLimitMiddleware:
         except BodyTooLarge:
             if started:
                 raise
-            await self._too_large(send)
+            await self._too_large(scope, send)
 
-    async def _too_large(self, send) -> None:
-        await _send_error(send, 413, "invalid_request_error", BodyTooLarge(self.limit).detail, {"Connection": "close"})
+    async def _too_large(self, scope, send) -> None:
+        await _send_error(scope, send, 413, BodyTooLarge(self.limit).detail, {"Connection": "close"})
 
 
 def secure_app(app, config: AccessConfig):

@@ -29,6 +29,7 @@ from stepserve.errors import (
     EngineDeadError,
     InvalidRequestError,
     ModelNotFoundError,
+    NotFoundError,
     QueueFullError,
     RequestAbortedError,
     RequestTimeoutError,
@@ -52,6 +53,9 @@ from stepserve.server.schemas import (
     parse_body,
 )
 from stepserve.server.task_routes import add_task_routes
+from stepserve.server.anthropic import add_messages_routes
+from stepserve.server.anthropic import error_body as anthropic_error_body
+from stepserve.server.responses import add_responses_routes
 
 if TYPE_CHECKING:
     from stepserve.engine.front import FrontInfo
@@ -84,6 +88,8 @@ def http_error(exc: Exception) -> HttpError:
         return HttpError(400, "invalid_request_error", exc.message, exc.param)
     if isinstance(exc, ModelNotFoundError):
         return HttpError(404, "not_found_error", str(exc), "model")
+    if isinstance(exc, NotFoundError):
+        return HttpError(404, "not_found_error", exc.message, exc.param)
     if isinstance(exc, QueueFullError):
         return HttpError(429, "queue_full", str(exc) or "too many requests are waiting", headers={"Retry-After": "1"})
     if isinstance(exc, EngineDeadError):
@@ -371,6 +377,8 @@ def create_app(
     _openai_routes(app, "/v1")
     _openai_routes(app, "/openai/v1")
     add_task_routes(app, _serve)
+    add_messages_routes(app, _serve, Wire(error_body=anthropic_error_body, named_events=True, done=None))
+    add_responses_routes(app, _serve, Wire(named_events=True, done=None))
     _kserve_routes(app)
     _health_routes(app)
     if not config.disable_playground:

@@ -78,6 +78,12 @@ def http(server, api_key):
 
 @pytest.fixture(scope="module")
 def browser(server, api_key):
+    driver = _driver(server, api_key)
+    yield driver
+    driver.quit()
+
+
+def _driver(server, api_key):
     if not (shutil.which(CHROMIUM) and shutil.which(CHROMEDRIVER)):
         pytest.skip(f"the playground test {INSTALL_HINT}")
     try:
@@ -96,8 +102,7 @@ def browser(server, api_key):
         wait_for(lambda: "refused" in driver.find_element("id", "key-error").text, "the page to refuse the wrong key")
         give_key(driver, api_key)
     wait_for(lambda: driver.find_element("tag name", "body").get_attribute("data-ready") == "true", "the model list")
-    yield driver
-    driver.quit()
+    return driver
 
 
 def give_key(driver, key: str) -> None:
@@ -224,3 +229,26 @@ def test_stats_line_every_interval_shows_the_work_done(server, http):
     assert all(m[6] == "0" for m in lines)
     busy = [m for m in lines if float(m[1]) > 0]
     assert float(busy[0][0]) > 0  # the prompt was counted too
+
+
+def test_a_reasoning_models_thinking_is_folded_above_its_answer(tmp_path):
+    """With --reasoning-parser the page shows ``reasoning_content`` in a folded block, apart from
+    the answer (tests/thinking_model.py thinks "ok", then answers "Hi")."""
+    from thinking_model import write_thinking_model
+
+    model = write_thinking_model(tmp_path / "model")
+    args = ["--model", str(model), "--model_name", MODEL, "--max-model-len", "256", "--reasoning-parser", "qwen3"]
+    live = start_server(args, tmp_path / "server.log")
+    driver = None
+    try:
+        driver = _driver(live, None)
+        answer = send(driver, "hi", 16)
+        wait_for(lambda: answer.get_attribute("data-state") == "done", "the answer to finish")
+        assert content(answer) == "Hi"
+        thinking = answer.find_element("css selector", "details.thinking")
+        assert thinking.get_attribute("hidden") is None
+        assert thinking.find_element("css selector", "div").get_attribute("textContent") == "ok"
+    finally:
+        if driver is not None:
+            driver.quit()
+        live.stop()

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 
+import anthropic
 import grpc
 import httpx
 import openai
@@ -40,6 +41,8 @@ def test_key_from_the_environment(monkeypatch):
 def test_key_comparison_and_open_paths():
     assert api_key_ok(None, None)
     assert api_key_ok(KEY, f"Bearer {KEY}") and api_key_ok(KEY, f"bearer {KEY}")
+    assert api_key_ok(KEY, None, KEY) and api_key_ok(KEY, "Bearer wrong", KEY) and api_key_ok(KEY, f"Bearer {KEY}", "x")
+    assert not api_key_ok(KEY, None, f"{KEY}x") and not api_key_ok(KEY, None, "") and not api_key_ok(KEY, KEY, None)
     assert (
         not api_key_ok(KEY, None)
         and not api_key_ok(KEY, KEY)
@@ -208,6 +211,25 @@ def test_openai_client_and_root_path(server, http, tls):
             openai.OpenAI(base_url=server[0].url + "/v1", api_key="wrong", http_client=transport).models.list()
     # The proxy strips /prefix before the request arrives; the app knows it is served there.
     assert http.get("/openapi.json", headers=AUTH).json()["servers"] == [{"url": "/prefix"}]
+
+
+@pytest.mark.slow
+def test_anthropic_client_sends_x_api_key(server, http, tls):
+    hi = {"model": MODEL, "max_tokens": 2, "messages": [{"role": "user", "content": "hi"}]}
+    # the 2.x client speaks through httpx2, whose client it makes itself
+    with anthropic.DefaultHttpxClient(verify=ssl.create_default_context(cafile=str(tls[1]))) as transport:
+        client = anthropic.Anthropic(base_url=server[0].url, api_key=KEY, http_client=transport, max_retries=0)
+        assert client.messages.create(**hi).usage.output_tokens <= 2
+        wrong = anthropic.Anthropic(base_url=server[0].url, api_key="wrong", http_client=transport, max_retries=0)
+        with pytest.raises(anthropic.AuthenticationError) as info:
+            wrong.messages.create(**hi)
+    error = info.value.body  # Anthropic's shape on its routes
+    assert error["type"] == "error" and error["error"]["type"] == "authentication_error"
+    assert "x-api-key" in error["error"]["message"]
+    assert http.post("/v1/completions", json=COMPLETION, headers={"x-api-key": KEY}).status_code == 200
+    assert http.post("/v1/completions", json=COMPLETION, headers={"x-api-key": "wrong"}).status_code == 401
+    big = http.post("/v1/messages", json=hi | {"system": "x" * LIMIT}, headers={"x-api-key": KEY})
+    assert big.status_code == 413 and big.json()["error"]["type"] == "request_too_large"
 
 
 @pytest.mark.slow

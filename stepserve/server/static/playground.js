@@ -156,10 +156,15 @@
     const content = el("div");
     const stats = el("div");
     stats.className = "stats";
-    root.append(el("div", message.role), content, stats);
+    // A reasoning model's thinking (--reasoning-parser), folded above its answer.
+    const thinking = el("details");
+    thinking.className = "thinking";
+    thinking.hidden = true;
+    thinking.append(el("summary", "thinking"), el("div"));
+    root.append(el("div", message.role), thinking, content, stats);
     root.firstChild.className = "role";
     $("messages").append(root);
-    message.view = { root, content, stats };
+    message.view = { root, content, stats, thinking };
     renderContent(content, message.content);
     root.scrollIntoView({ block: "end" });
     return message.view;
@@ -214,6 +219,13 @@
       if (chunk.error) throw new Error(chunk.error.message);
       if (chunk.usage) timing.usage = chunk.usage;
       const delta = chunk.choices && chunk.choices[0] && chunk.choices[0].delta;
+      if (delta && delta.reasoning_content) {
+        if (timing.first === null) timing.first = performance.now();
+        timing.chunks += 1;
+        reply.reasoning = (reply.reasoning || "") + delta.reasoning_content;
+        reply.view.thinking.hidden = false;
+        reply.view.thinking.lastChild.textContent = reply.reasoning;
+      }
       if (delta && delta.content) {
         if (timing.first === null) timing.first = performance.now();
         timing.chunks += 1;
