@@ -170,3 +170,34 @@ def test_openai_parse_with_a_pydantic_model(client, temperature):
     assert completion.choices[0].finish_reason == "stop"
     assert isinstance(message.parsed, Event)
     assert message.parsed == Event.model_validate(json.loads(message.content))
+
+
+# -- the other API surfaces on the embedded model -------------------------------------------
+
+
+def test_responses_and_messages_on_the_embedded_model(server, client):
+    """The Responses API (plain, structured, streamed) and Anthropic's Messages (plain, streamed)
+    on a real model: text comes back in each API's shape, and streams reassemble from their
+    deltas. (Greedy answers are not compared between requests: a prompt read from the prefix
+    cache may round differently from one computed whole, and a near tie can turn.)"""
+    import anthropic
+
+    kw = dict(model=MODEL, input="Name one colour, in one word.", max_output_tokens=64, temperature=0)
+    response = client.responses.create(**kw)
+    assert response.status == "completed" and response.output_text
+    with client.responses.stream(**kw) as stream:
+        deltas = [e.delta for e in stream if e.type == "response.output_text.delta"]
+        assert stream.get_final_response().output_text == "".join(deltas) != ""
+    fmt = {"format": {"type": "json_schema", "name": "person", "schema": Person.model_json_schema(), "strict": True}}
+    parsed = client.responses.create(
+        model=MODEL, input="A person, as JSON.", text=fmt, temperature=0, max_output_tokens=80
+    )
+    Person.model_validate_json(parsed.output_text)
+
+    claude = anthropic.Anthropic(base_url=server.url, api_key="unused", max_retries=0)
+    kw = dict(model=MODEL, max_tokens=24, messages=[{"role": "user", "content": "Name a colour."}])
+    message = claude.messages.create(**kw, extra_body={"temperature": 0})
+    assert message.content[0].type == "text" and message.content[0].text
+    with claude.messages.stream(**kw, extra_body={"temperature": 0}) as stream:
+        text = "".join(stream.text_stream)
+        assert stream.get_final_message().content[0].text == text != ""
