@@ -13,6 +13,13 @@
 #            --only 8b or --skip-cb); gpu_bench.json in offline/, log in offline.log. Where one
 #            command's time is limited, split it: --only 8b, then --only 1b,fp8,fp8kv,cold, then
 #            --only qwen3-8b,gemma3-12b
+#   moe      the mixture-of-experts benchmark, python -m stepserve.bench.gpu_moe: the Qwen3-30B-A3B
+#            shape (61 GB of random bf16 weights) in bf16 and FP8, batch 1 against its bandwidth
+#            bound, a profile of full-batch decode, the dense 8B shape for the ratio, and
+#            transformers continuous batching on 64 of the requests (ARGS go to the benchmark, e.g.
+#            --skip-cb or --only moe,dense); gpu_moe.json and profile_moe.txt in moe/, log in
+#            moe.log. About 8 minutes on one H100; where a command's time is shorter, split it:
+#            --only moe,dense,cb, then --only fp8
 #   serve    the HTTP serving rows, python -m stepserve.bench.gpu --only serve: the 8B shape behind
 #            `stepserve serve` at 256 streams and at one, then the engine core killed and the time
 #            to healthy again (ARGS go to the benchmark); gpu_bench.json and the server's log in
@@ -30,12 +37,12 @@
 # everything under the results folder into results.tgz (the default when $OUT is set, since a
 # lent device machine brings back only a few files); PACK=0 keeps the files as they are.
 set -o pipefail
-mode=${1:?usage: bash bench/device_call.sh tests|offline|serve|all|setup [ARGS...]}
+mode=${1:?usage: bash bench/device_call.sh tests|offline|moe|serve|all|setup [ARGS...]}
 shift
 case $mode in
-tests|offline|serve|setup) ;;
+tests|offline|moe|serve|setup) ;;
 all) [ $# -eq 0 ] || { echo "all takes no ARGS" >&2; exit 2; } ;;
-*) echo "unknown mode: $mode (tests, offline, serve, all, setup)" >&2; exit 2 ;;
+*) echo "unknown mode: $mode (tests, offline, moe, serve, all, setup)" >&2; exit 2 ;;
 esac
 PACK=${PACK:-$([ -n "${OUT:-}" ] && echo 1 || echo 0)}
 OUT=${OUT:-$PWD/bench-out}
@@ -74,6 +81,9 @@ run_tests() {
 run_offline() {
     step offline.log python3 -m stepserve.bench.gpu --out "$OUT/offline" --skip-serve "$@"
 }
+run_moe() {
+    step moe.log python3 -m stepserve.bench.gpu_moe --out "$OUT/moe" "$@"
+}
 run_serve() {
     step serve.log python3 -m stepserve.bench.gpu --out "$OUT/serve" --only serve "$@"
     [ -f "$OUT/serve/serve_8b.log" ] && grep -h -e "spare" -e "engine core process" -e "model memory on" -e "model weights on" \
@@ -82,6 +92,7 @@ run_serve() {
 case $mode in
 tests) run_tests "$@" ;;
 offline) run_offline "$@" ;;
+moe) run_moe "$@" ;;
 serve) run_serve "$@" ;;
 all) run_tests; run_offline; run_serve ;;
 setup) ;;

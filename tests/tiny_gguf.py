@@ -24,7 +24,15 @@ LAYER = {
     "mlp.up_proj": "ffn_up",
     "mlp.gate_up_proj": "ffn_up",
     "mlp.down_proj": "ffn_down",
+    "mlp.gate": "ffn_gate_inp",
+    "block_sparse_moe.gate": "ffn_gate_inp",
+    "mlp.shared_expert.gate_proj": "ffn_gate_shexp",
+    "mlp.shared_expert.up_proj": "ffn_up_shexp",
+    "mlp.shared_expert.down_proj": "ffn_down_shexp",
+    "mlp.shared_expert_gate": "ffn_gate_inp_shexp",
 }
+EXPERT_PARTS = {"gate_proj": "ffn_gate_exps", "up_proj": "ffn_up_exps", "down_proj": "ffn_down_exps"}
+EXPERT_PARTS |= {"w1": "ffn_gate_exps", "w3": "ffn_up_exps", "w2": "ffn_down_exps"}
 GEMMA_LAYER = LAYER | {
     "post_attention_layernorm": "post_attention_norm",
     "pre_feedforward_layernorm": "ffn_norm",
@@ -36,6 +44,9 @@ ARCH = {  # config.json architecture -> (GGUF architecture, permuted q/k)
     "Gemma2ForCausalLM": ("gemma2", False),
     "Gemma3ForCausalLM": ("gemma3", False),
     "Phi3ForCausalLM": ("phi3", False),
+    "Qwen3MoeForCausalLM": ("qwen3moe", False),
+    "Qwen2MoeForCausalLM": ("qwen2moe", False),
+    "MixtralForCausalLM": ("llama", True),
     "GraniteForCausalLM": ("granite", True),
 }
 
@@ -70,7 +81,7 @@ def write_gguf(model_dir: Path, path: Path, extra_metadata=None, tokenizer_model
     writer.add_block_count(config["num_hidden_layers"])
     writer.add_context_length(config["max_position_embeddings"])
     writer.add_embedding_length(hidden)
-    writer.add_feed_forward_length(config["intermediate_size"])
+    writer.add_feed_forward_length(config.get("intermediate_size") or 0)
     writer.add_head_count(heads)
     writer.add_head_count_kv(kv_heads)
     writer.add_key_length(head_dim)
@@ -100,13 +111,29 @@ def write_gguf(model_dir: Path, path: Path, extra_metadata=None, tokenizer_model
         writer.add_rope_scaling_orig_ctx_len(rope["original_max_position_embeddings"])
         writer.add_tensor("rope_factors_long.weight", np.array(rope["long_factor"], dtype=np.float32))
         writer.add_tensor("rope_factors_short.weight", np.array(rope["short_factor"], dtype=np.float32))
+    experts = config.get("num_experts") or config.get("num_local_experts")
+    if experts:
+        writer.add_expert_count(experts)
+        writer.add_expert_used_count(config["num_experts_per_tok"])
+        if config.get("moe_intermediate_size"):
+            writer.add_expert_feed_forward_length(config["moe_intermediate_size"])
+        if config.get("shared_expert_intermediate_size"):
+            writer.add_expert_shared_feed_forward_length(config["shared_expert_intermediate_size"])
+        if "norm_topk_prob" in config:
+            writer.add_expert_weights_norm(config["norm_topk_prob"])
     for key, value in (extra_metadata or {}).items():
         getattr(writer, f"add_{key}")(value)
     _add_tokenizer(writer, AutoTokenizer.from_pretrained(model_dir), config, tokenizer_model)
     tensors = load_file(model_dir / "model.safetensors")
     if arch == "phi3":
         tensors = _fuse_phi3(tensors)
+    tensors = _stack_experts(tensors)
     for name, data in tensors.items():
+        if ".ffn_" in name and name.endswith("_exps.weight"):  # already a GGUF name
+            writer.add_tensor(name, np.ascontiguousarray(data, dtype=np.float32))
+            continue
+        if name.endswith("shared_expert_gate.weight"):
+            data = data.reshape(-1)
         if permuted and name.endswith("q_proj.weight"):
             data = _permute(data, heads)
         elif permuted and name.endswith("k_proj.weight"):
@@ -119,6 +146,25 @@ def write_gguf(model_dir: Path, path: Path, extra_metadata=None, tokenizer_model
     writer.write_tensors_to_file()
     writer.close()
     return path
+
+
+def _stack_experts(tensors: dict) -> dict:
+    """Per-expert matrices stacked into one [experts, rows, cols] tensor each, as llama.cpp's
+    converter writes them (ffn_gate_exps, ffn_up_exps, ffn_down_exps)."""
+    import re
+
+    pattern = re.compile(r"^model\.layers\.(\d+)\.(?:mlp|block_sparse_moe)\.experts\.(\d+)\.(\w+)\.weight$")
+    stacks: dict[str, dict[int, np.ndarray]] = {}
+    out = {}
+    for name, data in tensors.items():
+        match = pattern.match(name)
+        if match:
+            stacks.setdefault(f"blk.{match[1]}.{EXPERT_PARTS[match[3]]}.weight", {})[int(match[2])] = data
+        else:
+            out[name] = data
+    for name, per_expert in stacks.items():
+        out[name] = np.stack([per_expert[e] for e in sorted(per_expert)])
+    return out
 
 
 def _fuse_phi3(tensors: dict) -> dict:

@@ -124,6 +124,42 @@ FAMILIES = {
             layer_types=["sliding_attention", "full_attention", "sliding_attention"],
         ),
     ),
+    # mixtures of experts: 8 experts, top-2 (renormalised) and top-8 (not), a dense layer among
+    # sparse ones (mlp_only_layers), Qwen2-MoE's shared expert, Mixtral
+    "qwen3-moe": (
+        "Qwen3MoeConfig",
+        "Qwen3MoeForCausalLM",
+        dict(head_dim=16, moe_intermediate_size=32, num_experts=8, num_experts_per_tok=2, norm_topk_prob=True),
+    ),
+    "qwen3-moe-top8": (
+        "Qwen3MoeConfig",
+        "Qwen3MoeForCausalLM",
+        dict(
+            head_dim=16,
+            moe_intermediate_size=32,
+            num_experts=8,
+            num_experts_per_tok=8,
+            norm_topk_prob=False,
+            num_hidden_layers=3,
+            mlp_only_layers=[1],
+        ),
+    ),
+    "qwen2-moe": (
+        "Qwen2MoeConfig",
+        "Qwen2MoeForCausalLM",
+        dict(
+            moe_intermediate_size=32,
+            shared_expert_intermediate_size=48,
+            num_experts=8,
+            num_experts_per_tok=2,
+            norm_topk_prob=False,
+        ),
+    ),
+    "mixtral": (
+        "MixtralConfig",
+        "MixtralForCausalLM",
+        dict(num_local_experts=8, num_experts_per_tok=2, sliding_window=None),
+    ),
     "phi3": (
         "Phi3Config",
         "Phi3ForCausalLM",

@@ -115,6 +115,32 @@ SHAPES = {
         eos_token_id=1,
         torch_dtype="bfloat16",
     ),
+    "qwen3-30b-a3b": dict(  # Qwen/Qwen3-30B-A3B: 128 experts of width 768, 8 a token (gpu_moe.py runs it)
+        architectures=["Qwen3MoeForCausalLM"],
+        model_type="qwen3_moe",
+        vocab_size=151936,
+        hidden_size=2048,
+        intermediate_size=6144,
+        moe_intermediate_size=768,
+        num_experts=128,
+        num_experts_per_tok=8,
+        norm_topk_prob=True,
+        decoder_sparse_step=1,
+        mlp_only_layers=[],
+        num_hidden_layers=48,
+        num_attention_heads=32,
+        num_key_value_heads=4,
+        head_dim=128,
+        attention_bias=False,
+        rms_norm_eps=1e-6,
+        rope_theta=1000000.0,
+        max_position_embeddings=40960,
+        hidden_act="silu",
+        tie_word_embeddings=False,
+        bos_token_id=151643,
+        eos_token_id=151645,
+        torch_dtype="bfloat16",
+    ),
 }
 NUM_REQUESTS, PROMPT_LEN, OUTPUT_LEN = 256, 512, 256
 ASYNC_SCHEDULING = [True]  # --no-async-scheduling sets it False for every stepserve engine
@@ -196,13 +222,13 @@ def stepserve_engine(model_dir: Path, shape: str, steps: int, **options):
     from stepserve.engine.builder import build_engine
 
     options.setdefault("async_scheduling", ASYNC_SCHEDULING[0])
+    options.setdefault("gpu_memory_utilization", 0.9)
     config = EngineConfig.from_kwargs(
         model=str(model_dir),
         max_model_len=MAX_MODEL_LEN,
         num_scheduler_steps=steps,
         max_num_seqs=256,
         max_num_batched_tokens=8192,
-        gpu_memory_utilization=0.9,
         **options,
     )
     core, _, info = build_engine(config, weights=random_weights(shape))
@@ -315,10 +341,11 @@ def profile(core, prompts, out: Path) -> None:
     print(text, flush=True)
 
 
-def decode_busy_share(core, prompts, passes: int = 6) -> dict:
+def decode_busy_share(core, prompts, passes: int = 6, kernels: list | None = None) -> dict:
     """Steady full-batch decode: wall time of ``passes`` steps against the kernel time the
     profiler records in them (CUDA activity only, so the host is not slowed): the share of the
-    time the GPU is busy, and what a step costs."""
+    time the GPU is busy, and what a step costs. ``kernels`` receives the profiler's per-kernel
+    averages."""
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
@@ -333,6 +360,7 @@ def decode_busy_share(core, prompts, passes: int = 6) -> dict:
         core.step()  # prefill until every request decodes
     for _ in range(2):
         core.step()
+    batch = len(sched.running)
     torch.cuda.synchronize()
     with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
         start = time.perf_counter()
@@ -345,10 +373,13 @@ def decode_busy_share(core, prompts, passes: int = 6) -> dict:
     while core.has_unfinished:
         core.step()
     averages = prof.key_averages()
+    if kernels is not None:
+        kernels.extend(averages)
     busy = sum(getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0)) for e in averages) / 1e6
     return {
         "passes": passes,
         "steps": steps,
+        "batch": batch,
         "wall_s": round(wall, 4),
         "kernel_s": round(busy, 4),
         "busy_share": round(busy / wall, 3),
@@ -473,6 +504,8 @@ def transformers_cb(model_dir: Path, shape: str, prompts) -> dict:
     torch.cuda.synchronize()
     elapsed = time.perf_counter() - start
     tokens = sum(len(o.generated_tokens) for o in outputs.values())
+    moe = SHAPES[shape].get("num_experts")
+    experts = getattr(model.config, "_experts_implementation", None) if moe else None  # grouped_mm or eager
     del model
     free_gpu()
     return {
@@ -480,6 +513,7 @@ def transformers_cb(model_dir: Path, shape: str, prompts) -> dict:
         "output_tokens": tokens,
         "out_tok_s": round(tokens / elapsed, 1),
         "version": transformers.__version__,
+        **({"experts_implementation": experts} if experts else {}),
     }
 
 

@@ -24,9 +24,13 @@ class AllReduced(nn.Module):
 
 
 def join_ranks(model: nn.Module, group) -> None:
-    """Make every decoder layer's o_proj and down_proj sum over the group (in place)."""
+    """Make every decoder layer's o_proj and down_proj (a mixture of experts: its whole output)
+    sum over the group (in place)."""
     if getattr(model, "native", None) is not None:
         model.native = None  # the one-call native CPU decode step (cpu_native) has no all-reduce
     for layer in model.layers:
         layer.self_attn.o_proj = AllReduced(layer.self_attn.o_proj, group)
-        layer.mlp.down_proj = AllReduced(layer.mlp.down_proj, group)
+        if hasattr(layer.mlp, "down_proj"):
+            layer.mlp.down_proj = AllReduced(layer.mlp.down_proj, group)
+        else:  # a mixture of experts: every expert's (and the shared expert's) down is row-parallel
+            layer.mlp = AllReduced(layer.mlp, group)

@@ -36,7 +36,7 @@ ZERO = "zero"  # a cut that reads nothing: this rank's copy is zeros (a row-para
 class Part:
     """One contiguous slice of a checkpoint tensor."""
 
-    dim: int  # 0: output rows (column-parallel), 1: input columns (row-parallel)
+    dim: int  # 0: output rows (column-parallel), 1: input columns (row-parallel); 1 and 2 for stacked experts
     start: int  # first row or column
     length: int  # how many
 
@@ -65,6 +65,15 @@ def check_tensor_parallel(size: int, cfg: DecoderConfig, quantization: str = "no
             f"tensor_parallel_size={size} must divide the model's intermediate_size "
             f"{cfg.intermediate_size}; use one of {_divisors(cfg.intermediate_size)}"
         )
+    moe = cfg.moe
+    for what, n in (
+        ("moe_intermediate_size", moe and moe.intermediate_size),
+        ("shared expert's width", moe and moe.shared_intermediate_size),
+    ):
+        if n and n % size:
+            raise ConfigError(
+                f"tensor_parallel_size={size} must divide the model's {what} {n}; use one of {_divisors(n)}"
+            )
     if quantization == "int4":
         for what, n in (
             ("attention width (heads x head_dim)", h * cfg.head_dim),
@@ -93,11 +102,19 @@ def shard_config(cfg: DecoderConfig, size: int) -> DecoderConfig:
     """The decoder one rank builds: its heads, its KV heads, its share of the intermediate."""
     if size == 1:
         return cfg
+    moe = cfg.moe
+    if moe is not None:  # each rank holds every expert, with its share of each one's inner width
+        moe = dataclasses.replace(
+            moe,
+            intermediate_size=moe.intermediate_size // size,
+            shared_intermediate_size=moe.shared_intermediate_size // size,
+        )
     return dataclasses.replace(
         cfg,
         num_heads=cfg.num_heads // size,
         num_kv_heads=max(1, cfg.num_kv_heads // size),
         intermediate_size=cfg.intermediate_size // size,
+        moe=moe,
     )
 
 
@@ -116,6 +133,8 @@ def cut(name: str, cfg: DecoderConfig, rank: int, size: int) -> tuple[Part, ...]
         return None
     module, kind = name.split(".")[-2:]
     hd, inter = cfg.head_dim, cfg.intermediate_size
+    if ".experts." in name or ".shared_expert." in name:
+        return _expert_cut(name, cfg, rank, size)
     q_per = cfg.num_heads // size * hd
     kv_first, kv_count = _kv_heads(cfg, rank, size)
     q = Part(0, rank * q_per, q_per)
@@ -140,6 +159,24 @@ def cut(name: str, cfg: DecoderConfig, rank: int, size: int) -> tuple[Part, ...]
     return None
 
 
+def _expert_cut(name: str, cfg: DecoderConfig, rank: int, size: int) -> tuple[Part, ...]:
+    """An expert's (or the shared expert's) matrices split as a dense MLP's: gate and up by rows
+    of the inner width, down by its columns. transformers 5's stacked layout ([E, 2I, H] and
+    [E, H, I]) is cut along the same axes, one further in."""
+    inner = cfg.moe.shared_intermediate_size if ".shared_expert." in name else cfg.moe.intermediate_size
+    share = inner // size
+    module = name.split(".")[-2] if name.endswith((".weight", ".bias")) else name.split(".")[-1]
+    if module in ("gate_proj", "up_proj", "w1", "w3"):
+        return (Part(0, rank * share, share),)
+    if module in ("down_proj", "w2") and name.endswith(".weight"):
+        return (Part(1, rank * share, share),)
+    if module == "gate_up_proj":  # stacked: [E, 2I, H]
+        return Part(1, rank * share, share), Part(1, inner + rank * share, share)
+    if module == "down_proj":  # stacked: [E, H, I]
+        return (Part(2, rank * share, share),)
+    raise ConfigError(f"cannot split the expert weight {name!r} over tensor-parallel ranks")
+
+
 def take(tensor: torch.Tensor, parts: tuple[Part, ...] | str | None) -> torch.Tensor:
     import torch
 
@@ -158,7 +195,5 @@ def take_slice(get_slice: Callable[[], object], get_tensor: Callable[[], torch.T
     if parts is None or parts == ZERO:
         return take(get_tensor(), parts)
     view = get_slice()
-    pieces = [
-        view[p.start : p.start + p.length] if p.dim == 0 else view[:, p.start : p.start + p.length] for p in parts
-    ]
+    pieces = [view[(slice(None),) * p.dim + (slice(p.start, p.start + p.length),)] for p in parts]
     return torch.cat(pieces, dim=parts[0].dim)

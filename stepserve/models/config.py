@@ -126,8 +126,20 @@ def _compressed_tensors(quant: dict) -> Fp8Format:
 
 
 @dataclass(frozen=True)
+class MoEConfig:
+    """A mixture-of-experts MLP (``moe.SparseMoE``): which layers have one, and its shape."""
+
+    num_experts: int
+    top_k: int  # experts per token
+    intermediate_size: int  # each expert's inner width
+    renormalize: bool  # the top-k weights divided by their sum (norm_topk_prob; always for Mixtral)
+    sparse_layers: tuple[bool, ...]  # per layer: the MoE block (True) or the dense MLP
+    shared_intermediate_size: int = 0  # Qwen2-MoE's shared expert (0: none)
+
+
+@dataclass(frozen=True)
 class DecoderConfig:
-    """Everything that shapes a dense decoder's maths."""
+    """Everything that shapes a decoder's maths (its MLPs dense, or mixtures of experts)."""
 
     architecture: str  # config.json's architectures[0]
     vocab_size: int
@@ -157,6 +169,7 @@ class DecoderConfig:
     residual_scale: float = 1.0  # each branch times this before the residual add (Granite)
     logits_divisor: float = 1.0  # logits divided by this (Granite's logits_scaling)
     fused_checkpoint: bool = False  # the checkpoint stores qkv_proj and gate_up_proj fused (Phi-3)
+    moe: MoEConfig | None = None  # mixture-of-experts layers (Qwen3-MoE, Qwen2-MoE, Mixtral)
 
     @property
     def all_windowed(self) -> bool:
@@ -211,7 +224,7 @@ def base_fields(hf: dict, arch: str, max_model_len: int) -> dict:
         architecture=arch,
         vocab_size=hf["vocab_size"],
         hidden_size=hf["hidden_size"],
-        intermediate_size=hf["intermediate_size"],
+        intermediate_size=hf.get("intermediate_size") or 0,
         num_layers=layers,
         num_heads=heads,
         num_kv_heads=hf.get("num_key_value_heads") or heads,

@@ -152,8 +152,13 @@ def cpu_has_bf16() -> bool:
 
 
 def pack_linears(model: nn.Module, dtype: torch.dtype, int4: bool, native: bool = False) -> None:
-    """Replace every ``nn.Linear`` in ``model`` by a ``CpuLinear`` (in place)."""
+    """Replace every ``nn.Linear`` in ``model`` by a ``CpuLinear`` (in place). A module's
+    ``ROUTERS`` (a mixture's router and shared-expert gate) are never int4: their few outputs
+    pick the experts. Nor is a projection whose shape int4 packing cannot take (outputs in
+    sixteens, inputs in whole groups): it stays in ``dtype``."""
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if isinstance(child, nn.Linear):
-                setattr(parent, name, CpuLinear(child.weight, child.bias, dtype, int4, native))
+                fits = child.out_features % 16 == 0 and child.in_features % GROUP == 0
+                quantized = int4 and fits and name not in getattr(parent, "ROUTERS", ())
+                setattr(parent, name, CpuLinear(child.weight, child.bias, dtype, quantized, native and quantized))

@@ -6,6 +6,7 @@ A family file (``llama.py``, ``qwen.py``, ``gemma.py``, ``phi3.py``, ``granite.p
 
 from __future__ import annotations
 
+import re
 
 import torch
 import torch.nn.functional as F
@@ -14,6 +15,7 @@ from torch import nn
 from stepserve.attention.base import AttentionBackend, AttentionMetadata
 from stepserve.config import ConfigError
 from stepserve.models.layers import DecoderLayer, RMSNorm
+from stepserve.models.moe import SparseMoE
 from stepserve.models.config import DecoderConfig
 from stepserve.models.rope import Rotary
 
@@ -36,7 +38,10 @@ class DecoderForCausalLM(nn.Module):
         self.embed_tokens = nn.Embedding(
             cfg.vocab_size, cfg.hidden_size, _weight=torch.empty(cfg.vocab_size, cfg.hidden_size)
         )
-        self.layers = nn.ModuleList(DecoderLayer(cfg, w) for w in cfg.layer_windows)
+        sparse = cfg.moe.sparse_layers if cfg.moe is not None else (False,) * cfg.num_layers
+        self.layers = nn.ModuleList(
+            DecoderLayer(cfg, w, SparseMoE(cfg) if s else None) for w, s in zip(cfg.layer_windows, sparse)
+        )
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.norm_offset)
         self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.rotary = Rotary(cfg.rope, max_positions)
@@ -91,6 +96,9 @@ class DecoderForCausalLM(nn.Module):
             and cpu_native.library() is not None
         )
         pack_linears(self.layers, dtype, int4, native)
+        for layer in self.layers:  # a mixture's stacked experts run in PyTorch, in the packed dtype
+            if isinstance(layer.mlp, SparseMoE):
+                layer.mlp.w13.data, layer.mlp.w2.data = layer.mlp.w13.data.to(dtype), layer.mlp.w2.data.to(dtype)
         head = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
         self.packed_head = (
             cpu_native.BlockWeight.q8_0(head, torch.float32) if native else CpuLinear(head, None, dtype, int4=False)
@@ -111,7 +119,8 @@ class DecoderForCausalLM(nn.Module):
 
     def load_weights(self, weights) -> set[str]:
         """Copy ``(hf_name, tensor)`` pairs into the parameters; returns the ``name#shard``
-        keys filled (shard None: the whole parameter, as a fused checkpoint stores it)."""
+        keys filled (shard None: the whole parameter, as a fused checkpoint stores it; an
+        expert's slice of the stacked MoE weights is ``w13#expert.part`` or ``w2#expert``)."""
         params = dict(self.named_parameters())
         sizes = self._shard_sizes()
         loaded = set()
@@ -119,19 +128,18 @@ class DecoderForCausalLM(nn.Module):
             name = name.removeprefix("model.")
             if "rotary_emb" in name:
                 continue
-            target, shard = name, None
-            for src, dst, idx in self.STACKED:
-                if f".{src}." in name:
-                    target, shard = name.replace(f".{src}.", f".{dst}."), idx
-                    break
+            target, shard = _expert_target(name)
+            if target is None:
+                target, shard = name, None
+                for src, dst, idx in self.STACKED:
+                    if f".{src}." in name:
+                        target, shard = name.replace(f".{src}.", f".{dst}."), idx
+                        break
             if target == "lm_head.weight" and self.lm_head is None:
                 continue  # tied: the embedding is the head
             if target not in params:
                 raise ConfigError(f"unexpected weight {name!r} in the checkpoint")
-            dest = params[target].data
-            if shard is not None:
-                split = sizes[target.split(".")[-2]]
-                dest = dest.narrow(0, sum(split[:shard]), split[shard])
+            dest = _shard_of(params[target].data, target, shard, sizes)
             if dest.shape != tensor.shape:
                 raise ConfigError(f"weight {name!r} has shape {tuple(tensor.shape)}, expected {tuple(dest.shape)}")
             dest.copy_(tensor)
@@ -141,9 +149,51 @@ class DecoderForCausalLM(nn.Module):
     def missing_weights(self, loaded: set[str]) -> list[str]:
         """Parameters the checkpoint did not fill (a fused one counts when whole or all shards came)."""
         missing = []
-        for name, _ in self.named_parameters():
-            shards = [idx for _, dst, idx in self.STACKED if f".{dst}." in name]
+        for name, param in self.named_parameters():
+            if name.endswith((".mlp.w13", ".mlp.w2")):
+                parts = (0, 1) if name.endswith("w13") else (None,)
+                shards = [f"{e}.{p}" if p is not None else str(e) for e in range(param.shape[0]) for p in parts]
+            else:
+                shards = [idx for _, dst, idx in self.STACKED if f".{dst}." in name]
             whole = f"{name}#None" in loaded
             if not whole and not (shards and all(f"{name}#{i}" in loaded for i in shards)):
                 missing.append(name)
         return missing
+
+
+# A checkpoint's per-expert matrices -> the stacked MoE parameters: (source, part of w13 or None for w2).
+_EXPERT_PARTS = {"gate_proj": 0, "up_proj": 1, "down_proj": None, "w1": 0, "w3": 1, "w2": None}
+_EXPERT_NAME = re.compile(r"^(layers\.\d+)\.(?:mlp|block_sparse_moe)\.experts\.(\d+)\.(\w+)\.weight$")
+_FUSED_EXPERTS = re.compile(r"^(layers\.\d+)\.mlp\.experts\.(gate_up_proj|down_proj)$")  # transformers 5's layout
+
+
+def _expert_target(name: str) -> tuple[str | None, str | None]:
+    """(parameter, shard) of an expert weight or a router (Mixtral's renamed); (None, None) otherwise."""
+    name = name.replace(".block_sparse_moe.gate.", ".mlp.gate.")
+    match = _EXPERT_NAME.match(name)
+    if match and match[3] in _EXPERT_PARTS:
+        part = _EXPERT_PARTS[match[3]]
+        if part is None:
+            return f"{match[1]}.mlp.w2", match[2]
+        return f"{match[1]}.mlp.w13", f"{match[2]}.{part}"
+    match = _FUSED_EXPERTS.match(name)
+    if match:
+        return f"{match[1]}.mlp.{'w13' if match[2] == 'gate_up_proj' else 'w2'}", None
+    return (name, None) if name.endswith(".mlp.gate.weight") else (None, None)  # a router
+
+
+def _shard_of(dest: torch.Tensor, target: str, shard, sizes: dict) -> torch.Tensor:
+    """The slice of ``dest`` a checkpoint tensor fills."""
+    if shard is None:
+        return dest
+    if target.endswith(".mlp.w13"):
+        expert, part = (int(x) for x in shard.split("."))
+        inner = dest.shape[1] // 2
+        return dest[expert].narrow(0, part * inner, inner)
+    if target.endswith(".mlp.w2"):
+        return dest[int(shard)]
+    if target.endswith("gate_up_proj.weight") or target.endswith("gate_up_proj.bias"):
+        inner = dest.shape[0] // 2  # the dense MLP's or a shared expert's own width
+        return dest.narrow(0, shard * inner, inner)
+    split = sizes[target.split(".")[-2]]
+    return dest.narrow(0, sum(split[:shard]), split[shard])

@@ -7,9 +7,11 @@ copy bandwidth (docs/benchmarks.md). It keeps activations in
 bf16 (no activation quantization) and reads each weight byte once for all rows.
 
 Every projection of the decoder layers becomes an ``Fp8Linear`` (but one with a dimension that
-is no multiple of 16, which ``_scaled_mm`` cannot take: it stays, and the load says so); the embedding, the norms and
-the LM head stay in the model dtype (the head sets the logits that sampling reads, and it is
-one matrix of 33: as vLLM does, it is left unquantized).
+is no multiple of 16, which ``_scaled_mm`` cannot take: it stays, and the load says so); the
+embedding, the norms and the LM head stay in the model dtype (the head sets the logits that
+sampling reads, and it is one matrix of 33: as vLLM does, it is left unquantized). A mixture of
+experts' stacked weights become e4m3 with per-expert, per-channel scales, read by the fused MoE
+kernel; its router stays in the model dtype, as vLLM leaves it.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import logging
 import torch
 from torch import nn
 
+from stepserve.models.moe import SparseMoE
 from stepserve.kernels.triton.fp8 import FP8, FP8_MAX, GEMV_MAX_ROWS, fp8_gemv, quantize_rows, quantize_weight  # noqa: F401 - FP8 and FP8_MAX for the layer's users
 
 log = logging.getLogger("stepserve")
@@ -55,6 +58,18 @@ class Fp8Linear(nn.Module):
         return y.view(*lead, self.out_features)
 
 
+def quantize_experts(moe: SparseMoE) -> None:
+    """A mixture's stacked expert weights in e4m3 with one scale per expert and output channel
+    (the fused MoE kernel dequantizes them as it reads them)."""
+    for name in ("w13", "w2"):
+        w = getattr(moe, name)
+        experts, rows, cols = w.shape
+        q, scale = quantize_weight(w.data.reshape(experts * rows, cols))
+        setattr(moe, name, nn.Parameter(q.view(experts, rows, cols), requires_grad=False))
+        setattr(moe, f"{name}_scale", scale.view(experts, rows))
+        del w
+
+
 def fp8_shape_ok(linear: nn.Linear) -> bool:
     """``_scaled_mm`` needs both dimensions to be multiples of 16 (every projection of the
     families served has them; a checkpoint with an odd one keeps that projection in bf16)."""
@@ -67,7 +82,12 @@ def quantize_fp8(model: nn.Module) -> list[str]:
     in the model dtype (see ``fp8_shape_ok``), and logs them."""
     kept = []
     for i, layer in enumerate(model.layers):
-        for part, parent in (("self_attn", layer.self_attn), ("mlp", layer.mlp)):
+        parents = [("self_attn", layer.self_attn), ("mlp", layer.mlp)]
+        if isinstance(layer.mlp, SparseMoE):  # the experts as stacked e4m3; the router stays
+            quantize_experts(layer.mlp)
+            shared = layer.mlp.shared_expert
+            parents[1:] = [("mlp.shared_expert", shared)] if shared is not None else []
+        for part, parent in parents:
             for name, child in list(parent.named_children()):
                 if not isinstance(child, nn.Linear):
                     continue

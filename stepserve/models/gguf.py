@@ -39,6 +39,16 @@ _GEMMA_LAYER_NAMES = _LAYER_NAMES | {
     "post_ffw_norm": "post_feedforward_layernorm",
 }
 _TOP_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
+# A mixture of experts: the router, the experts stacked in one tensor each (split per expert as a
+# transformers checkpoint names them), Qwen2-MoE's shared expert and its gate.
+_MOE_NAMES = {
+    "ffn_gate_inp": "mlp.gate",
+    "ffn_gate_shexp": "mlp.shared_expert.gate_proj",
+    "ffn_up_shexp": "mlp.shared_expert.up_proj",
+    "ffn_down_shexp": "mlp.shared_expert.down_proj",
+    "ffn_gate_inp_shexp": "mlp.shared_expert_gate",
+}
+_STACKED_EXPERTS = {"ffn_gate_exps": "gate_proj", "ffn_up_exps": "up_proj", "ffn_down_exps": "down_proj"}
 
 
 @dataclass(frozen=True)
@@ -57,6 +67,8 @@ ARCHITECTURES = {
     "qwen3": _Arch("Qwen3ForCausalLM", "qwen3", False),
     "gemma2": _Arch("Gemma2ForCausalLM", "gemma2", False, True, _GEMMA_LAYER_NAMES),
     "gemma3": _Arch("Gemma3ForCausalLM", "gemma3_text", False, True, _GEMMA_LAYER_NAMES),
+    "qwen2moe": _Arch("Qwen2MoeForCausalLM", "qwen2_moe", False),
+    "qwen3moe": _Arch("Qwen3MoeForCausalLM", "qwen3_moe", False),
     "phi3": _Arch("Phi3ForCausalLM", "phi3", False),
     "granite": _Arch("GraniteForCausalLM", "granite", True),
 }
@@ -75,6 +87,8 @@ class GgufFile:
             raise ConfigError(f"GGUF architecture {name!r} is not supported; supported: {', '.join(ARCHITECTURES)}")
         self.arch_name, self.arch = name, ARCHITECTURES[name]
         self.tensors = {t.name: t for t in self.reader.tensors}
+        if name == "llama" and self._meta("expert_count"):  # llama.cpp writes Mixtral as llama with experts
+            self.arch = _Arch("MixtralForCausalLM", "mixtral", True)
 
     def _field(self, key: str, default=None):
         field = self.reader.fields.get(key)
@@ -105,9 +119,7 @@ class GgufFile:
             "bos_token_id": self._field("tokenizer.ggml.bos_token_id"),
             "eos_token_id": self._field("tokenizer.ggml.eos_token_id"),
         }
-        experts = self._meta("expert_count")
-        if experts:
-            raise ConfigError(f"GGUF {self.arch_name}.expert_count={experts} (a mixture of experts) is not supported")
+        config.update(self._experts())
         config.update(self._rope(head_dim))
         config.update(self._family_config(config))
         linear_types = collections.Counter(
@@ -116,6 +128,30 @@ class GgufFile:
         if linear_types:
             config["gguf_linear_type"] = linear_types.most_common(1)[0][0]  # what quantization=auto reads
         return config
+
+    def _experts(self) -> dict:
+        """A mixture's shape, as the family's config.json spells it (llama.cpp weighs Qwen3-MoE's
+        and Mixtral's top-k renormalised, Qwen2-MoE's not)."""
+        experts = self._meta("expert_count")
+        if not experts:
+            return {}
+        if self.arch.hf_name not in ("Qwen3MoeForCausalLM", "Qwen2MoeForCausalLM", "MixtralForCausalLM"):
+            raise ConfigError(
+                f"GGUF {self.arch_name}.expert_count={experts}: a mixture of experts is not supported here"
+            )
+        out = {
+            "num_experts": experts,
+            "num_local_experts": experts,
+            "num_experts_per_tok": self._meta("expert_used_count"),
+            "norm_topk_prob": bool(self._meta("expert_weights_norm", self.arch.hf_name != "Qwen2MoeForCausalLM")),
+        }
+        inner = self._meta("expert_feed_forward_length")
+        if inner:
+            out["moe_intermediate_size"] = inner
+        shared = self._meta("expert_shared_feed_forward_length")
+        if shared:
+            out["shared_expert_intermediate_size"] = shared
+        return out
 
     def _rope(self, head_dim: int) -> dict:
         """rope.dimension_count (partial rotary) and rope.scaling.* as config.json spells them."""
@@ -202,7 +238,7 @@ class GgufFile:
     def _hf_name(self, gguf_name: str) -> str | None:
         parts = gguf_name.split(".")
         if parts[0] == "blk":
-            layer_part = (self.arch.layer_names or _LAYER_NAMES).get(parts[2])
+            layer_part = ((self.arch.layer_names or _LAYER_NAMES) | _MOE_NAMES).get(parts[2])
             if self.arch_name == "phi3" and parts[2] == "ffn_up":
                 layer_part = "mlp.gate_up_proj"  # llama.cpp keeps Phi-3's fused gate_up as ffn_up
             return layer_part and f"model.layers.{parts[1]}.{layer_part}.{parts[-1]}"
@@ -219,6 +255,16 @@ class GgufFile:
         for tensor in self.reader.tensors:
             if tensor.name.startswith("rope_factors_"):
                 continue  # read into the config
+            parts = tensor.name.split(".")
+            if parts[0] == "blk" and parts[2] in _STACKED_EXPERTS:
+                data = self._tensor(tensor.name)  # [experts, rows, cols]
+                prefix = f"model.layers.{parts[1]}.mlp.experts"
+                for expert in range(data.shape[0]):
+                    yield (
+                        f"{prefix}.{expert}.{_STACKED_EXPERTS[parts[2]]}.weight",
+                        torch.from_numpy(np.array(data[expert], dtype=np.float32)),
+                    )
+                continue
             name = self._hf_name(tensor.name)
             if name is None:
                 raise ConfigError(f"unexpected tensor {tensor.name!r} in {self.path.name}")
@@ -229,6 +275,8 @@ class GgufFile:
                 data = _unpermute(data, config["num_key_value_heads"])
             elif self.arch.norm_plus_one and name.endswith("norm.weight"):
                 data = data - 1.0
+            elif name.endswith("shared_expert_gate.weight"):
+                data = data.reshape(1, -1)  # llama.cpp stores the [1, hidden] gate as a vector
             yield name, torch.from_numpy(np.array(data, dtype=np.float32))  # a writable copy of the mmap
 
 

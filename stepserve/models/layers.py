@@ -94,10 +94,11 @@ class Attention(nn.Module):
 class GatedMLP(nn.Module):
     """``down(act(gate(x)) * up(x))`` with gate and up in one matmul."""
 
-    def __init__(self, cfg: DecoderConfig) -> None:
+    def __init__(self, cfg: DecoderConfig, intermediate_size: int | None = None) -> None:
         super().__init__()
-        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=cfg.mlp_bias)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
+        inner = intermediate_size or cfg.intermediate_size
+        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * inner, bias=cfg.mlp_bias)
+        self.down_proj = nn.Linear(inner, cfg.hidden_size, bias=cfg.mlp_bias)
         self.activation = cfg.activation
         self.act = ACTIVATIONS[cfg.activation]
 
@@ -114,7 +115,7 @@ class DecoderLayer(nn.Module):
     """Pre-norm attention and MLP; with ``sandwich_norms`` each output is normed again before
     the residual add (Gemma 2/3: ``post_attention``, ``pre_feedforward``, ``post_feedforward``)."""
 
-    def __init__(self, cfg: DecoderConfig, window: int) -> None:
+    def __init__(self, cfg: DecoderConfig, window: int, mlp: nn.Module | None = None) -> None:
         super().__init__()
         eps, offset = cfg.rms_norm_eps, cfg.norm_offset
         self.input_layernorm = RMSNorm(cfg.hidden_size, eps, offset)
@@ -122,7 +123,7 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, eps, offset)
         self.pre_feedforward_layernorm = RMSNorm(cfg.hidden_size, eps, offset) if cfg.sandwich_norms else None
         self.post_feedforward_layernorm = RMSNorm(cfg.hidden_size, eps, offset) if cfg.sandwich_norms else None
-        self.mlp = GatedMLP(cfg)
+        self.mlp = mlp if mlp is not None else GatedMLP(cfg)  # a mixture of experts (moe.SparseMoE) where given
         self.residual_scale = cfg.residual_scale
 
     def forward(self, x, residual, rope, kv_cache, meta, backend):

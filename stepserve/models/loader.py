@@ -146,7 +146,7 @@ def fill_dummy(model: DecoderForCausalLM, seed: int) -> None:
             param.fill_(1.0)
         else:
             gen.manual_seed(seed * 100003 + k)
-            for rows in param.split(8192):  # float32 scratch of a slice, not of the whole table
+            for rows in param.view(-1, param.shape[-1]).split(8192):  # float32 scratch of a slice, not of a table
                 rows.copy_(torch.randn(rows.shape, generator=gen, device=rows.device, dtype=torch.float32).mul_(0.02))
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from stepserve.config import ConfigError
-from stepserve.models import gemma, granite, llama, phi3, qwen
+from stepserve.models import gemma, granite, llama, moe_families, phi3, qwen
 from stepserve.models.config import DecoderConfig
 
 FAMILIES: dict[str, Callable[[dict, str, int], DecoderConfig]] = {
@@ -21,6 +21,9 @@ FAMILIES: dict[str, Callable[[dict, str, int], DecoderConfig]] = {
     "Gemma3ForCausalLM": gemma.gemma3,
     "Phi3ForCausalLM": phi3.phi3,
     "GraniteForCausalLM": granite.granite,
+    "Qwen3MoeForCausalLM": moe_families.qwen3_moe,
+    "Qwen2MoeForCausalLM": moe_families.qwen2_moe,
+    "MixtralForCausalLM": moe_families.mixtral,
 }
 SUPPORTED_ARCHITECTURES = tuple(FAMILIES)
 

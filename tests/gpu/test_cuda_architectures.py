@@ -13,6 +13,7 @@ from tiny_models import write_tiny_family
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 FAMILIES = ["mistral", "qwen2-window", "qwen3", "gemma2", "gemma3", "gemma3-hd256", "phi3", "granite"]
+FAMILIES += ["qwen3-moe", "qwen3-moe-top8", "qwen2-moe", "mixtral"]  # the fused MoE kernel, in graphs too
 PROMPTS = [[(7 * i + j) % 250 + 3 for j in range(5 + 13 * i)] for i in range(8)]  # 5..96 tokens
 
 

@@ -74,6 +74,7 @@ def reference(model_dir, prompt_ids: list[list[int]]) -> tuple[list[list[int]], 
 
 
 FAMILIES = ["mistral", "qwen2-window", "qwen3", "gemma2", "gemma3", "gemma3-hd256", "phi3", "granite"]
+FAMILIES += ["qwen3-moe", "qwen3-moe-top8", "qwen2-moe", "mixtral"]
 
 
 @pytest.mark.parametrize("steps", [1, 8])
@@ -147,3 +148,11 @@ def test_load_model_from_a_bare_source(family_dir):
     source = resolve_source(str(family_dir("qwen3")))
     model = load_model(source, read_hf_config(source), torch.float32, torch.device("cpu"), max_positions=64)
     assert model.cfg.qk_norm and model.layers[0].self_attn.q_norm is not None
+
+
+def test_a_mixture_runs_in_bfloat16_with_int4_projections(family_dir):
+    """The CPU's int4 path packs the attention and dense projections and leaves the routers and
+    the stacked experts in bfloat16: a mixture runs there and writes every token it is asked for."""
+    llm = LLM(model=str(family_dir("qwen2-moe")), max_model_len=128, dtype="bfloat16", quantization="int4")
+    out = llm.generate([list(b"Hello")], SamplingParams(temperature=0, max_tokens=12, ignore_eos=True))[0].outputs[0]
+    assert (len(out.token_ids), out.finish_reason) == (12, "length")

@@ -38,7 +38,7 @@ def greedy(model: str, **options) -> list[list[int]]:
     return [o.outputs[0].token_ids for o in llm.generate(PROMPTS, PARAMS)]
 
 
-@pytest.mark.parametrize("family", ["qwen3", "gemma2", "gemma3", "phi3"])
+@pytest.mark.parametrize("family", ["qwen3", "gemma2", "gemma3", "phi3", "qwen3-moe", "qwen2-moe", "mixtral"])
 def test_gguf_equals_safetensors(family, tmp_path):
     model_dir = write_tiny_family(tmp_path / family, family, seed=5)
     path = write_gguf(model_dir, tmp_path / f"{family}.gguf")

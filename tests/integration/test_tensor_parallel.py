@@ -1,9 +1,9 @@
 """Tensor parallelism on CPU with gloo, 2 ranks (the NCCL path is the same code with another
 backend, and was not run here): greedy tokens with TP=2 equal TP=1's and transformers', single-
 and multi-step, for the families whose sharding differs (q/k/v bias, fused qkv/gate_up, q/k norm
-with tied embeddings, replicated KV heads); a served request through ``stepserve serve
---tensor-parallel-size 2``; and a killed rank, or a killed rank 0, bringing the group back whole
-with no rank left behind."""
+with tied embeddings, replicated KV heads, mixtures of experts with and without a shared
+expert); a served request through ``stepserve serve --tensor-parallel-size 2``; and a killed
+rank, or a killed rank 0, bringing the group back whole with no rank left behind."""
 
 from __future__ import annotations
 
@@ -91,6 +91,10 @@ CASES = {  # name -> (writer: (engine's model, transformers' directory), schedul
     "qwen2-qkv-bias": (lambda d: (write_tiny_model(d, "qwen2", seed=1),) * 2, 1),
     "phi3-gguf-fused-qkv-gate-up": (phi3_gguf, 8),
     "gemma3-qk-norm-tied": (lambda d: (write_tiny_family(d, "gemma3", seed=4),) * 2, 8),
+    # mixtures of experts: each rank holds every expert's share of its inner width
+    "qwen3-moe": (lambda d: (write_tiny_family(d, "qwen3-moe", seed=4),) * 2, 8),
+    "qwen2-moe-shared-expert": (lambda d: (write_tiny_family(d, "qwen2-moe", seed=4),) * 2, 1),
+    "mixtral": (lambda d: (write_tiny_family(d, "mixtral", seed=4),) * 2, 8),
 }  # the served test below covers Llama with replicated KV heads
 
 

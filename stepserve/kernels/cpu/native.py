@@ -243,6 +243,7 @@ def unsupported(cfg) -> str | None:
         "biases": cfg.qkv_bias or cfg.o_bias or cfg.mlp_bias,
         "activation": cfg.activation != "silu",
         "qk_norm": cfg.qk_norm,
+        "mixture of experts": getattr(cfg, "moe", None) is not None,
         "norm_offset": cfg.norm_offset,
         "sandwich_norms": cfg.sandwich_norms,
         "local_rope": cfg.local_rope is not None,

@@ -1,0 +1,407 @@
+"""The fused mixture-of-experts kernel: ``fused_moe`` computes, for every token ``t``,
+``sum_k weights[t, k] * w2[e] @ (silu(g) * u)`` with ``[g; u] = w13[e] @ x[t]``, ``e = ids[t, k]``.
+Its PyTorch twin, the semantics, is ``models/moe.py``'s ``experts_reference``.
+
+Four steps, every one on the device and sized by shapes alone (no host sync, no shape that
+depends on the routing), so a CUDA graph captured for a decode batch stays valid for any routing:
+
+- ``align``: the ``T * K`` token copies grouped by expert, each group padded to a multiple of
+  ``block_m`` (``Alignment``). Buffers and grids are sized by the bound
+  ``T*K + min(E, T*K) * (block_m - 1)``; M-blocks past the padded total are marked -1 and their
+  programs return at once.
+- GEMM 1: each M-block's rows (token copies of one expert) times that expert's ``w13``, the gate
+  and up tiles of the same columns in two accumulators, ``silu(gate) * up`` in the epilogue.
+- GEMM 2: the result times the expert's ``w2``, each row stored at its copy's place ``t*K + k``.
+- a reduction: ``out[t] = sum_k weights[t, k] * copy[t, k]`` in float32, in a fixed order (no
+  atomics), so the output does not depend on the order of the copies within a group.
+
+Rounding follows the reference: gate, up, ``silu(gate)``, the product and each expert's output
+are rounded to the activations' dtype; the weighted sum is float32, rounded once. FP8 weights
+(e4m3, one float32 scale per expert and output channel) are widened to the activations' dtype
+as they are loaded, and the accumulator is multiplied by the channel's scale.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+FP8 = torch.float8_e4m3fn
+ACTIVATION_DTYPES = (torch.bfloat16, torch.float16, torch.float32)  # float32: tests
+ALIGN_BLOCK = 1024  # token copies per program of the counting and scattering kernels
+
+
+@dataclass(frozen=True)
+class MoeConfig:
+    """Tiles of both grouped GEMMs: one config for the pair, GEMM 2's K being GEMM 1's N."""
+
+    block_m: int  # token copies per tile; each expert's group is padded to a multiple of it
+    block_n: int  # output columns per tile (GEMM 1: of gate and of up each)
+    block_k: int  # reduction step
+    group_m: int  # M-blocks whose programs walk the N-blocks together, sharing weight tiles in L2
+    num_warps: int
+    num_stages: int
+
+
+def moe_config(tokens: int, top_k: int, experts: int, hidden: int, inner: int, dtype: torch.dtype) -> MoeConfig:
+    """The tiles for a call, chosen by the token copies per expert ``T*K/E`` (fixed choices, no
+    autotuning: autotune would benchmark again inside a CUDA graph capture).
+
+    Few copies per expert (decode) make the GEMMs weight-bound: 16-row tiles, which waste least
+    on padding, and long K steps that stream the weights. Many (prefill) make them compute-bound:
+    64- or 128-row tiles that reuse each weight tile across more tokens. The tiers follow
+    vLLM's tuned H100/H200 tables for 128 experts (whose N counts gate and up together, so
+    their 128 is our 64). Tiles shrink to the problem for small test shapes; float32 (tests)
+    keeps two pipeline stages, as its tiles take twice the shared memory."""
+    per_expert = tokens * top_k / experts
+    if per_expert <= 8:
+        cfg = MoeConfig(16, 64, 128, 1, 4, 3)
+    elif per_expert <= 32:
+        cfg = MoeConfig(32, 64, 128, 8, 4, 3)
+    elif per_expert <= 64:
+        cfg = MoeConfig(64, 64, 64, 8, 4, 3)
+    else:
+        cfg = MoeConfig(128, 128, 64, 16, 8, 4)
+    fit = max(16, triton.next_power_of_2(min(hidden, inner)))  # tl.dot takes 16 at least
+    return MoeConfig(
+        block_m=cfg.block_m,
+        block_n=min(cfg.block_n, fit),
+        block_k=min(cfg.block_k, fit),
+        group_m=cfg.group_m,
+        num_warps=cfg.num_warps,
+        num_stages=2 if dtype == torch.float32 else cfg.num_stages,
+    )
+
+
+@dataclass(frozen=True)
+class Alignment:
+    """The token copies grouped by expert, on the device, sized by the bound (not the routing)."""
+
+    sorted_ids: torch.Tensor  # [num_blocks * block_m] int32: copy ``t*K + k`` per row; padding: T*K
+    block_expert: torch.Tensor  # [num_blocks] int32: the expert of each M-block; -1 past the padded total
+
+
+@triton.jit
+def _count_kernel(ids_ptr, counts_ptr, num_copies, BLOCK: tl.constexpr):
+    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = i < num_copies
+    expert = tl.load(ids_ptr + i, mask=mask, other=0)
+    tl.atomic_add(counts_ptr + expert, 1, mask=mask)
+
+
+@triton.jit
+def _offsets_kernel(
+    counts_ptr,
+    cursor_ptr,
+    sorted_ptr,
+    block_expert_ptr,
+    num_experts,
+    num_copies,
+    num_blocks,
+    BLOCK_M: tl.constexpr,
+    EXPERTS_PAD: tl.constexpr,
+    BLOCKS: tl.constexpr,
+):
+    e = tl.arange(0, EXPERTS_PAD)
+    e_mask = e < num_experts
+    count = tl.load(counts_ptr + e, mask=e_mask, other=0)
+    padded = (count + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+    end = tl.cumsum(padded, 0)
+    start = end - padded
+    tl.store(cursor_ptr + e, start, mask=e_mask)  # where the scatter places each group's first copy
+    for j in range(BLOCK_M):  # the padding rows of each group point past the last copy
+        tl.store(sorted_ptr + start + count + j, num_copies, mask=e_mask & (count + j < padded))
+    total = tl.sum(padded, 0)
+    for first in range(0, num_blocks, BLOCKS):
+        b = first + tl.arange(0, BLOCKS)
+        row = b * BLOCK_M
+        # the block's expert: the number of groups that end at or before its first row
+        expert = tl.sum((end[None, :] <= row[:, None]).to(tl.int32), 1)
+        tl.store(block_expert_ptr + b, tl.where(row < total, expert, -1), mask=b < num_blocks)
+
+
+@triton.jit
+def _scatter_kernel(ids_ptr, cursor_ptr, sorted_ptr, num_copies, BLOCK: tl.constexpr):
+    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = i < num_copies
+    expert = tl.load(ids_ptr + i, mask=mask, other=0)
+    # The order within a group follows the atomics; harmless, as each row's result depends on
+    # that row alone and every copy is stored at its own place t*K + k.
+    slot = tl.atomic_add(cursor_ptr + expert, 1, mask=mask)
+    tl.store(sorted_ptr + slot, i, mask=mask)
+
+
+def align(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> Alignment:
+    """Group the copies of ``topk_ids`` [T, K] by expert: three launches and a memset, no host sync."""
+    num_copies = topk_ids.numel()
+    num_blocks = triton.cdiv(num_copies + min(num_experts, num_copies) * (block_m - 1), block_m)
+    device = topk_ids.device
+    counts = torch.zeros(num_experts, dtype=torch.int32, device=device)
+    cursor = torch.empty(num_experts, dtype=torch.int32, device=device)
+    sorted_ids = torch.empty(num_blocks * block_m, dtype=torch.int32, device=device)
+    block_expert = torch.empty(num_blocks, dtype=torch.int32, device=device)
+    grid = (triton.cdiv(num_copies, ALIGN_BLOCK),)
+    _count_kernel[grid](topk_ids, counts, num_copies, BLOCK=ALIGN_BLOCK, num_warps=4)
+    _offsets_kernel[(1,)](
+        counts,
+        cursor,
+        sorted_ids,
+        block_expert,
+        num_experts,
+        num_copies,
+        num_blocks,
+        BLOCK_M=block_m,
+        EXPERTS_PAD=triton.next_power_of_2(num_experts),
+        BLOCKS=64,
+        num_warps=4,
+    )
+    _scatter_kernel[grid](topk_ids, cursor, sorted_ids, num_copies, BLOCK=ALIGN_BLOCK, num_warps=4)
+    return Alignment(sorted_ids, block_expert)
+
+
+@triton.jit
+def _tile(num_m, num_n, GROUP_M: tl.constexpr):
+    """This program's (M-block, N-block): GROUP_M M-blocks take each N-block in turn, so the
+    programs running together read the same weight tiles (an expert's blocks are adjacent)."""
+    pid = tl.program_id(0)
+    per_group = GROUP_M * num_n
+    first_m = (pid // per_group) * GROUP_M
+    size = tl.minimum(num_m - first_m, GROUP_M)
+    return first_m + (pid % per_group) % size, (pid % per_group) // size
+
+
+@triton.jit
+def _gate_up_kernel(
+    x_ptr,
+    w_ptr,
+    scale_ptr,
+    out_ptr,
+    sorted_ptr,
+    block_expert_ptr,
+    num_copies,
+    num_m,
+    hidden,
+    inner,
+    TOP_K: tl.constexpr,
+    FP8_W: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    pid_m, pid_n = _tile(num_m, tl.cdiv(inner, BLOCK_N), GROUP_M)
+    expert = tl.load(block_expert_ptr + pid_m).to(tl.int64)
+    if expert < 0:
+        return
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    copy = tl.load(sorted_ptr + rows)
+    valid = copy < num_copies
+    n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = n < inner
+    k = tl.arange(0, BLOCK_K)
+    a_ptrs = x_ptr + (copy // TOP_K).to(tl.int64)[:, None] * hidden + k[None, :]
+    g_ptrs = w_ptr + expert * 2 * inner * hidden + n[None, :] * hidden + k[:, None]  # [BLOCK_K, BLOCK_N] of gate rows
+    u_ptrs = g_ptrs + inner * hidden  # the up rows of the same columns
+    gate = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for start in range(0, hidden, BLOCK_K):
+        k_mask = k < hidden - start
+        a = tl.load(a_ptrs + start, mask=valid[:, None] & k_mask[None, :], other=0.0)
+        w_mask = k_mask[:, None] & n_mask[None, :]
+        wg = tl.load(g_ptrs + start, mask=w_mask, other=0.0).to(a.dtype)
+        wu = tl.load(u_ptrs + start, mask=w_mask, other=0.0).to(a.dtype)
+        gate = tl.dot(a, wg, gate, input_precision=PRECISION)
+        up = tl.dot(a, wu, up, input_precision=PRECISION)
+    if FP8_W:
+        gate *= tl.load(scale_ptr + expert * 2 * inner + n, mask=n_mask, other=0.0)[None, :]
+        up *= tl.load(scale_ptr + expert * 2 * inner + inner + n, mask=n_mask, other=0.0)[None, :]
+    dtype = out_ptr.dtype.element_ty
+    g = gate.to(dtype).to(tl.float32)
+    act = (g / (1.0 + tl.exp(-g))).to(dtype).to(tl.float32)
+    out = (act * up.to(dtype).to(tl.float32)).to(dtype)
+    tl.store(out_ptr + rows.to(tl.int64)[:, None] * inner + n[None, :], out, mask=valid[:, None] & n_mask[None, :])
+
+
+@triton.jit
+def _down_kernel(
+    a_ptr,
+    w_ptr,
+    scale_ptr,
+    out_ptr,
+    sorted_ptr,
+    block_expert_ptr,
+    num_copies,
+    num_m,
+    hidden,
+    inner,
+    FP8_W: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    pid_m, pid_n = _tile(num_m, tl.cdiv(hidden, BLOCK_N), GROUP_M)
+    expert = tl.load(block_expert_ptr + pid_m).to(tl.int64)
+    if expert < 0:
+        return
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    copy = tl.load(sorted_ptr + rows)
+    valid = copy < num_copies
+    n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = n < hidden
+    k = tl.arange(0, BLOCK_K)
+    a_ptrs = a_ptr + rows.to(tl.int64)[:, None] * inner + k[None, :]
+    w_ptrs = w_ptr + expert * hidden * inner + n[None, :] * inner + k[:, None]  # [BLOCK_K, BLOCK_N]
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for start in range(0, inner, BLOCK_K):
+        k_mask = k < inner - start
+        a = tl.load(a_ptrs + start, mask=valid[:, None] & k_mask[None, :], other=0.0)
+        w = tl.load(w_ptrs + start, mask=k_mask[:, None] & n_mask[None, :], other=0.0).to(a.dtype)
+        acc = tl.dot(a, w, acc, input_precision=PRECISION)
+    if FP8_W:
+        acc *= tl.load(scale_ptr + expert * hidden + n, mask=n_mask, other=0.0)[None, :]
+    out_ptrs = out_ptr + copy.to(tl.int64)[:, None] * hidden + n[None, :]
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=valid[:, None] & n_mask[None, :])
+
+
+@triton.jit
+def _sum_copies_kernel(copies_ptr, weights_ptr, out_ptr, hidden, TOP_K: tl.constexpr, BLOCK: tl.constexpr):
+    t = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < hidden
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for k in tl.static_range(TOP_K):
+        weight = tl.load(weights_ptr + t * TOP_K + k)
+        acc += weight * tl.load(copies_ptr + (t * TOP_K + k) * hidden + cols, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + t * hidden + cols, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def _precision(x: torch.Tensor) -> str:
+    """float32 stays float32 (tf32 would break parity with the reference); 16-bit is native."""
+    return "ieee" if x.dtype == torch.float32 else "tf32"
+
+
+def _check(x, w13, w2, topk_weights, topk_ids, w13_scale, w2_scale) -> None:
+    assert x.dim() == 2 and x.dtype in ACTIVATION_DTYPES, (
+        f"x must be [T, H] bf16/fp16/fp32, not {x.dtype} {list(x.shape)}"
+    )
+    tokens, hidden = x.shape
+    assert w13.dim() == 3 and w13.shape[2] == hidden and w13.shape[1] % 2 == 0, (
+        f"w13 must be [E, 2I, H={hidden}], not {list(w13.shape)}"
+    )
+    experts, inner = w13.shape[0], w13.shape[1] // 2
+    assert w2.shape == (experts, hidden, inner), (
+        f"w2 must be [E, H, I] = {[experts, hidden, inner]}, not {list(w2.shape)}"
+    )
+    assert topk_ids.dim() == 2 and topk_ids.shape[0] == tokens and topk_ids.dtype == torch.int32, (
+        f"topk_ids must be [T={tokens}, K] int32, not {topk_ids.dtype} {list(topk_ids.shape)}"
+    )
+    assert topk_weights.shape == topk_ids.shape and topk_weights.dtype == torch.float32, (
+        f"topk_weights must be {list(topk_ids.shape)} float32, not {topk_weights.dtype} {list(topk_weights.shape)}"
+    )
+    assert (w13_scale is None) == (w2_scale is None), "give both FP8 scales or neither"
+    if w13_scale is None:
+        assert w13.dtype == w2.dtype == x.dtype, (
+            f"weights must be {x.dtype} like x (or FP8), not {w13.dtype}/{w2.dtype}"
+        )
+    else:
+        assert w13.dtype == w2.dtype == FP8, f"scaled weights must be float8_e4m3fn, not {w13.dtype}/{w2.dtype}"
+        assert w13_scale.shape == (experts, 2 * inner) and w2_scale.shape == (experts, hidden), (
+            f"scales must be [E, 2I] and [E, H], not {list(w13_scale.shape)} and {list(w2_scale.shape)}"
+        )
+        assert w13_scale.dtype == w2_scale.dtype == torch.float32, "FP8 scales must be float32"
+    tensors = [x, w13, w2, topk_weights, topk_ids] + ([w13_scale, w2_scale] if w13_scale is not None else [])
+    assert all(t.is_contiguous() for t in tensors), "fused_moe takes contiguous tensors only"
+
+
+def fused_moe(
+    x: torch.Tensor,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor,
+    *,
+    w13_scale: torch.Tensor | None = None,
+    w2_scale: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The experts' weighted sum for ``x`` [T, H] (bf16, fp16; float32 for tests): ``w13`` [E, 2I, H]
+    (gate rows, then up rows), ``w2`` [E, H, I], ``topk_weights`` [T, K] float32, ``topk_ids``
+    [T, K] int32; FP8 weights take ``w13_scale`` [E, 2I] and ``w2_scale`` [E, H] float32.
+    Returns [T, H] in ``x``'s dtype. Capturable in a CUDA graph: nothing waits on the device."""
+    _check(x, w13, w2, topk_weights, topk_ids, w13_scale, w2_scale)
+    tokens, hidden = x.shape
+    experts, inner, top_k = w13.shape[0], w2.shape[2], topk_ids.shape[1]
+    out = torch.empty_like(x)
+    if tokens == 0:
+        return out
+    cfg = moe_config(tokens, top_k, experts, hidden, inner, x.dtype)
+    groups = align(topk_ids, experts, cfg.block_m)
+    act = _gate_up(x, w13, w13_scale, groups, cfg, top_k)
+    copies = _down(act, w2, w2_scale, groups, cfg, tokens * top_k)
+    block = min(1024, triton.next_power_of_2(hidden))
+    _sum_copies_kernel[(tokens, triton.cdiv(hidden, block))](
+        copies, topk_weights, out, hidden, TOP_K=top_k, BLOCK=block, num_warps=4
+    )
+    return out
+
+
+def _gate_up(x, w13, scale, groups: Alignment, cfg: MoeConfig, top_k: int) -> torch.Tensor:
+    """``silu(gate) * up`` [rows of the alignment, I]; padding rows are left unwritten."""
+    hidden, inner = x.shape[1], w13.shape[1] // 2
+    num_m = groups.block_expert.shape[0]
+    act = torch.empty(groups.sorted_ids.shape[0], inner, dtype=x.dtype, device=x.device)
+    _gate_up_kernel[(num_m * triton.cdiv(inner, cfg.block_n),)](
+        x,
+        w13,
+        scale,
+        act,
+        groups.sorted_ids,
+        groups.block_expert,
+        x.shape[0] * top_k,
+        num_m,
+        hidden,
+        inner,
+        TOP_K=top_k,
+        FP8_W=scale is not None,
+        PRECISION=_precision(x),
+        BLOCK_M=cfg.block_m,
+        BLOCK_N=cfg.block_n,
+        BLOCK_K=cfg.block_k,
+        GROUP_M=cfg.group_m,
+        num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
+    )
+    return act
+
+
+def _down(act, w2, scale, groups: Alignment, cfg: MoeConfig, num_copies: int) -> torch.Tensor:
+    """Each copy's expert output [T*K, H], in ``act``'s dtype, at row ``t*K + k``."""
+    hidden, inner = w2.shape[1], w2.shape[2]
+    num_m = groups.block_expert.shape[0]
+    copies = torch.empty(num_copies, hidden, dtype=act.dtype, device=act.device)
+    _down_kernel[(num_m * triton.cdiv(hidden, cfg.block_n),)](
+        act,
+        w2,
+        scale,
+        copies,
+        groups.sorted_ids,
+        groups.block_expert,
+        num_copies,
+        num_m,
+        hidden,
+        inner,
+        FP8_W=scale is not None,
+        PRECISION=_precision(act),
+        BLOCK_M=cfg.block_m,
+        BLOCK_N=cfg.block_n,
+        BLOCK_K=cfg.block_k,
+        GROUP_M=cfg.group_m,
+        num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
+    )
+    return copies
