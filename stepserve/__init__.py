@@ -3,12 +3,12 @@
 from stepserve.sampling import SamplingParams
 from stepserve.version import __version__
 
-__all__ = ["LLM", "SamplingParams", "__version__"]
+__all__ = ["LLM", "LoRARequest", "SamplingParams", "__version__"]
 
 
 def __getattr__(name: str):
-    if name == "LLM":  # torch loads only when the engine is wanted
-        from stepserve.engine.llm import LLM
+    if name in ("LLM", "LoRARequest"):  # torch loads only when the engine is wanted
+        from stepserve.engine import llm
 
-        return LLM
+        return getattr(llm, name)
     raise AttributeError(name)

@@ -191,16 +191,47 @@ PARALLEL_ALIASES = {"tensor_parallel_size": "-tp"}
 
 
 @dataclass(frozen=True)
+class LoraConfig:
+    """LoRA adapters on the base model (vLLM's flags; docs/lora.md)."""
+
+    enable_lora: bool = field(default=False, metadata={"help": "serve LoRA adapters on the base model"})
+    max_loras: int = field(
+        default=1, metadata={"help": "adapters resident on the device at once (one batch mixes them)"}
+    )
+    max_lora_rank: int = field(
+        default=16, metadata={"help": "the largest adapter rank served (an adapter above it is refused)"}
+    )
+    max_cpu_loras: int | None = field(
+        default=None, metadata={"help": "adapters kept in host memory for swapping in (default: max_loras)"}
+    )
+
+    def __post_init__(self) -> None:
+        _require(self.max_loras >= 1, f"max_loras={self.max_loras}: use at least 1")
+        _require(1 <= self.max_lora_rank <= 512, f"max_lora_rank={self.max_lora_rank}: use 1 to 512")
+        _require(
+            self.max_cpu_loras is None or self.max_cpu_loras >= self.max_loras,
+            f"max_cpu_loras={self.max_cpu_loras} must be at least max_loras={self.max_loras}",
+        )
+
+
+@dataclass(frozen=True)
 class EngineConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
 
     @classmethod
     def from_kwargs(cls, **kwargs) -> EngineConfig:
         """Build from flat keyword arguments (``LLM(max_model_len=..., block_size=...)``)."""
-        groups = {"model": ModelConfig, "cache": CacheConfig, "scheduler": SchedulerConfig, "parallel": ParallelConfig}
+        groups = {
+            "model": ModelConfig,
+            "cache": CacheConfig,
+            "scheduler": SchedulerConfig,
+            "parallel": ParallelConfig,
+            "lora": LoraConfig,
+        }
         parts = {}
         for name, group in groups.items():
             names = {f.name for f in dataclasses.fields(group)}
@@ -209,7 +240,7 @@ class EngineConfig:
         return cls(**parts)
 
 
-ENGINE_GROUPS = (ModelConfig, CacheConfig, SchedulerConfig, ParallelConfig)
+ENGINE_GROUPS = (ModelConfig, CacheConfig, SchedulerConfig, ParallelConfig, LoraConfig)
 
 
 def add_dataclass_args(parser: argparse.ArgumentParser, group_cls: type, aliases: dict[str, str] | None = None) -> None:

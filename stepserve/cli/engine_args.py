@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import argparse
 
-from stepserve.config import PARALLEL_ALIASES, CacheConfig, EngineConfig, ModelConfig, ParallelConfig, SchedulerConfig
+from stepserve.config import PARALLEL_ALIASES, CacheConfig, EngineConfig, LoraConfig, ModelConfig, ParallelConfig
+from stepserve.config import SchedulerConfig
 from stepserve.config import add_dataclass_args, engine_config_from_args
 
 # KServe huggingfaceserver's spellings for the flags it has.
@@ -38,6 +39,7 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     )
     add_dataclass_args(parser, CacheConfig)
     add_dataclass_args(parser, SchedulerConfig)
+    add_dataclass_args(parser, LoraConfig)
     add_dataclass_args(parser, ParallelConfig, PARALLEL_ALIASES)
 
 

@@ -28,6 +28,15 @@ def add_serve_parser(sub, add_engine_args: Callable[[argparse.ArgumentParser], N
     parser.add_argument(
         "--access-log", "--access_log", dest="access_log", action="store_true", help="log every HTTP request too"
     )
+    parser.add_argument(
+        "--lora-modules",
+        "--lora_modules",
+        dest="lora_modules",
+        nargs="+",
+        default=None,
+        metavar="NAME=PATH",
+        help='LoRA adapters to serve (with --enable-lora): name=path or {"name": ..., "path": ...} each',
+    )
     parser.set_defaults(func=main)
     return parser
 
@@ -60,10 +69,13 @@ def main(args: argparse.Namespace) -> int:
             serving(task_front, engine_config, server_config) if task_front else _engine(engine_config, server_config)
         )
         _check_reasoning_parser(server_config, tokenizer, task_front)
+        loras = _lora_registry(args, engine_config, server_config.model_name or info.name)
     except ConfigError as exc:
         print(f"stepserve serve: {exc}", file=sys.stderr)
         return 2
-    app = create_app(make_client, tokenizer, info, server_config, engine_config.scheduler.max_num_seqs, task_front)
+    app = create_app(
+        make_client, tokenizer, info, server_config, engine_config.scheduler.max_num_seqs, task_front, loras
+    )
     app = with_grpc(secure_app(app, access), server_config.host, grpc_config, access, server_config.shutdown_grace_s)
     scheme = "https" if access.tls else "http"
     log.info(
@@ -91,6 +103,35 @@ def main(args: argparse.Namespace) -> int:
     )
     log.info("server stopped")
     return 0
+
+
+def _lora_registry(args: argparse.Namespace, engine_config, served_name: str):
+    """The adapters to serve (``--lora-modules``), each checked now: a bad one stops the start."""
+    from stepserve.errors import InvalidRequestError
+    from stepserve.server.lora import LoraRegistry, parse_lora_modules
+
+    modules = parse_lora_modules(args.lora_modules)
+    if not engine_config.lora.enable_lora:
+        if modules:
+            raise ConfigError("--lora-modules needs --enable-lora")
+        return None
+    from stepserve.checkpoint.config import read_config
+    from stepserve.checkpoint.lora import base_shapes
+    from stepserve.checkpoint.source import resolve_source
+    from stepserve.models.registry import decoder_config
+
+    _, hf_config = read_config(resolve_source(engine_config.model.model))
+    cfg = decoder_config(hf_config, 1)
+    if engine_config.parallel.tensor_parallel_size > 1:
+        raise ConfigError("--enable-lora with --tensor-parallel-size above 1 is not supported yet")
+    lora = engine_config.lora
+    registry = LoraRegistry(served_name, lora.max_lora_rank, lora.max_loras, cfg.num_layers, base_shapes(cfg))
+    for name, path in modules:
+        try:
+            registry.add(name, path)
+        except InvalidRequestError as exc:
+            raise ConfigError(f"--lora-modules {name}={path}: {exc.message}") from None
+    return registry
 
 
 def _check_reasoning_parser(server_config: ServerConfig, tokenizer, task_front) -> None:

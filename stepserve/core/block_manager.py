@@ -80,14 +80,16 @@ class BlockManager:
     def blocks_needed(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
 
-    def find_cached_prefix(self, token_ids: Sequence[int]) -> list[int]:
-        """Block ids of the longest cached prefix, capped so the last token is always computed."""
+    def find_cached_prefix(self, token_ids: Sequence[int], salt: tuple | None = None) -> list[int]:
+        """Block ids of the longest cached prefix, capped so the last token is always computed.
+        ``salt`` (a LoRA adapter's key) stands before the first block: only blocks cached under
+        the same salt match."""
         if not self.enable_prefix_caching:
             return []
         bs = self.block_size
         max_blocks = (len(token_ids) - 1) // bs
         found: list[int] = []
-        parent = None
+        parent = salt
         for i in range(max_blocks):
             tokens = tuple(token_ids[i * bs : (i + 1) * bs])
             h = chain_hash(parent, tokens)
@@ -157,15 +159,18 @@ class BlockManager:
         if block.ref_count == 0:
             self._free[block_id] = None
 
-    def cache_full_blocks(self, request_id: str, token_ids: Sequence[int], num_computed: int) -> None:
-        """Register the request's newly completed full blocks in the prefix cache."""
+    def cache_full_blocks(
+        self, request_id: str, token_ids: Sequence[int], num_computed: int, salt: tuple | None = None
+    ) -> None:
+        """Register the request's newly completed full blocks in the prefix cache (under ``salt``,
+        as ``find_cached_prefix`` reads them)."""
         if not self.enable_prefix_caching:
             return
         bs = self.block_size
         table = self._tables[request_id]
         hashes = self._hashes.setdefault(request_id, [])
         for i in range(len(hashes), min(num_computed // bs, len(table))):
-            parent = hashes[-1] if hashes else None
+            parent = hashes[-1] if hashes else salt
             tokens = tuple(token_ids[i * bs : (i + 1) * bs])
             h = chain_hash(parent, tokens)
             hashes.append(h)

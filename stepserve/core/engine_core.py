@@ -78,6 +78,8 @@ class EngineStats:
     prefix_cache_queries: int  # prompt tokens looked up in the prefix cache
     prefix_cache_hits: int  # of those, tokens found
     num_preemptions: int  # requests preempted so far
+    running_loras: tuple[str, ...] = ()  # names of the LoRA adapters of running requests
+    waiting_loras: tuple[str, ...] = ()  # and of waiting ones
 
 
 class EngineCore:
@@ -276,5 +278,12 @@ class EngineCore:
         s = self.scheduler
         prefix = s.blocks.prefix_stats
         return EngineStats(
-            len(s.running), len(s.waiting), s.blocks.usage, prefix.queries, prefix.hits, s.num_preemptions
+            len(s.running),
+            len(s.waiting),
+            s.blocks.usage,
+            prefix.queries,
+            prefix.hits,
+            s.num_preemptions,
+            tuple(sorted({r.lora.name for r in s.running if r.lora is not None})),
+            tuple(sorted({r.lora.name for r in s.waiting if r.lora is not None})),
         )

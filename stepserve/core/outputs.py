@@ -35,6 +35,17 @@ class GeneratedTokens:
 
 
 @dataclass(frozen=True)
+class LoraRef:
+    """A LoRA adapter a request runs with: its id (unique per adapter while the server runs; it
+    keys the prefix cache and the worker's slots), name and folder (the worker loads it from
+    there, in the PEFT format)."""
+
+    id: int
+    name: str
+    path: str
+
+
+@dataclass(frozen=True)
 class EngineCoreRequest:
     """A fully resolved request, as the front end hands it to the core."""
 
@@ -44,6 +55,7 @@ class EngineCoreRequest:
     arrival_time: float = 0.0  # time.monotonic() when the front end received it
     pooling: str | None = None  # one of POOLINGS: a prefill-only request answered with its result; None: generation
     encoder: EncoderInputs | None = None  # an ENCODER request's segment ids and mask positions
+    lora: LoraRef | None = None  # the adapter it runs with; None: the base model
 
 
 @dataclass(frozen=True)
@@ -95,6 +107,7 @@ class ScheduledRequest:
         None  # a pooling request's mode (POOLINGS): nothing is sampled; once ``sample``, its result is due
     )
     encoder: EncoderInputs | None = None  # an ENCODER request's extra inputs
+    lora: LoraRef | None = None  # its adapter; None: the base model
 
 
 @dataclass(frozen=True)

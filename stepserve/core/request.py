@@ -44,9 +44,16 @@ class Request:
         self.stop_token_id: int | None = None
         self.prompt_logprobs: list | None = [] if msg.params.prompt_logprobs is not None else None  # until sent
         self.encoder = msg.encoder  # an encoder request's extra inputs, for the runner
+        self.lora = msg.lora  # its LoRA adapter; None: the base model
         self.pooling: str | None = (
             msg.pooling
         )  # prefill-only: finishes with its pooled vector once the prompt is computed
+
+    @property
+    def prefix_salt(self) -> tuple | None:
+        """What the prefix cache keys this request's blocks by beside their tokens: its adapter
+        (two adapters never share KV)."""
+        return None if self.lora is None else ("lora", self.lora.id)
 
     @property
     def num_tokens(self) -> int:

@@ -45,10 +45,13 @@ class Scheduler:
         max_model_len: int,
         eos_token_ids: Collection[int],
         window: int = 0,
+        max_loras: int = 0,
     ) -> None:
         """``window``: for a model whose every layer attends over a sliding window, the widest
-        window (blocks before it are handed back as requests advance); 0 otherwise."""
+        window (blocks before it are handed back as requests advance); 0 otherwise.
+        ``max_loras``: LoRA adapters that may run at once (0: no adapters served)."""
         self.config = config
+        self.max_loras = max_loras
         self.window = window
         self.blocks = block_manager
         self.max_model_len = max_model_len
@@ -168,9 +171,17 @@ class Scheduler:
         self.num_preemptions += 1
 
     def _schedule_waiting(self, scheduled: list[ScheduledRequest], budget: int) -> None:
+        held: list[Request] = []  # waiting for an adapter slot: they keep their place
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             request = self.waiting[0]
-            prefix = self.blocks.find_cached_prefix(request.token_ids) if request.reads_prefix_cache else []
+            if not self._adapter_fits(request):
+                held.append(self.waiting.popleft())
+                continue
+            prefix = (
+                self.blocks.find_cached_prefix(request.token_ids, request.prefix_salt)
+                if request.reads_prefix_cache
+                else []
+            )
             num_computed = len(prefix) * self.blocks.block_size
             num_new = min(request.num_tokens - num_computed, budget)
             if request.pooling == ENCODER and num_new < request.num_tokens:
@@ -186,6 +197,15 @@ class Scheduler:
             self.running.append(request)
             scheduled.append(self._scheduled(request, num_new, 1))
             budget -= num_new
+        self.waiting.extendleft(reversed(held))
+
+    def _adapter_fits(self, request: Request) -> bool:
+        """At most ``max_loras`` adapters run at once (the worker holds that many): a request for
+        another one waits, and requests behind it may go first, as in vLLM."""
+        if request.lora is None or not self.max_loras:
+            return True
+        running = {r.lora.id for r in self.running if r.lora is not None}
+        return request.lora.id in running or len(running) < self.max_loras
 
     def _scheduled(self, request: Request, num_new: int, steps: int) -> ScheduledRequest:
         return ScheduledRequest(
@@ -200,6 +220,7 @@ class Scheduler:
             num_steps=steps,
             pooling=request.pooling,
             encoder=request.encoder,
+            lora=request.lora,
         )
 
     # -- update --------------------------------------------------------------------------
@@ -232,7 +253,9 @@ class Scheduler:
                 continue
             output = self._accept(request, tokens, lps) if s.sample else None
             if not request.is_finished:
-                self.blocks.cache_full_blocks(request.request_id, request.token_ids, request.num_computed_tokens)
+                self.blocks.cache_full_blocks(
+                    request.request_id, request.token_ids, request.num_computed_tokens, request.prefix_salt
+                )
                 if self.window:  # the next query sits at num_computed_tokens and sees `window` keys
                     self.blocks.release_before(request.request_id, request.num_computed_tokens - self.window + 1)
             if output is not None:
@@ -309,7 +332,9 @@ class Scheduler:
         pooled = result.pooled.get(request.request_id)
         if pooled is None:
             return self._finish(request, FinishReason.ABORT, "the worker returned no result for this request")
-        self.blocks.cache_full_blocks(request.request_id, request.token_ids, request.num_computed_tokens)
+        self.blocks.cache_full_blocks(
+            request.request_id, request.token_ids, request.num_computed_tokens, request.prefix_salt
+        )
         return self._finish(request, FinishReason.STOP, pooled=pooled)
 
     @staticmethod

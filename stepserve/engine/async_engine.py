@@ -19,7 +19,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 
 from stepserve.core.engine_core import EngineStats
-from stepserve.core.outputs import EngineCoreOutput, EngineCoreRequest
+from stepserve.core.outputs import EngineCoreOutput, EngineCoreRequest, LoraRef
 from stepserve.engine.core_client import CoreClient, CoreOutputs
 from stepserve.engine.output_processor import Delta, RequestState
 from stepserve.errors import EngineDeadError, QueueFullError, RequestAbortedError, RequestTimeoutError
@@ -34,6 +34,7 @@ class PromptInput:
 
     token_ids: tuple[int, ...]  # the tokenized prompt, never empty
     params: SamplingParams  # resolved (max_tokens is an int); n completions are made of it
+    lora: LoraRef | None = None  # the LoRA adapter it runs with; None: the base model
 
 
 @dataclass(frozen=True)
@@ -235,7 +236,9 @@ class AsyncEngine:
                 state = RequestState.create(child_id, p * n + i, params, self.tokenizer, prompt.token_ids)
                 children.append(_Child(state, queue, arrival))
                 self._children[child_id] = children[-1]
-                self.client.add_request(EngineCoreRequest(child_id, prompt.token_ids, params, arrival))
+                self.client.add_request(
+                    EngineCoreRequest(child_id, prompt.token_ids, params, arrival, lora=prompt.lora)
+                )
         return children
 
     def _release(self, ids: list[str]) -> None:

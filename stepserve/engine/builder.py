@@ -29,7 +29,8 @@ def build_engine(
     built = build_worker(config, weights, eos_token_ids)
     info = built.info
     blocks = BlockManager(info.num_kv_blocks, config.cache.block_size, config.cache.enable_prefix_caching)
-    scheduler = Scheduler(config.scheduler, blocks, info.max_model_len, info.eos_token_ids, built.window)
+    max_loras = config.lora.max_loras if config.lora.enable_lora else 0
+    scheduler = Scheduler(config.scheduler, blocks, info.max_model_len, info.eos_token_ids, built.window, max_loras)
     core = EngineCore(scheduler, built.worker, config.scheduler.async_scheduling)
     if info.device == "cuda":
         _warm_up(core, config, built)

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 
+from stepserve.checkpoint.lora import read_adapter_config
 from stepserve.config import EngineConfig
-from stepserve.core.outputs import EngineCoreRequest
+from stepserve.core.outputs import EngineCoreRequest, LoraRef
 from stepserve.engine.builder import build_engine
 from stepserve.engine.front import sampling_defaults
 from stepserve.engine.output_processor import RequestOutput, RequestState
@@ -17,6 +19,16 @@ from stepserve.structured.compiler import GrammarCompiler
 from stepserve.sampling import GrammarSpec
 
 Prompt = str | Sequence[int]
+
+
+@dataclass(frozen=True)
+class LoRARequest:
+    """An adapter for ``LLM.generate``, as vLLM spells it: a name, a unique integer id, and its
+    folder in the PEFT format."""
+
+    lora_name: str
+    lora_int_id: int
+    lora_path: str
 
 
 class LLM:
@@ -38,13 +50,28 @@ class LLM:
         self,
         prompts: Prompt | Sequence[Prompt],
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        lora_request: LoRARequest | Sequence[LoRARequest | None] | None = None,
     ) -> list[RequestOutput]:
-        """Complete each prompt (text or token ids); one RequestOutput per prompt, in order."""
+        """Complete each prompt (text or token ids); one RequestOutput per prompt, in order.
+        ``lora_request`` (one, or one per prompt; needs ``enable_lora=True``) picks an adapter."""
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
         token_lists = [self._tokenize(p) for p in prompts]
         texts = [p if isinstance(p, str) else None for p in prompts]
-        return self._run(texts, token_lists, sampling_params)
+        return self._run(texts, token_lists, sampling_params, self._loras(lora_request, len(token_lists)))
+
+    def _loras(self, lora_request, count: int) -> list[LoraRef | None]:
+        requests = list(lora_request) if isinstance(lora_request, (list, tuple)) else [lora_request] * count
+        if len(requests) != count:
+            raise InvalidRequestError(f"got {len(requests)} lora requests for {count} prompts", "lora_request")
+        if any(r is not None for r in requests) and not self.config.lora.enable_lora:
+            raise InvalidRequestError("lora_request needs LLM(..., enable_lora=True)", "lora_request")
+        out = []
+        for r in requests:
+            if r is not None:
+                read_adapter_config(r.lora_path, self.config.lora.max_lora_rank)  # a bad adapter: an error here
+            out.append(None if r is None else LoraRef(r.lora_int_id, r.lora_name, r.lora_path))
+        return out
 
     def chat(
         self,
@@ -81,7 +108,7 @@ class LLM:
             return self.tokenizer.encode(prompt)
         return [int(t) for t in prompt]
 
-    def _run(self, texts, token_lists, sampling_params) -> list[RequestOutput]:
+    def _run(self, texts, token_lists, sampling_params, loras=None) -> list[RequestOutput]:
         params_list = self._params_per_prompt(sampling_params, len(token_lists))
         # Resolve and validate everything before anything enters the engine (invariant 1).
         cap = self.sampling_defaults.max_new_tokens
@@ -91,8 +118,8 @@ class LLM:
         ]
         states: dict[str, RequestState] = {}
         groups: list[list[RequestState]] = []
-        for ids, params in zip(token_lists, resolved):
-            groups.append(self._add(ids, params, states))
+        for ids, params, lora in zip(token_lists, resolved, loras or [None] * len(token_lists)):
+            groups.append(self._add(ids, params, states, lora))
         self._drain(states)
         return [
             RequestOutput(
@@ -117,14 +144,16 @@ class LLM:
             )
         return list(sampling_params)
 
-    def _add(self, ids: list[int], params: SamplingParams, states: dict[str, RequestState]) -> list[RequestState]:
+    def _add(
+        self, ids: list[int], params: SamplingParams, states: dict[str, RequestState], lora: LoraRef | None = None
+    ) -> list[RequestState]:
         base = f"llm{self._counter}"
         self._counter += 1
         group = []
         for i in range(params.n):
             child = params.for_choice(i)
             request_id = f"{base}-{i}"
-            self.core.add_request(EngineCoreRequest(request_id, tuple(ids), child, time.monotonic()))
+            self.core.add_request(EngineCoreRequest(request_id, tuple(ids), child, time.monotonic(), lora=lora))
             states[request_id] = RequestState.create(request_id, i, child, self.tokenizer, ids)
             group.append(states[request_id])
         return group

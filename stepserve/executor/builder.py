@@ -197,6 +197,7 @@ def build_worker(
         max_positions=max_model_len + steps,
         quantization=quantization,
         seed=config.model.seed,
+        lora=(config.lora.max_loras, config.lora.max_lora_rank) if config.lora.enable_lora else None,
     )
     # Each phase of start-up is logged with its time: a restart's budget is spent somewhere.
     log.info(
@@ -233,6 +234,10 @@ def build_worker(
     if device.type == "cpu":
         grammars.start_tokenizer()
     runner = ModelRunner(model, kv_caches, config.cache.block_size, backend, eos, device, config.model.seed, grammars)
+    if config.lora.enable_lora:
+        from stepserve.worker.lora_slots import LoraSlots
+
+        runner.lora = LoraSlots(model, config.lora.max_loras, config.lora.max_lora_rank, config.lora.max_cpu_loras)
     if use_graphs:
         runner.capture_cuda_graphs(graph_sizes, max_model_len, steps)
     if device.type == "cpu":

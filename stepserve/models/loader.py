@@ -88,11 +88,13 @@ def build_model(
     max_positions: int,
     quantization: str = "none",
     seed: int = 0,
+    lora: tuple[int, int] | None = None,
 ) -> DecoderForCausalLM:
     """The model on ``device`` filled from ``weights``, or, with ``weights=None``, with random
     weights (``--load-format dummy``, see ``fill_dummy``). On CPU the projections are prepacked
     for oneDNN, and with ``quantization="int4"`` quantized from the float32 weights (so that a
-    GGUF's 4-bit blocks come back exactly, not via a bfloat16 rounding)."""
+    GGUF's 4-bit blocks come back exactly, not via a bfloat16 rounding). ``lora``: (slots, rank)
+    of the LoRA adapters it may run (``models.lora``)."""
     start = time.monotonic()
     with torch.device("meta"):
         model = DecoderForCausalLM(cfg, max_positions)
@@ -117,6 +119,10 @@ def build_model(
         from stepserve.models.fp8 import quantize_fp8
 
         quantize_fp8(model)
+    if lora is not None:  # (max_loras, max_lora_rank): slots of zeros on every adaptable projection
+        from stepserve.models.lora import attach_lora
+
+        attach_lora(model, *lora)
     if device.type == "cpu" and dtype == torch.bfloat16:
         model.pack_for_cpu(dtype, int4=quantization == "int4")
         model.embed_tokens.to(dtype)

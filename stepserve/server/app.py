@@ -47,6 +47,7 @@ from stepserve.server.playground import add_playground_routes
 from stepserve.server.stats_log import start_stats_logger
 from stepserve.server.schemas import (
     ChatCompletionRequest,
+    LoraAdapterRequest,
     CompletionRequest,
     KServeV1Request,
     KServeV2Request,
@@ -215,7 +216,43 @@ def _openai_routes(app: FastAPI, prefix: str) -> None:
 
     @app.get(prefix + "/models")
     async def models(request: Request) -> dict:
-        return {"object": "list", "data": [_model_card(request)]}
+        return {"object": "list", "data": [_model_card(request), *_adapter_cards(request)]}
+
+    @app.post(prefix + "/load_lora_adapter")
+    async def load_lora_adapter(request: Request) -> Response:
+        return await _serve(request, lambda ctx, raw: _lora_update(ctx, raw, load=True))
+
+    @app.post(prefix + "/unload_lora_adapter")
+    async def unload_lora_adapter(request: Request) -> Response:
+        return await _serve(request, lambda ctx, raw: _lora_update(ctx, raw, load=False))
+
+
+async def _lora_update(ctx: ServingContext, raw: bytes, load: bool) -> dict:
+    """vLLM's run-time adapter loading: ``{"lora_name", "lora_path"}`` in, the adapter served
+    (or forgotten) at once; off unless ``--enable-lora-runtime-updates``."""
+    if ctx.loras is None:
+        raise InvalidRequestError("this server serves no LoRA adapters: start it with --enable-lora", "lora_name")
+    if not ctx.config.enable_lora_runtime_updates:
+        raise InvalidRequestError(
+            "loading adapters at run time is off: start the server with --enable-lora-runtime-updates", "lora_name"
+        )
+    body = parse_body(LoraAdapterRequest, raw, ctx.unknown)
+    if load:
+        if body.lora_path is None:
+            raise InvalidRequestError("lora_path is required", "lora_path")
+        ref = await asyncio.to_thread(ctx.loras.add, body.lora_name, body.lora_path)
+        return {"object": "lora_adapter", "id": ref.name, "loaded": True}
+    ctx.loras.remove(body.lora_name)
+    return {"object": "lora_adapter", "id": body.lora_name, "unloaded": True}
+
+
+def _adapter_cards(request: Request) -> list[dict]:
+    """The served adapters, each a model whose ``parent`` is the base (as vLLM lists them)."""
+    ctx = _ctx(request)
+    if ctx.loras is None:
+        return []
+    base = _model_card(request)
+    return [base | {"id": name, "root": ctx.loras.get(name).path, "parent": ctx.model_name} for name in ctx.loras.names]
 
 
 def _model_card(request: Request) -> dict:
@@ -321,12 +358,14 @@ def create_app(
     config: ServerConfig,
     max_running: int,
     tasks=None,
+    loras=None,
 ) -> FastAPI:
     """The app; the engine core (a process, or a thread) starts with the server and stops with it.
 
     ``make_client`` is called inside the event loop; ``max_running`` is the engine's
     ``max_num_seqs``, so that ``max_queue_len`` counts what waits beyond the running batch.
     ``tasks`` (a ``tasks.setup.TaskFront``) serves an encoder task instead of generation.
+    ``loras`` (a ``server.lora.LoraRegistry``) holds the LoRA adapters served, when they are.
     """
     model_name = config.model_name or info.name
 
@@ -341,7 +380,8 @@ def create_app(
         wait_started = getattr(client, "wait_started", None)
         if wait_started is not None and not await asyncio.to_thread(wait_started):
             raise RuntimeError("the engine core failed to start; see the log above")
-        app.state.metrics = ServerMetrics(model_name, client.stats, lambda: getattr(client, "restarts", 0))
+        max_loras = getattr(loras, "max_loras", 0)
+        app.state.metrics = ServerMetrics(model_name, client.stats, lambda: getattr(client, "restarts", 0), max_loras)
         limits = AdmissionLimits(max_running + config.max_queue_len, config.request_timeout_s)
         if tasks is None:
             engine, serving = AsyncEngine(client, tokenizer, app.state.metrics.observe, limits), None
@@ -360,6 +400,7 @@ def create_app(
             tasks=serving,
             grammars=grammars,
             thinking_markers=_thinking_markers(tokenizer, config),
+            loras=loras,
         )
         app.state.started = int(time.time())
         stats_task = start_stats_logger(engine, client, config)

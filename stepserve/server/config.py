@@ -92,6 +92,10 @@ class ServerConfig:
             )
         },
     )
+    enable_lora_runtime_updates: bool = field(
+        default=False,
+        metadata={"help": "allow POST /v1/load_lora_adapter and /v1/unload_lora_adapter (guard them with --api-key)"},
+    )
     structured_strict_default: bool = field(
         default=False,
         metadata={

@@ -9,6 +9,8 @@ from stepserve.errors import InvalidRequestError, ModelNotFoundError
 from stepserve.checkpoint.generation_config import SamplingDefaults
 from stepserve.server.config import ServerConfig
 from stepserve.server.fields import UnknownFieldPolicy
+from stepserve.server.lora import LoraRegistry
+from stepserve.core.outputs import LoraRef
 from stepserve.structured.compiler import GrammarCompiler
 
 
@@ -25,11 +27,22 @@ class ServingContext:
     tasks: object | None = None  # tasks.serving.TaskServing when the model serves an encoder task
     grammars: GrammarCompiler | None = None  # checks and caches output constraints; None: refused
     thinking_markers: tuple[int, int] | None = None  # --reasoning-parser's start and end token ids
+    loras: LoraRegistry | None = None  # the LoRA adapters served; None: none can be
 
-    def check_model(self, name: str | None) -> None:
-        """Refuse a request for another model (404); an omitted model means this one."""
-        if name is not None and name != self.model_name:
-            raise ModelNotFoundError(name, [self.model_name])
+    def adapter(self, name: str | None) -> LoraRef | None:
+        """The adapter a request's ``model`` names; None for the base model; 404 for another."""
+        if name is None or name == self.model_name:
+            return None
+        ref = self.loras.get(name) if self.loras is not None else None
+        if ref is None:
+            raise ModelNotFoundError(name, [self.model_name, *(self.loras.names if self.loras else [])])
+        return ref
+
+    def check_model(self, name: str | None, adapters: bool = True) -> None:
+        """Refuse a request for another model (404); an omitted model means this one. An adapter's
+        name passes where ``adapters`` (generation routes), else it is a 400."""
+        if self.adapter(name) is not None and not adapters:
+            raise InvalidRequestError(f"model {name!r} is a LoRA adapter; adapters serve text generation", "model")
 
     def check_token_ids(self, ids, param: str) -> None:
         for token in ids:

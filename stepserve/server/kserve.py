@@ -30,7 +30,9 @@ _ELSEWHERE = {  # CompletionRequest fields that have another place (or none) on 
 }
 
 
-def completion_request(ctx: ServingContext, prompts: list[str], parameters: dict) -> CompletionRequest:
+def completion_request(
+    ctx: ServingContext, prompts: list[str], parameters: dict, model: str | None = None
+) -> CompletionRequest:
     """The ``/v1/completions`` request these prompts and ``parameters`` stand for; 400 for a
     field the parameters cannot carry or that no request knows."""
     fields = hf_parameters(parameters)
@@ -39,7 +41,8 @@ def completion_request(ctx: ServingContext, prompts: list[str], parameters: dict
             raise InvalidRequestError(f"parameters.{name} is not accepted here: {why}", f"parameters.{name}")
     if fields.get("stream") is True:
         raise InvalidRequestError(f"parameters.stream=true is not accepted here: {_NO_STREAM}", "parameters.stream")
-    return validate(CompletionRequest, {**fields, "prompt": prompts}, ctx.unknown, "parameters.")
+    body = {**fields, "prompt": prompts} | ({"model": model} if model is not None else {})  # an adapter's name
+    return validate(CompletionRequest, body, ctx.unknown, "parameters.")
 
 
 async def _choices(ctx: ServingContext, req: CompletionRequest) -> list[dict]:
@@ -55,7 +58,7 @@ async def v1_predict(ctx: ServingContext, name: str, req: KServeV1Request) -> di
     if not req.instances:
         raise InvalidRequestError("instances must not be empty", "instances")
     prompts = [instance_text(ctx, i, x) for i, x in enumerate(req.instances)]
-    creq = completion_request(ctx, prompts, req.parameters)
+    creq = completion_request(ctx, prompts, req.parameters, name)
     choices = await _choices(ctx, creq)
     body = {"predictions": [c["text"] for c in choices]}
     return body | ({"logprobs": [c["logprobs"] for c in choices]} if creq.logprobs is not None else {})
@@ -115,7 +118,9 @@ def _wanted_outputs(ctx: ServingContext, req: KServeV2Request, parameters: dict)
     return requested_outputs(ctx, req, list(OUTPUTS))
 
 
-def v2_completion(ctx: ServingContext, req: KServeV2Request) -> tuple[CompletionRequest, list[str]]:
+def v2_completion(
+    ctx: ServingContext, req: KServeV2Request, model: str | None = None
+) -> tuple[CompletionRequest, list[str]]:
     """The completions request a v2 request stands for, and the output names to answer with."""
     texts = _text_input(ctx, req)
     # binary_data_output (KServe's client) asks for binary outputs: answered in JSON, which it reads too
@@ -123,7 +128,7 @@ def v2_completion(ctx: ServingContext, req: KServeV2Request) -> tuple[Completion
     wanted = _wanted_outputs(ctx, req, parameters)
     if LOGPROBS_OUTPUT in wanted and parameters.get("logprobs") is None:
         parameters["logprobs"] = 0  # the chosen tokens' logprobs, no alternatives
-    return completion_request(ctx, texts, parameters), wanted
+    return completion_request(ctx, texts, parameters, model), wanted
 
 
 async def v2_infer(ctx: ServingContext, name: str, req: KServeV2Request) -> dict:
@@ -131,7 +136,7 @@ async def v2_infer(ctx: ServingContext, name: str, req: KServeV2Request) -> dict
     if ctx.tasks is not None and ctx.tasks.handles_kserve:
         return await kserve_tasks.v2_infer(ctx.tasks, ctx, req)
     ctx.check_model(req.model_name)
-    creq, wanted = v2_completion(ctx, req)
+    creq, wanted = v2_completion(ctx, req, name)
     choices = await _choices(ctx, creq)
     tensors = {
         TEXT_OUTPUT: [c["text"] for c in choices],

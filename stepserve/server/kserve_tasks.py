@@ -179,7 +179,7 @@ def _output_tensor(ts: TaskServing, predictions: list) -> dict:
 
 
 async def v2_infer(ts: TaskServing, ctx, req: KServeV2Request) -> dict:
-    ctx.check_model(req.model_name)
+    ctx.check_model(req.model_name, adapters=False)
     parameters = {
         k: v for k, v in req.parameters.items() if k != "binary_data_output"
     }  # answered in JSON, which KServe's client reads too

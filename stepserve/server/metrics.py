@@ -6,6 +6,7 @@ gauges of the engine's state are read from its stats snapshot at scrape time.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
@@ -32,10 +33,13 @@ E2E_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 4
 class _EngineStateCollector(Collector):
     """Gauges and counters read from the engine's latest stats snapshot."""
 
-    def __init__(self, model_name: str, stats: Callable[[], EngineStats], restarts: Callable[[], int]) -> None:
+    def __init__(
+        self, model_name: str, stats: Callable[[], EngineStats], restarts: Callable[[], int], max_loras: int = 0
+    ) -> None:
         self.model_name = model_name
         self.stats = stats
         self.restarts = restarts
+        self.max_loras = max_loras  # 0: no adapters served, no lora_requests_info
 
     def collect(self):
         s = self.stats()
@@ -57,6 +61,20 @@ class _EngineStateCollector(Collector):
             CounterMetricFamily, "prefix_cache_hits", "Prompt tokens found in the prefix cache.", s.prefix_cache_hits
         )
         yield self._family(CounterMetricFamily, "engine_restarts", "Restarts of the engine core.", self.restarts())
+        if self.max_loras:
+            yield self._lora_info(s)
+
+    def _lora_info(self, s: EngineStats):
+        """vLLM's ``lora_requests_info``, which the inference gateway's endpoint picker reads for
+        LoRA affinity: the adapters of running and of waiting requests (comma-separated) and the
+        slots, as labels; the value is the time of the snapshot, as vLLM sets it."""
+        family = GaugeMetricFamily(
+            PREFIX + "lora_requests_info",
+            "Running and waiting LoRA adapters, and the adapters resident at once.",
+            labels=["running_lora_adapters", "waiting_lora_adapters", "max_lora"],
+        )
+        family.add_metric([",".join(s.running_loras), ",".join(s.waiting_loras), str(self.max_loras)], time.time())
+        return family
 
     def _family(self, kind, name: str, doc: str, value: float):
         family = kind(PREFIX + name, doc, labels=["model_name"])
@@ -68,11 +86,15 @@ class ServerMetrics:
     """The server's registry; ``observe`` is the async engine's ``on_finish`` callback."""
 
     def __init__(
-        self, model_name: str, stats: Callable[[], EngineStats], restarts: Callable[[], int] = lambda: 0
+        self,
+        model_name: str,
+        stats: Callable[[], EngineStats],
+        restarts: Callable[[], int] = lambda: 0,
+        max_loras: int = 0,
     ) -> None:
         self.model_name = model_name
         self.registry = CollectorRegistry()
-        self.registry.register(_EngineStateCollector(model_name, stats, restarts))
+        self.registry.register(_EngineStateCollector(model_name, stats, restarts, max_loras))
         labels = ["model_name"]
         r = self.registry
         self.prompt_tokens = Counter(PREFIX + "prompt_tokens", "Prompt tokens processed.", labels, registry=r)

@@ -164,7 +164,7 @@ async def any_completion(ctx, req) -> dict | AsyncIterator[dict]:
     text2text model (the other tasks refuse it, naming the model's task)."""
     if ctx.tasks is None:
         return await server_openai.complete(ctx, req)
-    ctx.check_model(req.model)
+    ctx.check_model(req.model, adapters=False)
     return await complete(ctx.tasks, ctx, req)
 
 

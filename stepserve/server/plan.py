@@ -17,6 +17,7 @@ import json
 import re
 from dataclasses import dataclass
 
+from stepserve.core.outputs import LoraRef
 from stepserve.engine.async_engine import PromptInput
 from stepserve.errors import InvalidRequestError
 from stepserve.sampling import GrammarSpec, SamplingParams
@@ -80,6 +81,7 @@ async def plan(ctx: ServingContext, req: CompletionRequest | ChatCompletionReque
 def plan_completion(ctx: ServingContext, req: CompletionRequest) -> Plan:
     if req.suffix is not None:
         raise InvalidRequestError("suffix is not supported: this server does not fill in the middle", "suffix")
+    lora = ctx.adapter(req.model)
     constraint = output_constraint(ctx, req)
     spec = constraint[1] if constraint else None
     params = sampling_params(ctx, req, req.max_tokens, req.logprobs, spec)
@@ -93,7 +95,7 @@ def plan_completion(ctx: ServingContext, req: CompletionRequest) -> Plan:
         ids = encode(ctx, item, "prompt") if isinstance(item, str) else tuple(item)
         ctx.check_token_ids(ids, "prompt")
         text = item if isinstance(item, str) else ctx.tokenizer.decode(ids)
-        prompts.append(PlannedPrompt(text, prompt_input(ctx, ids, params, COMPLETIONS_DEFAULT_MAX_TOKENS)))
+        prompts.append(PlannedPrompt(text, prompt_input(ctx, ids, params, COMPLETIONS_DEFAULT_MAX_TOKENS, lora)))
     return Plan(
         tuple(prompts),
         NO_TOOLS,
@@ -120,6 +122,7 @@ def plan_chat(ctx: ServingContext, req: ChatCompletionRequest) -> Plan:
     """The conversation rendered and resolved; errors name the chat spelling of parameters."""
     if not req.messages:
         raise InvalidRequestError("messages must contain at least one message", "messages")
+    lora = ctx.adapter(req.model)
     messages = [_message_dict(i, m) for i, m in enumerate(req.messages)]
     if req.top_logprobs is not None and not req.logprobs:
         raise InvalidRequestError("top_logprobs needs logprobs=true", "top_logprobs")
@@ -142,7 +145,7 @@ def plan_chat(ctx: ServingContext, req: ChatCompletionRequest) -> Plan:
         if thinking is not None and params.structured is not None and thinking.prompt_state != "closed":
             # the constraint holds the answer, after the thinking (as vLLM's reasoning-aware structured output)
             params = params.replace(structured=dataclasses.replace(params.structured, after=thinking.end_token_id))
-        prompt = PlannedPrompt("", prompt_input(ctx, ids, params, None))
+        prompt = PlannedPrompt("", prompt_input(ctx, ids, params, None, lora))
     except InvalidRequestError as exc:
         raise _renamed(exc, names) from None
     return Plan(
@@ -209,9 +212,13 @@ def encode_chat(
 
 
 def prompt_input(
-    ctx: ServingContext, ids: tuple[int, ...], params: SamplingParams, omitted_default: int | None
+    ctx: ServingContext,
+    ids: tuple[int, ...],
+    params: SamplingParams,
+    omitted_default: int | None,
+    lora: LoraRef | None = None,
 ) -> PromptInput:
-    """Resolve ``max_tokens`` for this prompt (invariant 1) and pair them."""
+    """Resolve ``max_tokens`` for this prompt (invariant 1) and pair them, with its adapter."""
     resolved = params.resolve(
         len(ids),
         ctx.max_model_len,
@@ -219,7 +226,7 @@ def prompt_input(
         default_max_tokens=ctx.sampling_defaults.cap(ctx.config.default_max_tokens),
         max_tokens_limit=ctx.config.max_tokens_limit,
     )
-    return PromptInput(ids, resolved)
+    return PromptInput(ids, resolved, lora)
 
 
 # -- sampling parameters ------------------------------------------------------------------

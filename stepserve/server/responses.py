@@ -218,7 +218,7 @@ class ResponsesRequest(_Body):
 # model's sampling defaults apply to the rest, as on chat).
 _PASSED = (
     "temperature", "top_p", "seed", "stop", "stop_token_ids", "top_k", "min_p", "repetition_penalty",
-    "presence_penalty", "frequency_penalty", "ignore_eos", "min_tokens", "parallel_tool_calls", "user",
+    "presence_penalty", "frequency_penalty", "ignore_eos", "min_tokens", "parallel_tool_calls", "user", "model",
 )  # fmt: skip
 # The chat spelling of a parameter -> the Responses one, for errors raised by plan_chat.
 _NAMES = {

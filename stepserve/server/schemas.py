@@ -158,6 +158,13 @@ class ChatCompletionRequest(_SamplingFields):
     parallel_tool_calls: StrictBool = True  # more than one call per answer
 
 
+class LoraAdapterRequest(_Body):
+    """``POST /v1/load_lora_adapter`` and ``/v1/unload_lora_adapter``, as vLLM spells them."""
+
+    lora_name: str
+    lora_path: str | None = None  # required to load
+
+
 class KServeV2Tensor(_Body):
     name: str
     shape: list[int]

@@ -24,7 +24,7 @@ ROUTES = (
 def _handler(schema, handle, path: str):
     async def run(ctx, raw: bytes) -> dict:
         req = parse_body(schema, raw, ctx.unknown)
-        ctx.check_model(req.model)
+        ctx.check_model(req.model, adapters=False)
         if ctx.tasks is None:
             raise InvalidRequestError(f"{path} is not served by this model: it serves text_generation", "model")
         return await handle(ctx.tasks, ctx.model_name, req)

@@ -133,6 +133,8 @@ class ModelRunner:
         self.graphs: CudaGraphs | None = None  # set by capture_cuda_graphs
         self.grammars = grammars  # constrained decoding; None: every request is free text
         self.pooling = PoolingRows()  # folds of prefill-only pooling requests, chunk by chunk
+        self.lora = None  # worker.lora_slots.LoraSlots when adapters are served
+        self._lora_steps: tuple = (None, None)  # this pass's slots: per token of the first step, per row after
         self._last_pass: tuple[SchedulerOutput, torch.Tensor] | None = (
             None  # the last submitted pass, its tokens [B, N]
         )
@@ -153,10 +155,14 @@ class ModelRunner:
         grammar = self._grammar_pass(sched)
         requests = sched.requests
         inputs = self._prepare(sched)
+        self._lora_steps = (None, None)
+        if self.lora is not None:
+            self._lora_steps = self.lora.step_slots(sched, self.lora.rows(sched), self.device)
         batch = S.build_sampling_batch(
             requests, self.eos_token_ids, self.vocab_size, self.device, self.shared_generator
         )
         eager = any(_prompt_logprob_span(r) for r in requests)  # prompt logprobs need the hidden states
+        eager = eager or self._lora_steps[0] is not None  # adapters run eagerly (the graphs hold none)
         graph = self.graphs.load(inputs) if self.graphs is not None and not eager else None
         prompt_logprobs: dict[str, tuple[TokenLogprob, ...]] = {}
         steps: list[torch.Tensor] = []
@@ -242,6 +248,9 @@ class ModelRunner:
             return graph.replay(), {}  # the graph advances its own inputs for the next step
         if step > 0:
             self._advance(inputs, last_tokens)
+        state = getattr(self.model, "lora_state", None)
+        if state is not None:
+            state.slots = self._lora_steps[0 if step == 0 else 1]
         if step == 0 and any(_prompt_logprob_span(r) for r in sched.requests):
             hidden = self._hidden(inputs)
             return self.model.compute_logits(hidden[inputs.logits_index]), self._prompt_logprobs(sched, hidden)

@@ -1,0 +1,185 @@
+"""The batched LoRA kernels (``kernels/triton/lora.py``) against ``lora_reference`` on copies of
+the same inputs, on CUDA and (smaller, without bf16) under Triton's interpreter.
+
+Bounds (relative L2 error of the delta, on the rows with an adapter): 16-bit <= 1e-2 (both round
+the shrink to the activations' dtype and the sum once; only the order of the float32 sums
+differs); float32 <= 1e-5. Rows without an adapter must come back bit for bit: their ``x`` rows
+are NaN, so a kernel that computes them, or leaks them into another row, fails. Every buffer the
+kernels allocate starts as NaN, so an unwritten row that is read shows up as a non-finite output.
+"""
+
+import pytest
+import torch
+
+from stepserve.models.lora import lora_reference
+
+BOUND = {torch.bfloat16: 1e-2, torch.float16: 1e-2, torch.float32: 1e-5}
+RANKS = (8, 16, 64)  # the adapters' own ranks, zero-padded to the server's R
+
+
+def on_cuda(device: str) -> bool:
+    return device == "cuda"
+
+
+def dtypes(device: str) -> list[torch.dtype]:
+    # the interpreter mishandles bf16
+    return [torch.bfloat16, torch.float16] if on_cuda(device) else [torch.float32, torch.float16]
+
+
+def sizes(device: str) -> tuple[int, int]:
+    """(K, N): a 7B-class projection on CUDA; under the interpreter, small ones that are no multiple of the tiles."""
+    return (4096, 6144) if on_cuda(device) else (300, 72)
+
+
+def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
+    x, ref = x.double(), ref.double()
+    assert torch.isfinite(x).all()
+    return ((x - ref).norm() / ref.norm()).item()
+
+
+@pytest.fixture
+def poisoned(monkeypatch):
+    """Every floating tensor from ``torch.empty`` / ``torch.empty_like`` starts as NaN."""
+    empty, empty_like = torch.empty, torch.empty_like
+
+    def nan(make):
+        def make_nan(*args, **kwargs):
+            t = make(*args, **kwargs)
+            return t.fill_(float("nan")) if t.is_floating_point() else t
+
+        return make_nan
+
+    monkeypatch.setattr(torch, "empty", nan(empty))
+    monkeypatch.setattr(torch, "empty_like", nan(empty_like))
+
+
+def make_adapters(num_slots: int, rank: int, hidden: int, out: int, dtype: torch.dtype, device: str, seed: int = 0):
+    """(lora_a [S, R, K], lora_b [S, N, R]): slot ``s`` of rank ``RANKS[s % 3]`` (at most R), zero-padded."""
+    gen = torch.Generator().manual_seed(seed)
+    lora_a = torch.randn(num_slots, rank, hidden, generator=gen) / hidden**0.5
+    lora_b = torch.randn(num_slots, out, rank, generator=gen)
+    for s in range(num_slots):
+        own = min(RANKS[s % len(RANKS)], rank)
+        lora_a[s, own:] = 0
+        lora_b[s, :, own:] = 0
+        lora_b[s] /= own**0.5
+    return lora_a.to(dtype).to(device), lora_b.to(dtype).to(device)
+
+
+def assign(tokens: int, num_slots: int, kind: str, device: str, seed: int = 0) -> torch.Tensor:
+    """slots [T] int32: uniform over -1..S-1 (``mixed``); all -1 (``none``); all the last slot (``one``)."""
+    gen = torch.Generator().manual_seed(seed)
+    if kind == "mixed":
+        slots = torch.randint(-1, num_slots, (tokens,), generator=gen, dtype=torch.int32)
+    else:
+        slots = torch.full((tokens,), -1 if kind == "none" else num_slots - 1, dtype=torch.int32)
+    return slots.to(device)
+
+
+def inputs(tokens: int, hidden: int, out: int, slots: torch.Tensor, dtype: torch.dtype, device: str, seed: int = 1):
+    """(y [T, N], x [T, K]); the rows of ``x`` without an adapter are NaN."""
+    gen = torch.Generator().manual_seed(seed)
+    y = torch.randn(tokens, out, generator=gen).to(dtype).to(device)
+    x = torch.randn(tokens, hidden, generator=gen).to(dtype).to(device)
+    x[slots < 0] = float("nan")
+    return y, x
+
+
+def check_against_reference(tokens, num_slots, kind, rank, dtype, device):
+    from stepserve.kernels.triton.lora import lora_delta
+
+    hidden, out = sizes(device)
+    lora_a, lora_b = make_adapters(num_slots, rank, hidden, out, dtype, device)
+    slots = assign(tokens, num_slots, kind, device, seed=tokens)
+    y, x = inputs(tokens, hidden, out, slots, dtype, device)
+    got = lora_delta(y.clone(), x, lora_a, lora_b, slots)
+    ref = lora_reference(y.clone(), x, lora_a, lora_b, slots)
+    assert got.dtype == dtype and got.shape == (tokens, out)
+    none = slots < 0
+    assert torch.equal(got[none], y[none])
+    if none.all():
+        return
+    err = rel_err(got[~none] - y[~none].double(), ref[~none] - y[~none].double())
+    print(f"T={tokens} S={num_slots} R={rank} {kind} {dtype}: relative error {err:.2e}")
+    assert err <= BOUND[dtype]
+
+
+@pytest.mark.parametrize("tokens", [1, 7, 64, 1000, 8192])
+@pytest.mark.parametrize("num_slots", [1, 3, 8])
+def test_lora_delta_matches_reference(tokens, num_slots, device, poisoned):
+    """Slots mixed per batch, -1 rows among them, for decode (16-token tiles, the shrink split
+    16 ways) and prefill (64-token tiles, unsplit)."""
+    for dtype in dtypes(device):
+        check_against_reference(tokens, num_slots, "mixed", 64, dtype, device)
+
+
+@pytest.mark.parametrize("kind", ["none", "one"])
+@pytest.mark.parametrize("tokens", [7, 1000])
+def test_lora_delta_uniform_slots(kind, tokens, device, poisoned):
+    """A batch without adapters leaves ``y`` as it was; a batch of one slot is one group."""
+    for dtype in dtypes(device):
+        check_against_reference(tokens, 4, kind, 64, dtype, device)
+
+
+@pytest.mark.parametrize("tokens", [7, 300])
+def test_lora_delta_fused_rank(tokens, device, poisoned):
+    """R = 192, a fused qkv's three slices of rank 64: three rank tiles in the shrink, three
+    reduction steps in the expand."""
+    for dtype in dtypes(device):
+        check_against_reference(tokens, 3, "mixed", 192, dtype, device)
+
+
+def test_lora_delta_no_tokens(device):
+    from stepserve.kernels.triton.lora import lora_delta
+
+    hidden, out = sizes(device)
+    dtype = dtypes(device)[0]
+    lora_a, lora_b = make_adapters(2, 16, hidden, out, dtype, device)
+    y = torch.empty(0, out, dtype=dtype, device=device)
+    x = torch.empty(0, hidden, dtype=dtype, device=device)
+    assert lora_delta(y, x, lora_a, lora_b, torch.empty(0, dtype=torch.int32, device=device)) is y
+
+
+def test_config_by_tokens(device):
+    from stepserve.kernels.triton.lora import lora_config
+
+    decode = lora_config(1, 64, 4096, 6144, torch.bfloat16)
+    prefill = lora_config(8192, 192, 4096, 6144, torch.bfloat16)
+    assert (decode.block_m, decode.split_k) == (16, 16) and (prefill.block_m, prefill.split_k) == (64, 1)
+    tiny = lora_config(1, 8, 40, 24, torch.float32)
+    assert (tiny.block_r, tiny.block_k, tiny.split_k, tiny.block_n, tiny.num_stages) == (16, 64, 1, 32, 2)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need CUDA")
+@pytest.mark.parametrize("tokens", [8, 256])
+def test_lora_delta_issues_no_host_sync(tokens):
+    """No sync in eager mode (sync debug mode raises on one), and a CUDA graph captured on one
+    slot assignment replays another (one slot, then mixed with -1 rows) exactly as an eager call
+    computes it, leaving the rows without an adapter as they were."""
+    from stepserve.kernels.triton.lora import lora_delta
+
+    device, dtype, num_slots = "cuda", torch.bfloat16, 8
+    hidden, out = sizes(device)
+    lora_a, lora_b = make_adapters(num_slots, 64, hidden, out, dtype, device)
+    slots = assign(tokens, num_slots, "mixed", device)
+    y, x = inputs(tokens, hidden, out, slots, dtype, device)
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        lora_delta(y, x, lora_a, lora_b, slots)  # also compiles every kernel before the capture
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        lora_delta(y, x, lora_a, lora_b, slots)
+    for kind, seed in [("one", 7), ("mixed", 9)]:
+        new_slots = assign(tokens, num_slots, kind, device, seed=seed)
+        new_y, new_x = inputs(tokens, hidden, out, new_slots, dtype, device, seed=seed)
+        y.copy_(new_y)
+        x.copy_(new_x)
+        slots.copy_(new_slots)
+        graph.replay()
+        assert torch.equal(y, lora_delta(new_y.clone(), new_x, lora_a, lora_b, new_slots))
+        ref = lora_reference(new_y.clone(), new_x, lora_a, lora_b, new_slots)
+        none = new_slots < 0
+        assert torch.equal(y[none], new_y[none])
+        assert rel_err(y[~none] - new_y[~none].double(), ref[~none] - new_y[~none].double()) <= 1e-2
