@@ -1,0 +1,52 @@
+"""PEFT LoRA adapters of the tiny test models, made by ``peft`` itself (no hub): random A and B
+(``init_lora_weights=False``), so each adapter really moves the model's answers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+# name -> (rank, alpha, targets, use_rslora)
+ADAPTERS = {
+    "attn-r8": (8, 16, ["q_proj", "v_proj"], False),
+    "all-r16-rslora": (16, 8, ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"], True),
+    "mlp-r4": (4, 4, ["gate_proj", "down_proj"], False),
+}
+
+
+def write_adapter(base_dir: Path, directory: Path, name: str, seed: int = 0) -> Path:
+    import torch
+    import transformers
+    from peft import LoraConfig, get_peft_model
+
+    rank, alpha, targets, rslora = ADAPTERS[name]
+    model = transformers.AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets, use_rslora=rslora, init_lora_weights=False)
+    torch.manual_seed(seed)
+    peft_model = get_peft_model(model, config)
+    with torch.no_grad():  # peft's random init is small: scale B so the adapter changes greedy answers
+        for param_name, param in peft_model.named_parameters():
+            if "lora_B" in param_name:
+                param.mul_(4.0)
+    peft_model.save_pretrained(directory)
+    return directory
+
+
+def merged_greedy(
+    base_dir: Path, adapter_dir: Path | None, prompts: list[list[int]], new_tokens: int
+) -> list[list[int]]:
+    """transformers' greedy tokens of the base model with the adapter merged by peft."""
+    import torch
+    import transformers
+    from peft import PeftModel
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    if adapter_dir is not None:
+        model = PeftModel.from_pretrained(model, adapter_dir).merge_and_unload()
+    model.eval()
+    out = []
+    for ids in prompts:
+        gen = model.generate(
+            torch.tensor([ids]), max_new_tokens=new_tokens, do_sample=False, eos_token_id=None, pad_token_id=0
+        )
+        out.append(gen[0, len(ids) :].tolist())
+    return out
