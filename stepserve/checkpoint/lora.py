@@ -73,7 +73,9 @@ def read_adapter_config(
             raise ConfigError(f"{folder}: it adapts {module!r}; supported targets: {', '.join(SUPPORTED_MODULES)}")
         if num_layers is not None and layer >= num_layers:
             raise ConfigError(f"{folder}: it adapts layer {layer}, but the base model has {num_layers} layers")
-        if shapes is not None and module in shapes:
+        if shapes is not None and module not in shapes:
+            raise ConfigError(f"{folder}: it adapts {module}, which this base model has no dense projection for")
+        if shapes is not None:
             inner, outer = shapes[module]
             want = (rank, inner) if match[3] == "A" else (outer, rank)
             if tuple(shape) != want:
@@ -104,20 +106,15 @@ def _tensor_shapes(path: Path) -> dict[str, list[int]]:
 
 
 def base_shapes(cfg) -> dict[str, tuple[int, int]]:
-    """(in, out) of each adaptable projection of a ``DecoderConfig`` (the dense MLP's; a mixture
-    of experts has none)."""
+    """(in, out) of each adaptable projection of a ``DecoderConfig`` (a mixture of experts: the
+    attention's only; its experts take no adapter)."""
     q, kv, hidden, inner = (
         cfg.num_heads * cfg.head_dim,
         cfg.num_kv_heads * cfg.head_dim,
         cfg.hidden_size,
         cfg.intermediate_size,
     )
-    return {
-        "q_proj": (hidden, q),
-        "k_proj": (hidden, kv),
-        "v_proj": (hidden, kv),
-        "o_proj": (q, hidden),
-        "gate_proj": (hidden, inner),
-        "up_proj": (hidden, inner),
-        "down_proj": (inner, hidden),
-    }
+    shapes = {"q_proj": (hidden, q), "k_proj": (hidden, kv), "v_proj": (hidden, kv), "o_proj": (q, hidden)}
+    if cfg.moe is None:
+        shapes |= {"gate_proj": (hidden, inner), "up_proj": (hidden, inner), "down_proj": (inner, hidden)}
+    return shapes
