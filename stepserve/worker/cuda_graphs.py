@@ -71,6 +71,9 @@ class CudaGraphs:
         self.noise_keys = torch.zeros(n, dtype=torch.long, device=dev)
         self.noise_index = torch.zeros(n, dtype=torch.long, device=dev)
         self.sampled = torch.zeros(n, dtype=torch.long, device=dev)  # the last sampling replay's tokens
+        # LoRA: each row's adapter slot (-1: the base), read by the adapted projections in the graph
+        self.lora_state = getattr(runner.model, "lora_state", None)
+        self.lora_slots = torch.full((n,), -1, dtype=torch.int32, device=dev)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.sampling_graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.logits: dict[int, torch.Tensor] = {}
@@ -130,6 +133,8 @@ class CudaGraphs:
     def _step(self, size: int, meta: AttentionMetadata) -> torch.Tensor:
         r = self.runner
         r.backend.prepare(meta)
+        if self.lora_state is not None:
+            self.lora_state.slots = self.lora_slots[:size]
         hidden = r.model(self.input_ids[:size], meta.positions, r.kv_caches, meta, r.backend)
         logits = r.model.compute_logits(hidden)
         # A NaN or inf anywhere in a row makes its sum non-finite: one reduction per step.
@@ -169,9 +174,11 @@ class CudaGraphs:
         self.slots[start:].zero_()
         self.seq_lens[start:].fill_(1)
         self.tables[start:].zero_()
+        self.lora_slots[start:].fill_(-1)
 
-    def load(self, inputs) -> CudaGraphs | None:
-        """Copy a pure-decode pass's first-step inputs into the buffers; None if no graph fits."""
+    def load(self, inputs, lora_rows: torch.Tensor | None = None) -> CudaGraphs | None:
+        """Copy a pure-decode pass's first-step inputs (and its rows' adapter slots) into the
+        buffers; None if no graph fits."""
         meta = inputs.meta
         batch = meta.seq_lens.shape[0]
         if not meta.is_decode or batch > self.sizes[-1] or meta.block_tables.shape[1] > self.width:
@@ -182,6 +189,10 @@ class CudaGraphs:
         self.slots[:batch].copy_(meta.slot_mapping, non_blocking=True)
         self.seq_lens[:batch].copy_(meta.seq_lens, non_blocking=True)
         self.tables[:batch, : meta.block_tables.shape[1]].copy_(meta.block_tables, non_blocking=True)
+        if lora_rows is not None:
+            self.lora_slots[:batch].copy_(lora_rows, non_blocking=True)
+        else:
+            self.lora_slots[:batch].fill_(-1)
         if size > batch:
             self._reset(batch)
         self.nonfinite.zero_()

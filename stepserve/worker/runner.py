@@ -162,8 +162,7 @@ class ModelRunner:
             requests, self.eos_token_ids, self.vocab_size, self.device, self.shared_generator
         )
         eager = any(_prompt_logprob_span(r) for r in requests)  # prompt logprobs need the hidden states
-        eager = eager or self._lora_steps[0] is not None  # adapters run eagerly (the graphs hold none)
-        graph = self.graphs.load(inputs) if self.graphs is not None and not eager else None
+        graph = self.graphs.load(inputs, self._lora_steps[1]) if self.graphs is not None and not eager else None
         prompt_logprobs: dict[str, tuple[TokenLogprob, ...]] = {}
         steps: list[torch.Tensor] = []
         logprobs: list[tuple] = []
@@ -257,7 +256,11 @@ class ModelRunner:
         return self._forward(inputs), {}
 
     def hidden_states(self, sched: SchedulerOutput) -> torch.Tensor:
-        """The final hidden states of every token the pass computes, packed in request order."""
+        """The final hidden states of every token the pass computes, packed in request order
+        (the base model's: pooling requests take no adapter)."""
+        state = getattr(self.model, "lora_state", None)
+        if state is not None:
+            state.slots = None
         return self._hidden(self._prepare(sched))
 
     def _hidden(self, inputs: StepInputs) -> torch.Tensor:
