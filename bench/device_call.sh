@@ -20,6 +20,12 @@
 #            --skip-cb or --only moe,dense); gpu_moe.json and profile_moe.txt in moe/, log in
 #            moe.log. About 8 minutes on one H100; where a command's time is shorter, split it:
 #            --only moe,dense,cb, then --only fp8
+#   lora     the LoRA benchmark, python -m stepserve.bench.gpu_lora: the 8B shape alone, then with
+#            8 random rank-16 adapters on all seven projections (request i on adapter i % 8), the
+#            same LoRA engine with every request on the base, and batch-1 decode with one adapter;
+#            ratios to the base alone against their targets (ARGS go to the benchmark, e.g.
+#            --num-requests 64 for a smoke run); gpu_lora.json in lora/, log in lora.log. About 3-4
+#            minutes on one H100
 #   serve    the HTTP serving rows, python -m stepserve.bench.gpu --only serve: the 8B shape behind
 #            `stepserve serve` at 256 streams and at one, then the engine core killed and the time
 #            to healthy again (ARGS go to the benchmark); gpu_bench.json and the server's log in
@@ -37,12 +43,12 @@
 # everything under the results folder into results.tgz (the default when $OUT is set, since a
 # lent device machine brings back only a few files); PACK=0 keeps the files as they are.
 set -o pipefail
-mode=${1:?usage: bash bench/device_call.sh tests|offline|moe|serve|all|setup [ARGS...]}
+mode=${1:?usage: bash bench/device_call.sh tests|offline|moe|lora|serve|all|setup [ARGS...]}
 shift
 case $mode in
-tests|offline|moe|serve|setup) ;;
+tests|offline|moe|lora|serve|setup) ;;
 all) [ $# -eq 0 ] || { echo "all takes no ARGS" >&2; exit 2; } ;;
-*) echo "unknown mode: $mode (tests, offline, moe, serve, all, setup)" >&2; exit 2 ;;
+*) echo "unknown mode: $mode (tests, offline, moe, lora, serve, all, setup)" >&2; exit 2 ;;
 esac
 PACK=${PACK:-$([ -n "${OUT:-}" ] && echo 1 || echo 0)}
 OUT=${OUT:-$PWD/bench-out}
@@ -84,6 +90,9 @@ run_offline() {
 run_moe() {
     step moe.log python3 -m stepserve.bench.gpu_moe --out "$OUT/moe" "$@"
 }
+run_lora() {
+    step lora.log python3 -m stepserve.bench.gpu_lora --out "$OUT/lora" "$@"
+}
 run_serve() {
     step serve.log python3 -m stepserve.bench.gpu --out "$OUT/serve" --only serve "$@"
     [ -f "$OUT/serve/serve_8b.log" ] && grep -h -e "spare" -e "engine core process" -e "model memory on" -e "model weights on" \
@@ -93,6 +102,7 @@ case $mode in
 tests) run_tests "$@" ;;
 offline) run_offline "$@" ;;
 moe) run_moe "$@" ;;
+lora) run_lora "$@" ;;
 serve) run_serve "$@" ;;
 all) run_tests; run_offline; run_serve ;;
 setup) ;;

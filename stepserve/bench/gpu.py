@@ -30,6 +30,8 @@ from pathlib import Path
 
 import torch
 
+from stepserve.core.outputs import LoraRef
+
 LLAMA = dict(
     architectures=["LlamaForCausalLM"],
     model_type="llama",
@@ -243,13 +245,15 @@ def run_requests(
     passes: list | None = None,
     outputs: dict | None = None,
     sampling: dict | None = None,
+    loras: list | None = None,
 ) -> tuple[float, int]:
     """Seconds and output tokens for the prompts run through the engine loop to completion.
     ``passes`` collects (requests, steps, tokens computed by the first step, seconds) per pass:
     each step applies one pass after its one host sync (with asynchronous scheduling, the
     next pass is already running then), so wall time per step is that pass's cost. ``outputs``
     collects each request's generated token ids under its index in ``prompts``. ``sampling``:
-    SamplingParams fields (default greedy)."""
+    SamplingParams fields (default greedy). ``loras``: LoRA adapters (``LoraRef``, or None for the
+    base) given out in turn: request i runs with ``loras[i % len(loras)]``."""
     from stepserve.core.outputs import EngineCoreRequest
     from stepserve.sampling import SamplingParams
 
@@ -257,7 +261,8 @@ def run_requests(
     torch.cuda.synchronize()
     start = time.perf_counter()
     for i, ids in enumerate(prompts):
-        core.add_request(EngineCoreRequest(f"{tag}-{i}", tuple(ids), params, time.monotonic()))
+        lora = loras[i % len(loras)] if loras else None
+        core.add_request(EngineCoreRequest(f"{tag}-{i}", tuple(ids), params, time.monotonic(), lora=lora))
     tokens = 0
     while core.has_unfinished:
         t0 = time.perf_counter()
@@ -311,15 +316,20 @@ def graph_step_ms(core, size: int) -> float | None:
 
 
 def stepserve_throughput(
-    core, prompts, warm: bool = True, outputs: dict | None = None, sampling: dict | None = None
+    core,
+    prompts,
+    warm: bool = True,
+    outputs: dict | None = None,
+    sampling: dict | None = None,
+    loras: list | None = None,
 ) -> dict:
     # Warm-up on the workload's own shapes: Triton compiles a kernel per specialization (mixed
     # prefill+decode steps, split or not), which must not land inside the timed run.
     # Its prompts are drawn apart from the timed ones, so the prefix cache cannot serve them.
     if warm:
-        run_requests(core, workload(seed=1)[:64], 4, "warm")
+        run_requests(core, workload(seed=1)[:64], 4, "warm", loras=loras)
     passes: list = []
-    elapsed, tokens = run_requests(core, prompts, OUTPUT_LEN, "bench", passes, outputs, sampling)
+    elapsed, tokens = run_requests(core, prompts, OUTPUT_LEN, "bench", passes, outputs, sampling, loras)
     return {
         "elapsed_s": round(elapsed, 3),
         "output_tokens": tokens,
@@ -387,12 +397,15 @@ def decode_busy_share(core, prompts, passes: int = 6, kernels: list | None = Non
     }
 
 
-def batch1_decode(core, prompt: list[int], weight_bytes: int, kv_bytes_per_token: int) -> dict:
-    """Decode tok/s of one request: (t(1 + n tokens) - t(1 token)) over n, best of three."""
-    n = OUTPUT_LEN
-    run_requests(core, [prompt], n + 1, "b1warm")
-    first = min(run_requests(core, [prompt], 1, f"b1p{i}")[0] for i in range(3))
-    full = min(run_requests(core, [prompt], n + 1, f"b1f{i}")[0] for i in range(3))
+def batch1_decode(
+    core, prompt: list[int], weight_bytes: int, kv_bytes_per_token: int, lora: LoraRef | None = None
+) -> dict:
+    """Decode tok/s of one request (with the adapter ``lora``, if given): (t(1 + n tokens) -
+    t(1 token)) over n, best of three."""
+    n, loras = OUTPUT_LEN, [lora]
+    run_requests(core, [prompt], n + 1, "b1warm", loras=loras)
+    first = min(run_requests(core, [prompt], 1, f"b1p{i}", loras=loras)[0] for i in range(3))
+    full = min(run_requests(core, [prompt], n + 1, f"b1f{i}", loras=loras)[0] for i in range(3))
     tok_s = n / (full - first)
     mean_context = len(prompt) + n / 2
     bytes_per_token = weight_bytes + kv_bytes_per_token * mean_context
