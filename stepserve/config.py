@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 from dataclasses import dataclass, field
 
 from stepserve.errors import InvalidRequestError
@@ -18,6 +19,8 @@ KV_CACHE_DTYPES = ("auto", "fp8")
 LOAD_FORMATS = ("auto", "dummy")
 DEVICES = ("auto", "cpu", "cuda")
 SPARE_CORE_CHOICES = ("auto", "on", "off")  # --spare-core (engine/supervisor.py)
+PREFIX_CACHING_HASH_ALGOS = ("auto", "builtin", "sha256", "sha256_cbor")  # core/block_hash.py
+KV_EVENT_PUBLISHERS = ("null", "zmq")
 
 
 class ConfigError(InvalidRequestError):
@@ -109,6 +112,58 @@ class ModelConfig:
 
 
 @dataclass(frozen=True)
+class KVEventsConfig:
+    """vLLM's ``--kv-events-config``, its JSON keys and defaults (docs/kv-events.md)."""
+
+    enable_kv_cache_events: bool = False  # record and publish KV-cache events
+    publisher: str | None = None  # "zmq" or "null"; None: zmq when enabled
+    endpoint: str = "tcp://*:5557"  # the PUB socket: bound with a wildcard host or ipc://, else connected
+    replay_endpoint: str | None = None  # a ROUTER socket (bound) that resends buffered batches from a sequence number
+    buffer_steps: int = 10_000  # batches kept for replay
+    hwm: int = 100_000  # the PUB socket's high-water mark
+    max_queue_size: int = 100_000  # batches waiting for the publisher thread at most
+    topic: str | None = None  # the first frame; None: kv@<pod ip>@<model>, as llm-d's indexer reads it
+
+    @classmethod
+    def parse(cls, text: str | None) -> KVEventsConfig:
+        if not text:
+            return cls()
+        try:
+            values = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(
+                f"kv_events_config is not JSON ({exc}): give an object such as '{{\"enable_kv_cache_events\": true}}'"
+            ) from None
+        _require(isinstance(values, dict), "kv_events_config must be a JSON object")
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - names)
+        _require(not unknown, f"kv_events_config: unknown keys {', '.join(unknown)}; known: {', '.join(sorted(names))}")
+        return cls(**values)
+
+    @property
+    def enabled(self) -> bool:
+        return self.enable_kv_cache_events and (self.publisher or "zmq") == "zmq"
+
+    def __post_init__(self) -> None:
+        _require(
+            isinstance(self.enable_kv_cache_events, bool),
+            f"kv_events_config enable_kv_cache_events={self.enable_kv_cache_events!r}: use true or false",
+        )
+        _require(
+            self.publisher is None or self.publisher in KV_EVENT_PUBLISHERS,
+            f"kv_events_config publisher={self.publisher!r}: choose one of {', '.join(KV_EVENT_PUBLISHERS)}",
+        )
+        for name in ("buffer_steps", "hwm", "max_queue_size"):
+            value = getattr(self, name)
+            _require(isinstance(value, int) and value >= 1, f"kv_events_config {name}={value!r}: use an integer >= 1")
+        _require(
+            isinstance(self.endpoint, str) and "://" in self.endpoint,
+            f"kv_events_config endpoint={self.endpoint!r}: use a ZMQ address such as tcp://*:5557",
+        )
+        _require(self.topic is None or isinstance(self.topic, str), f"kv_events_config topic={self.topic!r}: a string")
+
+
+@dataclass(frozen=True)
 class CacheConfig:
     block_size: int = field(default=16, metadata={"help": "tokens per KV cache block"})
     num_blocks: int | None = field(default=None, metadata={"help": "KV cache blocks; default: sized from memory"})
@@ -124,8 +179,57 @@ class CacheConfig:
             )
         },
     )
+    prefix_caching_hash_algo: str = field(
+        default="auto",
+        metadata={
+            "help": (
+                "how prefix-cache blocks are hashed: builtin (Python's hash(), this process only), "
+                "sha256 or sha256_cbor (vLLM's, seeded by PYTHONHASHSEED, so that an indexer can recompute "
+                "them from the tokens); auto: sha256 when KV events are published, else builtin"
+            )
+        },
+    )
+    kv_events_config: str | None = field(
+        default=None,
+        metadata={
+            "help": (
+                "publish KV-cache events over ZMQ as vLLM does, a JSON object with vLLM's keys: "
+                '\'{"enable_kv_cache_events": true, "endpoint": "tcp://*:5557", "topic": "kv@POD_IP@MODEL"}\' '
+                "(also publisher, replay_endpoint, buffer_steps, hwm, max_queue_size; docs/kv-events.md)"
+            )
+        },
+    )
+
+    @property
+    def kv_events(self) -> KVEventsConfig:
+        return KVEventsConfig.parse(self.kv_events_config)
+
+    @property
+    def hash_algo(self) -> str:
+        """The block hash in use: ``auto`` resolved (vLLM's default, sha256, when events are published)."""
+        if self.prefix_caching_hash_algo != "auto":
+            return self.prefix_caching_hash_algo
+        return "sha256" if self.kv_events.enabled else "builtin"
 
     def __post_init__(self) -> None:
+        _require(
+            self.prefix_caching_hash_algo in PREFIX_CACHING_HASH_ALGOS,
+            f"prefix_caching_hash_algo={self.prefix_caching_hash_algo!r}: "
+            f"choose one of {', '.join(PREFIX_CACHING_HASH_ALGOS)}",
+        )
+        try:
+            events = self.kv_events
+        except TypeError as exc:  # a value of the wrong kind, or a field given twice
+            raise ConfigError(f"kv_events_config: {exc}") from None
+        _require(
+            not events.enabled or self.hash_algo != "builtin",
+            "KV events need block hashes an indexer can recompute: use --prefix-caching-hash-algo sha256 "
+            "or sha256_cbor (or auto)",
+        )
+        _require(
+            not events.enabled or self.enable_prefix_caching,
+            "KV events describe the prefix cache: drop --no-enable-prefix-caching, or the events",
+        )
         _require(
             self.block_size in (1, 2, 4, 8, 16, 32, 64, 128),
             f"block_size={self.block_size}: use a power of two up to 128",
@@ -243,8 +347,15 @@ class EngineConfig:
 ENGINE_GROUPS = (ModelConfig, CacheConfig, SchedulerConfig, ParallelConfig, LoraConfig)
 
 
+class _StoreTuple(argparse.Action):
+    """Store a flag's values as a tuple, so a frozen config holds no list."""
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        setattr(namespace, self.dest, tuple(values))
+
+
 def add_dataclass_args(parser: argparse.ArgumentParser, group_cls: type, aliases: dict[str, str] | None = None) -> None:
-    """Add one flag per field, spelled with '-' and with '_' (and any KServe alias)."""
+    """Add one flag per field, spelled with '-' and with '_' (and any KServe or vLLM alias)."""
     aliases = aliases or {}
     for f in dataclasses.fields(group_cls):
         names = {f"--{f.name.replace('_', '-')}", f"--{f.name}"}
@@ -256,6 +367,9 @@ def add_dataclass_args(parser: argparse.ArgumentParser, group_cls: type, aliases
             parser.add_argument(
                 *sorted(names), dest=f.name, action=argparse.BooleanOptionalAction, default=default, help=help_
             )
+            continue
+        if isinstance(default, tuple):  # one or more values after the flag: a tuple of strings
+            parser.add_argument(*sorted(names), dest=f.name, nargs="+", action=_StoreTuple, default=default, help=help_)
             continue
         kind = {int: int, float: float}.get(type(default), str)
         if f.type in ("int | None",):

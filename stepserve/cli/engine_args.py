@@ -8,13 +8,14 @@ import argparse
 from stepserve.config import PARALLEL_ALIASES, CacheConfig, EngineConfig, LoraConfig, ModelConfig, ParallelConfig
 from stepserve.config import SchedulerConfig
 from stepserve.config import add_dataclass_args, engine_config_from_args
+from stepserve.cli.vllm_flags import CACHE_ALIASES, MODEL_ALIASES, REVISION_ALIAS
 
 # KServe huggingfaceserver's spellings for the flags it has.
 KSERVE_ALIASES = {"model": "--model_dir"}
 
 
 def add_engine_args(parser: argparse.ArgumentParser) -> None:
-    add_dataclass_args(parser, ModelConfig, KSERVE_ALIASES)
+    add_dataclass_args(parser, ModelConfig, KSERVE_ALIASES | MODEL_ALIASES)
     parser.add_argument(
         "--model_id",
         "--model-id",
@@ -26,6 +27,7 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--model_revision",
         "--model-revision",
+        REVISION_ALIAS,
         dest="model_revision",
         default=None,
         help="hub branch, tag or commit of --model_id (default: main)",
@@ -37,7 +39,7 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="hub revision of the tokenizer, when it differs from --model_revision",
     )
-    add_dataclass_args(parser, CacheConfig)
+    add_dataclass_args(parser, CacheConfig, CACHE_ALIASES)
     add_dataclass_args(parser, SchedulerConfig)
     add_dataclass_args(parser, LoraConfig)
     add_dataclass_args(parser, ParallelConfig, PARALLEL_ALIASES)

@@ -10,6 +10,7 @@ import sys
 from collections.abc import Callable
 
 from stepserve.cli.engine_args import located_engine_config
+from stepserve.cli.vllm_flags import SERVER_ALIASES, add_vllm_args, resolve
 from stepserve.config import ConfigError, add_dataclass_args
 from stepserve.server.access import AccessConfig, GrpcConfig, access_config_from_args
 from stepserve.server.config import ServerConfig
@@ -19,15 +20,20 @@ log = logging.getLogger("stepserve.server")
 
 
 def add_serve_parser(sub, add_engine_args: Callable[[argparse.ArgumentParser], None]) -> argparse.ArgumentParser:
-    parser = sub.add_parser("serve", help="serve the OpenAI and KServe protocols over HTTP")
+    parser = sub.add_parser(
+        "serve",
+        help="serve the OpenAI and KServe protocols over HTTP",
+        epilog=(
+            "vLLM's spelling of a flag stepserve has is accepted too (vllm serve MODEL --port ...); a vLLM flag "
+            'stepserve does not implement is refused by name. docs/deployment.md, "vLLM\'s command line".'
+        ),
+    )
     add_engine_args(parser)
-    add_dataclass_args(parser, ServerConfig)
+    add_dataclass_args(parser, ServerConfig, SERVER_ALIASES)
     add_dataclass_args(parser, TaskConfig)
     add_dataclass_args(parser, AccessConfig)
     add_dataclass_args(parser, GrpcConfig)
-    parser.add_argument(
-        "--access-log", "--access_log", dest="access_log", action="store_true", help="log every HTTP request too"
-    )
+    _add_access_log_args(parser)
     parser.add_argument(
         "--lora-modules",
         "--lora_modules",
@@ -37,8 +43,28 @@ def add_serve_parser(sub, add_engine_args: Callable[[argparse.ArgumentParser], N
         metavar="NAME=PATH",
         help='LoRA adapters to serve (with --enable-lora): name=path or {"name": ..., "path": ...} each',
     )
+    add_vllm_args(parser)
     parser.set_defaults(func=main)
     return parser
+
+
+def _add_access_log_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--access-log", "--access_log", dest="access_log", action="store_true", help="log every HTTP request too"
+    )
+    parser.add_argument(
+        "--disable-uvicorn-access-log",
+        dest="access_log",
+        action="store_false",
+        help="vLLM's: no line per HTTP request (stepserve's default)",
+    )
+    parser.add_argument(
+        "--disable-access-log-for-endpoints",
+        dest="access_log_skip",
+        default=None,
+        metavar="PATHS",
+        help="vLLM's: with --access-log, no line for requests to these paths (comma-separated, e.g. /health,/metrics)",
+    )
 
 
 def server_config_from_args(args: argparse.Namespace) -> ServerConfig:
@@ -47,15 +73,13 @@ def server_config_from_args(args: argparse.Namespace) -> ServerConfig:
 
 
 def main(args: argparse.Namespace) -> int:
-    import uvicorn
-
     from stepserve.server.access import secure_app
     from stepserve.server.app import create_app
-    from stepserve.server.protocol import protocol_class
     from stepserve.server.grpc_server import with_grpc
     from stepserve.tasks.setup import plan_task, serving
 
     try:
+        args = resolve(args)
         server_config = server_config_from_args(args)
         access = access_config_from_args(args)
         grpc_config = GrpcConfig(args.enable_grpc, args.grpc_port)
@@ -86,23 +110,52 @@ def main(args: argparse.Namespace) -> int:
         server_config.http_port,
         access.root_path,
     )
-    # uvicorn stops gracefully on SIGTERM, then re-raises it to the handler found before it
-    # started; with this one, a graceful stop ends the process with status 0.
-    signal.signal(signal.SIGTERM, lambda *_: None)
-    uvicorn.run(
+    return _serve_http(app, args, server_config, access)
+
+
+def _serve_http(app, args: argparse.Namespace, server_config: ServerConfig, access: AccessConfig) -> int:
+    """Run uvicorn until it stops: 0 after a graceful stop, 3 when it never started (as uvicorn.run)."""
+    import uvicorn
+
+    from stepserve.server.protocol import protocol_class
+    from stepserve.server.tls import RefreshingServer
+
+    config = uvicorn.Config(
         app,
         host=server_config.host,
         port=server_config.http_port,
         access_log=args.access_log,
-        log_level="info",
+        log_level=server_config.uvicorn_log_level,
         timeout_graceful_shutdown=server_config.shutdown_grace_s,
         http=protocol_class(server_config.header_timeout_s, server_config.stream_stall_timeout_s),
         root_path=access.root_path,
         ssl_keyfile=access.ssl_keyfile,
         ssl_certfile=access.ssl_certfile,
     )
+    if args.access_log_skip:
+        logging.getLogger("uvicorn.access").addFilter(_SkipPaths(args.access_log_skip))
+    server = RefreshingServer(config) if access.enable_ssl_refresh else uvicorn.Server(config)
+    # uvicorn stops gracefully on SIGTERM, then re-raises it to the handler found before it
+    # started; with this one, a graceful stop ends the process with status 0.
+    signal.signal(signal.SIGTERM, lambda *_: None)
+    server.run()
+    if not server.started:
+        return 3
     log.info("server stopped")
     return 0
+
+
+class _SkipPaths(logging.Filter):
+    """--disable-access-log-for-endpoints: drops uvicorn's access lines for these paths."""
+
+    def __init__(self, paths: str) -> None:
+        super().__init__()
+        self.paths = frozenset(p.strip() for p in paths.split(",") if p.strip())
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        # uvicorn's access record: args are (client, method, path with query, HTTP version, status).
+        path = record.args[2] if isinstance(record.args, tuple) and len(record.args) > 2 else ""
+        return str(path).split("?", 1)[0] not in self.paths
 
 
 def _lora_registry(args: argparse.Namespace, engine_config, served_name: str):

@@ -14,6 +14,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Protocol
 
+from stepserve.core.kv_events import KVEventSink
 from stepserve.core.outputs import POOLINGS, EngineCoreOutput, EngineCoreRequest, ModelRunnerOutput, SchedulerOutput
 from stepserve.core.request import RequestStatus
 from stepserve.core.scheduler import Scheduler
@@ -80,14 +81,24 @@ class EngineStats:
     num_preemptions: int  # requests preempted so far
     running_loras: tuple[str, ...] = ()  # names of the LoRA adapters of running requests
     waiting_loras: tuple[str, ...] = ()  # and of waiting ones
+    num_kv_blocks: int = 0  # blocks in the KV cache, the null block included (vLLM's num_gpu_blocks); 0: unknown
+    block_size: int = 0  # tokens per KV block; 0: unknown
 
 
 class EngineCore:
     """Owns the scheduler and drives the worker; the front end talks to it with typed messages."""
 
-    def __init__(self, scheduler: Scheduler, worker: Worker, async_scheduling: bool = False) -> None:
+    def __init__(
+        self,
+        scheduler: Scheduler,
+        worker: Worker,
+        async_scheduling: bool = False,
+        kv_events: KVEventSink | None = None,
+    ) -> None:
+        """``kv_events``: where each step's KV-cache events go (the block manager must record them)."""
         self.scheduler = scheduler
         self.worker = worker
+        self.kv_events = kv_events
         self._failed_passes = 0
         self.async_scheduling = async_scheduling and hasattr(worker, "submit")
         self._in_flight: InFlight | None = None
@@ -126,12 +137,28 @@ class EngineCore:
         return self.scheduler.abort(request_ids)
 
     def step(self) -> list[EngineCoreOutput]:
-        if self.async_scheduling:
-            return self._step_async()
+        outputs = self._step_async() if self.async_scheduling else self._step_sync()
+        if self.kv_events is not None:
+            self.publish_kv_events()
+        return outputs
+
+    def _step_sync(self) -> list[EngineCoreOutput]:
         sched = self.scheduler.schedule()
         if sched.is_empty:
             return []
         return self._apply(sched, self._execute(sched))
+
+    def publish_kv_events(self) -> None:
+        """Hand the block manager's events since the last call to the sink, as one batch."""
+        events = self.scheduler.blocks.take_events()
+        if events and self.kv_events is not None:
+            self.kv_events.publish(events)
+
+    def reset_prefix_cache(self) -> bool:
+        """Empty the prefix cache (``AllBlocksCleared``); False, changing nothing, while requests hold blocks."""
+        done = self.scheduler.blocks.reset_prefix_cache()
+        self.publish_kv_events()
+        return done
 
     def _apply(self, sched: SchedulerOutput, result: ModelRunnerOutput) -> list[EngineCoreOutput]:
         self._count_failed_passes(sched, result)
@@ -286,4 +313,6 @@ class EngineCore:
             s.num_preemptions,
             tuple(sorted({r.lora.name for r in s.running if r.lora is not None})),
             tuple(sorted({r.lora.name for r in s.waiting if r.lora is not None})),
+            s.blocks.num_blocks,
+            s.blocks.block_size,
         )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Collection
 
+from stepserve.core.block_manager import CacheSalt
 from stepserve.core.outputs import EngineCoreRequest
 from stepserve.sampling import SamplingParams
 
@@ -50,10 +51,10 @@ class Request:
         )  # prefill-only: finishes with its pooled vector once the prompt is computed
 
     @property
-    def prefix_salt(self) -> tuple | None:
+    def prefix_salt(self) -> CacheSalt | None:
         """What the prefix cache keys this request's blocks by beside their tokens: its adapter
         (two adapters never share KV)."""
-        return None if self.lora is None else ("lora", self.lora.id)
+        return None if self.lora is None else CacheSalt(self.lora.id, self.lora.name)
 
     @property
     def num_tokens(self) -> int:

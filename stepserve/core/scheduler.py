@@ -251,11 +251,17 @@ class Scheduler:
             if s.sample and request.pooling is not None:
                 outputs.append(self._finish_pooling(request, result))
                 continue
+            # The pass's KV holds whether or not the request ends here: its full blocks are cached
+            # first, so that a request that finishes at once (max_tokens=1) leaves its prompt cached.
+            self.blocks.cache_full_blocks(
+                request.request_id, request.token_ids, request.num_computed_tokens, request.prefix_salt
+            )
             output = self._accept(request, tokens, lps) if s.sample else None
             if not request.is_finished:
-                self.blocks.cache_full_blocks(
-                    request.request_id, request.token_ids, request.num_computed_tokens, request.prefix_salt
-                )
+                if s.num_steps > 1:  # the later steps' input tokens had their KV written too
+                    self.blocks.cache_full_blocks(
+                        request.request_id, request.token_ids, request.num_computed_tokens, request.prefix_salt
+                    )
                 if self.window:  # the next query sits at num_computed_tokens and sees `window` keys
                     self.blocks.release_before(request.request_id, request.num_computed_tokens - self.window + 1)
             if output is not None:

@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 
 from stepserve.config import EngineConfig
+from stepserve.core.block_hash import BlockHasher
 from stepserve.core.block_manager import BlockManager
 from stepserve.core.engine_core import EngineCore
 from stepserve.core.scheduler import Scheduler
@@ -28,12 +30,18 @@ def build_engine(
     the checkpoint files when given."""
     built = build_worker(config, weights, eos_token_ids)
     info = built.info
-    blocks = BlockManager(info.num_kv_blocks, config.cache.block_size, config.cache.enable_prefix_caching)
+    cache = config.cache
+    # PYTHONHASHSEED seeds vLLM's block hashes (its NONE_HASH): indexers are set up with the same value.
+    hasher = BlockHasher(cache.hash_algo, os.environ.get("PYTHONHASHSEED"))
+    events = cache.kv_events.enabled
+    blocks = BlockManager(info.num_kv_blocks, cache.block_size, cache.enable_prefix_caching, hasher, events)
     max_loras = config.lora.max_loras if config.lora.enable_lora else 0
     scheduler = Scheduler(config.scheduler, blocks, info.max_model_len, info.eos_token_ids, built.window, max_loras)
     core = EngineCore(scheduler, built.worker, config.scheduler.async_scheduling)
     if info.device == "cuda":
         _warm_up(core, config, built)
+    if events:
+        _start_kv_events(core, config, info.name)
     log.info(
         "engine ready: %s on %s (%s, quantization %s), %d KV blocks, max_model_len %d, in %.1fs",
         info.name,
@@ -62,6 +70,20 @@ def _warm_up(core: EngineCore, config: EngineConfig, built: BuiltWorker) -> None
         budget,
     )
     core.worker.reseed(config.model.seed)
+
+
+def _start_kv_events(core: EngineCore, config: EngineConfig, model_name: str) -> None:
+    """Attach the ZMQ publisher once the engine is warm: the warm-up's random prompts leave the
+    prefix cache (unannounced), and the first batch is ``AllBlocksCleared``, so that an indexer
+    forgets what a previous core of this server held."""
+    from stepserve.engine.kv_events import ZmqEventPublisher, default_topic
+
+    settings = config.cache.kv_events
+    core.scheduler.blocks.reset_prefix_cache()
+    core.scheduler.blocks.take_events()
+    topic = settings.topic if settings.topic is not None else default_topic(model_name)
+    core.kv_events = ZmqEventPublisher(settings, topic)  # set once, here, before the core serves
+    core.reset_prefix_cache()
 
 
 def build_encoder_engine(

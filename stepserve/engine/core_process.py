@@ -52,6 +52,7 @@ class Build:
 class CoreReady:
     info: object  # the builder's ModelInfo
     pid: int  # the core's process id
+    stats: EngineStats | None = None  # the built core's first snapshot (its KV cache's size, for metrics)
 
 
 @dataclass(frozen=True)
@@ -154,8 +155,9 @@ def core_main(conn, factory: CoreFactory | None, spare_device: str | None = None
         log.info("engine core process %d started; building the engine", os.getpid())
     try:
         core, info = factory()
-        conn.send(CoreReady(info, os.getpid()))
+        conn.send(CoreReady(info, os.getpid(), core.stats()))
         _loop(conn, core)
+        _close_kv_events(core)
     except BaseException:  # noqa: BLE001 - the sentinel must go out whatever happened
         try:
             conn.send(CoreFatal(traceback.format_exc()))
@@ -183,6 +185,13 @@ def _loop(conn, core: EngineCore) -> None:
             idle_called = True
         if outputs:
             conn.send(CoreStepOutputs(tuple(outputs), core.stats()))
+
+
+def _close_kv_events(core: EngineCore) -> None:
+    """On a clean shutdown, send the KV events still queued before the process exits."""
+    shutdown = getattr(core.kv_events, "shutdown", None)
+    if shutdown is not None:
+        shutdown()
 
 
 def _apply(core: EngineCore, message) -> list[EngineCoreOutput]:

@@ -211,6 +211,8 @@ class SupervisedCoreClient:
             self._publish(CoreOutputs(message.outputs))
         elif isinstance(message, CoreReady):
             self.info, self.core_pid = message.info, message.pid
+            if message.stats is not None:
+                self._stats = message.stats
             if self._state != "stopped":
                 self._state = "ready"
             self.ready.set()

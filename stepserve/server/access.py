@@ -1,6 +1,6 @@
 """How clients reach the server: the gRPC port (``--enable_grpc``, ``--grpc_port``), and access
 control and request limits as vLLM names them: ``--api-key``, ``--allowed-origins``,
-``--root-path``, ``--ssl-keyfile``/``--ssl-certfile``, ``--max-request-body-bytes``.
+``--root-path``, ``--ssl-keyfile``/``--ssl-certfile`` (``--enable-ssl-refresh``), ``--max-request-body-bytes``.
 
 The key check and the body limit are one pure ASGI middleware each (not Starlette's
 ``BaseHTTPMiddleware``, which would buffer streams and hide disconnects from the routes). Every
@@ -58,11 +58,22 @@ class AccessConfig:
     ssl_certfile: str | None = field(
         default=None, metadata={"help": "the certificate chain that goes with --ssl-keyfile"}
     )
+    enable_ssl_refresh: bool = field(
+        default=False,
+        metadata={
+            "help": (
+                "reload --ssl-keyfile and --ssl-certfile when they change on disk, for the HTTP port's "
+                "new connections (a rotated Kubernetes Secret); gRPC keeps the pair it started with"
+            )
+        },
+    )
     max_request_body_bytes: int = field(default=16 * 2**20, metadata={"help": "larger request bodies get 413"})
 
     def __post_init__(self) -> None:
         if (self.ssl_keyfile is None) != (self.ssl_certfile is None):
             raise ConfigError("give both --ssl-keyfile and --ssl-certfile, or neither")
+        if self.enable_ssl_refresh and self.ssl_certfile is None:
+            raise ConfigError("--enable-ssl-refresh needs --ssl-keyfile and --ssl-certfile")
         for path in (self.ssl_keyfile, self.ssl_certfile):
             if path is not None and not os.path.isfile(path):
                 raise ConfigError(f"TLS file {path!r} does not exist")

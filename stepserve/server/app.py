@@ -216,7 +216,7 @@ def _openai_routes(app: FastAPI, prefix: str) -> None:
 
     @app.get(prefix + "/models")
     async def models(request: Request) -> dict:
-        return {"object": "list", "data": [_model_card(request), *_adapter_cards(request)]}
+        return {"object": "list", "data": [*_base_cards(request), *_adapter_cards(request)]}
 
     @app.post(prefix + "/load_lora_adapter")
     async def load_lora_adapter(request: Request) -> Response:
@@ -253,6 +253,12 @@ def _adapter_cards(request: Request) -> list[dict]:
         return []
     base = _model_card(request)
     return [base | {"id": name, "root": ctx.loras.get(name).path, "parent": ctx.model_name} for name in ctx.loras.names]
+
+
+def _base_cards(request: Request) -> list[dict]:
+    """One card per name of the base model (vLLM lists each ``--served-model-name``)."""
+    base = _model_card(request)
+    return [base | {"id": name} for name in _ctx(request).model_names]
 
 
 def _model_card(request: Request) -> dict:
@@ -381,7 +387,9 @@ def create_app(
         if wait_started is not None and not await asyncio.to_thread(wait_started):
             raise RuntimeError("the engine core failed to start; see the log above")
         max_loras = getattr(loras, "max_loras", 0)
-        app.state.metrics = ServerMetrics(model_name, client.stats, lambda: getattr(client, "restarts", 0), max_loras)
+        app.state.metrics = ServerMetrics(
+            model_name, client.stats, lambda: getattr(client, "restarts", 0), max_loras, config.metrics_compat
+        )
         limits = AdmissionLimits(max_running + config.max_queue_len, config.request_timeout_s)
         if tasks is None:
             engine, serving = AsyncEngine(client, tokenizer, app.state.metrics.observe, limits), None

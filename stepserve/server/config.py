@@ -8,6 +8,10 @@ from stepserve.config import SPARE_CORE_CHOICES, ConfigError
 from stepserve.structured.reasoning import PARSERS as REASONING_PARSERS
 from stepserve.structured.tool_parsers import PARSERS
 
+METRICS_COMPAT = ("none", "vllm")  # server/metrics.py COMPAT_PREFIXES
+
+UVICORN_LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
+
 
 @dataclass(frozen=True)
 class ServerConfig:
@@ -15,6 +19,10 @@ class ServerConfig:
     http_port: int = field(default=8080, metadata={"help": "HTTP port"})
     model_name: str | None = field(
         default=None, metadata={"help": "name clients use for the model; default: the model's"}
+    )
+    model_aliases: tuple[str, ...] = field(
+        default=(),
+        metadata={"help": "more names clients may use for the model (responses carry --model_name)"},
     )
     default_max_tokens: int | None = field(
         default=None, metadata={"help": "cap on max_tokens when a request leaves it out"}
@@ -62,10 +70,23 @@ class ServerConfig:
         },
     )
     disable_playground: bool = field(default=False, metadata={"help": "do not serve the chat playground at GET /"})
+    metrics_compat: str = field(
+        default="none",
+        metadata={
+            "help": (
+                "none, or vllm: also write the gauges the inference gateway's endpoint picker reads under vLLM's "
+                "names (vllm:num_requests_waiting, vllm:num_requests_running, vllm:kv_cache_usage_perc, "
+                "vllm:cache_config_info, vllm:lora_requests_info; docs/kv-events.md)"
+            )
+        },
+    )
     log_stats_interval: float = field(
         default=10.0, metadata={"help": "seconds between stats lines (throughput, queue, KV cache)"}
     )
     disable_log_stats: bool = field(default=False, metadata={"help": "no periodic stats line"})
+    uvicorn_log_level: str = field(
+        default="info", metadata={"help": "level of uvicorn's own log lines: " + ", ".join(UVICORN_LOG_LEVELS)}
+    )
     allow_unknown_fields: bool = field(
         default=False,
         metadata={
@@ -120,6 +141,12 @@ class ServerConfig:
                 raise ConfigError(f"{name}={getattr(self, name)}: use a positive number of seconds")
         if self.log_stats_interval <= 0:
             raise ConfigError(f"log_stats_interval={self.log_stats_interval}: use a positive number of seconds")
+        if not all(self.model_aliases):
+            raise ConfigError("model_aliases: a served name may not be empty")
+        if self.uvicorn_log_level not in UVICORN_LOG_LEVELS:
+            raise ConfigError(f"uvicorn_log_level={self.uvicorn_log_level!r}: choose {', '.join(UVICORN_LOG_LEVELS)}")
+        if self.metrics_compat not in METRICS_COMPAT:
+            raise ConfigError(f"metrics_compat={self.metrics_compat!r}: choose {', '.join(METRICS_COMPAT)}")
         if self.spare_core not in SPARE_CORE_CHOICES:
             raise ConfigError(f"spare_core={self.spare_core!r}: choose {', '.join(SPARE_CORE_CHOICES)}")
         if self.tool_call_parser is not None and self.tool_call_parser not in PARSERS:

@@ -30,13 +30,20 @@ class ServingContext:
     loras: LoraRegistry | None = None  # the LoRA adapters served; None: none can be
 
     def adapter(self, name: str | None) -> LoraRef | None:
-        """The adapter a request's ``model`` names; None for the base model; 404 for another."""
-        if name is None or name == self.model_name:
+        """The adapter a request's ``model`` names; None for the base model (any of its names);
+        404 for another."""
+        if name is None or name in self.model_names:
             return None
         ref = self.loras.get(name) if self.loras is not None else None
         if ref is None:
-            raise ModelNotFoundError(name, [self.model_name, *(self.loras.names if self.loras else [])])
+            raise ModelNotFoundError(name, [*self.model_names, *(self.loras.names if self.loras else [])])
         return ref
+
+    @property
+    def model_names(self) -> tuple[str, ...]:
+        """Every name of the base model: ``model_name`` first (the one responses carry), then
+        ``--model_aliases`` (vLLM's further ``--served-model-name`` names)."""
+        return (self.model_name, *self.config.model_aliases)
 
     def check_model(self, name: str | None, adapters: bool = True) -> None:
         """Refuse a request for another model (404); an omitted model means this one. An adapter's

@@ -1,7 +1,10 @@
 """Prometheus metrics with vLLM's names under the ``stepserve:`` prefix (docs/architecture.md, invariant 5).
 
 Per-request counters and histograms are fed by the async engine's ``FinishedRequest``s;
-gauges of the engine's state are read from its stats snapshot at scrape time.
+gauges of the engine's state are read from its stats snapshot at scrape time. The gauges the
+Gateway API Inference Extension's endpoint picker reads (its model-server protocol; the table in
+docs/kv-events.md) are also written under ``vllm:`` with ``--metrics-compat vllm``, so that a
+picker set up for vLLM reads stepserve unchanged.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from stepserve.core.engine_core import EngineStats
 from stepserve.engine.async_engine import FinishedRequest
 
 PREFIX = "stepserve:"
+COMPAT_PREFIXES = {"none": (PREFIX,), "vllm": (PREFIX, "vllm:")}  # --metrics-compat: the picker's gauges' names
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 # vLLM's buckets, so dashboards built for it read the same.
@@ -34,22 +38,23 @@ class _EngineStateCollector(Collector):
     """Gauges and counters read from the engine's latest stats snapshot."""
 
     def __init__(
-        self, model_name: str, stats: Callable[[], EngineStats], restarts: Callable[[], int], max_loras: int = 0
+        self,
+        model_name: str,
+        stats: Callable[[], EngineStats],
+        restarts: Callable[[], int],
+        max_loras: int = 0,
+        prefixes: tuple[str, ...] = (PREFIX,),
     ) -> None:
         self.model_name = model_name
         self.stats = stats
         self.restarts = restarts
         self.max_loras = max_loras  # 0: no adapters served, no lora_requests_info
+        self.prefixes = prefixes  # the names the picker's gauges are written under
 
     def collect(self):
-        s = self.stats()
-        yield self._family(GaugeMetricFamily, "num_requests_running", "Requests in the running batch.", s.num_running)
-        yield self._family(
-            GaugeMetricFamily, "num_requests_waiting", "Requests waiting to be scheduled.", s.num_waiting
-        )
-        yield self._family(
-            GaugeMetricFamily, "kv_cache_usage_perc", "KV cache usage, 1 means 100 percent.", s.kv_cache_usage
-        )
+        s, now = self.stats(), time.time()
+        for prefix in self.prefixes:
+            yield from self._picker_gauges(prefix, s, now)
         yield self._family(CounterMetricFamily, "num_preemptions", "Preemptions by the scheduler.", s.num_preemptions)
         yield self._family(
             CounterMetricFamily,
@@ -61,23 +66,49 @@ class _EngineStateCollector(Collector):
             CounterMetricFamily, "prefix_cache_hits", "Prompt tokens found in the prefix cache.", s.prefix_cache_hits
         )
         yield self._family(CounterMetricFamily, "engine_restarts", "Restarts of the engine core.", self.restarts())
-        if self.max_loras:
-            yield self._lora_info(s)
 
-    def _lora_info(self, s: EngineStats):
+    def _picker_gauges(self, prefix: str, s: EngineStats, now: float):
+        """What the endpoint picker reads: queue, batch, KV usage, the cache's shape and LoRA."""
+        yield self._family(
+            GaugeMetricFamily, "num_requests_running", "Requests in the running batch.", s.num_running, prefix
+        )
+        yield self._family(
+            GaugeMetricFamily, "num_requests_waiting", "Requests waiting to be scheduled.", s.num_waiting, prefix
+        )
+        yield self._family(
+            GaugeMetricFamily, "kv_cache_usage_perc", "KV cache usage, 1 means 100 percent.", s.kv_cache_usage, prefix
+        )
+        if s.num_kv_blocks:  # known once the core is built
+            yield self._cache_info(prefix, s)
+        if self.max_loras:
+            yield self._lora_info(prefix, s, now)
+
+    @staticmethod
+    def _cache_info(prefix: str, s: EngineStats):
+        """vLLM's ``cache_config_info``: value 1, the KV cache's shape as labels (the picker's
+        prefix scorer reads ``block_size`` and ``num_gpu_blocks``, the null block included)."""
+        family = GaugeMetricFamily(
+            prefix + "cache_config_info",
+            "The KV cache's configuration, as labels.",
+            labels=["block_size", "num_gpu_blocks"],
+        )
+        family.add_metric([str(s.block_size), str(s.num_kv_blocks)], 1.0)
+        return family
+
+    def _lora_info(self, prefix: str, s: EngineStats, now: float):
         """vLLM's ``lora_requests_info``, which the inference gateway's endpoint picker reads for
         LoRA affinity: the adapters of running and of waiting requests (comma-separated) and the
         slots, as labels; the value is the time of the snapshot, as vLLM sets it."""
         family = GaugeMetricFamily(
-            PREFIX + "lora_requests_info",
+            prefix + "lora_requests_info",
             "Running and waiting LoRA adapters, and the adapters resident at once.",
             labels=["running_lora_adapters", "waiting_lora_adapters", "max_lora"],
         )
-        family.add_metric([",".join(s.running_loras), ",".join(s.waiting_loras), str(self.max_loras)], time.time())
+        family.add_metric([",".join(s.running_loras), ",".join(s.waiting_loras), str(self.max_loras)], now)
         return family
 
-    def _family(self, kind, name: str, doc: str, value: float):
-        family = kind(PREFIX + name, doc, labels=["model_name"])
+    def _family(self, kind, name: str, doc: str, value: float, prefix: str = PREFIX):
+        family = kind(prefix + name, doc, labels=["model_name"])
         family.add_metric([self.model_name], value)
         return family
 
@@ -91,10 +122,12 @@ class ServerMetrics:
         stats: Callable[[], EngineStats],
         restarts: Callable[[], int] = lambda: 0,
         max_loras: int = 0,
+        compat: str = "none",
     ) -> None:
+        """``compat``: ``--metrics-compat``; ``vllm`` also writes the picker's gauges under ``vllm:``."""
         self.model_name = model_name
         self.registry = CollectorRegistry()
-        self.registry.register(_EngineStateCollector(model_name, stats, restarts, max_loras))
+        self.registry.register(_EngineStateCollector(model_name, stats, restarts, max_loras, COMPAT_PREFIXES[compat]))
         labels = ["model_name"]
         r = self.registry
         self.prompt_tokens = Counter(PREFIX + "prompt_tokens", "Prompt tokens processed.", labels, registry=r)
