@@ -17,33 +17,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tiny_models import CHAT_TEMPLATE, EOS_ID, SPECIALS, VOCAB
+from tiny_models import EOS_ID, VOCAB, save_byte_tokenizer
 
 SCRIPT = "<script>alert(1)</script>"
-
-
-def _save_tokenizer(directory: Path):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    vocab = {ch: i for i, ch in enumerate(alphabet)}
-    for i, special in enumerate(SPECIALS):
-        vocab[special] = 256 + i
-    vocab[SCRIPT] = 256 + len(SPECIALS)
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-    tok.decoder = decoders.ByteLevel()
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        eos_token="<|endoftext|>",
-        bos_token="<|im_start|>",
-        additional_special_tokens=SPECIALS[1:],
-    )
-    fast.add_tokens([SCRIPT])
-    fast.chat_template = CHAT_TEMPLATE
-    fast.save_pretrained(directory)
-    return fast
 
 
 def write_scripted_model(directory: Path, max_shard_size: str = "5GB") -> Path:
@@ -51,7 +27,7 @@ def write_scripted_model(directory: Path, max_shard_size: str = "5GB") -> Path:
     import transformers
 
     directory.mkdir(parents=True, exist_ok=True)
-    tokenizer = _save_tokenizer(directory)
+    tokenizer = save_byte_tokenizer(directory, (SCRIPT,))
     config = transformers.LlamaConfig(
         vocab_size=VOCAB,
         hidden_size=64,

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tiny_models import EOS_ID, SPECIALS, VOCAB
+from tiny_models import EOS_ID, VOCAB, save_byte_tokenizer
 
 START, END = "<think>", "</think>"
 MESSAGES = "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
@@ -36,36 +36,12 @@ def _template(opens_in_prompt: bool) -> str:
     )
 
 
-def _save_tokenizer(directory: Path, opens_in_prompt: bool):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    vocab = {ch: i for i, ch in enumerate(alphabet)}
-    for i, special in enumerate(SPECIALS):
-        vocab[special] = 256 + i
-    vocab[START], vocab[END] = 256 + len(SPECIALS), 257 + len(SPECIALS)
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-    tok.decoder = decoders.ByteLevel()
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        eos_token="<|endoftext|>",
-        bos_token="<|im_start|>",
-        additional_special_tokens=SPECIALS[1:],
-    )
-    fast.add_tokens([START, END])
-    fast.chat_template = _template(opens_in_prompt)
-    fast.save_pretrained(directory)
-    return fast
-
-
 def write_thinking_model(directory: Path, opens_in_prompt: bool = False) -> Path:
     import torch
     import transformers
 
     directory.mkdir(parents=True, exist_ok=True)
-    tokenizer = _save_tokenizer(directory, opens_in_prompt)
+    tokenizer = save_byte_tokenizer(directory, (START, END), _template(opens_in_prompt))
     config = transformers.LlamaConfig(
         vocab_size=VOCAB,
         hidden_size=64,

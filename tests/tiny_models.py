@@ -15,7 +15,9 @@ EOS_ID = 256  # <|endoftext|>
 VOCAB = 320  # the model's vocab (a little larger than the tokenizer's, as in real models)
 
 
-def save_byte_tokenizer(directory: Path) -> None:
+def save_byte_tokenizer(directory: Path, added: tuple[str, ...] = (), chat_template: str = CHAT_TEMPLATE):
+    """The byte-level test tokenizer: 256 byte tokens, SPECIALS, then ``added`` (ordinary added
+    tokens, as a model's ``<think>``), saved with ``chat_template``; returns it."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
@@ -23,6 +25,8 @@ def save_byte_tokenizer(directory: Path) -> None:
     vocab = {ch: i for i, ch in enumerate(alphabet)}
     for i, special in enumerate(SPECIALS):
         vocab[special] = 256 + i
+    for i, token in enumerate(added):
+        vocab[token] = 256 + len(SPECIALS) + i
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     tok.decoder = decoders.ByteLevel()
@@ -32,8 +36,11 @@ def save_byte_tokenizer(directory: Path) -> None:
         bos_token="<|im_start|>",
         additional_special_tokens=SPECIALS[1:],
     )
-    fast.chat_template = CHAT_TEMPLATE
+    if added:
+        fast.add_tokens(list(added))
+    fast.chat_template = chat_template
     fast.save_pretrained(directory)
+    return fast
 
 
 def write_tiny_model(directory: Path, arch: str = "llama", seed: int = 0, **overrides) -> Path:
