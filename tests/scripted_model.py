@@ -17,41 +17,21 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tiny_models import EOS_ID, VOCAB, save_byte_tokenizer
+from tiny_models import EOS_ID, save_byte_tokenizer, zeroed_llama
 
 SCRIPT = "<script>alert(1)</script>"
 
 
 def write_scripted_model(directory: Path, max_shard_size: str = "5GB") -> Path:
     import torch
-    import transformers
 
     directory.mkdir(parents=True, exist_ok=True)
     tokenizer = save_byte_tokenizer(directory, (SCRIPT,))
-    config = transformers.LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=8192,
-        rms_norm_eps=1e-5,
-        eos_token_id=EOS_ID,
-        bos_token_id=257,
-        tie_word_embeddings=False,
-        torch_dtype="float32",
-    )
-    model = transformers.LlamaForCausalLM(config)
+    model = zeroed_llama()
     ids = tokenizer.convert_tokens_to_ids
     script, marker = ids(SCRIPT), ids("!")
     letters = [ids(c) for c in "abcdefghijklmnopqrstuvwxyz"] + [ids("Ġ")]  # Ġ: the byte-level space
     with torch.no_grad():
-        for p in model.parameters():
-            p.zero_()
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight"):
-                p.fill_(1.0)
         embed = model.model.embed_tokens.weight
         embed[:, 0] = 1.0
         embed[marker, 2] = 1.0

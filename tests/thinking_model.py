@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tiny_models import EOS_ID, VOCAB, save_byte_tokenizer
+from tiny_models import EOS_ID, save_byte_tokenizer, zeroed_llama
 
 START, END = "<think>", "</think>"
 MESSAGES = "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
@@ -38,34 +38,14 @@ def _template(opens_in_prompt: bool) -> str:
 
 def write_thinking_model(directory: Path, opens_in_prompt: bool = False) -> Path:
     import torch
-    import transformers
 
     directory.mkdir(parents=True, exist_ok=True)
     tokenizer = save_byte_tokenizer(directory, (START, END), _template(opens_in_prompt))
-    config = transformers.LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=8192,
-        rms_norm_eps=1e-5,
-        eos_token_id=EOS_ID,
-        bos_token_id=257,
-        tie_word_embeddings=False,
-        torch_dtype="float32",
-    )
-    model = transformers.LlamaForCausalLM(config)
+    model = zeroed_llama()
     ids = tokenizer.convert_tokens_to_ids
     script = [ids(t) for t in ["Ċ", START, "o", "k", END, "H", "i"]] + [EOS_ID]  # Ċ: the byte-level newline
     assert len(set(script)) == len(script)
     with torch.no_grad():
-        for p in model.parameters():
-            p.zero_()
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight"):
-                p.fill_(1.0)
         embed, head = model.model.embed_tokens.weight, model.lm_head.weight
         for axis, (token, successor) in enumerate(zip(script, script[1:])):
             embed[token, axis] = 1.0

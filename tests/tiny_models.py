@@ -43,6 +43,33 @@ def save_byte_tokenizer(directory: Path, added: tuple[str, ...] = (), chat_templ
     return fast
 
 
+def zeroed_llama():
+    """A tiny Llama whose every weight is zero but its norms (ones): the start of a model whose
+    weights a test sets by hand (scripted_model.py, thinking_model.py)."""
+    import torch
+    import transformers
+
+    config = transformers.LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=8192,
+        rms_norm_eps=1e-5,
+        eos_token_id=EOS_ID,
+        bos_token_id=257,
+        tie_word_embeddings=False,
+        torch_dtype="float32",
+    )
+    model = transformers.LlamaForCausalLM(config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.fill_(1.0 if name.endswith("norm.weight") else 0.0)
+    return model
+
+
 def write_tiny_model(directory: Path, arch: str = "llama", seed: int = 0, **overrides) -> Path:
     """A random model shaped like a small Llama (GQA), Qwen2 (qkv bias) or with tied embeddings."""
     import torch
