@@ -21,6 +21,9 @@ DEVICES = ("auto", "cpu", "cuda")
 SPARE_CORE_CHOICES = ("auto", "on", "off")  # --spare-core (engine/supervisor.py)
 PREFIX_CACHING_HASH_ALGOS = ("auto", "builtin", "sha256", "sha256_cbor")  # core/block_hash.py
 KV_EVENT_PUBLISHERS = ("null", "zmq")
+SPECULATIVE_METHODS = ("ngram", "draft_model")  # docs/speculative-decoding.md
+# vLLM's other methods: refused by name (they need weights formats stepserve does not read yet).
+SPECULATIVE_REFUSED = ("eagle", "eagle3", "medusa", "mlp_speculator", "suffix", "mtp", "deepseek_mtp", "qwen3_next_mtp")
 
 
 class ConfigError(InvalidRequestError):
@@ -164,6 +167,87 @@ class KVEventsConfig:
 
 
 @dataclass(frozen=True)
+class SpeculativeConfig:
+    """vLLM's ``--speculative-config``, its JSON keys and defaults (docs/speculative-decoding.md)."""
+
+    method: str | None = None  # ngram or draft_model; None: draft_model when a model is named
+    num_speculative_tokens: int | None = None  # tokens proposed per step at most (required)
+    model: str | None = None  # the draft model (draft_model); "[ngram]" is vLLM's old spelling of ngram
+    prompt_lookup_min: int | None = None  # ngram: the shortest suffix matched (default: prompt_lookup_max)
+    prompt_lookup_max: int | None = None  # ngram: the longest suffix matched (default: prompt_lookup_min, else 5)
+    disable_by_batch_size: int | None = None  # no proposals while more requests than this run (default 8)
+
+    @classmethod
+    def parse(cls, text: str | None) -> SpeculativeConfig | None:
+        if not text:
+            return None
+        try:
+            values = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(
+                f"speculative_config is not JSON ({exc}): give an object such as "
+                '\'{"method": "ngram", "num_speculative_tokens": 4}\''
+            ) from None
+        _require(isinstance(values, dict), "speculative_config must be a JSON object")
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - names)
+        _require(
+            not unknown, f"speculative_config: unknown keys {', '.join(unknown)}; known: {', '.join(sorted(names))}"
+        )
+        return cls(**values).resolved()
+
+    def resolved(self) -> SpeculativeConfig:
+        """vLLM's defaults filled in: the method from the model, the n-gram bounds from each other."""
+        method, model = self.method, self.model
+        if method is None and model in ("[ngram]", "ngram"):
+            method, model = "ngram", None
+        elif method is None and model is not None:
+            method = "draft_model"
+        _require(method is not None, "speculative_config: give a method (ngram or draft_model), or a draft model")
+        low, high = self.prompt_lookup_min, self.prompt_lookup_max
+        if method == "ngram":
+            low, high = low or high or 5, high or low or 5
+        batch = 8 if self.disable_by_batch_size is None else self.disable_by_batch_size
+        return dataclasses.replace(
+            self, method=method, model=model, prompt_lookup_min=low, prompt_lookup_max=high, disable_by_batch_size=batch
+        )
+
+    def __post_init__(self) -> None:
+        m = self.method
+        _require(
+            m is None or m not in SPECULATIVE_REFUSED,
+            f"speculative_config method={m!r} is not supported yet; use one of {', '.join(SPECULATIVE_METHODS)}",
+        )
+        _require(
+            m is None or m in SPECULATIVE_METHODS,
+            f"speculative_config method={m!r}: choose one of {', '.join(SPECULATIVE_METHODS)}",
+        )
+        k = self.num_speculative_tokens
+        _require(
+            isinstance(k, int) and not isinstance(k, bool) and 1 <= k <= 16,
+            f"speculative_config num_speculative_tokens={k!r}: give an integer from 1 to 16",
+        )
+        for name in ("prompt_lookup_min", "prompt_lookup_max", "disable_by_batch_size"):
+            value = getattr(self, name)
+            _require(
+                value is None or (isinstance(value, int) and not isinstance(value, bool) and value >= 1),
+                f"speculative_config {name}={value!r}: use an integer >= 1",
+            )
+        if m == "ngram":
+            _require(self.model is None, "speculative_config: method ngram takes no model")
+            low, high = self.prompt_lookup_min, self.prompt_lookup_max
+            _require(
+                low is None or high is None or low <= high,
+                f"speculative_config prompt_lookup_min={low} is above prompt_lookup_max={high}",
+            )
+        if m == "draft_model":
+            _require(
+                isinstance(self.model, str) and self.model != "",
+                "speculative_config: method draft_model needs a model (a directory or .gguf file)",
+            )
+
+
+@dataclass(frozen=True)
 class CacheConfig:
     block_size: int = field(default=16, metadata={"help": "tokens per KV cache block"})
     num_blocks: int | None = field(default=None, metadata={"help": "KV cache blocks; default: sized from memory"})
@@ -266,7 +350,27 @@ class SchedulerConfig:
         },
     )
 
+    speculative_config: str | None = field(
+        default=None,
+        metadata={
+            "help": (
+                "speculative decoding as vLLM spells it, a JSON object: "
+                '\'{"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 4}\' (prompt lookup) or '
+                '\'{"method": "draft_model", "model": DIR, "num_speculative_tokens": 4}\'; also prompt_lookup_min '
+                "and disable_by_batch_size (docs/speculative-decoding.md)"
+            )
+        },
+    )
+
+    @property
+    def speculative(self) -> SpeculativeConfig | None:
+        return SpeculativeConfig.parse(self.speculative_config)
+
     def __post_init__(self) -> None:
+        try:
+            self.speculative  # noqa: B018 - validated once, here
+        except TypeError as exc:  # a value of the wrong kind
+            raise ConfigError(f"speculative_config: {exc}") from None
         _require(self.max_num_seqs >= 1, f"max_num_seqs={self.max_num_seqs}: use at least 1")
         _require(
             self.max_num_batched_tokens >= 1, f"max_num_batched_tokens={self.max_num_batched_tokens}: use at least 1"

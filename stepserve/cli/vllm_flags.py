@@ -78,7 +78,6 @@ REFUSED: dict[tuple[str, ...], str] = {
     ("--headless",): "every stepserve server has its HTTP front",
     ("--enable-expert-parallel",): "no expert parallelism: --tensor-parallel-size splits every expert",
     ("--kv-transfer-config",): "no KV cache transfer between servers (disaggregated prefill)",
-    ("--speculative-config",): "no speculative decoding",
     ("--swap-space",): "preempted requests are recomputed, never swapped to host memory",
     ("--cpu-offload-gb",): "weights stay on the device",
     ("--kv-cache-memory-bytes",): "size the KV cache with --gpu-memory-utilization or --num-blocks",

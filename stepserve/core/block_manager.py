@@ -171,6 +171,17 @@ class BlockManager:
         self._hashes.pop(request_id, None)
         self._released.pop(request_id, None)
 
+    def trim(self, request_id: str, num_tokens: int) -> None:
+        """Hand back the request's tail blocks beyond the first ``num_tokens`` slots (speculative
+        slots whose tokens were rejected). Such blocks hold no full block of computed tokens, so
+        none is in the prefix cache."""
+        table = self._tables.get(request_id)
+        if table is None:
+            return
+        keep = max(self.blocks_needed(num_tokens), self._released.get(request_id, 0))
+        while len(table) > keep:
+            self._release(table.pop())
+
     def release_before(self, request_id: str, position: int) -> None:
         """Hand back the request's blocks that hold only positions before ``position`` (no later
         query sees them: they are outside every layer's window). A released block keeps its

@@ -18,6 +18,7 @@ from stepserve.core.kv_events import KVEventSink
 from stepserve.core.outputs import POOLINGS, EngineCoreOutput, EngineCoreRequest, ModelRunnerOutput, SchedulerOutput
 from stepserve.core.request import RequestStatus
 from stepserve.core.scheduler import Scheduler
+from stepserve.core.speculative import SpecCounters
 from stepserve.errors import InvalidRequestError
 
 log = logging.getLogger("stepserve.engine")
@@ -52,7 +53,11 @@ class AsyncWorker(Worker, Protocol):
 
 def _needs_outputs(sched: SchedulerOutput) -> bool:
     """Does the next pass need this pass's tokens on the host? Penalties count them and grammar
-    matchers follow them, so such rows wait for the results instead of using placeholders."""
+    matchers follow them, so such rows wait for the results instead of using placeholders; a
+    pass that verified proposals, or after which a draft model proposed, advanced its rows by
+    a number of tokens known only from its results."""
+    if sched.num_proposals or any(s.draft_token_ids for s in sched.requests):
+        return True
     return any(
         s.sample
         and (p.structured is not None or p.presence_penalty or p.frequency_penalty or p.repetition_penalty != 1.0)
@@ -83,6 +88,7 @@ class EngineStats:
     waiting_loras: tuple[str, ...] = ()  # and of waiting ones
     num_kv_blocks: int = 0  # blocks in the KV cache, the null block included (vLLM's num_gpu_blocks); 0: unknown
     block_size: int = 0  # tokens per KV block; 0: unknown
+    speculative: SpecCounters | None = None  # speculative decoding's counts so far; None: not speculating
 
 
 class EngineCore:
@@ -170,8 +176,8 @@ class EngineCore:
     def _step_async(self) -> list[EngineCoreOutput]:
         """Schedule and submit the next pass, then collect and apply the one in flight."""
         previous, self._in_flight = self._in_flight, None
-        if previous is not None and _needs_outputs(previous.sched):
-            return self._collect(previous)  # no overlap: the next pass needs its tokens
+        if previous is not None and (_needs_outputs(previous.sched) or self.scheduler.speculating):
+            return self._collect(previous)  # no overlap: the next pass needs its tokens (or proposes from them)
         if previous is not None:
             self.scheduler.assume(previous.sched)
         sched = self.scheduler.schedule()
@@ -315,4 +321,7 @@ class EngineCore:
             tuple(sorted({r.lora.name for r in s.waiting if r.lora is not None})),
             s.blocks.num_blocks,
             s.blocks.block_size,
+            dataclasses.replace(s.spec_counters, accepted_per_pos=list(s.spec_counters.accepted_per_pos))
+            if s.spec is not None
+            else None,
         )

@@ -108,6 +108,9 @@ class ScheduledRequest:
     )
     encoder: EncoderInputs | None = None  # an ENCODER request's extra inputs
     lora: LoraRef | None = None  # its adapter; None: the base model
+    # Speculative decoding: tokens proposed after token_ids' last one, computed (and verified)
+    # after it in this pass; num_new_tokens counts them. Empty: no proposal.
+    draft_token_ids: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -118,6 +121,7 @@ class SchedulerOutput:
     num_steps: int  # decode steps in this pass (1 whenever a prompt chunk is in it)
     finished_request_ids: tuple[str, ...] = ()  # gone since the last pass: drop their worker state
     num_batched_tokens: int = 0  # tokens computed by the first step
+    num_proposals: int = 0  # tokens the worker's draft model proposes per sampled row after the pass; 0: none
 
     @property
     def is_empty(self) -> bool:
@@ -137,6 +141,7 @@ class ModelRunnerOutput:
     pooled: dict[str, np.ndarray | GeneratedTokens] = field(
         default_factory=dict
     )  # request id -> result, for pooling requests whose prompt ended
+    draft_token_ids: tuple[tuple[int, ...], ...] = ()  # per request, the draft model's proposals for the next pass
 
 
 @dataclass(frozen=True)

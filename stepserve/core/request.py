@@ -46,6 +46,11 @@ class Request:
         self.prompt_logprobs: list | None = [] if msg.params.prompt_logprobs is not None else None  # until sent
         self.encoder = msg.encoder  # an encoder request's extra inputs, for the runner
         self.lora = msg.lora  # its LoRA adapter; None: the base model
+        # Speculative decoding (core/speculative.py): the draft model's proposals for the next
+        # pass, the n-gram index of the tokens, and how many tokens the request may propose.
+        self.draft_token_ids: list[int] = []
+        self.ngram = None  # NgramIndex, made on the first proposal
+        self.draft_limit = None  # DraftLimit, likewise
         self.pooling: str | None = (
             msg.pooling
         )  # prefill-only: finishes with its pooled vector once the prompt is computed

@@ -9,6 +9,11 @@ Asynchronous scheduling: ``assume`` takes a pass that is still running as if eve
 may sample were accepted (placeholders), so the next pass is scheduled before its results are
 back; ``update`` undoes the assumption and then applies the results as it always does, so the
 stop rule is one piece of code either way.
+
+Speculative decoding (``core/speculative.py``): while no more than ``disable_by_batch_size``
+requests run, a decoding request's row carries its proposed tokens after its last one, in a
+single-step pass; ``update`` takes the 1 to k + 1 tokens the worker accepted through the same
+stop rule, and the KV of the accepted proposals counts as computed.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ import dataclasses
 from collections import deque
 from collections.abc import Collection, Iterable
 
-from stepserve.config import SchedulerConfig
+from stepserve.config import SchedulerConfig, SpeculativeConfig
 from stepserve.core.block_manager import BlockManager
 from stepserve.core.outputs import (
     ENCODER,
@@ -28,6 +33,7 @@ from stepserve.core.outputs import (
     SchedulerOutput,
 )
 from stepserve.core.request import PLACEHOLDER, FinishReason, Request, RequestStatus, check_stop
+from stepserve.core.speculative import DraftLimit, NgramIndex, SpecCounters
 
 
 def _assumed_advance(s: ScheduledRequest) -> int:
@@ -46,11 +52,17 @@ class Scheduler:
         eos_token_ids: Collection[int],
         window: int = 0,
         max_loras: int = 0,
+        speculative: SpeculativeConfig | None = None,
     ) -> None:
         """``window``: for a model whose every layer attends over a sliding window, the widest
         window (blocks before it are handed back as requests advance); 0 otherwise.
-        ``max_loras``: LoRA adapters that may run at once (0: no adapters served)."""
+        ``max_loras``: LoRA adapters that may run at once (0: no adapters served).
+        ``speculative``: the speculative decoding settings; None: none."""
         self.config = config
+        self.spec = speculative
+        self.spec_counters = SpecCounters()
+        # A draft model proposes in the worker after each pass, for the next: slots for its writes.
+        self._draft_model = speculative is not None and speculative.method == "draft_model"
         self.max_loras = max_loras
         self.window = window
         self.blocks = block_manager
@@ -92,10 +104,13 @@ class Scheduler:
     # -- schedule ------------------------------------------------------------------------
 
     def schedule(self) -> SchedulerOutput:
-        num_steps = self._num_steps()
+        speculating = self.speculating
+        drafts = self._proposals() if speculating else {}
+        # A draft model's proposals need its KV of every token: its passes are single steps.
+        num_steps = 1 if drafts or self._draft_model else self._num_steps()
         budget = self.config.max_num_batched_tokens
         scheduled: list[ScheduledRequest] = []
-        budget = self._schedule_running(scheduled, budget, num_steps)
+        budget = self._schedule_running(scheduled, budget, num_steps, drafts)
         if num_steps == 1:
             self._schedule_waiting(scheduled, budget)
         finished = tuple(self._finished_ids)
@@ -106,7 +121,50 @@ class Scheduler:
             num_steps=num_steps,
             finished_request_ids=finished,
             num_batched_tokens=sum(s.num_new_tokens for s in scheduled),
+            num_proposals=self.spec.num_speculative_tokens if self._draft_model and speculating else 0,
         )
+
+    # -- speculative decoding ------------------------------------------------------------
+
+    @property
+    def speculating(self) -> bool:
+        """Whether the next pass may carry proposals: speculation is on and the batch is small
+        (under load, verifying proposals costs more than it gains)."""
+        return self.spec is not None and len(self.running) <= self.spec.disable_by_batch_size
+
+    @property
+    def _lookahead(self) -> int:
+        """Slots past a sampled row's pass for the draft model's proposal steps."""
+        return self.spec.num_speculative_tokens if self._draft_model else 0
+
+    def _proposals(self) -> dict[str, list[int]]:
+        """Each decoding request's proposed tokens for the next pass, where it has any."""
+        out = {}
+        for request in self.running:
+            if request.num_tokens - request.num_computed_tokens != 1 or request.num_placeholders:
+                continue
+            p = request.params
+            if p.presence_penalty or p.frequency_penalty or p.repetition_penalty != 1.0:
+                continue  # penalties count each token: the verify pass cannot take them position by position
+            room = min(request.remaining_tokens, self.max_model_len - request.num_tokens) - 1
+            drafts = self._propose(request, room)
+            if drafts:
+                out[request.request_id] = drafts
+        return out
+
+    def _propose(self, request: Request, room: int) -> list[int]:
+        spec = self.spec
+        k = spec.num_speculative_tokens
+        if request.draft_limit is None:
+            request.draft_limit = DraftLimit(k)
+        allowed = min(request.draft_limit.allowed(), room)
+        if allowed <= 0:
+            return []
+        if self._draft_model:
+            return request.draft_token_ids[:allowed]
+        if request.ngram is None:
+            request.ngram = NgramIndex(spec.prompt_lookup_min, spec.prompt_lookup_max)
+        return request.ngram.propose(request.token_ids, allowed)
 
     def _num_steps(self) -> int:
         steps = self.config.num_scheduler_steps
@@ -124,7 +182,9 @@ class Scheduler:
         head = self.waiting[0]
         return self.blocks.num_free_blocks >= self.blocks.blocks_needed(head.num_tokens)
 
-    def _schedule_running(self, scheduled: list[ScheduledRequest], budget: int, num_steps: int) -> int:
+    def _schedule_running(
+        self, scheduled: list[ScheduledRequest], budget: int, num_steps: int, drafts: dict[str, list[int]]
+    ) -> int:
         i = 0
         while i < len(self.running) and budget > 0:
             request = self.running[i]
@@ -132,13 +192,17 @@ class Scheduler:
                 i += 1  # its last tokens are in the running pass: nothing to compute for it
                 continue
             num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+            proposed = tuple(drafts.get(request.request_id, ())[: budget - num_new])
             steps = min(num_steps, request.remaining_tokens)
-            # Slots for the chunk plus the lookahead steps' inputs; never past the request's end.
-            slots = request.num_computed_tokens + num_new + steps - 1
+            # Slots for the chunk plus the lookahead steps' inputs (or the proposals, and the
+            # draft model's steps after a sampled row); never past the request's end.
+            slots = request.num_computed_tokens + num_new + steps - 1 + len(proposed)
+            if request.num_computed_tokens + num_new == request.num_tokens:
+                slots += self._lookahead
             if not self._allocate_or_preempt(request, slots):
                 break  # the request itself was preempted; everything after it is gone too
-            scheduled.append(self._scheduled(request, num_new, steps))
-            budget -= num_new
+            scheduled.append(self._scheduled(request, num_new, steps, proposed))
+            budget -= num_new + len(proposed)
             i += 1
         return budget
 
@@ -162,6 +226,7 @@ class Scheduler:
         if self._assumed.pop(request.request_id, None) is not None:
             self._drop_placeholders(request)  # that pass's tokens are dropped and recomputed
         request.num_computed_tokens = 0
+        request.draft_token_ids = []  # the draft model's KV is recomputed too
         request.num_preemptions += 1
         if request.prompt_logprobs is not None:
             request.prompt_logprobs.clear()  # not sent yet: the recompute collects them again
@@ -186,7 +251,8 @@ class Scheduler:
             num_new = min(request.num_tokens - num_computed, budget)
             if request.pooling == ENCODER and num_new < request.num_tokens:
                 break  # an encoder attends both ways: its input is computed whole or not yet
-            if not self.blocks.allocate(request.request_id, num_computed + num_new, prefix):
+            lookahead = self._lookahead if num_computed + num_new == request.num_tokens else 0
+            if not self.blocks.allocate(request.request_id, num_computed + num_new + lookahead, prefix):
                 break
             if request.num_preemptions == 0:
                 self.blocks.record_prefix_lookup(request.num_tokens, num_computed)
@@ -207,12 +273,13 @@ class Scheduler:
         running = {r.lora.id for r in self.running if r.lora is not None}
         return request.lora.id in running or len(running) < self.max_loras
 
-    def _scheduled(self, request: Request, num_new: int, steps: int) -> ScheduledRequest:
+    def _scheduled(self, request: Request, num_new: int, steps: int, drafts: tuple[int, ...] = ()) -> ScheduledRequest:
+        """``num_new`` of the request's own tokens, then the proposed ``drafts`` after them."""
         return ScheduledRequest(
             request_id=request.request_id,
             token_ids=request.token_ids,
             start=request.num_computed_tokens,
-            num_new_tokens=num_new,
+            num_new_tokens=num_new + len(drafts),
             block_ids=self.blocks.block_ids(request.request_id),
             params=request.params,
             num_prompt_tokens=request.num_prompt_tokens,
@@ -221,6 +288,7 @@ class Scheduler:
             pooling=request.pooling,
             encoder=request.encoder,
             lora=request.lora,
+            draft_token_ids=drafts,
         )
 
     # -- update --------------------------------------------------------------------------
@@ -232,7 +300,8 @@ class Scheduler:
         was_assumed = sched is self._assumed_pass
         assumed = self._assumed
         self._assumed_pass, self._assumed = None, {}
-        for s, tokens, lps in zip(sched.requests, result.sampled_token_ids, logprobs):
+        proposals = result.draft_token_ids or ((),) * len(sched.requests)
+        for s, tokens, lps, proposal in zip(sched.requests, result.sampled_token_ids, logprobs, proposals):
             request = self.requests.get(s.request_id)
             if request is None or request.status is not RequestStatus.RUNNING:
                 continue  # aborted or preempted while the pass ran
@@ -245,7 +314,11 @@ class Scheduler:
             if s.request_id in result.errors:
                 outputs.append(self._finish(request, FinishReason.ABORT, result.errors[s.request_id]))
                 continue
-            request.num_computed_tokens += s.num_new_tokens
+            num_drafts = len(s.draft_token_ids)
+            request.num_computed_tokens += s.num_new_tokens - num_drafts  # accepted proposals count in _accept
+            if num_drafts and tokens:
+                self._record_acceptance(request, num_drafts, len(tokens) - 1)
+            request.draft_token_ids = list(proposal)
             if request.prompt_logprobs is not None:
                 request.prompt_logprobs.extend(result.prompt_logprobs.get(s.request_id, ()))
             if s.sample and request.pooling is not None:
@@ -262,12 +335,18 @@ class Scheduler:
                     self.blocks.cache_full_blocks(
                         request.request_id, request.token_ids, request.num_computed_tokens, request.prefix_salt
                     )
+                if num_drafts > len(tokens) - 1:  # the rejected proposals' slots go back
+                    self.blocks.trim(request.request_id, request.num_computed_tokens + 1)
                 if self.window:  # the next query sits at num_computed_tokens and sees `window` keys
                     self.blocks.release_before(request.request_id, request.num_computed_tokens - self.window + 1)
             if output is not None:
                 outputs.append(output)
         self.running = [r for r in self.running if not r.is_finished]
         return outputs
+
+    def _record_acceptance(self, request: Request, proposed: int, accepted: int) -> None:
+        self.spec_counters.record(proposed, accepted)
+        request.draft_limit.update(proposed, accepted, self.spec.num_speculative_tokens)
 
     # -- asynchronous scheduling ---------------------------------------------------------
 

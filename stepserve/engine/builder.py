@@ -36,7 +36,15 @@ def build_engine(
     events = cache.kv_events.enabled
     blocks = BlockManager(info.num_kv_blocks, cache.block_size, cache.enable_prefix_caching, hasher, events)
     max_loras = config.lora.max_loras if config.lora.enable_lora else 0
-    scheduler = Scheduler(config.scheduler, blocks, info.max_model_len, info.eos_token_ids, built.window, max_loras)
+    scheduler = Scheduler(
+        config.scheduler,
+        blocks,
+        info.max_model_len,
+        info.eos_token_ids,
+        built.window,
+        max_loras,
+        config.scheduler.speculative,
+    )
     core = EngineCore(scheduler, built.worker, config.scheduler.async_scheduling)
     if info.device == "cuda":
         _warm_up(core, config, built)

@@ -30,6 +30,7 @@ from stepserve.structured.compiler import ll_tokenizer_in_background
 from stepserve.worker.cuda_graphs import graph_batch_sizes
 from stepserve.worker.encoder_runner import EncoderRunner, EncoderSpec, load_encoder_model
 from stepserve.worker.runner import ModelRunner, allocate_kv_cache, kv_cache_bytes_per_block, profile_run
+from stepserve.worker.speculative import DraftModel
 
 log = logging.getLogger("stepserve")
 
@@ -85,12 +86,17 @@ def pick_quantization(name: str, device: torch.device, dtype: torch.dtype, hf_co
     return name
 
 
-def _num_blocks(config: EngineConfig, model, backend, dtype, device, max_model_len: int, graph_sizes: list[int]) -> int:
+def _num_blocks(
+    config: EngineConfig, model, backend, dtype, device, max_model_len: int, graph_sizes: list[int], draft=None
+) -> int:
+    """``draft``: a draft model whose KV cache has the same blocks (speculative decoding)."""
     cache = config.cache
     if cache.num_blocks is not None:
         num_blocks = cache.num_blocks
     else:
         per_block = kv_cache_bytes_per_block(model, cache.block_size, dtype)
+        if draft is not None:
+            per_block += kv_cache_bytes_per_block(draft, cache.block_size, dtype)
         if device.type == "cuda":
             budget = _gpu_kv_budget(config, model, backend, device, graph_sizes)
         else:
@@ -163,6 +169,9 @@ def build_worker(
     checkpoint files when given. ``rank`` is set in tensor-parallel ranks 1..N-1; on rank 0 the
     group is started here (``distributed``)."""
     start = time.monotonic()
+    spec = config.scheduler.speculative
+    if spec is not None and config.parallel.tensor_parallel_size > 1:
+        raise ConfigError("speculative decoding runs without tensor parallelism for now: use --tensor-parallel-size 1")
     checkpoint = open_checkpoint(config.model.model)
     source, hf_config = checkpoint.source, checkpoint.hf_config
     max_model_len = resolve_max_model_len(config.model.max_model_len, hf_config)
@@ -207,6 +216,9 @@ def build_worker(
         time.monotonic() - start,
     )
     tp.join(model)
+    draft = None
+    if spec is not None and spec.method == "draft_model":
+        draft = _load_draft(config, model_config, dtype, device, max_model_len)
     # On CUDA: Triton kernels, and CUDA graphs of the decode step unless enforce_eager.
     backend = get_backend("triton" if device.type == "cuda" else "sdpa")
     use_graphs = device.type == "cuda" and not config.model.enforce_eager
@@ -216,7 +228,9 @@ def build_worker(
     kv_dtype = torch.float32 if device.type == "cpu" else dtype
     if config.cache.kv_cache_dtype == "fp8":
         kv_dtype = torch.float8_e4m3fn  # the attention backends dequantize pages as they read them
-    num_blocks = tp.min(_num_blocks(config, model, backend, kv_dtype, device, max_model_len, graph_sizes), device)
+    num_blocks = tp.min(
+        _num_blocks(config, model, backend, kv_dtype, device, max_model_len, graph_sizes, draft), device
+    )
     kv_caches = allocate_kv_cache(model, num_blocks, config.cache.block_size, kv_dtype, device)
     grammars = GrammarMatchers(
         lambda: ll_tokenizer_in_background(
@@ -238,10 +252,15 @@ def build_worker(
         from stepserve.worker.lora_slots import LoraSlots
 
         runner.lora = LoraSlots(model, config.lora.max_loras, config.lora.max_lora_rank, config.lora.max_cpu_loras)
+    if draft is not None:
+        draft_caches = allocate_kv_cache(draft, num_blocks, config.cache.block_size, kv_dtype, device)
+        runner.draft = DraftModel(draft, draft_caches, backend, config.cache.block_size)
     if use_graphs:
         runner.capture_cuda_graphs(graph_sizes, max_model_len, steps)
     if device.type == "cpu":
         _warm_up_cpu(model, config)
+        if draft is not None:
+            _warm_up_cpu(draft, config)
     info = ModelInfo(
         source.name,
         max_model_len,
@@ -259,6 +278,46 @@ def build_worker(
         tp.ranks.wait_ready()
         worker = TensorParallelWorker(runner, tp.ranks)
     return BuiltWorker(worker, runner, tokenizer, info, window)
+
+
+def _load_draft(config: EngineConfig, target, dtype: torch.dtype, device: torch.device, max_model_len: int):
+    """The draft model of ``--speculative-config`` (method draft_model), on the target's device
+    and in its dtype; it must share the target's vocabulary and cover its context."""
+    spec = config.scheduler.speculative
+    checkpoint = open_checkpoint(spec.model)
+    hf_config = checkpoint.hf_config
+    native = hf_config.get("max_position_embeddings", 2048)
+    if native < max_model_len:
+        raise ConfigError(
+            f"the draft model {checkpoint.source.name} has {native} positions, fewer than max_model_len="
+            f"{max_model_len}: lower --max-model-len"
+        )
+    cfg = decoder_config(hf_config, max_model_len)
+    if cfg.vocab_size != target.vocab_size:
+        raise ConfigError(
+            f"the draft model's vocabulary ({cfg.vocab_size} tokens) is not the target's ({target.vocab_size}): "
+            "a draft model must have the target's tokenizer"
+        )
+    quantization = pick_quantization("auto", device, dtype, hf_config)
+    weights = None
+    if config.model.load_format != "dummy":
+        weights = checkpoint.weights(torch.float32 if quantization == "int4" else dtype, device)
+    draft = build_model(
+        cfg,
+        weights,
+        dtype,
+        device,
+        max_positions=max_model_len + spec.num_speculative_tokens + 1,
+        quantization=quantization,
+        seed=config.model.seed + 1,
+    )
+    log.info(
+        "draft model %s loaded (%s), proposing %d tokens",
+        checkpoint.source.name,
+        cfg.architecture,
+        spec.num_speculative_tokens,
+    )
+    return draft
 
 
 def _warm_up_cpu(model, config: EngineConfig) -> None:

@@ -39,7 +39,7 @@ import torch
 from torch import nn
 
 GROUP = 32  # weights per int4 scale/zero pair: GGUF's Q4_0/Q4_1 block size
-INT4_MAX_ROWS = 8  # rows up to which the int4 kernel beats oneDNN bf16 (2-core AVX512-BF16, docs/benchmarks.md)
+INT4_MAX_ROWS = 4  # rows up to which the int4 kernel beats oneDNN bf16 (2-core AVX512-BF16, docs/benchmarks.md)
 
 
 def onednn_rows(rows: int) -> int:

@@ -164,7 +164,7 @@ class GrammarMatchers:
         for row, m in enumerate(matchers):
             if not m.open:
                 mask[row] = -1
-        live = [(m.matcher, row) for row, m in enumerate(matchers) if m.open and not m.matcher.is_error()]
+        live = [(m.matcher, row) for row, m in enumerate(matchers) if _live(m)]
         if len(live) >= PARALLEL_ROWS and (os.cpu_count() or 1) > PARALLEL_MIN_CPUS:
             if self._executor is None:
                 self._executor = llguidance.LLExecutor()
@@ -173,6 +173,34 @@ class GrammarMatchers:
         for matcher, row in live:  # in this thread: see PARALLEL_MIN_CPUS
             matcher.unsafe_compute_mask_ptr(mask[row].data_ptr(), words * 4)
         return mask
+
+    def fill_drafts(self, matchers: Sequence[RequestMatcher], drafts: Sequence[Sequence[int]]) -> torch.Tensor:
+        """Host int32 bitmask of a verify pass, [sum(1 + len(d)), words]: for each matcher, the
+        mask after its accepted tokens, then after each of its proposals in turn. A proposal the
+        grammar refuses is refused by the mask before it, so the rows after it allow everything
+        (they are never used). The matchers keep the proposals they took; the next pass's sync
+        rolls them back to what was accepted."""
+        words = (self.vocab_size + 31) // 32
+        mask = torch.full(
+            (sum(1 + len(d) for d in drafts), words), -1, dtype=torch.int32, pin_memory=self.device.type == "cuda"
+        )
+        row = 0
+        for m, proposed in zip(matchers, drafts):
+            for j in range(len(proposed) + 1):
+                if _live(m):
+                    mask[row + j] = 0
+                    m.matcher.unsafe_compute_mask_ptr(mask[row + j].data_ptr(), words * 4)
+                elif m.open:
+                    mask[row + j] = 0  # an error state allows nothing: the row may only end
+                if j == len(proposed) or (m.open and m.matcher.validate_tokens([proposed[j]]) != 1):
+                    break
+                m.accept(proposed[j])
+            row += len(proposed) + 1
+        return mask
+
+
+def _live(m: RequestMatcher) -> bool:
+    return m.open and not m.matcher.is_error()
 
 
 def _byte_bias(device: torch.device) -> torch.Tensor:
@@ -203,6 +231,7 @@ class GrammarPass:
         self.owner = owner
         self.matchers = matchers
         self.steps = steps  # tokens each row may still accept this pass
+        self.row_list = rows
         self.rows = torch.tensor(rows, dtype=torch.long).to(owner.device)
         self._table = owner.byte_bias()
         self._eos_only = owner.eos_words()
@@ -214,14 +243,27 @@ class GrammarPass:
         wins: that row is masked from its raw logits instead. A row whose matcher allows nothing
         (an error state; never expected) may only end, with EOS.
         """
-        bits = self.owner.fill(self.matchers).to(logits.device, non_blocking=True)
+        return self._apply(self.owner.fill(self.matchers), self.rows, logits, raw_logits)
+
+    def mask_drafts(
+        self, logits: torch.Tensor, raw_logits: torch.Tensor, drafts: Sequence[Sequence[int]], first: Sequence[int]
+    ) -> torch.Tensor:
+        """``mask`` for a verify pass: ``logits`` [M, V] hold each row's positions from ``first[row]``
+        on, and position j of a constrained row takes the grammar's mask after its first j proposals."""
+        picked = [drafts[i] for i in self.row_list]
+        rows = [first[i] + j for i, d in zip(self.row_list, picked) for j in range(len(d) + 1)]
+        index = torch.tensor(rows, dtype=torch.long).to(self.owner.device)
+        return self._apply(self.owner.fill_drafts(self.matchers, picked), index, logits, raw_logits)
+
+    def _apply(self, host_bits: torch.Tensor, rows: torch.Tensor, logits: torch.Tensor, raw_logits: torch.Tensor):
+        bits = host_bits.to(logits.device, non_blocking=True)
         bits = torch.where((bits == 0).all(dim=1, keepdim=True), self._eos_only, bits)
         bias = self._table.index_select(0, bits.view(torch.uint8).flatten().long())
         bias = bias.view(bits.shape[0], -1)[:, : logits.shape[1]].to(logits.dtype)
-        masked = logits.index_select(0, self.rows) + bias
+        masked = logits.index_select(0, rows) + bias
         starved = masked.amax(dim=1, keepdim=True) == float("-inf")
-        masked = torch.where(starved, raw_logits.index_select(0, self.rows) + bias, masked)
-        return logits.index_copy(0, self.rows, masked)
+        masked = torch.where(starved, raw_logits.index_select(0, rows) + bias, masked)
+        return logits.index_copy(0, rows, masked)
 
     def accept(self, tokens: torch.Tensor, step: int) -> None:
         """Feed step ``step``'s tokens to the matchers (one host sync of the constrained rows)."""

@@ -45,6 +45,10 @@ def plan_task(engine: EngineConfig, flags: TaskConfig) -> TaskFront | None:
     task = T.resolve_task(flags.task, hf_config, S.is_sentence_transformers(source.directory))
     if task == T.TEXT_GENERATION:
         return None
+    if engine.scheduler.speculative_config:
+        raise ConfigError(
+            f"--task {task}: speculative decoding serves text_generation only; leave out --speculative-config"
+        )
     if engine.parallel.tensor_parallel_size > 1:
         raise ConfigError(
             f"--task {task}: tensor parallelism serves text_generation only; use --tensor-parallel-size 1"

@@ -33,6 +33,7 @@ from stepserve.structured.bitmask import GrammarMatchers, GrammarPass
 from stepserve.worker import sampler as S
 from stepserve.worker.cuda_graphs import CudaGraphs
 from stepserve.worker.pooling import PoolingRows
+from stepserve.worker.speculative import DraftModel, VerifyLayout, accept, verify_layout
 
 
 def kv_cache_bytes_per_block(model: DecoderForCausalLM, block_size: int, dtype: torch.dtype) -> int:
@@ -93,10 +94,15 @@ class PendingPass:
     """A submitted pass: its results on their way to the host."""
 
     sched: SchedulerOutput  # what was run
-    rows: torch.Tensor  # [B, N + 1] on the host: the sampled tokens, then the non-finite flag
-    logprobs: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]  # per step, on the host
+    # [B, N + 1] on the host: the sampled tokens, then the non-finite flag. A verify pass's has
+    # the tokens by place (K + 1), the number of proposals accepted, then the flag; the draft
+    # model's proposals come last but one.
+    rows: torch.Tensor
+    logprobs: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]  # per step (or place), on the host
     prompt_logprobs: dict[str, tuple[TokenLogprob, ...]]  # computed with their own sync
     done: torch.cuda.Event | None  # recorded after the copies to the host; None on the CPU
+    verify: bool = False  # a verify pass (speculative decoding): rows hold the accepted count
+    num_proposals: int = 0  # the draft model's proposals per row in ``rows``
 
 
 @dataclass
@@ -106,6 +112,7 @@ class StepInputs:
     input_ids: torch.Tensor  # [T]
     meta: AttentionMetadata  # positions, slots, lengths, block tables
     logits_index: torch.Tensor  # [B]: each request's last token in the packed batch
+    query_start: list[int] | None = None  # on the host: where each request's tokens start in the batch
 
 
 class ModelRunner:
@@ -134,6 +141,7 @@ class ModelRunner:
         self.grammars = grammars  # constrained decoding; None: every request is free text
         self.pooling = PoolingRows()  # folds of prefill-only pooling requests, chunk by chunk
         self.lora = None  # worker.lora_slots.LoraSlots when adapters are served
+        self.draft: DraftModel | None = None  # speculative decoding's draft model (draft_model)
         self._lora_steps: tuple = (None, None)  # this pass's slots: per token of the first step, per row after
         self._last_pass: tuple[SchedulerOutput, torch.Tensor] | None = (
             None  # the last submitted pass, its tokens [B, N]
@@ -154,13 +162,18 @@ class ModelRunner:
         Pooling requests never come here: the core runs their passes through ``execute``."""
         grammar = self._grammar_pass(sched)
         requests = sched.requests
-        inputs = self._prepare(sched)
+        verify = any(r.draft_token_ids for r in requests)
+        # A verify pass of decoding rows only runs as a decode step of one row per token.
+        flat = verify and all(r.num_new_tokens - len(r.draft_token_ids) == 1 for r in requests)
+        inputs = self._prepare(sched, flat)
         self._lora_steps = (None, None)
         if self.lora is not None:
             self._lora_steps = self.lora.step_slots(sched, self.lora.rows(sched), self.device)
         batch = S.build_sampling_batch(
             requests, self.eos_token_ids, self.vocab_size, self.device, self.shared_generator
         )
+        if verify:
+            return self._verify(sched, inputs, batch, grammar, flat)
         eager = any(_prompt_logprob_span(r) for r in requests)  # prompt logprobs need the hidden states
         graph = self.graphs.load(inputs, self._lora_steps[1]) if self.graphs is not None and not eager else None
         prompt_logprobs: dict[str, tuple[TokenLogprob, ...]] = {}
@@ -203,9 +216,78 @@ class ModelRunner:
             nonfinite = graph.nonfinite_rows()
         sampled = torch.stack(steps, dim=1)
         self._last_pass = (sched, sampled)  # the next pass's placeholders come from here
-        rows = torch.cat([sampled, nonfinite[:, None].long()], dim=1)
+        columns = [sampled]
+        if sched.num_proposals and self.draft is not None:
+            zero = torch.zeros(len(requests), dtype=torch.long, device=self.device)
+            columns.append(self._propose(sched, inputs, sampled[:, -1], zero))
+        rows = torch.cat([*columns, nonfinite[:, None].long()], dim=1)
         host_rows, host_logprobs, done = self._to_host(rows, logprobs)
-        return PendingPass(sched, host_rows, host_logprobs, prompt_logprobs, done)
+        proposals = sched.num_proposals if self.draft is not None else 0
+        return PendingPass(sched, host_rows, host_logprobs, prompt_logprobs, done, num_proposals=proposals)
+
+    def _verify(
+        self, sched: SchedulerOutput, inputs: StepInputs, batch: S.SamplingBatch, grammar, flat: bool
+    ) -> PendingPass:
+        """A pass in which rows verify their proposals (``worker/speculative.py``): one forward
+        (a decode graph's when ``flat`` and one fits), logits at each row's last token and after
+        each proposal, every position sampled, the longest run of proposals equal to the sampled
+        tokens accepted."""
+        layout = verify_layout(sched, inputs.query_start, lambda lists: self._upload(lists, [])[0])
+        graph = self.graphs.load(inputs, self._lora_steps[0]) if self.graphs is not None and flat else None
+        prompt_logprobs = {}
+        if graph is not None:
+            logits = graph.replay()  # one row per token: the layout's logits index is the identity
+        else:
+            state = getattr(self.model, "lora_state", None)
+            if state is not None:
+                state.slots = self._lora_steps[0]
+            hidden = self._hidden(inputs)
+            if any(map(_prompt_logprob_span, sched.requests)):
+                prompt_logprobs = self._prompt_logprobs(sched, hidden)
+            logits = self.model.compute_logits(hidden[layout.logits_index])
+        expanded = S.expand(batch, layout.row_of, layout.offset)
+        processed = S.apply_logits_processors(logits, expanded)
+        if grammar is not None:
+            drafts = [r.draft_token_ids for r in sched.requests]
+            processed = grammar.mask_drafts(processed, logits, drafts, layout.first)
+        tokens = S.sample(processed, expanded)
+        grid, accepted = accept(tokens, layout)
+        bad = (~torch.isfinite(logits.sum(dim=-1))).long()
+        nonfinite = torch.zeros(len(sched.requests), dtype=torch.long, device=self.device).index_add_(
+            0, layout.row_of, bad
+        )
+        logprobs = []
+        if batch.num_logprobs >= 0:
+            chosen, ids, values = S.top_logprobs(logits, tokens, batch.num_logprobs)
+            logprobs = [(chosen[at], ids[at], values[at]) for at in layout.grid_index.unbind(dim=1)]
+        self._last_pass = (sched, grid)  # never read: a pass after a verify pass has no placeholders
+        columns = [grid, accepted[:, None]]
+        if sched.num_proposals and self.draft is not None:
+            newest = grid.gather(1, accepted[:, None]).squeeze(1)
+            columns.append(self._propose(sched, inputs, newest, accepted, layout))
+        rows = torch.cat([*columns, (nonfinite > 0)[:, None].long()], dim=1)
+        host_rows, host_logprobs, done = self._to_host(rows, logprobs)
+        proposals = sched.num_proposals if self.draft is not None else 0
+        return PendingPass(sched, host_rows, host_logprobs, prompt_logprobs, done, True, proposals)
+
+    def _propose(
+        self,
+        sched: SchedulerOutput,
+        inputs: StepInputs,
+        newest: torch.Tensor,
+        accepted: torch.Tensor,
+        layout: VerifyLayout | None = None,
+    ) -> torch.Tensor:
+        """The draft model's proposals [B, num_proposals] for the next pass: its KV over this
+        pass's tokens, then greedy steps from each row's newest token, which sits right after
+        the row's accepted tokens."""
+        self.draft.catch_up(inputs.input_ids, inputs.meta)
+        ends = [r.start + r.num_new_tokens - len(r.draft_token_ids) for r in sched.requests]
+        positions, firsts = self._upload([ends, inputs.query_start[:-1]], [])[0]
+        tables = inputs.meta.block_tables
+        if tables.shape[0] != len(ends):  # a flat verify pass: one table row per token
+            tables = tables[firsts]
+        return self.draft.propose(newest, positions + accepted, tables, max(ends) + 1, sched.num_proposals)
 
     def _to_host(self, rows: torch.Tensor, logprobs: list) -> tuple[torch.Tensor, list, torch.cuda.Event | None]:
         """Non-blocking copies into pinned memory and an event behind them (on CUDA)."""
@@ -226,7 +308,7 @@ class ModelRunner:
         """Wait for a submitted pass and return its results."""
         if pending.done is not None:
             pending.done.synchronize()  # this pass only: the next one may already be running
-        output = self._output(pending.sched, pending.rows, pending.logprobs)
+        output = self._output(pending.sched, pending.rows, pending.logprobs, pending.verify, pending.num_proposals)
         return (
             dataclasses.replace(output, prompt_logprobs=pending.prompt_logprobs) if pending.prompt_logprobs else output
         )
@@ -310,8 +392,14 @@ class ModelRunner:
 
     # -- inputs --------------------------------------------------------------------------
 
-    def _prepare(self, sched: SchedulerOutput) -> StepInputs:
-        """Packed inputs of the pass's first step, built on the host and sent in one copy."""
+    def _prepare(self, sched: SchedulerOutput, flat: bool = False) -> StepInputs:
+        """Packed inputs of the pass's first step, built on the host and sent in one copy.
+
+        ``flat``: a verify pass whose rows each compute one token of their own and their
+        proposals, laid out as a decode step with one row per token (its own position, context
+        length and a copy of its request's block table). Every decode path (the CPU kernels,
+        the decode graphs) then runs it, and each position's logits are computed exactly as a
+        decode step would compute them."""
         bs = self.block_size
         input_ids: list[int] = []
         positions: list[int] = []
@@ -320,21 +408,26 @@ class ModelRunner:
         seq_lens = []
         for r in sched.requests:
             end = r.start + r.num_new_tokens
-            input_ids.extend(r.token_ids[r.start : end])
+            input_ids.extend(r.token_ids[r.start : end - len(r.draft_token_ids)])
+            input_ids.extend(r.draft_token_ids)
             positions.extend(range(r.start, end))
             blocks = r.block_ids
             slots.extend(blocks[p // bs] * bs + p % bs for p in range(r.start, end))
             query_start.append(len(input_ids))
-            seq_lens.append(end)
+            if flat:
+                seq_lens.extend(range(r.start + 1, end + 1))
+            else:
+                seq_lens.append(end)
         # Wide enough for every position the pass may touch; padding is the null block 0.
         # Rounded up to 16 blocks: the kernels take the row stride as an argument, and Triton
         # specializes on its divisibility by 16, so one width class means one compiled variant.
-        width = -(-max(-(-(n + sched.num_steps - 1) // bs) for n in seq_lens) // 16) * 16
+        lookahead = sched.num_steps - 1 + sched.num_proposals
+        width = -(-max(-(-(n + lookahead) // bs) for n in seq_lens) // 16) * 16
         tables: list[int] = []
         for r in sched.requests:
             row = list(r.block_ids[:width])
-            tables.extend(row + [0] * (width - len(row)))
-        q_lens = [r.num_new_tokens for r in sched.requests]
+            tables.extend((row + [0] * (width - len(row))) * (r.num_new_tokens if flat else 1))
+        q_lens = [1] * len(input_ids) if flat else [r.num_new_tokens for r in sched.requests]
         is_decode = all(n == 1 for n in q_lens)
         decode_rows = [] if is_decode else [i for i, n in enumerate(q_lens) if n == 1]
         prefill_rows = [] if is_decode else [i for i, n in enumerate(q_lens) if n > 1]
@@ -342,7 +435,7 @@ class ModelRunner:
         holes, sources = self._placeholders(sched, query_start)
         longs, ints = self._upload(
             [input_ids, positions, slots, logits_index, holes, sources],
-            [query_start, seq_lens, tables, decode_rows, prefill_rows],
+            [list(range(len(input_ids) + 1)) if flat else query_start, seq_lens, tables, decode_rows, prefill_rows],
         )
         ids, pos, slot, logits_idx, hole_idx, source_idx = longs
         if holes:  # on the device, after the previous pass's sampling (same stream)
@@ -361,7 +454,7 @@ class ModelRunner:
             decode_rows=d_rows if decode_rows else None,
             prefill_rows=None if is_decode else p_rows,
         )
-        return StepInputs(ids, meta, logits_idx)
+        return StepInputs(ids, meta, logits_idx, query_start)
 
     def _placeholders(self, sched: SchedulerOutput, query_start: list[int]) -> tuple[list[int], list[int]]:
         """Input positions holding a PLACEHOLDER, and where each one's token is in the last
@@ -420,16 +513,25 @@ class ModelRunner:
 
     # -- outputs -------------------------------------------------------------------------
 
-    def _output(self, sched: SchedulerOutput, host_rows: torch.Tensor, logprobs) -> ModelRunnerOutput:
+    def _output(
+        self, sched: SchedulerOutput, host_rows: torch.Tensor, logprobs, verify: bool = False, num_proposals: int = 0
+    ) -> ModelRunnerOutput:
         rows = host_rows.tolist()
-        tokens = [row[:-1] for row in rows]
+        end = -1 - num_proposals
+        if verify:  # the tokens by place, then the accepted count: places 0..accepted are the output
+            tokens = [row[: row[end - 1] + 1] for row in rows]
+        else:
+            tokens = [row[:end] for row in rows]
         errors = {
             r.request_id: "the model produced non-finite logits for this request"
             for r, row in zip(sched.requests, rows)
             if row[-1]
         }
         sampled = tuple(tuple(row) if r.sample else () for r, row in zip(sched.requests, tokens))
-        return ModelRunnerOutput(sampled, self._logprobs(sched, tokens, logprobs), errors)
+        proposals = ()
+        if num_proposals:
+            proposals = tuple(tuple(row[end:-1]) if r.sample else () for r, row in zip(sched.requests, rows))
+        return ModelRunnerOutput(sampled, self._logprobs(sched, tokens, logprobs), errors, draft_token_ids=proposals)
 
     def _logprobs(self, sched: SchedulerOutput, tokens: list[list[int]], logprobs) -> tuple:
         if not logprobs:
@@ -444,7 +546,7 @@ class ModelRunner:
             out.append(
                 tuple(
                     TokenLogprob(tokens[row][step], chosen[row], tuple(zip(ids[row][:k], values[row][:k])))
-                    for step, (chosen, ids, values) in enumerate(per_step)
+                    for step, (chosen, ids, values) in enumerate(per_step[: len(tokens[row])])
                 )
             )
         return tuple(out)

@@ -278,3 +278,32 @@ def top_logprobs(
     chosen = logprobs.gather(1, tokens[:, None]).squeeze(1)
     values, ids = logprobs.topk(max(k, 1), dim=-1)
     return chosen, ids[:, :k], values[:, :k]
+
+
+def expand(batch: SamplingBatch, row_of: torch.Tensor, offset: torch.Tensor) -> SamplingBatch:
+    """The batch for a verify pass's positions: position m samples as row ``row_of[m]`` would
+    ``offset[m]`` tokens later (its noise index and min_tokens countdown advanced; penalties
+    are only for rows that propose nothing, whose offset is 0)."""
+
+    def rows(t: torch.Tensor | None) -> torch.Tensor | None:
+        return None if t is None else t.index_select(0, row_of)
+
+    return SamplingBatch(
+        temperature=rows(batch.temperature),
+        greedy=rows(batch.greedy),
+        all_greedy=batch.all_greedy,
+        top_k=rows(batch.top_k),
+        top_p=rows(batch.top_p),
+        min_p=rows(batch.min_p),
+        presence=rows(batch.presence),
+        frequency=rows(batch.frequency),
+        repetition=rows(batch.repetition),
+        output_counts=rows(batch.output_counts),
+        prompt_mask=rows(batch.prompt_mask),
+        bias=rows(batch.bias),
+        stop_mask=rows(batch.stop_mask),
+        min_left=None if batch.min_left is None else rows(batch.min_left) - offset,
+        noise_keys=rows(batch.noise_keys),
+        noise_index=None if batch.noise_index is None else rows(batch.noise_index) + offset,
+        num_logprobs=batch.num_logprobs,
+    )

@@ -438,17 +438,27 @@ static inline void rope(const float *x, const float *cs, int D, float *out) {
     }
 }
 
-/* Row b, KV head g: rotate its queries and key, store key and value at the row's slot, and
- * attend over the row's pages in place (no gather). scores: [group][context] scratch. */
-static void attend(const Model *m, const Step *st, int layer, int b, int g, const float *qkv, float *out, float *scores) {
+/* Row b, KV head g: rotate its key and store key and value at the row's slot. Every row's are
+ * stored before any row attends: rows of one sequence (the positions of a verify pass, each a
+ * row of its own) read the keys of the rows before them. */
+static void store_kv(const Model *m, const Step *st, int layer, int b, int g, const float *qkv) {
     const int H = (int)m->n_heads, G = (int)m->n_kv, D = (int)m->head_dim, bs = (int)m->block_size;
-    const int group = H / G;
     const size_t row = (size_t)(H + 2 * G) * D;
     const float *cs = m->cos_sin + st->positions[b] * D;
     float *kc = m->kv[layer], *vc = kc + (size_t)m->num_blocks * bs * G * D;
     size_t at = ((size_t)st->slots[b] * G + g) * D;
     rope(qkv + b * row + (size_t)(H + g) * D, cs, D, kc + at);
     memcpy(vc + at, qkv + b * row + (size_t)(H + G + g) * D, sizeof(float) * D);
+}
+
+/* Row b, KV head g: rotate its queries and attend over the row's pages in place (no gather).
+ * scores: [group][context] scratch. */
+static void attend(const Model *m, const Step *st, int layer, int b, int g, const float *qkv, float *out, float *scores) {
+    const int H = (int)m->n_heads, G = (int)m->n_kv, D = (int)m->head_dim, bs = (int)m->block_size;
+    const int group = H / G;
+    const size_t row = (size_t)(H + 2 * G) * D;
+    const float *cs = m->cos_sin + st->positions[b] * D;
+    float *kc = m->kv[layer], *vc = kc + (size_t)m->num_blocks * bs * G * D;
     float q[8][256];
     for (int h = 0; h < group; h++) rope(qkv + b * row + (size_t)(g * group + h) * D, cs, D, q[h]);
     const int L = st->seq_lens[b];
@@ -478,7 +488,8 @@ static void attend(const Model *m, const Step *st, int layer, int b, int g, cons
     }
 }
 
-/* Every layer of one decode step (one new token per row); writes the final-normed hidden
+/* Every layer of one decode step (one new token per row; several rows may be positions of one
+ * sequence, each with its own context length); writes the final-normed hidden
  * states [M][hidden] (float32). Returns 0, or -1 when the shapes are outside what it handles. */
 int ss_decode(const Model *m, const Step *st, float *hidden_out) {
     const int M = (int)st->M, Hd = (int)m->hidden, H = (int)m->n_heads, G = (int)m->n_kv, D = (int)m->head_dim;
@@ -506,6 +517,8 @@ int ss_decode(const Model *m, const Step *st, float *hidden_out) {
             for (int i = 0; i < M; i++)
                 norm_quant(x + (size_t)i * Hd, m->in_norm[l], Hd, m->eps, tmp, aq + (size_t)i * Hd, ad + (size_t)i * (Hd / QK), as + (size_t)i * (Hd / QK));
             gemm(0, m->qkv_qs[l], m->qkv_dm[l], NQKV, Hd, aq, ad, as, M, qkv, NQKV, OUT_STORE, ex, (int)m->x16);
+#pragma omp for schedule(static)
+            for (int p = 0; p < M * G; p++) store_kv(m, st, l, p / G, p % G, qkv);
 #pragma omp for schedule(dynamic, 1)
             for (int p = 0; p < M * G; p++) attend(m, st, l, p / G, p % G, qkv, attn, scores);
 #pragma omp for schedule(static)

@@ -1,0 +1,118 @@
+"""Speculative decoding in the worker: the verify pass's layout and acceptance, and the draft model.
+
+A verify pass computes each speculating row's last token and its k proposals in one forward (as
+a prefill chunk of k + 1 tokens), takes logits at all k + 1 positions, and samples each position
+as if the proposals before it had been accepted: position j uses the request's sampling
+parameters and its own noise for output token index + j. The row keeps the longest run of
+proposals equal to the tokens sampled before them, plus the token sampled after that run.
+
+That is the standard accept/resample rule for a proposal that does not itself sample (an n-gram
+continuation, a draft model's argmax): proposal d is accepted with the target's probability
+p(d) and otherwise the target's token is drawn from p without d. Because the draw at each
+position is the same one the target would make without speculation (same noise, same logits),
+greedy and seeded requests give the very tokens they give without it, and unseeded ones the
+same distribution.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from stepserve.attention.base import AttentionMetadata
+from stepserve.core.outputs import SchedulerOutput
+
+
+@dataclass
+class VerifyLayout:
+    """Where each row's verified positions are, on the device (B rows, M logits rows, K the
+    most proposals of a row)."""
+
+    logits_index: torch.Tensor  # [M] long: the packed token whose logits each position takes
+    row_of: torch.Tensor  # [M] long: its row
+    offset: torch.Tensor  # [M] long: its place in the row's run, 0..k_r
+    grid_index: torch.Tensor  # [B, K + 1] long: the M-row of each (row, place); 0 past the row's run
+    drafts: torch.Tensor  # [B, K] long: each row's proposals, -1 past them (never a token)
+    first: list[int]  # per row, its first M-row (host)
+    width: int  # K + 1
+
+
+def verify_layout(sched: SchedulerOutput, query_start: list[int], upload) -> VerifyLayout:
+    """The verify pass's index tensors, built on the host and sent with ``upload`` (the runner's
+    one-copy uploader: lists of int64 values in, device tensors out)."""
+    width = 1 + max(len(r.draft_token_ids) for r in sched.requests)
+    logits_index, row_of, offset, grid, drafts, first = [], [], [], [], [], []
+    for b, r in enumerate(sched.requests):
+        k = len(r.draft_token_ids)
+        end = query_start[b + 1]
+        first.append(len(logits_index))
+        grid.extend(len(logits_index) + j if j <= k else 0 for j in range(width))
+        logits_index.extend(range(end - 1 - k, end))
+        row_of.extend([b] * (k + 1))
+        offset.extend(range(k + 1))
+        drafts.extend(list(r.draft_token_ids) + [-1] * (width - 1 - k))
+    tensors = upload([logits_index, row_of, offset, grid, drafts])
+    b = len(sched.requests)
+    return VerifyLayout(
+        tensors[0], tensors[1], tensors[2], tensors[3].view(b, width), tensors[4].view(b, width - 1), first, width
+    )
+
+
+def accept(tokens: torch.Tensor, layout: VerifyLayout) -> tuple[torch.Tensor, torch.Tensor]:
+    """From the tokens sampled at every position [M]: each row's tokens by place [B, K + 1] and
+    how many proposals it accepted [B] (its output is places 0..accepted)."""
+    grid = tokens[layout.grid_index]
+    matches = (grid[:, :-1] == layout.drafts).long()
+    accepted = matches.cumprod(dim=1).sum(dim=1)
+    return grid, accepted
+
+
+class DraftModel:
+    """A small model of the target's tokenizer that proposes tokens. Its KV cache has the
+    target's blocks: one block id addresses a block of each, so the block manager serves both.
+
+    Every pass it computes its KV over the very tokens the target computed (the catch-up: a
+    prompt chunk, or a row's last token and its proposals), so its cache is whole wherever the
+    target's is, prefix-cache hits included; then, from each row's newest token, it decodes
+    ``num_proposals`` tokens greedily, which are the row's proposals for the next pass."""
+
+    def __init__(self, model, kv_caches: list[torch.Tensor], backend, block_size: int) -> None:
+        self.model = model
+        self.kv_caches = kv_caches
+        self.backend = backend
+        self.block_size = block_size
+
+    def catch_up(self, input_ids: torch.Tensor, meta: AttentionMetadata) -> None:
+        self.backend.prepare(meta)
+        self.model(input_ids, meta.positions, self.kv_caches, meta, self.backend)
+
+    def propose(
+        self, tokens: torch.Tensor, positions: torch.Tensor, tables: torch.Tensor, max_seq_len: int, count: int
+    ) -> torch.Tensor:
+        """[B, count] proposals: greedy decoding from ``tokens`` [B] at ``positions`` [B]."""
+        batch = tokens.shape[0]
+        rows = torch.arange(batch, device=tokens.device)
+        out = []
+        for step in range(count):
+            meta = AttentionMetadata(
+                slot_mapping=self._slots(tables, rows, positions),
+                positions=positions,
+                query_start_loc=torch.arange(batch + 1, dtype=torch.int32, device=tokens.device),
+                seq_lens=(positions + 1).int(),
+                block_tables=tables,
+                max_query_len=1,
+                max_seq_len=max_seq_len + step,
+                block_size=self.block_size,
+                is_decode=True,
+            )
+            self.backend.prepare(meta)
+            hidden = self.model(tokens, positions, self.kv_caches, meta, self.backend)
+            tokens = self.model.compute_logits(hidden).argmax(dim=-1)
+            out.append(tokens)
+            positions = positions + 1
+        return torch.stack(out, dim=1)
+
+    def _slots(self, tables: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        blocks = tables[rows, positions // self.block_size].long()
+        return blocks * self.block_size + positions % self.block_size
