@@ -66,6 +66,38 @@ class _EngineStateCollector(Collector):
             CounterMetricFamily, "prefix_cache_hits", "Prompt tokens found in the prefix cache.", s.prefix_cache_hits
         )
         yield self._family(CounterMetricFamily, "engine_restarts", "Restarts of the engine core.", self.restarts())
+        if s.speculative is not None:
+            for prefix in self.prefixes:
+                yield from self._speculative(prefix, s)
+
+    def _speculative(self, prefix: str, s: EngineStats):
+        """vLLM's speculative decoding counters (docs/speculative-decoding.md)."""
+        spec = s.speculative
+        yield self._family(
+            CounterMetricFamily, "spec_decode_num_drafts", "Proposals verified.", spec.num_drafts, prefix
+        )
+        yield self._family(
+            CounterMetricFamily,
+            "spec_decode_num_draft_tokens",
+            "Tokens proposed and verified.",
+            spec.num_draft_tokens,
+            prefix,
+        )
+        yield self._family(
+            CounterMetricFamily,
+            "spec_decode_num_accepted_tokens",
+            "Proposed tokens accepted.",
+            spec.num_accepted_tokens,
+            prefix,
+        )
+        family = CounterMetricFamily(
+            prefix + "spec_decode_num_accepted_tokens_per_pos",
+            "Proposed tokens accepted, by their position in the proposal.",
+            labels=["model_name", "position"],
+        )
+        for position, count in enumerate(spec.accepted_per_pos):
+            family.add_metric([self.model_name, str(position)], count)
+        yield family
 
     def _picker_gauges(self, prefix: str, s: EngineStats, now: float):
         """What the endpoint picker reads: queue, batch, KV usage, the cache's shape and LoRA."""
