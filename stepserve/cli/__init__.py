@@ -42,6 +42,11 @@ def _bench(args: argparse.Namespace) -> int:
 
         throughput.run(args, located_engine_config(args)[0])
         return 0
+    if args.bench == "spec":
+        from stepserve.bench import speculative
+
+        speculative.run(args)
+        return 0
     if args.bench in ("fuzz", "soak"):
         import importlib
 
@@ -91,6 +96,11 @@ def build_parser() -> argparse.ArgumentParser:
         add_serve_bench_args(sv)
         sv.set_defaults(func=_bench)
     _add_hardening_benches(bench_sub)
+    from stepserve.bench import speculative
+
+    spec = bench_sub.add_parser("spec", help="speculative decoding against the same engine without it")
+    speculative.add_args(spec)
+    spec.set_defaults(func=_bench)
     from stepserve.bench.embeddings import add_args as add_embeddings_args
 
     emb = bench_sub.add_parser("embeddings", help="a server's /v1/embeddings beside plain transformers")

@@ -254,3 +254,51 @@ def test_a_draft_model_of_another_vocabulary_is_refused(models, tmp_path):
     config = {"method": "draft_model", "model": str(other), "num_speculative_tokens": 2}
     with pytest.raises(ConfigError, match="vocabulary"):
         LLM(model=str(target), speculative_config=json.dumps(config), **OPTIONS)
+
+
+def test_adapters_speculate_with_their_own_tokens(models, tmp_path):
+    """Requests of two LoRA adapters and the base in one batch: each gets the tokens it gets
+    without speculation (the verify pass runs each position with its row's adapter)."""
+    from lora_adapters import write_adapter
+
+    from stepserve import LoRARequest
+
+    target, _ = models
+    adapters = [
+        LoRARequest(name, i + 1, str(write_adapter(target, tmp_path / name, name, seed=i)))
+        for i, name in enumerate(("attn-r8", "all-r16-rslora"))
+    ]
+    options = dict(enable_lora=True, max_loras=2, max_lora_rank=16, **OPTIONS)
+    greedy = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    loras = [adapters[0], None, adapters[1], adapters[0]]
+    plain = LLM(model=str(target), **options)
+    want = [o.outputs[0].token_ids for o in plain.generate(PROMPTS, greedy, lora_request=loras)]
+    base = [o.outputs[0].token_ids for o in plain.generate(PROMPTS, greedy)]
+    spec = LLM(model=str(target), speculative_config=json.dumps(NGRAM), **options)
+    got = [o.outputs[0].token_ids for o in spec.generate(PROMPTS, greedy, lora_request=loras)]
+    assert got == want
+    assert want[0] != base[0] and want[2] != base[2]  # the adapters really change the answers
+    assert spec.core.scheduler.spec_counters.num_drafts > 0
+
+
+def test_metrics_carry_vllms_spec_decode_counters(models):
+    from stepserve.server.metrics import ServerMetrics
+
+    target, _ = models
+    spec = LLM(model=str(target), speculative_config=json.dumps(NGRAM), **OPTIONS)
+    spec.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=24, ignore_eos=True))
+    counters = spec.core.scheduler.spec_counters
+    text = ServerMetrics("m", spec.core.stats, compat="vllm").render().decode()
+    for prefix in ("stepserve:", "vllm:"):
+        assert f'{prefix}spec_decode_num_drafts_total{{model_name="m"}} {float(counters.num_drafts)}' in text
+        assert (
+            f'{prefix}spec_decode_num_draft_tokens_total{{model_name="m"}} {float(counters.num_draft_tokens)}' in text
+        )
+        accepted = float(counters.num_accepted_tokens)
+        assert f'{prefix}spec_decode_num_accepted_tokens_total{{model_name="m"}} {accepted}' in text
+        for position, count in enumerate(counters.accepted_per_pos):
+            line = f'{prefix}spec_decode_num_accepted_tokens_per_pos_total{{model_name="m",position="{position}"}}'
+            assert f"{line} {float(count)}" in text
+    assert counters.num_drafts > 0
+    plain = ServerMetrics("m", LLM(model=str(target), **OPTIONS).core.stats).render().decode()
+    assert "spec_decode" not in plain
