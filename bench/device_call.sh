@@ -26,6 +26,10 @@
 #            ratios to the base alone against their targets (ARGS go to the benchmark, e.g.
 #            --num-requests 64 for a smoke run); gpu_lora.json in lora/, log in lora.log. About 3-4
 #            minutes on one H100
+#   spec     the speculative decoding benchmark, python -m stepserve.bench.speculative --device cuda: the
+#            embedded model (needs .embedded/, below) at batch 1 with and without ngram proposals on
+#            grounded, code-edit and chat requests, and 16 chat streams (ARGS go to the benchmark);
+#            gpu_spec.json in spec/, log in spec.log
 #   serve    the HTTP serving rows, python -m stepserve.bench.gpu --only serve: the 8B shape behind
 #            `stepserve serve` at 256 streams and at one, then the engine core killed and the time
 #            to healthy again (ARGS go to the benchmark); gpu_bench.json and the server's log in
@@ -43,12 +47,12 @@
 # everything under the results folder into results.tgz (the default when $OUT is set, since a
 # lent device machine brings back only a few files); PACK=0 keeps the files as they are.
 set -o pipefail
-mode=${1:?usage: bash bench/device_call.sh tests|offline|moe|lora|serve|all|setup [ARGS...]}
+mode=${1:?usage: bash bench/device_call.sh tests|offline|moe|lora|spec|serve|all|setup [ARGS...]}
 shift
 case $mode in
-tests|offline|moe|lora|serve|setup) ;;
+tests|offline|moe|lora|spec|serve|setup) ;;
 all) [ $# -eq 0 ] || { echo "all takes no ARGS" >&2; exit 2; } ;;
-*) echo "unknown mode: $mode (tests, offline, moe, lora, serve, all, setup)" >&2; exit 2 ;;
+*) echo "unknown mode: $mode (tests, offline, moe, lora, spec, serve, all, setup)" >&2; exit 2 ;;
 esac
 PACK=${PACK:-$([ -n "${OUT:-}" ] && echo 1 || echo 0)}
 OUT=${OUT:-$PWD/bench-out}
@@ -93,6 +97,9 @@ run_moe() {
 run_lora() {
     step lora.log python3 -m stepserve.bench.gpu_lora --out "$OUT/lora" "$@"
 }
+run_spec() {
+    step spec.log python3 -m stepserve.bench.speculative --device cuda --out "$OUT/spec/gpu_spec.json" "$@"
+}
 run_serve() {
     step serve.log python3 -m stepserve.bench.gpu --out "$OUT/serve" --only serve "$@"
     [ -f "$OUT/serve/serve_8b.log" ] && grep -h -e "spare" -e "engine core process" -e "model memory on" -e "model weights on" \
@@ -103,6 +110,7 @@ tests) run_tests "$@" ;;
 offline) run_offline "$@" ;;
 moe) run_moe "$@" ;;
 lora) run_lora "$@" ;;
+spec) run_spec "$@" ;;
 serve) run_serve "$@" ;;
 all) run_tests; run_offline; run_serve ;;
 setup) ;;
