@@ -10,7 +10,9 @@ with ``paged|sdpa`` attention on the same weights and requests, (c) stepserve ba
 tok/s and the bandwidth it achieves against a measured device copy, (d) stepserve
 ``num_scheduler_steps`` 1 vs 8 on the 1B shape, (e) unless ``--skip-transformers``, that each
 greedy token of stepserve's first requests is transformers' argmax on the same weights
-(``greedy_check``). stepserve is timed through its engine loop
+(``greedy_check``). On request only (``--only trtllm``), the 8B shape in bf16 and FP8 on
+TensorRT-LLM's fixed-length workloads (``stepserve.bench.throughput.WORKLOADS``) beside its
+published FP8 figures. stepserve is timed through its engine loop
 (schedule, execute, update) without detokenization, as vLLM's throughput benchmark does with
 ``detokenize=False``. A table goes to stdout, JSON to ``DIR/gpu_bench.json``.
 """
@@ -225,11 +227,11 @@ def stepserve_engine(model_dir: Path, shape: str, steps: int, **options):
 
     options.setdefault("async_scheduling", ASYNC_SCHEDULING[0])
     options.setdefault("gpu_memory_utilization", 0.9)
+    options.setdefault("max_model_len", MAX_MODEL_LEN)
+    options.setdefault("max_num_seqs", 256)
     config = EngineConfig.from_kwargs(
         model=str(model_dir),
-        max_model_len=MAX_MODEL_LEN,
         num_scheduler_steps=steps,
-        max_num_seqs=256,
         max_num_batched_tokens=8192,
         **options,
     )
@@ -713,6 +715,83 @@ def bench_fp8_kv(root: Path, prompts, results: dict, copy_tb_s: float) -> None:
     free_gpu()
 
 
+# Output tok/s of Llama 3.1 8B FP8 on one GPU in TensorRT-LLM's performance overview, by card.
+TRTLLM_FP8_OUT_TOK_S = {
+    "H100": {
+        "trtllm-128-128": 28312,
+        "trtllm-500-2000": 17660,
+        "trtllm-1000-1000": 15220,
+        "trtllm-2048-128": 3450,
+        "trtllm-5000-500": 3459,
+    },
+    "H200": {
+        "trtllm-128-128": 27911,
+        "trtllm-500-2000": 20770,
+        "trtllm-1000-1000": 17744,
+        "trtllm-2048-128": 3538,
+        "trtllm-5000-500": 3902,
+    },
+}
+TRTLLM_PRECISIONS = {"bf16": {}, "fp8": {"quantization": "fp8"}}  # engine options of each
+TRTLLM_MAX_MODEL_LEN = 5504  # the longest workload, 5000 in + 500 out, in whole 16-token KV blocks
+
+
+def trtllm_card() -> str | None:
+    """This GPU's row of TRTLLM_FP8_OUT_TOK_S, or None for another card."""
+    name = torch.cuda.get_device_name()
+    return next((card for card in TRTLLM_FP8_OUT_TOK_S if card in name), None)
+
+
+def fixed_prompts(count: int, length: int, seed: int) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(1000, 128000) for _ in range(length)] for _ in range(count)]
+
+
+def bench_trtllm(root: Path, precision: str, name: str, scale: float, results: dict) -> None:
+    """One of TensorRT-LLM's workloads on the 8B shape, on an engine of its own (the workload
+    sets max_num_seqs), with ``scale`` times its requests; FP8 is set beside the published figure."""
+    from stepserve.bench.throughput import WORKLOADS
+
+    w = WORKLOADS[name]
+    count = max(1, round(w.num_prompts * scale))
+    core, info = stepserve_engine(
+        write_model_dir(root, "8b"),
+        "8b",
+        8,
+        max_model_len=TRTLLM_MAX_MODEL_LEN,
+        max_num_seqs=w.max_num_seqs,
+        compilation_cache_dir=str(root / "compile"),
+        **TRTLLM_PRECISIONS[precision],
+    )
+    # Warm-up on the workload's prompt length (see stepserve_throughput), with other prompts.
+    run_requests(core, fixed_prompts(min(count, 32), w.input_len, seed=1), 4, "warm")
+    elapsed, tokens = run_requests(core, fixed_prompts(count, w.input_len, seed=0), w.output_len, "trtllm")
+    card = trtllm_card()
+    theirs = TRTLLM_FP8_OUT_TOK_S[card][name] if card else None
+    entry = {
+        "input_len": w.input_len,
+        "output_len": w.output_len,
+        "requests": count,
+        "max_num_seqs": w.max_num_seqs,
+        "elapsed_s": round(elapsed, 3),
+        "output_tokens": tokens,
+        "out_tok_s": round(tokens / elapsed, 1),
+        "kv_blocks": info.num_kv_blocks,
+        "load_s": round(info.load_seconds, 1),
+        "trtllm_fp8_out_tok_s": theirs,
+    }
+    if precision == "fp8":
+        entry["over_trtllm_fp8"] = _ratio(entry["out_tok_s"], theirs)
+    results.setdefault("trtllm", {}).setdefault(precision, {})[name] = entry
+    print(
+        f"8b {precision} {name}: {count} requests, max_num_seqs {w.max_num_seqs}: {entry['out_tok_s']} output tok/s "
+        f"(TensorRT-LLM FP8 on {card}: {theirs}; ours/theirs {entry.get('over_trtllm_fp8', '-')})",
+        flush=True,
+    )
+    del core
+    free_gpu()
+
+
 def bench_server(root: Path, out: Path, results: dict) -> None:
     from stepserve.bench.gpu_serve import serve_bench
 
@@ -891,12 +970,17 @@ def table(s: dict, results: dict) -> str:
 
 ORDER = ("8b", "qwen3-8b", "gemma3-12b", "1b")  # stepserve runs first, in this order; then transformers
 EXTRAS = ("fp8", "fp8kv", "cold", "serve")  # on the 8B shape, after them
+ON_REQUEST = ("trtllm",)  # on the 8B shape, last, and only when --only names them
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, help="directory for gpu_bench.json")
-    parser.add_argument("--only", help=f"comma-separated parts to run, of {', '.join(ORDER + EXTRAS)} (default: all)")
+    parser.add_argument(
+        "--only",
+        help=f"comma-separated parts to run, of {', '.join(ORDER + EXTRAS + ON_REQUEST)} "
+        f"(default: all but {', '.join(ON_REQUEST)})",
+    )
     parser.add_argument("--skip-transformers", action="store_true")
     parser.add_argument(
         "--skip-cb", action="store_true", help="keep the greedy check, leave out transformers' continuous batching"
@@ -913,6 +997,13 @@ def main(argv=None) -> None:
     parser.add_argument("--skip-fp8", action="store_true")
     parser.add_argument("--skip-serve", action="store_true", help="no HTTP server run")
     parser.add_argument("--skip-cold", action="store_true", help="no fresh-process run")
+    parser.add_argument(
+        "--trtllm-workloads",
+        help="comma-separated workloads of the trtllm part (default: all of stepserve.bench.throughput.WORKLOADS)",
+    )
+    parser.add_argument(
+        "--trtllm-scale", type=float, default=1.0, help="multiplies the trtllm workloads' request counts"
+    )
     parser.add_argument("--cold", help=argparse.SUPPRESS)  # internal: the fresh-process child writes here
     parser.add_argument("--compilation-cache-dir", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -922,9 +1013,12 @@ def main(argv=None) -> None:
         return cold_main(Path(args.cold), args.compilation_cache_dir, args.num_requests)
     chosen = args.only.split(",") if args.only else list(ORDER + EXTRAS)
     shapes = [s for s in ORDER if s in chosen]
-    unknown = set(chosen) - set(ORDER + EXTRAS)
+    unknown = set(chosen) - set(ORDER + EXTRAS + ON_REQUEST)
     if unknown:
-        parser.error(f"unknown shapes: {', '.join(sorted(unknown))}; choose from {', '.join(ORDER)}")
+        parser.error(
+            f"unknown parts: {', '.join(sorted(unknown))}; choose from {', '.join(ORDER + EXTRAS + ON_REQUEST)}"
+        )
+    trtllm_workloads = trtllm_names(parser, args.trtllm_workloads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     results: dict = {
@@ -976,10 +1070,26 @@ def main(argv=None) -> None:
         for name, skip, run in extras:
             if name in chosen and not skip:
                 attempt(name, run)
+        for precision in TRTLLM_PRECISIONS if "trtllm" in chosen else ():
+            for name in trtllm_workloads:
+                attempt(
+                    f"trtllm_{precision}_{name}",
+                    lambda p=precision, n=name: bench_trtllm(root, p, n, args.trtllm_scale, results),
+                )
     s = summary(results)
     save()
     print(table(s, results))
     print(json.dumps(s, indent=2))
+
+
+def trtllm_names(parser: argparse.ArgumentParser, given: str | None) -> list[str]:
+    from stepserve.bench.throughput import WORKLOADS
+
+    names = given.split(",") if given else list(WORKLOADS)
+    unknown = set(names) - set(WORKLOADS)
+    if unknown:
+        parser.error(f"unknown trtllm workloads: {', '.join(sorted(unknown))}; choose from {', '.join(WORKLOADS)}")
+    return names
 
 
 if __name__ == "__main__":
