@@ -7,11 +7,15 @@ Three workloads of chat requests, greedy, the model's own end of answer (no ``ig
 - ``chat``: free questions, nothing to copy.
 
 Each runs at batch 1 (one request at a time) with and without speculation, the two engines
-taking turns request by request so that both see the same machine state; then 16 chat streams
-at once (where speculation backs off). Output tok/s is generated tokens over wall time; the
-ratios are speculation's against the plain engine's. ``--peer NAME=URL`` also times an
-OpenAI-compatible server (llama.cpp's, with or without its prompt-lookup decoding) on the same
-batch-1 requests over HTTP, one at a time.
+taking turns request by request so that both see the same machine state. Each request runs
+three times: cut to one token (its prompt's full blocks go into the prefix cache), cut to one
+token again (timed: the time to the first token with the prompt cached), then whole (timed).
+``e2e`` is generated tokens over the whole request's wall time; ``decode`` is the tokens after
+the first over the wall time less the time to the first token. Then 16 chat streams at once
+(where speculation backs off), prompts not cached. The ratios are speculation's against the
+plain engine's. ``--peer NAME=URL`` times an OpenAI-compatible server (llama.cpp's,
+with or without its prompt-lookup decoding) on the same batch-1 requests over HTTP, one at a
+time, each after its one-token twin too (llama.cpp keeps the last prompt's state).
 """
 
 from __future__ import annotations
@@ -77,7 +81,29 @@ def _timed(llm, messages, params) -> tuple[int, float]:
     return sum(len(o.outputs[0].token_ids) for o in outputs), time.perf_counter() - start
 
 
-def _peer(url: str, messages: list[dict], max_tokens: int) -> tuple[int, float]:
+def _decode(llm, messages, params) -> tuple[int, float, float]:
+    """(tokens, seconds, seconds to the first token) of one request whose prompt is cached."""
+    from stepserve.sampling import SamplingParams
+
+    one = SamplingParams(temperature=0, max_tokens=1)
+    llm.chat([messages], one)
+    first = _timed(llm, [messages], one)[1]
+    return (*_timed(llm, [messages], params), first)
+
+
+def _peer(url: str, messages: list[dict], max_tokens: int) -> tuple[int, float, float]:
+    _ask(url, messages, 1)
+    first = _ask(url, messages, 1)[1]
+    return (*_ask(url, messages, max_tokens), first)
+
+
+def _rates(runs: list[tuple[int, float, float]]) -> tuple[float, float]:
+    """e2e and decode tok/s of (tokens, seconds, seconds to the first token) runs."""
+    tokens, seconds, first = (sum(column) for column in zip(*runs))
+    return round(tokens / seconds, 1), round((tokens - len(runs)) / (seconds - first), 1)
+
+
+def _ask(url: str, messages: list[dict], max_tokens: int) -> tuple[int, float]:
     body = {"model": "smollm2", "messages": messages, "temperature": 0, "max_tokens": max_tokens}
     request = urllib.request.Request(
         url.rstrip("/") + "/v1/chat/completions", json.dumps(body).encode(), {"Content-Type": "application/json"}
@@ -106,23 +132,19 @@ def run(args: argparse.Namespace) -> dict:
         "batch1": {},
     }
     for name, conversations in loads.items():
-        totals = {"plain": [0, 0.0], "spec": [0, 0.0]}
+        runs: dict[str, list] = {"plain": [], "spec": []}
         for _ in range(args.repeats):
             for messages in conversations:
                 for key, llm in (("plain", plain), ("spec", spec)):
-                    tokens, seconds = _timed(llm, [messages], params)
-                    totals[key][0] += tokens
-                    totals[key][1] += seconds
-        row = {key: round(t / s, 1) for key, (t, s) in totals.items()}
-        row["ratio"] = round(row["spec"] / row["plain"], 2)
+                    runs[key].append(_decode(llm, messages, params))
         for peer in args.peer:
             label, url = peer.split("=", 1)
-            tokens = seconds = 0
-            for _ in range(args.repeats):
-                for messages in conversations:
-                    t, s = _peer(url, messages, args.max_tokens)
-                    tokens, seconds = tokens + t, seconds + s
-            row[label] = round(tokens / seconds, 1)
+            runs[label] = [_peer(url, m, args.max_tokens) for _ in range(args.repeats) for m in conversations]
+        row = {}
+        for key, measured in runs.items():
+            row[f"{key}_e2e"], row[f"{key}_decode"] = _rates(measured)
+        row["ratio_e2e"] = round(row["spec_e2e"] / row["plain_e2e"], 2)
+        row["ratio_decode"] = round(row["spec_decode"] / row["plain_decode"], 2)
         results["batch1"][name] = row
         print(f"batch 1, {name}: " + ", ".join(f"{k} {v}" for k, v in row.items()))
     streams = [loads["chat"][i % len(loads["chat"])] for i in range(args.streams)]
@@ -142,8 +164,9 @@ def run(args: argparse.Namespace) -> dict:
     }
     print(f"acceptance: {results['acceptance']}")
     targets = {
-        "grounded >= 1.8x": results["batch1"]["grounded"]["ratio"] >= 1.8,
-        "chat >= 0.95x": results["batch1"]["chat"]["ratio"] >= 0.95,
+        "grounded >= 1.8x (decode)": results["batch1"]["grounded"]["ratio_decode"] >= 1.8,
+        "grounded >= 1.8x (e2e)": results["batch1"]["grounded"]["ratio_e2e"] >= 1.8,
+        "chat >= 0.95x (decode)": results["batch1"]["chat"]["ratio_decode"] >= 0.95,
         f"{args.streams} streams >= 0.95x": totals["ratio"] >= 0.95,
     }
     results["targets"] = targets
