@@ -26,6 +26,7 @@ class IncrementalDetokenizer:
         self.text = ""  # everything decoded so far, cut at a stop string once matched
         self._emitted = 0  # characters of ``text`` already returned
         self.matched_stop: str | None = None
+        self.stop_index: int | None = None  # tokens of the matching ``add`` call through the stop string's end
 
     def add(self, token_ids: Sequence[int], *, finished: bool = False, skip_last: bool = False) -> str:
         """Decode new tokens and return the text now safe to emit.
@@ -34,10 +35,12 @@ class IncrementalDetokenizer:
         ``finished`` flushes everything held back.
         """
         ids = list(token_ids[:-1]) if skip_last and token_ids else list(token_ids)
-        for token in ids:
+        for i, token in enumerate(ids):
             if self.matched_stop is None:
                 self.text += self._decode_one(token)
                 self._check_stop()
+                if self.matched_stop is not None:
+                    self.stop_index = i + 1
         if finished and self.matched_stop is None:
             self.text += self._flush()
         end = len(self.text) if (finished or self.matched_stop) else len(self.text) - self._held()

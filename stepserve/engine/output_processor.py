@@ -72,12 +72,19 @@ class RequestState:
         """Apply one engine output; returns the delta and whether the core must abort the
         request (a stop string matched while the engine would go on)."""
         self.num_cached_tokens = out.num_cached_tokens
-        self.token_ids.extend(out.new_token_ids)
-        if out.new_logprobs:
-            self.logprobs.extend(out.new_logprobs)
         if out.prompt_logprobs is not None:
             self.prompt_logprobs = [None, *out.prompt_logprobs]
+        stopped_before = self.detokenizer.matched_stop is not None
         text = self.detokenizer.add(out.new_token_ids, finished=out.finished, skip_last=out.stop_token_id is not None)
+        # Tokens after a stop string are dropped, however many one engine step brought (a
+        # multi-step or speculative pass brings several): the output is the same either way.
+        new_ids, new_logprobs = out.new_token_ids, out.new_logprobs or ()
+        if stopped_before:
+            new_ids, new_logprobs = (), ()
+        elif self.detokenizer.matched_stop is not None:
+            new_ids, new_logprobs = new_ids[: self.detokenizer.stop_index], new_logprobs[: self.detokenizer.stop_index]
+        self.token_ids.extend(new_ids)
+        self.logprobs.extend(new_logprobs)
         self.text += text
         must_abort = False
         if self.detokenizer.matched_stop is not None:
@@ -85,7 +92,7 @@ class RequestState:
             self.finish_reason, self.stop_reason = "stop", self.detokenizer.matched_stop
         elif out.finished:
             self.finish_reason, self.stop_reason, self.error = out.finish_reason, out.stop_token_id, out.error
-        delta = Delta(text, out.new_token_ids, tuple(out.new_logprobs or ()), self.finish_reason, self.error)
+        delta = Delta(text, tuple(new_ids), tuple(new_logprobs), self.finish_reason, self.error)
         return delta, must_abort
 
     def completion(self) -> CompletionOutput:

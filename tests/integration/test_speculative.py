@@ -73,14 +73,19 @@ def test_greedy_output_is_the_output_without_speculation(models, method):
     ]
     params[1] = SamplingParams(temperature=0, max_tokens=30, stop_token_ids=[ord(" "), ord("a")])
     params[2] = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True, presence_penalty=0.5)
-    want, got = plain.generate(PROMPTS, params), spec.generate(PROMPTS, params)
+    params.append(SamplingParams(temperature=0, max_tokens=30, ignore_eos=True, stop=["5", "X"]))
+    params.append(SamplingParams(temperature=0, max_tokens=30, ignore_eos=True, stop=["5", "X"]))
+    prompts = PROMPTS + [PROMPTS[0], PROMPTS[3]]  # the last two end at a stop string
+    want, got = plain.generate(prompts, params), spec.generate(prompts, params)
     for a, b in zip(want, got):
         assert b.outputs[0].token_ids == a.outputs[0].token_ids
         assert b.outputs[0].finish_reason == a.outputs[0].finish_reason
+        assert b.outputs[0].text == a.outputs[0].text
         if a.outputs[0].logprobs:
             for x, y in zip(a.outputs[0].logprobs, b.outputs[0].logprobs):
                 assert x.token_id == y.token_id and [t for t, _ in x.top] == [t for t, _ in y.top]
                 assert abs(x.logprob - y.logprob) < 1e-4
+    assert [o.outputs[0].finish_reason for o in want[-2:]] == ["stop", "stop"]  # the stop strings were met
     counters = spec.core.scheduler.spec_counters
     assert counters.num_drafts > 0 and counters.num_draft_tokens >= counters.num_drafts
     if method == "draft-self":  # the target drafting for itself: every greedy proposal is taken
