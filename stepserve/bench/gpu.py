@@ -8,8 +8,9 @@ config, and requests are token ids). Workload: 256 requests of 512 random prompt
 ``ignore_eos``. Measured: (a) stepserve offline throughput, (b) transformers ``generate_batch``
 with ``paged|sdpa`` attention on the same weights and requests, (c) stepserve batch-1 decode
 tok/s and the bandwidth it achieves against a measured device copy, (d) stepserve
-``num_scheduler_steps`` 1 vs 8 on the 1B shape, (e) unless ``--skip-transformers``, that each
-greedy token of stepserve's first requests is transformers' argmax on the same weights
+``num_scheduler_steps`` 1 vs 8 on the 1B shape, (e) unless ``--skip-transformers``, that
+stepserve's greedy tokens of its first requests and its teacher-forced logprobs of them are a
+float32 reference's on the same weights, up to what bf16 moves transformers' own
 (``greedy_check``). On request only (``--only trtllm``), the 8B shape in bf16 and FP8 on
 TensorRT-LLM's fixed-length workloads (``stepserve.bench.throughput.WORKLOADS``) beside its
 published FP8 figures. stepserve is timed through its engine loop
@@ -433,19 +434,25 @@ def model_stream_bytes(core) -> tuple[int, int]:
 
 # -- transformers --------------------------------------------------------------------------
 
-GREEDY_CHECK_REQUESTS = 4  # requests whose every greedy token is checked under transformers' logits
+GREEDY_CHECK_REQUESTS = 4  # requests whose every greedy token is checked against a float32 reference
+# The greedy check's bound (greedy_verdict): stepserve's logprobs may stray from float32's up to
+# NOISE_FACTOR times as far as transformers' own bf16 ones do, plus NOISE_FLOOR nats (a bound of
+# zero noise would fail on float32 rounding alone).
+NOISE_FACTOR = 2.0
+NOISE_FLOOR = 1e-3
 
 
-def hf_model(model_dir: Path, shape: str, attn: str):
-    """transformers' model of ``model_dir`` on the GPU in bf16, holding ``random_weights(shape)``."""
+def hf_model(model_dir: Path, shape: str, attn: str, dtype: torch.dtype = torch.bfloat16):
+    """transformers' model of ``model_dir`` on the GPU in ``dtype``, holding ``random_weights(shape)``
+    (bf16 values, which float32 holds exactly)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     config = AutoConfig.from_pretrained(model_dir)
     with torch.device("cuda"):
         try:
-            model = AutoModelForCausalLM.from_config(config, attn_implementation=attn, dtype=torch.bfloat16)
+            model = AutoModelForCausalLM.from_config(config, attn_implementation=attn, dtype=dtype)
         except TypeError:
-            model = AutoModelForCausalLM.from_config(config, attn_implementation=attn, torch_dtype=torch.bfloat16)
+            model = AutoModelForCausalLM.from_config(config, attn_implementation=attn, torch_dtype=dtype)
     params = dict(model.named_parameters())
     with torch.no_grad():
         for name, tensor in random_weights(shape):  # the same weights stepserve runs
@@ -453,49 +460,166 @@ def hf_model(model_dir: Path, shape: str, attn: str):
     return model.eval()
 
 
-@torch.no_grad()
-def greedy_check(model_dir: Path, shape: str, prompts, outputs: dict) -> dict:
-    """Is each of stepserve's greedy tokens transformers' argmax on the same weights?
+def teacher_forced_logprobs(core, prompts, outputs: dict) -> dict[int, list]:
+    """stepserve's own teacher-forced logprobs of its greedy tokens, from the live engine: request i
+    (of the first GREEDY_CHECK_REQUESTS) sent again as prompt + ``outputs[i]`` with prompt
+    logprobs, whose position p gives token p + 1's ``TokenLogprob``. Kept: the positions from
+    ``len(prompt) - 1`` on, one per output token. Such requests skip the prefix cache."""
+    from stepserve.core.outputs import EngineCoreRequest
+    from stepserve.sampling import MAX_LOGPROBS, SamplingParams
 
-    Teacher-forced: one forward of transformers (bf16, SDPA) over prompt + stepserve's tokens of
-    the first requests. bf16 kernels round differently, so where two logits nearly tie either may
-    win: a token passes when its logit is within ``tol`` of the maximum, ``tol`` being 8 bf16
-    steps at the largest logit's magnitude. The result says ``passed`` and names the first
-    failure (the timings are kept either way); missing outputs raise.
+    params = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True, prompt_logprobs=MAX_LOGPROBS)
+    count = min(GREEDY_CHECK_REQUESTS, len(prompts))
+    for i in range(count):
+        ids = tuple(prompts[i]) + tuple(outputs[i])
+        core.add_request(EngineCoreRequest(f"forced-{i}", ids, params, time.monotonic()))
+    found: dict[int, list] = {}
+    while core.has_unfinished:
+        for out in core.step():
+            if out.error:
+                raise RuntimeError(f"request {out.request_id} failed: {out.error}")
+            if out.prompt_logprobs is not None:
+                i = int(out.request_id.rsplit("-", 1)[1])
+                found[i] = list(out.prompt_logprobs[len(prompts[i]) - 1 :])
+    for i in range(count):
+        if [lp.token_id for lp in found.get(i, ())] != list(outputs[i]):
+            raise RuntimeError(f"teacher-forced request {i}: its prompt logprobs are not those of its outputs")
+    return found
+
+
+def _p99(x: torch.Tensor) -> float:
+    return torch.quantile(x.double(), 0.99).item()
+
+
+def _locate(row: int, lengths: list[int]) -> tuple[int, int]:
+    """(request, position in it) of a row of requests laid end to end."""
+    for request, length in enumerate(lengths):
+        if row < length:
+            return request, row
+        row -= length
+    raise IndexError(row)
+
+
+def greedy_verdict(
+    ref: torch.Tensor,
+    hf: torch.Tensor,
+    tokens: torch.Tensor,
+    logprobs: torch.Tensor,
+    lengths: list[int] | None = None,
+) -> dict:
+    """The greedy check's arithmetic on plain tensors: are stepserve's greedy tokens and
+    teacher-forced logprobs float32's, up to what bf16 arithmetic alone moves?
+
+    ``ref`` [T, V]: log_softmax of transformers in float32 holding the bf16 weights; ``hf`` [T, V]:
+    the same from transformers in bf16; ``tokens`` [T]: stepserve's greedy tokens; ``logprobs``
+    [T]: stepserve's teacher-forced logprob of each; ``lengths``: rows per request, laid end to
+    end (default: one request), to name where the first real difference is.
+
+    At stepserve's token, noise = |hf - ref| (bf16 in transformers) and err = |logprobs - ref|
+    (stepserve). Within noise: err's 99th percentile and maximum at most NOISE_FACTOR times
+    noise's, plus NOISE_FLOOR. Where the token is not float32's argmax, it falls ``gap`` below it:
+    a tie when gap <= NOISE_FACTOR x max noise (bf16 rounding could have flipped it), else a real
+    difference. ``passed``: within noise and no real difference.
     """
-    model = hf_model(model_dir, shape, "sdpa")
-    exact = total = 0
-    worst = 0.0
-    failure = None
-    for i in range(GREEDY_CHECK_REQUESTS):
-        ids = outputs.get(i)
-        if not ids or len(ids) != OUTPUT_LEN:
-            raise RuntimeError(f"greedy check: request {i} produced {len(ids or [])} tokens, not {OUTPUT_LEN}")
-        seq = torch.tensor([prompts[i] + ids[:-1]], device="cuda")
-        logits = model(seq).logits[0, len(prompts[i]) - 1 :].float()  # the logits that chose each output
-        chosen = logits.gather(1, torch.tensor(ids, device="cuda")[:, None])[:, 0]
-        top = logits.max(dim=-1).values
-        tol = 8 * torch.finfo(torch.bfloat16).eps * top.abs().clamp(min=1.0)
-        gap = top - chosen
-        bad = (gap > tol).nonzero().flatten().tolist()
-        if bad and failure is None:
-            failure = (
-                f"request {i}, output {bad[0]}: token {ids[bad[0]]} is {gap[bad[0]].item():.4f} "
-                "below transformers' argmax"
-            )
-        exact += int((logits.argmax(dim=-1) == torch.tensor(ids, device="cuda")).sum())
-        total += len(ids)
-        worst = max(worst, gap.max().item())
+    lengths = [len(tokens)] if lengths is None else list(lengths)
+    if ref.shape != hf.shape or not ref.shape[0] == len(tokens) == len(logprobs) == sum(lengths):
+        raise ValueError(
+            f"greedy_verdict: ref {tuple(ref.shape)}, hf {tuple(hf.shape)}, {len(tokens)} tokens, "
+            f"{len(logprobs)} logprobs and lengths summing to {sum(lengths)} must agree on the rows"
+        )
+    ref, hf = ref.float(), hf.float()
+    tokens = tokens.to(ref.device, torch.long)
+    rows = torch.arange(len(tokens), device=ref.device)
+    ref_tok = ref[rows, tokens]
+    noise = (hf[rows, tokens] - ref_tok).abs()
+    err = (logprobs.to(ref.device, torch.float32) - ref_tok).abs()
+    noise_p99, noise_max, err_p99, err_max = _p99(noise), noise.max().item(), _p99(err), err.max().item()
+    bound_p99, bound_max = NOISE_FACTOR * noise_p99 + NOISE_FLOOR, NOISE_FACTOR * noise_max + NOISE_FLOOR
+    within_noise = err_p99 <= bound_p99 and err_max <= bound_max
+    top, top_ids = ref.max(dim=-1)
+    gap = top - ref_tok  # 0 where stepserve's token is float32's argmax
+    off = tokens != top_ids
+    real = off & (gap > NOISE_FACTOR * noise_max)
+    first = None
+    if real.any():
+        row = int(real.nonzero()[0, 0])
+        request, position = _locate(row, lengths)
+        first = {
+            "request": request,
+            "position": position,
+            "token": int(tokens[row]),
+            "fp32_argmax": int(top_ids[row]),
+            "gap": round(gap[row].item(), 5),
+        }
+    share = lambda mask: round(mask.float().mean().item(), 4)  # noqa: E731
+    return {
+        "passed": within_noise and first is None,
+        "within_noise": within_noise,
+        "tokens": len(tokens),
+        "exact_argmax_share": share(tokens == hf.argmax(dim=-1)),  # against transformers bf16
+        "exact_vs_fp32_share": share(~off),
+        "hf_bf16_vs_fp32_share": share(hf.argmax(dim=-1) == top_ids),  # 1 - bf16's own flip rate
+        "ties": int((off & ~real).sum()),
+        "real_differences": int(real.sum()),
+        "first_real_difference": first,
+        "max_gap": round(gap.max().item(), 5),
+        "noise_p99": round(noise_p99, 6),
+        "noise_max": round(noise_max, 6),
+        "err_p99": round(err_p99, 6),
+        "err_max": round(err_max, 6),
+        "err_p99_bound": round(bound_p99, 6),
+        "err_max_bound": round(bound_max, 6),
+    }
+
+
+@torch.no_grad()
+def hf_logprobs(model_dir: Path, shape: str, dtype: torch.dtype, attn: str, seqs, starts) -> torch.Tensor:
+    """log_softmax of transformers' logits (float32, on the host) at each sequence's positions
+    from its start on, rows end to end. One model on the GPU at a time, freed after: a 12B
+    shape's float32 copy (48 GB) never sits beside its bf16 one."""
+    model = hf_model(model_dir, shape, attn, dtype)
+    precision = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")  # a float32 reference, not TF32's 10-bit mantissa
+    try:
+        rows = [
+            model(torch.tensor([seq], device="cuda")).logits[0, start:].float().log_softmax(dim=-1).cpu()
+            for seq, start in zip(seqs, starts)
+        ]
+    finally:
+        torch.set_float32_matmul_precision(precision)
     del model
     free_gpu()
-    return {
-        "passed": failure is None,
-        "first_failure": failure,
-        "requests": GREEDY_CHECK_REQUESTS,
-        "tokens": total,
-        "exact_argmax_share": round(exact / total, 4),
-        "max_gap": round(worst, 5),
-    }
+    return torch.cat(rows)
+
+
+def greedy_check(model_dir: Path, shape: str, prompts, outputs: dict, logprobs: dict) -> dict:
+    """Are stepserve's greedy tokens and teacher-forced logprobs (``teacher_forced_logprobs``)
+    those of a float32 reference, up to bf16 noise? (``greedy_verdict`` says how.)
+
+    Teacher-forced on the same inputs, prompt + stepserve's tokens of the first requests:
+    transformers in float32 holding the bf16 weights (eager attention) is the reference,
+    transformers in bf16 (SDPA) measures how far bf16 arithmetic alone moves a logprob. The
+    result says ``passed``, counts ties and real differences and names the first real one (the
+    timings are kept either way); missing outputs or logprobs raise.
+    """
+    count = GREEDY_CHECK_REQUESTS
+    for i in range(count):
+        ids, lps = outputs.get(i), logprobs.get(i)
+        if not ids or len(ids) != OUTPUT_LEN:
+            raise RuntimeError(f"greedy check: request {i} produced {len(ids or [])} tokens, not {OUTPUT_LEN}")
+        if not lps or len(lps) != OUTPUT_LEN:
+            raise RuntimeError(f"greedy check: request {i} has {len(lps or [])} teacher-forced logprobs")
+    seqs = [prompts[i] + outputs[i][:-1] for i in range(count)]  # position len(prompt) - 1 chose output 0
+    starts = [len(prompts[i]) - 1 for i in range(count)]
+    ref = hf_logprobs(model_dir, shape, torch.float32, "eager", seqs, starts)
+    hf = hf_logprobs(model_dir, shape, torch.bfloat16, "sdpa", seqs, starts)
+    entries = [lp for i in range(count) for lp in logprobs[i]]
+    tokens = torch.tensor([t for i in range(count) for t in outputs[i]])
+    ours = torch.tensor([lp.logprob for lp in entries])
+    verdict = greedy_verdict(ref, hf, tokens, ours, [OUTPUT_LEN] * count)
+    # Where stepserve's prefill, teacher-forced, ranks first the token its decode chose.
+    prefill_agrees = sum(lp.rank == 1 for lp in entries) / len(entries)
+    return {"requests": count, **verdict, "stepserve_prefill_argmax_share": round(prefill_agrees, 4)}
 
 
 def transformers_cb(model_dir: Path, shape: str, prompts) -> dict:
@@ -557,7 +681,9 @@ def copy_bandwidth() -> float:
 # -- the run -------------------------------------------------------------------------------
 
 
-def bench_1b(root: Path, prompts, results: dict, outputs: dict) -> None:
+def bench_1b(root: Path, prompts, results: dict, outputs: dict, logprobs: dict | None = None) -> None:
+    """The 1B shape at N=1 and N=8; the N=8 engine fills ``outputs`` and, if given, ``logprobs``
+    (``teacher_forced_logprobs``)."""
     model_dir = write_model_dir(root, "1b")
     for steps in (1, 8):
         core, info = stepserve_engine(model_dir, "1b", steps)
@@ -566,11 +692,21 @@ def bench_1b(root: Path, prompts, results: dict, outputs: dict) -> None:
             "kv_blocks": info.num_kv_blocks,
         }
         print(f"1b stepserve N={steps}: {results[f'stepserve_1b_n{steps}']}", flush=True)
+        if steps == 8 and logprobs is not None:
+            logprobs.update(teacher_forced_logprobs(core, prompts, outputs))
         del core
         free_gpu()
 
 
-def bench_8b(root: Path, prompts, results: dict, copy_tb_s: float, profile_dir: Path | None, outputs: dict) -> None:
+def bench_8b(
+    root: Path,
+    prompts,
+    results: dict,
+    copy_tb_s: float,
+    profile_dir: Path | None,
+    outputs: dict,
+    logprobs: dict | None = None,
+) -> None:
     model_dir = write_model_dir(root, "8b")
     core, info = stepserve_engine(model_dir, "8b", 8, compilation_cache_dir=str(root / "compile"))
     results["stepserve_8b"] = {
@@ -600,6 +736,8 @@ def bench_8b(root: Path, prompts, results: dict, copy_tb_s: float, profile_dir: 
     if profile_dir is not None:
         profile(core, prompts, profile_dir)
     bench_sampled(core, results, len(prompts))
+    if logprobs is not None:  # last, so that a failure here costs none of the timings
+        logprobs.update(teacher_forced_logprobs(core, prompts, outputs))
     del core
     free_gpu()
 
@@ -621,7 +759,7 @@ def bench_sampled(core, results: dict, count: int) -> None:
         print(f"8b sampled ({name}), in the graphs: {results[f'sampled_8b_{name}']}", flush=True)
     graphs = core.worker.graphs
     if graphs is not None:
-        graphs.sampling_graphs.clear()  # the runner then samples eagerly; this engine is not used again
+        graphs.sampling_graphs.clear()  # the runner then samples eagerly; only the greedy check's requests follow
         results["sampled_8b_top_p_eager"] = stepserve_throughput(
             core, workload(seed=20)[:count], warm=False, sampling=SAMPLED["top_p"]
         )
@@ -652,8 +790,9 @@ def sync_comparison(core, prompts, async_outputs: dict) -> dict:
     return result
 
 
-def bench_family(root: Path, shape: str, prompts, results: dict, outputs: dict) -> None:
-    """Another family's shape (Qwen3-8B, Gemma-3-12B): stepserve N=8, nothing else."""
+def bench_family(root: Path, shape: str, prompts, results: dict, outputs: dict, logprobs: dict | None = None) -> None:
+    """Another family's shape (Qwen3-8B, Gemma-3-12B): stepserve N=8, nothing else (but the
+    teacher-forced logprobs of the greedy check, when ``logprobs`` is given)."""
     core, info = stepserve_engine(write_model_dir(root, shape), shape, 8, compilation_cache_dir=str(root / "compile"))
     results[f"stepserve_{shape}"] = {
         **stepserve_throughput(core, prompts, outputs=outputs),
@@ -661,14 +800,18 @@ def bench_family(root: Path, shape: str, prompts, results: dict, outputs: dict) 
         "load_s": round(info.load_seconds, 1),
     }
     print(f"{shape} stepserve N=8: {results[f'stepserve_{shape}']}", flush=True)
+    if logprobs is not None:
+        logprobs.update(teacher_forced_logprobs(core, prompts, outputs))
     del core
     free_gpu()
 
 
-def bench_transformers(root: Path, shape: str, prompts, results: dict, outputs: dict, skip_cb: bool = False) -> None:
+def bench_transformers(
+    root: Path, shape: str, prompts, results: dict, outputs: dict, logprobs: dict, skip_cb: bool = False
+) -> None:
     """The greedy check of stepserve's tokens, then transformers continuous batching."""
     model_dir = write_model_dir(root, shape)
-    results[f"greedy_check_{shape}"] = greedy_check(model_dir, shape, prompts, outputs)
+    results[f"greedy_check_{shape}"] = greedy_check(model_dir, shape, prompts, outputs, logprobs)
     print(f"{shape} greedy check: {results[f'greedy_check_{shape}']}", flush=True)
     if skip_cb:
         return
@@ -1041,6 +1184,8 @@ def main(argv=None) -> None:
         save()
 
     outputs: dict[str, dict] = {shape: {} for shape in shapes}
+    # stepserve's teacher-forced logprobs for the greedy check, collected while its engine lives
+    logprobs: dict[str, dict | None] = {shape: None if args.skip_transformers else {} for shape in shapes}
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         for shape in shapes:
@@ -1048,18 +1193,29 @@ def main(argv=None) -> None:
                 attempt(
                     shape,
                     lambda: bench_8b(
-                        root, prompts, results, results["copy_tb_s"], out if args.profile else None, outputs["8b"]
+                        root,
+                        prompts,
+                        results,
+                        results["copy_tb_s"],
+                        out if args.profile else None,
+                        outputs["8b"],
+                        logprobs["8b"],
                     ),
                 )
             elif shape == "1b":
-                attempt(shape, lambda: bench_1b(root, prompts, results, outputs["1b"]))
+                attempt(shape, lambda: bench_1b(root, prompts, results, outputs["1b"], logprobs["1b"]))
             else:
-                attempt(shape, lambda shape=shape: bench_family(root, shape, prompts, results, outputs[shape]))
+                attempt(
+                    shape,
+                    lambda shape=shape: bench_family(root, shape, prompts, results, outputs[shape], logprobs[shape]),
+                )
         for shape in shapes if not args.skip_transformers else ():
             if outputs[shape]:
                 attempt(
                     f"transformers_{shape}",
-                    lambda shape=shape: bench_transformers(root, shape, prompts, results, outputs[shape], args.skip_cb),
+                    lambda shape=shape: bench_transformers(
+                        root, shape, prompts, results, outputs[shape], logprobs[shape], args.skip_cb
+                    ),
                 )
         extras = (
             ("fp8", args.skip_fp8, lambda: bench_fp8(root, prompts, results, results["copy_tb_s"])),
