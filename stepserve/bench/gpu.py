@@ -943,6 +943,16 @@ def bench_server(root: Path, out: Path, results: dict) -> None:
     print(f"8b server: {results['serve_8b']}", flush=True)
 
 
+def bench_long(root: Path, out: Path, results: dict) -> None:
+    from stepserve.bench.gpu_serve import long_prompt_bench
+
+    flags = ["--async-scheduling" if ASYNC_SCHEDULING[0] else "--no-async-scheduling"]
+    device = torch.cuda.get_device_name()
+    results["long_8b"] = long_prompt_bench(
+        write_model_dir(root, "8b"), out, root / "compile", flags, device_name=device
+    )
+
+
 def bench_cold(out: Path, results: dict, num_requests: int) -> None:
     from stepserve.bench.gpu_serve import cold_bench
 
@@ -1112,7 +1122,7 @@ def table(s: dict, results: dict) -> str:
 
 
 ORDER = ("8b", "qwen3-8b", "gemma3-12b", "1b")  # stepserve runs first, in this order; then transformers
-EXTRAS = ("fp8", "fp8kv", "cold", "serve")  # on the 8B shape, after them
+EXTRAS = ("fp8", "fp8kv", "cold", "serve", "long")  # on the 8B shape, after them
 ON_REQUEST = ("trtllm",)  # on the 8B shape, last, and only when --only names them
 
 
@@ -1138,7 +1148,7 @@ def main(argv=None) -> None:
     parser.add_argument("--profile", action="store_true", help="also write the 8B kernel profile")
     parser.add_argument("--num-requests", type=int, default=NUM_REQUESTS, help="fewer requests for a smoke run")
     parser.add_argument("--skip-fp8", action="store_true")
-    parser.add_argument("--skip-serve", action="store_true", help="no HTTP server run")
+    parser.add_argument("--skip-serve", action="store_true", help="no HTTP server run (neither serve nor long)")
     parser.add_argument("--skip-cold", action="store_true", help="no fresh-process run")
     parser.add_argument(
         "--trtllm-workloads",
@@ -1222,6 +1232,7 @@ def main(argv=None) -> None:
             ("fp8kv", args.skip_fp8, lambda: bench_fp8_kv(root, prompts, results, results["copy_tb_s"])),
             ("cold", args.skip_cold, lambda: bench_cold(out, results, args.num_requests)),
             ("serve", args.skip_serve, lambda: bench_server(root, out, results)),
+            ("long", args.skip_serve, lambda: bench_long(root, out, results)),
         )
         for name, skip, run in extras:
             if name in chosen and not skip:
