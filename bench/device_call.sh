@@ -30,6 +30,10 @@
 #            embedded model (needs .embedded/, below) at batch 1 with and without ngram proposals on
 #            grounded, code-edit and chat requests, and 16 chat streams (ARGS go to the benchmark);
 #            gpu_spec.json in spec/, log in spec.log
+#   long     long prompts through HTTP, python -m stepserve.bench.gpu --only long: 8k and 32k-token
+#            prompts on the 8B shape (TTFT, prefill MFU) and 16 running streams' TPOT while a 32k
+#            prompt prefills; long.json in long/, log in long.log. (TensorRT-LLM's five workloads:
+#            mode offline with --only trtllm, split with --trtllm-workloads and --trtllm-scale.)
 #   serve    the HTTP serving rows, python -m stepserve.bench.gpu --only serve: the 8B shape behind
 #            `stepserve serve` at 256 streams and at one, then the engine core killed and the time
 #            to healthy again (ARGS go to the benchmark); gpu_bench.json and the server's log in
@@ -47,12 +51,12 @@
 # everything under the results folder into results.tgz (the default when $OUT is set, since a
 # lent device machine brings back only a few files); PACK=0 keeps the files as they are.
 set -o pipefail
-mode=${1:?usage: bash bench/device_call.sh tests|offline|moe|lora|spec|serve|all|setup [ARGS...]}
+mode=${1:?usage: bash bench/device_call.sh tests|offline|moe|lora|spec|long|serve|all|setup [ARGS...]}
 shift
 case $mode in
-tests|offline|moe|lora|spec|serve|setup) ;;
+tests|offline|moe|lora|spec|long|serve|setup) ;;
 all) [ $# -eq 0 ] || { echo "all takes no ARGS" >&2; exit 2; } ;;
-*) echo "unknown mode: $mode (tests, offline, moe, lora, spec, serve, all, setup)" >&2; exit 2 ;;
+*) echo "unknown mode: $mode (tests, offline, moe, lora, spec, long, serve, all, setup)" >&2; exit 2 ;;
 esac
 PACK=${PACK:-$([ -n "${OUT:-}" ] && echo 1 || echo 0)}
 OUT=${OUT:-$PWD/bench-out}
@@ -100,6 +104,9 @@ run_lora() {
 run_spec() {
     step spec.log python3 -m stepserve.bench.speculative --device cuda --out "$OUT/spec/gpu_spec.json" "$@"
 }
+run_long() {
+    step long.log python3 -m stepserve.bench.gpu --out "$OUT/long" --only long "$@"
+}
 run_serve() {
     step serve.log python3 -m stepserve.bench.gpu --out "$OUT/serve" --only serve "$@"
     [ -f "$OUT/serve/serve_8b.log" ] && grep -h -e "spare" -e "engine core process" -e "model memory on" -e "model weights on" \
@@ -111,6 +118,7 @@ offline) run_offline "$@" ;;
 moe) run_moe "$@" ;;
 lora) run_lora "$@" ;;
 spec) run_spec "$@" ;;
+long) run_long "$@" ;;
 serve) run_serve "$@" ;;
 all) run_tests; run_offline; run_serve ;;
 setup) ;;
