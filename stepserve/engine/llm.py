@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -37,9 +38,13 @@ class LLM:
 
     ``generation_config`` (``auto``, ``vllm`` or a directory) picks the model's sampling defaults
     as the server's flag does: ``sampling_params=None`` gets them (``get_default_sampling_params``),
-    and ``max_new_tokens`` caps every ``max_tokens=None``."""
+    and ``max_new_tokens`` caps every ``max_tokens=None``. ``speculative_config`` and
+    ``kv_events_config`` take a dict, as vLLM's ``LLM`` does, or its JSON text."""
 
     def __init__(self, model: str | None = None, **engine_options) -> None:
+        for name in ("speculative_config", "kv_events_config"):
+            if isinstance(engine_options.get(name), dict):
+                engine_options[name] = json.dumps(engine_options[name])
         self.config = EngineConfig.from_kwargs(model=model, **engine_options)
         self.core, self.tokenizer, self.info = build_engine(self.config)
         self.sampling_defaults = sampling_defaults(self.config)

@@ -62,7 +62,7 @@ METHODS = ["ngram", "draft-self", "draft-other"]
 def test_greedy_output_is_the_output_without_speculation(models, method):
     target, _ = models
     plain = LLM(model=str(target), **OPTIONS)
-    spec = LLM(model=str(target), speculative_config=json.dumps(_config(method, models)), **OPTIONS)
+    spec = LLM(model=str(target), speculative_config=_config(method, models), **OPTIONS)  # a dict, as vLLM's LLM
     greedy = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
     for prompt in PROMPTS:  # batch 1
         assert _tokens(spec, [prompt], greedy) == _tokens(plain, [prompt], greedy)
