@@ -237,3 +237,14 @@ def test_ssl_refresh_serves_the_new_certificate(two_certs, tmp_path):
     (tmp_path / "new.key").replace(key)
     assert refresher.check() and pem(served_certificate(context)) == (two_certs / "b.crt").read_text()
     assert not refresher.check()
+
+
+def test_speculative_config_parses_as_vllm_spells_it():
+    spec = '{"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 3}'
+    _, engine, _, _ = configs(["/models/m", "--speculative-config", spec])
+    assert engine.scheduler.speculative.method == "ngram"
+    assert (engine.scheduler.speculative.prompt_lookup_min, engine.scheduler.speculative.prompt_lookup_max) == (3, 3)
+    _, engine, _, _ = configs(["/models/m", "--speculative_config", '{"model": "/d", "num_speculative_tokens": 2}'])
+    assert engine.scheduler.speculative.method == "draft_model"
+    with pytest.raises(ConfigError, match="eagle3"):
+        configs(["/models/m", "--speculative-config", '{"method": "eagle3", "num_speculative_tokens": 2}'])
