@@ -307,3 +307,20 @@ def test_metrics_carry_vllms_spec_decode_counters(models):
     assert counters.num_drafts > 0
     plain = ServerMetrics("m", LLM(model=str(target), **OPTIONS).core.stats).render().decode()
     assert "spec_decode" not in plain
+
+
+@pytest.mark.parametrize("family", ["mistral", "gemma2", "qwen3-moe"])
+def test_other_families_keep_their_tokens(family, tmp_path):
+    """A model whose every layer has a sliding window (its blocks behind the window go back as it
+    advances), one that mixes windowed and full layers, and a mixture of experts."""
+    from tiny_models import write_tiny_family
+
+    model = write_tiny_family(tmp_path / family, family, seed=5)
+    prompts = [p * 2 for p in PROMPTS]  # longer than the window
+    greedy = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True)
+    options = dict(num_blocks=96, block_size=4, **OPTIONS)
+    want = _tokens(LLM(model=str(model), **options), prompts, greedy)
+    spec = LLM(model=str(model), speculative_config=NGRAM, **options)
+    assert _tokens(spec, prompts, greedy) == want
+    assert spec.core.scheduler.spec_counters.num_drafts > 0
+    assert spec.core.scheduler.blocks.num_free_blocks == spec.core.scheduler.blocks.num_usable_blocks
