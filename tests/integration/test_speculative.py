@@ -324,3 +324,31 @@ def test_other_families_keep_their_tokens(family, tmp_path):
     assert _tokens(spec, prompts, greedy) == want
     assert spec.core.scheduler.spec_counters.num_drafts > 0
     assert spec.core.scheduler.blocks.num_free_blocks == spec.core.scheduler.blocks.num_usable_blocks
+
+
+def test_a_served_model_speculates_through_the_openai_client(tmp_path):
+    """`stepserve serve --speculative-config` with the embedded model drafting for itself (a
+    GGUF draft): the openai client's greedy chat answer is the unspeculated engine's, and the
+    spec_decode counters on /metrics count every proposal as accepted."""
+    import httpx
+    import openai
+    from live_server import read_metric, start_server
+
+    from stepserve.checkpoint.source import embedded_model_path
+
+    config = {"method": "draft_model", "model": str(embedded_model_path()), "num_speculative_tokens": 3}
+    server = start_server(["--max-model-len", "1024", "--speculative-config", json.dumps(config)], tmp_path / "log")
+    try:
+        messages = [{"role": "user", "content": "Name three colours."}]
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="none")
+        answer = client.chat.completions.create(
+            model=client.models.list().data[0].id, messages=messages, temperature=0, max_tokens=24
+        )
+        want = LLM(max_model_len=1024).chat([messages], SamplingParams(temperature=0, max_tokens=24))
+        assert answer.choices[0].message.content == want[0].outputs[0].text
+        with httpx.Client(base_url=server.url) as http:
+            drafted = read_metric(http, "stepserve:spec_decode_num_draft_tokens_total", model_name=answer.model)
+            accepted = read_metric(http, "stepserve:spec_decode_num_accepted_tokens_total", model_name=answer.model)
+        assert drafted > 0 and accepted == drafted
+    finally:
+        server.stop()
