@@ -33,7 +33,7 @@ from stepserve.structured.bitmask import GrammarMatchers, GrammarPass
 from stepserve.worker import sampler as S
 from stepserve.worker.cuda_graphs import CudaGraphs
 from stepserve.worker.pooling import PoolingRows
-from stepserve.worker.speculative import DraftModel, VerifyLayout, accept, verify_layout
+from stepserve.worker.speculative import DraftModel, accept, verify_layout
 
 
 def kv_cache_bytes_per_block(model: DecoderForCausalLM, block_size: int, dtype: torch.dtype) -> int:
@@ -264,19 +264,14 @@ class ModelRunner:
         columns = [grid, accepted[:, None]]
         if sched.num_proposals and self.draft is not None:
             newest = grid.gather(1, accepted[:, None]).squeeze(1)
-            columns.append(self._propose(sched, inputs, newest, accepted, layout))
+            columns.append(self._propose(sched, inputs, newest, accepted))
         rows = torch.cat([*columns, (nonfinite > 0)[:, None].long()], dim=1)
         host_rows, host_logprobs, done = self._to_host(rows, logprobs)
         proposals = sched.num_proposals if self.draft is not None else 0
         return PendingPass(sched, host_rows, host_logprobs, prompt_logprobs, done, True, proposals)
 
     def _propose(
-        self,
-        sched: SchedulerOutput,
-        inputs: StepInputs,
-        newest: torch.Tensor,
-        accepted: torch.Tensor,
-        layout: VerifyLayout | None = None,
+        self, sched: SchedulerOutput, inputs: StepInputs, newest: torch.Tensor, accepted: torch.Tensor
     ) -> torch.Tensor:
         """The draft model's proposals [B, num_proposals] for the next pass: its KV over this
         pass's tokens, then greedy steps from each row's newest token, which sits right after
