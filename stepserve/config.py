@@ -241,6 +241,8 @@ class SpeculativeConfig:
                 f"speculative_config prompt_lookup_min={low} is above prompt_lookup_max={high}",
             )
         if m == "draft_model":
+            given = [n for n in ("prompt_lookup_min", "prompt_lookup_max") if getattr(self, n) is not None]
+            _require(not given, f"speculative_config: {', '.join(given)} apply to method ngram, not draft_model")
             _require(
                 isinstance(self.model, str) and self.model != "",
                 "speculative_config: method draft_model needs a model (a directory or .gguf file)",

@@ -47,9 +47,18 @@ class Plan:
     range_ratio: float  # lengths uniform in [len*(1-r), len*(1+r)]; 0 for a named workload
 
 
+def fill_max_num_seqs(args: argparse.Namespace) -> argparse.Namespace:
+    """``--max-num-seqs`` where the command line left it out (this command's parser defaults it to
+    None, so that a value given equal to the engine's default still counts as given): the
+    workload's, else the engine's default."""
+    if args.max_num_seqs is None:
+        workload = WORKLOADS.get(args.workload)
+        args.max_num_seqs = workload.max_num_seqs if workload else SchedulerConfig().max_num_seqs
+    return args
+
+
 def resolve_workload(args: argparse.Namespace, engine: EngineConfig) -> tuple[Plan, EngineConfig]:
-    """The run's plan, and the engine config with the workload's ``max_num_seqs`` unless
-    --max-num-seqs was given.
+    """The run's plan (lengths and prompt count) and the engine config it runs on.
 
     Raises:
         ConfigError: a length flag beside --workload, or an explicit max_model_len too small.
@@ -64,7 +73,7 @@ def resolve_workload(args: argparse.Namespace, engine: EngineConfig) -> tuple[Pl
     plan = Plan(args.workload, num_prompts, workload.input_len, workload.output_len, 0.0)
     if engine.model.max_model_len is not None:  # else the model's own, checked once it is loaded
         check_fits(plan, engine.model.max_model_len)
-    return plan, _with_max_num_seqs(engine, workload.max_num_seqs)
+    return plan, engine
 
 
 def _random_plan(args: argparse.Namespace) -> Plan:
@@ -81,14 +90,6 @@ def check_fits(plan: Plan, max_model_len: int) -> None:
             f"workload {plan.workload} needs max_model_len >= {needed} ({plan.input_len} in + {plan.output_len} out), "
             f"the engine has {max_model_len}: raise --max-model-len"
         )
-
-
-def _with_max_num_seqs(engine: EngineConfig, max_num_seqs: int) -> EngineConfig:
-    # The engine flags are parsed before the workload is known, so a flag left out shows as its
-    # default: an explicit --max-num-seqs equal to the default (256) yields to the workload too.
-    if engine.scheduler.max_num_seqs != SchedulerConfig().max_num_seqs:
-        return engine
-    return dataclasses.replace(engine, scheduler=dataclasses.replace(engine.scheduler, max_num_seqs=max_num_seqs))
 
 
 def random_requests(vocab_size: int, num: int, input_len: int, output_len: int, range_ratio: float, seed: int):
@@ -184,3 +185,4 @@ def add_args(parser: argparse.ArgumentParser) -> None:
         "--range-ratio", "--range_ratio", dest="range_ratio", type=float, default=None, help="default: 0.5"
     )
     parser.add_argument("--output-json", "--output_json", dest="output_json", default=None)
+    parser.set_defaults(max_num_seqs=None)  # the engine flag's: filled by fill_max_num_seqs

@@ -40,7 +40,7 @@ def _bench(args: argparse.Namespace) -> int:
     if args.bench == "throughput":
         from stepserve.bench import throughput
 
-        throughput.run(args, located_engine_config(args)[0])
+        throughput.run(args, located_engine_config(throughput.fill_max_num_seqs(args))[0])
         return 0
     if args.bench == "spec":
         from stepserve.bench import speculative

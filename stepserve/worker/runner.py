@@ -33,7 +33,7 @@ from stepserve.structured.bitmask import GrammarMatchers, GrammarPass
 from stepserve.worker import sampler as S
 from stepserve.worker.cuda_graphs import CudaGraphs
 from stepserve.worker.pooling import PoolingRows
-from stepserve.worker.speculative import DraftModel, accept, verify_layout
+from stepserve.worker.speculative import DraftModel, accept, slots_of, verify_layout
 
 
 def kv_cache_bytes_per_block(model: DecoderForCausalLM, block_size: int, dtype: torch.dtype) -> int:
@@ -487,10 +487,6 @@ class ModelRunner:
             out.append([part[: len(xs)] for part, xs in zip(flat.split([len(xs) for xs in padded]), lists)])
         return out[0], out[1]
 
-    def _slots(self, tables: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        blocks = tables[rows, positions // self.block_size].long()
-        return blocks * self.block_size + positions % self.block_size
-
     def _advance(self, inputs: StepInputs, tokens: torch.Tensor) -> None:
         """Next decode step of a multi-step pass, computed on the device (one token per request)."""
         meta = inputs.meta
@@ -503,7 +499,9 @@ class ModelRunner:
         meta.max_seq_len += 1
         meta.is_decode = True
         meta.decode_rows = meta.prefill_rows = None
-        meta.slot_mapping = self._slots(meta.block_tables, torch.arange(batch, device=self.device), meta.positions)
+        meta.slot_mapping = slots_of(
+            meta.block_tables, torch.arange(batch, device=self.device), meta.positions, self.block_size
+        )
         inputs.logits_index = torch.arange(batch, device=self.device)
 
     # -- outputs -------------------------------------------------------------------------

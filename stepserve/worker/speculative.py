@@ -24,6 +24,12 @@ from stepserve.attention.base import AttentionMetadata
 from stepserve.core.outputs import SchedulerOutput
 
 
+def slots_of(tables: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor, block_size: int) -> torch.Tensor:
+    """The cache slot of each (row, position): its block from the row's table, then the offset."""
+    blocks = tables[rows, positions // block_size].long()
+    return blocks * block_size + positions % block_size
+
+
 @dataclass
 class VerifyLayout:
     """Where each row's verified positions are, on the device (B rows, M logits rows, K the
@@ -96,7 +102,7 @@ class DraftModel:
         out = []
         for step in range(count):
             meta = AttentionMetadata(
-                slot_mapping=self._slots(tables, rows, positions),
+                slot_mapping=slots_of(tables, rows, positions, self.block_size),
                 positions=positions,
                 query_start_loc=torch.arange(batch + 1, dtype=torch.int32, device=tokens.device),
                 seq_lens=(positions + 1).int(),
@@ -112,7 +118,3 @@ class DraftModel:
             out.append(tokens)
             positions = positions + 1
         return torch.stack(out, dim=1)
-
-    def _slots(self, tables: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        blocks = tables[rows, positions // self.block_size].long()
-        return blocks * self.block_size + positions % self.block_size

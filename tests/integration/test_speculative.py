@@ -245,6 +245,7 @@ def test_the_embedded_model_takes_most_proposals_when_rewriting_a_text():
         ('{"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_min": 4, "prompt_lookup_max": 2}', "above"),
         ('{"method": "draft_model", "num_speculative_tokens": 3}', "needs a model"),
         ('{"num_speculative_tokens": 3}', "give a method"),
+        ('{"model": "/d", "num_speculative_tokens": 3, "prompt_lookup_max": 3}', "apply to method ngram"),
     ],
 )
 def test_bad_configs_are_refused_by_name(models, config, message):

@@ -3,13 +3,13 @@ the command line without loading a model."""
 
 import pytest
 
-from stepserve.bench.throughput import RANDOM, WORKLOADS, Workload, resolve_workload
+from stepserve.bench.throughput import RANDOM, WORKLOADS, Workload, fill_max_num_seqs, resolve_workload
 from stepserve.cli import build_parser
 from stepserve.config import ConfigError, engine_config_from_args
 
 
 def resolved(*flags: str):
-    args = build_parser().parse_args(["bench", "throughput", *flags])
+    args = fill_max_num_seqs(build_parser().parse_args(["bench", "throughput", *flags]))
     return resolve_workload(args, engine_config_from_args(args))
 
 
@@ -36,6 +36,8 @@ def test_a_workload_gives_its_count_and_yields_to_max_num_seqs():
     plan, engine = resolved("--workload", "trtllm-5000-500", "--max-num-seqs", "64")
     assert plan.num_prompts == 512
     assert engine.scheduler.max_num_seqs == 64
+    _, engine = resolved("--workload", "trtllm-128-128", "--max-num-seqs", "256")  # the engine's default, given
+    assert engine.scheduler.max_num_seqs == 256
 
 
 def test_without_a_workload_nothing_changes():
