@@ -21,9 +21,10 @@ DEVICES = ("auto", "cpu", "cuda")
 SPARE_CORE_CHOICES = ("auto", "on", "off")  # --spare-core (engine/supervisor.py)
 PREFIX_CACHING_HASH_ALGOS = ("auto", "builtin", "sha256", "sha256_cbor")  # core/block_hash.py
 KV_EVENT_PUBLISHERS = ("null", "zmq")
-SPECULATIVE_METHODS = ("ngram", "draft_model")  # docs/speculative-decoding.md
+SPECULATIVE_METHODS = ("ngram", "draft_model", "eagle3")  # docs/speculative-decoding.md
+SPECULATIVE_DRAFTERS = ("draft_model", "eagle3")  # methods whose proposals a second model makes, in the worker
 # vLLM's other methods: refused by name (they need weights formats stepserve does not read yet).
-SPECULATIVE_REFUSED = ("eagle", "eagle3", "medusa", "mlp_speculator", "suffix", "mtp", "deepseek_mtp", "qwen3_next_mtp")
+SPECULATIVE_REFUSED = ("eagle", "medusa", "mlp_speculator", "suffix", "mtp", "deepseek_mtp", "qwen3_next_mtp")
 
 
 class ConfigError(InvalidRequestError):
@@ -170,9 +171,9 @@ class KVEventsConfig:
 class SpeculativeConfig:
     """vLLM's ``--speculative-config``, its JSON keys and defaults (docs/speculative-decoding.md)."""
 
-    method: str | None = None  # ngram or draft_model; None: draft_model when a model is named
+    method: str | None = None  # ngram, draft_model or eagle3; None: draft_model when a model is named
     num_speculative_tokens: int | None = None  # tokens proposed per step at most (required)
-    model: str | None = None  # the draft model (draft_model); "[ngram]" is vLLM's old spelling of ngram
+    model: str | None = None  # the draft model or EAGLE-3 head; "[ngram]" is vLLM's old spelling of ngram
     prompt_lookup_min: int | None = None  # ngram: the shortest suffix matched (default: prompt_lookup_max)
     prompt_lookup_max: int | None = None  # ngram: the longest suffix matched (default: prompt_lookup_min, else 5)
     disable_by_batch_size: int | None = None  # no proposals while more requests than this run (default 8)
@@ -240,13 +241,19 @@ class SpeculativeConfig:
                 low is None or high is None or low <= high,
                 f"speculative_config prompt_lookup_min={low} is above prompt_lookup_max={high}",
             )
-        if m == "draft_model":
+        if m in SPECULATIVE_DRAFTERS:
             given = [n for n in ("prompt_lookup_min", "prompt_lookup_max") if getattr(self, n) is not None]
-            _require(not given, f"speculative_config: {', '.join(given)} apply to method ngram, not draft_model")
+            _require(not given, f"speculative_config: {', '.join(given)} apply to method ngram, not {m}")
+            what = "a directory or .gguf file" if m == "draft_model" else "the EAGLE-3 head's directory"
             _require(
                 isinstance(self.model, str) and self.model != "",
-                "speculative_config: method draft_model needs a model (a directory or .gguf file)",
+                f"speculative_config: method {m} needs a model ({what})",
             )
+
+    @property
+    def drafter(self) -> bool:
+        """Whether a second model proposes (in the worker, after each pass) rather than the scheduler."""
+        return self.method in SPECULATIVE_DRAFTERS
 
 
 @dataclass(frozen=True)
@@ -358,7 +365,8 @@ class SchedulerConfig:
             "help": (
                 "speculative decoding as vLLM spells it, a JSON object: "
                 '\'{"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 4}\' (prompt lookup) or '
-                '\'{"method": "draft_model", "model": DIR, "num_speculative_tokens": 4}\'; also prompt_lookup_min '
+                '\'{"method": "draft_model", "model": DIR, "num_speculative_tokens": 4}\' (a small model of the same '
+                "tokenizer; method eagle3 with an EAGLE-3 head's DIR likewise); also prompt_lookup_min "
                 "and disable_by_batch_size (docs/speculative-decoding.md)"
             )
         },

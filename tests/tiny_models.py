@@ -258,3 +258,91 @@ def write_tiny_family(directory: Path, family: str, seed: int = 0) -> Path:
     save_byte_tokenizer(directory)
     (directory / "generation_config.json").write_text(json.dumps({"eos_token_id": [EOS_ID], "bos_token_id": 257}))
     return directory
+
+
+def write_eagle3_head(
+    directory: Path,
+    target: Path,
+    seed: int = 0,
+    aux_layers: tuple[int, ...] = (0, 1, 2),
+    layout: str = "eagle",
+    draft_vocab: int | None = None,
+    **flags,
+) -> Path:
+    """A random EAGLE-3 head for the Llama-shaped ``target``, as the EAGLE authors save one
+    (``layout="eagle"``: ``LlamaForCausalLMEagle3``, ``midlayer.``) or as ``speculators`` does
+    (``layout="speculators"``: ``transformer_layer_config``, ``layers.0.``, with
+    ``norm_before_residual``). ``draft_vocab``: a smaller proposal vocabulary (a random subset
+    of the target's, mapped by ``d2t``). ``flags`` go into the config (``norm_before_fc``, ...)."""
+    import torch
+    from safetensors.torch import save_file
+
+    directory.mkdir(parents=True, exist_ok=True)
+    t = json.loads((target / "config.json").read_text())
+    hidden, heads, kv = t["hidden_size"], t["num_attention_heads"], t["num_key_value_heads"]
+    head_dim, inner, vocab = hidden // heads, t["intermediate_size"], t["vocab_size"]
+    dv = draft_vocab or vocab
+    gen = torch.Generator().manual_seed(seed)
+
+    def rnd(*shape, scale=0.2):
+        return torch.randn(*shape, generator=gen) * scale
+
+    def norm(size):
+        return 1.0 + rnd(size, scale=0.1)
+
+    n = len(aux_layers)
+    layer = {
+        "input_layernorm.weight": norm(hidden),
+        "hidden_norm.weight": norm(hidden),
+        "self_attn.q_proj.weight": rnd(heads * head_dim, 2 * hidden),
+        "self_attn.k_proj.weight": rnd(kv * head_dim, 2 * hidden),
+        "self_attn.v_proj.weight": rnd(kv * head_dim, 2 * hidden),
+        "self_attn.o_proj.weight": rnd(hidden, heads * head_dim),
+        "post_attention_layernorm.weight": norm(hidden),
+        "mlp.gate_proj.weight": rnd(inner, hidden),
+        "mlp.up_proj.weight": rnd(inner, hidden),
+        "mlp.down_proj.weight": rnd(hidden, inner),
+    }
+    prefix = "midlayer." if layout == "eagle" else "layers.0."
+    tensors = {prefix + k: v for k, v in layer.items()}
+    tensors |= {"fc.weight": rnd(hidden, n * hidden), "norm.weight": norm(hidden), "lm_head.weight": rnd(dv, hidden)}
+    if flags.get("norm_before_fc"):
+        tensors["input_norm.weight"] = norm(n * hidden)
+    if flags.get("fc_norm"):
+        tensors |= {f"fc_norm.{i}.weight": norm(hidden) for i in range(n)}
+    if dv != vocab:
+        ids = torch.randperm(vocab, generator=gen)[:dv].sort().values
+        tensors["d2t"] = ids - torch.arange(dv)
+        tensors["t2d"] = torch.zeros(vocab, dtype=torch.bool).index_fill_(0, ids, True)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, directory / "model.safetensors")
+    layer_config = {k: t[k] for k in ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads")}
+    layer_config |= {
+        "vocab_size": vocab,
+        "num_hidden_layers": 1,
+        "rms_norm_eps": t["rms_norm_eps"],
+        "rope_theta": t.get("rope_theta", 10000.0),
+        "max_position_embeddings": t["max_position_embeddings"],
+        "hidden_act": "silu",
+        "model_type": "llama",
+    }
+    if layout == "eagle":
+        config = {
+            **layer_config,
+            "architectures": ["LlamaForCausalLMEagle3"],
+            "draft_vocab_size": dv,
+            "eagle_config": {"eagle_aux_hidden_state_layer_ids": list(aux_layers)},
+            **flags,
+        }
+    else:
+        config = {
+            "architectures": ["Eagle3Speculator"],
+            "speculators_model_type": "eagle3",
+            "transformer_layer_config": layer_config,
+            "draft_vocab_size": dv,
+            "target_hidden_size": hidden,
+            "eagle_aux_hidden_state_layer_ids": list(aux_layers),
+            "norm_before_residual": True,
+            **flags,
+        }
+    (directory / "config.json").write_text(json.dumps(config))
+    return directory

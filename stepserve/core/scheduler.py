@@ -61,8 +61,8 @@ class Scheduler:
         self.config = config
         self.spec = speculative
         self.spec_counters = SpecCounters()
-        # A draft model proposes in the worker after each pass, for the next: slots for its writes.
-        self._draft_model = speculative is not None and speculative.method == "draft_model"
+        # A draft model (or EAGLE-3 head) proposes in the worker after each pass, for the next: slots for its writes.
+        self._drafter = speculative is not None and speculative.drafter
         self.max_loras = max_loras
         self.window = window
         self.blocks = block_manager
@@ -107,7 +107,7 @@ class Scheduler:
         speculating = self.speculating
         drafts = self._proposals() if speculating else {}
         # A draft model's proposals need its KV of every token: its passes are single steps.
-        num_steps = 1 if drafts or self._draft_model else self._num_steps()
+        num_steps = 1 if drafts or self._drafter else self._num_steps()
         budget = self.config.max_num_batched_tokens
         scheduled: list[ScheduledRequest] = []
         budget = self._schedule_running(scheduled, budget, num_steps, drafts)
@@ -121,7 +121,7 @@ class Scheduler:
             num_steps=num_steps,
             finished_request_ids=finished,
             num_batched_tokens=sum(s.num_new_tokens for s in scheduled),
-            num_proposals=self.spec.num_speculative_tokens if self._draft_model and speculating else 0,
+            num_proposals=self.spec.num_speculative_tokens if self._drafter and speculating else 0,
         )
 
     # -- speculative decoding ------------------------------------------------------------
@@ -135,7 +135,7 @@ class Scheduler:
     @property
     def _lookahead(self) -> int:
         """Slots past a sampled row's pass for the draft model's proposal steps."""
-        return self.spec.num_speculative_tokens if self._draft_model else 0
+        return self.spec.num_speculative_tokens if self._drafter else 0
 
     def _proposals(self) -> dict[str, list[int]]:
         """Each decoding request's proposed tokens for the next pass, where it has any."""
@@ -160,7 +160,7 @@ class Scheduler:
         allowed = min(request.draft_limit.allowed(), room)
         if allowed <= 0:
             return []
-        if self._draft_model:
+        if self._drafter:
             return request.draft_token_ids[:allowed]
         if request.ngram is None:
             request.ngram = NgramIndex(spec.prompt_lookup_min, spec.prompt_lookup_max)

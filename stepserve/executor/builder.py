@@ -30,7 +30,7 @@ from stepserve.structured.compiler import ll_tokenizer_in_background
 from stepserve.worker.cuda_graphs import graph_batch_sizes
 from stepserve.worker.encoder_runner import EncoderRunner, EncoderSpec, load_encoder_model
 from stepserve.worker.runner import ModelRunner, allocate_kv_cache, kv_cache_bytes_per_block, profile_run
-from stepserve.worker.speculative import DraftModel
+from stepserve.worker.speculative import DraftModel, Eagle3Drafter
 
 log = logging.getLogger("stepserve")
 
@@ -219,10 +219,14 @@ def build_worker(
     draft = None
     if spec is not None and spec.method == "draft_model":
         draft = _load_draft(config, model_config, dtype, device, max_model_len)
+    elif spec is not None and spec.method == "eagle3":
+        draft = _load_eagle3_head(config, model, dtype, device, max_model_len)
     # On CUDA: Triton kernels, and CUDA graphs of the decode step unless enforce_eager.
     backend = get_backend("triton" if device.type == "cuda" else "sdpa")
     use_graphs = device.type == "cuda" and not config.model.enforce_eager
     graph_sizes = graph_batch_sizes(config.scheduler.max_num_seqs) if use_graphs else []
+    if spec is not None and spec.method == "eagle3":  # the head reads three layers' states of every pass
+        model.keep_aux_states(draft.spec.aux_layers, max([config.scheduler.max_num_batched_tokens, *graph_sizes]))
     # CPU attention runs in float32 whatever the weights: PyTorch's CPU SDPA is several times
     # slower in bfloat16 (docs/benchmarks.md).
     kv_dtype = torch.float32 if device.type == "cpu" else dtype
@@ -254,12 +258,15 @@ def build_worker(
         runner.lora = LoraSlots(model, config.lora.max_loras, config.lora.max_lora_rank, config.lora.max_cpu_loras)
     if draft is not None:
         draft_caches = allocate_kv_cache(draft, num_blocks, config.cache.block_size, kv_dtype, device)
-        runner.draft = DraftModel(draft, draft_caches, backend, config.cache.block_size)
+        if spec.method == "eagle3":
+            runner.draft = Eagle3Drafter(draft, model, draft_caches, backend, config.cache.block_size)
+        else:
+            runner.draft = DraftModel(draft, draft_caches, backend, config.cache.block_size)
     if use_graphs:
         runner.capture_cuda_graphs(graph_sizes, max_model_len, steps)
     if device.type == "cpu":
         _warm_up_cpu(model, config)
-        if draft is not None:
+        if spec is not None and spec.method == "draft_model":
             _warm_up_cpu(draft, config)
     info = ModelInfo(
         source.name,
@@ -278,6 +285,47 @@ def build_worker(
         tp.ranks.wait_ready()
         worker = TensorParallelWorker(runner, tp.ranks)
     return BuiltWorker(worker, runner, tokenizer, info, window)
+
+
+def _load_eagle3_head(config: EngineConfig, model, dtype: torch.dtype, device: torch.device, max_model_len: int):
+    """The EAGLE-3 head of ``--speculative-config`` (method eagle3), on the target's device and
+    in its dtype, reading the target's embedding unless it has its own (``models/eagle3.py``)."""
+    from stepserve.checkpoint.source import resolve_source
+    from stepserve.models.eagle3 import build_eagle3_head, read_eagle3_spec, read_head_config
+    from stepserve.models.llama import llama
+
+    spec = config.scheduler.speculative
+    source = resolve_source(spec.model)
+    if source.gguf_file is not None:
+        raise ConfigError("an EAGLE-3 head is a directory (config.json and its weights), not a GGUF file")
+    target = model.cfg
+    head_spec = read_eagle3_spec(read_head_config(source.directory), target.num_layers, target.hidden_size)
+    vocab = head_spec.layer.get("vocab_size", target.vocab_size)
+    if vocab != target.vocab_size:
+        raise ConfigError(
+            f"the EAGLE-3 head's vocabulary ({vocab} tokens) is not the target's ({target.vocab_size}): "
+            "it was made for another model"
+        )
+    cfg = llama({**head_spec.layer, "num_hidden_layers": 1}, "LlamaForCausalLM", max_model_len)
+    dummy = config.model.load_format == "dummy"
+    head = build_eagle3_head(
+        None if dummy else source.directory,
+        head_spec,
+        cfg,
+        model.embed_tokens,
+        dtype,
+        device,
+        max_model_len + spec.num_speculative_tokens + 1,
+        config.model.seed + 1,
+    )
+    log.info(
+        "EAGLE-3 head %s loaded (reads target layers %s, proposes from %d tokens), proposing %d tokens",
+        source.name,
+        list(head_spec.aux_layers),
+        head_spec.draft_vocab_size,
+        spec.num_speculative_tokens,
+    )
+    return head
 
 
 def _load_draft(config: EngineConfig, target, dtype: torch.dtype, device: torch.device, max_model_len: int):

@@ -48,6 +48,30 @@ class DecoderForCausalLM(nn.Module):
         self.local_rotary = Rotary(cfg.local_rope, max_positions) if cfg.local_rope is not None else None
         self.packed_head = None  # set by pack_for_cpu
         self.native = None  # set by pack_for_cpu: a decode step in stepserve's CPU kernels (cpu_native)
+        self.aux_layers: dict[int, int] = {}  # set by keep_aux_states: layer id -> its column block
+        self.aux_states: torch.Tensor | None = None  # [rows, n * hidden]: the kept streams of the last pass
+
+    def keep_aux_states(self, layer_ids: tuple[int, ...], rows: int) -> None:
+        """Keep, at every forward, the residual stream entering each of ``layer_ids`` (0: the
+        embeddings) in ``aux_states``, side by side, for an EAGLE-3 head. The buffer is fixed
+        (a CUDA graph's replays write where its capture did); a pass may have ``rows`` tokens.
+        Stepserve's native CPU decode step keeps nothing: it is turned off."""
+        self.aux_layers = {layer: i for i, layer in enumerate(layer_ids)}
+        weight = self.embed_tokens.weight
+        self.aux_states = torch.zeros(
+            rows, len(layer_ids) * self.cfg.hidden_size, dtype=weight.dtype, device=weight.device
+        )
+        self.native = None
+
+    def _keep(self, layer: int, stream: torch.Tensor) -> None:
+        column = self.aux_layers.get(layer)
+        if column is not None:
+            h = self.cfg.hidden_size
+            if stream.shape[0] > self.aux_states.shape[0]:
+                raise RuntimeError(
+                    f"a pass of {stream.shape[0]} tokens; the kept states hold {self.aux_states.shape[0]}"
+                )
+            self.aux_states[: stream.shape[0], column * h : (column + 1) * h].copy_(stream)
 
     def fill_rotary(self) -> None:
         for rotary in (self.rotary, self.local_rotary):
@@ -63,8 +87,14 @@ class DecoderForCausalLM(nn.Module):
             x = x * torch.tensor(self.cfg.embed_scale, dtype=x.dtype)
         rope = self.rotary.step(positions, x.dtype)
         local = self.local_rotary.step(positions, x.dtype) if self.local_rotary is not None else rope
-        for layer, kv_cache, window in zip(self.layers, kv_caches, self.cfg.layer_windows):
+        if not self.aux_layers:
+            for layer, kv_cache, window in zip(self.layers, kv_caches, self.cfg.layer_windows):
+                x, residual = layer(x, residual, local if window else rope, kv_cache, meta, backend)
+            return self.norm(x, residual)[0]
+        self._keep(0, x)
+        for i, (layer, kv_cache, window) in enumerate(zip(self.layers, kv_caches, self.cfg.layer_windows)):
             x, residual = layer(x, residual, local if window else rope, kv_cache, meta, backend)
+            self._keep(i + 1, x + residual)
         return self.norm(x, residual)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -33,7 +33,7 @@ from stepserve.structured.bitmask import GrammarMatchers, GrammarPass
 from stepserve.worker import sampler as S
 from stepserve.worker.cuda_graphs import CudaGraphs
 from stepserve.worker.pooling import PoolingRows
-from stepserve.worker.speculative import DraftModel, accept, slots_of, verify_layout
+from stepserve.worker.speculative import DraftInputs, DraftModel, accept, next_ids, slots_of, verify_layout
 
 
 def kv_cache_bytes_per_block(model: DecoderForCausalLM, block_size: int, dtype: torch.dtype) -> int:
@@ -141,7 +141,7 @@ class ModelRunner:
         self.grammars = grammars  # constrained decoding; None: every request is free text
         self.pooling = PoolingRows()  # folds of prefill-only pooling requests, chunk by chunk
         self.lora = None  # worker.lora_slots.LoraSlots when adapters are served
-        self.draft: DraftModel | None = None  # speculative decoding's draft model (draft_model)
+        self.draft: DraftModel | None = None  # speculative decoding's drafter (draft_model, eagle3)
         self._lora_steps: tuple = (None, None)  # this pass's slots: per token of the first step, per row after
         self._last_pass: tuple[SchedulerOutput, torch.Tensor] | None = (
             None  # the last submitted pass, its tokens [B, N]
@@ -217,9 +217,9 @@ class ModelRunner:
         sampled = torch.stack(steps, dim=1)
         self._last_pass = (sched, sampled)  # the next pass's placeholders come from here
         columns = [sampled]
-        if sched.num_proposals and self.draft is not None:
+        if self.draft is not None:
             zero = torch.zeros(len(requests), dtype=torch.long, device=self.device)
-            columns.append(self._propose(sched, inputs, sampled[:, -1], zero))
+            columns += self._draft_pass(sched, inputs, sampled[:, -1], zero, inputs.logits_index, sampled[:, 0])
         rows = torch.cat([*columns, nonfinite[:, None].long()], dim=1)
         host_rows, host_logprobs, done = self._to_host(rows, logprobs)
         proposals = sched.num_proposals if self.draft is not None else 0
@@ -262,27 +262,50 @@ class ModelRunner:
             logprobs = [(chosen[at], ids[at], values[at]) for at in layout.grid_index.unbind(dim=1)]
         self._last_pass = (sched, grid)  # never read: a pass after a verify pass has no placeholders
         columns = [grid, accepted[:, None]]
-        if sched.num_proposals and self.draft is not None:
+        if self.draft is not None:
             newest = grid.gather(1, accepted[:, None]).squeeze(1)
-            columns.append(self._propose(sched, inputs, newest, accepted))
+            columns += self._draft_pass(sched, inputs, newest, accepted, layout.logits_index, tokens)
         rows = torch.cat([*columns, (nonfinite > 0)[:, None].long()], dim=1)
         host_rows, host_logprobs, done = self._to_host(rows, logprobs)
         proposals = sched.num_proposals if self.draft is not None else 0
         return PendingPass(sched, host_rows, host_logprobs, prompt_logprobs, done, True, proposals)
 
-    def _propose(
-        self, sched: SchedulerOutput, inputs: StepInputs, newest: torch.Tensor, accepted: torch.Tensor
-    ) -> torch.Tensor:
-        """The draft model's proposals [B, num_proposals] for the next pass: its KV over this
-        pass's tokens, then greedy steps from each row's newest token, which sits right after
-        the row's accepted tokens."""
-        self.draft.catch_up(inputs.input_ids, inputs.meta)
-        ends = [r.start + r.num_new_tokens - len(r.draft_token_ids) for r in sched.requests]
-        positions, firsts = self._upload([ends, inputs.query_start[:-1]], [])[0]
+    def _draft_pass(
+        self,
+        sched: SchedulerOutput,
+        inputs: StepInputs,
+        newest: torch.Tensor,
+        accepted: torch.Tensor,
+        sample_index: torch.Tensor,
+        sampled: torch.Tensor,
+    ) -> list[torch.Tensor]:
+        """The drafter's turn after a pass (a single step): its KV over the pass's tokens, every
+        pass, so that it is whole when speculation resumes; then, when the scheduler asks, its
+        proposals [B, num_proposals] from each row's newest token, which sits right after the
+        row's accepted tokens. ``sampled`` are the tokens the pass sampled at ``sample_index``."""
+        requests = sched.requests
+        ends = [r.start + r.num_new_tokens - len(r.draft_token_ids) for r in requests]
+        lasts = [q - 1 - len(r.draft_token_ids) for q, r in zip(inputs.query_start[1:], requests)]
+        known = [
+            (q - 1, r.token_ids[r.start + r.num_new_tokens])
+            for q, r in zip(inputs.query_start[1:], requests)
+            if not r.sample
+        ]
+        (positions, last, firsts, known_at, known_ids), _ = self._upload(
+            [ends, lasts, inputs.query_start[:-1], [i for i, _ in known], [t for _, t in known]], []
+        )
         tables = inputs.meta.block_tables
         if tables.shape[0] != len(ends):  # a flat verify pass: one table row per token
             tables = tables[firsts]
-        return self.draft.propose(newest, positions + accepted, tables, max(ends) + 1, sched.num_proposals)
+        after = None
+        if self.draft.needs_next_ids:
+            after = next_ids(inputs.input_ids, sample_index, sampled, (known_at, known_ids) if known else None)
+        longest = max(e + len(r.draft_token_ids) for e, r in zip(ends, requests)) + 1
+        drafts = DraftInputs(
+            inputs.input_ids, inputs.meta, after, last + accepted, newest, positions + accepted, tables, longest
+        )
+        proposals = self.draft.after_pass(drafts, sched.num_proposals)
+        return [] if proposals is None else [proposals]
 
     def _to_host(self, rows: torch.Tensor, logprobs: list) -> tuple[torch.Tensor, list, torch.cuda.Event | None]:
         """Non-blocking copies into pinned memory and an event behind them (on CUDA)."""

@@ -74,14 +74,45 @@ def accept(tokens: torch.Tensor, layout: VerifyLayout) -> tuple[torch.Tensor, to
     return grid, accepted
 
 
+@dataclass
+class DraftInputs:
+    """What a drafter reads after a pass, on the device (T the pass's tokens, B its rows)."""
+
+    input_ids: torch.Tensor  # [T] the tokens the target computed
+    meta: AttentionMetadata  # the target's layout of them
+    next_ids: torch.Tensor | None  # [T] the token after each (EAGLE-3 only; None for a draft model)
+    last: torch.Tensor  # [B] each row's last accepted token in the packed batch
+    newest: torch.Tensor  # [B] each row's newest token (sampled by this pass, not computed yet)
+    positions: torch.Tensor  # [B] its position
+    tables: torch.Tensor  # [B, W] each row's block table
+    max_seq_len: int  # the longest row's length with its newest token
+
+
+def next_ids(input_ids: torch.Tensor, sample_index: torch.Tensor, sampled: torch.Tensor, known) -> torch.Tensor:
+    """The token after each of the pass's tokens: the next input where the row goes on, the
+    sampled token where the pass sampled (a verify pass samples after every proposal: where the
+    proposal was accepted the two agree), and ``known`` = (index, token) for chunks whose next
+    token is the prompt's own (a prompt chunk that is not its last samples nothing that counts)."""
+    out = torch.empty_like(input_ids)
+    out[:-1] = input_ids[1:]
+    out[-1] = 0
+    out[sample_index] = sampled
+    if known is not None:
+        out[known[0]] = known[1]
+    return out
+
+
 class DraftModel:
     """A small model of the target's tokenizer that proposes tokens. Its KV cache has the
     target's blocks: one block id addresses a block of each, so the block manager serves both.
 
     Every pass it computes its KV over the very tokens the target computed (the catch-up: a
-    prompt chunk, or a row's last token and its proposals), so its cache is whole wherever the
-    target's is, prefix-cache hits included; then, from each row's newest token, it decodes
-    ``num_proposals`` tokens greedily, which are the row's proposals for the next pass."""
+    prompt chunk, or a row's last token and its proposals; also while the batch is too large to
+    speculate), so its cache is whole wherever the target's is, prefix-cache hits included;
+    then, when asked, from each row's newest token it decodes ``count`` tokens greedily, which
+    are the row's proposals for the next pass."""
+
+    needs_next_ids = False
 
     def __init__(self, model, kv_caches: list[torch.Tensor], backend, block_size: int) -> None:
         self.model = model
@@ -89,32 +120,68 @@ class DraftModel:
         self.backend = backend
         self.block_size = block_size
 
-    def catch_up(self, input_ids: torch.Tensor, meta: AttentionMetadata) -> None:
-        self.backend.prepare(meta)
-        self.model(input_ids, meta.positions, self.kv_caches, meta, self.backend)
-
-    def propose(
-        self, tokens: torch.Tensor, positions: torch.Tensor, tables: torch.Tensor, max_seq_len: int, count: int
-    ) -> torch.Tensor:
-        """[B, count] proposals: greedy decoding from ``tokens`` [B] at ``positions`` [B]."""
-        batch = tokens.shape[0]
-        rows = torch.arange(batch, device=tokens.device)
+    def after_pass(self, d: DraftInputs, count: int) -> torch.Tensor | None:
+        self.backend.prepare(d.meta)
+        self.model(d.input_ids, d.meta.positions, self.kv_caches, d.meta, self.backend)
+        if not count:
+            return None
         out = []
+        tokens, positions = d.newest, d.positions
         for step in range(count):
-            meta = AttentionMetadata(
-                slot_mapping=slots_of(tables, rows, positions, self.block_size),
-                positions=positions,
-                query_start_loc=torch.arange(batch + 1, dtype=torch.int32, device=tokens.device),
-                seq_lens=(positions + 1).int(),
-                block_tables=tables,
-                max_query_len=1,
-                max_seq_len=max_seq_len + step,
-                block_size=self.block_size,
-                is_decode=True,
-            )
-            self.backend.prepare(meta)
-            hidden = self.model(tokens, positions, self.kv_caches, meta, self.backend)
+            hidden = self._step(tokens, positions, d.tables, d.max_seq_len + step)
             tokens = self.model.compute_logits(hidden).argmax(dim=-1)
+            out.append(tokens)
+            positions = positions + 1
+        return torch.stack(out, dim=1)
+
+    def _step(self, tokens, positions, tables, max_seq_len, hidden=None):
+        """One decode step of every row, one token each, at ``positions``."""
+        batch = tokens.shape[0]
+        meta = AttentionMetadata(
+            slot_mapping=slots_of(tables, torch.arange(batch, device=tokens.device), positions, self.block_size),
+            positions=positions,
+            query_start_loc=torch.arange(batch + 1, dtype=torch.int32, device=tokens.device),
+            seq_lens=(positions + 1).int(),
+            block_tables=tables,
+            max_query_len=1,
+            max_seq_len=max_seq_len,
+            block_size=self.block_size,
+            is_decode=True,
+        )
+        self.backend.prepare(meta)
+        if hidden is None:
+            return self.model(tokens, positions, self.kv_caches, meta, self.backend)
+        return self.model(tokens, positions, hidden, self.kv_caches, meta, self.backend)
+
+
+class Eagle3Drafter(DraftModel):
+    """An EAGLE-3 head (``models/eagle3.py``) over the target's kept hidden states
+    (``DecoderForCausalLM.keep_aux_states``). Its KV cache has the target's blocks, as a draft
+    model's does. At position p the head takes the target's states at p and the token at p + 1,
+    so its catch-up reads each token's successor (``next_ids``); the catch-up's output at a row's
+    last accepted token gives its first proposal, and each further one feeds the head's own
+    state back, one position on."""
+
+    needs_next_ids = True
+
+    def __init__(self, head, target, kv_caches: list[torch.Tensor], backend, block_size: int) -> None:
+        super().__init__(head, kv_caches, backend, block_size)
+        self.target = target
+
+    def after_pass(self, d: DraftInputs, count: int) -> torch.Tensor | None:
+        head = self.model
+        states = head.combine(self.target.aux_states[: d.input_ids.shape[0]])
+        self.backend.prepare(d.meta)
+        normed, fed_back = head(d.next_ids, d.meta.positions, states, self.kv_caches, d.meta, self.backend)
+        if not count:
+            return None
+        tokens = head.greedy(normed[d.last])
+        hidden = fed_back[d.last]
+        out = [tokens]
+        positions = d.positions  # the first proposal's input sits where the newest token does
+        for step in range(1, count):
+            normed, hidden = self._step(tokens, positions, d.tables, d.max_seq_len + step - 1, hidden)
+            tokens = head.greedy(normed)
             out.append(tokens)
             positions = positions + 1
         return torch.stack(out, dim=1)
