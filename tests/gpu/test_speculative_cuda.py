@@ -1,6 +1,6 @@
-"""Speculative decoding on CUDA: with n-gram proposals and with a draft model, greedy and seeded
-tokens equal those without speculation, CUDA graphs on (the verify pass replays the decode
-graphs, one row per token: counted) and off. Skipped without CUDA."""
+"""Speculative decoding on CUDA: with n-gram proposals, a draft model and an EAGLE-3 head, greedy
+(and, but for the head, seeded) tokens equal those without speculation, CUDA graphs on (the verify
+pass replays the decode graphs, one row per token: counted) and off. Skipped without CUDA."""
 
 import gc
 import json
@@ -55,3 +55,41 @@ def test_speculation_keeps_the_tokens(tiny_llama, method, eager, monkeypatch):
     assert counters.num_accepted_tokens > 0
     if not eager:  # verify passes (more rows than requests) replayed the decode graphs
         assert max(replays) > len(PARAMS)
+
+
+@pytest.mark.parametrize("eager", [False, True])
+def test_an_eagle3_head_proposes_as_the_reference_and_keeps_the_tokens(tiny_llama, tmp_path, eager, monkeypatch):
+    """The head reads the target's states from the buffer the decode graphs write on replay:
+    its proposals are the reference head's (``tests/eagle3_reference.py``, on the CPU), and the
+    tokens are those without speculation."""
+    from eagle3_reference import Reference, record_proposals
+    from tiny_models import write_eagle3_head
+
+    from stepserve.worker.cuda_graphs import CudaGraphs
+
+    head = write_eagle3_head(tmp_path / "head", tiny_llama, seed=7, draft_vocab=200)
+    replays = []
+    original = CudaGraphs.replay
+    monkeypatch.setattr(CudaGraphs, "replay", lambda self: replays.append(self.batch) or original(self))
+    greedy = [SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)] * len(prompts())
+    want, _ = run(tiny_llama, greedy, enforce_eager=eager)
+    replays.clear()
+    config = {"method": "eagle3", "model": str(head), "num_speculative_tokens": 3}
+    llm = LLM(
+        model=str(tiny_llama),
+        dtype="float32",
+        device="cuda",
+        max_model_len=256,
+        max_num_seqs=16,
+        enforce_eager=eager,
+        speculative_config=config,
+    )
+    seen = record_proposals(llm)
+    got = [o.outputs[0].token_ids for o in llm.generate(prompts(), greedy)]
+    assert got == want
+    reference = Reference(tiny_llama, head)
+    assert len(seen) > 10
+    for tokens, proposals in seen:
+        assert proposals == reference.proposals(tokens, len(proposals))
+    if not eager:
+        assert replays  # decode passes and verify passes replayed the graphs

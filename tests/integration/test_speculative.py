@@ -1,4 +1,4 @@
-"""Speculative decoding (docs/speculative-decoding.md): with n-gram proposals or a draft model,
+"""Speculative decoding (docs/speculative-decoding.md): with n-gram proposals, a draft model or an EAGLE-3 head,
 greedy and seeded output is the output without speculation, token for token, at batch 1 and in
 mixed batches, with chunked prefill, preemption, asynchronous scheduling, logprobs, min_tokens,
 penalties and stop tokens; unseeded sampling keeps the target's distribution (a two-sample
@@ -11,7 +11,7 @@ import jsonschema
 import pytest
 import torch
 from json_schemas import SCHEMAS
-from tiny_models import write_tiny_model
+from tiny_models import write_eagle3_head, write_tiny_model
 
 from stepserve import LLM, SamplingParams
 from stepserve.config import ConfigError
@@ -36,10 +36,12 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-    """The target, and a draft of the same tokenizer that disagrees with it (other weights, one layer)."""
+    """The target, a draft of the same tokenizer that disagrees with it (other weights, one
+    layer), and an EAGLE-3 head for the target (random: it disagrees too)."""
     root = tmp_path_factory.mktemp("spec")
     target = write_tiny_model(root / "target", "llama", seed=3)
     other = write_tiny_model(root / "other", "llama", seed=9, num_hidden_layers=1)
+    write_eagle3_head(root / "eagle3", target, seed=4, draft_vocab=200)
     return target, other
 
 
@@ -47,6 +49,8 @@ def _config(method: str, models) -> dict:
     target, other = models
     if method == "ngram":
         return dict(NGRAM)
+    if method == "eagle3":
+        return {"method": "eagle3", "model": str(target.parent / "eagle3"), "num_speculative_tokens": 3}
     draft = target if method == "draft-self" else other
     return {"method": "draft_model", "model": str(draft), "num_speculative_tokens": 3}
 
@@ -55,7 +59,7 @@ def _tokens(llm: LLM, prompts, params) -> list[list[int]]:
     return [list(o.outputs[0].token_ids) for o in llm.generate(prompts, params)]
 
 
-METHODS = ["ngram", "draft-self", "draft-other"]
+METHODS = ["ngram", "draft-self", "draft-other", "eagle3"]
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -240,7 +244,7 @@ def test_the_embedded_model_takes_most_proposals_when_rewriting_a_text():
     [
         ("{", "not JSON"),
         ('{"method": "ngram", "num_speculative_tokens": 3, "lookahead": 2}', "unknown keys lookahead"),
-        ('{"method": "eagle3", "model": "x", "num_speculative_tokens": 3}', "eagle3"),
+        ('{"method": "eagle", "model": "x", "num_speculative_tokens": 3}', "'eagle' is not supported"),
         ('{"method": "ngram"}', "num_speculative_tokens"),
         ('{"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_min": 4, "prompt_lookup_max": 2}', "above"),
         ('{"method": "draft_model", "num_speculative_tokens": 3}', "needs a model"),
