@@ -28,6 +28,7 @@ from torch import nn
 from stepserve.attention.base import AttentionBackend, AttentionMetadata
 from stepserve.config import ConfigError
 from stepserve.models.config import DecoderConfig
+from stepserve.models.decoder import DecoderForCausalLM
 from stepserve.models.layers import Attention, GatedMLP, RMSNorm
 from stepserve.models.rope import Rotary
 
@@ -149,13 +150,7 @@ class Eagle3Head(nn.Module):
     """An EAGLE-3 head on the target's device and in its dtype. ``cfg`` is its layer's
     ``DecoderConfig`` (one layer: ``allocate_kv_cache`` sizes its cache from it)."""
 
-    STACKED = (
-        ("q_proj", "qkv_proj", 0),
-        ("k_proj", "qkv_proj", 1),
-        ("v_proj", "qkv_proj", 2),
-        ("gate_proj", "gate_up_proj", 0),
-        ("up_proj", "gate_up_proj", 1),
-    )
+    STACKED = DecoderForCausalLM.STACKED  # the checkpoint's q/k/v and gate/up folded into fused projections
 
     def __init__(self, cfg: DecoderConfig, spec: Eagle3Spec, max_positions: int) -> None:
         super().__init__()

@@ -21,12 +21,7 @@ OPTIONS = dict(dtype="float32", max_model_len=256)
 PROMPTS = [list(b"the cat sat on the mat; the cat"), list(b"abcabcabcab"), list(b"1 2 3 4 5 6 7 8 9 1")]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

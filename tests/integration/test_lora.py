@@ -5,7 +5,6 @@ base, at --num-scheduler-steps 1 and 8; under --max-loras 1 the adapters take tu
 slot and every answer stays right; the prefix cache never lends one adapter's KV to another."""
 
 import pytest
-import torch
 from lora_adapters import ADAPTERS, merged_greedy, write_adapter
 from tiny_models import write_tiny_family, write_tiny_model
 
@@ -16,12 +15,7 @@ NEW_TOKENS = 16
 PARAMS = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module", params=["llama", "qwen3"])

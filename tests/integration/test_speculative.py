@@ -9,7 +9,6 @@ import json
 
 import jsonschema
 import pytest
-import torch
 from json_schemas import SCHEMAS
 from tiny_models import write_eagle3_head, write_tiny_model
 
@@ -26,12 +25,7 @@ NGRAM = {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_min": 1,
 OPTIONS = dict(dtype="float32", max_model_len=256)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -31,12 +31,7 @@ LOGPROB_TOL = 1e-4  # float32 on both sides; the all-reduce splits the o/down su
 ENGINE = dict(num_blocks=128, block_size=4, max_model_len=128, dtype="float32")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def transformers_greedy(model_dir: Path, prompt_ids: list[list[int]]) -> list[list[int]]:
