@@ -342,6 +342,12 @@ def write_eagle3_head(
             "target_hidden_size": hidden,
             "eagle_aux_hidden_state_layer_ids": list(aux_layers),
             "norm_before_residual": True,
+            "speculators_config": {  # what vLLM recognises a speculator by
+                "algorithm": "eagle3",
+                "proposal_methods": [{"proposal_type": "greedy", "speculative_tokens": 3}],
+                "default_proposal_method": "greedy",
+                "verifier": {"name_or_path": str(target), "architectures": t.get("architectures")},
+            },
             **flags,
         }
     (directory / "config.json").write_text(json.dumps(config))
