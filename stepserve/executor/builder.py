@@ -170,8 +170,6 @@ def build_worker(
     group is started here (``distributed``)."""
     start = time.monotonic()
     spec = config.scheduler.speculative
-    if spec is not None and config.parallel.tensor_parallel_size > 1:
-        raise ConfigError("speculative decoding runs without tensor parallelism for now: use --tensor-parallel-size 1")
     checkpoint = open_checkpoint(config.model.model)
     source, hf_config = checkpoint.source, checkpoint.hf_config
     max_model_len = resolve_max_model_len(config.model.max_model_len, hf_config)
@@ -216,16 +214,18 @@ def build_worker(
         time.monotonic() - start,
     )
     tp.join(model)
+    # A drafter runs on rank 0 alone, whole (proposals go back to the scheduler, which sends
+    # them to every rank with the next pass); the other ranks only verify.
     draft = None
-    if spec is not None and spec.method == "draft_model":
+    if spec is not None and spec.method == "draft_model" and rank is None:
         draft = _load_draft(config, model_config, dtype, device, max_model_len)
-    elif spec is not None and spec.method == "eagle3":
+    elif spec is not None and spec.method == "eagle3" and rank is None:
         draft = _load_eagle3_head(config, model, dtype, device, max_model_len)
     # On CUDA: Triton kernels, and CUDA graphs of the decode step unless enforce_eager.
     backend = get_backend("triton" if device.type == "cuda" else "sdpa")
     use_graphs = device.type == "cuda" and not config.model.enforce_eager
     graph_sizes = graph_batch_sizes(config.scheduler.max_num_seqs) if use_graphs else []
-    if spec is not None and spec.method == "eagle3":  # the head reads three layers' states of every pass
+    if draft is not None and spec.method == "eagle3":  # the head reads three layers' states of every pass
         model.keep_aux_states(draft.spec.aux_layers, max([config.scheduler.max_num_batched_tokens, *graph_sizes]))
     # CPU attention runs in float32 whatever the weights: PyTorch's CPU SDPA is several times
     # slower in bfloat16 (docs/benchmarks.md).
@@ -266,7 +266,7 @@ def build_worker(
         runner.capture_cuda_graphs(graph_sizes, max_model_len, steps)
     if device.type == "cpu":
         _warm_up_cpu(model, config)
-        if spec is not None and spec.method == "draft_model":
+        if draft is not None and spec.method == "draft_model":
             _warm_up_cpu(draft, config)
     info = ModelInfo(
         source.name,

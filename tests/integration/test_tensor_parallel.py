@@ -2,8 +2,9 @@
 backend, and was not run here): greedy tokens with TP=2 equal TP=1's and transformers', single-
 and multi-step, for the families whose sharding differs (q/k/v bias, fused qkv/gate_up, q/k norm
 with tied embeddings, replicated KV heads, mixtures of experts with and without a shared
-expert); a served request through ``stepserve serve --tensor-parallel-size 2``; and a killed
-rank, or a killed rank 0, bringing the group back whole with no rank left behind."""
+expert), also speculating (n-gram, a draft model, an EAGLE-3 head); a served request through
+``stepserve serve --tensor-parallel-size 2``; and a killed rank, or a killed rank 0, bringing the
+group back whole with no rank left behind."""
 
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ from stepserve import LLM, SamplingParams
 from stepserve.core.engine_core import EngineFaultError
 from stepserve.models.cpu_linear import cpu_has_bf16
 from tiny_gguf import write_gguf
-from tiny_models import write_tiny_family, write_tiny_model
+from tiny_models import write_eagle3_head, write_tiny_family, write_tiny_model
 
 PROMPTS = ["Hello", "The quick brown fox jumps over", "Once upon a time, in a land far away, there lived", "1 2 3 4 5"]
 NEW_TOKENS = 24
@@ -102,6 +103,30 @@ def test_tp2_equals_tp1_and_transformers(case, tmp_path):
     assert tokens2 == tokens1
     assert tokens2 == transformers_greedy(hf_dir, prompt_ids)
     assert torch.allclose(torch.tensor(logprobs2), torch.tensor(logprobs1), atol=LOGPROB_TOL)
+
+
+SPECULATION = {
+    "ngram": lambda d: {"method": "ngram", "prompt_lookup_min": 1, "prompt_lookup_max": 3},
+    "draft_model": lambda d: {"method": "draft_model", "model": str(d / "target")},  # the target drafts for itself
+    "eagle3": lambda d: {"method": "eagle3", "model": str(write_eagle3_head(d / "head", d / "target", seed=2))},
+}
+
+
+@pytest.mark.parametrize("method", list(SPECULATION))
+def test_tp2_speculates_with_the_tokens_of_tp1(method, tmp_path):
+    """Speculation over two ranks: rank 0 alone runs a drafter, every rank verifies the
+    proposals the scheduler sends; greedy tokens and logprobs are TP=1's without speculation."""
+    target = write_tiny_model(tmp_path / "target", "llama", seed=6)
+    config = SPECULATION[method](tmp_path) | {"num_speculative_tokens": 3}
+    tokens1, logprobs1, _ = generate(target, 1, 1)
+    with engine(target, 2, 1, speculative_config=config) as llm:
+        tokens2, logprobs2, _ = greedy(llm)
+        counters = llm.core.scheduler.spec_counters
+    assert tokens2 == tokens1
+    assert torch.allclose(torch.tensor(logprobs2), torch.tensor(logprobs1), atol=LOGPROB_TOL)
+    assert counters.num_drafts > 0
+    if method == "draft_model":
+        assert counters.num_accepted_tokens == counters.num_draft_tokens
 
 
 def test_ranks_that_disagree_end_the_group(tiny_qwen2):
