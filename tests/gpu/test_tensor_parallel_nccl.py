@@ -1,6 +1,6 @@
 """Tensor parallelism over NCCL: two ranks on two GPUs (CUDA graphs capturing the all-reduce,
 Triton kernels) against the one-process CPU reference, which tests/integration holds equal to
-transformers: float32 greedy tokens equal with 1 and 8 scheduler steps. Skipped without two
+transformers: float32 greedy tokens equal with 1 and 8 scheduler steps, and speculating. Skipped without two
 GPUs; it has not run yet (no multi-GPU machine was available when it was written)."""
 
 import gc
@@ -46,3 +46,21 @@ def test_nccl_tp2_equals_cpu(family, tmp_path):
     want = greedy(model_dir, "cpu")
     assert greedy(model_dir, "cuda", tensor_parallel_size=2, num_scheduler_steps=1) == want
     assert greedy(model_dir, "cuda", tensor_parallel_size=2, num_scheduler_steps=8) == want
+
+
+@pytest.mark.parametrize("method", ["ngram", "draft_model", "eagle3"])
+def test_nccl_tp2_speculates_with_the_cpu_tokens(method, tmp_path):
+    """Speculation over two GPUs: the drafter on rank 0, verify passes replaying the decode
+    graphs on both ranks; the tokens are the CPU's without speculation."""
+    from tiny_models import write_eagle3_head, write_tiny_model
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    model_dir = write_tiny_model(tmp_path / "llama", "llama", seed=6)
+    config = {"method": method, "num_speculative_tokens": 3}
+    if method == "ngram":
+        config |= {"prompt_lookup_min": 1, "prompt_lookup_max": 3}
+    else:
+        drafter = model_dir if method == "draft_model" else write_eagle3_head(tmp_path / "head", model_dir, seed=2)
+        config["model"] = str(drafter)
+    want = greedy(model_dir, "cpu")
+    assert greedy(model_dir, "cuda", tensor_parallel_size=2, speculative_config=config) == want
