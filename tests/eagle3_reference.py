@@ -58,9 +58,15 @@ class Reference:
     @torch.no_grad()
     def proposals(self, tokens: list[int], count: int) -> list[int]:
         """What the head proposes after ``tokens`` (the last one sampled, not yet computed)."""
-        out = self.target(torch.tensor([tokens[:-1]]), output_hidden_states=True)
-        # hidden_states[i] enters layer i (the last one, after the final norm, is never read here)
-        states = list(out.hidden_states)
+        # hidden_states[i] enters layer i, but the last is after the final norm: the stream that
+        # leaves the last layer (what a head reading layer id L takes) is the final norm's input
+        leaving = []
+        hook = self.target.model.norm.register_forward_hook(lambda module, args, out: leaving.append(args[0]))
+        try:
+            out = self.target(torch.tensor([tokens[:-1]]), output_hidden_states=True)
+        finally:
+            hook.remove()
+        states = [*out.hidden_states[:-1], leaving[0]]
         aux = torch.cat([states[i] for i in self.aux], dim=-1)[0]
         if self.input_norm is not None:
             aux = self._rms(aux, self.input_norm)

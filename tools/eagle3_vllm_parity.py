@@ -57,6 +57,11 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--vllm-python", required=True, help="the Python of an environment with vLLM")
     parser.add_argument("--layout", choices=["eagle", "speculators"], default="eagle")
+    parser.add_argument(
+        "--aux-layers",
+        default="0,1,2",
+        help="the target layers the head reads (the target has 3; 3 reads the last one's output)",
+    )
     args = parser.parse_args()
     root = Path(__file__).resolve().parents[1]
     sys.path.insert(0, str(root / "tests"))
@@ -73,7 +78,8 @@ def main() -> int:
         num_key_value_heads=1, intermediate_size=256,
     )  # fmt: skip
     draft_vocab = 200 if args.layout == "eagle" else None
-    head = write_eagle3_head(work / "head", target, seed=7, layout=args.layout, draft_vocab=draft_vocab)
+    aux = tuple(int(i) for i in args.aux_layers.split(","))
+    head = write_eagle3_head(work / "head", target, seed=7, layout=args.layout, draft_vocab=draft_vocab, aux_layers=aux)
     env = os.environ | {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "1"}
     env |= {"VLLM_HOST_IP": "127.0.0.1", "HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1"}
     run = subprocess.run(

@@ -37,6 +37,7 @@ def target(tmp_path_factory):
         ("speculators", 200, {}),
         ("eagle", None, {"norm_before_fc": True, "norm_output": True}),
         ("speculators", None, {"fc_norm": True}),
+        ("eagle", None, {"aux_layers": (1, 2, 3)}),  # 3: the stream leaving the last layer, before the final norm
     ],
 )
 def test_every_proposal_is_the_reference_heads(target, tmp_path, layout, draft_vocab, flags):
