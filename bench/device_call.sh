@@ -6,7 +6,8 @@
 # Results land in $OUT if it is set, else in ./bench-out.
 #
 # Modes:
-#   tests    pytest tests/gpu (ARGS go to pytest, e.g. -x or -k fp8); log in tests.log
+#   tests    pytest tests/gpu (ARGS go to pytest, e.g. -x or -k fp8; ARGS that name test files or
+#            folders run those alone); log in tests.log
 #   offline  the offline GPU benchmark, python -m stepserve.bench.gpu --skip-serve: the Llama-8B,
 #            Qwen3-8B, Gemma-3-12B and Llama-1B shapes against transformers continuous batching,
 #            FP8 weights, FP8 KV cache and a fresh process (ARGS go to the benchmark, e.g.
@@ -89,8 +90,10 @@ step() {  # step LOG COMMAND...: run it (under STEP_TIMEOUT), the whole output t
     local rc=$?
     [ $rc -eq 0 ] || { echo "$* exited with $rc (log: $OUT/$log)" >&2; failed=1; }
 }
-run_tests() {
-    step tests.log python3 -m pytest tests/gpu -q -rfE -p no:cacheprovider "$@"
+run_tests() {  # tests/gpu, or only the test files and folders named in ARGS
+    local where=tests/gpu arg
+    for arg in "$@"; do [[ $arg == tests/* ]] && where=; done
+    step tests.log python3 -m pytest $where -q -rfE -p no:cacheprovider "$@"
 }
 run_offline() {
     step offline.log python3 -m stepserve.bench.gpu --out "$OUT/offline" --skip-serve "$@"
