@@ -217,6 +217,7 @@ class Eagle3Head(nn.Module):
             if name == "t2d":
                 continue  # the inverse map: d2t says all of it
             if name == "d2t":
+                _check_shape(name, tensor, self.d2t.shape)
                 self.d2t.copy_(tensor.to(torch.long))
                 mapped = True
                 continue
@@ -232,13 +233,14 @@ class Eagle3Head(nn.Module):
                 raise ConfigError(f"the EAGLE-3 head's checkpoint has a tensor {name!r} the head does not use")
             param = params[target]
             if shard is None:
-                param.data.copy_(tensor)
-                filled.add(target)
+                place = param.data
             else:
                 kind = target.rsplit(".", 2)[-2]
                 start = sum(sizes[kind][:shard])
-                param.data[start : start + sizes[kind][shard]].copy_(tensor)
-                filled.add(f"{target}#{shard}")
+                place = param.data[start : start + sizes[kind][shard]]
+            _check_shape(name, tensor, place.shape)
+            place.copy_(tensor)
+            filled.add(target if shard is None else f"{target}#{shard}")
         missing = [
             n for n, p in params.items() if n not in filled and not all(f"{n}#{i}" in filled for i in range(_shards(n)))
         ]
@@ -250,11 +252,28 @@ class Eagle3Head(nn.Module):
                 f"target's {target_embedding.num_embeddings}"
             )
         if own_embedding is not None:
+            _check_shape("embed_tokens.weight", own_embedding, (target_embedding.num_embeddings, self.cfg.hidden_size))
             embedding = nn.Embedding(*own_embedding.shape, _weight=torch.empty(own_embedding.shape))
             self.embed_tokens = embedding.to(device=self.fc.weight.device, dtype=self.fc.weight.dtype)
             self.embed_tokens.weight.data.copy_(own_embedding)
         else:
-            self.embed_tokens = target_embedding
+            self.share_embedding(target_embedding)
+
+    def share_embedding(self, target_embedding: nn.Embedding) -> None:
+        """Embed with the target's table, which must be as wide as the head."""
+        if target_embedding.embedding_dim != self.cfg.hidden_size:
+            raise ConfigError(
+                f"the EAGLE-3 head is {self.cfg.hidden_size} wide and has no embedding of its own; the target's "
+                f"is {target_embedding.embedding_dim} wide"
+            )
+        self.embed_tokens = target_embedding
+
+
+def _check_shape(name: str, tensor: torch.Tensor, shape) -> None:
+    if tuple(tensor.shape) != tuple(shape):
+        raise ConfigError(
+            f"the EAGLE-3 head's tensor {name!r} has shape {list(tensor.shape)}; the head needs {list(shape)}"
+        )
 
 
 def _shards(name: str) -> int:
@@ -291,5 +310,5 @@ def build_eagle3_head(
                 param.fill_(1.0)
             else:
                 param.copy_(torch.randn(param.shape, generator=gen, device=device).mul_(0.02))
-    head.embed_tokens = target_embedding
+    head.share_embedding(target_embedding)
     return head.eval()

@@ -101,6 +101,11 @@ BAD_HEADS = [
     (dict(tensors=lambda t: {k: v for k, v in t.items() if k != "fc.weight"}), "lacks fc.weight"),
     (dict(tensors=lambda t: t | {"extra.weight": torch.zeros(2)}), "'extra.weight'"),
     (dict(tensors=lambda t: {k: v for k, v in t.items() if k != "d2t"}), "no d2t"),
+    (
+        dict(tensors=lambda t: t | {"fc.weight": t["fc.weight"][:, :64].contiguous()}),
+        r"'fc.weight' has shape \[64, 64\]",
+    ),
+    (dict(tensors=lambda t: t | {"embed_tokens.weight": torch.zeros(300, 64)}), "'embed_tokens.weight' has shape"),
 ]
 
 
