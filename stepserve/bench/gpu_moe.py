@@ -13,8 +13,9 @@ graphs. The parts run in this order, each engine freed before the next is built:
   output tok/s; the ``cb`` part's requests again (so that transformers is compared on the same
   requests); batch-1 decode tok/s (a 32-token prompt, 256 output tokens) against its bandwidth
   bound, ``decode_bytes`` over the measured device copy bandwidth; then a profile of steady decode
-  at 256 rows (CUDA kernels over 16 steps) in ``DIR/profile_moe.txt``. Building the engine (61 GB
-  of weights, the MoE kernel's compiles, the graphs) takes most of it.
+  at 256 rows (CUDA kernels over 16 steps) in ``DIR/profile_moe.txt``, and at one row in
+  ``DIR/profile_moe_batch1.txt``. Building the engine (61 GB of weights, the MoE kernel's
+  compiles, the graphs) takes most of it.
 - ``dense`` (about 40 s): the Llama-3.1-8B shape, same workload (``gpu.bench_family``), for the
   ratio MoE / dense 8B (target >= 1.5).
 - ``fp8`` (about 1.5-2 min): ``quantization="fp8"`` from the same bf16 stream (loaded in bf16,
@@ -180,19 +181,20 @@ def batch1(core, copy_tb_s: float, fp8: bool) -> dict:
     }
 
 
-def profile_decode(core, info, out: Path) -> dict:
-    """Steady decode at ``PROFILE_ROWS`` rows under the profiler (``gpu.decode_busy_share``);
-    prompts are cut where the KV cache could not hold every row at full length (an H100)."""
+def profile_decode(core, info, out: Path, rows: int = PROFILE_ROWS, name: str = "profile_moe.txt") -> dict:
+    """Steady decode at ``rows`` rows under the profiler (``gpu.decode_busy_share``), the kernel
+    table in ``out / name``; prompts are cut where the KV cache could not hold every row at full
+    length (an H100)."""
     block = core.scheduler.blocks.block_size
-    per_row = (info.num_kv_blocks - 1) // PROFILE_ROWS * block
+    per_row = (info.num_kv_blocks - 1) // rows * block
     prompt_len = min(PROMPT_LEN, per_row - 8 * (PROFILE_PASSES + 6))  # its decode tokens, a pass spare
     if prompt_len < 16:
-        return {"skipped": f"the KV cache holds {per_row} tokens a row at {PROFILE_ROWS} rows"}
-    prompts = [p[:prompt_len] for p in workload(seed=3)[:PROFILE_ROWS]]
+        return {"skipped": f"the KV cache holds {per_row} tokens a row at {rows} rows"}
+    prompts = [p[:prompt_len] for p in workload(seed=3)[:rows]]
     kernels: list = []
     busy = decode_busy_share(core, prompts, passes=PROFILE_PASSES, kernels=kernels)
     top = top_kernels(kernels, max(1, busy["steps"]))
-    (out / "profile_moe.txt").write_text(kernel_table(top, busy, prompt_len))
+    (out / name).write_text(kernel_table(top, busy, prompt_len))
     return {**busy, "prompt_tokens": prompt_len, "top_kernels": top[:10]}
 
 
@@ -237,6 +239,8 @@ def bench_moe(root: Path, out: Path, prompts, cb_prompts, results: dict, utiliza
     print(f"{MOE} bf16 batch-1: {results['batch1_moe']}", flush=True)
     results["profile_moe"] = profile_decode(core, info, out)
     print(f"{MOE} bf16 steady decode: {results['profile_moe']}", flush=True)
+    results["profile_moe_batch1"] = profile_decode(core, info, out, rows=1, name="profile_moe_batch1.txt")
+    print(f"{MOE} bf16 batch-1 decode: {results['profile_moe_batch1']}", flush=True)
 
 
 def bench_moe_fp8(root: Path, prompts, results: dict, utilization: float) -> None:
