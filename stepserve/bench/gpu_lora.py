@@ -18,6 +18,10 @@ next is built:
   the workload again with every request on the base (what having LoRA on costs); batch-1 decode
   with adapter 0, and on the base.
 
+Both parts also profile batch-1 decode on the base (the CUDA kernels of 2 passes) into
+``DIR/profile_batch1_base.txt`` and ``DIR/profile_batch1_lora_on_base.txt``: side by side they show
+what LoRA costs a row that has no adapter.
+
 In all about 3-4 minutes on an H100, inside one 10-minute call. Ratios against the base engine,
 with targets: adapters / base throughput >= 0.8, batch 1 with an adapter / base >= 0.9. A table
 goes to stdout, the figures, ratios and targets to ``DIR/gpu_lora.json`` (saved after each part).
@@ -42,6 +46,7 @@ from stepserve.bench.gpu import (
     PROMPT_LEN,
     SHAPES,
     batch1_decode,
+    decode_busy_share,
     free_gpu,
     model_stream_bytes,
     stepserve_engine,
@@ -49,6 +54,7 @@ from stepserve.bench.gpu import (
     workload,
     write_model_dir,
 )
+from stepserve.bench.gpu_moe import kernel_table, top_kernels
 from stepserve.checkpoint.lora import WEIGHTS_FILE, base_shapes, read_adapter_config
 from stepserve.core.outputs import LoraRef
 from stepserve.models.config import DecoderConfig
@@ -148,15 +154,26 @@ def batch1(core, prompt: list[int], lora: LoraRef | None = None) -> dict:
     return batch1_decode(core, prompt, weight_bytes, kv_bytes, lora)
 
 
-def bench_base(root: Path, prompts, results: dict) -> None:
+def profile_batch1(core, prompt: list[int], out: Path, name: str) -> dict:
+    """The CUDA kernels of batch-1 decode on the base (``gpu.decode_busy_share`` on one row), the
+    table in ``out / name``: beside the base alone's, it shows what LoRA costs a row without one."""
+    kernels: list = []
+    busy = decode_busy_share(core, [prompt], passes=2, kernels=kernels)
+    top = top_kernels(kernels, max(1, busy["steps"]))
+    (out / name).write_text(kernel_table(top, busy, len(prompt)))
+    return {**busy, "top_kernels": top[:10]}
+
+
+def bench_base(root: Path, out: Path, prompts, results: dict) -> None:
     core, info = engine(root, enable_lora=False)
     results["base"] = throughput(core, info, prompts)
     print(f"8b base: {results['base']}", flush=True)
     results["batch1_base"] = batch1(core, prompts[0])
     print(f"8b base batch-1: {results['batch1_base']}", flush=True)
+    results["profile_batch1_base"] = profile_batch1(core, prompts[0], out, "profile_batch1_base.txt")
 
 
-def bench_lora(root: Path, prompts, results: dict) -> None:
+def bench_lora(root: Path, out: Path, prompts, results: dict) -> None:
     start = time.perf_counter()
     adapters = write_adapters(root / "adapters", decoder_config(SHAPES[SHAPE], MAX_MODEL_LEN), device="cuda")
     results["adapters_written_s"] = round(time.perf_counter() - start, 1)
@@ -169,6 +186,7 @@ def bench_lora(root: Path, prompts, results: dict) -> None:
     print(f"8b batch-1 with an adapter: {results['batch1_adapter']}", flush=True)
     results["batch1_lora_on_base"] = batch1(core, prompts[0])
     print(f"8b batch-1, LoRA on, on the base: {results['batch1_lora_on_base']}", flush=True)
+    results["profile_batch1_lora_on_base"] = profile_batch1(core, prompts[0], out, "profile_batch1_lora_on_base.txt")
     results["adapter_loads"] = core.worker.lora.loads  # 8: each adapter copied into a slot once, no swaps
 
 
@@ -258,7 +276,10 @@ def run_parts(args, out: Path) -> dict:
     prompts = workload()[: args.num_requests]
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        runs = {"base": lambda: bench_base(root, prompts, results), "lora": lambda: bench_lora(root, prompts, results)}
+        runs = {
+            "base": lambda: bench_base(root, out, prompts, results),
+            "lora": lambda: bench_lora(root, out, prompts, results),
+        }
         for part in PARTS:
             start = time.perf_counter()
             try:
