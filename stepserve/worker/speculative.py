@@ -85,7 +85,7 @@ class DraftInputs:
     newest: torch.Tensor  # [B] each row's newest token (sampled by this pass, not computed yet)
     positions: torch.Tensor  # [B] its position
     tables: torch.Tensor  # [B, W] each row's block table
-    max_seq_len: int  # the longest row's length with its newest token
+    max_seq_len: int  # a bound on the rows' lengths with their newest token (their proposals counted)
 
 
 def next_ids(input_ids: torch.Tensor, sample_index: torch.Tensor, sampled: torch.Tensor, known) -> torch.Tensor:
