@@ -1157,6 +1157,11 @@ def main(argv=None) -> None:
     parser.add_argument(
         "--trtllm-scale", type=float, default=1.0, help="multiplies the trtllm workloads' request counts"
     )
+    parser.add_argument(
+        "--trtllm-precisions",
+        default=",".join(TRTLLM_PRECISIONS),
+        help=f"comma-separated precisions of the trtllm part, in order (default: {','.join(TRTLLM_PRECISIONS)})",
+    )
     parser.add_argument("--cold", help=argparse.SUPPRESS)  # internal: the fresh-process child writes here
     parser.add_argument("--compilation-cache-dir", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -1172,6 +1177,9 @@ def main(argv=None) -> None:
             f"unknown parts: {', '.join(sorted(unknown))}; choose from {', '.join(ORDER + EXTRAS + ON_REQUEST)}"
         )
     trtllm_workloads = trtllm_names(parser, args.trtllm_workloads)
+    trtllm_precisions = args.trtllm_precisions.split(",")
+    if set(trtllm_precisions) - set(TRTLLM_PRECISIONS):
+        parser.error(f"unknown trtllm precisions: {args.trtllm_precisions}; choose from {', '.join(TRTLLM_PRECISIONS)}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     results: dict = {
@@ -1237,7 +1245,7 @@ def main(argv=None) -> None:
         for name, skip, run in extras:
             if name in chosen and not skip:
                 attempt(name, run)
-        for precision in TRTLLM_PRECISIONS if "trtllm" in chosen else ():
+        for precision in trtllm_precisions if "trtllm" in chosen else ():
             for name in trtllm_workloads:
                 attempt(
                     f"trtllm_{precision}_{name}",

@@ -43,13 +43,19 @@ def lora_reference(
 
 
 def lora_delta(
-    y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, slots: torch.Tensor
+    y: torch.Tensor,
+    x: torch.Tensor,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    slots: torch.Tensor,
+    cache: dict | None = None,
 ) -> torch.Tensor:
-    """The batched LoRA delta added to ``y``: the Triton kernels on CUDA, the reference elsewhere."""
+    """The batched LoRA delta added to ``y``: the Triton kernels on CUDA (``cache`` shares the
+    tokens' grouping between the calls of one forward), the reference elsewhere."""
     if y.is_cuda:
         from stepserve.kernels.triton.lora import lora_delta as triton_delta
 
-        return triton_delta(y, x, lora_a, lora_b, slots)
+        return triton_delta(y, x, lora_a, lora_b, slots, cache)
     return lora_reference(y, x, lora_a, lora_b, slots)
 
 
@@ -68,10 +74,22 @@ PEFT_MODULES = frozenset(m for slices in TARGETS.values() for m in slices)
 
 class LoraState:
     """The current step's slot per token, shared by every adapted projection of a model (the
-    runner sets it before each forward); None or all -1: no adapter in the batch."""
+    runner sets it before each forward); None or all -1: no adapter in the batch. Setting it
+    empties ``groups``, where the projections of that forward share the tokens' grouping by slot
+    (so a CUDA graph captured after the assignment records the grouping too)."""
 
     def __init__(self) -> None:
-        self.slots: torch.Tensor | None = None
+        self._slots: torch.Tensor | None = None
+        self.groups: dict = {}
+
+    @property
+    def slots(self) -> torch.Tensor | None:
+        return self._slots
+
+    @slots.setter
+    def slots(self, value: torch.Tensor | None) -> None:
+        self._slots = value
+        self.groups = {}
 
 
 class LoraLinear(nn.Module):
@@ -95,7 +113,7 @@ class LoraLinear(nn.Module):
         slots = self.state.slots
         if slots is None:
             return y
-        return lora_delta(y, x.to(self.lora_a.dtype), self.lora_a, self.lora_b, slots)
+        return lora_delta(y, x.to(self.lora_a.dtype), self.lora_a, self.lora_b, slots, self.state.groups)
 
     def load(self, slot: int, slices: list[tuple[torch.Tensor, torch.Tensor] | None]) -> None:
         """Fill ``slot`` with one adapter: per slice, (A [r, in], B scaled [out_slice, r]) or None."""

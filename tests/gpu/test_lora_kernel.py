@@ -129,6 +129,30 @@ def test_lora_delta_fused_rank(tokens, device, poisoned):
         check_against_reference(tokens, 3, "mixed", 192, dtype, device)
 
 
+@pytest.mark.parametrize("tokens", [1, 300])
+def test_lora_delta_shares_grouping(tokens, device, poisoned):
+    """The calls of one forward share the grouping through ``cache``: projections of other widths
+    and ranks (a fused qkv, a down projection) each still equal the reference, the cache holds one
+    grouping per tile height, and new slots (a new tensor) are grouped again."""
+    from stepserve.kernels.triton.lora import lora_delta
+
+    dtype, num_slots = dtypes(device)[0], 4
+    hidden, out = sizes(device)
+    cache: dict = {}
+    for step in range(2):
+        slots = assign(tokens, num_slots, "mixed", device, seed=step)
+        for rank, (k, n) in [(192, (hidden, out)), (16, (out, hidden))]:
+            lora_a, lora_b = make_adapters(num_slots, rank, k, n, dtype, device, seed=rank)
+            y, x = inputs(tokens, k, n, slots, dtype, device, seed=step)
+            got = lora_delta(y.clone(), x, lora_a, lora_b, slots, cache)
+            ref = lora_reference(y.clone(), x, lora_a, lora_b, slots)
+            none = slots < 0
+            assert torch.equal(got[none], y[none])
+            if not none.all():
+                assert rel_err(got[~none] - y[~none].double(), ref[~none] - y[~none].double()) <= BOUND[dtype]
+        assert len(cache) == step + 1
+
+
 def test_lora_delta_no_tokens(device):
     from stepserve.kernels.triton.lora import lora_delta
 

@@ -12,8 +12,14 @@ captured for a batch stays valid for any slot assignment:
   nor stored.
 - shrink: ``x @ A[s].T`` [rows, R], a long reduction over the input features onto a few rank
   columns, split into ``split_k`` ranges for small batches (one tile of tokens would leave
-  most SMs idle); the float32 partials are summed in a fixed order (no atomics).
+  most SMs idle); the float32 partials are summed in a fixed order (no atomics) by the expand,
+  as it loads them.
 - expand: ``shrunk @ B[s].T``, added to each token's row of ``y``.
+
+A model makes four such calls a layer with the same slots, so the grouping can be shared: pass the
+same ``cache`` dict to every call of one forward (a new dict, or a cleared one, for the next), and
+only the first call groups the tokens. At batch 1 that leaves two small kernels a call instead of
+eight, which is most of what LoRA costs there.
 
 Rounding follows the reference: the shrink accumulates in float32 and is rounded to ``x``'s dtype;
 the expand accumulates in float32, is added to ``y`` in float32 and rounded once.
@@ -30,7 +36,6 @@ import triton.language as tl
 from stepserve.kernels.triton.moe import align
 
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)  # float32: tests
-SUM_BLOCK = 1024  # elements per program of the split-sum kernel
 
 
 @dataclass(frozen=True)
@@ -127,17 +132,6 @@ def _shrink_kernel(
 
 
 @triton.jit
-def _sum_splits_kernel(partials_ptr, out_ptr, size, SPLIT_K: tl.constexpr, BLOCK: tl.constexpr):
-    # Flat over every row, the unwritten ones (padding, no adapter) too: the expand never reads them.
-    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    mask = i < size
-    acc = tl.zeros([BLOCK], dtype=tl.float32)
-    for split in tl.static_range(SPLIT_K):
-        acc += tl.load(partials_ptr + split * size + i, mask=mask, other=0.0)
-    tl.store(out_ptr + i, acc.to(out_ptr.dtype.element_ty), mask=mask)
-
-
-@triton.jit
 def _expand_kernel(
     s_ptr,
     b_ptr,
@@ -146,12 +140,14 @@ def _expand_kernel(
     block_slot_ptr,
     num_tokens,
     num_slots,
+    num_rows,
     out_features,
     rank,
     PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_R: tl.constexpr,
+    SPLIT_K: tl.constexpr,
 ):
     # The token tiles of one column tile are adjacent programs: a slot's B tile is read from L2.
     pid_m, pid_n = tl.program_id(0), tl.program_id(1)
@@ -169,7 +165,14 @@ def _expand_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for start in range(0, rank, BLOCK_R):
         r_mask = r < rank - start
-        s = tl.load(s_ptrs + start, mask=valid[:, None] & r_mask[None, :], other=0.0)
+        s_mask = valid[:, None] & r_mask[None, :]
+        if SPLIT_K == 1:
+            s = tl.load(s_ptrs + start, mask=s_mask, other=0.0)
+        else:  # the shrink's float32 partials, summed in split order, rounded as the unsplit shrink
+            part = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
+            for split in tl.static_range(SPLIT_K):
+                part += tl.load(s_ptrs + split * num_rows * rank + start, mask=s_mask, other=0.0)
+            s = part.to(b_ptr.dtype.element_ty)
         w = tl.load(b_ptrs + start, mask=r_mask[:, None] & n_mask[None, :], other=0.0)
         acc = tl.dot(s, w, acc, input_precision=PRECISION)
     y_ptrs = y_ptr + token.to(tl.int64)[:, None] * out_features + n[None, :]
@@ -204,20 +207,25 @@ def _check(y, x, lora_a, lora_b, slots) -> None:
 
 
 def lora_delta(
-    y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, slots: torch.Tensor
+    y: torch.Tensor,
+    x: torch.Tensor,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    slots: torch.Tensor,
+    cache: dict | None = None,
 ) -> torch.Tensor:
     """``y`` [T, N] plus each token's adapter delta, in place (returned): ``x`` [T, K], ``lora_a``
     [S, R, K], ``lora_b`` [S, N, R], all of one dtype (bf16, fp16; float32 for tests), ``slots``
-    [T] int32 in ``-1..S-1`` (-1: no adapter, the row is left untouched). Capturable in a CUDA
-    graph: nothing waits on the device."""
+    [T] int32 in ``-1..S-1`` (-1: no adapter, the row is left untouched). ``cache``: a dict shared
+    by the calls of one forward with these ``slots``, which keeps their grouping (module
+    docstring). Capturable in a CUDA graph: nothing waits on the device."""
     _check(y, x, lora_a, lora_b, slots)
     tokens, hidden = x.shape
     (num_slots, rank), out_features = lora_a.shape[:2], y.shape[1]
     if tokens == 0 or num_slots == 0 or rank == 0:
         return y
     cfg = lora_config(tokens, rank, hidden, out_features, x.dtype)
-    # -1 -> S (Python's modulo): the tokens without an adapter form the last group, skipped by both GEMMs
-    groups = align(slots.remainder(num_slots + 1), num_slots + 1, cfg.block_m)
+    groups = _grouping(slots, num_slots, cfg.block_m, cache)
     shrunk = _shrink(x, lora_a, groups, cfg)
     _expand_kernel[(groups.block_expert.shape[0], triton.cdiv(out_features, cfg.block_n))](
         shrunk,
@@ -227,26 +235,43 @@ def lora_delta(
         groups.block_expert,
         tokens,
         num_slots,
+        groups.sorted_ids.shape[0],
         out_features,
         rank,
         PRECISION=_precision(x),
         BLOCK_M=cfg.block_m,
         BLOCK_N=cfg.block_n,
         BLOCK_R=cfg.block_r,
+        SPLIT_K=cfg.split_k,
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )
     return y
 
 
+def _grouping(slots: torch.Tensor, num_slots: int, block_m: int, cache: dict | None):
+    """The tokens grouped by slot in ``block_m`` tiles; from ``cache`` when an earlier call of the
+    forward made it (the key holds the slots' identity too, so a stale dict cannot mislead)."""
+    key = (id(slots), slots.data_ptr(), slots.shape[0], num_slots, block_m)
+    if cache is not None and key in cache:
+        return cache[key]
+    # -1 -> S (Python's modulo): the tokens without an adapter form the last group, skipped by both GEMMs
+    groups = align(slots.remainder(num_slots + 1), num_slots + 1, block_m)
+    if cache is not None:
+        cache[key] = groups
+    return groups
+
+
 def _shrink(x, lora_a, groups, cfg: LoraConfig) -> torch.Tensor:
-    """``x @ A[s].T`` [rows of the grouping, R] in ``x``'s dtype; rows of padding and of tokens
-    without an adapter are left unwritten."""
+    """``x @ A[s].T`` over the rows of the grouping: [rows, R] in ``x``'s dtype, or with
+    ``split_k`` > 1 the float32 partials [split_k, rows, R] that the expand sums. Rows of padding
+    and of tokens without an adapter are left unwritten."""
     (tokens, hidden), (num_slots, rank) = x.shape, lora_a.shape[:2]
     num_m, num_rows = groups.block_expert.shape[0], groups.sorted_ids.shape[0]
-    shrunk = torch.empty(num_rows, rank, dtype=x.dtype, device=x.device)
-    split = cfg.split_k > 1
-    out = torch.empty(cfg.split_k, num_rows, rank, dtype=torch.float32, device=x.device) if split else shrunk
+    if cfg.split_k > 1:
+        out = torch.empty(cfg.split_k, num_rows, rank, dtype=torch.float32, device=x.device)
+    else:
+        out = torch.empty(num_rows, rank, dtype=x.dtype, device=x.device)
     _shrink_kernel[(triton.cdiv(rank, cfg.block_r), cfg.split_k, num_m)](
         x,
         lora_a,
@@ -266,9 +291,4 @@ def _shrink(x, lora_a, groups, cfg: LoraConfig) -> torch.Tensor:
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )
-    if split:
-        size = num_rows * rank
-        _sum_splits_kernel[(triton.cdiv(size, SUM_BLOCK),)](
-            out, shrunk, size, SPLIT_K=cfg.split_k, BLOCK=SUM_BLOCK, num_warps=4
-        )
-    return shrunk
+    return out
