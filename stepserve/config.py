@@ -345,6 +345,15 @@ class SchedulerConfig:
     max_num_batched_tokens: int = field(
         default=4096, metadata={"help": "tokens per scheduler pass at most (prefill chunks)"}
     )
+    long_prefill_token_threshold: int = field(
+        default=0,
+        metadata={
+            "help": (
+                "prompt tokens one request computes in a pass at most (0: --max-num-batched-tokens bounds it); "
+                "a smaller chunk keeps running streams' inter-token time short while a long prompt prefills"
+            )
+        },
+    )
     num_scheduler_steps: int = field(default=1, metadata={"help": "decode steps per scheduler pass (multi-step)"})
     adaptive_steps: bool = field(
         default=True, metadata={"help": "run single steps while requests wait, so their prefill is not held back"}
@@ -384,6 +393,10 @@ class SchedulerConfig:
         _require(self.max_num_seqs >= 1, f"max_num_seqs={self.max_num_seqs}: use at least 1")
         _require(
             self.max_num_batched_tokens >= 1, f"max_num_batched_tokens={self.max_num_batched_tokens}: use at least 1"
+        )
+        _require(
+            self.long_prefill_token_threshold >= 0,
+            f"long_prefill_token_threshold={self.long_prefill_token_threshold}: use 0 (off) or a positive count",
         )
         _require(1 <= self.num_scheduler_steps <= 64, f"num_scheduler_steps={self.num_scheduler_steps}: use 1 to 64")
 

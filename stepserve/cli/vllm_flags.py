@@ -106,8 +106,9 @@ REFUSED: dict[tuple[str, ...], str] = {
     ("--max-seq-len-to-capture",): _GRAPHS,
     ("--enable-sleep-mode",): "no sleep mode",
     ("--enable-log-requests",): "stepserve never logs prompts or parameters, only one summary line per request",
-    ("--long-prefill-token-threshold",): "prefill chunks are bounded by --max-num-batched-tokens only",
-    ("--max-num-partial-prefills",): "prefill chunks are bounded by --max-num-batched-tokens only",
+    ("--max-num-partial-prefills",): (
+        "prefill chunks are bounded by --max-num-batched-tokens and --long-prefill-token-threshold only"
+    ),
     ("--fully-sharded-loras",): "LoRA adapters are not sharded (--enable-lora needs --tensor-parallel-size 1)",
     ("--lora-dtype",): "adapters run in the model's dtype",
     ("--ssl-ca-certs",): "no client certificates (mutual TLS); --api-key guards the server",

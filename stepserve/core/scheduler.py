@@ -191,7 +191,7 @@ class Scheduler:
             if self._surely_finishing(request):
                 i += 1  # its last tokens are in the running pass: nothing to compute for it
                 continue
-            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+            num_new = self._chunk(request.num_tokens - request.num_computed_tokens, budget)
             proposed = tuple(drafts.get(request.request_id, ())[: budget - num_new])
             steps = min(num_steps, request.remaining_tokens)
             # Slots for the chunk plus the lookahead steps' inputs (or the proposals, and the
@@ -205,6 +205,12 @@ class Scheduler:
             budget -= num_new + len(proposed)
             i += 1
         return budget
+
+    def _chunk(self, remaining: int, budget: int) -> int:
+        """Tokens a request computes in this pass: its remaining ones within the pass's budget and,
+        for a prompt chunk, ``long_prefill_token_threshold`` (vLLM's meaning) where it is set."""
+        limit = self.config.long_prefill_token_threshold
+        return min(remaining, budget, limit) if limit > 0 else min(remaining, budget)
 
     def _surely_finishing(self, request: Request) -> bool:
         """An assumed request whose placeholders reach max_tokens or the context end."""
@@ -249,6 +255,8 @@ class Scheduler:
             )
             num_computed = len(prefix) * self.blocks.block_size
             num_new = min(request.num_tokens - num_computed, budget)
+            if request.pooling != ENCODER:
+                num_new = self._chunk(num_new, budget)
             if request.pooling == ENCODER and num_new < request.num_tokens:
                 break  # an encoder attends both ways: its input is computed whole or not yet
             lookahead = self._lookahead if num_computed + num_new == request.num_tokens else 0

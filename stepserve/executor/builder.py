@@ -130,10 +130,11 @@ def _gpu_kv_budget(config: EngineConfig, model, backend, device, graph_sizes: li
     torch.cuda.empty_cache()
     free, total = torch.cuda.mem_get_info(device)
     others = total - free - torch.cuda.memory_reserved(device)
-    # Logits of every bucket, and the sampling graphs' temporaries at the largest bucket (the sort
-    # of top-k and top-p: values, int64 indices, softmax, cumulative sums, masks; about 40 bytes a logit).
+    # The graphs' one float32 logits buffer (every bucket's logits are rows of it), and the
+    # sampling graphs' temporaries at the largest bucket (the sort of top-k and top-p: values,
+    # int64 indices, softmax, cumulative sums, masks; about 40 bytes a logit).
     vocab = model.cfg.vocab_size
-    graphs = (sum(graph_sizes) * vocab * 4 + max(graph_sizes) * vocab * 40 + 2**29) if graph_sizes else 0
+    graphs = (max(graph_sizes) * vocab * (4 + 40) + 2**29) if graph_sizes else 0
     budget = total * config.cache.gpu_memory_utilization - others - weights - activations - graphs
     log.info(
         "GPU memory: %.1f GiB total, weights %.2f GiB, peak activations %.2f GiB, "

@@ -97,16 +97,18 @@ class DecoderForCausalLM(nn.Module):
             self._keep(i + 1, x + residual)
         return self.norm(x, residual)[0]
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+    def compute_logits(self, hidden: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """float32 logits [rows, vocab]; into ``out`` when given (the CUDA graphs' one buffer)."""
         if self.packed_head is not None:
-            logits = self.packed_head(hidden).float()
+            logits = self.packed_head(hidden)
         else:
             weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-            logits = F.linear(hidden, weight).float()
+            logits = F.linear(hidden, weight)
+        logits = logits.float() if out is None else out.copy_(logits)
         if self.cfg.logits_divisor != 1.0:
-            logits = logits / self.cfg.logits_divisor
+            logits = logits.div_(self.cfg.logits_divisor)
         if self.cfg.final_softcap:
-            logits = torch.tanh(logits / self.cfg.final_softcap) * self.cfg.final_softcap
+            logits = logits.div_(self.cfg.final_softcap).tanh_().mul_(self.cfg.final_softcap)
         return logits
 
     def pack_for_cpu(self, dtype: torch.dtype, int4: bool) -> None:

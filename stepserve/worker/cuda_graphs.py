@@ -76,6 +76,10 @@ class CudaGraphs:
         self.lora_slots = torch.full((n,), -1, dtype=torch.int32, device=dev)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.sampling_graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        # The logits of every bucket are views of one buffer [largest bucket, vocab], made by the
+        # first (largest) warm-up outside the graphs' pool: a tensor each graph kept as its own
+        # output would hold sum(buckets) rows for good (17 GB at 1,024 sequences of a 128k vocabulary).
+        self.logits_buffer: torch.Tensor | None = None
         self.logits: dict[int, torch.Tensor] = {}
         self.batch = self.size = 0  # the loaded pass: real rows, bucket
         self._capture()
@@ -87,6 +91,7 @@ class CudaGraphs:
             _span(self.sizes),
         )
         start = time.monotonic()
+        before = torch.cuda.memory_reserved(self.runner.device)
         pool = None
         for size in reversed(self.sizes):
             meta = self._meta(size)
@@ -109,12 +114,14 @@ class CudaGraphs:
         self.noise_index.zero_()
         torch.cuda.synchronize()
         log.info(
-            "captured %d CUDA graphs for decode batch sizes %s in %.1fs, and %d of sampling in %.1fs",
+            "captured %d CUDA graphs for decode batch sizes %s in %.1fs, and %d of sampling in %.1fs; "
+            "%.2f GiB more reserved",
             len(self.sizes),
             self.sizes,
             decode_s,
             len(self.sampling_graphs),
             time.monotonic() - start - decode_s,
+            (torch.cuda.memory_reserved(self.runner.device) - before) / 2**30,
         )
 
     def _meta(self, size: int) -> AttentionMetadata:
@@ -136,7 +143,10 @@ class CudaGraphs:
         if self.lora_state is not None:
             self.lora_state.slots = self.lora_slots[:size]
         hidden = r.model(self.input_ids[:size], meta.positions, r.kv_caches, meta, r.backend)
-        logits = r.model.compute_logits(hidden)
+        if self.logits_buffer is None:  # the first warm-up, of the largest bucket, outside any graph
+            logits = r.model.compute_logits(hidden)
+            self.logits_buffer = torch.empty(self.sizes[-1], logits.shape[1], dtype=logits.dtype, device=logits.device)
+        logits = r.model.compute_logits(hidden, out=self.logits_buffer[:size])
         # A NaN or inf anywhere in a row makes its sum non-finite: one reduction per step.
         self.nonfinite[:size] |= ~torch.isfinite(logits.sum(dim=-1))
         torch.argmax(logits, dim=-1, out=self.argmax[:size])

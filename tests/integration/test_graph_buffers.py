@@ -87,3 +87,25 @@ def test_graph_paths_equal_the_eager_runner(tiny_llama, steps, case, monkeypatch
     else:
         assert not replays  # plain greedy takes the step's own tokens; processors sample eagerly
     assert llm.core.stats().kv_cache_usage == 0.0
+
+
+@pytest.mark.parametrize("divisor, softcap", [(1.0, 0.0), (4.0, 0.0), (1.0, 3.0), (2.0, 5.0)])
+def test_logits_into_the_graphs_buffer_equal_fresh_logits(tiny_llama, divisor, softcap):
+    """``compute_logits(out=)``, the graphs' one buffer, gives the fresh tensor's values bit for
+    bit, with Granite's divisor and Gemma 2's softcap applied in place."""
+    import dataclasses
+
+    import torch
+
+    from stepserve.models.loader import build_model
+    from stepserve.models.registry import decoder_config
+
+    hf = __import__("json").loads((tiny_llama / "config.json").read_text())
+    model = build_model(decoder_config(hf, 64), None, torch.float32, torch.device("cpu"), 64, None, seed=3)
+    model.cfg = dataclasses.replace(model.cfg, logits_divisor=divisor, final_softcap=softcap)
+    hidden = torch.randn(5, model.cfg.hidden_size, generator=torch.Generator().manual_seed(0))
+    buffer = torch.full((8, model.cfg.vocab_size), float("nan"))
+    want = model.compute_logits(hidden)
+    got = model.compute_logits(hidden, out=buffer[:5])
+    assert got.data_ptr() == buffer.data_ptr() and torch.equal(got, want)
+    assert buffer[5:].isnan().all()

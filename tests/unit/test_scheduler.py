@@ -101,6 +101,32 @@ def test_chunked_prefill_respects_token_budget():
     assert res["short"] == ([6, 7, 8], "length")
 
 
+def test_long_prefill_token_threshold_bounds_each_prompts_chunk():
+    """vLLM's --long-prefill-token-threshold: a prompt computes at most that many tokens a pass,
+    so a decoding request keeps getting a token every pass while a long prompt prefills beside it,
+    and another prompt takes the budget the long one leaves; outputs are unchanged."""
+    core, worker = make_core(max_num_batched_tokens=32, long_prefill_token_threshold=6)
+    add(core, "running", [7], 30)
+    first = [t for out in core.step() for t in out.new_token_ids]  # its prompt, alone
+    add(core, "long", list(range(1, 41)), 3)
+    add(core, "other", list(range(1, 9)), 2)
+    res = drain(core)
+    chunks = [{r.request_id: r.num_new_tokens for r in p.requests} for p in worker.passes[1:] if len(p.requests) > 1]
+    assert chunks[0] == {"running": 1, "long": 6, "other": 6}
+    assert all(c.get("long", 0) <= 6 and c.get("other", 0) <= 6 and c["running"] == 1 for c in chunks)
+    assert sum(c.get("long", 0) for c in chunks) >= 40 - 1  # its last prompt token may sample alone
+    assert res["long"] == ([41 % 50, 42 % 50, 43 % 50], "length")
+    assert res["other"] == ([9, 10], "length")
+    assert first + res["running"][0] == [(7 + i) % 50 for i in range(1, 31)]
+
+
+def test_long_prefill_token_threshold_must_not_be_negative():
+    from stepserve.config import ConfigError
+
+    with pytest.raises(ConfigError, match="long_prefill_token_threshold=-1"):
+        SchedulerConfig(long_prefill_token_threshold=-1)
+
+
 def test_max_num_seqs_limits_batch():
     core, worker = make_core(max_num_seqs=2)
     for i in range(5):
