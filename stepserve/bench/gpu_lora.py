@@ -20,7 +20,9 @@ next is built:
 
 Both parts also profile batch-1 decode on the base (the CUDA kernels of 2 passes) into
 ``DIR/profile_batch1_base.txt`` and ``DIR/profile_batch1_lora_on_base.txt``: side by side they show
-what LoRA costs a row that has no adapter.
+what LoRA costs a row that has no adapter; and one prefill pass of 16 prompts into
+``DIR/profile_prefill_base.txt`` and (request i on adapter i % 8) ``DIR/profile_prefill_adapters.txt``,
+where the adapters' prefill cost shows (prefill passes with adapters took 1.7x the base's).
 
 In all about 3-4 minutes on an H100, inside one 10-minute call. Ratios against the base engine,
 with targets: adapters / base throughput >= 0.8, batch 1 with an adapter / base >= 0.9. A table
@@ -49,6 +51,7 @@ from stepserve.bench.gpu import (
     decode_busy_share,
     free_gpu,
     model_stream_bytes,
+    run_requests,
     stepserve_engine,
     stepserve_throughput,
     workload,
@@ -164,6 +167,37 @@ def profile_batch1(core, prompt: list[int], out: Path, name: str) -> dict:
     return {**busy, "top_kernels": top[:10]}
 
 
+PREFILL_PROFILE_PROMPTS = 16  # one pass of 16 x 512 tokens: most of the workload's prefill passes
+
+
+def profile_prefill(core, out: Path, name: str, loras: list | None = None) -> dict:
+    """The CUDA kernels of one prefill pass of ``PREFILL_PROFILE_PROMPTS`` new prompts (request i
+    on ``loras[i % len(loras)]`` where given), one output token each, after a warm-up on as many
+    others (no prefix-cache hits), the table in ``out / name``: beside the base's, it shows what
+    adapters cost a prefill pass."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    fresh = workload(seed=7)
+    batch, warm = fresh[:PREFILL_PROFILE_PROMPTS], fresh[PREFILL_PROFILE_PROMPTS : 2 * PREFILL_PROFILE_PROMPTS]
+    every = [loras[i % len(loras)] for i in range(len(batch))] if loras else None
+    run_requests(core, warm, 1, "prefill-warm", loras=every)
+    torch.cuda.synchronize()
+    with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
+        wall, _ = run_requests(core, batch, 1, "prefill-profile", loras=every)
+        torch.cuda.synchronize()
+    averages = prof.key_averages()
+    kernel_s = sum(k.self_device_time_total for k in averages) / 1e6
+    busy = {"passes": 1, "steps": 1, "batch": len(batch), "wall_s": round(wall, 4), "kernel_s": round(kernel_s, 4)}
+    busy |= {"busy_share": round(kernel_s / wall, 3), "ms_per_step": round(1e3 * wall, 3)}
+    top = top_kernels(averages, 1)
+    table = kernel_table(top, busy, len(batch[0])).replace(
+        "CUDA kernels of steady decode", "CUDA kernels of a prefill pass"
+    )
+    (out / name).write_text(table)
+    return {**busy, "top_kernels": top[:10]}
+
+
 def bench_base(root: Path, out: Path, prompts, results: dict) -> None:
     core, info = engine(root, enable_lora=False)
     results["base"] = throughput(core, info, prompts)
@@ -171,6 +205,7 @@ def bench_base(root: Path, out: Path, prompts, results: dict) -> None:
     results["batch1_base"] = batch1(core, prompts[0])
     print(f"8b base batch-1: {results['batch1_base']}", flush=True)
     results["profile_batch1_base"] = profile_batch1(core, prompts[0], out, "profile_batch1_base.txt")
+    results["profile_prefill_base"] = profile_prefill(core, out, "profile_prefill_base.txt")
 
 
 def bench_lora(root: Path, out: Path, prompts, results: dict) -> None:
@@ -187,6 +222,7 @@ def bench_lora(root: Path, out: Path, prompts, results: dict) -> None:
     results["batch1_lora_on_base"] = batch1(core, prompts[0])
     print(f"8b batch-1, LoRA on, on the base: {results['batch1_lora_on_base']}", flush=True)
     results["profile_batch1_lora_on_base"] = profile_batch1(core, prompts[0], out, "profile_batch1_lora_on_base.txt")
+    results["profile_prefill_adapters"] = profile_prefill(core, out, "profile_prefill_adapters.txt", adapters)
     results["adapter_loads"] = core.worker.lora.loads  # 8: each adapter copied into a slot once, no swaps
 
 
