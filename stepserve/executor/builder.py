@@ -257,6 +257,8 @@ def build_worker(
         from stepserve.worker.lora_slots import LoraSlots
 
         runner.lora = LoraSlots(model, config.lora.max_loras, config.lora.max_lora_rank, config.lora.max_cpu_loras)
+        if device.type == "cuda":
+            _warm_up_lora(model, config)
     if draft is not None:
         draft_caches = allocate_kv_cache(draft, num_blocks, config.cache.block_size, kv_dtype, device)
         if spec.method == "eagle3":
@@ -367,6 +369,17 @@ def _load_draft(config: EngineConfig, target, dtype: torch.dtype, device: torch.
         spec.num_speculative_tokens,
     )
     return draft
+
+
+def _warm_up_lora(model, config: EngineConfig) -> None:
+    """The LoRA kernels of every batch size class, compiled before serving: the engine's warm-up
+    runs no adapter, and an eager pass's first compile would otherwise stall live traffic."""
+    from stepserve.models.lora import warm_up_lora_kernels
+
+    start = time.monotonic()
+    with torch.inference_mode():
+        calls = warm_up_lora_kernels(model, config.scheduler.max_num_batched_tokens)
+    log.info("LoRA kernels compiled for %d projection shapes x batch sizes in %.1fs", calls, time.monotonic() - start)
 
 
 def _warm_up_cpu(model, config: EngineConfig) -> None:

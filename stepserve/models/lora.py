@@ -149,6 +149,20 @@ def attach_lora(model: nn.Module, max_loras: int, max_rank: int) -> LoraState:
     return state
 
 
+def warm_up_lora_kernels(model: nn.Module, max_tokens: int) -> int:
+    """On CUDA, compile the LoRA kernels for every projection shape and batch size class a pass
+    up to ``max_tokens`` tokens can bring (``kernels.triton.lora.warm_up``); the calls made."""
+    shapes = {}
+    for found in adapted_layers(model):
+        for linear in found.values():
+            shapes.setdefault((linear.lora_a.shape, linear.lora_b.shape), linear)
+    if not shapes or not next(iter(shapes.values())).lora_a.is_cuda:
+        return 0
+    from stepserve.kernels.triton.lora import warm_up
+
+    return sum(warm_up(linear.lora_a, linear.lora_b, max_tokens) for linear in shapes.values())
+
+
 def adapted_layers(model: nn.Module) -> list[dict[str, LoraLinear]]:
     """Per layer: projection name -> its ``LoraLinear``."""
     out = []

@@ -207,3 +207,27 @@ def test_lora_delta_issues_no_host_sync(tokens):
         none = new_slots < 0
         assert torch.equal(y[none], new_y[none])
         assert rel_err(y[~none] - new_y[~none].double(), ref[~none] - new_y[~none].double()) <= 1e-2
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="compiles happen on CUDA")
+def test_warm_up_leaves_no_variant_to_compile():
+    """After ``warm_up`` for a projection's shapes, a call of any token count up to the bound
+    compiles nothing: an eager prefill pass of an odd size must not stall on a compile."""
+    import triton
+
+    from stepserve.kernels.triton.lora import lora_delta, warm_up
+
+    device, dtype, num_slots = "cuda", torch.bfloat16, 8
+    hidden, out = sizes(device)
+    lora_a, lora_b = make_adapters(num_slots, 48, hidden, out, dtype, device)
+    assert warm_up(lora_a, lora_b, 8192) > 0
+    compiled = []
+    triton.knobs.runtime.jit_post_compile_hook = lambda **kw: compiled.append(kw["repr"])
+    try:
+        for tokens in (2, 3, 31, 63, 99, 257, 777, 2146, 4095, 6001, 8192):
+            slots = assign(tokens, num_slots, "mixed", device, seed=tokens)
+            y, x = inputs(tokens, hidden, out, slots, dtype, device)
+            lora_delta(y, x, lora_a, lora_b, slots)
+    finally:
+        triton.knobs.runtime.jit_post_compile_hook = None
+    assert compiled == []

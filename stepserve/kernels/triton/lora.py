@@ -16,6 +16,12 @@ captured for a batch stays valid for any slot assignment:
   as it loads them.
 - expand: ``shrunk @ B[s].T``, added to each token's row of ``y``.
 
+Compiled variants: Triton compiles one per combination of constexprs and of integer arguments
+that are 1 or a multiple of 16. The tiles depend on the batch's size class (``lora_config``),
+and the token count, which changes pass by pass, is not specialized on; ``warm_up`` compiles every
+class at start-up, so no request waits for a compile (an eager prefill pass of an odd size did:
+seconds in the middle of traffic).
+
 A model makes four such calls a layer with the same slots, so the grouping can be shared: pass the
 same ``cache`` dict to every call of one forward (a new dict, or a cleared one, for the next), and
 only the first call groups the tokens. At batch 1 that leaves two small kernels a call instead of
@@ -86,7 +92,7 @@ def lora_config(tokens: int, rank: int, hidden: int, out_features: int, dtype: t
     )
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_tokens"])
 def _shrink_kernel(
     x_ptr,
     a_ptr,
@@ -131,7 +137,7 @@ def _shrink_kernel(
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=valid[:, None] & r_mask[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_tokens"])
 def _expand_kernel(
     s_ptr,
     b_ptr,
@@ -292,3 +298,22 @@ def _shrink(x, lora_a, groups, cfg: LoraConfig) -> torch.Tensor:
         num_stages=cfg.num_stages,
     )
     return out
+
+
+# One token count of each of ``lora_config``'s size classes, with and without a multiple of 16
+# (for ``align``'s counts, which are specialized on).
+WARM_UP_TOKENS = (1, 7, 16, 17, 48, 65, 100, 512, 513, 1000, 4096, 4097, 5000)
+
+
+def warm_up(lora_a: torch.Tensor, lora_b: torch.Tensor, max_tokens: int) -> int:
+    """Compile the kernels of one projection's shapes for every batch size class up to
+    ``max_tokens``, on scratch outputs (slot 0 for every token, so each kernel runs); the number
+    of calls made."""
+    hidden, out_features = lora_a.shape[2], lora_b.shape[1]
+    calls = 0
+    for tokens in sorted({min(t, max_tokens) for t in WARM_UP_TOKENS}):
+        x = torch.zeros(tokens, hidden, dtype=lora_a.dtype, device=lora_a.device)
+        y = torch.zeros(tokens, out_features, dtype=lora_a.dtype, device=lora_a.device)
+        lora_delta(y, x, lora_a, lora_b, torch.zeros(tokens, dtype=torch.int32, device=lora_a.device))
+        calls += 1
+    return calls
