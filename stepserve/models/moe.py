@@ -8,6 +8,8 @@ ids)``: ``experts_reference`` (PyTorch: tokens sorted by expert, one matmul pair
 use) on the CPU, and as the GPU tests' twin; the fused Triton kernel
 (``kernels.triton.moe.fused_moe``) on CUDA. With ``--quantization fp8`` the stacked weights are
 e4m3 with one scale per expert and output channel (``w13_scale`` [E, 2I], ``w2_scale`` [E, H]).
+The router is split the same way: ``route_reference`` on the CPU and as the twin,
+``kernels.triton.moe.fused_route`` on CUDA.
 """
 
 from __future__ import annotations
@@ -25,8 +27,19 @@ if TYPE_CHECKING:
 
 
 def route(router_logits: torch.Tensor, top_k: int, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weights [T, k] float32, expert ids [T, k] int32) of ``router_logits`` [T, E]: the fused
+    Triton kernel on CUDA (one launch instead of about five), ``route_reference`` elsewhere."""
+    if router_logits.is_cuda:
+        from stepserve.kernels.triton.moe import fused_route
+
+        return fused_route(router_logits, top_k, renormalize)
+    return route_reference(router_logits, top_k, renormalize)
+
+
+def route_reference(router_logits: torch.Tensor, top_k: int, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """(weights [T, k] float32, expert ids [T, k] int32): softmax over the experts in float32,
-    the ``top_k`` largest, renormalised to sum to 1 when the config says so (as transformers)."""
+    the ``top_k`` largest in descending order, renormalised to sum to 1 when the config says so
+    (as transformers)."""
     probs = torch.softmax(router_logits, dim=-1, dtype=torch.float32)
     weights, ids = torch.topk(probs, top_k, dim=-1)
     if renormalize:

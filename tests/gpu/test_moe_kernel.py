@@ -1,16 +1,20 @@
 """The fused MoE kernel (``kernels/triton/moe.py``) against its PyTorch twin ``experts_reference``
-run in float32 on the same weights, on CUDA and (smaller, without bf16) under Triton's interpreter.
+run in float32 on the same weights, on CUDA and (smaller, without bf16) under Triton's interpreter;
+the fused router against ``route_reference``; both paths of ``align`` against the layout the
+GEMMs read.
 
 Bounds (relative L2 error): bf16 <= 1e-2 (the kernel rounds gate, up, the activation and each
 expert's output to bf16, as the reference does in bf16: a few 2^-9 roundings in a row); float32
-<= 1e-5 (only the order of the sums differs). Every buffer the kernel allocates starts as NaN, so
-a row it fails to write, or a padding row that leaks into a sum, shows up as a non-finite output.
+<= 1e-5 (only the order of the sums differs). Every buffer the kernels allocate starts as NaN
+(integers: -7, no copy, count or expert), so a row they fail to write, or a padding row that leaks
+into a sum, shows up as a non-finite output or a wrong layout. The router's expert ids must be
+equal, its weights equal within float32 rounding (relative 1e-6: the sums' order differs).
 """
 
 import pytest
 import torch
 
-from stepserve.models.moe import experts_reference, route
+from stepserve.models.moe import experts_reference, route, route_reference
 
 FP8_MAX = 448.0
 BOUND = {torch.bfloat16: 1e-2, torch.float16: 1e-2, torch.float32: 1e-5}
@@ -37,18 +41,20 @@ def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
 
 @pytest.fixture
 def poisoned(monkeypatch):
-    """Every floating tensor from ``torch.empty`` / ``torch.empty_like`` starts as NaN."""
+    """Every tensor from ``torch.empty`` / ``torch.empty_like`` starts as NaN, or -7 if int32/int64."""
     empty, empty_like = torch.empty, torch.empty_like
 
-    def nan(make):
-        def make_nan(*args, **kwargs):
+    def garbage(make):
+        def make_garbage(*args, **kwargs):
             t = make(*args, **kwargs)
-            return t.fill_(float("nan")) if t.is_floating_point() else t
+            if t.is_floating_point():
+                return t.fill_(float("nan"))
+            return t.fill_(-7) if t.dtype in (torch.int32, torch.int64) else t
 
-        return make_nan
+        return make_garbage
 
-    monkeypatch.setattr(torch, "empty", nan(empty))
-    monkeypatch.setattr(torch, "empty_like", nan(empty_like))
+    monkeypatch.setattr(torch, "empty", garbage(empty))
+    monkeypatch.setattr(torch, "empty_like", garbage(empty_like))
 
 
 def make_experts(experts: int, hidden: int, inner: int, dtype: torch.dtype, device: str, seed: int = 0):
@@ -86,22 +92,28 @@ def check_against_reference(tokens, top_k, experts, kind, dtype, device):
     assert err <= BOUND[dtype]
 
 
-@pytest.mark.parametrize("tokens", [1, 7, 64, 1000, 8192])
+@pytest.mark.parametrize("tokens", [1, 7, 32, 64, 1000, 8192])
 @pytest.mark.parametrize("top_k", [2, 8])
 @pytest.mark.parametrize("experts", [8, 128])
 def test_fused_moe_matches_reference(tokens, top_k, experts, device, poisoned):
-    """Routed by the model's router, for decode (16-row tiles) and prefill (up to 128-row tiles)."""
+    """Routed by the model's router, for decode (16-row tiles; up to 32 tokens at top-8, grouped
+    by one program) and prefill (up to 128-row tiles)."""
     if not on_cuda(device) and tokens > 64:
         pytest.skip("the interpreter takes the small batches only")
     for dtype in dtypes(device):
         check_against_reference(tokens, top_k, experts, "router", dtype, device)
 
 
+@pytest.mark.parametrize("batch", ["decode", "prefill"])
 @pytest.mark.parametrize("kind", ["skewed", "one"])
 @pytest.mark.parametrize("experts", [8, 128])
-def test_fused_moe_uneven_routing(kind, experts, device, poisoned):
-    """Most copies to a few experts, and every copy to one: long groups beside empty ones."""
-    tokens = 1000 if on_cuda(device) else 72  # 72 copies an expert on average: 128-row tiles
+def test_fused_moe_uneven_routing(batch, kind, experts, device, poisoned):
+    """Most copies to a few experts, and every copy to one: long groups beside empty ones, grouped
+    by one program (decode) and by several (prefill)."""
+    if batch == "decode":
+        tokens = 16
+    else:
+        tokens = 1000 if on_cuda(device) else 72  # 72 copies an expert on average: 128-row tiles
     for dtype in dtypes(device):
         check_against_reference(tokens, 8, experts, kind, dtype, device)
 
@@ -144,27 +156,123 @@ def test_fused_moe_fp8_weights(tokens, device, poisoned):
         assert err <= BOUND[dtype]
 
 
+def check_alignment(ids: torch.Tensor, experts: int, block_m: int, groups, in_copy_order: bool) -> None:
+    """The layout the GEMMs (and the LoRA kernels) read: buffers sized by the bound; the groups in
+    expert order, each in the fewest whole blocks, marked with its expert, holding exactly the
+    copies routed to it (in copy order, if asked) and then padding rows of ``T*K``; -1 for every
+    block past them. Rows of those blocks are never read, so they are not checked."""
+    flat = ids.cpu().reshape(-1).long()
+    num_copies = flat.numel()
+    sorted_ids, block_expert = groups.sorted_ids.cpu().long(), groups.block_expert.cpu().long()
+    num_blocks = -(-(num_copies + min(experts, num_copies) * (block_m - 1)) // block_m)
+    assert block_expert.shape == (num_blocks,) and sorted_ids.shape == (num_blocks * block_m,)
+    counts = torch.bincount(flat, minlength=experts)
+    blocks = (counts + block_m - 1) // block_m
+    used = int(blocks.sum())
+    assert torch.equal(block_expert[:used], torch.arange(experts).repeat_interleave(blocks))
+    assert (block_expert[used:] == -1).all()
+    first = 0
+    for expert in torch.nonzero(counts).flatten().tolist():
+        count, rows = int(counts[expert]), int(blocks[expert]) * block_m
+        group = sorted_ids[first : first + rows]
+        routed = torch.nonzero(flat == expert).flatten()
+        assert torch.equal(group[:count] if in_copy_order else group[:count].sort().values, routed)
+        assert (group[count:] == num_copies).all()
+        first += rows
+
+
 @pytest.mark.parametrize("kind", ["router", "skewed", "one"])
-def test_align_groups_copies_by_expert(kind, device):
-    """Every copy once, in a block of its expert; each group padded to the fewest whole blocks;
-    blocks past them marked -1; padding rows point past the last copy."""
-    from stepserve.kernels.triton.moe import align
+def test_align_groups_copies_by_expert(kind, device, poisoned):
+    """Many copies (several programs): every copy once, in a block of its expert; each group
+    padded to the fewest whole blocks; blocks past them marked -1; padding rows point past the
+    last copy."""
+    from stepserve.kernels.triton.moe import ALIGN_ONE_PROGRAM, align
 
     tokens, top_k, experts, block_m = 300, 8, 16, 16
+    assert tokens * top_k > ALIGN_ONE_PROGRAM
     _, ids = routing(tokens, top_k, experts, kind, device)
-    groups = align(ids, experts, block_m)
-    sorted_ids, block_expert = groups.sorted_ids.cpu().long(), groups.block_expert.cpu().long()
-    flat = ids.cpu().reshape(-1).long()
-    counts = torch.bincount(flat, minlength=experts)
-    used = int(((counts + block_m - 1) // block_m).sum())
-    assert (block_expert[:used] >= 0).all() and (block_expert[used:] == -1).all()
-    rows = sorted_ids[: used * block_m]
-    real = rows < flat.numel()
-    assert (rows[~real] == flat.numel()).all() and int((~real).sum()) == used * block_m - flat.numel()
-    assert torch.equal(rows[real].sort().values, torch.arange(flat.numel()))
-    row_expert = block_expert[:used].repeat_interleave(block_m)
-    assert torch.equal(flat[rows[real]], row_expert[real])
-    assert torch.equal(block_expert[:used], block_expert[:used].sort().values)  # groups in expert order
+    check_alignment(ids, experts, block_m, align(ids, experts, block_m), in_copy_order=False)
+
+
+@pytest.mark.parametrize("kind", ["router", "skewed", "one"])
+@pytest.mark.parametrize("copies", [1, 8, 16, 17, 56, 64, 65, 255, 256, 257])
+@pytest.mark.parametrize("experts,block_m", [(8, 16), (60, 16), (128, 16), (9, 64)])
+def test_align_small_batches_in_one_program(kind, copies, experts, block_m, device, poisoned, monkeypatch):
+    """Up to ``ALIGN_ONE_PROGRAM`` copies, one program writes the layout the many-program path
+    writes, each group in copy order; past it, the many-program path serves. Copies of decode
+    (top-8) where they divide by 8, of LoRA (top-1, an adapter slot a token) elsewhere; 16, 64
+    and 256 end the one-program path's tiles, 256 the path."""
+    from stepserve.kernels.triton import moe
+
+    assert moe.ALIGN_ONE_PROGRAM == 256, "move the edge cases (255, 256, 257) with the limit"
+    top_k = 8 if copies % 8 == 0 else 1
+    _, ids = routing(copies // top_k, top_k, experts, kind, device, seed=copies)
+    small = moe.align(ids, experts, block_m)
+    check_alignment(ids, experts, block_m, small, in_copy_order=copies <= moe.ALIGN_ONE_PROGRAM)
+    monkeypatch.setattr(moe, "ALIGN_ONE_PROGRAM", 0)  # every size to the many-program path
+    many = moe.align(ids, experts, block_m)
+    check_alignment(ids, experts, block_m, many, in_copy_order=False)
+    assert torch.equal(small.block_expert, many.block_expert)
+
+
+def route_logits(tokens: int, experts: int, dtype: torch.dtype, device: str, seed: int) -> torch.Tensor:
+    """Router logits [T, E] without ties: float32 normals spread as a trained router's (x3); in 16
+    bits, each row a shuffle of distinct multiples of 1/8 (exact in bf16 and fp16)."""
+    gen = torch.Generator().manual_seed(seed)
+    if dtype == torch.float32:
+        logits = 3 * torch.randn(tokens, experts, generator=gen)
+    else:
+        logits = (torch.rand(tokens, experts, generator=gen).argsort(dim=1) - experts // 2) / 8
+    return logits.to(dtype).to(device)
+
+
+@pytest.mark.parametrize("renormalize", [True, False])
+@pytest.mark.parametrize("top_k", [1, 2, 8])
+@pytest.mark.parametrize("experts", [8, 60, 128])
+@pytest.mark.parametrize("tokens", [1, 7, 64, 300])
+def test_fused_route_matches_reference(tokens, experts, top_k, renormalize, device, poisoned):
+    """The experts torch.topk picks, in its order (descending weight), and their weights within
+    float32 rounding, on float32 logits and on the model's 16-bit ones."""
+    from stepserve.kernels.triton.moe import fused_route
+
+    for dtype in [torch.float32, dtypes(device)[-1]]:
+        logits = route_logits(tokens, experts, dtype, device, seed=tokens * experts + top_k)
+        weights, ids = fused_route(logits, top_k, renormalize)
+        ref_weights, ref_ids = route_reference(logits, top_k, renormalize)
+        assert ids.dtype == torch.int32 and weights.dtype == torch.float32
+        assert torch.equal(ids, ref_ids)
+        torch.testing.assert_close(weights, ref_weights, rtol=1e-6, atol=0)
+
+
+def test_fused_route_ties_take_the_lowest_expert(device):
+    """Equal logits (common in bf16) rank by expert index, where torch.topk leaves their order open."""
+    from stepserve.kernels.triton.moe import fused_route
+
+    logits = torch.tensor([[0.0, 2.0, 1.0, 2.0, 2.0, 1.0], [0.5] * 6])
+    weights, ids = fused_route(logits.to(device), 4, renormalize=False)
+    assert ids.tolist() == [[1, 3, 4, 2], [0, 1, 2, 3]]
+    probs = torch.softmax(logits, dim=-1).gather(1, ids.cpu().long())
+    torch.testing.assert_close(weights.cpu(), probs, rtol=1e-6, atol=0)
+
+
+def test_fused_route_names_real_experts_for_non_finite_logits(device):
+    """A faulty pass's NaN or infinite router logits still give ids of real experts (the finite
+    check fails the request later); an id past the last would send the grouping out of bounds."""
+    from stepserve.kernels.triton.moe import fused_route
+
+    nan = float("nan")
+    logits = torch.tensor(
+        [[nan] * 6, [0.0, nan, 1.0, nan, 2.0, 0.5], [float("inf"), 0.0, -float("inf"), 1.0, 1.0, 1.0]]
+    )
+    _, ids = fused_route(logits.to(device), 3, renormalize=True)
+    assert ((ids >= 0) & (ids < 6)).all()
+
+
+def test_fused_route_no_tokens(device):
+    from stepserve.kernels.triton.moe import fused_route
+
+    weights, ids = fused_route(torch.empty(0, 8, device=device), 2, renormalize=True)
+    assert weights.shape == ids.shape == (0, 2)
 
 
 def test_config_by_tokens_per_expert(device):
@@ -204,3 +312,25 @@ def test_fused_moe_issues_no_host_sync(tokens):
     graph.replay()
     assert torch.equal(out, fused_moe(x, w13, w2, weights, ids))
     assert rel_err(out, experts_reference(x.float(), w13.float(), w2.float(), weights, ids)) <= 1e-2
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need CUDA")
+def test_fused_route_issues_no_host_sync():
+    """``route`` on CUDA is the fused kernel: no sync in eager mode, and a CUDA graph captured on
+    one batch of logits replays another as an eager call computes it."""
+    from stepserve.kernels.triton.moe import fused_route
+
+    logits = route_logits(24, 128, torch.bfloat16, "cuda", seed=0)
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        route(logits, 8, True)  # also compiles the kernel before the capture
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        weights, ids = route(logits, 8, True)
+    logits.copy_(route_logits(24, 128, torch.bfloat16, "cuda", seed=1))
+    graph.replay()
+    ref_weights, ref_ids = fused_route(logits, 8, True)
+    assert torch.equal(ids, ref_ids) and torch.equal(weights, ref_weights)
+    assert torch.equal(ids, route_reference(logits, 8, True)[1])

@@ -8,12 +8,16 @@ depends on the routing), so a CUDA graph captured for a decode batch stays valid
 - ``align``: the ``T * K`` token copies grouped by expert, each group padded to a multiple of
   ``block_m`` (``Alignment``). Buffers and grids are sized by the bound
   ``T*K + min(E, T*K) * (block_m - 1)``; M-blocks past the padded total are marked -1 and their
-  programs return at once.
+  programs return at once. A decode batch (at most ``ALIGN_ONE_PROGRAM`` copies) is grouped by
+  one program; a larger one by three launches and a memset.
 - GEMM 1: each M-block's rows (token copies of one expert) times that expert's ``w13``, the gate
   and up tiles of the same columns in two accumulators, ``silu(gate) * up`` in the epilogue.
 - GEMM 2: the result times the expert's ``w2``, each row stored at its copy's place ``t*K + k``.
 - a reduction: ``out[t] = sum_k weights[t, k] * copy[t, k]`` in float32, in a fixed order (no
   atomics), so the output does not depend on the order of the copies within a group.
+
+The router before it, ``fused_route`` (the softmax over the experts and the top ``K``), is one
+kernel too; its twin is ``models/moe.py``'s ``route_reference``.
 
 Rounding follows the reference: gate, up, ``silu(gate)``, the product and each expert's output
 are rounded to the activations' dtype; the weighted sum is float32, rounded once. FP8 weights
@@ -23,15 +27,25 @@ as they are loaded, and the accumulator is multiplied by the channel's scale.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
 
 FP8 = torch.float8_e4m3fn
 ACTIVATION_DTYPES = (torch.bfloat16, torch.float16, torch.float32)  # float32: tests
 ALIGN_BLOCK = 1024  # token copies per program of the counting and scattering kernels
+# Up to this many copies (decode: 32 tokens at top-8, 128 at top-2; LoRA: 256 tokens), ``align``
+# is one program instead of a memset and three launches, whose fixed cost is most of the
+# grouping's time at these sizes. Its work grows as copies x experts (256 x 128: eight tiles of
+# ALIGN_TILE) while the launches it saves cost the same at any size, so it stops at decode batches.
+ALIGN_ONE_PROGRAM = 256  # the largest of _copies_tile's tiles
+ALIGN_TILE = 4096  # copies x experts compared at once by the one-program path: 32 a thread at 4 warps
+ROUTE_TILE = 2048  # router logits a program of ``fused_route``: 16 tokens of 128 experts
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"  # Triton's interpreter: no libdevice (see _exp)
 
 
 @dataclass(frozen=True)
@@ -76,6 +90,94 @@ def moe_config(tokens: int, top_k: int, experts: int, hidden: int, inner: int, d
     )
 
 
+@triton.jit
+def _exp(x, LIBDEVICE: tl.constexpr):
+    """``e^x`` as torch's softmax computes it on the GPU: libdevice's expf. ``tl.exp`` is
+    ex2.approx of ``x*log2(e)``, whose error grows with ``|x|``: 2e-6 relative on logits spread
+    over +-30, past the float32 rounding that ``fused_route`` matches the reference within."""
+    if LIBDEVICE:
+        return libdevice.exp(x)
+    return tl.exp(x)
+
+
+@triton.jit(do_not_specialize=["num_tokens"])
+def _route_kernel(
+    logits_ptr,
+    weights_ptr,
+    ids_ptr,
+    num_tokens,
+    num_experts,
+    stride,
+    TOP_K: tl.constexpr,
+    RENORMALIZE: tl.constexpr,
+    LIBDEVICE: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    EXPERTS: tl.constexpr,
+    K_PAD: tl.constexpr,
+):
+    """``BLOCK_T`` tokens' softmax and top ``TOP_K``. The experts are picked by their logits, as
+    the softmax keeps the order: the choice does not depend on how ``exp`` rounds, and equals
+    torch.topk's on the probabilities wherever those have no ties."""
+    t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    e = tl.arange(0, EXPERTS)
+    t_mask, e_mask = t < num_tokens, e < num_experts
+    logits = tl.load(logits_ptr + t.to(tl.int64)[:, None] * stride + e[None, :], mask=t_mask[:, None], other=0.0)
+    logits = tl.where(e_mask[None, :], logits.to(tl.float32), float("-inf"))
+    top = tl.max(logits, 1)
+    total = tl.sum(_exp(logits - top[:, None], LIBDEVICE), 1)
+    k = tl.arange(0, K_PAD)
+    weights = tl.zeros([BLOCK_T, K_PAD], dtype=tl.float32)
+    ids = tl.zeros([BLOCK_T, K_PAD], dtype=tl.int32)
+    for j in tl.static_range(TOP_K):
+        best, idx = tl.max(logits, 1, return_indices=True, return_indices_tie_break_left=True)
+        # A row of NaN logits (a faulty pass, failed later by the finite check) must still name a
+        # real expert: an id past the last would send the grouping's writes out of bounds.
+        idx = tl.minimum(idx, num_experts - 1)
+        prob = _exp(best - top, LIBDEVICE) / total  # the softmax's value at idx, computed as for all
+        weights = tl.where(k[None, :] == j, prob[:, None], weights)
+        ids = tl.where(k[None, :] == j, idx[:, None], ids)
+        logits = tl.where(e[None, :] == idx[:, None], float("-inf"), logits)  # taken (logits are finite)
+    if RENORMALIZE:
+        weights = weights / tl.sum(weights, 1)[:, None]
+    out = t.to(tl.int64)[:, None] * TOP_K + k[None, :]
+    out_mask = t_mask[:, None] & (k < TOP_K)[None, :]
+    tl.store(weights_ptr + out, weights, mask=out_mask)
+    tl.store(ids_ptr + out, ids, mask=out_mask)
+
+
+def fused_route(router_logits: torch.Tensor, top_k: int, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """``route_reference`` in one launch: (weights [T, k] float32, expert ids [T, k] int32) of
+    ``router_logits`` [T, E], in descending weight; of equal logits, the lowest expert first.
+    Capturable in a CUDA graph: nothing waits on the device."""
+    assert router_logits.dim() == 2 and 0 < top_k <= router_logits.shape[1], (
+        f"router_logits must be [T, E >= top_k={top_k}], not {list(router_logits.shape)}"
+    )
+    logits = router_logits if router_logits.stride(1) == 1 else router_logits.contiguous()
+    (tokens, experts), device = logits.shape, logits.device
+    weights = torch.empty(tokens, top_k, dtype=torch.float32, device=device)
+    ids = torch.empty(tokens, top_k, dtype=torch.int32, device=device)
+    if tokens == 0:
+        return weights, ids
+    experts_pad = triton.next_power_of_2(experts)
+    block_t = max(1, ROUTE_TILE // experts_pad)
+    _route_kernel[(triton.cdiv(tokens, block_t),)](
+        logits,
+        weights,
+        ids,
+        tokens,
+        experts,
+        logits.stride(0),
+        TOP_K=top_k,
+        RENORMALIZE=renormalize,
+        LIBDEVICE=not INTERPRETED,
+        BLOCK_T=block_t,
+        EXPERTS=experts_pad,
+        K_PAD=triton.next_power_of_2(top_k),
+        num_warps=4,
+    )
+    return weights, ids
+
+
 @dataclass(frozen=True)
 class Alignment:
     """The token copies grouped by expert, on the device, sized by the bound (not the routing)."""
@@ -84,7 +186,7 @@ class Alignment:
     block_expert: torch.Tensor  # [num_blocks] int32: the expert of each M-block; -1 past the padded total
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_copies"])  # counts vary pass by pass: one variant
 def _count_kernel(ids_ptr, counts_ptr, num_copies, BLOCK: tl.constexpr):
     i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = i < num_copies
@@ -92,7 +194,7 @@ def _count_kernel(ids_ptr, counts_ptr, num_copies, BLOCK: tl.constexpr):
     tl.atomic_add(counts_ptr + expert, 1, mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_copies", "num_blocks"])
 def _offsets_kernel(
     counts_ptr,
     cursor_ptr,
@@ -123,7 +225,7 @@ def _offsets_kernel(
         tl.store(block_expert_ptr + b, tl.where(row < total, expert, -1), mask=b < num_blocks)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_copies"])
 def _scatter_kernel(ids_ptr, cursor_ptr, sorted_ptr, num_copies, BLOCK: tl.constexpr):
     i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = i < num_copies
@@ -134,15 +236,101 @@ def _scatter_kernel(ids_ptr, cursor_ptr, sorted_ptr, num_copies, BLOCK: tl.const
     tl.store(sorted_ptr + slot, i, mask=mask)
 
 
+@triton.jit(do_not_specialize=["num_copies", "num_blocks"])  # one variant per tile class, not per count
+def _align_one_program_kernel(
+    ids_ptr,
+    sorted_ptr,
+    block_expert_ptr,
+    num_experts,
+    num_copies,
+    num_blocks,
+    BLOCK_M: tl.constexpr,
+    COPIES: tl.constexpr,
+    EXPERTS: tl.constexpr,
+    GROUP_BLOCKS: tl.constexpr,
+    BLOCKS: tl.constexpr,
+):
+    """The whole alignment in one program, without atomics: the experts in chunks of ``EXPERTS``,
+    each an [COPIES, EXPERTS] one-hot of the copies' experts whose column sums are the counts and
+    whose exclusive column prefix sums are each copy's rank in its group (so a group keeps the
+    copies' order). ``base`` carries the padded total of the chunks before."""
+    i = tl.arange(0, COPIES)
+    expert = tl.load(ids_ptr + i, mask=i < num_copies, other=-1)  # -1: a padding lane, in no group
+    place = tl.zeros([COPIES], dtype=tl.int32)  # each copy's row
+    j = tl.arange(0, BLOCK_M)
+    g = tl.arange(0, GROUP_BLOCKS)  # a group's M-blocks: at most all the copies, padded
+    base = 0
+    for first in range(0, num_experts, EXPERTS):
+        e = first + tl.arange(0, EXPERTS)
+        hit = (expert[:, None] == e[None, :]).to(tl.int32)
+        count = tl.sum(hit, 0)
+        padded = (count + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+        end = base + tl.cumsum(padded, 0)
+        start = end - padded
+        rank = tl.cumsum(hit, 0) - hit  # the copies before this one with the same expert
+        place += tl.sum(hit * (start[None, :] + rank), 1)  # one hit a row, in one chunk only
+        in_group = e < num_experts
+        pad_row = start[:, None] + count[:, None] + j[None, :]  # the padding after each group's copies
+        tl.store(sorted_ptr + pad_row, num_copies, mask=in_group[:, None] & (pad_row < end[:, None]))
+        block = start[:, None] // BLOCK_M + g[None, :]
+        tl.store(block_expert_ptr + block, e[:, None], mask=in_group[:, None] & (block * BLOCK_M < end[:, None]))
+        base += tl.sum(padded, 0)
+    tl.store(sorted_ptr + place, i, mask=i < num_copies)
+    b = tl.arange(0, BLOCKS)
+    tl.store(block_expert_ptr + b, -1, mask=(b * BLOCK_M >= base) & (b < num_blocks))  # past the padded total
+
+
 def align(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> Alignment:
-    """Group the copies of ``topk_ids`` [T, K] by expert: three launches and a memset, no host sync."""
+    """Group the copies of ``topk_ids`` [T, K] by expert, no host sync: one launch for at most
+    ``ALIGN_ONE_PROGRAM`` copies (each group in the copies' order), else three launches and a
+    memset (the order within a group unspecified). The path depends on the shape alone."""
     num_copies = topk_ids.numel()
     num_blocks = triton.cdiv(num_copies + min(num_experts, num_copies) * (block_m - 1), block_m)
     device = topk_ids.device
-    counts = torch.zeros(num_experts, dtype=torch.int32, device=device)
-    cursor = torch.empty(num_experts, dtype=torch.int32, device=device)
     sorted_ids = torch.empty(num_blocks * block_m, dtype=torch.int32, device=device)
     block_expert = torch.empty(num_blocks, dtype=torch.int32, device=device)
+    if num_copies <= ALIGN_ONE_PROGRAM:
+        _align_one_program(topk_ids, num_experts, block_m, sorted_ids, block_expert)
+    else:
+        _align_many_programs(topk_ids, num_experts, block_m, sorted_ids, block_expert)
+    return Alignment(sorted_ids, block_expert)
+
+
+def _align_one_program(topk_ids, num_experts, block_m, sorted_ids, block_expert) -> None:
+    copies = _copies_tile(topk_ids.numel())
+    blocks = triton.cdiv(copies + min(num_experts, copies) * (block_m - 1), block_m)  # align's bound at ``copies``
+    _align_one_program_kernel[(1,)](
+        topk_ids,
+        sorted_ids,
+        block_expert,
+        num_experts,
+        topk_ids.numel(),
+        block_expert.shape[0],
+        BLOCK_M=block_m,
+        COPIES=copies,
+        EXPERTS=min(triton.next_power_of_2(num_experts), ALIGN_TILE // copies),
+        GROUP_BLOCKS=triton.cdiv(copies, block_m),
+        BLOCKS=triton.next_power_of_2(blocks),
+        num_warps=4,
+    )
+
+
+def _copies_tile(num_copies: int) -> int:
+    """16, 64 or 256: the one-program path's tile of copies. Powers of four, not of two: three
+    compiled variants instead of five, each reached by ``lora.WARM_UP_TOKENS`` (1, 17, 65) and by
+    the engine's warm-up, so no pass compiles one mid-traffic. A tile up to four times the copies
+    costs a few more chunks of experts, in the one program."""
+    tile = 16
+    while tile < num_copies:
+        tile *= 4
+    return tile
+
+
+def _align_many_programs(topk_ids, num_experts, block_m, sorted_ids, block_expert) -> None:
+    num_copies, num_blocks = topk_ids.numel(), block_expert.shape[0]
+    device = topk_ids.device
+    counts = torch.zeros(num_experts, dtype=torch.int32, device=device)
+    cursor = torch.empty(num_experts, dtype=torch.int32, device=device)
     grid = (triton.cdiv(num_copies, ALIGN_BLOCK),)
     _count_kernel[grid](topk_ids, counts, num_copies, BLOCK=ALIGN_BLOCK, num_warps=4)
     _offsets_kernel[(1,)](
@@ -159,7 +347,6 @@ def align(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> Alignment:
         num_warps=4,
     )
     _scatter_kernel[grid](topk_ids, cursor, sorted_ids, num_copies, BLOCK=ALIGN_BLOCK, num_warps=4)
-    return Alignment(sorted_ids, block_expert)
 
 
 @triton.jit
