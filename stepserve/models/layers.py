@@ -84,7 +84,12 @@ class Attention(nn.Module):
         return self.o_proj(out.reshape(-1, self.q_size))
 
     def _norm_qk(self, qk: torch.Tensor) -> torch.Tensor:
-        """Per-head RMSNorm of queries and keys (Qwen3, Gemma 3), before the rotary."""
+        """Per-head RMSNorm of queries and keys (Qwen3, Gemma 3), before the rotary; on CUDA one
+        kernel in place for ``w`` norms (Qwen3), as ``RMSNorm`` would compute each head."""
+        ops = None if self.q_norm.offset else fused_ops(qk)
+        if ops is not None:
+            ops.rms_norm_heads_(qk, self.q_norm.weight, self.k_norm.weight, self.num_heads, self.q_norm.eps)
+            return qk
         t, d = qk.shape[0], self.head_dim
         q = self.q_norm(qk[:, : self.num_heads].reshape(-1, d)).view(t, self.num_heads, d)
         k = self.k_norm(qk[:, self.num_heads :].reshape(-1, d)).view(t, self.num_kv_heads, d)

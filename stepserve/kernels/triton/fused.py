@@ -7,6 +7,7 @@ to within reduction order:
 - ``rms_norm``: optional residual add (rounded to the activation dtype, as ``x + residual`` is),
   then RMSNorm in float32, rounded, then times the weight.
 - ``rotary_``: rotate_half rotary embedding of q and k, in place on the fused qkv output.
+- ``rms_norm_heads_``: the per-head RMSNorm of q and k (Qwen3), in place on the same output.
 - ``silu_and_mul``: ``silu(gate)`` rounded, times ``up``, rounded.
 """
 
@@ -150,3 +151,56 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
         block = 1024
         _silu_and_mul_kernel[(rows, triton.cdiv(cols, block))](x, out, cols, x.stride(0), BLOCK=block, num_warps=4)
     return out
+
+
+@triton.jit
+def _rms_norm_heads_kernel(
+    x_ptr,
+    q_w_ptr,
+    k_w_ptr,
+    eps,
+    stride_t,
+    num_heads,
+    NUM_Q: tl.constexpr,
+    HEADS_PAD: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    # One token's heads as rows: each normed over its own dims, q's with one weight, k's with the other.
+    t = tl.program_id(0).to(tl.int64)
+    h = tl.arange(0, HEADS_PAD)[:, None]
+    d = tl.arange(0, BLOCK_D)[None, :]
+    mask = (h < num_heads) & (d < HEAD_DIM)
+    ptrs = x_ptr + t * stride_t + h * HEAD_DIM + d
+    x = tl.load(ptrs, mask=mask, other=0.0)
+    xf = x.to(tl.float32)
+    rstd = 1.0 / tl.sqrt(tl.sum(xf * xf, 1) / HEAD_DIM + eps)
+    normed = (xf * rstd[:, None]).to(x.dtype).to(tl.float32)
+    q_w = tl.load(q_w_ptr + d, mask=d < HEAD_DIM, other=0.0).to(tl.float32)
+    k_w = tl.load(k_w_ptr + d, mask=d < HEAD_DIM, other=0.0).to(tl.float32)
+    w = tl.where(h < NUM_Q, q_w, k_w)
+    tl.store(ptrs, (w * normed).to(x.dtype), mask=mask)
+
+
+def rms_norm_heads_(qk: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor, num_q: int, eps: float) -> None:
+    """RMSNorm of every head of ``qk`` [T, Hq + Hk, D] in place (a strided view of the qkv output,
+    each head's D values contiguous): the first ``num_q`` heads with ``q_weight``, the rest with
+    ``k_weight``; rounding as ``rms_norm``'s. One launch for what took two norms, two copies and
+    a concatenation."""
+    tokens, heads, head_dim = qk.shape
+    assert qk.stride(2) == 1 and qk.stride(1) == head_dim, "each head's values must be contiguous, heads adjacent"
+    if tokens == 0:
+        return
+    _rms_norm_heads_kernel[(tokens,)](
+        qk,
+        q_weight,
+        k_weight,
+        eps,
+        qk.stride(0),
+        heads,
+        NUM_Q=num_q,
+        HEADS_PAD=triton.next_power_of_2(heads),
+        HEAD_DIM=head_dim,
+        BLOCK_D=triton.next_power_of_2(head_dim),
+        num_warps=4,
+    )
