@@ -354,11 +354,12 @@ def profile(core, prompts, out: Path) -> None:
     print(text, flush=True)
 
 
-def decode_busy_share(core, prompts, passes: int = 6, kernels: list | None = None) -> dict:
+def decode_busy_share(core, prompts, passes: int = 6, kernels: list | None = None, trace: Path | None = None) -> dict:
     """Steady full-batch decode: wall time of ``passes`` steps against the kernel time the
     profiler records in them (CUDA activity only, so the host is not slowed): the share of the
     time the GPU is busy, and what a step costs. ``kernels`` receives the profiler's per-kernel
-    averages."""
+    averages; with ``trace``, the Chrome trace is written there (gzipped) and the result's
+    ``gaps`` says where the GPU waited (``trace_gaps``)."""
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
@@ -388,8 +389,10 @@ def decode_busy_share(core, prompts, passes: int = 6, kernels: list | None = Non
     averages = prof.key_averages()
     if kernels is not None:
         kernels.extend(averages)
+    gaps = _trace_gaps(prof, trace) if trace is not None else None
     busy = sum(getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0)) for e in averages) / 1e6
     return {
+        **({"gaps": gaps} if gaps is not None else {}),
         "passes": passes,
         "steps": steps,
         "batch": batch,
@@ -398,6 +401,21 @@ def decode_busy_share(core, prompts, passes: int = 6, kernels: list | None = Non
         "busy_share": round(busy / wall, 3),
         "ms_per_step": round(1e3 * wall / max(1, steps), 3),
     }
+
+
+def _trace_gaps(prof, path: Path) -> dict:
+    """Write the profiler's Chrome trace to ``path`` (gzipped) and summarise its idle gaps."""
+    import gzip
+    import shutil
+
+    from stepserve.bench.trace_gaps import device_activities, gap_summary, read_trace
+
+    raw = path.with_suffix("")  # trace.json.gz -> trace.json, written then compressed
+    prof.export_chrome_trace(str(raw))
+    with open(raw, "rb") as src, gzip.open(path, "wb") as dst:
+        shutil.copyfileobj(src, dst)
+    raw.unlink()
+    return gap_summary(device_activities(read_trace(path)))
 
 
 def batch1_decode(

@@ -161,7 +161,9 @@ def profile_batch1(core, prompt: list[int], out: Path, name: str) -> dict:
     """The CUDA kernels of batch-1 decode on the base (``gpu.decode_busy_share`` on one row), the
     table in ``out / name``: beside the base alone's, it shows what LoRA costs a row without one."""
     kernels: list = []
-    busy = decode_busy_share(core, [prompt], passes=2, kernels=kernels)
+    busy = decode_busy_share(
+        core, [prompt], passes=2, kernels=kernels, trace=out / name.replace(".txt", "_trace.json.gz")
+    )
     top = top_kernels(kernels, max(1, busy["steps"]))
     (out / name).write_text(kernel_table(top, busy, len(prompt)))
     return {**busy, "top_kernels": top[:10]}

@@ -69,6 +69,7 @@ from stepserve.bench.gpu import (
     workload,
     write_model_dir,
 )
+from stepserve.bench.trace_gaps import report as gap_report
 from stepserve.models.config import DecoderConfig
 from stepserve.models.registry import decoder_config
 
@@ -192,7 +193,8 @@ def profile_decode(core, info, out: Path, rows: int = PROFILE_ROWS, name: str = 
         return {"skipped": f"the KV cache holds {per_row} tokens a row at {rows} rows"}
     prompts = [p[:prompt_len] for p in workload(seed=3)[:rows]]
     kernels: list = []
-    busy = decode_busy_share(core, prompts, passes=PROFILE_PASSES, kernels=kernels)
+    trace = out / name.replace(".txt", "_trace.json.gz")
+    busy = decode_busy_share(core, prompts, passes=PROFILE_PASSES, kernels=kernels, trace=trace)
     top = top_kernels(kernels, max(1, busy["steps"]))
     (out / name).write_text(kernel_table(top, busy, prompt_len))
     return {**busy, "prompt_tokens": prompt_len, "top_kernels": top[:10]}
@@ -225,6 +227,8 @@ def kernel_table(top: list[dict], busy: dict, prompt_len: int) -> str:
         "| --- | --- | --- | --- |",
     ]
     lines += [f"| {k['ms_per_step']} | {k['calls_per_step']} | {k['share']} | {k['kernel']} |" for k in top]
+    if busy.get("gaps"):  # where the GPU waited (the trace beside this file)
+        lines += ["", "Idle gaps between device activities (stepserve.bench.trace_gaps):", "", gap_report(busy["gaps"])]
     return "\n".join(lines) + "\n"
 
 
