@@ -354,12 +354,14 @@ def profile(core, prompts, out: Path) -> None:
     print(text, flush=True)
 
 
-def decode_busy_share(core, prompts, passes: int = 6, kernels: list | None = None, trace: Path | None = None) -> dict:
+def decode_busy_share(
+    core, prompts, passes: int = 6, kernels: list | None = None, trace: Path | None = None, loras: list | None = None
+) -> dict:
     """Steady full-batch decode: wall time of ``passes`` steps against the kernel time the
     profiler records in them (CUDA activity only, so the host is not slowed): the share of the
     time the GPU is busy, and what a step costs. ``kernels`` receives the profiler's per-kernel
     averages; with ``trace``, the Chrome trace is written there (gzipped) and the result's
-    ``gaps`` says where the GPU waited (``trace_gaps``)."""
+    ``gaps`` says where the GPU waited (``trace_gaps``). ``loras``: as ``run_requests``'s."""
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
@@ -368,7 +370,8 @@ def decode_busy_share(core, prompts, passes: int = 6, kernels: list | None = Non
 
     params = SamplingParams(temperature=0.0, max_tokens=8 * (passes + 4), ignore_eos=True)
     for i, ids in enumerate(prompts):
-        core.add_request(EngineCoreRequest(f"busy-{i}", tuple(ids), params, time.monotonic()))
+        lora = loras[i % len(loras)] if loras else None
+        core.add_request(EngineCoreRequest(f"busy-{i}", tuple(ids), params, time.monotonic(), lora=lora))
     sched = core.scheduler
     while sched.waiting or any(r.num_tokens - r.num_computed_tokens > 1 for r in sched.running):
         core.step()  # prefill until every request decodes

@@ -22,7 +22,8 @@ Both parts also profile batch-1 decode on the base (the CUDA kernels of 2 passes
 ``DIR/profile_batch1_base.txt`` and ``DIR/profile_batch1_lora_on_base.txt``: side by side they show
 what LoRA costs a row that has no adapter; and one prefill pass of 16 prompts into
 ``DIR/profile_prefill_base.txt`` and (request i on adapter i % 8) ``DIR/profile_prefill_adapters.txt``,
-where the adapters' prefill cost shows (prefill passes with adapters took 1.7x the base's).
+where the adapters' prefill cost shows (prefill passes with adapters took 1.7x the base's); and
+steady decode at 256 rows into ``DIR/profile_decode_base.txt`` and ``DIR/profile_decode_adapters.txt``.
 
 In all about 3-4 minutes on an H100, inside one 10-minute call. Ratios against the base engine,
 with targets: adapters / base throughput >= 0.8, batch 1 with an adapter / base >= 0.9. A table
@@ -200,6 +201,20 @@ def profile_prefill(core, out: Path, name: str, loras: list | None = None) -> di
     return {**busy, "top_kernels": top[:10]}
 
 
+DECODE_PROFILE_ROWS = 256  # the workload's concurrency
+
+
+def profile_decode(core, out: Path, name: str, loras: list | None = None) -> dict:
+    """The CUDA kernels of steady decode at ``DECODE_PROFILE_ROWS`` rows (request i on
+    ``loras[i % len(loras)]`` where given; 2 passes, 16 steps), the table in ``out / name``."""
+    kernels: list = []
+    prompts = workload(seed=11)[:DECODE_PROFILE_ROWS]
+    busy = decode_busy_share(core, prompts, passes=2, kernels=kernels, loras=loras)
+    top = top_kernels(kernels, max(1, busy["steps"]))
+    (out / name).write_text(kernel_table(top, busy, len(prompts[0])))
+    return {**busy, "top_kernels": top[:10]}
+
+
 def bench_base(root: Path, out: Path, prompts, results: dict) -> None:
     core, info = engine(root, enable_lora=False)
     results["base"] = throughput(core, info, prompts)
@@ -208,6 +223,7 @@ def bench_base(root: Path, out: Path, prompts, results: dict) -> None:
     print(f"8b base batch-1: {results['batch1_base']}", flush=True)
     results["profile_batch1_base"] = profile_batch1(core, prompts[0], out, "profile_batch1_base.txt")
     results["profile_prefill_base"] = profile_prefill(core, out, "profile_prefill_base.txt")
+    results["profile_decode_base"] = profile_decode(core, out, "profile_decode_base.txt")
 
 
 def bench_lora(root: Path, out: Path, prompts, results: dict) -> None:
@@ -225,6 +241,7 @@ def bench_lora(root: Path, out: Path, prompts, results: dict) -> None:
     print(f"8b batch-1, LoRA on, on the base: {results['batch1_lora_on_base']}", flush=True)
     results["profile_batch1_lora_on_base"] = profile_batch1(core, prompts[0], out, "profile_batch1_lora_on_base.txt")
     results["profile_prefill_adapters"] = profile_prefill(core, out, "profile_prefill_adapters.txt", adapters)
+    results["profile_decode_adapters"] = profile_decode(core, out, "profile_decode_adapters.txt", adapters)
     results["adapter_loads"] = core.worker.lora.loads  # 8: each adapter copied into a slot once, no swaps
 
 
