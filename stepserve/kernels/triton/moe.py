@@ -121,8 +121,10 @@ def _route_kernel(
     t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     e = tl.arange(0, EXPERTS)
     t_mask, e_mask = t < num_tokens, e < num_experts
-    logits = tl.load(logits_ptr + t.to(tl.int64)[:, None] * stride + e[None, :], mask=t_mask[:, None], other=0.0)
-    logits = tl.where(e_mask[None, :], logits.to(tl.float32), float("-inf"))
+    # the padding experts are never read (past the last row they would be past the tensor)
+    mask = t_mask[:, None] & e_mask[None, :]
+    logits = tl.load(logits_ptr + t.to(tl.int64)[:, None] * stride + e[None, :], mask=mask, other=float("-inf"))
+    logits = logits.to(tl.float32)
     top = tl.max(logits, 1)
     total = tl.sum(_exp(logits - top[:, None], LIBDEVICE), 1)
     k = tl.arange(0, K_PAD)
