@@ -93,7 +93,7 @@ step() {  # step LOG COMMAND...: run it (under STEP_TIMEOUT), the whole output t
 run_tests() {  # tests/gpu, or only the test files and folders named in ARGS
     local where=tests/gpu arg
     for arg in "$@"; do [[ $arg == tests/* ]] && where=; done
-    step tests.log python3 -m pytest $where -q -rfE -p no:cacheprovider "$@"
+    step tests.log python3 -m pytest $where -rfE --durations=15 -p no:cacheprovider "$@"  # file names and the slowest tests: a cut call still says what ran
 }
 run_offline() {
     step offline.log python3 -m stepserve.bench.gpu --out "$OUT/offline" --skip-serve "$@"
