@@ -65,7 +65,7 @@ def test_rms_norm_with_and_without_residual(device):
 
 def test_rms_norm_heads_in_place_equals_the_norms_it_replaces(device):
     """Qwen3's q and k norms on a strided view of a qkv output (v after them, untouched): each head
-    as ``rms_norm`` of it with its weight, the fused output's other columns unchanged."""
+    as PyTorch's RMSNorm of it with its weight, the fused output's other columns unchanged."""
     from stepserve.kernels.triton import fused as triton_ops
 
     for dtype in dtypes(device):
@@ -76,8 +76,8 @@ def test_rms_norm_heads_in_place_equals_the_norms_it_replaces(device):
             k_w = (torch.rand(head_dim, generator=gen) + 0.5).to(dtype).to(device)
             qk = qkv[:, : (num_q + num_k) * head_dim].view(-1, num_q + num_k, head_dim)
             before = qkv.clone()
-            want_q = triton_ops.rms_norm(qk[:, :num_q].reshape(-1, head_dim), q_w, 1e-6)
-            want_k = triton_ops.rms_norm(qk[:, num_q:].reshape(-1, head_dim), k_w, 1e-6)
+            want_q = torch.rms_norm(qk[:, :num_q].reshape(-1, head_dim), (head_dim,), q_w, 1e-6)
+            want_k = torch.rms_norm(qk[:, num_q:].reshape(-1, head_dim), (head_dim,), k_w, 1e-6)
             triton_ops.rms_norm_heads_(qk, q_w, k_w, num_q, 1e-6)
             bound = 1e-2 if dtype == torch.bfloat16 else 1e-5
             assert rel_err(qk[:, :num_q].reshape(-1, head_dim), want_q) < bound

@@ -105,7 +105,12 @@ def test_logits_into_the_graphs_buffer_equal_fresh_logits(tiny_llama, divisor, s
     model.cfg = dataclasses.replace(model.cfg, logits_divisor=divisor, final_softcap=softcap)
     hidden = torch.randn(5, model.cfg.hidden_size, generator=torch.Generator().manual_seed(0))
     buffer = torch.full((8, model.cfg.vocab_size), float("nan"))
-    want = model.compute_logits(hidden)
+    want = hidden @ model.embed_tokens.weight.T if model.lm_head is None else hidden @ model.lm_head.weight.T
+    want = want.float() / divisor
+    if softcap:
+        want = torch.tanh(want / softcap) * softcap
+    fresh = model.compute_logits(hidden)
     got = model.compute_logits(hidden, out=buffer[:5])
-    assert got.data_ptr() == buffer.data_ptr() and torch.equal(got, want)
+    assert got.data_ptr() == buffer.data_ptr() and torch.equal(got, fresh)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
     assert buffer[5:].isnan().all()
