@@ -257,7 +257,8 @@ def lora_delta(
 
 def _grouping(slots: torch.Tensor, num_slots: int, block_m: int, cache: dict | None):
     """The tokens grouped by slot in ``block_m`` tiles; from ``cache`` when an earlier call of the
-    forward made it (the key holds the slots' identity too, so a stale dict cannot mislead)."""
+    forward made it. The key names the slots tensor, but an id can be reused once a tensor is
+    freed: the caller empties ``cache`` whenever the slots change (``LoraState``)."""
     key = (id(slots), slots.data_ptr(), slots.shape[0], num_slots, block_m)
     if cache is not None and key in cache:
         return cache[key]
