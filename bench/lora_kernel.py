@@ -1,0 +1,114 @@
+"""The LoRA kernels' tiles on the GPU: ``lora_delta`` (shrink and expand, the grouping shared as in
+a forward) for the Llama-3.1-8B projections with 8 rank-16 adapters, at the batch sizes a decode
+step and a prefill pass bring, under the tiles ``lora_config`` picks and a small grid around them
+(``split_k``: the shrink's input ranges, whose partials every expand program sums again, so more
+ranges cost the expand; ``block_n``: the expand's output columns a program). Prints microseconds
+a call and, per batch size, the step's LoRA time (32 layers of the four projections) under the
+current tiles and under the best of the grid: the sweep ``lora_config`` is chosen from. Every
+timed config is first checked against ``lora_reference``. JSON to OUT.json if given. On a GPU,
+from the repository root:
+
+    PYTHONPATH=. python bench/lora_kernel.py [OUT.json]
+    TRITON_INTERPRET=1 PYTHONPATH=. python bench/lora_kernel.py --smoke    # the CPU, tiny shapes
+"""
+
+import dataclasses
+import json
+import sys
+
+import torch
+
+from stepserve.kernels.triton import lora as K
+from stepserve.models.lora import lora_reference
+
+SLOTS, LAYERS = 8, 32
+# (input features, output features, rank): q/k/v fused (3 slices of 16), o, gate/up fused, down
+SHAPES = {"qkv": (4096, 6144, 48), "o": (4096, 4096, 16), "gate_up": (4096, 28672, 32), "down": (14336, 4096, 16)}
+TOKENS = (1, 16, 256, 2048, 8192)
+SPLITS, BLOCK_NS = (1, 4, 16), (32, 64, 128)
+SMOKE = {"shapes": {"qkv": (96, 80, 48), "down": (200, 64, 16)}, "tokens": (1, 20), "splits": (1, 2), "block_ns": (32,)}
+
+
+def timed_us(fn, reps: int = 20) -> float:
+    if not torch.cuda.is_available():
+        fn()
+        return 0.0
+    fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(reps):
+            fn()
+    graph.replay()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) * 1e3 / reps
+
+
+def case(tokens: int, shape: tuple[int, int, int], device: str, dtype: torch.dtype):
+    """Inputs of one call: request i of the batch on adapter i % 8 (batch 1: adapter 0)."""
+    hidden, out, rank = shape
+    gen = torch.Generator().manual_seed(tokens)
+    lora_a = (torch.randn(SLOTS, rank, hidden, generator=gen) / hidden**0.5).to(dtype).to(device)
+    lora_b = (torch.randn(SLOTS, out, rank, generator=gen) / rank**0.5).to(dtype).to(device)
+    x = torch.randn(tokens, hidden, generator=gen).to(dtype).to(device)
+    y = torch.randn(tokens, out, generator=gen).to(dtype).to(device)
+    slots = (torch.arange(tokens, dtype=torch.int32) % SLOTS).to(device)
+    return y, x, lora_a, lora_b, slots
+
+
+def main() -> None:
+    smoke = "--smoke" in sys.argv
+    out_path = next((a for a in sys.argv[1:] if not a.startswith("--")), None)
+    device = "cpu" if smoke else "cuda"
+    dtype = torch.float32 if smoke else torch.bfloat16  # the interpreter mishandles bf16
+    shapes = SMOKE["shapes"] if smoke else SHAPES
+    tokens_list = SMOKE["tokens"] if smoke else TOKENS
+    splits, block_ns = (SMOKE["splits"], SMOKE["block_ns"]) if smoke else (SPLITS, BLOCK_NS)
+    chosen = K.lora_config
+    results: dict = {"device": torch.cuda.get_device_name() if not smoke else "cpu (interpreter)", "cases": {}}
+    for tokens in tokens_list:
+        step_now = step_best = 0.0
+        for name, shape in shapes.items():
+            y, x, lora_a, lora_b, slots = case(tokens, shape, device, dtype)
+            want = lora_reference(y.clone(), x, lora_a, lora_b, slots).float()
+            now = chosen(tokens, shape[2], shape[0], shape[1], dtype)
+            grid = {now} | {
+                dataclasses.replace(now, split_k=s, block_n=n)
+                for s in splits
+                for n in block_ns
+                if s <= -(-shape[0] // now.block_k)  # no range without a K-block
+            }
+            rows = []
+            for cfg in sorted(grid, key=lambda c: (c.split_k, c.block_n)):
+                K.lora_config = lambda *_, cfg=cfg: cfg
+                try:
+                    cache: dict = {}
+                    got = K.lora_delta(y.clone(), x, lora_a, lora_b, slots, cache).float()
+                    err = ((got - want).norm() / (want - y.float()).norm()).item()
+                    if not err <= 2e-2:
+                        raise AssertionError(f"relative error {err:.2e}")
+                    scratch = y.clone()
+                    us = timed_us(lambda: K.lora_delta(scratch, x, lora_a, lora_b, slots, cache))  # grouping shared
+                finally:
+                    K.lora_config = chosen
+                rows.append({"split_k": cfg.split_k, "block_n": cfg.block_n, "us": round(us, 2), "current": cfg == now})
+            best = min(rows, key=lambda r: r["us"])
+            current = next(r for r in rows if r["current"])
+            step_now += LAYERS * current["us"]
+            step_best += LAYERS * best["us"]
+            results["cases"][f"{tokens} tokens, {name}"] = {"configs": rows, "best": best}
+            print(f"{tokens:5d} tokens {name:8s} current {current} best {best}", flush=True)
+        results[f"step_ms_{tokens}"] = step = {"current": round(step_now / 1e3, 3), "best": round(step_best / 1e3, 3)}
+        print(f"{tokens} tokens: LoRA per step {step['current']} ms with the current tiles, {step['best']} ms best")
+    if out_path:
+        with open(out_path, "w") as f:
+            json.dump(results, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
