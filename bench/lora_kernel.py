@@ -2,7 +2,8 @@
 a forward) for the Llama-3.1-8B projections with 8 rank-16 adapters, at the batch sizes a decode
 step and a prefill pass bring, under the tiles ``lora_config`` picks and a small grid around them
 (``split_k``: the shrink's input ranges, whose partials every expand program sums again, so more
-ranges cost the expand; ``block_n``: the expand's output columns a program). Prints microseconds
+ranges cost the expand unless a kernel of its own sums them, ``sum_in_expand``; ``block_n``: the
+expand's output columns a program). Prints microseconds
 a call and, per batch size, the step's LoRA time (32 layers of the four projections) under the
 current tiles and under the best of the grid: the sweep ``lora_config`` is chosen from. Every
 timed config is first checked against ``lora_reference``. JSON to OUT.json if given. On a GPU,
@@ -78,13 +79,14 @@ def main() -> None:
             want = lora_reference(y.clone(), x, lora_a, lora_b, slots).float()
             now = chosen(tokens, shape[2], shape[0], shape[1], dtype)
             grid = {now} | {
-                dataclasses.replace(now, split_k=s, block_n=n)
+                dataclasses.replace(now, split_k=s, block_n=n, sum_in_expand=fused)
                 for s in splits
                 for n in block_ns
+                for fused in ((True, False) if s > 1 else (True,))
                 if s <= -(-shape[0] // now.block_k)  # no range without a K-block
             }
             rows = []
-            for cfg in sorted(grid, key=lambda c: (c.split_k, c.block_n)):
+            for cfg in sorted(grid, key=lambda c: (c.split_k, c.block_n, c.sum_in_expand)):
                 K.lora_config = lambda *_, cfg=cfg: cfg
                 try:
                     cache: dict = {}
@@ -96,7 +98,8 @@ def main() -> None:
                     us = timed_us(lambda: K.lora_delta(scratch, x, lora_a, lora_b, slots, cache))  # grouping shared
                 finally:
                     K.lora_config = chosen
-                rows.append({"split_k": cfg.split_k, "block_n": cfg.block_n, "us": round(us, 2), "current": cfg == now})
+                config = {"split_k": cfg.split_k, "block_n": cfg.block_n, "sum_in_expand": cfg.sum_in_expand}
+                rows.append({**config, "us": round(us, 2), "current": cfg == now})
             best = min(rows, key=lambda r: r["us"])
             current = next(r for r in rows if r["current"])
             step_now += LAYERS * current["us"]

@@ -153,6 +153,25 @@ def test_lora_delta_shares_grouping(tokens, device, poisoned):
         assert len(cache) == step + 1
 
 
+@pytest.mark.parametrize("tokens", [1, 7, 300])
+def test_split_partials_summed_by_a_kernel_of_their_own(tokens, device, poisoned, monkeypatch):
+    """``sum_in_expand=False``: the shrink's split partials summed before the expand, not in it;
+    the same results."""
+    import dataclasses
+
+    from stepserve.kernels.triton import lora as K
+
+    chosen = K.lora_config
+
+    def split_summed_apart(*args):
+        cfg = chosen(*args)
+        return dataclasses.replace(cfg, split_k=max(2, cfg.split_k), sum_in_expand=False)
+
+    monkeypatch.setattr(K, "lora_config", split_summed_apart)
+    for dtype in dtypes(device):
+        check_against_reference(tokens, 3, "mixed", 64, dtype, device)
+
+
 def test_lora_delta_no_tokens(device):
     from stepserve.kernels.triton.lora import lora_delta
 

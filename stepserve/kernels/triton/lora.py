@@ -55,6 +55,10 @@ class LoraConfig:
     block_n: int  # the expand's output columns per tile
     num_warps: int
     num_stages: int
+    # With split_k > 1: the expand sums the partials as it loads them (True), or one more kernel
+    # sums them first (False); the first launches less, the second reads them once, not once per
+    # column tile (``bench/lora_kernel.py`` compares them).
+    sum_in_expand: bool = True
 
 
 def lora_config(tokens: int, rank: int, hidden: int, out_features: int, dtype: torch.dtype) -> LoraConfig:
@@ -135,6 +139,26 @@ def _shrink_kernel(
     # out: x's dtype when unsplit (the reference's rounding), else this range's float32 partial
     out_ptrs = out_ptr + (split * num_rows + rows).to(tl.int64)[:, None] * rank + r[None, :]
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=valid[:, None] & r_mask[None, :])
+
+
+@triton.jit(do_not_specialize=["size"])
+def _sum_splits_kernel(partials_ptr, out_ptr, size, SPLIT_K: tl.constexpr, BLOCK: tl.constexpr):
+    # Flat over every row, the unwritten ones (padding, no adapter) too: the expand never reads them.
+    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = i < size
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for split in tl.static_range(SPLIT_K):
+        acc += tl.load(partials_ptr + split * size + i, mask=mask, other=0.0)
+    tl.store(out_ptr + i, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def _sum_splits(partials: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The shrink's float32 partials [split_k, rows, R] summed in split order, rounded to ``dtype``."""
+    split_k, rows, rank = partials.shape
+    out = torch.empty(rows, rank, dtype=dtype, device=partials.device)
+    size, block = rows * rank, 1024
+    _sum_splits_kernel[(triton.cdiv(size, block),)](partials, out, size, SPLIT_K=split_k, BLOCK=block, num_warps=4)
+    return out
 
 
 @triton.jit(do_not_specialize=["num_tokens"])
@@ -233,6 +257,9 @@ def lora_delta(
     cfg = lora_config(tokens, rank, hidden, out_features, x.dtype)
     groups = _grouping(slots, num_slots, cfg.block_m, cache)
     shrunk = _shrink(x, lora_a, groups, cfg)
+    split_k = cfg.split_k if cfg.sum_in_expand else 1
+    if split_k != cfg.split_k:
+        shrunk = _sum_splits(shrunk, x.dtype)
     _expand_kernel[(groups.block_expert.shape[0], triton.cdiv(out_features, cfg.block_n))](
         shrunk,
         lora_b,
@@ -248,7 +275,7 @@ def lora_delta(
         BLOCK_M=cfg.block_m,
         BLOCK_N=cfg.block_n,
         BLOCK_R=cfg.block_r,
-        SPLIT_K=cfg.split_k,
+        SPLIT_K=split_k,
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )
