@@ -1,0 +1,130 @@
+"""The fused MoE layer's tiles on the GPU: ``fused_moe`` (grouping, gate/up, down, the weighted
+sum) for one Qwen3-30B-A3B layer (128 experts, 8 a token, hidden 2048, expert width 768), bf16
+and FP8 weights, at the decode batch sizes where a token's experts are read for few rows, under
+the tiles ``moe_config`` picks and a grid around them (``block_n``, ``block_k``, ``num_warps``).
+Prints microseconds a call against the time the distinct experts' bytes take at the measured copy
+bandwidth: the sweep to choose ``moe_config``'s decode tiers from. Every timed config is first
+checked against ``experts_reference``. JSON to OUT.json if given. On a GPU, from the repository
+root:
+
+    PYTHONPATH=. python bench/moe_kernel.py [OUT.json]
+    TRITON_INTERPRET=1 PYTHONPATH=. python bench/moe_kernel.py --smoke    # the CPU, tiny shapes
+"""
+
+import dataclasses
+import json
+import sys
+
+import torch
+
+from stepserve.kernels.triton import moe as K
+from stepserve.models.moe import experts_reference, route_reference
+
+FULL = {"experts": 128, "top_k": 8, "hidden": 2048, "inner": 768, "tokens": (1, 4, 16, 64, 256)}
+SMOKE = {"experts": 8, "top_k": 2, "hidden": 64, "inner": 48, "tokens": (1, 5)}
+BLOCK_NS, BLOCK_KS, WARPS = (32, 64, 128), (64, 128, 256), (4, 8)
+
+
+def timed_us(fn, reps: int = 20) -> float:
+    if not torch.cuda.is_available():
+        fn()
+        return 0.0
+    fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(reps):
+            fn()
+    graph.replay()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) * 1e3 / reps
+
+
+def copy_tb_s() -> float:
+    """Device copy bandwidth (read + write) of 1 GiB, TB/s; 0 without CUDA."""
+    if not torch.cuda.is_available():
+        return 0.0
+    src = torch.empty(2**29, dtype=torch.int16, device="cuda")
+    dst = torch.empty_like(src)
+    us = timed_us(lambda: dst.copy_(src), reps=10)
+    return 2 * src.nbytes / (us * 1e-6) / 1e12
+
+
+def fp8_weights(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """e4m3 weights with one scale per expert and output channel, as ``--quantization fp8``."""
+    scale = w.float().abs().amax(dim=-1).clamp(min=1e-12) / torch.finfo(K.FP8).max
+    return (w.float() / scale.unsqueeze(-1)).to(K.FP8), scale
+
+
+def main() -> None:
+    smoke = "--smoke" in sys.argv
+    out_path = next((a for a in sys.argv[1:] if not a.startswith("--")), None)
+    shape = SMOKE if smoke else FULL
+    device, dtype = ("cpu", torch.float32) if smoke else ("cuda", torch.bfloat16)  # interpreter: no bf16
+    experts, top_k, hidden, inner = shape["experts"], shape["top_k"], shape["hidden"], shape["inner"]
+    gen = torch.Generator().manual_seed(0)
+    w13 = (torch.randn(experts, 2 * inner, hidden, generator=gen) / hidden**0.5).to(dtype).to(device)
+    w2 = (torch.randn(experts, hidden, inner, generator=gen) / inner**0.5).to(dtype).to(device)
+    bandwidth = copy_tb_s()
+    chosen = K.moe_config
+    results: dict = {"device": "cpu (interpreter)" if smoke else torch.cuda.get_device_name(), "copy_tb_s": bandwidth}
+    precisions = {"bf16": (w13, w2, None, None)}
+    if not smoke:
+        (w13_q, s13), (w2_q, s2) = fp8_weights(w13), fp8_weights(w2)
+        precisions["fp8"] = (w13_q, w2_q, s13, s2)
+    for precision, (a, b, sa, sb) in precisions.items():
+        for tokens in shape["tokens"]:
+            x = torch.randn(tokens, hidden, generator=gen).to(dtype).to(device)
+            weights, ids = route_reference(torch.randn(tokens, experts, generator=gen).to(device), top_k, True)
+            want = experts_reference(x, a, b, weights, ids, sa, sb).float()
+            used = ids.unique().numel()
+            bytes_read = used * (a[0].numel() * a.element_size() + b[0].numel() * b.element_size())
+            bound_us = bytes_read / (bandwidth * 1e12) * 1e6 if bandwidth else 0.0
+            now = chosen(tokens, top_k, experts, hidden, inner, dtype)
+            fit = max(16, 1 << (min(hidden, inner) - 1).bit_length())  # moe_config's bound on the tiles
+            grid = {now} | {
+                dataclasses.replace(now, block_n=n, block_k=k, num_warps=w)
+                for n in BLOCK_NS
+                for k in BLOCK_KS
+                for w in WARPS
+                if n <= fit and k <= fit
+            }
+            rows = []
+            for cfg in sorted(grid, key=lambda c: (c.block_n, c.block_k, c.num_warps)):
+                K.moe_config = lambda *_, cfg=cfg: cfg
+                try:
+                    got = K.fused_moe(x, a, b, weights, ids, w13_scale=sa, w2_scale=sb).float()
+                    err = ((got - want).norm() / want.norm()).item()
+                    if not err <= 2e-2:
+                        raise AssertionError(f"{cfg}: relative error {err:.2e}")
+                    us = timed_us(lambda: K.fused_moe(x, a, b, weights, ids, w13_scale=sa, w2_scale=sb))
+                finally:
+                    K.moe_config = chosen
+                config = {"block_n": cfg.block_n, "block_k": cfg.block_k, "num_warps": cfg.num_warps}
+                rows.append({**config, "us": round(us, 2), "current": cfg == now})
+            best = min(rows, key=lambda r: r["us"])
+            current = next(r for r in rows if r["current"])
+            results[f"{precision} {tokens} tokens"] = {
+                "experts_used": used,
+                "bound_us": round(bound_us, 2),
+                "current": current,
+                "best": best,
+                "configs": rows,
+            }
+            print(
+                f"{precision} {tokens:4d} tokens ({used} experts, bound {bound_us:.1f} us): "
+                f"current {current} best {best}",
+                flush=True,
+            )
+    if out_path:
+        with open(out_path, "w") as f:
+            json.dump(results, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
