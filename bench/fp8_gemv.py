@@ -13,6 +13,7 @@ import sys
 
 import torch
 
+from stepserve.bench.kernel_timing import graph_us
 from stepserve.models import fp8 as F
 
 ROWS = (1, 2)
@@ -31,20 +32,8 @@ CANDIDATES = [
 ]
 
 
-def timed(fn, reps=50) -> float:
-    fn()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(reps):
-            fn()
-    graph.replay()
-    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    a.record()
-    graph.replay()
-    b.record()
-    b.synchronize()
-    return a.elapsed_time(b) / reps * 1e-3
+def seconds(fn) -> float:
+    return graph_us(fn, reps=50) * 1e-6
 
 
 def main() -> None:
@@ -64,8 +53,8 @@ def main() -> None:
                 )
 
             row = {
-                "scaled_mm_gb_s": gb / timed(scaled_mm),
-                "bf16_gb_s": 2 * gb / timed(lambda: x @ w.t()),
+                "scaled_mm_gb_s": gb / seconds(scaled_mm),
+                "bf16_gb_s": 2 * gb / seconds(lambda: x @ w.t()),
                 "configs": {},
             }
             default = F.GEMV_CONFIGS[rows]
@@ -74,11 +63,11 @@ def main() -> None:
                     continue
                 F.GEMV_CONFIGS[rows] = cfg
                 try:
-                    row["configs"][str(cfg)] = round(gb / timed(lambda: F.fp8_gemv(x, q, scale)), 1)
+                    row["configs"][str(cfg)] = round(gb / seconds(lambda: F.fp8_gemv(x, q, scale)), 1)
                 except Exception as exc:  # a config that does not compile or fit
                     row["configs"][str(cfg)] = repr(exc)[:80]
             F.GEMV_CONFIGS[rows] = default
-            row["default_gb_s"] = round(gb / timed(lambda: F.fp8_gemv(x, q, scale)), 1)
+            row["default_gb_s"] = round(gb / seconds(lambda: F.fp8_gemv(x, q, scale)), 1)
             good = {c: v for c, v in row["configs"].items() if isinstance(v, float)}
             row["best"] = max(good, key=good.get) if good else None
             row["best_gb_s"] = good.get(row["best"]) if good else None

@@ -19,6 +19,7 @@ import sys
 
 import torch
 
+from stepserve.bench.kernel_timing import graph_us
 from stepserve.kernels.triton import lora as K
 from stepserve.models.lora import lora_reference
 
@@ -28,26 +29,6 @@ SHAPES = {"qkv": (4096, 6144, 48), "o": (4096, 4096, 16), "gate_up": (4096, 2867
 TOKENS = (1, 16, 256, 2048, 8192)
 SPLITS, BLOCK_NS = (1, 4, 16), (32, 64, 128)
 SMOKE = {"shapes": {"qkv": (96, 80, 48), "down": (200, 64, 16)}, "tokens": (1, 20), "splits": (1, 2), "block_ns": (32,)}
-
-
-def timed_us(fn, reps: int = 20) -> float:
-    if not torch.cuda.is_available():
-        fn()
-        return 0.0
-    fn()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(reps):
-            fn()
-    graph.replay()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    graph.replay()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) * 1e3 / reps
 
 
 def case(tokens: int, shape: tuple[int, int, int], device: str, dtype: torch.dtype):
@@ -95,7 +76,7 @@ def main() -> None:
                     if not err <= 2e-2:
                         raise AssertionError(f"relative error {err:.2e}")
                     scratch = y.clone()
-                    us = timed_us(lambda: K.lora_delta(scratch, x, lora_a, lora_b, slots, cache))  # grouping shared
+                    us = graph_us(lambda: K.lora_delta(scratch, x, lora_a, lora_b, slots, cache))  # grouping shared
                 finally:
                     K.lora_config = chosen
                 config = {"split_k": cfg.split_k, "block_n": cfg.block_n, "sum_in_expand": cfg.sum_in_expand}

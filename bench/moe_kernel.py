@@ -17,42 +17,14 @@ import sys
 
 import torch
 
+from stepserve.bench.gpu import copy_bandwidth
+from stepserve.bench.kernel_timing import graph_us
 from stepserve.kernels.triton import moe as K
 from stepserve.models.moe import experts_reference, route_reference
 
 FULL = {"experts": 128, "top_k": 8, "hidden": 2048, "inner": 768, "tokens": (1, 4, 16, 64, 256)}
 SMOKE = {"experts": 8, "top_k": 2, "hidden": 64, "inner": 48, "tokens": (1, 5)}
 BLOCK_NS, BLOCK_KS, WARPS = (32, 64, 128), (64, 128, 256), (4, 8)
-
-
-def timed_us(fn, reps: int = 20) -> float:
-    if not torch.cuda.is_available():
-        fn()
-        return 0.0
-    fn()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(reps):
-            fn()
-    graph.replay()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    graph.replay()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) * 1e3 / reps
-
-
-def copy_tb_s() -> float:
-    """Device copy bandwidth (read + write) of 1 GiB, TB/s; 0 without CUDA."""
-    if not torch.cuda.is_available():
-        return 0.0
-    src = torch.empty(2**29, dtype=torch.int16, device="cuda")
-    dst = torch.empty_like(src)
-    us = timed_us(lambda: dst.copy_(src), reps=10)
-    return 2 * src.nbytes / (us * 1e-6) / 1e12
 
 
 def fp8_weights(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -70,7 +42,7 @@ def main() -> None:
     gen = torch.Generator().manual_seed(0)
     w13 = (torch.randn(experts, 2 * inner, hidden, generator=gen) / hidden**0.5).to(dtype).to(device)
     w2 = (torch.randn(experts, hidden, inner, generator=gen) / inner**0.5).to(dtype).to(device)
-    bandwidth = copy_tb_s()
+    bandwidth = 0.0 if smoke else copy_bandwidth()
     chosen = K.moe_config
     results: dict = {"device": "cpu (interpreter)" if smoke else torch.cuda.get_device_name(), "copy_tb_s": bandwidth}
     precisions = {"bf16": (w13, w2, None, None)}
@@ -102,7 +74,7 @@ def main() -> None:
                     err = ((got - want).norm() / want.norm()).item()
                     if not err <= 2e-2:
                         raise AssertionError(f"{cfg}: relative error {err:.2e}")
-                    us = timed_us(lambda: K.fused_moe(x, a, b, weights, ids, w13_scale=sa, w2_scale=sb))
+                    us = graph_us(lambda: K.fused_moe(x, a, b, weights, ids, w13_scale=sa, w2_scale=sb))
                 finally:
                     K.moe_config = chosen
                 config = {"block_n": cfg.block_n, "block_k": cfg.block_k, "num_warps": cfg.num_warps}
