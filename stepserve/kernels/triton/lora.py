@@ -328,9 +328,10 @@ def _shrink(x, lora_a, groups, cfg: LoraConfig) -> torch.Tensor:
     return out
 
 
-# One token count of each of ``lora_config``'s size classes, with and without a multiple of 16
-# (for ``align``'s counts, which are specialized on).
-WARM_UP_TOKENS = (1, 7, 16, 17, 48, 65, 100, 512, 513, 1000, 4096, 4097, 5000)
+# One token count of each size class that picks other tiles: ``lora_config``'s (up to 16, 64, 512,
+# 4096, more) and ``align``'s (one program up to 16, 64, 256 copies; three launches beyond). No
+# integer argument that varies with the count is specialized on, so one count a class is enough.
+WARM_UP_TOKENS = (1, 17, 65, 257, 513, 4097)
 
 
 def warm_up(lora_a: torch.Tensor, lora_b: torch.Tensor, max_tokens: int) -> int:
