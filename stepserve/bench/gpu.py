@@ -1121,7 +1121,7 @@ def table(s: dict, results: dict) -> str:
             "8B FP8 weights, output tok/s",
             s["fp8_8b_out_tok_s"],
             "-",
-            "e4m3 per-channel, torch._scaled_mm; 1-2 rows fp8_gemv",
+            "e4m3 per-channel, torch._scaled_mm; 1-2 rows the Triton gemv",
         ),
         (
             "8B FP8 batch-1 decode tok/s",

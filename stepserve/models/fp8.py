@@ -1,7 +1,7 @@
 """FP8 weights on Hopper (``--quantization fp8``): e4m3 weights with one scale per output
 channel, quantized at load from the bf16 checkpoint; activations quantized per token at run
 time; the product through ``torch._scaled_mm`` (row-wise scales, bf16 out). Calls of up to
-``GEMV_MAX_ROWS`` rows (small decode batches) take ``fp8_gemv`` instead: the weights' bytes are
+``GEMV_MAX_ROWS`` rows (small decode batches) take ``gemv`` instead: the weights' bytes are
 then the whole cost, and cuBLASLt's FP8 kernels, made for large tiles, read them far below the
 copy bandwidth (docs/benchmarks.md). It keeps activations in
 bf16 (no activation quantization) and reads each weight byte once for all rows.
@@ -22,7 +22,8 @@ import torch
 from torch import nn
 
 from stepserve.models.moe import SparseMoE
-from stepserve.kernels.triton.fp8 import FP8, FP8_MAX, GEMV_MAX_ROWS, fp8_gemv, quantize_rows, quantize_weight  # noqa: F401 - FP8 and FP8_MAX for the layer's users
+from stepserve.kernels.triton.fp8 import FP8, FP8_MAX, GEMV_MAX_ROWS, quantize_rows, quantize_weight  # noqa: F401 - FP8 and FP8_MAX for the layer's users
+from stepserve.kernels.triton.gemv import gemv
 
 log = logging.getLogger("stepserve")
 
@@ -43,7 +44,7 @@ class Fp8Linear(nn.Module):
         lead = x.shape[:-1]
         x = x.reshape(-1, self.in_features)
         if 0 < x.shape[0] <= GEMV_MAX_ROWS:
-            return fp8_gemv(x, self.weight, self.weight_scale, self.bias).view(*lead, self.out_features)
+            return gemv(x, self.weight, self.weight_scale, self.bias).view(*lead, self.out_features)
         xq, x_scale = quantize_rows(x)
         y = torch._scaled_mm(
             xq,

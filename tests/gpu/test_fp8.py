@@ -226,7 +226,7 @@ def test_fp8_gemv_equals_dequantized_product(rows, bias):
     x = torch.randn(rows, 1500, device="cuda", dtype=torch.bfloat16)
     b = torch.randn(1000, device="cuda", dtype=torch.bfloat16) if bias else None
     ref = x.double() @ (q.double() * scale.double()[:, None]).t() + (b.double() if bias else 0)
-    got = F.fp8_gemv(x, q, scale[None, :].contiguous(), b)
+    got = F.gemv(x, q, scale[None, :].contiguous(), b)
     assert got.dtype == torch.bfloat16 and got.shape == (rows, 1000)
     assert rel_err(got, ref) <= 0.005  # bf16 rounding of the output only
     linear = torch.nn.Linear(
@@ -235,12 +235,12 @@ def test_fp8_gemv_equals_dequantized_product(rows, bias):
     layer = F.Fp8Linear(linear)
     x = torch.randn(rows, 1504, device="cuda", dtype=torch.bfloat16)
     calls = []
-    original = F.fp8_gemv
-    F.fp8_gemv = lambda *a: calls.append(a[0].shape[0]) or original(*a)
+    original = F.gemv
+    F.gemv = lambda *a: calls.append(a[0].shape[0]) or original(*a)
     try:
         y = layer(x[None])  # [1, rows, K]: the leading dims come back
     finally:
-        F.fp8_gemv = original
+        F.gemv = original
     assert calls == ([rows] if rows <= F.GEMV_MAX_ROWS else []) and y.shape == (1, rows, 1008)
     exact = x.double() @ linear.weight.double().t() + (linear.bias.double() if bias else 0)
     assert rel_err(y[0], exact) <= LINEAR_BOUND

@@ -1,0 +1,145 @@
+"""Few-row products for small decode batches, where reading the weights once is the whole cost:
+``gemv`` (``x @ W.T``, times per-channel scales for e4m3 weights, plus a bias) and
+``gemv_silu_mul`` (the gated MLP's gate/up product with ``silu(gate) * up`` in the epilogue, so
+the activation is no kernel of its own). Weights are bf16, fp16 or float32 (tests), or e4m3
+with one float32 scale per output channel, widened as they are read; activations stay in their
+dtype and each weight byte is read once for all rows (at most ``GEMV_ROWS``).
+
+Why not cuBLAS at these sizes: for e4m3, cuBLASLt's kernels behind ``torch._scaled_mm`` are made
+for large tiles and read the weights at 1.1-2.2 TB/s for one row (docs/benchmarks.md); for 16-bit
+weights, cuBLAS reads them near the copy bandwidth but splits K into a GEMM and a reduction
+kernel for narrow outputs, and the gated MLP needs a third launch for the activation: inside a
+batch-1 CUDA graph each launch leaves the GPU idle for a few microseconds. Where these kernels
+are taken is for the sweep (``bench/gemv.py``) to say; the tiles below are its best.
+
+Rounding follows the unfused path: each product is rounded to the activations' dtype; in
+``gemv_silu_mul`` gate and up are rounded first, ``silu(gate)`` is rounded, then the product
+(as ``fused.silu_and_mul`` computes it from the projection's output).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+FP8 = torch.float8_e4m3fn
+GEMV_ROWS = 8  # the most rows a call takes: the tiles below go to 8
+
+# (BLOCK_N, BLOCK_K, num_warps) by padded row count, for 1-byte (e4m3) and 2-byte weights: the
+# best of bench/gemv.py's sweep for the Llama-8B projections. A tile reads about the same bytes
+# of weights per step in both (8 x 1024 e4m3, 8 x 512 bf16).
+CONFIGS = {
+    1: {1: (8, 1024, 4), 2: (8, 1024, 4), 4: (8, 512, 4), 8: (8, 256, 4)},
+    2: {1: (8, 512, 4), 2: (8, 512, 4), 4: (8, 256, 4), 8: (8, 128, 4)},
+}
+
+
+def config(rows: int, k: int, weight: torch.Tensor) -> tuple[int, int, int]:
+    """The tile for ``rows`` (padded to a power of two) and reduction length ``k``."""
+    padded = 1 << max(0, (rows - 1).bit_length())
+    block_n, block_k, warps = CONFIGS[1 if weight.element_size() == 1 else 2][padded]
+    return block_n, max(16, min(block_k, 1 << (k - 1).bit_length())), warps
+
+
+@triton.jit
+def _gemv_kernel(
+    x_ptr,
+    w_ptr,
+    scale_ptr,
+    bias_ptr,
+    out_ptr,
+    M,
+    N,
+    K,
+    stride_x,
+    stride_o,
+    ROWS: tl.constexpr,
+    SCALED: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    GATED: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    # GATED: output column n is silu(row n) * (row N + n) of a [2N, K] weight (gate rows, then up).
+    n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = n < N
+    m = tl.arange(0, ROWS)
+    m_mask = m < M
+    k = tl.arange(0, BLOCK_K)
+    rows = n[:, None].to(tl.int64) * K
+    up_rows = (n[:, None] + N).to(tl.int64) * K
+    acc = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
+    acc_up = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
+    for start in range(0, K, BLOCK_K):
+        k_mask = start + k < K
+        w_mask = n_mask[:, None] & k_mask[None, :]
+        x = tl.load(
+            x_ptr + m[:, None] * stride_x + start + k[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0
+        ).to(tl.float32)
+        w = tl.load(w_ptr + rows + start + k[None, :], mask=w_mask, other=0.0)
+        acc += tl.sum(x[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)
+        if GATED:
+            w = tl.load(w_ptr + up_rows + start + k[None, :], mask=w_mask, other=0.0)
+            acc_up += tl.sum(x[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)
+    if SCALED:
+        acc *= tl.load(scale_ptr + n, mask=n_mask, other=0.0)[None, :]
+        if GATED:
+            acc_up *= tl.load(scale_ptr + N + n, mask=n_mask, other=0.0)[None, :]
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+        if GATED:
+            acc_up += tl.load(bias_ptr + N + n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    dtype = out_ptr.dtype.element_ty
+    y = acc.to(dtype)
+    if GATED:  # as silu_and_mul computes it from the rounded projection
+        g = y.to(tl.float32)
+        y = ((g / (1.0 + tl.exp(-g))).to(dtype).to(tl.float32) * acc_up.to(dtype).to(tl.float32)).to(dtype)
+    tl.store(out_ptr + m[:, None] * stride_o + n[None, :], y, mask=m_mask[:, None] & n_mask[None, :])
+
+
+def _launch(x, weight, scale, bias, width: int, gated: bool) -> torch.Tensor:
+    rows, k = x.shape
+    if not 0 < rows <= GEMV_ROWS:
+        raise ValueError(f"gemv takes 1 to {GEMV_ROWS} rows, got {rows}")
+    x = x if x.stride(1) == 1 else x.contiguous()
+    out = torch.empty(rows, width, dtype=x.dtype, device=x.device)
+    block_n, block_k, warps = config(rows, k, weight)
+    _gemv_kernel[(triton.cdiv(width, block_n),)](
+        x,
+        weight,
+        scale if scale is not None else x,
+        bias if bias is not None else x,
+        out,
+        rows,
+        width,
+        k,
+        x.stride(0),
+        out.stride(0),
+        ROWS=1 << max(0, (rows - 1).bit_length()),
+        SCALED=scale is not None,
+        HAS_BIAS=bias is not None,
+        GATED=gated,
+        BLOCK_N=block_n,
+        BLOCK_K=block_k,
+        num_warps=warps,
+    )
+    return out
+
+
+def gemv(
+    x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = None, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``x @ (weight * scale[:, None]).T + bias`` for 1 to ``GEMV_ROWS`` rows: ``x`` [M, K],
+    ``weight`` [N, K] (contiguous), ``scale`` [N] or [1, N] float32 (e4m3 weights) or None; out in
+    ``x``'s dtype."""
+    return _launch(x, weight, scale, bias, weight.shape[0], gated=False)
+
+
+def gemv_silu_mul(
+    x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = None, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``silu(g) * u`` with ``[g, u] = x @ (weight * scale[:, None]).T + bias`` split in halves:
+    the gated MLP's gate/up projection (``weight`` [2I, K], gate rows then up rows) and its
+    activation in one kernel; out [M, I] in ``x``'s dtype."""
+    return _launch(x, weight, scale, bias, weight.shape[0] // 2, gated=True)
