@@ -32,7 +32,24 @@ class AttentionMetadata:
     prefill_rows: torch.Tensor | None = None  # [Bp] int32: rows with several, when not is_decode
 
 
+class RotaryInputs(Protocol):
+    """A step's rotary embedding as a backend that applies it reads it (``models.rope.RopeStep``
+    on its Triton path, so R/2 is a power of two): rotate_half over the leading R dims of each
+    head, the rest passed through."""
+
+    positions: torch.Tensor  # [T] int64: the position each token is rotated to
+    cos_sin: torch.Tensor  # [max_positions, R] float32: the R/2 frequencies' cos, then their sin
+
+
 class AttentionBackend(Protocol):
+    """Writes a step's K/V into the paged cache and attends over it.
+
+    A backend whose class sets ``fuses_rotary = True`` also applies the rotary embedding: the
+    model may then hand ``forward`` un-rotated q and k with ``rotary``, and the backend rotates
+    both in place (k too, for any later reader) as it writes the cache, in one launch where there
+    were two. Callers ask ``fuses_rotary(backend)``; a backend without the flag never gets ``rotary``.
+    """
+
     name: str
 
     def prepare(self, meta: AttentionMetadata) -> None:
@@ -49,8 +66,14 @@ class AttentionBackend(Protocol):
         window: int = 0,  # keys a query sees, itself included (sliding window); 0: all
         softcap: float = 0.0,  # scores -> softcap * tanh(scores / softcap); 0: off
         kv_scale: tuple[float, float] = (1.0, 1.0),  # FP8 cache: stored = value / scale (K, V)
+        rotary: RotaryInputs | None = None,  # q and k come un-rotated: rotate them (fuses_rotary only)
     ) -> torch.Tensor:  # [T, H, D]
         ...
+
+
+def fuses_rotary(backend: AttentionBackend) -> bool:
+    """Whether ``backend.forward`` takes ``rotary`` (the flag is optional: the SDPA backend has none)."""
+    return getattr(backend, "fuses_rotary", False)
 
 
 FP8_MAX = 448.0  # the largest finite float8_e4m3fn

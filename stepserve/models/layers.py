@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from stepserve.attention.base import AttentionBackend, AttentionMetadata
+from stepserve.attention.base import AttentionBackend, AttentionMetadata, fuses_rotary
 from stepserve.models.rope import RopeStep, fused_ops
 
 if TYPE_CHECKING:
@@ -76,11 +76,13 @@ class Attention(nn.Module):
         v = qkv[:, self.q_size + self.kv_size :].view(-1, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
             qk = self._norm_qk(qk)
-        q, k = rope.apply(qk, self.num_heads)
-        fp8 = (
-            {"kv_scale": self.kv_scale} if kv_cache.dtype == torch.float8_e4m3fn else {}
-        )  # only FP8 caches take scales
-        out = backend.forward(q, k, v, kv_cache, meta, self.scale, window=self.window, softcap=self.softcap, **fp8)
+        opts = {"kv_scale": self.kv_scale} if kv_cache.dtype == torch.float8_e4m3fn else {}  # FP8 caches only
+        if rope.fused and fuses_rotary(backend):  # the backend rotates as it writes K: one launch, not two
+            q, k = qk[:, : self.num_heads], qk[:, self.num_heads :]
+            opts["rotary"] = rope
+        else:
+            q, k = rope.apply(qk, self.num_heads)
+        out = backend.forward(q, k, v, kv_cache, meta, self.scale, window=self.window, softcap=self.softcap, **opts)
         return self.o_proj(out.reshape(-1, self.q_size))
 
     def _norm_qk(self, qk: torch.Tensor) -> torch.Tensor:

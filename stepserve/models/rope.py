@@ -107,9 +107,15 @@ class RopeStep:
     cos: torch.Tensor | None  # [T, 1, R] in the model dtype (PyTorch path); None: fused kernel
     signed_sin: torch.Tensor | None  # [T, 1, R], first half negated (PyTorch path)
 
+    @property
+    def fused(self) -> bool:
+        """Whether a Triton kernel rotates, from ``cos_sin``: ``rotary_`` here, or an attention
+        backend that ``fuses_rotary`` as it writes the KV cache (``Attention.forward``)."""
+        return self.cos is None
+
     def apply(self, qk: torch.Tensor, num_heads: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Rotate ``qk`` [T, H + Hkv, D] (queries then keys, a view of the qkv output)."""
-        if self.cos is None:  # in place on the qkv output: one launch instead of a dozen
+        if self.fused:  # in place on the qkv output: one launch instead of a dozen
             q, k = qk[:, :num_heads], qk[:, num_heads:]
             fused_ops(qk).rotary_(q, k, self.positions, self.cos_sin)
             return q, k

@@ -2,6 +2,7 @@
 
 import contextlib
 
+import pytest
 import torch
 
 from stepserve.models.layers import RMSNorm
@@ -122,3 +123,58 @@ def test_silu_and_mul(device):
             got = triton_ops.silu_and_mul(x)
         assert torch.isfinite(got).all()
         assert rel_err(got, want) < (1e-2 if dtype == torch.bfloat16 else 1e-5)
+
+
+def kv_write_cases(device):
+    """(activation dtype, cache dtype) pairs: the interpreter has no bf16, and rounds to FP8 its own
+    way (the same in both kernels, which is all the bitwise comparison below needs)."""
+    cases = [(torch.float32, torch.float32), (torch.float16, torch.float16), (torch.float16, torch.float8_e4m3fn)]
+    if device != "cpu":
+        cases += [(torch.bfloat16, torch.bfloat16), (torch.bfloat16, torch.float8_e4m3fn)]
+    return cases
+
+
+def bits(x):
+    return x.view(torch.uint8) if x.element_size() == 1 else x.view({2: torch.int16, 4: torch.int32}[x.element_size()])
+
+
+@pytest.mark.parametrize("num_q, num_kv, head_dim", [(32, 8, 128), (4, 4, 64), (9, 3, 64)])
+@pytest.mark.parametrize("partial", [False, True], ids=["full", "partial"])
+def test_rotary_write_kv_equals_rotary_then_write_kv(device, num_q, num_kv, head_dim, partial):
+    """The fused launch against the two it replaces, bit for bit: q and k rotated in place in the
+    qkv output (v untouched), the rotated K and V at their slots of a NaN-poisoned cache (every
+    written element finite, no other element written), the dims past a partial rotary passed
+    through, FP8 caches scaled and saturated alike."""
+    from stepserve.kernels.triton import attention as K
+    from stepserve.kernels.triton import fused as triton_ops
+
+    rotary_dim = head_dim // 2 if partial else head_dim
+    rotary = Rotary(RopeConfig(500000.0, rotary_dim), 4096)
+    rotary.fill()
+    rotary = rotary.to(device)
+    tokens, block_size, num_blocks = 37, 16, 12
+    for dtype, cache_dtype in kv_write_cases(device):
+        gen = torch.Generator().manual_seed(num_q * head_dim + rotary_dim)
+        qkv = torch.randn(tokens, (num_q + 2 * num_kv) * head_dim, generator=gen)
+        qkv[:3] *= 300  # past e4m3's 448 once divided by the scale: the FP8 stores saturate
+        qkv = qkv.to(dtype).to(device)
+        positions = torch.randint(0, 4096, (tokens,), generator=gen).to(device)
+        slots = torch.randperm(num_blocks * block_size, generator=gen)[:tokens].to(device)  # over every block
+        cache = torch.full((2, num_blocks, block_size, num_kv, head_dim), float("nan")).to(cache_dtype).to(device)
+        kv_scale = (0.5, 2.0) if cache_dtype == torch.float8_e4m3fn else (1.0, 1.0)
+
+        def split(x):
+            q, k, v = x.split([num_q * head_dim, num_kv * head_dim, num_kv * head_dim], dim=-1)
+            return q.view(tokens, num_q, head_dim), k.view(tokens, num_kv, head_dim), v.view(tokens, num_kv, head_dim)
+
+        want_qkv, want_cache = qkv.clone(), cache.clone()
+        q, k, v = split(want_qkv)
+        triton_ops.rotary_(q, k, positions, rotary.cos_sin)
+        K.write_kv(k, v, want_cache, slots, kv_scale)
+        K.rotary_write_kv(*split(qkv), cache, slots, positions, rotary.cos_sin, kv_scale)
+
+        assert torch.equal(bits(qkv), bits(want_qkv)), f"{dtype}: q or k rotated differently (or v touched)"
+        assert torch.equal(bits(cache), bits(want_cache)), f"{dtype} into {cache_dtype}: the cache differs"
+        written = cache.view(2, num_blocks * block_size, num_kv, head_dim)[:, slots].float()
+        assert torch.isfinite(written).all(), "a slot element kept its NaN poison"
+        assert torch.isnan(cache.float()).sum() == cache.numel() - written.numel(), "an element off the slots written"

@@ -163,3 +163,118 @@ def test_fp8_cache_matches_sdpa(device, shape, q_lens, ctx):
         .cpu()
     )
     assert torch.equal(written[0] * 0.5, k.double().cpu()) and torch.equal(written[1] * 2.0, v.double().cpu())
+
+
+# Small models whose attention layers differ in what comes before the KV write: GQA, a partial
+# rotary (the trailing dims pass through), Qwen3's q/k norm, Gemma 3's windowed layers with their
+# own rotary base.
+MODELS = {
+    "llama-gqa": dict(architectures=["LlamaForCausalLM"], num_attention_heads=8, num_key_value_heads=2),
+    "llama-partial-rotary": dict(
+        architectures=["LlamaForCausalLM"], num_attention_heads=4, num_key_value_heads=4, partial_rotary_factor=0.5
+    ),
+    "qwen3": dict(architectures=["Qwen3ForCausalLM"], num_attention_heads=8, num_key_value_heads=2),
+    "gemma3": dict(
+        architectures=["Gemma3ForCausalLM"],
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        sliding_window=8,
+        sliding_window_pattern=2,
+        query_pre_attn_scalar=64,
+    ),
+}
+
+
+def step_meta(q_lens, seq_lens, tables, block_size, device):
+    """The runner's metadata for one step: each sequence's last ``q_lens`` tokens are new."""
+    slots, positions = [], []
+    for q, s, table in zip(q_lens, seq_lens, tables):
+        positions += range(s - q, s)
+        slots += [table[p // block_size] * block_size + p % block_size for p in range(s - q, s)]
+    i32 = lambda xs: torch.tensor(xs, dtype=torch.int32, device=device)  # noqa: E731
+    is_decode = max(q_lens) == 1
+    return AttentionMetadata(
+        slot_mapping=torch.tensor(slots, device=device),
+        positions=torch.tensor(positions, device=device),
+        query_start_loc=i32([0, *torch.tensor(q_lens).cumsum(0).tolist()]),
+        seq_lens=i32(seq_lens),
+        block_tables=i32(tables),
+        max_query_len=max(q_lens),
+        max_seq_len=max(seq_lens),
+        block_size=block_size,
+        is_decode=is_decode,
+        prefill_rows=None if is_decode else i32(range(len(q_lens))),
+    )
+
+
+@torch.inference_mode()
+def prefill_then_decode(model, backend, device, poison=float("nan")):
+    """Two prompts prefilled into scattered blocks of a cache of ``poison`` (NaN: a slot left
+    unwritten shows in the logits), then one greedy decode step each: (prefill logits, the greedy
+    tokens, decode logits, the caches)."""
+    from stepserve.worker.runner import allocate_kv_cache
+
+    tables, prompt_lens, block = [[3, 1, 6], [2, 5, 0]], [37, 13], 16
+    caches = [c.fill_(poison) for c in allocate_kv_cache(model, 8, block, torch.float32, device)]
+
+    def step(ids, q_lens, seq_lens):
+        meta = step_meta(q_lens, seq_lens, tables, block, device)
+        backend.prepare(meta)
+        return model.compute_logits(model(ids.to(device), meta.positions, caches, meta, backend))
+
+    prompts = torch.randint(0, model.cfg.vocab_size, (sum(prompt_lens),), generator=torch.Generator().manual_seed(0))
+    prefill = step(prompts, prompt_lens, prompt_lens)
+    tokens = prefill[torch.tensor(prompt_lens).cumsum(0) - 1].argmax(-1)
+    decode = step(tokens, [1, 1], [n + 1 for n in prompt_lens])
+    return prefill, tokens, decode, caches
+
+
+@pytest.mark.parametrize("family", MODELS)
+def test_model_with_the_rotary_fused_into_the_kv_write(device, family, monkeypatch):
+    """A small model's prefill and decode through the Triton backend: with the rotary fused into
+    the KV write, the logits, greedy tokens and caches of ``rotary_`` then ``write_kv`` bit for
+    bit, and the logits and tokens of SDPA with the PyTorch rotary. SDPA, which does not fuse,
+    still gets rotated q and k from the Triton rotary."""
+    from stepserve.attention.triton_backend import TritonBackend
+    from stepserve.kernels.triton import attention as K
+    from stepserve.kernels.triton import fused as triton_ops
+    from stepserve.models import rope
+    from stepserve.models.loader import ModelSource, load_model
+
+    hf = dict(
+        vocab_size=300, hidden_size=256, intermediate_size=512, num_hidden_layers=2, head_dim=64,
+        max_position_embeddings=512, rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=False,
+    )  # fmt: skip
+    hf.update(MODELS[family])
+    torch.backends.cuda.matmul.allow_tf32 = False  # float32 matmuls, as the reference's
+    source = ModelSource(None, None, "random")  # never read: dummy weights
+    model = load_model(source, hf, torch.float32, torch.device(device), 512, load_format="dummy", seed=5)
+    with torch.no_grad():
+        for layer in model.layers:  # peaked attention, so that a wrong rotation shows in the logits
+            layer.self_attn.qkv_proj.weight.mul_(5.0)
+
+    monkeypatch.setattr(rope, "fused_ops", lambda x: None)  # the PyTorch rotary
+    want = prefill_then_decode(model, SdpaBackend(), device, poison=0.0)  # SDPA reads whole pages
+    monkeypatch.setattr(rope, "fused_ops", lambda x: triton_ops)  # the Triton rotary, on the CPU too
+    sdpa = prefill_then_decode(model, SdpaBackend(), device, poison=0.0)
+    unfused = TritonBackend()
+    unfused.fuses_rotary = False  # rotary_ then write_kv
+    twin = prefill_then_decode(model, unfused, device)
+    calls, kernel = [], K.rotary_write_kv
+
+    def counted(*args):
+        calls.append(args)
+        kernel(*args)
+
+    monkeypatch.setattr(K, "rotary_write_kv", counted)
+    got = prefill_then_decode(model, TritonBackend(), device)
+
+    assert len(calls) == 2 * len(model.layers), "the fused kernel did not run in every layer of both steps"
+    for a, b in zip([*got[:3], *got[3]], [*twin[:3], *twin[3]]):
+        assert torch.equal(a.view(torch.int32), b.view(torch.int32))  # the caches' NaN poison too
+    for run in (got, sdpa):
+        assert torch.equal(run[1], want[1]), "greedy tokens differ from SDPA's with the PyTorch rotary"
+        for a, b in ((run[0], want[0]), (run[2], want[2])):
+            assert torch.isfinite(a).all()
+            err = ((a.double().cpu() - b.double().cpu()).norm() / b.double().cpu().norm()).item()
+            assert err < 1e-4, f"relative error {err:.2e} against SDPA with the PyTorch rotary"

@@ -5,6 +5,9 @@ tables map a sequence's logical blocks to physical ones; the null block 0 pads t
 
 - ``write_kv``: one launch stores K and V of every new token at its slot (the projections'
   outputs are strided views of the fused qkv matmul, so no copy is made first).
+- ``rotary_write_kv``: the rotary embedding of q and k (``fused.rotary_``) and ``write_kv`` in
+  one launch, the rotated K stored from registers: one launch fewer per layer, which a decode
+  step of a CUDA graph pays for in idle GPU time.
 - ``paged_decode``: one new token per sequence. A program owns one (sequence, KV head, split):
   the query heads sharing that KV head are stacked as the rows of one ``tl.dot`` (GQA), so each
   K/V tile is read once for the whole group. Long contexts are split along the sequence into
@@ -32,6 +35,8 @@ import torch
 import triton
 import triton.language as tl
 
+from stepserve.kernels.triton.fused import rotary_table, rotate_heads_
+
 LOG2E = 1.4426950408889634
 NO_WINDOW = 1 << 30  # a window no context reaches: the kernels' "attend to everything"
 # Prefill runs up to this many tokens take the GQA-grouped program (bench/prefill_kernel.py): it
@@ -43,6 +48,14 @@ GROUPED_MAX_QUERY_LEN = 64
 def _precision(q: torch.Tensor) -> str:
     """float32 stays float32 (tf32 would break parity with the CPU reference); 16-bit is native."""
     return "ieee" if q.dtype == torch.float32 else "tf32"
+
+
+@triton.jit
+def _cached(x, scale, cache_ptr, KV_FP8: tl.constexpr):
+    """``x`` as the cache stores it: ``x / scale`` saturated to e4m3 (it has no infinity) for FP8."""
+    if KV_FP8:
+        x = tl.minimum(tl.maximum(x.to(tl.float32) / scale, -448.0), 448.0).to(cache_ptr.dtype.element_ty)
+    return x
 
 
 @triton.jit
@@ -72,12 +85,9 @@ def _write_kv_kernel(
     mask = h < NUM_KV_HEADS
     k = tl.load(k_ptr + t * stride_kt + h * stride_kh + d, mask=mask)
     v = tl.load(v_ptr + t * stride_vt + h * stride_vh + d, mask=mask)
-    if KV_FP8:  # saturated: e4m3fn has no infinity
-        k = tl.minimum(tl.maximum(k.to(tl.float32) / k_scale, -448.0), 448.0).to(k_cache_ptr.dtype.element_ty)
-        v = tl.minimum(tl.maximum(v.to(tl.float32) / v_scale, -448.0), 448.0).to(v_cache_ptr.dtype.element_ty)
     dst = slot * stride_cs + h * stride_ch + d
-    tl.store(k_cache_ptr + dst, k, mask=mask)
-    tl.store(v_cache_ptr + dst, v, mask=mask)
+    tl.store(k_cache_ptr + dst, _cached(k, k_scale, k_cache_ptr, KV_FP8), mask=mask)
+    tl.store(v_cache_ptr + dst, _cached(v, v_scale, v_cache_ptr, KV_FP8), mask=mask)
 
 
 def _fp8(kv_cache: torch.Tensor) -> bool:
@@ -110,6 +120,109 @@ def write_kv(
         HEADS_PAD=triton.next_power_of_2(num_kv_heads),
         HEAD_DIM=head_dim,
         KV_FP8=_fp8(kv_cache),
+    )
+
+
+@triton.jit
+def _rotary_write_kv_kernel(
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    k_cache_ptr,
+    v_cache_ptr,
+    slot_ptr,
+    pos_ptr,
+    cos_sin_ptr,
+    stride_qt,
+    stride_qh,
+    stride_kt,
+    stride_kh,
+    stride_vt,
+    stride_vh,
+    stride_cs,
+    stride_ch,
+    k_scale,
+    v_scale,
+    NUM_HEADS: tl.constexpr,
+    NUM_KV_HEADS: tl.constexpr,
+    Q_PAD: tl.constexpr,
+    KV_PAD: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    HALF: tl.constexpr,
+    TAIL: tl.constexpr,
+    KV_FP8: tl.constexpr,
+):
+    # rotary_'s arithmetic and write_kv's stores. The rotated K goes to the cache from registers:
+    # reloading what this program just stored in place would need a barrier to see it.
+    t = tl.program_id(0).to(tl.int64)
+    slot = tl.load(slot_ptr + t).to(tl.int64)
+    cos, sin = rotary_table(cos_sin_ptr, tl.load(pos_ptr + t), HALF)
+    hq = tl.arange(0, Q_PAD)[:, None]
+    rotate_heads_(q_ptr + t * stride_qt + hq * stride_qh, cos, sin, hq < NUM_HEADS, HALF)
+    h = tl.arange(0, KV_PAD)[:, None]
+    mask = h < NUM_KV_HEADS
+    k_heads = k_ptr + t * stride_kt + h * stride_kh
+    k1, k2 = rotate_heads_(k_heads, cos, sin, mask, HALF)
+    dst = k_cache_ptr + slot * stride_cs + h * stride_ch
+    d = tl.arange(0, HALF)[None, :]
+    tl.store(dst + d, _cached(k1, k_scale, k_cache_ptr, KV_FP8), mask=mask)
+    tl.store(dst + HALF + d, _cached(k2, k_scale, k_cache_ptr, KV_FP8), mask=mask)
+    if TAIL > 0:  # partial rotary: the dims past the rotated ones pass through
+        e = 2 * HALF + tl.arange(0, TAIL)[None, :]
+        tail_mask = mask & (e < HEAD_DIM)
+        tail = tl.load(k_heads + e, mask=tail_mask)
+        tl.store(dst + e, _cached(tail, k_scale, k_cache_ptr, KV_FP8), mask=tail_mask)
+    d = tl.arange(0, HEAD_DIM)[None, :]
+    v = tl.load(v_ptr + t * stride_vt + h * stride_vh + d, mask=mask)
+    tl.store(v_cache_ptr + slot * stride_cs + h * stride_ch + d, _cached(v, v_scale, v_cache_ptr, KV_FP8), mask=mask)
+
+
+def rotary_write_kv(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    kv_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    positions: torch.Tensor,
+    cos_sin: torch.Tensor,
+    kv_scale=(1.0, 1.0),
+) -> None:
+    """``fused.rotary_`` then ``write_kv`` in one launch: rotate q ``[T, H, D]`` and k ``[T, Hkv, D]``
+    in place (strided views of the qkv output; the leading ``cos_sin.shape[1]`` dims of each head)
+    and store the rotated K and V at their cache slots. The same arithmetic, so the same bits."""
+    num_tokens, num_heads, head_dim = q.shape
+    if num_tokens == 0:
+        return
+    num_kv_heads, rotary_dim = k.shape[1], cos_sin.shape[1]
+    k_cache, v_cache = kv_cache[0], kv_cache[1]
+    _rotary_write_kv_kernel[(num_tokens,)](
+        q,
+        k,
+        v,
+        k_cache,
+        v_cache,
+        slot_mapping,
+        positions,
+        cos_sin,
+        q.stride(0),
+        q.stride(1),
+        k.stride(0),
+        k.stride(1),
+        v.stride(0),
+        v.stride(1),
+        k_cache.stride(1),
+        k_cache.stride(2),
+        kv_scale[0],
+        kv_scale[1],
+        NUM_HEADS=num_heads,
+        NUM_KV_HEADS=num_kv_heads,
+        Q_PAD=triton.next_power_of_2(num_heads),
+        KV_PAD=triton.next_power_of_2(num_kv_heads),
+        HEAD_DIM=head_dim,
+        HALF=rotary_dim // 2,
+        TAIL=triton.next_power_of_2(head_dim - rotary_dim) if rotary_dim < head_dim else 0,
+        KV_FP8=_fp8(kv_cache),
+        num_warps=4,
     )
 
 

@@ -6,7 +6,9 @@ to within reduction order:
 
 - ``rms_norm``: optional residual add (rounded to the activation dtype, as ``x + residual`` is),
   then RMSNorm in float32, rounded, then times the weight.
-- ``rotary_``: rotate_half rotary embedding of q and k, in place on the fused qkv output.
+- ``rotary_``: rotate_half rotary embedding of q and k, in place on the fused qkv output (its
+  steps ``rotary_table`` and ``rotate_heads_`` are shared with ``attention.rotary_write_kv``,
+  which also stores K and V in the cache).
 - ``rms_norm_heads_``: the per-head RMSNorm of q and k (Qwen3), in place on the same output.
 - ``silu_and_mul``: ``silu(gate)`` rounded, times ``up``, rounded.
 """
@@ -73,6 +75,30 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.
 
 
 @triton.jit
+def rotary_table(cos_sin_ptr, pos, HALF: tl.constexpr):
+    """cos and sin of position ``pos`` from the ``[max_positions, 2 * HALF]`` table, as ``[1, HALF]`` rows."""
+    d = tl.arange(0, HALF)
+    cos = tl.load(cos_sin_ptr + pos * (2 * HALF) + d)[None, :]
+    sin = tl.load(cos_sin_ptr + pos * (2 * HALF) + HALF + d)[None, :]
+    return cos, sin
+
+
+@triton.jit
+def rotate_heads_(base, cos, sin, mask, HALF: tl.constexpr):
+    """Rotate the leading ``2 * HALF`` dims of the heads at ``base`` (``[heads, 1]`` pointers) in
+    place, rotate_half in float32 rounded once; returns the rotated halves as stored."""
+    d = tl.arange(0, HALF)[None, :]
+    x1 = tl.load(base + d, mask=mask, other=0.0)
+    x2 = tl.load(base + HALF + d, mask=mask, other=0.0)
+    a, b = x1.to(tl.float32), x2.to(tl.float32)
+    y1 = (a * cos - b * sin).to(x1.dtype)
+    y2 = (b * cos + a * sin).to(x1.dtype)
+    tl.store(base + d, y1, mask=mask)
+    tl.store(base + HALF + d, y2, mask=mask)
+    return y1, y2
+
+
+@triton.jit
 def _rotary_kernel(
     q_ptr,
     k_ptr,
@@ -88,23 +114,10 @@ def _rotary_kernel(
     HALF: tl.constexpr,
 ):
     t = tl.program_id(0).to(tl.int64)
-    pos = tl.load(pos_ptr + t)
-    d = tl.arange(0, HALF)
-    cos = tl.load(cos_sin_ptr + pos * (2 * HALF) + d)[None, :]
-    sin = tl.load(cos_sin_ptr + pos * (2 * HALF) + HALF + d)[None, :]
+    cos, sin = rotary_table(cos_sin_ptr, tl.load(pos_ptr + t), HALF)
     h = tl.arange(0, HEADS_PAD)[:, None]
-    for which in tl.static_range(2):
-        if which == 0:
-            base = q_ptr + t * stride_qt + h * stride_qh
-            mask = h < NUM_Q
-        else:
-            base = k_ptr + t * stride_kt + h * stride_kh
-            mask = h < NUM_K
-        x1 = tl.load(base + d[None, :], mask=mask, other=0.0)
-        x2 = tl.load(base + HALF + d[None, :], mask=mask, other=0.0)
-        a, b = x1.to(tl.float32), x2.to(tl.float32)
-        tl.store(base + d[None, :], (a * cos - b * sin).to(x1.dtype), mask=mask)
-        tl.store(base + HALF + d[None, :], (b * cos + a * sin).to(x1.dtype), mask=mask)
+    rotate_heads_(q_ptr + t * stride_qt + h * stride_qh, cos, sin, h < NUM_Q, HALF)
+    rotate_heads_(k_ptr + t * stride_kt + h * stride_kh, cos, sin, h < NUM_K, HALF)
 
 
 def rotary_(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor) -> None:
