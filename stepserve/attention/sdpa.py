@@ -68,6 +68,7 @@ class _Group:
 
 class SdpaBackend:
     name = "sdpa"
+    fuses_rotary = False  # q and k come rotated (models/rope.py); see AttentionBackend
 
     def prepare(self, meta: AttentionMetadata) -> None:
         qsl = meta.query_start_loc.long()
