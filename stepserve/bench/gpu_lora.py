@@ -59,7 +59,7 @@ from stepserve.bench.gpu import (
     write_model_dir,
 )
 from stepserve.bench.gpu_moe import kernel_table, top_kernels
-from stepserve.checkpoint.lora import WEIGHTS_FILE, base_shapes, read_adapter_config
+from stepserve.checkpoint.lora import WEIGHTS_FILE, layer_shapes, read_adapter_config
 from stepserve.core.outputs import LoraRef
 from stepserve.models.config import DecoderConfig
 from stepserve.models.registry import decoder_config
@@ -84,16 +84,16 @@ def write_adapter(
     device: str = "cpu",
 ) -> Path:
     """A PEFT LoRA folder as ``peft``'s ``save_pretrained`` writes it, made without ``peft``:
-    rank ``rank`` on every adaptable projection of every layer (``checkpoint.lora.base_shapes``),
+    rank ``rank`` on every adaptable projection of every layer (``checkpoint.lora.layer_shapes``),
     ``lora_A`` [rank, in] and ``lora_B`` [out, rank] drawn N(0, 0.01) in bf16 (PEFT starts B at
     zero; a random B makes the adapter change the model's output). Drawn on ``device``: the 8B
     shape's 448 tensors take seconds each adapter on a few CPU cores, milliseconds on a GPU."""
     from safetensors.torch import save_file
 
-    shapes = base_shapes(cfg)
     gen = torch.Generator(device=device).manual_seed(seed)
-    tensors = {}
-    for layer in range(cfg.num_layers):
+    tensors, targets = {}, set()
+    for layer, shapes in enumerate(layer_shapes(cfg)):
+        targets.update(module.rsplit(".", 1)[-1] for module in shapes)
         for module, (inner, outer) in shapes.items():
             block = "self_attn" if module in ATTENTION else "mlp"
             prefix = f"base_model.model.model.layers.{layer}.{block}.{module}"
@@ -105,7 +105,7 @@ def write_adapter(
         "peft_type": "LORA",
         "r": rank,
         "lora_alpha": alpha,
-        "target_modules": list(shapes),
+        "target_modules": sorted(targets),
         "bias": "none",
         "base_model_name_or_path": base_model,
     }
@@ -122,7 +122,7 @@ def write_adapters(root: Path, cfg: DecoderConfig, count: int = NUM_ADAPTERS, de
     refs = []
     for i in range(count):
         path = write_adapter(root / f"adapter-{i}", cfg, seed=i, device=device)
-        read_adapter_config(path, RANK, cfg.num_layers, base_shapes(cfg))
+        read_adapter_config(path, RANK, layer_shapes(cfg))
         refs.append(LoraRef(i + 1, f"adapter-{i}", str(path)))
     return refs
 

@@ -16,9 +16,12 @@ from stepserve.config import ConfigError
 
 SUPPORTED_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 WEIGHTS_FILE = "adapter_model.safetensors"
+# module: a projection's PEFT name, with "shared_expert." before it for Qwen2-MoE's shared expert
 _NAME = re.compile(
-    r"^(?:base_model\.model\.)?(?:model\.)?layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)\.lora_([AB])\.weight$"
+    r"^(?:base_model\.model\.)?(?:model\.)?layers\.(\d+)\.(?:self_attn|mlp)\.((?:shared_expert\.)?\w+)"
+    r"\.lora_([AB])\.weight$"
 )
+_ROUTED_EXPERTS = re.compile(r"\.mlp\.experts\.")  # PEFT's target_parameters, or per-expert modules
 
 
 @dataclass(frozen=True)
@@ -31,11 +34,12 @@ class AdapterConfig:
 
 
 def read_adapter_config(
-    path: str | Path, max_rank: int, num_layers: int | None = None, shapes: dict[str, tuple[int, int]] | None = None
+    path: str | Path, max_rank: int, shapes: list[dict[str, tuple[int, int]]] | None = None
 ) -> AdapterConfig:
     """The adapter at ``path``, checked: a PEFT LoRA of rank <= ``max_rank`` on projections this
-    server adapts, with its weights in safetensors, and (given the base model's ``shapes``:
-    module -> (in, out)) of the base's shapes. ``ConfigError`` naming what is wrong."""
+    server adapts, with its weights in safetensors, and (given the base model's ``shapes``, per
+    layer module -> (in, out): ``layer_shapes``) of the base's layers and shapes. ``ConfigError``
+    naming what is wrong."""
     folder = Path(path)
     config_file = folder / "adapter_config.json"
     if not config_file.is_file():
@@ -58,26 +62,24 @@ def read_adapter_config(
         raise ConfigError(f"{folder}: rank {rank} is above --max-lora-rank {max_rank}")
     alpha = float(cfg.get("lora_alpha", rank))
     scaling = alpha / math.sqrt(rank) if cfg.get("use_rslora") else alpha / rank
-    if cfg.get("rank_pattern") or cfg.get("alpha_pattern"):
-        raise ConfigError(f"{folder}: per-module rank_pattern/alpha_pattern is not supported")
     weights = folder / WEIGHTS_FILE
     if not weights.is_file():
         raise ConfigError(f"{folder}: {WEIGHTS_FILE} is missing (adapters in .bin are not read)")
     modules = set()
     for name, shape in _tensor_shapes(weights).items():
-        match = _NAME.match(name)
-        if match is None:
-            raise ConfigError(f"{folder}: tensor {name!r} is not a LoRA weight of a decoder projection")
-        layer, module = int(match[1]), match[2]
-        if module not in SUPPORTED_MODULES:
+        layer, module, which = _parse(name, folder)
+        if module.removeprefix("shared_expert.") not in SUPPORTED_MODULES:
             raise ConfigError(f"{folder}: it adapts {module!r}; supported targets: {', '.join(SUPPORTED_MODULES)}")
-        if num_layers is not None and layer >= num_layers:
-            raise ConfigError(f"{folder}: it adapts layer {layer}, but the base model has {num_layers} layers")
-        if shapes is not None and module not in shapes:
-            raise ConfigError(f"{folder}: it adapts {module}, which this base model has no dense projection for")
+        if shapes is not None and layer >= len(shapes):
+            raise ConfigError(f"{folder}: it adapts layer {layer}, but the base model has {len(shapes)} layers")
+        if shapes is not None and module not in shapes[layer]:
+            raise ConfigError(
+                f"{folder}: it adapts {module} in layer {layer}, but layer {layer} has no {module} to adapt "
+                "(a mixture-of-experts layer adapts its attention, and its shared expert where it has one)"
+            )
         if shapes is not None:
-            inner, outer = shapes[module]
-            want = (rank, inner) if match[3] == "A" else (outer, rank)
+            inner, outer = shapes[layer][module]
+            want = (rank, inner) if which == "A" else (outer, rank)
             if tuple(shape) != want:
                 raise ConfigError(
                     f"{folder}: {name} has shape {tuple(shape)}, the base model needs {want}: "
@@ -86,14 +88,26 @@ def read_adapter_config(
         modules.add(module)
     if not modules:
         raise ConfigError(f"{folder}: {WEIGHTS_FILE} holds no LoRA weights")
+    if cfg.get("rank_pattern") or cfg.get("alpha_pattern"):  # after the tensors, which name a worse problem first
+        raise ConfigError(f"{folder}: per-module rank_pattern/alpha_pattern is not supported")
     return AdapterConfig(str(folder), rank, scaling, tuple(sorted(modules)), cfg.get("base_model_name_or_path"))
 
 
 def parse_tensor_name(name: str) -> tuple[int, str, str]:
     """(layer, PEFT module, "A" or "B") of an adapter tensor's name."""
+    return _parse(name, None)
+
+
+def _parse(name: str, folder: Path | None) -> tuple[int, str, str]:
+    where = f"{folder}: " if folder else ""
+    if _ROUTED_EXPERTS.search(name):
+        raise ConfigError(
+            f"{where}tensor {name!r} adapts a mixture's routed experts, which take no adapter here "
+            "(supported: the attention, dense MLP and shared-expert projections)"
+        )
     match = _NAME.match(name)
     if match is None:
-        raise ConfigError(f"tensor {name!r} is not a LoRA weight of a decoder projection")
+        raise ConfigError(f"{where}tensor {name!r} is not a LoRA weight of a decoder projection")
     return int(match[1]), match[2], match[3]
 
 
@@ -105,16 +119,24 @@ def _tensor_shapes(path: Path) -> dict[str, list[int]]:
     return {name: entry["shape"] for name, entry in header.items() if name != "__metadata__"}
 
 
-def base_shapes(cfg) -> dict[str, tuple[int, int]]:
-    """(in, out) of each adaptable projection of a ``DecoderConfig`` (a mixture of experts: the
-    attention's only; its experts take no adapter)."""
-    q, kv, hidden, inner = (
-        cfg.num_heads * cfg.head_dim,
-        cfg.num_kv_heads * cfg.head_dim,
-        cfg.hidden_size,
-        cfg.intermediate_size,
-    )
-    shapes = {"q_proj": (hidden, q), "k_proj": (hidden, kv), "v_proj": (hidden, kv), "o_proj": (q, hidden)}
-    if cfg.moe is None:
-        shapes |= {"gate_proj": (hidden, inner), "up_proj": (hidden, inner), "down_proj": (inner, hidden)}
-    return shapes
+def layer_shapes(cfg) -> list[dict[str, tuple[int, int]]]:
+    """Per layer of a ``DecoderConfig``, (in, out) of each projection an adapter may target: the
+    attention's; the MLP's where the layer is dense; in a mixture-of-experts layer, its shared
+    expert's (Qwen2-MoE, as ``shared_expert.gate_proj`` ...). Routed experts take none."""
+    q, kv, hidden = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim, cfg.hidden_size
+    attention = {"q_proj": (hidden, q), "k_proj": (hidden, kv), "v_proj": (hidden, kv), "o_proj": (q, hidden)}
+
+    def mlp(inner: int, prefix: str = "") -> dict[str, tuple[int, int]]:
+        shapes = {"gate_proj": (hidden, inner), "up_proj": (hidden, inner), "down_proj": (inner, hidden)}
+        return {prefix + name: shape for name, shape in shapes.items()}
+
+    moe = cfg.moe
+    out = []
+    for sparse in moe.sparse_layers if moe is not None else (False,) * cfg.num_layers:
+        if not sparse:
+            out.append(attention | mlp(cfg.intermediate_size))
+        elif moe.shared_intermediate_size:
+            out.append(attention | mlp(moe.shared_intermediate_size, "shared_expert."))
+        else:
+            out.append(dict(attention))
+    return out

@@ -169,7 +169,7 @@ def _lora_registry(args: argparse.Namespace, engine_config, served_name: str):
             raise ConfigError("--lora-modules needs --enable-lora")
         return None
     from stepserve.checkpoint.config import read_config
-    from stepserve.checkpoint.lora import base_shapes
+    from stepserve.checkpoint.lora import layer_shapes
     from stepserve.checkpoint.source import resolve_source
     from stepserve.models.registry import decoder_config
 
@@ -178,7 +178,7 @@ def _lora_registry(args: argparse.Namespace, engine_config, served_name: str):
     if engine_config.parallel.tensor_parallel_size > 1:
         raise ConfigError("--enable-lora with --tensor-parallel-size above 1 is not supported yet")
     lora = engine_config.lora
-    registry = LoraRegistry(served_name, lora.max_lora_rank, lora.max_loras, cfg.num_layers, base_shapes(cfg))
+    registry = LoraRegistry(served_name, lora.max_lora_rank, lora.max_loras, layer_shapes(cfg))
     for name, path in modules:
         try:
             registry.add(name, path)

@@ -68,6 +68,8 @@ TARGETS = {
     "o_proj": ("o_proj",),
     "gate_up_proj": ("gate_proj", "up_proj"),
     "down_proj": ("down_proj",),
+    "shared_expert.gate_up_proj": ("shared_expert.gate_proj", "shared_expert.up_proj"),  # Qwen2-MoE
+    "shared_expert.down_proj": ("shared_expert.down_proj",),
 }
 PEFT_MODULES = frozenset(m for slices in TARGETS.values() for m in slices)
 
@@ -131,8 +133,8 @@ class LoraLinear(nn.Module):
 
 
 def attach_lora(model: nn.Module, max_loras: int, max_rank: int) -> LoraState:
-    """Wrap every adaptable projection of the model's layers in a ``LoraLinear`` (slots of zeros);
-    the layers' mixtures of experts are left as they are (adapters on attention only there)."""
+    """Wrap every adaptable projection of the model's layers in a ``LoraLinear`` (slots of zeros):
+    the attention's, a dense MLP's, and a mixture's shared expert (its routed experts take none)."""
     state = LoraState()
     cfg = model.cfg
     for layer in model.layers:
@@ -140,13 +142,22 @@ def attach_lora(model: nn.Module, max_loras: int, max_rank: int) -> LoraState:
         kv = attn.num_kv_heads * attn.head_dim
         attn.qkv_proj = LoraLinear(attn.qkv_proj, (attn.q_size, kv, kv), max_loras, max_rank, state)
         attn.o_proj = LoraLinear(attn.o_proj, (cfg.hidden_size,), max_loras, max_rank, state)
-        mlp = layer.mlp
-        if hasattr(mlp, "gate_up_proj"):
+        for mlp in _gated_mlps(layer).values():
             inner = mlp.down_proj.weight.shape[1]
             mlp.gate_up_proj = LoraLinear(mlp.gate_up_proj, (inner, inner), max_loras, max_rank, state)
             mlp.down_proj = LoraLinear(mlp.down_proj, (cfg.hidden_size,), max_loras, max_rank, state)
     model.lora_state = state
     return state
+
+
+def _gated_mlps(layer: nn.Module) -> dict[str, nn.Module]:
+    """A layer's gated MLPs an adapter may target, by the prefix of their TARGETS: the dense MLP
+    (""), or a mixture's shared expert ("shared_expert.")."""
+    mlp = layer.mlp
+    if hasattr(mlp, "gate_up_proj"):
+        return {"": mlp}
+    shared = getattr(mlp, "shared_expert", None)
+    return {"shared_expert.": shared} if shared is not None else {}
 
 
 def warm_up_lora_kernels(model: nn.Module, max_tokens: int) -> int:
@@ -172,10 +183,11 @@ def adapted_layers(model: nn.Module) -> list[dict[str, LoraLinear]]:
             module = getattr(layer.self_attn, name)
             if isinstance(module, LoraLinear):
                 found[name] = module
-        for name in ("gate_up_proj", "down_proj"):
-            module = getattr(layer.mlp, name, None)
-            if isinstance(module, LoraLinear):
-                found[name] = module
+        for prefix, mlp in _gated_mlps(layer).items():
+            for name in ("gate_up_proj", "down_proj"):
+                module = getattr(mlp, name)
+                if isinstance(module, LoraLinear):
+                    found[prefix + name] = module
         out.append(found)
     return out
 

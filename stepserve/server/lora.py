@@ -38,14 +38,12 @@ class LoraRegistry:
         base_name: str,
         max_rank: int,
         max_loras: int = 1,
-        num_layers: int | None = None,
-        shapes: dict[str, tuple[int, int]] | None = None,
+        shapes: list[dict[str, tuple[int, int]]] | None = None,
     ) -> None:
         self.base_name = base_name
         self.max_rank = max_rank
         self.max_loras = max_loras  # adapters resident at once (the metric's max_lora)
-        self.num_layers = num_layers
-        self.shapes = shapes  # (in, out) per adaptable projection of the base, checked against each adapter
+        self.shapes = shapes  # per layer, (in, out) of each adaptable projection (checkpoint.lora.layer_shapes)
         self._adapters: dict[str, LoraRef] = {}
         self._ids = itertools.count(1)
         self._lock = threading.Lock()
@@ -64,7 +62,7 @@ class LoraRegistry:
                 f"lora_name {name!r} must be non-empty and not the base model's name", "lora_name"
             )
         try:
-            config = read_adapter_config(path, self.max_rank, self.num_layers, self.shapes)
+            config = read_adapter_config(path, self.max_rank, self.shapes)
         except ConfigError as exc:
             raise InvalidRequestError(str(exc), param) from None
         with self._lock:

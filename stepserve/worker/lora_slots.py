@@ -53,7 +53,7 @@ class LoraSlots:
     def _load(self, ref: LoraRef, slot: int) -> None:
         weights = self._host.get(ref.id)
         if weights is None:
-            config = read_adapter_config(ref.path, self.max_rank, len(self.layers))
+            config = read_adapter_config(ref.path, self.max_rank)
             weights = read_adapter_weights(config, self.layers)
             self._host[ref.id] = weights
             while len(self._host) > self.max_cpu:

@@ -6,7 +6,7 @@ import json
 from safetensors import safe_open
 
 from stepserve.bench.gpu_lora import write_adapter, write_adapters
-from stepserve.checkpoint.lora import SUPPORTED_MODULES, WEIGHTS_FILE, base_shapes, read_adapter_config
+from stepserve.checkpoint.lora import SUPPORTED_MODULES, WEIGHTS_FILE, layer_shapes, read_adapter_config
 from stepserve.models.registry import decoder_config
 
 # The 8B shape's layout, shrunk: grouped KV heads, a head_dim apart from hidden / heads.
@@ -32,7 +32,7 @@ TINY = dict(
 def test_adapter_is_accepted_with_the_base_shapes(tmp_path):
     cfg = decoder_config(TINY, 256)
     path = write_adapter(tmp_path / "a", cfg, seed=0, rank=16, alpha=32)
-    adapter = read_adapter_config(path, 16, cfg.num_layers, base_shapes(cfg))
+    adapter = read_adapter_config(path, 16, layer_shapes(cfg))
     assert adapter.rank == 16 and adapter.scaling == 2.0
     assert set(adapter.modules) == set(SUPPORTED_MODULES)
     assert json.loads((path / "adapter_config.json").read_text())["base_model_name_or_path"] == "random-8b"
