@@ -39,6 +39,10 @@
 #            `stepserve serve` at 256 streams and at one, then the engine core killed and the time
 #            to healthy again (ARGS go to the benchmark); gpu_bench.json and the server's log in
 #            serve/, its startup and restart lines in serve/restart_lines.log
+#   kernels  the kernel sweeps, each a step: bench/gemv.py (few-row projections), bench/lora_kernel.py
+#            and bench/moe_kernel.py (ARGS name the sweeps to run, e.g. gemv moe_kernel; default all
+#            three); gemv.json, lora_kernel.json, moe_kernel.json and their logs. They need only
+#            torch and triton, so they can share a call with part 1 of the embedded model
 #   all      tests, offline and serve, one after the other (no ARGS)
 #   setup    only the setup below
 #
@@ -52,12 +56,12 @@
 # everything under the results folder into results.tgz (the default when $OUT is set, since a
 # lent device machine brings back only a few files); PACK=0 keeps the files as they are.
 set -o pipefail
-mode=${1:?usage: bash bench/device_call.sh tests|offline|moe|lora|spec|long|serve|all|setup [ARGS...]}
+mode=${1:?usage: bash bench/device_call.sh tests|offline|moe|lora|spec|long|serve|kernels|all|setup [ARGS...]}
 shift
 case $mode in
-tests|offline|moe|lora|spec|long|serve|setup) ;;
+tests|offline|moe|lora|spec|long|serve|kernels|setup) ;;
 all) [ $# -eq 0 ] || { echo "all takes no ARGS" >&2; exit 2; } ;;
-*) echo "unknown mode: $mode (tests, offline, moe, lora, spec, long, serve, all, setup)" >&2; exit 2 ;;
+*) echo "unknown mode: $mode (tests, offline, moe, lora, spec, long, serve, kernels, all, setup)" >&2; exit 2 ;;
 esac
 PACK=${PACK:-$([ -n "${OUT:-}" ] && echo 1 || echo 0)}
 OUT=${OUT:-$PWD/bench-out}
@@ -115,8 +119,15 @@ run_serve() {
     [ -f "$OUT/serve/serve_8b.log" ] && grep -h -e "spare" -e "engine core process" -e "model memory on" -e "model weights on" \
         -e "captured" -e "engine ready" -e "restart" "$OUT/serve/serve_8b.log" > "$OUT/serve/restart_lines.log"
 }
+run_kernels() {  # the sweeps print as they go: a step cut by STEP_TIMEOUT still leaves its log
+    local sweep
+    for sweep in "${@:-gemv lora_kernel moe_kernel}"; do
+        for sweep in $sweep; do step "$sweep.log" python3 "bench/$sweep.py" "$OUT/$sweep.json"; done
+    done
+}
 case $mode in
 tests) run_tests "$@" ;;
+kernels) run_kernels "$@" ;;
 offline) run_offline "$@" ;;
 moe) run_moe "$@" ;;
 lora) run_lora "$@" ;;
