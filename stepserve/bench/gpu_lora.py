@@ -94,7 +94,9 @@ def write_adapter(
     tensors, targets = {}, set()
     for layer, shapes in enumerate(layer_shapes(cfg)):
         targets.update(module.rsplit(".", 1)[-1] for module in shapes)
-        for module, (inner, outer) in shapes.items():
+        for module, (inner, outer, experts) in shapes.items():
+            if experts > 1:
+                continue  # the benchmark's base is dense
             block = "self_attn" if module in ATTENTION else "mlp"
             prefix = f"base_model.model.model.layers.{layer}.{block}.{module}"
             tensors[f"{prefix}.lora_A.weight"] = _normal((rank, inner), gen)

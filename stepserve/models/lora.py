@@ -14,9 +14,15 @@ The batched computation is one operation behind one interface,
 slot ``s = slots[t]`` of each token, nothing where ``s < 0`` (the base model). ``lora_reference``
 is the PyTorch twin (tokens grouped by slot, one matmul pair per slot in use) for the CPU and the
 GPU tests; the Triton kernels (``kernels.triton.lora``) run it on CUDA.
+
+A mixture's stacked experts take adapters too (``ExpertLora``): each (slot, expert) pair is a
+LoRA of its own, so the same operation computes every token copy's delta with the pair
+``slot * E + expert`` as its slot (``ExpertLoraInputs``, read by ``models.moe.experts``).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -59,6 +65,26 @@ def lora_delta(
     return lora_reference(y, x, lora_a, lora_b, slots)
 
 
+@dataclass(frozen=True)
+class ExpertLoraInputs:
+    """A forward's adapters on the stacked experts (``models.lora.ExpertLora``): the delta of
+    token copy (t, k) with expert ``e`` is that of pair ``slots[t] * E + e`` (none where
+    ``slots[t]`` is -1, the base), added to gate/up before the activation and to the expert's
+    output, each as ``models.lora.lora_delta`` computes it."""
+
+    a13: torch.Tensor  # [S * E, R13, H]
+    b13: torch.Tensor  # [S * E, 2I, R13], scaled
+    a2: torch.Tensor  # [S * E, R, I]
+    b2: torch.Tensor  # [S * E, H, R], scaled
+    slots: torch.Tensor  # [T] int32: each token's adapter slot, -1 for the base
+    groups: dict  # the forward's shared LoRA groupings (LoraState.groups)
+
+    def pairs(self, tokens: torch.Tensor, expert: torch.Tensor | int, num_experts: int) -> torch.Tensor:
+        """The (slot, expert) pair of copies of ``tokens`` routed to ``expert``; -1 for the base."""
+        slot = self.slots.long()[tokens]
+        return torch.where(slot >= 0, slot * num_experts + expert, -1)
+
+
 # -- adapters on a model ------------------------------------------------------------------
 
 # The projections an adapter may target, and the PEFT module names each one stands for (its slices,
@@ -70,6 +96,7 @@ TARGETS = {
     "down_proj": ("down_proj",),
     "shared_expert.gate_up_proj": ("shared_expert.gate_proj", "shared_expert.up_proj"),  # Qwen2-MoE
     "shared_expert.down_proj": ("shared_expert.down_proj",),
+    "experts": ("experts.gate_up_proj", "experts.down_proj"),  # a mixture's stacked experts (ExpertLora)
 }
 PEFT_MODULES = frozenset(m for slices in TARGETS.values() for m in slices)
 
@@ -97,6 +124,8 @@ class LoraState:
 class LoraLinear(nn.Module):
     """A projection plus the batched delta of its adapters (see the module docstring)."""
 
+    experts = 1  # the pair's factor: one A and one B (see ExpertLora)
+
     def __init__(self, base: nn.Module, slices: tuple[int, ...], max_loras: int, max_rank: int, state: LoraState):
         super().__init__()
         self.base = base
@@ -117,6 +146,13 @@ class LoraLinear(nn.Module):
             return y
         return lora_delta(y, x.to(self.lora_a.dtype), self.lora_a, self.lora_b, slots, self.state.groups)
 
+    def inner(self, index: int) -> int:
+        """The input width of slice ``index`` (every slice reads the projection's input)."""
+        return self.lora_a.shape[2]
+
+    def max_rank_of(self, index: int) -> int:
+        return self.max_rank
+
     def load(self, slot: int, slices: list[tuple[torch.Tensor, torch.Tensor] | None]) -> None:
         """Fill ``slot`` with one adapter: per slice, (A [r, in], B scaled [out_slice, r]) or None."""
         self.lora_a[slot].zero_()
@@ -132,9 +168,70 @@ class LoraLinear(nn.Module):
             row += self.slices[i]
 
 
+class ExpertLora(nn.Module):
+    """Adapters of a mixture's stacked experts, beside its ``SparseMoE``: for every (slot, expert)
+    pair ``p = slot * E + e``, gate/up's ``a13[p]`` [R13, H] and ``b13[p]`` [2I, R13] and down's
+    ``a2[p]`` [R, I] and ``b2[p]`` [H, R], scaling folded into B. ``R`` is ``--max-lora-rank``
+    and ``R13`` twice it: PEFT adapts the stacked gate/up tensor as one, with the rank of gate's
+    and up's adapters together. Read from PEFT's tensors of a stacked parameter (ParamWrapper):
+    ``lora_A`` [E * r, in] (expert-major rows), ``lora_B`` [out, r * E] (expert-minor columns).
+    The expert computation (``models.moe.experts``) adds each token copy's delta before the
+    activation and to its expert's output (``ExpertLoraInputs``)."""
+
+    def __init__(self, moe: nn.Module, max_loras: int, max_rank: int, state: LoraState) -> None:
+        super().__init__()
+        experts, inner2, hidden = moe.w13.shape
+        inner = inner2 // 2
+        self.num_experts, self.max_rank, self.state = experts, max_rank, state
+        self.experts = experts  # the pair's factor, as LoraLinear's
+        self.slices = (2 * inner, hidden)  # output rows of gate/up and of down
+        self._inner = (hidden, inner)
+        dtype = moe.w13.dtype if moe.w13.dtype in (torch.float32, torch.float16, torch.bfloat16) else torch.bfloat16
+        pairs, device = max_loras * experts, moe.w13.device
+        self.register_buffer("a13", torch.zeros(pairs, 2 * max_rank, hidden, dtype=dtype, device=device))
+        self.register_buffer("b13", torch.zeros(pairs, 2 * inner, 2 * max_rank, dtype=dtype, device=device))
+        self.register_buffer("a2", torch.zeros(pairs, max_rank, inner, dtype=dtype, device=device))
+        self.register_buffer("b2", torch.zeros(pairs, hidden, max_rank, dtype=dtype, device=device))
+
+    def inner(self, index: int) -> int:
+        return self._inner[index]
+
+    def max_rank_of(self, index: int) -> int:
+        return 2 * self.max_rank if index == 0 else self.max_rank
+
+    def param_of(self, a: torch.Tensor, b: torch.Tensor) -> str | None:
+        """Which stacked tensor a PEFT pair adapts, from its shapes (gate/up reads H, down I)."""
+        for index, name in enumerate(TARGETS["experts"]):
+            if a.shape[1] == self._inner[index] and b.shape[0] == self.slices[index]:
+                return name
+        return None
+
+    def load(self, slot: int, slices: list[tuple[torch.Tensor, torch.Tensor] | None]) -> None:
+        """Fill ``slot``'s pairs with one adapter: per tensor (gate/up, down), PEFT's
+        (A [E * r, in], B scaled [out, r * E]) or None."""
+        span = slice(slot * self.num_experts, (slot + 1) * self.num_experts)
+        for (a_buf, b_buf), pair in zip(((self.a13, self.b13), (self.a2, self.b2)), slices):
+            a_buf[span].zero_()
+            b_buf[span].zero_()
+            if pair is None:
+                continue
+            a, b = pair
+            rank = a.shape[0] // self.num_experts
+            a_buf[span, :rank].copy_(a.view(self.num_experts, rank, a.shape[1]))
+            b_buf[span, :, :rank].copy_(b.view(b.shape[0], rank, self.num_experts).permute(2, 0, 1))
+
+    def inputs(self) -> ExpertLoraInputs | None:
+        """This forward's adapters for ``models.moe.experts``; None without adapters in the batch."""
+        slots = self.state.slots
+        if slots is None:
+            return None
+        return ExpertLoraInputs(self.a13, self.b13, self.a2, self.b2, slots, self.state.groups)
+
+
 def attach_lora(model: nn.Module, max_loras: int, max_rank: int) -> LoraState:
     """Wrap every adaptable projection of the model's layers in a ``LoraLinear`` (slots of zeros):
-    the attention's, a dense MLP's, and a mixture's shared expert (its routed experts take none)."""
+    the attention's, a dense MLP's, a mixture's shared expert; and give a mixture's stacked
+    experts an ``ExpertLora``."""
     state = LoraState()
     cfg = model.cfg
     for layer in model.layers:
@@ -146,6 +243,8 @@ def attach_lora(model: nn.Module, max_loras: int, max_rank: int) -> LoraState:
             inner = mlp.down_proj.weight.shape[1]
             mlp.gate_up_proj = LoraLinear(mlp.gate_up_proj, (inner, inner), max_loras, max_rank, state)
             mlp.down_proj = LoraLinear(mlp.down_proj, (cfg.hidden_size,), max_loras, max_rank, state)
+        if hasattr(layer.mlp, "w13"):  # a mixture's stacked experts
+            layer.mlp.expert_lora = ExpertLora(layer.mlp, max_loras, max_rank, state)
     model.lora_state = state
     return state
 
@@ -163,19 +262,24 @@ def _gated_mlps(layer: nn.Module) -> dict[str, nn.Module]:
 def warm_up_lora_kernels(model: nn.Module, max_tokens: int) -> int:
     """On CUDA, compile the LoRA kernels for every projection shape and batch size class a pass
     up to ``max_tokens`` tokens can bring (``kernels.triton.lora.warm_up``); the calls made."""
-    shapes = {}
+    pairs = {}  # (A, B, most rows a call brings)
     for found in adapted_layers(model):
         for linear in found.values():
-            shapes.setdefault((linear.lora_a.shape, linear.lora_b.shape), linear)
-    if not shapes or not next(iter(shapes.values())).lora_a.is_cuda:
+            if isinstance(linear, ExpertLora):  # rows: the token copies grouped by expert, padded
+                rows = max_tokens * model.cfg.moe.top_k + model.cfg.moe.num_experts * 128  # tiles of <= 128
+                for a, b in ((linear.a13, linear.b13), (linear.a2, linear.b2)):
+                    pairs[(a.shape, b.shape)] = (a, b, rows)
+            else:
+                pairs.setdefault((linear.lora_a.shape, linear.lora_b.shape), (linear.lora_a, linear.lora_b, max_tokens))
+    if not pairs or not next(iter(pairs.values()))[0].is_cuda:
         return 0
     from stepserve.kernels.triton.lora import warm_up
 
-    return sum(warm_up(linear.lora_a, linear.lora_b, max_tokens) for linear in shapes.values())
+    return sum(warm_up(a, b, rows) for a, b, rows in pairs.values())
 
 
-def adapted_layers(model: nn.Module) -> list[dict[str, LoraLinear]]:
-    """Per layer: projection name -> its ``LoraLinear``."""
+def adapted_layers(model: nn.Module) -> list[dict[str, nn.Module]]:
+    """Per layer: target name -> its ``LoraLinear`` (or ``ExpertLora``, as "experts")."""
     out = []
     for layer in model.layers:
         found = {}
@@ -188,16 +292,19 @@ def adapted_layers(model: nn.Module) -> list[dict[str, LoraLinear]]:
                 module = getattr(mlp, name)
                 if isinstance(module, LoraLinear):
                     found[prefix + name] = module
+        experts = getattr(layer.mlp, "expert_lora", None)
+        if experts is not None:
+            found["experts"] = experts
         out.append(found)
     return out
 
 
-def read_adapter_weights(config, layers: list[dict[str, LoraLinear]]) -> list[dict[str, list]]:
+def read_adapter_weights(config, layers: list[dict[str, nn.Module]]) -> list[dict[str, list]]:
     """The adapter's tensors (PEFT names), checked against the model's projections: per layer,
-    projection -> per slice (A, B * scaling) or None. ``ConfigError`` for a shape that does not fit."""
+    target -> per slice (A, B * scaling) or None. ``ConfigError`` for a shape that does not fit."""
     from safetensors.torch import load_file
 
-    from stepserve.checkpoint.lora import WEIGHTS_FILE, parse_tensor_name
+    from stepserve.checkpoint.lora import WEIGHTS_FILE, module_path, parse_tensor_name
     from stepserve.config import ConfigError
 
     tensors = load_file(f"{config.path}/{WEIGHTS_FILE}")
@@ -209,18 +316,27 @@ def read_adapter_weights(config, layers: list[dict[str, LoraLinear]]) -> list[di
     for (layer, module), ab in pairs.items():
         if set(ab) != {"A", "B"}:
             raise ConfigError(f"{config.path}: layer {layer} {module} has lora_{''.join(ab)} without its pair")
+        found = layers[layer] if layer < len(layers) else {}
+        if module.startswith("experts"):
+            experts = found.get("experts")
+            module = experts.param_of(ab["A"], ab["B"]) if experts is not None else None
+            if module is None:
+                raise ConfigError(f"{config.path}: layer {layer} has no stacked experts of these shapes here")
         target = next(t for t, slices in TARGETS.items() if module in slices)
-        linear = layers[layer].get(target) if layer < len(layers) else None
+        linear = found.get(target)
         if linear is None:
             raise ConfigError(f"{config.path}: layer {layer} has no adaptable {target} here")
         index = TARGETS[target].index(module)
         a, b = ab["A"], ab["B"]
-        expect_a, expect_b = (config.rank, linear.lora_a.shape[2]), (linear.slices[index], config.rank)
-        if tuple(a.shape) != expect_a or tuple(b.shape) != expect_b:
+        rank = a.shape[0] // linear.experts
+        expect_a = (linear.experts * rank, linear.inner(index))
+        expect_b = (linear.slices[index], linear.experts * rank)
+        if tuple(a.shape) != expect_a or tuple(b.shape) != expect_b or rank > linear.max_rank_of(index):
             raise ConfigError(
                 f"{config.path}: layer {layer} {module} has lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)}; "
-                f"the base model needs {expect_a} and {expect_b} (is this adapter for another base model?)"
+                f"the base model needs {expect_a} and {expect_b} with rank <= {linear.max_rank_of(index)} "
+                "(is this adapter for another base model?)"
             )
         slices = out[layer].setdefault(target, [None] * len(TARGETS[target]))
-        slices[index] = (a, b * config.scaling)
+        slices[index] = (a, b * config.scaling_of(module_path(layer, module), rank))
     return out

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from stepserve.models.layers import GatedMLP
+from stepserve.models.lora import ExpertLoraInputs, lora_reference
 
 if TYPE_CHECKING:
     from stepserve.models.config import DecoderConfig
@@ -55,11 +56,13 @@ def experts_reference(
     ids: torch.Tensor,
     w13_scale: torch.Tensor | None = None,
     w2_scale: torch.Tensor | None = None,
+    lora: ExpertLoraInputs | None = None,
 ) -> torch.Tensor:
     """``sum_k weights[t, k] * expert[ids[t, k]](x[t])`` with ``expert(x) = w2 @ (silu(g) * u)``,
     ``[g; u] = w13 @ x``: token copies sorted by expert, one matmul pair per expert in use, each
     expert's output rounded to ``x``'s dtype, weighted in float32 and summed. FP8 weights
-    (``w13_scale``/``w2_scale`` given) are dequantized per expert as they are used."""
+    (``w13_scale``/``w2_scale`` given) are dequantized per expert as they are used; adapters
+    (``lora``) add their deltas to ``[g; u]`` and to the expert's output."""
     tokens, top_k = ids.shape
     flat = ids.reshape(-1).long()
     order = torch.argsort(flat, stable=True)
@@ -73,8 +76,14 @@ def experts_reference(
         rows = order[start : start + count]
         xe = x.index_select(0, src[start : start + count])
         gate_up = F.linear(xe, _dequantized(w13[expert], w13_scale, expert, x.dtype))
+        pairs = lora.pairs(src[start : start + count], expert, w13.shape[0]) if lora is not None else None
+        if pairs is not None:
+            gate_up = lora_reference(gate_up, xe, lora.a13, lora.b13, pairs)
         gate, up = gate_up.chunk(2, dim=-1)
-        y = F.linear(F.silu(gate) * up, _dequantized(w2[expert], w2_scale, expert, x.dtype))
+        act = F.silu(gate) * up
+        y = F.linear(act, _dequantized(w2[expert], w2_scale, expert, x.dtype))
+        if pairs is not None:
+            y = lora_reference(y, act, lora.a2, lora.b2, pairs)
         out.index_copy_(0, rows, y.float())
         start += count
     out = out.view(tokens, top_k, -1) * weights.float().unsqueeze(-1)
@@ -95,13 +104,14 @@ def experts(
     ids: torch.Tensor,
     w13_scale: torch.Tensor | None = None,
     w2_scale: torch.Tensor | None = None,
+    lora: ExpertLoraInputs | None = None,
 ) -> torch.Tensor:
     """The expert computation: the fused Triton kernel on CUDA, the reference elsewhere."""
     if x.is_cuda:
         from stepserve.kernels.triton.moe import fused_moe
 
-        return fused_moe(x, w13, w2, weights, ids, w13_scale=w13_scale, w2_scale=w2_scale)
-    return experts_reference(x, w13, w2, weights, ids, w13_scale, w2_scale)
+        return fused_moe(x, w13, w2, weights, ids, w13_scale=w13_scale, w2_scale=w2_scale, lora=lora)
+    return experts_reference(x, w13, w2, weights, ids, w13_scale, w2_scale, lora)
 
 
 class SparseMoE(nn.Module):
@@ -126,10 +136,12 @@ class SparseMoE(nn.Module):
             self.shared_expert = GatedMLP(cfg, intermediate_size=moe.shared_intermediate_size)
             self.shared_expert_gate = nn.Linear(cfg.hidden_size, 1, bias=False)
         self.all_reduce = None  # set under tensor parallelism: sums the ranks' partial outputs
+        self.expert_lora = None  # set by models.lora.attach_lora: adapters of the stacked experts
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weights, ids = route(self.gate(x), self.top_k, self.renormalize)
-        out = experts(x, self.w13, self.w2, weights, ids, self.w13_scale, self.w2_scale)
+        lora = self.expert_lora.inputs() if self.expert_lora is not None else None
+        out = experts(x, self.w13, self.w2, weights, ids, self.w13_scale, self.w2_scale, lora)
         if self.shared_expert is not None:
             shared = self.shared_expert(x) * torch.sigmoid(self.shared_expert_gate(x))
             out = out + shared

@@ -334,3 +334,48 @@ def test_fused_route_issues_no_host_sync():
     ref_weights, ref_ids = fused_route(logits, 8, True)
     assert torch.equal(ids, ref_ids) and torch.equal(weights, ref_weights)
     assert torch.equal(ids, route_reference(logits, 8, True)[1])
+
+
+def expert_lora(slots: int, experts: int, hidden: int, inner: int, rank: int, dtype, device, seed=0):
+    """Random adapters of the stacked experts for ``slots`` slots (pairs slot * E + e), rank
+    ``rank`` padded to twice it on gate/up as the model's buffers are; large enough to move the
+    output."""
+    gen = torch.Generator().manual_seed(seed)
+    pairs = slots * experts
+
+    def rand(*shape, scale):
+        return (torch.randn(*shape, generator=gen) * scale).to(dtype).to(device)
+
+    a13 = torch.zeros(pairs, 2 * rank, hidden, dtype=dtype, device=device)
+    a13[:, :rank] = rand(pairs, rank, hidden, scale=hidden**-0.5)
+    b13 = torch.zeros(pairs, 2 * inner, 2 * rank, dtype=dtype, device=device)
+    b13[:, :, :rank] = rand(pairs, 2 * inner, rank, scale=rank**-0.5)
+    return a13, b13, rand(pairs, rank, inner, scale=inner**-0.5), rand(pairs, hidden, rank, scale=rank**-0.5)
+
+
+@pytest.mark.parametrize("tokens", [1, 7, 64, 300])
+@pytest.mark.parametrize("top_k,experts", [(2, 8), (8, 128)])
+def test_fused_moe_with_expert_adapters(tokens, top_k, experts, device, poisoned):
+    """Adapters of the stacked experts (``ExpertLoraInputs``): tokens on two adapters and on the
+    base in turn, against the reference in float32; and the delta really moves the output (the
+    same call with every token on the base is far from it)."""
+    from stepserve.kernels.triton.moe import fused_moe
+    from stepserve.models.lora import ExpertLoraInputs
+
+    if not on_cuda(device) and tokens > 64:
+        pytest.skip("the interpreter takes the small batches only")
+    hidden, inner = sizes(device)
+    for dtype in dtypes(device):
+        w13, w2 = make_experts(experts, hidden, inner, dtype, device)
+        weights, ids = routing(tokens, top_k, experts, "router", device, seed=tokens)
+        x = torch.randn(tokens, hidden, generator=torch.Generator().manual_seed(1)).to(dtype).to(device)
+        adapters = expert_lora(2, experts, hidden, inner, 4, dtype, device)
+        slots = torch.tensor([(t % 3) - 1 for t in range(tokens)], dtype=torch.int32, device=device)  # -1, 0, 1
+        got = fused_moe(x, w13, w2, weights, ids, lora=ExpertLoraInputs(*adapters, slots, {}))
+        wide = ExpertLoraInputs(*(t.float() for t in adapters), slots, {})
+        ref = experts_reference(x.float(), w13.float(), w2.float(), weights, ids, lora=wide)
+        assert rel_err(got, ref) <= BOUND[dtype]
+        base = experts_reference(x.float(), w13.float(), w2.float(), weights, ids)
+        if tokens > 1:  # token 0 is on the base
+            assert rel_err(base, ref) > 0.05
+        assert torch.equal(got[0], fused_moe(x, w13, w2, weights, ids)[0]) or dtype != torch.float32

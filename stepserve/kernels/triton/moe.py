@@ -367,6 +367,7 @@ def _gate_up_kernel(
     x_ptr,
     w_ptr,
     scale_ptr,
+    delta_ptr,
     out_ptr,
     sorted_ptr,
     block_expert_ptr,
@@ -376,6 +377,7 @@ def _gate_up_kernel(
     inner,
     TOP_K: tl.constexpr,
     FP8_W: tl.constexpr,
+    DELTA: tl.constexpr,
     PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -408,6 +410,11 @@ def _gate_up_kernel(
     if FP8_W:
         gate *= tl.load(scale_ptr + expert * 2 * inner + n, mask=n_mask, other=0.0)[None, :]
         up *= tl.load(scale_ptr + expert * 2 * inner + inner + n, mask=n_mask, other=0.0)[None, :]
+    if DELTA:  # adapters' gate/up delta of each row ([rows, 2I], in the alignment's order)
+        d_ptrs = delta_ptr + rows.to(tl.int64)[:, None] * 2 * inner + n[None, :]
+        d_mask = valid[:, None] & n_mask[None, :]
+        gate += tl.load(d_ptrs, mask=d_mask, other=0.0).to(tl.float32)
+        up += tl.load(d_ptrs + inner, mask=d_mask, other=0.0).to(tl.float32)
     dtype = out_ptr.dtype.element_ty
     g = gate.to(dtype).to(tl.float32)
     act = (g / (1.0 + tl.exp(-g))).to(dtype).to(tl.float32)
@@ -420,6 +427,7 @@ def _down_kernel(
     a_ptr,
     w_ptr,
     scale_ptr,
+    delta_ptr,
     out_ptr,
     sorted_ptr,
     block_expert_ptr,
@@ -428,6 +436,7 @@ def _down_kernel(
     hidden,
     inner,
     FP8_W: tl.constexpr,
+    DELTA: tl.constexpr,
     PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -454,6 +463,9 @@ def _down_kernel(
         acc = tl.dot(a, w, acc, input_precision=PRECISION)
     if FP8_W:
         acc *= tl.load(scale_ptr + expert * hidden + n, mask=n_mask, other=0.0)[None, :]
+    if DELTA:  # adapters' delta of each row's output ([rows, H], in the alignment's order)
+        d_ptrs = delta_ptr + rows.to(tl.int64)[:, None] * hidden + n[None, :]
+        acc += tl.load(d_ptrs, mask=valid[:, None] & n_mask[None, :], other=0.0).to(tl.float32)
     out_ptrs = out_ptr + copy.to(tl.int64)[:, None] * hidden + n[None, :]
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=valid[:, None] & n_mask[None, :])
 
@@ -517,11 +529,14 @@ def fused_moe(
     *,
     w13_scale: torch.Tensor | None = None,
     w2_scale: torch.Tensor | None = None,
+    lora=None,
 ) -> torch.Tensor:
     """The experts' weighted sum for ``x`` [T, H] (bf16, fp16; float32 for tests): ``w13`` [E, 2I, H]
     (gate rows, then up rows), ``w2`` [E, H, I], ``topk_weights`` [T, K] float32, ``topk_ids``
-    [T, K] int32; FP8 weights take ``w13_scale`` [E, 2I] and ``w2_scale`` [E, H] float32.
-    Returns [T, H] in ``x``'s dtype. Capturable in a CUDA graph: nothing waits on the device."""
+    [T, K] int32; FP8 weights take ``w13_scale`` [E, 2I] and ``w2_scale`` [E, H] float32;
+    adapters of the experts take ``lora`` (``models.moe.ExpertLoraInputs``: each row's deltas by
+    the LoRA kernels, added in the GEMMs' epilogues). Returns [T, H] in ``x``'s dtype.
+    Capturable in a CUDA graph: nothing waits on the device."""
     _check(x, w13, w2, topk_weights, topk_ids, w13_scale, w2_scale)
     tokens, hidden = x.shape
     experts, inner, top_k = w13.shape[0], w2.shape[2], topk_ids.shape[1]
@@ -530,8 +545,9 @@ def fused_moe(
         return out
     cfg = moe_config(tokens, top_k, experts, hidden, inner, x.dtype)
     groups = align(topk_ids, experts, cfg.block_m)
-    act = _gate_up(x, w13, w13_scale, groups, cfg, top_k)
-    copies = _down(act, w2, w2_scale, groups, cfg, tokens * top_k)
+    rows = _LoraRows(x, groups, cfg, top_k, experts, lora) if lora is not None else None
+    act = _gate_up(x, w13, w13_scale, groups, cfg, top_k, rows.gate_up() if rows else None)
+    copies = _down(act, w2, w2_scale, groups, cfg, tokens * top_k, rows.down(act) if rows else None)
     block = min(1024, triton.next_power_of_2(hidden))
     _sum_copies_kernel[(tokens, triton.cdiv(hidden, block))](
         copies, topk_weights, out, hidden, TOP_K=top_k, BLOCK=block, num_warps=4
@@ -539,8 +555,41 @@ def fused_moe(
     return out
 
 
-def _gate_up(x, w13, scale, groups: Alignment, cfg: MoeConfig, top_k: int) -> torch.Tensor:
-    """``silu(gate) * up`` [rows of the alignment, I]; padding rows are left unwritten."""
+class _LoraRows:
+    """Adapters' deltas for the alignment's rows: row j holds copy ``c = sorted_ids[j]`` of token
+    ``c // K`` routed to its M-block's expert ``e``; its (slot, expert) pair ``slot * E + e`` picks
+    the LoRA (-1: the base, or a padding row), and the LoRA kernels compute each row's delta on
+    its own input (gate/up: the token's hidden state; down: the row's activation)."""
+
+    def __init__(self, x, groups: Alignment, cfg: MoeConfig, top_k: int, experts: int, lora) -> None:
+        num_copies = x.shape[0] * top_k
+        expert = groups.block_expert.long().repeat_interleave(cfg.block_m)
+        copy = groups.sorted_ids.long()
+        valid = (expert >= 0) & (copy >= 0) & (copy < num_copies)  # rows past the total hold garbage
+        token = torch.where(valid, copy, 0) // top_k
+        slot = lora.slots.long()[token]
+        self.pairs = torch.where(valid & (slot >= 0), slot * experts + expert, -1).to(torch.int32)
+        self.x, self.token, self.lora = x, token, lora
+        self.groups: dict = {}  # both calls group the same rows by the same pairs: once
+
+    def gate_up(self) -> torch.Tensor:
+        from stepserve.kernels.triton.lora import lora_delta
+
+        lora = self.lora
+        delta = torch.zeros(self.pairs.shape[0], lora.b13.shape[1], dtype=self.x.dtype, device=self.x.device)
+        return lora_delta(delta, self.x[self.token].to(lora.a13.dtype), lora.a13, lora.b13, self.pairs, self.groups)
+
+    def down(self, act: torch.Tensor) -> torch.Tensor:
+        from stepserve.kernels.triton.lora import lora_delta
+
+        lora = self.lora
+        delta = torch.zeros(self.pairs.shape[0], lora.b2.shape[1], dtype=act.dtype, device=act.device)
+        return lora_delta(delta, act.to(lora.a2.dtype), lora.a2, lora.b2, self.pairs, self.groups)
+
+
+def _gate_up(x, w13, scale, groups: Alignment, cfg: MoeConfig, top_k: int, delta=None) -> torch.Tensor:
+    """``silu(gate) * up`` [rows of the alignment, I]; padding rows are left unwritten. ``delta``
+    [rows, 2I]: added to gate and up before the activation."""
     hidden, inner = x.shape[1], w13.shape[1] // 2
     num_m = groups.block_expert.shape[0]
     act = torch.empty(groups.sorted_ids.shape[0], inner, dtype=x.dtype, device=x.device)
@@ -548,6 +597,7 @@ def _gate_up(x, w13, scale, groups: Alignment, cfg: MoeConfig, top_k: int) -> to
         x,
         w13,
         scale,
+        delta,
         act,
         groups.sorted_ids,
         groups.block_expert,
@@ -557,6 +607,7 @@ def _gate_up(x, w13, scale, groups: Alignment, cfg: MoeConfig, top_k: int) -> to
         inner,
         TOP_K=top_k,
         FP8_W=scale is not None,
+        DELTA=delta is not None,
         PRECISION=_precision(x),
         BLOCK_M=cfg.block_m,
         BLOCK_N=cfg.block_n,
@@ -568,8 +619,9 @@ def _gate_up(x, w13, scale, groups: Alignment, cfg: MoeConfig, top_k: int) -> to
     return act
 
 
-def _down(act, w2, scale, groups: Alignment, cfg: MoeConfig, num_copies: int) -> torch.Tensor:
-    """Each copy's expert output [T*K, H], in ``act``'s dtype, at row ``t*K + k``."""
+def _down(act, w2, scale, groups: Alignment, cfg: MoeConfig, num_copies: int, delta=None) -> torch.Tensor:
+    """Each copy's expert output [T*K, H], in ``act``'s dtype, at row ``t*K + k``; ``delta``
+    [rows, H] (in the alignment's order) added to it."""
     hidden, inner = w2.shape[1], w2.shape[2]
     num_m = groups.block_expert.shape[0]
     copies = torch.empty(num_copies, hidden, dtype=act.dtype, device=act.device)
@@ -577,6 +629,7 @@ def _down(act, w2, scale, groups: Alignment, cfg: MoeConfig, num_copies: int) ->
         act,
         w2,
         scale,
+        delta,
         copies,
         groups.sorted_ids,
         groups.block_expert,
@@ -585,6 +638,7 @@ def _down(act, w2, scale, groups: Alignment, cfg: MoeConfig, num_copies: int) ->
         hidden,
         inner,
         FP8_W=scale is not None,
+        DELTA=delta is not None,
         PRECISION=_precision(act),
         BLOCK_M=cfg.block_m,
         BLOCK_N=cfg.block_n,
