@@ -81,3 +81,51 @@ def core_pid(server: LiveServer) -> int:
         if int(fields[1]) == server.process.pid and b"spawn_main" in cmdline:
             return int(stat.parent.name)
     raise RuntimeError("no engine core process found")
+
+
+# -- tensor-parallel groups: their rank processes, and waiting for a restart ------------------
+
+
+def rank_pids(parent: int) -> list[int]:
+    """The tensor-parallel rank processes whose parent is ``parent`` (the engine core)."""
+    pids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+            cmdline = (stat.parent / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if ppid == parent and b"stepserve.executor.rank" in cmdline:
+            pids.append(int(stat.parent.name))
+    return pids
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"  # a zombie has exited; only its parent's wait is missing
+
+
+def wait_for(condition, timeout: float = 120.0, what: str = "") -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.1)
+
+
+def ready(http: httpx.Client) -> bool:
+    try:
+        return http.get("/v2/health/ready").status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def restarted(server, http: httpx.Client, old_core: int) -> bool:
+    """A new core is up and ready (readiness may still read true just after the old one died)."""
+    try:
+        return core_pid(server) != old_core and ready(http)
+    except RuntimeError:  # between the old core's end and the new one's start
+        return False

@@ -19,7 +19,7 @@ import pytest
 import torch
 import transformers
 
-from live_server import core_pid, read_metric, start_server
+from live_server import alive, core_pid, rank_pids, read_metric, restarted, start_server, wait_for
 from stepserve import LLM, SamplingParams
 from stepserve.core.engine_core import EngineFaultError
 from stepserve.models.cpu_linear import cpu_has_bf16
@@ -164,51 +164,6 @@ def test_int4_tp2_agrees_with_tp1_within_bfloat16_noise(tmp_path):
 
 
 # -- served, and killed -------------------------------------------------------------------------
-
-
-def rank_pids(parent: int) -> list[int]:
-    """The tensor-parallel rank processes whose parent is ``parent`` (the engine core)."""
-    pids = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
-            cmdline = (stat.parent / "cmdline").read_bytes()
-        except OSError:
-            continue
-        if ppid == parent and b"stepserve.executor.rank" in cmdline:
-            pids.append(int(stat.parent.name))
-    return pids
-
-
-def alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"  # a zombie has exited; only its parent's wait is missing
-
-
-def wait_for(condition, timeout: float = 120.0, what: str = "") -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.1)
-
-
-def ready(http: httpx.Client) -> bool:
-    try:
-        return http.get("/v2/health/ready").status_code == 200
-    except httpx.HTTPError:
-        return False
-
-
-def restarted(server, http: httpx.Client, old_core: int) -> bool:
-    """A new core is up and ready (readiness may still read true just after the old one died)."""
-    try:
-        return core_pid(server) != old_core and ready(http)
-    except RuntimeError:  # between the old core's end and the new one's start
-        return False
 
 
 def complete(http: httpx.Client, prompt: str) -> str:

@@ -534,7 +534,7 @@ def fused_moe(
     """The experts' weighted sum for ``x`` [T, H] (bf16, fp16; float32 for tests): ``w13`` [E, 2I, H]
     (gate rows, then up rows), ``w2`` [E, H, I], ``topk_weights`` [T, K] float32, ``topk_ids``
     [T, K] int32; FP8 weights take ``w13_scale`` [E, 2I] and ``w2_scale`` [E, H] float32;
-    adapters of the experts take ``lora`` (``models.moe.ExpertLoraInputs``: each row's deltas by
+    adapters of the experts take ``lora`` (``models.lora.ExpertLoraInputs``: each row's deltas by
     the LoRA kernels, added in the GEMMs' epilogues). Returns [T, H] in ``x``'s dtype.
     Capturable in a CUDA graph: nothing waits on the device."""
     _check(x, w13, w2, topk_weights, topk_ids, w13_scale, w2_scale)
