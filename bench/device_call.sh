@@ -39,6 +39,10 @@
 #            `stepserve serve` at 256 streams and at one, then the engine core killed and the time
 #            to healthy again (ARGS go to the benchmark); gpu_bench.json and the server's log in
 #            serve/, its startup and restart lines in serve/restart_lines.log
+#   tp       tensor parallelism over NCCL, python -m stepserve.bench.gpu_tp (a machine of 2 or more
+#            GPUs): the 8B shape at TP=1 and TP=2, the 70B shape in bf16 and FP8 at TP = the GPUs
+#            visible (offline, batch 1 against its bound, the all-reduce's time a step); ARGS go
+#            to the benchmark (e.g. --only 8b or --tp 4); gpu_tp.json in tp/, log in tp.log
 #   kernels  the kernel sweeps, each a step: bench/gemv.py (few-row projections), bench/lora_kernel.py
 #            and bench/moe_kernel.py (ARGS name the sweeps to run, e.g. gemv moe_kernel; default all
 #            three); gemv.json, lora_kernel.json, moe_kernel.json and their logs. They need only
@@ -56,12 +60,12 @@
 # everything under the results folder into results.tgz (the default when $OUT is set, since a
 # lent device machine brings back only a few files); PACK=0 keeps the files as they are.
 set -o pipefail
-mode=${1:?usage: bash bench/device_call.sh tests|offline|moe|lora|spec|long|serve|kernels|all|setup [ARGS...]}
+mode=${1:?usage: bash bench/device_call.sh tests|offline|moe|lora|spec|long|serve|tp|kernels|all|setup [ARGS...]}
 shift
 case $mode in
-tests|offline|moe|lora|spec|long|serve|kernels|setup) ;;
+tests|offline|moe|lora|spec|long|serve|tp|kernels|setup) ;;
 all) [ $# -eq 0 ] || { echo "all takes no ARGS" >&2; exit 2; } ;;
-*) echo "unknown mode: $mode (tests, offline, moe, lora, spec, long, serve, kernels, all, setup)" >&2; exit 2 ;;
+*) echo "unknown mode: $mode (tests, offline, moe, lora, spec, long, serve, tp, kernels, all, setup)" >&2; exit 2 ;;
 esac
 PACK=${PACK:-$([ -n "${OUT:-}" ] && echo 1 || echo 0)}
 OUT=${OUT:-$PWD/bench-out}
@@ -119,6 +123,9 @@ run_serve() {
     [ -f "$OUT/serve/serve_8b.log" ] && grep -h -e "spare" -e "engine core process" -e "model memory on" -e "model weights on" \
         -e "captured" -e "engine ready" -e "restart" "$OUT/serve/serve_8b.log" > "$OUT/serve/restart_lines.log"
 }
+run_tp() {
+    step tp.log python3 -m stepserve.bench.gpu_tp --out "$OUT/tp" "$@"
+}
 run_kernels() {  # the sweeps print as they go: a step cut by STEP_TIMEOUT still leaves its log
     local sweep
     for sweep in "${@:-gemv lora_kernel moe_kernel}"; do
@@ -128,6 +135,7 @@ run_kernels() {  # the sweeps print as they go: a step cut by STEP_TIMEOUT still
 case $mode in
 tests) run_tests "$@" ;;
 kernels) run_kernels "$@" ;;
+tp) run_tp "$@" ;;
 offline) run_offline "$@" ;;
 moe) run_moe "$@" ;;
 lora) run_lora "$@" ;;

@@ -302,8 +302,16 @@ def pass_breakdown(passes: list) -> dict:
     }
 
 
+def runner_of(core):
+    """The engine's model runner: its worker, or rank 0's runner under tensor parallelism."""
+    return getattr(core.worker, "runner", core.worker)
+
+
 def graph_step_ms(core, size: int) -> float | None:
-    """GPU time of one captured decode step at ``size`` rows (contexts as the last pass left them)."""
+    """GPU time of one captured decode step at ``size`` rows (contexts as the last pass left them);
+    None under tensor parallelism, where one rank's graph alone would wait on the others' all-reduce."""
+    if runner_of(core) is not core.worker:
+        return None
     graphs = core.worker.graphs
     if graphs is None or size not in graphs.graphs:
         return None
@@ -442,8 +450,9 @@ def batch1_decode(
 
 def model_stream_bytes(core) -> tuple[int, int]:
     """Bytes a decode step must read: every weight but the embedding table (one row is read;
-    tied models read it whole as the LM head), and KV bytes per context token."""
-    model = core.worker.model
+    tied models read it whole as the LM head), and KV bytes per context token. Under tensor
+    parallelism, rank 0's: its shards and replicas, its KV heads."""
+    model = runner_of(core).model
     total = sum(p.numel() * p.element_size() for p in model.parameters())
     embed = model.embed_tokens.weight
     if model.lm_head is not None:
