@@ -88,3 +88,20 @@ def test_prefix_cache_is_keyed_by_adapter(models):
     assert adapted.num_cached_tokens == 0
     assert adapted.outputs[0].token_ids == expected["attn-r8"][1]
     assert again.num_cached_tokens > 0 and again.outputs[0].token_ids == first.outputs[0].token_ids
+
+
+def test_the_server_checks_accept_each_peft_adapter(models):
+    """What the front checks before serving an adapter (``--lora-modules``, ``load_lora_adapter``):
+    each adapter peft wrote passes against the base's layer shapes, its stacked experts named."""
+    import json
+
+    from stepserve.checkpoint.lora import layer_shapes, read_adapter_config
+    from stepserve.models.registry import decoder_config
+
+    base, adapters, _ = models
+    cfg = decoder_config(json.loads((base / "config.json").read_text()), 128)
+    for name, path in adapters.items():
+        config = read_adapter_config(path, 16, layer_shapes(cfg))
+        mlp = {"gate_proj", "up_proj", "down_proj"} & set(ADAPTERS[name][2])
+        if cfg.moe is not None and mlp and cfg.moe.shared_intermediate_size == 0:
+            assert set(config.modules) >= {"experts.gate_up_proj", "experts.down_proj"}, config.modules
