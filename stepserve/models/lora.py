@@ -77,7 +77,6 @@ class ExpertLoraInputs:
     a2: torch.Tensor  # [S * E, R, I]
     b2: torch.Tensor  # [S * E, H, R], scaled
     slots: torch.Tensor  # [T] int32: each token's adapter slot, -1 for the base
-    groups: dict  # the forward's shared LoRA groupings (LoraState.groups)
 
     def pairs(self, tokens: torch.Tensor, expert: torch.Tensor | int, num_experts: int) -> torch.Tensor:
         """The (slot, expert) pair of copies of ``tokens`` routed to ``expert``; -1 for the base."""
@@ -182,8 +181,7 @@ class ExpertLora(nn.Module):
         super().__init__()
         experts, inner2, hidden = moe.w13.shape
         inner = inner2 // 2
-        self.num_experts, self.max_rank, self.state = experts, max_rank, state
-        self.experts = experts  # the pair's factor, as LoraLinear's
+        self.experts, self.max_rank, self.state = experts, max_rank, state  # experts: the pair's factor
         self.slices = (2 * inner, hidden)  # output rows of gate/up and of down
         self._inner = (hidden, inner)
         dtype = moe.w13.dtype if moe.w13.dtype in (torch.float32, torch.float16, torch.bfloat16) else torch.bfloat16
@@ -209,23 +207,23 @@ class ExpertLora(nn.Module):
     def load(self, slot: int, slices: list[tuple[torch.Tensor, torch.Tensor] | None]) -> None:
         """Fill ``slot``'s pairs with one adapter: per tensor (gate/up, down), PEFT's
         (A [E * r, in], B scaled [out, r * E]) or None."""
-        span = slice(slot * self.num_experts, (slot + 1) * self.num_experts)
+        span = slice(slot * self.experts, (slot + 1) * self.experts)
         for (a_buf, b_buf), pair in zip(((self.a13, self.b13), (self.a2, self.b2)), slices):
             a_buf[span].zero_()
             b_buf[span].zero_()
             if pair is None:
                 continue
             a, b = pair
-            rank = a.shape[0] // self.num_experts
-            a_buf[span, :rank].copy_(a.view(self.num_experts, rank, a.shape[1]))
-            b_buf[span, :, :rank].copy_(b.view(b.shape[0], rank, self.num_experts).permute(2, 0, 1))
+            rank = a.shape[0] // self.experts
+            a_buf[span, :rank].copy_(a.view(self.experts, rank, a.shape[1]))
+            b_buf[span, :, :rank].copy_(b.view(b.shape[0], rank, self.experts).permute(2, 0, 1))
 
     def inputs(self) -> ExpertLoraInputs | None:
         """This forward's adapters for ``models.moe.experts``; None without adapters in the batch."""
         slots = self.state.slots
         if slots is None:
             return None
-        return ExpertLoraInputs(self.a13, self.b13, self.a2, self.b2, slots, self.state.groups)
+        return ExpertLoraInputs(self.a13, self.b13, self.a2, self.b2, slots)
 
 
 def attach_lora(model: nn.Module, max_loras: int, max_rank: int) -> LoraState:

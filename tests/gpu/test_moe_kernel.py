@@ -371,8 +371,8 @@ def test_fused_moe_with_expert_adapters(tokens, top_k, experts, device, poisoned
         x = torch.randn(tokens, hidden, generator=torch.Generator().manual_seed(1)).to(dtype).to(device)
         adapters = expert_lora(2, experts, hidden, inner, 4, dtype, device)
         slots = torch.tensor([(t % 3) - 1 for t in range(tokens)], dtype=torch.int32, device=device)  # -1, 0, 1
-        got = fused_moe(x, w13, w2, weights, ids, lora=ExpertLoraInputs(*adapters, slots, {}))
-        wide = ExpertLoraInputs(*(t.float() for t in adapters), slots, {})
+        got = fused_moe(x, w13, w2, weights, ids, lora=ExpertLoraInputs(*adapters, slots))
+        wide = ExpertLoraInputs(*(t.float() for t in adapters), slots)
         ref = experts_reference(x.float(), w13.float(), w2.float(), weights, ids, lora=wide)
         assert rel_err(got, ref) <= BOUND[dtype]
         base = experts_reference(x.float(), w13.float(), w2.float(), weights, ids)
