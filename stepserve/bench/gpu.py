@@ -67,6 +67,17 @@ SHAPES = {
         tie_word_embeddings=False,
         rope_scaling=LLAMA3_ROPE | {"factor": 8.0},
     ),
+    "70b": dict(  # meta-llama/Llama-3.1-70B (the multi-GPU bench, gpu_tp.py)
+        LLAMA,
+        hidden_size=8192,
+        intermediate_size=28672,
+        num_hidden_layers=80,
+        num_attention_heads=64,
+        num_key_value_heads=8,
+        head_dim=128,
+        tie_word_embeddings=False,
+        rope_scaling=LLAMA3_ROPE | {"factor": 8.0},
+    ),
     "1b": dict(  # meta-llama/Llama-3.2-1B
         LLAMA,
         hidden_size=2048,

@@ -34,20 +34,6 @@ from stepserve.bench import gpu as G
 
 log = logging.getLogger("stepserve")
 
-SHAPES = {
-    "8b": G.SHAPES["8b"],
-    "70b": dict(  # meta-llama/Llama-3.1-70B
-        G.LLAMA,
-        hidden_size=8192,
-        intermediate_size=28672,
-        num_hidden_layers=80,
-        num_attention_heads=64,
-        num_key_value_heads=8,
-        head_dim=128,
-        tie_word_embeddings=False,
-        rope_scaling=G.LLAMA3_ROPE | {"factor": 8.0},
-    ),
-}
 RUNS = {  # name -> (shape, quantization)
     "8b": ("8b", "none"),
     "70b": ("70b", "none"),
@@ -55,19 +41,6 @@ RUNS = {  # name -> (shape, quantization)
 }
 TARGETS = {"tp2_over_tp1_8b": 1.6, "batch1_of_bound_70b": 0.6}
 ALL_REDUCE_KERNELS = ("nccl", "allreduce", "all_reduce")  # lower-cased substrings of the kernels' names
-
-
-def write_model_dir(root: Path, shape: str) -> Path:
-    """config.json, generation_config.json and a word-level tokenizer, as the single-GPU bench writes."""
-    from stepserve.bench.gpu_serve import write_vocab_tokenizer
-
-    config = SHAPES[shape]
-    directory = root / f"llama-{shape}-random"
-    directory.mkdir(parents=True, exist_ok=True)
-    (directory / "config.json").write_text(json.dumps(config))
-    (directory / "generation_config.json").write_text(json.dumps({"eos_token_id": config["eos_token_id"]}))
-    write_vocab_tokenizer(directory, config["vocab_size"], config["bos_token_id"], config["eos_token_id"])
-    return directory
 
 
 def tp_engine(model_dir: Path, tp: int, quantization: str):
@@ -119,7 +92,7 @@ def all_reduce_ms(kernels: list, steps: int) -> float | None:
 
 def run(root: Path, name: str, tp: int, prompts, copy_tb_s: float, with_batch1: bool) -> dict:
     shape, quantization = RUNS[name]
-    model_dir = write_model_dir(root, shape)
+    model_dir = G.write_model_dir(root, shape)
     try:
         core, info = tp_engine(model_dir, tp, quantization)
     except Exception as exc:  # a shape that does not fit, or a rank that failed to start

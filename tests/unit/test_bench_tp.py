@@ -7,12 +7,13 @@ from types import SimpleNamespace
 import pytest
 
 from stepserve.bench import gpu_tp as T
+from stepserve.bench.gpu import SHAPES
 from stepserve.distributed.sharding import check_tensor_parallel, shard_config
 from stepserve.models.registry import decoder_config
 
 
 def test_70b_shape_splits_over_the_ranks_a_host_holds():
-    cfg = decoder_config(T.SHAPES["70b"], 1024)
+    cfg = decoder_config(SHAPES["70b"], 1024)
     assert (cfg.num_layers, cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads) == (80, 8192, 64, 8)
     params = cfg.vocab_size * cfg.hidden_size * 2 + cfg.num_layers * (
         cfg.hidden_size * (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim
