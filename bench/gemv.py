@@ -16,12 +16,11 @@ taken from. JSON to OUT.json if given. On a GPU, from the repository root:
     TRITON_INTERPRET=1 PYTHONPATH=. python bench/gemv.py --smoke     # the CPU, tiny shapes
 """
 
-import json
 import sys
 
 import torch
 
-from stepserve.bench.kernel_timing import graph_us
+from stepserve.bench.kernel_timing import graph_us, save
 from stepserve.kernels.triton import fp8 as Q
 from stepserve.kernels.triton import fused
 from stepserve.kernels.triton import gemv as G
@@ -154,9 +153,7 @@ def main() -> None:
         if all(layer.values()):
             results[f"layer_m{rows}_us"] = summary = layer_summary(layer)
             print(f"8B layer, {rows} rows, us: {summary}", flush=True)
-    if out_path:
-        with open(out_path, "w") as f:
-            json.dump(results, f, indent=1)
+        save(results, out_path)
 
 
 if __name__ == "__main__":

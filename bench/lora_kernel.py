@@ -14,12 +14,11 @@ from the repository root:
 """
 
 import dataclasses
-import json
 import sys
 
 import torch
 
-from stepserve.bench.kernel_timing import graph_us
+from stepserve.bench.kernel_timing import graph_us, save
 from stepserve.kernels.triton import lora as K
 from stepserve.models.lora import lora_reference
 
@@ -89,9 +88,7 @@ def main() -> None:
             print(f"{tokens:5d} tokens {name:8s} current {current} best {best}", flush=True)
         results[f"step_ms_{tokens}"] = step = {"current": round(step_now / 1e3, 3), "best": round(step_best / 1e3, 3)}
         print(f"{tokens} tokens: LoRA per step {step['current']} ms with the current tiles, {step['best']} ms best")
-    if out_path:
-        with open(out_path, "w") as f:
-            json.dump(results, f, indent=1)
+        save(results, out_path)
 
 
 if __name__ == "__main__":

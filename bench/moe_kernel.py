@@ -12,13 +12,12 @@ root:
 """
 
 import dataclasses
-import json
 import sys
 
 import torch
 
 from stepserve.bench.gpu import copy_bandwidth
-from stepserve.bench.kernel_timing import graph_us
+from stepserve.bench.kernel_timing import graph_us, save
 from stepserve.kernels.triton import moe as K
 from stepserve.models.moe import experts_reference, route_reference
 
@@ -93,9 +92,7 @@ def main() -> None:
                 f"current {current} best {best}",
                 flush=True,
             )
-    if out_path:
-        with open(out_path, "w") as f:
-            json.dump(results, f, indent=1)
+            save(results, out_path)
 
 
 if __name__ == "__main__":

@@ -3,6 +3,8 @@ CUDA graph and replayed, so that launch overhead does not hide a few-microsecond
 
 from __future__ import annotations
 
+import json
+
 import torch
 
 
@@ -25,3 +27,11 @@ def graph_us(fn, reps: int = 20) -> float:
     end.record()
     end.synchronize()
     return start.elapsed_time(end) * 1e3 / reps
+
+
+def save(results: dict, path: str | None) -> None:
+    """Write a sweep's results so far to ``path`` (if given): the sweeps save after every size, so
+    one cut short by a time limit still leaves what it measured."""
+    if path:
+        with open(path, "w") as f:
+            json.dump(results, f, indent=1)
