@@ -44,7 +44,6 @@ class Target(NamedTuple):
 class AdapterConfig:
     path: str  # the adapter's folder
     rank: int  # r
-    scaling: float  # lora_alpha / r, or lora_alpha / sqrt(r) with use_rslora (as PEFT computes it)
     modules: tuple[str, ...]  # the projections it adapts (PEFT's names; "experts.gate_up_proj" ...)
     base_model: str | None  # base_model_name_or_path, as PEFT saved it
     alpha: float = 1.0  # lora_alpha
@@ -73,7 +72,6 @@ def read_adapter_config(
     if rank > max_rank:
         raise ConfigError(f"{folder}: rank {rank} is above --max-lora-rank {max_rank}")
     alpha = float(cfg.get("lora_alpha", rank))
-    scaling = alpha / math.sqrt(rank) if cfg.get("use_rslora") else alpha / rank
     weights = folder / WEIGHTS_FILE
     if not weights.is_file():
         raise ConfigError(f"{folder}: {WEIGHTS_FILE} is missing (adapters in .bin are not read)")
@@ -88,7 +86,6 @@ def read_adapter_config(
     return AdapterConfig(
         str(folder),
         rank,
-        scaling,
         tuple(sorted(modules)),
         cfg.get("base_model_name_or_path"),
         alpha,

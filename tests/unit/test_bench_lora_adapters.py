@@ -33,7 +33,7 @@ def test_adapter_is_accepted_with_the_base_shapes(tmp_path):
     cfg = decoder_config(TINY, 256)
     path = write_adapter(tmp_path / "a", cfg, seed=0, rank=16, alpha=32)
     adapter = read_adapter_config(path, 16, layer_shapes(cfg))
-    assert adapter.rank == 16 and adapter.scaling == 2.0
+    assert adapter.rank == 16 and adapter.scaling_of("model.layers.0.self_attn.q_proj", 16) == 32 / 16
     assert set(adapter.modules) == set(SUPPORTED_MODULES)
     assert json.loads((path / "adapter_config.json").read_text())["base_model_name_or_path"] == "random-8b"
     with safe_open(str(path / WEIGHTS_FILE), "pt") as f:
