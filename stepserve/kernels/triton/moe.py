@@ -573,18 +573,18 @@ class _LoraRows:
         self.groups: dict = {}  # both calls group the same rows by the same pairs: once
 
     def gate_up(self) -> torch.Tensor:
-        from stepserve.kernels.triton.lora import lora_delta
-
-        lora = self.lora
-        delta = torch.zeros(self.pairs.shape[0], lora.b13.shape[1], dtype=self.x.dtype, device=self.x.device)
-        return lora_delta(delta, self.x[self.token].to(lora.a13.dtype), lora.a13, lora.b13, self.pairs, self.groups)
+        """Each row's gate/up delta [rows, 2I], from its token's hidden state."""
+        return self._delta(self.x[self.token], self.lora.a13, self.lora.b13)
 
     def down(self, act: torch.Tensor) -> torch.Tensor:
+        """Each row's output delta [rows, H], from its activation."""
+        return self._delta(act, self.lora.a2, self.lora.b2)
+
+    def _delta(self, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         from stepserve.kernels.triton.lora import lora_delta
 
-        lora = self.lora
-        delta = torch.zeros(self.pairs.shape[0], lora.b2.shape[1], dtype=act.dtype, device=act.device)
-        return lora_delta(delta, act.to(lora.a2.dtype), lora.a2, lora.b2, self.pairs, self.groups)
+        delta = torch.zeros(self.pairs.shape[0], b.shape[1], dtype=x.dtype, device=x.device)
+        return lora_delta(delta, x.to(a.dtype), a, b, self.pairs, self.groups)
 
 
 def _gate_up(x, w13, scale, groups: Alignment, cfg: MoeConfig, top_k: int, delta=None) -> torch.Tensor:
