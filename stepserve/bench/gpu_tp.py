@@ -63,12 +63,11 @@ def tp_engine(model_dir: Path, tp: int, quantization: str):
     return core, info
 
 
-def close(core) -> None:
-    close_ranks = getattr(core.worker, "close", None)
-    if close_ranks is not None:
-        close_ranks()
-    del core
-    G.free_gpu()
+def close_ranks(core) -> None:
+    """End the other ranks' processes (a one-rank engine has none)."""
+    close = getattr(core.worker, "close", None)
+    if close is not None:
+        close()
 
 
 def batch1_bound(weight_bytes: int, kv_bytes_per_token: int, context: float, copy_tb_s: float) -> dict:
@@ -110,7 +109,9 @@ def run(root: Path, name: str, tp: int, prompts, copy_tb_s: float, with_batch1: 
             result["decode"] = busy | {"all_reduce_ms_per_step": all_reduce_ms(kernels, busy["steps"])}
         return result
     finally:
-        close(core)
+        close_ranks(core)
+        core = None  # the last reference: the engine's memory goes back before the next run builds
+        G.free_gpu()
 
 
 def summary(results: dict) -> dict:
