@@ -20,7 +20,8 @@ next is built:
 
 Both parts also profile batch-1 decode on the base (the CUDA kernels of 2 passes) into
 ``DIR/profile_batch1_base.txt`` and ``DIR/profile_batch1_lora_on_base.txt``: side by side they show
-what LoRA costs a row that has no adapter; and one prefill pass of 16 prompts into
+what LoRA costs a row that has no adapter (and ``DIR/profile_batch1_adapter.txt`` what an applied
+adapter adds); and one prefill pass of 16 prompts into
 ``DIR/profile_prefill_base.txt`` and (request i on adapter i % 8) ``DIR/profile_prefill_adapters.txt``,
 where the adapters' prefill cost shows (prefill passes with adapters took 1.7x the base's); and
 steady decode at 256 rows into ``DIR/profile_decode_base.txt`` and ``DIR/profile_decode_adapters.txt``.
@@ -160,13 +161,14 @@ def batch1(core, prompt: list[int], lora: LoraRef | None = None) -> dict:
     return batch1_decode(core, prompt, weight_bytes, kv_bytes, lora)
 
 
-def profile_batch1(core, prompt: list[int], out: Path, name: str) -> dict:
-    """The CUDA kernels of batch-1 decode on the base (``gpu.decode_busy_share`` on one row), the
-    table in ``out / name``: beside the base alone's, it shows what LoRA costs a row without one."""
+def profile_batch1(core, prompt: list[int], out: Path, name: str, lora: LoraRef | None = None) -> dict:
+    """The CUDA kernels of batch-1 decode (``gpu.decode_busy_share`` on one row; on ``lora`` where
+    given, else on the base), the table in ``out / name``: beside the base alone's, it shows what
+    LoRA costs a row without an adapter, and what an applied adapter adds."""
     kernels: list = []
-    busy = decode_busy_share(
-        core, [prompt], passes=2, kernels=kernels, trace=out / name.replace(".txt", "_trace.json.gz")
-    )
+    trace = out / name.replace(".txt", "_trace.json.gz")
+    loras = [lora] if lora is not None else None
+    busy = decode_busy_share(core, [prompt], passes=2, kernels=kernels, trace=trace, loras=loras)
     top = top_kernels(kernels, max(1, busy["steps"]))
     (out / name).write_text(kernel_table(top, busy, len(prompt)))
     return {**busy, "top_kernels": top[:10]}
@@ -242,6 +244,7 @@ def bench_lora(root: Path, out: Path, prompts, results: dict) -> None:
     results["batch1_lora_on_base"] = batch1(core, prompts[0])
     print(f"8b batch-1, LoRA on, on the base: {results['batch1_lora_on_base']}", flush=True)
     results["profile_batch1_lora_on_base"] = profile_batch1(core, prompts[0], out, "profile_batch1_lora_on_base.txt")
+    results["profile_batch1_adapter"] = profile_batch1(core, prompts[0], out, "profile_batch1_adapter.txt", adapters[0])
     results["profile_prefill_adapters"] = profile_prefill(core, out, "profile_prefill_adapters.txt", adapters)
     results["profile_decode_adapters"] = profile_decode(core, out, "profile_decode_adapters.txt", adapters)
     results["adapter_loads"] = core.worker.lora.loads  # 8: each adapter copied into a slot once, no swaps
