@@ -3,7 +3,8 @@ a forward) for the Llama-3.1-8B projections with 8 rank-16 adapters, at the batc
 step and a prefill pass bring, under the tiles ``lora_config`` picks and a small grid around them
 (``split_k``: the shrink's input ranges, whose partials every expand program sums again, so more
 ranges cost the expand unless a kernel of its own sums them, ``sum_in_expand``; ``block_n``: the
-expand's output columns a program). Prints microseconds
+expand's output columns a program; ``block_m``: tokens a tile, each adapter's group padded to it).
+Prints microseconds
 a call and, per batch size, the step's LoRA time (32 layers of the four projections) under the
 current tiles and under the best of the grid: the sweep ``lora_config`` is chosen from. Every
 timed config is first checked against ``lora_reference``. JSON to OUT.json if given. On a GPU,
@@ -25,9 +26,15 @@ from stepserve.models.lora import lora_reference
 SLOTS, LAYERS = 8, 32
 # (input features, output features, rank): q/k/v fused (3 slices of 16), o, gate/up fused, down
 SHAPES = {"qkv": (4096, 6144, 48), "o": (4096, 4096, 16), "gate_up": (4096, 28672, 32), "down": (14336, 4096, 16)}
-TOKENS = (1, 16, 256, 2048, 8192)
-SPLITS, BLOCK_NS = (1, 4, 16), (32, 64, 128)
-SMOKE = {"shapes": {"qkv": (96, 80, 48), "down": (200, 64, 16)}, "tokens": (1, 20), "splits": (1, 2), "block_ns": (32,)}
+TOKENS = (1, 256, 8192, 16, 2048)  # the decode step and the prefill pass first: a cut sweep keeps them
+SPLITS, BLOCK_NS, BLOCK_MS = (1, 4, 16), (32, 64, 128), (16, 32, 64)
+SMOKE = {
+    "shapes": {"qkv": (96, 80, 48), "down": (200, 64, 16)},
+    "tokens": (1, 20),
+    "splits": (1, 2),
+    "block_ns": (32,),
+    "block_ms": (16, 32),
+}
 
 
 def case(tokens: int, shape: tuple[int, int, int], device: str, dtype: torch.dtype):
@@ -49,7 +56,9 @@ def main() -> None:
     dtype = torch.float32 if smoke else torch.bfloat16  # the interpreter mishandles bf16
     shapes = SMOKE["shapes"] if smoke else SHAPES
     tokens_list = SMOKE["tokens"] if smoke else TOKENS
-    splits, block_ns = (SMOKE["splits"], SMOKE["block_ns"]) if smoke else (SPLITS, BLOCK_NS)
+    splits, block_ns, block_ms = (
+        (SMOKE["splits"], SMOKE["block_ns"], SMOKE["block_ms"]) if smoke else (SPLITS, BLOCK_NS, BLOCK_MS)
+    )
     chosen = K.lora_config
     results: dict = {"device": torch.cuda.get_device_name() if not smoke else "cpu (interpreter)", "cases": {}}
     for tokens in tokens_list:
@@ -58,15 +67,19 @@ def main() -> None:
             y, x, lora_a, lora_b, slots = case(tokens, shape, device, dtype)
             want = lora_reference(y.clone(), x, lora_a, lora_b, slots).float()
             now = chosen(tokens, shape[2], shape[0], shape[1], dtype)
-            grid = {now} | {
-                dataclasses.replace(now, split_k=s, block_n=n, sum_in_expand=fused)
-                for s in splits
-                for n in block_ns
-                for fused in ((True, False) if s > 1 else (True,))
-                if s <= -(-shape[0] // now.block_k)  # no range without a K-block
-            }
+            grid = (
+                {now}
+                | {
+                    dataclasses.replace(now, split_k=s, block_n=n, sum_in_expand=fused)
+                    for s in splits
+                    for n in block_ns
+                    for fused in ((True, False) if s > 1 else (True,))
+                    if s <= -(-shape[0] // now.block_k)  # no range without a K-block
+                }
+                | {dataclasses.replace(now, block_m=m) for m in block_ms}
+            )  # tokens a tile (the grouping's too)
             rows = []
-            for cfg in sorted(grid, key=lambda c: (c.split_k, c.block_n, c.sum_in_expand)):
+            for cfg in sorted(grid, key=lambda c: (c.block_m, c.split_k, c.block_n, c.sum_in_expand)):
                 K.lora_config = lambda *_, cfg=cfg: cfg
                 try:
                     cache: dict = {}
@@ -78,7 +91,8 @@ def main() -> None:
                     us = graph_us(lambda: K.lora_delta(scratch, x, lora_a, lora_b, slots, cache))  # grouping shared
                 finally:
                     K.lora_config = chosen
-                config = {"split_k": cfg.split_k, "block_n": cfg.block_n, "sum_in_expand": cfg.sum_in_expand}
+                config = {"block_m": cfg.block_m, "split_k": cfg.split_k, "block_n": cfg.block_n}
+                config["sum_in_expand"] = cfg.sum_in_expand
                 rows.append({**config, "us": round(us, 2), "current": cfg == now})
             best = min(rows, key=lambda r: r["us"])
             current = next(r for r in rows if r["current"])
