@@ -175,8 +175,6 @@ def _lora_registry(args: argparse.Namespace, engine_config, served_name: str):
 
     _, hf_config = read_config(resolve_source(engine_config.model.model))
     cfg = decoder_config(hf_config, 1)
-    if engine_config.parallel.tensor_parallel_size > 1:
-        raise ConfigError("--enable-lora with --tensor-parallel-size above 1 is not supported yet")
     lora = engine_config.lora
     registry = LoraRegistry(served_name, lora.max_lora_rank, lora.max_loras, layer_shapes(cfg))
     for name, path in modules:

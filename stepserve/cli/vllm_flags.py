@@ -109,7 +109,10 @@ REFUSED: dict[tuple[str, ...], str] = {
     ("--max-num-partial-prefills",): (
         "prefill chunks are bounded by --max-num-batched-tokens and --long-prefill-token-threshold only"
     ),
-    ("--fully-sharded-loras",): "LoRA adapters are not sharded (--enable-lora needs --tensor-parallel-size 1)",
+    ("--fully-sharded-loras",): (
+        "under tensor parallelism an adapter is cut as its projection is (B's rows of a column-parallel "
+        "one, A's columns of a row-parallel one); the fully sharded layout is not offered"
+    ),
     ("--lora-dtype",): "adapters run in the model's dtype",
     ("--ssl-ca-certs",): "no client certificates (mutual TLS); --api-key guards the server",
     ("--ssl-cert-reqs",): "no client certificates (mutual TLS); --api-key guards the server",

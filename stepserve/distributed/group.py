@@ -1,13 +1,14 @@
 """One process's place in a tensor-parallel group, and what the builder asks of it.
 
 ``TensorParallel`` is what ``executor.builder`` calls at each step that differs between ranks: the
-device, the shard of the config and of the weights, the all-reduces in the model and the number
+device, the shard of the config, of the weights and of LoRA adapters' pairs, the all-reduces in the model and the number
 of KV blocks every rank can hold. With one rank
 (``SINGLE``) every call is the identity, so the single-process engine runs the same builder.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from datetime import timedelta
@@ -17,7 +18,7 @@ import torch.distributed as dist
 
 from stepserve.config import ConfigError
 from stepserve.distributed.layers import join_ranks
-from stepserve.distributed.sharding import check_tensor_parallel, cut, shard_config, take, take_slice
+from stepserve.distributed.sharding import check_tensor_parallel, cut, cut_adapter, shard_config, take, take_slice
 from stepserve.models.config import DecoderConfig
 
 log = logging.getLogger("stepserve.distributed")
@@ -85,6 +86,13 @@ class TensorParallel:
             return take_slice(lambda: f.get_slice(key), lambda: f.get_tensor(key), cut(key, cfg, self.rank, self.size))
 
         return safetensors_weights(checkpoint.source.directory, read)
+
+    def adapter_shard(self, cfg: DecoderConfig):
+        """``(module path, A, B) -> (A, B)``: this rank's share of a LoRA pair of the model
+        ``cfg`` (whole, not this rank's shard); None with one rank."""
+        if self.size == 1:
+            return None
+        return functools.partial(cut_adapter, cfg=cfg, rank=self.rank, size=self.size)
 
     def join(self, model) -> None:
         """Insert the all-reduces after the row-parallel projections."""

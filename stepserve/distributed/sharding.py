@@ -177,6 +177,26 @@ def _expert_cut(name: str, cfg: DecoderConfig, rank: int, size: int) -> tuple[Pa
     raise ConfigError(f"cannot split the expert weight {name!r} over tensor-parallel ranks")
 
 
+def cut_adapter(path: str, a: torch.Tensor, b: torch.Tensor, cfg: DecoderConfig, rank: int, size: int):
+    """A rank's share of one LoRA pair of the projection at ``path`` (PEFT's module path, e.g.
+    ``model.layers.3.self_attn.q_proj`` or, for stacked experts, ``...mlp.experts.gate_up_proj``):
+    PEFT's ``A`` [r, in] and ``B`` [out, r] (stacked experts: [E * r, in] and [out, r * E]), cut
+    as the projection's weight is. A column-parallel projection keeps its rank's output rows, so
+    ``B`` keeps those rows and ``A`` stays whole; a row-parallel one keeps its input columns, so
+    ``A`` keeps those columns and ``B`` stays whole: each rank's delta is then a partial sum, and
+    the all-reduce after the projection adds the ranks' deltas as it adds their partial products
+    (``B (A x) = sum over ranks of B (A_r x_r)``)."""
+    import torch
+
+    stacked = ".experts." in path  # [E, out, in]: the weight's axes are one further in
+    parts = cut(path if stacked else f"{path}.weight", cfg, rank, size)
+    if parts is None or parts == ZERO:
+        return a, b
+    if parts[0].dim == (1 if stacked else 0):  # output rows
+        return a, torch.cat([b.narrow(0, p.start, p.length) for p in parts])
+    return torch.cat([a.narrow(1, p.start, p.length) for p in parts], dim=1), b
+
+
 def take(tensor: torch.Tensor, parts: tuple[Part, ...] | str | None) -> torch.Tensor:
     import torch
 

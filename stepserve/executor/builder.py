@@ -257,7 +257,9 @@ def build_worker(
     if config.lora.enable_lora:
         from stepserve.worker.lora_slots import LoraSlots
 
-        runner.lora = LoraSlots(model, config.lora.max_loras, config.lora.max_lora_rank, config.lora.max_cpu_loras)
+        lora = config.lora
+        shard = tp.adapter_shard(model_config)
+        runner.lora = LoraSlots(model, lora.max_loras, lora.max_lora_rank, lora.max_cpu_loras, shard)
         if device.type == "cuda":
             _warm_up_lora(model, config)
     if draft is not None:

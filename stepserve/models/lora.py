@@ -247,10 +247,18 @@ def attach_lora(model: nn.Module, max_loras: int, max_rank: int) -> LoraState:
     return state
 
 
+def _unwrapped(module: nn.Module) -> nn.Module:
+    """The module inside the wrappers tensor parallelism puts around row-parallel projections and
+    a mixture's whole MLP (``distributed.layers.AllReduced``, which keeps it as ``inner``)."""
+    while not isinstance(module, LoraLinear) and isinstance(getattr(module, "inner", None), nn.Module):
+        module = module.inner
+    return module
+
+
 def _gated_mlps(layer: nn.Module) -> dict[str, nn.Module]:
     """A layer's gated MLPs an adapter may target, by the prefix of their TARGETS: the dense MLP
     (""), or a mixture's shared expert ("shared_expert.")."""
-    mlp = layer.mlp
+    mlp = _unwrapped(layer.mlp)
     if hasattr(mlp, "gate_up_proj"):
         return {"": mlp}
     shared = getattr(mlp, "shared_expert", None)
@@ -282,24 +290,27 @@ def adapted_layers(model: nn.Module) -> list[dict[str, nn.Module]]:
     for layer in model.layers:
         found = {}
         for name in ("qkv_proj", "o_proj"):
-            module = getattr(layer.self_attn, name)
+            module = _unwrapped(getattr(layer.self_attn, name))
             if isinstance(module, LoraLinear):
                 found[name] = module
         for prefix, mlp in _gated_mlps(layer).items():
             for name in ("gate_up_proj", "down_proj"):
-                module = getattr(mlp, name)
+                module = _unwrapped(getattr(mlp, name))
                 if isinstance(module, LoraLinear):
                     found[prefix + name] = module
-        experts = getattr(layer.mlp, "expert_lora", None)
+        experts = getattr(_unwrapped(layer.mlp), "expert_lora", None)
         if experts is not None:
             found["experts"] = experts
         out.append(found)
     return out
 
 
-def read_adapter_weights(config, layers: list[dict[str, nn.Module]]) -> list[dict[str, list]]:
+def read_adapter_weights(config, layers: list[dict[str, nn.Module]], shard=None) -> list[dict[str, list]]:
     """The adapter's tensors (PEFT names), checked against the model's projections: per layer,
-    target -> per slice (A, B * scaling) or None. ``ConfigError`` for a shape that does not fit."""
+    target -> per slice (A, B * scaling) or None. ``ConfigError`` for a shape that does not fit.
+    ``shard``: under tensor parallelism, ``(module path, A, B) -> (A, B)`` this rank's share of a
+    pair (``distributed.sharding.cut_adapter``), taken before the shapes are checked against the
+    rank's projections."""
     from safetensors.torch import load_file
 
     from stepserve.checkpoint.lora import WEIGHTS_FILE, module_path, parse_tensor_name
@@ -315,17 +326,19 @@ def read_adapter_weights(config, layers: list[dict[str, nn.Module]]) -> list[dic
         if set(ab) != {"A", "B"}:
             raise ConfigError(f"{config.path}: layer {layer} {module} has lora_{''.join(ab)} without its pair")
         found = layers[layer] if layer < len(layers) else {}
+        a, b = ab["A"], ab["B"]
         if module.startswith("experts"):
             experts = found.get("experts")
-            module = experts.param_of(ab["A"], ab["B"]) if experts is not None else None
+            module, a, b = _resolve_experts(experts, layer, a, b, shard) if experts is not None else (None, a, b)
             if module is None:
                 raise ConfigError(f"{config.path}: layer {layer} has no stacked experts of these shapes here")
+        elif shard is not None:
+            a, b = shard(module_path(layer, module), a, b)
         target = next(t for t, slices in TARGETS.items() if module in slices)
         linear = found.get(target)
         if linear is None:
             raise ConfigError(f"{config.path}: layer {layer} has no adaptable {target} here")
         index = TARGETS[target].index(module)
-        a, b = ab["A"], ab["B"]
         rank = a.shape[0] // linear.experts
         expect_a = (linear.experts * rank, linear.inner(index))
         expect_b = (linear.slices[index], linear.experts * rank)
@@ -338,3 +351,15 @@ def read_adapter_weights(config, layers: list[dict[str, nn.Module]]) -> list[dic
         slices = out[layer].setdefault(target, [None] * len(TARGETS[target]))
         slices[index] = (a, b * config.scaling_of(module_path(layer, module), rank))
     return out
+
+
+def _resolve_experts(experts: ExpertLora, layer: int, a: torch.Tensor, b: torch.Tensor, shard):
+    """(stacked tensor, A, B) of a stacked-experts pair, told by its shapes (``param_of``) once cut
+    as that tensor would be (``shard``, under tensor parallelism); (None, A, B) if none fits."""
+    from stepserve.checkpoint.lora import module_path
+
+    for name in TARGETS["experts"]:
+        cut_a, cut_b = shard(module_path(layer, name), a, b) if shard is not None else (a, b)
+        if experts.param_of(cut_a, cut_b) == name:
+            return name, cut_a, cut_b
+    return None, a, b

@@ -20,8 +20,9 @@ log = logging.getLogger("stepserve")
 
 
 class LoraSlots:
-    def __init__(self, model, max_loras: int, max_rank: int, max_cpu_loras: int | None) -> None:
+    def __init__(self, model, max_loras: int, max_rank: int, max_cpu_loras: int | None, shard=None) -> None:
         self.model = model
+        self.shard = shard  # tensor parallelism: this rank's share of a pair (read_adapter_weights)
         self.layers = adapted_layers(model)
         self.max_loras = max_loras
         self.max_rank = max_rank
@@ -54,7 +55,7 @@ class LoraSlots:
         weights = self._host.get(ref.id)
         if weights is None:
             config = read_adapter_config(ref.path, self.max_rank)
-            weights = read_adapter_weights(config, self.layers)
+            weights = read_adapter_weights(config, self.layers, self.shard)
             self._host[ref.id] = weights
             while len(self._host) > self.max_cpu:
                 self._host.popitem(last=False)

@@ -109,3 +109,31 @@ def test_the_server_checks_accept_each_peft_adapter(models):
         stacked = json.loads((path / "adapter_config.json").read_text()).get("target_parameters")
         if cfg.moe is not None and mlp and (stacked or cfg.moe.shared_intermediate_size == 0):
             assert set(config.modules) >= {"experts.gate_up_proj", "experts.down_proj"}, config.modules
+
+
+def test_tensor_parallel_ranks_serve_the_adapters(models):
+    """Two ranks over gloo: each holds its share of every pair (``B``'s rows of q/k/v and gate/up,
+    ``A``'s columns of o and down, the stacked experts' and the shared expert's alike), and the
+    all-reduce after o and down adds the ranks' partial deltas: every adapter's greedy tokens,
+    mixed in one batch with the others and the base, equal peft's merged model."""
+    base, adapters, expected = models
+    llm = LLM(
+        model=str(base),
+        dtype="float32",
+        max_model_len=128,
+        num_scheduler_steps=8,
+        tensor_parallel_size=2,
+        enable_lora=True,
+        max_loras=3,
+    )
+    try:
+        assert len(llm.core.worker.rank_pids) == 1
+        requests = _requests(adapters)
+        names = [None, *requests]
+        prompts = [p for p in PROMPTS for _ in names]
+        loras = [requests.get(n) for _ in PROMPTS for n in names]
+        got = [o.outputs[0].token_ids for o in llm.generate(prompts, PARAMS, lora_request=loras)]
+        for k, name in enumerate(names):
+            assert got[k :: len(names)] == expected[name], name
+    finally:
+        llm.core.worker.close()
