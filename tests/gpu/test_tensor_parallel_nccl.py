@@ -1,7 +1,7 @@
 """Tensor parallelism over NCCL: two ranks on two GPUs (CUDA graphs capturing the all-reduce,
 Triton kernels, the fused MoE kernel on each rank's share of the experts) against the one-process
 CPU reference, which tests/integration holds equal to transformers: float32 greedy tokens equal
-with 1 and 8 scheduler steps, and speculating; served, a rank killed with SIGKILL under load
+with 1 and 8 scheduler steps, speculating, and with LoRA adapters; served, a rank killed with SIGKILL under load
 brings the whole group back. Skipped without two GPUs; it has not run yet (no multi-GPU machine
 was available when it was written). tests/gpu/test_nccl_one_rank.py runs the NCCL path on one GPU."""
 
@@ -53,6 +53,47 @@ def test_nccl_tp2_equals_cpu(family, tmp_path):
     want = greedy(model_dir, "cpu")
     assert greedy(model_dir, "cuda", tensor_parallel_size=2, num_scheduler_steps=1) == want
     assert greedy(model_dir, "cuda", tensor_parallel_size=2, num_scheduler_steps=8) == want
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3-moe"])
+def test_nccl_tp2_lora_equals_cpu(family, tmp_path):
+    """Adapters over two GPUs: each rank's share of every pair (models.lora, cut_adapter), the
+    Triton LoRA kernels and the experts' adapters in the fused MoE kernel on each rank, the
+    partial deltas summed by the NCCL all-reduce; adapters and the base mixed in one batch give
+    the one-process CPU reference's tokens."""
+    from lora_adapters import ADAPTERS, write_adapter
+
+    from stepserve import LoRARequest
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    if family == "llama":
+        base = write_tiny_model(tmp_path / "base", "llama", seed=3)
+    else:
+        base = write_tiny_family(tmp_path / "base", family, seed=3)
+    names = [n for n in ADAPTERS if not (family.endswith("-moe") and n == "mlp-r4")]  # peft: no gate without up
+    loras = [None] + [
+        LoRARequest(name, i + 1, str(write_adapter(base, tmp_path / name, name, seed=i)))
+        for i, name in enumerate(names)
+    ]
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+
+    def run(device, **options):
+        llm = LLM(
+            model=str(base), device=device, dtype="float32", max_model_len=128, num_blocks=512, enable_lora=True,
+            max_loras=4, **options,
+        )  # fmt: skip
+        try:
+            every = [loras[i % len(loras)] for i in range(len(PROMPTS))]
+            return [o.outputs[0].token_ids for o in llm.generate(PROMPTS, params, lora_request=every)]
+        finally:
+            if options.get("tensor_parallel_size", 1) > 1:
+                llm.core.worker.close()
+            del llm
+            gc.collect()
+            torch.cuda.empty_cache()
+
+    want = run("cpu")
+    assert run("cuda", tensor_parallel_size=2, num_scheduler_steps=8) == want
 
 
 @pytest.mark.parametrize("method", ["ngram", "draft_model", "eagle3"])
