@@ -13,6 +13,10 @@ ADAPTERS = {
 }
 
 
+FUSED = {"q_proj": "qkv_proj", "k_proj": "qkv_proj", "v_proj": "qkv_proj"}  # Phi-3's fused modules
+FUSED |= {"gate_proj": "gate_up_proj", "up_proj": "gate_up_proj"}
+
+
 def write_adapter(base_dir: Path, directory: Path, name: str, seed: int = 0) -> Path:
     import torch
     import transformers
@@ -20,6 +24,9 @@ def write_adapter(base_dir: Path, directory: Path, name: str, seed: int = 0) -> 
 
     rank, alpha, targets, rslora = ADAPTERS[name]
     model = transformers.AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    modules = {module_name.rsplit(".", 1)[-1] for module_name, _ in model.named_modules()}
+    if "qkv_proj" in modules:  # Phi-3 stores q/k/v and gate/up fused: peft adapts the fused modules
+        targets = sorted({FUSED.get(t, t) for t in targets})
     config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets, use_rslora=rslora, init_lora_weights=False)
     torch.manual_seed(seed)
     peft_model = get_peft_model(model, config)

@@ -16,6 +16,7 @@ from pathlib import Path
 from stepserve.config import ConfigError
 
 SUPPORTED_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+FUSED_MODULES = ("qkv_proj", "gate_up_proj")  # a model that stores them fused (Phi-3): one pair over the slices
 EXPERT_PARAMS = ("gate_up_proj", "down_proj")  # a mixture's stacked expert tensors (PEFT's target_parameters)
 WEIGHTS_FILE = "adapter_model.safetensors"
 # module: a projection's PEFT name, with "shared_expert." before it for Qwen2-MoE's shared expert
@@ -121,8 +122,9 @@ def _pairs(weights: Path, folder: Path) -> dict[tuple[int, str], dict[str, list[
     pairs: dict[tuple[int, str], dict[str, list[int]]] = {}
     for name, shape in _tensor_shapes(weights).items():
         layer, module, which = _parse(name, folder)
-        if not module.startswith("experts") and module.removeprefix("shared_expert.") not in SUPPORTED_MODULES:
-            raise ConfigError(f"{folder}: it adapts {module!r}; supported targets: {', '.join(SUPPORTED_MODULES)}")
+        known = (*SUPPORTED_MODULES, *FUSED_MODULES)
+        if not module.startswith("experts") and module.removeprefix("shared_expert.") not in known:
+            raise ConfigError(f"{folder}: it adapts {module!r}; supported targets: {', '.join(known)}")
         pairs.setdefault((layer, module), {})[which] = shape
     for (layer, module), ab in pairs.items():
         if set(ab) != {"A", "B"}:
@@ -178,7 +180,7 @@ def parse_tensor_name(name: str) -> tuple[int, str, str]:
 
 def module_path(layer: int, module: str) -> str:
     """The projection's name as PEFT's patterns match it: ``model.layers.3.self_attn.q_proj``."""
-    block = "self_attn" if module in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp"
+    block = "self_attn" if module in ("q_proj", "k_proj", "v_proj", "qkv_proj", "o_proj") else "mlp"
     return f"model.layers.{layer}.{block}.{module}"
 
 
@@ -218,11 +220,13 @@ def layer_shapes(cfg) -> list[dict[str, Target]]:
         "k_proj": Target(hidden, kv),
         "v_proj": Target(hidden, kv),
         "o_proj": Target(q, hidden),
+        "qkv_proj": Target(hidden, q + 2 * kv),  # Phi-3's fused q/k/v
     }
 
     def mlp(inner: int, prefix: str = "") -> dict[str, Target]:
         gate, down = Target(hidden, inner), Target(inner, hidden)
-        return {f"{prefix}gate_proj": gate, f"{prefix}up_proj": gate, f"{prefix}down_proj": down}
+        fused = {"gate_up_proj": Target(hidden, 2 * inner)} if not prefix else {}  # Phi-3's fused gate/up
+        return {f"{prefix}gate_proj": gate, f"{prefix}up_proj": gate, f"{prefix}down_proj": down} | fused
 
     moe = cfg.moe
     out = []

@@ -313,7 +313,7 @@ def read_adapter_weights(config, layers: list[dict[str, nn.Module]], shard=None)
     rank's projections."""
     from safetensors.torch import load_file
 
-    from stepserve.checkpoint.lora import WEIGHTS_FILE, module_path, parse_tensor_name
+    from stepserve.checkpoint.lora import FUSED_MODULES, WEIGHTS_FILE, module_path, parse_tensor_name
     from stepserve.config import ConfigError
 
     tensors = load_file(f"{config.path}/{WEIGHTS_FILE}")
@@ -334,14 +334,15 @@ def read_adapter_weights(config, layers: list[dict[str, nn.Module]], shard=None)
                 raise ConfigError(f"{config.path}: layer {layer} has no stacked experts of these shapes here")
         elif shard is not None:
             a, b = shard(module_path(layer, module), a, b)
-        target = next(t for t, slices in TARGETS.items() if module in slices)
+        fused = module in FUSED_MODULES  # one pair over every slice of the projection (Phi-3)
+        target = module if fused else next(t for t, slices in TARGETS.items() if module in slices)
         linear = found.get(target)
         if linear is None:
             raise ConfigError(f"{config.path}: layer {layer} has no adaptable {target} here")
-        index = TARGETS[target].index(module)
+        index = 0 if fused else TARGETS[target].index(module)
         rank = a.shape[0] // linear.experts
         expect_a = (linear.experts * rank, linear.inner(index))
-        expect_b = (linear.slices[index], linear.experts * rank)
+        expect_b = (sum(linear.slices) if fused else linear.slices[index], linear.experts * rank)
         if tuple(a.shape) != expect_a or tuple(b.shape) != expect_b or rank > linear.max_rank_of(index):
             raise ConfigError(
                 f"{config.path}: layer {layer} {module} has lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)}; "
@@ -349,7 +350,11 @@ def read_adapter_weights(config, layers: list[dict[str, nn.Module]], shard=None)
                 "(is this adapter for another base model?)"
             )
         slices = out[layer].setdefault(target, [None] * len(TARGETS[target]))
-        slices[index] = (a, b * config.scaling_of(module_path(layer, module), rank))
+        scaled = b * config.scaling_of(module_path(layer, module), rank)
+        if fused:  # each slice: the one A, and its own rows of B
+            slices[:] = [(a, rows) for rows in scaled.split(list(linear.slices))]
+        else:
+            slices[index] = (a, scaled)
     return out
 
 

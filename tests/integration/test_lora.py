@@ -1,9 +1,10 @@
 """LoRA adapters (docs/lora.md) on tiny random base models, with adapters made by ``peft`` in the
 test (ranks 4, 8 and 16, attention-only, MLP-only and every projection, rsLoRA), on dense models
-and mixtures of experts (whose MLP targets are a shared expert, or the stacked experts): each adapter's
-greedy tokens equal peft's merged model, alone and in one batch with the other adapters and the
-base, at --num-scheduler-steps 1 and 8; under --max-loras 1 the adapters take turns in the one
-slot and every answer stays right; the prefix cache never lends one adapter's KV to another."""
+(Phi-3's fused projections too) and mixtures of experts (whose MLP targets are a shared expert,
+or the stacked experts): each adapter's greedy tokens equal peft's merged model, alone and in
+one batch with the other adapters and the base, at --num-scheduler-steps 1 and 8, and over two
+tensor-parallel ranks; under --max-loras 1 the adapters take turns in the one slot and every
+answer stays right; the prefix cache never lends one adapter's KV to another."""
 
 import pytest
 from lora_adapters import ADAPTERS, merged_greedy, write_adapter
@@ -22,7 +23,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 # qwen2-moe: peft puts the MLP targets on its shared expert (and, from peft 0.22, on its stacked
 # experts too); qwen3-moe: on its stacked experts (peft's target_parameters, gate and up fused into
 # one adapter of twice the rank)
-@pytest.fixture(scope="module", params=["llama", "qwen3", "qwen2-moe", "qwen3-moe"])
+# (phi3: its fused qkv_proj and gate_up_proj, one pair over the slices)
+@pytest.fixture(scope="module", params=["llama", "qwen3", "phi3", "qwen2-moe", "qwen3-moe"])
 def models(request, tmp_path_factory):
     """(base directory, adapter name -> directory, expected tokens per adapter and for the base)."""
     root = tmp_path_factory.mktemp(f"lora-{request.param}")
