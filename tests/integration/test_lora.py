@@ -139,3 +139,18 @@ def test_tensor_parallel_ranks_serve_the_adapters(models):
             assert got[k :: len(names)] == expected[name], name
     finally:
         llm.core.worker.close()
+
+
+@pytest.mark.parametrize("family", ["mistral", "qwen2-window", "gemma2", "gemma3", "granite", "mixtral"])
+def test_every_other_family_serves_peft_adapters(family, tmp_path):
+    """The registry's other families (the fixture above covers Llama, Qwen3, Phi-3 and two
+    mixtures): an adapter on every projection peft finds (Mixtral: the attention, as its MLP
+    targets match no module) gives peft's merged tokens, mixed in one batch with the base."""
+    base = write_tiny_family(tmp_path / "base", family, seed=3)
+    adapter = write_adapter(base, tmp_path / "adapter", "all-r16-rslora", seed=1)
+    want, want_base = merged_greedy(base, adapter, PROMPTS, NEW_TOKENS), merged_greedy(base, None, PROMPTS, NEW_TOKENS)
+    assert want != want_base
+    llm = LLM(model=str(base), dtype="float32", max_model_len=128, num_scheduler_steps=8, enable_lora=True)
+    lora = LoRARequest("adapter", 1, str(adapter))
+    got = [o.outputs[0].token_ids for o in llm.generate(PROMPTS * 2, PARAMS, lora_request=[lora] * 4 + [None] * 4)]
+    assert got == want + want_base
