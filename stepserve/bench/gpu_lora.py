@@ -68,7 +68,7 @@ from stepserve.models.registry import decoder_config
 SHAPE = "8b"
 PARTS = ("base", "lora")  # the order they run in
 NUM_ADAPTERS, RANK, ALPHA = 8, 16, 32
-ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
+ATTENTION = ("q_proj", "k_proj", "v_proj", "qkv_proj", "o_proj")
 TARGETS = {"adapters_over_base": 0.8, "batch1_adapter_over_base": 0.9}
 
 

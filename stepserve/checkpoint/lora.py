@@ -213,20 +213,24 @@ def layer_shapes(cfg) -> list[dict[str, Target]]:
     """Per layer of a ``DecoderConfig``, each projection an adapter may target: the attention's;
     the MLP's where the layer is dense; in a mixture-of-experts layer, its stacked experts
     (``experts.gate_up_proj`` [E, 2I, H] and ``experts.down_proj`` [E, H, I], as transformers 5
-    holds them and PEFT adapts them) and its shared expert's (Qwen2-MoE: ``shared_expert.gate_proj`` ...)."""
+    holds them and PEFT adapts them) and its shared expert's (Qwen2-MoE: ``shared_expert.gate_proj`` ...).
+    A model that stores q/k/v and gate/up fused (Phi-3) has ``qkv_proj`` and ``gate_up_proj`` instead."""
     q, kv, hidden = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim, cfg.hidden_size
     attention = {
         "q_proj": Target(hidden, q),
         "k_proj": Target(hidden, kv),
         "v_proj": Target(hidden, kv),
         "o_proj": Target(q, hidden),
-        "qkv_proj": Target(hidden, q + 2 * kv),  # Phi-3's fused q/k/v
     }
+    fused = cfg.fused_checkpoint  # Phi-3: the model has qkv_proj and gate_up_proj, so peft adapts those
+    if fused:
+        attention = {"qkv_proj": Target(hidden, q + 2 * kv), "o_proj": attention["o_proj"]}
 
     def mlp(inner: int, prefix: str = "") -> dict[str, Target]:
         gate, down = Target(hidden, inner), Target(inner, hidden)
-        fused = {"gate_up_proj": Target(hidden, 2 * inner)} if not prefix else {}  # Phi-3's fused gate/up
-        return {f"{prefix}gate_proj": gate, f"{prefix}up_proj": gate, f"{prefix}down_proj": down} | fused
+        if fused and not prefix:
+            return {"gate_up_proj": Target(hidden, 2 * inner), "down_proj": down}
+        return {f"{prefix}gate_proj": gate, f"{prefix}up_proj": gate, f"{prefix}down_proj": down}
 
     moe = cfg.moe
     out = []
