@@ -1,9 +1,9 @@
 """One process's place in a tensor-parallel group, and what the builder asks of it.
 
 ``TensorParallel`` is what ``executor.builder`` calls at each step that differs between ranks: the
-device, the shard of the config, of the weights and of LoRA adapters' pairs, the all-reduces in the model and the number
-of KV blocks every rank can hold. With one rank
-(``SINGLE``) every call is the identity, so the single-process engine runs the same builder.
+device, the shard of the config, of the weights and of LoRA adapters' pairs, the all-reduces in the
+model and the number of KV blocks every rank can hold. With one rank (``SINGLE``) every call is the
+identity, so the single-process engine runs the same builder.
 """
 
 from __future__ import annotations
