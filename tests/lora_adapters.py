@@ -57,3 +57,23 @@ def merged_greedy(
         )
         out.append(gen[0, len(ids) :].tolist())
     return out
+
+
+def base_and_requests(directory: Path, family: str) -> tuple[Path, list]:
+    """A tiny random base of ``family`` (Llama, or a ``write_tiny_family`` name) under
+    ``directory``, and a ``LoRARequest`` for each adapter of ``ADAPTERS`` peft can write on it (on
+    a mixture, not the MLP-only one: peft adapts the stacked gate and up together or not at all)."""
+    from tiny_models import write_tiny_family, write_tiny_model
+
+    from stepserve import LoRARequest
+
+    if family == "llama":
+        base = write_tiny_model(directory / "base", "llama", seed=3)
+    else:
+        base = write_tiny_family(directory / "base", family, seed=3)
+    names = [n for n in ADAPTERS if not (family.endswith("-moe") and n == "mlp-r4")]
+    requests = [
+        LoRARequest(name, i + 1, str(write_adapter(base, directory / name, name, seed=i)))
+        for i, name in enumerate(names)
+    ]
+    return base, requests

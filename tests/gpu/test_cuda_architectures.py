@@ -51,21 +51,10 @@ def test_lora_adapters_on_cuda_equal_cpu(family, tmp_path):
     """Adapters and the base mixed in one batch on the CUDA path (the Triton LoRA kernels, in the
     decode graphs too; on Qwen3-MoE the stacked experts' adapters inside the fused MoE kernel)
     give the CPU reference's tokens, single- and multi-step."""
-    from lora_adapters import ADAPTERS, write_adapter
-    from tiny_models import write_tiny_model
-
-    from stepserve import LoRARequest
+    from lora_adapters import base_and_requests
 
     torch.backends.cuda.matmul.allow_tf32 = False
-    if family == "llama":
-        base = write_tiny_model(tmp_path / "base", "llama", seed=3)
-    else:
-        base = write_tiny_family(tmp_path / "base", family, seed=3)
-    names = [n for n in ADAPTERS if not (family == "qwen3-moe" and n == "mlp-r4")]  # peft: no gate without up
-    requests = [
-        LoRARequest(name, i + 1, str(write_adapter(base, tmp_path / name, name, seed=i)))
-        for i, name in enumerate(names)
-    ]
+    base, requests = base_and_requests(tmp_path, family)
     loras = [None, *requests] * 2
     prompts = [PROMPTS[i % len(PROMPTS)] for i in range(len(loras))]
     params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)

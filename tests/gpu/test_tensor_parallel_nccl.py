@@ -61,20 +61,11 @@ def test_nccl_tp2_lora_equals_cpu(family, tmp_path):
     Triton LoRA kernels and the experts' adapters in the fused MoE kernel on each rank, the
     partial deltas summed by the NCCL all-reduce; adapters and the base mixed in one batch give
     the one-process CPU reference's tokens."""
-    from lora_adapters import ADAPTERS, write_adapter
-
-    from stepserve import LoRARequest
+    from lora_adapters import base_and_requests
 
     torch.backends.cuda.matmul.allow_tf32 = False
-    if family == "llama":
-        base = write_tiny_model(tmp_path / "base", "llama", seed=3)
-    else:
-        base = write_tiny_family(tmp_path / "base", family, seed=3)
-    names = [n for n in ADAPTERS if not (family.endswith("-moe") and n == "mlp-r4")]  # peft: no gate without up
-    loras = [None] + [
-        LoRARequest(name, i + 1, str(write_adapter(base, tmp_path / name, name, seed=i)))
-        for i, name in enumerate(names)
-    ]
+    base, requests = base_and_requests(tmp_path, family)
+    loras = [None, *requests]
     params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
 
     def run(device, **options):

@@ -47,22 +47,26 @@ def _requests(adapters) -> dict:
     return {name: LoRARequest(name, i + 1, str(path)) for i, (name, path) in enumerate(adapters.items())}
 
 
-@pytest.mark.parametrize("steps", [1, 8])
-def test_each_adapter_equals_peft_merged_alone_and_mixed(models, steps):
-    base, adapters, expected = models
-    llm = LLM(
-        model=str(base), dtype="float32", max_model_len=128, num_scheduler_steps=steps, enable_lora=True, max_loras=3
-    )
+def _check_mixed_batch(llm, adapters, expected) -> None:
+    """One batch: every prompt under every adapter and the base, interleaved; each answer peft's."""
     requests = _requests(adapters)
-    for name, lora in requests.items():  # alone
-        assert [o.outputs[0].token_ids for o in llm.generate(PROMPTS, PARAMS, lora_request=lora)] == expected[name]
-    # one batch: every prompt under every adapter and the base, interleaved
     names = [None, *requests]
     prompts = [p for p in PROMPTS for _ in names]
     loras = [requests.get(n) for _ in PROMPTS for n in names]
     got = [o.outputs[0].token_ids for o in llm.generate(prompts, PARAMS, lora_request=loras)]
     for k, name in enumerate(names):
         assert got[k :: len(names)] == expected[name], name
+
+
+@pytest.mark.parametrize("steps", [1, 8])
+def test_each_adapter_equals_peft_merged_alone_and_mixed(models, steps):
+    base, adapters, expected = models
+    llm = LLM(
+        model=str(base), dtype="float32", max_model_len=128, num_scheduler_steps=steps, enable_lora=True, max_loras=3
+    )
+    for name, lora in _requests(adapters).items():  # alone
+        assert [o.outputs[0].token_ids for o in llm.generate(PROMPTS, PARAMS, lora_request=lora)] == expected[name]
+    _check_mixed_batch(llm, adapters, expected)
 
 
 def test_one_slot_swaps_adapters_and_keeps_answers_right(models):
@@ -130,13 +134,7 @@ def test_tensor_parallel_ranks_serve_the_adapters(models):
     )
     try:
         assert len(llm.core.worker.rank_pids) == 1
-        requests = _requests(adapters)
-        names = [None, *requests]
-        prompts = [p for p in PROMPTS for _ in names]
-        loras = [requests.get(n) for _ in PROMPTS for n in names]
-        got = [o.outputs[0].token_ids for o in llm.generate(prompts, PARAMS, lora_request=loras)]
-        for k, name in enumerate(names):
-            assert got[k :: len(names)] == expected[name], name
+        _check_mixed_batch(llm, adapters, expected)
     finally:
         llm.core.worker.close()
 
