@@ -23,7 +23,8 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.devi
 PROMPTS = [[(7 * i + j) % 250 + 3 for j in range(5 + 13 * i)] for i in range(8)]  # 5..96 tokens
 
 
-def greedy(model_dir, device, **options):
+def greedy(model_dir, device, lora_request=None, **options):
+    """Greedy tokens of PROMPTS (``lora_request``: one per prompt, as ``LLM.generate`` takes it)."""
     llm = LLM(
         model=str(model_dir),
         device=device,
@@ -36,7 +37,9 @@ def greedy(model_dir, device, **options):
     try:
         return [
             o.outputs[0].token_ids
-            for o in llm.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=24, ignore_eos=True))
+            for o in llm.generate(
+                PROMPTS, SamplingParams(temperature=0, max_tokens=24, ignore_eos=True), lora_request=lora_request
+            )
         ]
     finally:
         if options.get("tensor_parallel_size", 1) > 1:
@@ -66,25 +69,10 @@ def test_nccl_tp2_lora_equals_cpu(family, tmp_path):
     torch.backends.cuda.matmul.allow_tf32 = False
     base, requests = base_and_requests(tmp_path, family)
     loras = [None, *requests]
-    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
-
-    def run(device, **options):
-        llm = LLM(
-            model=str(base), device=device, dtype="float32", max_model_len=128, num_blocks=512, enable_lora=True,
-            max_loras=4, **options,
-        )  # fmt: skip
-        try:
-            every = [loras[i % len(loras)] for i in range(len(PROMPTS))]
-            return [o.outputs[0].token_ids for o in llm.generate(PROMPTS, params, lora_request=every)]
-        finally:
-            if options.get("tensor_parallel_size", 1) > 1:
-                llm.core.worker.close()
-            del llm
-            gc.collect()
-            torch.cuda.empty_cache()
-
-    want = run("cpu")
-    assert run("cuda", tensor_parallel_size=2, num_scheduler_steps=8) == want
+    every = [loras[i % len(loras)] for i in range(len(PROMPTS))]
+    lora = dict(lora_request=every, enable_lora=True, max_loras=4)
+    want = greedy(base, "cpu", **lora)
+    assert greedy(base, "cuda", tensor_parallel_size=2, num_scheduler_steps=8, **lora) == want
 
 
 @pytest.mark.parametrize("method", ["ngram", "draft_model", "eagle3"])
