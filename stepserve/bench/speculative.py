@@ -68,6 +68,8 @@ def _engine(args: argparse.Namespace, speculative: str | None):
     from stepserve.engine.llm import LLM
 
     options = {"max_model_len": args.max_model_len, "device": args.device}
+    if args.device == "cuda":  # two engines share the card: the second's share counts the first's memory
+        options["gpu_memory_utilization"] = 0.85 if speculative else 0.4
     if args.model:
         options["model"] = args.model
     if speculative:
