@@ -188,7 +188,8 @@ def test_config_by_tokens(device):
 
     decode = lora_config(1, 64, 4096, 6144, torch.bfloat16)
     prefill = lora_config(8192, 192, 4096, 6144, torch.bfloat16)
-    assert (decode.block_m, decode.split_k) == (16, 16) and (prefill.block_m, prefill.split_k) == (64, 1)
+    assert (decode.block_m, decode.split_k, decode.block_n, decode.sum_in_expand) == (16, 16, 128, True)
+    assert (prefill.block_m, prefill.split_k, prefill.sum_in_expand) == (64, 4, False)
     tiny = lora_config(1, 8, 40, 24, torch.float32)
     assert (tiny.block_r, tiny.block_k, tiny.split_k, tiny.block_n, tiny.num_stages) == (16, 64, 1, 32, 2)
 

@@ -63,23 +63,26 @@ class LoraConfig:
 
 def lora_config(tokens: int, rank: int, hidden: int, out_features: int, dtype: torch.dtype) -> LoraConfig:
     """The tiles for a call, chosen by the batch size (fixed choices, no autotuning: autotune
-    would benchmark again inside a CUDA graph capture).
+    would benchmark again inside a CUDA graph capture), from ``bench/lora_kernel.py``'s sweep of
+    the 8B projections with 8 rank-16 adapters on an H100 (``docs/lora.md``), at 1, 16, 256,
+    2,048 and 8,192 tokens; the classes' other edges are not measured.
 
-    Decode batches make both GEMMs weight-bound: 16-token tiles (least padding per slot), the
-    shrink split across the input features and narrow expand tiles so that many programs stream
-    the weights. Prefill batches reuse each weight tile across 64 tokens, and the expand, which
-    reads and writes all of ``y``, takes wide tiles. Tiles shrink to the problem for small test
+    Every class takes 128-column expand tiles: fewer programs load (and sum) the shrink's
+    partials. One token splits the shrink's reduction 16 ways, so that its few tiles fill the
+    SMs; from a few tokens on, 4 ranges do. Up to 64 tokens the expand sums the partials as it
+    loads them (one launch fewer); from 65 on, a kernel of its own sums them once. Prefill
+    batches reuse each weight tile across 64 tokens. Tiles shrink to the problem for small test
     shapes; float32 (tests) keeps two pipeline stages, as its tiles take twice the shared memory."""
-    if tokens <= 16:
-        cfg = LoraConfig(16, 64, 16, 128, 32, 4, 3)
+    if tokens <= 4:
+        cfg = LoraConfig(16, 64, 16, 128, 128, 4, 3)
     elif tokens <= 64:
-        cfg = LoraConfig(16, 64, 8, 128, 64, 4, 3)
+        cfg = LoraConfig(16, 64, 4, 128, 128, 4, 3)
     elif tokens <= 512:
-        cfg = LoraConfig(32, 64, 4, 64, 64, 4, 3)
+        cfg = LoraConfig(32, 64, 16, 64, 128, 4, 3, sum_in_expand=False)
     elif tokens <= 4096:
-        cfg = LoraConfig(64, 64, 2, 64, 128, 4, 3)
+        cfg = LoraConfig(64, 64, 4, 64, 128, 4, 3, sum_in_expand=False)
     else:
-        cfg = LoraConfig(64, 64, 1, 64, 128, 8, 3)
+        cfg = LoraConfig(64, 64, 4, 64, 128, 8, 3, sum_in_expand=False)
 
     def fit(block: int, size: int) -> int:
         return min(block, max(16, triton.next_power_of_2(size)))  # tl.dot takes 16 at least
@@ -93,6 +96,7 @@ def lora_config(tokens: int, rank: int, hidden: int, out_features: int, dtype: t
         block_n=fit(cfg.block_n, out_features),
         num_warps=cfg.num_warps,
         num_stages=2 if dtype == torch.float32 else cfg.num_stages,
+        sum_in_expand=cfg.sum_in_expand,
     )
 
 
@@ -328,10 +332,10 @@ def _shrink(x, lora_a, groups, cfg: LoraConfig) -> torch.Tensor:
     return out
 
 
-# One token count of each size class that picks other tiles: ``lora_config``'s (up to 16, 64, 512,
+# One token count of each size class that picks other tiles: ``lora_config``'s (up to 4, 64, 512,
 # 4096, more) and ``align``'s (one program up to 16, 64, 256 copies; three launches beyond). No
 # integer argument that varies with the count is specialized on, so one count a class is enough.
-WARM_UP_TOKENS = (1, 17, 65, 257, 513, 4097)
+WARM_UP_TOKENS = (1, 5, 17, 65, 257, 513, 4097)
 
 
 def warm_up(lora_a: torch.Tensor, lora_b: torch.Tensor, max_tokens: int) -> int:
