@@ -937,9 +937,13 @@ def fixed_prompts(count: int, length: int, seed: int) -> list[list[int]]:
     return [[rng.randrange(1000, 128000) for _ in range(length)] for _ in range(count)]
 
 
-def bench_trtllm(root: Path, precision: str, name: str, scale: float, results: dict) -> None:
+def bench_trtllm(
+    root: Path, precision: str, name: str, scale: float, results: dict, profile_dir: Path | None = None
+) -> None:
     """One of TensorRT-LLM's workloads on the 8B shape, on an engine of its own (the workload
-    sets max_num_seqs), with ``scale`` times its requests; FP8 is set beside the published figure."""
+    sets max_num_seqs), with ``scale`` times its requests; FP8 is set beside the published figure.
+    With ``profile_dir``, then steady decode at the workload's concurrency under the profiler
+    (``trtllm_profile``)."""
     from stepserve.bench.throughput import WORKLOADS
 
     w = WORKLOADS[name]
@@ -978,8 +982,26 @@ def bench_trtllm(root: Path, precision: str, name: str, scale: float, results: d
         f"(TensorRT-LLM FP8 on {card}: {theirs}; ours/theirs {entry.get('over_trtllm_fp8', '-')})",
         flush=True,
     )
+    if profile_dir is not None:
+        entry["decode_profile"] = trtllm_profile(core, info, w, profile_dir / f"profile_trtllm_{precision}_{name}.txt")
+        print(f"8b {precision} {name} steady decode: {entry['decode_profile']}", flush=True)
     del core
     free_gpu()
+
+
+def trtllm_profile(core, info, w, path: Path, passes: int = 4) -> dict:
+    """Steady decode of one workload under the profiler: as many of its sequences as the KV cache
+    holds at their prompt length (up to its concurrency), the kernel table written to ``path``."""
+    from stepserve.bench.gpu_moe import kernel_table, top_kernels
+
+    per_row = w.input_len + 8 * (passes + 6) + 1  # the prompt, decode_busy_share's tokens, a spare
+    block = core.scheduler.blocks.block_size
+    rows = min(w.max_num_seqs, (info.num_kv_blocks - 1) // -(-per_row // block))
+    kernels: list = []
+    busy = decode_busy_share(core, fixed_prompts(rows, w.input_len, seed=2), passes=passes, kernels=kernels)
+    top = top_kernels(kernels, max(1, busy["steps"]))
+    path.write_text(kernel_table(top, busy, w.input_len))
+    return {**busy, "top_kernels": top[:8]}
 
 
 def bench_server(root: Path, out: Path, results: dict) -> None:
@@ -1200,7 +1222,11 @@ def main(argv=None) -> None:
         help="stepserve engines schedule asynchronously",
     )
     parser.add_argument("--date", default=datetime.date.today().isoformat())
-    parser.add_argument("--profile", action="store_true", help="also write the 8B kernel profile")
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="also write the 8B kernel profile, and each trtllm workload's steady decode profile",
+    )
     parser.add_argument("--num-requests", type=int, default=NUM_REQUESTS, help="fewer requests for a smoke run")
     parser.add_argument("--skip-fp8", action="store_true")
     parser.add_argument("--skip-serve", action="store_true", help="no HTTP server run (neither serve nor long)")
@@ -1313,7 +1339,9 @@ def main(argv=None) -> None:
             for name in trtllm_workloads:
                 attempt(
                     f"trtllm_{precision}_{name}",
-                    lambda p=precision, n=name: bench_trtllm(root, p, n, args.trtllm_scale, results),
+                    lambda p=precision, n=name: bench_trtllm(
+                        root, p, n, args.trtllm_scale, results, out if args.profile else None
+                    ),
                 )
     s = summary(results)
     save()
