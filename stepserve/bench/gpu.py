@@ -992,8 +992,6 @@ def bench_trtllm(
 def trtllm_profile(core, info, w, path: Path, passes: int = 4) -> dict:
     """Steady decode of one workload under the profiler: as many of its sequences as the KV cache
     holds at their prompt length (up to its concurrency), the kernel table written to ``path``."""
-    from stepserve.bench.gpu_moe import kernel_table, top_kernels
-
     per_row = w.input_len + 8 * (passes + 6) + 1  # the prompt, decode_busy_share's tokens, a spare
     block = core.scheduler.blocks.block_size
     rows = min(w.max_num_seqs, (info.num_kv_blocks - 1) // -(-per_row // block))
@@ -1002,6 +1000,40 @@ def trtllm_profile(core, info, w, path: Path, passes: int = 4) -> dict:
     top = top_kernels(kernels, max(1, busy["steps"]))
     path.write_text(kernel_table(top, busy, w.input_len))
     return {**busy, "top_kernels": top[:8]}
+
+
+def _device_us(event) -> float:
+    return getattr(event, "self_device_time_total", getattr(event, "self_cuda_time_total", 0))
+
+
+def top_kernels(kernels: list, steps: int, count: int = 30) -> list[dict]:
+    total = sum(_device_us(k) for k in kernels) or 1.0
+    ranked = sorted(kernels, key=_device_us, reverse=True)[:count]
+    return [
+        {
+            "kernel": k.key[:160],
+            "ms_per_step": round(_device_us(k) / 1e3 / steps, 4),
+            "calls_per_step": round(k.count / steps, 2),
+            "share": round(_device_us(k) / total, 4),
+        }
+        for k in ranked
+    ]
+
+
+def kernel_table(top: list[dict], busy: dict, prompt_len: int) -> str:
+    from stepserve.bench.trace_gaps import report as gap_report
+
+    lines = [
+        f"CUDA kernels of steady decode: {busy['steps']} steps ({busy['passes']} passes) at batch {busy['batch']}, "
+        f"prompts of {prompt_len} tokens; {busy['ms_per_step']} ms a step by wall time, GPU busy {busy['busy_share']}",
+        "",
+        "| ms a step | calls a step | share of kernel time | kernel |",
+        "| --- | --- | --- | --- |",
+    ]
+    lines += [f"| {k['ms_per_step']} | {k['calls_per_step']} | {k['share']} | {k['kernel']} |" for k in top]
+    if busy.get("gaps"):  # where the GPU waited (the trace beside this file)
+        lines += ["", "Idle gaps between device activities (stepserve.bench.trace_gaps):", "", gap_report(busy["gaps"])]
+    return "\n".join(lines) + "\n"
 
 
 def bench_server(root: Path, out: Path, results: dict) -> None:

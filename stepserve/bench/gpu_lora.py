@@ -44,6 +44,8 @@ from pathlib import Path
 import torch
 
 from stepserve.bench.gpu import (
+    kernel_table,
+    top_kernels,
     MAX_MODEL_LEN,
     NUM_REQUESTS,
     OUTPUT_LEN,
@@ -59,7 +61,6 @@ from stepserve.bench.gpu import (
     workload,
     write_model_dir,
 )
-from stepserve.bench.gpu_moe import kernel_table, top_kernels
 from stepserve.checkpoint.lora import WEIGHTS_FILE, layer_shapes, read_adapter_config
 from stepserve.core.outputs import LoraRef
 from stepserve.models.config import DecoderConfig

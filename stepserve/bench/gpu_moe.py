@@ -53,6 +53,8 @@ from pathlib import Path
 import torch
 
 from stepserve.bench.gpu import (
+    kernel_table,
+    top_kernels,
     MAX_MODEL_LEN,
     NUM_REQUESTS,
     OUTPUT_LEN,
@@ -69,7 +71,6 @@ from stepserve.bench.gpu import (
     workload,
     write_model_dir,
 )
-from stepserve.bench.trace_gaps import report as gap_report
 from stepserve.models.config import DecoderConfig
 from stepserve.models.registry import decoder_config
 
@@ -198,38 +199,6 @@ def profile_decode(core, info, out: Path, rows: int = PROFILE_ROWS, name: str = 
     top = top_kernels(kernels, max(1, busy["steps"]))
     (out / name).write_text(kernel_table(top, busy, prompt_len))
     return {**busy, "prompt_tokens": prompt_len, "top_kernels": top[:10]}
-
-
-def _device_us(event) -> float:
-    return getattr(event, "self_device_time_total", getattr(event, "self_cuda_time_total", 0))
-
-
-def top_kernels(kernels: list, steps: int, count: int = 30) -> list[dict]:
-    total = sum(_device_us(k) for k in kernels) or 1.0
-    ranked = sorted(kernels, key=_device_us, reverse=True)[:count]
-    return [
-        {
-            "kernel": k.key[:160],
-            "ms_per_step": round(_device_us(k) / 1e3 / steps, 4),
-            "calls_per_step": round(k.count / steps, 2),
-            "share": round(_device_us(k) / total, 4),
-        }
-        for k in ranked
-    ]
-
-
-def kernel_table(top: list[dict], busy: dict, prompt_len: int) -> str:
-    lines = [
-        f"CUDA kernels of steady decode: {busy['steps']} steps ({busy['passes']} passes) at batch {busy['batch']}, "
-        f"prompts of {prompt_len} tokens; {busy['ms_per_step']} ms a step by wall time, GPU busy {busy['busy_share']}",
-        "",
-        "| ms a step | calls a step | share of kernel time | kernel |",
-        "| --- | --- | --- | --- |",
-    ]
-    lines += [f"| {k['ms_per_step']} | {k['calls_per_step']} | {k['share']} | {k['kernel']} |" for k in top]
-    if busy.get("gaps"):  # where the GPU waited (the trace beside this file)
-        lines += ["", "Idle gaps between device activities (stepserve.bench.trace_gaps):", "", gap_report(busy["gaps"])]
-    return "\n".join(lines) + "\n"
 
 
 def bench_moe(root: Path, out: Path, prompts, cb_prompts, results: dict, utilization: float) -> None:
