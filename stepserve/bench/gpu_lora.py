@@ -226,9 +226,10 @@ def bench_base(root: Path, out: Path, prompts, results: dict) -> None:
     print(f"8b base: {results['base']}", flush=True)
     results["batch1_base"] = batch1(core, prompts[0])
     print(f"8b base batch-1: {results['batch1_base']}", flush=True)
-    results["profile_batch1_base"] = profile_batch1(core, prompts[0], out, "profile_batch1_base.txt")
-    results["profile_prefill_base"] = profile_prefill(core, out, "profile_prefill_base.txt")
-    results["profile_decode_base"] = profile_decode(core, out, "profile_decode_base.txt")
+    if not results["skip_profiles"]:
+        results["profile_batch1_base"] = profile_batch1(core, prompts[0], out, "profile_batch1_base.txt")
+        results["profile_prefill_base"] = profile_prefill(core, out, "profile_prefill_base.txt")
+        results["profile_decode_base"] = profile_decode(core, out, "profile_decode_base.txt")
 
 
 def bench_lora(root: Path, out: Path, prompts, results: dict) -> None:
@@ -244,10 +245,15 @@ def bench_lora(root: Path, out: Path, prompts, results: dict) -> None:
     print(f"8b batch-1 with an adapter: {results['batch1_adapter']}", flush=True)
     results["batch1_lora_on_base"] = batch1(core, prompts[0])
     print(f"8b batch-1, LoRA on, on the base: {results['batch1_lora_on_base']}", flush=True)
-    results["profile_batch1_lora_on_base"] = profile_batch1(core, prompts[0], out, "profile_batch1_lora_on_base.txt")
-    results["profile_batch1_adapter"] = profile_batch1(core, prompts[0], out, "profile_batch1_adapter.txt", adapters[0])
-    results["profile_prefill_adapters"] = profile_prefill(core, out, "profile_prefill_adapters.txt", adapters)
-    results["profile_decode_adapters"] = profile_decode(core, out, "profile_decode_adapters.txt", adapters)
+    if not results["skip_profiles"]:
+        results["profile_batch1_lora_on_base"] = profile_batch1(
+            core, prompts[0], out, "profile_batch1_lora_on_base.txt"
+        )
+        results["profile_batch1_adapter"] = profile_batch1(
+            core, prompts[0], out, "profile_batch1_adapter.txt", adapters[0]
+        )
+        results["profile_prefill_adapters"] = profile_prefill(core, out, "profile_prefill_adapters.txt", adapters)
+        results["profile_decode_adapters"] = profile_decode(core, out, "profile_decode_adapters.txt", adapters)
     results["adapter_loads"] = core.worker.lora.loads  # 8: each adapter copied into a slot once, no swaps
 
 
@@ -315,6 +321,7 @@ def main(argv=None) -> None:
     parser.add_argument("--out", required=True, help="directory for gpu_lora.json")
     parser.add_argument("--num-requests", type=int, default=NUM_REQUESTS, help="fewer requests for a smoke run")
     parser.add_argument("--date", default=datetime.date.today().isoformat())
+    parser.add_argument("--skip-profiles", action="store_true", help="only the timed runs (no kernel profiles)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     out = Path(args.out)
@@ -333,6 +340,7 @@ def run_parts(args, out: Path) -> dict:
         "workload": f"{args.num_requests} x {PROMPT_LEN} in / {OUTPUT_LEN} out, ignore_eos, greedy",
         "seconds": {},
         "memory_left_gib": {},
+        "skip_profiles": args.skip_profiles,
     }
     prompts = workload()[: args.num_requests]
     with tempfile.TemporaryDirectory() as tmp:
