@@ -139,11 +139,28 @@ class LoraLinear(nn.Module):
         self.state = state
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.base(x)
         slots = self.state.slots
+        if slots is not None and x.shape[0] == 1 and self.one_row_gemv():
+            from stepserve.kernels.triton.lora import lora_gemv
+
+            return lora_gemv(x, self.base.weight, self.base.bias, self.lora_a, self.lora_b, slots)
+        y = self.base(x)
         if slots is None:
             return y
         return lora_delta(y, x.to(self.lora_a.dtype), self.lora_a, self.lora_b, slots, self.state.groups)
+
+    def one_row_gemv(self) -> bool:
+        """Whether a one-row pass (batch-1 decode) takes ``lora_gemv``: the base projection and the
+        expand in one kernel, on CUDA, for a plain 16-bit ``nn.Linear`` (not FP8, nor a
+        tensor-parallel wrapper)."""
+        weight = self.base.weight
+        return (
+            type(self.base) is nn.Linear
+            and weight.is_cuda
+            and weight.dtype in (torch.bfloat16, torch.float16)
+            and weight.dtype == self.lora_a.dtype
+            and weight.is_contiguous()
+        )
 
     def inner(self, index: int) -> int:
         """The input width of slice ``index`` (every slice reads the projection's input)."""
@@ -269,6 +286,7 @@ def warm_up_lora_kernels(model: nn.Module, max_tokens: int) -> int:
     """On CUDA, compile the LoRA kernels for every projection shape and batch size class a pass
     up to ``max_tokens`` tokens can bring (``kernels.triton.lora.warm_up``); the calls made."""
     pairs = {}  # (A, B, most rows a call brings)
+    one_row = {}  # a LoraLinear of each shape whose one-row pass takes lora_gemv
     for found in adapted_layers(model):
         for linear in found.values():
             if isinstance(linear, ExpertLora):  # rows: the token copies grouped by expert, padded
@@ -277,11 +295,18 @@ def warm_up_lora_kernels(model: nn.Module, max_tokens: int) -> int:
                     pairs[(a.shape, b.shape)] = (a, b, rows)
             else:
                 pairs.setdefault((linear.lora_a.shape, linear.lora_b.shape), (linear.lora_a, linear.lora_b, max_tokens))
+                if linear.one_row_gemv():
+                    base = linear.base
+                    one_row[(base.weight.shape, base.bias is None, linear.lora_a.shape)] = linear
     if not pairs or not next(iter(pairs.values()))[0].is_cuda:
         return 0
-    from stepserve.kernels.triton.lora import warm_up
+    from stepserve.kernels.triton.lora import lora_gemv, warm_up
 
-    return sum(warm_up(a, b, rows) for a, b, rows in pairs.values())
+    for linear in one_row.values():  # batch-1 decode's kernels (the graphs' capture would compile them too)
+        x = torch.zeros(1, linear.lora_a.shape[2], dtype=linear.lora_a.dtype, device=linear.lora_a.device)
+        slots = torch.zeros(1, dtype=torch.int32, device=x.device)
+        lora_gemv(x, linear.base.weight, linear.base.bias, linear.lora_a, linear.lora_b, slots)
+    return len(one_row) + sum(warm_up(a, b, rows) for a, b, rows in pairs.values())
 
 
 def adapted_layers(model: nn.Module) -> list[dict[str, nn.Module]]:

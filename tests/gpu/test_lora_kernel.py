@@ -251,3 +251,85 @@ def test_warm_up_leaves_no_variant_to_compile():
     finally:
         triton.knobs.runtime.jit_post_compile_hook = None
     assert compiled == []
+
+
+@pytest.mark.parametrize("kind", ["none", "one", "first"])
+@pytest.mark.parametrize("rank", [16, 48])
+@pytest.mark.parametrize("bias", [False, True])
+def test_lora_gemv_is_the_projection_plus_the_delta(device, poisoned, kind, rank, bias):
+    """One row (batch-1 decode): ``lora_gemv`` equals the projection rounded to the dtype, then
+    ``lora_reference``'s delta; a row on the base (slot -1) is the projection alone, reading none
+    of the unwritten partials (NaN)."""
+    from stepserve.kernels.triton.lora import lora_gemv
+
+    hidden, out = sizes(device)
+    for dtype in dtypes(device):
+        gen = torch.Generator().manual_seed(rank)
+        weight = (torch.randn(out, hidden, generator=gen) / hidden**0.5).to(dtype).to(device)
+        b = torch.randn(out, generator=gen).to(dtype).to(device) if bias else None
+        x = torch.randn(1, hidden, generator=gen).to(dtype).to(device)
+        lora_a, lora_b = make_adapters(3, rank, hidden, out, dtype, device, seed=rank)
+        slot = {"none": -1, "one": 2, "first": 0}[kind]
+        slots = torch.tensor([slot], dtype=torch.int32, device=device)
+        base = x.double() @ weight.double().T + (b.double() if bias else 0)
+        got = lora_gemv(x, weight, b, lora_a, lora_b, slots)
+        assert got.dtype == dtype and got.shape == (1, out)
+        if kind == "none":
+            assert rel_err(got, base) <= BOUND[dtype]
+            continue
+        rounded = base.to(dtype)
+        ref = lora_reference(rounded.clone(), x, lora_a, lora_b, slots)
+        err = rel_err(got.double() - rounded.double(), ref.double() - rounded.double())
+        print(f"lora_gemv R={rank} slot {slot} bias {bias} {dtype}: relative error of the delta {err:.2e}")
+        assert err <= BOUND[dtype]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the one-row path runs on CUDA only")
+def test_a_one_row_pass_of_an_adapted_projection_takes_lora_gemv_in_a_graph():
+    """``LoraLinear`` on a bf16 ``nn.Linear``: one row goes through ``lora_gemv`` (captured in a
+    CUDA graph, replayed for other slots, the base's -1 too), equal to the projection plus
+    ``lora_reference``'s delta; two rows keep the projection then ``lora_delta``."""
+    from torch import nn
+
+    from stepserve.kernels.triton import lora as K
+    from stepserve.models.lora import LoraLinear, LoraState
+
+    device, dtype = "cuda", torch.bfloat16
+    hidden, out = sizes(device)
+    state = LoraState()
+    base = nn.Linear(hidden, out, bias=False, device=device, dtype=dtype)
+    linear = LoraLinear(base, (out,), max_loras=3, max_rank=16, state=state)
+    linear.lora_a.copy_(make_adapters(3, 16, hidden, out, dtype, device)[0])
+    linear.lora_b.copy_(make_adapters(3, 16, hidden, out, dtype, device)[1])
+    assert linear.one_row_gemv()
+    calls = []
+    real = K.lora_gemv
+    K.lora_gemv = lambda *args: calls.append(1) or real(*args)
+    try:
+        state.slots = torch.tensor([0], dtype=torch.int32, device=device)
+        x = torch.randn(1, hidden, device=device, dtype=dtype)
+        linear(x)  # compiles before the capture
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            y = linear(x)
+        for slot in (2, -1, 1):
+            state.slots.fill_(slot)
+            x.copy_(torch.randn(1, hidden, device=device, dtype=dtype))
+            graph.replay()
+            projected = base(x)
+            ref = lora_reference(projected.clone(), x, linear.lora_a, linear.lora_b, state.slots)
+            if slot < 0:
+                assert rel_err(y, projected) <= BOUND[dtype]
+            else:
+                assert rel_err(y.double() - projected.double(), ref.double() - projected.double()) <= BOUND[dtype]
+        assert calls  # the one-row path ran
+        calls.clear()
+        state.slots = torch.tensor([1, -1], dtype=torch.int32, device=device)
+        two = torch.randn(2, hidden, device=device, dtype=dtype)
+        two[1] = float("nan")  # the base row of the old path: lora_delta never reads it
+        got = linear(two)
+        assert not calls
+        ref = lora_reference(base(two).clone(), two, linear.lora_a, linear.lora_b, state.slots)
+        assert rel_err(got[:1].double() - base(two)[:1].double(), ref[:1].double() - base(two)[:1].double()) <= 1e-2
+    finally:
+        K.lora_gemv = real

@@ -35,10 +35,15 @@ CONFIGS = {
 }
 
 
-def config(rows: int, k: int, weight: torch.Tensor) -> tuple[int, int, int]:
-    """The tile for ``rows`` (padded to a power of two) and reduction length ``k``."""
+def config(rows: int, k: int, weight: torch.Tensor, width: int | None = None) -> tuple[int, int, int]:
+    """The tile for ``rows`` (padded to a power of two) and reduction length ``k``. With ``width``
+    (``kernels.triton.lora.lora_gemv``'s output columns), one 16-bit row takes the tiles the
+    sweep found best for the 8B's ungated projections: 1024 inputs a step, 4 output columns a
+    program up to 4,096 of them, else 8."""
     padded = 1 << max(0, (rows - 1).bit_length())
     block_n, block_k, warps = CONFIGS[1 if weight.element_size() == 1 else 2][padded]
+    if padded == 1 and weight.element_size() == 2 and width is not None:
+        block_n, block_k = (4 if width <= 4096 else 8), 1024
     return block_n, max(16, min(block_k, 1 << (k - 1).bit_length())), warps
 
 
@@ -54,14 +59,23 @@ def _gemv_kernel(
     K,
     stride_x,
     stride_o,
+    lora_ptr,
+    slots_ptr,
+    lora_b_ptr,
+    rank,
     ROWS: tl.constexpr,
     SCALED: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     GATED: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    LORA_R: tl.constexpr,
+    LORA_SPLIT: tl.constexpr,
 ):
     # GATED: output column n is silu(row n) * (row N + n) of a [2N, K] weight (gate rows, then up).
+    # LORA_R > 0: each row m whose slot s = slots[m] is not -1 adds B[s] @ shrunk[m], as
+    # ``lora_reference`` does: the shrink's float32 partials [LORA_SPLIT, M, rank] summed in split
+    # order and rounded to the output dtype, the delta added in float32 to the rounded projection.
     n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = n < N
     m = tl.arange(0, ROWS)
@@ -91,6 +105,25 @@ def _gemv_kernel(
         if GATED:
             acc_up += tl.load(bias_ptr + N + n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
     dtype = out_ptr.dtype.element_ty
+    if LORA_R > 0:
+        slot = tl.load(slots_ptr + m, mask=m_mask, other=-1)
+        used = m_mask & (slot >= 0)
+        r = tl.arange(0, LORA_R)
+        r_mask = r < rank
+        shrunk = tl.zeros([ROWS, LORA_R], dtype=tl.float32)
+        for split in tl.static_range(LORA_SPLIT):
+            part_ptrs = lora_ptr + (split * M + m[:, None]) * rank + r[None, :]
+            shrunk += tl.load(part_ptrs, mask=used[:, None] & r_mask[None, :], other=0.0)
+        shrunk = shrunk.to(dtype).to(tl.float32)
+        b_ptrs = (
+            lora_b_ptr
+            + tl.maximum(slot, 0).to(tl.int64)[:, None, None] * N * rank
+            + n[None, :, None].to(tl.int64) * rank
+            + r[None, None, :]
+        )
+        b_mask = used[:, None, None] & n_mask[None, :, None] & r_mask[None, None, :]
+        b = tl.load(b_ptrs, mask=b_mask, other=0.0).to(tl.float32)
+        acc = acc.to(dtype).to(tl.float32) + tl.sum(shrunk[:, None, :] * b, axis=2)
     y = acc.to(dtype)
     if GATED:  # as silu_and_mul computes it from the rounded projection
         g = y.to(tl.float32)
@@ -98,13 +131,16 @@ def _gemv_kernel(
     tl.store(out_ptr + m[:, None] * stride_o + n[None, :], y, mask=m_mask[:, None] & n_mask[None, :])
 
 
-def _launch(x, weight, scale, bias, width: int, gated: bool) -> torch.Tensor:
+def _launch(x, weight, scale, bias, width: int, gated: bool, lora: tuple | None = None) -> torch.Tensor:
+    """``lora``: (partials [split, M, R] float32, slots [M] int32, lora_b [S, width, R]), for
+    ``kernels.triton.lora.lora_gemv``."""
     rows, k = x.shape
     if not 0 < rows <= GEMV_ROWS:
         raise ValueError(f"gemv takes 1 to {GEMV_ROWS} rows, got {rows}")
     x = x if x.stride(1) == 1 else x.contiguous()
     out = torch.empty(rows, width, dtype=x.dtype, device=x.device)
-    block_n, block_k, warps = config(rows, k, weight)
+    block_n, block_k, warps = config(rows, k, weight, width if lora is not None else None)
+    partials, slots, lora_b = lora if lora is not None else (x, x, x)
     _gemv_kernel[(triton.cdiv(width, block_n),)](
         x,
         weight,
@@ -116,24 +152,36 @@ def _launch(x, weight, scale, bias, width: int, gated: bool) -> torch.Tensor:
         k,
         x.stride(0),
         out.stride(0),
+        partials,
+        slots,
+        lora_b,
+        lora_b.shape[2] if lora is not None else 0,
         ROWS=1 << max(0, (rows - 1).bit_length()),
         SCALED=scale is not None,
         HAS_BIAS=bias is not None,
         GATED=gated,
         BLOCK_N=block_n,
         BLOCK_K=block_k,
+        LORA_R=triton.next_power_of_2(lora_b.shape[2]) if lora is not None else 0,
+        LORA_SPLIT=partials.shape[0] if lora is not None else 1,
         num_warps=warps,
     )
     return out
 
 
 def gemv(
-    x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = None, bias: torch.Tensor | None = None
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    scale: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    lora: tuple | None = None,
 ) -> torch.Tensor:
     """``x @ (weight * scale[:, None]).T + bias`` for 1 to ``GEMV_ROWS`` rows: ``x`` [M, K],
     ``weight`` [N, K] (contiguous), ``scale`` [N] or [1, N] float32 (e4m3 weights) or None; out in
-    ``x``'s dtype."""
-    return _launch(x, weight, scale, bias, weight.shape[0], gated=False)
+    ``x``'s dtype. ``lora``: (the shrink's float32 partials [split, M, R], slots [M] int32,
+    ``lora_b`` [S, N, R]) adds each row's adapter delta in the epilogue
+    (``kernels.triton.lora.lora_gemv``)."""
+    return _launch(x, weight, scale, bias, weight.shape[0], gated=False, lora=lora)
 
 
 def gemv_silu_mul(

@@ -39,6 +39,7 @@ import torch
 import triton
 import triton.language as tl
 
+from stepserve.kernels.triton.gemv import gemv
 from stepserve.kernels.triton.moe import align
 
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)  # float32: tests
@@ -330,6 +331,84 @@ def _shrink(x, lora_a, groups, cfg: LoraConfig) -> torch.Tensor:
         num_stages=cfg.num_stages,
     )
     return out
+
+
+# One row (batch-1 decode): ``lora_gemv``, the base projection and the expand in one kernel.
+GEMV_SPLIT_K, GEMV_BLOCK_K = 16, 256
+
+
+@triton.jit(do_not_specialize=["rows"])
+def _shrink_rows_kernel(
+    x_ptr,
+    a_ptr,
+    slots_ptr,
+    out_ptr,
+    rows,
+    hidden,
+    rank,
+    BLOCK_R: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    SPLIT_K: tl.constexpr,
+):
+    # One program per (input range, row): the float32 partial of A[slot] @ x[row] over its range.
+    split, row = tl.program_id(0), tl.program_id(1)
+    slot = tl.load(slots_ptr + row).to(tl.int64)
+    if slot < 0:  # the base: the epilogue reads nothing of this row
+        return
+    r = tl.arange(0, BLOCK_R)
+    r_mask = r < rank
+    k = tl.arange(0, BLOCK_K)
+    span = tl.cdiv(tl.cdiv(hidden, BLOCK_K), SPLIT_K) * BLOCK_K
+    first = split * span
+    end = tl.minimum(first + span, hidden)
+    acc = tl.zeros([BLOCK_R], dtype=tl.float32)
+    for start in range(first, end, BLOCK_K):
+        k_mask = start + k < end
+        xv = tl.load(x_ptr + row.to(tl.int64) * hidden + start + k, mask=k_mask, other=0.0).to(tl.float32)
+        a_ptrs = a_ptr + slot * rank * hidden + r[:, None] * hidden + start + k[None, :]
+        a = tl.load(a_ptrs, mask=r_mask[:, None] & k_mask[None, :], other=0.0).to(tl.float32)
+        acc += tl.sum(a * xv[None, :], axis=1)
+    tl.store(out_ptr + (split * rows + row).to(tl.int64) * rank + r, acc, mask=r_mask)
+
+
+def lora_gemv(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    slots: torch.Tensor,
+) -> torch.Tensor:
+    """``x @ weight.T + bias`` plus each row's adapter delta, for a decode step of one row: the
+    shrink's split partials, then ``kernels.triton.gemv``'s kernel with the expand in its
+    epilogue. Two launches a projection instead of the base GEMM and ``lora_delta``'s two, and
+    ``y`` is written once. Rounding as ``lora_reference`` applied to the base projection's output.
+    ``weight`` [N, K] 16-bit like ``x`` [1, K]; ``lora_a`` [S, R, K], ``lora_b`` [S, N, R];
+    ``slots`` [1] int32 (-1: the base alone). Capturable in a CUDA graph."""
+    rows, hidden = x.shape
+    rank = lora_a.shape[1]
+    assert rows == 1 and weight.shape[1] == hidden and weight.dtype == x.dtype == lora_a.dtype == lora_b.dtype, (
+        f"lora_gemv takes one row and one 16-bit dtype: x {list(x.shape)} {x.dtype}, weight {weight.dtype}, "
+        f"adapters {lora_a.dtype}"
+    )
+    x = x.contiguous()
+    block_k = min(GEMV_BLOCK_K, max(16, triton.next_power_of_2(hidden)))
+    split_k = min(GEMV_SPLIT_K, triton.cdiv(hidden, block_k))
+    partials = torch.empty(split_k, rows, rank, dtype=torch.float32, device=x.device)
+    _shrink_rows_kernel[(split_k, rows)](
+        x,
+        lora_a,
+        slots,
+        partials,
+        rows,
+        hidden,
+        rank,
+        BLOCK_R=max(16, triton.next_power_of_2(rank)),
+        BLOCK_K=block_k,
+        SPLIT_K=split_k,
+        num_warps=4,
+    )
+    return gemv(x, weight, None, bias, lora=(partials, slots, lora_b))
 
 
 # One token count of each size class that picks other tiles: ``lora_config``'s (up to 4, 64, 512,
