@@ -1,14 +1,15 @@
-"""The LoRA kernels' tiles on the GPU: ``lora_delta`` (shrink and expand, the grouping shared as in
-a forward) for the Llama-3.1-8B projections with 8 rank-16 adapters, at the batch sizes a decode
-step and a prefill pass bring, under the tiles ``lora_config`` picks and a small grid around them
+"""The LoRA kernels' tiles on the GPU: ``lora_delta`` (shrink and expand, the grouping shared as in a
+forward) for the Llama-3.1-8B projections with 8 rank-16 adapters, at the batch sizes a decode step
+and a prefill pass bring, under the tiles ``lora_config`` picks and a small grid around them
 (``split_k``: the shrink's input ranges, whose partials every expand program sums again, so more
 ranges cost the expand unless a kernel of its own sums them, ``sum_in_expand``; ``block_n``: the
 expand's output columns a program; ``block_m``: tokens a tile, each adapter's group padded to it).
-Prints microseconds
-a call and, per batch size, the step's LoRA time (32 layers of the four projections) under the
-current tiles and under the best of the grid: the sweep ``lora_config`` is chosen from. Every
-timed config is first checked against ``lora_reference``. JSON to OUT.json if given. On a GPU,
-from the repository root:
+Prints microseconds a call and, per batch size, the step's LoRA time (32 layers of the four
+projections) under the current tiles and under the best of the grid: the sweep ``lora_config`` is
+chosen from. At one token it also times a step's adapted projections as the base projection then
+``lora_delta`` against ``lora_gemv`` (the expand in the GEMV's epilogue). Every timed config is
+first checked against ``lora_reference``. JSON to OUT.json if given. On a GPU, from the repository
+root:
 
     PYTHONPATH=. python bench/lora_kernel.py [OUT.json]
     TRITON_INTERPRET=1 PYTHONPATH=. python bench/lora_kernel.py --smoke    # the CPU, tiny shapes
@@ -109,6 +110,39 @@ def main() -> None:
         results[f"step_ms_{tokens}"] = step = {"current": round(step_now / 1e3, 3), "best": round(step_best / 1e3, 3)}
         print(f"{tokens} tokens: LoRA per step {step['current']} ms with the current tiles, {step['best']} ms best")
         save(results, out_path)
+        if tokens == 1:
+            results["one_row"] = one_row(shapes, device, dtype)
+            save(results, out_path)
+
+
+def one_row(shapes: dict, device: str, dtype: torch.dtype) -> dict:
+    """A batch-1 step's adapted projections both ways: the base projection (cuBLAS) then
+    ``lora_delta``, against ``lora_gemv`` (the expand in the GEMV's epilogue), microseconds a call
+    and a step's total (32 layers), each checked against the projection plus the reference."""
+    out: dict = {}
+    totals = {"cublas_then_lora_delta": 0.0, "lora_gemv": 0.0}
+    for name, (hidden, width, rank) in shapes.items():
+        y, x, lora_a, lora_b, slots = case(1, (hidden, width, rank), device, dtype)
+        weight = (torch.randn(width, hidden, generator=torch.Generator().manual_seed(5)) / hidden**0.5).to(dtype)
+        weight = weight.to(device)
+        projected = x @ weight.T
+        want = lora_reference(projected.clone(), x, lora_a, lora_b, slots).float()
+        got = K.lora_gemv(x, weight, None, lora_a, lora_b, slots).float()
+        err = ((got - want).norm() / (want - projected.float()).norm()).item()
+        if not err <= 2e-2:
+            raise AssertionError(f"lora_gemv {name}: relative error {err:.2e}")
+        cache: dict = {}
+        paths = {
+            "cublas_then_lora_delta": lambda: K.lora_delta(x @ weight.T, x, lora_a, lora_b, slots, cache),
+            "lora_gemv": lambda: K.lora_gemv(x, weight, None, lora_a, lora_b, slots),
+        }
+        out[name] = {path: round(graph_us(run), 2) for path, run in paths.items()}
+        for path in totals:
+            totals[path] += LAYERS * out[name][path]
+        print(f"    1 row {name:8s} {out[name]}", flush=True)
+    out["step_ms"] = {path: round(us / 1e3, 3) for path, us in totals.items()}
+    print(f"1 row: adapted projections per step {out['step_ms']} ms", flush=True)
+    return out
 
 
 if __name__ == "__main__":

@@ -383,12 +383,13 @@ def lora_gemv(
     shrink's split partials, then ``kernels.triton.gemv``'s kernel with the expand in its
     epilogue. Two launches a projection instead of the base GEMM and ``lora_delta``'s two, and
     ``y`` is written once. Rounding as ``lora_reference`` applied to the base projection's output.
-    ``weight`` [N, K] 16-bit like ``x`` [1, K]; ``lora_a`` [S, R, K], ``lora_b`` [S, N, R];
+    ``weight`` [N, K] of ``x``'s dtype (16-bit in a model; float32 in tests), ``x`` [1, K], ``lora_a``
+    [S, R, K], ``lora_b`` [S, N, R];
     ``slots`` [1] int32 (-1: the base alone). Capturable in a CUDA graph."""
     rows, hidden = x.shape
     rank = lora_a.shape[1]
     assert rows == 1 and weight.shape[1] == hidden and weight.dtype == x.dtype == lora_a.dtype == lora_b.dtype, (
-        f"lora_gemv takes one row and one 16-bit dtype: x {list(x.shape)} {x.dtype}, weight {weight.dtype}, "
+        f"lora_gemv takes one row and one dtype: x {list(x.shape)} {x.dtype}, weight {weight.dtype}, "
         f"adapters {lora_a.dtype}"
     )
     x = x.contiguous()
