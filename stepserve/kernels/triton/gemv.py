@@ -1,9 +1,10 @@
 """Few-row products for small decode batches, where reading the weights once is the whole cost:
-``gemv`` (``x @ W.T``, times per-channel scales for e4m3 weights, plus a bias) and
-``gemv_silu_mul`` (the gated MLP's gate/up product with ``silu(gate) * up`` in the epilogue, so
-the activation is no kernel of its own). Weights are bf16, fp16 or float32 (tests), or e4m3
-with one float32 scale per output channel, widened as they are read; activations stay in their
-dtype and each weight byte is read once for all rows (at most ``GEMV_ROWS``).
+``gemv`` (``x @ W.T``, times per-channel scales for e4m3 weights, plus a bias) and ``gemv_silu_mul``
+(the gated MLP's gate/up product with ``silu(gate) * up`` in the epilogue, so the activation is no
+kernel of its own); ``gemv`` also adds, for LoRA at one row, each row's adapter expand in its
+epilogue (``kernels.triton.lora.lora_gemv``). Weights are bf16, fp16 or float32 (tests), or e4m3
+with one float32 scale per output channel, widened as they are read; activations stay in their dtype
+and each weight byte is read once for all rows (at most ``GEMV_ROWS``).
 
 Why not cuBLAS at these sizes: for e4m3, cuBLASLt's kernels behind ``torch._scaled_mm`` are made
 for large tiles and read the weights at 1.1-2.2 TB/s for one row (docs/benchmarks.md); for 16-bit

@@ -29,6 +29,12 @@ eight, which is most of what LoRA costs there.
 
 Rounding follows the reference: the shrink accumulates in float32 and is rounded to ``x``'s dtype;
 the expand accumulates in float32, is added to ``y`` in float32 and rounded once.
+
+One row (a batch-1 decode step) takes ``lora_gemv`` where the base projection is a plain 16-bit
+weight (``models.lora.LoraLinear``): the shrink's split partials by one small kernel, then the
+few-row GEMV of ``kernels.triton.gemv`` with the expand in its epilogue. At one token the pair
+above is two launches near their floor beside the base's cuBLAS GEMM (``bench/lora_kernel.py``);
+this is two launches in all, and ``y`` is written once.
 """
 
 from __future__ import annotations
@@ -333,7 +339,8 @@ def _shrink(x, lora_a, groups, cfg: LoraConfig) -> torch.Tensor:
     return out
 
 
-# One row (batch-1 decode): ``lora_gemv``, the base projection and the expand in one kernel.
+# One row (batch-1 decode): ``lora_gemv``, a split shrink, then the base projection with the expand
+# in its epilogue. The shrink's input ranges: 16 of 256 features at most.
 GEMV_SPLIT_K, GEMV_BLOCK_K = 16, 256
 
 
@@ -383,9 +390,9 @@ def lora_gemv(
     shrink's split partials, then ``kernels.triton.gemv``'s kernel with the expand in its
     epilogue. Two launches a projection instead of the base GEMM and ``lora_delta``'s two, and
     ``y`` is written once. Rounding as ``lora_reference`` applied to the base projection's output.
-    ``weight`` [N, K] of ``x``'s dtype (16-bit in a model; float32 in tests), ``x`` [1, K], ``lora_a``
-    [S, R, K], ``lora_b`` [S, N, R];
-    ``slots`` [1] int32 (-1: the base alone). Capturable in a CUDA graph."""
+    ``x`` [1, K]; ``weight`` [N, K] of ``x``'s dtype (16-bit in a model, float32 in tests);
+    ``lora_a`` [S, R, K], ``lora_b`` [S, N, R]; ``slots`` [1] int32 (-1: the base alone).
+    Capturable in a CUDA graph."""
     rows, hidden = x.shape
     rank = lora_a.shape[1]
     assert rows == 1 and weight.shape[1] == hidden and weight.dtype == x.dtype == lora_a.dtype == lora_b.dtype, (
