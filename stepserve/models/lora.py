@@ -140,7 +140,7 @@ class LoraLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         slots = self.state.slots
-        if slots is not None and x.shape[0] == 1 and self.one_row_gemv():
+        if slots is not None and x.shape[0] == 1 and x.dtype == self.lora_a.dtype and self.one_row_gemv():
             from stepserve.kernels.triton.lora import lora_gemv
 
             return lora_gemv(x, self.base.weight, self.base.bias, self.lora_a, self.lora_b, slots)
