@@ -39,8 +39,8 @@ CONFIGS = {
 def config(rows: int, k: int, weight: torch.Tensor, width: int | None = None) -> tuple[int, int, int]:
     """The tile for ``rows`` (padded to a power of two) and reduction length ``k``. With ``width``
     (``kernels.triton.lora.lora_gemv``'s output columns), one 16-bit row takes the tiles the
-    sweep found best for the 8B's ungated projections: 1024 inputs a step, 4 output columns a
-    program up to 4,096 of them, else 8."""
+    sweep found best for the 8B's q/k/v, o and down: 1024 inputs a step, 4 output columns a
+    program up to 4,096 of them, else 8 (gate/up's ungated product, not swept, takes q/k/v's)."""
     padded = 1 << max(0, (rows - 1).bit_length())
     block_n, block_k, warps = CONFIGS[1 if weight.element_size() == 1 else 2][padded]
     if padded == 1 and weight.element_size() == 2 and width is not None:
