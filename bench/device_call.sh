@@ -35,8 +35,9 @@
 #            prompts on the 8B shape (TTFT, prefill MFU) and 16 running streams' TPOT while a 32k
 #            prompt prefills; long.json in long/, log in long.log. (TensorRT-LLM's five workloads:
 #            mode offline with --only trtllm, split with --trtllm-workloads and --trtllm-scale.)
-#   serve    the HTTP serving rows, python -m stepserve.bench.gpu --only serve: the 8B shape behind
-#            `stepserve serve` at 256 streams and at one, then the engine core killed and the time
+#   serve    the HTTP serving rows, python -m stepserve.bench.gpu --only 8b,serve --skip-transformers:
+#            the 8B shape offline, then behind `stepserve serve` at 256 streams (its ratio to the
+#            offline figure of the same run) and at one, then the engine core killed and the time
 #            to healthy again (ARGS go to the benchmark); gpu_bench.json and the server's log in
 #            serve/, its startup and restart lines in serve/restart_lines.log
 #   tp       tensor parallelism over NCCL, python -m stepserve.bench.gpu_tp (a machine of 2 or more
@@ -119,7 +120,7 @@ run_long() {
     step long.log python3 -m stepserve.bench.gpu --out "$OUT/long" --only long "$@"
 }
 run_serve() {
-    step serve.log python3 -m stepserve.bench.gpu --out "$OUT/serve" --only serve "$@"
+    step serve.log python3 -m stepserve.bench.gpu --out "$OUT/serve" --only 8b,serve --skip-transformers "$@"
     [ -f "$OUT/serve/serve_8b.log" ] && grep -h -e "spare" -e "engine core process" -e "model memory on" -e "model weights on" \
         -e "captured" -e "engine ready" -e "restart" "$OUT/serve/serve_8b.log" > "$OUT/serve/restart_lines.log"
 }
