@@ -20,8 +20,8 @@ graphs. The parts run in this order, each engine freed before the next is built:
   ratio MoE / dense 8B (target >= 1.5).
 - ``fp8`` (about 1.5-2 min): ``quantization="fp8"`` from the same bf16 stream (loaded in bf16,
   then quantized: expert weights e4m3 with per-expert, per-channel scales, the attention
-  projections e4m3 per channel; router, norms, embedding and LM head stay bf16): the workload
-  and batch 1.
+  projections e4m3 per channel; router, norms, embedding and LM head stay bf16): the workload,
+  batch 1, and a profile at one row in ``DIR/profile_moe_fp8_batch1.txt``.
 - ``cb`` (about 2-3 min, ``--skip-cb`` leaves it out): transformers ``generate_batch``
   (``paged|sdpa``, its default experts implementation) on the same weights. Its 8B run took
   two minutes for the full workload on an H100, and this model has 61 GB of weights to load, so
@@ -216,12 +216,14 @@ def bench_moe(root: Path, out: Path, prompts, cb_prompts, results: dict, utiliza
     print(f"{MOE} bf16 batch-1 decode: {results['profile_moe_batch1']}", flush=True)
 
 
-def bench_moe_fp8(root: Path, prompts, results: dict, utilization: float) -> None:
+def bench_moe_fp8(root: Path, out: Path, prompts, results: dict, utilization: float) -> None:
     core, info = moe_engine(root, utilization, quantization="fp8")
     results["moe_fp8"] = throughput(core, info, prompts)
     print(f"{MOE} fp8: {results['moe_fp8']}", flush=True)
     results["batch1_moe_fp8"] = batch1(core, results["copy_tb_s"], fp8=True)
     print(f"{MOE} fp8 batch-1: {results['batch1_moe_fp8']}", flush=True)
+    results["profile_moe_fp8_batch1"] = profile_decode(core, info, out, rows=1, name="profile_moe_fp8_batch1.txt")
+    print(f"{MOE} fp8 batch-1 decode: {results['profile_moe_fp8_batch1']}", flush=True)
 
 
 def bench_cb(root: Path, cb_prompts, results: dict) -> None:
@@ -347,7 +349,7 @@ def run_parts(parts: list[str], args, out: Path) -> dict:
         runs = {
             "moe": lambda: bench_moe(root, out, prompts, cb_prompts, results, util),
             "dense": lambda: bench_family(root, DENSE, prompts, results, {}),
-            "fp8": lambda: bench_moe_fp8(root, prompts, results, util),
+            "fp8": lambda: bench_moe_fp8(root, out, prompts, results, util),
             "cb": lambda: bench_cb(root, cb_prompts, results),
         }
         for part in parts:
