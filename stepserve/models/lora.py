@@ -150,9 +150,9 @@ class LoraLinear(nn.Module):
         return lora_delta(y, x.to(self.lora_a.dtype), self.lora_a, self.lora_b, slots, self.state.groups)
 
     def one_row_gemv(self) -> bool:
-        """Whether a one-row pass (batch-1 decode) takes ``lora_gemv``: the base projection and the
-        expand in one kernel, on CUDA, for a plain 16-bit ``nn.Linear`` (not FP8, nor a
-        tensor-parallel wrapper)."""
+        """Whether a one-row pass (batch-1 decode) takes ``lora_gemv`` (a split shrink, then the
+        base projection with the expand in its epilogue): on CUDA, for a plain 16-bit
+        ``nn.Linear`` (not FP8, nor a tensor-parallel wrapper)."""
         weight = self.base.weight
         return (
             type(self.base) is nn.Linear

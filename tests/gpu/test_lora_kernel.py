@@ -285,10 +285,10 @@ def test_lora_gemv_is_the_projection_plus_the_delta(device, poisoned, kind, rank
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the one-row path runs on CUDA only")
-def test_a_one_row_pass_of_an_adapted_projection_takes_lora_gemv_in_a_graph():
+def test_a_one_row_pass_of_an_adapted_projection_takes_lora_gemv_in_a_graph(monkeypatch):
     """``LoraLinear`` on a bf16 ``nn.Linear``: one row goes through ``lora_gemv`` (captured in a
-    CUDA graph, replayed for other slots, the base's -1 too), equal to the projection plus
-    ``lora_reference``'s delta; two rows keep the projection then ``lora_delta``."""
+    CUDA graph, replayed for other slots, the base's -1 too), equal to the float64 projection
+    rounded, plus ``lora_reference``'s delta; two rows keep the projection then ``lora_delta``."""
     from torch import nn
 
     from stepserve.kernels.triton import lora as K
@@ -299,37 +299,38 @@ def test_a_one_row_pass_of_an_adapted_projection_takes_lora_gemv_in_a_graph():
     state = LoraState()
     base = nn.Linear(hidden, out, bias=False, device=device, dtype=dtype)
     linear = LoraLinear(base, (out,), max_loras=3, max_rank=16, state=state)
-    linear.lora_a.copy_(make_adapters(3, 16, hidden, out, dtype, device)[0])
-    linear.lora_b.copy_(make_adapters(3, 16, hidden, out, dtype, device)[1])
+    lora_a, lora_b = make_adapters(3, 16, hidden, out, dtype, device)
+    linear.lora_a.copy_(lora_a)
+    linear.lora_b.copy_(lora_b)
     assert linear.one_row_gemv()
     calls = []
-    real = K.lora_gemv
-    K.lora_gemv = lambda *args: calls.append(1) or real(*args)
-    try:
-        state.slots = torch.tensor([0], dtype=torch.int32, device=device)
-        x = torch.randn(1, hidden, device=device, dtype=dtype)
-        linear(x)  # compiles before the capture
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            y = linear(x)
-        for slot in (2, -1, 1):
-            state.slots.fill_(slot)
-            x.copy_(torch.randn(1, hidden, device=device, dtype=dtype))
-            graph.replay()
-            projected = base(x)
-            ref = lora_reference(projected.clone(), x, linear.lora_a, linear.lora_b, state.slots)
-            if slot < 0:
-                assert rel_err(y, projected) <= BOUND[dtype]
-            else:
-                assert rel_err(y.double() - projected.double(), ref.double() - projected.double()) <= BOUND[dtype]
-        assert calls  # the one-row path ran
-        calls.clear()
-        state.slots = torch.tensor([1, -1], dtype=torch.int32, device=device)
-        two = torch.randn(2, hidden, device=device, dtype=dtype)
-        two[1] = float("nan")  # the base row of the old path: lora_delta never reads it
-        got = linear(two)
-        assert not calls
-        ref = lora_reference(base(two).clone(), two, linear.lora_a, linear.lora_b, state.slots)
-        assert rel_err(got[:1].double() - base(two)[:1].double(), ref[:1].double() - base(two)[:1].double()) <= 1e-2
-    finally:
-        K.lora_gemv = real
+    monkeypatch.setattr(K, "lora_gemv", lambda *args, real=K.lora_gemv: calls.append(1) or real(*args))
+
+    def expected(x: torch.Tensor, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        projected = (x.double() @ base.weight.double().T).to(dtype)
+        return projected, lora_reference(projected.clone(), x, lora_a, lora_b, slots)
+
+    state.slots = torch.tensor([0], dtype=torch.int32, device=device)
+    x = torch.randn(1, hidden, device=device, dtype=dtype)
+    linear(x)  # compiles before the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = linear(x)
+    for slot in (2, -1, 1):
+        state.slots.fill_(slot)
+        x.copy_(torch.randn(1, hidden, device=device, dtype=dtype))
+        graph.replay()
+        projected, ref = expected(x, state.slots)
+        if slot < 0:
+            assert rel_err(y, projected) <= BOUND[dtype]
+        else:
+            assert rel_err(y.double() - projected.double(), ref.double() - projected.double()) <= BOUND[dtype]
+    assert calls  # the one-row path ran
+    calls.clear()
+    state.slots = torch.tensor([1, -1], dtype=torch.int32, device=device)
+    two = torch.randn(2, hidden, device=device, dtype=dtype)
+    two[1] = float("nan")  # the base row of the old path: lora_delta never reads it
+    got = linear(two)
+    assert not calls
+    projected, ref = expected(two[:1], state.slots[:1])
+    assert rel_err(got[:1].double() - projected.double(), ref.double() - projected.double()) <= BOUND[dtype]
