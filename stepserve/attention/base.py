@@ -41,13 +41,24 @@ class RotaryInputs(Protocol):
     cos_sin: torch.Tensor  # [max_positions, R] float32: the R/2 frequencies' cos, then their sin
 
 
+@dataclass(frozen=True)
+class HeadNorms:
+    """Per-head RMSNorms of q and k before the rotary (Qwen3's ``q_norm``/``k_norm``, times ``w``):
+    a backend that ``fuses_rotary`` applies them as it rotates, in the same launch."""
+
+    q_weight: torch.Tensor  # [D]
+    k_weight: torch.Tensor  # [D]
+    eps: float
+
+
 class AttentionBackend(Protocol):
     """Writes a step's K/V into the paged cache and attends over it.
 
     A backend whose class sets ``fuses_rotary = True`` also applies the rotary embedding: the
     model may then hand ``forward`` un-rotated q and k with ``rotary``, and the backend rotates
     both in place (k too, for any later reader) as it writes the cache, in one launch where there
-    were two. Callers ask ``fuses_rotary(backend)``; a backend without the flag never gets ``rotary``.
+    were two. With ``qk_norm`` too (only beside ``rotary``), it norms each head of q and k first.
+    Callers ask ``fuses_rotary(backend)``; a backend without the flag never gets ``rotary``.
     """
 
     name: str
@@ -67,12 +78,14 @@ class AttentionBackend(Protocol):
         softcap: float = 0.0,  # scores -> softcap * tanh(scores / softcap); 0: off
         kv_scale: tuple[float, float] = (1.0, 1.0),  # FP8 cache: stored = value / scale (K, V)
         rotary: RotaryInputs | None = None,  # q and k come un-rotated: rotate them (fuses_rotary only)
+        qk_norm: HeadNorms | None = None,  # q and k come un-normed too: norm them first (with rotary only)
     ) -> torch.Tensor:  # [T, H, D]
         ...
 
 
 def fuses_rotary(backend: AttentionBackend) -> bool:
-    """Whether ``backend.forward`` takes ``rotary`` (the flag is optional: the SDPA backend has none)."""
+    """Whether ``backend.forward`` takes ``rotary`` and ``qk_norm`` (the flag is optional: the SDPA
+    backend has none)."""
     return getattr(backend, "fuses_rotary", False)
 
 

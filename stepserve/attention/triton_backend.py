@@ -1,7 +1,8 @@
 """The CUDA backend: Triton paged decode (GQA, split-K) and varlen paged prefill.
 
 A pure-decode step runs one decode launch over every row, so it can be captured in a CUDA graph.
-Handed the step's rotary, the backend rotates q and k in the launch that writes the cache.
+Handed the step's rotary, the backend rotates q and k in the launch that writes the cache (and
+norms each head first, handed the model's q/k norms).
 A mixed step (prompt chunks beside decoding sequences) runs the decode kernel over the rows
 with one new token and the prefill kernel over the rest; the runner names both row sets.
 """
@@ -11,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from stepserve.kernels.triton import attention as K
-from stepserve.attention.base import AttentionMetadata, RotaryInputs
+from stepserve.attention.base import AttentionMetadata, HeadNorms, RotaryInputs
 
 MAX_SPLITS = 32
 
@@ -27,7 +28,7 @@ def num_splits(batch: int, num_kv_heads: int, num_sms: int) -> int:
 
 class TritonBackend:
     name = "triton"
-    fuses_rotary = True  # ``rotary`` given: q and k rotated as K is written (one launch, not two)
+    fuses_rotary = True  # ``rotary`` given: q and k rotated as K is written (one launch, not two or three)
 
     def __init__(self) -> None:
         self._num_sms: int | None = None
@@ -53,11 +54,14 @@ class TritonBackend:
         softcap: float = 0.0,
         kv_scale=(1.0, 1.0),
         rotary: RotaryInputs | None = None,
+        qk_norm: HeadNorms | None = None,
     ) -> torch.Tensor:
         if rotary is None:
+            assert qk_norm is None, "qk_norm comes with rotary only"
             K.write_kv(k, v, kv_cache, meta.slot_mapping, kv_scale)
         else:
-            K.rotary_write_kv(q, k, v, kv_cache, meta.slot_mapping, rotary.positions, rotary.cos_sin, kv_scale)
+            norms = (qk_norm.q_weight, qk_norm.k_weight, qk_norm.eps) if qk_norm is not None else None
+            K.rotary_write_kv(q, k, v, kv_cache, meta.slot_mapping, rotary.positions, rotary.cos_sin, kv_scale, norms)
         out = torch.empty_like(q)
         args = (kv_cache, out, meta.query_start_loc, meta.seq_lens, meta.block_tables, scale)
         opts = {"window": window, "softcap": softcap, "kv_scale": kv_scale}

@@ -149,6 +149,21 @@ class LoraLinear(nn.Module):
             return y
         return lora_delta(y, x.to(self.lora_a.dtype), self.lora_a, self.lora_b, slots, self.state.groups)
 
+    def one_row_silu_mul(self, x: torch.Tensor) -> torch.Tensor | None:
+        """For the gated MLP's gate/up projection: ``silu(gate) * up`` of one row in one GEMV with
+        each adapter's delta in its epilogue (``lora_gemv(silu_mul=True)``; without adapters in
+        the pass, ``gemv_silu_mul``), as ``forward`` then ``silu_and_mul`` compute it. None
+        where ``forward`` would not take ``lora_gemv`` (``one_row_gemv``)."""
+        if x.shape[0] != 1 or x.dtype != self.lora_a.dtype or not self.one_row_gemv():
+            return None
+        from stepserve.kernels.triton.gemv import gemv_silu_mul
+        from stepserve.kernels.triton.lora import lora_gemv
+
+        slots, base = self.state.slots, self.base
+        if slots is None:
+            return gemv_silu_mul(x, base.weight, None, base.bias)
+        return lora_gemv(x, base.weight, base.bias, self.lora_a, self.lora_b, slots, silu_mul=True)
+
     def one_row_gemv(self) -> bool:
         """Whether a one-row pass (batch-1 decode) takes ``lora_gemv`` (a split shrink, then the
         base projection with the expand in its epilogue): on CUDA, for a plain 16-bit
@@ -287,8 +302,9 @@ def warm_up_lora_kernels(model: nn.Module, max_tokens: int) -> int:
     up to ``max_tokens`` tokens can bring (``kernels.triton.lora.warm_up``); the calls made."""
     pairs = {}  # (A, B, most rows a call brings)
     one_row = {}  # a LoraLinear of each shape whose one-row pass takes lora_gemv
+    gated = getattr(model.cfg, "activation", None) == "silu"  # gate/up's one row also takes silu_and_mul
     for found in adapted_layers(model):
-        for linear in found.values():
+        for name, linear in found.items():
             if isinstance(linear, ExpertLora):  # rows: the token copies grouped by expert, padded
                 rows = max_tokens * model.cfg.moe.top_k + model.cfg.moe.num_experts * 128  # tiles of <= 128
                 for a, b in ((linear.a13, linear.b13), (linear.a2, linear.b2)):
@@ -296,16 +312,16 @@ def warm_up_lora_kernels(model: nn.Module, max_tokens: int) -> int:
             else:
                 pairs.setdefault((linear.lora_a.shape, linear.lora_b.shape), (linear.lora_a, linear.lora_b, max_tokens))
                 if linear.one_row_gemv():
-                    base = linear.base
-                    one_row[(base.weight.shape, base.bias is None, linear.lora_a.shape)] = linear
+                    base, silu_mul = linear.base, gated and name.endswith("gate_up_proj")
+                    one_row[(base.weight.shape, base.bias is None, linear.lora_a.shape, silu_mul)] = (linear, silu_mul)
     if not pairs or not next(iter(pairs.values()))[0].is_cuda:
         return 0
     from stepserve.kernels.triton.lora import lora_gemv, warm_up
 
-    for linear in one_row.values():  # batch-1 decode's kernels (the graphs' capture would compile them too)
+    for linear, silu_mul in one_row.values():  # batch-1 decode's kernels (the graphs' capture would compile them too)
         x = torch.zeros(1, linear.lora_a.shape[2], dtype=linear.lora_a.dtype, device=linear.lora_a.device)
         slots = torch.zeros(1, dtype=torch.int32, device=x.device)
-        lora_gemv(x, linear.base.weight, linear.base.bias, linear.lora_a, linear.lora_b, slots)
+        lora_gemv(x, linear.base.weight, linear.base.bias, linear.lora_a, linear.lora_b, slots, silu_mul=silu_mul)
     return len(one_row) + sum(warm_up(a, b, rows) for a, b, rows in pairs.values())
 
 

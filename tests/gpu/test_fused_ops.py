@@ -140,11 +140,12 @@ def bits(x):
 
 @pytest.mark.parametrize("num_q, num_kv, head_dim", [(32, 8, 128), (4, 4, 64), (9, 3, 64)])
 @pytest.mark.parametrize("partial", [False, True], ids=["full", "partial"])
-def test_rotary_write_kv_equals_rotary_then_write_kv(device, num_q, num_kv, head_dim, partial):
-    """The fused launch against the two it replaces, bit for bit: q and k rotated in place in the
-    qkv output (v untouched), the rotated K and V at their slots of a NaN-poisoned cache (every
-    written element finite, no other element written), the dims past a partial rotary passed
-    through, FP8 caches scaled and saturated alike."""
+@pytest.mark.parametrize("qk_norm", [False, True], ids=["", "qk-norm"])
+def test_rotary_write_kv_equals_rotary_then_write_kv(device, num_q, num_kv, head_dim, partial, qk_norm):
+    """The fused launch against the two it replaces (three with Qwen3's q/k norms first), bit for
+    bit: q and k [normed and] rotated in place in the qkv output (v untouched), the rotated K and V
+    at their slots of a NaN-poisoned cache (every written element finite, no other element
+    written), the dims past a partial rotary passed through, FP8 caches scaled and saturated alike."""
     from stepserve.kernels.triton import attention as K
     from stepserve.kernels.triton import fused as triton_ops
 
@@ -169,9 +170,14 @@ def test_rotary_write_kv_equals_rotary_then_write_kv(device, num_q, num_kv, head
 
         want_qkv, want_cache = qkv.clone(), cache.clone()
         q, k, v = split(want_qkv)
+        norms = None
+        if qk_norm:  # weights of both signs and unlike each other; eps as Qwen3's
+            norms = tuple((torch.rand(head_dim, generator=gen) * 4 - 2).to(dtype).to(device) for _ in "qk") + (1e-6,)
+            qk = want_qkv[:, : (num_q + num_kv) * head_dim].view(tokens, num_q + num_kv, head_dim)
+            triton_ops.rms_norm_heads_(qk, norms[0], norms[1], num_q, norms[2])
         triton_ops.rotary_(q, k, positions, rotary.cos_sin)
         K.write_kv(k, v, want_cache, slots, kv_scale)
-        K.rotary_write_kv(*split(qkv), cache, slots, positions, rotary.cos_sin, kv_scale)
+        K.rotary_write_kv(*split(qkv), cache, slots, positions, rotary.cos_sin, kv_scale, norms)
 
         assert torch.equal(bits(qkv), bits(want_qkv)), f"{dtype}: q or k rotated differently (or v touched)"
         assert torch.equal(bits(cache), bits(want_cache)), f"{dtype} into {cache_dtype}: the cache differs"

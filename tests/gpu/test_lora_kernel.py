@@ -284,6 +284,89 @@ def test_lora_gemv_is_the_projection_plus_the_delta(device, poisoned, kind, rank
         assert err <= BOUND[dtype]
 
 
+def silu_mul_reference(gate_up: torch.Tensor) -> torch.Tensor:
+    """``fused.silu_and_mul``'s rounding in PyTorch: silu(gate) rounded, times up, rounded."""
+    gate, up = gate_up.chunk(2, dim=-1)
+    g = gate.double()
+    return ((g / (1 + torch.exp(-g))).to(gate.dtype).double() * up.double()).to(gate.dtype)
+
+
+@pytest.mark.parametrize("kind", ["none", "one"])
+@pytest.mark.parametrize("bias", [False, True])
+def test_lora_gemv_silu_mul_is_the_activation_of_the_adapted_projection(device, poisoned, kind, bias):
+    """The gated MLP's gate/up at one row: ``lora_gemv(silu_mul=True)`` equals ``silu_and_mul``
+    of the adapted projection (the projection rounded, ``lora_reference``'s delta on gate and up
+    rows alike), the base's row (slot -1) that of the projection alone."""
+    from stepserve.kernels.triton.lora import lora_gemv
+
+    hidden, inner = sizes(device)
+    for dtype in dtypes(device):
+        gen = torch.Generator().manual_seed(7)
+        weight = (torch.randn(2 * inner, hidden, generator=gen) / hidden**0.5).to(dtype).to(device)
+        b = torch.randn(2 * inner, generator=gen).to(dtype).to(device) if bias else None
+        x = torch.randn(1, hidden, generator=gen).to(dtype).to(device)
+        lora_a, lora_b = make_adapters(3, 16, hidden, 2 * inner, dtype, device, seed=7)
+        lora_b[:, inner:] *= -2  # up's rows unlike gate's: a delta on the wrong half shows
+        slots = torch.tensor([{"none": -1, "one": 1}[kind]], dtype=torch.int32, device=device)
+        rounded = (x.double() @ weight.double().T + (b.double() if bias else 0)).to(dtype)
+        adapted = lora_reference(rounded.clone(), x, lora_a, lora_b, slots)
+        got = lora_gemv(x, weight, b, lora_a, lora_b, slots, silu_mul=True)
+        assert got.dtype == dtype and got.shape == (1, inner)
+        want = silu_mul_reference(adapted)
+        assert kind == "none" or rel_err(want, silu_mul_reference(rounded)) > 10 * BOUND[dtype]  # the delta matters
+        assert rel_err(got, want) <= BOUND[dtype]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the one-row path runs on CUDA only")
+def test_a_one_row_pass_of_the_gated_mlp_takes_one_gemv_in_a_graph(monkeypatch):
+    """``GatedMLP`` at one row on CUDA: gate/up and its activation in one GEMV (``gemv_silu_mul``;
+    with adapters ``lora_gemv(silu_mul=True)``, captured and replayed for other slots and the
+    base's -1), equal to the path of two rows (cuBLAS, ``lora_delta``, ``silu_and_mul``) on the
+    same row twice."""
+    from types import SimpleNamespace
+
+    from stepserve.kernels.triton import gemv as G
+    from stepserve.kernels.triton import lora as K
+    from stepserve.models.layers import GatedMLP
+    from stepserve.models.lora import LoraLinear, LoraState
+
+    device, dtype, hidden, inner = "cuda", torch.bfloat16, 2048, 5632
+    cfg = SimpleNamespace(hidden_size=hidden, intermediate_size=inner, mlp_bias=False, activation="silu")
+    mlp = GatedMLP(cfg).to(device, dtype)
+    calls = []
+    for module, name, tag in ((G, "gemv_silu_mul", "gemv"), (K, "lora_gemv", "lora")):
+        real = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *a, real=real, tag=tag, **kw: calls.append(tag) or real(*a, **kw))
+
+    x = torch.randn(1, hidden, device=device, dtype=dtype)
+    got = mlp(x)
+    assert calls == ["gemv"]
+    assert rel_err(got, mlp(torch.cat([x, x]))[:1]) <= BOUND[dtype]  # two rows: cuBLAS, then silu_and_mul
+    state = LoraState()
+    mlp.gate_up_proj = LoraLinear(mlp.gate_up_proj, (inner, inner), max_loras=3, max_rank=16, state=state)
+    lora_a, lora_b = make_adapters(3, 16, hidden, 2 * inner, dtype, device)
+    mlp.gate_up_proj.lora_a.copy_(lora_a)
+    mlp.gate_up_proj.lora_b.copy_(lora_b)
+    state.slots = torch.tensor([0], dtype=torch.int32, device=device)
+    calls.clear()
+    mlp(x)  # compiles before the capture
+    assert calls == ["lora"]
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = mlp(x)
+    for slot in (2, -1, 1):
+        slots = state.slots
+        slots.fill_(slot)
+        x.copy_(torch.randn(1, hidden, device=device, dtype=dtype))
+        graph.replay()
+        state.slots = torch.tensor([slot, slot], dtype=torch.int32, device=device)
+        calls.clear()
+        want = mlp(torch.cat([x, x]))[:1]  # two rows: cuBLAS, lora_delta, silu_and_mul
+        assert calls == []
+        state.slots = slots
+        assert rel_err(y, want) <= BOUND[dtype], f"slot {slot}"
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the one-row path runs on CUDA only")
 def test_a_one_row_pass_of_an_adapted_projection_takes_lora_gemv_in_a_graph(monkeypatch):
     """``LoraLinear`` on a bf16 ``nn.Linear``: one row goes through ``lora_gemv`` (captured in a

@@ -231,14 +231,15 @@ def prefill_then_decode(model, backend, device, poison=float("nan")):
 
 @pytest.mark.parametrize("family", MODELS)
 def test_model_with_the_rotary_fused_into_the_kv_write(device, family, monkeypatch):
-    """A small model's prefill and decode through the Triton backend: with the rotary fused into
-    the KV write, the logits, greedy tokens and caches of ``rotary_`` then ``write_kv`` bit for
-    bit, and the logits and tokens of SDPA with the PyTorch rotary. SDPA, which does not fuse,
-    still gets rotated q and k from the Triton rotary."""
+    """A small model's prefill and decode through the Triton backend: with the rotary (and
+    Qwen3's q/k norms) fused into the KV write, the logits, greedy tokens and caches of
+    [``rms_norm_heads_``,] ``rotary_`` then ``write_kv`` bit for bit, and the logits and tokens of
+    SDPA with the PyTorch rotary and norms. SDPA, which does not fuse, still gets rotated q and k
+    from the Triton rotary."""
     from stepserve.attention.triton_backend import TritonBackend
     from stepserve.kernels.triton import attention as K
     from stepserve.kernels.triton import fused as triton_ops
-    from stepserve.models import rope
+    from stepserve.models import layers, rope
     from stepserve.models.loader import ModelSource, load_model
 
     hf = dict(
@@ -253,9 +254,11 @@ def test_model_with_the_rotary_fused_into_the_kv_write(device, family, monkeypat
         for layer in model.layers:  # peaked attention, so that a wrong rotation shows in the logits
             layer.self_attn.qkv_proj.weight.mul_(5.0)
 
-    monkeypatch.setattr(rope, "fused_ops", lambda x: None)  # the PyTorch rotary
+    for module in (rope, layers):  # the PyTorch rotary and norms
+        monkeypatch.setattr(module, "fused_ops", lambda x: None)
     want = prefill_then_decode(model, SdpaBackend(), device, poison=0.0)  # SDPA reads whole pages
-    monkeypatch.setattr(rope, "fused_ops", lambda x: triton_ops)  # the Triton rotary, on the CPU too
+    for module in (rope, layers):  # the Triton rotary and norms, on the CPU too
+        monkeypatch.setattr(module, "fused_ops", lambda x: triton_ops)
     sdpa = prefill_then_decode(model, SdpaBackend(), device, poison=0.0)
     unfused = TritonBackend()
     unfused.fuses_rotary = False  # rotary_ then write_kv
@@ -270,6 +273,8 @@ def test_model_with_the_rotary_fused_into_the_kv_write(device, family, monkeypat
     got = prefill_then_decode(model, TritonBackend(), device)
 
     assert len(calls) == 2 * len(model.layers), "the fused kernel did not run in every layer of both steps"
+    normed = [args[8] is not None for args in calls]  # qk_norm: Qwen3's q/k norms in the same launch
+    assert normed == [family == "qwen3"] * len(calls), "q/k norms fused where the model has none, or not fused"
     for a, b in zip([*got[:3], *got[3]], [*twin[:3], *twin[3]]):
         assert torch.equal(a.view(torch.int32), b.view(torch.int32))  # the caches' NaN poison too
     for run in (got, sdpa):

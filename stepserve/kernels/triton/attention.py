@@ -7,7 +7,8 @@ tables map a sequence's logical blocks to physical ones; the null block 0 pads t
   outputs are strided views of the fused qkv matmul, so no copy is made first).
 - ``rotary_write_kv``: the rotary embedding of q and k (``fused.rotary_``) and ``write_kv`` in
   one launch, the rotated K stored from registers: one launch fewer per layer, which a decode
-  step of a CUDA graph pays for in idle GPU time.
+  step of a CUDA graph pays for in idle GPU time; with Qwen3's per-head q/k norms
+  (``fused.rms_norm_heads_``) first, two fewer.
 - ``paged_decode``: one new token per sequence. A program owns one (sequence, KV head, split):
   the query heads sharing that KV head are stacked as the rows of one ``tl.dot`` (GQA), so each
   K/V tile is read once for the whole group. Long contexts are split along the sequence into
@@ -35,7 +36,7 @@ import torch
 import triton
 import triton.language as tl
 
-from stepserve.kernels.triton.fused import rotary_table, rotate_heads_
+from stepserve.kernels.triton.fused import norm_heads_, rotary_table, rotate_heads_
 
 LOG2E = 1.4426950408889634
 NO_WINDOW = 1 << 30  # a window no context reaches: the kernels' "attend to everything"
@@ -133,6 +134,9 @@ def _rotary_write_kv_kernel(
     slot_ptr,
     pos_ptr,
     cos_sin_ptr,
+    q_w_ptr,
+    k_w_ptr,
+    eps,
     stride_qt,
     stride_qh,
     stride_kt,
@@ -151,17 +155,27 @@ def _rotary_write_kv_kernel(
     HALF: tl.constexpr,
     TAIL: tl.constexpr,
     KV_FP8: tl.constexpr,
+    QK_NORM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
-    # rotary_'s arithmetic and write_kv's stores. The rotated K goes to the cache from registers:
-    # reloading what this program just stored in place would need a barrier to see it.
+    # rms_norm_heads_'s arithmetic where QK_NORM, then rotary_'s, then write_kv's stores. The
+    # rotated K goes to the cache from registers: reloading what this program just stored in place
+    # needs a barrier to see it (the rotation's loads of the normed heads take one).
     t = tl.program_id(0).to(tl.int64)
     slot = tl.load(slot_ptr + t).to(tl.int64)
     cos, sin = rotary_table(cos_sin_ptr, tl.load(pos_ptr + t), HALF)
     hq = tl.arange(0, Q_PAD)[:, None]
-    rotate_heads_(q_ptr + t * stride_qt + hq * stride_qh, cos, sin, hq < NUM_HEADS, HALF)
     h = tl.arange(0, KV_PAD)[:, None]
     mask = h < NUM_KV_HEADS
     k_heads = k_ptr + t * stride_kt + h * stride_kh
+    if QK_NORM:  # each head normed in place, then rotated from what was stored
+        d = tl.arange(0, BLOCK_D)[None, :]
+        q_w = tl.load(q_w_ptr + d, mask=d < HEAD_DIM, other=0.0).to(tl.float32)
+        norm_heads_(q_ptr + t * stride_qt + hq * stride_qh, q_w, eps, hq < NUM_HEADS, HEAD_DIM, BLOCK_D)
+        k_w = tl.load(k_w_ptr + d, mask=d < HEAD_DIM, other=0.0).to(tl.float32)
+        norm_heads_(k_heads, k_w, eps, mask, HEAD_DIM, BLOCK_D)
+        tl.debug_barrier()
+    rotate_heads_(q_ptr + t * stride_qt + hq * stride_qh, cos, sin, hq < NUM_HEADS, HALF)
     k1, k2 = rotate_heads_(k_heads, cos, sin, mask, HALF)
     dst = k_cache_ptr + slot * stride_cs + h * stride_ch
     d = tl.arange(0, HALF)[None, :]
@@ -186,15 +200,19 @@ def rotary_write_kv(
     positions: torch.Tensor,
     cos_sin: torch.Tensor,
     kv_scale=(1.0, 1.0),
+    qk_norm: tuple[torch.Tensor, torch.Tensor, float] | None = None,
 ) -> None:
     """``fused.rotary_`` then ``write_kv`` in one launch: rotate q ``[T, H, D]`` and k ``[T, Hkv, D]``
     in place (strided views of the qkv output; the leading ``cos_sin.shape[1]`` dims of each head)
-    and store the rotated K and V at their cache slots. The same arithmetic, so the same bits."""
+    and store the rotated K and V at their cache slots. With ``qk_norm`` (q's weight [D], k's
+    weight [D], eps), ``fused.rms_norm_heads_`` first (Qwen3's q/k norms): a launch fewer again.
+    The same arithmetic, so the same bits."""
     num_tokens, num_heads, head_dim = q.shape
     if num_tokens == 0:
         return
     num_kv_heads, rotary_dim = k.shape[1], cos_sin.shape[1]
     k_cache, v_cache = kv_cache[0], kv_cache[1]
+    q_weight, k_weight, eps = qk_norm if qk_norm is not None else (q, q, 0.0)
     _rotary_write_kv_kernel[(num_tokens,)](
         q,
         k,
@@ -204,6 +222,9 @@ def rotary_write_kv(
         slot_mapping,
         positions,
         cos_sin,
+        q_weight,
+        k_weight,
+        eps,
         q.stride(0),
         q.stride(1),
         k.stride(0),
@@ -222,6 +243,8 @@ def rotary_write_kv(
         HALF=rotary_dim // 2,
         TAIL=triton.next_power_of_2(head_dim - rotary_dim) if rotary_dim < head_dim else 0,
         KV_FP8=_fp8(kv_cache),
+        QK_NORM=qk_norm is not None,
+        BLOCK_D=triton.next_power_of_2(head_dim),
         num_warps=4,
     )
 

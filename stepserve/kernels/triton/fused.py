@@ -9,7 +9,8 @@ to within reduction order:
 - ``rotary_``: rotate_half rotary embedding of q and k, in place on the fused qkv output (its
   steps ``rotary_table`` and ``rotate_heads_`` are shared with ``attention.rotary_write_kv``,
   which also stores K and V in the cache).
-- ``rms_norm_heads_``: the per-head RMSNorm of q and k (Qwen3), in place on the same output.
+- ``rms_norm_heads_``: the per-head RMSNorm of q and k (Qwen3), in place on the same output (its
+  step ``norm_heads_`` is shared with ``attention.rotary_write_kv``, which can norm q and k first).
 - ``silu_and_mul``: ``silu(gate)`` rounded, times ``up``, rounded.
 """
 
@@ -167,6 +168,21 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
 
 
 @triton.jit
+def norm_heads_(base, w, eps, mask, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
+    """RMSNorm of the heads at ``base`` (``[heads, 1]`` pointers, each head's values contiguous)
+    in place, each over its own ``HEAD_DIM`` values: float32, rounded, times ``w`` (float32,
+    ``[1 or heads, BLOCK_D]``), rounded; ``rms_norm``'s rounding. Shared with
+    ``attention.rotary_write_kv``, which norms q and k before it rotates them."""
+    d = tl.arange(0, BLOCK_D)[None, :]
+    mask = mask & (d < HEAD_DIM)
+    x = tl.load(base + d, mask=mask, other=0.0)
+    xf = x.to(tl.float32)
+    rstd = 1.0 / tl.sqrt(tl.sum(xf * xf, 1) / HEAD_DIM + eps)
+    normed = (xf * rstd[:, None]).to(x.dtype).to(tl.float32)
+    tl.store(base + d, (w * normed).to(x.dtype), mask=mask)
+
+
+@triton.jit
 def _rms_norm_heads_kernel(
     x_ptr,
     q_w_ptr,
@@ -183,16 +199,10 @@ def _rms_norm_heads_kernel(
     t = tl.program_id(0).to(tl.int64)
     h = tl.arange(0, HEADS_PAD)[:, None]
     d = tl.arange(0, BLOCK_D)[None, :]
-    mask = (h < num_heads) & (d < HEAD_DIM)
-    ptrs = x_ptr + t * stride_t + h * HEAD_DIM + d
-    x = tl.load(ptrs, mask=mask, other=0.0)
-    xf = x.to(tl.float32)
-    rstd = 1.0 / tl.sqrt(tl.sum(xf * xf, 1) / HEAD_DIM + eps)
-    normed = (xf * rstd[:, None]).to(x.dtype).to(tl.float32)
     q_w = tl.load(q_w_ptr + d, mask=d < HEAD_DIM, other=0.0).to(tl.float32)
     k_w = tl.load(k_w_ptr + d, mask=d < HEAD_DIM, other=0.0).to(tl.float32)
     w = tl.where(h < NUM_Q, q_w, k_w)
-    tl.store(ptrs, (w * normed).to(x.dtype), mask=mask)
+    norm_heads_(x_ptr + t * stride_t + h * HEAD_DIM, w, eps, h < num_heads, HEAD_DIM, BLOCK_D)
 
 
 def rms_norm_heads_(qk: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor, num_q: int, eps: float) -> None:

@@ -76,7 +76,9 @@ def _gemv_kernel(
     # GATED: output column n is silu(row n) * (row N + n) of a [2N, K] weight (gate rows, then up).
     # LORA_R > 0: each row m whose slot s = slots[m] is not -1 adds B[s] @ shrunk[m], as
     # ``lora_reference`` does: the shrink's float32 partials [LORA_SPLIT, M, rank] summed in split
-    # order and rounded to the output dtype, the delta added in float32 to the rounded projection.
+    # order and rounded to the output dtype, the delta added in float32 to the rounded projection
+    # (GATED: B [S, 2N, rank], its rows n to gate column n and N + n to up column n, before the
+    # activation, as the unfused adapter's output feeds silu_and_mul).
     n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = n < N
     m = tl.arange(0, ROWS)
@@ -116,15 +118,19 @@ def _gemv_kernel(
             part_ptrs = lora_ptr + (split * M + m[:, None]) * rank + r[None, :]
             shrunk += tl.load(part_ptrs, mask=used[:, None] & r_mask[None, :], other=0.0)
         shrunk = shrunk.to(dtype).to(tl.float32)
+        b_rows = 2 * N if GATED else N  # B's rows a slot
         b_ptrs = (
             lora_b_ptr
-            + tl.maximum(slot, 0).to(tl.int64)[:, None, None] * N * rank
+            + tl.maximum(slot, 0).to(tl.int64)[:, None, None] * b_rows * rank
             + n[None, :, None].to(tl.int64) * rank
             + r[None, None, :]
         )
         b_mask = used[:, None, None] & n_mask[None, :, None] & r_mask[None, None, :]
         b = tl.load(b_ptrs, mask=b_mask, other=0.0).to(tl.float32)
         acc = acc.to(dtype).to(tl.float32) + tl.sum(shrunk[:, None, :] * b, axis=2)
+        if GATED:
+            b = tl.load(b_ptrs + N * rank, mask=b_mask, other=0.0).to(tl.float32)
+            acc_up = acc_up.to(dtype).to(tl.float32) + tl.sum(shrunk[:, None, :] * b, axis=2)
     y = acc.to(dtype)
     if GATED:  # as silu_and_mul computes it from the rounded projection
         g = y.to(tl.float32)
@@ -133,14 +139,15 @@ def _gemv_kernel(
 
 
 def _launch(x, weight, scale, bias, width: int, gated: bool, lora: tuple | None = None) -> torch.Tensor:
-    """``lora``: (partials [split, M, R] float32, slots [M] int32, lora_b [S, width, R]), for
-    ``kernels.triton.lora.lora_gemv``."""
+    """``lora``: (partials [split, M, R] float32, slots [M] int32, lora_b [S, width, R], or
+    [S, 2 * width, R] gated), for ``kernels.triton.lora.lora_gemv``. Gated, the tile is the one
+    ``gemv_silu_mul`` was swept with, adapters or not."""
     rows, k = x.shape
     if not 0 < rows <= GEMV_ROWS:
         raise ValueError(f"gemv takes 1 to {GEMV_ROWS} rows, got {rows}")
     x = x if x.stride(1) == 1 else x.contiguous()
     out = torch.empty(rows, width, dtype=x.dtype, device=x.device)
-    block_n, block_k, warps = config(rows, k, weight, width if lora is not None else None)
+    block_n, block_k, warps = config(rows, k, weight, width if lora is not None and not gated else None)
     partials, slots, lora_b = lora if lora is not None else (x, x, x)
     _gemv_kernel[(triton.cdiv(width, block_n),)](
         x,
@@ -186,9 +193,14 @@ def gemv(
 
 
 def gemv_silu_mul(
-    x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = None, bias: torch.Tensor | None = None
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    scale: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    lora: tuple | None = None,
 ) -> torch.Tensor:
     """``silu(g) * u`` with ``[g, u] = x @ (weight * scale[:, None]).T + bias`` split in halves:
     the gated MLP's gate/up projection (``weight`` [2I, K], gate rows then up rows) and its
-    activation in one kernel; out [M, I] in ``x``'s dtype."""
-    return _launch(x, weight, scale, bias, weight.shape[0] // 2, gated=True)
+    activation in one kernel; out [M, I] in ``x``'s dtype. ``lora`` as ``gemv``'s, ``lora_b``
+    [S, 2I, R]: each row's delta added to gate and up before the activation."""
+    return _launch(x, weight, scale, bias, weight.shape[0] // 2, gated=True, lora=lora)

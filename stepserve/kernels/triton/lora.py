@@ -45,7 +45,7 @@ import torch
 import triton
 import triton.language as tl
 
-from stepserve.kernels.triton.gemv import gemv
+from stepserve.kernels.triton.gemv import gemv, gemv_silu_mul
 from stepserve.kernels.triton.moe import align
 
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)  # float32: tests
@@ -385,6 +385,7 @@ def lora_gemv(
     lora_a: torch.Tensor,
     lora_b: torch.Tensor,
     slots: torch.Tensor,
+    silu_mul: bool = False,
 ) -> torch.Tensor:
     """``x @ weight.T + bias`` plus each row's adapter delta, for a decode step of one row: the
     shrink's split partials, then ``kernels.triton.gemv``'s kernel with the expand in its
@@ -392,7 +393,9 @@ def lora_gemv(
     ``y`` is written once. Rounding as ``lora_reference`` applied to the base projection's output.
     ``x`` [1, K]; ``weight`` [N, K] of ``x``'s dtype (16-bit in a model, float32 in tests);
     ``lora_a`` [S, R, K], ``lora_b`` [S, N, R]; ``slots`` [1] int32 (-1: the base alone).
-    Capturable in a CUDA graph."""
+    ``silu_mul``: the gated MLP's gate/up (N = 2I), out ``silu(gate) * up`` [1, I] as
+    ``fused.silu_and_mul`` computes it from the adapted projection (``gemv_silu_mul``): the
+    activation is no launch of its own either. Capturable in a CUDA graph."""
     rows, hidden = x.shape
     rank = lora_a.shape[1]
     assert rows == 1 and weight.shape[1] == hidden and weight.dtype == x.dtype == lora_a.dtype == lora_b.dtype, (
@@ -416,6 +419,8 @@ def lora_gemv(
         SPLIT_K=split_k,
         num_warps=4,
     )
+    if silu_mul:
+        return gemv_silu_mul(x, weight, None, bias, lora=(partials, slots, lora_b))
     return gemv(x, weight, None, bias, lora=(partials, slots, lora_b))
 
 
