@@ -3,8 +3,10 @@ sum) for one Qwen3-30B-A3B layer (128 experts, 8 a token, hidden 2048, expert wi
 and FP8 weights, at the decode batch sizes where a token's experts are read for few rows, under
 the tiles ``moe_config`` picks and a grid around them (``block_n``, ``block_k``, ``num_warps``).
 Prints microseconds a call against the time the distinct experts' bytes take at the measured copy
-bandwidth: the sweep to choose ``moe_config``'s decode tiers from. Every timed config is first
-checked against ``experts_reference``. JSON to OUT.json if given. On a GPU, from the repository
+bandwidth: the sweep to choose ``moe_config``'s decode tiers from. Up to 4 tokens it also times the
+GEMV path (``_experts_gemv``, taken up to ``GEMV_MAX_TOKENS`` tokens) against the grouped one's
+current tiles, to choose that bound from. Every timed config is first checked against
+``experts_reference``. JSON to OUT.json if given. On a GPU, from the repository
 root:
 
     PYTHONPATH=. python bench/moe_kernel.py [OUT.json]
@@ -21,8 +23,9 @@ from stepserve.bench.kernel_timing import graph_us, save
 from stepserve.kernels.triton import moe as K
 from stepserve.models.moe import experts_reference, route_reference
 
-FULL = {"experts": 128, "top_k": 8, "hidden": 2048, "inner": 768, "tokens": (1, 4, 16, 64, 256)}
-SMOKE = {"experts": 8, "top_k": 2, "hidden": 64, "inner": 48, "tokens": (1, 5)}
+FULL = {"experts": 128, "top_k": 8, "hidden": 2048, "inner": 768, "tokens": (1, 2, 4, 16, 64, 256)}
+SMOKE = {"experts": 8, "top_k": 2, "hidden": 64, "inner": 48, "tokens": (1, 2, 5)}
+GEMV_UP_TO = 4  # tokens up to which the GEMV path is timed too
 BLOCK_NS, BLOCK_KS, WARPS = (32, 64, 128), (64, 128, 256), (4, 8)
 
 
@@ -42,7 +45,8 @@ def main() -> None:
     w13 = (torch.randn(experts, 2 * inner, hidden, generator=gen) / hidden**0.5).to(dtype).to(device)
     w2 = (torch.randn(experts, hidden, inner, generator=gen) / inner**0.5).to(dtype).to(device)
     bandwidth = 0.0 if smoke else copy_bandwidth()
-    chosen = K.moe_config
+    chosen, gemv_max = K.moe_config, K.GEMV_MAX_TOKENS
+    K.GEMV_MAX_TOKENS = 0  # the sweep's grid is the grouped path's; the GEMVs are timed apart below
     results: dict = {"device": "cpu (interpreter)" if smoke else torch.cuda.get_device_name(), "copy_tb_s": bandwidth}
     precisions = {"bf16": (w13, w2, None, None)}
     if not smoke:
@@ -80,16 +84,25 @@ def main() -> None:
                 rows.append({**config, "us": round(us, 2), "current": cfg == now})
             best = min(rows, key=lambda r: r["us"])
             current = next(r for r in rows if r["current"])
-            results[f"{precision} {tokens} tokens"] = {
+            results[f"{precision} {tokens} tokens"] = case = {
                 "experts_used": used,
                 "bound_us": round(bound_us, 2),
                 "current": current,
                 "best": best,
                 "configs": rows,
             }
+            gemv = ""
+            if tokens <= GEMV_UP_TO:
+                got = K._experts_gemv(x, a, b, weights, ids, sa, sb).float()
+                err = ((got - want).norm() / want.norm()).item()
+                if not err <= 2e-2:
+                    raise AssertionError(f"the GEMV path: relative error {err:.2e}")
+                case["gemv_us"] = round(graph_us(lambda: K._experts_gemv(x, a, b, weights, ids, sa, sb)), 2)
+                case["gemv_taken"] = tokens <= gemv_max
+                gemv = f" gemv path {case['gemv_us']} us ({'taken' if case['gemv_taken'] else 'not taken'})"
             print(
                 f"{precision} {tokens:4d} tokens ({used} experts, bound {bound_us:.1f} us): "
-                f"current {current} best {best}",
+                f"current {current} best {best}{gemv}",
                 flush=True,
             )
             save(results, out_path)

@@ -16,6 +16,9 @@ depends on the routing), so a CUDA graph captured for a decode batch stays valid
 - a reduction: ``out[t] = sum_k weights[t, k] * copy[t, k]`` in float32, in a fixed order (no
   atomics), so the output does not depend on the order of the copies within a group.
 
+Up to ``GEMV_MAX_TOKENS`` tokens (batch-1 decode), two GEMV launches do the same: gate/up with the
+activation per copy, then down with the weighted sum per token (no grouping, no padding rows).
+
 The router before it, ``fused_route`` (the softmax over the experts and the top ``K``), is one
 kernel too; its twin is ``models/moe.py``'s ``route_reference``.
 
@@ -482,6 +485,122 @@ def _sum_copies_kernel(copies_ptr, weights_ptr, out_ptr, hidden, TOP_K: tl.const
     tl.store(out_ptr + t * hidden + cols, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
+# Up to this many tokens a pass (batch-1 and batch-2 decode), the experts run as GEMVs instead:
+# ``_gate_up_gemv_kernel`` over (copy, column block), ``_down_sum_gemv_kernel`` over (token, column
+# block) with the top-k weighted sum in its epilogue. Neither needs the grouping (each program
+# reads its copy's expert id), no row is padding, and the sum is no launch of its own: two
+# launches where the grouped path takes four, for the same bytes of weights. A copy's expert is
+# read once per copy, so from a few tokens on, where copies share experts, the grouped GEMMs win.
+GEMV_MAX_TOKENS = 2
+# (BLOCK_N, BLOCK_K) of the GEMVs by weight element size, from bench/gemv.py's one-row sweep of
+# the dense projections (gate/up with its activation: 8 x 512 in bf16, 8 x 1024 in e4m3; down:
+# 4 x 1024 in bf16); bench/moe_kernel.py times this path against the grouped one.
+GEMV_TILES = {2: {"gate_up": (8, 512), "down": (4, 1024)}, 1: {"gate_up": (8, 1024), "down": (8, 1024)}}
+
+
+@triton.jit
+def _gate_up_gemv_kernel(
+    x_ptr,
+    w_ptr,
+    scale_ptr,
+    ids_ptr,
+    out_ptr,
+    hidden,
+    inner,
+    TOP_K: tl.constexpr,
+    FP8_W: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    # Copy c = t*K + k of token t: its expert's gate and up rows n times x[t], silu(gate) * up
+    # rounded as _gate_up_kernel rounds, to row c of the output.
+    c = tl.program_id(0).to(tl.int64)
+    expert = tl.load(ids_ptr + c).to(tl.int64)
+    n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = n < inner
+    k = tl.arange(0, BLOCK_K)
+    g_ptrs = w_ptr + expert * 2 * inner * hidden + n[:, None].to(tl.int64) * hidden + k[None, :]
+    u_ptrs = g_ptrs + inner * hidden
+    x_row = x_ptr + (c // TOP_K) * hidden
+    gate = tl.zeros([BLOCK_N], dtype=tl.float32)
+    up = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for start in range(0, hidden, BLOCK_K):
+        k_mask = start + k < hidden
+        x = tl.load(x_row + start + k, mask=k_mask, other=0.0).to(tl.float32)[None, :]
+        w_mask = n_mask[:, None] & k_mask[None, :]
+        gate += tl.sum(tl.load(g_ptrs + start, mask=w_mask, other=0.0).to(tl.float32) * x, axis=1)
+        up += tl.sum(tl.load(u_ptrs + start, mask=w_mask, other=0.0).to(tl.float32) * x, axis=1)
+    if FP8_W:
+        gate *= tl.load(scale_ptr + expert * 2 * inner + n, mask=n_mask, other=0.0)
+        up *= tl.load(scale_ptr + expert * 2 * inner + inner + n, mask=n_mask, other=0.0)
+    dtype = out_ptr.dtype.element_ty
+    g = gate.to(dtype).to(tl.float32)
+    act = (g / (1.0 + tl.exp(-g))).to(dtype).to(tl.float32)
+    tl.store(out_ptr + c * inner + n, (act * up.to(dtype).to(tl.float32)).to(dtype), mask=n_mask)
+
+
+@triton.jit
+def _down_sum_gemv_kernel(
+    act_ptr,
+    w_ptr,
+    scale_ptr,
+    ids_ptr,
+    weights_ptr,
+    out_ptr,
+    hidden,
+    inner,
+    TOP_K: tl.constexpr,
+    FP8_W: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    # Token t's output columns n: each of its copies' expert output (rounded, as _down_kernel
+    # stores it), weighted and summed in float32 in copy order as _sum_copies_kernel sums them.
+    t = tl.program_id(0).to(tl.int64)
+    n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = n < hidden
+    k = tl.arange(0, BLOCK_K)
+    dtype = out_ptr.dtype.element_ty
+    total = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for j in tl.static_range(TOP_K):
+        c = t * TOP_K + j
+        expert = tl.load(ids_ptr + c).to(tl.int64)
+        w_ptrs = w_ptr + expert * hidden * inner + n[:, None].to(tl.int64) * inner + k[None, :]
+        acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+        for start in range(0, inner, BLOCK_K):
+            k_mask = start + k < inner
+            a = tl.load(act_ptr + c * inner + start + k, mask=k_mask, other=0.0).to(tl.float32)[None, :]
+            w = tl.load(w_ptrs + start, mask=n_mask[:, None] & k_mask[None, :], other=0.0).to(tl.float32)
+            acc += tl.sum(w * a, axis=1)
+        if FP8_W:
+            acc *= tl.load(scale_ptr + expert * hidden + n, mask=n_mask, other=0.0)
+        total += tl.load(weights_ptr + c) * acc.to(dtype).to(tl.float32)
+    tl.store(out_ptr + t * hidden + n, total.to(dtype), mask=n_mask)
+
+
+def _experts_gemv(x, w13, w2, topk_weights, topk_ids, w13_scale, w2_scale) -> torch.Tensor:
+    """``fused_moe`` for at most ``GEMV_MAX_TOKENS`` tokens, as two GEMV launches."""
+    tokens, hidden = x.shape
+    inner, top_k = w2.shape[2], topk_ids.shape[1]
+    tiles = GEMV_TILES[1 if w13.element_size() == 1 else 2]  # float32 (tests) takes bf16's
+    fp8 = w13_scale is not None
+    act = torch.empty(tokens * top_k, inner, dtype=x.dtype, device=x.device)
+    block_n, block_k = tiles["gate_up"]
+    block_k = min(block_k, triton.next_power_of_2(hidden))
+    _gate_up_gemv_kernel[(tokens * top_k, triton.cdiv(inner, block_n))](
+        x, w13, w13_scale, topk_ids, act, hidden, inner,
+        TOP_K=top_k, FP8_W=fp8, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4,
+    )  # fmt: skip
+    out = torch.empty_like(x)
+    block_n, block_k = tiles["down"]
+    block_k = min(block_k, triton.next_power_of_2(inner))
+    _down_sum_gemv_kernel[(tokens, triton.cdiv(hidden, block_n))](
+        act, w2, w2_scale, topk_ids, topk_weights, out, hidden, inner,
+        TOP_K=top_k, FP8_W=fp8, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4,
+    )  # fmt: skip
+    return out
+
+
 def _precision(x: torch.Tensor) -> str:
     """float32 stays float32 (tf32 would break parity with the reference); 16-bit is native."""
     return "ieee" if x.dtype == torch.float32 else "tf32"
@@ -540,6 +659,8 @@ def fused_moe(
     _check(x, w13, w2, topk_weights, topk_ids, w13_scale, w2_scale)
     tokens, hidden = x.shape
     experts, inner, top_k = w13.shape[0], w2.shape[2], topk_ids.shape[1]
+    if 0 < tokens <= GEMV_MAX_TOKENS and lora is None:
+        return _experts_gemv(x, w13, w2, topk_weights, topk_ids, w13_scale, w2_scale)
     out = torch.empty_like(x)
     if tokens == 0:
         return out
