@@ -55,7 +55,8 @@ def main() -> None:
     for precision, (a, b, sa, sb) in precisions.items():
         for tokens in shape["tokens"]:
             x = torch.randn(tokens, hidden, generator=gen).to(dtype).to(device)
-            weights, ids = route_reference(torch.randn(tokens, experts, generator=gen).to(device), top_k, True)
+            logits = torch.randn(tokens, experts, generator=gen).to(dtype).to(device)
+            weights, ids = route_reference(logits, top_k, True)
             want = experts_reference(x, a, b, weights, ids, sa, sb).float()
             used = ids.unique().numel()
             bytes_read = used * (a[0].numel() * a.element_size() + b[0].numel() * b.element_size())
@@ -98,8 +99,17 @@ def main() -> None:
                 if not err <= 2e-2:
                     raise AssertionError(f"the GEMV path: relative error {err:.2e}")
                 case["gemv_us"] = round(graph_us(lambda: K._experts_gemv(x, a, b, weights, ids, sa, sb)), 2)
+                routing = (logits, top_k, True)
+                routed = lambda: K._experts_gemv(x, a, b, None, None, sa, sb, routing=routing)  # noqa: E731
+                case["routed_gemv_us"] = round(graph_us(routed), 2)  # fused_route's launch saved
+                grouped = lambda: K.fused_moe(x, a, b, *K.fused_route(logits, top_k, True), w13_scale=sa, w2_scale=sb)  # noqa: E731
+                case["route_then_grouped_us"] = round(graph_us(grouped), 2)
                 case["gemv_taken"] = tokens <= gemv_max
-                gemv = f" gemv path {case['gemv_us']} us ({'taken' if case['gemv_taken'] else 'not taken'})"
+                taken = "taken" if case["gemv_taken"] else "not taken"
+                gemv = (
+                    f" gemv path {case['gemv_us']} us, routing in it {case['routed_gemv_us']} us against "
+                    f"route then grouped {case['route_then_grouped_us']} us ({taken})"
+                )
             print(
                 f"{precision} {tokens:4d} tokens ({used} experts, bound {bound_us:.1f} us): "
                 f"current {current} best {best}{gemv}",

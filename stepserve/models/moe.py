@@ -9,7 +9,8 @@ use) on the CPU, and as the GPU tests' twin; the fused Triton kernel
 (``kernels.triton.moe.fused_moe``) on CUDA. With ``--quantization fp8`` the stacked weights are
 e4m3 with one scale per expert and output channel (``w13_scale`` [E, 2I], ``w2_scale`` [E, H]).
 The router is split the same way: ``route_reference`` on the CPU and as the twin,
-``kernels.triton.moe.fused_route`` on CUDA.
+``kernels.triton.moe.fused_route`` on CUDA; ``routed_experts`` is the pair, and on CUDA, for a
+token or two, one operation (the experts' GEMVs route for themselves).
 """
 
 from __future__ import annotations
@@ -114,6 +115,30 @@ def experts(
     return experts_reference(x, w13, w2, weights, ids, w13_scale, w2_scale, lora)
 
 
+def routed_experts(
+    x: torch.Tensor,
+    router_logits: torch.Tensor,
+    top_k: int,
+    renormalize: bool,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    w13_scale: torch.Tensor | None = None,
+    w2_scale: torch.Tensor | None = None,
+    lora: ExpertLoraInputs | None = None,
+) -> torch.Tensor:
+    """``experts(x, ..., *route(router_logits, top_k, renormalize))``: on CUDA
+    ``kernels.triton.moe.routed_moe`` (for a decode step of a token or two, the experts' GEMVs
+    route for themselves: no launch of its own), the references elsewhere."""
+    if x.is_cuda:
+        from stepserve.kernels.triton.moe import routed_moe
+
+        return routed_moe(
+            x, router_logits, top_k, renormalize, w13, w2, w13_scale=w13_scale, w2_scale=w2_scale, lora=lora
+        )
+    weights, ids = route_reference(router_logits, top_k, renormalize)
+    return experts_reference(x, w13, w2, weights, ids, w13_scale, w2_scale, lora)
+
+
 class SparseMoE(nn.Module):
     """The MoE block that stands in a decoder layer for the dense MLP: router, experts and (for
     Qwen2-MoE) a shared expert scaled by its own sigmoid gate."""
@@ -139,9 +164,9 @@ class SparseMoE(nn.Module):
         self.expert_lora = None  # set by models.lora.attach_lora: adapters of the stacked experts
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weights, ids = route(self.gate(x), self.top_k, self.renormalize)
         lora = self.expert_lora.inputs() if self.expert_lora is not None else None
-        out = experts(x, self.w13, self.w2, weights, ids, self.w13_scale, self.w2_scale, lora)
+        routing = (self.gate(x), self.top_k, self.renormalize)
+        out = routed_experts(x, *routing, self.w13, self.w2, self.w13_scale, self.w2_scale, lora)
         if self.shared_expert is not None:
             shared = self.shared_expert(x) * torch.sigmoid(self.shared_expert_gate(x))
             out = out + shared

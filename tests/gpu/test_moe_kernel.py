@@ -264,6 +264,42 @@ def test_fused_route_matches_reference(tokens, experts, top_k, renormalize, devi
         torch.testing.assert_close(weights, ref_weights, rtol=1e-6, atol=0)
 
 
+@pytest.mark.parametrize("logits_kind", ["distinct", "ties", "nan"])
+@pytest.mark.parametrize("renormalize", [True, False])
+@pytest.mark.parametrize("top_k,experts", [(1, 8), (2, 60), (8, 128)])
+@pytest.mark.parametrize("tokens", [1, 2, 3, 7])
+def test_routed_moe_is_the_router_then_the_experts(tokens, top_k, experts, renormalize, logits_kind, device, poisoned):
+    """``routed_moe`` (the GEMVs routing for themselves up to ``GEMV_MAX_TOKENS`` tokens, else
+    ``fused_route`` then ``fused_moe``) equals ``fused_moe`` on ``fused_route``'s choice bit for
+    bit, and the references within the bound: distinct logits, ties (all equal: the lowest
+    experts), and a row of NaN logits (a faulty pass) still naming real experts."""
+    from stepserve.kernels.triton.moe import fused_moe, fused_route, routed_moe
+
+    hidden, inner = sizes(device)
+    for dtype in dtypes(device):
+        w13, w2 = make_experts(experts, hidden, inner, dtype, device)
+        x = torch.randn(tokens, hidden, generator=torch.Generator().manual_seed(3)).to(dtype).to(device)
+        logits = route_logits(tokens, experts, dtype, device, seed=tokens)
+        if logits_kind == "ties":
+            logits[0] = 0.5
+        elif logits_kind == "nan":
+            logits[-1] = float("nan")
+        got = routed_moe(x, logits, top_k, renormalize, w13, w2)
+        weights, ids = fused_route(logits, top_k, renormalize)
+        torch.testing.assert_close(got, fused_moe(x, w13, w2, weights, ids), rtol=0, atol=0, equal_nan=True)
+        if logits_kind == "nan":
+            assert torch.isnan(got[-1]).all() and (ids[-1] >= 0).all() and (ids[-1] < experts).all()
+            got, logits, x, weights, ids = got[:-1], logits[:-1], x[:-1], weights[:-1], ids[:-1]
+            if not len(x):
+                continue
+        elif logits_kind == "ties":  # torch.topk may take any of equal values: the choice is fused_route's
+            assert ids[0].tolist() == list(range(top_k))
+        else:
+            assert torch.equal(ids, route_reference(logits.float(), top_k, renormalize)[1])
+        ref = experts_reference(x.float(), w13.float(), w2.float(), weights, ids)
+        assert rel_err(got, ref) <= BOUND[dtype]
+
+
 def test_fused_route_ties_take_the_lowest_expert(device):
     """Equal logits (common in bf16) rank by expert index, where torch.topk leaves their order open."""
     from stepserve.kernels.triton.moe import fused_route

@@ -103,6 +103,49 @@ def _exp(x, LIBDEVICE: tl.constexpr):
     return tl.exp(x)
 
 
+@triton.jit
+def _top_k(
+    logits_ptr,
+    t,
+    num_tokens,
+    num_experts,
+    stride,
+    TOP_K: tl.constexpr,
+    RENORMALIZE: tl.constexpr,
+    LIBDEVICE: tl.constexpr,
+    EXPERTS: tl.constexpr,
+    K_PAD: tl.constexpr,
+):
+    """Tokens ``t``' (a block) softmax over their router logits and top ``TOP_K``: (weights
+    float32, ids int32), ``[block, K_PAD]``, in descending weight. The experts are picked by their
+    logits, as the softmax keeps the order: the choice does not depend on how ``exp`` rounds, and
+    equals torch.topk's on the probabilities wherever those have no ties; of equal logits, the
+    lowest expert first. Shared by ``fused_route`` and the GEMVs that route for themselves."""
+    e = tl.arange(0, EXPERTS)
+    t_mask, e_mask = t < num_tokens, e < num_experts
+    # the padding experts are never read (past the last row they would be past the tensor)
+    mask = t_mask[:, None] & e_mask[None, :]
+    logits = tl.load(logits_ptr + t.to(tl.int64)[:, None] * stride + e[None, :], mask=mask, other=float("-inf"))
+    logits = logits.to(tl.float32)
+    top = tl.max(logits, 1)
+    total = tl.sum(_exp(logits - top[:, None], LIBDEVICE), 1)
+    k = tl.arange(0, K_PAD)
+    weights = tl.zeros([t.shape[0], K_PAD], dtype=tl.float32)
+    ids = tl.zeros([t.shape[0], K_PAD], dtype=tl.int32)
+    for j in tl.static_range(TOP_K):
+        best, idx = tl.max(logits, 1, return_indices=True, return_indices_tie_break_left=True)
+        # A row of NaN logits (a faulty pass, failed later by the finite check) must still name a
+        # real expert: an id past the last would send the grouping's writes out of bounds.
+        idx = tl.minimum(idx, num_experts - 1)
+        prob = _exp(best - top, LIBDEVICE) / total  # the softmax's value at idx, computed as for all
+        weights = tl.where(k[None, :] == j, prob[:, None], weights)
+        ids = tl.where(k[None, :] == j, idx[:, None], ids)
+        logits = tl.where(e[None, :] == idx[:, None], float("-inf"), logits)  # taken (logits are finite)
+    if RENORMALIZE:
+        weights = weights / tl.sum(weights, 1)[:, None]
+    return weights, ids
+
+
 @triton.jit(do_not_specialize=["num_tokens"])
 def _route_kernel(
     logits_ptr,
@@ -118,32 +161,11 @@ def _route_kernel(
     EXPERTS: tl.constexpr,
     K_PAD: tl.constexpr,
 ):
-    """``BLOCK_T`` tokens' softmax and top ``TOP_K``. The experts are picked by their logits, as
-    the softmax keeps the order: the choice does not depend on how ``exp`` rounds, and equals
-    torch.topk's on the probabilities wherever those have no ties."""
+    """``BLOCK_T`` tokens' softmax and top ``TOP_K`` (``_top_k``), stored."""
     t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
-    e = tl.arange(0, EXPERTS)
-    t_mask, e_mask = t < num_tokens, e < num_experts
-    # the padding experts are never read (past the last row they would be past the tensor)
-    mask = t_mask[:, None] & e_mask[None, :]
-    logits = tl.load(logits_ptr + t.to(tl.int64)[:, None] * stride + e[None, :], mask=mask, other=float("-inf"))
-    logits = logits.to(tl.float32)
-    top = tl.max(logits, 1)
-    total = tl.sum(_exp(logits - top[:, None], LIBDEVICE), 1)
+    weights, ids = _top_k(logits_ptr, t, num_tokens, num_experts, stride, TOP_K, RENORMALIZE, LIBDEVICE, EXPERTS, K_PAD)
     k = tl.arange(0, K_PAD)
-    weights = tl.zeros([BLOCK_T, K_PAD], dtype=tl.float32)
-    ids = tl.zeros([BLOCK_T, K_PAD], dtype=tl.int32)
-    for j in tl.static_range(TOP_K):
-        best, idx = tl.max(logits, 1, return_indices=True, return_indices_tie_break_left=True)
-        # A row of NaN logits (a faulty pass, failed later by the finite check) must still name a
-        # real expert: an id past the last would send the grouping's writes out of bounds.
-        idx = tl.minimum(idx, num_experts - 1)
-        prob = _exp(best - top, LIBDEVICE) / total  # the softmax's value at idx, computed as for all
-        weights = tl.where(k[None, :] == j, prob[:, None], weights)
-        ids = tl.where(k[None, :] == j, idx[:, None], ids)
-        logits = tl.where(e[None, :] == idx[:, None], float("-inf"), logits)  # taken (logits are finite)
-    if RENORMALIZE:
-        weights = weights / tl.sum(weights, 1)[:, None]
+    t_mask = t < num_tokens
     out = t.to(tl.int64)[:, None] * TOP_K + k[None, :]
     out_mask = t_mask[:, None] & (k < TOP_K)[None, :]
     tl.store(weights_ptr + out, weights, mask=out_mask)
@@ -499,23 +521,49 @@ GEMV_TILES = {2: {"gate_up": (8, 512), "down": (4, 1024)}, 1: {"gate_up": (8, 10
 
 
 @triton.jit
+def _routed(logits_ptr, t, j, num_experts, stride, TOP_K, RENORMALIZE, LIBDEVICE, EXPERTS, K_PAD):
+    """Token ``t``'s ``j``-th expert and its weight, by ``_top_k`` on its router logits: each
+    GEMV program routes for itself (the logits are a few hundred bytes), so routing is no launch."""
+    weights, ids = _top_k(
+        logits_ptr, t + tl.arange(0, 1), t + 1, num_experts, stride, TOP_K, RENORMALIZE, LIBDEVICE, EXPERTS, K_PAD
+    )
+    pick = tl.arange(0, K_PAD)[None, :] == j
+    return tl.sum(tl.where(pick, ids, 0)), tl.sum(tl.where(pick, weights, 0.0))
+
+
+@triton.jit
 def _gate_up_gemv_kernel(
     x_ptr,
     w_ptr,
     scale_ptr,
     ids_ptr,
     out_ptr,
+    logits_ptr,
+    num_experts,
+    stride,
     hidden,
     inner,
     TOP_K: tl.constexpr,
     FP8_W: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    ROUTED: tl.constexpr,
+    RENORMALIZE: tl.constexpr,
+    LIBDEVICE: tl.constexpr,
+    EXPERTS: tl.constexpr,
+    K_PAD: tl.constexpr,
 ):
     # Copy c = t*K + k of token t: its expert's gate and up rows n times x[t], silu(gate) * up
-    # rounded as _gate_up_kernel rounds, to row c of the output.
+    # rounded as _gate_up_kernel rounds, to row c of the output. ROUTED: the expert from the
+    # router logits (_routed), not from ids.
     c = tl.program_id(0).to(tl.int64)
-    expert = tl.load(ids_ptr + c).to(tl.int64)
+    if ROUTED:
+        expert, _ = _routed(
+            logits_ptr, c // TOP_K, c % TOP_K, num_experts, stride, TOP_K, RENORMALIZE, LIBDEVICE, EXPERTS, K_PAD
+        )
+        expert = expert.to(tl.int64)
+    else:
+        expert = tl.load(ids_ptr + c).to(tl.int64)
     n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = n < inner
     k = tl.arange(0, BLOCK_K)
@@ -547,15 +595,24 @@ def _down_sum_gemv_kernel(
     ids_ptr,
     weights_ptr,
     out_ptr,
+    logits_ptr,
+    num_experts,
+    stride,
     hidden,
     inner,
     TOP_K: tl.constexpr,
     FP8_W: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    ROUTED: tl.constexpr,
+    RENORMALIZE: tl.constexpr,
+    LIBDEVICE: tl.constexpr,
+    EXPERTS: tl.constexpr,
+    K_PAD: tl.constexpr,
 ):
     # Token t's output columns n: each of its copies' expert output (rounded, as _down_kernel
     # stores it), weighted and summed in float32 in copy order as _sum_copies_kernel sums them.
+    # ROUTED: experts and weights from the router logits (_routed), not from ids and weights.
     t = tl.program_id(0).to(tl.int64)
     n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = n < hidden
@@ -564,7 +621,14 @@ def _down_sum_gemv_kernel(
     total = tl.zeros([BLOCK_N], dtype=tl.float32)
     for j in tl.static_range(TOP_K):
         c = t * TOP_K + j
-        expert = tl.load(ids_ptr + c).to(tl.int64)
+        if ROUTED:
+            expert, weight = _routed(
+                logits_ptr, t, j, num_experts, stride, TOP_K, RENORMALIZE, LIBDEVICE, EXPERTS, K_PAD
+            )
+            expert = expert.to(tl.int64)
+        else:
+            expert = tl.load(ids_ptr + c).to(tl.int64)
+            weight = tl.load(weights_ptr + c)
         w_ptrs = w_ptr + expert * hidden * inner + n[:, None].to(tl.int64) * inner + k[None, :]
         acc = tl.zeros([BLOCK_N], dtype=tl.float32)
         for start in range(0, inner, BLOCK_K):
@@ -574,31 +638,73 @@ def _down_sum_gemv_kernel(
             acc += tl.sum(w * a, axis=1)
         if FP8_W:
             acc *= tl.load(scale_ptr + expert * hidden + n, mask=n_mask, other=0.0)
-        total += tl.load(weights_ptr + c) * acc.to(dtype).to(tl.float32)
+        total += weight * acc.to(dtype).to(tl.float32)
     tl.store(out_ptr + t * hidden + n, total.to(dtype), mask=n_mask)
 
 
-def _experts_gemv(x, w13, w2, topk_weights, topk_ids, w13_scale, w2_scale) -> torch.Tensor:
-    """``fused_moe`` for at most ``GEMV_MAX_TOKENS`` tokens, as two GEMV launches."""
+def _experts_gemv(x, w13, w2, topk_weights, topk_ids, w13_scale, w2_scale, routing=None) -> torch.Tensor:
+    """``fused_moe`` for at most ``GEMV_MAX_TOKENS`` tokens, as two GEMV launches. ``routing``:
+    (router logits [T, E], top_k, renormalize) instead of ``topk_weights``/``topk_ids``: each
+    program routes for itself (``routed_moe``)."""
     tokens, hidden = x.shape
-    inner, top_k = w2.shape[2], topk_ids.shape[1]
+    inner = w2.shape[2]
+    if routing is None:
+        logits, top_k, renormalize = x, topk_ids.shape[1], False
+    else:
+        logits, top_k, renormalize = routing
+    routed = {
+        "ROUTED": routing is not None,
+        "RENORMALIZE": renormalize,
+        "LIBDEVICE": not INTERPRETED,
+        "EXPERTS": triton.next_power_of_2(w13.shape[0]),
+        "K_PAD": triton.next_power_of_2(top_k),
+    }
     tiles = GEMV_TILES[1 if w13.element_size() == 1 else 2]  # float32 (tests) takes bf16's
     fp8 = w13_scale is not None
     act = torch.empty(tokens * top_k, inner, dtype=x.dtype, device=x.device)
     block_n, block_k = tiles["gate_up"]
     block_k = min(block_k, triton.next_power_of_2(hidden))
     _gate_up_gemv_kernel[(tokens * top_k, triton.cdiv(inner, block_n))](
-        x, w13, w13_scale, topk_ids, act, hidden, inner,
-        TOP_K=top_k, FP8_W=fp8, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4,
+        x, w13, w13_scale, topk_ids, act, logits, w13.shape[0], logits.stride(0), hidden, inner,
+        TOP_K=top_k, FP8_W=fp8, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4, **routed,
     )  # fmt: skip
     out = torch.empty_like(x)
     block_n, block_k = tiles["down"]
     block_k = min(block_k, triton.next_power_of_2(inner))
     _down_sum_gemv_kernel[(tokens, triton.cdiv(hidden, block_n))](
-        act, w2, w2_scale, topk_ids, topk_weights, out, hidden, inner,
-        TOP_K=top_k, FP8_W=fp8, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4,
+        act, w2, w2_scale, topk_ids, topk_weights, out, logits, w13.shape[0], logits.stride(0), hidden, inner,
+        TOP_K=top_k, FP8_W=fp8, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4, **routed,
     )  # fmt: skip
     return out
+
+
+def routed_moe(
+    x: torch.Tensor,
+    router_logits: torch.Tensor,
+    top_k: int,
+    renormalize: bool,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    *,
+    w13_scale: torch.Tensor | None = None,
+    w2_scale: torch.Tensor | None = None,
+    lora=None,
+) -> torch.Tensor:
+    """The router's softmax and top-k, then the experts: ``fused_moe(x, ..., *fused_route(router_logits,
+    top_k, renormalize))``. Up to ``GEMV_MAX_TOKENS`` tokens without adapters the two GEMVs route
+    for themselves from the logits, so the routing is no launch of its own either: the layer is
+    two launches after the router's matmul. Capturable in a CUDA graph."""
+    tokens = x.shape[0]
+    if 0 < tokens <= GEMV_MAX_TOKENS and lora is None:
+        assert router_logits.shape == (tokens, w13.shape[0]) and 0 < top_k <= w13.shape[0], (
+            f"router_logits must be [T={tokens}, E={w13.shape[0]}] with top_k <= E, not "
+            f"{list(router_logits.shape)}, top_k={top_k}"
+        )
+        _check_weights(x, w13, w2, w13_scale, w2_scale)
+        logits = router_logits if router_logits.stride(1) == 1 else router_logits.contiguous()
+        return _experts_gemv(x, w13, w2, None, None, w13_scale, w2_scale, routing=(logits, top_k, renormalize))
+    weights, ids = fused_route(router_logits, top_k, renormalize)
+    return fused_moe(x, w13, w2, weights, ids, w13_scale=w13_scale, w2_scale=w2_scale, lora=lora)
 
 
 def _precision(x: torch.Tensor) -> str:
@@ -607,22 +713,28 @@ def _precision(x: torch.Tensor) -> str:
 
 
 def _check(x, w13, w2, topk_weights, topk_ids, w13_scale, w2_scale) -> None:
+    tokens = x.shape[0]
+    assert topk_ids.dim() == 2 and topk_ids.shape[0] == tokens and topk_ids.dtype == torch.int32, (
+        f"topk_ids must be [T={tokens}, K] int32, not {topk_ids.dtype} {list(topk_ids.shape)}"
+    )
+    assert topk_weights.shape == topk_ids.shape and topk_weights.dtype == torch.float32, (
+        f"topk_weights must be {list(topk_ids.shape)} float32, not {topk_weights.dtype} {list(topk_weights.shape)}"
+    )
+    _check_weights(x, w13, w2, w13_scale, w2_scale)
+    assert topk_weights.is_contiguous() and topk_ids.is_contiguous(), "fused_moe takes contiguous tensors only"
+
+
+def _check_weights(x, w13, w2, w13_scale, w2_scale) -> None:
     assert x.dim() == 2 and x.dtype in ACTIVATION_DTYPES, (
         f"x must be [T, H] bf16/fp16/fp32, not {x.dtype} {list(x.shape)}"
     )
-    tokens, hidden = x.shape
+    hidden = x.shape[1]
     assert w13.dim() == 3 and w13.shape[2] == hidden and w13.shape[1] % 2 == 0, (
         f"w13 must be [E, 2I, H={hidden}], not {list(w13.shape)}"
     )
     experts, inner = w13.shape[0], w13.shape[1] // 2
     assert w2.shape == (experts, hidden, inner), (
         f"w2 must be [E, H, I] = {[experts, hidden, inner]}, not {list(w2.shape)}"
-    )
-    assert topk_ids.dim() == 2 and topk_ids.shape[0] == tokens and topk_ids.dtype == torch.int32, (
-        f"topk_ids must be [T={tokens}, K] int32, not {topk_ids.dtype} {list(topk_ids.shape)}"
-    )
-    assert topk_weights.shape == topk_ids.shape and topk_weights.dtype == torch.float32, (
-        f"topk_weights must be {list(topk_ids.shape)} float32, not {topk_weights.dtype} {list(topk_weights.shape)}"
     )
     assert (w13_scale is None) == (w2_scale is None), "give both FP8 scales or neither"
     if w13_scale is None:
@@ -635,7 +747,7 @@ def _check(x, w13, w2, topk_weights, topk_ids, w13_scale, w2_scale) -> None:
             f"scales must be [E, 2I] and [E, H], not {list(w13_scale.shape)} and {list(w2_scale.shape)}"
         )
         assert w13_scale.dtype == w2_scale.dtype == torch.float32, "FP8 scales must be float32"
-    tensors = [x, w13, w2, topk_weights, topk_ids] + ([w13_scale, w2_scale] if w13_scale is not None else [])
+    tensors = [x, w13, w2] + ([w13_scale, w2_scale] if w13_scale is not None else [])
     assert all(t.is_contiguous() for t in tensors), "fused_moe takes contiguous tensors only"
 
 
