@@ -521,14 +521,19 @@ GEMV_TILES = {2: {"gate_up": (8, 512), "down": (4, 1024)}, 1: {"gate_up": (8, 10
 
 
 @triton.jit
-def _routed(logits_ptr, t, j, num_experts, stride, TOP_K, RENORMALIZE, LIBDEVICE, EXPERTS, K_PAD):
-    """Token ``t``'s ``j``-th expert and its weight, by ``_top_k`` on its router logits: each
+def _routed(logits_ptr, t, num_experts, stride, TOP_K, RENORMALIZE, LIBDEVICE, EXPERTS, K_PAD):
+    """Token ``t``'s top-k (weights, ids) ``[1, K_PAD]`` by ``_top_k`` on its router logits: each
     GEMV program routes for itself (the logits are a few hundred bytes), so routing is no launch."""
-    weights, ids = _top_k(
+    return _top_k(
         logits_ptr, t + tl.arange(0, 1), t + 1, num_experts, stride, TOP_K, RENORMALIZE, LIBDEVICE, EXPERTS, K_PAD
     )
+
+
+@triton.jit
+def _pick(weights, ids, j, K_PAD: tl.constexpr):
+    """The ``j``-th (expert, weight) of ``_routed``'s row."""
     pick = tl.arange(0, K_PAD)[None, :] == j
-    return tl.sum(tl.where(pick, ids, 0)), tl.sum(tl.where(pick, weights, 0.0))
+    return tl.sum(tl.where(pick, ids, 0)).to(tl.int64), tl.sum(tl.where(pick, weights, 0.0))
 
 
 @triton.jit
@@ -558,10 +563,10 @@ def _gate_up_gemv_kernel(
     # router logits (_routed), not from ids.
     c = tl.program_id(0).to(tl.int64)
     if ROUTED:
-        expert, _ = _routed(
-            logits_ptr, c // TOP_K, c % TOP_K, num_experts, stride, TOP_K, RENORMALIZE, LIBDEVICE, EXPERTS, K_PAD
+        weights, ids = _routed(
+            logits_ptr, c // TOP_K, num_experts, stride, TOP_K, RENORMALIZE, LIBDEVICE, EXPERTS, K_PAD
         )
-        expert = expert.to(tl.int64)
+        expert, _ = _pick(weights, ids, c % TOP_K, K_PAD)
     else:
         expert = tl.load(ids_ptr + c).to(tl.int64)
     n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -619,13 +624,14 @@ def _down_sum_gemv_kernel(
     k = tl.arange(0, BLOCK_K)
     dtype = out_ptr.dtype.element_ty
     total = tl.zeros([BLOCK_N], dtype=tl.float32)
+    if ROUTED:  # once for the token's copies
+        routed_weights, routed_ids = _routed(
+            logits_ptr, t, num_experts, stride, TOP_K, RENORMALIZE, LIBDEVICE, EXPERTS, K_PAD
+        )
     for j in tl.static_range(TOP_K):
         c = t * TOP_K + j
         if ROUTED:
-            expert, weight = _routed(
-                logits_ptr, t, j, num_experts, stride, TOP_K, RENORMALIZE, LIBDEVICE, EXPERTS, K_PAD
-            )
-            expert = expert.to(tl.int64)
+            expert, weight = _pick(routed_weights, routed_ids, j, K_PAD)
         else:
             expert = tl.load(ids_ptr + c).to(tl.int64)
             weight = tl.load(weights_ptr + c)
