@@ -134,6 +134,10 @@ def kv_write_cases(device):
     return cases
 
 
+# about one unit in the last place of values near 1 (e4m3: of values up to 16, scaled)
+LAST_BIT = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2, torch.float8_e4m3fn: 0.13}
+
+
 def bits(x):
     return x.view(torch.uint8) if x.element_size() == 1 else x.view({2: torch.int16, 4: torch.int32}[x.element_size()])
 
@@ -142,10 +146,12 @@ def bits(x):
 @pytest.mark.parametrize("partial", [False, True], ids=["full", "partial"])
 @pytest.mark.parametrize("qk_norm", [False, True], ids=["", "qk-norm"])
 def test_rotary_write_kv_equals_rotary_then_write_kv(device, num_q, num_kv, head_dim, partial, qk_norm):
-    """The fused launch against the two it replaces (three with Qwen3's q/k norms first), bit for
-    bit: q and k [normed and] rotated in place in the qkv output (v untouched), the rotated K and V
-    at their slots of a NaN-poisoned cache (every written element finite, no other element
-    written), the dims past a partial rotary passed through, FP8 caches scaled and saturated alike."""
+    """The fused launch against the two it replaces, bit for bit: q and k rotated in place in the
+    qkv output (v untouched), the rotated K and V at their slots of a NaN-poisoned cache (every
+    written element finite, no other element written), the dims past a partial rotary passed
+    through, FP8 caches scaled and saturated alike. With Qwen3's q/k norms first (three launches
+    replaced), q, k and K within their dtype's last bit: on an H100 float32 heads of 64 differed in
+    the last bit when the kernel's tile was shaped otherwise than ``rms_norm_heads_``'s."""
     from stepserve.kernels.triton import attention as K
     from stepserve.kernels.triton import fused as triton_ops
 
@@ -179,8 +185,16 @@ def test_rotary_write_kv_equals_rotary_then_write_kv(device, num_q, num_kv, head
         K.write_kv(k, v, want_cache, slots, kv_scale)
         K.rotary_write_kv(*split(qkv), cache, slots, positions, rotary.cos_sin, kv_scale, norms)
 
-        assert torch.equal(bits(qkv), bits(want_qkv)), f"{dtype}: q or k rotated differently (or v touched)"
-        assert torch.equal(bits(cache), bits(want_cache)), f"{dtype} into {cache_dtype}: the cache differs"
+        if not qk_norm:
+            assert torch.equal(bits(qkv), bits(want_qkv)), f"{dtype}: q or k rotated differently (or v touched)"
+            assert torch.equal(bits(cache), bits(want_cache)), f"{dtype} into {cache_dtype}: the cache differs"
+        else:  # a head's squares may be summed in another order on a GPU: within the last bit
+            v_cols = slice((num_q + num_kv) * head_dim, None)
+            assert torch.equal(bits(qkv[:, v_cols]), bits(want_qkv[:, v_cols])), "v touched"
+            for got, want, kind in ((qkv, want_qkv, dtype), (cache, want_cache, cache_dtype)):
+                tol = LAST_BIT[kind]
+                torch.testing.assert_close(got.float(), want.float(), rtol=tol, atol=tol, equal_nan=True)
+            assert torch.equal(bits(cache[1]), bits(want_cache[1])), "V differs"
         written = cache.view(2, num_blocks * block_size, num_kv, head_dim)[:, slots].float()
         assert torch.isfinite(written).all(), "a slot element kept its NaN poison"
         assert torch.isnan(cache.float()).sum() == cache.numel() - written.numel(), "an element off the slots written"

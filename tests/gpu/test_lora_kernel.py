@@ -344,7 +344,7 @@ def test_a_one_row_pass_of_the_gated_mlp_takes_one_gemv_in_a_graph(monkeypatch):
     assert rel_err(got, mlp(torch.cat([x, x]))[:1]) <= BOUND[dtype]  # two rows: cuBLAS, then silu_and_mul
     state = LoraState()
     mlp.gate_up_proj = LoraLinear(mlp.gate_up_proj, (inner, inner), max_loras=3, max_rank=16, state=state)
-    lora_a, lora_b = make_adapters(3, 16, hidden, 2 * inner, dtype, device)
+    lora_a, lora_b = make_adapters(3, 32, hidden, 2 * inner, dtype, device)  # R: 16 a slice, gate's and up's
     mlp.gate_up_proj.lora_a.copy_(lora_a)
     mlp.gate_up_proj.lora_b.copy_(lora_b)
     state.slots = torch.tensor([0], dtype=torch.int32, device=device)

@@ -156,6 +156,7 @@ def _rotary_write_kv_kernel(
     TAIL: tl.constexpr,
     KV_FP8: tl.constexpr,
     QK_NORM: tl.constexpr,
+    QK_PAD: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
     # rms_norm_heads_'s arithmetic where QK_NORM, then rotary_'s, then write_kv's stores. The
@@ -169,11 +170,17 @@ def _rotary_write_kv_kernel(
     mask = h < NUM_KV_HEADS
     k_heads = k_ptr + t * stride_kt + h * stride_kh
     if QK_NORM:  # each head normed in place, then rotated from what was stored
+        # q's heads then k's as the rows of one tile, shaped as rms_norm_heads_'s: the same
+        # layout sums each head's squares in the same order, so the norms are the same bits.
+        hn = tl.arange(0, QK_PAD)[:, None]
+        is_q = hn < NUM_HEADS
+        heads = tl.where(
+            is_q, q_ptr + t * stride_qt + hn * stride_qh, k_ptr + t * stride_kt + (hn - NUM_HEADS) * stride_kh
+        )
         d = tl.arange(0, BLOCK_D)[None, :]
         q_w = tl.load(q_w_ptr + d, mask=d < HEAD_DIM, other=0.0).to(tl.float32)
-        norm_heads_(q_ptr + t * stride_qt + hq * stride_qh, q_w, eps, hq < NUM_HEADS, HEAD_DIM, BLOCK_D)
         k_w = tl.load(k_w_ptr + d, mask=d < HEAD_DIM, other=0.0).to(tl.float32)
-        norm_heads_(k_heads, k_w, eps, mask, HEAD_DIM, BLOCK_D)
+        norm_heads_(heads, tl.where(is_q, q_w, k_w), eps, hn < NUM_HEADS + NUM_KV_HEADS, HEAD_DIM, BLOCK_D)
         tl.debug_barrier()
     rotate_heads_(q_ptr + t * stride_qt + hq * stride_qh, cos, sin, hq < NUM_HEADS, HALF)
     k1, k2 = rotate_heads_(k_heads, cos, sin, mask, HALF)
@@ -244,6 +251,7 @@ def rotary_write_kv(
         TAIL=triton.next_power_of_2(head_dim - rotary_dim) if rotary_dim < head_dim else 0,
         KV_FP8=_fp8(kv_cache),
         QK_NORM=qk_norm is not None,
+        QK_PAD=triton.next_power_of_2(num_heads + num_kv_heads),
         BLOCK_D=triton.next_power_of_2(head_dim),
         num_warps=4,
     )
