@@ -170,8 +170,9 @@ def _rotary_write_kv_kernel(
     mask = h < NUM_KV_HEADS
     k_heads = k_ptr + t * stride_kt + h * stride_kh
     if QK_NORM:  # each head normed in place, then rotated from what was stored
-        # q's heads then k's as the rows of one tile, shaped as rms_norm_heads_'s: the same
-        # layout sums each head's squares in the same order, so the norms are the same bits.
+        # q's heads then k's as the rows of one tile, shaped as rms_norm_heads_'s, so that each
+        # head's squares are summed in the same order where the compiler lays both out alike
+        # (two smaller tiles differed in float32's last bit on an H100).
         hn = tl.arange(0, QK_PAD)[:, None]
         is_q = hn < NUM_HEADS
         heads = tl.where(
@@ -213,7 +214,8 @@ def rotary_write_kv(
     in place (strided views of the qkv output; the leading ``cos_sin.shape[1]`` dims of each head)
     and store the rotated K and V at their cache slots. With ``qk_norm`` (q's weight [D], k's
     weight [D], eps), ``fused.rms_norm_heads_`` first (Qwen3's q/k norms): a launch fewer again.
-    The same arithmetic, so the same bits."""
+    The same arithmetic, so the same bits (with ``qk_norm``, within the last bit: the norms' sums
+    follow the tile's layout)."""
     num_tokens, num_heads, head_dim = q.shape
     if num_tokens == 0:
         return
