@@ -284,6 +284,56 @@ def test_lora_gemv_is_the_projection_plus_the_delta(device, poisoned, kind, rank
         assert err <= BOUND[dtype]
 
 
+def test_lora_gemv_is_one_launch_that_leaves_its_counters_zero(device, poisoned):
+    """The shrink runs inside the GEMV's launch: one kernel a projection, whose programs draw
+    tickets and wait for the shrink's count; the launch's last program zeroes the counters, so
+    the next launch (alternating adapters, the base and the gated form, and on CUDA 200 replays
+    of one graph) starts from zero and each result is its own row's."""
+    from stepserve.kernels.triton import gemv as G
+    from stepserve.kernels.triton.lora import lora_gemv
+
+    hidden, out = sizes(device)
+    dtype = dtypes(device)[0]
+    gen = torch.Generator().manual_seed(3)
+    weight = (torch.randn(out, hidden, generator=gen) / hidden**0.5).to(dtype).to(device)
+    lora_a, lora_b = make_adapters(3, 16, hidden, out, dtype, device, seed=3)
+    xs = [torch.randn(1, hidden, generator=gen).to(dtype).to(device) for _ in range(4)]
+
+    def check(got: torch.Tensor, x: torch.Tensor, slots: torch.Tensor, what: str) -> None:
+        projected = (x.double() @ weight.double().T).to(dtype)
+        if slots.item() < 0:
+            assert rel_err(got, projected) <= BOUND[dtype], what
+            return
+        want = lora_reference(projected.clone(), x, lora_a, lora_b, slots)
+        assert rel_err(got.double() - projected.double(), want.double() - projected.double()) <= BOUND[dtype], what
+
+    for i in range(50 if on_cuda(device) else 6):
+        slots = torch.tensor([(i % 4) - 1], dtype=torch.int32, device=device)
+        if i % 5 == 4:  # the gated form between them
+            lora_gemv(xs[i % 4], weight, None, lora_a, lora_b, slots, silu_mul=True)
+        else:
+            check(lora_gemv(xs[i % 4], weight, None, lora_a, lora_b, slots), xs[i % 4], slots, f"call {i}")
+        assert G._lora_counters(xs[0].device).tolist() == [0, 0, 0, 0], f"call {i}"
+    if not on_cuda(device):
+        return
+    slots = torch.tensor([1], dtype=torch.int32, device=device)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        lora_gemv(xs[0], weight, None, lora_a, lora_b, slots)
+        torch.cuda.synchronize()
+    kernels = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    assert kernels == ["_gemv_kernel"], kernels
+    x = xs[0].clone()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = lora_gemv(x, weight, None, lora_a, lora_b, slots)
+    for i in range(200):
+        slots.fill_((i % 4) - 1)
+        x.copy_(xs[i % 4])
+        graph.replay()
+        check(y, x, slots, f"replay {i}")
+    assert G._lora_counters(x.device).tolist() == [0, 0, 0, 0]
+
+
 def silu_mul_reference(gate_up: torch.Tensor) -> torch.Tensor:
     """``fused.silu_and_mul``'s rounding in PyTorch: silu(gate) rounded, times up, rounded."""
     gate, up = gate_up.chunk(2, dim=-1)

@@ -62,8 +62,11 @@ def _gemv_kernel(
     stride_o,
     lora_ptr,
     slots_ptr,
+    lora_a_ptr,
     lora_b_ptr,
+    counters_ptr,
     rank,
+    programs,
     ROWS: tl.constexpr,
     SCALED: tl.constexpr,
     HAS_BIAS: tl.constexpr,
@@ -72,6 +75,7 @@ def _gemv_kernel(
     BLOCK_K: tl.constexpr,
     LORA_R: tl.constexpr,
     LORA_SPLIT: tl.constexpr,
+    LORA_BLOCK_K: tl.constexpr,
 ):
     # GATED: output column n is silu(row n) * (row N + n) of a [2N, K] weight (gate rows, then up).
     # LORA_R > 0: each row m whose slot s = slots[m] is not -1 adds B[s] @ shrunk[m], as
@@ -79,7 +83,25 @@ def _gemv_kernel(
     # order and rounded to the output dtype, the delta added in float32 to the rounded projection
     # (GATED: B [S, 2N, rank], its rows n to gate column n and N + n to up column n, before the
     # activation, as the unfused adapter's output feeds silu_and_mul).
-    n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    # With LORA_R, the launch computes the shrink too (one row): a ticket drawn from counters[0]
+    # names each program's part. The first LORA_SPLIT tickets each write one input range's float32
+    # partial (_shrink_split) and count it in counters[1]; the rest are the column blocks, which
+    # read the weights first and wait for that count only before their epilogue. Tickets, not
+    # program ids, so that a waiting program can only wait on programs already running: no
+    # deadlock whatever order the hardware starts them in. The last program to finish resets the
+    # counters for the next launch (counters[2] counts them).
+    if LORA_R > 0:
+        tl.static_assert(ROWS == 1)
+        ticket = tl.atomic_add(counters_ptr, 1)
+        if ticket < LORA_SPLIT:
+            _shrink_split(x_ptr, lora_a_ptr, slots_ptr, lora_ptr, ticket, K, rank, LORA_R, LORA_BLOCK_K, LORA_SPLIT)
+            tl.atomic_add(counters_ptr + 1, 1, sem="release")
+            _finish(counters_ptr, programs)
+            return
+        block = ticket - LORA_SPLIT
+    else:
+        block = tl.program_id(0)
+    n = block * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = n < N
     m = tl.arange(0, ROWS)
     m_mask = m < M
@@ -113,10 +135,13 @@ def _gemv_kernel(
         used = m_mask & (slot >= 0)
         r = tl.arange(0, LORA_R)
         r_mask = r < rank
+        done = tl.atomic_add(counters_ptr + 1, 0, sem="acquire")
+        while done < LORA_SPLIT:
+            done = tl.atomic_add(counters_ptr + 1, 0, sem="acquire")
         shrunk = tl.zeros([ROWS, LORA_R], dtype=tl.float32)
         for split in tl.static_range(LORA_SPLIT):
             part_ptrs = lora_ptr + (split * M + m[:, None]) * rank + r[None, :]
-            shrunk += tl.load(part_ptrs, mask=used[:, None] & r_mask[None, :], other=0.0)
+            shrunk += tl.load(part_ptrs, mask=used[:, None] & r_mask[None, :], other=0.0, cache_modifier=".cg")
         shrunk = shrunk.to(dtype).to(tl.float32)
         b_rows = 2 * N if GATED else N  # B's rows a slot
         b_ptrs = (
@@ -136,20 +161,80 @@ def _gemv_kernel(
         g = y.to(tl.float32)
         y = ((g / (1.0 + tl.exp(-g))).to(dtype).to(tl.float32) * acc_up.to(dtype).to(tl.float32)).to(dtype)
     tl.store(out_ptr + m[:, None] * stride_o + n[None, :], y, mask=m_mask[:, None] & n_mask[None, :])
+    if LORA_R > 0:
+        _finish(counters_ptr, programs)
+
+
+@triton.jit
+def _shrink_split(x_ptr, a_ptr, slots_ptr, out_ptr, split, hidden, rank, BLOCK_R, BLOCK_K, SPLIT_K):
+    """Range ``split`` of ``SPLIT_K`` of the one row's shrink: the float32 partial of
+    ``A[slot] @ x`` over its input features, to ``out[split]`` (nothing for the base, slot -1,
+    whose epilogue reads none)."""
+    slot = tl.load(slots_ptr).to(tl.int64)
+    if slot >= 0:
+        r = tl.arange(0, BLOCK_R)
+        r_mask = r < rank
+        k = tl.arange(0, BLOCK_K)
+        span = tl.cdiv(tl.cdiv(hidden, BLOCK_K), SPLIT_K) * BLOCK_K
+        first = split * span
+        end = tl.minimum(first + span, hidden)
+        acc = tl.zeros([BLOCK_R], dtype=tl.float32)
+        for start in range(first, end, BLOCK_K):
+            k_mask = start + k < end
+            xv = tl.load(x_ptr + start + k, mask=k_mask, other=0.0).to(tl.float32)
+            a_ptrs = a_ptr + slot * rank * hidden + r[:, None] * hidden + start + k[None, :]
+            a = tl.load(a_ptrs, mask=r_mask[:, None] & k_mask[None, :], other=0.0).to(tl.float32)
+            acc += tl.sum(a * xv[None, :], axis=1)
+        tl.store(out_ptr + split * rank + r, acc, mask=r_mask)
+
+
+@triton.jit
+def _finish(counters_ptr, programs):
+    """Count this program finished; the last of the launch's ``programs`` zeroes the counters."""
+    if tl.atomic_add(counters_ptr + 2, 1, sem="acq_rel") == programs - 1:
+        tl.atomic_xchg(counters_ptr, 0)
+        tl.atomic_xchg(counters_ptr + 1, 0)
+        tl.atomic_xchg(counters_ptr + 2, 0)
+
+
+# The shrink's input ranges in a LoRA launch (one row): at most 16, of 256 features at least.
+SHRINK_SPLIT_K, SHRINK_BLOCK_K = 16, 256
+_counters: dict[torch.device, torch.Tensor] = {}
+
+
+def _lora_counters(device: torch.device) -> torch.Tensor:
+    """The LoRA launches' ticket, shrink and finish counters on ``device``, zero between launches
+    (each launch's last program resets them; launches on one stream do not overlap). Made on the
+    first call, which comes before any graph is captured (``models.lora``'s warm-up)."""
+    if device not in _counters:
+        _counters[device] = torch.zeros(4, dtype=torch.int32, device=device)
+    return _counters[device]
 
 
 def _launch(x, weight, scale, bias, width: int, gated: bool, lora: tuple | None = None) -> torch.Tensor:
-    """``lora``: (partials [split, M, R] float32, slots [M] int32, lora_b [S, width, R], or
-    [S, 2 * width, R] gated), for ``kernels.triton.lora.lora_gemv``. Gated, the tile is the one
-    ``gemv_silu_mul`` was swept with, adapters or not."""
+    """``lora``: (lora_a [S, R, K], slots [1] int32, lora_b [S, width, R], or [S, 2 * width, R]
+    gated), for ``kernels.triton.lora.lora_gemv``: one row, the shrink in the same launch. Gated,
+    the tile is the one ``gemv_silu_mul`` was swept with, adapters or not."""
     rows, k = x.shape
     if not 0 < rows <= GEMV_ROWS:
         raise ValueError(f"gemv takes 1 to {GEMV_ROWS} rows, got {rows}")
     x = x if x.stride(1) == 1 else x.contiguous()
     out = torch.empty(rows, width, dtype=x.dtype, device=x.device)
     block_n, block_k, warps = config(rows, k, weight, width if lora is not None and not gated else None)
-    partials, slots, lora_b = lora if lora is not None else (x, x, x)
-    _gemv_kernel[(triton.cdiv(width, block_n),)](
+    blocks = triton.cdiv(width, block_n)
+    if lora is None:
+        lora_a, slots, lora_b, partials, counters, rank, split, shrink_k = x, x, x, x, x, 0, 1, 16
+    else:
+        lora_a, slots, lora_b = lora
+        if rows != 1:
+            raise ValueError(f"a LoRA gemv takes one row, got {rows}")
+        rank = lora_a.shape[1]
+        shrink_k = min(SHRINK_BLOCK_K, max(16, triton.next_power_of_2(k)))
+        split = min(SHRINK_SPLIT_K, triton.cdiv(k, shrink_k))
+        partials = torch.empty(split, rows, rank, dtype=torch.float32, device=x.device)
+        counters = _lora_counters(x.device)
+    programs = blocks + (split if lora is not None else 0)
+    _gemv_kernel[(programs,)](
         x,
         weight,
         scale if scale is not None else x,
@@ -162,16 +247,20 @@ def _launch(x, weight, scale, bias, width: int, gated: bool, lora: tuple | None 
         out.stride(0),
         partials,
         slots,
+        lora_a,
         lora_b,
-        lora_b.shape[2] if lora is not None else 0,
+        counters,
+        rank,
+        programs,
         ROWS=1 << max(0, (rows - 1).bit_length()),
         SCALED=scale is not None,
         HAS_BIAS=bias is not None,
         GATED=gated,
         BLOCK_N=block_n,
         BLOCK_K=block_k,
-        LORA_R=triton.next_power_of_2(lora_b.shape[2]) if lora is not None else 0,
-        LORA_SPLIT=partials.shape[0] if lora is not None else 1,
+        LORA_R=triton.next_power_of_2(rank) if lora is not None else 0,
+        LORA_SPLIT=split,
+        LORA_BLOCK_K=shrink_k,
         num_warps=warps,
     )
     return out
@@ -186,9 +275,8 @@ def gemv(
 ) -> torch.Tensor:
     """``x @ (weight * scale[:, None]).T + bias`` for 1 to ``GEMV_ROWS`` rows: ``x`` [M, K],
     ``weight`` [N, K] (contiguous), ``scale`` [N] or [1, N] float32 (e4m3 weights) or None; out in
-    ``x``'s dtype. ``lora``: (the shrink's float32 partials [split, M, R], slots [M] int32,
-    ``lora_b`` [S, N, R]) adds each row's adapter delta in the epilogue
-    (``kernels.triton.lora.lora_gemv``)."""
+    ``x``'s dtype. ``lora``: (``lora_a`` [S, R, K], slots [1] int32, ``lora_b`` [S, N, R]) adds
+    the row's adapter delta, shrink and expand in the same launch (``kernels.triton.lora.lora_gemv``)."""
     return _launch(x, weight, scale, bias, weight.shape[0], gated=False, lora=lora)
 
 

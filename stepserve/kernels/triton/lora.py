@@ -31,10 +31,10 @@ Rounding follows the reference: the shrink accumulates in float32 and is rounded
 the expand accumulates in float32, is added to ``y`` in float32 and rounded once.
 
 One row (a batch-1 decode step) takes ``lora_gemv`` where the base projection is a plain 16-bit
-weight (``models.lora.LoraLinear``): the shrink's split partials by one small kernel, then the
-few-row GEMV of ``kernels.triton.gemv`` with the expand in its epilogue. At one token the pair
-above is two launches near their floor beside the base's cuBLAS GEMM (``bench/lora_kernel.py``);
-this is two launches in all, and ``y`` is written once.
+weight (``models.lora.LoraLinear``): the few-row GEMV of ``kernels.triton.gemv``, some of whose
+programs compute the shrink's split partials while the rest read the weights and add the expand
+in their epilogue. At one token the pair above is two launches near their floor beside the base's
+cuBLAS GEMM (``bench/lora_kernel.py``); this is one launch in all, and ``y`` is written once.
 """
 
 from __future__ import annotations
@@ -339,45 +339,6 @@ def _shrink(x, lora_a, groups, cfg: LoraConfig) -> torch.Tensor:
     return out
 
 
-# One row (batch-1 decode): ``lora_gemv``, a split shrink, then the base projection with the expand
-# in its epilogue. The shrink's input ranges: 16 of 256 features at most.
-GEMV_SPLIT_K, GEMV_BLOCK_K = 16, 256
-
-
-@triton.jit(do_not_specialize=["rows"])
-def _shrink_rows_kernel(
-    x_ptr,
-    a_ptr,
-    slots_ptr,
-    out_ptr,
-    rows,
-    hidden,
-    rank,
-    BLOCK_R: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    SPLIT_K: tl.constexpr,
-):
-    # One program per (input range, row): the float32 partial of A[slot] @ x[row] over its range.
-    split, row = tl.program_id(0), tl.program_id(1)
-    slot = tl.load(slots_ptr + row).to(tl.int64)
-    if slot < 0:  # the base: the epilogue reads nothing of this row
-        return
-    r = tl.arange(0, BLOCK_R)
-    r_mask = r < rank
-    k = tl.arange(0, BLOCK_K)
-    span = tl.cdiv(tl.cdiv(hidden, BLOCK_K), SPLIT_K) * BLOCK_K
-    first = split * span
-    end = tl.minimum(first + span, hidden)
-    acc = tl.zeros([BLOCK_R], dtype=tl.float32)
-    for start in range(first, end, BLOCK_K):
-        k_mask = start + k < end
-        xv = tl.load(x_ptr + row.to(tl.int64) * hidden + start + k, mask=k_mask, other=0.0).to(tl.float32)
-        a_ptrs = a_ptr + slot * rank * hidden + r[:, None] * hidden + start + k[None, :]
-        a = tl.load(a_ptrs, mask=r_mask[:, None] & k_mask[None, :], other=0.0).to(tl.float32)
-        acc += tl.sum(a * xv[None, :], axis=1)
-    tl.store(out_ptr + (split * rows + row).to(tl.int64) * rank + r, acc, mask=r_mask)
-
-
 def lora_gemv(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -387,41 +348,24 @@ def lora_gemv(
     slots: torch.Tensor,
     silu_mul: bool = False,
 ) -> torch.Tensor:
-    """``x @ weight.T + bias`` plus each row's adapter delta, for a decode step of one row: the
-    shrink's split partials, then ``kernels.triton.gemv``'s kernel with the expand in its
-    epilogue. Two launches a projection instead of the base GEMM and ``lora_delta``'s two, and
-    ``y`` is written once. Rounding as ``lora_reference`` applied to the base projection's output.
+    """``x @ weight.T + bias`` plus the row's adapter delta, for a decode step of one row, in one
+    launch of ``kernels.triton.gemv``'s kernel: a few of its programs compute the shrink's split
+    partials while the others read the weights, and the expand is their epilogue. One launch a
+    projection instead of the base GEMM and ``lora_delta``'s two, and ``y`` is written once.
+    Rounding as ``lora_reference`` applied to the base projection's output.
     ``x`` [1, K]; ``weight`` [N, K] of ``x``'s dtype (16-bit in a model, float32 in tests);
     ``lora_a`` [S, R, K], ``lora_b`` [S, N, R]; ``slots`` [1] int32 (-1: the base alone).
     ``silu_mul``: the gated MLP's gate/up (N = 2I), out ``silu(gate) * up`` [1, I] as
     ``fused.silu_and_mul`` computes it from the adapted projection (``gemv_silu_mul``): the
     activation is no launch of its own either. Capturable in a CUDA graph."""
     rows, hidden = x.shape
-    rank = lora_a.shape[1]
     assert rows == 1 and weight.shape[1] == hidden and weight.dtype == x.dtype == lora_a.dtype == lora_b.dtype, (
         f"lora_gemv takes one row and one dtype: x {list(x.shape)} {x.dtype}, weight {weight.dtype}, "
         f"adapters {lora_a.dtype}"
     )
-    x = x.contiguous()
-    block_k = min(GEMV_BLOCK_K, max(16, triton.next_power_of_2(hidden)))
-    split_k = min(GEMV_SPLIT_K, triton.cdiv(hidden, block_k))
-    partials = torch.empty(split_k, rows, rank, dtype=torch.float32, device=x.device)
-    _shrink_rows_kernel[(split_k, rows)](
-        x,
-        lora_a,
-        slots,
-        partials,
-        rows,
-        hidden,
-        rank,
-        BLOCK_R=max(16, triton.next_power_of_2(rank)),
-        BLOCK_K=block_k,
-        SPLIT_K=split_k,
-        num_warps=4,
-    )
     if silu_mul:
-        return gemv_silu_mul(x, weight, None, bias, lora=(partials, slots, lora_b))
-    return gemv(x, weight, None, bias, lora=(partials, slots, lora_b))
+        return gemv_silu_mul(x, weight, None, bias, lora=(lora_a, slots, lora_b))
+    return gemv(x, weight, None, bias, lora=(lora_a, slots, lora_b))
 
 
 # One token count of each size class that picks other tiles: ``lora_config``'s (up to 4, 64, 512,
