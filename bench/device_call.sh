@@ -46,7 +46,7 @@
 #            to the benchmark (e.g. --only 8b or --tp 4); gpu_tp.json in tp/, log in tp.log
 #   kernels  the kernel sweeps, each a step: bench/gemv.py (few-row projections), bench/lora_kernel.py
 #            and bench/moe_kernel.py (ARGS name the sweeps to run, e.g. gemv moe_kernel; default all
-#            three); gemv.json, lora_kernel.json, moe_kernel.json and their logs. They need only
+#            three; NAME:FLAG passes the sweep one flag, e.g. lora_kernel:--one-row); gemv.json, lora_kernel.json, moe_kernel.json and their logs. They need only
 #            torch and triton, so they can share a call with part 1 of the embedded model
 #   all      tests, offline and serve, one after the other (no ARGS)
 #   setup    only the setup below
@@ -130,7 +130,11 @@ run_tp() {
 run_kernels() {  # the sweeps print as they go: a step cut by STEP_TIMEOUT still leaves its log
     local sweep
     for sweep in "${@:-gemv lora_kernel moe_kernel}"; do
-        for sweep in $sweep; do step "$sweep.log" python3 "bench/$sweep.py" "$OUT/$sweep.json"; done
+        for sweep in $sweep; do  # NAME:FLAG passes one flag, e.g. lora_kernel:--one-row
+            local name=${sweep%%:*} flag=
+            [ "$name" = "$sweep" ] || flag=${sweep#*:}
+            step "$name.log" python3 "bench/$name.py" $flag "$OUT/$name.json"
+        done
     done
 }
 case $mode in

@@ -12,6 +12,7 @@ first checked against ``lora_reference``. JSON to OUT.json if given. On a GPU, f
 root:
 
     PYTHONPATH=. python bench/lora_kernel.py [OUT.json]
+    PYTHONPATH=. python bench/lora_kernel.py --one-row [OUT.json]    # the one-token paths alone
     TRITON_INTERPRET=1 PYTHONPATH=. python bench/lora_kernel.py --smoke    # the CPU, tiny shapes
 """
 
@@ -63,6 +64,10 @@ def main() -> None:
     )
     chosen = K.lora_config
     results: dict = {"device": torch.cuda.get_device_name() if not smoke else "cpu (interpreter)", "cases": {}}
+    if "--one-row" in sys.argv:
+        results["one_row"] = one_row(shapes, device, dtype)
+        save(results, out_path)
+        return
     for tokens in tokens_list:
         step_now = step_best = 0.0
         for name, shape in shapes.items():
@@ -117,10 +122,15 @@ def main() -> None:
 
 def one_row(shapes: dict, device: str, dtype: torch.dtype) -> dict:
     """A batch-1 step's adapted projections both ways: the base projection (cuBLAS) then
-    ``lora_delta``, against ``lora_gemv`` (the expand in the GEMV's epilogue), microseconds a call
-    and a step's total (32 layers), each checked against the projection plus the reference."""
+    ``lora_delta``, against ``lora_gemv`` (shrink, projection and expand in one launch), and the
+    base alone as the model runs it without adapters (cuBLAS; gate/up: ``gemv_silu_mul``, against
+    ``lora_gemv(silu_mul=True)``), microseconds a call and a step's total (32 layers): the step's
+    cost of an adapter is ``lora_gemv`` less ``base``. Each checked against the projection plus
+    the reference."""
+    from stepserve.kernels.triton.gemv import gemv_silu_mul
+
     out: dict = {}
-    totals = {"cublas_then_lora_delta": 0.0, "lora_gemv": 0.0}
+    totals = {"base": 0.0, "cublas_then_lora_delta": 0.0, "lora_gemv": 0.0}
     for name, (hidden, width, rank) in shapes.items():
         y, x, lora_a, lora_b, slots = case(1, (hidden, width, rank), device, dtype)
         weight = (torch.randn(width, hidden, generator=torch.Generator().manual_seed(5)) / hidden**0.5).to(dtype)
@@ -133,14 +143,19 @@ def one_row(shapes: dict, device: str, dtype: torch.dtype) -> dict:
             raise AssertionError(f"lora_gemv {name}: relative error {err:.2e}")
         cache: dict = {}
         paths = {
+            "base": lambda: x @ weight.T,
             "cublas_then_lora_delta": lambda: K.lora_delta(x @ weight.T, x, lora_a, lora_b, slots, cache),
             "lora_gemv": lambda: K.lora_gemv(x, weight, None, lora_a, lora_b, slots),
         }
+        if name == "gate_up":  # the gated MLP's one-row path, with and without the adapter
+            paths["base"] = lambda: gemv_silu_mul(x, weight)
+            paths["lora_gemv"] = lambda: K.lora_gemv(x, weight, None, lora_a, lora_b, slots, silu_mul=True)
         out[name] = {path: round(graph_us(run), 2) for path, run in paths.items()}
         for path in totals:
             totals[path] += LAYERS * out[name][path]
         print(f"    1 row {name:8s} {out[name]}", flush=True)
     out["step_ms"] = {path: round(us / 1e3, 3) for path, us in totals.items()}
+    out["adapter_ms_a_step"] = round((totals["lora_gemv"] - totals["base"]) / 1e3, 3)
     print(f"1 row: adapted projections per step {out['step_ms']} ms", flush=True)
     return out
 

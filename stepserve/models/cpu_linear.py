@@ -99,11 +99,17 @@ class CpuLinear(nn.Module):
             codes, scales_and_zeros, weight = quantize_int4(weight)
             self.int4 = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
             self.scales_and_zeros = scales_and_zeros.to(dtype)
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.to(dtype), 16)
+        # oneDNN prepacks 16-bit weights only where the CPU has 16-bit instructions (AVX512 or
+        # AVX-NE-CONVERT); elsewhere (an AVX2 laptop) the weight stays as it is, for F.linear.
+        self.prepacked = onednn_prepacks(dtype)
+        weight = weight.to(dtype)
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, 16) if self.prepacked else weight.contiguous()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.shape[0]
         if self.int4 is None or rows > INT4_MAX_ROWS:
+            if not self.prepacked:
+                return torch.nn.functional.linear(x, self.packed, self.bias)
             padded = onednn_rows(rows)  # a bounded set of shapes: see the module's docstring
             if padded != rows:
                 x = torch.nn.functional.pad(x, (0, 0, 0, padded - rows))
@@ -125,6 +131,8 @@ def warm_up(model: nn.Module, max_rows: int) -> int:
             layers.setdefault(key, module)
     calls = 0
     for layer in layers.values():
+        if not layer.prepacked:  # F.linear: no per-shape kernel to make
+            continue
         first = 1 if layer.int4 is None else INT4_MAX_ROWS + 1
         sizes = sorted({onednn_rows(rows) for rows in range(first, max_rows + 1)})
         if not sizes:
@@ -144,6 +152,16 @@ def release_free_memory() -> None:
         libc.malloc_trim(0)
     except (OSError, AttributeError):
         pass
+
+
+def onednn_prepacks(dtype: torch.dtype) -> bool:
+    """Whether oneDNN can prepack weights of ``dtype`` on this CPU: float32 everywhere, bfloat16
+    and float16 only with the instructions its 16-bit kernels need."""
+    if dtype == torch.bfloat16:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    if dtype == torch.float16:
+        return bool(torch.ops.mkldnn._is_mkldnn_fp16_supported())
+    return True
 
 
 def cpu_has_bf16() -> bool:

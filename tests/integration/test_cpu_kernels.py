@@ -20,6 +20,27 @@ def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
     return ((got.float() - want.float()).norm() / want.float().norm()).item()
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_cpu_without_16_bit_instructions_keeps_the_weight_for_f_linear(monkeypatch, dtype):
+    """oneDNN cannot prepack 16-bit weights on a CPU without AVX512 or AVX-NE-CONVERT (an AVX2
+    laptop: it raises at load): the layer keeps the weight and runs ``F.linear``, equal to it bit
+    for bit, and the warm-up has no kernels to make for it."""
+    from torch import nn
+
+    from stepserve.models import cpu_linear
+
+    monkeypatch.setattr(cpu_linear, "onednn_prepacks", lambda dtype: False)
+    gen = torch.Generator().manual_seed(1)
+    weight, bias = torch.randn(48, 64, generator=gen), torch.randn(48, generator=gen)
+    layer = CpuLinear(weight, bias, dtype, int4=False)
+    assert not layer.prepacked
+    for rows in (1, 5, 17):
+        x = torch.randn(rows, 64, generator=gen).to(dtype)
+        assert torch.equal(layer(x), F.linear(x, weight.to(dtype), bias.to(dtype)))
+    model = nn.Sequential(layer)
+    assert cpu_linear.warm_up(model, 64) == 0
+
+
 def test_q4_1_blocks_round_trip_exactly():
     gen = torch.Generator().manual_seed(0)
     rows, cols = 64, 8 * GROUP

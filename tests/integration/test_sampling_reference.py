@@ -72,7 +72,9 @@ def test_allowed_tokens_equal_transformers_warpers(source, request):
     for (row, cfg), got in zip(rows, probs):
         ref = warped(row[None], *cfg)[0]
         assert torch.equal(got > 0, ref.softmax(-1) > 0), cfg  # what can be drawn at all
-        assert torch.allclose(got / got.sum(), ref.softmax(-1), atol=1e-6), cfg  # min-p leaves it unnormalized
+        # min-p leaves it unnormalized; rtol: float32 sums of a 49k vocabulary in another order (a
+        # CPU's vector width) differ by about 1e-5 of the largest probability
+        assert torch.allclose(got / got.sum(), ref.softmax(-1), rtol=1e-4, atol=1e-6), cfg
 
 
 @pytest.mark.parametrize("cfg", [CONFIGS[0], CONFIGS[1], CONFIGS[2], CONFIGS[4], CONFIGS[10]])
