@@ -10,6 +10,7 @@ current tiles, to choose that bound from. Every timed config is first checked ag
 root:
 
     PYTHONPATH=. python bench/moe_kernel.py [OUT.json]
+    PYTHONPATH=. python bench/moe_kernel.py --gemv [OUT.json]    # 1 and 2 tokens, the GEMVs' tiles only
     TRITON_INTERPRET=1 PYTHONPATH=. python bench/moe_kernel.py --smoke    # the CPU, tiny shapes
 """
 
@@ -17,6 +18,7 @@ import dataclasses
 import sys
 
 import torch
+from triton.runtime.errors import OutOfResources
 
 from stepserve.bench.gpu import copy_bandwidth
 from stepserve.bench.kernel_timing import graph_us, save
@@ -27,6 +29,8 @@ FULL = {"experts": 128, "top_k": 8, "hidden": 2048, "inner": 768, "tokens": (1, 
 SMOKE = {"experts": 8, "top_k": 2, "hidden": 64, "inner": 48, "tokens": (1, 2, 5)}
 GEMV_UP_TO = 4  # tokens up to which the GEMV path is timed too
 BLOCK_NS, BLOCK_KS, WARPS = (32, 64, 128), (64, 128, 256), (4, 8)
+# The GEMVs' (BLOCK_N, BLOCK_K) grid, each kernel's tile varied with the other's held as it is
+GEMV_GRID = ((2, 1024), (4, 256), (4, 512), (4, 1024), (8, 256), (8, 512), (8, 1024), (16, 256), (16, 512))
 
 
 def fp8_weights(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -39,6 +43,9 @@ def main() -> None:
     smoke = "--smoke" in sys.argv
     out_path = next((a for a in sys.argv[1:] if not a.startswith("--")), None)
     shape = SMOKE if smoke else FULL
+    gemv_only = "--gemv" in sys.argv  # the grouped path at its current tiles only, at 1 and 2 tokens
+    if gemv_only:
+        shape = {**shape, "tokens": (1, 2)}
     device, dtype = ("cpu", torch.float32) if smoke else ("cuda", torch.bfloat16)  # interpreter: no bf16
     experts, top_k, hidden, inner = shape["experts"], shape["top_k"], shape["hidden"], shape["inner"]
     gen = torch.Generator().manual_seed(0)
@@ -68,20 +75,25 @@ def main() -> None:
                 for n in BLOCK_NS
                 for k in BLOCK_KS
                 for w in WARPS
-                if n <= fit and k <= fit
+                if n <= fit and k <= fit and not gemv_only
             }
             rows = []
             for cfg in sorted(grid, key=lambda c: (c.block_n, c.block_k, c.num_warps)):
                 K.moe_config = lambda *_, cfg=cfg: cfg
+                config = {"block_n": cfg.block_n, "block_k": cfg.block_k, "num_warps": cfg.num_warps}
                 try:
                     got = K.fused_moe(x, a, b, weights, ids, w13_scale=sa, w2_scale=sb).float()
                     err = ((got - want).norm() / want.norm()).item()
                     if not err <= 2e-2:
                         raise AssertionError(f"{cfg}: relative error {err:.2e}")
                     us = graph_us(lambda: K.fused_moe(x, a, b, weights, ids, w13_scale=sa, w2_scale=sb))
+                except OutOfResources as exc:  # a tile of the grid that does not fit the card (never the current one)
+                    if cfg == now:
+                        raise
+                    print(f"{precision} {tokens} tokens {config} skipped: {exc}", flush=True)
+                    continue
                 finally:
                     K.moe_config = chosen
-                config = {"block_n": cfg.block_n, "block_k": cfg.block_k, "num_warps": cfg.num_warps}
                 rows.append({**config, "us": round(us, 2), "current": cfg == now})
             best = min(rows, key=lambda r: r["us"])
             current = next(r for r in rows if r["current"])
@@ -105,6 +117,7 @@ def main() -> None:
                 grouped = lambda: K.fused_moe(x, a, b, *K.fused_route(logits, top_k, True), w13_scale=sa, w2_scale=sb)  # noqa: E731
                 case["route_then_grouped_us"] = round(graph_us(grouped), 2)
                 case["gemv_taken"] = tokens <= gemv_max
+                case["gemv_tiles"] = gemv_tiles(x, a, b, sa, sb, routing, want)
                 taken = "taken" if case["gemv_taken"] else "not taken"
                 gemv = (
                     f" gemv path {case['gemv_us']} us, routing in it {case['routed_gemv_us']} us against "
@@ -116,6 +129,33 @@ def main() -> None:
                 flush=True,
             )
             save(results, out_path)
+
+
+def gemv_tiles(x, a, b, sa, sb, routing, want) -> dict:
+    """The routed GEMVs' microseconds under ``GEMV_GRID``: gate/up's tile varied with down's as
+    it is, then down's with gate/up's as it is (their times add, so the best of each is the best
+    pair). Each checked against the reference first."""
+    key = 1 if a.element_size() == 1 else 2
+    tiles = K.GEMV_TILES[key]
+    out: dict = {"current": {kernel: list(tile) for kernel, tile in tiles.items()}}
+    for kernel in ("gate_up", "down"):
+        rows = []
+        for tile in GEMV_GRID:
+            K.GEMV_TILES[key] = {**tiles, kernel: tile}
+            try:
+                got = K._experts_gemv(x, a, b, None, None, sa, sb, routing=routing).float()
+                err = ((got - want).norm() / want.norm()).item()
+                if not err <= 2e-2:
+                    raise AssertionError(f"GEMV {kernel} {tile}: relative error {err:.2e}")
+                us = graph_us(lambda: K._experts_gemv(x, a, b, None, None, sa, sb, routing=routing))
+            except OutOfResources:
+                continue
+            finally:
+                K.GEMV_TILES[key] = tiles
+            rows.append({"block_n": tile[0], "block_k": tile[1], "us": round(us, 2), "current": tile == tiles[kernel]})
+        out[kernel] = {"best": min(rows, key=lambda r: r["us"]), "tiles": rows}
+        print(f"    GEMV {kernel}: best {out[kernel]['best']} (current {list(tiles[kernel])})", flush=True)
+    return out
 
 
 if __name__ == "__main__":
