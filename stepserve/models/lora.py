@@ -165,8 +165,8 @@ class LoraLinear(nn.Module):
         return lora_gemv(x, base.weight, base.bias, self.lora_a, self.lora_b, slots, silu_mul=True)
 
     def one_row_gemv(self) -> bool:
-        """Whether a one-row pass (batch-1 decode) takes ``lora_gemv`` (the base projection, the
-        shrink and the expand in one launch): on CUDA, for a plain 16-bit
+        """Whether a one-row pass (batch-1 decode) takes ``lora_gemv`` (the shrink, then the base
+        projection with the expand in its epilogue): on CUDA, for a plain 16-bit
         ``nn.Linear`` (not FP8, nor a tensor-parallel wrapper)."""
         weight = self.base.weight
         return (

@@ -253,10 +253,20 @@ def test_warm_up_leaves_no_variant_to_compile():
     assert compiled == []
 
 
+@pytest.fixture(params=[False, True], ids=["shrink-launch", "shrink-in-launch"])
+def shrink_in_launch(request, monkeypatch):
+    """``lora_gemv`` both ways: the shrink as a launch of its own (the default), and inside the
+    GEMV's launch (``gemv.SHRINK_IN_LAUNCH``)."""
+    from stepserve.kernels.triton import gemv as G
+
+    monkeypatch.setattr(G, "SHRINK_IN_LAUNCH", request.param)
+    return request.param
+
+
 @pytest.mark.parametrize("kind", ["none", "one", "first"])
 @pytest.mark.parametrize("rank", [16, 48])
 @pytest.mark.parametrize("bias", [False, True])
-def test_lora_gemv_is_the_projection_plus_the_delta(device, poisoned, kind, rank, bias):
+def test_lora_gemv_is_the_projection_plus_the_delta(device, poisoned, shrink_in_launch, kind, rank, bias):
     """One row (batch-1 decode): ``lora_gemv`` equals the projection rounded to the dtype, then
     ``lora_reference``'s delta; a row on the base (slot -1) is the projection alone, reading none
     of the unwritten partials (NaN)."""
@@ -284,13 +294,16 @@ def test_lora_gemv_is_the_projection_plus_the_delta(device, poisoned, kind, rank
         assert err <= BOUND[dtype]
 
 
-def test_lora_gemv_is_one_launch_that_leaves_its_counters_zero(device, poisoned):
-    """The shrink runs inside the GEMV's launch: one kernel a projection, whose programs draw
-    tickets and wait for the shrink's count; the launch's last program zeroes the counters, so
-    the next launch (alternating adapters, the base and the gated form, and on CUDA 200 replays
-    of one graph) starts from zero and each result is its own row's."""
+def test_lora_gemv_is_one_launch_that_leaves_its_counters_zero(device, poisoned, monkeypatch):
+    """With ``SHRINK_IN_LAUNCH`` the shrink runs inside the GEMV's launch: one kernel a
+    projection, whose programs draw tickets and wait for the shrink's count; the launch's last
+    program zeroes the counters, so the next launch (alternating adapters, the base and the
+    gated form, and on CUDA 200 replays of one graph) starts from zero and each result is its
+    own row's."""
     from stepserve.kernels.triton import gemv as G
     from stepserve.kernels.triton.lora import lora_gemv
+
+    monkeypatch.setattr(G, "SHRINK_IN_LAUNCH", True)
 
     hidden, out = sizes(device)
     dtype = dtypes(device)[0]
@@ -343,7 +356,7 @@ def silu_mul_reference(gate_up: torch.Tensor) -> torch.Tensor:
 
 @pytest.mark.parametrize("kind", ["none", "one"])
 @pytest.mark.parametrize("bias", [False, True])
-def test_lora_gemv_silu_mul_is_the_activation_of_the_adapted_projection(device, poisoned, kind, bias):
+def test_lora_gemv_silu_mul_is_the_activation_of_the_adapted_projection(device, poisoned, shrink_in_launch, kind, bias):
     """The gated MLP's gate/up at one row: ``lora_gemv(silu_mul=True)`` equals ``silu_and_mul``
     of the adapted projection (the projection rounded, ``lora_reference``'s delta on gate and up
     rows alike), the base's row (slot -1) that of the projection alone."""

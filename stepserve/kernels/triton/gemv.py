@@ -76,6 +76,7 @@ def _gemv_kernel(
     LORA_R: tl.constexpr,
     LORA_SPLIT: tl.constexpr,
     LORA_BLOCK_K: tl.constexpr,
+    IN_LAUNCH: tl.constexpr,
 ):
     # GATED: output column n is silu(row n) * (row N + n) of a [2N, K] weight (gate rows, then up).
     # LORA_R > 0: each row m whose slot s = slots[m] is not -1 adds B[s] @ shrunk[m], as
@@ -83,14 +84,14 @@ def _gemv_kernel(
     # order and rounded to the output dtype, the delta added in float32 to the rounded projection
     # (GATED: B [S, 2N, rank], its rows n to gate column n and N + n to up column n, before the
     # activation, as the unfused adapter's output feeds silu_and_mul).
-    # With LORA_R, the launch computes the shrink too (one row): a ticket drawn from counters[0]
+    # With LORA_R and IN_LAUNCH, the launch computes the shrink too (one row): a ticket drawn from counters[0]
     # names each program's part. The first LORA_SPLIT tickets each write one input range's float32
     # partial (_shrink_split) and count it in counters[1]; the rest are the column blocks, which
     # read the weights first and wait for that count only before their epilogue. Tickets, not
     # program ids, so that a waiting program can only wait on programs already running: no
     # deadlock whatever order the hardware starts them in. The last program to finish resets the
     # counters for the next launch (counters[2] counts them).
-    if LORA_R > 0:
+    if LORA_R > 0 and IN_LAUNCH:
         tl.static_assert(ROWS == 1)
         ticket = tl.atomic_add(counters_ptr, 1)
         if ticket < LORA_SPLIT:
@@ -135,9 +136,10 @@ def _gemv_kernel(
         used = m_mask & (slot >= 0)
         r = tl.arange(0, LORA_R)
         r_mask = r < rank
-        done = tl.atomic_add(counters_ptr + 1, 0, sem="acquire")
-        while done < LORA_SPLIT:
+        if IN_LAUNCH:  # the shrink's programs may still be writing
             done = tl.atomic_add(counters_ptr + 1, 0, sem="acquire")
+            while done < LORA_SPLIT:
+                done = tl.atomic_add(counters_ptr + 1, 0, sem="acquire")
         shrunk = tl.zeros([ROWS, LORA_R], dtype=tl.float32)
         for split in tl.static_range(LORA_SPLIT):
             part_ptrs = lora_ptr + (split * M + m[:, None]) * rank + r[None, :]
@@ -161,8 +163,16 @@ def _gemv_kernel(
         g = y.to(tl.float32)
         y = ((g / (1.0 + tl.exp(-g))).to(dtype).to(tl.float32) * acc_up.to(dtype).to(tl.float32)).to(dtype)
     tl.store(out_ptr + m[:, None] * stride_o + n[None, :], y, mask=m_mask[:, None] & n_mask[None, :])
-    if LORA_R > 0:
+    if LORA_R > 0 and IN_LAUNCH:
         _finish(counters_ptr, programs)
+
+
+@triton.jit
+def _shrink_kernel(
+    x_ptr, a_ptr, slots_ptr, out_ptr, hidden, rank, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr
+):
+    # The shrink as a launch of its own (SHRINK_IN_LAUNCH off): one program a split.
+    _shrink_split(x_ptr, a_ptr, slots_ptr, out_ptr, tl.program_id(0), hidden, rank, BLOCK_R, BLOCK_K, SPLIT_K)
 
 
 @triton.jit
@@ -199,6 +209,12 @@ def _finish(counters_ptr, programs):
 
 # The shrink's input ranges in a LoRA launch (one row): at most 16, of 256 features at least.
 SHRINK_SPLIT_K, SHRINK_BLOCK_K = 16, 256
+# True: the shrink runs inside the GEMV's launch (tickets, a count the column blocks wait on),
+# one launch a projection. It has passed the kernel tests under Triton's interpreter only, not
+# on a GPU, where a wait between programs is what could go wrong; until it has (and has been
+# timed), the shrink is a launch of its own before the GEMV, the form measured on an H100
+# (docs/lora.md).
+SHRINK_IN_LAUNCH = False
 _counters: dict[torch.device, torch.Tensor] = {}
 
 
@@ -213,7 +229,8 @@ def _lora_counters(device: torch.device) -> torch.Tensor:
 
 def _launch(x, weight, scale, bias, width: int, gated: bool, lora: tuple | None = None) -> torch.Tensor:
     """``lora``: (lora_a [S, R, K], slots [1] int32, lora_b [S, width, R], or [S, 2 * width, R]
-    gated), for ``kernels.triton.lora.lora_gemv``: one row, the shrink in the same launch. Gated,
+    gated), for ``kernels.triton.lora.lora_gemv``: one row, the shrink before the GEMV or, with
+    ``SHRINK_IN_LAUNCH``, in the same launch. Gated,
     the tile is the one ``gemv_silu_mul`` was swept with, adapters or not."""
     rows, k = x.shape
     if not 0 < rows <= GEMV_ROWS:
@@ -232,8 +249,14 @@ def _launch(x, weight, scale, bias, width: int, gated: bool, lora: tuple | None 
         shrink_k = min(SHRINK_BLOCK_K, max(16, triton.next_power_of_2(k)))
         split = min(SHRINK_SPLIT_K, triton.cdiv(k, shrink_k))
         partials = torch.empty(split, rows, rank, dtype=torch.float32, device=x.device)
-        counters = _lora_counters(x.device)
-    programs = blocks + (split if lora is not None else 0)
+        counters = _lora_counters(x.device) if SHRINK_IN_LAUNCH else x
+    in_launch = lora is not None and SHRINK_IN_LAUNCH
+    if lora is not None and not in_launch:
+        _shrink_kernel[(split,)](
+            x, lora_a, slots, partials, k, rank,
+            BLOCK_R=triton.next_power_of_2(rank), BLOCK_K=shrink_k, SPLIT_K=split, num_warps=4,
+        )  # fmt: skip
+    programs = blocks + (split if in_launch else 0)
     _gemv_kernel[(programs,)](
         x,
         weight,
@@ -261,6 +284,7 @@ def _launch(x, weight, scale, bias, width: int, gated: bool, lora: tuple | None 
         LORA_R=triton.next_power_of_2(rank) if lora is not None else 0,
         LORA_SPLIT=split,
         LORA_BLOCK_K=shrink_k,
+        IN_LAUNCH=in_launch,
         num_warps=warps,
     )
     return out
@@ -276,7 +300,7 @@ def gemv(
     """``x @ (weight * scale[:, None]).T + bias`` for 1 to ``GEMV_ROWS`` rows: ``x`` [M, K],
     ``weight`` [N, K] (contiguous), ``scale`` [N] or [1, N] float32 (e4m3 weights) or None; out in
     ``x``'s dtype. ``lora``: (``lora_a`` [S, R, K], slots [1] int32, ``lora_b`` [S, N, R]) adds
-    the row's adapter delta, shrink and expand in the same launch (``kernels.triton.lora.lora_gemv``)."""
+    the row's adapter delta, the expand in the epilogue (``kernels.triton.lora.lora_gemv``)."""
     return _launch(x, weight, scale, bias, weight.shape[0], gated=False, lora=lora)
 
 

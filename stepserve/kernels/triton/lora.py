@@ -31,10 +31,11 @@ Rounding follows the reference: the shrink accumulates in float32 and is rounded
 the expand accumulates in float32, is added to ``y`` in float32 and rounded once.
 
 One row (a batch-1 decode step) takes ``lora_gemv`` where the base projection is a plain 16-bit
-weight (``models.lora.LoraLinear``): the few-row GEMV of ``kernels.triton.gemv``, some of whose
-programs compute the shrink's split partials while the rest read the weights and add the expand
-in their epilogue. At one token the pair above is two launches near their floor beside the base's
-cuBLAS GEMM (``bench/lora_kernel.py``); this is one launch in all, and ``y`` is written once.
+weight (``models.lora.LoraLinear``): the shrink's split partials by one small kernel, then the
+few-row GEMV of ``kernels.triton.gemv`` with the expand in its epilogue (with
+``gemv.SHRINK_IN_LAUNCH``, both in one launch). At one token the pair above is two launches near
+their floor beside the base's cuBLAS GEMM (``bench/lora_kernel.py``); this is two launches in all
+(or one), and ``y`` is written once.
 """
 
 from __future__ import annotations
@@ -348,10 +349,11 @@ def lora_gemv(
     slots: torch.Tensor,
     silu_mul: bool = False,
 ) -> torch.Tensor:
-    """``x @ weight.T + bias`` plus the row's adapter delta, for a decode step of one row, in one
-    launch of ``kernels.triton.gemv``'s kernel: a few of its programs compute the shrink's split
-    partials while the others read the weights, and the expand is their epilogue. One launch a
-    projection instead of the base GEMM and ``lora_delta``'s two, and ``y`` is written once.
+    """``x @ weight.T + bias`` plus the row's adapter delta, for a decode step of one row: the
+    shrink's split partials, then ``kernels.triton.gemv``'s kernel with the expand in its
+    epilogue; with ``gemv.SHRINK_IN_LAUNCH``, one launch in which a few programs compute the
+    partials while the others read the weights. Two launches a projection (or one) instead of
+    the base GEMM and ``lora_delta``'s two, and ``y`` is written once.
     Rounding as ``lora_reference`` applied to the base projection's output.
     ``x`` [1, K]; ``weight`` [N, K] of ``x``'s dtype (16-bit in a model, float32 in tests);
     ``lora_a`` [S, R, K], ``lora_b`` [S, N, R]; ``slots`` [1] int32 (-1: the base alone).
