@@ -5,7 +5,9 @@ per-call work of the kernel. Two kernels, both PyTorch's own:
 
 - oneDNN with the weight reordered once into its blocked layout (``_reorder_linear_weight``):
   ``F.linear`` in bfloat16 re-lays the weight out on every call; prepacked, the embedded model's
-  bf16 projections take about two thirds of the time (docs/benchmarks.md).
+  bf16 projections take about two thirds of the time (docs/benchmarks.md). oneDNN prepacks 16-bit
+  weights only on a CPU with 16-bit instructions (``onednn_prepacks``); on an AVX2-only CPU a
+  bf16/fp16 layer keeps its weight for ``F.linear``.
 - weight-only int4 (``--quantization int4``): groups of ``GROUP`` weights along the input
   dimension share a scale and a zero, the layout of GGUF's Q4_1 blocks, so those round-trip
   exactly (see ``quantize_int4``). A decode row reads a quarter of the bf16 bytes. PyTorch's

@@ -84,13 +84,14 @@ def _gemv_kernel(
     # order and rounded to the output dtype, the delta added in float32 to the rounded projection
     # (GATED: B [S, 2N, rank], its rows n to gate column n and N + n to up column n, before the
     # activation, as the unfused adapter's output feeds silu_and_mul).
-    # With LORA_R and IN_LAUNCH, the launch computes the shrink too (one row): a ticket drawn from counters[0]
-    # names each program's part. The first LORA_SPLIT tickets each write one input range's float32
-    # partial (_shrink_split) and count it in counters[1]; the rest are the column blocks, which
-    # read the weights first and wait for that count only before their epilogue. Tickets, not
-    # program ids, so that a waiting program can only wait on programs already running: no
-    # deadlock whatever order the hardware starts them in. The last program to finish resets the
-    # counters for the next launch (counters[2] counts them).
+    # With LORA_R and IN_LAUNCH, the launch computes the shrink too (one row): a ticket drawn from
+    # counters[0] names each program's part. The first LORA_SPLIT tickets each write one input
+    # range's float32 partial (_shrink_split) and count it in counters[1]; the rest are the column
+    # blocks, which read the weights first and wait for that count only before their epilogue.
+    # Tickets, not program ids, so that a waiting program can only wait on programs already
+    # running: no deadlock whatever order the hardware starts them in. The last program to finish
+    # resets the counters for the next launch (counters[2] counts them). Without IN_LAUNCH the
+    # partials come from _shrink_kernel, launched just before.
     if LORA_R > 0 and IN_LAUNCH:
         tl.static_assert(ROWS == 1)
         ticket = tl.atomic_add(counters_ptr, 1)
@@ -230,8 +231,8 @@ def _lora_counters(device: torch.device) -> torch.Tensor:
 def _launch(x, weight, scale, bias, width: int, gated: bool, lora: tuple | None = None) -> torch.Tensor:
     """``lora``: (lora_a [S, R, K], slots [1] int32, lora_b [S, width, R], or [S, 2 * width, R]
     gated), for ``kernels.triton.lora.lora_gemv``: one row, the shrink before the GEMV or, with
-    ``SHRINK_IN_LAUNCH``, in the same launch. Gated,
-    the tile is the one ``gemv_silu_mul`` was swept with, adapters or not."""
+    ``SHRINK_IN_LAUNCH``, in the same launch. Gated, the tile is the one ``gemv_silu_mul`` was
+    swept with, adapters or not."""
     rows, k = x.shape
     if not 0 < rows <= GEMV_ROWS:
         raise ValueError(f"gemv takes 1 to {GEMV_ROWS} rows, got {rows}")
