@@ -239,10 +239,10 @@ def _launch(x, weight, scale, bias, width: int, gated: bool, lora: tuple | None 
     x = x if x.stride(1) == 1 else x.contiguous()
     out = torch.empty(rows, width, dtype=x.dtype, device=x.device)
     block_n, block_k, warps = config(rows, k, weight, width if lora is not None and not gated else None)
-    blocks = triton.cdiv(width, block_n)
-    if lora is None:
-        lora_a, slots, lora_b, partials, counters, rank, split, shrink_k = x, x, x, x, x, 0, 1, 16
-    else:
+    programs = triton.cdiv(width, block_n)
+    in_launch = lora is not None and SHRINK_IN_LAUNCH
+    lora_a, slots, lora_b, partials, counters, rank, split, shrink_k = x, x, x, x, x, 0, 1, 16  # no LoRA
+    if lora is not None:
         lora_a, slots, lora_b = lora
         if rows != 1:
             raise ValueError(f"a LoRA gemv takes one row, got {rows}")
@@ -250,14 +250,13 @@ def _launch(x, weight, scale, bias, width: int, gated: bool, lora: tuple | None 
         shrink_k = min(SHRINK_BLOCK_K, max(16, triton.next_power_of_2(k)))
         split = min(SHRINK_SPLIT_K, triton.cdiv(k, shrink_k))
         partials = torch.empty(split, rows, rank, dtype=torch.float32, device=x.device)
-        counters = _lora_counters(x.device) if SHRINK_IN_LAUNCH else x
-    in_launch = lora is not None and SHRINK_IN_LAUNCH
-    if lora is not None and not in_launch:
-        _shrink_kernel[(split,)](
-            x, lora_a, slots, partials, k, rank,
-            BLOCK_R=triton.next_power_of_2(rank), BLOCK_K=shrink_k, SPLIT_K=split, num_warps=4,
-        )  # fmt: skip
-    programs = blocks + (split if in_launch else 0)
+        if in_launch:  # the shrink's programs join the launch
+            counters, programs = _lora_counters(x.device), programs + split
+        else:
+            _shrink_kernel[(split,)](
+                x, lora_a, slots, partials, k, rank,
+                BLOCK_R=triton.next_power_of_2(rank), BLOCK_K=shrink_k, SPLIT_K=split, num_warps=4,
+            )  # fmt: skip
     _gemv_kernel[(programs,)](
         x,
         weight,
