@@ -63,7 +63,7 @@ class ModelConfig:
             "help": (
                 "weights: none, int4 (CPU, weight-only, groups of 32), fp8 (CUDA, Hopper or later: "
                 "e4m3 weights with per-channel scales, quantized at load), or auto (int4 for a 4-bit GGUF on "
-                "a bfloat16 CPU; fp8 for an FP8 checkpoint on an FP8 GPU, which elsewhere runs dequantized)"
+                "a CPU; fp8 for an FP8 checkpoint on an FP8 GPU, which elsewhere runs dequantized)"
             )
         },
     )

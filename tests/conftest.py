@@ -31,15 +31,12 @@ def tiny_tied(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def embedded_f32():
-    """The embedded SmolLM2 with every choice left to ``auto`` as on a CPU without native bfloat16
-    (forced here where the CPU has it, so that path runs on every machine): float32, no
-    quantization. Prompts are chunked by 64 tokens. One load for the session."""
-    from unittest import mock
-
+    """The embedded SmolLM2 in float32 without int4: the GGUF's weights dequantized, computed as
+    transformers' float32 model of it does, on every machine. Prompts are chunked by 64 tokens.
+    One load for the session."""
     from stepserve import LLM
 
-    with mock.patch("stepserve.executor.builder.cpu_has_bf16", return_value=False):
-        return LLM(max_model_len=512, max_num_batched_tokens=64)
+    return LLM(max_model_len=512, max_num_batched_tokens=64, dtype="float32", quantization="none")
 
 
 @pytest.fixture(scope="session")

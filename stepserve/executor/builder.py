@@ -59,16 +59,20 @@ def pick_dtype(name: str, device: torch.device, hf_config: dict) -> torch.dtype:
     return torch.float32 if float32_checkpoint or not cpu_has_bf16() else torch.bfloat16
 
 
+INT4_ACTIVATIONS = (torch.bfloat16, torch.float32)  # what the CPU's int4 kernels take beside 4-bit weights
+
+
 def pick_quantization(name: str, device: torch.device, dtype: torch.dtype, hf_config: dict) -> str:
-    """``auto``: int4 for a GGUF whose projections are 4-bit (Q4_0/Q4_1) on a bfloat16 CPU; fp8
-    for an FP8 checkpoint on a GPU with FP8 matrix units and 16-bit activations (elsewhere it
+    """``auto``: int4 for a GGUF whose projections are 4-bit (Q4_0/Q4_1) on a CPU, with bfloat16
+    or float32 activations (``pick_dtype`` gives float32 where the CPU has no native bfloat16);
+    fp8 for an FP8 checkpoint on a GPU with FP8 matrix units and 16-bit activations (elsewhere it
     runs dequantized)."""
     if name == "auto":
         four_bit = hf_config.get("gguf_linear_type") in ("Q4_0", "Q4_1")
         if fp8_format(hf_config) is not None:
             fp8_ready = device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
             return "fp8" if fp8_ready and dtype in (torch.bfloat16, torch.float16) else "none"
-        return "int4" if four_bit and device.type == "cpu" and dtype == torch.bfloat16 else "none"
+        return "int4" if four_bit and device.type == "cpu" and dtype in INT4_ACTIVATIONS else "none"
     if name == "fp8" and (device.type != "cuda" or torch.cuda.get_device_capability(device) < (8, 9)):
         raise ConfigError(
             "quantization=fp8 needs a CUDA GPU with FP8 matrix units (Ada or Hopper, "
@@ -78,10 +82,10 @@ def pick_quantization(name: str, device: torch.device, dtype: torch.dtype, hf_co
         raise ConfigError("quantization=fp8 needs bfloat16 or float16 activations; use --dtype bfloat16")
     if name == "int4" and device.type != "cpu":
         raise ConfigError("quantization=int4 runs on CPU only; on CUDA use --quantization none")
-    if name == "int4" and (dtype != torch.bfloat16 or not cpu_has_bf16()):
+    if name == "int4" and (dtype not in INT4_ACTIVATIONS or dtype == torch.bfloat16 and not cpu_has_bf16()):
         raise ConfigError(
-            "quantization=int4 needs bfloat16 activations on a CPU with "
-            "AVX512-BF16 or AMX; use --dtype bfloat16, or --quantization none"
+            "quantization=int4 needs float32 activations, or bfloat16 on a CPU with "
+            "AVX512-BF16 or AMX; use --dtype float32, or --quantization none"
         )
     return name
 

@@ -114,16 +114,23 @@ class DecoderForCausalLM(nn.Module):
     def pack_for_cpu(self, dtype: torch.dtype, int4: bool) -> None:
         """Prepack every projection and the head for oneDNN; with ``int4``, the projections get
         int4 twins for small batches (``cpu_linear``). With ``int4``, stepserve's CPU kernels
-        built (``cpu_native``) and a family they cover, a decode step runs in one native call and
-        the head is 8-bit (the GGUF stores it, tied to the embedding, as Q8_0: kept exactly).
-        Otherwise the head stays bf16: 4 bits of it visibly change greedy answers, and
-        PyTorch's int8 kernel reads it no faster than oneDNN reads bf16 here."""
+        built (``cpu_native``) and a family they cover, a decode step runs in one native call, in
+        bfloat16 and in float32 alike (the native step computes in float32 on 8-bit activations
+        either way; float32 is what ``auto`` runs on a CPU without native bfloat16).
+
+        The head: with the native kernels it is 8-bit (the GGUF stores it, tied to the embedding,
+        as Q8_0: kept exactly). In bfloat16 its activations are quantized to 8 bits too; in
+        float32 they are not (``float_inputs``): on the embedded model 8-bit activations in the
+        head turned the first token of "What is the capital of France?" from "The" (float32's
+        choice by 0.08 nats) to "L", and float32 is the precise path. Without the native kernels
+        the head stays in ``dtype``: 4 bits of it visibly change greedy answers, and PyTorch's
+        int8 kernel reads it no faster than oneDNN reads bf16 here."""
         from stepserve.kernels.cpu import native as cpu_native
         from stepserve.models.cpu_linear import CpuLinear, pack_linears
 
         native = (
             int4
-            and dtype == torch.bfloat16
+            and dtype in (torch.bfloat16, torch.float32)
             and cpu_native.unsupported(self.cfg) is None
             and cpu_native.library() is not None
         )
@@ -132,8 +139,11 @@ class DecoderForCausalLM(nn.Module):
             if isinstance(layer.mlp, SparseMoE):
                 layer.mlp.w13.data, layer.mlp.w2.data = layer.mlp.w13.data.to(dtype), layer.mlp.w2.data.to(dtype)
         head = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        exact = dtype == torch.float32
         self.packed_head = (
-            cpu_native.BlockWeight.q8_0(head, torch.float32) if native else CpuLinear(head, None, dtype, int4=False)
+            cpu_native.BlockWeight.q8_0(head, torch.float32, float_inputs=exact)
+            if native
+            else CpuLinear(head, None, dtype, int4=False)
         )
         self.lm_head = None
         if native:

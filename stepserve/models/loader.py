@@ -123,7 +123,7 @@ def build_model(
         from stepserve.models.lora import attach_lora
 
         attach_lora(model, *lora)
-    if device.type == "cpu" and dtype == torch.bfloat16:
+    if device.type == "cpu" and (dtype == torch.bfloat16 or quantization == "int4"):
         model.pack_for_cpu(dtype, int4=quantization == "int4")
         model.embed_tokens.to(dtype)
         for module in model.modules():

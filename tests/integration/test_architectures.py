@@ -144,17 +144,20 @@ def test_load_model_from_a_bare_source(family_dir):
     assert model.cfg.qk_norm and model.layers[0].self_attn.q_norm is not None
 
 
-def test_a_mixture_runs_in_bfloat16_with_int4_projections(family_dir):
+def test_a_mixture_runs_with_int4_projections(family_dir):
     """The CPU's int4 path packs the attention and dense projections and leaves the routers and
-    the stacked experts in bfloat16: a mixture runs there and writes every token it is asked for.
-    A CPU without native bfloat16 (AVX2) refuses int4 with an error that says what to use."""
+    the stacked experts in the activations' dtype: a mixture runs there and writes every token
+    it is asked for, in bfloat16 where the CPU has it natively and in float32 (the ``auto`` dtype)
+    elsewhere. A CPU without native bfloat16 (AVX2) refuses bfloat16 int4 with an error that
+    says what to use."""
     from stepserve.config import ConfigError
     from stepserve.models.cpu_linear import cpu_has_bf16
 
     if not cpu_has_bf16():
-        with pytest.raises(ConfigError, match="int4 needs bfloat16 activations on a CPU with AVX512-BF16 or AMX"):
+        with pytest.raises(ConfigError, match="int4 needs float32 activations, or bfloat16 on a CPU with AVX512-BF16"):
             LLM(model=str(family_dir("qwen2-moe")), max_model_len=128, dtype="bfloat16", quantization="int4")
-        return
-    llm = LLM(model=str(family_dir("qwen2-moe")), max_model_len=128, dtype="bfloat16", quantization="int4")
+    dtype = "bfloat16" if cpu_has_bf16() else "float32"
+    llm = LLM(model=str(family_dir("qwen2-moe")), max_model_len=128, dtype=dtype, quantization="int4")
+    assert (llm.info.dtype, llm.info.quantization) == (dtype, "int4")
     out = llm.generate([list(b"Hello")], SamplingParams(temperature=0, max_tokens=12, ignore_eos=True))[0].outputs[0]
     assert (len(out.token_ids), out.finish_reason) == (12, "length")

@@ -64,7 +64,8 @@ def test_sharded_checkpoint_with_index(tmp_path):
 
 @pytest.mark.slow
 def test_embedded_gguf_equals_transformers(embedded_f32, embedded_hf):
-    """The embedded GGUF as ``auto`` runs it on a CPU without native bfloat16 (conftest)."""
+    """The embedded GGUF in float32 without int4 (conftest): the same weights as transformers'
+    float32 model of it, computed the same way."""
     llm = embedded_f32
     assert (llm.info.dtype, llm.info.quantization) == ("float32", "none")
     prompts = ["The capital of France is", "def fibonacci(n):", "Once upon a time"]
@@ -117,10 +118,15 @@ def test_auto_dtype_and_quantization_with_and_without_native_bf16(monkeypatch):
 
     cpu = torch.device("cpu")
     gguf = {"gguf_linear_type": "Q4_1"}
-    for has_bf16, dtype, quant in ((True, torch.bfloat16, "int4"), (False, torch.float32, "none")):
+    for has_bf16, dtype, quant in ((True, torch.bfloat16, "int4"), (False, torch.float32, "int4")):
         monkeypatch.setattr(builder, "cpu_has_bf16", lambda: has_bf16)
         assert builder.pick_dtype("auto", cpu, gguf) == dtype
         assert builder.pick_quantization("auto", cpu, dtype, gguf) == quant
         assert builder.pick_dtype("auto", cpu, {"torch_dtype": "float32"}) == torch.float32
+        assert builder.pick_quantization("auto", cpu, torch.float16, gguf) == "none"
+        assert builder.pick_quantization("auto", cpu, dtype, {"torch_dtype": "float32"}) == "none"
     with pytest.raises(ConfigError, match="AVX512-BF16"):
         builder.pick_quantization("int4", cpu, torch.bfloat16, gguf)
+    with pytest.raises(ConfigError, match="needs float32 activations"):
+        builder.pick_quantization("int4", cpu, torch.float16, gguf)
+    assert builder.pick_quantization("int4", cpu, torch.float32, gguf) == "int4"

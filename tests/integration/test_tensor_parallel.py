@@ -148,15 +148,14 @@ def test_ranks_that_disagree_end_the_group(tiny_qwen2):
         assert "while rank 0 is still in the pass" in llm.core.worker.ranks.dead
 
 
-@pytest.mark.skipif(not cpu_has_bf16(), reason="int4 runs on CPUs with native bfloat16 only")
 def test_int4_tp2_agrees_with_tp1_within_bfloat16_noise(tmp_path):
     """--quantization int4 over two ranks: each rank's row-parallel input slice holds whole groups
     of 32 weights, so both ranks quantize the same groups as one process does. The activations
-    are bfloat16, whose partial sums round differently split in two, so greedy paths may part
-    at a near tie; the first token's logprobs (the prefill) agree within bfloat16's noise, where
-    a wrong cut would be off by whole nats."""
+    are bfloat16 (float32 on a CPU without native bfloat16), whose partial sums round differently
+    split in two, so greedy paths may part at a near tie; the first token's logprobs (the
+    prefill) agree within bfloat16's noise, where a wrong cut would be off by whole nats."""
     model_dir = write_tiny_model(tmp_path / "llama", "llama", seed=3)
-    int4 = dict(dtype="bfloat16", quantization="int4")
+    int4 = dict(dtype="bfloat16" if cpu_has_bf16() else "float32", quantization="int4")
     _, logprobs2, _ = generate(model_dir, 2, 1, **int4)
     _, logprobs1, _ = generate(model_dir, 1, 1, **int4)
     first = lambda lps: torch.tensor([row[0] for row in lps])  # noqa: E731

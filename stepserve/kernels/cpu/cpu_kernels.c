@@ -395,12 +395,58 @@ void ss_linear(int q8w, int x16, const void *x, int x_bf16, int M, int K, const 
     free(ex);
 }
 
+/* Q8_0 weights (plain layout) against float32 activations kept as they are: out[M][N] (float32)
+ * = x[M][K] . (d * q)[N][K]^T, each weight dequantized as BlockWeight.dequantized does (q * d in
+ * float32), so the result is the float32 matmul of the dequantized weights up to summation order.
+ * For a head whose 8-bit activations would move near-tied logits (cpu_linear, decoder.py). */
+void ss_linear_q8_f32(const float *x, int M, int K, const int8_t *wq, const float *wd, int N, float *out,
+                      int nthreads) {
+    const int nb = K / QK;
+    const int chunks = (N + NCHUNK - 1) / NCHUNK;
+#pragma omp parallel for schedule(static) num_threads(nthreads)
+    for (int c = 0; c < chunks; c++) {
+        int n1 = (c + 1) * NCHUNK < N ? (c + 1) * NCHUNK : N;
+        for (int r0 = 0; r0 < M; r0 += TILE) {
+            int R = M - r0 < TILE ? M - r0 : TILE;
+            const float *a = x + (size_t)r0 * K;
+            for (int n = c * NCHUNK; n < n1; n++) {
+                const int8_t *w = wq + (size_t)n * K;
+                const float *d = wd + (size_t)n * nb;
+#if defined(__AVX2__) && defined(__FMA__)
+                __m256 acc[TILE];
+                for (int r = 0; r < R; r++) acc[r] = _mm256_setzero_ps();
+                for (int b = 0; b < nb; b++) {
+                    __m256 scale = _mm256_set1_ps(d[b]);
+                    __m256 wf[4];
+                    for (int j = 0; j < 4; j++) {
+                        __m128i eight = _mm_loadl_epi64((const __m128i *)(w + QK * b + 8 * j));
+                        wf[j] = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(eight)), scale);
+                    }
+                    for (int r = 0; r < R; r++) {
+                        const float *xr = a + (size_t)r * K + QK * b;
+                        for (int j = 0; j < 4; j++) acc[r] = _mm256_fmadd_ps(wf[j], _mm256_loadu_ps(xr + 8 * j), acc[r]);
+                    }
+                }
+                for (int r = 0; r < R; r++) out[(size_t)(r0 + r) * N + n] = hsum8(acc[r]);
+#else
+                for (int r = 0; r < R; r++) {
+                    float total = 0.0f;
+                    for (int b = 0; b < nb; b++)
+                        for (int j = 0; j < QK; j++) total += (float)w[QK * b + j] * d[b] * a[(size_t)r * K + QK * b + j];
+                    out[(size_t)(r0 + r) * N + n] = total;
+                }
+#endif
+            }
+        }
+    }
+}
+
 /* ---- the decode step ---------------------------------------------------------------------- */
 
 typedef struct { /* every field 8 bytes wide: ctypes lays it out without padding rules */
-    int64_t n_layers, hidden, n_heads, n_kv, head_dim, inter, block_size, num_blocks, nthreads, x16;
+    int64_t n_layers, hidden, n_heads, n_kv, head_dim, inter, block_size, num_blocks, nthreads, x16, embed_f32;
     double eps, scale;
-    const uint16_t *embed;           /* bf16 [vocab][hidden] */
+    const void *embed;               /* [vocab][hidden], float32 if embed_f32 else bf16 */
     const float *cos_sin;            /* [max_positions][head_dim]: cos on the first half, sin on the second */
     const float *final_norm;         /* [hidden] */
     const int64_t *windows;          /* [n_layers]: keys a query sees, itself included; 0 = all */
@@ -510,8 +556,12 @@ int ss_decode(const Model *m, const Step *st, float *hidden_out) {
         float *tmp = malloc(sizeof(float) * maxk);
         float *scores = malloc(sizeof(float) * (size_t)(H / G) * ctx);
 #pragma omp for schedule(static)
-        for (int i = 0; i < M; i++)
-            for (int j = 0; j < Hd; j++) x[(size_t)i * Hd + j] = bf16_to_f32(m->embed[st->input_ids[i] * Hd + j]);
+        for (int i = 0; i < M; i++) {
+            size_t row = (size_t)st->input_ids[i] * Hd;
+            for (int j = 0; j < Hd; j++)
+                x[(size_t)i * Hd + j] =
+                    m->embed_f32 ? ((const float *)m->embed)[row + j] : bf16_to_f32(((const uint16_t *)m->embed)[row + j]);
+        }
         for (int l = 0; l < m->n_layers; l++) {
 #pragma omp for schedule(static)
             for (int i = 0; i < M; i++)

@@ -95,6 +95,8 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.ss_linear.argtypes = [i, i, p, i, i, i, p, p, i, p, i, i]
     lib.ss_has_x16.restype = ctypes.c_int
     lib.ss_linear.restype = None
+    lib.ss_linear_q8_f32.argtypes = [p, i, i, p, p, i, p, i]
+    lib.ss_linear_q8_f32.restype = None
     lib.ss_decode.argtypes = [ctypes.POINTER(_Model), ctypes.POINTER(_Step), p]
     lib.ss_decode.restype = ctypes.c_int
     return lib
@@ -108,7 +110,9 @@ def _x16(n: int) -> bool:
 class BlockWeight:
     """A weight [N, K] in blocks of ``GROUP`` along K, in one of the layouts ``cpu_kernels.c``
     describes: Q4_1 (``qs`` nibbles, ``dm`` scale and min per block) or Q8_0 (``qs`` int8, ``dm``
-    scale, and with ``x16`` the unsigned-activation correction), plain or interleaved by 16 rows."""
+    scale, and with ``x16`` the unsigned-activation correction), plain or interleaved by 16 rows.
+    Calls quantize the activations to 8 bits per block, except with ``float_inputs`` (Q8_0, plain):
+    then float32 activations meet the dequantized weights as they are (``ss_linear_q8_f32``)."""
 
     def __init__(
         self,
@@ -118,10 +122,12 @@ class BlockWeight:
         shape: tuple[int, int],
         x16: bool,
         out_dtype: torch.dtype | None = None,
+        float_inputs: bool = False,
     ) -> None:
         self.qs, self.dm, self.q8, self.x16 = qs.contiguous(), dm.float().contiguous(), q8, x16
         self.out_features, self.in_features = shape
         self.out_dtype = out_dtype  # None: the input's
+        self.float_inputs = float_inputs
 
     @classmethod
     def q4_1(cls, codes: torch.Tensor, scale: torch.Tensor, low: torch.Tensor) -> BlockWeight:
@@ -137,15 +143,18 @@ class BlockWeight:
         return cls(qs, dm.view(n // 16, 16, nb, 2).permute(0, 2, 3, 1), False, (n, k), True)
 
     @classmethod
-    def q8_0(cls, weight: torch.Tensor, out_dtype: torch.dtype | None = None) -> BlockWeight:
-        """Symmetric 8-bit blocks of ``weight`` (a GGUF Q8_0 tensor comes back as its own codes)."""
+    def q8_0(
+        cls, weight: torch.Tensor, out_dtype: torch.dtype | None = None, float_inputs: bool = False
+    ) -> BlockWeight:
+        """Symmetric 8-bit blocks of ``weight`` (a GGUF Q8_0 tensor comes back as its own codes);
+        ``float_inputs``: called with float32 activations kept as they are (the plain layout)."""
         n, k = weight.shape
         nb = k // GROUP
         blocks = weight.float().reshape(n, nb, GROUP)
         scale = blocks.abs().amax(-1) / 127
         codes = torch.round(blocks / torch.where(scale > 0, scale, 1)[..., None]).clamp_(-127, 127)
-        if not _x16(n):
-            return cls(codes.to(torch.int8).reshape(n, k), scale, True, (n, k), False, out_dtype)
+        if float_inputs or not _x16(n):
+            return cls(codes.to(torch.int8).reshape(n, k), scale, True, (n, k), False, out_dtype, float_inputs)
         correction = 128 * scale * codes.sum(-1)  # dpbusd reads the activations as a + 128
         qs = codes.to(torch.int8).view(n // 16, 16, nb, 8, 4).permute(0, 2, 3, 1, 4)
         dm = torch.stack([scale, correction], dim=-1).view(n // 16, 16, nb, 2).permute(0, 2, 3, 1)
@@ -167,19 +176,21 @@ class BlockWeight:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """``x @ w.T`` for bfloat16 or float32 ``x`` [M, K], in ``out_dtype`` (bfloat16 or float32)."""
-        x = x.contiguous()
-        out = torch.empty(x.shape[0], self.out_features, dtype=self.out_dtype or x.dtype)
+        x = (x.float() if self.float_inputs else x).contiguous()
+        out = torch.empty(
+            x.shape[0], self.out_features, dtype=torch.float32 if self.float_inputs else self.out_dtype or x.dtype
+        )
+        shape = (x.shape[0], self.in_features, self.qs.data_ptr(), self.dm.data_ptr(), self.out_features)
+        if self.float_inputs:
+            library().ss_linear_q8_f32(x.data_ptr(), *shape, out.data_ptr(), torch.get_num_threads())
+            return out if self.out_dtype in (None, torch.float32) else out.to(self.out_dtype)
         bf16_in, bf16_out = int(x.dtype == torch.bfloat16), int(out.dtype == torch.bfloat16)
         library().ss_linear(
             int(self.q8),
             int(self.x16),
             x.data_ptr(),
             bf16_in,
-            x.shape[0],
-            self.in_features,
-            self.qs.data_ptr(),
-            self.dm.data_ptr(),
-            self.out_features,
+            *shape,
             out.data_ptr(),
             bf16_out,
             torch.get_num_threads(),
@@ -206,6 +217,7 @@ class _Model(ctypes.Structure):
             "num_blocks",
             "nthreads",
             "x16",
+            "embed_f32",
         )
     ]
     _fields_ += [("eps", ctypes.c_double), ("scale", ctypes.c_double)]
@@ -288,7 +300,7 @@ class NativeDecoder:
             return ptr(_pointers(tensors))
 
         f32 = lambda t: t.detach().float().contiguous()  # noqa: E731
-        self.embed = model.embed_tokens  # the loader casts its weight to bfloat16 after packing
+        self.embed = model.embed_tokens  # the loader casts its weight to the model's dtype after packing
         self.struct = _Model(
             n_layers=cfg.num_layers,
             hidden=cfg.hidden_size,
@@ -321,7 +333,7 @@ class NativeDecoder:
             meta.is_decode
             and input_ids.shape[0] <= MAX_DECODE_ROWS
             and kv_caches[0].dtype == torch.float32
-            and self.embed.weight.dtype == torch.bfloat16
+            and self.embed.weight.dtype in (torch.bfloat16, torch.float32)
         )
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches, meta) -> torch.Tensor:
@@ -332,6 +344,7 @@ class NativeDecoder:
             self.struct.kv = ctypes.cast(self._cache_ptrs, _P).value
             self.struct.num_blocks, self.struct.block_size = kv_caches[0].shape[1], kv_caches[0].shape[2]
         self.struct.embed = self.embed.weight.data_ptr()
+        self.struct.embed_f32 = int(self.embed.weight.dtype == torch.float32)
         self.struct.nthreads = torch.get_num_threads()
         i64, i32 = torch.int64, torch.int32  # no-ops on the runner's tensors: the C side reads these widths
         ids, pos, slots = (t.to(i64).contiguous() for t in (input_ids, positions, meta.slot_mapping))
