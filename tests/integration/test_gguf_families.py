@@ -137,3 +137,49 @@ def test_gguf_rope_metadata_refused(metadata, needle, tmp_path):
     with pytest.raises(ConfigError) as info:
         LLM(model=str(path), num_blocks=160, block_size=4, max_model_len=128)
     assert needle in str(info.value)
+
+
+def test_a_gguf_tokenizer_is_built_once_then_read_from_the_cache(tmp_path, monkeypatch):
+    """The first load builds the tokenizer from the file's metadata and saves it; the next reads
+    the saved folder (not the GGUF) and tokenizes, templates and ends sequences as the built one
+    does. A damaged entry is built again; a changed file gets an entry of its own."""
+    import os
+
+    import transformers
+
+    from stepserve.checkpoint import tokenizer as T
+    from stepserve.checkpoint.source import resolve_source
+
+    path = write_gguf(write_tiny_model(tmp_path / "llama", "llama", seed=3), tmp_path / "llama.gguf")
+    source = resolve_source(str(path))
+    built = T.load_tokenizer(source)
+    entry = T._gguf_cache_entry(source)
+    assert (entry / "tokenizer.json").is_file()
+
+    reads = []
+    real = transformers.AutoTokenizer.from_pretrained
+    monkeypatch.setattr(
+        transformers.AutoTokenizer, "from_pretrained", lambda *a, **k: reads.append((a, k)) or real(*a, **k)
+    )
+
+    def same_as_built(tokenizer):
+        assert [tokenizer.encode(t) for t in TEXTS] == [built.encode(t) for t in TEXTS]
+        assert (tokenizer.chat_template, tokenizer.eos_token_id, tokenizer.bos_token_id) == (
+            built.chat_template,
+            built.eos_token_id,
+            built.bos_token_id,
+        )
+        assert tokenizer.get_vocab() == built.get_vocab()
+
+    same_as_built(T.load_tokenizer(source))
+    assert reads == [((str(entry),), {})]  # the cache alone, not the GGUF
+
+    (entry / "tokenizer.json").write_text("{not json")
+    reads.clear()
+    same_as_built(T.load_tokenizer(source))
+    assert [k.get("gguf_file") for _, k in reads] == [None, "llama.gguf"]  # the damaged entry, then the file
+    json.loads((entry / "tokenizer.json").read_text())  # saved whole again
+
+    stat = path.stat()
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    assert T._gguf_cache_entry(source) != entry
