@@ -5,33 +5,21 @@ whose rotary utilities import torch when it is installed), and the HTTP front ke
 of its process (docs/architecture.md, "Processes"). So a process that has not imported PyTorch
 loads its tokenizer in a short-lived child process, and the tokenizer comes back pickled: its
 own classes import no PyTorch. A process that holds PyTorch already loads it directly.
-
-A GGUF's tokenizer takes transformers seconds to build from the file's metadata (7.7 s for the
-embedded model on a 2-core CPU, in the front and again in the engine core). Built once, it is
-saved as a ``tokenizer.json`` folder under ``$XDG_CACHE_HOME/stepserve/tokenizers`` (keyed by
-the file's path, size and modification time and transformers' version), which loads in 0.4 s;
-the newest ``GGUF_CACHE_ENTRIES`` are kept.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import multiprocessing
-import os
-import shutil
 import sys
-import tempfile
 from concurrent.futures import ProcessPoolExecutor
-from pathlib import Path
 
 from stepserve.config import ConfigError
 from stepserve.errors import InvalidRequestError
 from stepserve.checkpoint.source import ModelSource
 
 logging.getLogger("transformers").setLevel(logging.ERROR)
-log = logging.getLogger("stepserve")
 
 
 def load_tokenizer(source: ModelSource, **options):
@@ -66,61 +54,17 @@ def _gguf_tokenizer(source: ModelSource):
     """
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-    cached = _gguf_cache_entry(source)
-    if cached is not None and cached.is_dir():
-        try:
-            return AutoTokenizer.from_pretrained(str(cached))
-        except (OSError, ValueError):  # a damaged entry: built again below, and replaced
-            shutil.rmtree(cached, ignore_errors=True)
     directory, name = str(source.directory), source.gguf_file
     try:
-        tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=name)
+        return AutoTokenizer.from_pretrained(directory, gguf_file=name)
     except ValueError as auto_error:
         try:
-            tokenizer = PreTrainedTokenizerFast.from_pretrained(directory, gguf_file=name)
+            return PreTrainedTokenizerFast.from_pretrained(directory, gguf_file=name)
         except ValueError as exc:
             reasons = "; ".join(dict.fromkeys([str(auto_error), str(exc)]))  # often the same reason twice
             raise ConfigError(
                 f"the tokenizer of {name} cannot be read ({reasons}); use the safetensors checkpoint"
             ) from None
-    if cached is not None:
-        _save_gguf_cache_entry(tokenizer, cached)
-    return tokenizer
-
-
-GGUF_CACHE_ENTRIES = 16  # built GGUF tokenizers kept; the oldest go first
-
-
-def _gguf_cache_entry(source: ModelSource) -> Path | None:
-    """Where the built tokenizer of ``source``'s GGUF file is kept (None if the file is not there)."""
-    import transformers
-
-    path = (source.directory / source.gguf_file).resolve()
-    try:
-        stat = path.stat()
-    except OSError:
-        return None
-    key = f"{path}\0{stat.st_size}\0{stat.st_mtime_ns}\0{transformers.__version__}"
-    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "stepserve" / "tokenizers"
-    return base / hashlib.sha256(key.encode()).hexdigest()[:16]
-
-
-def _save_gguf_cache_entry(tokenizer, entry: Path) -> None:
-    """Save into a fresh folder beside ``entry``, then rename it: processes building at once each
-    see a whole entry or none. A cache that cannot be written costs only the next build."""
-    try:
-        entry.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(dir=entry.parent, prefix=".building-"))
-        tokenizer.save_pretrained(str(staging))
-        try:
-            staging.rename(entry)
-        except OSError:  # another process got there first
-            shutil.rmtree(staging, ignore_errors=True)
-        entries = sorted(entry.parent.glob("[0-9a-f]*"), key=lambda p: p.stat().st_mtime, reverse=True)
-        for old in entries[GGUF_CACHE_ENTRIES:]:
-            shutil.rmtree(old, ignore_errors=True)
-    except OSError as exc:
-        log.debug("the built GGUF tokenizer was not cached: %s", exc)
 
 
 def _as_set(value) -> set[int]:
