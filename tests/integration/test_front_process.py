@@ -63,3 +63,56 @@ def test_an_encoder_task_front_holds_no_torch(tmp_path):
     body = {"instances": ["a short text"]}
     report = front_modules("/v1/models/cls:predict", body, "--model", str(model), "--model_name", "cls")
     assert report == {"status": 200, "heavy": []}
+
+
+LOAD_AND_REPORT = """
+import json, sys
+from pathlib import Path
+from stepserve.checkpoint import tokenizer as T
+from stepserve.checkpoint.source import ModelSource
+
+def no_child(*args, **kwargs):
+    raise AssertionError("a child process was started")
+
+T.ProcessPoolExecutor = no_child
+tok = T.load_tokenizer(ModelSource(Path(sys.argv[1]), None, "tiny"))
+texts = json.loads(sys.argv[2])
+print("LOADED " + json.dumps({"torch": "torch" in sys.modules, "ids": [tok.encode(t) for t in texts],
+                              "eos": tok.eos_token_id, "template": tok.chat_template}))
+"""
+
+
+def test_a_generic_fast_tokenizer_loads_in_a_process_without_torch(tiny_llama, tmp_path):
+    """A folder whose tokenizer is transformers' generic fast class (the embedded model's twin,
+    the tiny models) loads in the torch-free front itself, with no child process, and tokenizes
+    as AutoTokenizer's does. Another class still goes through the child."""
+    from transformers import AutoTokenizer
+
+    from stepserve.checkpoint import tokenizer as T
+    from stepserve.checkpoint.source import ModelSource
+
+    texts = ["Hello", "héllo wörld 日本 🙂", "  two  spaces\n\nend"]
+    done = subprocess.run(
+        [sys.executable, "-c", LOAD_AND_REPORT, str(tiny_llama), json.dumps(texts)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    got = json.loads(next(line for line in done.stdout.splitlines() if line.startswith("LOADED "))[7:])
+    auto = AutoTokenizer.from_pretrained(str(tiny_llama))
+    assert got == {
+        "torch": False,
+        "ids": [auto.encode(t) for t in texts],
+        "eos": auto.eos_token_id,
+        "template": auto.chat_template,
+    }
+
+    other = tmp_path / "other"
+    other.mkdir()
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (other / name).write_bytes((tiny_llama / name).read_bytes())
+    config = json.loads((other / "tokenizer_config.json").read_text())
+    assert T._generic_fast(ModelSource(other, None, "tiny"))
+    (other / "tokenizer_config.json").write_text(json.dumps({**config, "tokenizer_class": "LlamaTokenizer"}))
+    assert not T._generic_fast(ModelSource(other, None, "tiny"))
