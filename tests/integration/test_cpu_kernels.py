@@ -322,13 +322,15 @@ def test_q8_weights_on_float_inputs_are_the_float32_matmul(rows, out_rows):
     float32's own matmul of the dequantized weights up to summation order; a NaN reaches its
     row's outputs only."""
     gen = torch.Generator().manual_seed(rows)
-    weight = torch.randn(out_rows, 6 * GROUP, generator=gen) * 0.05
+    d = torch.rand(out_rows, 6, 1, generator=gen) * 0.01 + 0.001
+    codes = torch.randint(-127, 128, (out_rows, 6, GROUP), generator=gen).float()
+    codes[..., 0] = 127  # each block's largest magnitude is 127 d: Q8_0 keeps these weights exactly
+    weight = (d * codes).reshape(out_rows, 6 * GROUP)
     layer = cpu_native.BlockWeight.q8_0(weight, torch.float32, float_inputs=True)
     assert not layer.x16
     x = torch.randn(rows, 6 * GROUP, generator=gen)
-    want = F.linear(x, layer.dequantized())
-    assert torch.allclose(layer(x), want, rtol=1e-5, atol=1e-5)
-    assert torch.allclose(layer(x.bfloat16()), F.linear(x.bfloat16().float(), layer.dequantized()), atol=1e-5)
+    assert torch.allclose(layer(x), F.linear(x, weight), rtol=1e-5, atol=1e-5)
+    assert torch.allclose(layer(x.bfloat16()), F.linear(x.bfloat16().float(), weight), rtol=1e-5, atol=1e-5)
     x[0, 5] = float("nan")
     got = layer(x)
     assert got[0].isnan().all() and torch.isfinite(got[1:]).all()
